@@ -1,0 +1,69 @@
+"""Writing files so that a crash or a full disk never leaves half a file.
+
+Every file keymgr writes goes to a temporary file in the same directory,
+is flushed and fsync'ed, renamed over the target, and the directory is
+fsync'ed so the rename itself is durable (the classic "rename dance").
+On any failure the temporary file is removed and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from keymgr import errors
+
+__all__ = ["atomic_write", "atomic_output", "fsync_directory"]
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(path: Path, exc: OSError) -> errors.StorageError:
+    reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or type(exc).__name__)
+    return errors.StorageError(f"cannot write {path}: {reason}; nothing was changed")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Yield a file to write; on clean exit it replaces ``path`` atomically.
+
+    If the block raises, the temporary file is deleted and ``path`` is left as it was.
+    """
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise _storage_error(target, exc) from None
+    temp = Path(temp_name)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+        fsync_directory(directory)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise _storage_error(target, exc) from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    with atomic_output(path, mode=mode) as handle:
+        handle.write(data)

@@ -1,0 +1,37 @@
+"""The ``keymgr`` command line, for key custodians and CI pipelines.
+
+A thin layer over the library (STYLE.md 10): each command parses its
+arguments, calls :class:`keymgr.KeyManager` or :mod:`keymgr.hsm`, and prints a
+rich table or, with ``--json``, machine output. Errors are one line on stderr
+with a non-zero exit code (see :mod:`keymgr.cli._common`).
+"""
+
+from __future__ import annotations
+
+import click
+
+from keymgr.cli._common import CliState, GuardedGroup
+from keymgr.cli.keys import key_group
+from keymgr.cli.tokens import init_command, tokens_command
+
+__all__ = ["main", "cli"]
+
+
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--token", "token", envvar="KEYMGR_TOKEN", metavar="URI",
+              help="pkcs11: URI of the token (default: the local SoftHSM token made by `keymgr init`).")
+@click.option("--json", "json_output", is_flag=True, help="Print machine-readable JSON.")
+@click.version_option(package_name="keymgr", prog_name="keymgr")
+@click.pass_context
+def cli(ctx: click.Context, token: str | None, json_output: bool) -> None:
+    """keymgr: encryption keys kept in hardware tokens."""
+    ctx.obj = CliState(token=token or None, json_output=json_output)
+
+
+cli.add_command(init_command)
+cli.add_command(tokens_command)
+cli.add_command(key_group)
+
+
+def main() -> None:
+    cli(prog_name="keymgr")

@@ -1,0 +1,87 @@
+"""``keymgr key ...``: named keys and their versions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from keymgr.cli._common import CliState, console, emit_json, pass_state
+from keymgr.keyring import KeyRecord
+
+__all__ = ["key_group", "record_json"]
+
+
+def record_json(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "profile": record.profile,
+        "primary": record.primary,
+        "created": record.created,
+        "policy": {"rotate_after_days": record.policy.rotate_after_days,
+                   "max_messages": record.policy.max_messages, "auto_rotate": record.policy.auto_rotate},
+        "versions": [{"version": v.version, "id": v.key_id.hex(), "label": record.label_of(v.version),
+                      "state": v.state, "created": v.created, "kcv": v.kcv, "primary": v.version == record.primary,
+                      "history": [{"state": s, "at": t} for s, t in v.history]}
+                     for v in record.versions],
+    }
+
+
+def _print_records(records: list[KeyRecord]) -> None:
+    from rich.table import Table
+
+    table = Table(title="keys")
+    for column in ("name", "version", "state", "primary", "CKA_ID", "KCV", "profile", "created"):
+        table.add_column(column)
+    for record in records:
+        for v in record.versions:
+            table.add_row(record.name, str(v.version), v.state, "*" if v.version == record.primary else "",
+                          v.key_id.hex(), v.kcv or "-", record.profile, v.created)
+    console().print(table)
+
+
+@click.group("key")
+def key_group() -> None:
+    """Create, list and inspect named keys."""
+
+
+@key_group.command("create")
+@click.argument("name")
+@click.option("--profile", type=click.Choice(["kw", "gcm"]), default="kw", show_default=True,
+              help="How the key protects data keys: kw = AES key wrap (standard), gcm = AES-GCM in the token.")
+@click.option("--rotate-after-days", type=click.IntRange(min=1), default=None, help="Cryptoperiod.")
+@click.option("--max-messages", type=click.IntRange(min=1), default=None, help="Encryptions per version.")
+@pass_state
+def create_command(state: CliState, name: str, profile: str, rotate_after_days: int | None,
+                   max_messages: int | None) -> None:
+    """Generate a new key NAME (version 1) inside the token."""
+    record = state.manager().create_key(name, profile=profile, rotate_after_days=rotate_after_days,
+                                        max_messages=max_messages)
+    if state.json_output:
+        emit_json(record_json(record))
+    else:
+        v = record.primary_version
+        click.echo(f"created key {record.name!r} version {v.version} (CKA_ID {v.key_id.hex()}, KCV {v.kcv or '-'})")
+
+
+@key_group.command("list")
+@pass_state
+def list_command(state: CliState) -> None:
+    """List every named key and its versions."""
+    records = state.manager().list_keys()
+    if state.json_output:
+        emit_json({"keys": [record_json(r) for r in records]})
+    else:
+        _print_records(records)
+
+
+@key_group.command("show")
+@click.argument("name")
+@pass_state
+def show_command(state: CliState, name: str) -> None:
+    """Show one key: versions, states, dates, key check values, primary."""
+    record = state.manager().describe_key(name)
+    if state.json_output:
+        emit_json(record_json(record))
+    else:
+        _print_records([record])

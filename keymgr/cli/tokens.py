@@ -1,0 +1,134 @@
+"""``keymgr init`` and ``keymgr tokens``: the local token, and what tokens exist."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from keymgr import errors
+from keymgr.cli._common import CliState, console, emit_json, pass_state
+
+__all__ = ["init_command", "tokens_command"]
+
+
+@click.command("init")
+@click.option("--prompt-pin", is_flag=True, help="Choose the user PIN at a prompt instead of generating one.")
+@pass_state
+def init_command(state: CliState, prompt_pin: bool) -> None:
+    """Create the local SoftHSM token (idempotent)."""
+    from keymgr.local import LocalToken
+
+    local = LocalToken.default()
+    pin = None
+    if prompt_pin and not local.is_initialised():
+        pin = click.prompt("New user PIN", hide_input=True, confirmation_prompt=True)
+    created = local.init(pin)
+    uri = local.uri()
+    if state.json_output:
+        emit_json({"created": created, "home": str(local.home), "token_uri": uri,
+                   "pin_file": str(local.pin_path)})
+        return
+    verb = "Created" if created else "Already initialised:"
+    click.echo(f"{verb} local token 'keymgr' in {local.home}")
+    click.echo(f"  user PIN kept in {local.pin_path} (mode 0600)")
+    click.echo(f"  token URI: {uri}")
+
+
+def _flag_names(flags: int, names: dict[int, str]) -> list[str]:
+    return [name for bit, name in names.items() if flags & bit]
+
+
+_TOKEN_FLAGS = {0x1: "rng", 0x2: "write-protected", 0x4: "login-required", 0x8: "user-pin-initialized",
+                0x100: "protected-auth-path", 0x400: "token-initialized", 0x10000: "user-pin-count-low",
+                0x20000: "user-pin-final-try", 0x40000: "user-pin-locked", 0x80000: "user-pin-to-be-changed"}
+_SLOT_FLAGS = {0x1: "token-present", 0x2: "removable", 0x4: "hardware"}
+
+
+def _describe_token(found: Any, probe_caps: bool, selected: Any) -> dict[str, Any]:
+    from keymgr.hsm import open_token, probe
+    from keymgr.hsm.sessions import tries_left_state
+
+    info: dict[str, Any] = {
+        "module": found.module.path, "library": found.module.description, "slot_id": found.slot_id,
+        "slot": found.slot_description, "label": found.label, "manufacturer": found.manufacturer,
+        "model": found.model, "serial": found.serial,
+        "flags": _flag_names(found.flags, _TOKEN_FLAGS),
+        "slot_flags": _flag_names(found.slot_flags, _SLOT_FLAGS),
+        "pin_state": "locked" if tries_left_state(found.flags) == "locked" else tries_left_state(found.flags),
+        "uri": f"pkcs11:token={found.label};serial={found.serial}?module-path={found.module.path}",
+    }
+    if probe_caps:
+        try:
+            is_selected = selected is not None and selected.serial == found.serial and selected.module is found.module
+            ts = selected if is_selected else open_token(
+                f"pkcs11:serial={found.serial}?module-path={found.module.path}", login=False)
+            caps = probe(ts)
+            info["capabilities"] = sorted(caps.supported)
+            info["schemes"] = list(caps.schemes)
+            info["probed_logged_in"] = bool(is_selected)
+        except errors.KeymgrError as exc:
+            info["capabilities"] = []
+            info["schemes"] = []
+            info["probe_error"] = str(exc)
+    return info
+
+
+@click.command("tokens")
+@click.option("--module", "modules", multiple=True, metavar="PATH", help="Also list this PKCS#11 module.")
+@click.option("--no-probe", is_flag=True, help="Do not probe mechanisms (faster).")
+@pass_state
+def tokens_command(state: CliState, modules: tuple[str, ...], no_probe: bool) -> None:
+    """List modules, slots and tokens, their flags, PIN state and supported schemes."""
+    from keymgr.hsm import list_tokens, load_module, registered_modules
+    from keymgr.local import LocalToken
+
+    selected = None
+    paths = list(modules)
+    if state.token:
+        selected = state.manager().token
+        paths.insert(0, selected.module.path)
+    elif "SOFTHSM2_CONF" not in os.environ and LocalToken.default().conf_path.is_file():
+        LocalToken.default().activate()
+    paths += registered_modules()
+    seen: set[str] = set()
+    report: list[dict[str, Any]] = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
+        entry: dict[str, Any] = {"module": path, "tokens": []}
+        try:
+            module = load_module(path)
+            entry["library"] = module.description
+            entry["tokens"] = [_describe_token(t, not no_probe, selected) for t in list_tokens(module)]
+        except errors.KeymgrError as exc:
+            entry["error"] = str(exc)
+        report.append(entry)
+    if state.json_output:
+        emit_json({"modules": report})
+        return
+    _print_tokens(report)
+
+
+def _print_tokens(report: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="PKCS#11 tokens")
+    for column in ("module", "slot", "token", "serial", "flags", "PIN", "schemes"):
+        table.add_column(column)
+    for entry in report:
+        name = Path(entry["module"]).name
+        if "error" in entry:
+            table.add_row(name, "-", "-", "-", "-", "-", f"[red]{entry['error']}[/red]")
+        elif not entry["tokens"]:
+            table.add_row(name, "-", "(no tokens)", "", "", "", "")
+        for tok in entry["tokens"]:
+            schemes = ", ".join(tok.get("schemes", [])) or tok.get("probe_error", "-")
+            table.add_row(name, str(tok["slot_id"]), tok["label"], tok["serial"],
+                          ", ".join(f for f in tok["flags"] + tok["slot_flags"] if f != "token-present"),
+                          tok["pin_state"], schemes)
+    console().print(table)

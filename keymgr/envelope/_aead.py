@@ -1,0 +1,213 @@
+"""Content encryption: AES-256-GCM with the sizes keymgr pins, and key commitment.
+
+Both envelope formats (CMS messages, streams) encrypt through this module
+and nothing else, so the Wycheproof AES-GCM vectors that run through
+:func:`gcm_seal` / :func:`gcm_open` test the code path real data takes.
+
+Pinned sizes (RFC 5084 section 3.2 allows more; keymgr reads and writes only these):
+a 256-bit key, a 96-bit nonce (the size NIST SP 800-38D section 8.2 treats
+as the default, and the one RFC 5084 recommends), a 128-bit tag.
+
+Key commitment: GCM is not key-committing; one ciphertext and tag can be
+made to verify under two different keys (Dodis et al., "Fast Message
+Franking", 2018; Albertini et al., "How to Abuse and Fix Authenticated
+Encryption Without Key Commitment", 2022). A message with two recipients
+could then show each a different plaintext. :func:`key_commitment` is
+HKDF-SHA256 (RFC 5869) of the data key under a label of its own; storing
+it in the message and checking it before decrypting binds the message to
+one key, because two keys with the same commitment are a SHA-256 collision.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import NoReturn
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from keymgr.envelope import _der
+from keymgr.errors import ConfigurationError, FormatError, IntegrityError
+
+__all__ = [
+    "COMMITMENT_SIZE", "KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "DataKey", "encode_gcm_parameters",
+    "gcm_open", "gcm_seal", "hkdf_sha256", "key_commitment", "read_gcm_parameters", "zero",
+]
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+COMMITMENT_SIZE = 32
+COMMITMENT_INFO = b"keymgr key commitment v1"
+
+#: The one message of every content authentication failure (no oracle).
+AEAD_FAILED = "AES-256-GCM authentication failed"
+
+
+def hkdf_sha256(ikm: bytes | bytearray, *, salt: bytes | None, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869), extract then expand."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(bytes(ikm))
+
+
+def key_commitment(key: bytes | bytearray) -> bytes:
+    """The public commitment to a data key: HKDF-SHA256(key, salt=none, info=label), 32 bytes."""
+    return hkdf_sha256(key, salt=None, info=COMMITMENT_INFO, length=COMMITMENT_SIZE)
+
+
+_ZEROS = bytes(64 * 1024)
+
+
+def zero(buffer: bytearray | memoryview) -> None:
+    """Overwrite ``buffer`` with zeros, 64 KiB at a time (no allocation the size of the buffer)."""
+    view = memoryview(buffer).cast("B")
+    for start in range(0, len(view), len(_ZEROS)):
+        chunk = view[start:start + len(_ZEROS)]
+        chunk[:] = _ZEROS[:len(chunk)]
+
+
+def _check_nonce(nonce: bytes) -> None:
+    if len(nonce) != NONCE_SIZE:
+        raise FormatError(f"AES-GCM nonce must be {NONCE_SIZE} bytes")
+
+
+def encode_gcm_parameters(nonce: bytes) -> bytes:
+    """RFC 5084 ``GCMParameters``: the nonce, and the ICV length written out (its DEFAULT is 12)."""
+    return _der.seq(_der.octets(nonce), _der.integer(TAG_SIZE))
+
+
+def read_gcm_parameters(data: bytes, *, what: str) -> bytes:
+    """The nonce of RFC 5084 ``GCMParameters``; :class:`FormatError` unless it is 12 bytes and
+    the ICV length 16 (an absent ICV length means the DEFAULT, 12, which keymgr refuses)."""
+    outer = _der.read_one(data, tag=_der.SEQUENCE, what=what)
+    fields = _der.children(data, outer, limit=2, what=what)
+    if not fields or fields[0].tag != _der.OCTET_STRING:
+        raise FormatError(f"{what}: malformed GCMParameters")
+    icv_length = _der.read_int(data, fields[1], what=what) if len(fields) == 2 else 12
+    if fields[0].end - fields[0].body != NONCE_SIZE or icv_length != TAG_SIZE:
+        raise FormatError(f"{what}: keymgr uses a {NONCE_SIZE}-byte GCM nonce and a {TAG_SIZE}-byte ICV")
+    return data[fields[0].body:fields[0].end]
+
+
+class DataKey:
+    """A 256-bit data key made ready for AES-256-GCM.
+
+    The key schedule and the commitment are computed once, so a cached data
+    key (one per many messages) pays for them once. The key bytes live in a
+    ``bytearray`` that :meth:`wipe` zeroes; the copy inside OpenSSL's cipher
+    context is freed, not wiped, when the object goes (as much as Python allows).
+    Never shown by ``repr``, never pickled.
+    """
+
+    __slots__ = ("_key", "_aead", "_commitment")
+
+    def __init__(self, key: bytes | bytearray | memoryview) -> None:
+        if len(key) != KEY_SIZE:
+            raise ConfigurationError(f"a data key must be {KEY_SIZE} bytes (AES-256)")
+        self._key: bytearray = bytearray(key)
+        self._aead: AESGCM | None = AESGCM(bytes(self._key))
+        self._commitment: bytes | None = None
+
+    @classmethod
+    def coerce(cls, key: DataKey | bytes | bytearray | memoryview) -> DataKey:
+        return key if isinstance(key, DataKey) else cls(key)
+
+    def __repr__(self) -> str:
+        return "DataKey(AES-256, wiped)" if self._aead is None else "DataKey(AES-256)"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("data keys cannot be pickled")
+
+    @property
+    def commitment(self) -> bytes:
+        """This key's :func:`key_commitment` (computed on first use)."""
+        if self._commitment is None:
+            self._cipher()  # refuses a wiped key
+            self._commitment = key_commitment(self._key)
+        return self._commitment
+
+    def matches(self, commitment: bytes) -> bool:
+        """Whether ``commitment`` commits to this key (constant-time comparison)."""
+        return hmac.compare_digest(self.commitment, commitment)
+
+    def derive(self, *, salt: bytes, info: bytes) -> DataKey:
+        """A subkey by HKDF-SHA256 (used for stream segment keys)."""
+        self._cipher()  # refuses a wiped key
+        return DataKey(hkdf_sha256(self._key, salt=salt, info=info))
+
+    def __del__(self) -> None:
+        # Last reference gone (e.g. evicted from a cache while another thread
+        # still used it): zero the bytes now rather than leave them to the allocator.
+        key = getattr(self, "_key", None)
+        if key is not None:
+            zero(key)
+
+    def reveal(self) -> bytes:
+        """The key bytes, for the one step that needs them: wrapping the key in a token."""
+        self._cipher()  # refuses a wiped key
+        return bytes(self._key)
+
+    def wipe(self) -> None:
+        """Zero the key bytes and drop the cipher context; the key is unusable afterwards."""
+        zero(self._key)
+        self._aead = None
+        self._commitment = None
+
+    def _cipher(self) -> AESGCM:
+        if self._aead is None:
+            raise ConfigurationError("this data key was wiped")
+        return self._aead
+
+    def seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+        """ciphertext || 16-byte tag."""
+        _check_nonce(nonce)
+        return self._cipher().encrypt(nonce, plaintext, aad)
+
+    def open(self, nonce: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:
+        """Plaintext of ``ciphertext || tag``; :class:`IntegrityError` if it does not verify."""
+        _check_nonce(nonce)
+        if len(sealed) < TAG_SIZE:
+            raise IntegrityError(AEAD_FAILED)
+        try:
+            return self._cipher().decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            raise IntegrityError(AEAD_FAILED) from None
+
+    def seal_into(self, nonce: bytes, plaintext: memoryview, aad: bytes, out: memoryview) -> None:
+        """Like :meth:`seal`, into ``out`` (exactly ``len(plaintext) + 16`` bytes): no allocation."""
+        _check_nonce(nonce)
+        self._cipher().encrypt_into(nonce, plaintext, aad, out)
+
+    def open_into(self, nonce: bytes, sealed: memoryview, aad: bytes, out: memoryview) -> None:
+        """Like :meth:`open`, into ``out``. On failure ``out`` is zeroed: OpenSSL writes the
+        unverified plaintext there before it checks the tag (measured with cryptography 50)."""
+        _check_nonce(nonce)
+        if len(sealed) < TAG_SIZE:
+            raise IntegrityError(AEAD_FAILED)
+        try:
+            self._cipher().decrypt_into(nonce, sealed, aad, out)
+        except InvalidTag:
+            zero(out)
+            raise IntegrityError(AEAD_FAILED) from None
+
+
+def _check_sizes(key: bytes, nonce: bytes) -> None:
+    if len(key) != KEY_SIZE:
+        raise FormatError(f"AES-256-GCM needs a {KEY_SIZE}-byte key")
+    _check_nonce(nonce)
+
+
+def gcm_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+    """(ciphertext, tag) under keymgr's AES-256-GCM; :class:`FormatError` for other sizes."""
+    _check_sizes(key, nonce)
+    sealed = DataKey(key).seal(nonce, plaintext, aad)
+    return sealed[:-TAG_SIZE], sealed[-TAG_SIZE:]
+
+
+def gcm_open(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> bytes:
+    """Plaintext, or :class:`IntegrityError`; :class:`FormatError` for other key/nonce/tag sizes."""
+    _check_sizes(key, nonce)
+    if len(tag) != TAG_SIZE:
+        raise FormatError(f"AES-GCM tag must be {TAG_SIZE} bytes")
+    return DataKey(key).open(nonce, ciphertext + tag, aad)

@@ -1,0 +1,182 @@
+"""Authenticated attributes: the encryption context, the key commitment, their OIDs.
+
+keymgr's own OIDs hang under one arc minted from a UUID (ITU-T X.667,
+arc 2.25): UUID ``688ef7b7-979e-4522-9261-ce215e93f218`` gives
+``2.25.138982042016392611621762531081200071192`` (recorded in docs/format.md).
+
+Attribute values (DER, one value per attribute):
+
+- encryption context ``{arc}.1.1``: ``SEQUENCE OF SEQUENCE { key UTF8String, value UTF8String }``
+  sorted by the key's UTF-8 bytes, keys unique and non-empty: one encoding per
+  dict, so the bytes under the tag are a function of the context alone.
+- key commitment ``{arc}.1.2``: ``OCTET STRING`` (32 bytes, see ``_aead.key_commitment``).
+- content-type ``1.2.840.113549.1.9.3`` (RFC 5652 section 11.1): written in CMS
+  messages. RFC 5083 section 2.1 does not require it (it requires authAttrs only
+  for content other than id-data), but it is the one way the inner content type,
+  which is not otherwise authenticated, gets under the tag.
+
+The AAD is the DER of the whole attribute set with the universal SET OF tag
+(0x31), not the [1] implicit tag it carries inside AuthEnvelopedData (RFC
+5083 section 2.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from keymgr.envelope import _der
+from keymgr.envelope._aead import COMMITMENT_SIZE
+from keymgr.errors import ConfigurationError, FormatError
+
+KEYMGR_ARC = "2.25.138982042016392611621762531081200071192"
+OID_CONTEXT = KEYMGR_ARC + ".1.1"
+OID_COMMITMENT = KEYMGR_ARC + ".1.2"
+OID_THRESHOLD_RECIPIENT = KEYMGR_ARC + ".2.1"
+OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+OID_DATA = "1.2.840.113549.1.7.1"
+
+MAX_CONTEXT_ENTRIES = 64
+MAX_CONTEXT_BYTES = 16 * 1024
+MAX_ATTRIBUTES = 32
+MAX_AUTH_ATTRS_BYTES = 64 * 1024
+
+_CONTEXT_TLV = _der.encode_oid(OID_CONTEXT)
+_COMMITMENT_TLV = _der.encode_oid(OID_COMMITMENT)
+_CONTENT_TYPE_TLV = _der.encode_oid(OID_CONTENT_TYPE)
+_DATA_TLV = _der.encode_oid(OID_DATA)
+_CONTENT_TYPE_ATTR = _der.seq(_CONTENT_TYPE_TLV, _der.set_of([_DATA_TLV]))
+#: the commitment attribute is fixed-size: its DER is this prefix and the 32 bytes
+_COMMITMENT_PREFIX = _der.seq(_COMMITMENT_TLV, _der.set_of([_der.octets(bytes(COMMITMENT_SIZE))]))[:-COMMITMENT_SIZE]
+_COMMITMENT_SIZE = len(_COMMITMENT_PREFIX) + COMMITMENT_SIZE
+_KNOWN = {_CONTEXT_TLV: OID_CONTEXT, _COMMITMENT_TLV: OID_COMMITMENT, _CONTENT_TYPE_TLV: OID_CONTENT_TYPE}
+
+
+def normalize_context(context: Mapping[str, str] | None) -> dict[str, str]:
+    """The context as a plain dict ({} for None), checked; :class:`ConfigurationError` if unusable."""
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping):
+        raise ConfigurationError("an encryption context is a mapping of str to str")
+    if len(context) > MAX_CONTEXT_ENTRIES:
+        raise ConfigurationError(f"an encryption context has at most {MAX_CONTEXT_ENTRIES} entries")
+    size = 0
+    for key, value in context.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigurationError("encryption context keys and values must be str")
+        if not key:
+            raise ConfigurationError("encryption context keys must not be empty")
+        try:
+            size += len(key.encode("utf-8")) + len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ConfigurationError("encryption context entries must be valid Unicode (no lone surrogates)") from None
+    if size > MAX_CONTEXT_BYTES:
+        raise ConfigurationError(f"an encryption context holds at most {MAX_CONTEXT_BYTES} bytes")
+    return dict(context)
+
+
+def _context_value(context: dict[str, str]) -> bytes:
+    pairs = sorted((k.encode("utf-8"), v.encode("utf-8")) for k, v in context.items())
+    return _der.seq(*(_der.seq(_der.tlv(_der.UTF8_STRING, k), _der.tlv(_der.UTF8_STRING, v)) for k, v in pairs))
+
+
+def build_auth_attrs(*, context: dict[str, str], commitment: bytes, content_type: bool) -> bytes:
+    """The DER of the attribute set with the SET OF tag: exactly the AAD (RFC 5083 section 2.2)."""
+    attrs = [_COMMITMENT_PREFIX + commitment]
+    if context:
+        attrs.append(_der.seq(_CONTEXT_TLV, _der.set_of([_context_value(context)])))
+    if content_type:
+        attrs.append(_CONTENT_TYPE_ATTR)
+    return _der.set_of(attrs)
+
+
+@dataclass(frozen=True)
+class AuthAttributes:
+    """What keymgr reads from a set of authenticated attributes."""
+
+    #: the AAD: the attribute set's DER under the universal SET OF tag
+    aad: bytes = field(repr=False)
+    context: dict[str, str] | None
+    commitment: bytes | None
+    content_type: str | None
+    #: attributes keymgr does not interpret: (OID, whole Attribute DER)
+    other: tuple[tuple[str, bytes], ...] = ()
+
+
+def _attribute(data: bytes, attr: _der.Tlv) -> tuple[str, _der.Tlv]:
+    """(type OID, the one value) of an attribute keymgr reads, or (type OID, the attribute) of another."""
+    if attr.end - attr.start == _COMMITMENT_SIZE and data.startswith(_COMMITMENT_PREFIX, attr.start):
+        return OID_COMMITMENT, _der.read_at(data, attr.end - COMMITMENT_SIZE - 2, attr.end)  # fast path: ours
+    if attr.end - attr.start == len(_CONTENT_TYPE_ATTR) and data.startswith(_CONTENT_TYPE_ATTR, attr.start):
+        return OID_CONTENT_TYPE, _der.read_at(data, attr.end - len(_DATA_TLV), attr.end)  # fast path: id-data
+    what = "authenticated attributes"
+    head = _der.read_at(data, attr.body, attr.end) if attr.tag == _der.SEQUENCE else None
+    if head is None or head.tag != _der.OID:
+        raise FormatError(f"{what}: expected Attribute SEQUENCEs with a type OID")
+    oid = _KNOWN.get(data[head.start:head.end]) or _der.decode_oid(data[head.body:head.end])
+    if oid not in _KNOWN.values():
+        return oid, attr
+    values = _der.read_at(data, head.end, attr.end)
+    if values.tag != _der.SET or values.end != attr.end:
+        raise FormatError(f"{what}: malformed attribute")
+    value = _der.read_at(data, values.body, values.end) if values.body < values.end else None
+    if value is None or value.end != values.end:
+        raise FormatError(f"{what}: exactly one value expected")
+    return oid, value
+
+
+def _decode_context(data: bytes, value: _der.Tlv) -> dict[str, str]:
+    what = "encryption context"
+    if value.tag != _der.SEQUENCE:
+        raise FormatError(f"{what}: expected a SEQUENCE")
+    context: dict[str, str] = {}
+    previous = b""
+    for entry in _der.children(data, value, limit=MAX_CONTEXT_ENTRIES, what=what):
+        key = _der.read_at(data, entry.body, entry.end)
+        item = _der.read_at(data, key.end, entry.end)
+        if entry.tag != _der.SEQUENCE or key.tag != _der.UTF8_STRING or item.tag != _der.UTF8_STRING \
+                or item.end != entry.end:
+            raise FormatError(f"{what}: expected SEQUENCE {{ UTF8String, UTF8String }} pairs")
+        key_bytes = data[key.body:key.end]
+        if key_bytes <= previous:  # also refuses the empty key
+            raise FormatError(f"{what}: keys not unique, empty or not in canonical order")
+        previous = key_bytes
+        try:
+            context[key_bytes.decode("utf-8")] = data[item.body:item.end].decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"{what}: invalid UTF-8") from None
+    return context
+
+
+def parse_auth_attrs(data: bytes, element: _der.Tlv) -> AuthAttributes:
+    """Read an attribute set (tagged SET OF or [1]) into :class:`AuthAttributes`; :class:`FormatError` if malformed."""
+    what = "authenticated attributes"
+    if element.end - element.start > MAX_AUTH_ATTRS_BYTES:
+        raise FormatError(f"{what}: too large")
+    items = _der.children(data, element, limit=MAX_ATTRIBUTES, what=what)
+    if not items:
+        raise FormatError(f"{what}: empty set (RFC 5652 requires SIZE 1..MAX)")
+    seen: set[str] = set()
+    other: list[tuple[str, bytes]] = []
+    context = commitment = content_type = None
+    for attr in items:
+        oid, value = _attribute(data, attr)
+        if oid in seen:
+            raise FormatError(f"{what}: an attribute type appears twice")
+        seen.add(oid)
+        if oid == OID_COMMITMENT:
+            if value.tag != _der.OCTET_STRING or value.end - value.body != COMMITMENT_SIZE:
+                raise FormatError(f"key commitment: expected a {COMMITMENT_SIZE}-byte OCTET STRING")
+            commitment = data[value.body:value.end]
+        elif oid == OID_CONTEXT:
+            context = _decode_context(data, value)
+        elif oid == OID_CONTENT_TYPE:
+            if value.tag != _der.OID:
+                raise FormatError("content-type attribute: expected an OID")
+            raw = data[value.start:value.end]
+            content_type = OID_DATA if raw == _DATA_TLV else _der.decode_oid(data[value.body:value.end])
+        else:
+            other.append((oid, data[value.start:value.end]))
+    aad = _der.header(_der.SET, element.end - element.body) + data[element.body:element.end]
+    return AuthAttributes(aad=aad, context=context, commitment=commitment, content_type=content_type,
+                          other=tuple(other))

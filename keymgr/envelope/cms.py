@@ -1,0 +1,291 @@
+"""CMS messages: ``ContentInfo`` / ``AuthEnvelopedData`` (RFC 5083) with AES-256-GCM (RFC 5084).
+
+The byte layout we write (DER throughout)::
+
+    ContentInfo SEQUENCE {
+      contentType  id-ct-authEnvelopedData (1.2.840.113549.1.9.16.1.23)
+      content [0] EXPLICIT AuthEnvelopedData SEQUENCE {
+        version 0                                       RFC 5083 section 2.1
+        recipientInfos SET OF RecipientInfo             1..64, see recipients.py
+        authEncryptedContentInfo SEQUENCE {
+          contentType id-data
+          contentEncryptionAlgorithm { id-aes256-GCM, GCMParameters { nonce (12), ICVlen 16 } }
+          encryptedContent [0] IMPLICIT OCTET STRING }
+        authAttrs [1] IMPLICIT SET OF Attribute          absent in compat_openssl mode
+          -- key commitment, encryption context (if any), content-type id-data
+        mac OCTET STRING (16) } }
+
+The data key (DEK) is the content-encryption key itself, so that OpenSSL
+(which knows nothing of our attributes) decrypts compat messages with the
+DEK it unwraps. The AAD is the DER of authAttrs under the SET OF tag (RFC
+5083 section 2.2); recipients are outside it, so :func:`replace_recipients`
+can rewrap a message without touching its payload.
+
+Errors: malformed bytes are :class:`~keymgr.errors.FormatError`; a wrong
+context, a failed commitment or tag are one :class:`~keymgr.errors.IntegrityError`
+with one message (no oracle); no matching recipient is
+:class:`~keymgr.errors.KeyNotFoundError`. Only DER is read: BER (indefinite
+lengths) is refused, so a message has one encoding and a rewrap is byte-exact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, overload
+
+from asn1crypto import cms
+
+from keymgr.envelope import _der
+from keymgr.envelope._aead import KEY_SIZE, NONCE_SIZE, TAG_SIZE, DataKey, encode_gcm_parameters, read_gcm_parameters
+from keymgr.envelope._attrs import OID_DATA, AuthAttributes, build_auth_attrs, normalize_context, parse_auth_attrs
+from keymgr.envelope.recipients import encode_recipient_infos, parse_recipient_infos
+from keymgr.errors import ConfigurationError, FormatError, IntegrityError, KeyNotFoundError
+
+__all__ = ["ParsedMessage", "Unwrap", "open_message", "parse_message", "replace_recipients", "seal_message"]
+
+OID_AUTH_ENVELOPED_DATA = "1.2.840.113549.1.9.16.1.23"
+OID_AES256_GCM = "2.16.840.1.101.3.4.1.46"
+
+#: Returns the data key for a recipient it can unwrap, else None.
+Unwrap = Callable[[cms.RecipientInfo], DataKey | bytes | bytearray | None]
+
+MESSAGE_FAILED = "the message failed authentication: tampered, truncated, wrong key or wrong context"
+_MAX_PLAINTEXT = 2**36 - 32  # NIST SP 800-38D section 5.2.1.1: 2^39 - 256 bits per invocation
+_AUTH_ENVELOPED_TLV = _der.encode_oid(OID_AUTH_ENVELOPED_DATA)
+_DATA_TLV = _der.encode_oid(OID_DATA)
+_GCM_TLV = _der.encode_oid(OID_AES256_GCM)
+_VERSION_0 = _der.integer(0)
+_MAC_HEADER = _der.header(_der.OCTET_STRING, TAG_SIZE)
+# DER has one encoding of "id-data under id-aes256-GCM, 12-byte nonce, ICV 16": everything but the
+# nonce is constant, so the reader compares bytes instead of walking six elements.
+_ALGORITHM = _der.seq(_GCM_TLV, encode_gcm_parameters(bytes(NONCE_SIZE)))
+_ECI_HEAD = _DATA_TLV + _ALGORITHM[:-NONCE_SIZE - 3]
+_ECI_TAIL = _ALGORITHM[-3:]  # INTEGER 16, after the nonce
+
+
+def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipient_infos: Sequence[cms.RecipientInfo],
+                 context: Mapping[str, str] | None, compat_openssl: bool = False, _nonce: bytes | None = None) -> bytes:
+    """Encrypt ``plaintext`` under ``dek`` into a DER ``ContentInfo``.
+
+    Every message carries the key-commitment attribute and, when given, the
+    context; ``compat_openssl=True`` writes no attributes at all (OpenSSL 3.0
+    cannot parse them, STACK-FACTS 15), so it takes no context and has no
+    commitment: weaker, documented in docs/format.md. The nonce is random
+    (``_nonce`` is for tests only); with random 96-bit nonces one data key
+    may seal at most 2^32 messages (NIST SP 800-38D section 8.3).
+    """
+    ctx = normalize_context(context)
+    if compat_openssl and ctx:
+        raise ConfigurationError("compat_openssl messages carry no attributes, so no encryption context")
+    if len(plaintext) > _MAX_PLAINTEXT:
+        raise ConfigurationError("a message holds at most 64 GiB; use the stream format")
+    nonce = os.urandom(NONCE_SIZE) if _nonce is None else bytes(_nonce)
+    if len(nonce) != NONCE_SIZE:
+        raise ConfigurationError(f"a nonce is {NONCE_SIZE} bytes")
+    recipients = encode_recipient_infos(recipient_infos)
+    key = DataKey.coerce(dek)
+    try:
+        aad = b"" if compat_openssl else build_auth_attrs(context=ctx, commitment=key.commitment, content_type=True)
+        sealed = memoryview(key.seal(nonce, plaintext, aad))
+    finally:
+        if key is not dek:
+            key.wipe()
+    ciphertext = sealed[:-TAG_SIZE]
+    content_header = _der.header(0x80, len(ciphertext))
+    eci_length = len(_ECI_HEAD) + NONCE_SIZE + len(_ECI_TAIL) + len(content_header) + len(ciphertext)
+    eci_header = _der.header(_der.SEQUENCE, eci_length)
+    auth_attrs = b"\xa1" + aad[1:] if aad else b""
+    aed_length = (len(_VERSION_0) + len(recipients) + len(eci_header) + eci_length + len(auth_attrs)
+                  + len(_MAC_HEADER) + TAG_SIZE)
+    aed_header = _der.header(_der.SEQUENCE, aed_length)
+    wrapper_header = _der.header(0xA0, len(aed_header) + aed_length)
+    total = len(_AUTH_ENVELOPED_TLV) + len(wrapper_header) + len(aed_header) + aed_length
+    return b"".join((_der.header(_der.SEQUENCE, total), _AUTH_ENVELOPED_TLV, wrapper_header, aed_header, _VERSION_0,
+                     recipients, eci_header, _ECI_HEAD, nonce, _ECI_TAIL, content_header, ciphertext, auth_attrs,
+                     _MAC_HEADER, sealed[-TAG_SIZE:]))
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    """A message's parts, read without any key. ``auth_attrs`` is None for compat messages."""
+
+    recipient_infos: tuple[cms.RecipientInfo, ...]
+    content_type: str
+    nonce: bytes
+    icv_length: int
+    auth_attrs: AuthAttributes | None
+    encrypted_content: bytes = field(repr=False)
+    mac: bytes = field(repr=False)
+    #: the raw DER of each AuthEnvelopedData field, for :func:`replace_recipients`
+    _fields: dict[str, bytes] = field(repr=False, compare=False)
+
+    @property
+    def aad(self) -> bytes:
+        return b"" if self.auth_attrs is None else self.auth_attrs.aad
+
+    @property
+    def context(self) -> dict[str, str] | None:
+        return None if self.auth_attrs is None else self.auth_attrs.context
+
+    @property
+    def commitment(self) -> bytes | None:
+        return None if self.auth_attrs is None else self.auth_attrs.commitment
+
+
+_FIELDS = (("version", _der.INTEGER, True), ("originator_info", 0xA0, False), ("recipient_infos", _der.SET, True),
+           ("content", _der.SEQUENCE, True), ("auth_attrs", 0xA1, False), ("mac", _der.OCTET_STRING, True),
+           ("unauth_attrs", 0xA2, False))
+
+
+def _split(data: bytes) -> dict[str, _der.Tlv]:
+    """Name each AuthEnvelopedData field (RFC 5083 section 2.1, in order, optional ones by their tag)."""
+    outer = _der.read_one(data, tag=_der.SEQUENCE, what="ContentInfo")
+    if not data.startswith(_AUTH_ENVELOPED_TLV, outer.body):
+        raise FormatError("not a CMS AuthEnvelopedData (RFC 5083) ContentInfo")
+    wrapper = _der.read_one(data, outer.body + len(_AUTH_ENVELOPED_TLV), outer.end, tag=0xA0, what="ContentInfo")
+    inner = _der.read_one(data, wrapper.body, wrapper.end, tag=_der.SEQUENCE, what="AuthEnvelopedData")
+    fields: dict[str, _der.Tlv] = {}
+    pos, end = inner.body, inner.end
+    for name, tag, required in _FIELDS:
+        if pos < end and data[pos] == tag:
+            fields[name] = element = _der.read_at(data, pos, end)
+            pos = element.end
+        elif required:
+            raise FormatError(f"AuthEnvelopedData: {name} missing or out of place")
+    if pos != end:
+        raise FormatError("AuthEnvelopedData: unexpected fields")
+    return fields
+
+
+def _content(data: bytes, eci: _der.Tlv) -> tuple[bytes, bytes]:
+    """(nonce, ciphertext) of the EncryptedContentInfo keymgr reads; FormatError naming what differs."""
+    at = eci.body + len(_ECI_HEAD) + NONCE_SIZE
+    if data.startswith(_ECI_HEAD, eci.body) and data.startswith(_ECI_TAIL, at):
+        content = _der.read_at(data, at + len(_ECI_TAIL), eci.end)
+        if content.tag == 0x80 and content.end == eci.end:
+            return data[at - NONCE_SIZE:at], data[content.body:content.end]
+    what = "EncryptedContentInfo"
+    parts = _der.children(data, eci, limit=3, what=what)
+    if len(parts) != 3 or parts[2].tag != 0x80:
+        raise FormatError(f"{what}: detached or constructed (BER) content is not supported")
+    if data[parts[0].start:parts[0].end] != _DATA_TLV:
+        raise FormatError(f"{what}: only id-data content is supported")
+    algorithm = _der.children(data, parts[1], limit=2, what=what) if parts[1].tag == _der.SEQUENCE else []
+    if len(algorithm) != 2 or data[algorithm[0].start:algorithm[0].end] != _GCM_TLV:
+        raise FormatError(f"{what}: keymgr reads only id-aes256-GCM (RFC 5084)")
+    read_gcm_parameters(data[algorithm[1].start:algorithm[1].end], what=what)
+    raise FormatError(f"{what}: not DER")
+
+
+def parse_message(blob: bytes) -> ParsedMessage:
+    """Read a message's structure; :class:`FormatError` unless it is one DER AuthEnvelopedData
+    that keymgr can decrypt (AES-256-GCM, 12-byte nonce, 16-byte tag, id-data content)."""
+    data = bytes(blob)
+    f = _split(data)
+    if data[f["version"].start:f["version"].end] != _VERSION_0:
+        raise FormatError("AuthEnvelopedData: version must be 0 (RFC 5083 section 2.1)")
+    recipients = parse_recipient_infos(data, f["recipient_infos"])
+    nonce, ciphertext = _content(data, f["content"])
+    attrs = None
+    if "auth_attrs" in f:
+        attrs = parse_auth_attrs(data, f["auth_attrs"])
+        if attrs.content_type not in (None, OID_DATA):
+            raise FormatError("content-type attribute does not match the content (RFC 5652 section 11.1)")
+    if f["mac"].end - f["mac"].body != TAG_SIZE:
+        raise FormatError(f"AuthEnvelopedData: mac must be a {TAG_SIZE}-byte OCTET STRING")
+    for name in ("originator_info", "unauth_attrs"):
+        if name in f:
+            _der.check_der(data, f[name], what=name)
+    return ParsedMessage(
+        recipient_infos=recipients, content_type=OID_DATA, nonce=nonce, icv_length=TAG_SIZE, auth_attrs=attrs,
+        encrypted_content=ciphertext, mac=data[f["mac"].body:f["mac"].end],
+        _fields={name: data[t.start:t.end] for name, t in f.items()})
+
+
+def replace_recipients(blob: bytes, new_recipient_infos: Sequence[cms.RecipientInfo]) -> bytes:
+    """The same message with other recipients (rewrap). Every other field, the payload,
+    authAttrs and mac included, is copied byte for byte; the AAD does not cover recipients."""
+    parsed = parse_message(blob)
+    fields = dict(parsed._fields)  # noqa: SLF001 - our own dataclass
+    fields["recipient_infos"] = encode_recipient_infos(new_recipient_infos)
+    body = _der.seq(*(fields[name] for name, _, _ in _FIELDS if name in fields))
+    return _der.seq(_AUTH_ENVELOPED_TLV, _der.tlv(0xA0, body))
+
+
+def check_context(found: dict[str, str] | None, commitment: bytes | None, *, context: Mapping[str, str] | None,
+                  return_context: bool, require_commitment: bool, failure: str) -> dict[str, str]:
+    """The context check shared by messages and streams; returns the context found ({} if none).
+
+    The context sealed in must equal ``context`` unless the caller asked for it
+    back (``return_context`` with no ``context``). A context, expected or found,
+    is accepted only with a key commitment beside it, so a message without
+    attributes (compat mode) passes only when no context is involved.
+    """
+    expected = normalize_context(context)
+    found = found or {}
+    if (context is not None or not return_context) and found != expected:
+        raise IntegrityError(failure)
+    if (expected or found or require_commitment) and commitment is None:
+        raise IntegrityError(failure)
+    return found
+
+
+def find_data_key(recipient_infos: Sequence[cms.RecipientInfo], unwrap: Unwrap, commitment: bytes | None, *,
+                  failure: str) -> tuple[DataKey, bool]:
+    """The first data key ``unwrap`` yields, checked against the commitment, and whether it
+    was made here (so the caller wipes it after use).
+
+    Recipients are tried in the order they are encoded. The first key found
+    decides: a key that fails the commitment is an :class:`IntegrityError`,
+    not a reason to try the next recipient, so every reader of one message
+    sees the same key or nothing.
+    """
+    for ri in recipient_infos:
+        found = unwrap(ri)
+        if found is None:
+            continue
+        if isinstance(found, DataKey):
+            key, owned = found, False
+        elif len(found) != KEY_SIZE:
+            raise IntegrityError(failure)
+        else:
+            key, owned = DataKey(found), True
+        if commitment is not None and not key.matches(commitment):
+            if owned:
+                key.wipe()
+            raise IntegrityError(failure)
+        return key, owned
+    raise KeyNotFoundError(f"none of the {len(recipient_infos)} recipients matches a key available here")
+
+
+@overload
+def open_message(blob: bytes, *, unwrap: Unwrap, context: Mapping[str, str] | None,
+                 return_context: Literal[False] = ..., require_commitment: bool = ...) -> bytes: ...
+@overload
+def open_message(blob: bytes, *, unwrap: Unwrap, context: Mapping[str, str] | None,
+                 return_context: Literal[True], require_commitment: bool = ...) -> tuple[bytes, dict[str, str]]: ...
+
+
+def open_message(blob: bytes, *, unwrap: Unwrap, context: Mapping[str, str] | None, return_context: bool = False,
+                 require_commitment: bool = False) -> bytes | tuple[bytes, dict[str, str]]:
+    """Decrypt a message: check the context, find a data key, check its commitment, then GCM.
+
+    ``context`` must equal the one sealed in (``None`` and ``{}`` both mean
+    none). With ``return_context=True`` and ``context=None`` any context is
+    accepted and returned with the plaintext, for the caller to check.
+    ``require_commitment=True`` also refuses compat (attribute-free) messages.
+    """
+    parsed = parse_message(blob)
+    found = check_context(parsed.context, parsed.commitment, context=context, return_context=return_context,
+                          require_commitment=require_commitment, failure=MESSAGE_FAILED)
+    key, owned = find_data_key(parsed.recipient_infos, unwrap, parsed.commitment, failure=MESSAGE_FAILED)
+    try:
+        plaintext = key.open(parsed.nonce, parsed.encrypted_content + parsed.mac, parsed.aad)
+    except IntegrityError:
+        raise IntegrityError(MESSAGE_FAILED) from None
+    finally:
+        if owned:
+            key.wipe()
+    return (plaintext, found) if return_context else plaintext

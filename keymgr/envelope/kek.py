@@ -1,0 +1,128 @@
+"""Data keys protected by KEKs that live in a token: the envelope's token glue.
+
+Two key-encryption profiles (chosen per key at creation, docs/format.md):
+
+* ``kw``: the data key is wrapped with C_WrapKey, AES key wrap (RFC 3394,
+  ``id-aes256-wrap``; RFC 5649 ``id-aes256-wrap-pad`` where the token has no
+  plain KW). The standard form that OpenSSL and every CMS library read.
+  Costs a short-lived key object per wrap and per unwrap (STACK-FACTS.md 5).
+* ``gcm``: the data key is encrypted by one C_Encrypt with AES-256-GCM under
+  the KEK (``id-aes256-GCM`` with its nonce in the parameters). One token
+  call per message, no key objects; random 96-bit nonces, so each KEK version
+  is good for at most 2^32 encryptions (NIST SP 800-38D 8.3), which the
+  keyring enforces with use reservations.
+
+Decrypting checks the key version's state first (suspended and compromised
+versions are refused unless the caller allows compromised keys for recovery),
+so a retired key cannot be used through the envelope even with a valid blob.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from asn1crypto import cms
+
+from keymgr import errors
+from keymgr.envelope._aead import DataKey
+from keymgr.envelope.recipients import kek_recipient_info, read_kek_recipient, recipient_kind
+from keymgr.hsm import objects, probe
+from keymgr.keyring import Keyring, KeyRecord, KeyVersion
+
+__all__ = ["KekProtector", "DECRYPTABLE_STATES"]
+
+#: States in which a version may decrypt (unwrap) data keys.
+DECRYPTABLE_STATES = frozenset({"active", "decrypt-only"})
+
+_GCM_NONCE = 12
+
+
+class KekProtector:
+    """Wrap data keys for a named key's primary version; unwrap them for any allowed version."""
+
+    def __init__(self, keyring: Keyring, *, allow_compromised: bool = False,
+                 on_unwrap: Callable[[KeyRecord, KeyVersion], None] | None = None) -> None:
+        self._keyring = keyring
+        self._allow_compromised = allow_compromised
+        self._on_unwrap = on_unwrap
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._keyring
+
+    def _wrap_mechanism(self) -> tuple[str, str]:
+        caps = probe(self._keyring.token)
+        mechanism = caps.preferred_wrap_mechanism()
+        if mechanism is None:
+            raise errors.MechanismUnsupportedError(
+                f"token {self._keyring.token.label!r} can do neither AES-KW nor AES-KWP")
+        return mechanism, ("aes256_wrap" if mechanism == "aes-kw" else "aes256_wrap_pad")
+
+    def wrap(self, record: KeyRecord, dek: DataKey, version: KeyVersion | None = None) -> cms.RecipientInfo:
+        """A KEKRecipientInfo carrying ``dek`` under ``version`` (default: the primary)."""
+        version = version or record.primary_version
+        if version.state != "active":
+            raise errors.PolicyError(f"key {record.name!r} version {version.version} is {version.state}; "
+                                     "only the active primary version encrypts")
+        ts = self._keyring.token
+        if record.profile == "kw":
+            mechanism, algorithm = self._wrap_mechanism()
+            wrapped = objects.wrap_data_key(ts, version.key_id, dek.reveal(), mechanism)
+            return kek_recipient_info(version.key_id, wrapped, algorithm)  # type: ignore[arg-type]
+        nonce = os.urandom(_GCM_NONCE)
+        sealed = objects.gcm_encrypt(ts, version.key_id, dek.reveal(), nonce=nonce, aad=b"")
+        return kek_recipient_info(version.key_id, sealed, "aes256_gcm", gcm_nonce=nonce)
+
+    def check_state(self, record: KeyRecord, version: KeyVersion) -> None:
+        """Refuse versions that policy says must not decrypt."""
+        state = version.state
+        if state in DECRYPTABLE_STATES:
+            return
+        if state == "compromised" and self._allow_compromised:
+            return
+        hint = {"compromised": " (pass allow_compromised=True only to recover data)",
+                "suspended": " (an operator must resume it)",
+                "destroyed": " (its key object was destroyed: the data is unrecoverable)",
+                "pre-active": " (it was never activated)",
+                "retired": " (retired below the minimum decryption version)"}.get(state, "")
+        raise errors.PolicyError(f"key {record.name!r} version {version.version} is {state}; "
+                                 f"decryption refused{hint}")
+
+    def unwrap(self, ri: cms.RecipientInfo) -> DataKey | None:
+        """The data key in ``ri`` if it is for a key of this keyring; None if not ours."""
+        if recipient_kind(ri) != "kekri":
+            return None
+        recipient = read_kek_recipient(ri)
+        try:
+            record, version = self._keyring.find_by_id(recipient.kek_id)
+        except errors.KeyNotFoundError:
+            return None
+        self.check_state(record, version)
+        if self._on_unwrap is not None:
+            self._on_unwrap(record, version)
+        ts = self._keyring.token
+        if recipient.algorithm == "aes256_gcm":
+            if record.profile != "gcm":
+                raise errors.IntegrityError("the data key is not authentic")
+            raw = objects.gcm_decrypt(ts, version.key_id, recipient.encrypted_key,
+                                      nonce=recipient.gcm_nonce or b"", aad=b"")
+        else:
+            if record.profile != "kw":
+                raise errors.IntegrityError("the data key is not authentic")
+            mechanism = "aes-kw" if recipient.algorithm == "aes256_wrap" else self._kwp_mechanism()
+            raw = objects.unwrap_data_key(ts, version.key_id, recipient.encrypted_key, mechanism)
+        try:
+            if len(raw) != 32:
+                raise errors.IntegrityError("the data key is not authentic")
+            return DataKey(raw)
+        finally:
+            for i in range(len(raw)):
+                raw[i] = 0
+
+    def _kwp_mechanism(self) -> str:
+        caps = probe(self._keyring.token)
+        for name in ("aes-kwp", "aes-kwp-3.0"):
+            if caps.has(name):
+                return name
+        raise errors.MechanismUnsupportedError(f"token {self._keyring.token.label!r} cannot do AES-KWP")

@@ -1,0 +1,256 @@
+"""What a token can really do, found by doing it.
+
+Mechanism flags cannot be trusted (SoftHSM returns garbage flags for the AES
+modes: STACK-FACTS.md 8) and a listed mechanism may still refuse the
+parameters keymgr needs (SoftHSM lists RSA-OAEP but refuses SHA-256:
+STACK-FACTS.md 7). So each capability is probed by performing the operation
+on throwaway session objects (or, where a token refuses session objects,
+token objects labelled ``keymgr-probe`` that are destroyed at once), and the
+answer is cached per token for the life of the process. Upper layers choose
+a recipient scheme from :class:`Capabilities`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pkcs11
+import pkcs11.exceptions as p11x
+from pkcs11 import Attribute, KeyType, Mechanism, MGF, ObjectClass
+from pkcs11.constants import DEFAULT
+from pkcs11.mechanisms import GCMParams
+
+from keymgr.hsm.sessions import TokenSession
+
+__all__ = ["Capabilities", "probe", "SCHEMES", "ALL_CAPABILITIES"]
+
+ALL_CAPABILITIES = (
+    "aes-keygen", "aes-gcm", "aes-kw", "aes-kwp", "aes-kwp-3.0", "hmac-sha256",
+    "rsa-keygen", "rsa-oaep-sha1", "rsa-oaep-sha256", "rsa-pss-sign",
+    "ec-keygen", "ecdh-p256", "ecdh-p384", "ecdsa-sign", "data-objects",
+)
+
+#: keymgr's recipient schemes and the capabilities each needs (any one set suffices).
+SCHEMES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "kek-kw": (("aes-keygen", "aes-kw"), ("aes-keygen", "aes-kwp"), ("aes-keygen", "aes-kwp-3.0")),
+    "kek-gcm": (("aes-keygen", "aes-gcm"),),
+    "rsa-oaep": (("rsa-oaep-sha256",), ("rsa-oaep-sha1",)),
+    "ecdh": (("ecdh-p256",), ("ecdh-p384",)),
+    "keyring-metadata": (("hmac-sha256", "data-objects"),),
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The probed capabilities of one token."""
+
+    token_label: str
+    supported: frozenset[str] = field(default_factory=frozenset)
+
+    def has(self, capability: str) -> bool:
+        return capability in self.supported
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        return tuple(
+            name for name, alternatives in SCHEMES.items()
+            if any(all(self.has(c) for c in needed) for needed in alternatives)
+        )
+
+    def preferred_wrap_mechanism(self) -> str | None:
+        """aes-kw first: a 32-byte data key needs no padding and OpenSSL reads only RFC 3394."""
+        for name in ("aes-kw", "aes-kwp", "aes-kwp-3.0"):
+            if self.has(name):
+                return name
+        return None
+
+    def oaep_hash(self) -> str | None:
+        if self.has("rsa-oaep-sha256"):
+            return "sha256"
+        if self.has("rsa-oaep-sha1"):
+            return "sha1"
+        return None
+
+
+_cache: dict[tuple[str, str, str], Capabilities] = {}
+_cache_lock = threading.Lock()
+
+
+def probe(ts: TokenSession, *, refresh: bool = False) -> Capabilities:
+    """Probe (once per process) what the token can do."""
+    key = (ts.module.path, ts.serial, ts.label)
+    with _cache_lock:
+        if not refresh and key in _cache:
+            return _cache[key]
+    supported = set(ts.run("probe capabilities", _probe_all))
+    caps = Capabilities(ts.label, frozenset(supported))
+    with _cache_lock:
+        _cache[key] = caps
+    return caps
+
+
+_SESSION_SECRET = {Attribute.TOKEN: False, Attribute.PRIVATE: False, Attribute.SENSITIVE: True,
+                   Attribute.EXTRACTABLE: False}
+
+
+def _aes(session: Any, **roles: bool) -> Any:
+    template = dict(_SESSION_SECRET)
+    template.update({Attribute[name.upper()]: value for name, value in roles.items()})
+    return session.generate_key(KeyType.AES, 256, store=False, template=template)
+
+
+def _probe_aes_gcm(session: Any) -> bool:
+    key = _aes(session, encrypt=True, decrypt=True)
+    try:
+        params = GCMParams(os.urandom(12), b"probe", 128)
+        ct = key.encrypt(b"\x00" * 32, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+        return bytes(key.decrypt(ct, mechanism=Mechanism.AES_GCM, mechanism_param=params)) == b"\x00" * 32
+    finally:
+        key.destroy()
+
+
+def _probe_wrap(mechanism: int) -> Callable[[Any], bool]:
+    def run(session: Any) -> bool:
+        kek = _aes(session, wrap=True, unwrap=True)
+        dek = session.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                                     Attribute.TOKEN: False, Attribute.VALUE: os.urandom(32),
+                                     Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False})
+        try:
+            wrapped = kek.wrap_key(dek, mechanism=Mechanism(mechanism))
+            back = kek.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped, mechanism=Mechanism(mechanism),
+                                  store=False, template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True})
+            same = back[Attribute.VALUE] == dek[Attribute.VALUE]
+            back.destroy()
+            return bool(same)
+        finally:
+            dek.destroy()
+            kek.destroy()
+    return run
+
+
+def _probe_hmac(session: Any) -> bool:
+    key = session.generate_key(KeyType.GENERIC_SECRET, 256, store=False,
+                               template={**_SESSION_SECRET, Attribute.SIGN: True, Attribute.VERIFY: True})
+    try:
+        mac = key.sign(b"probe", mechanism=Mechanism.SHA256_HMAC)
+        return len(mac) == 32 and bool(key.verify(b"probe", mac, mechanism=Mechanism.SHA256_HMAC))
+    finally:
+        key.destroy()
+
+
+def _keypair(session: Any, key_type: KeyType, param: Any) -> tuple[Any, Any]:
+    """A throwaway key pair: a session pair, or token objects where sessions are refused (TPM)."""
+    try:
+        if key_type == KeyType.RSA:
+            return session.generate_keypair(KeyType.RSA, 2048, store=False)  # type: ignore[no-any-return]
+        return session.generate_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: param}, local=True) \
+            .generate_keypair(store=False)  # type: ignore[no-any-return]
+    except p11x.PKCS11Error:
+        template = {Attribute.DERIVE: DEFAULT, Attribute.WRAP: DEFAULT, Attribute.UNWRAP: DEFAULT,
+                    Attribute.ENCRYPT: DEFAULT, Attribute.DECRYPT: DEFAULT, Attribute.SIGN: DEFAULT,
+                    Attribute.VERIFY: DEFAULT}
+        label = "keymgr-probe"
+        if key_type == KeyType.RSA:
+            return session.generate_keypair(KeyType.RSA, 2048, store=True, label=label,  # type: ignore[no-any-return]
+                                            public_template=template, private_template=template)
+        return session.generate_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: param}, local=True) \
+            .generate_keypair(store=True, label=label, public_template=template, private_template=template)
+
+
+def _probe_rsa(session: Any, results: set[str]) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    pub, priv = _keypair(session, KeyType.RSA, None)
+    results.add("rsa-keygen")
+    try:
+        numbers = rsa.RSAPublicNumbers(int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big"),
+                                       int.from_bytes(pub[Attribute.MODULUS], "big"))
+        host_pub = numbers.public_key()
+        for name, host_hash, mech, mgf in (("sha1", hashes.SHA1(), Mechanism.SHA_1, MGF.SHA1),
+                                           ("sha256", hashes.SHA256(), Mechanism.SHA256, MGF.SHA256)):
+            ct = host_pub.encrypt(b"probe", padding.OAEP(padding.MGF1(host_hash), host_hash, None))
+            try:
+                if bytes(priv.decrypt(ct, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                      mechanism_param=(mech, mgf, None))) == b"probe":
+                    results.add(f"rsa-oaep-{name}")
+            except p11x.PKCS11Error:
+                pass
+        try:
+            priv.sign(b"probe", mechanism=Mechanism.SHA256_RSA_PKCS_PSS,
+                      mechanism_param=(Mechanism.SHA256, MGF.SHA256, 32))
+            results.add("rsa-pss-sign")
+        except p11x.PKCS11Error:
+            pass
+    finally:
+        pub.destroy()
+        priv.destroy()
+
+
+def _probe_ec(session: Any, results: set[str]) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    for curve, name in ((ec.SECP256R1(), "p256"), (ec.SECP384R1(), "p384")):
+        try:
+            pub, priv = _keypair(session, KeyType.EC, encode_named_curve_parameters(curve.name))
+        except p11x.PKCS11Error:
+            continue
+        results.add("ec-keygen")
+        try:
+            if name == "p256":
+                try:
+                    priv.sign(b"probe", mechanism=Mechanism.ECDSA_SHA256)
+                    results.add("ecdsa-sign")
+                except p11x.PKCS11Error:
+                    pass
+            peer = ec.generate_private_key(curve).public_key()
+            from cryptography.hazmat.primitives import serialization
+            point = peer.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+            try:
+                derived = priv.derive_key(KeyType.GENERIC_SECRET, 256, mechanism=Mechanism.ECDH1_DERIVE,
+                                          mechanism_param=(pkcs11.KDF.NULL, None, point), store=False,
+                                          template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True})
+                derived.destroy()
+                results.add(f"ecdh-{name}")
+            except p11x.PKCS11Error:
+                pass
+        finally:
+            pub.destroy()
+            priv.destroy()
+
+
+def _probe_data_objects(session: Any) -> bool:
+    obj = session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: False,
+                                 Attribute.LABEL: "keymgr-probe", Attribute.VALUE: b"probe"})
+    obj.destroy()
+    return True
+
+
+def _attempt(results: set[str], name: str, check: Callable[[Any], bool], session: Any) -> None:
+    try:
+        if check(session):
+            results.add(name)
+    except (p11x.PKCS11Error, AttributeError, TypeError, ValueError):
+        pass
+
+
+def _probe_all(session: Any) -> set[str]:
+    results: set[str] = set()
+    _attempt(results, "aes-keygen", lambda s: _aes(s, encrypt=True).destroy() is None, session)
+    _attempt(results, "aes-gcm", _probe_aes_gcm, session)
+    for name in ("aes-kw", "aes-kwp", "aes-kwp-3.0"):
+        from keymgr.hsm.objects import WRAP_MECHANISMS
+        _attempt(results, name, _probe_wrap(WRAP_MECHANISMS[name]), session)
+    _attempt(results, "hmac-sha256", _probe_hmac, session)
+    _attempt(results, "data-objects", _probe_data_objects, session)
+    for prober in (_probe_rsa, _probe_ec):
+        try:
+            prober(session, results)
+        except (p11x.PKCS11Error, AttributeError, TypeError, ValueError):
+            pass
+    return results

@@ -1,0 +1,161 @@
+"""PKCS#11 modules: find, load, serialise and re-initialise after ``fork()``.
+
+Three measured facts shape this module (``shared/STACK-FACTS.md``):
+
+1. python-pkcs11 calls ``C_Initialize(NULL)``, so modules such as SoftHSM run
+   *without* internal locking while python-pkcs11 releases the GIL: two
+   threads calling one module at once can crash the process. Every call into
+   a module therefore runs under that module's own process-wide lock
+   (:meth:`Module.lock`). Parallelism comes from processes.
+2. python-pkcs11 keeps one instance per library path, so several modules can
+   be loaded side by side.
+3. PKCS#11 state does not survive ``fork()``: a child must call
+   ``C_Initialize`` again (PKCS#11 v2.40 section 6.7.7). :func:`os.register_at_fork`
+   marks every module stale in the child; the next call re-initialises it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pkcs11
+import pkcs11.exceptions as p11x
+
+from keymgr import errors
+
+__all__ = ["Module", "load_module", "resolve_module_name", "loaded_modules", "DEFAULT_MODULE_DIRS"]
+
+#: Where p11-kit keeps module registrations and where Debian installs modules.
+P11KIT_CONFIG_DIRS = (Path("/etc/pkcs11/modules"), Path("/usr/share/p11-kit/modules"))
+DEFAULT_MODULE_DIRS = (
+    Path("/usr/lib/x86_64-linux-gnu/pkcs11"),
+    Path("/usr/lib/aarch64-linux-gnu/pkcs11"),
+    Path("/usr/lib/pkcs11"),
+    Path("/usr/lib/softhsm"),
+    Path("/usr/lib/x86_64-linux-gnu"),
+    Path("/usr/lib/aarch64-linux-gnu"),
+    Path("/usr/local/lib"),
+)
+
+
+@dataclass(eq=False)
+class Module:
+    """One loaded PKCS#11 module and the lock that serialises calls into it."""
+
+    path: str
+    lib: pkcs11.lib  # type: ignore[valid-type]
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    pid: int = field(default_factory=os.getpid)
+    #: Bumped whenever the module is re-initialised: sessions opened under an
+    #: older generation are dead and must be reopened.
+    generation: int = 0
+
+    @property
+    def description(self) -> str:
+        return f"{self.lib.manufacturer_id.strip()} {self.lib.library_description.strip()}".strip()
+
+    def ensure_current(self) -> None:
+        """Re-initialise the module in a forked child before its first call."""
+        if self.pid == os.getpid():
+            return
+        with self.lock:
+            if self.pid == os.getpid():
+                return
+            try:
+                self.lib.reinitialize()
+            except p11x.PKCS11Error:
+                # C_Finalize on the parent's state can fail in the child; what
+                # matters is that C_Initialize now succeeds.
+                try:
+                    self.lib.initialize()
+                except p11x.PKCS11Error as exc:
+                    raise errors.ModuleLoadError(
+                        f"cannot re-initialise PKCS#11 module {self.path} after fork"
+                    ) from exc
+            self.pid = os.getpid()
+            self.generation += 1
+
+    def reinitialize(self) -> None:
+        """C_Finalize + C_Initialize: how a module re-reads its slots after a token
+        was removed and came back (some modules cache the slot list)."""
+        with self.lock:
+            try:
+                self.lib.reinitialize()
+            except p11x.PKCS11Error as exc:
+                raise errors.ModuleLoadError(f"cannot re-initialise PKCS#11 module {self.path}") from exc
+            self.generation += 1
+
+
+_modules: dict[str, Module] = {}
+_registry_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # Locks copied from the parent may be held by threads that do not exist here.
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for module in _modules.values():
+        module.lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def resolve_module_name(name: str) -> str:
+    """Find the library for an RFC 7512 ``module-name`` (e.g. ``softhsm2``).
+
+    Looks first at p11-kit's module registrations (``NAME.module``), then for
+    ``libNAME.so`` / ``NAME.so`` in the usual library directories.
+    """
+    if "/" in name or not name:
+        raise errors.ConfigurationError(f"module-name must be a bare name, not a path: {name!r}")
+    for directory in P11KIT_CONFIG_DIRS:
+        config = directory / f"{name}.module"
+        if config.is_file():
+            for line in config.read_text(errors="replace").splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "module" and value.strip():
+                    return _absolute_module_path(value.strip())
+    for directory in DEFAULT_MODULE_DIRS:
+        for candidate in (f"lib{name}.so", f"{name}.so", name):
+            path = directory / candidate
+            if path.is_file():
+                return str(path)
+    raise errors.ModuleLoadError(f"no PKCS#11 module named {name!r} (looked in p11-kit registrations and library dirs)")
+
+
+def _absolute_module_path(value: str) -> str:
+    if value.startswith("/"):
+        return value
+    for directory in DEFAULT_MODULE_DIRS:
+        if (directory / value).is_file():
+            return str(directory / value)
+    raise errors.ModuleLoadError(f"p11-kit names module {value!r}, which is not installed")
+
+
+def load_module(path: str) -> Module:
+    """Load (once per process) the PKCS#11 module at ``path``."""
+    real = os.path.realpath(path)
+    with _registry_lock:
+        module = _modules.get(real)
+        if module is not None:
+            module.ensure_current()
+            return module
+        if not os.path.isfile(real):
+            raise errors.ModuleLoadError(f"PKCS#11 module not found: {path}")
+        try:
+            lib = pkcs11.lib(real)
+        except (p11x.PKCS11Error, OSError, RuntimeError) as exc:
+            raise errors.ModuleLoadError(f"cannot load PKCS#11 module {path}: {type(exc).__name__}") from exc
+        module = Module(path=real, lib=lib)
+        _modules[real] = module
+        return module
+
+
+def loaded_modules() -> list[Module]:
+    """Every module this process has loaded so far."""
+    with _registry_lock:
+        return list(_modules.values())

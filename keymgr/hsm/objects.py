@@ -1,0 +1,277 @@
+"""Key and data objects in a token, and the few operations keymgr performs with them.
+
+Keys are addressed by CKA_ID (the identity a ciphertext records) and named by
+CKA_LABEL. Templates come from :mod:`keymgr.templates`; this module only turns
+attribute names into ``CKA_*`` constants. Handles are cached per session so
+the hot path (one wrap or one GCM call per message) costs one token call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pkcs11
+import pkcs11.exceptions as p11x
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.mechanisms import GCMParams
+
+from keymgr import errors
+from keymgr.hsm.sessions import TokenSession
+from keymgr.templates import EPHEMERAL_DATA_KEY, KeyTemplate
+
+__all__ = [
+    "ObjectInfo",
+    "generate_key",
+    "key_exists",
+    "key_attributes",
+    "check_value",
+    "destroy_key",
+    "wrap_data_key",
+    "unwrap_data_key",
+    "gcm_encrypt",
+    "gcm_decrypt",
+    "hmac_sha256",
+    "hmac_sha256_verify",
+    "write_data_object",
+    "read_data_objects",
+    "destroy_data_object",
+    "random_bytes",
+    "WRAP_MECHANISMS",
+]
+
+#: keymgr's names for key-wrap mechanisms. KWP has two codes in the wild
+#: (SoftHSM 0x210A, YubiHSM 0x210B: STACK-FACTS.md 13).
+WRAP_MECHANISMS: Mapping[str, int] = {
+    "aes-kw": int(Mechanism.AES_KEY_WRAP),
+    "aes-kwp": int(Mechanism.AES_KEY_WRAP_PAD),
+    "aes-kwp-3.0": 0x210B,
+}
+
+_KEY_TYPES = {"AES": KeyType.AES, "GENERIC_SECRET": KeyType.GENERIC_SECRET}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """Non-secret facts about a key object, read back from the token."""
+
+    key_id: bytes
+    label: str
+    attributes: Mapping[str, Any]
+
+
+def _template(template: KeyTemplate) -> dict[Attribute, Any]:
+    return {Attribute[name]: value for name, value in template.attributes.items()}
+
+
+def generate_key(ts: TokenSession, template: KeyTemplate, *, label: str, key_id: bytes) -> None:
+    """Generate a key inside the token from a purpose template."""
+    attrs = _template(template)
+    store = bool(template.attributes.get("TOKEN", True))
+    attrs.pop(Attribute.TOKEN, None)
+    key_type = _KEY_TYPES[template.key_type]
+    bits = template.bits
+
+    def call(session: pkcs11.Session) -> None:  # type: ignore[name-defined]
+        session.generate_key(key_type, bits, label=label, id=key_id, store=store, template=attrs)
+
+    ts.run(f"generate {template.purpose} key {label!r}", call)
+
+
+def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes) -> pkcs11.SecretKey:  # type: ignore[name-defined]
+    cached = ts.cache.get(("key", key_id))
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    found = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id}))
+    if not found:
+        raise errors.KeyNotFoundError(f"no key object with id {key_id.hex()} on token {ts.label!r}")
+    if len(found) > 1:
+        raise errors.PolicyError(f"{len(found)} key objects share id {key_id.hex()} on token {ts.label!r}")
+    ts.cache[("key", key_id)] = found[0]
+    return found[0]  # type: ignore[no-any-return]
+
+
+def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any) -> Any:
+    """Run ``use(key)`` with the cached handle; look it up again once if it went stale."""
+
+    def call(session: pkcs11.Session) -> Any:  # type: ignore[name-defined]
+        key = _find_key(session, ts, key_id)
+        try:
+            return use(key)
+        except (p11x.KeyHandleInvalid, p11x.ObjectHandleInvalid):
+            ts.cache.pop(("key", key_id), None)
+            return use(_find_key(session, ts, key_id))
+
+    return ts.run(operation, call)
+
+
+def key_exists(ts: TokenSession, key_id: bytes) -> bool:
+    try:
+        _with_key(ts, key_id, "find key", lambda key: None)
+    except errors.KeyNotFoundError:
+        return False
+    return True
+
+
+_READABLE = ("LABEL", "ID", "KEY_TYPE", "VALUE_LEN", "TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE",
+             "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "MODIFIABLE", "COPYABLE", "WRAP_WITH_TRUSTED",
+             "TRUSTED", "ENCRYPT", "DECRYPT", "WRAP", "UNWRAP", "SIGN", "VERIFY", "DERIVE", "LOCAL")
+
+
+def key_attributes(ts: TokenSession, key_id: bytes) -> ObjectInfo:
+    """Read back every non-secret attribute keymgr cares about (tests, ``key show``)."""
+
+    def read(key: Any) -> ObjectInfo:
+        values: dict[str, Any] = {}
+        for name in _READABLE:
+            try:
+                value = key[Attribute[name]]
+            except (p11x.AttributeTypeInvalid, p11x.AttributeSensitive, NotImplementedError, KeyError):
+                continue
+            values[name] = value.name if hasattr(value, "name") else value
+        return ObjectInfo(key_id=key_id, label=str(values.get("LABEL", "")), attributes=values)
+
+    return _with_key(ts, key_id, "read key attributes", read)  # type: ignore[no-any-return]
+
+
+def check_value(ts: TokenSession, key_id: bytes) -> str | None:
+    """The key check value (CKA_CHECK_VALUE: first 3 bytes of AES-ECB(key, 0^128)), hex.
+
+    Standard since PKCS#11 v2.40 and computed by the token, so keymgr needs no
+    ECB-encrypt permission on the key to show it. None if the token has none.
+    """
+
+    def read(key: Any) -> str | None:
+        try:
+            value = key[Attribute.CHECK_VALUE]
+        except (p11x.AttributeTypeInvalid, p11x.AttributeSensitive, KeyError):
+            return None
+        return bytes(value).hex() if value else None
+
+    return _with_key(ts, key_id, "read key check value", read)  # type: ignore[no-any-return]
+
+
+def destroy_key(ts: TokenSession, key_id: bytes) -> None:
+    """Destroy the key object (crypto-shredding). Idempotent."""
+
+    def call(session: pkcs11.Session) -> None:  # type: ignore[name-defined]
+        ts.cache.pop(("key", key_id), None)
+        for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id})):
+            obj.destroy()
+
+    ts.run("destroy key", call)
+
+
+def wrap_data_key(ts: TokenSession, kek_id: bytes, data_key: bytes, mechanism: str = "aes-kw") -> bytes:
+    """Wrap a host data key under a token KEK with C_WrapKey (RFC 3394 / 5649).
+
+    The data key must become a session object first (KW works only through
+    C_WrapKey: STACK-FACTS.md 5); it is destroyed again before returning.
+    """
+    mech = Mechanism(WRAP_MECHANISMS[mechanism])
+    attrs = _template(EPHEMERAL_DATA_KEY)
+    attrs.update({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                  Attribute.VALUE: bytes(data_key)})
+
+    def use(kek: Any) -> bytes:
+        temp = kek.session.create_object(attrs)
+        try:
+            return bytes(kek.wrap_key(temp, mechanism=mech))
+        finally:
+            temp.destroy()
+
+    return _with_key(ts, kek_id, "wrap data key", use)  # type: ignore[no-any-return]
+
+
+def unwrap_data_key(ts: TokenSession, kek_id: bytes, wrapped: bytes, mechanism: str = "aes-kw",
+                    key_length: int = 32) -> bytearray:
+    """Unwrap a data key with C_UnwrapKey into a session object, read it, destroy it."""
+    mech = Mechanism(WRAP_MECHANISMS[mechanism])
+    attrs = _template(EPHEMERAL_DATA_KEY)
+    attrs.pop(Attribute.TOKEN, None)
+
+    def use(kek: Any) -> bytearray:
+        temp = kek.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, bytes(wrapped), mechanism=mech,
+                              store=False, template=attrs)
+        try:
+            value = bytearray(temp[Attribute.VALUE])
+        finally:
+            temp.destroy()
+        if len(value) != key_length:
+            raise errors.IntegrityError("the wrapped data key is not authentic")
+        return value
+
+    return _with_key(ts, kek_id, "unwrap data key", use)  # type: ignore[no-any-return]
+
+
+def gcm_encrypt(ts: TokenSession, key_id: bytes, plaintext: bytes, *, nonce: bytes, aad: bytes) -> bytes:
+    """AES-GCM inside the token: one C_Encrypt; returns ciphertext || 16-byte tag.
+
+    The caller owns nonce uniqueness (SoftHSM uses the nonce it is given: STACK-FACTS.md 6).
+    """
+    params = GCMParams(nonce, aad, 128)
+    return _with_key(ts, key_id, "encrypt data key",  # type: ignore[no-any-return]
+                     lambda key: bytes(key.encrypt(bytes(plaintext), mechanism=Mechanism.AES_GCM,
+                                                   mechanism_param=params)))
+
+
+def gcm_decrypt(ts: TokenSession, key_id: bytes, ciphertext: bytes, *, nonce: bytes, aad: bytes) -> bytearray:
+    """AES-GCM decrypt inside the token; a bad tag is an :class:`IntegrityError`."""
+    params = GCMParams(nonce, aad, 128)
+    return _with_key(ts, key_id, "decrypt data key",  # type: ignore[no-any-return]
+                     lambda key: bytearray(key.decrypt(bytes(ciphertext), mechanism=Mechanism.AES_GCM,
+                                                       mechanism_param=params)))
+
+
+def hmac_sha256(ts: TokenSession, key_id: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 computed inside the token."""
+    return _with_key(ts, key_id, "compute HMAC",  # type: ignore[no-any-return]
+                     lambda key: bytes(key.sign(bytes(data), mechanism=Mechanism.SHA256_HMAC)))
+
+
+def hmac_sha256_verify(ts: TokenSession, key_id: bytes, data: bytes, mac: bytes) -> bool:
+    """Verify an HMAC inside the token (C_Verify compares; no MAC bytes are compared in Python)."""
+
+    def use(key: Any) -> bool:
+        try:
+            return bool(key.verify(bytes(data), bytes(mac), mechanism=Mechanism.SHA256_HMAC))
+        except (p11x.SignatureInvalid, p11x.SignatureLenRange):
+            return False
+
+    return _with_key(ts, key_id, "verify HMAC", use)  # type: ignore[no-any-return]
+
+
+def write_data_object(ts: TokenSession, *, application: str, label: str, value: bytes) -> None:
+    """Create a private CKO_DATA token object (values of data objects are read-only in SoftHSM,
+    so updates are new objects: see :mod:`keymgr.keyring`)."""
+    attrs = {Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True, Attribute.PRIVATE: True,
+             Attribute.APPLICATION: application, Attribute.LABEL: label, Attribute.VALUE: bytes(value)}
+    ts.run(f"write data object {label!r}", lambda session: session.create_object(attrs) and None)
+
+
+def read_data_objects(ts: TokenSession, *, application: str) -> list[tuple[str, bytes]]:
+    """Every (label, value) of this application's data objects."""
+
+    def call(session: pkcs11.Session) -> list[tuple[str, bytes]]:  # type: ignore[name-defined]
+        out = []
+        for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                             Attribute.APPLICATION: application})):
+            out.append((str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])))
+        return out
+
+    return ts.run("read data objects", call)
+
+
+def destroy_data_object(ts: TokenSession, *, application: str, label: str) -> None:
+    def call(session: pkcs11.Session) -> None:  # type: ignore[name-defined]
+        for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                             Attribute.APPLICATION: application,
+                                             Attribute.LABEL: label})):
+            obj.destroy()
+
+    ts.run(f"destroy data object {label!r}", call)
+
+
+def random_bytes(ts: TokenSession, count: int) -> bytes:
+    return ts.run("generate random", lambda session: bytes(session.generate_random(count * 8)))

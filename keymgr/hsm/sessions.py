@@ -1,0 +1,299 @@
+"""One logged-in session per token per process, safe for threads and ``fork()``.
+
+Why one session and not a pool: every call into a module must be serialised
+anyway (SoftHSM runs without locking under python-pkcs11: STACK-FACTS.md 1),
+and login state belongs to the application, not the session (STACK-FACTS.md 2:
+closing the session that logged in logs every other one out). A single
+session, opened and logged in once, used under the module lock, gives the
+same throughput with none of the pitfalls. Processes give parallelism.
+
+Recovery:
+
+* a session handle that goes invalid (closed, logged out) is reopened and,
+  when the PIN came from a non-interactive source or was given once in this
+  process, logged in again; the failed call is retried once;
+* a token that disappears raises :class:`~keymgr.errors.TokenRemovedError`;
+  the next call looks the token up again by its URI (a new slot id is fine),
+  re-initialising the module if the token is not seen at first;
+* after ``fork()`` the child re-initialises the module and reopens its session.
+
+A wrong PIN is never retried: the error carries the token's own tries-left state.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11x
+from pkcs11.constants import TokenFlag
+
+from keymgr import errors
+from keymgr.hsm._errors import SESSION_LOST, TOKEN_GONE, translate
+from keymgr.hsm.discovery import FoundToken, find_token, list_tokens
+from keymgr.hsm.modules import Module
+from keymgr.hsm.pins import Pin, PinCallback, PinRequest, PinSource, pin_source_from_uri
+from keymgr.hsm.uri import Pkcs11Uri
+
+__all__ = ["TokenSession", "open_token", "tries_left_state", "close_all"]
+
+T = TypeVar("T")
+
+_sessions: dict[tuple[str, str, str], TokenSession] = {}
+_sessions_lock = threading.Lock()
+
+
+def tries_left_state(flags: int) -> str:
+    """The token's PIN-counter state from CKF_USER_PIN_* flags."""
+    if flags & TokenFlag.USER_PIN_LOCKED:
+        return "locked"
+    if flags & TokenFlag.USER_PIN_FINAL_TRY:
+        return "final-try"
+    if flags & TokenFlag.USER_PIN_COUNT_LOW:
+        return "count-low"
+    return "unknown"
+
+
+class TokenSession:
+    """A token this process has opened (and logged in to, when asked).
+
+    Get one with :func:`open_token`; do not construct directly. ``run`` is the
+    only way to reach the python-pkcs11 session, and it holds the module lock.
+    """
+
+    def __init__(self, found: FoundToken, uri: Pkcs11Uri, pin_source: PinSource,
+                 pin_callback: PinCallback | None, login: bool) -> None:
+        self._found = found
+        self._uri = uri
+        self._pin_source = pin_source
+        self._pin_callback = pin_callback
+        self._want_login = login
+        self._pin: Pin | None = None  # kept only to log in again after a lost session
+        self._session: pkcs11.Session | None = None  # type: ignore[name-defined]
+        self._generation = -1
+        self._pid = -1
+        self._cache: dict[object, object] = {}
+        self.label = found.label
+        self.serial = found.serial
+
+    def __repr__(self) -> str:
+        return f"TokenSession({self.label!r}, serial={self.serial!r}, module={self.module.path!r})"
+
+    @property
+    def module(self) -> Module:
+        return self._found.module
+
+    @property
+    def found(self) -> FoundToken:
+        return self._found
+
+    @property
+    def cache(self) -> dict[object, object]:
+        """Per-session cache for object handles; emptied whenever the session is reopened."""
+        return self._cache
+
+    # -- opening and logging in -------------------------------------------------
+
+    def _open_locked(self) -> pkcs11.Session:  # type: ignore[name-defined]
+        module = self.module
+        module.ensure_current()
+        if self._session is not None and self._generation == module.generation and self._pid == module.pid:
+            return self._session
+        self._drop_session()
+        token = self._found.token
+        try:
+            session = self._login(token) if self._want_login else token.open(rw=True)
+        except p11x.PKCS11Error as exc:
+            raise translate(exc, operation="open session", token=self.label) from exc
+        self._session = session
+        self._generation = module.generation
+        self._pid = module.pid
+        return session
+
+    def _locked_error(self) -> errors.PinLockedError:
+        return errors.PinLockedError(
+            f"the user PIN of token {self.label!r} is locked; the security officer must "
+            "reset it (SO PIN, or the PUK on a smart card)", token=self.label)
+
+    def _login(self, token: pkcs11.Token) -> pkcs11.Session:  # type: ignore[name-defined]
+        """Open a session and C_Login, once; a wrong PIN is reported, never retried."""
+        flags = int(token.flags)
+        if flags & TokenFlag.USER_PIN_LOCKED:
+            raise self._locked_error()
+        pin = self._pin
+        if pin is None:
+            source = self._pin_source
+            if flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH and source.kind == "callback":
+                source = PinSource("protected")
+            pin = source.read(PinRequest(self.label, "login", tries_left_state(flags)), self._pin_callback)
+        secret: object = pkcs11.PROTECTED_AUTH if pin is None else pin.reveal()
+        try:
+            session = token.open(rw=True, user_pin=secret)
+        except p11x.UserAlreadyLoggedIn:
+            session = token.open(rw=True)  # this process is logged in already: share it
+        except (p11x.PinIncorrect, p11x.PinInvalid, p11x.PinLenRange) as exc:
+            if pin is not None:
+                pin.wipe()
+            self._pin = None
+            state = tries_left_state(int(self._found.token.flags))
+            if state == "locked":
+                raise errors.PinLockedError(
+                    f"wrong PIN for token {self.label!r}; the PIN is now locked: the security "
+                    "officer must reset it (SO PIN, or the PUK on a smart card)", token=self.label) from exc
+            hint = {"final-try": "one try left before the PIN locks",
+                    "count-low": "the token reports few tries left",
+                    "unknown": "the token does not report tries left"}[state]
+            raise errors.PinIncorrectError(
+                f"wrong PIN for token {self.label!r} ({hint}); keymgr did not retry",
+                token=self.label, tries_left=state) from exc
+        except p11x.PinLocked as exc:
+            raise self._locked_error() from exc
+        finally:
+            del secret
+        self._pin = pin
+        return session
+
+    def _drop_session(self) -> None:
+        self._cache.clear()
+        session, self._session = self._session, None
+        if session is not None and self._pid == self.module.pid:
+            try:
+                session.close()
+            except p11x.PKCS11Error:
+                pass
+
+    def _rediscover(self) -> None:
+        """Find the token again after removal (possibly in another slot)."""
+        def lookup() -> FoundToken | None:
+            for candidate in list_tokens(self.module):
+                if candidate.serial == self.serial and candidate.label == self.label:
+                    return candidate
+            return None
+
+        found = lookup()
+        if found is None:
+            self.module.reinitialize()
+            found = lookup()
+        if found is None:
+            raise errors.TokenRemovedError(f"token {self.label!r} (serial {self.serial}) is not present")
+        self._found = found
+        self._session = None
+
+    # -- running calls ---------------------------------------------------------
+
+    def run(self, operation: str, call: Callable[[pkcs11.Session], T]) -> T:  # type: ignore[name-defined]
+        """Run ``call(session)`` under the module lock, translating errors.
+
+        ``operation`` names the step for error messages ("wrap data key").
+        """
+        with self.module.lock:
+            for attempt in (1, 2):
+                try:
+                    session = self._open_locked()
+                except errors.TokenRemovedError:
+                    if attempt == 2:
+                        raise
+                    self._rediscover()
+                    continue
+                try:
+                    return call(session)
+                except SESSION_LOST as exc:
+                    self._session = None
+                    self._cache.clear()
+                    if attempt == 2:
+                        raise translate(exc, operation=operation, token=self.label) from exc
+                except TOKEN_GONE as exc:
+                    self._session = None
+                    self._cache.clear()
+                    raise translate(exc, operation=operation, token=self.label) from exc
+                except (p11x.DeviceError, p11x.GeneralError) as exc:
+                    self._session = None
+                    self._cache.clear()
+                    raise translate(exc, operation=operation, token=self.label) from exc
+                except p11x.PKCS11Error as exc:
+                    raise translate(exc, operation=operation, token=self.label) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def token_flags(self) -> int:
+        with self.module.lock:
+            try:
+                return int(self._found.token.flags)
+            except p11x.PKCS11Error as exc:
+                raise translate(exc, operation="read token flags", token=self.label) from exc
+
+    def reauthenticate(self, key_object: object) -> None:
+        """Context-specific login (CKA_ALWAYS_AUTHENTICATE): ask for the PIN again."""
+        request = PinRequest(self.label, "context-specific", tries_left_state(self.token_flags()))
+        pin = self._pin_source.read(request, self._pin_callback)
+        if pin is None:
+            return
+        try:
+            self.run("context-specific login", lambda s: s.reaffirm_credentials(pin.reveal()))
+        finally:
+            if pin is not self._pin:
+                pin.wipe()
+
+    def close(self) -> None:
+        """Close the session (this logs the process out of the token)."""
+        with self.module.lock:
+            self._drop_session()
+            if self._pin is not None:
+                self._pin.wipe()
+                self._pin = None
+        with _sessions_lock:
+            for key, value in list(_sessions.items()):
+                if value is self:
+                    del _sessions[key]
+
+
+def open_token(uri: Pkcs11Uri | str, *, login: bool = True,
+               pin_callback: PinCallback | None = None) -> TokenSession:
+    """The process-wide :class:`TokenSession` for the token a URI names.
+
+    Opening the same token twice returns the same object, so the process logs
+    in once (STACK-FACTS.md 2).
+    """
+    if isinstance(uri, str):
+        uri = Pkcs11Uri.parse(uri)
+    found = find_token(uri)
+    key = (found.module.path, found.serial, found.label)
+    with _sessions_lock:
+        existing = _sessions.get(key)
+    if existing is not None:
+        if login and not existing._want_login:
+            with existing.module.lock:
+                existing._want_login = True
+                existing._pin_source = pin_source_from_uri(uri.pin_source, uri.pin_value)
+                existing._pin_callback = pin_callback
+                existing._drop_session()
+                try:
+                    existing.run("login", lambda s: None)
+                except BaseException:
+                    existing._want_login = False
+                    existing._session = None
+                    raise
+        return existing
+    with _sessions_lock:
+        raced = _sessions.get(key)
+        if raced is not None:  # another thread opened it meanwhile
+            return raced
+        ts = TokenSession(found, uri, pin_source_from_uri(uri.pin_source, uri.pin_value), pin_callback, login)
+        _sessions[key] = ts
+    if login:
+        try:
+            ts.run("login", lambda s: None)
+        except BaseException:
+            with _sessions_lock:
+                _sessions.pop(key, None)
+            raise
+    return ts
+
+
+def close_all() -> None:
+    """Close every token session of this process (tests, shutdown)."""
+    with _sessions_lock:
+        sessions = list(_sessions.values())
+    for ts in sessions:
+        ts.close()

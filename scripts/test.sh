@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set everything up and run the whole test suite against real tokens:
+# fresh SoftHSM2 tokens (made by the fixtures) and a software TPM 2.0
+# (swtpm + tpm2-pkcs11, started by scripts/tpm2-token.sh). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --dev
+export KEYMGR_REQUIRE_TPM="${KEYMGR_REQUIRE_TPM:-1}"
+exec .venv/bin/python -m pytest "$@"

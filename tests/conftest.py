@@ -1,0 +1,163 @@
+"""Real tokens for the test suite: fresh SoftHSM2 tokens per run, and a software TPM.
+
+One SoftHSM configuration per test run lives in a temporary directory
+(``SOFTHSM2_CONF`` is set before SoftHSM is first loaded), with every token
+the suite needs initialised up front by ``softhsm2-util``: SoftHSM reads its
+token directory when the module is initialised, so tokens made later would be
+invisible without re-initialising the module.
+
+Token-parameterised tests take the ``token`` fixture, which runs them on
+SoftHSM and on the TPM; a test that needs a capability the token lacks is
+skipped *by capability* with the reason (``requires(token, "aes-gcm")``),
+never by accident: if the TPM cannot be set up and ``KEYMGR_REQUIRE_TPM=1``
+(as in CI), the run fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+SOFTHSM_TOKENS = ("keymgr-A", "keymgr-B", "custodian-1", "custodian-2", "custodian-3", "lockout")
+USER_PIN = "1234"
+SO_PIN = "5678"
+
+
+@dataclass(frozen=True)
+class TokenUnderTest:
+    """A real token the suite runs against."""
+
+    kind: str  # "softhsm" or "tpm"
+    module_path: str
+    label: str
+    user_pin: str
+    so_pin: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def uri(self, *, pin: bool = True, extra: str = "") -> str:
+        query = f"module-path={self.module_path}"
+        if pin:
+            query += f"&pin-value={self.user_pin}"
+        return f"pkcs11:token={self.label}{extra}?{query}"
+
+    def __str__(self) -> str:
+        return self.kind
+
+
+def _softhsm_module() -> str:
+    from keymgr.hsm.discovery import SOFTHSM_CANDIDATES
+
+    for candidate in SOFTHSM_CANDIDATES:
+        if os.path.isfile(candidate):
+            return candidate
+    raise RuntimeError("SoftHSM2 is not installed: run scripts/setup.sh --dev")
+
+
+_RUN_DIR = Path(tempfile.mkdtemp(prefix="keymgr-tests-"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    conf = _RUN_DIR / "softhsm2.conf"
+    tokens = _RUN_DIR / "tokens"
+    tokens.mkdir()
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    for label in SOFTHSM_TOKENS:
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", SO_PIN,
+                        "--pin", USER_PIN], check=True, capture_output=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "dir" in _tpm_state:
+        from tests.tokens.tpm import reset_tpm
+
+        reset_tpm(_tpm_state["dir"])  # type: ignore[arg-type]
+    shutil.rmtree(_RUN_DIR, ignore_errors=True)
+
+
+def softhsm_token(label: str = "keymgr-A") -> TokenUnderTest:
+    return TokenUnderTest("softhsm", _softhsm_module(), label, USER_PIN, SO_PIN,
+                          {"SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]})
+
+
+_tpm_state: dict[str, object] = {}
+
+
+def tpm_token() -> TokenUnderTest:
+    """The software TPM token, set up once per run (see scripts/tpm2-token.sh)."""
+    if "token" in _tpm_state:
+        return _tpm_state["token"]  # type: ignore[return-value]
+    if "error" in _tpm_state:
+        _tpm_unavailable(str(_tpm_state["error"]))
+    from tests.tokens.tpm import ensure_tpm_token
+
+    state_dir = Path(os.environ.get("KEYMGR_TPM_DIR", str(_RUN_DIR / "tpm")))
+    try:
+        tpm = ensure_tpm_token(state_dir)
+    except Exception as exc:  # noqa: BLE001 - reported below, never swallowed
+        _tpm_state["error"] = f"{type(exc).__name__}: {exc}"
+        _tpm_unavailable(str(_tpm_state["error"]))
+    if tpm is None:
+        _tpm_state["error"] = "the TPM token could not be set up on this machine"
+        _tpm_unavailable(str(_tpm_state["error"]))
+    os.environ.update(tpm.env)
+    token = TokenUnderTest("tpm", tpm.module_path, tpm.token_label, tpm.user_pin, tpm.so_pin, dict(tpm.env))
+    _tpm_state["token"] = token
+    _tpm_state["dir"] = state_dir
+    return token
+
+
+def _tpm_unavailable(reason: str) -> None:
+    if os.environ.get("KEYMGR_REQUIRE_TPM") == "1":
+        pytest.fail(f"KEYMGR_REQUIRE_TPM=1 but the TPM token is unavailable: {reason}")
+    pytest.skip(f"TPM token unavailable (set KEYMGR_REQUIRE_TPM=1 to make this fail): {reason}")
+
+
+@pytest.fixture(params=["softhsm", "tpm"])
+def token(request: pytest.FixtureRequest) -> TokenUnderTest:
+    """Each real token kind in turn."""
+    return softhsm_token() if request.param == "softhsm" else tpm_token()
+
+
+@pytest.fixture
+def softhsm() -> TokenUnderTest:
+    return softhsm_token()
+
+
+@pytest.fixture
+def tpm() -> TokenUnderTest:
+    return tpm_token()
+
+
+def requires(tok: TokenUnderTest, *capabilities: str) -> None:
+    """Skip (with the reason) when the token lacks a capability, as probed on the token itself."""
+    from keymgr.hsm import open_token, probe
+
+    caps = probe(open_token(tok.uri()))
+    missing = [c for c in capabilities if not caps.has(c)]
+    if missing:
+        pytest.skip(f"{tok.kind} token lacks {', '.join(missing)} (probed)")
+
+
+@pytest.fixture
+def key_name() -> str:
+    """A key name no other test uses (tests share the run's tokens)."""
+    return f"k-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def km(token: TokenUnderTest) -> Iterator[object]:
+    """A KeyManager on each token kind that can hold a keyring."""
+    import keymgr
+
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    with keymgr.KeyManager(token.uri()) as manager:
+        yield manager

@@ -1,0 +1,1 @@
+"""Real PKCS#11 tokens for the test suite, other than the per-run SoftHSM tokens."""
