@@ -14,12 +14,23 @@ threads: every token call is serialised per module underneath.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from types import TracebackType
+from typing import Any, BinaryIO
+
+from asn1crypto import cms
 
 from keymgr import errors
+from keymgr.envelope import DataKey, decrypt_stream, encrypt_stream, open_message, seal_message
+from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
+from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, open_token, probe
 from keymgr.keyring import KeyPolicy, Keyring, KeyRecord
 from keymgr.local import LocalToken
+
+#: The one message for every authentication failure of a ciphertext: no oracle.
+INTEGRITY_MESSAGE = "the data failed authentication: tampered, truncated, wrong key or wrong context"
 
 __all__ = ["KeyManager"]
 
@@ -27,11 +38,17 @@ __all__ = ["KeyManager"]
 class KeyManager:
     """Keys in one token, and everything applications do with them."""
 
-    def __init__(self, token: str | Pkcs11Uri | None = None, *, pin_callback: PinCallback | None = None) -> None:
+    def __init__(self, token: str | Pkcs11Uri | None = None, *, pin_callback: PinCallback | None = None,
+                 cache: CachePolicy | bool = False, allow_compromised: bool = False) -> None:
         """Open the token named by ``token`` (a ``pkcs11:`` URI), or the local token.
 
         The PIN comes from the URI's ``pin-source`` / ``pin-value`` or, failing
         those, from ``pin_callback`` (default: a no-echo terminal prompt).
+
+        ``cache``: reuse data keys within limits (``True`` for the defaults of
+        :class:`~keymgr.envelope.cache.CachePolicy`); off by default, because
+        it trades per-message token use (and its audit) for speed.
+        ``allow_compromised``: let versions marked compromised decrypt, for recovery only.
         """
         if token is None:
             local = LocalToken.default()
@@ -41,6 +58,10 @@ class KeyManager:
         self._uri = uri
         self._ts: TokenSession | None = open_token(uri, pin_callback=pin_callback)
         self._keyring = Keyring(self._ts)
+        self._protector = KekProtector(self._keyring, allow_compromised=allow_compromised)
+        policy = CachePolicy() if cache is True else (cache or None)
+        self._encrypt_cache = EncryptCache(policy) if policy else None
+        self._decrypt_cache = DecryptCache(policy) if policy else None
 
     def __repr__(self) -> str:
         state = "closed" if self._ts is None else repr(self._ts.label)
@@ -54,8 +75,12 @@ class KeyManager:
         self.close()
 
     def close(self) -> None:
-        """Forget this manager's token handle. The process stays logged in for other users
-        of the same token (the login is per process); :func:`keymgr.hsm.close_all` logs out."""
+        """Wipe cached data keys and forget the token handle. The process stays logged in
+        for other users of the same token (the login is per process); :func:`keymgr.hsm.close_all`
+        logs out."""
+        for cache in (self._encrypt_cache, self._decrypt_cache):
+            if cache is not None:
+                cache.clear()
         self._ts = None
 
     @property
@@ -93,3 +118,100 @@ class KeyManager:
     def capabilities(self) -> Capabilities:
         """What the token can do (probed once per process)."""
         return probe(self.token)
+
+    # -- envelope encryption -----------------------------------------------------
+
+    def recipient(self, key: str) -> Recipient:
+        """Key ``key`` of this token as an extra recipient for another manager's messages
+        (``other.encrypt(data, key="orders", also_to=[dr_site.recipient("orders-dr")])``)."""
+        self.keyring.get(key)
+        return KeyRecipient(self._protector, key)
+
+    def _new_data_key(self, key: str, also_to: Sequence[Recipient]) -> tuple[DataKey, tuple[cms.RecipientInfo, ...]]:
+        dek = DataKey(os.urandom(32))
+        try:
+            recipients = [self._protector.wrap(self.keyring.get(key), dek)]
+            recipients += [r.wrap(dek) for r in also_to]
+        except BaseException:
+            dek.wipe()
+            raise
+        return dek, tuple(recipients)
+
+    def _data_key(self, key: str, context: Mapping[str, str] | None, also_to: Sequence[Recipient], size: int,
+                  use: Any) -> Any:
+        """Run ``use(dek, recipients)`` with a fresh or (within limits) cached data key."""
+        if self._encrypt_cache is None:
+            dek, recipients = self._new_data_key(key, also_to)
+            try:
+                return use(dek, recipients)
+            finally:
+                dek.wipe()
+        record = self.keyring.get(key)
+        partition = (key, record.primary_version.key_id, tuple(sorted((context or {}).items())),
+                     tuple(id(r) for r in also_to))
+        with self._encrypt_cache.lease(partition, size, lambda: self._new_data_key(key, also_to)) as (dek, ris):
+            return use(dek, ris)
+
+    def encrypt(self, plaintext: bytes, *, key: str, context: Mapping[str, str] | None = None,
+                also_to: Sequence[Recipient] = (), compat_openssl: bool = False) -> bytes:
+        """Encrypt ``plaintext`` into a DER CMS AuthEnvelopedData message.
+
+        A fresh AES-256-GCM data key (or a cached one, see ``cache``) encrypts the
+        data; the key's primary version wraps it inside the token. ``context`` is
+        bound as authenticated attributes: decrypt needs the same context.
+        ``compat_openssl=True`` writes no attributes (no context, no key
+        commitment) so OpenSSL 3.0 can read the message: weaker, see docs/format.md.
+        """
+        data = bytes(plaintext)
+        return self._data_key(key, context, also_to, len(data), lambda dek, ris: seal_message(  # type: ignore[no-any-return]
+            data, dek=dek, recipient_infos=ris, context=context, compat_openssl=compat_openssl))
+
+    def _unwrap(self, ri: cms.RecipientInfo) -> DataKey | None:
+        if self._decrypt_cache is None:
+            return self._protector.unwrap(ri)
+        wrapped = ri.dump()
+        dek = self._decrypt_cache.get(wrapped)
+        if dek is None:
+            dek = self._protector.unwrap(ri)
+            if dek is not None:
+                self._decrypt_cache.put(wrapped, dek)
+        return dek
+
+    def decrypt(self, blob: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
+        """Decrypt a message made by :meth:`encrypt` (or by ``openssl cms -encrypt`` with a KEK of ours).
+
+        Every authentication failure (tampered, truncated, wrong context, wrong
+        key) raises the same :class:`~keymgr.errors.IntegrityError`.
+        """
+        try:
+            return open_message(bytes(blob), unwrap=self._unwrap, context=context)
+        except errors.IntegrityError:
+            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
+
+    def decrypt_with_context(self, blob: bytes) -> tuple[bytes, dict[str, str]]:
+        """Decrypt without stating the context, and return the context found, for the caller to check."""
+        try:
+            return open_message(bytes(blob), unwrap=self._unwrap, context=None, return_context=True)
+        except errors.IntegrityError:
+            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
+
+    def encrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, key: str, context: Mapping[str, str] | None = None,
+                       also_to: Sequence[Recipient] = ()) -> int:
+        """Encrypt a binary stream of any size in constant memory; returns plaintext bytes read.
+
+        Streams never share a cached data key (each has its own key), so the
+        cache's byte limit is not spent by one large file."""
+        dek, recipients = self._new_data_key(key, also_to)
+        try:
+            return encrypt_stream(src, dst, dek=dek, recipient_infos=recipients, context=context)
+        finally:
+            dek.wipe()
+
+    def decrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, context: Mapping[str, str] | None = None) -> int:
+        """Decrypt a stream; only authenticated plaintext reaches ``dst``. On failure ``dst`` may
+        hold the verified segments before the bad one: write to a temporary file and discard it
+        on error (the CLI does)."""
+        try:
+            return decrypt_stream(src, dst, unwrap=self._unwrap, context=context)
+        except errors.IntegrityError:
+            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None

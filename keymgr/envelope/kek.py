@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 from asn1crypto import cms
 
@@ -30,12 +31,39 @@ from keymgr.envelope.recipients import kek_recipient_info, read_kek_recipient, r
 from keymgr.hsm import objects, probe
 from keymgr.keyring import Keyring, KeyRecord, KeyVersion
 
-__all__ = ["KekProtector", "DECRYPTABLE_STATES"]
+__all__ = ["KekProtector", "KeyRecipient", "Recipient", "DECRYPTABLE_STATES"]
 
 #: States in which a version may decrypt (unwrap) data keys.
 DECRYPTABLE_STATES = frozenset({"active", "decrypt-only"})
 
 _GCM_NONCE = 12
+
+
+class Recipient(Protocol):
+    """Anything that can carry a data key for someone: a token KEK, a public key, a quorum."""
+
+    @property
+    def description(self) -> str: ...
+
+    def wrap(self, dek: DataKey) -> cms.RecipientInfo: ...
+
+
+class KeyRecipient:
+    """The primary version of a named key on some token, as a message recipient."""
+
+    def __init__(self, protector: KekProtector, name: str) -> None:
+        self._protector = protector
+        self._name = name
+
+    @property
+    def description(self) -> str:
+        return f"key {self._name!r} on token {self._protector.keyring.token.label!r}"
+
+    def __repr__(self) -> str:
+        return f"KeyRecipient({self.description})"
+
+    def wrap(self, dek: DataKey) -> cms.RecipientInfo:
+        return self._protector.wrap(self._protector.keyring.get(self._name), dek)
 
 
 class KekProtector:
