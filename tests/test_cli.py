@@ -112,3 +112,29 @@ def test_error_in_subprocess_has_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert proc.stderr.startswith("keymgr: error:") and "keymgr init" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_json_flag_after_subcommand(softhsm: TokenUnderTest, key_name: str) -> None:
+    code, out, err = run("--token", softhsm.uri(), "key", "create", key_name, "--json")
+    assert code == 0, err
+    assert json.loads(out)["name"] == key_name
+    code, out, _ = run("--token", softhsm.uri(), "key", "list", "--json")
+    assert key_name in [k["name"] for k in json.loads(out)["keys"]]
+
+
+def test_pkcs11_tool_reads_key_back_sensitive_and_not_extractable(softhsm: TokenUnderTest, key_name: str) -> None:
+    """An independent PKCS#11 client (OpenSC's pkcs11-tool) sees what keymgr promised."""
+    code, out, err = run("--token", softhsm.uri(), "--json", "key", "create", key_name)
+    assert code == 0, err
+    key_id = json.loads(out)["versions"][0]["id"]
+    proc = subprocess.run(["pkcs11-tool", "--module", softhsm.module_path, "--token-label", softhsm.label,
+                           "--login", "--pin", softhsm.user_pin, "--list-objects", "--type", "secrkey",
+                           "--id", key_id], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    block = proc.stdout
+    assert f"{key_name}/v1" in block and key_id in block
+    access = next(line for line in block.splitlines() if "Access:" in line)
+    assert "sensitive" in access and "never extractable" in access
+    assert "extractable" not in access.replace("never extractable", "")
+    usage = next(line for line in block.splitlines() if "Usage:" in line)
+    assert "wrap" in usage and "decrypt" not in usage and "encrypt" not in usage

@@ -92,6 +92,15 @@ class GuardedGroup(click.Group):
     exactly what a user at a terminal sees.
     """
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Accept ``--json`` anywhere before ``--`` (``keymgr key list --json`` and
+        ``keymgr --json key list`` mean the same): it is moved to the top level."""
+        if ctx.parent is None:
+            end = args.index("--") if "--" in args else len(args)
+            if "--json" in args[:end]:
+                args = ["--json"] + [a for a in args[:end] if a != "--json"] + args[end:]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
