@@ -79,8 +79,10 @@ class LocalToken:
         return self.home / "init.pending"
 
     def uri(self) -> str:
-        return (f"pkcs11:token={LOCAL_TOKEN_LABEL}?module-path={_softhsm_module()}"
-                f"&pin-source=file:{self.pin_path}")
+        from keymgr.hsm.uri import Pkcs11Uri
+
+        return Pkcs11Uri(token=LOCAL_TOKEN_LABEL, module_path=_softhsm_module(),
+                         pin_source=f"file:{self.pin_path}").format()
 
     def activate(self) -> None:
         """Point SoftHSM at this token's configuration before the module is loaded."""

@@ -138,3 +138,10 @@ def test_pkcs11_tool_reads_key_back_sensitive_and_not_extractable(softhsm: Token
     assert "extractable" not in access.replace("never extractable", "")
     usage = next(line for line in block.splitlines() if "Usage:" in line)
     assert "wrap" in usage and "decrypt" not in usage and "encrypt" not in usage
+
+
+def test_unknown_path_attribute_matches_no_token(softhsm: TokenUnderTest) -> None:
+    """A typo such as ``tokn=`` must not select "any token" (RFC 7512 2.4)."""
+    code, _, err = run("--token", f"pkcs11:tokn=keymgr-A?module-path={softhsm.module_path}&pin-value=1234",
+                       "key", "list")
+    assert code == 6 and "no token matches" in err

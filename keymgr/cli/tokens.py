@@ -58,13 +58,12 @@ def _describe_token(found: Any, probe_caps: bool, selected: Any) -> dict[str, An
         "flags": _flag_names(found.flags, _TOKEN_FLAGS),
         "slot_flags": _flag_names(found.slot_flags, _SLOT_FLAGS),
         "pin_state": "locked" if tries_left_state(found.flags) == "locked" else tries_left_state(found.flags),
-        "uri": f"pkcs11:token={found.label};serial={found.serial}?module-path={found.module.path}",
+        "uri": found.uri(),
     }
     if probe_caps:
         try:
             is_selected = selected is not None and selected.serial == found.serial and selected.module is found.module
-            ts = selected if is_selected else open_token(
-                f"pkcs11:serial={found.serial}?module-path={found.module.path}", login=False)
+            ts = selected if is_selected else open_token(found.uri(), login=False)
             caps = probe(ts)
             info["capabilities"] = sorted(caps.supported)
             info["schemes"] = list(caps.schemes)

@@ -52,6 +52,10 @@ class FoundToken:
                 return slot.get_token()
         raise errors.TokenRemovedError(f"token {self.label!r} is no longer in slot {self.slot_id}")
 
+    def uri(self) -> str:
+        """A URI naming exactly this token (label, serial, module), properly encoded."""
+        return Pkcs11Uri(token=self.label, serial=self.serial, module_path=self.module.path).format()
+
     def describe(self) -> str:
         return f"{self.label!r} (serial {self.serial}, slot {self.slot_id}, {Path(self.module.path).name})"
 
@@ -137,6 +141,8 @@ def list_tokens(module: Module) -> list[FoundToken]:
 
 
 def _matches(uri: Pkcs11Uri, token: FoundToken) -> bool:
+    if uri.vendor_path:
+        return False  # RFC 7512 2.4: an attribute we do not understand matches nothing
     checks = (
         (uri.token, token.label),
         (uri.manufacturer, token.manufacturer),
