@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from keymgr import errors
 
-__all__ = ["atomic_write", "atomic_output", "fsync_directory"]
+__all__ = ["atomic_write", "atomic_output", "fsync_directory", "os_error_reason"]
 
 
 def fsync_directory(directory: Path) -> None:
@@ -29,9 +29,13 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def os_error_reason(exc: OSError) -> str:
+    """A short, secret-free reason for a failed write ("the disk is full", "Permission denied")."""
+    return "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or type(exc).__name__)
+
+
 def _storage_error(path: Path, exc: OSError) -> errors.StorageError:
-    reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or type(exc).__name__)
-    return errors.StorageError(f"cannot write {path}: {reason}; nothing was changed")
+    return errors.StorageError(f"cannot write {path}: {os_error_reason(exc)}; nothing was changed")
 
 
 @contextlib.contextmanager

@@ -34,9 +34,10 @@ from typing import Any
 from keymgr import errors
 from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
-from keymgr.templates import KEK_GCM, KEK_WRAP, MAC_KEY, KeyTemplate
+from keymgr.templates import KEK_GCM, KEK_WRAP, MAC_KEY, KeyTemplate, backup_capable
 
-__all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "PROFILES", "validate_name", "utc_now"]
+__all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "DEFAULT_PROFILE", "PROFILES", "validate_name", "utc_now",
+           "version_template"]
 
 APPLICATION = "keymgr"
 RECORD_PREFIX = "keymgr/key/"
@@ -46,6 +47,10 @@ FORMAT = 1
 
 #: Key-encryption profiles: how a KEK protects data keys (docs/format.md).
 PROFILES: Mapping[str, KeyTemplate] = {"kw": KEK_WRAP, "gcm": KEK_GCM}
+#: The profile of keys created without one: standard RFC 3394 key wrap, which OpenSSL and every
+#: CMS reader understand, needs no nonce and works on FIPS-mode HSMs that refuse caller-chosen
+#: GCM IVs; measured against ``gcm`` in docs/performance.md ("Default profile").
+DEFAULT_PROFILE = "kw"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -69,6 +74,16 @@ class KeyPolicy:
     rotate_after_days: int | None = None
     max_messages: int | None = None
     auto_rotate: bool = False
+    #: versions are created backup-capable (EXTRACTABLE only under a trusted transport key;
+    #: keymgr.custody.ceremony); fixed at creation: EXTRACTABLE cannot be turned on later
+    backup: bool = False
+
+
+def version_template(profile: str, policy: KeyPolicy) -> KeyTemplate:
+    """The template every version of a key with this profile and policy is generated from."""
+    if profile not in PROFILES:
+        raise errors.ConfigurationError(f"unknown key profile {profile!r} (choose from {', '.join(PROFILES)})")
+    return backup_capable(PROFILES[profile]) if policy.backup else PROFILES[profile]
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,20 @@ class Keyring:
 
     def _mac(self, payload: bytes) -> bytes:
         return objects.hmac_sha256(self._ts, META_MAC_ID, b"keymgr keyring record v1\x00" + payload)
+
+    def authenticate(self, domain: bytes, payload: bytes) -> bytes:
+        """HMAC-SHA256 inside the token, under the keyring's MAC key, of ``domain || 0x00 || payload``.
+
+        The one mechanism that authenticates every keymgr record kept on this token
+        (the custodian register uses it); ``domain`` separates the kinds of record."""
+        self._ensure_mac_key()
+        return objects.hmac_sha256(self._ts, META_MAC_ID, domain + b"\x00" + payload)
+
+    def verify_authentic(self, domain: bytes, payload: bytes, mac: bytes) -> bool:
+        """Check a MAC made by :meth:`authenticate` (the token compares)."""
+        if not objects.key_exists(self._ts, META_MAC_ID):
+            return False
+        return objects.hmac_sha256_verify(self._ts, META_MAC_ID, domain + b"\x00" + payload, mac)
 
     # -- reading ----------------------------------------------------------------
 
@@ -265,17 +294,27 @@ class Keyring:
     def new_key_id(self) -> bytes:
         return os.urandom(16)
 
-    def create(self, name: str, *, profile: str = "kw", policy: KeyPolicy | None = None) -> KeyRecord:
-        """Generate version 1 of a new named key inside the token."""
+    def create(self, name: str, *, profile: str = DEFAULT_PROFILE, policy: KeyPolicy | None = None,
+               _value: bytes | None = None) -> KeyRecord:
+        """Generate version 1 of a new named key inside the token.
+
+        ``_value`` is for interop tests only: the key is imported with that known value
+        instead of being generated (:mod:`keymgr.hsm.known_keys`), so that a test can hand
+        the same KEK to ``openssl cms``. Such a key is not ALWAYS_SENSITIVE, and is no keymgr key.
+        """
         validate_name(name)
-        if profile not in PROFILES:
-            raise errors.ConfigurationError(f"unknown key profile {profile!r} (choose from {', '.join(PROFILES)})")
+        template = version_template(profile, policy or KeyPolicy())
         self.reload()
         with self._lock:
             if name in self._records:
                 raise errors.ConfigurationError(f"a key named {name!r} already exists on token {self._ts.label!r}")
             key_id = self.new_key_id()
-            objects.generate_key(self._ts, PROFILES[profile], label=f"{name}/v1", key_id=key_id)
+            if _value is None:
+                objects.generate_key(self._ts, template, label=f"{name}/v1", key_id=key_id)
+            else:
+                from keymgr.hsm.known_keys import import_secret_key
+
+                import_secret_key(self._ts, template, label=f"{name}/v1", key_id=key_id, value=_value)
             now = self._clock()
             version = KeyVersion(1, key_id, "active", now, (("active", now),), objects.check_value(self._ts, key_id))
             record = KeyRecord(name=name, profile=profile, primary=1, versions=(version,),

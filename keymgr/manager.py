@@ -15,18 +15,18 @@ threads: every token call is serialised per module underneath.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, BinaryIO
-
-from asn1crypto import cms
 
 from keymgr import errors
 from keymgr.envelope import DataKey, decrypt_stream, encrypt_stream, open_message, seal_message
 from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
 from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
+from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, open_token, probe
-from keymgr.keyring import KeyPolicy, Keyring, KeyRecord
+from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring
 from keymgr.local import LocalToken
 
 #: The one message for every authentication failure of a ciphertext: no oracle.
@@ -39,7 +39,8 @@ class KeyManager:
     """Keys in one token, and everything applications do with them."""
 
     def __init__(self, token: str | Pkcs11Uri | None = None, *, pin_callback: PinCallback | None = None,
-                 cache: CachePolicy | bool = False, allow_compromised: bool = False) -> None:
+                 cache: CachePolicy | bool = False, allow_compromised: bool = False,
+                 _clock: Callable[[], float] = time.monotonic) -> None:
         """Open the token named by ``token`` (a ``pkcs11:`` URI), or the local token.
 
         The PIN comes from the URI's ``pin-source`` / ``pin-value`` or, failing
@@ -49,6 +50,7 @@ class KeyManager:
         :class:`~keymgr.envelope.cache.CachePolicy`); off by default, because
         it trades per-message token use (and its audit) for speed.
         ``allow_compromised``: let versions marked compromised decrypt, for recovery only.
+        ``_clock`` (tests only) is the caches' clock, for their age limits.
         """
         if token is None:
             local = LocalToken.default()
@@ -60,8 +62,9 @@ class KeyManager:
         self._keyring = Keyring(self._ts)
         self._protector = KekProtector(self._keyring, allow_compromised=allow_compromised)
         policy = CachePolicy() if cache is True else (cache or None)
-        self._encrypt_cache = EncryptCache(policy) if policy else None
-        self._decrypt_cache = DecryptCache(policy) if policy else None
+        self._encrypt_cache = EncryptCache(policy, clock=_clock) if policy else None
+        self._decrypt_cache = DecryptCache(policy, clock=_clock) if policy else None
+        self._private_keys: list[Any] = []  # keymgr.envelope.pubkey.TokenPrivateKey
 
     def __repr__(self) -> str:
         state = "closed" if self._ts is None else repr(self._ts.label)
@@ -96,15 +99,18 @@ class KeyManager:
 
     # -- keys -------------------------------------------------------------------
 
-    def create_key(self, name: str, *, profile: str = "kw", rotate_after_days: int | None = None,
-                   max_messages: int | None = None) -> KeyRecord:
+    def create_key(self, name: str, *, profile: str = DEFAULT_PROFILE, rotate_after_days: int | None = None,
+                   max_messages: int | None = None, backup: bool = False) -> KeyRecord:
         """Generate version 1 of a named key inside the token.
 
-        ``profile`` chooses how the key protects data keys: ``"kw"`` (AES key
-        wrap, RFC 3394: the standard form OpenSSL reads) or ``"gcm"`` (AES-GCM
-        inside the token: one token call per message). See docs/format.md.
+        ``profile`` chooses how the key protects data keys: ``"kw"`` (the default: AES
+        key wrap, RFC 3394, the standard form OpenSSL reads) or ``"gcm"`` (AES-GCM inside
+        the token: one token call per message, ~3x the uncached rate on SoftHSM, but
+        caller-chosen nonces). See docs/format.md and docs/performance.md.
+        ``backup=True`` makes every version backup-capable (docs/ceremonies.md); without it
+        the key can never leave the token, not even in a backup.
         """
-        policy = KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages)
+        policy = KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages, backup=backup)
         return self.keyring.create(name, profile=profile, policy=policy)
 
     def list_keys(self) -> list[KeyRecord]:
@@ -127,10 +133,37 @@ class KeyManager:
         self.keyring.get(key)
         return KeyRecipient(self._protector, key)
 
-    def _new_data_key(self, key: str, also_to: Sequence[Recipient]) -> tuple[DataKey, tuple[cms.RecipientInfo, ...]]:
+    def add_private_key(self, label: str | None = None, *, key_id: bytes | None = None,
+                        token: str | Pkcs11Uri | None = None) -> Recipient:
+        """Let :meth:`decrypt` use an RSA / EC key pair (on this token, or on ``token``) for
+        RSA-OAEP and ECDH recipients; returns its public side, for ``also_to``.
+        See :mod:`keymgr.envelope.pubkey`."""
+        from keymgr.envelope.pubkey import TokenPrivateKey
+        from keymgr.hsm import asym
+
+        ts = self.token if token is None else open_token(token)
+        private = TokenPrivateKey(ts, asym.find_keypair(ts, label=label, key_id=key_id))
+        self._private_keys.append(private)
+        return private.recipient()
+
+    def _unwrap_uncached(self, der: bytes) -> DataKey | None:
+        """The data key in one recipient (its DER) for a key of this token, or None. Token KEKs
+        read the DER directly; key pairs added with :meth:`add_private_key` get the
+        asn1crypto object, made only when there are any."""
+        dek = self._protector.unwrap_der(der)
+        if dek is not None or not self._private_keys:
+            return dek
+        ri = load_recipient_info(der)
+        for unwrapper in self._private_keys:
+            dek = unwrapper.unwrap(ri)
+            if dek is not None:
+                return dek  # type: ignore[no-any-return]
+        return None
+
+    def _new_data_key(self, key: str, also_to: Sequence[Recipient]) -> tuple[DataKey, tuple[RecipientLike, ...]]:
         dek = DataKey(os.urandom(32))
         try:
-            recipients = [self._protector.wrap(self.keyring.get(key), dek)]
+            recipients: list[RecipientLike] = [self._protector.wrap_der(self.keyring.get(key), dek)]
             recipients += [r.wrap(dek) for r in also_to]
         except BaseException:
             dek.wipe()
@@ -163,35 +196,42 @@ class KeyManager:
         commitment) so OpenSSL 3.0 can read the message: weaker, see docs/format.md.
         """
         data = bytes(plaintext)
+        if compat_openssl and self._protector.algorithm_for(self.keyring.get(key)) != "aes256_wrap":
+            raise errors.ConfigurationError(
+                f"compat_openssl needs a key whose messages OpenSSL can unwrap (profile kw with RFC 3394 key "
+                f"wrap on this token); key {key!r} is not one")
         return self._data_key(key, context, also_to, len(data), lambda dek, ris: seal_message(  # type: ignore[no-any-return]
             data, dek=dek, recipient_infos=ris, context=context, compat_openssl=compat_openssl))
 
-    def _unwrap(self, ri: cms.RecipientInfo) -> DataKey | None:
+    def _unwrap(self, der: bytes) -> DataKey | None:
         if self._decrypt_cache is None:
-            return self._protector.unwrap(ri)
-        wrapped = ri.dump()
-        dek = self._decrypt_cache.get(wrapped)
+            return self._unwrap_uncached(der)
+        dek = self._decrypt_cache.get(der)
         if dek is None:
-            dek = self._protector.unwrap(ri)
+            dek = self._unwrap_uncached(der)
             if dek is not None:
-                self._decrypt_cache.put(wrapped, dek)
+                self._decrypt_cache.put(der, dek)
         return dek
 
     def decrypt(self, blob: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt a message made by :meth:`encrypt` (or by ``openssl cms -encrypt`` with a KEK of ours).
 
         Every authentication failure (tampered, truncated, wrong context, wrong
-        key) raises the same :class:`~keymgr.errors.IntegrityError`.
+        key) raises the same :class:`~keymgr.errors.IntegrityError`. Bytes that are not
+        a message at all are a :class:`~keymgr.errors.FormatError`; a message none of
+        whose recipients is a key of this token is a :class:`~keymgr.errors.KeyNotFoundError`
+        (an edited key id looks exactly like that: the key ids are not secret, and the
+        check happens before any key is used).
         """
         try:
-            return open_message(bytes(blob), unwrap=self._unwrap, context=context)
+            return open_message(bytes(blob), unwrap_der=self._unwrap, context=context)
         except errors.IntegrityError:
             raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
 
     def decrypt_with_context(self, blob: bytes) -> tuple[bytes, dict[str, str]]:
         """Decrypt without stating the context, and return the context found, for the caller to check."""
         try:
-            return open_message(bytes(blob), unwrap=self._unwrap, context=None, return_context=True)
+            return open_message(bytes(blob), unwrap_der=self._unwrap, context=None, return_context=True)
         except errors.IntegrityError:
             raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
 
@@ -212,6 +252,6 @@ class KeyManager:
         hold the verified segments before the bad one: write to a temporary file and discard it
         on error (the CLI does)."""
         try:
-            return decrypt_stream(src, dst, unwrap=self._unwrap, context=context)
+            return decrypt_stream(src, dst, unwrap_der=self._unwrap, context=context)
         except errors.IntegrityError:
             raise errors.IntegrityError(INTEGRITY_MESSAGE) from None

@@ -33,9 +33,14 @@ __all__ = [
     "KEK_GCM",
     "MAC_KEY",
     "TRANSPORT_KEY",
+    "TRANSPORT_EXPORT",
+    "TRANSPORT_IMPORT",
     "EPHEMERAL_DATA_KEY",
+    "backup_capable",
     "TEMPLATES",
     "ROLE_ATTRIBUTES",
+    "KEYPAIR_PRIVATE",
+    "KEYPAIR_PUBLIC",
 ]
 
 #: Attributes that grant a capability; a purpose turns on some and every other one is off.
@@ -88,6 +93,29 @@ TRANSPORT_KEY = KeyTemplate(
     "transport", "AES", 256, {**_PROTECTED, "TOKEN": False, **_roles("WRAP", "UNWRAP")}
 )
 
+#: The transport key on the exporting token: wraps only, and is CKA_TRUSTED, the one attribute
+#: that lets it wrap keys marked WRAP_WITH_TRUSTED. Only the security officer may set TRUSTED
+#: (PKCS#11 v2.40 section 4.9; SoftHSM 2.6.1 refuses it to the user with CKR_ATTRIBUTE_READ_ONLY),
+#: and an SO session cannot make private objects, so this key is public: it lives for one backup
+#: in one session and is destroyed with it (docs/ceremonies.md, "Why the SO PIN").
+TRANSPORT_EXPORT = KeyTemplate(
+    "transport-export", "AES", 256,
+    {**_PROTECTED, "TOKEN": False, "PRIVATE": False, "TRUSTED": True, **_roles("WRAP")},
+)
+
+#: The transport key on the restoring token: unwraps only, a private session object.
+TRANSPORT_IMPORT = KeyTemplate("transport-import", "AES", 256, {**_PROTECTED, "TOKEN": False, **_roles("UNWRAP")})
+
+
+def backup_capable(template: KeyTemplate) -> KeyTemplate:
+    """``template`` for a key that may be backed up: EXTRACTABLE, yet still SENSITIVE and
+    WRAP_WITH_TRUSTED, so only a trusted transport key (:data:`TRANSPORT_EXPORT`, which
+    needs the SO) can wrap it out, and never in the clear. Keys made from the plain
+    template can never leave the token (EXTRACTABLE false is sticky)."""
+    return KeyTemplate(f"{template.purpose}+backup", template.key_type, template.bits,
+                       {**template.attributes, "EXTRACTABLE": True})
+
+
 #: A data key briefly made a session object so that C_WrapKey can wrap it (STACK-FACTS.md 5).
 #: It is the one template that is extractable: its value is generated on the host anyway.
 EPHEMERAL_DATA_KEY = KeyTemplate(
@@ -98,5 +126,17 @@ EPHEMERAL_DATA_KEY = KeyTemplate(
 )
 
 TEMPLATES: Mapping[str, KeyTemplate] = MappingProxyType(
-    {t.purpose: t for t in (KEK_WRAP, KEK_GCM, MAC_KEY, TRANSPORT_KEY, EPHEMERAL_DATA_KEY)}
+    {t.purpose: t for t in (KEK_WRAP, KEK_GCM, MAC_KEY, TRANSPORT_KEY, TRANSPORT_EXPORT, TRANSPORT_IMPORT,
+                            EPHEMERAL_DATA_KEY)}
+)
+
+#: Key pairs (custodian keys, recipients' keys; RSA or EC, generated on the owner's token):
+#: the private half signs approvals and recovers data keys, never unwraps into the token.
+#: keymgr.hsm.asym turns on the one recovery role by key type: DECRYPT (RSA-OAEP) for RSA
+#: with ENCRYPT on the public half, DERIVE (ECDH) for EC.
+KEYPAIR_PRIVATE: Mapping[str, bool] = MappingProxyType(
+    {**_PROTECTED, "WRAP_WITH_TRUSTED": False, "SIGN": True, "DECRYPT": False, "DERIVE": False, "UNWRAP": False}
+)
+KEYPAIR_PUBLIC: Mapping[str, bool] = MappingProxyType(
+    {"TOKEN": True, "PRIVATE": False, "VERIFY": True, "ENCRYPT": False, "WRAP": False}
 )

@@ -115,6 +115,12 @@ def tpm_token() -> TokenUnderTest:
     return token
 
 
+def tpm_state_dir() -> Path:
+    """The TPM token's state directory, for tests that stop, start or unlock it (tests/tokens/tpm.py)."""
+    tpm_token()
+    return Path(str(_tpm_state["dir"]))
+
+
 def _tpm_unavailable(reason: str) -> None:
     if os.environ.get("KEYMGR_REQUIRE_TPM") == "1":
         pytest.fail(f"KEYMGR_REQUIRE_TPM=1 but the TPM token is unavailable: {reason}")

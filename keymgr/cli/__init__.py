@@ -11,7 +11,10 @@ from __future__ import annotations
 import click
 
 from keymgr.cli._common import CliState, GuardedGroup
+from keymgr.cli.crypt import register_crypt_commands
+from keymgr.cli.custody import register_custody_commands
 from keymgr.cli.keys import key_group
+from keymgr.cli.token_cmds import token_group
 from keymgr.cli.tokens import init_command, tokens_command
 
 __all__ = ["main", "cli"]
@@ -30,7 +33,10 @@ def cli(ctx: click.Context, token: str | None, json_output: bool) -> None:
 
 cli.add_command(init_command)
 cli.add_command(tokens_command)
+cli.add_command(token_group)
 cli.add_command(key_group)
+register_crypt_commands(cli)
+register_custody_commands(cli)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from keymgr.cli._common import CliState, console, emit_json, pass_state
-from keymgr.keyring import KeyRecord
+from keymgr.keyring import DEFAULT_PROFILE, KeyRecord
 
 __all__ = ["key_group", "record_json"]
 
@@ -19,7 +19,8 @@ def record_json(record: KeyRecord) -> dict[str, Any]:
         "primary": record.primary,
         "created": record.created,
         "policy": {"rotate_after_days": record.policy.rotate_after_days,
-                   "max_messages": record.policy.max_messages, "auto_rotate": record.policy.auto_rotate},
+                   "max_messages": record.policy.max_messages, "auto_rotate": record.policy.auto_rotate,
+                   "backup": record.policy.backup},
         "versions": [{"version": v.version, "id": v.key_id.hex(), "label": record.label_of(v.version),
                       "state": v.state, "created": v.created, "kcv": v.kcv, "primary": v.version == record.primary,
                       "history": [{"state": s, "at": t} for s, t in v.history]}
@@ -47,16 +48,26 @@ def key_group() -> None:
 
 @key_group.command("create")
 @click.argument("name")
-@click.option("--profile", type=click.Choice(["kw", "gcm"]), default="kw", show_default=True,
+@click.option("--profile", type=click.Choice(["kw", "gcm"]), default=DEFAULT_PROFILE, show_default=True,
               help="How the key protects data keys: kw = AES key wrap (standard), gcm = AES-GCM in the token.")
 @click.option("--rotate-after-days", type=click.IntRange(min=1), default=None, help="Cryptoperiod.")
 @click.option("--max-messages", type=click.IntRange(min=1), default=None, help="Encryptions per version.")
+@click.option("--backup", is_flag=True, help="Make the key backup-capable (M-of-N custodian backups; "
+              "docs/ceremonies.md). Without it the key can never leave the token.")
+@click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the signed ceremony transcript (CMS SignedData) here.")
 @pass_state
 def create_command(state: CliState, name: str, profile: str, rotate_after_days: int | None,
-                   max_messages: int | None) -> None:
+                   max_messages: int | None, backup: bool, transcript_path: str | None) -> None:
     """Generate a new key NAME (version 1) inside the token."""
     record = state.manager().create_key(name, profile=profile, rotate_after_days=rotate_after_days,
-                                        max_messages=max_messages)
+                                        max_messages=max_messages, backup=backup)
+    if transcript_path:
+        from keymgr._files import atomic_write
+        from keymgr.custody.authorize import key_ceremony_transcript
+
+        atomic_write(transcript_path, key_ceremony_transcript(state.manager().keyring, "create", record,
+                                                              profile=profile, backup=backup))
     if state.json_output:
         emit_json(record_json(record))
     else:

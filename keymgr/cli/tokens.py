@@ -47,7 +47,7 @@ _TOKEN_FLAGS = {0x1: "rng", 0x2: "write-protected", 0x4: "login-required", 0x8: 
 _SLOT_FLAGS = {0x1: "token-present", 0x2: "removable", 0x4: "hardware"}
 
 
-def _describe_token(found: Any, probe_caps: bool, selected: Any) -> dict[str, Any]:
+def _describe_token(found: Any, probe_caps: bool, logged_in: list[Any]) -> dict[str, Any]:
     from keymgr.hsm import open_token, probe
     from keymgr.hsm.sessions import tries_left_state
 
@@ -59,15 +59,17 @@ def _describe_token(found: Any, probe_caps: bool, selected: Any) -> dict[str, An
         "slot_flags": _flag_names(found.slot_flags, _SLOT_FLAGS),
         "pin_state": "locked" if tries_left_state(found.flags) == "locked" else tries_left_state(found.flags),
         "uri": found.uri(),
+        "initialized": bool(found.flags & 0x400),
     }
-    if probe_caps:
+    if probe_caps and info["initialized"]:  # tpm2-pkcs11 shows an empty slot for the next token
         try:
-            is_selected = selected is not None and selected.serial == found.serial and selected.module is found.module
-            ts = selected if is_selected else open_token(found.uri(), login=False)
+            selected = [ts for ts in logged_in if ts.found.module is found.module and ts.serial == found.serial
+                        and ts.label == found.label]
+            ts = selected[0] if selected else open_token(found.uri(), login=False)
             caps = probe(ts)
             info["capabilities"] = sorted(caps.supported)
             info["schemes"] = list(caps.schemes)
-            info["probed_logged_in"] = bool(is_selected)
+            info["probed_logged_in"] = ts.logged_in
         except errors.KeymgrError as exc:
             info["capabilities"] = []
             info["schemes"] = []
@@ -78,17 +80,23 @@ def _describe_token(found: Any, probe_caps: bool, selected: Any) -> dict[str, An
 @click.command("tokens")
 @click.option("--module", "modules", multiple=True, metavar="PATH", help="Also list this PKCS#11 module.")
 @click.option("--no-probe", is_flag=True, help="Do not probe mechanisms (faster).")
+@click.option("--login", "logins", multiple=True, metavar="URI",
+              help="Log in to this token (PIN from the URI) so the probe can try key pairs too.")
 @pass_state
-def tokens_command(state: CliState, modules: tuple[str, ...], no_probe: bool) -> None:
-    """List modules, slots and tokens, their flags, PIN state and supported schemes."""
-    from keymgr.hsm import list_tokens, load_module, registered_modules
+def tokens_command(state: CliState, modules: tuple[str, ...], no_probe: bool, logins: tuple[str, ...]) -> None:
+    """List modules, slots and tokens, their flags, PIN state and supported schemes.
+
+    Tokens are probed without a login unless named by ``--token`` or ``--login``;
+    without one, tokens that keep key pairs only as private objects (a TPM, a
+    smart card) show fewer schemes than they have (``probed_logged_in: false``).
+    """
+    from keymgr.hsm import list_tokens, load_module, open_token, registered_modules
     from keymgr.local import LocalToken
 
-    selected = None
+    logged_in = [open_token(uri) for uri in ((state.token,) if state.token else ()) + logins]
     paths = list(modules)
-    if state.token:
-        selected = state.manager().token
-        paths.insert(0, selected.module.path)
+    if logged_in:
+        paths[:0] = [ts.module.path for ts in logged_in]
     elif "SOFTHSM2_CONF" not in os.environ and LocalToken.default().conf_path.is_file():
         LocalToken.default().activate()
     paths += registered_modules()
@@ -103,7 +111,7 @@ def tokens_command(state: CliState, modules: tuple[str, ...], no_probe: bool) ->
         try:
             module = load_module(path)
             entry["library"] = module.description
-            entry["tokens"] = [_describe_token(t, not no_probe, selected) for t in list_tokens(module)]
+            entry["tokens"] = [_describe_token(t, not no_probe, logged_in) for t in list_tokens(module)]
         except errors.KeymgrError as exc:
             entry["error"] = str(exc)
         report.append(entry)

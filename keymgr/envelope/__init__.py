@@ -16,11 +16,22 @@ The byte layouts, OIDs and the reasons for them are in docs/format.md.
 
 from keymgr.envelope._aead import DataKey
 from keymgr.envelope._attrs import KEYMGR_ARC, OID_COMMITMENT, OID_CONTEXT, OID_THRESHOLD_RECIPIENT
-from keymgr.envelope.cms import ParsedMessage, Unwrap, open_message, parse_message, replace_recipients, seal_message
+from keymgr.envelope.cms import (
+    ParsedMessage,
+    Unwrap,
+    UnwrapDer,
+    open_message,
+    parse_message,
+    replace_recipients,
+    seal_message,
+)
 from keymgr.envelope.recipients import (
     KekAlgorithm,
     KekRecipient,
+    ParsedRecipients,
     RecipientKind,
+    RecipientLike,
+    kek_recipient_der,
     kek_recipient_info,
     other_recipient_info,
     read_kek_recipient,
@@ -44,11 +55,15 @@ __all__ = [
     "KekAlgorithm",
     "KekRecipient",
     "ParsedMessage",
+    "ParsedRecipients",
     "RecipientKind",
+    "RecipientLike",
     "StreamHeader",
     "Unwrap",
+    "UnwrapDer",
     "decrypt_stream",
     "encrypt_stream",
+    "kek_recipient_der",
     "kek_recipient_info",
     "open_message",
     "other_recipient_info",

@@ -40,16 +40,19 @@ from asn1crypto import cms
 from keymgr.envelope import _der
 from keymgr.envelope._aead import KEY_SIZE, NONCE_SIZE, TAG_SIZE, DataKey, encode_gcm_parameters, read_gcm_parameters
 from keymgr.envelope._attrs import OID_DATA, AuthAttributes, build_auth_attrs, normalize_context, parse_auth_attrs
-from keymgr.envelope.recipients import encode_recipient_infos, parse_recipient_infos
+from keymgr.envelope.recipients import ParsedRecipients, RecipientLike, encode_recipient_infos, parse_recipient_infos
 from keymgr.errors import ConfigurationError, FormatError, IntegrityError, KeyNotFoundError
 
-__all__ = ["ParsedMessage", "Unwrap", "open_message", "parse_message", "replace_recipients", "seal_message"]
+__all__ = ["ParsedMessage", "Unwrap", "UnwrapDer", "open_message", "parse_message", "replace_recipients",
+           "seal_message"]
 
 OID_AUTH_ENVELOPED_DATA = "1.2.840.113549.1.9.16.1.23"
 OID_AES256_GCM = "2.16.840.1.101.3.4.1.46"
 
 #: Returns the data key for a recipient it can unwrap, else None.
 Unwrap = Callable[[cms.RecipientInfo], DataKey | bytes | bytearray | None]
+#: The same, given the recipient's DER (no asn1crypto object is made): the per-message path.
+UnwrapDer = Callable[[bytes], DataKey | bytes | bytearray | None]
 
 MESSAGE_FAILED = "the message failed authentication: tampered, truncated, wrong key or wrong context"
 _MAX_PLAINTEXT = 2**36 - 32  # NIST SP 800-38D section 5.2.1.1: 2^39 - 256 bits per invocation
@@ -65,7 +68,7 @@ _ECI_HEAD = _DATA_TLV + _ALGORITHM[:-NONCE_SIZE - 3]
 _ECI_TAIL = _ALGORITHM[-3:]  # INTEGER 16, after the nonce
 
 
-def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipient_infos: Sequence[cms.RecipientInfo],
+def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipient_infos: Sequence[RecipientLike],
                  context: Mapping[str, str] | None, compat_openssl: bool = False, _nonce: bytes | None = None) -> bytes:
     """Encrypt ``plaintext`` under ``dek`` into a DER ``ContentInfo``.
 
@@ -111,7 +114,8 @@ def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipien
 class ParsedMessage:
     """A message's parts, read without any key. ``auth_attrs`` is None for compat messages."""
 
-    recipient_infos: tuple[cms.RecipientInfo, ...]
+    #: loaded into asn1crypto on first use; ``recipient_infos.der`` holds each one's DER
+    recipient_infos: ParsedRecipients
     content_type: str
     nonce: bytes
     icv_length: int
@@ -204,7 +208,7 @@ def parse_message(blob: bytes) -> ParsedMessage:
         _fields={name: data[t.start:t.end] for name, t in f.items()})
 
 
-def replace_recipients(blob: bytes, new_recipient_infos: Sequence[cms.RecipientInfo]) -> bytes:
+def replace_recipients(blob: bytes, new_recipient_infos: Sequence[RecipientLike]) -> bytes:
     """The same message with other recipients (rewrap). Every other field, the payload,
     authAttrs and mac included, is copied byte for byte; the AAD does not cover recipients."""
     parsed = parse_message(blob)
@@ -232,18 +236,26 @@ def check_context(found: dict[str, str] | None, commitment: bytes | None, *, con
     return found
 
 
-def find_data_key(recipient_infos: Sequence[cms.RecipientInfo], unwrap: Unwrap, commitment: bytes | None, *,
-                  failure: str) -> tuple[DataKey, bool]:
-    """The first data key ``unwrap`` yields, checked against the commitment, and whether it
-    was made here (so the caller wipes it after use).
+def _unwrapper(unwrap: Unwrap | None, unwrap_der: UnwrapDer | None) -> tuple[UnwrapDer | Unwrap, bool]:
+    """The one unwrap callable a reader uses, and whether it takes DER."""
+    if (unwrap is None) == (unwrap_der is None):
+        raise ConfigurationError("give exactly one of unwrap and unwrap_der")
+    return (unwrap_der, True) if unwrap_der is not None else (unwrap, False)  # type: ignore[return-value]
+
+
+def find_data_key(recipient_infos: ParsedRecipients, unwrap: Unwrap | None, commitment: bytes | None, *,
+                  failure: str, unwrap_der: UnwrapDer | None = None) -> tuple[DataKey, bool]:
+    """The first data key ``unwrap`` (or ``unwrap_der``) yields, checked against the
+    commitment, and whether it was made here (so the caller wipes it after use).
 
     Recipients are tried in the order they are encoded. The first key found
     decides: a key that fails the commitment is an :class:`IntegrityError`,
     not a reason to try the next recipient, so every reader of one message
     sees the same key or nothing.
     """
-    for ri in recipient_infos:
-        found = unwrap(ri)
+    call, by_der = _unwrapper(unwrap, unwrap_der)
+    for index, der in enumerate(recipient_infos.der):
+        found = call(der if by_der else recipient_infos[index])  # type: ignore[arg-type]
         if found is None:
             continue
         if isinstance(found, DataKey):
@@ -261,16 +273,23 @@ def find_data_key(recipient_infos: Sequence[cms.RecipientInfo], unwrap: Unwrap, 
 
 
 @overload
-def open_message(blob: bytes, *, unwrap: Unwrap, context: Mapping[str, str] | None,
-                 return_context: Literal[False] = ..., require_commitment: bool = ...) -> bytes: ...
+def open_message(blob: bytes, *, unwrap: Unwrap | None = ..., context: Mapping[str, str] | None,
+                 return_context: Literal[False] = ..., require_commitment: bool = ...,
+                 unwrap_der: UnwrapDer | None = ...) -> bytes: ...
 @overload
-def open_message(blob: bytes, *, unwrap: Unwrap, context: Mapping[str, str] | None,
-                 return_context: Literal[True], require_commitment: bool = ...) -> tuple[bytes, dict[str, str]]: ...
+def open_message(blob: bytes, *, unwrap: Unwrap | None = ..., context: Mapping[str, str] | None,
+                 return_context: Literal[True], require_commitment: bool = ...,
+                 unwrap_der: UnwrapDer | None = ...) -> tuple[bytes, dict[str, str]]: ...
 
 
-def open_message(blob: bytes, *, unwrap: Unwrap, context: Mapping[str, str] | None, return_context: bool = False,
-                 require_commitment: bool = False) -> bytes | tuple[bytes, dict[str, str]]:
+def open_message(blob: bytes, *, unwrap: Unwrap | None = None, context: Mapping[str, str] | None,
+                 return_context: bool = False, require_commitment: bool = False,
+                 unwrap_der: UnwrapDer | None = None) -> bytes | tuple[bytes, dict[str, str]]:
     """Decrypt a message: check the context, find a data key, check its commitment, then GCM.
+
+    ``unwrap`` is called with each recipient as an asn1crypto ``RecipientInfo``;
+    ``unwrap_der`` (give one or the other) with its DER, which spares the
+    asn1crypto object on the per-message path.
 
     ``context`` must equal the one sealed in (``None`` and ``{}`` both mean
     none). With ``return_context=True`` and ``context=None`` any context is
@@ -280,7 +299,8 @@ def open_message(blob: bytes, *, unwrap: Unwrap, context: Mapping[str, str] | No
     parsed = parse_message(blob)
     found = check_context(parsed.context, parsed.commitment, context=context, return_context=return_context,
                           require_commitment=require_commitment, failure=MESSAGE_FAILED)
-    key, owned = find_data_key(parsed.recipient_infos, unwrap, parsed.commitment, failure=MESSAGE_FAILED)
+    key, owned = find_data_key(parsed.recipient_infos, unwrap, parsed.commitment, failure=MESSAGE_FAILED,
+                               unwrap_der=unwrap_der)
     try:
         plaintext = key.open(parsed.nonce, parsed.encrypted_content + parsed.mac, parsed.aad)
     except IntegrityError:

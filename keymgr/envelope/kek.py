@@ -9,8 +9,9 @@ Two key-encryption profiles (chosen per key at creation, docs/format.md):
 * ``gcm``: the data key is encrypted by one C_Encrypt with AES-256-GCM under
   the KEK (``id-aes256-GCM`` with its nonce in the parameters). One token
   call per message, no key objects; random 96-bit nonces, so each KEK version
-  is good for at most 2^32 encryptions (NIST SP 800-38D 8.3), which the
-  keyring enforces with use reservations.
+  is good for at most 2^32 encryptions (NIST SP 800-38D 8.3). keymgr does not
+  count those uses yet: rotate such keys well before that (docs/performance.md,
+  "Default profile", says why ``kw`` is the default).
 
 Decrypting checks the key version's state first (suspended and compromised
 versions are refused unless the caller allows compromised keys for recovery),
@@ -20,16 +21,17 @@ so a retired key cannot be used through the envelope even with a valid blob.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 from asn1crypto import cms
 
 from keymgr import errors
-from keymgr.envelope._aead import DataKey
-from keymgr.envelope.recipients import kek_recipient_info, read_kek_recipient, recipient_kind
+from keymgr.envelope._aead import DataKey, zero
+from keymgr.envelope.recipients import KekAlgorithm, kek_recipient_der, read_kek_recipient
 from keymgr.hsm import objects, probe
-from keymgr.keyring import Keyring, KeyRecord, KeyVersion
+from keymgr.keyring import KeyRecord, Keyring, KeyVersion
 
 __all__ = ["KekProtector", "KeyRecipient", "Recipient", "DECRYPTABLE_STATES"]
 
@@ -37,6 +39,10 @@ __all__ = ["KekProtector", "KeyRecipient", "Recipient", "DECRYPTABLE_STATES"]
 DECRYPTABLE_STATES = frozenset({"active", "decrypt-only"})
 
 _GCM_NONCE = 12
+_KEKRI_TAG = 0xA2
+#: How long a key id that is not on this token is remembered as such (see ``unwrap_der``).
+_UNKNOWN_TTL = 1.0
+_UNKNOWN_MAX = 1024
 
 
 class Recipient(Protocol):
@@ -74,21 +80,34 @@ class KekProtector:
         self._keyring = keyring
         self._allow_compromised = allow_compromised
         self._on_unwrap = on_unwrap
+        self._wrap_choice: tuple[str, KekAlgorithm] | None = None
+        self._unknown: dict[bytes, float] = {}
 
     @property
     def keyring(self) -> Keyring:
         return self._keyring
 
-    def _wrap_mechanism(self) -> tuple[str, str]:
-        caps = probe(self._keyring.token)
-        mechanism = caps.preferred_wrap_mechanism()
-        if mechanism is None:
-            raise errors.MechanismUnsupportedError(
-                f"token {self._keyring.token.label!r} can do neither AES-KW nor AES-KWP")
-        return mechanism, ("aes256_wrap" if mechanism == "aes-kw" else "aes256_wrap_pad")
+    def _wrap_mechanism(self) -> tuple[str, KekAlgorithm]:
+        if self._wrap_choice is None:  # the probe is per process anyway: look it up once
+            caps = probe(self._keyring.token)
+            mechanism = caps.preferred_wrap_mechanism()
+            if mechanism is None:
+                raise errors.MechanismUnsupportedError(
+                    f"token {self._keyring.token.label!r} can do neither AES-KW nor AES-KWP")
+            self._wrap_choice = mechanism, ("aes256_wrap" if mechanism == "aes-kw" else "aes256_wrap_pad")
+        return self._wrap_choice
+
+    def algorithm_for(self, record: KeyRecord) -> KekAlgorithm:
+        """The key-encryption algorithm messages for ``record`` carry on this token."""
+        return "aes256_gcm" if record.profile == "gcm" else self._wrap_mechanism()[1]
 
     def wrap(self, record: KeyRecord, dek: DataKey, version: KeyVersion | None = None) -> cms.RecipientInfo:
         """A KEKRecipientInfo carrying ``dek`` under ``version`` (default: the primary)."""
+        return cms.RecipientInfo.load(self.wrap_der(record, dek, version))
+
+    def wrap_der(self, record: KeyRecord, dek: DataKey, version: KeyVersion | None = None) -> bytes:
+        """:meth:`wrap`, as DER: what the per-message path hands to the format layer (one token
+        call and a few concatenations; no asn1crypto object)."""
         version = version or record.primary_version
         if version.state != "active":
             raise errors.PolicyError(f"key {record.name!r} version {version.version} is {version.state}; "
@@ -97,10 +116,10 @@ class KekProtector:
         if record.profile == "kw":
             mechanism, algorithm = self._wrap_mechanism()
             wrapped = objects.wrap_data_key(ts, version.key_id, dek.reveal(), mechanism)
-            return kek_recipient_info(version.key_id, wrapped, algorithm)  # type: ignore[arg-type]
+            return kek_recipient_der(version.key_id, wrapped, algorithm)
         nonce = os.urandom(_GCM_NONCE)
         sealed = objects.gcm_encrypt(ts, version.key_id, dek.reveal(), nonce=nonce, aad=b"")
-        return kek_recipient_info(version.key_id, sealed, "aes256_gcm", gcm_nonce=nonce)
+        return kek_recipient_der(version.key_id, sealed, "aes256_gcm", gcm_nonce=nonce)
 
     def check_state(self, record: KeyRecord, version: KeyVersion) -> None:
         """Refuse versions that policy says must not decrypt."""
@@ -119,13 +138,33 @@ class KekProtector:
 
     def unwrap(self, ri: cms.RecipientInfo) -> DataKey | None:
         """The data key in ``ri`` if it is for a key of this keyring; None if not ours."""
-        if recipient_kind(ri) != "kekri":
+        return self.unwrap_der(ri.dump())
+
+    def _find(self, kek_id: bytes) -> tuple[KeyRecord, KeyVersion] | None:
+        """The key version ``kek_id`` names, or None. A miss re-reads the keyring from the token
+        (a key made by another process), but an id missed less than a second ago is not
+        looked up again: a message whose first recipient is another site's key must not cost
+        a keyring reload each time."""
+        missed = self._unknown.get(kek_id)
+        if missed is not None and time.monotonic() - missed < _UNKNOWN_TTL:
             return None
-        recipient = read_kek_recipient(ri)
         try:
-            record, version = self._keyring.find_by_id(recipient.kek_id)
+            return self._keyring.find_by_id(kek_id)
         except errors.KeyNotFoundError:
+            if len(self._unknown) >= _UNKNOWN_MAX:
+                self._unknown.clear()
+            self._unknown[kek_id] = time.monotonic()
             return None
+
+    def unwrap_der(self, der: bytes) -> DataKey | None:
+        """:meth:`unwrap` of a recipient given as DER (the per-message path)."""
+        if not der or der[0] != _KEKRI_TAG:
+            return None
+        recipient = read_kek_recipient(der)
+        found = self._find(recipient.kek_id)
+        if found is None:
+            return None
+        record, version = found
         self.check_state(record, version)
         if self._on_unwrap is not None:
             self._on_unwrap(record, version)
@@ -145,8 +184,7 @@ class KekProtector:
                 raise errors.IntegrityError("the data key is not authentic")
             return DataKey(raw)
         finally:
-            for i in range(len(raw)):
-                raw[i] = 0
+            zero(raw)
 
     def _kwp_mechanism(self) -> str:
         caps = probe(self._keyring.token)

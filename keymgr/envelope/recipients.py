@@ -27,9 +27,9 @@ key on ``ri.dump()`` (the recipient's DER, ~1 µs) without reading the fields.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, overload
 
 from asn1crypto import cms
 
@@ -39,12 +39,16 @@ from keymgr.envelope._attrs import OID_THRESHOLD_RECIPIENT
 from keymgr.errors import ConfigurationError, FormatError
 
 __all__ = [
-    "MAX_RECIPIENTS", "OID_THRESHOLD_RECIPIENT", "KekAlgorithm", "KekRecipient", "RecipientKind",
-    "kek_recipient_info", "other_recipient_info", "read_kek_recipient", "read_other_recipient", "recipient_kind",
+    "MAX_RECIPIENTS", "OID_THRESHOLD_RECIPIENT", "KekAlgorithm", "KekRecipient", "ParsedRecipients",
+    "RecipientKind", "RecipientLike", "kek_recipient_der", "kek_recipient_info", "other_recipient_info",
+    "load_recipient_info", "read_kek_recipient", "read_other_recipient", "recipient_kind",
 ]
 
 RecipientKind = Literal["ktri", "kari", "kekri", "pwri", "ori"]
 KekAlgorithm = Literal["aes256_wrap", "aes256_wrap_pad", "aes256_gcm"]
+#: A recipient as writers hand it over: an asn1crypto object, or the DER of one
+#: (what the token glue produces on the per-message path: no asn1crypto round trip).
+RecipientLike = cms.RecipientInfo | bytes
 
 MAX_RECIPIENTS = 64
 MAX_RECIPIENT_BYTES = 16 * 1024
@@ -60,6 +64,8 @@ _KEK_OIDS: dict[str, KekAlgorithm] = {
 _KEK_OID_TLV = {name: _der.encode_oid(oid) for oid, name in _KEK_OIDS.items()}
 _KEK_ALGORITHM_BY_TLV = {tlv: name for name, tlv in _KEK_OID_TLV.items()}
 _NULL = b"\x05\x00"
+_VERSION_4 = _der.integer(4)
+_KEKRI_TAGS = (_der.INTEGER, _der.SEQUENCE, _der.SEQUENCE, _der.OCTET_STRING)
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,11 @@ def _check_encrypted_key(algorithm: str, encrypted_key: bytes, error: type[Excep
         raise error(f"encrypted key has an impossible length for {algorithm}")
 
 
-def kek_recipient_info(kek_id: bytes, encrypted_key: bytes, algorithm: KekAlgorithm,
-                       gcm_nonce: bytes | None = None) -> cms.RecipientInfo:
-    """A ``KEKRecipientInfo`` (version 4) naming the KEK by ``kek_id``."""
-    if algorithm not in get_args(KekAlgorithm):
+def kek_recipient_der(kek_id: bytes, encrypted_key: bytes, algorithm: KekAlgorithm,
+                      gcm_nonce: bytes | None = None) -> bytes:
+    """The DER of a ``KEKRecipientInfo`` (version 4) naming the KEK by ``kek_id``, as a
+    ``RecipientInfo`` choice ([2] IMPLICIT)."""
+    if algorithm not in _KEK_OID_TLV:
         raise ConfigurationError(f"unknown key-encryption algorithm {algorithm!r}")
     if not 1 <= len(kek_id) <= MAX_KEK_ID:
         raise ConfigurationError(f"a KEK id is 1 to {MAX_KEK_ID} bytes")
@@ -99,35 +106,45 @@ def kek_recipient_info(kek_id: bytes, encrypted_key: bytes, algorithm: KekAlgori
         if len(gcm_nonce) != NONCE_SIZE:
             raise ConfigurationError(f"the GCM nonce must be {NONCE_SIZE} bytes")
         params = encode_gcm_parameters(gcm_nonce)
-    body = (_der.integer(4) + _der.seq(_der.octets(kek_id)) + _der.seq(_KEK_OID_TLV[algorithm], params)
+    body = (_VERSION_4 + _der.seq(_der.octets(kek_id)) + _der.seq(_KEK_OID_TLV[algorithm], params)
             + _der.octets(encrypted_key))
-    return cms.RecipientInfo.load(_der.tlv(0xA2, body))
+    return _der.tlv(0xA2, body)
 
 
-def recipient_kind(ri: cms.RecipientInfo) -> RecipientKind:
-    """Which of the five RecipientInfo choices ``ri`` is."""
+def kek_recipient_info(kek_id: bytes, encrypted_key: bytes, algorithm: KekAlgorithm,
+                       gcm_nonce: bytes | None = None) -> cms.RecipientInfo:
+    """A ``KEKRecipientInfo`` (version 4) naming the KEK by ``kek_id``."""
+    return cms.RecipientInfo.load(kek_recipient_der(kek_id, encrypted_key, algorithm, gcm_nonce))
+
+
+def _dump(ri: RecipientLike) -> bytes:
+    return ri if isinstance(ri, bytes) else ri.dump()
+
+
+def recipient_kind(ri: RecipientLike) -> RecipientKind:
+    """Which of the five RecipientInfo choices ``ri`` (an object or its DER) is."""
     try:
-        return _KINDS[ri.dump()[0]]
+        return _KINDS[_dump(ri)[0]]
     except (KeyError, IndexError, ValueError, TypeError):
         raise FormatError("not a RecipientInfo") from None
 
 
-def _parts(ri: cms.RecipientInfo, tag: int, what: str, limit: int) -> tuple[bytes, list[_der.Tlv]]:
+def _parts(ri: RecipientLike, tag: int, what: str, limit: int) -> tuple[bytes, list[_der.Tlv]]:
     try:
-        data = ri.dump()
+        data = _dump(ri)
     except (ValueError, TypeError):
         raise FormatError(f"{what}: not encodable") from None
     outer = _der.read_one(data, tag=tag, what=what)
     return data, _der.children(data, outer, limit=limit, what=what)
 
 
-def read_kek_recipient(ri: cms.RecipientInfo) -> KekRecipient:
-    """The key id, algorithm, encrypted key (and GCM nonce) of a ``KEKRecipientInfo``."""
+def read_kek_recipient(ri: RecipientLike) -> KekRecipient:
+    """The key id, algorithm, encrypted key (and GCM nonce) of a ``KEKRecipientInfo`` (object or DER)."""
     what = "KEKRecipientInfo"
     data, parts = _parts(ri, 0xA2, what, 4)
-    if len(parts) != 4 or [p.tag for p in parts] != [_der.INTEGER, _der.SEQUENCE, _der.SEQUENCE, _der.OCTET_STRING]:
+    if len(parts) != 4 or tuple(p.tag for p in parts) != _KEKRI_TAGS:
         raise FormatError(f"{what}: malformed")
-    if _der.read_int(data, parts[0], what=what) != 4:
+    if data[parts[0].start:parts[0].end] != _VERSION_4:  # DER has one encoding of INTEGER 4
         raise FormatError(f"{what}: version must be 4")
     kekid = _der.children(data, parts[1], limit=3, what=what)
     if not kekid or kekid[0].tag != _der.OCTET_STRING or not 1 <= kekid[0].end - kekid[0].body <= MAX_KEK_ID:
@@ -162,7 +179,7 @@ def other_recipient_info(ori_type: str, value: bytes) -> cms.RecipientInfo:
     return cms.RecipientInfo.load(_der.tlv(0xA4, type_tlv + bytes(value)))
 
 
-def read_other_recipient(ri: cms.RecipientInfo) -> tuple[str, bytes]:
+def read_other_recipient(ri: RecipientLike) -> tuple[str, bytes]:
     """(oriType as a dotted OID, oriValue DER) of an ``OtherRecipientInfo``."""
     what = "OtherRecipientInfo"
     data, parts = _parts(ri, 0xA4, what, 2)
@@ -171,16 +188,16 @@ def read_other_recipient(ri: cms.RecipientInfo) -> tuple[str, bytes]:
     return _der.decode_oid(data[parts[0].body:parts[0].end]), data[parts[1].start:parts[1].end]
 
 
-def encode_recipient_infos(recipient_infos: Sequence[cms.RecipientInfo]) -> bytes:
-    """The DER ``RecipientInfos`` SET for a message or stream we write."""
-    if isinstance(recipient_infos, cms.RecipientInfo) or not 1 <= len(recipient_infos) <= MAX_RECIPIENTS:
+def encode_recipient_infos(recipient_infos: Sequence[RecipientLike]) -> bytes:
+    """The DER ``RecipientInfos`` SET for a message or stream we write (objects or their DER)."""
+    if isinstance(recipient_infos, cms.RecipientInfo | bytes) or not 1 <= len(recipient_infos) <= MAX_RECIPIENTS:
         raise ConfigurationError(f"a message needs 1 to {MAX_RECIPIENTS} recipients (a sequence of RecipientInfo)")
     encoded = []
     for ri in recipient_infos:
-        if not isinstance(ri, cms.RecipientInfo):
-            raise ConfigurationError("recipients must be asn1crypto.cms.RecipientInfo objects")
+        if not isinstance(ri, cms.RecipientInfo | bytes):
+            raise ConfigurationError("recipients must be asn1crypto.cms.RecipientInfo objects (or their DER)")
         try:
-            data = ri.dump()
+            data = _dump(ri)
             element = _der.read_one(data, tag=data[0], what="RecipientInfo")
         except (FormatError, ValueError, TypeError, IndexError):
             raise ConfigurationError("a recipient is not a DER-encodable RecipientInfo") from None
@@ -190,20 +207,62 @@ def encode_recipient_infos(recipient_infos: Sequence[cms.RecipientInfo]) -> byte
     return _der.set_of(encoded)
 
 
-def parse_recipient_infos(data: bytes, element: _der.Tlv) -> tuple[cms.RecipientInfo, ...]:
-    """The recipients of a ``RecipientInfos`` SET, as lazily-parsed asn1crypto objects."""
+def load_recipient_info(der: bytes) -> cms.RecipientInfo:
+    """One recipient's DER as an asn1crypto object; :class:`FormatError` if asn1crypto cannot read it."""
+    try:
+        return cms.RecipientInfo.load(der, strict=True)
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError):
+        raise FormatError("RecipientInfos: malformed recipient") from None
+
+
+class ParsedRecipients(Sequence[cms.RecipientInfo]):
+    """The recipients of a message or stream we read: their DER (:attr:`der`, in encoded
+    order), each loaded into an asn1crypto object only when asked for.
+
+    Loading costs ~7-10 µs a recipient, as much as the rest of parsing a small
+    message; the token glue reads its own ``KEKRecipientInfo`` from the DER and
+    never pays it. A recipient asn1crypto cannot load is a :class:`FormatError`
+    when it is first asked for (the DER framing was checked already).
+    """
+
+    __slots__ = ("der", "_loaded")
+
+    def __init__(self, der: Sequence[bytes]) -> None:
+        self.der: tuple[bytes, ...] = tuple(der)
+        self._loaded: list[cms.RecipientInfo | None] = [None] * len(self.der)
+
+    def __len__(self) -> int:
+        return len(self.der)
+
+    @overload
+    def __getitem__(self, index: int) -> cms.RecipientInfo: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[cms.RecipientInfo, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> cms.RecipientInfo | tuple[cms.RecipientInfo, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        loaded = self._loaded[index]
+        if loaded is None:
+            loaded = self._loaded[index] = load_recipient_info(self.der[index])
+        return loaded
+
+    def __iter__(self) -> Iterator[cms.RecipientInfo]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"ParsedRecipients({[recipient_kind(d) for d in self.der]})"
+
+
+def parse_recipient_infos(data: bytes, element: _der.Tlv) -> ParsedRecipients:
+    """The recipients of a ``RecipientInfos`` SET (DER checked; asn1crypto objects made on demand)."""
     what = "RecipientInfos"
     if element.tag != _der.SET:
         raise FormatError(f"{what}: expected a SET")
     items = _der.children(data, element, limit=MAX_RECIPIENTS, what=what)
     if not items:
         raise FormatError(f"{what}: at least one recipient is required (RFC 5083 section 2.1)")
-    recipients = []
     for item in items:
         if item.tag not in _KINDS or item.end - item.start > MAX_RECIPIENT_BYTES:
             raise FormatError(f"{what}: unknown recipient type or recipient too large")
-        try:
-            recipients.append(cms.RecipientInfo.load(data[item.start:item.end], strict=True))
-        except (ValueError, TypeError, KeyError, IndexError, OverflowError):
-            raise FormatError(f"{what}: malformed recipient") from None
-    return tuple(recipients)
+    return ParsedRecipients([data[item.start:item.end] for item in items])

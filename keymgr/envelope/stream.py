@@ -46,13 +46,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from asn1crypto import cms
-
 from keymgr.envelope import _der
 from keymgr.envelope._aead import TAG_SIZE, DataKey, zero
 from keymgr.envelope._attrs import AuthAttributes, build_auth_attrs, normalize_context, parse_auth_attrs
-from keymgr.envelope.cms import Unwrap, check_context, find_data_key
-from keymgr.envelope.recipients import encode_recipient_infos, parse_recipient_infos
+from keymgr.envelope.cms import Unwrap, UnwrapDer, check_context, find_data_key
+from keymgr.envelope.recipients import ParsedRecipients, RecipientLike, encode_recipient_infos, parse_recipient_infos
 from keymgr.errors import ConfigurationError, FormatError, IntegrityError
 
 __all__ = [
@@ -80,7 +78,7 @@ _KEY_INFO = b"keymgr stream v1 segment key"
 class StreamHeader:
     """A stream's header as read from the front of the stream, before any key is involved."""
 
-    recipient_infos: tuple[cms.RecipientInfo, ...]
+    recipient_infos: ParsedRecipients
     segment_size: int
     salt: bytes
     nonce_prefix: bytes
@@ -192,7 +190,7 @@ def read_stream_header(src: BinaryIO) -> StreamHeader:
     return _parse_header(bytes(raw))
 
 
-def replace_stream_recipients(header_bytes: bytes, new_recipient_infos: Sequence[cms.RecipientInfo]) -> bytes:
+def replace_stream_recipients(header_bytes: bytes, new_recipient_infos: Sequence[RecipientLike]) -> bytes:
     """A new header for the same stream with other recipients (rewrap); the segments that
     follow the old header stay valid after the new one, byte for byte."""
     header = _parse_header(bytes(header_bytes))
@@ -204,7 +202,7 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
 
 
 def encrypt_stream(src: BinaryIO, dst: BinaryIO, *, dek: DataKey | bytes | bytearray,
-                   recipient_infos: Sequence[cms.RecipientInfo], context: Mapping[str, str] | None,
+                   recipient_infos: Sequence[RecipientLike], context: Mapping[str, str] | None,
                    segment_size: int = DEFAULT_SEGMENT_SIZE, _salt: bytes | None = None,
                    _prefix: bytes | None = None) -> int:
     """Encrypt all of ``src`` into ``dst``; returns the number of plaintext bytes.
@@ -252,9 +250,11 @@ def encrypt_stream(src: BinaryIO, dst: BinaryIO, *, dek: DataKey | bytes | bytea
         segment_key.wipe()
 
 
-def decrypt_stream(src: BinaryIO, dst: BinaryIO, *, unwrap: Unwrap, context: Mapping[str, str] | None,
-                   header: StreamHeader | None = None) -> int:
+def decrypt_stream(src: BinaryIO, dst: BinaryIO, *, unwrap: Unwrap | None = None, context: Mapping[str, str] | None,
+                   header: StreamHeader | None = None, unwrap_der: UnwrapDer | None = None) -> int:
     """Decrypt ``src`` into ``dst`` segment by segment; returns the number of plaintext bytes.
+
+    ``unwrap`` / ``unwrap_der``: as for :func:`~keymgr.envelope.cms.open_message` (one of them).
 
     Pass ``header`` when :func:`read_stream_header` already read it from
     ``src`` (to look at recipients or context first). Only verified plaintext
@@ -265,7 +265,8 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, *, unwrap: Unwrap, context: Map
         header = read_stream_header(src)
     check_context(header.context, header.commitment, context=context, return_context=False,
                   require_commitment=True, failure=STREAM_FAILED)
-    key, owned = find_data_key(header.recipient_infos, unwrap, header.commitment, failure=STREAM_FAILED)
+    key, owned = find_data_key(header.recipient_infos, unwrap, header.commitment, failure=STREAM_FAILED,
+                               unwrap_der=unwrap_der)
     segment_key = key.derive(salt=header.salt, info=_KEY_INFO + header.header_hash)
     if owned:
         key.wipe()

@@ -12,6 +12,7 @@ a recipient scheme from :class:`Capabilities`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -76,13 +77,18 @@ class Capabilities:
         return None
 
 
-_cache: dict[tuple[str, str, str], Capabilities] = {}
+_cache: dict[tuple[str, str, str, bool], Capabilities] = {}
 _cache_lock = threading.Lock()
 
 
 def probe(ts: TokenSession, *, refresh: bool = False) -> Capabilities:
-    """Probe (once per process) what the token can do."""
-    key = (ts.module.path, ts.serial, ts.label)
+    """Probe (once per process and login state) what the token can do.
+
+    Without a login, key pairs are probed as public session objects where the
+    token allows them (SoftHSM); tokens that make key pairs only as token objects
+    (the TPM) need a login to show their RSA / EC capabilities.
+    """
+    key = (ts.module.path, ts.serial, ts.label, ts.logged_in)
     with _cache_lock:
         if not refresh and key in _cache:
             return _cache[key]
@@ -117,7 +123,7 @@ def _probe_wrap(mechanism: int) -> Callable[[Any], bool]:
     def run(session: Any) -> bool:
         kek = _aes(session, wrap=True, unwrap=True)
         dek = session.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
-                                     Attribute.TOKEN: False, Attribute.VALUE: os.urandom(32),
+                                     Attribute.TOKEN: False, Attribute.PRIVATE: False, Attribute.VALUE: os.urandom(32),
                                      Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False})
         try:
             wrapped = kek.wrap_key(dek, mechanism=Mechanism(mechanism))
@@ -142,22 +148,43 @@ def _probe_hmac(session: Any) -> bool:
         key.destroy()
 
 
+_PROBE_LABEL = "keymgr-probe"
+
+
+def _destroy(*objects: Any) -> None:
+    """Destroy every object given, even when destroying one of them fails."""
+    for obj in objects:
+        with contextlib.suppress(p11x.PKCS11Error):
+            obj.destroy()
+
+
+def _sweep_probe_objects(session: Any) -> None:
+    """Remove token key pairs a probe left behind (a process killed mid-probe)."""
+    for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+        _destroy(*session.get_objects({Attribute.CLASS: object_class, Attribute.TOKEN: True,
+                                       Attribute.LABEL: _PROBE_LABEL}))
+
+
 def _keypair(session: Any, key_type: KeyType, param: Any) -> tuple[Any, Any]:
-    """A throwaway key pair: a session pair, or token objects where sessions are refused (TPM)."""
+    """A throwaway key pair: a session pair (public objects, so no login is needed), or
+    token objects labelled ``keymgr-probe`` where sessions are refused (TPM), destroyed
+    by the caller (and swept at the next probe should the process die first)."""
+    session_template = {Attribute.PRIVATE: False}
     try:
         if key_type == KeyType.RSA:
-            return session.generate_keypair(KeyType.RSA, 2048, store=False)  # type: ignore[no-any-return]
-        return session.generate_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: param}, local=True) \
-            .generate_keypair(store=False)  # type: ignore[no-any-return]
+            return session.generate_keypair(KeyType.RSA, 2048, store=False,  # type: ignore[no-any-return]
+                                            private_template=session_template)
+        return session.create_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: param}, local=True) \
+            .generate_keypair(store=False, private_template=session_template)  # type: ignore[no-any-return]
     except p11x.PKCS11Error:
         template = {Attribute.DERIVE: DEFAULT, Attribute.WRAP: DEFAULT, Attribute.UNWRAP: DEFAULT,
                     Attribute.ENCRYPT: DEFAULT, Attribute.DECRYPT: DEFAULT, Attribute.SIGN: DEFAULT,
                     Attribute.VERIFY: DEFAULT}
-        label = "keymgr-probe"
+        label = _PROBE_LABEL
         if key_type == KeyType.RSA:
             return session.generate_keypair(KeyType.RSA, 2048, store=True, label=label,  # type: ignore[no-any-return]
                                             public_template=template, private_template=template)
-        return session.generate_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: param}, local=True) \
+        return session.create_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: param}, local=True) \
             .generate_keypair(store=True, label=label, public_template=template, private_template=template)
 
 
@@ -187,8 +214,7 @@ def _probe_rsa(session: Any, results: set[str]) -> None:
         except p11x.PKCS11Error:
             pass
     finally:
-        pub.destroy()
-        priv.destroy()
+        _destroy(priv, pub)
 
 
 def _probe_ec(session: Any, results: set[str]) -> None:
@@ -203,11 +229,14 @@ def _probe_ec(session: Any, results: set[str]) -> None:
         results.add("ec-keygen")
         try:
             if name == "p256":
-                try:
-                    priv.sign(b"probe", mechanism=Mechanism.ECDSA_SHA256)
-                    results.add("ecdsa-sign")
-                except p11x.PKCS11Error:
-                    pass
+                # ECDSA-SHA256 in the token, or (SoftHSM 2.6.1) CKM_ECDSA over a host digest
+                for mechanism, message in ((Mechanism.ECDSA_SHA256, b"probe"), (Mechanism.ECDSA, bytes(32))):
+                    try:
+                        if len(priv.sign(message, mechanism=mechanism)) == 64:
+                            results.add("ecdsa-sign")
+                            break
+                    except p11x.PKCS11Error:
+                        pass
             peer = ec.generate_private_key(curve).public_key()
             from cryptography.hazmat.primitives import serialization
             point = peer.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
@@ -220,8 +249,7 @@ def _probe_ec(session: Any, results: set[str]) -> None:
             except p11x.PKCS11Error:
                 pass
         finally:
-            pub.destroy()
-            priv.destroy()
+            _destroy(priv, pub)
 
 
 def _probe_data_objects(session: Any) -> bool:
@@ -248,6 +276,8 @@ def _probe_all(session: Any) -> set[str]:
         _attempt(results, name, _probe_wrap(WRAP_MECHANISMS[name]), session)
     _attempt(results, "hmac-sha256", _probe_hmac, session)
     _attempt(results, "data-objects", _probe_data_objects, session)
+    with contextlib.suppress(p11x.PKCS11Error):
+        _sweep_probe_objects(session)
     for prober in (_probe_rsa, _probe_ec):
         try:
             prober(session, results)

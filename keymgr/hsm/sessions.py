@@ -15,9 +15,18 @@ Recovery:
 * a token that disappears raises :class:`~keymgr.errors.TokenRemovedError`;
   the next call looks the token up again by its URI (a new slot id is fine),
   re-initialising the module if the token is not seen at first;
+* CKR_GENERAL_ERROR / CKR_DEVICE_ERROR count as removal when the token no
+  longer answers C_GenerateRandom (tpm2-pkcs11 reports a vanished TPM so, and
+  keeps listing it); the module is then re-initialised and the call retried
+  once, which brings back a token that has returned;
+* an operation left active by a failed call (CKR_OPERATION_ACTIVE) is cleared
+  by reopening the session;
 * after ``fork()`` the child re-initialises the module and reopens its session.
 
-A wrong PIN is never retried: the error carries the token's own tries-left state.
+A wrong PIN is never retried: the error carries the token's own tries-left
+state, and keymgr logs in by itself only with a PIN that worked before.
+Context-specific logins (CKA_ALWAYS_AUTHENTICATE) ask the PIN source again:
+:meth:`TokenSession.context_pin`.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import pkcs11.exceptions as p11x
 from pkcs11.constants import TokenFlag
 
 from keymgr import errors
-from keymgr.hsm._errors import SESSION_LOST, TOKEN_GONE, translate
+from keymgr.hsm._errors import SESSION_LOST, TOKEN_GONE, code_name, translate
 from keymgr.hsm.discovery import FoundToken, find_token, list_tokens
 from keymgr.hsm.modules import Module
 from keymgr.hsm.pins import Pin, PinCallback, PinRequest, PinSource, pin_source_from_uri
@@ -40,6 +49,11 @@ from keymgr.hsm.uri import Pkcs11Uri
 __all__ = ["TokenSession", "open_token", "tries_left_state", "close_all"]
 
 T = TypeVar("T")
+
+#: Codes with which a module answers when the token's service went away or the module
+#: must be re-initialised to see it again (tpm2-pkcs11 after its TPM restarted).
+#: python-pkcs11 raises a bare PKCS11Error for CKR_CRYPTOKI_NOT_INITIALIZED (a failed re-initialise).
+_MODULE_STALE = frozenset({"CKR_GENERAL_ERROR", "CKR_DEVICE_ERROR", "PKCS11Error"})
 
 _sessions: dict[tuple[str, str, str], TokenSession] = {}
 _sessions_lock = threading.Lock()
@@ -90,6 +104,11 @@ class TokenSession:
         return self._found
 
     @property
+    def logged_in(self) -> bool:
+        """Whether this process uses the token logged in (private objects visible)."""
+        return self._want_login
+
+    @property
     def cache(self) -> dict[object, object]:
         """Per-session cache for object handles; emptied whenever the session is reopened."""
         return self._cache
@@ -102,8 +121,8 @@ class TokenSession:
         if self._session is not None and self._generation == module.generation and self._pid == module.pid:
             return self._session
         self._drop_session()
-        token = self._found.token
         try:
+            token = self._found.token
             session = self._login(token) if self._want_login else token.open(rw=True)
         except p11x.PKCS11Error as exc:
             raise translate(exc, operation="open session", token=self.label) from exc
@@ -112,10 +131,16 @@ class TokenSession:
         self._pid = module.pid
         return session
 
+    def _unlock_hint(self) -> str:
+        """How this kind of token unlocks: a TPM's lockout is its dictionary-attack counter."""
+        if "TPM" in self._found.model or "TPM" in self.module.description:
+            return ("the TPM forgives one wrong PIN per lockout interval, or its owner clears the "
+                    "lockout at once (tpm2_dictionarylockout --clear-lockout)")
+        return "the security officer must reset it (SO PIN, or the PUK on a smart card)"
+
     def _locked_error(self) -> errors.PinLockedError:
         return errors.PinLockedError(
-            f"the user PIN of token {self.label!r} is locked; the security officer must "
-            "reset it (SO PIN, or the PUK on a smart card)", token=self.label)
+            f"the user PIN of token {self.label!r} is locked; {self._unlock_hint()}", token=self.label)
 
     def _login(self, token: pkcs11.Token) -> pkcs11.Session:  # type: ignore[name-defined]
         """Open a session and C_Login, once; a wrong PIN is reported, never retried."""
@@ -140,8 +165,8 @@ class TokenSession:
             state = tries_left_state(int(self._found.token.flags))
             if state == "locked":
                 raise errors.PinLockedError(
-                    f"wrong PIN for token {self.label!r}; the PIN is now locked: the security "
-                    "officer must reset it (SO PIN, or the PUK on a smart card)", token=self.label) from exc
+                    f"wrong PIN for token {self.label!r}; the PIN is now locked: {self._unlock_hint()}",
+                    token=self.label) from exc
             hint = {"final-try": "one try left before the PIN locks",
                     "count-low": "the token reports few tries left",
                     "unknown": "the token does not report tries left"}[state]
@@ -164,22 +189,65 @@ class TokenSession:
             except p11x.PKCS11Error:
                 pass
 
-    def _rediscover(self) -> None:
-        """Find the token again after removal (possibly in another slot)."""
+    def _rediscover(self, *, reinitialize: bool = False) -> None:
+        """Find the token again after removal (possibly in another slot).
+
+        ``reinitialize``: C_Finalize + C_Initialize first, for modules that keep
+        listing a token whose service went away (tpm2-pkcs11 reads its token
+        list at C_Initialize and answers CKR_GENERAL_ERROR afterwards).
+        """
         def lookup() -> FoundToken | None:
-            for candidate in list_tokens(self.module):
+            try:
+                candidates = list_tokens(self.module)
+            except errors.TokenError:
+                return None
+            for candidate in candidates:
                 if candidate.serial == self.serial and candidate.label == self.label:
                     return candidate
             return None
 
-        found = lookup()
+        self._session = None
+        self._cache.clear()
+        found = None if reinitialize else lookup()
         if found is None:
-            self.module.reinitialize()
+            try:
+                self.module.reinitialize()
+            except errors.ModuleLoadError as exc:
+                raise self._removed_error("reconnect") from exc
             found = lookup()
         if found is None:
-            raise errors.TokenRemovedError(f"token {self.label!r} (serial {self.serial}) is not present")
+            raise self._removed_error("reconnect")
         self._found = found
+
+    def _removed_error(self, operation: str, code: str | None = None) -> errors.TokenRemovedError:
+        why = f" ({code})" if code else ""
+        return errors.TokenRemovedError(
+            f"{operation} on token {self.label!r} (serial {self.serial}): the token is not present or "
+            f"not answering{why}; nothing was done. Reconnect it: the next call finds it again", code=code)
+
+    def answers(self) -> bool:
+        """Whether the token still answers a call that reaches it (C_GenerateRandom on a new
+        session): tells a removed token from an operation the token refused. Call it inside
+        :meth:`run` (the module lock is held)."""
+        try:
+            probe_session = self._found.token.open()
+            try:
+                probe_session.generate_random(64)
+            finally:
+                probe_session.close()
+        except p11x.FunctionNotSupported:
+            return True  # no RNG, but it answered
+        except (p11x.PKCS11Error, errors.KeymgrError):
+            return False
+        return True
+
+    def _device_failure(self, exc: BaseException, operation: str) -> errors.KeymgrError:
+        """CKR_GENERAL_ERROR / CKR_DEVICE_ERROR: removal when a re-probe fails, else the error itself."""
         self._session = None
+        self._cache.clear()
+        if not self.answers():
+            return self._removed_error(operation, code_name(exc))
+        return translate(exc, operation=operation, token=self.label)
 
     # -- running calls ---------------------------------------------------------
 
@@ -192,10 +260,12 @@ class TokenSession:
             for attempt in (1, 2):
                 try:
                     session = self._open_locked()
-                except errors.TokenRemovedError:
-                    if attempt == 2:
+                except errors.TokenError as exc:
+                    if not isinstance(exc, errors.TokenRemovedError) and exc.code not in _MODULE_STALE:
                         raise
-                    self._rediscover()
+                    if attempt == 2:
+                        raise self._removed_error(operation, exc.code) from exc
+                    self._rediscover(reinitialize=not isinstance(exc, errors.TokenRemovedError))
                     continue
                 try:
                     return call(session)
@@ -204,14 +274,24 @@ class TokenSession:
                     self._cache.clear()
                     if attempt == 2:
                         raise translate(exc, operation=operation, token=self.label) from exc
+                except p11x.OperationActive as exc:
+                    # an earlier call failed half-way (e.g. a wrong context-specific PIN) and
+                    # the module kept its operation: a new session clears it
+                    self._drop_session()
+                    if attempt == 2:
+                        raise translate(exc, operation=operation, token=self.label) from exc
                 except TOKEN_GONE as exc:
                     self._session = None
                     self._cache.clear()
                     raise translate(exc, operation=operation, token=self.label) from exc
                 except (p11x.DeviceError, p11x.GeneralError) as exc:
-                    self._session = None
-                    self._cache.clear()
-                    raise translate(exc, operation=operation, token=self.label) from exc
+                    failure = self._device_failure(exc, operation)
+                    if attempt == 2 or not isinstance(failure, errors.TokenRemovedError):
+                        raise failure from exc
+                    try:  # the token may be back under a module that must re-read it
+                        self._rediscover(reinitialize=True)
+                    except errors.TokenRemovedError:
+                        raise failure from exc
                 except p11x.PKCS11Error as exc:
                     raise translate(exc, operation=operation, token=self.label) from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -223,16 +303,28 @@ class TokenSession:
             except p11x.PKCS11Error as exc:
                 raise translate(exc, operation="read token flags", token=self.label) from exc
 
+    def context_pin(self) -> Pin | None:
+        """The PIN for one context-specific login (CKA_ALWAYS_AUTHENTICATE), or None for a
+        protected authentication path (PIN pad). Asked afresh each time from the token's
+        PIN source: a callback (GUI, terminal) is called with ``reason="context-specific"``.
+        Call it outside :meth:`run`: a person may take a while to answer.
+        The caller wipes the returned :class:`Pin`."""
+        flags = self.token_flags()
+        if flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH and self._pin_source.kind in ("callback", "protected"):
+            return None
+        request = PinRequest(self.label, "context-specific", tries_left_state(flags))
+        return self._pin_source.read(request, self._pin_callback)
+
     def reauthenticate(self, key_object: object) -> None:
-        """Context-specific login (CKA_ALWAYS_AUTHENTICATE): ask for the PIN again."""
-        request = PinRequest(self.label, "context-specific", tries_left_state(self.token_flags()))
-        pin = self._pin_source.read(request, self._pin_callback)
-        if pin is None:
-            return
+        """Context-specific login (CKA_ALWAYS_AUTHENTICATE) before a single-call operation
+        such as C_DeriveKey. For C_Decrypt / C_Sign the login must follow the operation's
+        Init call instead: :mod:`keymgr.hsm.asym` does that with :meth:`context_pin`."""
+        pin = self.context_pin()
+        secret = "" if pin is None else pin.reveal()
         try:
-            self.run("context-specific login", lambda s: s.reaffirm_credentials(pin.reveal()))
+            self.run("context-specific login", lambda s: s.reaffirm_credentials(secret))
         finally:
-            if pin is not self._pin:
+            if pin is not None:
                 pin.wipe()
 
     def close(self) -> None:

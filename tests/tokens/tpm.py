@@ -156,6 +156,16 @@ def unlock_tpm(state_dir: Path | str, *, timeout: float = COMMAND_TIMEOUT) -> No
     _run("unlock", Path(state_dir), timeout)
 
 
+def lockout_counter(state_dir: Path | str, *, timeout: float = COMMAND_TIMEOUT) -> int:
+    """The TPM's dictionary-attack counter (TPM2_PT_LOCKOUT_COUNTER): wrong PINs not yet
+    forgiven. The token's flags never show it, so tests read it from the TPM itself."""
+    for line in _run("status", Path(state_dir), timeout).splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "TPM2_PT_LOCKOUT_COUNTER":
+            return int(value.strip(), 0)
+    raise TpmSetupError("status", "no TPM2_PT_LOCKOUT_COUNTER line", "")
+
+
 def reset_tpm(state_dir: Path | str, *, timeout: float = COMMAND_TIMEOUT) -> None:
     """Stop everything and delete ``state_dir`` (for the end of a test run)."""
     _run("reset", Path(state_dir), timeout)

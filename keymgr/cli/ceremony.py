@@ -1,0 +1,156 @@
+"""``keymgr backup`` and ``keymgr restore``: the key ceremonies (docs/ceremonies.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from keymgr import errors
+from keymgr._files import atomic_write
+from keymgr.cli._common import CliState, emit_json, pass_state
+from keymgr.cli._custody_common import (
+    custodian_uri,
+    default_path,
+    parse_custodian_option,
+    pin_prompt,
+    read_approvals,
+    read_file,
+    read_request,
+)
+from keymgr.custody.custodian_token import CustodianToken
+from keymgr.custody.custodians import Custodian
+from keymgr.hsm.pins import PinRequest, pin_source_from_uri
+
+__all__ = ["backup_command", "restore_command", "collect_custodians"]
+
+
+def _versions(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise errors.ConfigurationError("--versions takes numbers separated by commas, e.g. 1,2") from None
+
+
+@click.command("backup")
+@click.argument("name")
+@click.option("--versions", default=None, metavar="N,N", help="Versions to back up (default: every live one).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Backup file to write.")
+@click.option("--request", "request_path", type=click.Path(exists=True, dir_okay=False),
+              help="The approved backup request (keymgr request backup).")
+@click.option("--approval", "approval_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An approval of the request; repeat for each custodian.")
+@click.option("--so-pin-source", default=None, metavar="env:VAR|file:PATH",
+              help="Where the HSM's SO PIN comes from (default: asked at the terminal).")
+@click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
+              help="Signed transcript to write (default: OUTPUT.transcript.p7s).")
+@pass_state
+def backup_command(state: CliState, name: str, versions: str | None, output: str, request_path: str | None,
+                   approval_paths: tuple[str, ...], so_pin_source: str | None, transcript_path: str | None) -> None:
+    """Back up key NAME, wrapped in the HSM, to its M-of-N custodians."""
+    from keymgr.custody.ceremony import backup_keys
+
+    km = state.manager()
+    request, approvals = read_request(request_path), read_approvals(approval_paths)
+    source = pin_source_from_uri(so_pin_source, None)
+    pin = source.read(PinRequest(km.token.label, "mark the backup transport key trusted", user="so"), pin_prompt())
+    if pin is None:
+        raise errors.AuthenticationError("a backup needs the HSM's SO PIN")
+    try:
+        result = backup_keys(km.keyring, name, so_pin=pin, request=request, approvals=approvals,
+                             versions=_versions(versions))
+    finally:
+        pin.wipe()
+    out = Path(output)
+    atomic_write(out, result.backup, mode=0o600)
+    transcript = Path(transcript_path) if transcript_path else default_path(out, ".transcript.p7s")
+    if result.transcript:
+        atomic_write(transcript, result.transcript)
+    if state.json_output:
+        emit_json({"backup": str(out), "transcript": str(transcript), "description": result.description})
+    else:
+        click.echo(f"wrote {out}: {result.description}")
+        click.echo(f"signed transcript: {transcript}")
+
+
+def collect_custodians(candidates: Sequence[Custodian], threshold: int, given: Sequence[str], module_path: str,
+                       what: str) -> list[CustodianToken]:
+    """Open M custodians' tokens: from ``--custodian NAME=URI`` options, or asked in turn at the terminal
+    (name, then token, then that custodian's PIN, never echoed). Tokens opened are closed on failure."""
+    by_name = {c.name: c for c in candidates}
+    names = ", ".join(by_name)
+    tokens: list[CustodianToken] = []
+
+    def open_one(name: str, uri: str) -> None:
+        custodian = by_name.get(name)
+        if custodian is None:
+            raise errors.PolicyError(f"custodian {name!r} is not one of the custodians of this {what} ({names})")
+        if any(t.custodian.name == name for t in tokens):
+            raise errors.PolicyError(f"custodian {name!r} was given twice; each custodian counts once")
+        tokens.append(CustodianToken.open(custodian, custodian_uri(uri, module_path), pin_callback=pin_prompt(name)))
+
+    try:
+        if given:
+            for option in given:
+                open_one(*parse_custodian_option(option))
+            return tokens
+        click.echo(f"This {what} needs {threshold} of its custodians: {names}.", err=True)
+        for turn in range(1, threshold + 1):
+            name = click.prompt(f"Custodian {turn} of {threshold}, name (empty to stop)", default="",
+                                show_default=False, err=True).strip()
+            if not name:
+                break
+            if name not in by_name:
+                raise errors.PolicyError(f"custodian {name!r} is not one of the custodians of this {what} ({names})")
+            uri = click.prompt(f"Token of custodian {name!r} (token label or pkcs11: URI)", err=True)
+            open_one(name, uri)
+            click.echo(f"  custodian {name!r}: token {tokens[-1].ts.label!r} holds the registered key", err=True)
+        return tokens
+    except BaseException:
+        for token in tokens:
+            token.close()
+        raise
+
+
+@click.command("restore")
+@click.argument("backup_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--token", "target", default=None, metavar="URI", help="The target HSM (default: the global --token).")
+@click.option("--custodian", "custodians", multiple=True, metavar="NAME=URI",
+              help="A custodian and their token URI (with pin-source); repeat. Default: asked at the terminal.")
+@click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
+              help="Signed transcript to write (default: restore-ID.transcript.p7s here).")
+@pass_state
+def restore_command(state: CliState, backup_file: str, target: str | None, custodians: tuple[str, ...],
+                    transcript_path: str | None) -> None:
+    """Restore the keys of BACKUP_FILE into the target HSM, with M custodians present."""
+    from keymgr.custody.backup_file import BackupFile
+    from keymgr.custody.ceremony import restore_keys
+
+    backup = BackupFile.parse(read_file(backup_file, "backup file"))
+    if target:
+        state.token = target
+    km = state.manager()
+    if not state.json_output:
+        click.echo(f"{backup.describe()}", err=True)
+        click.echo(f"Target: token {km.token.label!r} (serial {km.token.serial})", err=True)
+    tokens = collect_custodians([s.custodian for s in backup.shares], backup.quorum.threshold, custodians,
+                                km.token.module.path, "backup")
+    try:
+        result = restore_keys(backup, km.keyring, tokens)
+    finally:
+        for token in tokens:
+            token.close()
+    transcript = Path(transcript_path or f"restore-{backup.id.hex()[:8]}.transcript.p7s")
+    if result.transcript:
+        atomic_write(transcript, result.transcript)
+    restored = [{"name": r.name, "versions": [v.version for v in r.versions]} for r in result.records]
+    if state.json_output:
+        emit_json({"restored": restored, "token": km.token.label, "transcript": str(transcript)})
+        return
+    for r in result.records:
+        versions = ", ".join(str(v.version) for v in r.versions)
+        click.echo(f"restored key {r.name!r} versions {versions} into token {km.token.label!r}")
+    click.echo(f"signed transcript: {transcript}")

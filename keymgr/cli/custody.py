@@ -1,0 +1,346 @@
+"""``keymgr custodian``, ``request``, ``approve``, ``transcript``, ``quorum``: dual control at the terminal."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from keymgr import errors
+from keymgr._files import atomic_write
+from keymgr.cli._common import CliState, console, emit_json, pass_state
+from keymgr.cli._custody_common import custodian_uri, default_path, pin_prompt, read_approvals, read_file, read_request
+from keymgr.cli.ceremony import collect_custodians
+
+__all__ = ["custodian_group", "request_group", "approve_command", "transcript_group", "quorum_group",
+           "register_custody_commands"]
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if not text else tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _context(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise errors.ConfigurationError(f"--context takes KEY=VALUE, not {pair!r}")
+        out[key] = value
+    return out
+
+
+def _write_transcript(path: str | None, data: bytes) -> None:
+    if path and data:
+        atomic_write(path, data)
+        click.echo(f"signed transcript: {path}", err=True)
+
+
+# -- custodians ---------------------------------------------------------------------------------
+
+@click.group("custodian")
+def custodian_group() -> None:
+    """Register custodians and set M-of-N quorum policies."""
+
+
+@custodian_group.command("add")
+@click.argument("name")
+@click.option("--token", "--custodian-token", "uri", required=True, metavar="URI",
+              help="The custodian's own token (label or pkcs11: URI).")
+@click.option("--key-label", default=None, help="Label of the custodian's key pair (default: keymgr-custodian).")
+@pass_state
+def custodian_add(state: CliState, name: str, uri: str, key_label: str | None) -> None:
+    """Register custodian NAME by the key pair on their token (their PIN is asked)."""
+    from keymgr.custody.custodian_token import enroll_custodian
+    from keymgr.custody.custodians import CustodyRegister
+    from keymgr.hsm import open_token
+
+    km = state.manager()
+    ts = open_token(custodian_uri(uri, km.token.module.path), pin_callback=pin_prompt(name))
+    try:
+        custodian = enroll_custodian(name, ts, key_label=key_label)
+    finally:
+        ts.close()
+    CustodyRegister(km.keyring).add(custodian)
+    if state.json_output:
+        emit_json(_custodian_json(custodian))
+    else:
+        origin = "self-signed by the token" if custodian.self_signed else "from the token"
+        click.echo(f"registered custodian {name!r}: {custodian.kind} key {custodian.key_label!r} on token "
+                   f"{custodian.token_label!r}, fingerprint {custodian.fingerprint}, certificate {origin}")
+
+
+def _custodian_json(c: Any) -> dict[str, Any]:
+    return {"name": c.name, "kind": c.kind, "fingerprint": c.fingerprint, "token": c.token_label,
+            "serial": c.token_serial, "key_label": c.key_label, "added": c.added, "self_signed": c.self_signed}
+
+
+@custodian_group.command("remove")
+@click.argument("name")
+@pass_state
+def custodian_remove(state: CliState, name: str) -> None:
+    """Remove custodian NAME (refused while a quorum policy names them)."""
+    from keymgr.custody.custodians import CustodyRegister
+
+    CustodyRegister(state.manager().keyring).remove(name)
+    click.echo(f"removed custodian {name!r}")
+
+
+@custodian_group.command("list")
+@pass_state
+def custodian_list(state: CliState) -> None:
+    """List registered custodians and quorum policies."""
+    from keymgr.custody.custodians import CustodyRegister
+
+    register = CustodyRegister(state.manager().keyring).load()
+    if state.json_output:
+        emit_json({"custodians": [_custodian_json(c) for c in register.custodians],
+                   "policies": {k: p.to_json() for k, p in register.policies.items()}})
+        return
+    from rich.table import Table
+
+    table = Table(title="custodians")
+    for column in ("name", "key", "fingerprint", "token", "certificate", "added"):
+        table.add_column(column)
+    for c in register.custodians:
+        table.add_row(c.name, c.kind, c.fingerprint[:16], c.token_label,
+                      "self-signed" if c.self_signed else "issued", c.added)
+    console().print(table)
+    for scope, policy in sorted(register.policies.items()):
+        label = "every key" if scope == "*" else f"key {scope!r}"
+        click.echo(f"quorum for {label}: {policy.describe()}")
+    if not register.policies:
+        click.echo("no quorum policy set")
+
+
+@custodian_group.command("policy")
+@click.argument("threshold", type=click.IntRange(min=1))
+@click.option("--key", default=None, help="Set the policy of this key (default: the whole keyring).")
+@click.option("--custodians", default=None, metavar="A,B,C", help="The N custodians (default: all registered).")
+@click.option("--request", "request_path", type=click.Path(exists=True, dir_okay=False),
+              help="Approved request, needed when a policy is already in force.")
+@click.option("--approval", "approval_paths", multiple=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None)
+@pass_state
+def custodian_policy(state: CliState, threshold: int, key: str | None, custodians: str | None,
+                     request_path: str | None, approval_paths: tuple[str, ...], transcript_path: str | None) -> None:
+    """Require THRESHOLD of the custodians (M of N) for a key or the keyring."""
+    from keymgr.custody.authorize import change_policy
+
+    km = state.manager()
+    policy = _policy(km, threshold, custodians)
+    register, transcript = change_policy(km.keyring, policy, key=key, request=read_request(request_path),
+                                         approvals=read_approvals(approval_paths))
+    _write_transcript(transcript_path, transcript)
+    click.echo(f"quorum for {'key ' + repr(key) if key else 'every key'}: {policy.describe()}")
+
+
+def _policy(km: Any, threshold: int, custodians: str | None) -> Any:
+    from keymgr.custody.custodians import CustodyRegister, QuorumPolicy
+
+    names = _names(custodians) or tuple(c.name for c in CustodyRegister(km.keyring).load().custodians)
+    return QuorumPolicy(threshold, names)
+
+
+# -- requests and approvals ---------------------------------------------------------------------
+
+@click.group("request")
+def request_group() -> None:
+    """Write a request for an operation that needs the custodians' approval."""
+
+
+def _request_options(command: Any) -> Any:
+    command = click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+                           help="Request file to write.")(command)
+    command = click.option("--ttl-hours", type=click.IntRange(min=1, max=720), default=24, show_default=True,
+                           help="How long approvals may be collected.")(command)
+    return click.option("--by", "requested_by", default="", help="Who asks (recorded in the request).")(command)
+
+
+def _write_request(state: CliState, operation: str, key: str | None, params: dict[str, Any], output: str,
+                   ttl_hours: int, requested_by: str) -> None:
+    from keymgr.custody.approvals import make_request
+
+    km = state.manager()
+    request = make_request(operation, token=km.token, key=key, params=params, ttl=timedelta(hours=ttl_hours),
+                           requested_by=requested_by)
+    atomic_write(output, request.to_bytes())
+    if state.json_output:
+        emit_json({"request": output, "digest": request.digest, "describe": request.describe()})
+    else:
+        click.echo(f"wrote {output}: {request.describe()}; digest {request.digest}")
+
+
+@request_group.command("destroy")
+@click.argument("name")
+@click.option("--version", "versions", type=click.IntRange(min=1), multiple=True, required=True)
+@_request_options
+@pass_state
+def request_destroy(state: CliState, name: str, versions: tuple[int, ...], output: str, ttl_hours: int,
+                    requested_by: str) -> None:
+    """Request that versions of key NAME be destroyed."""
+    _write_request(state, "destroy", name, {"versions": sorted(set(versions))}, output, ttl_hours, requested_by)
+
+
+@request_group.command("backup")
+@click.argument("name")
+@click.option("--versions", default=None, metavar="N,N")
+@_request_options
+@pass_state
+def request_backup(state: CliState, name: str, versions: str | None, output: str, ttl_hours: int,
+                   requested_by: str) -> None:
+    """Request a backup of key NAME."""
+    from keymgr.cli.ceremony import _versions
+
+    _write_request(state, "backup", name, {"versions": _versions(versions)}, output, ttl_hours, requested_by)
+
+
+@request_group.command("policy")
+@click.argument("threshold", type=click.IntRange(min=1))
+@click.option("--key", default=None)
+@click.option("--custodians", default=None, metavar="A,B,C")
+@_request_options
+@pass_state
+def request_policy(state: CliState, threshold: int, key: str | None, custodians: str | None, output: str,
+                   ttl_hours: int, requested_by: str) -> None:
+    """Request a change of quorum policy."""
+    policy = _policy(state.manager(), threshold, custodians)
+    _write_request(state, "set-policy", None, {"scope": key or "*", "policy": policy.to_json()}, output, ttl_hours,
+                   requested_by)
+
+
+@click.command("approve")
+@click.argument("request_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--custodian", "name", required=True, help="Your custodian name.")
+@click.option("--token", "--custodian-token", "uri", default=None, metavar="URI",
+              help="Your token (label or pkcs11: URI); asked if not given.")
+@click.option("--key-label", default=None)
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Approval file (default: REQUEST.NAME.approval).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def approve_command(state: CliState, request_path: str, name: str, uri: str | None, key_label: str | None,
+                    output: str | None, yes: bool) -> None:
+    """Sign an approval of the request in REQUEST_PATH with your token's key."""
+    from keymgr.custody.approvals import Request, approve
+    from keymgr.custody.custodian_token import CustodianToken
+    from keymgr.hsm import open_token
+    from keymgr.hsm.discovery import default_module_path
+
+    request = Request.parse(read_file(request_path, "request"))
+    click.echo(f"You are asked to approve: {request.describe()}", err=True)
+    if request.requested_by:
+        click.echo(f"  requested by: {request.requested_by}", err=True)
+    if not yes and not click.confirm("Approve it?", default=False, err=True):
+        raise errors.PolicyError("not approved")
+    module = default_module_path() if not state.token else state.manager().token.module.path
+    if uri is None:
+        uri = click.prompt("Your token (token label or pkcs11: URI)", err=True)
+    ts = open_token(custodian_uri(uri, module), pin_callback=pin_prompt(name))
+    try:
+        approval = approve(request, CustodianToken.local(name, ts, key_label=key_label))
+    finally:
+        ts.close()
+    out = output or str(default_path(Path(request_path), f".{name}.approval"))
+    atomic_write(out, approval.to_bytes())
+    click.echo(f"wrote {out}: approval by {name!r} of request {request.digest[:16]}")
+
+
+# -- transcripts ---------------------------------------------------------------------------------
+
+@click.group("transcript")
+def transcript_group() -> None:
+    """Check ceremony transcripts."""
+
+
+@transcript_group.command("verify")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@pass_state
+def transcript_verify(state: CliState, path: str) -> None:
+    """Verify every signature of a transcript and show what it records."""
+    from keymgr.custody.custodians import CustodyRegister
+    from keymgr.custody.transcript import verify_transcript
+
+    verified = verify_transcript(read_file(path, "transcript"))
+    known: dict[str, str] = {}
+    if state.token:
+        known = {c.fingerprint: c.name for c in CustodyRegister(state.manager().keyring).load().custodians}
+    signers = [{"subject": s, "fingerprint": f, "custodian": known.get(f)} for s, f in verified.signers]
+    doc = verified.document
+    if state.json_output:
+        emit_json({"valid": True, "signers": signers, "transcript": doc})
+        return
+    click.echo(f"transcript OK: {doc.get('ceremony')} on token {doc.get('keyring', {}).get('token')!r}, "
+               f"{doc.get('started')} .. {doc.get('finished')}, outcome {doc.get('outcome')}")
+    for s in signers:
+        who = f"registered custodian {s['custodian']!r}" if s["custodian"] else s["subject"]
+        click.echo(f"  signed by {who} (key {s['fingerprint'][:16]})")
+    for k in doc.get("keys", []):
+        click.echo(f"  key {k.get('name')!r} v{k.get('version')} id {k.get('id')} kcv {k.get('kcv') or '-'}")
+
+
+# -- threshold recipients ------------------------------------------------------------------------
+
+@click.group("quorum")
+def quorum_group() -> None:
+    """Encrypt so that M custodians together can decrypt (break glass), and decrypt so."""
+
+
+@quorum_group.command("encrypt")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--key", required=True, help="The key that encrypts for everyday use.")
+@click.option("--context", "context", multiple=True, metavar="KEY=VALUE")
+@pass_state
+def quorum_encrypt(state: CliState, source: str, output: str, key: str, context: tuple[str, ...]) -> None:
+    """Encrypt SOURCE for KEY and for the key's custodian quorum."""
+    from keymgr.custody.custodians import CustodyRegister
+    from keymgr.custody.threshold import threshold_recipient
+
+    km = state.manager()
+    recipient = threshold_recipient(CustodyRegister(km.keyring).load(), key=key)
+    blob = km.encrypt(read_file(source, "input"), key=key, context=_context(context), also_to=[recipient])
+    atomic_write(output, blob)
+    click.echo(f"wrote {output}: readable with key {key!r} or by {recipient.description}")
+
+
+@quorum_group.command("decrypt")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--custodian", "custodians", multiple=True, metavar="NAME=URI")
+@click.option("--context", "context", multiple=True, metavar="KEY=VALUE")
+@pass_state
+def quorum_decrypt(state: CliState, source: str, output: str, custodians: tuple[str, ...],
+                   context: tuple[str, ...]) -> None:
+    """Decrypt SOURCE through its threshold recipient, with M custodians' tokens."""
+    from keymgr.custody.threshold import decrypt_with_quorum, read_threshold
+    from keymgr.envelope import parse_message
+    from keymgr.hsm.discovery import default_module_path
+
+    blob = read_file(source, "message")
+    infos = [i for i in (read_threshold(ri) for ri in parse_message(blob).recipient_infos) if i is not None]
+    if not infos:
+        raise errors.KeyNotFoundError("the message has no threshold recipient")
+    module = state.manager().token.module.path if state.token else default_module_path()
+    tokens = collect_custodians([s.custodian for s in infos[0].slots], infos[0].threshold, custodians, module,
+                                "message")
+    try:
+        plaintext = decrypt_with_quorum(blob, tokens, context=_context(context))
+    finally:
+        for token in tokens:
+            token.close()
+    atomic_write(output, plaintext, mode=0o600)
+    click.echo(f"wrote {output}")
+
+
+def register_custody_commands(group: click.Group) -> None:
+    """Add the dual-control commands to the ``keymgr`` group."""
+    from keymgr.cli.ceremony import backup_command, restore_command
+
+    for command in (custodian_group, request_group, approve_command, backup_command, restore_command,
+                    transcript_group, quorum_group):
+        group.add_command(command)

@@ -1,0 +1,309 @@
+"""Signed approvals: M custodians authorise one exact operation.
+
+Operations that destroy or export keys, or change who guards them, are
+described first as a *request*, a small canonical JSON document::
+
+    {"format": "keymgr-request/1", "id": <128-bit random hex>, "operation": "destroy",
+     "keyring": {"token": "keymgr-A", "serial": "..."}, "key": "orders",
+     "params": {"versions": [1]}, "created": ..., "expires": ..., "requested_by": "..."}
+
+Each custodian signs it with their token key (ECDSA or RSA-PSS, see ``_certs``)
+into an *approval*::
+
+    {"format": "keymgr-approval/1", "request": <SHA-256 of the canonical request>,
+     "custodian": "alice", "fingerprint": <SHA-256 of alice's SPKI>, "signed": ..., "signature": <hex>}
+
+The signature covers ``"keymgr approval v1" || 0x00 || canonical({request, custodian,
+fingerprint, signed})``: the domain label keeps an approval from being mistaken
+for any other signature the key makes (transcripts, certificates).
+
+Before acting, :func:`check_quorum` requires: the request is for exactly this
+operation, key, parameters and keyring (token label and serial); it is not
+expired; and at least M *distinct* custodians of the applicable quorum policy
+signed it, each signature valid under the key registered for that name. An
+approval for another request, an altered one, or one by an unregistered key
+is refused by name (an attempt to slip one in is worth a loud error); the
+same approval presented twice counts once. Acting *consumes* the request
+(its digest is recorded in the MACed register until it expires), so a
+request and its approvals cannot be replayed.
+
+Both are canonical JSON (``_json``): a file is read, checked field by field,
+and re-encoded before it is hashed, so formatting does not matter and any
+change of content does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from keymgr import errors
+from keymgr.custody._json import canonical, load_document
+from keymgr.custody.custodian_token import CustodianToken
+from keymgr.custody.custodians import Custodian, QuorumPolicy, Register
+from keymgr.hsm.sessions import TokenSession
+from keymgr.keyring import validate_name
+
+__all__ = ["Approval", "Request", "OPERATIONS", "approve", "check_quorum", "make_request", "parse_time"]
+
+REQUEST_FORMAT = "keymgr-request/1"
+APPROVAL_FORMAT = "keymgr-approval/1"
+APPROVAL_DOMAIN = b"keymgr approval v1\x00"
+OPERATIONS = ("destroy", "backup", "set-policy")
+DEFAULT_TTL = timedelta(hours=24)
+MAX_TTL = timedelta(days=30)
+#: clock skew tolerated between the machines of the people who sign
+SKEW = timedelta(minutes=5)
+MAX_FILE = 64 * 1024
+
+
+def parse_time(value: Any, what: str) -> datetime:
+    """An RFC 3339 UTC time as keymgr writes it (``2026-11-22T10:00:00Z``)."""
+    if not isinstance(value, str) or not value.endswith("Z") or len(value) != 20:
+        raise errors.FormatError(f"{what}: expected a UTC time such as 2026-01-31T12:00:00Z")
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        raise errors.FormatError(f"{what}: expected a UTC time such as 2026-01-31T12:00:00Z") from None
+
+
+def _format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _load(data: bytes, what: str, format: str, fields: set[str]) -> dict[str, Any]:  # noqa: A002
+    doc = load_document(data, what, format=format, limit=MAX_FILE)
+    if set(doc) != fields:
+        raise errors.FormatError(f"{what}: unexpected or missing fields")
+    return doc
+
+
+def _text(data: Mapping[str, Any], name: str, what: str, *, empty: bool = False) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or (not value and not empty) or len(value) > 1024:
+        raise errors.FormatError(f"{what}: field {name!r} must be a string")
+    return value
+
+
+def _hex(data: Mapping[str, Any], name: str, what: str, size: int | None = None) -> str:
+    value = _text(data, name, what)
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise errors.FormatError(f"{what}: field {name!r} must be hex") from None
+    if (size is not None and len(raw) != size) or raw.hex() != value:
+        raise errors.FormatError(f"{what}: field {name!r} has the wrong length or case")
+    return value
+
+
+def _params(operation: str, params: Any, what: str) -> dict[str, Any]:
+    """Check an operation's parameters (and return them as plain JSON data)."""
+    if not isinstance(params, dict):
+        raise errors.FormatError(f"{what}: params must be an object")
+    if operation in ("destroy", "backup"):
+        versions = params.get("versions")
+        ok = versions is None or (isinstance(versions, list) and 0 < len(versions) <= 1000 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in versions))
+        if not ok or set(params) - {"versions"} or (operation == "destroy" and versions is None):
+            raise errors.FormatError(f"{what}: {operation} takes a list of version numbers")
+        return {"versions": None if versions is None else sorted(set(versions))}
+    if set(params) != {"scope", "policy"} or not isinstance(params["scope"], str):
+        raise errors.FormatError(f"{what}: set-policy takes a scope and a policy")
+    policy = params["policy"]
+    if policy is not None:
+        policy = QuorumPolicy.from_json(policy).to_json() if isinstance(policy, dict) else None
+        if policy is None:
+            raise errors.FormatError(f"{what}: malformed policy")
+    return {"scope": params["scope"], "policy": policy}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One operation, described exactly, waiting for approvals."""
+
+    id: str
+    operation: str
+    token_label: str
+    token_serial: str
+    key: str | None
+    params: Mapping[str, Any]
+    created: str
+    expires: str
+    requested_by: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": REQUEST_FORMAT, "id": self.id, "operation": self.operation,
+                "keyring": {"token": self.token_label, "serial": self.token_serial}, "key": self.key,
+                "params": dict(self.params), "created": self.created, "expires": self.expires,
+                "requested_by": self.requested_by}
+
+    def canonical(self) -> bytes:
+        return canonical(self.to_json())
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical()).hexdigest()
+
+    def to_bytes(self) -> bytes:
+        """The request file: canonical JSON and a newline."""
+        return self.canonical() + b"\n"
+
+    def describe(self) -> str:
+        versions = self.params.get("versions")
+        what = f" versions {', '.join(map(str, versions))}" if versions else ""
+        target = f"key {self.key!r}{what}" if self.key else f"scope {self.params.get('scope')!r}"
+        return (f"{self.operation} {target} on token {self.token_label!r} "
+                f"(request {self.id[:8]}, expires {self.expires})")
+
+    @classmethod
+    def parse(cls, data: bytes) -> Request:
+        """Read a request file; :class:`~keymgr.errors.FormatError` for anything else."""
+        what = "approval request"
+        doc = _load(data, what, REQUEST_FORMAT, {"format", "id", "operation", "keyring", "key", "params", "created",
+                                                 "expires", "requested_by"})
+        operation = _text(doc, "operation", what)
+        if operation not in OPERATIONS:
+            raise errors.FormatError(f"{what}: unknown operation")
+        keyring = doc["keyring"]
+        if not isinstance(keyring, dict) or set(keyring) != {"token", "serial"}:
+            raise errors.FormatError(f"{what}: keyring must name a token and its serial")
+        key = doc["key"]
+        if operation != "set-policy" or key is not None:
+            try:
+                key = validate_name(key) if isinstance(key, str) else None
+            except errors.ConfigurationError:
+                key = None
+            if key is None:
+                raise errors.FormatError(f"{what}: invalid key name")
+        created, expires = _text(doc, "created", what), _text(doc, "expires", what)
+        if parse_time(expires, what) <= parse_time(created, what):
+            raise errors.FormatError(f"{what}: expires before it was created")
+        return cls(id=_hex(doc, "id", what, 16), operation=operation, token_label=_text(keyring, "token", what),
+                   token_serial=_text(keyring, "serial", what, empty=True), key=key,
+                   params=_params(operation, doc["params"], what), created=created, expires=expires,
+                   requested_by=_text(doc, "requested_by", what, empty=True))
+
+
+def make_request(operation: str, *, token: TokenSession, key: str | None, params: Mapping[str, Any],
+                 ttl: timedelta = DEFAULT_TTL, requested_by: str = "", now: datetime | None = None) -> Request:
+    """A new request for ``operation`` on ``token``'s keyring, valid for ``ttl``."""
+    if operation not in OPERATIONS:
+        raise errors.ConfigurationError(f"unknown operation {operation!r} (one of {', '.join(OPERATIONS)})")
+    if not timedelta(minutes=1) <= ttl <= MAX_TTL:
+        raise errors.ConfigurationError("a request is valid for between one minute and 30 days")
+    start = (now or datetime.now(UTC)).replace(microsecond=0)
+    request = Request(id=os.urandom(16).hex(), operation=operation, token_label=token.label,
+                      token_serial=token.serial, key=key, params=dict(params), created=_format_time(start),
+                      expires=_format_time(start + ttl), requested_by=requested_by)
+    try:
+        return Request.parse(request.to_bytes())  # the same checks as a file read back
+    except errors.FormatError as exc:
+        raise errors.ConfigurationError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Approval:
+    """One custodian's signature over one request."""
+
+    request_digest: str
+    custodian: str
+    fingerprint: str
+    signed: str
+    signature: bytes = field(repr=False)
+
+    def signed_bytes(self) -> bytes:
+        return APPROVAL_DOMAIN + canonical({"request": self.request_digest, "custodian": self.custodian,
+                                             "fingerprint": self.fingerprint, "signed": self.signed})
+
+    def to_bytes(self) -> bytes:
+        return canonical({"format": APPROVAL_FORMAT, "request": self.request_digest, "custodian": self.custodian,
+                           "fingerprint": self.fingerprint, "signed": self.signed,
+                           "signature": self.signature.hex()}) + b"\n"
+
+    @classmethod
+    def parse(cls, data: bytes) -> Approval:
+        what = "approval"
+        doc = _load(data, what, APPROVAL_FORMAT, {"format", "request", "custodian", "fingerprint", "signed",
+                                                  "signature"})
+        signed = _text(doc, "signed", what)
+        parse_time(signed, what)
+        signature = bytes.fromhex(_hex(doc, "signature", what))
+        if not 8 <= len(signature) <= 1024:
+            raise errors.FormatError(f"{what}: impossible signature length")
+        try:
+            custodian = validate_name(_text(doc, "custodian", what))
+        except errors.ConfigurationError:
+            raise errors.FormatError(f"{what}: invalid custodian name") from None
+        return cls(request_digest=_hex(doc, "request", what, 32), custodian=custodian,
+                   fingerprint=_hex(doc, "fingerprint", what, 32), signed=signed, signature=signature)
+
+
+def approve(request: Request, custodian: CustodianToken, *, now: datetime | None = None) -> Approval:
+    """Sign ``request`` with the custodian's token key (the custodian's PIN was given when it was opened)."""
+    moment = (now or datetime.now(UTC)).replace(microsecond=0)
+    if moment >= parse_time(request.expires, "request"):
+        raise errors.PolicyError(f"the request expired at {request.expires}; ask for a new one")
+    unsigned = Approval(request.digest, custodian.custodian.name, custodian.custodian.fingerprint,
+                        _format_time(moment), b"")
+    return Approval(unsigned.request_digest, unsigned.custodian, unsigned.fingerprint, unsigned.signed,
+                    custodian.sign(unsigned.signed_bytes()))
+
+
+def _check_one(approval: Approval, request: Request, register: Register, allowed: Sequence[str]) -> Custodian:
+    who = f"the approval by {approval.custodian!r}"
+    if approval.request_digest != request.digest:
+        raise errors.PolicyError(f"{who} is for another request (or the request was altered)")
+    try:
+        custodian = register.custodian(approval.custodian)
+    except errors.KeyNotFoundError:
+        raise errors.PolicyError(f"{who}: no such custodian is registered") from None
+    if approval.custodian not in allowed:
+        raise errors.PolicyError(f"{who}: that custodian is not part of this quorum ({', '.join(allowed)})")
+    if approval.fingerprint != custodian.fingerprint or not custodian.verify(approval.signature,
+                                                                               approval.signed_bytes()):
+        raise errors.PolicyError(f"{who}: the signature does not verify with the registered key "
+                                 "(altered, or signed by another key)")
+    signed = parse_time(approval.signed, "approval")
+    if not parse_time(request.created, "request") - SKEW <= signed <= parse_time(request.expires, "request"):
+        raise errors.PolicyError(f"{who} was signed outside the request's validity")
+    return custodian
+
+
+def check_quorum(request: Request, approvals: Sequence[Approval], register: Register, *, operation: str,
+                 token: TokenSession, key: str | None, params: Mapping[str, Any],
+                 now: datetime | None = None) -> tuple[str, ...]:
+    """The distinct custodians whose valid approvals authorise exactly this operation.
+
+    Returns ``()`` when no quorum policy applies (no dual control configured).
+    Raises :class:`~keymgr.errors.PolicyError` naming what is wrong otherwise.
+    """
+    scope_key = key if operation != "set-policy" else (None if params.get("scope") == "*" else params.get("scope"))
+    policy = register.policy_for(scope_key)
+    if policy is None:
+        return ()
+    expected = Request(request.id, operation, token.label, token.serial, key,
+                       _params(operation, dict(params), "request"), request.created, request.expires,
+                       request.requested_by)
+    if expected.canonical() != request.canonical():
+        raise errors.PolicyError(f"the approved request is for {request.describe()}, not for this {operation}")
+    if any(digest == request.digest for digest, _ in register.consumed):
+        raise errors.PolicyError("this request was already carried out once; approvals cannot be replayed")
+    moment = now or datetime.now(UTC)
+    if moment > parse_time(request.expires, "request"):
+        raise errors.PolicyError(f"the approved request expired at {request.expires}")
+    if moment < parse_time(request.created, "request") - SKEW:
+        raise errors.PolicyError("the approved request was created in the future; check the clocks")
+    names = []
+    for approval in approvals:
+        custodian = _check_one(approval, request, register, policy.custodians)
+        if custodian.name not in names:
+            names.append(custodian.name)
+    if len(names) < policy.threshold:
+        have = f"{len(names)} ({', '.join(names)})" if names else "none"
+        raise errors.PolicyError(f"{operation} needs approvals by {policy.threshold} of {policy.n} custodians "
+                                 f"({', '.join(policy.custodians)}); valid distinct approvals: {have}")
+    return tuple(names)

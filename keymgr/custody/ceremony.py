@@ -1,0 +1,295 @@
+"""Backup and restore ceremonies: dual-control export and unwrap of long-term keys.
+
+Backup (:func:`backup_keys`), on the keyring's HSM:
+
+1. the request and its approvals are checked against the quorum policy and
+   consumed (:mod:`keymgr.custody.approvals`);
+2. every version to back up must be backup-capable (EXTRACTABLE, only under
+   a trusted key): keys made never to leave the token are refused by name;
+3. a one-time 256-bit transport key is drawn (host RNG XOR token RNG), the
+   versions are wrapped under it *inside the token* after the SO marks it
+   trusted (:mod:`keymgr.hsm.transport`), and it is destroyed there;
+4. its value is split M-of-N with Shamir (:mod:`keymgr.custody.shamir`), each
+   share sealed to one custodian's token key with a commitment beside it, and
+   the host copies are wiped; the file is MACed under the transport key.
+
+Restore (:func:`restore_keys`), on the target HSM, with M custodians present:
+each custodian's token opens only their own share; each share is checked
+against its commitment (a bad one is named); the transport key is rebuilt
+and authenticates the whole file; only then is the target touched: the
+transport key becomes a private session object, the versions are unwrapped
+into non-extractable, sensitive token objects with their original CKA_IDs and
+labels, each is proven to hold the backed-up key, the keyring records are
+written, and the transport key is destroyed. Any failure before the records
+are written destroys every object the restore created: the target is left as
+it was. Host copies of shares and of the transport key are wiped.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from keymgr import errors
+from keymgr.custody import shamir
+from keymgr.custody._seal import open_share, seal_share
+from keymgr.custody.approvals import Approval, Request
+from keymgr.custody.authorize import authorize, ceremony_transcript
+from keymgr.custody.backup_file import BackupFile, BackupKey, ShareSlot, WrappedVersion
+from keymgr.custody.custodian_token import CustodianToken
+from keymgr.custody.custodians import CustodyRegister, QuorumPolicy
+from keymgr.custody.transcript import Signer, TranscriptRecorder, hsm_signer, sign_transcript
+from keymgr.envelope._aead import zero
+from keymgr.hsm import objects, probe
+from keymgr.hsm.pins import Pin
+from keymgr.hsm.transport import ImportItem, export_wrapped, import_unwrapped
+from keymgr.keyring import PROFILES, KeyRecord, Keyring, utc_now
+
+__all__ = ["BackupResult", "RestoreResult", "backup_keys", "restore_keys", "open_custodian"]
+
+_PROOF_INPUT = bytes(32)
+_PROOF_AAD = b"keymgr backup proof v1"
+#: versions in these states have a key object to back up
+_BACKUP_STATES = frozenset({"active", "decrypt-only", "suspended", "compromised", "pre-active", "retired"})
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    backup: bytes = field(repr=False)
+    transcript: bytes = field(repr=False)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    records: tuple[KeyRecord, ...]
+    transcript: bytes = field(repr=False)
+    description: str = ""
+
+
+def _proof(ts: object, record: KeyRecord, key_id: bytes, mechanism: str) -> bytes:
+    """What the version's key makes of a fixed input (see backup_file: ``proof``)."""
+    if record.profile == "kw":
+        return objects.wrap_data_key(ts, key_id, _PROOF_INPUT, mechanism)  # type: ignore[arg-type]
+    nonce = os.urandom(12)
+    return nonce + objects.gcm_encrypt(ts, key_id, _PROOF_INPUT, nonce=nonce, aad=_PROOF_AAD)  # type: ignore[arg-type]
+
+
+def _proof_holds(ts: object, record: KeyRecord, key_id: bytes, proof: bytes, mechanism: str) -> bool:
+    try:
+        if record.profile == "kw":
+            return hmac.compare_digest(objects.wrap_data_key(ts, key_id, _PROOF_INPUT, mechanism), proof)  # type: ignore[arg-type]
+        opened = objects.gcm_decrypt(ts, key_id, proof[12:], nonce=proof[:12], aad=_PROOF_AAD)  # type: ignore[arg-type]
+        return hmac.compare_digest(bytes(opened), _PROOF_INPUT)
+    except (errors.IntegrityError, errors.TokenError):
+        return False
+
+
+def _selected(record: KeyRecord, versions: Sequence[int] | None) -> KeyRecord:
+    if versions is None:
+        chosen = tuple(v for v in record.versions if v.state in _BACKUP_STATES)
+    else:
+        chosen = tuple(record.version(n) for n in sorted(set(versions)))
+    if not chosen:
+        raise errors.PolicyError(f"key {record.name!r} has no version that can be backed up")
+    for v in chosen:
+        if v.state not in _BACKUP_STATES:
+            raise errors.PolicyError(f"key {record.name!r} version {v.version} is {v.state}: nothing to back up")
+    numbers = [v.version for v in chosen]
+    primary = record.primary if record.primary in numbers else max(numbers)
+    return replace(record, versions=chosen, primary=primary)
+
+
+def _transport_key(ts: object) -> bytearray:
+    """256 bits from the host RNG XOR the token's RNG: either alone suffices."""
+    token_random = objects.random_bytes(ts, 32)  # type: ignore[arg-type]
+    return bytearray(a ^ b for a, b in zip(os.urandom(32), token_random, strict=True))
+
+
+def backup_keys(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None,
+                approvals: Sequence[Approval], versions: Sequence[int] | None = None,
+                quorum: QuorumPolicy | None = None) -> BackupResult:
+    """Back up ``name``'s versions for the key's quorum (or ``quorum``); returns the file and transcript."""
+    ts = keyring.token
+    register = CustodyRegister(keyring).load()
+    policy = quorum or register.policy_for(name)
+    if policy is None:
+        raise errors.PolicyError(f"no quorum policy covers key {name!r}: register custodians and set a policy "
+                                 "(keymgr custodian policy) before a backup")
+    custodians = tuple(register.custodian(n) for n in policy.custodians)
+    record = _selected(keyring.get(name), versions)
+    for v in record.versions:
+        attrs = objects.key_attributes(ts, v.key_id).attributes
+        if attrs.get("EXTRACTABLE") is not True or attrs.get("SENSITIVE") is not True:
+            raise errors.PolicyError(f"key {name!r} version {v.version} was made never to leave token {ts.label!r} "
+                                     "(not backup-capable); only keys created with --backup can be backed up")
+    params = {"versions": None if versions is None else sorted(set(versions))}
+    auth = authorize(keyring, "backup", key=name, params=params, request=request, approvals=approvals,
+                     consume=False)
+    if auth is None:  # a policy given as ``quorum`` but none registered for the key: still needs approval
+        raise errors.PolicyError(f"key {name!r} has no quorum policy of its own to approve a backup; set one")
+    recorder = TranscriptRecorder("backup", ts.label, ts.serial)
+    auth.record(recorder)
+    recorder.details["quorum"] = policy.to_json()
+    recorder.step("request approved", approvers=list(auth.approvers))
+    mechanism = probe(ts).preferred_wrap_mechanism()
+    if mechanism is None:
+        raise errors.MechanismUnsupportedError(f"token {ts.label!r} can do neither AES-KW nor AES-KWP")
+    transport = _transport_key(ts)
+    shares: list[shamir.Share] = []
+    try:
+        wrapped = export_wrapped(ts, [v.key_id for v in record.versions], transport, so_pin=so_pin,
+                                 mechanism=mechanism)
+        auth.consume(keyring)  # after the SO step, so a mistyped SO PIN does not spend the approvals
+        recorder.step("versions wrapped under a trusted one-time transport key in the token",
+                      versions=[v.version for v in record.versions], mechanism=mechanism)
+        key = BackupKey(record, tuple(WrappedVersion(v.version, w, _proof(ts, record, v.key_id, mechanism))
+                                      for v, w in zip(record.versions, wrapped, strict=True)))
+        for v in record.versions:
+            recorder.key(name, v.version, v.key_id, v.kcv, state=v.state)
+        backup = BackupFile(id=os.urandom(16), created=utc_now(), source_token=ts.label, source_serial=ts.serial,
+                            mechanism=mechanism, quorum=policy, keys=(key,), shares=(),
+                            approvals=({"request": auth.request_digest, "approvers": list(auth.approvers)},))
+        shares = shamir.split(bytes(transport), policy.threshold, policy.n)
+        slots = []
+        for custodian, share in zip(custodians, shares, strict=True):
+            slot = ShareSlot(custodian, share.index, b"", b"")
+            context = backup.share_context(slot)
+            raw = bytearray(share.to_bytes())
+            try:
+                slots.append(ShareSlot(custodian, share.index,
+                                       shamir.share_commitment(share, context=_ctx(context)),
+                                       seal_share(custodian, raw, context)))
+            finally:
+                zero(raw)
+        backup = replace(backup, shares=tuple(slots))
+        backup = replace(backup, mac=backup.compute_mac(transport))
+        recorder.step("transport key split and sealed to custodians", quorum=policy.describe())
+    finally:
+        zero(transport)
+        for share in shares:
+            share.wipe()
+    recorder.details["backup"] = backup.id.hex()
+    transcript = ceremony_transcript(keyring, recorder, "success")
+    return BackupResult(backup.to_bytes(), transcript, backup.describe())
+
+
+def _ctx(context: dict[str, str]) -> bytes:
+    return "".join(f"{k}={v}\x00" for k, v in sorted(context.items())).encode("utf-8")
+
+
+def _sign(recorder: TranscriptRecorder, outcome: str, signers: Sequence[Signer | None]) -> bytes:
+    present = [s for s in signers if s is not None]
+    return sign_transcript(recorder.finish(outcome), present) if present else b""
+
+
+def open_custodian(backup: BackupFile, name: str, uri: str, *, pin_callback: object = None) -> CustodianToken:
+    """Open custodian ``name``'s token for this backup (name checked first, then the token, then the PIN)."""
+    slot = backup.slot(name)
+    return CustodianToken.open(slot.custodian, uri, pin_callback=pin_callback)  # type: ignore[arg-type]
+
+
+def _shares(backup: BackupFile, tokens: Sequence[CustodianToken]) -> list[shamir.Share]:
+    """Each present custodian's share, opened by their token and checked against its commitment."""
+    shares: list[shamir.Share] = []
+    try:
+        for token in tokens:
+            slot = backup.slot(token.custodian.name)
+            if slot.custodian.fingerprint != token.custodian.fingerprint:
+                raise errors.PolicyError(f"the token given for custodian {slot.custodian.name!r} does not hold "
+                                         "the key this backup was sealed to")
+            context = backup.share_context(slot)
+            raw = open_share(token, slot.sealed, context)
+            try:
+                share = shamir.Share.from_bytes(bytes(raw))
+            except errors.KeymgrError:
+                raise errors.IntegrityError(f"the share of custodian {slot.custodian.name!r} is damaged") from None
+            finally:
+                zero(raw)
+            if share.index != slot.index or not shamir.verify_share(share, slot.commitment, _ctx(context)):
+                share.wipe()
+                raise errors.IntegrityError(f"the share of custodian {slot.custodian.name!r} does not match its "
+                                            "commitment in the backup: it was altered or replaced")
+            shares.append(share)
+    except BaseException:
+        for share in shares:
+            share.wipe()
+        raise
+    return shares
+
+
+def restore_keys(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToken]) -> RestoreResult:
+    """Restore every key of ``backup`` into ``target`` with the custodians' ``tokens``; all or nothing."""
+    ts = target.token
+    recorder = TranscriptRecorder("restore", ts.label, ts.serial)
+    recorder.details.update({"backup": backup.id.hex(), "source": {"token": backup.source_token,
+                                                                    "serial": backup.source_serial}})
+    names: list[str] = []
+    for token in tokens:
+        backup.slot(token.custodian.name)
+        if token.custodian.name not in names:
+            names.append(token.custodian.name)
+        recorder.participant("custodian", token.custodian.name, token.custodian.fingerprint)
+    if len(names) < backup.quorum.threshold:
+        took = ", ".join(names) or "none"
+        raise errors.PolicyError(f"this backup needs {backup.quorum.threshold} of its custodians "
+                                 f"({', '.join(backup.quorum.custodians)}); only {len(names)} took part ({took}). "
+                                 "Nothing was restored")
+    distinct = list({t.custodian.name: t for t in tokens}.values())
+    for key in backup.keys:
+        if key.record.profile not in PROFILES:
+            raise errors.FormatError(f"backup file: unknown profile of key {key.record.name!r}")
+        if any(r.name == key.record.name for r in target.records()):
+            raise errors.PolicyError(f"token {ts.label!r} already has a key named {key.record.name!r}; "
+                                     "nothing was restored")
+    shares = _shares(backup, distinct)
+    transport = bytearray()
+    try:
+        transport = bytearray(shamir.combine(shares, backup.quorum.threshold))
+        recorder.step("shares opened by the custodians' tokens, checked, and combined", custodians=names)
+        if not backup.verify_mac(transport):
+            raise errors.IntegrityError("the backup file is not authentic: it was altered after it was made "
+                                        "(or a share and its commitment were both replaced)")
+        recorder.step("backup file authenticated under the rebuilt transport key")
+        items = [ImportItem(v.key_id, key.record.label_of(v.version), PROFILES[key.record.profile], w.wrapped)
+                 for key in backup.keys for v, w in zip(key.record.versions, _ordered(key), strict=True)]
+        import_unwrapped(ts, transport, items, mechanism=backup.mechanism)
+    finally:
+        zero(transport)
+        for share in shares:
+            share.wipe()
+    recorder.step("versions unwrapped into the token as non-extractable objects; transport key destroyed")
+    try:
+        records = _finish_restore(backup, target, recorder)
+    except BaseException:
+        for item in items:
+            objects.destroy_key(ts, item.key_id)
+        raise
+    signers: list[Signer | None] = [hsm_signer(ts)]
+    signers += [Signer(t.custodian.name, t.custodian.certificate_der, t.sign) for t in distinct]
+    transcript = _sign(recorder, "success", signers)
+    return RestoreResult(records, transcript, backup.describe())
+
+
+def _ordered(key: BackupKey) -> list[WrappedVersion]:
+    by_number = {w.version: w for w in key.versions}
+    return [by_number[v.version] for v in key.record.versions]
+
+
+def _finish_restore(backup: BackupFile, target: Keyring, recorder: TranscriptRecorder) -> tuple[KeyRecord, ...]:
+    ts = target.token
+    for key in backup.keys:
+        for v, w in zip(key.record.versions, _ordered(key), strict=True):
+            if not _proof_holds(ts, key.record, v.key_id, w.proof, backup.mechanism):
+                raise errors.IntegrityError(f"restored key {key.record.name!r} version {v.version} does not "
+                                            "hold the backed-up key; nothing was restored")
+            recorder.key(key.record.name, v.version, v.key_id, v.kcv, proof="verified")
+    records = tuple(target.write(replace(key.record, generation=1)) for key in backup.keys)
+    recorder.step("keyring records written")
+    adopted = CustodyRegister(target).adopt(tuple(s.custodian for s in backup.shares),
+                                            {key.record.name: backup.quorum for key in backup.keys})
+    recorder.step("custodians and quorum registered on the target" if adopted else
+                  "custodian names clash with the target's register: register them by hand")
+    return records

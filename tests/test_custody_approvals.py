@@ -1,0 +1,151 @@
+"""Signed approvals: M distinct custodians over exactly one request; no replay, no alteration."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from keymgr import errors
+from keymgr.custody.approvals import Approval, Request, make_request
+from keymgr.custody.authorize import authorize, change_policy
+from keymgr.custody.custodians import CustodyRegister, QuorumPolicy
+from keymgr.hsm import objects
+from tests.custody_helpers import approvals, guarded_key, hsm, party, registered, request
+
+
+def _destroy(km, name: str, version: int, req: Request | None, approved: list[Approval]) -> None:
+    """What ``key destroy`` does once authorised: the gate, then the crypto-shredding."""
+    auth = authorize(km.keyring, "destroy", key=name, params={"versions": [version]}, request=req,
+                     approvals=approved)
+    assert auth is not None
+    objects.destroy_key(km.token, km.describe_key(name).version(version).key_id)
+
+
+def test_destroy_needs_two_distinct_custodians(key_name: str) -> None:
+    km = hsm()
+    guarded_key(km, key_name)
+    key_id = km.describe_key(key_name).primary_version.key_id
+    req = request(km, "destroy", key_name, versions=[1])
+    one = approvals(km, req, 1)
+    with pytest.raises(errors.PolicyError, match=r"needs approvals by 2 of 3 .* valid distinct approvals: 1"):
+        _destroy(km, key_name, 1, req, one)
+    with pytest.raises(errors.PolicyError, match="valid distinct approvals: 1"):
+        _destroy(km, key_name, 1, req, one + one)  # the same approval twice counts once
+    with pytest.raises(errors.PolicyError, match="needs approvals"):
+        _destroy(km, key_name, 1, None, [])
+    assert objects.key_exists(km.token, key_id)
+    _destroy(km, key_name, 1, req, one + approvals(km, req, 3))
+    assert not objects.key_exists(km.token, key_id)
+    with pytest.raises(errors.PolicyError, match="already carried out"):
+        _destroy(km, key_name, 1, req, one + approvals(km, req, 3))
+
+
+def test_altered_or_foreign_approvals_are_refused(key_name: str) -> None:
+    km = hsm()
+    guarded_key(km, key_name)
+    req = request(km, "destroy", key_name, versions=[1])
+    other = request(km, "destroy", key_name, versions=[1])
+    good = approvals(km, req, 1, 2)
+    doc = json.loads(good[1].to_bytes())
+    doc["signed"] = doc["signed"][:-3] + ("00Z" if doc["signed"][-3:] != "00Z" else "01Z")
+    altered = Approval.parse(json.dumps(doc).encode())
+    with pytest.raises(errors.PolicyError, match=f"approval by {party(2).name!r}: the signature does not verify"):
+        authorize(km.keyring, "destroy", key=key_name, params={"versions": [1]}, request=req,
+                  approvals=[good[0], altered])
+    with pytest.raises(errors.PolicyError, match="is for another request"):
+        authorize(km.keyring, "destroy", key=key_name, params={"versions": [1]}, request=req,
+                  approvals=[good[0], *approvals(km, other, 3)])
+    impostor = Approval(good[1].request_digest, party(3).name, good[1].fingerprint, good[1].signed,
+                        good[1].signature)
+    with pytest.raises(errors.PolicyError, match="does not verify with the registered key"):
+        authorize(km.keyring, "destroy", key=key_name, params={"versions": [1]}, request=req,
+                  approvals=[good[0], impostor])
+
+
+def test_request_must_match_the_operation_exactly(key_name: str) -> None:
+    km = hsm()
+    guarded_key(km, key_name)
+    req = request(km, "destroy", key_name, versions=[1])
+    good = approvals(km, req, 1, 2)
+    for operation, key, params in (("destroy", key_name, {"versions": [2]}), ("backup", key_name, {"versions": [1]})):
+        with pytest.raises(errors.PolicyError, match="the approved request is for destroy"):
+            authorize(km.keyring, operation, key=key, params=params, request=req, approvals=good)
+    b = hsm("keymgr-B")  # the same request shown to another HSM
+    with pytest.raises(errors.PolicyError):
+        from keymgr.custody.approvals import check_quorum
+
+        check_quorum(req, good, CustodyRegister(km.keyring).load(), operation="destroy", token=b.token,
+                     key=key_name, params={"versions": [1]})
+
+
+def test_expired_request_is_refused(key_name: str) -> None:
+    km = hsm()
+    guarded_key(km, key_name)
+    old = make_request("destroy", token=km.token, key=key_name, params={"versions": [1]},
+                       ttl=timedelta(minutes=5), now=datetime.now(UTC) - timedelta(hours=1))
+    from keymgr.custody.approvals import approve
+
+    custodian = CustodyRegister(km.keyring).load().custodian(party(1).name)
+    with pytest.raises(errors.PolicyError, match="expired"):
+        approve(old, party(1).open(custodian))
+    signed_then = [approve(old, party(n).open(CustodyRegister(km.keyring).load().custodian(party(n).name)),
+                           now=datetime.now(UTC) - timedelta(minutes=59)) for n in (1, 2)]
+    with pytest.raises(errors.PolicyError, match="expired"):
+        authorize(km.keyring, "destroy", key=key_name, params={"versions": [1]}, request=old, approvals=signed_then)
+
+
+def test_no_policy_means_no_gate(key_name: str) -> None:
+    km = hsm()
+    km.create_key(key_name)
+    assert authorize(km.keyring, "destroy", key=key_name, params={"versions": [1]}, request=None,
+                     approvals=[]) is None
+
+
+def test_policy_change_is_approved_under_the_current_policy(key_name: str) -> None:
+    km = hsm()
+    guarded_key(km, key_name)
+    names = tuple(c.name for c in registered(km, 1, 2))
+    weaker = QuorumPolicy(2, names)  # 2 of 2 named custodians instead of 2 of 3
+    with pytest.raises(errors.PolicyError, match="set-policy needs approvals by 2 of 3"):
+        change_policy(km.keyring, weaker, key=key_name)
+    made = make_request("set-policy", token=km.token, key=None,
+                        params={"scope": key_name, "policy": weaker.to_json()})
+    with pytest.raises(errors.PolicyError, match="valid distinct approvals: 1"):
+        change_policy(km.keyring, weaker, key=key_name, request=made, approvals=approvals(km, made, 2))
+    register, transcript = change_policy(km.keyring, weaker, key=key_name, request=made,
+                                         approvals=approvals(km, made, 2, 3))
+    assert register.policy_for(key_name) == weaker and transcript
+    with pytest.raises(errors.ConfigurationError, match="not dual control"):
+        QuorumPolicy(1, names)
+
+
+def test_register_is_authenticated_in_the_token(key_name: str) -> None:
+    km = hsm()
+    registered(km, 1)
+    store = CustodyRegister(km.keyring)
+    labels = [label for label, _ in objects.read_data_objects(km.token, application="keymgr")
+              if label.startswith("keymgr/custody/register/")]
+    assert len(labels) == 1
+    value = dict(objects.read_data_objects(km.token, application="keymgr"))[labels[0]]
+    doc = json.loads(value)
+    doc["register"]["policies"][key_name] = {"threshold": 1, "custodians": [party(1).name]}
+    forged = f"keymgr/custody/register/{doc['register']['generation'] + 1}"
+    doc["register"]["generation"] += 1
+    objects.write_data_object(km.token, application="keymgr", label=forged, value=json.dumps(doc).encode())
+    try:
+        with pytest.raises(errors.IntegrityError, match="custodian register .* is not authentic"):
+            store.load()
+    finally:
+        objects.destroy_data_object(km.token, application="keymgr", label=forged)
+    assert store.load().custodian(party(1).name).name == party(1).name
+
+
+def test_custodian_token_must_hold_the_registered_key() -> None:
+    km = hsm()
+    one, three = registered(km, 1, 3)
+    with pytest.raises(errors.PolicyError, match=f"does not hold the registered key of custodian {one.name!r}"):
+        party(3).open(one)
+    with pytest.raises(errors.PolicyError, match="already registered to custodian"):
+        CustodyRegister(km.keyring).add(type(three)(**{**three.__dict__, "name": "someone-else"}))

@@ -1,0 +1,131 @@
+"""The dual-control commands end to end: register, request, approve, back up, restore, verify.
+
+Everything non-interactive (``--custodian NAME=URI`` with pin-value, ``--so-pin-source
+env:``) through click's runner; the interactive restore at a real terminal is in
+``test_custody_terminal.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from keymgr.cli import cli
+from keymgr.hsm import asym, objects, open_token
+from tests.conftest import SO_PIN, softhsm_token
+
+
+def run(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False, env=env, input=input)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def people() -> list[tuple[str, str, str]]:
+    """Three fresh custodians: (name, token URI with PIN, key label), keys on custodian-1..3."""
+    out = []
+    for n, kind in ((1, "ec-p256"), (2, "rsa-2048"), (3, "ec-p384")):
+        token = softhsm_token(f"custodian-{n}")
+        label = f"cli-{uuid.uuid4().hex[:8]}"
+        asym.generate_keypair(open_token(token.uri()), kind, label=label)
+        out.append((f"cli{n}-{label[4:]}", token.uri(), label))
+    return out
+
+
+def test_full_ceremony_through_the_cli(people: list, tmp_path: Path, key_name: str) -> None:
+    a, b = softhsm_token("keymgr-A").uri(), softhsm_token("keymgr-B").uri()
+    for name, uri, label in people:
+        code, out, err = run("--token", a, "custodian", "add", name, "--token", uri,
+                             "--key-label", label)
+        assert code == 0, err
+        assert "fingerprint" in out
+    names = ",".join(name for name, _, _ in people)
+    assert run("--token", a, "key", "create", key_name, "--backup")[0] == 0
+    code, _, err = run("--token", a, "custodian", "policy", "2", "--key", key_name, "--custodians", names)
+    assert code == 0, err
+    code, out, _ = run("--token", a, "--json", "custodian", "list")
+    listed = json.loads(out)
+    assert listed["policies"][key_name] == {"threshold": 2, "custodians": names.split(",")}
+    assert {c["name"] for c in listed["custodians"]} >= set(names.split(","))
+
+    req = tmp_path / "backup.req"
+    code, out, err = run("--token", a, "request", "backup", key_name, "-o", str(req), "--by", "ops")
+    assert code == 0, err
+    approvals = []
+    for name, uri, label in (people[0], people[2]):
+        out_path = tmp_path / f"{name}.approval"
+        code, out, err = run("approve", str(req), "--custodian", name, "--token", uri,
+                             "--key-label", label, "--yes", "-o", str(out_path))
+        assert code == 0, err
+        assert "You are asked to approve: backup key" in err
+        approvals += ["--approval", str(out_path)]
+
+    backup = tmp_path / "orders.backup"
+    env = {"TEST_SO_PIN": SO_PIN}
+    code, _, err = run("--token", a, "backup", key_name, "-o", str(backup), "--request", str(req),
+                       "--so-pin-source", "env:TEST_SO_PIN", approvals[0], approvals[1], env=env)
+    assert code == 5 and "needs approvals by 2 of 3" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run("--token", a, "backup", key_name, "-o", str(backup), "--request", str(req),
+                         "--so-pin-source", "env:TEST_SO_PIN", *approvals, env=env)
+    assert code == 0, err
+    assert (backup.stat().st_mode & 0o077) == 0
+    transcript = Path(str(backup) + ".transcript.p7s")
+    code, out, err = run("--token", a, "transcript", "verify", str(transcript))
+    assert code == 0 and "transcript OK: backup" in out, err
+
+    restore_transcript = tmp_path / "restore.p7s"
+    custodians = ["--custodian", f"{people[0][0]}={people[0][1]}",
+                  "--custodian", f"{people[1][0]}={people[1][1]}"]
+    code, out, err = run("restore", str(backup), "--token", b, *custodians[:2],
+                         "--transcript", str(restore_transcript))
+    assert code == 5 and "only 1 took part" in err
+    code, out, err = run("restore", str(backup), "--token", b, *custodians, "--transcript", str(restore_transcript))
+    assert code == 0, err
+    assert f"restored key {key_name!r} versions 1 into token 'keymgr-B'" in out
+    check = subprocess.run(["openssl", "cms", "-verify", "-inform", "DER", "-in", str(restore_transcript),
+                            "-noverify", "-out", "/dev/null"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    code, out, _ = run("--token", b, "--json", "transcript", "verify", str(restore_transcript))
+    signers = {s["custodian"] for s in json.loads(out)["signers"]}
+    assert {people[0][0], people[1][0]} <= signers
+    record = json.loads(run("--token", b, "--json", "key", "show", key_name)[1])
+    key_id = bytes.fromhex(record["versions"][0]["id"])
+    attrs = objects.key_attributes(open_token(b), key_id).attributes
+    assert attrs["SENSITIVE"] is True and attrs["EXTRACTABLE"] is False
+
+
+def test_garbage_files_are_one_line_errors(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x00\xffnot json")
+    a = softhsm_token("keymgr-A").uri()
+    for args in (("restore", str(junk), "--token", a), ("transcript", "verify", str(junk)),
+                 ("approve", str(junk), "--custodian", "x", "--yes"),
+                 ("backup", "nokey", "-o", str(tmp_path / "o"), "--request", str(junk), "--so-pin-source", "env:X")):
+        code, out, err = run("--token", a, *args, env={"X": "5678"})
+        assert code == 7, (args, err)
+        assert err.startswith("keymgr: error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_key_that_never_leaves_the_token_is_refused_by_backup(tmp_path: Path, key_name: str) -> None:
+    a = softhsm_token("keymgr-A").uri()
+    assert run("--token", a, "key", "create", key_name)[0] == 0
+    code, _, err = run("--token", a, "backup", key_name, "-o", str(tmp_path / "b"), "--so-pin-source", "env:X",
+                       env={"X": SO_PIN})
+    assert code == 5 and ("no quorum policy" in err or "never to leave" in err)
+    assert not (tmp_path / "b").exists()
+
+
+def test_key_create_writes_a_signed_transcript(tmp_path: Path, key_name: str) -> None:
+    a = softhsm_token("keymgr-A").uri()
+    path = tmp_path / "create.p7s"
+    code, out, err = run("--token", a, "key", "create", key_name, "--backup", "--transcript", str(path))
+    assert code == 0, err
+    code, out, err = run("--token", a, "--json", "transcript", "verify", str(path))
+    assert code == 0, err
+    doc = json.loads(out)["transcript"]
+    assert doc["ceremony"] == "create" and doc["keys"][0]["name"] == key_name and doc["details"]["backup"] is True

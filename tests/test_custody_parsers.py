@@ -1,0 +1,164 @@
+"""Every parser of custody files raises only keymgr errors on garbage (property-based).
+
+Backup files, requests, approvals, transcripts and threshold recipients come
+from outside (USB sticks, e-mail, tickets): whatever their bytes, reading them
+may fail only with a :class:`~keymgr.errors.KeymgrError`, never with a stray
+``KeyError`` or ``ValueError`` that the CLI would show as an internal error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from typing import Any
+
+import pytest
+from asn1crypto import cms
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keymgr import errors
+from keymgr.custody.approvals import Approval, Request
+from keymgr.custody.backup_file import BackupFile
+from keymgr.custody.custodians import Register
+from keymgr.custody.threshold import _Value, read_threshold
+from keymgr.custody.transcript import verify_transcript
+from keymgr.envelope import OID_THRESHOLD_RECIPIENT, other_recipient_info
+
+_REQUEST = {"format": "keymgr-request/1", "id": "00" * 16, "operation": "destroy",
+            "keyring": {"token": "keymgr-A", "serial": "1"}, "key": "orders", "params": {"versions": [1]},
+            "created": "2026-01-01T00:00:00Z", "expires": "2026-01-02T00:00:00Z", "requested_by": ""}
+_APPROVAL = {"format": "keymgr-approval/1", "request": "00" * 32, "custodian": "alice", "fingerprint": "11" * 32,
+             "signed": "2026-01-01T00:00:00Z", "signature": "22" * 64}
+_BACKUP = {"format": "keymgr-backup/1", "id": "00" * 16, "created": "x", "source": {"token": "A", "serial": "1"},
+           "mechanism": "aes-kw", "quorum": {"threshold": 1, "custodians": ["a"]},
+           "keys": [{"record": {"format": 1, "name": "k", "profile": "kw", "primary": 1, "generation": 1,
+                                "versions": [{"version": 1, "id": "00" * 16, "state": "active", "created": "x"}]},
+                     "versions": [{"version": 1, "wrapped": "00" * 40, "proof": "00" * 40}]}],
+           "shares": [], "approvals": [], "mac": "00" * 32}
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                  max_size=4), max_leaves=12)
+
+
+def _only_keymgr_errors(parse: Any, data: bytes) -> None:
+    with contextlib.suppress(errors.KeymgrError):
+        parse(data)
+
+
+def _mutations(base: dict[str, Any]) -> st.SearchStrategy[bytes]:
+    """The document with one field (possibly nested) replaced by arbitrary JSON, or removed."""
+    def mutate(path_value: tuple[list[str], Any, bool]) -> bytes:
+        path, value, remove = path_value
+        doc = json.loads(json.dumps(base))
+        node = doc
+        for key in path[:-1]:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and path:
+            if remove:
+                node.pop(path[-1], None)
+            else:
+                node[path[-1]] = value
+        return json.dumps(doc).encode()
+
+    keys = st.lists(st.sampled_from(sorted({k for k in base} | {"keyring", "token", "params", "versions", "quorum",
+                                                                "threshold", "custodians", "record"})),
+                    min_size=1, max_size=3)
+    return st.tuples(keys, _json, st.booleans()).map(mutate)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=512), _mutations(_REQUEST)))
+def test_request_parser(data: bytes) -> None:
+    _only_keymgr_errors(Request.parse, data)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=512), _mutations(_APPROVAL)))
+def test_approval_parser(data: bytes) -> None:
+    _only_keymgr_errors(Approval.parse, data)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=512), _mutations(_BACKUP)))
+def test_backup_parser(data: bytes) -> None:
+    _only_keymgr_errors(BackupFile.parse, data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_json)
+def test_register_parser(value: Any) -> None:
+    with contextlib.suppress(errors.KeymgrError):
+        Register.from_json(value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=512))
+def test_transcript_parser(data: bytes) -> None:
+    _only_keymgr_errors(verify_transcript, data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=256))
+def test_transcript_parser_on_signed_data_shapes(tail: bytes) -> None:
+    shell = cms.ContentInfo({"content_type": "signed_data", "content": {
+        "version": "v1", "digest_algorithms": [{"algorithm": "sha256"}],
+        "encap_content_info": {"content_type": "data", "content": tail}, "signer_infos": []}}).dump()
+    _only_keymgr_errors(verify_transcript, shell)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=512))
+def test_threshold_recipient_parser(value: bytes) -> None:
+    try:
+        ri = other_recipient_info(OID_THRESHOLD_RECIPIENT, value)
+    except errors.KeymgrError:
+        return
+    with contextlib.suppress(errors.KeymgrError):
+        read_threshold(ri)
+
+
+_threshold_values = st.builds(
+    lambda version, rid, threshold, shares: _Value({"version": version, "id": rid, "threshold": threshold,
+                                                     "shares": shares}).dump(),
+    st.integers(-1, 3), st.binary(min_size=14, max_size=18), st.integers(-2, 20),
+    st.lists(st.fixed_dictionaries({"custodian": st.text(max_size=8), "public_key": st.binary(max_size=96),
+                                    "index": st.integers(-2, 300), "commitment": st.binary(max_size=70),
+                                    "sealed": st.binary(max_size=40)}), max_size=4))
+
+
+@settings(max_examples=150, deadline=None)
+@given(_threshold_values, st.integers(0, 10_000), st.integers(0, 255))
+def test_threshold_recipient_parser_on_structured_values(value: bytes, at: int, byte: int) -> None:
+    mutated = bytearray(value)
+    mutated[at % len(mutated)] = byte
+    for candidate in (value, bytes(mutated)):
+        with contextlib.suppress(errors.KeymgrError):
+            read_threshold(other_recipient_info(OID_THRESHOLD_RECIPIENT, candidate))
+
+
+@pytest.fixture(scope="module")
+def real_files() -> tuple[bytes, bytes]:
+    """A real backup file and its signed transcript, made on the run's tokens."""
+    from keymgr.custody.ceremony import backup_keys
+    from keymgr.hsm.pins import Pin
+    from tests.custody_helpers import approvals, guarded_key, hsm, request, so_pin
+
+    km = hsm()
+    name = f"fuzzed-{uuid.uuid4().hex[:8]}"
+    guarded_key(km, name)
+    req = request(km, "backup", name, versions=None)
+    result = backup_keys(km.keyring, name, so_pin=Pin(so_pin()), request=req, approvals=approvals(km, req, 1, 3))
+    return result.backup, result.transcript
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 2**20), st.integers(0, 255)), min_size=1, max_size=4))
+def test_real_files_with_bytes_changed(real_files: tuple[bytes, bytes], edits: list[tuple[int, int]]) -> None:
+    for parse, original in ((BackupFile.parse, real_files[0]), (verify_transcript, real_files[1])):
+        data = bytearray(original)
+        for at, byte in edits:
+            data[at % len(data)] = byte
+        _only_keymgr_errors(parse, bytes(data))

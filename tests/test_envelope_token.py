@@ -1,0 +1,294 @@
+"""KeyManager's envelope encryption through real tokens: both key-encryption profiles,
+several recipients on two tokens, contexts, tampering, unknown keys, and the data-key caches.
+
+The format layer has its own tests with a software KEK (test_envelope_*.py); here
+every data key is wrapped and unwrapped by SoftHSM itself. Spies count calls into
+:mod:`keymgr.hsm` (the real call still happens); nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from asn1crypto import cms
+
+import keymgr
+from keymgr.envelope import parse_message, read_kek_recipient, read_stream_header
+from keymgr.envelope.cache import CachePolicy
+from keymgr.errors import ConfigurationError, FormatError, IntegrityError, KeyNotFoundError
+from keymgr.hsm import objects
+from keymgr.hsm.sessions import TokenSession
+from keymgr.keyring import DEFAULT_PROFILE
+from keymgr.manager import INTEGRITY_MESSAGE
+from tests.conftest import TokenUnderTest, softhsm_token
+
+PROFILES = ("kw", "gcm")
+CTX = {"tenant": "acme", "purpose": "orders"}
+SECRET = b"card 4111 1111 1111 1111"
+#: the recipient algorithm each profile writes on SoftHSM (which has plain AES-KW)
+ALGORITHM = {"kw": "aes256_wrap", "gcm": "aes256_gcm"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Spy:
+    """Counts calls to a function of keymgr.hsm.objects (the real function still runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.calls = 0
+        real = getattr(objects, name)
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(objects, name, counting)
+
+
+@pytest.fixture
+def km_a(softhsm: TokenUnderTest) -> Iterator[keymgr.KeyManager]:
+    with keymgr.KeyManager(softhsm.uri()) as manager:
+        yield manager
+
+
+@pytest.fixture
+def km_b() -> Iterator[keymgr.KeyManager]:
+    with keymgr.KeyManager(softhsm_token("keymgr-B").uri()) as manager:
+        yield manager
+
+
+def stream_round_trip(km: keymgr.KeyManager, data: bytes, key: str, **kwargs: Any) -> bytes:
+    sealed = io.BytesIO()
+    assert km.encrypt_stream(io.BytesIO(data), sealed, key=key, **kwargs) == len(data)
+    return sealed.getvalue()
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_round_trip_messages_and_streams(km: keymgr.KeyManager, key_name: str, profile: str) -> None:
+    record = km.create_key(key_name, profile=profile)
+    for size in (0, 1, 1024, 70_000):
+        data = os.urandom(size)
+        blob = km.encrypt(data, key=key_name, context=CTX)
+        assert km.decrypt(blob, context=CTX) == data
+        recipient = read_kek_recipient(parse_message(blob).recipient_infos.der[0])
+        assert recipient.kek_id == record.primary_version.key_id
+        assert recipient.algorithm == ALGORITHM[profile]
+        assert cms.ContentInfo.load(blob)["content"]["recipient_infos"][0].name == "kekri"  # asn1crypto agrees
+    data = os.urandom(2 * 1024 * 1024 + 333)
+    sealed = stream_round_trip(km, data, key_name, context=CTX)
+    out = io.BytesIO()
+    assert km.decrypt_stream(io.BytesIO(sealed), out, context=CTX) == len(data)
+    assert out.getvalue() == data
+
+
+def test_default_profile(km: keymgr.KeyManager, key_name: str) -> None:
+    assert DEFAULT_PROFILE == "kw"
+    assert km.create_key(key_name).profile == DEFAULT_PROFILE
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_either_token_decrypts_a_message_to_both(km_a: keymgr.KeyManager, km_b: keymgr.KeyManager, key_name: str,
+                                                 profile: str) -> None:
+    """Disaster recovery: a second token (another site) as an extra recipient."""
+    km_a.create_key(key_name, profile=profile)
+    km_b.create_key(key_name + "-dr", profile=profile)
+    dr = km_b.recipient(key_name + "-dr")
+    blob = km_a.encrypt(SECRET, key=key_name, context=CTX, also_to=[dr])
+    assert len(parse_message(blob).recipient_infos) == 2
+    assert km_a.decrypt(blob, context=CTX) == SECRET
+    assert km_b.decrypt(blob, context=CTX) == SECRET
+    sealed = stream_round_trip(km_a, SECRET * 1000, key_name, context=CTX, also_to=[dr])
+    assert len(read_stream_header(io.BytesIO(sealed)).recipient_infos) == 2
+    for manager in (km_a, km_b):
+        out = io.BytesIO()
+        manager.decrypt_stream(io.BytesIO(sealed), out, context=CTX)
+        assert out.getvalue() == SECRET * 1000
+    # a message for site B alone is not readable at site A: no key of A's is among its recipients
+    only_b = km_b.encrypt(SECRET, key=key_name + "-dr")
+    with pytest.raises(KeyNotFoundError, match="none of the 1 recipients"):
+        km_a.decrypt(only_b)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_wrong_context_fails(km: keymgr.KeyManager, key_name: str, profile: str) -> None:
+    km.create_key(key_name, profile=profile)
+    blob = km.encrypt(SECRET, key=key_name, context=CTX)
+    sealed = stream_round_trip(km, SECRET, key_name, context=CTX)
+    for wrong in (None, {}, {"tenant": "acme"}, {**CTX, "purpose": "refunds"}, {**CTX, "extra": ""}):
+        with pytest.raises(IntegrityError, match="^" + INTEGRITY_MESSAGE + "$"):
+            km.decrypt(blob, context=wrong)
+        out = io.BytesIO()
+        with pytest.raises(IntegrityError, match="^" + INTEGRITY_MESSAGE + "$"):
+            km.decrypt_stream(io.BytesIO(sealed), out, context=wrong)
+        assert out.getvalue() == b""
+    plain = km.encrypt(SECRET, key=key_name)
+    with pytest.raises(IntegrityError):
+        km.decrypt(plain, context=CTX)
+
+
+def test_decrypt_with_context(km: keymgr.KeyManager, key_name: str) -> None:
+    km.create_key(key_name)
+    assert km.decrypt_with_context(km.encrypt(SECRET, key=key_name, context=CTX)) == (SECRET, CTX)
+    assert km.decrypt_with_context(km.encrypt(SECRET, key=key_name)) == (SECRET, {})
+    assert km.decrypt_with_context(km.encrypt(SECRET, key=key_name, compat_openssl=True)) == (SECRET, {})
+    tampered = bytearray(km.encrypt(SECRET, key=key_name, context=CTX))
+    tampered[-1] ^= 1
+    with pytest.raises(IntegrityError, match="^" + INTEGRITY_MESSAGE + "$"):
+        km.decrypt_with_context(bytes(tampered))
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_tampered_byte_is_refused(km_a: keymgr.KeyManager, key_name: str, profile: str) -> None:
+    """Flip bits at every position, and cut at every length: the outcomes are IntegrityError
+    (authentication) and FormatError (not DER), and KeyNotFoundError only where the recipient
+    itself was edited so that it no longer names a key of this token (its key id, or its
+    RecipientInfo choice tag): exactly what a message for another token looks like."""
+    km_a.create_key(key_name, profile=profile)
+    blob = km_a.encrypt(SECRET, key=key_name, context=CTX)
+    recipient = parse_message(blob).recipient_infos.der[0]
+    recipient_span = range(blob.index(recipient), blob.index(recipient) + len(recipient))
+    outcomes = {IntegrityError: 0, FormatError: 0, KeyNotFoundError: 0}
+    for i in range(len(blob)):
+        for flip in (0x01, 0x80):
+            tampered = bytearray(blob)
+            tampered[i] ^= flip
+            with pytest.raises((IntegrityError, FormatError, KeyNotFoundError)) as info:
+                km_a.decrypt(bytes(tampered), context=CTX)
+            outcomes[type(info.value)] += 1
+            assert not isinstance(info.value, KeyNotFoundError) or i in recipient_span, (i, info.value)
+            assert SECRET not in repr(info.value).encode()
+    for cut in range(len(blob)):
+        with pytest.raises((IntegrityError, FormatError)):
+            km_a.decrypt(blob[:cut], context=CTX)
+    assert outcomes[IntegrityError] > len(blob)  # most positions are under the tag or in the wrapped key
+    assert 0 < outcomes[KeyNotFoundError] <= 2 * len(recipient_span)
+    assert km_a.decrypt(blob, context=CTX) == SECRET  # nothing above broke the session or the key
+
+
+def test_unknown_key(km: keymgr.KeyManager, key_name: str) -> None:
+    with pytest.raises(KeyNotFoundError, match=key_name):
+        km.encrypt(SECRET, key=key_name)
+    with pytest.raises(KeyNotFoundError):
+        km.encrypt_stream(io.BytesIO(SECRET), io.BytesIO(), key=key_name)
+    with pytest.raises(KeyNotFoundError):
+        km.recipient(key_name)
+    with pytest.raises(ConfigurationError):
+        km.encrypt(SECRET, key="not a valid name!")
+
+
+def test_compat_openssl_needs_a_kw_key(km: keymgr.KeyManager, key_name: str) -> None:
+    km.create_key(key_name, profile="gcm")
+    with pytest.raises(ConfigurationError, match="OpenSSL"):
+        km.encrypt(SECRET, key=key_name, compat_openssl=True)
+
+
+def test_gcm_profile_makes_one_token_call_per_message(km_a: keymgr.KeyManager, key_name: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    km_a.create_key(key_name, profile="gcm")
+    blob = km_a.encrypt(SECRET, key=key_name, context=CTX)  # warm: keyring read, handle looked up
+    km_a.keyring.refresh_interval = 3600.0  # no periodic keyring re-read inside the count
+    calls = {"n": 0}
+    real_run = TokenSession.run
+
+    def counting_run(self: TokenSession, operation: str, call: Callable[..., Any]) -> Any:
+        calls["n"] += 1
+        return real_run(self, operation, call)
+
+    monkeypatch.setattr(TokenSession, "run", counting_run)
+    for _ in range(20):
+        km_a.decrypt(km_a.encrypt(SECRET, key=key_name, context=CTX), context=CTX)
+    assert calls["n"] == 40
+    assert km_a.decrypt(blob, context=CTX) == SECRET
+
+
+# -- data-key caches ---------------------------------------------------------------
+
+
+def wrapped_key(blob: bytes) -> bytes:
+    return parse_message(blob).recipient_infos.der[0]
+
+
+def test_encrypt_cache_limits(softhsm: TokenUnderTest, key_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    policy = CachePolicy(max_age=60, max_messages=3, max_bytes=10_000, max_entries=10)
+    with keymgr.KeyManager(softhsm.uri(), cache=policy, _clock=clock) as km:
+        km.create_key(key_name)
+        wraps = Spy(monkeypatch, "wrap_data_key")
+        blobs = [km.encrypt(b"m%d" % i, key=key_name, context=CTX) for i in range(4)]
+        assert wraps.calls == 2  # three messages per data key
+        assert len({wrapped_key(b) for b in blobs[:3]}) == 1 and wrapped_key(blobs[3]) != wrapped_key(blobs[0])
+        assert len({parse_message(b).nonce for b in blobs}) == 4  # each message its own nonce
+        km.encrypt(b"x", key=key_name, context={"tenant": "other"})
+        assert wraps.calls == 3  # contexts never share a data key
+        big = km.encrypt(bytes(6000), key=key_name)
+        bigger = km.encrypt(bytes(6000), key=key_name)
+        assert wraps.calls == 5 and wrapped_key(big) != wrapped_key(bigger)  # 12,000 bytes > max_bytes
+        assert wrapped_key(km.encrypt(b"y", key=key_name)) == wrapped_key(bigger)  # 6,001 bytes: still fits
+        calls = wraps.calls
+        first = km.encrypt(b"a", key=key_name, context={"k": "age"})
+        clock.now += 59
+        assert wrapped_key(km.encrypt(b"b", key=key_name, context={"k": "age"})) == wrapped_key(first)
+        clock.now += 1
+        assert wrapped_key(km.encrypt(b"c", key=key_name, context={"k": "age"})) != wrapped_key(first)
+        assert wraps.calls == calls + 2
+        for i, blob in enumerate(blobs):
+            assert km.decrypt(blob, context=CTX) == b"m%d" % i
+        assert km.decrypt(big) == bytes(6000)
+        with pytest.raises(IntegrityError):
+            km.decrypt(blobs[0], context={"tenant": "other"})
+
+
+def test_encrypt_cache_wipes_evicted_keys(softhsm: TokenUnderTest, key_name: str) -> None:
+    policy = CachePolicy(max_messages=2, max_entries=2)
+    km = keymgr.KeyManager(softhsm.uri(), cache=policy)
+    km.create_key(key_name)
+    cache = km._encrypt_cache
+    assert cache is not None
+    km.encrypt(b"1", key=key_name, context={"n": "1"})
+    first = next(iter(cache._entries.values())).dek
+    assert "wiped" not in repr(first)
+    km.encrypt(b"2", key=key_name, context={"n": "1"})
+    km.encrypt(b"3", key=key_name, context={"n": "1"})  # third message: over max_messages
+    assert "wiped" in repr(first) and first._key == bytearray(32)
+    km.encrypt(b"4", key=key_name, context={"n": "2"})
+    second = next(iter(cache._entries.values())).dek
+    km.encrypt(b"5", key=key_name, context={"n": "3"})  # a third partition: over max_entries
+    assert "wiped" in repr(second) and len(cache) == 2
+    remaining = [entry.dek for entry in cache._entries.values()]
+    km.close()  # closing wipes everything
+    assert all("wiped" in repr(dek) for dek in remaining)
+
+
+def test_decrypt_cache_limits_and_wiping(softhsm: TokenUnderTest, key_name: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    with keymgr.KeyManager(softhsm.uri(), cache=CachePolicy(max_age=30, max_entries=2), _clock=clock) as km:
+        km.create_key(key_name, profile="gcm")
+        blobs = [km.encrypt(b"m%d" % i, key=key_name, context={"n": str(i)}) for i in range(3)]
+        unwraps = Spy(monkeypatch, "gcm_decrypt")
+        for _ in range(3):
+            assert km.decrypt(blobs[0], context={"n": "0"}) == b"m0"
+        assert unwraps.calls == 1
+        clock.now += 30
+        km.decrypt(blobs[0], context={"n": "0"})
+        assert unwraps.calls == 2  # expired
+        cache = km._decrypt_cache
+        assert cache is not None
+        key_bytes = next(iter(cache._entries.values()))[0]._key  # the cached key's own buffer
+        assert key_bytes != bytearray(32)
+        km.decrypt(blobs[1], context={"n": "1"})
+        km.decrypt(blobs[2], context={"n": "2"})  # a third entry: the oldest goes
+        assert len(cache) == 2 and unwraps.calls == 4
+        assert key_bytes == bytearray(32)  # evicted, nobody else held it: zeroed
+        km.decrypt(blobs[0], context={"n": "0"})
+        assert unwraps.calls == 5
