@@ -75,10 +75,29 @@ def pytest_configure(config: pytest.Config) -> None:
                         "--pin", USER_PIN], check=True, capture_output=True)
 
 
+def _finalize_modules() -> None:
+    """Log out and C_Finalize every module while its token still runs: finalizing the
+    TPM module after its daemons are gone makes tpm2-pkcs11 print errors at exit."""
+    from keymgr.hsm import close_all
+    from keymgr.hsm.modules import loaded_modules
+
+    try:
+        close_all()
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        pass
+    for module in loaded_modules():
+        try:
+            with module.lock:
+                module.lib.finalize()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if "dir" in _tpm_state:
         from tests.tokens.tpm import reset_tpm
 
+        _finalize_modules()
         reset_tpm(_tpm_state["dir"])  # type: ignore[arg-type]
     shutil.rmtree(_RUN_DIR, ignore_errors=True)
 
