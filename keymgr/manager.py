@@ -22,12 +22,12 @@ from typing import Any, BinaryIO
 
 from keymgr import errors
 from keymgr.envelope import DataKey, decrypt_stream, encrypt_stream, open_message, seal_message
+from keymgr.envelope._attrs import normalize_context
 from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
 from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, open_token, probe
 from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring
-from keymgr.local import LocalToken
 
 #: The one message for every authentication failure of a ciphertext: no oracle.
 INTEGRITY_MESSAGE = "the data failed authentication: tampered, truncated, wrong key or wrong context"
@@ -53,6 +53,8 @@ class KeyManager:
         ``_clock`` (tests only) is the caches' clock, for their age limits.
         """
         if token is None:
+            from keymgr.local import LocalToken  # only for the embedded token: spares importers its imports
+
             local = LocalToken.default()
             local.activate()
             token = local.uri()
@@ -180,10 +182,17 @@ class KeyManager:
             finally:
                 dek.wipe()
         record = self.keyring.get(key)
-        partition = (key, record.primary_version.key_id, tuple(sorted((context or {}).items())),
-                     tuple(id(r) for r in also_to))
-        with self._encrypt_cache.lease(partition, size, lambda: self._new_data_key(key, also_to)) as (dek, ris):
-            return use(dek, ris)
+        try:
+            context_key = tuple(sorted(context.items())) if context else ()
+        except (AttributeError, TypeError):
+            normalize_context(context)  # says what is wrong with it (ConfigurationError)
+            raise
+        partition = (key, record.primary_version.key_id, context_key, tuple(id(r) for r in also_to))
+        entry = self._encrypt_cache.acquire(partition, size, lambda: self._new_data_key(key, also_to))
+        try:
+            return use(entry.dek, entry.recipients)
+        finally:
+            self._encrypt_cache.release(entry)
 
     def encrypt(self, plaintext: bytes, *, key: str, context: Mapping[str, str] | None = None,
                 also_to: Sequence[Recipient] = (), compat_openssl: bool = False) -> bytes:

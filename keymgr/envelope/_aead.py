@@ -20,6 +20,7 @@ one key, because two keys with the same commitment are a SHA-256 collision.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import NoReturn
 
@@ -39,6 +40,7 @@ NONCE_SIZE = 12
 TAG_SIZE = 16
 COMMITMENT_SIZE = 32
 COMMITMENT_INFO = b"keymgr key commitment v1"
+_COMMITMENT_BLOCK_1 = COMMITMENT_INFO + b"\x01"  # RFC 5869 2.3: T(1) = HMAC(PRK, info || 0x01)
 
 #: The one message of every content authentication failure (no oracle).
 AEAD_FAILED = "AES-256-GCM authentication failed"
@@ -67,9 +69,29 @@ def hkdf_sha256(ikm: bytes | bytearray, *, salt: bytes | None, info: bytes, leng
     return b"".join(blocks)[:length]
 
 
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+_EXTRACT_INNER = hashlib.sha256(bytes(64).translate(_IPAD))  # HMAC key: the all-zero salt (RFC 5869 2.2)
+_EXTRACT_OUTER = hashlib.sha256(bytes(64).translate(_OPAD))
+
+
 def key_commitment(key: bytes | bytearray) -> bytes:
-    """The public commitment to a data key: HKDF-SHA256(key, salt=none, info=label), 32 bytes."""
-    return hkdf_sha256(key, salt=None, info=COMMITMENT_INFO, length=COMMITMENT_SIZE)
+    """The public commitment to a data key: HKDF-SHA256(key, salt=none, info=label), 32 bytes.
+
+    :func:`hkdf_sha256` for one block, with the HMACs (RFC 2104) written out over
+    SHA-256 states whose zero-salt pads are hashed once: it runs for every fresh
+    data key, and this form costs a third less than two ``hmac.digest`` calls
+    (the same bytes: tests/test_envelope_token.py checks it against :func:`hkdf_sha256`)."""
+    inner = _EXTRACT_INNER.copy()
+    inner.update(key)
+    outer = _EXTRACT_OUTER.copy()
+    outer.update(inner.digest())
+    block = outer.digest() + bytes(32)  # the PRK as an HMAC key, zero-padded to SHA-256's 64-byte block
+    inner = hashlib.sha256(block.translate(_IPAD))
+    inner.update(_COMMITMENT_BLOCK_1)
+    outer = hashlib.sha256(block.translate(_OPAD))
+    outer.update(inner.digest())
+    return outer.digest()
 
 
 _ZEROS = bytes(64 * 1024)
@@ -78,6 +100,9 @@ _ZEROS = bytes(64 * 1024)
 def zero(buffer: bytearray | memoryview) -> None:
     """Overwrite ``buffer`` with zeros, 64 KiB at a time (no allocation the size of the buffer)."""
     view = memoryview(buffer).cast("B")
+    if len(view) <= len(_ZEROS):  # keys, segments up to 64 KiB: one in-place copy
+        view[:] = _ZEROS[:len(view)]
+        return
     for start in range(0, len(view), len(_ZEROS)):
         chunk = view[start:start + len(_ZEROS)]
         chunk[:] = _ZEROS[:len(chunk)]
@@ -163,7 +188,7 @@ class DataKey:
         # Last reference gone (e.g. evicted from a cache while another thread
         # still used it): zero the bytes now rather than leave them to the allocator.
         key = getattr(self, "_key", None)
-        if key is not None:
+        if key is not None and getattr(self, "_aead", key) is not None:  # None: wipe() zeroed it already
             zero(key)
 
     def reveal(self) -> bytes:

@@ -22,6 +22,7 @@ The AAD is the DER of the whole attribute set with the universal SET OF tag
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -56,7 +57,7 @@ def normalize_context(context: Mapping[str, str] | None) -> dict[str, str]:
     """The context as a plain dict ({} for None), checked; :class:`ConfigurationError` if unusable."""
     if context is None:
         return {}
-    if not isinstance(context, Mapping):
+    if type(context) is not dict and not isinstance(context, Mapping):
         raise ConfigurationError("an encryption context is a mapping of str to str")
     if len(context) > MAX_CONTEXT_ENTRIES:
         raise ConfigurationError(f"an encryption context has at most {MAX_CONTEXT_ENTRIES} entries")
@@ -80,14 +81,30 @@ def _context_value(context: dict[str, str]) -> bytes:
     return _der.seq(*(_der.seq(_der.tlv(_der.UTF8_STRING, k), _der.tlv(_der.UTF8_STRING, v)) for k, v in pairs))
 
 
+@functools.lru_cache(maxsize=256)
+def _frame(context_items: tuple[tuple[str, str], ...], content_type: bool) -> tuple[bytes, bytes]:
+    """(head, tail) with ``head + commitment attribute + tail`` the DER attribute set.
+
+    Everything but the commitment's 32 bytes depends on the context alone, so it is
+    encoded once per context. DER sorts a SET OF by encoding (X.690 11.6); every
+    attribute's OID differs from the commitment's inside ``_COMMITMENT_PREFIX``,
+    so the commitment's place in that order does not depend on its value.
+    """
+    others = [_der.seq(_CONTEXT_TLV, _der.set_of([_context_value(dict(context_items))]))] if context_items else []
+    if content_type:
+        others.append(_CONTENT_TYPE_ATTR)
+    before = sorted(a for a in others if a < _COMMITMENT_PREFIX)
+    after = sorted(a for a in others if a > _COMMITMENT_PREFIX)
+    size = sum(map(len, others)) + _COMMITMENT_SIZE
+    return _der.header(_der.SET, size) + b"".join(before), b"".join(after)
+
+
 def build_auth_attrs(*, context: dict[str, str], commitment: bytes, content_type: bool) -> bytes:
     """The DER of the attribute set with the SET OF tag: exactly the AAD (RFC 5083 section 2.2)."""
-    attrs = [_COMMITMENT_PREFIX + commitment]
-    if context:
-        attrs.append(_der.seq(_CONTEXT_TLV, _der.set_of([_context_value(context)])))
-    if content_type:
-        attrs.append(_CONTENT_TYPE_ATTR)
-    return _der.set_of(attrs)
+    if len(commitment) != COMMITMENT_SIZE:
+        raise ConfigurationError(f"a key commitment is {COMMITMENT_SIZE} bytes")
+    head, tail = _frame(tuple(sorted(context.items())), content_type)
+    return head + _COMMITMENT_PREFIX + commitment + tail
 
 
 @dataclass(frozen=True)
@@ -148,17 +165,58 @@ def _decode_context(data: bytes, value: _der.Tlv) -> dict[str, str]:
     return context
 
 
+@functools.lru_cache(maxsize=256)
+def _context_items(value: bytes) -> tuple[tuple[str, str], ...]:
+    """The context in one attribute value (its DER), decoded once per distinct context:
+    services see the same few contexts over and over."""
+    return tuple(_decode_context(value, _der.read_at(value, 0, len(value))).items())
+
+
+#: Attribute sets read before, by their bytes with the commitment value cut out (see parse_auth_attrs).
+_SEEN: dict[bytes, tuple[int, tuple[tuple[str, str], ...] | None, str | None, tuple[tuple[str, bytes], ...]]] = {}
+_SEEN_MAX = 256
+
+
 def parse_auth_attrs(data: bytes, element: _der.Tlv) -> AuthAttributes:
-    """Read an attribute set (tagged SET OF or [1]) into :class:`AuthAttributes`; :class:`FormatError` if malformed."""
-    what = "authenticated attributes"
+    """Read an attribute set (tagged SET OF or [1]) into :class:`AuthAttributes`; :class:`FormatError` if malformed.
+
+    Messages under one key and context differ here only in the commitment's 32
+    bytes, so an attribute set is remembered by its bytes with the commitment
+    value cut out at the first place ``_COMMITMENT_PREFIX`` occurs, and only when
+    the full parse found the commitment value exactly there. A later set equal
+    outside those bytes has its prefix first at the same place (an earlier one
+    would be in the remembered bytes too), so those bytes are the content of the
+    same OCTET STRING: its structure, context and content type are the same.
+    """
     if element.end - element.start > MAX_AUTH_ATTRS_BYTES:
-        raise FormatError(f"{what}: too large")
+        raise FormatError("authenticated attributes: too large")
+    body = data[element.body:element.end]
+    cut = body.find(_COMMITMENT_PREFIX) + len(_COMMITMENT_PREFIX)
+    key = body[:cut] + body[cut + COMMITMENT_SIZE:] if cut >= len(_COMMITMENT_PREFIX) else None
+    seen = _SEEN.get(key) if key is not None else None
+    if seen is not None and seen[0] == cut:
+        return AuthAttributes(aad=_der.header(_der.SET, len(body)) + body, context=None if seen[1] is None else
+                              dict(seen[1]), commitment=body[cut:cut + COMMITMENT_SIZE], content_type=seen[2],
+                              other=seen[3])
+    attrs, commitment_at = _parse_auth_attrs(data, element)
+    if key is not None and commitment_at == element.body + cut:
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        context = None if attrs.context is None else tuple(attrs.context.items())
+        _SEEN[key] = (cut, context, attrs.content_type, attrs.other)
+    return attrs
+
+
+def _parse_auth_attrs(data: bytes, element: _der.Tlv) -> tuple[AuthAttributes, int | None]:
+    """:func:`parse_auth_attrs` in full, and where in ``data`` the commitment value starts (None: absent)."""
+    what = "authenticated attributes"
     items = _der.children(data, element, limit=MAX_ATTRIBUTES, what=what)
     if not items:
         raise FormatError(f"{what}: empty set (RFC 5652 requires SIZE 1..MAX)")
     seen: set[str] = set()
     other: list[tuple[str, bytes]] = []
     context = commitment = content_type = None
+    commitment_at = None
     for attr in items:
         oid, value = _attribute(data, attr)
         if oid in seen:
@@ -167,9 +225,9 @@ def parse_auth_attrs(data: bytes, element: _der.Tlv) -> AuthAttributes:
         if oid == OID_COMMITMENT:
             if value.tag != _der.OCTET_STRING or value.end - value.body != COMMITMENT_SIZE:
                 raise FormatError(f"key commitment: expected a {COMMITMENT_SIZE}-byte OCTET STRING")
-            commitment = data[value.body:value.end]
+            commitment, commitment_at = data[value.body:value.end], value.body
         elif oid == OID_CONTEXT:
-            context = _decode_context(data, value)
+            context = dict(_context_items(data[value.start:value.end]))
         elif oid == OID_CONTENT_TYPE:
             if value.tag != _der.OID:
                 raise FormatError("content-type attribute: expected an OID")
@@ -179,4 +237,4 @@ def parse_auth_attrs(data: bytes, element: _der.Tlv) -> AuthAttributes:
             other.append((oid, data[value.start:value.end]))
     aad = _der.header(_der.SET, element.end - element.body) + data[element.body:element.end]
     return AuthAttributes(aad=aad, context=context, commitment=commitment, content_type=content_type,
-                          other=tuple(other))
+                          other=tuple(other)), commitment_at

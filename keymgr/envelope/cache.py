@@ -55,10 +55,14 @@ class CachePolicy:
             raise errors.ConfigurationError("max_messages above 2^32 breaks the random-nonce bound for AES-GCM")
 
 
+#: The recipients cached beside a data key: asn1crypto objects or their DER (keymgr.envelope.recipients).
+Recipients = tuple[cms.RecipientInfo | bytes, ...]
+
+
 @dataclass
 class _EncryptEntry:
     dek: DataKey
-    recipients: tuple[cms.RecipientInfo, ...]
+    recipients: Recipients
     created: float
     messages: int = 0
     plaintext_bytes: int = 0
@@ -80,19 +84,23 @@ class EncryptCache:
         self._entries: OrderedDict[Hashable, _EncryptEntry] = OrderedDict()
 
     @contextlib.contextmanager
-    def lease(self, partition: Hashable, size: int,
-              make: Callable[[], tuple[DataKey, tuple[cms.RecipientInfo, ...]]],
-              ) -> Iterator[tuple[DataKey, tuple[cms.RecipientInfo, ...]]]:
+    def lease(self, partition: Hashable, size: int, make: Callable[[], tuple[DataKey, Recipients]],
+              ) -> Iterator[tuple[DataKey, Recipients]]:
         """The cached (data key, recipients) for ``partition``, counting one message of
         ``size`` bytes; a new one from ``make()`` when none is cached or a limit would pass."""
+        entry = self.acquire(partition, size, make)
+        try:
+            yield entry.dek, entry.recipients
+        finally:
+            self.release(entry)
+
+    def acquire(self, partition: Hashable, size: int, make: Callable[[], tuple[DataKey, Recipients]]) -> _EncryptEntry:
+        """:meth:`lease` without the context manager (the per-message path: a generator-based
+        context manager costs as much as the rest of a cache hit). Pair with :meth:`release`."""
         policy = self._policy
-        if size > policy.max_bytes:
-            dek, recipients = make()  # larger than the whole byte budget: never cached
-            try:
-                yield dek, recipients
-            finally:
-                dek.wipe()
-            return
+        if size > policy.max_bytes:  # larger than the whole byte budget: never cached
+            dek, recipients = make()
+            return _EncryptEntry(dek, recipients, 0.0, 1, size, leases=1, evicted=True)
         now = self._clock()
         with self._lock:
             entry = self._entries.get(partition)
@@ -115,13 +123,14 @@ class EncryptCache:
                 self._entries[partition] = entry
                 while len(self._entries) > policy.max_entries:
                     self._evict(next(iter(self._entries)))
-        try:
-            yield entry.dek, entry.recipients
-        finally:
-            with self._lock:
-                entry.leases -= 1
-                if entry.evicted and entry.leases == 0:
-                    entry.dek.wipe()
+        return entry
+
+    def release(self, entry: _EncryptEntry) -> None:
+        """The message sealed with ``entry`` is done; an evicted key is wiped by its last user."""
+        with self._lock:
+            entry.leases -= 1
+            if entry.evicted and entry.leases == 0:
+                entry.dek.wipe()
 
     def _evict(self, partition: Hashable) -> None:
         entry = self._entries.pop(partition, None)

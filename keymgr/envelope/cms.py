@@ -122,8 +122,14 @@ class ParsedMessage:
     auth_attrs: AuthAttributes | None
     encrypted_content: bytes = field(repr=False)
     mac: bytes = field(repr=False)
-    #: the raw DER of each AuthEnvelopedData field, for :func:`replace_recipients`
-    _fields: dict[str, bytes] = field(repr=False, compare=False)
+    #: the message and where each AuthEnvelopedData field sits in it, for :func:`replace_recipients`
+    _layout: tuple[bytes, dict[str, _der.Tlv]] = field(repr=False, compare=False)
+
+    @property
+    def _fields(self) -> dict[str, bytes]:
+        """The raw DER of each AuthEnvelopedData field (cut out only when asked: rewrap asks)."""
+        data, spans = self._layout
+        return {name: data[t.start:t.end] for name, t in spans.items()}
 
     @property
     def aad(self) -> bytes:
@@ -205,14 +211,14 @@ def parse_message(blob: bytes) -> ParsedMessage:
     return ParsedMessage(
         recipient_infos=recipients, content_type=OID_DATA, nonce=nonce, icv_length=TAG_SIZE, auth_attrs=attrs,
         encrypted_content=ciphertext, mac=data[f["mac"].body:f["mac"].end],
-        _fields={name: data[t.start:t.end] for name, t in f.items()})
+        _layout=(data, f))
 
 
 def replace_recipients(blob: bytes, new_recipient_infos: Sequence[RecipientLike]) -> bytes:
     """The same message with other recipients (rewrap). Every other field, the payload,
     authAttrs and mac included, is copied byte for byte; the AAD does not cover recipients."""
     parsed = parse_message(blob)
-    fields = dict(parsed._fields)  # noqa: SLF001 - our own dataclass
+    fields = parsed._fields  # noqa: SLF001 - our own dataclass
     fields["recipient_infos"] = encode_recipient_infos(new_recipient_infos)
     body = _der.seq(*(fields[name] for name, _, _ in _FIELDS if name in fields))
     return _der.seq(_AUTH_ENVELOPED_TLV, _der.tlv(0xA0, body))

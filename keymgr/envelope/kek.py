@@ -88,14 +88,15 @@ class KekProtector:
         return self._keyring
 
     def _wrap_mechanism(self) -> tuple[str, KekAlgorithm]:
-        if self._wrap_choice is None:  # the probe is per process anyway: look it up once
-            caps = probe(self._keyring.token)
-            mechanism = caps.preferred_wrap_mechanism()
+        choice = self._wrap_choice
+        if choice is None:  # the probe is per process anyway: look it up once
+            mechanism = probe(self._keyring.token).preferred_wrap_mechanism()
             if mechanism is None:
                 raise errors.MechanismUnsupportedError(
                     f"token {self._keyring.token.label!r} can do neither AES-KW nor AES-KWP")
-            self._wrap_choice = mechanism, ("aes256_wrap" if mechanism == "aes-kw" else "aes256_wrap_pad")
-        return self._wrap_choice
+            algorithm: KekAlgorithm = "aes256_wrap" if mechanism == "aes-kw" else "aes256_wrap_pad"
+            self._wrap_choice = choice = (mechanism, algorithm)
+        return choice
 
     def algorithm_for(self, record: KeyRecord) -> KekAlgorithm:
         """The key-encryption algorithm messages for ``record`` carry on this token."""

@@ -27,9 +27,10 @@ key on ``ri.dump()`` (the recipient's DER, ~1 µs) without reading the fields.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, overload
+from typing import Literal, TypeAlias, overload
 
 from asn1crypto import cms
 
@@ -48,7 +49,7 @@ RecipientKind = Literal["ktri", "kari", "kekri", "pwri", "ori"]
 KekAlgorithm = Literal["aes256_wrap", "aes256_wrap_pad", "aes256_gcm"]
 #: A recipient as writers hand it over: an asn1crypto object, or the DER of one
 #: (what the token glue produces on the per-message path: no asn1crypto round trip).
-RecipientLike = cms.RecipientInfo | bytes
+RecipientLike: TypeAlias = cms.RecipientInfo | bytes
 
 MAX_RECIPIENTS = 64
 MAX_RECIPIENT_BYTES = 16 * 1024
@@ -65,6 +66,8 @@ _KEK_OID_TLV = {name: _der.encode_oid(oid) for oid, name in _KEK_OIDS.items()}
 _KEK_ALGORITHM_BY_TLV = {tlv: name for name, tlv in _KEK_OID_TLV.items()}
 _NULL = b"\x05\x00"
 _VERSION_4 = _der.integer(4)
+_GCM_ICV = _der.integer(TAG_SIZE)
+_GCM_PARAMS_HEAD = encode_gcm_parameters(bytes(NONCE_SIZE))[:4]  # SEQUENCE (17), OCTET STRING (12)
 _KEKRI_TAGS = (_der.INTEGER, _der.SEQUENCE, _der.SEQUENCE, _der.OCTET_STRING)
 
 
@@ -90,25 +93,38 @@ def _check_encrypted_key(algorithm: str, encrypted_key: bytes, error: type[Excep
         raise error(f"encrypted key has an impossible length for {algorithm}")
 
 
-def kek_recipient_der(kek_id: bytes, encrypted_key: bytes, algorithm: KekAlgorithm,
-                      gcm_nonce: bytes | None = None) -> bytes:
-    """The DER of a ``KEKRecipientInfo`` (version 4) naming the KEK by ``kek_id``, as a
-    ``RecipientInfo`` choice ([2] IMPLICIT)."""
+@functools.lru_cache(maxsize=256)
+def _kek_frame(kek_id: bytes, algorithm: str, encrypted_length: int) -> tuple[bytes, bytes]:
+    """(head, middle): the DER of a KEKRecipientInfo is ``head + nonce + middle + encrypted key``
+    (``nonce`` empty but for GCM). Everything but the nonce and the encrypted key depends only
+    on the key id, algorithm and length, so a KEK's per-message recipients are two joins."""
     if algorithm not in _KEK_OID_TLV:
         raise ConfigurationError(f"unknown key-encryption algorithm {algorithm!r}")
     if not 1 <= len(kek_id) <= MAX_KEK_ID:
         raise ConfigurationError(f"a KEK id is 1 to {MAX_KEK_ID} bytes")
-    _check_encrypted_key(algorithm, encrypted_key, ConfigurationError)
+    _check_encrypted_key(algorithm, bytes(encrypted_length), ConfigurationError)
+    params = encode_gcm_parameters(bytes(NONCE_SIZE)) if algorithm == "aes256_gcm" else b""
+    body = (_VERSION_4 + _der.seq(_der.octets(kek_id)) + _der.seq(_KEK_OID_TLV[algorithm], params)
+            + _der.header(_der.OCTET_STRING, encrypted_length))
+    der = _der.header(0xA2, len(body) + encrypted_length) + body
+    if not params:
+        return der, b""
+    nonce_at = len(der) - len(_der.header(_der.OCTET_STRING, encrypted_length)) - len(_GCM_ICV) - NONCE_SIZE
+    return der[:nonce_at], der[nonce_at + NONCE_SIZE:]
+
+
+def kek_recipient_der(kek_id: bytes, encrypted_key: bytes, algorithm: KekAlgorithm,
+                      gcm_nonce: bytes | None = None) -> bytes:
+    """The DER of a ``KEKRecipientInfo`` (version 4) naming the KEK by ``kek_id``, as a
+    ``RecipientInfo`` choice ([2] IMPLICIT)."""
     if (algorithm == "aes256_gcm") != (gcm_nonce is not None):
         raise ConfigurationError("a GCM nonce goes with aes256_gcm, and only with it")
-    params = b""
-    if gcm_nonce is not None:
-        if len(gcm_nonce) != NONCE_SIZE:
-            raise ConfigurationError(f"the GCM nonce must be {NONCE_SIZE} bytes")
-        params = encode_gcm_parameters(gcm_nonce)
-    body = (_VERSION_4 + _der.seq(_der.octets(kek_id)) + _der.seq(_KEK_OID_TLV[algorithm], params)
-            + _der.octets(encrypted_key))
-    return _der.tlv(0xA2, body)
+    head, middle = _kek_frame(bytes(kek_id), algorithm, len(encrypted_key))
+    if gcm_nonce is None:
+        return head + bytes(encrypted_key)
+    if len(gcm_nonce) != NONCE_SIZE:
+        raise ConfigurationError(f"the GCM nonce must be {NONCE_SIZE} bytes")
+    return head + bytes(gcm_nonce) + middle + bytes(encrypted_key)
 
 
 def kek_recipient_info(kek_id: bytes, encrypted_key: bytes, algorithm: KekAlgorithm,
@@ -138,8 +154,42 @@ def _parts(ri: RecipientLike, tag: int, what: str, limit: int) -> tuple[bytes, l
     return data, _der.children(data, outer, limit=limit, what=what)
 
 
+def _read_kek_short(data: bytes) -> KekRecipient | None:
+    """:func:`read_kek_recipient` for the shape keymgr and OpenSSL write (every length in short
+    form, the key id alone in ``kekid``), read by position; None for any other shape, which
+    the general reader then takes. It accepts exactly what the general reader accepts."""
+    n = len(data)
+    if not 9 < n <= 129 or data[0] != 0xA2 or data[1] != n - 2 or data[2:5] != _VERSION_4 or data[5] != _der.SEQUENCE:
+        return None
+    id_len = data[8]
+    if data[7] != _der.OCTET_STRING or data[6] != id_len + 2 or not 0 < id_len < 0x7E:
+        return None
+    at = 9 + id_len
+    if at + 13 > n or data[at] != _der.SEQUENCE or data[at + 1] >= 0x80:
+        return None
+    params_end = at + 2 + data[at + 1]
+    algorithm = _KEK_ALGORITHM_BY_TLV.get(data[at + 2:at + 13])  # every id-aes256-* OID TLV is 11 bytes
+    if algorithm is None or params_end + 2 > n or data[params_end] != _der.OCTET_STRING \
+            or data[params_end + 1] != n - params_end - 2:
+        return None
+    params, nonce = data[at + 13:params_end], None
+    if algorithm == "aes256_gcm":
+        if len(params) != 19 or not params.startswith(_GCM_PARAMS_HEAD) or not params.endswith(_GCM_ICV):
+            return None
+        nonce = params[4:4 + NONCE_SIZE]
+    elif params not in (b"", _NULL):
+        return None
+    encrypted_key = data[params_end + 2:]
+    _check_encrypted_key(algorithm, encrypted_key, FormatError)
+    return KekRecipient(kek_id=data[9:at], algorithm=algorithm, encrypted_key=encrypted_key, gcm_nonce=nonce)
+
+
 def read_kek_recipient(ri: RecipientLike) -> KekRecipient:
     """The key id, algorithm, encrypted key (and GCM nonce) of a ``KEKRecipientInfo`` (object or DER)."""
+    if isinstance(ri, bytes):
+        found = _read_kek_short(ri)
+        if found is not None:
+            return found
     what = "KEKRecipientInfo"
     data, parts = _parts(ri, 0xA2, what, 4)
     if len(parts) != 4 or tuple(p.tag for p in parts) != _KEKRI_TAGS:
@@ -194,7 +244,7 @@ def encode_recipient_infos(recipient_infos: Sequence[RecipientLike]) -> bytes:
         raise ConfigurationError(f"a message needs 1 to {MAX_RECIPIENTS} recipients (a sequence of RecipientInfo)")
     encoded = []
     for ri in recipient_infos:
-        if not isinstance(ri, cms.RecipientInfo | bytes):
+        if type(ri) is not bytes and not isinstance(ri, cms.RecipientInfo | bytes):
             raise ConfigurationError("recipients must be asn1crypto.cms.RecipientInfo objects (or their DER)")
         try:
             data = _dump(ri)
