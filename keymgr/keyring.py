@@ -96,16 +96,18 @@ class KeyVersion:
     created: str
     history: tuple[tuple[str, str], ...] = ()
     kcv: str | None = None
+    #: encryptions reserved under this version so far (keymgr.rotation: max_messages, the GCM bound)
+    uses: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "id": self.key_id.hex(), "state": self.state, "created": self.created,
-                "history": [list(h) for h in self.history], "kcv": self.kcv}
+                "history": [list(h) for h in self.history], "kcv": self.kcv, "uses": self.uses}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> KeyVersion:
         return cls(version=int(data["version"]), key_id=bytes.fromhex(data["id"]), state=str(data["state"]),
                    created=str(data["created"]), history=tuple((str(a), str(b)) for a, b in data.get("history", [])),
-                   kcv=data.get("kcv"))
+                   kcv=data.get("kcv"), uses=int(data.get("uses", 0)))
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class KeyRecord:
     policy: KeyPolicy = field(default_factory=KeyPolicy)
     generation: int = 1
     created: str = ""
+    #: versions below this no longer decrypt (Vault's min_decryption_version; keymgr.rotation.retire)
+    min_decryption_version: int = 1
 
     def version(self, number: int) -> KeyVersion:
         for v in self.versions:
@@ -136,7 +140,7 @@ class KeyRecord:
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "name": self.name, "profile": self.profile, "primary": self.primary,
                 "generation": self.generation, "created": self.created, "policy": asdict(self.policy),
-                "versions": [v.to_json() for v in self.versions]}
+                "versions": [v.to_json() for v in self.versions], "min_decryption_version": self.min_decryption_version}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> KeyRecord:
@@ -145,7 +149,8 @@ class KeyRecord:
         return cls(name=str(data["name"]), profile=str(data["profile"]), primary=int(data["primary"]),
                    versions=tuple(KeyVersion.from_json(v) for v in data["versions"]),
                    policy=KeyPolicy(**data.get("policy", {})), generation=int(data["generation"]),
-                   created=str(data.get("created", "")))
+                   created=str(data.get("created", "")),
+                   min_decryption_version=int(data.get("min_decryption_version", 1)))
 
 
 def _canonical(data: Mapping[str, Any]) -> bytes:

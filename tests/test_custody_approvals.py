@@ -9,16 +9,15 @@ import pytest
 
 from keymgr import errors
 from keymgr.custody.approvals import Approval, Request, make_request
-from keymgr.custody.authorize import authorize, change_policy
+from keymgr.custody.authorize import authorize, authorize_destroy, change_policy
 from keymgr.custody.custodians import CustodyRegister, QuorumPolicy
 from keymgr.hsm import objects
 from tests.custody_helpers import approvals, guarded_key, hsm, party, registered, request
 
 
 def _destroy(km, name: str, version: int, req: Request | None, approved: list[Approval]) -> None:
-    """What ``key destroy`` does once authorised: the gate, then the crypto-shredding."""
-    auth = authorize(km.keyring, "destroy", key=name, params={"versions": [version]}, request=req,
-                     approvals=approved)
+    """What ``key destroy`` does: the gate, then the crypto-shredding."""
+    auth = authorize_destroy(km.keyring, name, [version], request=req, approvals=approved)
     assert auth is not None
     objects.destroy_key(km.token, km.describe_key(name).version(version).key_id)
 
@@ -96,11 +95,14 @@ def test_expired_request_is_refused(key_name: str) -> None:
         authorize(km.keyring, "destroy", key=key_name, params={"versions": [1]}, request=old, approvals=signed_then)
 
 
-def test_no_policy_means_no_gate(key_name: str) -> None:
+def test_without_a_policy_destroy_keeps_its_explicit_confirmation(key_name: str) -> None:
     km = hsm()
     km.create_key(key_name)
     assert authorize(km.keyring, "destroy", key=key_name, params={"versions": [1]}, request=None,
                      approvals=[]) is None
+    with pytest.raises(errors.PolicyError, match="confirm it explicitly"):
+        authorize_destroy(km.keyring, key_name, [1])
+    assert authorize_destroy(km.keyring, key_name, [1], confirmed=True) is None
 
 
 def test_policy_change_is_approved_under_the_current_policy(key_name: str) -> None:

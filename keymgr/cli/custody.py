@@ -269,7 +269,8 @@ def transcript_verify(state: CliState, path: str) -> None:
     known: dict[str, str] = {}
     if state.token:
         known = {c.fingerprint: c.name for c in CustodyRegister(state.manager().keyring).load().custodians}
-    signers = [{"subject": s, "fingerprint": f, "custodian": known.get(f)} for s, f in verified.signers]
+    signers: list[dict[str, Any]] = [{"subject": s, "fingerprint": f, "custodian": known.get(f)}
+                                     for s, f in verified.signers]
     doc = verified.document
     if state.json_output:
         emit_json({"valid": True, "signers": signers, "transcript": doc})

@@ -21,7 +21,8 @@ from keymgr.custody.custodians import KEYRING_SCOPE, CustodyRegister, QuorumPoli
 from keymgr.custody.transcript import TranscriptRecorder, hsm_signer, sign_transcript
 from keymgr.keyring import KeyRecord, Keyring
 
-__all__ = ["Authorization", "authorize", "change_policy", "ceremony_transcript", "key_ceremony_transcript"]
+__all__ = ["Authorization", "authorize", "authorize_destroy", "change_policy", "ceremony_transcript",
+           "key_ceremony_transcript"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,27 @@ def authorize(keyring: Keyring, operation: str, *, key: str | None, params: Mapp
         return None
     if request is None:
         target = f" {key}" if key else ""
+        command = {"destroy": f"destroy{target} --version N", "backup": f"backup{target}",
+                   "set-policy": "policy M"}.get(operation, operation)
         raise errors.PolicyError(f"{operation}{target} needs approvals by {policy.describe()}: write a request "
-                                 f"(keymgr request {operation}{target} ...) and have it approved")
+                                 f"(keymgr request {command} -o REQ) and have it approved (keymgr approve REQ)")
     approvers = check_quorum(request, approvals, register, operation=operation, token=keyring.token, key=key,
                              params=params)
     auth = Authorization(request.digest, request.expires, approvers, register)
     if consume:
         auth.consume(keyring)
+    return auth
+
+
+def authorize_destroy(keyring: Keyring, name: str, versions: Sequence[int], *, request: Request | None = None,
+                      approvals: Sequence[Approval] = (), confirmed: bool = False) -> Authorization | None:
+    """The gate of ``key destroy``: M approvals where a quorum policy covers the key (consumed
+    here); otherwise the caller's explicit confirmation (``confirmed``), as before custodians."""
+    auth = authorize(keyring, "destroy", key=name, params={"versions": sorted(set(versions))}, request=request,
+                     approvals=approvals)
+    if auth is None and not confirmed:
+        raise errors.PolicyError(f"destroying key {name!r} version(s) {', '.join(map(str, sorted(versions)))} "
+                                 "cannot be undone: confirm it explicitly (--yes)")
     return auth
 
 

@@ -267,6 +267,7 @@ def restore_keys(backup: BackupFile, target: Keyring, tokens: Sequence[Custodian
         for item in items:
             objects.destroy_key(ts, item.key_id)
         raise
+    _adopt_custodians(backup, target, recorder)
     signers: list[Signer | None] = [hsm_signer(ts)]
     signers += [Signer(t.custodian.name, t.custodian.certificate_der, t.sign) for t in distinct]
     transcript = _sign(recorder, "success", signers)
@@ -288,8 +289,12 @@ def _finish_restore(backup: BackupFile, target: Keyring, recorder: TranscriptRec
             recorder.key(key.record.name, v.version, v.key_id, v.kcv, proof="verified")
     records = tuple(target.write(replace(key.record, generation=1)) for key in backup.keys)
     recorder.step("keyring records written")
+    return records
+
+
+def _adopt_custodians(backup: BackupFile, target: Keyring, recorder: TranscriptRecorder) -> None:
+    """Register the backup's custodians and quorum on the target, so its keys stay under dual control."""
     adopted = CustodyRegister(target).adopt(tuple(s.custodian for s in backup.shares),
                                             {key.record.name: backup.quorum for key in backup.keys})
     recorder.step("custodians and quorum registered on the target" if adopted else
                   "custodian names clash with the target's register: register them by hand")
-    return records

@@ -103,7 +103,7 @@ class Share:
         length = int.from_bytes(data[2:4], "big")
         if len(data) != 4 + length:
             raise errors.FormatError("a share's length does not match its header")
-        return cls(data[1], data[4:])
+        return cls(data[1], bytearray(data[4:]))
 
 
 def _check_threshold(m: int, n: int) -> None:
@@ -128,7 +128,7 @@ def _split_with_rng(secret: bytes, m: int, n: int, rng: Callable[[int], bytes]) 
                 y = gf_mul(y, x) ^ c
             values[x - 1].append(gf_mul(y, x) ^ byte)
         wipe(coefficients)
-    shares = [Share(x + 1, bytes(v)) for x, v in enumerate(values)]
+    shares = [Share(x + 1, bytearray(v)) for x, v in enumerate(values)]
     for v in values:
         wipe(v)
     return shares

@@ -21,7 +21,7 @@ from typing import Any
 
 import pkcs11
 import pkcs11.exceptions as p11x
-from pkcs11 import Attribute, KeyType, Mechanism, MGF, ObjectClass
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import GCMParams
 
@@ -198,7 +198,7 @@ def _probe_rsa(session: Any, results: set[str]) -> None:
         numbers = rsa.RSAPublicNumbers(int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big"),
                                        int.from_bytes(pub[Attribute.MODULUS], "big"))
         host_pub = numbers.public_key()
-        for name, host_hash, mech, mgf in (("sha1", hashes.SHA1(), Mechanism.SHA_1, MGF.SHA1),
+        for name, host_hash, mech, mgf in (("sha1", hashes.SHA1(), Mechanism.SHA_1, MGF.SHA1),  # noqa: S303 - OAEP-SHA1 probe
                                            ("sha256", hashes.SHA256(), Mechanism.SHA256, MGF.SHA256)):
             ct = host_pub.encrypt(b"probe", padding.OAEP(padding.MGF1(host_hash), host_hash, None))
             try:
@@ -279,8 +279,6 @@ def _probe_all(session: Any) -> set[str]:
     with contextlib.suppress(p11x.PKCS11Error):
         _sweep_probe_objects(session)
     for prober in (_probe_rsa, _probe_ec):
-        try:
+        with contextlib.suppress(p11x.PKCS11Error, AttributeError, TypeError, ValueError):
             prober(session, results)
-        except (p11x.PKCS11Error, AttributeError, TypeError, ValueError):
-            pass
     return results

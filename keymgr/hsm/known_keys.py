@@ -78,11 +78,15 @@ def unwrap_with_session_key(ts: TokenSession, kek: bytes, wrapped: bytes, mechan
 
     def call(session: pkcs11.Session) -> bytearray:  # type: ignore[name-defined]
         key: Any = session.create_object(kek_attrs)
+
+        def unwrap_as(key_type: KeyType) -> Any:
+            return checked_for_authenticity(ts, "unwrap with a session key", lambda: key.unwrap_key(
+                ObjectClass.SECRET_KEY, key_type, bytes(wrapped), mechanism=mech, store=False, template=out_attrs))
+
         try:
             for key_type in key_types:
                 try:
-                    temp = checked_for_authenticity(ts, "unwrap with a session key", lambda kt=key_type: key.unwrap_key(
-                        ObjectClass.SECRET_KEY, kt, bytes(wrapped), mechanism=mech, store=False, template=out_attrs))
+                    temp = unwrap_as(key_type)
                     break
                 except _NOT_THIS_KEY_TYPE:
                     if key_type == key_types[-1]:

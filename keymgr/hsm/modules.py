@@ -20,6 +20,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pkcs11
 import pkcs11.exceptions as p11x
@@ -46,7 +47,7 @@ class Module:
     """One loaded PKCS#11 module and the lock that serialises calls into it."""
 
     path: str
-    lib: pkcs11.lib  # type: ignore[valid-type]
+    lib: Any  # a pkcs11.lib (Cython, untyped)
     lock: threading.RLock = field(default_factory=threading.RLock)
     pid: int = field(default_factory=os.getpid)
     #: Bumped whenever the module is re-initialised: sessions opened under an

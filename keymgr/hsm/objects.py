@@ -91,7 +91,7 @@ def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes) -> pkcs1
     if len(found) > 1:
         raise errors.PolicyError(f"{len(found)} key objects share id {key_id.hex()} on token {ts.label!r}")
     ts.cache[("key", key_id)] = found[0]
-    return found[0]  # type: ignore[no-any-return]
+    return found[0]  # type: ignore[return-value]
 
 
 def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any) -> Any:

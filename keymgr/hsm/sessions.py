@@ -31,6 +31,7 @@ Context-specific logins (CKA_ALWAYS_AUTHENTICATE) ask the PIN source again:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -184,10 +185,8 @@ class TokenSession:
         self._cache.clear()
         session, self._session = self._session, None
         if session is not None and self._pid == self.module.pid:
-            try:
+            with contextlib.suppress(p11x.PKCS11Error):
                 session.close()
-            except p11x.PKCS11Error:
-                pass
 
     def _rediscover(self, *, reinitialize: bool = False) -> None:
         """Find the token again after removal (possibly in another slot).

@@ -100,7 +100,7 @@ def export_wrapped(ts: TokenSession, key_ids: Sequence[bytes], transport: bytes 
             except p11x.PKCS11Error as exc:
                 raise _so_login_error(exc, ts.label) from exc
             try:
-                key = anchor.create_object(_secret(TRANSPORT_EXPORT, transport))
+                key: Any = anchor.create_object(_secret(TRANSPORT_EXPORT, transport))
             except p11x.PKCS11Error as exc:
                 raise translate(exc, operation="create trusted transport key", token=ts.label) from exc
             finally:
@@ -162,7 +162,7 @@ def import_unwrapped(ts: TokenSession, transport: bytes | bytearray, items: Sequ
         if clash:
             raise errors.PolicyError(f"token {ts.label!r} already holds objects with CKA_ID {', '.join(clash)}; "
                                      "nothing was restored")
-        key = session.create_object(_secret(TRANSPORT_IMPORT, transport))
+        key: Any = session.create_object(_secret(TRANSPORT_IMPORT, transport))
         created: dict[bytes, str | None] = {}
         try:
             for item in items:

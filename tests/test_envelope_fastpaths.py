@@ -1,0 +1,122 @@
+"""The per-message fast paths of the envelope format give exactly what the plain code gives.
+
+Each fast path (docs/performance.md, "Where the time went") replaces general
+code with precomputed pieces or reads by position; these tests hold each one
+to the general form it replaces, on every shape and on mutated input.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keymgr.envelope import _der
+from keymgr.envelope import recipients as r
+from keymgr.envelope._aead import COMMITMENT_INFO, encode_gcm_parameters, hkdf_sha256, key_commitment
+from keymgr.envelope._attrs import (
+    _COMMITMENT_PREFIX,
+    _CONTENT_TYPE_ATTR,
+    _CONTEXT_TLV,
+    _context_value,
+    build_auth_attrs,
+)
+from keymgr.errors import FormatError
+
+SHAPES = [("aes256_wrap", 40), ("aes256_wrap_pad", 16), ("aes256_wrap_pad", 48), ("aes256_gcm", 48), ("aes256_gcm", 17)]
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_commitment_is_hkdf_sha256(key: bytes) -> None:
+    assert key_commitment(key) == hkdf_sha256(key, salt=None, info=COMMITMENT_INFO, length=32)
+
+
+def _reference_kekri(kek_id: bytes, encrypted: bytes, algorithm: str, nonce: bytes | None) -> bytes:
+    params = encode_gcm_parameters(nonce) if nonce is not None else b""
+    return _der.tlv(0xA2, _der.integer(4) + _der.seq(_der.octets(kek_id)) + _der.seq(r._KEK_OID_TLV[algorithm], params)
+                    + _der.octets(encrypted))
+
+
+@pytest.mark.parametrize(("algorithm", "length"), SHAPES)
+@pytest.mark.parametrize("id_length", [1, 16, 125, 126, 300])
+def test_kek_recipient_der_matches_plain_encoding(algorithm: str, length: int, id_length: int) -> None:
+    kek_id, encrypted = os.urandom(id_length), os.urandom(length)
+    nonce = os.urandom(12) if algorithm == "aes256_gcm" else None
+    assert r.kek_recipient_der(kek_id, encrypted, algorithm, nonce) == _reference_kekri(  # type: ignore[arg-type]
+        kek_id, encrypted, algorithm, nonce)
+
+
+class _AsObject:
+    """Hands DER to read_kek_recipient as an object, which takes the general reader."""
+
+    def __init__(self, der: bytes) -> None:
+        self._der = der
+
+    def dump(self) -> bytes:
+        return self._der
+
+
+def _outcome(ri: object) -> object:
+    try:
+        return r.read_kek_recipient(ri)  # type: ignore[arg-type]
+    except FormatError:
+        return FormatError
+
+
+@pytest.mark.parametrize(("algorithm", "length"), SHAPES)
+@pytest.mark.parametrize("id_length", [1, 16, 126, 130])
+def test_kek_reader_fast_path_agrees_with_general_reader(algorithm: str, length: int, id_length: int) -> None:
+    der = r.kek_recipient_der(os.urandom(id_length), os.urandom(length), algorithm,  # type: ignore[arg-type]
+                              os.urandom(12) if algorithm == "aes256_gcm" else None)
+    variants = [der, der[:-1] + b"", der + b"\x00"]
+    for i in range(len(der)):
+        for flip in (0x01, 0x80, 0xFF):
+            mutated = bytearray(der)
+            mutated[i] ^= flip
+            variants.append(bytes(mutated))
+        variants += [der[:i], der[:i] + der[i + 1:]]
+    null_params = der.replace(r._KEK_OID_TLV["aes256_wrap"], r._KEK_OID_TLV["aes256_wrap"] + b"\x05\x00")
+    variants.append(null_params)
+    for variant in variants:
+        assert _outcome(variant) == _outcome(_AsObject(variant)), variant.hex()
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=8), max_size=4), st.booleans())
+def test_attribute_frame_matches_plain_set_of(context: dict[str, str], content_type: bool) -> None:
+    commitment = os.urandom(32)
+    attrs = [_COMMITMENT_PREFIX + commitment]
+    if context:
+        attrs.append(_der.seq(_CONTEXT_TLV, _der.set_of([_context_value(context)])))
+    if content_type:
+        attrs.append(_CONTENT_TYPE_ATTR)
+    assert build_auth_attrs(context=context, commitment=commitment, content_type=content_type) == _der.set_of(attrs)
+
+
+def _attrs_element(der: bytes) -> _der.Tlv:
+    return _der.read_one(der, tag=_der.SET, what="test")
+
+
+def test_attribute_cache_gives_what_a_full_parse_gives() -> None:
+    """Sets that differ only in the commitment value reuse the cached parse; sets where the
+    commitment prefix also appears elsewhere (inside another attribute) never do."""
+    from keymgr.envelope._attrs import _parse_auth_attrs, parse_auth_attrs
+
+    context = {"tenant": "acme", "purpose": "cache"}
+    for _ in range(3):
+        der = build_auth_attrs(context=context, commitment=os.urandom(32), content_type=True)
+        assert parse_auth_attrs(der, _attrs_element(der)) == _parse_auth_attrs(der, _attrs_element(der))[0]
+    decoy_oid = _der.encode_oid("1.2.3.4")
+    for first in (True, False):
+        seen = set()
+        for _ in range(3):
+            decoy = _der.seq(decoy_oid, _der.set_of([_der.octets(_COMMITMENT_PREFIX + os.urandom(32))]))
+            real = _COMMITMENT_PREFIX + os.urandom(32)
+            body = decoy + real if first else real + decoy
+            der = _der.tlv(_der.SET, body)
+            parsed = parse_auth_attrs(der, _attrs_element(der))
+            assert parsed == _parse_auth_attrs(der, _attrs_element(der))[0]
+            assert parsed.commitment == real[-32:] and parsed.other[0][1] not in seen
+            seen.add(parsed.other[0][1])
