@@ -1,9 +1,10 @@
 """Published test vectors, loaded from data files (never pasted into code).
 
-Vectors live outside the repository, in ``$KEYMGR_VECTORS`` or else
-``<repo>/../shared/vectors`` (see that directory's README for sources and
-licences). A missing file fails the test that asked for it: vectors that
-silently skip are vectors nobody runs.
+Vectors ship with the repository in ``tests/vectors`` (``wycheproof/README.md``
+there names their source, commit and licence), so a fresh clone on a fresh
+machine runs them; ``$KEYMGR_VECTORS`` points the suite at another copy. A
+missing file fails the test that asked for it: vectors that silently skip are
+vectors nobody runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 def vectors_dir() -> Path:
-    return Path(os.environ.get("KEYMGR_VECTORS") or _REPO.parent / "shared" / "vectors")
+    return Path(os.environ.get("KEYMGR_VECTORS") or _REPO / "tests" / "vectors")
 
 
 def load_wycheproof(name: str) -> dict[str, Any]:
