@@ -26,6 +26,7 @@ by issuer and serial (no key id); ``ori`` recipients carry their type OID
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from keymgr.envelope.recipients import (
     read_other_recipient,
     recipient_kind,
 )
-from keymgr.envelope.stream import MAGIC, MAX_HEADER_BYTES, read_stream_header
+from keymgr.envelope.stream import MAGIC, StreamHeader, read_stream_header
 from keymgr.errors import ConfigurationError, FormatError
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "EnvelopeInfo", "EnvelopeKind", "RecipientSummary", "SNIFF_BYTES",
@@ -97,7 +98,7 @@ class EnvelopeInfo:
         return bytes(key_id) in self.kek_ids
 
 
-def sniff(head: bytes) -> EnvelopeKind | None:
+def sniff(head: bytes | bytearray | memoryview) -> EnvelopeKind | None:
     """``"message"``, ``"stream"`` or None, from the first :data:`SNIFF_BYTES` (or fewer) bytes."""
     data = bytes(head[:SNIFF_BYTES])
     if data.startswith(MAGIC):
@@ -109,7 +110,7 @@ def sniff(head: bytes) -> EnvelopeKind | None:
     return "message" if data.startswith(_AUTH_ENVELOPED_TLV, skip) else None
 
 
-def message_length(head: bytes) -> int:
+def message_length(head: bytes | bytearray | memoryview) -> int:
     """The total length a message announces in its outer DER header; FormatError if it announces none."""
     data = bytes(head[:6])
     if sniff(head) != "message":
@@ -142,7 +143,8 @@ def _summaries(recipients: ParsedRecipients) -> tuple[RecipientSummary, ...]:
     return tuple(found)
 
 
-def _by_rid(kind: RecipientKind, rid: cms.RecipientIdentifier | cms.KeyAgreementRecipientIdentifier) -> RecipientSummary:
+def _by_rid(kind: RecipientKind,
+            rid: cms.RecipientIdentifier | cms.KeyAgreementRecipientIdentifier) -> RecipientSummary:
     """A ktri's ``rid`` or a kari key's ``rid``: subjectKeyIdentifier bytes, or issuer and serial."""
     try:
         if rid.name == "issuer_and_serial_number":
@@ -152,6 +154,11 @@ def _by_rid(kind: RecipientKind, rid: cms.RecipientIdentifier | cms.KeyAgreement
         return RecipientSummary(kind, bytes(ski.native), "ski")
     except (ValueError, TypeError, KeyError, AttributeError):
         raise FormatError(f"{kind} recipient: malformed recipient identifier") from None
+
+
+def _stream_info(header: StreamHeader) -> EnvelopeInfo:
+    return EnvelopeInfo("stream", _summaries(header.recipient_infos), header.context,
+                        header.commitment is not None, len(header.raw))
 
 
 def inspect_envelope(data: bytes) -> EnvelopeInfo:
@@ -166,11 +173,7 @@ def inspect_envelope(data: bytes) -> EnvelopeInfo:
         return EnvelopeInfo("message", _summaries(message.recipient_infos), message.context,
                             message.commitment is not None, len(blob))
     if kind == "stream":
-        import io
-
-        header = read_stream_header(io.BytesIO(blob))
-        return EnvelopeInfo("stream", _summaries(header.recipient_infos), header.context,
-                            header.commitment is not None, len(header.raw))
+        return _stream_info(read_stream_header(io.BytesIO(blob)))
     raise FormatError("not a keymgr envelope (neither a CMS AuthEnvelopedData message nor a keymgr stream)")
 
 
@@ -193,8 +196,8 @@ def inspect_file(path: str | os.PathLike[str], *,
             if kind is None:
                 return None
             if kind == "stream":
-                rest = handle.read(MAX_HEADER_BYTES + 13 - len(head))
-                return inspect_envelope(head + rest)
+                handle.seek(0)
+                return _stream_info(read_stream_header(handle))
             length = message_length(head)
             if length != size:
                 raise FormatError(f"{target}: the message announces {length} bytes but the file holds {size}")
