@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from keymgr import errors
+from keymgr import errors, rotation
 from keymgr.envelope import DataKey, decrypt_stream, encrypt_stream, open_message, seal_message
 from keymgr.envelope._attrs import normalize_context
 from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
@@ -122,6 +122,33 @@ class KeyManager:
     def describe_key(self, name: str) -> KeyRecord:
         """One named key: versions, states, primary, key check values, policy."""
         return self.keyring.get(name)
+
+    # -- lifecycle (keymgr.rotation: states, transitions, crash safety) ----------------
+
+    def rotate(self, name: str, *, activate: bool = True) -> KeyRecord:
+        """New version n+1 becomes the primary; the old primary keeps decrypting (decrypt-only).
+        ``activate=False`` makes it pre-active instead (:meth:`activate` later)."""
+        return rotation.rotate(self.keyring, name, activate=activate)
+
+    def activate(self, name: str, version: int) -> KeyRecord:
+        """Make a pre-active version the primary."""
+        return rotation.activate(self.keyring, name, version)
+
+    def suspend(self, name: str, version: int) -> KeyRecord:
+        """Freeze a version: no encryption, no decryption, until :meth:`resume`."""
+        return rotation.suspend(self.keyring, name, version)
+
+    def resume(self, name: str, version: int) -> KeyRecord:
+        """Return a suspended version to its previous state."""
+        return rotation.resume(self.keyring, name, version)
+
+    def mark_compromised(self, name: str, version: int) -> KeyRecord:
+        """Mark a version compromised: it decrypts only for a manager made with ``allow_compromised``."""
+        return rotation.mark_compromised(self.keyring, name, version)
+
+    def retire(self, name: str, *, below: int) -> KeyRecord:
+        """Versions below ``below`` stop decrypting (Vault's min_decryption_version)."""
+        return rotation.retire(self.keyring, name, below)
 
     def capabilities(self) -> Capabilities:
         """What the token can do (probed once per process)."""

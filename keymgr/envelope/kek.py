@@ -125,7 +125,9 @@ class KekProtector:
     def check_state(self, record: KeyRecord, version: KeyVersion) -> None:
         """Refuse versions that policy says must not decrypt."""
         state = version.state
-        if state in DECRYPTABLE_STATES:
+        if version.version < record.min_decryption_version:
+            state = "retired"
+        elif state in DECRYPTABLE_STATES:
             return
         if state == "compromised" and self._allow_compromised:
             return
@@ -133,7 +135,7 @@ class KekProtector:
                 "suspended": " (an operator must resume it)",
                 "destroyed": " (its key object was destroyed: the data is unrecoverable)",
                 "pre-active": " (it was never activated)",
-                "retired": " (retired below the minimum decryption version)"}.get(state, "")
+                "retired": f" (versions below {record.min_decryption_version} are retired)"}.get(state, "")
         raise errors.PolicyError(f"key {record.name!r} version {version.version} is {state}; "
                                  f"decryption refused{hint}")
 

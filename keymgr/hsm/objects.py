@@ -28,6 +28,7 @@ __all__ = [
     "key_attributes",
     "check_value",
     "destroy_key",
+    "list_secret_keys",
     "wrap_data_key",
     "unwrap_data_key",
     "checked_for_authenticity",
@@ -163,6 +164,22 @@ def destroy_key(ts: TokenSession, key_id: bytes) -> None:
             obj.destroy()
 
     ts.run("destroy key", call)
+
+
+def list_secret_keys(ts: TokenSession) -> list[tuple[str, bytes]]:
+    """(CKA_LABEL, CKA_ID) of every secret-key token object visible to the session (rotation uses it
+    to find key versions that a crash left out of the keyring record)."""
+
+    def call(session: pkcs11.Session) -> list[tuple[str, bytes]]:  # type: ignore[name-defined]
+        found = []
+        for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True})):
+            try:
+                found.append((str(obj[Attribute.LABEL]), bytes(obj[Attribute.ID])))
+            except (p11x.AttributeTypeInvalid, KeyError):
+                continue
+        return found
+
+    return ts.run("list secret keys", call)
 
 
 def wrap_data_key(ts: TokenSession, kek_id: bytes, data_key: bytes, mechanism: str = "aes-kw") -> bytes:

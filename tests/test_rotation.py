@@ -1,0 +1,133 @@
+"""Rotation and version states on real tokens (keymgr.rotation)."""
+
+from __future__ import annotations
+
+import pytest
+
+import keymgr
+from keymgr import rotation
+from keymgr.hsm import objects
+
+
+def _states(record) -> dict[int, str]:
+    return {v.version: v.state for v in record.versions}
+
+
+def test_data_under_v1_v2_v3_decrypts_after_two_rotations_and_retire_cuts_off_old(km, key_name: str) -> None:
+    km.create_key(key_name)
+    blobs = {1: km.encrypt(b"one", key=key_name)}
+    assert km.rotate(key_name).primary == 2
+    blobs[2] = km.encrypt(b"two", key=key_name)
+    record = km.rotate(key_name)
+    assert record.primary == 3
+    blobs[3] = km.encrypt(b"three", key=key_name)
+    assert _states(record) == {1: "decrypt-only", 2: "decrypt-only", 3: "active"}
+    for number, plain in zip((1, 2, 3), (b"one", b"two", b"three"), strict=True):
+        assert km.decrypt(blobs[number]) == plain
+    record = km.retire(key_name, below=3)
+    assert record.min_decryption_version == 3
+    for number in (1, 2):
+        with pytest.raises(keymgr.PolicyError, match="retired"):
+            km.decrypt(blobs[number])
+    assert km.decrypt(blobs[3]) == b"three"
+
+
+def test_rotate_records_history_and_distinct_objects(km, key_name: str) -> None:
+    v1 = km.create_key(key_name).primary_version
+    record = km.rotate(key_name)
+    v2 = record.primary_version
+    assert v2.version == 2 and v2.key_id != v1.key_id and v2.kcv and v2.kcv != v1.kcv
+    old = record.version(1)
+    assert [s for s, _ in old.history] == ["active", "decrypt-only"]
+    assert objects.key_attributes(km.token, v2.key_id).label == f"{key_name}/v2"
+    km.keyring.reload()
+    assert km.describe_key(key_name) == record
+
+
+def test_suspend_blocks_decrypt_until_resume(km, key_name: str) -> None:
+    km.create_key(key_name)
+    blob = km.encrypt(b"x", key=key_name)
+    km.rotate(key_name)
+    km.suspend(key_name, 1)
+    with pytest.raises(keymgr.PolicyError, match="suspended"):
+        km.decrypt(blob)
+    record = km.resume(key_name, 1)
+    assert record.version(1).state == "decrypt-only"
+    assert km.decrypt(blob) == b"x"
+
+
+def test_suspended_primary_neither_encrypts_nor_resumes_to_active_after_rotation(km, key_name: str) -> None:
+    km.create_key(key_name)
+    km.suspend(key_name, 1)
+    with pytest.raises(keymgr.PolicyError, match="suspended"):
+        km.encrypt(b"x", key=key_name)
+    km.resume(key_name, 1)
+    assert km.describe_key(key_name).version(1).state == "active"
+    km.suspend(key_name, 1)
+    record = km.rotate(key_name)
+    assert _states(record) == {1: "suspended", 2: "active"}
+    assert _states(km.resume(key_name, 1)) == {1: "decrypt-only", 2: "active"}
+
+
+def test_compromised_decrypts_only_with_allow_compromised(km, token, key_name: str) -> None:
+    km.create_key(key_name)
+    blob = km.encrypt(b"secret", key=key_name)
+    km.rotate(key_name)
+    km.mark_compromised(key_name, 1)
+    with pytest.raises(keymgr.PolicyError, match="compromised"):
+        km.decrypt(blob)
+    with keymgr.KeyManager(token.uri(), allow_compromised=True) as recovery:
+        assert recovery.decrypt(blob) == b"secret"
+
+
+@pytest.mark.parametrize("start,target", [
+    ("active", "decrypt-only"),      # only by rotating
+    ("decrypt-only", "active"),      # no way back to primary
+    ("compromised", "suspended"),
+    ("compromised", "decrypt-only"),
+])
+def test_refused_transitions(km, key_name: str, start: str, target: str) -> None:
+    km.create_key(key_name)
+    version = 1
+    if start != "active":
+        km.rotate(key_name)
+    if start == "compromised":
+        km.mark_compromised(key_name, 1)
+    before = km.describe_key(key_name)
+    with pytest.raises(keymgr.PolicyError):
+        rotation.transition(km.keyring, key_name, version, target)
+    km.keyring.reload()
+    assert km.describe_key(key_name).version(1).state == before.version(1).state
+
+
+def test_destroyed_only_through_destroy_and_resume_needs_suspended(km, key_name: str) -> None:
+    km.create_key(key_name)
+    km.rotate(key_name)
+    with pytest.raises(keymgr.PolicyError, match="destroy"):
+        rotation.transition(km.keyring, key_name, 1, "destroyed")
+    with pytest.raises(keymgr.PolicyError, match="not suspended"):
+        km.resume(key_name, 1)
+    with pytest.raises(keymgr.ConfigurationError, match="unknown key state"):
+        rotation.transition(km.keyring, key_name, 1, "frozen")
+
+
+def test_pre_active_version_then_activate(km, key_name: str) -> None:
+    km.create_key(key_name)
+    record = km.rotate(key_name, activate=False)
+    assert record.primary == 1 and _states(record) == {1: "active", 2: "pre-active"}
+    blob = km.encrypt(b"still v1", key=key_name)
+    record = km.activate(key_name, 2)
+    assert record.primary == 2 and _states(record) == {1: "decrypt-only", 2: "active"}
+    assert km.decrypt(blob) == b"still v1"
+    with pytest.raises(keymgr.PolicyError, match="pre-active"):
+        km.activate(key_name, 1)
+
+
+def test_retire_cannot_cover_primary_or_go_down(km, key_name: str) -> None:
+    km.create_key(key_name)
+    km.rotate(key_name)
+    with pytest.raises(keymgr.PolicyError, match="primary"):
+        km.retire(key_name, below=3)
+    km.retire(key_name, below=2)
+    with pytest.raises(keymgr.PolicyError, match="already retired"):
+        km.retire(key_name, below=1)
