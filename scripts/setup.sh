@@ -20,7 +20,12 @@ packages=(softhsm2 opensc openssl)
 if [ "$want_dev" = 1 ]; then
   packages+=(swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtss2-tcti-swtpm0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus tmux)
 fi
-if ! python3 -m venv --help >/dev/null 2>&1; then packages+=(python3-venv); fi
+python="${PYTHON:-python3}"
+# Debian keeps the venv module in libpython3.11-stdlib but ensurepip, which
+# `python3 -m venv` needs, in python3.11-venv: `-m venv --help` works without it.
+if [ ! -x .venv/bin/python ] && ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  packages+=(python3-venv)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -33,7 +38,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($python --version)"
   "$python" -m venv .venv
