@@ -28,6 +28,7 @@ from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, open_token, probe
 from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring
+from keymgr.rewrap import Rewrapper, RewrapResult
 
 #: The one message for every authentication failure of a ciphertext: no oracle.
 INTEGRITY_MESSAGE = "the data failed authentication: tampered, truncated, wrong key or wrong context"
@@ -149,6 +150,27 @@ class KeyManager:
     def retire(self, name: str, *, below: int) -> KeyRecord:
         """Versions below ``below`` stop decrypting (Vault's min_decryption_version)."""
         return rotation.retire(self.keyring, name, below)
+
+    # -- rewrap (keymgr.rewrap: recipients only, payload untouched) --------------------
+
+    def rewrapper(self) -> Rewrapper:
+        """Rewrap messages and streams for this token's keys, with a report of what moved."""
+        return Rewrapper(self._protector)
+
+    def rewrap(self, blob: bytes) -> bytes:
+        """The message with its data key under its key's current primary; the same bytes when
+        it is current already. Payload, context and commitment are copied, never read."""
+        try:
+            return self.rewrapper().message(blob).data
+        except errors.IntegrityError:
+            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
+
+    def rewrap_stream(self, src: BinaryIO, dst: BinaryIO) -> RewrapResult:
+        """:meth:`rewrap` for a stream: a new header to ``dst``, then ``src``'s segments as they are."""
+        try:
+            return self.rewrapper().stream(src, dst)
+        except errors.IntegrityError:
+            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
 
     def capabilities(self) -> Capabilities:
         """What the token can do (probed once per process)."""
