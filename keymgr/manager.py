@@ -27,8 +27,9 @@ from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
 from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, open_token, probe
-from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring
+from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring, utc_now
 from keymgr.rewrap import Rewrapper, RewrapResult
+from keymgr.usage import UsageMeter
 
 #: The one message for every authentication failure of a ciphertext: no oracle.
 INTEGRITY_MESSAGE = "the data failed authentication: tampered, truncated, wrong key or wrong context"
@@ -41,7 +42,7 @@ class KeyManager:
 
     def __init__(self, token: str | Pkcs11Uri | None = None, *, pin_callback: PinCallback | None = None,
                  cache: CachePolicy | bool = False, allow_compromised: bool = False,
-                 _clock: Callable[[], float] = time.monotonic) -> None:
+                 _clock: Callable[[], float] = time.monotonic, _wall_clock: Callable[[], str] = utc_now) -> None:
         """Open the token named by ``token`` (a ``pkcs11:`` URI), or the local token.
 
         The PIN comes from the URI's ``pin-source`` / ``pin-value`` or, failing
@@ -51,7 +52,8 @@ class KeyManager:
         :class:`~keymgr.envelope.cache.CachePolicy`); off by default, because
         it trades per-message token use (and its audit) for speed.
         ``allow_compromised``: let versions marked compromised decrypt, for recovery only.
-        ``_clock`` (tests only) is the caches' clock, for their age limits.
+        ``_clock`` (tests only) is the caches' clock, for their age limits; ``_wall_clock``
+        (tests only) the keyring's, which dates versions and ends cryptoperiods.
         """
         if token is None:
             from keymgr.local import LocalToken  # only for the embedded token: spares importers its imports
@@ -62,8 +64,10 @@ class KeyManager:
         uri = Pkcs11Uri.parse(token) if isinstance(token, str) else token
         self._uri = uri
         self._ts: TokenSession | None = open_token(uri, pin_callback=pin_callback)
-        self._keyring = Keyring(self._ts)
-        self._protector = KekProtector(self._keyring, allow_compromised=allow_compromised)
+        self._keyring = Keyring(self._ts, clock=_wall_clock)
+        self._usage = UsageMeter(self._keyring)
+        self._protector = KekProtector(self._keyring, allow_compromised=allow_compromised,
+                                       reserve=self._usage.reserve)
         policy = CachePolicy() if cache is True else (cache or None)
         self._encrypt_cache = EncryptCache(policy, clock=_clock) if policy else None
         self._decrypt_cache = DecryptCache(policy, clock=_clock) if policy else None
@@ -103,7 +107,7 @@ class KeyManager:
     # -- keys -------------------------------------------------------------------
 
     def create_key(self, name: str, *, profile: str = DEFAULT_PROFILE, rotate_after_days: int | None = None,
-                   max_messages: int | None = None, backup: bool = False) -> KeyRecord:
+                   max_messages: int | None = None, backup: bool = False, auto_rotate: bool = False) -> KeyRecord:
         """Generate version 1 of a named key inside the token.
 
         ``profile`` chooses how the key protects data keys: ``"kw"`` (the default: AES
@@ -112,8 +116,12 @@ class KeyManager:
         caller-chosen nonces). See docs/format.md and docs/performance.md.
         ``backup=True`` makes every version backup-capable (docs/ceremonies.md); without it
         the key can never leave the token, not even in a backup.
+        ``rotate_after_days`` (cryptoperiod) and ``max_messages`` (encryptions per version) end a
+        version's use; with ``auto_rotate`` the next encryption rotates instead of failing
+        (:mod:`keymgr.usage`).
         """
-        policy = KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages, backup=backup)
+        policy = KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages, backup=backup,
+                           auto_rotate=auto_rotate)
         return self.keyring.create(name, profile=profile, policy=policy)
 
     def list_keys(self) -> list[KeyRecord]:

@@ -9,8 +9,8 @@ Two key-encryption profiles (chosen per key at creation, docs/format.md):
 * ``gcm``: the data key is encrypted by one C_Encrypt with AES-256-GCM under
   the KEK (``id-aes256-GCM`` with its nonce in the parameters). One token
   call per message, no key objects; random 96-bit nonces, so each KEK version
-  is good for at most 2^32 encryptions (NIST SP 800-38D 8.3). keymgr does not
-  count those uses yet: rotate such keys well before that (docs/performance.md,
+  is good for at most 2^32 encryptions (NIST SP 800-38D 8.3), which
+  :mod:`keymgr.usage` enforces through the ``reserve`` hook (docs/performance.md,
   "Default profile", says why ``kw`` is the default).
 
 Decrypting checks the key version's state first (suspended and compromised
@@ -76,8 +76,12 @@ class KekProtector:
     """Wrap data keys for a named key's primary version; unwrap them for any allowed version."""
 
     def __init__(self, keyring: Keyring, *, allow_compromised: bool = False,
-                 on_unwrap: Callable[[KeyRecord, KeyVersion], None] | None = None) -> None:
+                 on_unwrap: Callable[[KeyRecord, KeyVersion], None] | None = None,
+                 reserve: Callable[[KeyRecord], KeyRecord] | None = None) -> None:
+        """``reserve`` counts each wrap under a primary and may hand back a newer record
+        (:meth:`keymgr.usage.UsageMeter.reserve`: max_messages, the GCM bound, auto-rotation)."""
         self._keyring = keyring
+        self._reserve = reserve
         self._allow_compromised = allow_compromised
         self._on_unwrap = on_unwrap
         self._wrap_choice: tuple[str, KekAlgorithm] | None = None
@@ -109,7 +113,10 @@ class KekProtector:
     def wrap_der(self, record: KeyRecord, dek: DataKey, version: KeyVersion | None = None) -> bytes:
         """:meth:`wrap`, as DER: what the per-message path hands to the format layer (one token
         call and a few concatenations; no asn1crypto object)."""
-        version = version or record.primary_version
+        if version is None:
+            if self._reserve is not None:
+                record = self._reserve(record)
+            version = record.primary_version
         if version.state != "active":
             raise errors.PolicyError(f"key {record.name!r} version {version.version} is {version.state}; "
                                      "only the active primary version encrypts")

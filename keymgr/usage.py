@@ -1,0 +1,119 @@
+"""How many times a key version has encrypted: ``max_messages``, the GCM nonce bound, auto-rotation.
+
+A version may protect at most ``limit`` data keys (:func:`limit_for`): the
+key's ``max_messages`` policy and, for the ``gcm`` profile, NIST SP 800-38D
+8.3's bound of 2^32 invocations with random 96-bit IVs per key, whichever is
+lower. Counting must survive restarts and be shared by every process using
+the token, yet a record write per message would cost more than the message.
+So uses are *reserved in blocks*: a process adds a block (up to 1024, less
+for small limits) to the version's ``uses`` in the keyring record (one
+record write, under the key's lock: :func:`keymgr.rotation.update_record`)
+and spends it locally. Reservations a process did not spend when it exits
+are lost, which only errs on the safe side: the count overstates, never
+understates, the real number of encryptions.
+
+At the limit, a key whose policy has ``auto_rotate`` is rotated and the new
+primary takes over; otherwise encryption fails with
+:class:`~keymgr.errors.PolicyError`. ``auto_rotate`` also rotates on the
+first use after the primary's cryptoperiod (``rotate_after_days``) ended.
+Only one process rotates: the others find the primary already changed
+(:func:`keymgr.rotation.rotate`'s ``if_primary``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
+
+from keymgr import errors, rotation
+from keymgr.keyring import KeyRecord, Keyring
+
+__all__ = ["GCM_RANDOM_NONCE_LIMIT", "MAX_BLOCK", "UsageMeter", "block_for", "limit_for"]
+
+#: NIST SP 800-38D 8.3: at most 2^32 GCM invocations with random 96-bit IVs under one key.
+GCM_RANDOM_NONCE_LIMIT = 1 << 32
+#: The largest reservation one record write makes.
+MAX_BLOCK = 1024
+
+
+def limit_for(record: KeyRecord) -> int | None:
+    """Encryptions one version of this key may make, or None when nothing limits them."""
+    limits = [record.policy.max_messages] if record.policy.max_messages else []
+    if record.profile == "gcm":
+        limits.append(GCM_RANDOM_NONCE_LIMIT)
+    return min(limits) if limits else None
+
+
+def block_for(limit: int) -> int:
+    """Reservation size: small next to the limit (at most 1/16 of it), so that a few processes'
+    unspent blocks waste little, and at most :data:`MAX_BLOCK`."""
+    return max(1, min(MAX_BLOCK, limit // 16))
+
+
+class UsageMeter:
+    """One process's reservations, per key version (by CKA_ID). Thread-safe."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+        self._lock = threading.Lock()
+        #: key_id -> [next use, end of the reserved block)
+        self._blocks: dict[bytes, list[int]] = {}
+
+    def _now(self) -> datetime:
+        return rotation.parse_time(rotation.now(self._keyring))
+
+    def reserve(self, record: KeyRecord) -> KeyRecord:
+        """Account for one encryption under ``record``'s primary; returns the record to encrypt
+        with (a newer one after an automatic rotation)."""
+        if record.policy.auto_rotate:
+            record = self._rotate_if_due(record)
+        limit = limit_for(record)
+        if limit is None or record.primary_version.state != "active":
+            return record  # nothing to count, or the wrap refuses anyway
+        with self._lock:
+            block = self._blocks.get(record.primary_version.key_id)
+            if block is not None and block[0] < block[1]:
+                block[0] += 1
+                return record
+        return self._reserve_block(record, limit)
+
+    def _rotate_if_due(self, record: KeyRecord) -> KeyRecord:
+        ends = rotation.due_at(record)
+        if ends is None or self._now() < ends:
+            return record
+        return rotation.rotate(self._keyring, record.name, if_primary=record.primary)
+
+    def _reserve_block(self, record: KeyRecord, limit: int) -> KeyRecord:
+        for _ in range(rotation.RETRIES):
+            granted: list[int] = []
+            current = rotation.update_record(self._keyring, record.name, _take_block(limit, granted))
+            if granted:
+                with self._lock:
+                    self._blocks[current.primary_version.key_id] = [granted[0] + 1, granted[1]]
+                return current
+            if not current.policy.auto_rotate:
+                version = current.primary_version
+                raise errors.PolicyError(
+                    f"key {current.name!r} version {version.version} reached its limit of {limit} encryptions "
+                    f"(max_messages / the GCM nonce bound): rotate it (keymgr key rotate {current.name})")
+            record = rotation.rotate(self._keyring, current.name, if_primary=current.primary)
+        raise errors.PolicyError(f"key {record.name!r}: could not reserve encryptions; retry")
+
+
+def _take_block(limit: int, granted: list[int]) -> Callable[[KeyRecord], KeyRecord]:
+    """The record change that reserves the next block of the primary's uses; ``granted`` receives
+    the reserved range [start, end), and stays empty when the version is used up."""
+
+    def change(current: KeyRecord) -> KeyRecord:
+        granted.clear()
+        version = current.primary_version
+        if version.uses >= limit:
+            return current
+        take = min(block_for(limit), limit - version.uses)
+        granted.extend((version.uses, version.uses + take))
+        return replace(current, versions=tuple(replace(v, uses=v.uses + take) if v is version else v
+                                               for v in current.versions))
+
+    return change

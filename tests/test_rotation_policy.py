@@ -1,0 +1,133 @@
+"""Cryptoperiods and use limits: max_messages, the GCM nonce bound, due, auto-rotation (keymgr.usage)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+import keymgr
+from keymgr import rotation, usage
+from keymgr.keyring import KeyPolicy, KeyRecord
+
+
+class Clock:
+    """A wall clock the test moves (the keyring's clock dates versions and ends cryptoperiods)."""
+
+    def __init__(self, start: str = "2030-01-01T00:00:00Z") -> None:
+        self.at = rotation.parse_time(start)
+
+    def __call__(self) -> str:
+        return self.at.isoformat().replace("+00:00", "Z")
+
+    def advance(self, days: float) -> None:
+        self.at += timedelta(days=days)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def timed_km(softhsm, clock: Clock):
+    with keymgr.KeyManager(softhsm.uri(), _wall_clock=clock) as manager:
+        yield manager
+
+
+def test_max_messages_refuses_at_the_limit_and_rotation_resets(km, key_name: str) -> None:
+    km.create_key(key_name, max_messages=5)
+    blobs = [km.encrypt(b"m%d" % i, key=key_name) for i in range(5)]
+    with pytest.raises(keymgr.PolicyError, match="limit of 5"):
+        km.encrypt(b"one too many", key=key_name)
+    assert km.describe_key(key_name).primary_version.uses == 5
+    km.rotate(key_name)
+    assert km.decrypt(km.encrypt(b"fresh", key=key_name)) == b"fresh"
+    assert [km.decrypt(b) for b in blobs] == [b"m%d" % i for i in range(5)]
+
+
+def test_limit_is_shared_by_processes_through_the_record(km, token, key_name: str) -> None:
+    """A second manager (as another process would) reserves from the same count."""
+    km.create_key(key_name, max_messages=4)
+    with keymgr.KeyManager(token.uri()) as other:
+        km.encrypt(b"a", key=key_name)
+        other.encrypt(b"b", key=key_name)
+        km.encrypt(b"c", key=key_name)
+        other.encrypt(b"d", key=key_name)
+        for manager in (km, other):
+            with pytest.raises(keymgr.PolicyError, match="limit"):
+                manager.encrypt(b"e", key=key_name)
+
+
+def test_uses_are_reserved_in_blocks_not_written_per_message(km, key_name: str) -> None:
+    limit = 100_000
+    record = km.create_key(key_name, max_messages=limit)
+    block = usage.block_for(limit)
+    assert block == usage.MAX_BLOCK
+    for _ in range(block + 1):
+        km.encrypt(b"x", key=key_name)
+    km.keyring.reload()
+    after = km.describe_key(key_name)
+    assert after.primary_version.uses == 2 * block  # two reservations
+    assert after.generation - record.generation == 2  # two record writes for 1025 messages
+
+
+def test_at_the_limit_auto_rotate_rotates(softhsm, key_name: str) -> None:
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        km.create_key(key_name, max_messages=3, auto_rotate=True)
+        blobs = [km.encrypt(b"%d" % i, key=key_name) for i in range(7)]
+        record = km.describe_key(key_name)
+        assert record.primary == 3
+        assert [v.uses for v in record.versions] == [3, 3, 1]
+        assert [km.decrypt(b) for b in blobs] == [b"%d" % i for i in range(7)]
+
+
+def test_gcm_profile_is_bounded_by_the_random_nonce_limit() -> None:
+    gcm = KeyRecord("k", "gcm", 1, (), KeyPolicy())
+    assert usage.limit_for(gcm) == 2**32
+    assert usage.limit_for(KeyRecord("k", "gcm", 1, (), KeyPolicy(max_messages=10))) == 10
+    assert usage.limit_for(KeyRecord("k", "kw", 1, (), KeyPolicy())) is None
+    assert usage.block_for(10) == 1 and usage.block_for(2**32) == usage.MAX_BLOCK
+
+
+def test_gcm_key_counts_uses_without_max_messages(km, token, key_name: str) -> None:
+    from tests.conftest import requires
+
+    requires(token, "aes-gcm")
+    km.create_key(key_name, profile="gcm")
+    km.encrypt(b"x", key=key_name)
+    assert km.describe_key(key_name).primary_version.uses == usage.MAX_BLOCK
+
+
+def test_due_lists_keys_past_their_cryptoperiod(timed_km, clock: Clock, key_name: str) -> None:
+    timed_km.create_key(key_name, rotate_after_days=30)
+    timed_km.create_key(key_name + "-never")
+    assert key_name not in [r.name for r, _ in rotation.due(timed_km.list_keys(), now=clock.at)]
+    clock.advance(31)
+    late = {r.name: at for r, at in rotation.due(timed_km.list_keys(), now=clock.at)}
+    assert key_name in late and key_name + "-never" not in late
+    assert late[key_name] == clock.at - timedelta(days=1)
+    timed_km.rotate(key_name)  # the new primary starts a new period
+    assert key_name not in [r.name for r, _ in rotation.due(timed_km.list_keys(), now=clock.at)]
+
+
+def test_auto_rotate_on_first_use_after_the_period(timed_km, clock: Clock, key_name: str) -> None:
+    timed_km.create_key(key_name, rotate_after_days=7, auto_rotate=True)
+    old = timed_km.encrypt(b"old", key=key_name)
+    clock.advance(6)
+    timed_km.encrypt(b"still v1", key=key_name)
+    assert timed_km.describe_key(key_name).primary == 1
+    clock.advance(2)
+    new = timed_km.encrypt(b"new", key=key_name)
+    record = timed_km.describe_key(key_name)
+    assert record.primary == 2 and record.version(1).state == "decrypt-only"
+    assert timed_km.decrypt(old) == b"old" and timed_km.decrypt(new) == b"new"
+    timed_km.encrypt(b"again", key=key_name)
+    assert timed_km.describe_key(key_name).primary == 2  # one rotation per period
+
+
+def test_without_auto_rotate_a_due_key_keeps_encrypting(timed_km, clock: Clock, key_name: str) -> None:
+    timed_km.create_key(key_name, rotate_after_days=1)
+    clock.advance(3)
+    timed_km.encrypt(b"x", key=key_name)
+    assert timed_km.describe_key(key_name).primary == 1
