@@ -58,7 +58,8 @@ from keymgr.hsm import objects
 from keymgr.keyring import KeyRecord, Keyring, KeyVersion, version_template
 
 __all__ = ["STATES", "TRANSITIONS", "ROTATION_ONLY", "RETRIES", "rotate", "activate", "transition", "suspend",
-           "resume", "mark_compromised", "retire", "due", "orphans", "update_record", "key_lock", "parse_time"]
+           "resume", "mark_compromised", "retire", "due", "due_at", "orphans", "update_record", "key_lock",
+           "parse_time", "now"]
 
 STATES = ("pre-active", "active", "decrypt-only", "suspended", "compromised", "destroyed")
 
@@ -104,13 +105,15 @@ def update_record(keyring: Keyring, name: str, change: Callable[[KeyRecord], Key
     """Re-read key ``name`` from the token, apply ``change`` and write the result, under the key's lock.
 
     ``change`` may raise (a refused transition) and is re-run on a fresh record if another
-    writer raced this one; after :data:`RETRIES` lost races the error says to retry."""
+    writer raced this one; after :data:`RETRIES` lost races the error says to retry. When it
+    returns the record unchanged nothing is written."""
     with key_lock(keyring, name):
         for attempt in range(RETRIES):
             keyring.reload()
             record = keyring.get(name)
             try:
-                return keyring.write(change(record))
+                changed = change(record)
+                return record if changed is record else keyring.write(changed)
             except errors.ConfigurationError as exc:
                 if "changed by another process" not in str(exc) or attempt == RETRIES - 1:
                     raise
@@ -118,7 +121,8 @@ def update_record(keyring: Keyring, name: str, change: Callable[[KeyRecord], Key
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _now(keyring: Keyring) -> str:
+def now(keyring: Keyring) -> str:
+    """The keyring's time (its clock is injectable: tests move it past cryptoperiods)."""
     return keyring._clock()  # noqa: SLF001 - the keyring's injectable clock stamps every record
 
 
@@ -172,24 +176,28 @@ def _clean_orphans(keyring: Keyring, record: KeyRecord) -> int:
 # -- rotate / activate --------------------------------------------------------------
 
 
-def rotate(keyring: Keyring, name: str, *, activate: bool = True) -> KeyRecord:
+def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: int | None = None) -> KeyRecord:
     """Create version n+1 of ``name`` in the token and (by default) make it the primary.
 
     ``activate=False`` creates it *pre-active* (no data under it yet; make it primary later
     with :func:`activate`, e.g. once every site has seen it). Orphans left by an earlier
-    crashed rotate are destroyed first. Atomic from the caller's view (module docstring)."""
+    crashed rotate are destroyed first. Atomic from the caller's view (module docstring).
+    ``if_primary``: rotate only if that version is still the primary (automatic rotation: of
+    several processes that saw the same key due, one rotates and the others get its result)."""
     with key_lock(keyring, name):
         keyring.reload()
         record = keyring.get(name)
+        if if_primary is not None and record.primary != if_primary:
+            return record
         _clean_orphans(keyring, record)
         number = max(v.version for v in record.versions) + 1
         key_id = keyring.new_key_id()
         template = version_template(record.profile, record.policy)
         objects.generate_key(keyring.token, template, label=record.label_of(number), key_id=key_id)
-        now = _now(keyring)
+        stamp = now(keyring)
         state = "active" if activate else "pre-active"
-        new = KeyVersion(number, key_id, state, now, ((state, now),), objects.check_value(keyring.token, key_id))
-        updated = _promote(record, new, now) if activate else replace(record, versions=record.versions + (new,))
+        new = KeyVersion(number, key_id, state, stamp, ((state, stamp),), objects.check_value(keyring.token, key_id))
+        updated = _promote(record, new, stamp) if activate else replace(record, versions=record.versions + (new,))
         try:
             return keyring.write(updated)
         except BaseException:
@@ -213,7 +221,7 @@ def activate(keyring: Keyring, name: str, version: int) -> KeyRecord:
         if target.state != "pre-active":
             raise errors.PolicyError(f"key {name!r} version {version} is {target.state}; only a pre-active "
                                      "version can be activated (rotate makes a new one)")
-        return _promote(record, target, _now(keyring))
+        return _promote(record, target, now(keyring))
 
     return update_record(keyring, name, change)
 
@@ -245,7 +253,7 @@ def transition(keyring: Keyring, name: str, version: int, state: str, *, _shredd
     def change(record: KeyRecord) -> KeyRecord:
         current = record.version(version)
         _check_transition(record, current, state)
-        return _with_version(record, _moved(current, state, _now(keyring)))
+        return _with_version(record, _moved(current, state, now(keyring)))
 
     return update_record(keyring, name, change)
 
@@ -275,7 +283,7 @@ def resume(keyring: Keyring, name: str, version: int) -> KeyRecord:
                 break
         if before == "active" and version != record.primary:
             before = "decrypt-only"
-        return _with_version(record, _moved(current, before, _now(keyring)))
+        return _with_version(record, _moved(current, before, now(keyring)))
 
     return update_record(keyring, name, change)
 
