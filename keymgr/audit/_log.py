@@ -1,0 +1,375 @@
+"""The audit log writer: :class:`AuditLog`.
+
+::
+
+    log = AuditLog("/var/log/keymgr/audit.log", token=ts)   # file sink, MACs by ts's audit key
+    with log.operation("create", key="orders") as op:       # outcome from how the block ends
+        ...
+    log.record("login", outcome="failed", error=exc)        # one entry, directly
+
+Every entry is chained to the one before (``prev``), MACed inside the token by
+the audit key (:mod:`keymgr.audit._token`), and appended to the sinks: a file
+(:mod:`keymgr.audit._file`), a stdlib ``logging`` logger, syslog. The file
+sink also keeps the token's checkpoint (the last seq and hash) every
+``checkpoint_every`` entries, so a cut-off tail is detected.
+
+Failures are not hidden: an entry whose MAC cannot be made (no token yet, a
+failed login, a removed token) is written with ``mac`` null, and a file that
+cannot be appended to raises :class:`~keymgr.errors.StorageError` out of the
+operation being audited (fail closed: an operation is not done unrecorded).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import dataclasses
+import logging
+import os
+import pwd
+import secrets
+import socket
+import sys
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from keymgr import errors
+from keymgr.audit._aggregate import Aggregator, Group
+from keymgr.audit._entry import (
+    GENESIS_PREV,
+    OUTCOMES,
+    Actor,
+    Entry,
+    check_detail,
+    line_digest,
+    valid_error,
+    valid_key,
+    valid_operation,
+)
+from keymgr.audit._file import FileSink, Tail
+from keymgr.audit._token import AuditKey
+from keymgr.hsm.sessions import TokenSession
+
+__all__ = ["AuditLog", "Operation", "acting_as", "current_operation", "current_principal", "DEFAULT_AGGREGATE"]
+
+#: Operations aggregated by default: the per-message ones (their successes only).
+DEFAULT_AGGREGATE = ("encrypt", "decrypt")
+
+_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("keymgr_audit_principal", default=None)
+_operation: contextvars.ContextVar[Operation | None] = contextvars.ContextVar("keymgr_audit_operation",
+                                                                               default=None)
+_live: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+
+
+@contextmanager
+def acting_as(principal: str | None) -> Iterator[None]:
+    """Attribute the operations in this block (this thread / task) to an application principal::
+
+        with keymgr.audit.acting_as("billing-service"):
+            km.decrypt(blob)
+    """
+    if principal is not None and (not isinstance(principal, str) or not 0 < len(principal) <= 128):
+        raise errors.ConfigurationError("an audit principal is a string of 1-128 characters")
+    token = _principal.set(principal)
+    try:
+        yield
+    finally:
+        _principal.reset(token)
+
+
+def current_principal() -> str | None:
+    return _principal.get()
+
+
+def current_operation() -> Operation | None:
+    """The audited operation running in this context (to fill in the key version it found)."""
+    return _operation.get()
+
+
+def _os_user() -> tuple[str, int]:
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name[:64], uid
+    except KeyError:
+        return f"uid-{uid}", uid
+
+
+def _utc(seconds: float | None = None) -> str:
+    moment = datetime.now(UTC) if seconds is None else datetime.fromtimestamp(seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Operation:
+    """One audited operation (a context manager from :meth:`AuditLog.operation`). The block may
+    set ``key``, ``version`` and ``detail`` once it knows them; the outcome is ``ok``, ``refused``
+    (a :class:`~keymgr.errors.PolicyError`) or ``failed`` (anything else), with the error's class."""
+
+    __slots__ = ("_log", "op", "key", "version", "detail", "_reset")
+
+    def __init__(self, log: AuditLog | None, op: str, key: str | None, version: int | None,
+                 detail: Mapping[str, Any] | None) -> None:
+        self._log = log
+        self.op = op
+        self.key = key
+        self.version = version
+        self.detail = detail
+        self._reset: contextvars.Token[Operation | None] | None = None
+
+    def __enter__(self) -> Operation:
+        self._reset = _operation.set(self)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._reset is not None:
+            _operation.reset(self._reset)
+        if self._log is not None:
+            outcome = "ok" if exc is None else "refused" if isinstance(exc, errors.PolicyError) else "failed"
+            self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
+                             detail=self.detail)
+
+
+class AuditLog:
+    """A tamper-evident audit log (module docstring; format in :mod:`keymgr.audit._entry`).
+
+    ``path``: the log file (None: no file sink; then ``logger`` or ``syslog`` must be given,
+    and there is no checkpoint). ``token``: the token whose audit key MACs the entries and
+    which keeps the checkpoint (:meth:`attach` sets it later). ``fsync``: ``"entry"``
+    (default), ``"interval"`` or ``"none"`` (:data:`keymgr.audit._file.FSYNC_POLICIES`).
+    ``checkpoint_every``: entries between checkpoint updates (1: each entry, ~2 ms on
+    SoftHSM; *n*: a cut-off tail of fewer than *n* entries can go unnoticed, docs/audit.md).
+    ``aggregate``: operations whose successes are counted per ``aggregate_interval`` seconds
+    instead of written one by one (``()`` writes every one). ``principal``: the application
+    principal of entries made outside :func:`acting_as`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, *, token: TokenSession | None = None,
+                 logger: logging.Logger | str | None = None, syslog: bool = False, fsync: str = "entry",
+                 fsync_interval: float = 1.0, checkpoint_every: int = 1,
+                 aggregate: Iterable[str] = DEFAULT_AGGREGATE, aggregate_interval: float = 60.0,
+                 principal: str | None = None) -> None:
+        if path is None and logger is None and not syslog:
+            raise errors.ConfigurationError("an audit log needs a sink: a path, a logger or syslog=True")
+        if type(checkpoint_every) is not int or checkpoint_every < 1:
+            raise errors.ConfigurationError("checkpoint_every must be a positive integer")
+        if aggregate_interval <= 0:
+            raise errors.ConfigurationError("aggregate_interval must be positive")
+        self._file = FileSink(path, fsync=fsync, fsync_interval=fsync_interval) if path is not None else None
+        self._logger = logging.getLogger(logger) if isinstance(logger, str) else logger
+        self._syslog = bool(syslog)
+        self._key = AuditKey(token) if token is not None else None
+        self._checkpoint_every = checkpoint_every
+        self._aggregator = Aggregator((valid_operation(op) for op in aggregate), aggregate_interval)
+        self._principal = principal
+        user, uid = _os_user()
+        self._user, self._uid, self._host = user, uid, (socket.gethostname() or "unknown")[:255]
+        self._lock = threading.Lock()
+        self._memory = Tail(None, 0, GENESIS_PREV)  # the chain when there is no file
+        self._unsaved: tuple[str, int, str] | None = None  # newest entry of ours not yet checkpointed
+        self._flusher: threading.Thread | None = None
+        self._closed = threading.Event()
+        if self._syslog:
+            import syslog as _sys
+
+            _sys.openlog("keymgr-audit", _sys.LOG_PID, _sys.LOG_AUTHPRIV)
+        _live.add(self)
+
+    def __repr__(self) -> str:
+        where = str(self._file.path) if self._file else "no file"
+        return f"AuditLog({where!r}, token={self._key.token.label if self._key else None!r})"
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> os.PathLike[str] | None:
+        return self._file.path if self._file else None
+
+    @property
+    def token(self) -> TokenSession | None:
+        return self._key.token if self._key else None
+
+    def attach(self, ts: TokenSession) -> None:
+        """Use ``ts``'s audit key from now on (a KeyManager attaches its token once logged in)."""
+        if self._key is None:
+            self._key = AuditKey(ts)
+
+    # -- recording ----------------------------------------------------------------
+
+    def operation(self, op: str, *, key: str | None = None, version: int | None = None,
+                  detail: Mapping[str, Any] | None = None) -> Operation:
+        return Operation(self, op, key, version, detail)
+
+    def record(self, op: str, *, key: str | None = None, version: int | None = None, outcome: str = "ok",
+               error: BaseException | None = None, detail: Mapping[str, Any] | None = None,
+               principal: str | None = None) -> None:
+        """Record one operation: aggregated (a configured op that succeeded) or written now."""
+        who = principal or _principal.get() or self._principal
+        if outcome == "ok" and op in self._aggregator.ops and not detail:
+            self._aggregator.add(op, valid_key(key), version, who)
+            if self._flusher is None:
+                self._start_flusher()
+            elif self._aggregator.due():
+                self.flush(sync=False)
+            return
+        if outcome not in OUTCOMES:
+            raise errors.ConfigurationError(f"unknown audit outcome {outcome!r}")
+        self._write([(valid_operation(op), valid_key(key), version, outcome, valid_error(error),
+                      check_detail(detail or {}), who)])
+
+    def _write(self, rows: list[tuple[str, str | None, int | None, str, str | None, dict[str, Any],
+                                      str | None]]) -> None:
+        if self._file is None:
+            with self._lock:
+                for row in rows:
+                    self._append(self._memory, *row)
+            return
+        with self._file.locked() as tail:
+            if tail.repaired:
+                self._append(tail, "audit-repair", None, None, "ok", None, {"dropped_bytes": tail.repaired}, None)
+            for row in rows:
+                self._append(tail, *row)
+
+    def _append(self, tail: Tail, op: str, key: str | None, version: int | None, outcome: str, error: str | None,
+                detail: dict[str, Any], principal: str | None) -> None:
+        actor = Actor(self._user, self._uid, os.getpid(), self._host, principal)
+        chain = tail.chain or secrets.token_hex(16)
+        entry = Entry(chain=chain, seq=tail.seq + 1, time=_utc(), actor=actor, op=op, key=key, version=version,
+                      outcome=outcome, error=error, prev=tail.digest, detail=detail)
+        mac = self._mac(entry)
+        line = dataclasses.replace(entry, mac=mac).line()
+        digest = line_digest(line)
+        if self._file is not None:
+            self._file.write(tail, line, digest, entry.seq, chain)
+        else:
+            tail.chain, tail.seq, tail.digest = chain, entry.seq, digest
+        text = line.decode("ascii")
+        if self._logger is not None:
+            self._logger.info("%s", text)
+        if self._syslog:
+            import syslog as _sys
+
+            _sys.syslog(_sys.LOG_INFO, text)
+        if mac is not None and self._file is not None:
+            self._unsaved = (chain, entry.seq, digest)
+            if entry.seq % self._checkpoint_every == 0:
+                self._save_checkpoint()
+
+    def _mac(self, entry: Entry) -> str | None:
+        key = self._key
+        if key is None or not key.token.logged_in:
+            return None
+        try:
+            return key.mac(entry.mac_input())
+        except errors.KeymgrError:
+            return None  # the token is gone or refused: written unMACed, covered by the next MAC
+
+    def _save_checkpoint(self) -> None:
+        """Checkpoint our newest entry (inside the file lock, so checkpoints only move forward);
+        if the token fails, the next entry tries again."""
+        if self._unsaved is None or self._key is None:
+            return
+        chain, seq, digest = self._unsaved
+        try:
+            self._key.set_checkpoint(chain, seq, digest)
+        except errors.KeymgrError:
+            return
+        self._unsaved = None
+
+    # -- flushing -----------------------------------------------------------------
+
+    def _start_flusher(self) -> None:
+        with self._lock:
+            if self._flusher is not None:
+                return
+            ref = weakref.ref(self)
+            self._flusher = threading.Thread(target=_flush_loop, args=(ref, self._closed), name="keymgr-audit",
+                                             daemon=True)
+            self._flusher.start()
+
+    def flush(self, *, sync: bool = True) -> None:
+        """Write the aggregated counts now, checkpoint our newest entry, and fsync the file."""
+        groups = self._aggregator.drain()
+        if groups:
+            try:
+                self._write([_group_row(g) for g in groups])
+            except BaseException:
+                self._aggregator.restore(groups)
+                raise
+        if self._unsaved is not None and self._file is not None:
+            with self._file.locked():
+                self._save_checkpoint()
+        if sync and self._file is not None:
+            self._file.sync()
+
+    @property
+    def pending(self) -> int:
+        """Aggregated operations not written yet."""
+        return self._aggregator.pending
+
+    def close(self) -> None:
+        """Flush (counts, checkpoint, fsync) and release the file. Idempotent."""
+        if self._closed.is_set():
+            return
+        self.flush()
+        self._closed.set()
+        if self._file is not None:
+            self._file.close()
+        _live.discard(self)
+
+    def _after_fork(self) -> None:
+        self._aggregator.discard()  # the parent reports them
+        self._flusher, self._unsaved = None, None
+        self._lock = threading.Lock()
+
+
+def _group_row(g: Group) -> tuple[str, str | None, int | None, str, str | None, dict[str, Any], str | None]:
+    detail = {"aggregated": True, "count": g.count, "first": _utc(g.first), "last": _utc(g.last)}
+    return g.op, g.key, g.version, "ok", None, detail, g.principal
+
+
+def _flush_loop(ref: weakref.ref[AuditLog], closed: threading.Event) -> None:
+    """Write counts once per interval even when no operation comes to trigger it."""
+    while True:
+        log = ref()
+        if log is None:
+            return
+        interval = log._aggregator.interval
+        del log
+        if closed.wait(interval):
+            return
+        log = ref()
+        if log is None:
+            return
+        try:
+            if log._aggregator.due():
+                log.flush(sync=False)
+        except errors.KeymgrError as exc:  # counts stay pending; say so once per interval
+            print(f"keymgr: audit: cannot write aggregated entries yet: {exc}", file=sys.stderr)
+        del log
+
+
+def _flush_all_at_exit() -> None:
+    for log in list(_live):
+        try:
+            log.close()
+        except errors.KeymgrError as exc:
+            print(f"keymgr: audit: {log._aggregator.pending} operations not written at exit: {exc}",
+                  file=sys.stderr)
+
+
+def _forget_in_child() -> None:
+    for log in list(_live):
+        log._after_fork()
+
+
+atexit.register(_flush_all_at_exit)
+os.register_at_fork(after_in_child=_forget_in_child)

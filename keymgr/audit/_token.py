@@ -1,0 +1,88 @@
+"""The audit log's token side: its MAC key and its checkpoints.
+
+* The **audit key** is an HMAC-SHA256 key generated inside the token from
+  :data:`keymgr.templates.MAC_KEY` (sensitive, non-extractable, sign/verify only),
+  under its own label and CKA_ID, apart from the keyring's metadata MAC key: the
+  two keys authenticate different things and a MAC made for one is never valid
+  for the other (besides their domain strings).
+* A **checkpoint** is a token register (:mod:`keymgr.hsm.registers`) per log
+  chain holding ``"<seq> <entry hash>"`` of the newest entry checkpointed. A
+  file editor without the PIN cannot change it, so cutting entries off the end
+  of a log is detected by :func:`keymgr.audit.verify_log`.
+
+Whoever holds the user PIN can use the audit key and rewrite the checkpoint:
+the log proves that the file was not edited by someone without the token,
+not that the token's users are honest (docs/audit.md, "What verify proves").
+"""
+
+from __future__ import annotations
+
+import re
+
+from keymgr import errors
+from keymgr.hsm import objects, registers
+from keymgr.hsm.sessions import TokenSession
+from keymgr.templates import MAC_KEY
+
+__all__ = ["AuditKey", "AUDIT_KEY_ID", "AUDIT_KEY_LABEL", "REGISTER_PREFIX"]
+
+AUDIT_KEY_ID = b"keymgr/audit-mac"
+AUDIT_KEY_LABEL = "keymgr/audit-mac"
+#: Checkpoint registers are named ``keymgr-audit/<chain id>``.
+REGISTER_PREFIX = "keymgr-audit/"
+
+_CHECKPOINT = re.compile(r"^([1-9][0-9]{0,18}) ([0-9a-f]{64})$")
+
+
+class AuditKey:
+    """The audit MAC key and the checkpoints of one token (a thin wrapper, no state but a flag)."""
+
+    def __init__(self, ts: TokenSession) -> None:
+        self._ts = ts
+        self._ready = False
+
+    @property
+    def token(self) -> TokenSession:
+        return self._ts
+
+    def _ensure(self) -> None:
+        if not self._ready:
+            if not objects.key_exists(self._ts, AUDIT_KEY_ID):
+                objects.generate_key(self._ts, MAC_KEY, label=AUDIT_KEY_LABEL, key_id=AUDIT_KEY_ID)
+            self._ready = True
+
+    def mac(self, data: bytes) -> str:
+        """HMAC-SHA256 of ``data`` inside the token, hex (made on first use, so a token is
+        only given an audit key once something is audited on it)."""
+        self._ensure()
+        return objects.hmac_sha256(self._ts, AUDIT_KEY_ID, data).hex()
+
+    def verify(self, data: bytes, mac_hex: str) -> bool:
+        """Whether ``mac_hex`` is the audit key's MAC of ``data`` (the token compares)."""
+        if not objects.key_exists(self._ts, AUDIT_KEY_ID):
+            return False
+        try:
+            mac = bytes.fromhex(mac_hex)
+        except ValueError:
+            return False
+        return objects.hmac_sha256_verify(self._ts, AUDIT_KEY_ID, data, mac)
+
+    def checkpoint(self, chain: str) -> tuple[int, str] | None:
+        """The token's checkpoint of ``chain``: (seq, entry hash), or None if it has none."""
+        value = registers.read_register(self._ts, REGISTER_PREFIX + chain)
+        return None if value is None else _parse(chain, value)
+
+    def set_checkpoint(self, chain: str, seq: int, digest: str) -> None:
+        registers.write_register(self._ts, REGISTER_PREFIX + chain, f"{seq} {digest}")
+
+    def checkpoints(self) -> dict[str, tuple[int, str]]:
+        """Every chain this token holds a checkpoint for: chain id -> (seq, entry hash)."""
+        found = registers.list_registers(self._ts, REGISTER_PREFIX)
+        return {name[len(REGISTER_PREFIX):]: _parse(name, value) for name, value in found.items()}
+
+
+def _parse(chain: str, value: str) -> tuple[int, str]:
+    match = _CHECKPOINT.match(value)
+    if match is None:
+        raise errors.IntegrityError(f"the token's audit checkpoint for chain {chain} is not well-formed")
+    return int(match.group(1)), match.group(2)

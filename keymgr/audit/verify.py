@@ -1,0 +1,239 @@
+"""Verifying an audit log, and reading it back.
+
+:func:`verify_log` walks the log once and stops at the first entry that breaks it:
+
+* **no key needed**: every line must be a canonical entry of one chain, seqs must
+  run 1, 2, 3 ... and each ``prev`` must be the SHA-256 of the line before. This
+  catches an edited, deleted, inserted or reordered line, but whoever edits the
+  file can recompute a chain, so on its own it proves only that nobody edited the
+  file *carelessly*;
+* **with the token** (``token=``): every MAC is checked inside the token by the
+  audit key, which an editor without the PIN cannot use, so an edited or forged
+  entry is named exactly; and the token's checkpoint (last seq and hash) must be
+  in the log, so a cut-off tail is detected.
+
+Entries without a MAC (written while the token could not be used) are covered by
+the next MACed entry's chain; those after the last MACed entry are reported as
+unauthenticated: anyone who can write the file could have appended them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from keymgr import errors
+from keymgr.audit._entry import GENESIS_PREV, MAX_LINE, Entry, line_digest, parse_line
+from keymgr.audit._token import AuditKey
+from keymgr.hsm.sessions import TokenSession
+
+__all__ = ["Break", "VerifyReport", "verify_log", "read_entries", "select", "parse_time"]
+
+
+@dataclass(frozen=True)
+class Break:
+    """Where the log first breaks: 1-based ``line``, the entry's ``seq`` if it has one, and why."""
+
+    line: int
+    seq: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        seq = f" (seq {self.seq})" if self.seq is not None else ""
+        return f"line {self.line}{seq}: {self.reason}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_log` found. ``ok`` is True when nothing broke."""
+
+    path: str
+    entries: int = 0
+    chain: str | None = None
+    last_seq: int = 0
+    macs_checked: bool = False
+    checkpoint: tuple[int, str] | None = None
+    broken: Break | None = None
+    unmaced: list[int] = field(default_factory=list)
+    unauthenticated_tail: list[int] = field(default_factory=list)
+    after_checkpoint: int = 0
+    torn_tail: bool = False
+    other_chains: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.broken is None
+
+    def to_json(self) -> dict[str, object]:
+        return {"path": self.path, "ok": self.ok, "entries": self.entries, "chain": self.chain,
+                "last_seq": self.last_seq, "macs_checked": self.macs_checked,
+                "checkpoint_seq": self.checkpoint[0] if self.checkpoint else None,
+                "broken": None if self.broken is None else {"line": self.broken.line, "seq": self.broken.seq,
+                                                            "reason": self.broken.reason},
+                "unmaced": self.unmaced, "unauthenticated_tail": self.unauthenticated_tail,
+                "after_checkpoint": self.after_checkpoint, "torn_tail": self.torn_tail,
+                "other_chains": self.other_chains}
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line without newline, complete?) with bounded memory per line."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below; a generator
+    except OSError as exc:
+        raise errors.ConfigurationError(f"cannot read audit log {path}: {exc.strerror}") from None
+    with handle:
+        number = 0
+        while True:
+            raw = handle.readline(MAX_LINE + 2)
+            if not raw:
+                return
+            number += 1
+            complete = raw.endswith(b"\n")
+            if not complete and len(raw) > MAX_LINE:
+                while raw and not raw.endswith(b"\n"):  # skip the rest of an overlong line
+                    raw = handle.readline(MAX_LINE + 2)
+                yield number, b"\x00" * (MAX_LINE + 1), True
+                continue
+            yield number, raw[:-1] if complete else raw, complete
+
+
+class _Walk:
+    """The state of one verification pass (the rules of the module docstring, in order)."""
+
+    def __init__(self, report: VerifyReport, key: AuditKey | None) -> None:
+        self.report = report
+        self.key = key
+        self.prev_raw: bytes | None = None
+        self.prev_seq = 0
+        self.prev_maced = True
+
+    def fail(self, line: int, seq: int | None, reason: str) -> bool:
+        self.report.broken = Break(line, seq, reason)
+        return False
+
+    def step(self, number: int, raw: bytes) -> bool:
+        report = self.report
+        try:
+            entry = parse_line(raw)
+        except errors.FormatError as exc:
+            return self.fail(number, None, f"not an audit entry ({exc}): edited or corrupted")
+        if raw != entry.line():
+            return self.fail(number, entry.seq, "not in canonical form: the line was edited")
+        if number == 1:
+            report.chain = entry.chain
+            if self.key is not None:
+                report.checkpoint = self.key.checkpoint(entry.chain)
+        mac_ok = self._mac_ok(entry)
+        if entry.chain != report.chain:
+            return self.fail(number, entry.seq, f"belongs to another chain ({entry.chain}): inserted from another log")
+        expected_prev = GENESIS_PREV if self.prev_raw is None else line_digest(self.prev_raw)
+        if entry.seq != self.prev_seq + 1 or entry.prev != expected_prev:
+            return self._chain_break(number, entry, mac_ok, expected_prev)
+        if mac_ok is False:
+            return self.fail(number, entry.seq, "its MAC does not verify: the entry was edited or forged")
+        if entry.mac is None:
+            report.unmaced.append(entry.seq)
+            report.unauthenticated_tail.append(entry.seq)
+        else:
+            report.unauthenticated_tail.clear()
+        if report.checkpoint is not None and entry.seq == report.checkpoint[0] \
+                and line_digest(raw) != report.checkpoint[1]:
+            return self.fail(number, entry.seq, "differs from the entry the token checkpointed: edited or replaced")
+        self.prev_raw, self.prev_seq, self.prev_maced = raw, entry.seq, entry.mac is not None
+        report.entries, report.last_seq = number, entry.seq
+        return True
+
+    def _mac_ok(self, entry: Entry) -> bool | None:
+        if self.key is None or entry.mac is None:
+            return None
+        return self.key.verify(entry.mac_input(), entry.mac)
+
+    def _chain_break(self, number: int, entry: Entry, mac_ok: bool | None, expected_prev: str) -> bool:
+        if mac_ok is True and not self.prev_maced and number > 1:
+            # an authentic entry that does not follow an unMACed one: the unMACed one is the intruder
+            return self.fail(number - 1, self.prev_seq, "carries no MAC and the authentic entry after it does not "
+                                                        "chain to it: inserted or edited")
+        if number == 1:
+            return self.fail(1, entry.seq, "the log does not begin with the chain's first entry (seq 1): "
+                                           "its beginning was removed or replaced")
+        if entry.seq != self.prev_seq + 1:
+            return self.fail(number, entry.seq, f"seq {entry.seq} where seq {self.prev_seq + 1} was expected: an "
+                                                "entry before it was deleted, or entries were inserted or reordered")
+        return self.fail(number, entry.seq, f"its prev hash does not match line {number - 1}: that line was edited, "
+                                            "or a line was inserted or removed between them")
+
+
+def verify_log(path: str | os.PathLike[str], *, token: TokenSession | None = None) -> VerifyReport:
+    """Check a log file (module docstring); never raises for what the file contains, only
+    :class:`~keymgr.errors.ConfigurationError` if it cannot be read, and token errors."""
+    report = VerifyReport(path=str(path))
+    key = AuditKey(token) if token is not None else None
+    report.macs_checked = key is not None
+    walk = _Walk(report, key)
+    for number, raw, complete in _lines(Path(path)):
+        if not complete:
+            report.torn_tail = True  # a write cut short by a crash; the next append removes it
+            break
+        if not walk.step(number, raw):
+            return report
+    if key is not None:
+        checkpoints = key.checkpoints()
+        report.other_chains = {c: seq for c, (seq, _) in checkpoints.items() if c != report.chain}
+        cp = report.checkpoint
+        if cp is not None:
+            if cp[0] > report.last_seq:
+                walk.fail(report.entries + 1, report.last_seq + 1,
+                          f"the log ends at seq {report.last_seq} but the token's checkpoint is seq {cp[0]}: "
+                          f"entries {report.last_seq + 1}..{cp[0]} were cut off (truncated)")
+            report.after_checkpoint = max(0, report.last_seq - cp[0])
+    return report
+
+
+def read_entries(path: str | os.PathLike[str], bad: list[int] | None = None) -> Iterator[tuple[int, Entry]]:
+    """Every entry of a log with its line number; lines that are not entries are skipped
+    (their numbers appended to ``bad``). For reading, not verifying: see :func:`verify_log`."""
+    for number, raw, complete in _lines(Path(path)):
+        try:
+            if not complete:
+                raise errors.FormatError("torn line")
+            yield number, parse_line(raw)
+        except errors.FormatError:
+            if bad is not None:
+                bad.append(number)
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 date or time for filtering (``2026-12-02``, ``2026-12-02T17:00Z``); naive means UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.ConfigurationError(f"not an ISO 8601 date or time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _entry_time(entry: Entry) -> datetime:
+    return datetime.strptime(entry.time, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def select(entries: Iterable[tuple[int, Entry]], *, key: str | None = None, actor: str | None = None,
+           op: str | None = None, outcome: str | None = None, since: datetime | None = None,
+           until: datetime | None = None) -> Iterator[tuple[int, Entry]]:
+    """The entries that match every filter given. ``actor`` matches the OS user, the uid or the
+    application principal; ``since`` is inclusive, ``until`` exclusive."""
+    for number, entry in entries:
+        if key is not None and entry.key != key:
+            continue
+        if op is not None and entry.op != op:
+            continue
+        if outcome is not None and entry.outcome != outcome:
+            continue
+        if actor is not None and actor not in (entry.actor.user, str(entry.actor.uid), entry.actor.principal):
+            continue
+        if since is not None or until is not None:
+            moment = _entry_time(entry)
+            if (since is not None and moment < since) or (until is not None and moment >= until):
+                continue
+        yield number, entry
