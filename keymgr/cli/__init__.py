@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from keymgr.cli._common import CliState, GuardedGroup
+from keymgr.cli.audit import audit_group
 from keymgr.cli.crypt import register_crypt_commands
 from keymgr.cli.custody import register_custody_commands
 from keymgr.cli.keys import key_group
@@ -35,6 +36,7 @@ cli.add_command(init_command)
 cli.add_command(tokens_command)
 cli.add_command(token_group)
 cli.add_command(key_group)
+cli.add_command(audit_group)
 register_crypt_commands(cli)
 register_custody_commands(cli)
 
