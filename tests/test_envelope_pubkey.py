@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -209,3 +210,32 @@ def test_token_decrypts_what_openssl_encrypts(softhsm: TokenUnderTest, tmp_path:
     oaep_hash = probe(open_token(softhsm.uri())).oaep_hash() or "sha256"
     again = pubkey.encrypt_to(b"via cert", [pubkey.public_key_recipient(cert, oaep_hash=oaep_hash)])
     assert pubkey.decrypt_with(again, [key]) == b"via cert"
+
+
+_ENCRYPT_OFFLINE = """
+import os, sys
+from keymgr.envelope import pubkey
+from keymgr.hsm.modules import loaded_modules
+pem = open(sys.argv[1], "rb").read()
+blob = pubkey.encrypt_to(b"sealed on a machine without the token", [pubkey.public_key_recipient(pem)],
+                         context={"host": "server"})
+assert loaded_modules() == [], "encrypting to a public key loaded a PKCS#11 module"
+open(sys.argv[2], "wb").write(blob)
+"""
+
+
+def test_tpm_key_recipient_from_a_process_with_no_token(tpm: TokenUnderTest, tpm_rsa: pubkey.TokenPrivateKey,
+                                                        tmp_path: Path) -> None:
+    """A server that has never seen the TPM: only the PEM, no module, no TPM environment, no PIN."""
+    (tmp_path / "key.pem").write_bytes(_pem(asym.public_key(open_token(tpm.uri()), tpm_rsa.ref)))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TPM2", "TSS2", "DBUS", "SOFTHSM2", "KEYMGR_"))}
+    env["KEYMGR_MODULE"] = str(tmp_path / "no-such-module.so")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", _ENCRYPT_OFFLINE, str(tmp_path / "key.pem"), str(tmp_path / "m")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    blob = (tmp_path / "m").read_bytes()
+    params = parse_message(blob).recipient_infos[0].chosen["key_encryption_algorithm"]["parameters"]
+    assert params["hash_algorithm"]["algorithm"].native == "sha256"  # the default, recorded in the message
+    assert pubkey.decrypt_with(blob, [tpm_rsa], context={"host": "server"}) == b"sealed on a machine without the token"
