@@ -350,8 +350,9 @@ def derive_readable(session: pkcs11.Session, target: Target) -> Result:
         derived = attempt(result, f"C_DeriveKey({mech.name})", lambda m=mech, p=param: key.derive_key(
             KeyType.GENERIC_SECRET, 256, mechanism=m, mechanism_param=p, template=dict(_READABLE)))
         if derived is not None:
-            result.leaked = bytes(derived[Attribute.VALUE])
+            value = bytes(derived[Attribute.VALUE])
             derived.destroy()
+            result.leaked = result.leaked or value  # the ECB one: AES-ECB(target, data)
     return result
 
 

@@ -42,12 +42,16 @@ def run_attack(km: KeyManager, attack: str, target: Target) -> Result:
     return km.token.run(f"attack {attack}", lambda session: ATTACKS[attack](session, target))
 
 
-@pytest.mark.parametrize(("attack", "purpose"), CASES, ids=[f"{a}[{p}]" for a, p in CASES])
-def test_attack_is_defeated(manager: KeyManager, targets: dict[str, Target], attack: str, purpose: str) -> None:
-    result = run_attack(manager, attack, targets[purpose])
+def assert_defeated(result: Result) -> None:
+    """The suite's verdict on one attack (the mutation tests check that it can fail)."""
     print(result.summary())
     assert result.leaked is None, result.summary()
     assert result.refusals, f"the token refused nothing: {result.summary()}"
+
+
+@pytest.mark.parametrize(("attack", "purpose"), CASES, ids=[f"{a}[{p}]" for a, p in CASES])
+def test_attack_is_defeated(manager: KeyManager, targets: dict[str, Target], attack: str, purpose: str) -> None:
+    assert_defeated(run_attack(manager, attack, targets[purpose]))
 
 
 def test_every_template_is_attacked(targets: dict[str, Target]) -> None:
