@@ -24,13 +24,13 @@ from tests.security._attacker import Target
 RUN = uuid.uuid4().hex[:8]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def manager() -> Iterator[KeyManager]:
     with KeyManager(softhsm_token().uri()) as km:
         yield km
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def targets(manager: KeyManager) -> Iterator[dict[str, Target]]:
     """One key per template keymgr makes, keyed by template purpose."""
     km = manager
