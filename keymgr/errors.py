@@ -14,6 +14,7 @@
     │   ├── PinIncorrectError     wrong PIN; carries the token's tries-left state
     │   └── PinLockedError        the PIN is locked; says how to unlock
     ├── KeyNotFoundError          no such key name / version / object
+    │   └── RecipientNotFoundError  no recipient of a ciphertext is a key here (also an IntegrityError)
     ├── IntegrityError            a ciphertext, stream, log or file failed authentication
     ├── FormatError               bytes that are not what they claim to be (malformed CMS ...)
     ├── PolicyError               refused by policy: key state, quorum, rate limit, template
@@ -43,6 +44,7 @@ __all__ = [
     "PinIncorrectError",
     "PinLockedError",
     "PolicyError",
+    "RecipientNotFoundError",
     "StorageError",
     "TokenError",
     "TokenNotFoundError",
@@ -123,6 +125,18 @@ class IntegrityError(KeymgrError):
 
     Deliberately one class with one message per kind of object, so that the
     error does not tell an attacker which check failed.
+    """
+
+
+class RecipientNotFoundError(KeyNotFoundError, IntegrityError):
+    """None of a ciphertext's recipients names a key of this token: a message for another
+    token, or one whose recipients were edited (the two look the same).
+
+    Both a :class:`KeyNotFoundError` (what an operator acts on: use the other site's
+    token) and an :class:`IntegrityError` (what a program refusing tampered data
+    catches), so that every edited byte of a ciphertext is an ``IntegrityError``.
+    Its message differs from the integrity message only by what is public: the
+    recipients' key ids are not secret and are compared before any key is used.
     """
 
 

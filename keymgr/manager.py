@@ -37,6 +37,15 @@ INTEGRITY_MESSAGE = "the data failed authentication: tampered, truncated, wrong 
 __all__ = ["KeyManager"]
 
 
+def _ciphertext_failure(exc: errors.IntegrityError | errors.FormatError) -> errors.KeymgrError:
+    """What a decrypt raises for ``exc``: the one integrity error (a malformed ciphertext
+    too: an edited byte must not be told apart by where it broke the parse), except
+    that a message for no key here says so (:class:`~keymgr.errors.RecipientNotFoundError`)."""
+    if isinstance(exc, errors.RecipientNotFoundError):
+        return exc
+    return errors.IntegrityError(INTEGRITY_MESSAGE)
+
+
 class KeyManager:
     """Keys in one token, and everything applications do with them."""
 
@@ -282,24 +291,25 @@ class KeyManager:
     def decrypt(self, blob: bytes, *, context: Mapping[str, str] | None = None) -> bytes:
         """Decrypt a message made by :meth:`encrypt` (or by ``openssl cms -encrypt`` with a KEK of ours).
 
-        Every authentication failure (tampered, truncated, wrong context, wrong
-        key) raises the same :class:`~keymgr.errors.IntegrityError`. Bytes that are not
-        a message at all are a :class:`~keymgr.errors.FormatError`; a message none of
-        whose recipients is a key of this token is a :class:`~keymgr.errors.KeyNotFoundError`
-        (an edited key id looks exactly like that: the key ids are not secret, and the
-        check happens before any key is used).
+        Every failure of the ciphertext (tampered or truncated anywhere, malformed,
+        wrong context, wrong key) raises the same :class:`~keymgr.errors.IntegrityError`
+        with one message. The one variation: a message none of whose recipients is a
+        key of this token raises :class:`~keymgr.errors.RecipientNotFoundError`, an
+        ``IntegrityError`` that is also a ``KeyNotFoundError`` and says so (an edited
+        key id looks exactly like a message for another token; key ids are not
+        secret, and they are compared before any key is used).
         """
         try:
             return open_message(bytes(blob), unwrap_der=self._unwrap, context=context)
-        except errors.IntegrityError:
-            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
+        except (errors.IntegrityError, errors.FormatError) as exc:
+            raise _ciphertext_failure(exc) from None
 
     def decrypt_with_context(self, blob: bytes) -> tuple[bytes, dict[str, str]]:
         """Decrypt without stating the context, and return the context found, for the caller to check."""
         try:
             return open_message(bytes(blob), unwrap_der=self._unwrap, context=None, return_context=True)
-        except errors.IntegrityError:
-            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
+        except (errors.IntegrityError, errors.FormatError) as exc:
+            raise _ciphertext_failure(exc) from None
 
     def encrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, key: str, context: Mapping[str, str] | None = None,
                        also_to: Sequence[Recipient] = ()) -> int:
@@ -316,8 +326,8 @@ class KeyManager:
     def decrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, context: Mapping[str, str] | None = None) -> int:
         """Decrypt a stream; only authenticated plaintext reaches ``dst``. On failure ``dst`` may
         hold the verified segments before the bad one: write to a temporary file and discard it
-        on error (the CLI does)."""
+        on error (the CLI does). Failures are reported as :meth:`decrypt` reports them."""
         try:
             return decrypt_stream(src, dst, unwrap_der=self._unwrap, context=context)
-        except errors.IntegrityError:
-            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
+        except (errors.IntegrityError, errors.FormatError) as exc:
+            raise _ciphertext_failure(exc) from None

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 import keymgr
 from keymgr.cli import cli
+from keymgr.cli.crypt import STREAM_MAGIC
 from keymgr.envelope import parse_message, read_stream_header
 from keymgr.envelope.stream import MAGIC
 from tests.conftest import TokenUnderTest
@@ -114,8 +115,15 @@ def _failed_decrypt(tok: TokenUnderTest, tmp_path: Path, blob: bytes, *args: str
 
 
 def recipient_span(blob: bytes, recipient: bytes) -> range:
-    """Where the recipient sits in ``blob``: an edited one may name no key of this token (exit 6)."""
+    """Where the recipient sits in ``blob``: an edited one may name no key of this token."""
     return range(blob.index(recipient), blob.index(recipient) + len(recipient))
+
+
+def integrity_failure(code: int, line: str, i: int, recipient: range) -> None:
+    """Exit 4 with the integrity message; or, for an edited recipient only, exit 4 saying that
+    no recipient is a key of this token (RecipientNotFoundError is an IntegrityError)."""
+    assert code == EXIT_INTEGRITY, (i, line)
+    assert "failed authentication" in line or (i in recipient and "none of the 1 recipients" in line), (i, line)
 
 
 def test_every_tampered_byte_of_a_message_fails_cleanly(softhsm: TokenUnderTest, key: str, tmp_path: Path) -> None:
@@ -128,14 +136,15 @@ def test_every_tampered_byte_of_a_message_fails_cleanly(softhsm: TokenUnderTest,
         tampered = bytearray(blob)
         tampered[i] ^= 0x01
         code, line = _failed_decrypt(softhsm, tmp_path, bytes(tampered), *CTX)
-        # a broken DER frame is a FormatError (7); everything that parses fails authentication (4),
-        # except an edited key id, which names a key this token does not have (6)
-        assert code in (EXIT_INTEGRITY, EXIT_FORMAT) or (code == EXIT_NOT_FOUND and i in key_id), (i, line)
+        if i == 0:  # no longer starts like either format: refused before it is read whole (7)
+            assert code == EXIT_FORMAT and "neither a keymgr stream nor a CMS message" in line
+            continue
+        integrity_failure(code, line, i, key_id)  # whatever the edit broke, the DER framing included
         if i in sealed:  # the ciphertext and the tag
-            assert code == EXIT_INTEGRITY and "failed authentication" in line, (i, line)
-    for cut in (1, 16, len(blob) // 2, len(blob) - 1):
-        code, _ = _failed_decrypt(softhsm, tmp_path, blob[:cut], *CTX)
-        assert code in (EXIT_INTEGRITY, EXIT_FORMAT)
+            assert "failed authentication" in line, (i, line)
+    for cut in range(1, len(blob)):
+        code, line = _failed_decrypt(softhsm, tmp_path, blob[:cut], *CTX)
+        assert code == EXIT_INTEGRITY and "failed authentication" in line, (cut, line)
 
 
 def test_tampered_or_truncated_stream_fails_cleanly(softhsm: TokenUnderTest, key: str, tmp_path: Path) -> None:
@@ -156,15 +165,17 @@ def test_tampered_or_truncated_stream_fails_cleanly(softhsm: TokenUnderTest, key
         tampered = bytearray(blob)
         tampered[i] ^= 0x80
         code, line = _failed_decrypt(softhsm, tmp_path, bytes(tampered), *CTX)
-        assert code in (EXIT_INTEGRITY, EXIT_FORMAT) or (code == EXIT_NOT_FOUND and i in key_id), (i, line)
-        if i >= header_len:
-            assert code == EXIT_INTEGRITY, (i, line)
+        if i < len(STREAM_MAGIC):  # no longer starts like either format: refused before it is read (7)
+            assert code == EXIT_FORMAT and "neither a keymgr stream nor a CMS message" in line
+            continue
+        integrity_failure(code, line, i, key_id)
     # truncation anywhere after the header, at segment boundaries included, and appended bytes
     for cut in (header_len, header_len + 16, header_len + seg, header_len + 2 * seg, len(blob) - 1):
         code, line = _failed_decrypt(softhsm, tmp_path, blob[:cut], *CTX)
         assert code == EXIT_INTEGRITY and "failed authentication" in line, cut
     assert _failed_decrypt(softhsm, tmp_path, blob + b"\x00", *CTX)[0] == EXIT_INTEGRITY
-    assert _failed_decrypt(softhsm, tmp_path, blob[:header_len - 1], *CTX)[0] == EXIT_FORMAT
+    for cut in (len(MAGIC), header_len // 2, header_len - 1):  # inside the header
+        assert _failed_decrypt(softhsm, tmp_path, blob[:cut], *CTX)[0] == EXIT_INTEGRITY
 
 
 @pytest.mark.parametrize("fmt", ["stream", "message"])
@@ -188,7 +199,7 @@ def test_message_for_another_token_says_so(softhsm: TokenUnderTest, key: str, tm
         km_b.create_key(key_name + "-b")
         blob = km_b.encrypt(b"for site B", key=key_name + "-b")
     code, line = _failed_decrypt(softhsm, tmp_path, blob)
-    assert code == EXIT_NOT_FOUND and "none of the 1 recipients" in line
+    assert code == EXIT_INTEGRITY and "none of the 1 recipients" in line and "another token" in line
 
 
 def test_bad_arguments_are_one_line(softhsm: TokenUnderTest, key: str, tmp_path: Path) -> None:

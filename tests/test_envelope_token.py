@@ -19,7 +19,7 @@ from asn1crypto import cms
 import keymgr
 from keymgr.envelope import parse_message, read_kek_recipient, read_stream_header
 from keymgr.envelope.cache import CachePolicy
-from keymgr.errors import ConfigurationError, FormatError, IntegrityError, KeyNotFoundError
+from keymgr.errors import ConfigurationError, IntegrityError, KeyNotFoundError, RecipientNotFoundError
 from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyring import DEFAULT_PROFILE
@@ -147,32 +147,126 @@ def test_decrypt_with_context(km: keymgr.KeyManager, key_name: str) -> None:
         km.decrypt_with_context(bytes(tampered))
 
 
+def _refused(decrypt: Callable[[bytes], Any], data: bytes, recipient: range | None, i: int | None) -> type:
+    """Run ``decrypt(data)``: it must raise the integrity error (the one message), or, only
+    where byte ``i`` lies in the recipient, RecipientNotFoundError (also an IntegrityError)."""
+    with pytest.raises(IntegrityError) as info:
+        decrypt(data)
+    if isinstance(info.value, RecipientNotFoundError):
+        assert recipient is not None and i in recipient, (i, info.value)
+        assert "none of the 1 recipients" in str(info.value)
+    else:
+        assert str(info.value) == INTEGRITY_MESSAGE and type(info.value) is IntegrityError, (i, info.value)
+    assert SECRET not in repr(info.value).encode()
+    return type(info.value)
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_tampered_byte_is_refused(km_a: keymgr.KeyManager, key_name: str, profile: str) -> None:
-    """Flip bits at every position, and cut at every length: the outcomes are IntegrityError
-    (authentication) and FormatError (not DER), and KeyNotFoundError only where the recipient
-    itself was edited so that it no longer names a key of this token (its key id, or its
-    RecipientInfo choice tag): exactly what a message for another token looks like."""
+    """Exhaustive: two bit flips at every position and a cut at every length. Every one is the
+    integrity error with its one message, whatever the edit broke (the tag, the wrapped key,
+    the DER framing); only an edited recipient (its key id or choice tag) may instead say that
+    no recipient is a key here (RecipientNotFoundError, still an IntegrityError): exactly what
+    a message for another token looks like."""
     km_a.create_key(key_name, profile=profile)
     blob = km_a.encrypt(SECRET, key=key_name, context=CTX)
     recipient = parse_message(blob).recipient_infos.der[0]
     recipient_span = range(blob.index(recipient), blob.index(recipient) + len(recipient))
-    outcomes = {IntegrityError: 0, FormatError: 0, KeyNotFoundError: 0}
+    outcomes = {IntegrityError: 0, RecipientNotFoundError: 0}
+
+    def decrypt(data: bytes) -> bytes:
+        return km_a.decrypt(data, context=CTX)
+
     for i in range(len(blob)):
         for flip in (0x01, 0x80):
             tampered = bytearray(blob)
             tampered[i] ^= flip
-            with pytest.raises((IntegrityError, FormatError, KeyNotFoundError)) as info:
-                km_a.decrypt(bytes(tampered), context=CTX)
-            outcomes[type(info.value)] += 1
-            assert not isinstance(info.value, KeyNotFoundError) or i in recipient_span, (i, info.value)
-            assert SECRET not in repr(info.value).encode()
+            outcomes[_refused(decrypt, bytes(tampered), recipient_span, i)] += 1
     for cut in range(len(blob)):
-        with pytest.raises((IntegrityError, FormatError)):
-            km_a.decrypt(blob[:cut], context=CTX)
+        assert _refused(decrypt, blob[:cut], None, None) is IntegrityError
     assert outcomes[IntegrityError] > len(blob)  # most positions are under the tag or in the wrapped key
-    assert 0 < outcomes[KeyNotFoundError] <= 2 * len(recipient_span)
+    assert 0 < outcomes[RecipientNotFoundError] <= 2 * len(recipient_span)
     assert km_a.decrypt(blob, context=CTX) == SECRET  # nothing above broke the session or the key
+
+
+class Recorder(io.RawIOBase):
+    """A destination that records every byte written to it (nothing is buffered away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.data += bytes(b)
+        return len(memoryview(b))
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_tampered_byte_of_a_stream_is_refused(km_a: keymgr.KeyManager, key_name: str, profile: str) -> None:
+    """The same through KeyManager's streams, exhaustively over a small stream (header and its
+    one short segment: 1 KiB of plaintext, the default 1 MiB segment size). Multi-segment
+    streams are flipped exhaustively at the format layer (test_envelope_stream.py, 64-byte
+    segments) and at segment boundaries through the CLI (test_cli_crypt.py): the segment
+    code is the same whatever the size. Nothing of the plaintext reaches ``dst``."""
+    km_a.create_key(key_name, profile=profile)
+    plaintext = os.urandom(1024)
+    blob = stream_round_trip(km_a, plaintext, key_name, context=CTX)
+    header = read_stream_header(io.BytesIO(blob))
+    recipient = header.recipient_infos.der[0]
+    recipient_span = range(blob.index(recipient), blob.index(recipient) + len(recipient))
+    assert len(blob) == len(header.raw) + len(plaintext) + 16
+
+    def decrypt(data: bytes) -> int:
+        dst = Recorder()
+        try:
+            return km_a.decrypt_stream(io.BytesIO(data), dst, context=CTX)
+        finally:
+            assert not dst.data  # one segment: it fails before anything is written
+    for i in range(len(blob)):
+        tampered = bytearray(blob)
+        tampered[i] ^= 0x01 if i % 2 else 0x80
+        _refused(decrypt, bytes(tampered), recipient_span, i)
+    for cut in range(len(blob)):
+        assert _refused(decrypt, blob[:cut], None, None) is IntegrityError
+    out = io.BytesIO()
+    assert km_a.decrypt_stream(io.BytesIO(blob), out, context=CTX) == len(plaintext)
+    assert out.getvalue() == plaintext
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_stream_reordering_splicing_and_wrong_context(km_a: keymgr.KeyManager, key_name: str, profile: str) -> None:
+    """Streams through the token with several 1 MiB segments: swapped segments, a segment from
+    another stream under the same key, a cut at a segment boundary, a dropped last segment and
+    a wrong context are all the integrity error, with only verified segments written."""
+    km_a.create_key(key_name, profile=profile)
+    seg = 1024 * 1024
+    plaintext = os.urandom(2 * seg + 100)
+    one = stream_round_trip(km_a, plaintext, key_name, context=CTX)
+    two = stream_round_trip(km_a, plaintext, key_name, context=CTX)
+    h1, h2 = (len(read_stream_header(io.BytesIO(b)).raw) for b in (one, two))
+    cuts = [h1, h1 + seg + 16, h1 + 2 * (seg + 16)]  # segment starts
+    segments = [one[cuts[0]:cuts[1]], one[cuts[1]:cuts[2]], one[cuts[2]:]]
+    other = two[h2 + seg + 16:h2 + 2 * (seg + 16)]  # segment 1 of the other stream
+    cases = {
+        "swapped": (one[:h1] + segments[1] + segments[0] + segments[2], 0),
+        "spliced": (one[:h1] + segments[0] + other + segments[2], 1),
+        "other header": (two[:h2] + one[h1:], 0),
+        "cut at a boundary": (one[:cuts[2]], 2),
+        "last segment dropped and a full one marked": (one[:cuts[1]], 1),
+    }
+    for name, (data, verified) in cases.items():
+        dst = Recorder()
+        with pytest.raises(IntegrityError, match="^" + INTEGRITY_MESSAGE + "$"):
+            km_a.decrypt_stream(io.BytesIO(data), dst, context=CTX)
+        assert bytes(dst.data) == plaintext[:verified * seg], name
+    for wrong in (None, {"tenant": "acme"}, {**CTX, "tenant": "evil"}):
+        dst = Recorder()
+        with pytest.raises(IntegrityError, match="^" + INTEGRITY_MESSAGE + "$"):
+            km_a.decrypt_stream(io.BytesIO(one), dst, context=wrong)
+        assert not dst.data
 
 
 def test_unknown_key(km: keymgr.KeyManager, key_name: str) -> None:

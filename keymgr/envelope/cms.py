@@ -24,7 +24,9 @@ can rewrap a message without touching its payload.
 Errors: malformed bytes are :class:`~keymgr.errors.FormatError`; a wrong
 context, a failed commitment or tag are one :class:`~keymgr.errors.IntegrityError`
 with one message (no oracle); no matching recipient is
-:class:`~keymgr.errors.KeyNotFoundError`. Only DER is read: BER (indefinite
+:class:`~keymgr.errors.RecipientNotFoundError` (a ``KeyNotFoundError`` and an
+``IntegrityError``: an edited key id looks like a message for another token).
+``KeyManager`` turns malformed ciphertexts into the integrity error too. Only DER is read: BER (indefinite
 lengths) is refused, so a message has one encoding and a rewrap is byte-exact.
 """
 
@@ -41,7 +43,7 @@ from keymgr.envelope import _der
 from keymgr.envelope._aead import KEY_SIZE, NONCE_SIZE, TAG_SIZE, DataKey, encode_gcm_parameters, read_gcm_parameters
 from keymgr.envelope._attrs import OID_DATA, AuthAttributes, build_auth_attrs, normalize_context, parse_auth_attrs
 from keymgr.envelope.recipients import ParsedRecipients, RecipientLike, encode_recipient_infos, parse_recipient_infos
-from keymgr.errors import ConfigurationError, FormatError, IntegrityError, KeyNotFoundError
+from keymgr.errors import ConfigurationError, FormatError, IntegrityError, RecipientNotFoundError
 
 __all__ = ["ParsedMessage", "Unwrap", "UnwrapDer", "open_message", "parse_message", "replace_recipients",
            "seal_message"]
@@ -275,7 +277,8 @@ def find_data_key(recipient_infos: ParsedRecipients, unwrap: Unwrap | None, comm
                 key.wipe()
             raise IntegrityError(failure)
         return key, owned
-    raise KeyNotFoundError(f"none of the {len(recipient_infos)} recipients matches a key available here")
+    raise RecipientNotFoundError(f"none of the {len(recipient_infos)} recipients matches a key available here "
+                                 "(a message for another token, or one whose recipients were edited)")
 
 
 @overload
