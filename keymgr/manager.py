@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from keymgr import errors, rotation
 from keymgr.envelope import DataKey, decrypt_stream, encrypt_stream, open_message, seal_message
@@ -30,6 +30,10 @@ from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, open_
 from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring, utc_now
 from keymgr.rewrap import Rewrapper, RewrapResult
 from keymgr.usage import UsageMeter
+
+if TYPE_CHECKING:
+    from keymgr.custody.approvals import Approval, Request
+    from keymgr.shred import DestroyResult
 
 #: The one message for every authentication failure of a ciphertext: no oracle.
 INTEGRITY_MESSAGE = "the data failed authentication: tampered, truncated, wrong key or wrong context"
@@ -167,6 +171,18 @@ class KeyManager:
     def retire(self, name: str, *, below: int) -> KeyRecord:
         """Versions below ``below`` stop decrypting (Vault's min_decryption_version)."""
         return rotation.retire(self.keyring, name, below)
+
+    def destroy(self, name: str, version: int, *, paths: Sequence[str | os.PathLike[str]] = (),
+                request: Request | None = None, approvals: Sequence[Approval] = (), confirmed: bool = False,
+                force: bool = False, transcript: bool = False) -> DestroyResult:
+        """Crypto-shred one version (never the primary): its token object is destroyed and data
+        only it protects is gone. Refuses while envelopes under ``paths`` still need it (unless
+        ``force``), and needs the quorum's approvals (``request``, ``approvals``) where a policy
+        covers the key, else ``confirmed=True``. See :mod:`keymgr.shred`."""
+        from keymgr import shred  # imports the custody layer: only for this rare operation
+
+        return shred.destroy(self.keyring, name, version, paths=paths, request=request, approvals=approvals,
+                             confirmed=confirmed, force=force, transcript=transcript)
 
     # -- rewrap (keymgr.rewrap: recipients only, payload untouched) --------------------
 

@@ -58,8 +58,8 @@ from keymgr.hsm import objects
 from keymgr.keyring import KeyRecord, Keyring, KeyVersion, version_template
 
 __all__ = ["STATES", "TRANSITIONS", "ROTATION_ONLY", "RETRIES", "rotate", "activate", "transition", "suspend",
-           "resume", "mark_compromised", "retire", "due", "due_at", "orphans", "update_record", "key_lock",
-           "parse_time", "now"]
+           "resume", "mark_compromised", "retire", "check_transition", "due", "due_at", "orphans", "update_record",
+           "key_lock", "parse_time", "now"]
 
 STATES = ("pre-active", "active", "decrypt-only", "suspended", "compromised", "destroyed")
 
@@ -229,7 +229,8 @@ def activate(keyring: Keyring, name: str, version: int) -> KeyRecord:
 # -- state changes ------------------------------------------------------------------
 
 
-def _check_transition(record: KeyRecord, version: KeyVersion, state: str) -> None:
+def check_transition(record: KeyRecord, version: KeyVersion, state: str) -> None:
+    """Raise PolicyError unless the table allows ``version`` to become ``state`` now."""
     if state not in STATES:
         raise errors.ConfigurationError(f"unknown key state {state!r} (choose from {', '.join(STATES)})")
     where = f"key {record.name!r} version {version.version}"
@@ -252,7 +253,7 @@ def transition(keyring: Keyring, name: str, version: int, state: str, *, _shredd
 
     def change(record: KeyRecord) -> KeyRecord:
         current = record.version(version)
-        _check_transition(record, current, state)
+        check_transition(record, current, state)
         return _with_version(record, _moved(current, state, now(keyring)))
 
     return update_record(keyring, name, change)

@@ -15,6 +15,7 @@ from keymgr.cli.audit import audit_group
 from keymgr.cli.crypt import register_crypt_commands
 from keymgr.cli.custody import register_custody_commands
 from keymgr.cli.keys import key_group
+from keymgr.cli.lifecycle import register_lifecycle_commands
 from keymgr.cli.token_cmds import token_group
 from keymgr.cli.tokens import init_command, tokens_command
 
@@ -36,6 +37,7 @@ cli.add_command(init_command)
 cli.add_command(tokens_command)
 cli.add_command(token_group)
 cli.add_command(key_group)
+register_lifecycle_commands(key_group)
 cli.add_command(audit_group)
 register_crypt_commands(cli)
 register_custody_commands(cli)

@@ -18,11 +18,14 @@ def record_json(record: KeyRecord) -> dict[str, Any]:
         "profile": record.profile,
         "primary": record.primary,
         "created": record.created,
+        "min_decryption_version": record.min_decryption_version,
         "policy": {"rotate_after_days": record.policy.rotate_after_days,
                    "max_messages": record.policy.max_messages, "auto_rotate": record.policy.auto_rotate,
                    "backup": record.policy.backup},
         "versions": [{"version": v.version, "id": v.key_id.hex(), "label": record.label_of(v.version),
                       "state": v.state, "created": v.created, "kcv": v.kcv, "primary": v.version == record.primary,
+                      "uses": v.uses, "decrypts": v.version >= record.min_decryption_version
+                      and v.state in ("active", "decrypt-only"),
                       "history": [{"state": s, "at": t} for s, t in v.history]}
                      for v in record.versions],
     }
@@ -32,13 +35,17 @@ def _print_records(records: list[KeyRecord]) -> None:
     from rich.table import Table
 
     table = Table(title="keys")
-    for column in ("name", "version", "state", "primary", "CKA_ID", "KCV", "profile", "created"):
+    for column in ("name", "version", "state", "primary", "CKA_ID", "KCV", "uses", "profile", "created"):
         table.add_column(column)
     for record in records:
         for v in record.versions:
-            table.add_row(record.name, str(v.version), v.state, "*" if v.version == record.primary else "",
-                          v.key_id.hex(), v.kcv or "-", record.profile, v.created)
+            state = v.state if v.version >= record.min_decryption_version else f"{v.state} (retired)"
+            table.add_row(record.name, str(v.version), state, "*" if v.version == record.primary else "",
+                          v.key_id.hex(), v.kcv or "-", str(v.uses), record.profile, v.created)
     console().print(table)
+    for record in records:
+        if record.min_decryption_version > 1:
+            click.echo(f"{record.name}: minimum decryption version {record.min_decryption_version}")
 
 
 @click.group("key")
@@ -52,16 +59,18 @@ def key_group() -> None:
               help="How the key protects data keys: kw = AES key wrap (standard), gcm = AES-GCM in the token.")
 @click.option("--rotate-after-days", type=click.IntRange(min=1), default=None, help="Cryptoperiod.")
 @click.option("--max-messages", type=click.IntRange(min=1), default=None, help="Encryptions per version.")
+@click.option("--auto-rotate", is_flag=True, help="Rotate automatically when the cryptoperiod ends or the "
+              "version reaches --max-messages (instead of refusing to encrypt).")
 @click.option("--backup", is_flag=True, help="Make the key backup-capable (M-of-N custodian backups; "
               "docs/ceremonies.md). Without it the key can never leave the token.")
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
               help="Write the signed ceremony transcript (CMS SignedData) here.")
 @pass_state
 def create_command(state: CliState, name: str, profile: str, rotate_after_days: int | None,
-                   max_messages: int | None, backup: bool, transcript_path: str | None) -> None:
+                   max_messages: int | None, auto_rotate: bool, backup: bool, transcript_path: str | None) -> None:
     """Generate a new key NAME (version 1) inside the token."""
     record = state.manager().create_key(name, profile=profile, rotate_after_days=rotate_after_days,
-                                        max_messages=max_messages, backup=backup)
+                                        max_messages=max_messages, backup=backup, auto_rotate=auto_rotate)
     if transcript_path:
         from keymgr._files import atomic_write
         from keymgr.custody.authorize import key_ceremony_transcript
@@ -90,7 +99,7 @@ def list_command(state: CliState) -> None:
 @click.argument("name")
 @pass_state
 def show_command(state: CliState, name: str) -> None:
-    """Show one key: versions, states, dates, key check values, primary."""
+    """Show one key: versions, states, dates, key check values, uses, primary, minimum decryption version."""
     record = state.manager().describe_key(name)
     if state.json_output:
         emit_json(record_json(record))

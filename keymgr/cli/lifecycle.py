@@ -1,0 +1,162 @@
+"""``keymgr key rotate | activate | due | retire | suspend | resume | compromise | destroy``.
+
+Thin (STYLE.md 10): each command calls one :class:`~keymgr.KeyManager` method
+(:mod:`keymgr.rotation`, :mod:`keymgr.shred`) and prints the key's record
+(``--json``) or one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from keymgr.cli._common import CliState, console, emit_json, pass_state
+from keymgr.cli.keys import record_json
+from keymgr.keyring import KeyRecord
+
+__all__ = ["register_lifecycle_commands"]
+
+
+def _report(state: CliState, record: KeyRecord, line: str, **extra: Any) -> None:
+    if state.json_output:
+        emit_json({**record_json(record), **extra})
+    else:
+        click.echo(line)
+
+
+def _version_line(record: KeyRecord, number: int) -> str:
+    v = record.version(number)
+    return f"version {v.version} ({v.state}, CKA_ID {v.key_id.hex()}, KCV {v.kcv or '-'})"
+
+
+@click.command("rotate")
+@click.argument("name")
+@click.option("--pre-active", is_flag=True, help="Create the new version pre-active; `key activate` makes it primary.")
+@click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the signed ceremony transcript (CMS SignedData) here.")
+@pass_state
+def rotate_command(state: CliState, name: str, pre_active: bool, transcript_path: str | None) -> None:
+    """Create a new version of NAME and make it the primary (the old one keeps decrypting)."""
+    km = state.manager()
+    before = km.describe_key(name).primary
+    record = km.rotate(name, activate=not pre_active)
+    newest = max(v.version for v in record.versions)
+    if transcript_path:
+        from keymgr._files import atomic_write
+        from keymgr.custody.authorize import key_ceremony_transcript
+
+        atomic_write(transcript_path, key_ceremony_transcript(km.keyring, "rotate", record,
+                                                              versions=sorted({before, newest})))
+    if pre_active:
+        line = f"key {name!r}: new {_version_line(record, newest)}; primary stays version {record.primary}"
+    else:
+        line = (f"key {name!r}: primary is now {_version_line(record, newest)}; "
+                f"was {_version_line(record, before)}")
+    _report(state, record, line)
+
+
+@click.command("activate")
+@click.argument("name")
+@click.option("--version", "version", type=click.IntRange(min=1), required=True)
+@pass_state
+def activate_command(state: CliState, name: str, version: int) -> None:
+    """Make pre-active VERSION of NAME the primary."""
+    record = state.manager().activate(name, version)
+    _report(state, record, f"key {name!r}: primary is now {_version_line(record, version)}")
+
+
+def _state_command(command: str, method: str, doc: str) -> click.Command:
+    @click.command(command, help=doc)
+    @click.argument("name")
+    @click.option("--version", "version", type=click.IntRange(min=1), required=True)
+    @pass_state
+    def run(state: CliState, name: str, version: int) -> None:
+        change: Callable[[str, int], KeyRecord] = getattr(state.manager(), method)
+        record = change(name, version)
+        _report(state, record, f"key {name!r}: {_version_line(record, version)}")
+
+    return run
+
+
+@click.command("retire")
+@click.argument("name")
+@click.option("--below", type=click.IntRange(min=2), required=True, help="Versions below this stop decrypting.")
+@pass_state
+def retire_command(state: CliState, name: str, below: int) -> None:
+    """Stop versions of NAME below N from decrypting (its minimum decryption version)."""
+    record = state.manager().retire(name, below=below)
+    _report(state, record, f"key {name!r}: versions below {record.min_decryption_version} no longer decrypt")
+
+
+@click.command("due")
+@pass_state
+def due_command(state: CliState) -> None:
+    """List keys whose primary version is past its cryptoperiod (rotate_after_days)."""
+    from keymgr.rotation import due
+
+    late = due(state.manager().list_keys())
+    if state.json_output:
+        emit_json({"due": [{"name": r.name, "primary": r.primary, "created": r.primary_version.created,
+                            "rotate_after_days": r.policy.rotate_after_days, "due_since": at.isoformat(),
+                            "auto_rotate": r.policy.auto_rotate} for r, at in late]})
+        return
+    if not late:
+        click.echo("no key is past its cryptoperiod")
+        return
+    from rich.table import Table
+
+    table = Table(title="keys due for rotation")
+    for column in ("name", "primary", "created", "cryptoperiod (days)", "due since", "auto-rotate"):
+        table.add_column(column)
+    for r, at in late:
+        table.add_row(r.name, str(r.primary), r.primary_version.created, str(r.policy.rotate_after_days),
+                      at.isoformat(), "yes" if r.policy.auto_rotate else "no")
+    console().print(table)
+
+
+@click.command("destroy")
+@click.argument("name")
+@click.option("--version", "version", type=click.IntRange(min=1), required=True)
+@click.option("--paths", "paths", multiple=True, type=click.Path(exists=True),
+              help="Files or directories to scan for envelopes that still need the version (repeatable).")
+@click.option("--request", "request_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The approved request (keymgr request destroy), where a quorum policy covers the key.")
+@click.option("--approval", "approval_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A custodian's approval of the request (repeatable).")
+@click.option("--yes", is_flag=True, help="Confirm destruction (keys without a quorum policy).")
+@click.option("--force", is_flag=True, help="Destroy even though envelopes under --paths still need the version.")
+@click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the signed ceremony transcript (CMS SignedData) here.")
+@pass_state
+def destroy_command(state: CliState, name: str, version: int, paths: tuple[str, ...], request_path: str | None,
+                    approval_paths: tuple[str, ...], yes: bool, force: bool, transcript_path: str | None) -> None:
+    """Crypto-shred VERSION of NAME: its token object is destroyed; data only it protects is lost."""
+    from keymgr.cli._custody_common import read_approvals, read_request
+
+    result = state.manager().destroy(name, version, paths=paths, request=read_request(request_path),
+                                     approvals=read_approvals(approval_paths), confirmed=yes, force=force,
+                                     transcript=transcript_path is not None)
+    if transcript_path and result.transcript is not None:
+        from keymgr._files import atomic_write
+
+        atomic_write(transcript_path, result.transcript)
+    scan = result.scan
+    found = "" if scan is None else f"; {len(scan.needing)} of {scan.envelopes} envelope(s) scanned needed it"
+    who = f"; approved by {', '.join(result.approvers)}" if result.approvers else ""
+    _report(state, result.record, f"key {name!r}: version {version} destroyed{found}{who}",
+            destroyed={"version": version, "approvers": list(result.approvers),
+                       "envelopes": None if scan is None else scan.envelopes,
+                       "needing": None if scan is None else list(scan.needing)})
+
+
+def register_lifecycle_commands(group: click.Group) -> None:
+    """Add the lifecycle commands to the ``key`` group."""
+    for command in (rotate_command, activate_command, retire_command, due_command, destroy_command,
+                    _state_command("suspend", "suspend", "Suspend VERSION of NAME: no encryption or decryption "
+                                   "until resumed."),
+                    _state_command("resume", "resume", "Return suspended VERSION of NAME to its previous state."),
+                    _state_command("compromise", "mark_compromised", "Mark VERSION of NAME compromised: it "
+                                   "decrypts only for recovery (allow_compromised).")):
+        group.add_command(command)

@@ -1,0 +1,118 @@
+"""Crypto-shredding: destroy a key version's token object, so data only it protects is gone.
+
+Destruction cannot be undone, so :func:`destroy` is the most guarded
+operation keymgr has, in this order (nothing is spent before a refusal):
+
+1. policy: the primary is never destroyed (rotate first); the version's state must
+   allow it (:data:`keymgr.rotation.TRANSITIONS`: not from *active*);
+2. remaining data: with ``paths``, every envelope under them (files, directories
+   recursively) that still names the version is counted (:mod:`keymgr.envelope.inspect`:
+   recipients only, no token, no payload) and a non-zero count refuses unless ``force``;
+3. the gate: :func:`keymgr.custody.authorize.authorize_destroy`: M distinct custodians'
+   approvals of exactly this request where a quorum policy covers the key (the request
+   is consumed: an approval presented twice counts once, a request works once),
+   otherwise the caller's explicit confirmation.
+
+Then the record is written with the version *destroyed* (from here nothing decrypts under it,
+by policy) and the object is destroyed. A crash between the two leaves an object that the
+record calls destroyed: :func:`keymgr.rotation.orphans` lists it and the next rotate, or
+destroy called again, removes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from keymgr import errors, rotation
+from keymgr.custody.approvals import Approval, Request
+from keymgr.custody.authorize import authorize_destroy, key_ceremony_transcript
+from keymgr.envelope.inspect import inspect_file
+from keymgr.hsm import objects
+from keymgr.keyring import KeyRecord, Keyring
+
+__all__ = ["DestroyResult", "EnvelopeCount", "count_envelopes_needing", "destroy"]
+
+
+@dataclass(frozen=True)
+class EnvelopeCount:
+    """What a scan of paths found: envelopes in all, those needing the version, their paths."""
+
+    envelopes: int
+    needing: tuple[str, ...]
+    unreadable: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DestroyResult:
+    """What :func:`destroy` did: the record after it, the scan, who approved, the transcript."""
+
+    record: KeyRecord
+    version: int
+    scan: EnvelopeCount | None
+    approvers: tuple[str, ...]
+    transcript: bytes | None = None
+
+
+def _files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    for path in paths:
+        root = Path(path)
+        if root.is_dir():
+            for folder, _, names in os.walk(root):
+                for name in sorted(names):
+                    yield Path(folder) / name
+        elif root.exists():
+            yield root
+        else:
+            raise errors.ConfigurationError(f"{root}: no such file or directory")
+
+
+def count_envelopes_needing(paths: Iterable[str | os.PathLike[str]], key_id: bytes) -> EnvelopeCount:
+    """Count the envelopes under ``paths`` whose recipients name ``key_id``. Files that are not
+    envelopes are ignored; ones that start like an envelope but cannot be parsed are listed as
+    unreadable (and refuse destruction like a needing one: they may well need it)."""
+    envelopes, needing, unreadable = 0, [], []
+    for path in _files(paths):
+        try:
+            info = inspect_file(path)
+        except (errors.FormatError, errors.ConfigurationError):
+            unreadable.append(str(path))
+            continue
+        if info is None:
+            continue
+        envelopes += 1
+        if info.needs(key_id):
+            needing.append(str(path))
+    return EnvelopeCount(envelopes, tuple(needing), tuple(unreadable))
+
+
+def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | os.PathLike[str]] = (),
+            request: Request | None = None, approvals: Sequence[Approval] = (), confirmed: bool = False,
+            force: bool = False, transcript: bool = False) -> DestroyResult:
+    """Destroy ``version`` of key ``name`` (module docstring: the checks and their order)."""
+    keyring.reload()
+    record = keyring.get(name)
+    target = record.version(version)
+    if target.state == "destroyed":
+        if objects.key_exists(keyring.token, target.key_id):  # a destroy that crashed after its commit
+            objects.destroy_key(keyring.token, target.key_id)
+            return DestroyResult(record, version, None, ())
+        raise errors.PolicyError(f"key {name!r} version {version} is already destroyed")
+    rotation.check_transition(record, target, "destroyed")
+    scan = count_envelopes_needing(paths, target.key_id) if paths else None
+    if scan is not None and (scan.needing or scan.unreadable) and not force:
+        raise errors.PolicyError(
+            f"{len(scan.needing)} envelope(s) under the given paths still need key {name!r} version {version}"
+            + (f" and {len(scan.unreadable)} file(s) could not be read" if scan.unreadable else "")
+            + ": rewrap them first (keymgr rewrap PATH) or pass --force to make them unreadable for good")
+    auth = authorize_destroy(keyring, name, [version], request=request, approvals=approvals, confirmed=confirmed)
+    record = rotation.transition(keyring, name, version, "destroyed", _shredding=True)
+    objects.destroy_key(keyring.token, target.key_id)
+    signed = None
+    if transcript:
+        needing = None if scan is None else len(scan.needing)
+        signed = key_ceremony_transcript(keyring, "destroy", record, versions=[version], auth=auth, forced=force,
+                                         envelopes_needing=needing)
+    return DestroyResult(record, version, scan, auth.approvers if auth else (), signed)

@@ -1,0 +1,152 @@
+"""Crypto-shredding (keymgr.shred): the remaining-data check, the quorum gate, the object gone from the token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import keymgr
+from keymgr import rotation
+from keymgr.cli import cli
+from keymgr.hsm import objects
+from tests.conftest import softhsm_token
+from tests.custody_helpers import guarded_key, hsm, object_handles, party
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _rotated_with_data(km, name: str, tmp_path: Path) -> tuple[bytes, bytes]:
+    """Key ``name`` with v1 and v2 (primary), one message under each written to tmp_path."""
+    km.create_key(name)
+    old = km.encrypt(b"under v1", key=name)
+    km.rotate(name)
+    new = km.encrypt(b"under v2", key=name)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "old.cms").write_bytes(old)
+    (tmp_path / "data" / "sub").mkdir()
+    (tmp_path / "data" / "sub" / "new.cms").write_bytes(new)
+    (tmp_path / "data" / "notes.txt").write_bytes(b"not an envelope")
+    return old, new
+
+
+def test_destroy_refuses_while_envelopes_need_the_version_then_shreds(km, key_name: str, tmp_path: Path) -> None:
+    old, new = _rotated_with_data(km, key_name, tmp_path)
+    v1 = km.describe_key(key_name).version(1)
+    with pytest.raises(keymgr.PolicyError, match=r"1 envelope\(s\) under the given paths still need"):
+        km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True)
+    assert objects.key_exists(km.token, v1.key_id)
+    with pytest.raises(keymgr.PolicyError, match="confirm it explicitly"):
+        km.destroy(key_name, 1)
+    # rewrapping old.cms would clear the way; here it is removed, as an operator might
+    (tmp_path / "data" / "old.cms").unlink()
+    result = km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True)
+    assert result.scan is not None and result.scan.envelopes == 1 and result.scan.needing == ()
+    assert result.record.version(1).state == "destroyed"
+    assert [s for s, _ in result.record.version(1).history][-1] == "destroyed"
+    assert not objects.key_exists(km.token, v1.key_id)
+    with pytest.raises(keymgr.PolicyError, match="destroyed"):
+        km.decrypt(old)
+    assert km.decrypt(new) == b"under v2"
+    with pytest.raises(keymgr.PolicyError, match="already destroyed"):
+        km.destroy(key_name, 1, confirmed=True)
+
+
+def test_force_destroys_despite_remaining_data(km, key_name: str, tmp_path: Path) -> None:
+    old, _ = _rotated_with_data(km, key_name, tmp_path)
+    result = km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True, force=True)
+    assert result.scan is not None and len(result.scan.needing) == 1
+    with pytest.raises(keymgr.PolicyError, match="destroyed"):
+        km.decrypt(old)
+
+
+def test_primary_and_active_versions_cannot_be_destroyed(km, key_name: str) -> None:
+    km.create_key(key_name)
+    with pytest.raises(keymgr.PolicyError, match="active"):
+        km.destroy(key_name, 1, confirmed=True)
+    km.rotate(key_name, activate=False)
+    assert km.destroy(key_name, 2, confirmed=True).record.version(2).state == "destroyed"  # pre-active may go
+    assert km.describe_key(key_name).primary == 1
+
+
+def test_destroyed_object_is_gone_from_the_token_as_pkcs11_sees_it(key_name: str) -> None:
+    km = hsm()
+    km.create_key(key_name)
+    km.rotate(key_name)
+    key_id = km.describe_key(key_name).version(1).key_id
+    assert any(kid == key_id for _, kid, _ in object_handles("keymgr-A"))
+    km.mark_compromised(key_name, 1)
+    km.destroy(key_name, 1, confirmed=True)
+    assert not any(kid == key_id or label == f"{key_name}/v1" for _, kid, label in object_handles("keymgr-A"))
+
+
+def test_a_destroy_that_crashed_after_its_commit_is_finished_later(km, key_name: str) -> None:
+    """Record says destroyed, object still there (the crash window): orphans() sees it, destroy finishes."""
+    km.create_key(key_name)
+    km.rotate(key_name)
+    key_id = km.describe_key(key_name).version(1).key_id
+    record = rotation.transition(km.keyring, key_name, 1, "destroyed", _shredding=True)  # step one only
+    assert (f"{key_name}/v1", key_id) in rotation.orphans(km.keyring, record)
+    km.destroy(key_name, 1)
+    assert not objects.key_exists(km.token, key_id)
+    assert rotation.orphans(km.keyring, km.describe_key(key_name)) == []
+
+
+def test_cli_destroy_needs_two_distinct_custodians(key_name: str, tmp_path: Path) -> None:
+    """Issue 5: one approval refused; the same approval twice counts once; two custodians proceed."""
+    km = hsm()
+    guarded_key(km, key_name)
+    km.rotate(key_name)
+    key_id = km.describe_key(key_name).version(1).key_id
+    token = ["--token", softhsm_token("keymgr-A").uri()]
+    req = tmp_path / "destroy.req"
+    code, _, err = run(*token, "request", "destroy", key_name, "--version", "1", "-o", str(req))
+    assert code == 0, err
+    files = {}
+    for n in (1, 3):
+        p = party(n)
+        files[n] = tmp_path / f"{n}.approval"
+        code, _, err = run("approve", str(req), "--custodian", p.name, "--token", p.uri(), "--key-label",
+                           p.key_label, "--yes", "-o", str(files[n]))
+        assert code == 0, err
+    base = [*token, "key", "destroy", key_name, "--version", "1", "--request", str(req)]
+    code, _, err = run(*base, "--approval", str(files[1]))
+    assert code == 5 and "valid distinct approvals: 1" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(*base, "--approval", str(files[1]), "--approval", str(files[1]))
+    assert code == 5 and "valid distinct approvals: 1" in err
+    code, _, err = run(*[a for a in base if a not in ("--request", str(req))], "--yes")
+    assert code == 5 and "needs approvals" in err  # --yes is no substitute for the quorum
+    assert objects.key_exists(km.token, key_id)
+    transcript = tmp_path / "destroy.p7s"
+    code, out, err = run("--json", *base, "--approval", str(files[1]), "--approval", str(files[3]),
+                         "--transcript", str(transcript))
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["versions"][0]["state"] == "destroyed"
+    assert set(shown["destroyed"]["approvers"]) == {party(1).name, party(3).name}
+    assert not objects.key_exists(km.token, key_id)
+    code, out, err = run(*token, "--json", "transcript", "verify", str(transcript))
+    assert code == 0, err
+    doc = json.loads(out)["transcript"]
+    assert doc["ceremony"] == "destroy" and doc["outcome"] == "success"
+    assert [(k["name"], k["version"], k["id"]) for k in doc["keys"]] == [(key_name, 1, key_id.hex())]
+    code, _, err = run(*base, "--approval", str(files[1]), "--approval", str(files[3]))
+    assert code == 5 and len(err.strip().splitlines()) == 1  # spent: the request works once
+
+
+def test_cli_destroy_reports_remaining_envelopes(softhsm, key_name: str, tmp_path: Path) -> None:
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        _rotated_with_data(km, key_name, tmp_path)
+    token = ["--token", softhsm.uri()]
+    code, _, err = run(*token, "key", "destroy", key_name, "--version", "1", "--paths", str(tmp_path / "data"),
+                       "--yes")
+    assert code == 5 and "1 envelope(s)" in err and "--force" in err
+    code, out, err = run(*token, "key", "destroy", key_name, "--version", "1", "--paths", str(tmp_path / "data"),
+                         "--yes", "--force")
+    assert code == 0, err
+    assert "version 1 destroyed; 1 of 2 envelope(s) scanned needed it" in out
