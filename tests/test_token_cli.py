@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -13,6 +17,8 @@ from keymgr.cli import cli
 from keymgr.envelope import pubkey
 from keymgr.hsm import Pkcs11Uri, asym, open_token
 from tests.conftest import TokenUnderTest, softhsm_token
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -102,3 +108,22 @@ def test_existing_tpm_key_found_by_id_uri_and_listed(tpm: TokenUnderTest) -> Non
     assert kinds["rsa-kek"] == "rsa-2048" and kinds["ec-kek"] == "ec-p256"
     code, _, err = run("token", "pubkey", f"pkcs11:token={tpm.label}?module-path={tpm.module_path}&pin-value=1234")
     assert code == 2 and "object=" in err
+
+
+def test_tokens_without_login_in_a_fresh_process(softhsm: TokenUnderTest, tpm: TokenUnderTest) -> None:
+    """Plain ``keymgr --json tokens``, no PIN anywhere: SoftHSM is probed fully on public session
+    objects; the TPM, which makes key pairs only after a login, says so instead of claiming none."""
+    env = {**os.environ, **tpm.env, **softhsm.env}
+    env.pop("KEYMGR_TOKEN", None)
+    proc = subprocess.run([sys.executable, "-m", "keymgr", "--json", "tokens"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    tokens = _tokens(json.loads(proc.stdout))
+    soft, tpm_info = tokens["keymgr-A"], tokens["keymgr-tpm"]
+    assert soft["probed_logged_in"] is False and tpm_info["probed_logged_in"] is False
+    assert {"kek-kw", "kek-gcm", "rsa-oaep", "ecdh"} <= set(soft["schemes"])  # keyring-metadata needs a login
+    assert "probe_note" not in soft
+    assert tpm_info["schemes"] == [] and "--login" in tpm_info["probe_note"]
+    table = subprocess.run([sys.executable, "-m", "keymgr", "tokens"], env={**env, "COLUMNS": "400"},
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert table.returncode == 0 and "key pairs not probed without a login" in table.stdout, table.stderr

@@ -70,6 +70,9 @@ def _describe_token(found: Any, probe_caps: bool, logged_in: list[Any]) -> dict[
             info["capabilities"] = sorted(caps.supported)
             info["schemes"] = list(caps.schemes)
             info["probed_logged_in"] = ts.logged_in
+            if not ts.logged_in and not caps.supported & {"rsa-keygen", "ec-keygen"}:
+                # a TPM or a card makes key pairs only after C_Login: "no schemes" would be a lie
+                info["probe_note"] = "key pairs not probed without a login: keymgr tokens --login URI"
         except errors.KeymgrError as exc:
             info["capabilities"] = []
             info["schemes"] = []
@@ -135,6 +138,8 @@ def _print_tokens(report: list[dict[str, Any]]) -> None:
             table.add_row(name, "-", "(no tokens)", "", "", "", "")
         for tok in entry["tokens"]:
             schemes = ", ".join(tok.get("schemes", [])) or tok.get("probe_error", "-")
+            if "probe_note" in tok:
+                schemes += f" ({tok['probe_note']})"
             table.add_row(name, str(tok["slot_id"]), tok["label"], tok["serial"],
                           ", ".join(f for f in tok["flags"] + tok["slot_flags"] if f != "token-present"),
                           tok["pin_state"], schemes)

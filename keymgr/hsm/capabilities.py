@@ -99,6 +99,8 @@ def probe(ts: TokenSession, *, refresh: bool = False) -> Capabilities:
     return caps
 
 
+#: Probe objects are public (CKA_PRIVATE false), so a probe without a login can make them:
+#: SoftHSM refuses to create a private object, even a session one, before C_Login.
 _SESSION_SECRET = {Attribute.TOKEN: False, Attribute.PRIVATE: False, Attribute.SENSITIVE: True,
                    Attribute.EXTRACTABLE: False}
 
@@ -128,7 +130,8 @@ def _probe_wrap(mechanism: int) -> Callable[[Any], bool]:
         try:
             wrapped = kek.wrap_key(dek, mechanism=Mechanism(mechanism))
             back = kek.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped, mechanism=Mechanism(mechanism),
-                                  store=False, template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True})
+                                  store=False, template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True,
+                                                         Attribute.PRIVATE: False})
             same = back[Attribute.VALUE] == dek[Attribute.VALUE]
             back.destroy()
             return bool(same)
@@ -243,7 +246,8 @@ def _probe_ec(session: Any, results: set[str]) -> None:
             try:
                 derived = priv.derive_key(KeyType.GENERIC_SECRET, 256, mechanism=Mechanism.ECDH1_DERIVE,
                                           mechanism_param=(pkcs11.KDF.NULL, None, point), store=False,
-                                          template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True})
+                                          template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True,
+                                                    Attribute.PRIVATE: False})
                 derived.destroy()
                 results.add(f"ecdh-{name}")
             except p11x.PKCS11Error:
