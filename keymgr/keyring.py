@@ -314,14 +314,30 @@ class Keyring:
             if name in self._records:
                 raise errors.ConfigurationError(f"a key named {name!r} already exists on token {self._ts.label!r}")
             key_id = self.new_key_id()
-            if _value is None:
-                objects.generate_key(self._ts, template, label=f"{name}/v1", key_id=key_id)
-            else:
-                from keymgr.hsm.known_keys import import_secret_key
+            try:
+                if _value is None:
+                    objects.generate_key(self._ts, template, label=f"{name}/v1", key_id=key_id)
+                else:
+                    from keymgr.hsm.known_keys import import_secret_key
 
-                import_secret_key(self._ts, template, label=f"{name}/v1", key_id=key_id, value=_value)
-            now = self._clock()
-            version = KeyVersion(1, key_id, "active", now, (("active", now),), objects.check_value(self._ts, key_id))
-            record = KeyRecord(name=name, profile=profile, primary=1, versions=(version,),
-                               policy=policy or KeyPolicy(), created=now)
-            return self.write(record)
+                    import_secret_key(self._ts, template, label=f"{name}/v1", key_id=key_id, value=_value)
+                now = self._clock()
+                version = KeyVersion(1, key_id, "active", now, (("active", now),),
+                                     objects.check_value(self._ts, key_id))
+                record = KeyRecord(name=name, profile=profile, primary=1, versions=(version,),
+                                   policy=policy or KeyPolicy(), created=now)
+                return self.write(record)
+            except BaseException:
+                self._discard_unrecorded(key_id)
+                raise
+
+    def _discard_unrecorded(self, key_id: bytes) -> None:
+        """After a failed create, destroy the new key object unless its record reached the token
+        (the write happened and only its answer was lost), so no key lives outside the keyring.
+        Best effort: if the token is gone the orphan stays; it is named by no record, so never used."""
+        try:
+            self.reload()
+            if key_id not in self._by_id:
+                objects.destroy_key(self._ts, key_id)
+        except errors.KeymgrError:
+            pass

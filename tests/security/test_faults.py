@@ -1,0 +1,207 @@
+"""Faults injected into real PKCS#11 calls (tests/faults.py): the right error, recovery, no half-state.
+
+For each fault kind keymgr must surface the error a caller can act on
+(TokenRemovedError for a removed device, TokenError carrying the CKR code
+otherwise), recover where the design says it does (a lost session is reopened
+and logged in again, the call retried once; the next call after a removal
+finds the token again), and leave nothing half-done: no output file from the
+CLI, no keyring record that does not read back.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from keymgr import KeyManager, errors
+from keymgr.cli import cli
+from keymgr.keyring import KeyPolicy
+from tests.conftest import softhsm_token
+from tests.faults import FaultInjector, injected
+
+CTX = {"tenant": "acme"}
+
+
+@pytest.fixture
+def faults() -> Iterator[FaultInjector]:
+    with injected() as injector:
+        yield injector
+
+
+@pytest.fixture
+def key(manager: KeyManager) -> str:
+    name = f"flt-{uuid.uuid4().hex[:10]}"
+    manager.create_key(name)
+    return name
+
+
+@pytest.mark.parametrize("operation", ["wrap data key", "read data objects"])
+def test_removed_device_is_token_removed_and_the_next_call_recovers(manager: KeyManager, key: str,
+                                                                     faults: FaultInjector, operation: str) -> None:
+    manager.keyring.refresh_interval = 0  # every call re-reads the keyring: "read data objects" is on the path
+    try:
+        fault = faults.add("removed", operation)
+        with pytest.raises(errors.TokenRemovedError) as info:
+            manager.encrypt(b"x", key=key, context=CTX)
+        assert info.value.code == "CKR_DEVICE_REMOVED" and fault.hits == [operation]
+        assert "not present" in str(info.value) or "removed" in str(info.value)
+        blob = manager.encrypt(b"x", key=key, context=CTX)  # the next call finds the token again
+        assert manager.decrypt(blob, context=CTX) == b"x"
+    finally:
+        manager.keyring.refresh_interval = 1.0
+
+
+def test_closed_session_is_reopened_logged_in_and_retried(manager: KeyManager, key: str,
+                                                          faults: FaultInjector) -> None:
+    """The real session is closed under keymgr (which logs the process out): SoftHSM answers
+    CKR_SESSION_HANDLE_INVALID, keymgr opens a new session, logs in again with the PIN that
+    worked, and the one call succeeds, invisibly to the caller."""
+    blob = manager.encrypt(b"secret", key=key, context=CTX)
+    before = manager.token._session  # noqa: SLF001
+    fault = faults.add("session-closed", "unwrap data key")
+    assert manager.decrypt(blob, context=CTX) == b"secret"
+    assert fault.hits == ["unwrap data key"]
+    assert faults.operations.count("unwrap data key") == 2  # on the dead handle, then on the new session
+    assert manager.token._session is not before  # noqa: SLF001
+    assert manager.list_keys()  # private objects are visible again: logged in
+
+
+def test_session_lost_twice_is_a_token_error_with_its_code(manager: KeyManager, key: str,
+                                                           faults: FaultInjector) -> None:
+    faults.add("handle-invalid", "wrap data key", times=2)
+    with pytest.raises(errors.TokenError) as info:
+        manager.encrypt(b"x", key=key, context=CTX)
+    assert not isinstance(info.value, errors.TokenRemovedError)
+    assert info.value.code == "CKR_SESSION_HANDLE_INVALID"
+    assert manager.encrypt(b"x", key=key, context=CTX)
+
+
+@pytest.mark.parametrize(("kind", "code"), [("device-error", "CKR_DEVICE_ERROR"), ("host-memory", "CKR_HOST_MEMORY")])
+def test_device_errors_carry_their_code_and_are_not_removal(manager: KeyManager, key: str, faults: FaultInjector,
+                                                            kind: str, code: str) -> None:
+    """CKR_DEVICE_ERROR on a token that still answers C_GenerateRandom is the token's error, not a removal."""
+    blob = manager.encrypt(b"x", key=key, context=CTX)
+    faults.add(kind, "unwrap data key")
+    with pytest.raises(errors.TokenError) as info:
+        manager.decrypt(blob, context=CTX)
+    assert type(info.value) is errors.TokenError and info.value.code == code
+    assert manager.decrypt(blob, context=CTX) == b"x"
+
+
+# -- the keyring: never half-written ---------------------------------------------------------------
+
+
+def _consistent(manager: KeyManager) -> dict[str, object]:
+    """Reload every record from the token (each MAC checked) and check each names live key objects."""
+    from keymgr.hsm import objects
+
+    manager.keyring.reload()
+    records = {r.name: r for r in manager.list_keys()}
+    for record in records.values():
+        for version in record.versions:
+            if version.state != "destroyed":
+                assert objects.key_exists(manager.token, version.key_id), (record.name, version.version)
+    return records
+
+
+@pytest.mark.parametrize(("kind", "operation", "after"), [
+    ("removed", "generate kek-wrap key", False),
+    ("device-error", "generate kek-wrap key", True),
+    ("removed", "read key check value", False),
+    ("removed", "write data object", False),
+    ("host-memory", "write data object", True),
+    ("handle-invalid", "write data object", True),
+])
+def test_fault_during_key_create_leaves_the_keyring_consistent(manager: KeyManager, faults: FaultInjector,
+                                                               kind: str, operation: str, after: bool) -> None:
+    name = f"flt-{uuid.uuid4().hex[:10]}"
+    faults.add(kind, operation, after=after)
+    try:
+        manager.create_key(name)
+        created = True
+    except errors.TokenError:
+        created = False
+    faults.clear()
+    records = _consistent(manager)
+    if created:
+        assert name in records
+    elif name in records:  # the record was written and only the answer was lost
+        assert after and operation == "write data object"
+    if name not in records:
+        manager.create_key(name)  # a retry works: no stale record or object blocks the name
+    record = _consistent(manager)[name]
+    blob = manager.encrypt(b"x", key=name)
+    assert manager.decrypt(blob) == b"x" and record.primary == 1
+    assert _key_objects(manager, f"{name}/v1") == [record.primary_version.key_id]  # no orphan left behind
+
+
+def _key_objects(manager: KeyManager, label: str) -> list[bytes]:
+    from pkcs11 import Attribute, ObjectClass
+
+    return manager.token.run("list key objects (test)", lambda session: [
+        bytes(o[Attribute.ID]) for o in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                                             Attribute.LABEL: label})])
+
+
+@pytest.mark.parametrize("operation", ["write data object", "destroy data object"])
+def test_fault_during_record_update_keeps_one_readable_generation(manager: KeyManager, key: str,
+                                                                  faults: FaultInjector, operation: str) -> None:
+    """A record update writes generation n+1, then deletes n: a fault between the two leaves both,
+    and readers take the newest; a fault before leaves n alone."""
+    record = manager.describe_key(key)
+    faults.add("removed", operation)
+    with pytest.raises(errors.TokenRemovedError):
+        manager.keyring.write(replace(record, policy=KeyPolicy(max_messages=1000)))
+    faults.clear()
+    after = _consistent(manager)[key]
+    assert after.generation == record.generation + (operation == "destroy data object")
+    manager.keyring.write(replace(after, policy=KeyPolicy(max_messages=2000)))  # and the next write cleans up
+    assert _consistent(manager)[key].policy.max_messages == 2000
+
+
+# -- the CLI: no partial output file ---------------------------------------------------------------
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["--token", softhsm_token().uri(), *args], catch_exceptions=False)
+    return result.exit_code, result.stderr
+
+
+@pytest.mark.parametrize("kind", ["removed", "device-error", "host-memory", "handle-invalid"])
+def test_cli_encrypt_fault_leaves_no_output(tmp_path: Path, key: str, faults: FaultInjector, kind: str) -> None:
+    """The fault hits while the output's temporary file is open (the data key is wrapped after it is made)."""
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    faults.add(kind, "wrap data key", times=2)
+    code, stderr = _cli("encrypt", "--key", key, str(src), "-o", str(tmp_path / "out.kmg"))
+    assert code != 0 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.bin"]
+
+
+@pytest.mark.parametrize("kind", ["removed", "device-error", "host-memory", "handle-invalid"])
+def test_cli_decrypt_fault_leaves_no_output(tmp_path: Path, manager: KeyManager, key: str, faults: FaultInjector,
+                                            kind: str) -> None:
+    sealed = io.BytesIO()
+    manager.encrypt_stream(io.BytesIO(os.urandom(3 * 1024 * 1024)), sealed, key=key)
+    (tmp_path / "in.kmg").write_bytes(sealed.getvalue())
+    faults.add(kind, "unwrap data key", times=2)
+    code, stderr = _cli("decrypt", str(tmp_path / "in.kmg"), "-o", str(tmp_path / "out.bin"))
+    assert code != 0 and len(stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.kmg"]
+
+
+def test_cli_decrypt_truncated_mid_stream_leaves_no_output(tmp_path: Path, manager: KeyManager, key: str) -> None:
+    """Two of three segments verify and are written to the temporary file; the cut third fails: nothing remains."""
+    sealed = io.BytesIO()
+    manager.encrypt_stream(io.BytesIO(os.urandom(3 * 1024 * 1024)), sealed, key=key)
+    (tmp_path / "in.kmg").write_bytes(sealed.getvalue()[:-100])
+    code, stderr = _cli("decrypt", str(tmp_path / "in.kmg"), "-o", str(tmp_path / "out.bin"))
+    assert code == 4 and "failed authentication" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.kmg"]
