@@ -21,6 +21,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from keymgr import errors, rotation
+from keymgr.audit import AuditLog, Operation, RateLimit, resolve_audit
+from keymgr.audit._guard import AuditGuard
 from keymgr.envelope import DataKey, decrypt_stream, encrypt_stream, open_message, seal_message
 from keymgr.envelope._attrs import normalize_context
 from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
@@ -55,6 +57,8 @@ class KeyManager:
 
     def __init__(self, token: str | Pkcs11Uri | None = None, *, pin_callback: PinCallback | None = None,
                  cache: CachePolicy | bool = False, allow_compromised: bool = False,
+                 audit: AuditLog | str | os.PathLike[str] | bool | None = None,
+                 rate_limits: Mapping[str, RateLimit] | RateLimit | None = None,
                  _clock: Callable[[], float] = time.monotonic, _wall_clock: Callable[[], str] = utc_now) -> None:
         """Open the token named by ``token`` (a ``pkcs11:`` URI), or the local token.
 
@@ -65,9 +69,14 @@ class KeyManager:
         :class:`~keymgr.envelope.cache.CachePolicy`); off by default, because
         it trades per-message token use (and its audit) for speed.
         ``allow_compromised``: let versions marked compromised decrypt, for recovery only.
+        ``audit``: where operations are recorded (:class:`~keymgr.audit.AuditLog`, a path,
+        ``False`` for nowhere; default: ``KEYMGR_AUDIT_LOG``, else ``$KEYMGR_HOME/audit.log``
+        for the local token; docs/audit.md). ``rate_limits``: decryptions allowed per
+        principal per interval, per key name or ``"*"`` (:class:`~keymgr.audit.RateLimit`).
         ``_clock`` (tests only) is the caches' clock, for their age limits; ``_wall_clock``
         (tests only) the keyring's, which dates versions and ends cryptoperiods.
         """
+        local_token = token is None
         if token is None:
             from keymgr.local import LocalToken  # only for the embedded token: spares importers its imports
 
@@ -76,11 +85,15 @@ class KeyManager:
             token = local.uri()
         uri = Pkcs11Uri.parse(token) if isinstance(token, str) else token
         self._uri = uri
-        self._ts: TokenSession | None = open_token(uri, pin_callback=pin_callback)
+        self._audit = AuditGuard(resolve_audit(audit, local=local_token), rate_limits,
+                                 owns_log=not isinstance(audit, AuditLog), suspend=self.suspend)
+        with self._audit.opening(uri.token):
+            self._ts: TokenSession | None = open_token(uri, pin_callback=pin_callback)
+        self._audit.attach(self._ts)
         self._keyring = Keyring(self._ts, clock=_wall_clock)
         self._usage = UsageMeter(self._keyring)
         self._protector = KekProtector(self._keyring, allow_compromised=allow_compromised,
-                                       reserve=self._usage.reserve)
+                                       reserve=self._usage.reserve, on_unwrap=self._audit.on_unwrap)
         policy = CachePolicy() if cache is True else (cache or None)
         self._encrypt_cache = EncryptCache(policy, clock=_clock) if policy else None
         self._decrypt_cache = DecryptCache(policy, clock=_clock) if policy else None
@@ -105,6 +118,7 @@ class KeyManager:
             if cache is not None:
                 cache.clear()
         self._ts = None
+        self._audit.close()
 
     @property
     def token(self) -> TokenSession:
@@ -116,6 +130,13 @@ class KeyManager:
     def keyring(self) -> Keyring:
         self.token  # noqa: B018 - raises when closed
         return self._keyring
+
+    def _audited(self, op: str, *, key: str | None = None, version: int | None = None,
+                 detail: Mapping[str, Any] | None = None) -> Operation:
+        """The one audit helper of every operation: ``with self._audited("rotate", key=name) as op:``
+        records ok / refused (PolicyError) / failed with the error class when the block ends
+        (:class:`keymgr.audit.Operation`; encrypt / decrypt successes are aggregated)."""
+        return self._audit.operation(op, key=key, version=version, detail=detail)
 
     # -- keys -------------------------------------------------------------------
 
@@ -135,7 +156,8 @@ class KeyManager:
         """
         policy = KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages, backup=backup,
                            auto_rotate=auto_rotate)
-        return self.keyring.create(name, profile=profile, policy=policy)
+        with self._audited("create", key=name, version=1, detail={"profile": profile}):
+            return self.keyring.create(name, profile=profile, policy=policy)
 
     def list_keys(self) -> list[KeyRecord]:
         """Every named key on the token, with its versions."""
@@ -286,13 +308,16 @@ class KeyManager:
         ``compat_openssl=True`` writes no attributes (no context, no key
         commitment) so OpenSSL 3.0 can read the message: weaker, see docs/format.md.
         """
-        data = bytes(plaintext)
-        if compat_openssl and self._protector.algorithm_for(self.keyring.get(key)) != "aes256_wrap":
-            raise errors.ConfigurationError(
-                f"compat_openssl needs a key whose messages OpenSSL can unwrap (profile kw with RFC 3394 key "
-                f"wrap on this token); key {key!r} is not one")
-        return self._data_key(key, context, also_to, len(data), lambda dek, ris: seal_message(  # type: ignore[no-any-return]
-            data, dek=dek, recipient_infos=ris, context=context, compat_openssl=compat_openssl))
+        with self._audited("encrypt", key=key) as op:
+            data = bytes(plaintext)
+            if compat_openssl and self._protector.algorithm_for(self.keyring.get(key)) != "aes256_wrap":
+                raise errors.ConfigurationError(
+                    f"compat_openssl needs a key whose messages OpenSSL can unwrap (profile kw with RFC 3394 key "
+                    f"wrap on this token); key {key!r} is not one")
+            blob = self._data_key(key, context, also_to, len(data), lambda dek, ris: seal_message(
+                data, dek=dek, recipient_infos=ris, context=context, compat_openssl=compat_openssl))
+            op.version = self._keyring.get(key).primary
+            return blob  # type: ignore[no-any-return]
 
     def _unwrap(self, der: bytes) -> DataKey | None:
         if self._decrypt_cache is None:
@@ -315,17 +340,21 @@ class KeyManager:
         key id looks exactly like a message for another token; key ids are not
         secret, and they are compared before any key is used).
         """
-        try:
-            return open_message(bytes(blob), unwrap_der=self._unwrap, context=context)
-        except (errors.IntegrityError, errors.FormatError) as exc:
-            raise _ciphertext_failure(exc) from None
+        with self._audited("decrypt") as op:
+            try:
+                return open_message(bytes(blob), unwrap_der=self._unwrap, context=context)
+            except (errors.IntegrityError, errors.FormatError) as exc:
+                self._audit.attribute(op, blob, self._keyring)
+                raise _ciphertext_failure(exc) from None
 
     def decrypt_with_context(self, blob: bytes) -> tuple[bytes, dict[str, str]]:
         """Decrypt without stating the context, and return the context found, for the caller to check."""
-        try:
-            return open_message(bytes(blob), unwrap_der=self._unwrap, context=None, return_context=True)
-        except (errors.IntegrityError, errors.FormatError) as exc:
-            raise _ciphertext_failure(exc) from None
+        with self._audited("decrypt") as op:
+            try:
+                return open_message(bytes(blob), unwrap_der=self._unwrap, context=None, return_context=True)
+            except (errors.IntegrityError, errors.FormatError) as exc:
+                self._audit.attribute(op, blob, self._keyring)
+                raise _ciphertext_failure(exc) from None
 
     def encrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, key: str, context: Mapping[str, str] | None = None,
                        also_to: Sequence[Recipient] = ()) -> int:
@@ -333,17 +362,20 @@ class KeyManager:
 
         Streams never share a cached data key (each has its own key), so the
         cache's byte limit is not spent by one large file."""
-        dek, recipients = self._new_data_key(key, also_to)
-        try:
-            return encrypt_stream(src, dst, dek=dek, recipient_infos=recipients, context=context)
-        finally:
-            dek.wipe()
+        with self._audited("encrypt-stream", key=key) as op:
+            dek, recipients = self._new_data_key(key, also_to)
+            op.version = self._keyring.get(key).primary
+            try:
+                return encrypt_stream(src, dst, dek=dek, recipient_infos=recipients, context=context)
+            finally:
+                dek.wipe()
 
     def decrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, context: Mapping[str, str] | None = None) -> int:
         """Decrypt a stream; only authenticated plaintext reaches ``dst``. On failure ``dst`` may
         hold the verified segments before the bad one: write to a temporary file and discard it
         on error (the CLI does). Failures are reported as :meth:`decrypt` reports them."""
-        try:
-            return decrypt_stream(src, dst, unwrap_der=self._unwrap, context=context)
-        except (errors.IntegrityError, errors.FormatError) as exc:
-            raise _ciphertext_failure(exc) from None
+        with self._audited("decrypt-stream"):
+            try:
+                return decrypt_stream(src, dst, unwrap_der=self._unwrap, context=context)
+            except (errors.IntegrityError, errors.FormatError) as exc:
+                raise _ciphertext_failure(exc) from None

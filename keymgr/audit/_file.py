@@ -156,6 +156,10 @@ class FileSink:
                 except OSError as exc:
                     raise self._error(exc) from None
 
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self._reset()
+
     def close(self) -> None:
         if self._fsync != "none":
             self.sync()

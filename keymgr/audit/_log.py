@@ -64,6 +64,9 @@ _principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("keymgr_
 _operation: contextvars.ContextVar[Operation | None] = contextvars.ContextVar("keymgr_audit_operation",
                                                                                default=None)
 _live: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+#: Logs holding aggregated counts not yet written, kept alive until they are (a KeyManager
+#: dropped without close() must not take its counts with it).
+_pending_logs: set[AuditLog] = set()
 
 
 @contextmanager
@@ -197,6 +200,11 @@ class AuditLog:
     def token(self) -> TokenSession | None:
         return self._key.token if self._key else None
 
+    @property
+    def principal(self) -> str | None:
+        """The application principal of entries made outside :func:`acting_as`."""
+        return self._principal
+
     def attach(self, ts: TokenSession) -> None:
         """Use ``ts``'s audit key from now on (a KeyManager attaches its token once logged in)."""
         if self._key is None:
@@ -215,6 +223,8 @@ class AuditLog:
         who = principal or _principal.get() or self._principal
         if outcome == "ok" and op in self._aggregator.ops and not detail:
             self._aggregator.add(op, valid_key(key), version, who)
+            if self not in _pending_logs:
+                _pending_logs.add(self)
             if self._flusher is None:
                 self._start_flusher()
             elif self._aggregator.due():
@@ -222,8 +232,13 @@ class AuditLog:
             return
         if outcome not in OUTCOMES:
             raise errors.ConfigurationError(f"unknown audit outcome {outcome!r}")
-        self._write([(valid_operation(op), valid_key(key), version, outcome, valid_error(error),
-                      check_detail(detail or {}), who)])
+        try:
+            checked = check_detail(detail or {})
+        except errors.FormatError:
+            checked = {"invalid_detail": True}  # an entry is written whatever the caller passed
+        if version is not None and (type(version) is not int or version < 1):
+            version = None
+        self._write([(valid_operation(op), valid_key(key), version, outcome, valid_error(error), checked, who)])
 
     def _write(self, rows: list[tuple[str, str | None, int | None, str, str | None, dict[str, Any],
                                       str | None]]) -> None:
@@ -304,6 +319,8 @@ class AuditLog:
             except BaseException:
                 self._aggregator.restore(groups)
                 raise
+        if not self._aggregator.pending:
+            _pending_logs.discard(self)
         if self._unsaved is not None and self._file is not None:
             with self._file.locked():
                 self._save_checkpoint()
@@ -327,6 +344,7 @@ class AuditLog:
 
     def _after_fork(self) -> None:
         self._aggregator.discard()  # the parent reports them
+        _pending_logs.discard(self)
         self._flusher, self._unsaved = None, None
         self._lock = threading.Lock()
 

@@ -175,9 +175,9 @@ class KekProtector:
         if found is None:
             return None
         record, version = found
-        self.check_state(record, version)
-        if self._on_unwrap is not None:
+        if self._on_unwrap is not None:  # before the state check: a refusal is attributed too (audit)
             self._on_unwrap(record, version)
+        self.check_state(record, version)
         ts = self._keyring.token
         if recipient.algorithm == "aes256_gcm":
             if record.profile != "gcm":

@@ -1,0 +1,122 @@
+"""KeyManager's audit wiring (keymgr.audit._guard): what each operation records, on a real SoftHSM token."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import timeit
+from pathlib import Path
+
+import pytest
+
+import keymgr
+from keymgr import errors
+from keymgr.audit import AuditLog, acting_as, read_entries, verify_log
+from keymgr.hsm import open_token
+from tests.conftest import TokenUnderTest, softhsm_token
+
+
+def _entries(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def audited(tmp_path: Path, softhsm: TokenUnderTest):
+    path = tmp_path / "audit.log"
+    with keymgr.KeyManager(softhsm.uri(), audit=path) as km:
+        yield km, path
+
+
+def test_create_encrypt_decrypt_are_recorded_with_versions(audited, key_name: str) -> None:
+    km, path = audited
+    km.create_key(key_name, profile="gcm")
+    blobs = [km.encrypt(b"x" * 10, key=key_name, context={"tenant": "acme"}) for _ in range(3)]
+    with acting_as("billing"):
+        for blob in blobs:
+            assert km.decrypt(blob, context={"tenant": "acme"}) == b"x" * 10
+    km.close()
+    rows = _entries(path)
+    create = [r for r in rows if r["op"] == "create"]
+    assert [(r["key"], r["version"], r["outcome"]) for r in create] == [(key_name, 1, "ok")]
+    enc = [r for r in rows if r["op"] == "encrypt"]
+    dec = [r for r in rows if r["op"] == "decrypt"]
+    assert [(r["key"], r["version"], r["detail"]["count"], r["actor"]["principal"]) for r in enc] == \
+        [(key_name, 1, 3, None)]
+    assert [(r["key"], r["version"], r["detail"]["count"], r["actor"]["principal"]) for r in dec] == \
+        [(key_name, 1, 3, "billing")]
+    assert all(r["mac"] is not None for r in rows)
+    assert verify_log(path, token=km_token()).ok
+
+
+def km_token():
+    return open_token(softhsm_token().uri())
+
+
+def test_failures_and_refusals_are_individual_entries(audited, key_name: str) -> None:
+    km, path = audited
+    km.create_key(key_name)
+    blob = km.encrypt(b"secret plaintext", key=key_name, context={"tenant": "acme"})
+    with pytest.raises(errors.IntegrityError):
+        km.decrypt(blob, context={"tenant": "other"})
+    km.suspend(key_name, 1)
+    with pytest.raises(errors.PolicyError):
+        km.decrypt(blob, context={"tenant": "acme"})
+    km.close()
+    rows = [r for r in _entries(path) if r["op"] == "decrypt"]
+    assert [(r["outcome"], r["error"], r["key"], r["version"]) for r in rows] == [
+        ("failed", "IntegrityError", key_name, 1), ("refused", "PolicyError", key_name, 1)]
+
+
+def test_failed_login_is_recorded_without_mac(tmp_path: Path) -> None:
+    """In a fresh process: this one may be logged in to the token already (the login is per process)."""
+    tok = softhsm_token("lockout")
+    path = tmp_path / "audit.log"
+    bad = f"pkcs11:token={tok.label}?module-path={tok.module_path}&pin-value=97531"
+    script = ("import sys, keymgr\n"
+              "try:\n    keymgr.KeyManager(sys.argv[1], audit=sys.argv[2])\n"
+              "except keymgr.AuthenticationError as exc:\n    print(type(exc).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script, bad, str(path)], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == "PinIncorrectError"
+    (row,) = _entries(path)
+    assert (row["op"], row["outcome"], row["error"], row["mac"]) == ("login", "failed", "PinIncorrectError", None)
+    assert row["detail"] == {"token": "lockout"}
+    assert "97531" not in path.read_text()
+    report = verify_log(path, token=open_token(tok.uri()))  # a good login, also resetting the counter
+    assert report.ok and report.entries == 1 and report.unauthenticated_tail == [1]
+
+
+def test_audit_false_writes_nothing(tmp_path: Path, softhsm: TokenUnderTest, key_name: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYMGR_AUDIT_LOG", str(tmp_path / "env.log"))
+    with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
+        km.create_key(key_name)
+    assert not (tmp_path / "env.log").exists()
+    with keymgr.KeyManager(softhsm.uri()) as km:  # the env var is the default
+        km.create_key(key_name + "b")
+    assert [r["key"] for r in _entries(tmp_path / "env.log")] == [key_name + "b"]
+
+
+def test_given_log_is_flushed_not_closed(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
+    log = AuditLog(tmp_path / "shared.log", aggregate=("encrypt",))
+    with keymgr.KeyManager(softhsm.uri(), audit=log) as km:
+        km.create_key(key_name)
+        km.encrypt(b"a", key=key_name)
+    assert log.pending == 0  # flushed at the manager's close
+    log.record("note", detail={"still": "open"})
+    log.close()
+    ops = [e.op for _, e in read_entries(tmp_path / "shared.log")]
+    assert ops == ["create", "encrypt", "note"]
+
+
+def test_hot_path_overhead_is_small(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
+    """Aggregated encrypts must cost a few microseconds more, not an fsync each (docs/audit.md)."""
+    with keymgr.KeyManager(softhsm.uri(), audit=False) as plain:
+        plain.create_key(key_name, profile="gcm")
+        data = b"x" * 1024
+        base = min(timeit.repeat(lambda: plain.encrypt(data, key=key_name), number=200, repeat=5)) / 200
+    with keymgr.KeyManager(softhsm.uri(), audit=tmp_path / "a.log") as km:
+        audited = min(timeit.repeat(lambda: km.encrypt(data, key=key_name), number=200, repeat=5)) / 200
+    print(f"1 KiB gcm encrypt: {base * 1e6:.1f} us without audit, {audited * 1e6:.1f} us with")
+    assert audited < base * 1.5 + 10e-6
