@@ -205,3 +205,26 @@ def test_cli_decrypt_truncated_mid_stream_leaves_no_output(tmp_path: Path, manag
     code, stderr = _cli("decrypt", str(tmp_path / "in.kmg"), "-o", str(tmp_path / "out.bin"))
     assert code == 4 and "failed authentication" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.kmg"]
+
+
+@pytest.mark.parametrize(("kind", "operation", "after"), [
+    ("removed", "generate kek-wrap key", False),
+    ("removed", "write data object", False),
+    ("host-memory", "write data object", True),
+    ("device-error", "destroy data object", False),
+])
+def test_fault_during_rotate_never_half_rotates(manager: KeyManager, key: str, faults: FaultInjector, kind: str,
+                                                operation: str, after: bool) -> None:
+    """A rotation is the new version's object plus one record write: after any fault the key has
+    either its old primary and no new object, or the new primary, never a version without a record."""
+    blob = manager.encrypt(b"old", key=key, context=CTX)
+    faults.add(kind, operation, after=after)
+    with pytest.raises(errors.TokenError):
+        manager.rotate(key)
+    faults.clear()
+    record = _consistent(manager)[key]
+    assert record.primary in (1, 2) and len(record.versions) == record.primary
+    assert len(_key_objects(manager, f"{key}/v2")) == (record.primary == 2)
+    assert manager.decrypt(blob, context=CTX) == b"old"
+    rotated = manager.rotate(key) if record.primary == 1 else record
+    assert rotated.primary == 2 and manager.decrypt(manager.encrypt(b"new", key=key), context=None) == b"new"
