@@ -1,0 +1,123 @@
+"""keymgr.audit.verify_log on real SoftHSM logs: an honest log passes; every kind of tampering
+is detected, with the first broken entry named (with the token) or bounded (chain only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from keymgr.audit import AuditLog, verify_log
+from keymgr.hsm import TokenSession, open_token
+from tests.audit_helpers import ENTRIES, deleted, edited, honest_log, inserted, swapped, truncated, write_lines
+from tests.conftest import TokenUnderTest
+
+
+@pytest.fixture
+def ts(softhsm: TokenUnderTest) -> TokenSession:
+    return open_token(softhsm.uri())
+
+
+def test_honest_log_verifies(tmp_path: Path, ts: TokenSession) -> None:
+    path = tmp_path / "a.log"
+    honest_log(path, ts)
+    report = verify_log(path, token=ts)
+    assert report.ok, report.broken
+    assert (report.entries, report.last_seq, report.macs_checked) == (ENTRIES, ENTRIES, True)
+    assert report.checkpoint is not None and report.checkpoint[0] == ENTRIES
+    assert report.unmaced == [] and report.after_checkpoint == 0
+    assert verify_log(path).ok  # the chain alone, without the token
+
+
+# (tamper, expected (line, seq) with the token, expected line with the chain alone (None: undetected))
+CASES = {
+    "edited": (lambda lines: edited(lines, 3), (4, 4), 5, "MAC does not verify"),
+    "deleted": (lambda lines: deleted(lines, 3), (4, 5), 4, "seq 5 where seq 4 was expected"),
+    "swapped": (lambda lines: swapped(lines, 3), (4, 5), 4, "seq 5 where seq 4 was expected"),
+    "inserted": (lambda lines: inserted(lines, 3), (4, 4), 5, "MAC does not verify"),
+    "truncated": (lambda lines: truncated(lines, 2), (7, 7), None, "cut off"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_tampering_is_detected_and_located(tmp_path: Path, ts: TokenSession, kind: str) -> None:
+    tamper, (line, seq), chain_line, reason = CASES[kind]
+    path = tmp_path / "a.log"
+    write_lines(path, tamper(honest_log(path, ts)))
+    report = verify_log(path, token=ts)
+    assert not report.ok
+    assert (report.broken.line, report.broken.seq) == (line, seq), report.broken
+    assert reason in report.broken.reason
+    chain_only = verify_log(path)
+    if chain_line is None:
+        assert chain_only.ok  # a cut-off tail needs the token's checkpoint
+    else:
+        assert not chain_only.ok and chain_only.broken.line == chain_line, chain_only.broken
+
+
+def test_forged_line_without_mac_is_named_as_the_intruder(tmp_path: Path, ts: TokenSession) -> None:
+    path = tmp_path / "a.log"
+    write_lines(path, inserted(honest_log(path, ts), 3, mac=None))
+    report = verify_log(path, token=ts)
+    assert (report.broken.line, report.broken.seq) == (4, 4)
+    assert "carries no MAC" in report.broken.reason
+
+
+def test_unmaced_tail_is_reported_not_trusted(tmp_path: Path, ts: TokenSession) -> None:
+    path = tmp_path / "a.log"
+    lines = honest_log(path, ts)
+    write_lines(path, inserted(lines, len(lines), mac=None))  # appended at the end: fits the chain
+    report = verify_log(path, token=ts)
+    assert report.ok and report.unauthenticated_tail == [ENTRIES + 1] and report.after_checkpoint == 1
+
+
+def test_replaced_checkpointed_entry_is_detected(tmp_path: Path, ts: TokenSession) -> None:
+    """Cut the last entry and append one with the same seq, chained but unMACed: the checkpoint's hash differs."""
+    path = tmp_path / "a.log"
+    lines = truncated(honest_log(path, ts), 1)
+    write_lines(path, inserted(lines, len(lines), mac=None))
+    report = verify_log(path, token=ts)
+    assert (report.broken.line, report.broken.seq) == (ENTRIES, ENTRIES)
+    assert "checkpointed" in report.broken.reason
+
+
+def test_non_canonical_and_garbage_lines(tmp_path: Path, ts: TokenSession) -> None:
+    path = tmp_path / "a.log"
+    lines = honest_log(path, ts)
+    spaced = json.dumps(json.loads(lines[2]), indent=None).encode()  # same content, other whitespace
+    write_lines(path, lines[:2] + [spaced] + lines[3:])
+    assert (verify_log(path).broken.line, "canonical" in verify_log(path).broken.reason) == (3, True)
+    write_lines(path, lines[:5] + [b"{not json"] + lines[5:])
+    assert verify_log(path, token=ts).broken.line == 6
+
+
+def test_beginning_removed(tmp_path: Path, ts: TokenSession) -> None:
+    path = tmp_path / "a.log"
+    write_lines(path, honest_log(path, ts)[2:])
+    report = verify_log(path, token=ts)
+    assert (report.broken.line, report.broken.seq) == (1, 3)
+
+
+def test_torn_last_line_is_a_note_and_the_next_append_repairs_it(tmp_path: Path, ts: TokenSession) -> None:
+    path = tmp_path / "a.log"
+    lines = honest_log(path, ts)
+    with path.open("ab") as handle:
+        handle.write(lines[-1][:40])  # a write cut short by a crash
+    report = verify_log(path, token=ts)
+    assert report.ok and report.torn_tail
+    with AuditLog(path, token=ts, aggregate=()) as log:
+        log.record("create", key="after-crash")
+    rows = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [r["op"] for r in rows[-2:]] == ["audit-repair", "create"]
+    assert rows[-2]["detail"] == {"dropped_bytes": 40}
+    assert verify_log(path, token=ts).ok
+
+
+def test_deleted_log_leaves_an_orphan_checkpoint(tmp_path: Path, ts: TokenSession) -> None:
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    honest_log(first, ts, 2)
+    chain = verify_log(first).chain
+    honest_log(second, ts, 2)
+    report = verify_log(second, token=ts)
+    assert report.ok and report.other_chains.get(chain) == 2
