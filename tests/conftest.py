@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-SOFTHSM_TOKENS = ("keymgr-A", "keymgr-B", "custodian-1", "custodian-2", "custodian-3", "lockout")
+SOFTHSM_TOKENS = ("keymgr-A", "keymgr-B", "custodian-1", "custodian-2", "custodian-3", "lockout", "hygiene")
 USER_PIN = "1234"
 SO_PIN = "5678"
 
