@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import subprocess
 import sys
 
 import pytest
@@ -162,3 +163,16 @@ def test_so_pin_is_not_user_pin(softhsm: TokenUnderTest) -> None:
     uri = f"pkcs11:token=custodian-3?module-path={softhsm.module_path}&pin-value={SO_PIN}"
     with pytest.raises(keymgr.PinIncorrectError):
         open_token(uri)
+
+
+
+def test_protected_path_on_a_token_without_a_pin_pad_is_refused_before_login(softhsm: TokenUnderTest) -> None:
+    assert PinSource("protected").read(PinRequest(softhsm.label)) is None  # the PIN pad asks, not keymgr
+    # a fresh process: this one may be logged in to the token already (login is per process)
+    uri = f"pkcs11:token={softhsm.label}?module-path={softhsm.module_path}&pin-source=protected"
+    proc = subprocess.run([sys.executable, "-m", "keymgr", "--token", uri, "key", "list"], capture_output=True,
+                          text=True, env={**os.environ, **softhsm.env}, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"keymgr: error: token {softhsm.label!r} has no protected authentication path (PIN pad): give its PIN "
+        "(pin-source=file:... or env:VAR, or at a prompt)"]

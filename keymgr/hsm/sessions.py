@@ -154,6 +154,9 @@ class TokenSession:
             if flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH and source.kind == "callback":
                 source = PinSource("protected")
             pin = source.read(PinRequest(self.label, "login", tries_left_state(flags)), self._pin_callback)
+        if pin is None and not flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH:
+            raise errors.ConfigurationError(f"token {self.label!r} has no protected authentication path (PIN pad): "
+                                            "give its PIN (pin-source=file:... or env:VAR, or at a prompt)")
         secret: object = pkcs11.PROTECTED_AUTH if pin is None else pin.reveal()
         try:
             session = token.open(rw=True, user_pin=secret)
