@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,15 +39,20 @@ def _storage_error(path: Path, exc: OSError) -> errors.StorageError:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path | str, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_output(path: Path | str, *, mode: int = 0o644, tag: str = "",
+                  before_replace: Callable[[], None] | None = None) -> Iterator[BinaryIO]:
     """Yield a file to write; on clean exit it replaces ``path`` atomically.
 
     If the block raises, the temporary file is deleted and ``path`` is left as it was.
+    ``tag`` goes into the temporary file's name (``.NAME.TAG.XXXXXXXX.tmp``) so its writer
+    can recognise what a crash left behind; ``before_replace`` runs after the data is
+    durable and before the rename (a write-ahead journal entry: keymgr.rewrap_journal).
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
+    prefix = f".{target.name}.{tag}." if tag else f".{target.name}."
     try:
-        fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        fd, temp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     except OSError as exc:
         raise _storage_error(target, exc) from None
     temp = Path(temp_name)
@@ -57,6 +62,8 @@ def atomic_output(path: Path | str, *, mode: int = 0o644) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(temp, target)
         fsync_directory(directory)
     except OSError as exc:

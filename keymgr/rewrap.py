@@ -144,6 +144,24 @@ class Rewrapper:
                 dek.wipe()
         return result, tuple(moves), kept
 
+    def plan(self, kek_ids: Sequence[bytes]) -> tuple[Move, ...]:
+        """What :meth:`recipients` would move for recipients naming ``kek_ids``, without a token
+        call (a dry run): stale versions are state-checked (:class:`~keymgr.errors.PolicyError`)
+        but nothing is unwrapped, so a tampered recipient shows only in the real run."""
+        found = [f for f in (self._protector._find(k) for k in kek_ids) if f is not None]  # noqa: SLF001
+        if not found:
+            label = self._protector.keyring.token.label
+            raise errors.KeyNotFoundError(f"none of the envelope's key ids is a key of token {label!r}")
+        primaries = {(record.name, record.primary) for record, version in found if version.version == record.primary}
+        moves = []
+        for record, version in found:
+            if version.version != record.primary:
+                self._protector.check_state(record, version)
+                target = (record.name, record.primary)
+                moves.append(Move(record.name, version.version, record.primary, dropped=target in primaries))
+                primaries.add(target)
+        return tuple(moves)
+
     def message(self, blob: bytes) -> RewrapResult:
         """Rewrap a CMS message (:func:`~keymgr.envelope.cms.replace_recipients`)."""
         data = bytes(blob)

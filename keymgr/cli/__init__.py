@@ -16,6 +16,7 @@ from keymgr.cli.crypt import register_crypt_commands
 from keymgr.cli.custody import register_custody_commands
 from keymgr.cli.keys import key_group
 from keymgr.cli.lifecycle import register_lifecycle_commands
+from keymgr.cli.rewrap import rewrap_command
 from keymgr.cli.token_cmds import token_group
 from keymgr.cli.tokens import init_command, tokens_command
 
@@ -37,6 +38,7 @@ cli.add_command(init_command)
 cli.add_command(tokens_command)
 cli.add_command(token_group)
 cli.add_command(key_group)
+cli.add_command(rewrap_command)
 register_lifecycle_commands(key_group)
 cli.add_command(audit_group)
 register_crypt_commands(cli)

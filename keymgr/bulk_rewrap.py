@@ -1,0 +1,242 @@
+"""Bulk rewrap: every envelope under some paths moved to its key's primary, resumably.
+
+``keymgr rewrap PATH...`` is this module with a progress bar. For each
+regular file found (directories are walked recursively, symbolic links are
+not followed):
+
+- not a keymgr envelope: reported as *skipped*, never opened for writing;
+- all of our recipients under the primary already: *current*, left as it is;
+- otherwise: the new envelope (:mod:`keymgr.rewrap`: recipients only) replaces
+  the file atomically (temporary file in the same directory, fsync, rename,
+  directory fsync: :func:`keymgr._files.atomic_output`), keeping its mode
+  (and owner, when run as root): *rewrapped*;
+- anything refused (a retired version, a tampered recipient, an unreadable
+  file, a file changed while it was being rewrapped): *failed*, file untouched.
+
+A kill at any moment leaves every file either old or new, never torn (the
+rename is the commit), plus at most one temporary file per worker thread,
+named ``.NAME.keymgr-rewrap.PID.XXXXXXXX.tmp``; the next run deletes those
+whose process is gone and never takes them for input. With a journal
+(:mod:`keymgr.rewrap_journal`) the next run also knows which files were
+finished and does not look at them again beyond a digest.
+
+Parallelism: PKCS#11 calls are serialised per module in a process
+(STACK-FACTS.md 1), so ``jobs`` worker processes (forked: each re-opens the
+token and logs in again with the PIN the parent used) give token
+parallelism; ``threads`` per process overlap the file I/O and fsyncs with
+the token calls (bench/rewrap.py measured both; docs/rewrap.md). Workers die
+with their parent (``PR_SET_PDEATHSIG``), so a killed run leaves no process
+holding the journal's lock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from keymgr import errors
+from keymgr.rewrap import Rewrapper
+from keymgr.rewrap_file import TEMP_NAME, TEMP_TAG, FileOutcome, FileRewrapper
+from keymgr.rewrap_journal import Journal
+
+__all__ = ["DEFAULT_THREADS", "TEMP_TAG", "FileOutcome", "Summary", "run", "walk"]
+
+#: threads per worker process (bench/rewrap.py: fsync latency, not the token, bounds one thread)
+DEFAULT_THREADS = 4
+
+
+@dataclass
+class Summary:
+    """Counts by status, the files that were not rewrapped and why, and the rate."""
+
+    dry_run: bool = False
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("rewrapped", "current", "skipped",
+                                                                          "failed"), 0))
+    resumed: int = 0
+    cleaned: int = 0
+    failures: list[FileOutcome] = field(default_factory=list)
+    skipped: list[FileOutcome] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def add(self, outcome: FileOutcome) -> None:
+        self.counts[outcome.status] += 1
+        self.resumed += outcome.resumed
+        if outcome.status == "failed":
+            self.failures.append(outcome)
+        elif outcome.status == "skipped":
+            self.skipped.append(outcome)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.counts["failed"] == 0
+
+    @property
+    def rate(self) -> float:
+        """Envelopes (rewrapped or current) per second."""
+        return (self.counts["rewrapped"] + self.counts["current"]) / self.elapsed if self.elapsed > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, **self.counts, "resumed": self.resumed, "cleaned_temp_files": self.cleaned,
+                "elapsed_s": round(self.elapsed, 3), "envelopes_per_s": round(self.rate, 1),
+                "failures": [f.to_json() for f in self.failures], "skipped_files": [s.to_json() for s in self.skipped]}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def walk(paths: Iterable[str | os.PathLike[str]], summary: Summary) -> Iterator[str | FileOutcome]:
+    """Absolute paths of the files to look at, in a stable order; outcomes for what is no file.
+    A leftover temporary file of a dead rewrap process is deleted (``summary.cleaned``)."""
+    for given in paths:
+        top = os.path.abspath(os.fspath(given))
+        if os.path.islink(top) or not os.path.exists(top):
+            reason = "symbolic link (not followed)" if os.path.islink(top) else "no such file or directory"
+            yield FileOutcome(top, "skipped" if os.path.islink(top) else "failed", reason=reason)
+            continue
+        if not os.path.isdir(top):
+            yield from _files_in(os.path.dirname(top), [os.path.basename(top)], summary)
+            continue
+        for directory, subdirs, names in os.walk(top, onerror=None, followlinks=False):
+            subdirs.sort()
+            yield from _files_in(directory, sorted(names), summary)
+
+
+def _files_in(directory: str, names: Sequence[str], summary: Summary) -> Iterator[str | FileOutcome]:
+    for name in names:
+        path = os.path.join(directory, name)
+        temp = TEMP_NAME.match(name)
+        if temp is not None:
+            if not _alive(int(temp.group(1))):
+                try:
+                    os.unlink(path)
+                    summary.cleaned += 1
+                except FileNotFoundError:
+                    pass
+            continue
+        yield FileOutcome(path, "skipped", reason="symbolic link (not followed)") if os.path.islink(path) else path
+
+
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when its parent dies, so a killed run leaves no worker holding
+    the journal lock or writing after a resumed run began. Elsewhere the worker checks its parent."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+_Report = Callable[[FileOutcome], None]
+
+
+def _serve(worker: FileRewrapper, tasks: Any, results: Any, threads: int, parent: int) -> None:
+    """A worker process: take paths from ``tasks`` until the None sentinel, report each outcome."""
+    _die_with_parent()
+
+    def loop() -> None:
+        while os.getppid() == parent:
+            path = tasks.get()
+            if path is None:
+                return
+            results.put(worker.process(path))
+
+    with ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(loop) for _ in range(threads)]:
+            future.result()
+
+
+def _in_processes(worker: FileRewrapper, paths: list[str], jobs: int, threads: int, report: _Report) -> None:
+    ctx = multiprocessing.get_context("fork")  # the children inherit the logged-in manager (see module doc)
+    tasks, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_serve, args=(worker, tasks, results, threads, os.getpid()), daemon=True)
+             for _ in range(jobs)]
+    for proc in procs:
+        proc.start()
+    for path in paths:
+        tasks.put(path)
+    for _ in range(jobs * threads):
+        tasks.put(None)
+    pending = set(paths)
+    while pending:
+        try:
+            outcome = results.get(timeout=0.5)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                for path in sorted(pending):
+                    report(FileOutcome(path, "failed", reason="the worker process died; run again to resume"))
+                break
+            continue
+        pending.discard(outcome.path)
+        report(outcome)
+    for proc in procs:
+        proc.join(timeout=5)
+
+
+def run(rewrapper: Rewrapper, paths: Iterable[str | os.PathLike[str]], *, jobs: int = 1,
+        threads: int = DEFAULT_THREADS, journal: str | os.PathLike[str] | None = None, dry_run: bool = False,
+        on_total: Callable[[int], None] | None = None, on_outcome: _Report | None = None) -> Summary:
+    """Rewrap every envelope under ``paths``; the :class:`Summary` says what happened to each file.
+
+    ``on_total`` hears the number of files once the walk is done, ``on_outcome`` each file's
+    outcome as it comes (progress bars). ``journal`` names the journal file (created if
+    missing, resumed if not); a dry run reads it for nothing and writes nothing.
+    """
+    if jobs < 1 or threads < 1:
+        raise errors.ConfigurationError("--jobs and --threads must be at least 1")
+    started = time.monotonic()
+    summary = Summary(dry_run=dry_run)
+
+    def report(outcome: FileOutcome) -> None:
+        summary.add(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    opened = Journal(journal) if journal is not None and not dry_run else None
+    try:
+        files: list[str] = []
+        early: list[FileOutcome] = []
+        for found in walk(paths, summary):
+            (files if isinstance(found, str) else early).append(found)  # type: ignore[arg-type]
+        if opened is not None:
+            skip = os.path.abspath(opened.path)
+            files = [f for f in files if f != skip]
+        if on_total is not None:
+            on_total(len(files) + len(early))
+        for outcome in early:
+            report(outcome)
+        worker = FileRewrapper(rewrapper, opened, dry_run=dry_run)
+        if jobs == 1 or len(files) < 2:
+            with ThreadPoolExecutor(threads) as pool:
+                for outcome in pool.map(worker.process, files):
+                    report(outcome)
+        else:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            _in_processes(worker, files, jobs, threads, report)
+    finally:
+        if opened is not None:
+            opened.close()
+    summary.elapsed = time.monotonic() - started
+    return summary

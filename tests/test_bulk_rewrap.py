@@ -1,0 +1,194 @@
+"""keymgr.bulk_rewrap and ``keymgr rewrap``: trees of envelopes moved to the primary on SoftHSM.
+
+Files are checked by what is on disk afterwards: which key id each envelope
+names, that it still decrypts to its plaintext, its mode, that non-envelopes
+are byte-identical, and what the journal says.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import keymgr
+from keymgr import bulk_rewrap
+from keymgr.cli import cli
+from keymgr.envelope.inspect import inspect_file
+from keymgr.rewrap_journal import Entry, Journal, check_journal, file_digest, read_entries
+from tests.conftest import TokenUnderTest
+
+CTX = {"app": "bulk"}
+
+
+@pytest.fixture
+def km(softhsm: TokenUnderTest) -> Iterator[keymgr.KeyManager]:
+    with keymgr.KeyManager(softhsm.uri()) as manager:
+        yield manager
+
+
+def _tree(km: keymgr.KeyManager, root: Path, key: str, count: int = 12) -> dict[Path, bytes]:
+    """``count`` envelopes (every third a stream) in nested directories, plus two plain files."""
+    plain: dict[Path, bytes] = {}
+    for i in range(count):
+        folder = root / f"d{i % 3}" / ("deep" if i % 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        data = os.urandom(50 + i * 300)
+        if i % 3 == 0:
+            out = io.BytesIO()
+            km.encrypt_stream(io.BytesIO(data), out, key=key, context=CTX)
+            path = folder / f"f{i}.kms"
+            path.write_bytes(out.getvalue())
+        else:
+            path = folder / f"f{i}.cms"
+            path.write_bytes(km.encrypt(data, key=key, context=CTX))
+        plain[path] = data
+    (root / "README.txt").write_text("not an envelope\n")
+    (root / "d1" / "empty").write_bytes(b"")
+    return plain
+
+
+def _decrypts(km: keymgr.KeyManager, path: Path, data: bytes) -> bool:
+    blob = path.read_bytes()
+    info = inspect_file(path)
+    assert info is not None
+    if info.kind == "message":
+        return km.decrypt(blob, context=CTX) == data
+    out = io.BytesIO()
+    km.decrypt_stream(io.BytesIO(blob), out, context=CTX)
+    return out.getvalue() == data
+
+
+def _primary_id(km: keymgr.KeyManager, key: str) -> bytes:
+    return km.describe_key(key).primary_version.key_id
+
+
+def test_tree_moves_to_primary_skips_others_keeps_mode(km: keymgr.KeyManager, key_name: str, tmp_path: Path) -> None:
+    km.create_key(key_name)
+    plain = _tree(km, tmp_path, key_name)
+    odd = next(iter(plain))
+    odd.chmod(0o600)
+    km.rotate(key_name)
+    km.rotate(key_name)
+    journal = tmp_path.parent / f"{tmp_path.name}.journal"
+    summary = bulk_rewrap.run(km.rewrapper(), [tmp_path], journal=journal)
+    assert summary.counts == {"rewrapped": 12, "current": 0, "skipped": 2, "failed": 0}
+    assert summary.ok and summary.total == 14
+    v3 = _primary_id(km, key_name)
+    km.retire(key_name, below=3)
+    for path, data in plain.items():
+        info = inspect_file(path)
+        assert info is not None and info.kek_ids == (v3,)
+        assert _decrypts(km, path, data)
+    assert stat.S_IMODE(odd.stat().st_mode) == 0o600
+    assert (tmp_path / "README.txt").read_text() == "not an envelope\n"
+    assert check_journal(journal) == []
+    states = [e.state for e in read_entries(journal)]
+    assert states.count("begin") == states.count("done") == 12 and states.count("skipped") == 2
+    again = bulk_rewrap.run(km.rewrapper(), [tmp_path], journal=journal)  # resumed: finished files stay finished
+    assert again.counts["rewrapped"] == 12 and again.resumed == 12
+    fresh = bulk_rewrap.run(km.rewrapper(), [tmp_path])  # no journal: every envelope is seen to be current
+    assert fresh.counts == {"rewrapped": 0, "current": 12, "skipped": 2, "failed": 0}
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_failures_are_reported_and_leave_files(km: keymgr.KeyManager, key_name: str, tmp_path: Path) -> None:
+    km.create_key(key_name)
+    good = tmp_path / "good.cms"
+    good.write_bytes(km.encrypt(b"good", key=key_name))
+    truncated = tmp_path / "truncated.cms"
+    truncated.write_bytes(good.read_bytes()[:-5])
+    km.rotate(key_name)
+    km.rotate(key_name)
+    old = tmp_path / "old.cms"
+    old.write_bytes(good.read_bytes())
+    km.retire(key_name, below=2)  # good/old were written under v1: retired, so they cannot move either
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    summary = bulk_rewrap.run(km.rewrapper(), [tmp_path, tmp_path / "missing"])
+    assert summary.counts["failed"] == 4 and not summary.ok
+    reasons = {Path(f.path).name: f.reason for f in summary.failures}
+    assert "retired" in reasons["good.cms"] and "announces" in reasons["truncated.cms"]
+    assert "no such file" in reasons["missing"]
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_dry_run_writes_nothing(km: keymgr.KeyManager, key_name: str, tmp_path: Path) -> None:
+    km.create_key(key_name)
+    plain = _tree(km, tmp_path, key_name, count=4)
+    km.rotate(key_name)
+    digests = {p: file_digest(p) for p in plain}
+    seen: list[bulk_rewrap.FileOutcome] = []
+    summary = bulk_rewrap.run(km.rewrapper(), [tmp_path], dry_run=True, journal=tmp_path / "j", on_outcome=seen.append)
+    assert summary.counts["rewrapped"] == 4 and summary.dry_run
+    assert sorted(o.moves for o in seen if o.kind) == [(f"{key_name} v1->v2",)] * 4
+    assert {p: file_digest(p) for p in plain} == digests and not (tmp_path / "j").exists()
+
+
+def test_leftover_temp_files_of_dead_processes_are_removed(km: keymgr.KeyManager, key_name: str,
+                                                           tmp_path: Path) -> None:
+    km.create_key(key_name)
+    (tmp_path / "a.cms").write_bytes(km.encrypt(b"a", key=key_name))
+    dead = tmp_path / f".a.cms.{bulk_rewrap.TEMP_TAG}.999999999.abcd1234.tmp"
+    alive = tmp_path / f".a.cms.{bulk_rewrap.TEMP_TAG}.{os.getpid()}.abcd1234.tmp"
+    for leftover in (dead, alive):
+        leftover.write_bytes((tmp_path / "a.cms").read_bytes())
+    summary = bulk_rewrap.run(km.rewrapper(), [tmp_path])
+    assert summary.cleaned == 1 and not dead.exists() and alive.exists()
+    assert summary.total == 1  # neither leftover was taken for input
+
+
+def test_journal_resume_rules(km: keymgr.KeyManager, key_name: str, tmp_path: Path) -> None:
+    """A begin whose rename happened is finished without a token call; one whose rename did not is redone."""
+    km.create_key(key_name)
+    done_file, redo_file = tmp_path / "renamed.cms", tmp_path / "not-renamed.cms"
+    for path in (done_file, redo_file):
+        path.write_bytes(km.encrypt(path.name.encode(), key=key_name))
+    km.rotate(key_name)
+    old = {p: p.read_bytes() for p in (done_file, redo_file)}
+    new_done = km.rewrap(old[done_file])
+    done_file.write_bytes(new_done)  # as if renamed, then killed before "done"
+    journal = tmp_path.parent / f"{tmp_path.name}-resume.journal"
+    with Journal(journal) as j:
+        for path, after in ((done_file, new_done), (redo_file, km.rewrap(old[redo_file]))):
+            j.record(Entry(str(path), "begin", file_digest(path) if path == redo_file else
+                           _sha(old[path]), _sha(after)), sync=True)
+    with open(journal, "ab") as raw:
+        raw.write(b'{"path": "/torn')  # a torn last line is cut off
+    summary = bulk_rewrap.run(km.rewrapper(), [tmp_path], journal=journal)
+    assert summary.counts["rewrapped"] == 2 and summary.resumed == 1
+    assert done_file.read_bytes() == new_done
+    assert check_journal(journal) == []
+    with pytest.raises(keymgr.errors.ConfigurationError, match="in use"), Journal(journal), Journal(journal):
+        pass
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_cli_json_jobs_and_exit_code(softhsm: TokenUnderTest, km: keymgr.KeyManager, key_name: str,
+                                     tmp_path: Path) -> None:
+    km.create_key(key_name)
+    plain = _tree(km, tmp_path, key_name, count=9)
+    km.rotate(key_name)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--token", softhsm.uri(), "rewrap", str(tmp_path), "--jobs", "2", "--json",
+                                 "--journal", str(tmp_path.parent / f"{tmp_path.name}.j")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["rewrapped"], report["current"], report["skipped"], report["failed"]) == (9, 0, 2, 0)
+    v2 = _primary_id(km, key_name)
+    for path, data in plain.items():
+        assert inspect_file(path).kek_ids == (v2,) and _decrypts(km, path, data)  # type: ignore[union-attr]
+    (tmp_path / "bad.cms").write_bytes(next(iter(plain)).read_bytes()[:40])
+    human = runner.invoke(cli, ["--token", softhsm.uri(), "rewrap", str(tmp_path)], catch_exceptions=False)
+    assert human.exit_code == 1
+    assert "already current" in human.output and "failed:" in human.output and "bad.cms" in human.output
