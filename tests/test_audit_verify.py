@@ -121,3 +121,19 @@ def test_deleted_log_leaves_an_orphan_checkpoint(tmp_path: Path, ts: TokenSessio
     honest_log(second, ts, 2)
     report = verify_log(second, token=ts)
     assert report.ok and report.other_chains.get(chain) == 2
+
+
+def test_sole_log_replaced_by_a_new_chain_is_detected(tmp_path: Path, softhsm: TokenUnderTest) -> None:
+    """On a token that serves one log only, deleting the log (the next writer starts a new chain)
+    shows as a checkpoint of a chain that is not in the file (the shared test token holds
+    many chains, so ``sole`` is exercised on the report of this one pair)."""
+    path = tmp_path / "a.log"
+    ts = open_token(softhsm.uri())
+    honest_log(path, ts, 3)
+    old_chain = verify_log(path).chain
+    path.unlink()
+    honest_log(path, ts, 2)
+    report = verify_log(path, token=ts, sole=True)
+    assert not report.ok and report.broken.line == 1 and "deleted or replaced" in report.broken.reason
+    assert report.other_chains[old_chain] == 3
+    assert verify_log(path, token=ts).ok  # shared: only listed

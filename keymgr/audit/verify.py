@@ -166,9 +166,15 @@ class _Walk:
                                             "or a line was inserted or removed between them")
 
 
-def verify_log(path: str | os.PathLike[str], *, token: TokenSession | None = None) -> VerifyReport:
+def verify_log(path: str | os.PathLike[str], *, token: TokenSession | None = None,
+               sole: bool = False) -> VerifyReport:
     """Check a log file (module docstring); never raises for what the file contains, only
-    :class:`~keymgr.errors.ConfigurationError` if it cannot be read, and token errors."""
+    :class:`~keymgr.errors.ConfigurationError` if it cannot be read, and token errors.
+
+    ``sole``: this is the only log the token keeps checkpoints for (the local token and its
+    default log), so a checkpoint of any other chain means this log was deleted or replaced
+    by a new one. Without it such checkpoints are only listed (``other_chains``): a shared
+    token may serve the logs of many hosts."""
     report = VerifyReport(path=str(path))
     key = AuditKey(token) if token is not None else None
     report.macs_checked = key is not None
@@ -182,6 +188,11 @@ def verify_log(path: str | os.PathLike[str], *, token: TokenSession | None = Non
     if key is not None:
         checkpoints = key.checkpoints()
         report.other_chains = {c: seq for c, (seq, _) in checkpoints.items() if c != report.chain}
+        if sole and report.other_chains:
+            chain, seq = sorted(report.other_chains.items())[0]
+            walk.fail(1, None, f"the token checkpoints chain {chain} up to seq {seq}, which is not this "
+                               "log's: the log was deleted or replaced")
+            return report
         cp = report.checkpoint
         if cp is not None:
             if cp[0] > report.last_seq:

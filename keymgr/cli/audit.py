@@ -53,14 +53,19 @@ def audit_group() -> None:
 @click.argument("log", required=False, type=click.Path(dir_okay=False))
 @click.option("--no-token", is_flag=True,
               help="Check only the hash chain (no PIN needed); MACs and the checkpoint are not checked.")
+@click.option("--sole/--shared", default=None,
+              help="Whether LOG is the only log the token checkpoints (then another chain's checkpoint means "
+                   "the log was deleted or replaced). Default: --sole for the local token's own log.")
 @pass_state
-def verify_command(state: CliState, log: str | None, no_token: bool) -> None:
+def verify_command(state: CliState, log: str | None, no_token: bool, sole: bool | None) -> None:
     """Check LOG (default: the local token's log, or KEYMGR_AUDIT_LOG) for edited, deleted,
     inserted, reordered or cut-off entries."""
     from keymgr.audit import verify_log
 
     path = _log_path(state, log)
-    report = verify_log(path, token=None if no_token else _open_token(state))
+    if sole is None:
+        sole = log is None and state.token is None
+    report = verify_log(path, token=None if no_token else _open_token(state), sole=sole)
     if state.json_output:
         emit_json(report.to_json())
         if not report.ok:
