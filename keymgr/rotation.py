@@ -34,10 +34,12 @@ the commit leaves the old primary and an *orphan* object ``NAME/vN`` that no
 record names: it never protected anything, and the next rotate destroys it.
 A crash after the commit leaves the new primary. Never none, never two.
 
-Writers of one key's record are serialised per machine by an advisory lock
-file (``fcntl.flock``) and each re-reads the record from the token under it;
-a writer on another machine sharing a network HSM is caught by the keyring's
-generation check and gets a clear "retry" error after :data:`RETRIES` tries.
+Writers of one key's record are serialised per machine and user by an advisory
+lock file (``fcntl.flock``; threads too: each takes its own descriptor), and
+each re-reads the record from the token under it. A writer on another machine
+sharing a network HSM is caught by the keyring's generation check: a stale
+write is refused with a clear "retry" error (state changes retry by themselves,
+:data:`RETRIES` times).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -93,6 +96,9 @@ def key_lock(keyring: Keyring, name: str) -> Iterator[None]:
     tag = hashlib.sha256(f"{ts.serial}\x00{ts.label}\x00{name}".encode()).hexdigest()[:32]
     folder = Path(tempfile.gettempdir()) / f"keymgr-locks-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise errors.ConfigurationError(f"lock directory {folder} is not a directory of this user; remove it")
     fd = os.open(folder / f"{tag}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -201,16 +207,20 @@ def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: in
         try:
             return keyring.write(updated)
         except BaseException:
-            # the record was not written (or we cannot tell): the object is an orphan at worst,
-            # and destroying it here is only tidier when the write surely failed
-            if not any(v.key_id == key_id for v in _reread(keyring, name).versions):
-                objects.destroy_key(keyring.token, key_id)
+            _discard_unless_named(keyring, name, key_id)
             raise
 
 
-def _reread(keyring: Keyring, name: str) -> KeyRecord:
-    keyring.reload()
-    return keyring.get(name)
+def _discard_unless_named(keyring: Keyring, name: str, key_id: bytes) -> None:
+    """After a failed record write: destroy the new object if the record surely does not name it.
+    Best effort (it is an orphan at worst, which the next rotate removes), so a second failure
+    here must not hide the first."""
+    try:
+        keyring.reload()
+        if not any(v.key_id == key_id for v in keyring.get(name).versions):
+            objects.destroy_key(keyring.token, key_id)
+    except errors.KeymgrError:
+        pass
 
 
 def activate(keyring: Keyring, name: str, version: int) -> KeyRecord:
