@@ -56,16 +56,18 @@ def test_interactive_restore_prompts_in_order_and_hides_pins(backup_path: tuple[
             child.expect(rf"Token of custodian '{p.name}' \(token label or pkcs11: URI\): ")
             child.sendline(f"custodian-{number}")
             child.expect(rf"PIN for token 'custodian-{number}' \(custodian '{p.name}'\): ")
+            # the prompt turned the terminal's echo off (pexpect reads the pty's termios)
+            assert child.waitnoecho(timeout=10), "terminal echo is on at the PIN prompt"
             child.sendline(USER_PIN)
             child.expect(rf"custodian '{p.name}': token 'custodian-{number}' holds the registered key")
-            transcript.append(child.before)
+            transcript.append(child.before)  # what the terminal showed after the PIN was typed
         child.expect(rf"restored key '{name}' versions 1 into token 'keymgr-B'")
         child.expect("signed transcript: ")
         child.expect(pexpect.EOF)
-        transcript.append(child.before)
+        rest = child.before  # names a temporary path, which may contain any digits: not checked for the PIN
     finally:
         child.close()
-    assert child.exitstatus == 0, "".join(transcript)
+    assert child.exitstatus == 0, "".join(transcript) + rest
     for echoed in transcript:
         assert USER_PIN not in echoed, "a PIN was echoed to the terminal"
     assert list(tmp_path.glob("restore-*.transcript.p7s"))
