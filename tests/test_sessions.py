@@ -176,3 +176,14 @@ def test_protected_path_on_a_token_without_a_pin_pad_is_refused_before_login(sof
     assert proc.stderr.strip().splitlines() == [
         f"keymgr: error: token {softhsm.label!r} has no protected authentication path (PIN pad): give its PIN "
         "(pin-source=file:... or env:VAR, or at a prompt)"]
+
+
+def test_pin_is_in_no_repr_of_what_holds_it(softhsm: TokenUnderTest) -> None:
+    from keymgr.hsm import Pkcs11Uri
+
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        ts = open_token(softhsm.uri())
+        held = [km, ts, Pkcs11Uri.parse(softhsm.uri()), pin_source_from_uri(None, softhsm.user_pin)]
+        for thing in held:
+            shown = (repr(thing) + str(thing)).replace(ts.serial, "")  # a hex serial may hold any digits
+            assert softhsm.user_pin not in shown, type(thing).__name__
