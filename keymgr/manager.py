@@ -73,7 +73,7 @@ class KeyManager:
         ``False`` for nowhere; default: ``KEYMGR_AUDIT_LOG``, else ``$KEYMGR_HOME/audit.log``
         for the local token; docs/audit.md). ``rate_limits``: decryptions allowed per
         principal per interval, per key name or ``"*"`` (:class:`~keymgr.audit.RateLimit`).
-        ``_clock`` (tests only) is the caches' clock, for their age limits; ``_wall_clock``
+        ``_clock`` (tests only) is the caches' and rate limits' clock; ``_wall_clock``
         (tests only) the keyring's, which dates versions and ends cryptoperiods.
         """
         local_token = token is None
@@ -86,7 +86,7 @@ class KeyManager:
         uri = Pkcs11Uri.parse(token) if isinstance(token, str) else token
         self._uri = uri
         self._audit = AuditGuard(resolve_audit(audit, local=local_token), rate_limits,
-                                 owns_log=not isinstance(audit, AuditLog), suspend=self.suspend)
+                                 owns_log=not isinstance(audit, AuditLog), suspend=self.suspend, clock=_clock)
         with self._audit.opening(uri.token):
             self._ts: TokenSession | None = open_token(uri, pin_callback=pin_callback)
         self._audit.attach(self._ts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -37,10 +38,11 @@ class AuditGuard:
     """A KeyManager's audit log and anomaly limits (module docstring)."""
 
     def __init__(self, log: AuditLog | None, rate_limits: Mapping[str, RateLimit] | RateLimit | None, *,
-                 owns_log: bool, suspend: Callable[[str, int], object]) -> None:
+                 owns_log: bool, suspend: Callable[[str, int], object],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.log = log
         self._owns_log = owns_log
-        self._limiter = RateLimiter(rate_limits) if rate_limits else None
+        self._limiter = RateLimiter(rate_limits, clock=clock) if rate_limits else None
         self._suspend = suspend
         self._fallback = (log.principal if log is not None else None) or _os_principal()
 

@@ -1,0 +1,93 @@
+"""Anomaly limits (keymgr.audit.limits): decryptions per principal per interval, refusal,
+audit entry, and suspension of the key version until an operator resumes it. Real SoftHSM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import keymgr
+from keymgr import errors
+from keymgr.audit import RateLimit, RateLimiter, acting_as, verify_log
+from keymgr.hsm import open_token
+from tests.conftest import TokenUnderTest
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_fixed_windows_per_key_and_principal() -> None:
+    clock = Clock()
+    limiter = RateLimiter({"orders": RateLimit(2, per=10.0), "*": RateLimit(5, per=10.0)}, clock=clock)
+    assert [limiter.hit("orders", "a") for _ in range(3)] == [None, None, RateLimit(2, per=10.0)]
+    assert limiter.hit("orders", "b") is None  # another principal has its own count
+    assert all(limiter.hit("other", "a") is None for _ in range(5)) and limiter.hit("other", "a") is not None
+    clock.now += 10.0
+    assert limiter.hit("orders", "a") is None  # a new window
+    assert RateLimiter({"orders": RateLimit(1)}).hit("unlimited", "a") is None
+    for bad in ({"max_ops": 0}, {"max_ops": 1, "per": 0}):
+        with pytest.raises(errors.ConfigurationError):
+            RateLimit(**bad)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_limit_refuses_and_is_audited(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
+    clock = Clock()
+    path = tmp_path / "a.log"
+    with keymgr.KeyManager(softhsm.uri(), audit=path, rate_limits={key_name: RateLimit(3, per=60.0)},
+                           _clock=clock) as km:
+        km.create_key(key_name)
+        blob = km.encrypt(b"record", key=key_name)
+        with acting_as("reporting"):
+            for _ in range(3):
+                km.decrypt(blob)
+            with pytest.raises(errors.PolicyError, match="more than 3 decryptions by 'reporting'"):
+                km.decrypt(blob)
+        with acting_as("billing"):
+            assert km.decrypt(blob) == b"record"  # limits are per principal
+        clock.now += 60.0
+        with acting_as("reporting"):
+            assert km.decrypt(blob) == b"record"  # the next window
+        assert km.describe_key(key_name).version(1).state == "active"  # not configured to suspend
+    refused = [r for r in _rows(path) if r["outcome"] == "refused"]
+    assert [(r["op"], r["key"], r["version"], r["error"], r["actor"]["principal"]) for r in refused] == [
+        ("decrypt", key_name, 1, "PolicyError", "reporting")]
+    assert refused[0]["detail"] == {"reason": "rate-limit", "limit": 3, "per_seconds": 60, "suspended": False}
+    assert verify_log(path, token=open_token(softhsm.uri())).ok
+
+
+def test_limit_can_suspend_until_an_operator_resumes(tmp_path: Path, softhsm: TokenUnderTest,
+                                                     key_name: str) -> None:
+    clock = Clock()
+    path = tmp_path / "a.log"
+    with keymgr.KeyManager(softhsm.uri(), audit=path, _clock=clock,
+                           rate_limits={"*": RateLimit(2, per=60.0, suspend=True)}) as km:
+        km.create_key(key_name)
+        blob = km.encrypt(b"record", key=key_name)
+        km.decrypt(blob)
+        km.decrypt(blob)
+        with pytest.raises(errors.PolicyError, match="suspended until an operator resumes it"):
+            km.decrypt(blob)
+        assert km.describe_key(key_name).version(1).state == "suspended"
+        clock.now += 3600  # a new window does not lift the suspension: only an operator does
+        with pytest.raises(errors.PolicyError, match="suspended"):
+            km.decrypt(blob)
+        # every manager (and process) sees it: the state is in the token's keyring
+        with keymgr.KeyManager(softhsm.uri(), audit=False) as other, \
+                pytest.raises(errors.PolicyError, match="suspended"):
+            other.decrypt(blob)
+        km.resume(key_name, 1)
+        assert km.decrypt(blob) == b"record"
+    rows = [r for r in _rows(path) if r["key"] == key_name and r["op"] != "encrypt"]
+    refused = [r for r in rows if r["outcome"] == "refused"]
+    assert refused[0]["detail"]["suspended"] is True and len(refused) == 2
