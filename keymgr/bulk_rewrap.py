@@ -151,9 +151,15 @@ def _die_with_parent() -> None:
 _Report = Callable[[FileOutcome], None]
 
 
-def _serve(worker: FileRewrapper, tasks: Any, results: Any, threads: int, parent: int) -> None:
-    """A worker process: take paths from ``tasks`` until the None sentinel, report each outcome."""
+def _serve(worker: FileRewrapper, tasks: Any, results: Any, threads: int, parent: int, start: Any) -> None:
+    """A worker process: take paths from ``tasks`` until the None sentinel, report each outcome.
+
+    The first token call (re-initialising the module after fork) is made under ``start``, one
+    worker at a time: SoftHSM 2.6.1 initialised by two forked children at once lost the token
+    in one of them now and then (2-5 runs in 30 here; TokenRemovedError "reconnect")."""
     _die_with_parent()
+    with start:
+        worker.ready()
 
     def loop() -> None:
         while os.getppid() == parent:
@@ -169,8 +175,8 @@ def _serve(worker: FileRewrapper, tasks: Any, results: Any, threads: int, parent
 
 def _in_processes(worker: FileRewrapper, paths: list[str], jobs: int, threads: int, report: _Report) -> None:
     ctx = multiprocessing.get_context("fork")  # the children inherit the logged-in manager (see module doc)
-    tasks, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_serve, args=(worker, tasks, results, threads, os.getpid()), daemon=True)
+    tasks, results, start = ctx.Queue(), ctx.Queue(), ctx.Lock()
+    procs = [ctx.Process(target=_serve, args=(worker, tasks, results, threads, os.getpid(), start), daemon=True)
              for _ in range(jobs)]
     for proc in procs:
         proc.start()

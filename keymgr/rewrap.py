@@ -93,6 +93,10 @@ class Rewrapper:
     def __init__(self, protector: KekProtector) -> None:
         self._protector = protector
 
+    def ready(self) -> None:
+        """Make a first token call now (in a forked worker: re-initialise the module and log in)."""
+        self._protector.keyring.reload()
+
     def _ours(self, der: bytes) -> _Ours | None:
         if recipient_kind(der) != "kekri":
             return None

@@ -69,6 +69,10 @@ class FileRewrapper:
         self._dry_run = dry_run
         self._max_message = max_message_bytes
 
+    def ready(self) -> None:
+        """The first token call, made by a worker process before it takes files."""
+        self._rewrapper.ready()
+
     def _record(self, entry: Entry, *, sync: bool = False) -> None:
         if self._journal is not None and not self._dry_run:
             self._journal.record(entry, sync=sync)
