@@ -327,6 +327,8 @@ class KeyManager:
             dek = self._unwrap_uncached(der)
             if dek is not None:
                 self._decrypt_cache.put(der, dek)
+        else:
+            self._audit.on_cached_unwrap(der, self._protector)  # limits and states hold for cached keys too
         return dek
 
     def decrypt(self, blob: bytes, *, context: Mapping[str, str] | None = None) -> bytes:

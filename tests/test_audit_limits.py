@@ -91,3 +91,25 @@ def test_limit_can_suspend_until_an_operator_resumes(tmp_path: Path, softhsm: To
     rows = [r for r in _rows(path) if r["key"] == key_name and r["op"] != "encrypt"]
     refused = [r for r in rows if r["outcome"] == "refused"]
     assert refused[0]["detail"]["suspended"] is True and len(refused) == 2
+
+
+def test_limits_and_suspension_hold_for_cached_data_keys(tmp_path: Path, softhsm: TokenUnderTest,
+                                                         key_name: str) -> None:
+    """With the decrypt cache on, a repeated message needs no unwrap: the limit still counts it."""
+    clock = Clock()
+    with keymgr.KeyManager(softhsm.uri(), audit=tmp_path / "a.log", cache=True, _clock=clock,
+                           rate_limits={key_name: RateLimit(3, per=60.0, suspend=True)}) as km:
+        km.create_key(key_name)
+        blob = km.encrypt(b"record", key=key_name)
+        for _ in range(3):
+            km.decrypt(blob)
+        with pytest.raises(errors.PolicyError, match="more than 3"):
+            km.decrypt(blob)
+        clock.now += 3600
+        with pytest.raises(errors.PolicyError, match="is suspended"):
+            km.decrypt(blob)  # the cached data key is refused too
+        km.resume(key_name, 1)
+        assert km.decrypt(blob) == b"record"
+    decrypts = [r for r in _rows(tmp_path / "a.log") if r["op"] == "decrypt"]
+    assert sum(r["detail"].get("count", 1) for r in decrypts if r["outcome"] == "ok") == 4
+    assert all(r["key"] == key_name for r in decrypts)

@@ -20,10 +20,13 @@ from typing import Any
 from keymgr import errors
 from keymgr.audit._log import AuditLog, Operation, current_operation, current_principal
 from keymgr.audit.limits import RateLimit, RateLimiter
+from keymgr.envelope.kek import KekProtector
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyring import KeyRecord, Keyring, KeyVersion
 
 __all__ = ["AuditGuard"]
+
+_KEKRI_TAG = 0xA2  # [2] IMPLICIT KEKRecipientInfo: the only kind a cached token-KEK data key comes from
 
 
 def _os_principal() -> str:
@@ -93,6 +96,22 @@ class AuditGuard:
         then = f"; version {version.version} is suspended until an operator resumes it" if suspended else ""
         raise errors.PolicyError(f"decryption with key {record.name!r} refused: more than {limit.max_ops} "
                                  f"decryptions by {principal!r} within {limit.per:g} s{then}")
+
+    def on_cached_unwrap(self, der: bytes, protector: KekProtector) -> None:
+        """A data key served from the decrypt cache: attributed and limited like an unwrap, and
+        refused once its version may no longer decrypt (a suspension also stops cached keys)."""
+        if self.log is None and self._limiter is None:
+            return
+        from keymgr.envelope.recipients import read_kek_recipient
+
+        if not der or der[0] != _KEKRI_TAG:
+            return
+        try:
+            record, version = protector.keyring.find_by_id(read_kek_recipient(der).kek_id)
+        except errors.KeyNotFoundError:
+            return
+        self.on_unwrap(record, version)
+        protector.check_state(record, version)
 
     def attribute(self, op: Operation, blob: bytes, keyring: Keyring) -> None:
         """Name the key version of a decrypt that failed before any unwrap (wrong context, bad
