@@ -111,12 +111,45 @@ def test_given_log_is_flushed_not_closed(tmp_path: Path, softhsm: TokenUnderTest
 
 
 def test_hot_path_overhead_is_small(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
-    """Aggregated encrypts must cost a few microseconds more, not an fsync each (docs/audit.md)."""
-    with keymgr.KeyManager(softhsm.uri(), audit=False) as plain:
+    """Aggregated encrypts touch neither the file nor the token per message (the deterministic
+    part), and cost little more than unaudited ones (interleaved rounds, the best of each)."""
+    data = b"x" * 1024
+    path = tmp_path / "a.log"
+    with keymgr.KeyManager(softhsm.uri(), audit=False) as plain, \
+            keymgr.KeyManager(softhsm.uri(), audit=AuditLog(path, aggregate_interval=3600)) as km:
         plain.create_key(key_name, profile="gcm")
-        data = b"x" * 1024
-        base = min(timeit.repeat(lambda: plain.encrypt(data, key=key_name), number=200, repeat=5)) / 200
-    with keymgr.KeyManager(softhsm.uri(), audit=tmp_path / "a.log") as km:
-        audited = min(timeit.repeat(lambda: km.encrypt(data, key=key_name), number=200, repeat=5)) / 200
-    print(f"1 KiB gcm encrypt: {base * 1e6:.1f} us without audit, {audited * 1e6:.1f} us with")
-    assert audited < base * 1.5 + 10e-6
+        km.encrypt(data, key=key_name)
+        size = path.stat().st_size if path.exists() else 0
+        base, audited = [], []
+        for _ in range(5):
+            base.append(min(timeit.repeat(lambda: plain.encrypt(data, key=key_name), number=100, repeat=3)) / 100)
+            audited.append(min(timeit.repeat(lambda: km.encrypt(data, key=key_name), number=100, repeat=3)) / 100)
+        assert (path.stat().st_size if path.exists() else 0) == size  # nothing written per message
+        assert km._audit.log.pending == 1 + 5 * 3 * 100
+    print(f"1 KiB gcm encrypt: {min(base) * 1e6:.1f} us without audit, {min(audited) * 1e6:.1f} us with")
+    assert min(audited) < min(base) * 1.5 + 20e-6
+
+
+def test_no_secret_in_any_entry(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
+    """Plaintexts, context values (and keys), and the PIN never reach the log, on any path."""
+    path = tmp_path / "audit.log"
+    plaintext = b"plaintext-canary-4111111111111111"
+    context = {"ctxkey-canary": "ctxvalue-canary"}
+    with keymgr.KeyManager(softhsm.uri(), audit=AuditLog(path, aggregate=())) as km:
+        km.create_key(key_name)
+        blob = km.encrypt(plaintext, key=key_name, context=context)
+        assert km.decrypt(blob, context=context) == plaintext
+        for wrong in ({"ctxkey-canary": "other-canary"}, None):
+            with pytest.raises(errors.IntegrityError):
+                km.decrypt(blob, context=wrong)
+        with pytest.raises(errors.IntegrityError):
+            km.decrypt(blob[:-5] + b"canry", context=context)
+        with pytest.raises(errors.KeymgrError):
+            km.encrypt(plaintext, key="missing-" + key_name, context=context)
+    text = path.read_text()
+    for secret in ("canary", softhsm.user_pin + '"', plaintext.hex(), "4111111111111111"):
+        assert secret not in text
+    ops = [(r["op"], r["outcome"], r["error"]) for r in _entries(path)]
+    assert ops == [("create", "ok", None), ("encrypt", "ok", None), ("decrypt", "ok", None),
+                   ("decrypt", "failed", "IntegrityError"), ("decrypt", "failed", "IntegrityError"),
+                   ("decrypt", "failed", "IntegrityError"), ("encrypt", "failed", "KeyNotFoundError")]
