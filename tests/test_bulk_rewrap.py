@@ -189,6 +189,7 @@ def test_cli_json_jobs_and_exit_code(softhsm: TokenUnderTest, km: keymgr.KeyMana
     for path, data in plain.items():
         assert inspect_file(path).kek_ids == (v2,) and _decrypts(km, path, data)  # type: ignore[union-attr]
     (tmp_path / "bad.cms").write_bytes(next(iter(plain)).read_bytes()[:40])
-    human = runner.invoke(cli, ["--token", softhsm.uri(), "rewrap", str(tmp_path)], catch_exceptions=False)
+    human = runner.invoke(cli, ["--token", softhsm.uri(), "rewrap", str(tmp_path), "--progress"],
+                          catch_exceptions=False)
     assert human.exit_code == 1
     assert "already current" in human.output and "failed:" in human.output and "bad.cms" in human.output

@@ -12,13 +12,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from keymgr.bulk_rewrap import DEFAULT_THREADS, Summary, run
 from keymgr.cli._common import CliState, console, emit_json, pass_state
-from keymgr.rewrap_file import FileOutcome
+
+if TYPE_CHECKING:  # the engine (multiprocessing, the token layer) is imported when the command runs
+    from keymgr.bulk_rewrap import Summary
+    from keymgr.rewrap_file import FileOutcome
 
 __all__ = ["rewrap_command"]
 
@@ -91,28 +93,30 @@ def _print_summary(summary: Summary) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes (token calls are serialised within a process).")
-@click.option("--threads", type=click.IntRange(1, 64), default=DEFAULT_THREADS, show_default=True,
-              help="Threads per process, overlapping file I/O and fsyncs with token calls.")
+@click.option("--threads", type=click.IntRange(1, 64), default=None,
+              help="Threads per process, overlapping file I/O and fsyncs with token calls [default: 4].")
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Journal file: an interrupted run given the same journal resumes where it stopped.")
 @click.option("--dry-run", is_flag=True, help="Report what would be rewrapped; write nothing, call no unwrap.")
 @click.option("--progress/--no-progress", default=None,
               help="Draw the progress bar (default: when stderr is a terminal).")
 @pass_state
-def rewrap_command(state: CliState, paths: tuple[str, ...], jobs: int, threads: int, journal: str | None,
+def rewrap_command(state: CliState, paths: tuple[str, ...], jobs: int, threads: int | None, journal: str | None,
                    dry_run: bool, progress: bool | None) -> None:
     """Rewrap every keymgr envelope under PATH... (recursively) to its key's current primary.
 
     Only the wrapped data keys change; payloads are never read. Files that are not
     keymgr envelopes are reported and left untouched. Each file is replaced atomically.
     """
+    from keymgr.bulk_rewrap import DEFAULT_THREADS, run
+
     km = state.manager()
     show = progress if progress is not None else (sys.stderr.isatty() and not state.json_output)
     bar = _Bar("dry run" if dry_run else "rewrap") if show else None
     on_total: Callable[[int], Any] | None = bar.total if bar else None
     try:
-        summary = run(km.rewrapper(), paths, jobs=jobs, threads=threads, journal=journal, dry_run=dry_run,
-                      on_total=on_total, on_outcome=bar.advance if bar else None)
+        summary = run(km.rewrapper(), paths, jobs=jobs, threads=threads or DEFAULT_THREADS, journal=journal,
+                      dry_run=dry_run, on_total=on_total, on_outcome=bar.advance if bar else None)
     finally:
         if bar is not None:
             bar.stop()
