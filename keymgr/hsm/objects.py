@@ -95,18 +95,41 @@ def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes) -> pkcs1
     return found[0]  # type: ignore[return-value]
 
 
+#: python-pkcs11 gives a key object these methods only if its CKA_* role allows them
+#: (STACK-FACTS.md 9): a key used outside its role raises AttributeError, not a PKCS#11 error.
+_ROLE_METHODS = {"wrap_key": "wrap", "unwrap_key": "unwrap", "encrypt": "encrypt", "decrypt": "decrypt",
+                 "sign": "sign", "verify": "verify", "derive_key": "derive"}
+
+
 def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any) -> Any:
-    """Run ``use(key)`` with the cached handle; look it up again once if it went stale."""
+    """Run ``use(key)`` with the cached handle; look it up again once if it went stale.
+    A key asked for a role its template does not give it is a :class:`~keymgr.errors.PolicyError`."""
 
     def call(session: pkcs11.Session) -> Any:  # type: ignore[name-defined]
         key = _find_key(session, ts, key_id)
         try:
-            return use(key)
-        except (p11x.KeyHandleInvalid, p11x.ObjectHandleInvalid):
-            ts.cache.pop(("key", key_id), None)
-            return use(_find_key(session, ts, key_id))
+            try:
+                return use(key)
+            except (p11x.KeyHandleInvalid, p11x.ObjectHandleInvalid):
+                ts.cache.pop(("key", key_id), None)
+                key = _find_key(session, ts, key_id)
+                return use(key)
+        except AttributeError as exc:
+            role = _ROLE_METHODS.get(exc.name or "")
+            if role is None or exc.obj is not key:
+                raise
+            raise errors.PolicyError(f"{operation} on token {ts.label!r}: key {key_id.hex()} has no {role} role "
+                                     "(its template does not allow it)") from None
 
     return ts.run(operation, call)
+
+
+def _gcm_params(nonce: bytes, aad: bytes) -> GCMParams:
+    """AES-GCM parameters with keymgr's 96-bit nonce (python-pkcs11 would raise a raw ArgumentsBad
+    for a longer one, outside any token call)."""
+    if len(nonce) != 12:
+        raise errors.ConfigurationError(f"an AES-GCM nonce is 12 bytes, not {len(nonce)}")
+    return GCMParams(bytes(nonce), bytes(aad), 128)
 
 
 def key_exists(ts: TokenSession, key_id: bytes) -> bool:
@@ -251,7 +274,7 @@ def gcm_encrypt(ts: TokenSession, key_id: bytes, plaintext: bytes, *, nonce: byt
 
     The caller owns nonce uniqueness (SoftHSM uses the nonce it is given: STACK-FACTS.md 6).
     """
-    params = GCMParams(nonce, aad, 128)
+    params = _gcm_params(nonce, aad)
     return _with_key(ts, key_id, "encrypt data key",  # type: ignore[no-any-return]
                      lambda key: bytes(key.encrypt(bytes(plaintext), mechanism=Mechanism.AES_GCM,
                                                    mechanism_param=params)))
@@ -259,7 +282,7 @@ def gcm_encrypt(ts: TokenSession, key_id: bytes, plaintext: bytes, *, nonce: byt
 
 def gcm_decrypt(ts: TokenSession, key_id: bytes, ciphertext: bytes, *, nonce: bytes, aad: bytes) -> bytearray:
     """AES-GCM decrypt inside the token; a bad tag is an :class:`IntegrityError`."""
-    params = GCMParams(nonce, aad, 128)
+    params = _gcm_params(nonce, aad)
     return _with_key(ts, key_id, "decrypt data key",  # type: ignore[no-any-return]
                      lambda key: checked_for_authenticity(ts, "decrypt data key", lambda: bytearray(
                          key.decrypt(bytes(ciphertext), mechanism=Mechanism.AES_GCM, mechanism_param=params))))

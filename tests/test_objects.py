@@ -1,0 +1,91 @@
+"""Error mapping at the token layer (keymgr.hsm.objects): real failures provoked on SoftHSM.
+
+Each misuse or bad input reaches the token (or python-pkcs11) for real and must come
+back as the keymgr error a caller can act on, naming the operation and the token,
+never as a raw ``pkcs11`` exception or a bare ``AttributeError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import keymgr
+from keymgr import errors
+from keymgr.hsm import objects
+from tests.conftest import TokenUnderTest
+
+
+@pytest.fixture
+def keys(softhsm: TokenUnderTest, key_name: str) -> Iterator[tuple[keymgr.KeyManager, bytes, bytes]]:
+    """A KeyManager on SoftHSM with a wrap-only (kw) key and an encrypt-only (gcm) key."""
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        kw = km.create_key(f"{key_name}-kw").primary_version.key_id
+        gcm = km.create_key(f"{key_name}-gcm", profile="gcm").primary_version.key_id
+        yield km, kw, gcm
+
+
+def _raised(call: Callable[[], Any]) -> errors.KeymgrError:
+    with pytest.raises(errors.KeymgrError) as caught:
+        call()
+    assert not type(caught.value).__module__.startswith("pkcs11")
+    return caught.value
+
+
+def test_wrapped_key_that_is_not_authentic(keys: tuple[keymgr.KeyManager, bytes, bytes]) -> None:
+    km, kw, _ = keys
+    garbage = os.urandom(40)
+    error = _raised(lambda: objects.unwrap_data_key(km.token, kw, garbage))
+    assert isinstance(error, errors.IntegrityError) and "unwrap data key on token 'keymgr-A'" in str(error)
+    assert garbage.hex() not in str(error)
+    short = _raised(lambda: objects.unwrap_data_key(km.token, kw, os.urandom(7)))
+    assert isinstance(short, errors.IntegrityError) and "CKR_WRAPPED_KEY_LEN_RANGE" in str(short)
+
+
+def test_tampered_gcm_ciphertext(keys: tuple[keymgr.KeyManager, bytes, bytes]) -> None:
+    km, _, gcm = keys
+    nonce = os.urandom(12)
+    sealed = bytearray(objects.gcm_encrypt(km.token, gcm, b"data key", nonce=nonce, aad=b"a"))
+    sealed[0] ^= 1
+    error = _raised(lambda: objects.gcm_decrypt(km.token, gcm, bytes(sealed), nonce=nonce, aad=b"a"))
+    assert isinstance(error, errors.IntegrityError)
+
+
+@pytest.mark.parametrize("misuse, role", [
+    ("wrap with the gcm key", "wrap"), ("unwrap with the gcm key", "unwrap"),
+    ("gcm with the kw key", "encrypt"), ("hmac with the kw key", "sign"),
+])
+def test_key_used_outside_its_role_is_a_policy_error(keys: tuple[keymgr.KeyManager, bytes, bytes], misuse: str,
+                                                     role: str) -> None:
+    km, kw, gcm = keys
+    calls: dict[str, Callable[[], Any]] = {
+        "wrap with the gcm key": lambda: objects.wrap_data_key(km.token, gcm, os.urandom(32)),
+        "unwrap with the gcm key": lambda: objects.unwrap_data_key(km.token, gcm, os.urandom(40)),
+        "gcm with the kw key": lambda: objects.gcm_encrypt(km.token, kw, b"x", nonce=os.urandom(12), aad=b""),
+        "hmac with the kw key": lambda: objects.hmac_sha256(km.token, kw, b"x"),
+    }
+    error = _raised(calls[misuse])
+    assert isinstance(error, errors.PolicyError), repr(error)
+    assert f"has no {role} role" in str(error) and "keymgr-A" in str(error)
+    # the session is still good afterwards
+    assert objects.unwrap_data_key(km.token, kw, objects.wrap_data_key(km.token, kw, bytes(32))) == bytes(32)
+
+
+def test_gcm_nonce_of_the_wrong_size(keys: tuple[keymgr.KeyManager, bytes, bytes]) -> None:
+    km, _, gcm = keys
+    for size in (0, 8, 16):
+        error = _raised(lambda: objects.gcm_encrypt(km.token, gcm, b"x", nonce=os.urandom(size), aad=b""))
+        assert isinstance(error, errors.ConfigurationError) and f"not {size}" in str(error)
+        error = _raised(lambda: objects.gcm_decrypt(km.token, gcm, bytes(17), nonce=os.urandom(size), aad=b""))
+        assert isinstance(error, errors.ConfigurationError)
+
+
+def test_destroyed_key_is_not_found(keys: tuple[keymgr.KeyManager, bytes, bytes]) -> None:
+    km, kw, _ = keys
+    wrapped = objects.wrap_data_key(km.token, kw, os.urandom(32))  # the handle is cached now
+    objects.destroy_key(km.token, kw)
+    error = _raised(lambda: objects.unwrap_data_key(km.token, kw, wrapped))
+    assert isinstance(error, errors.KeyNotFoundError) and kw.hex() in str(error)
