@@ -9,4 +9,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --bench
+if [ "${1:-}" = "--rewrap" ]; then shift; exec .venv/bin/python bench/rewrap.py "$@"; fi  # bulk rewrap (bench/rewrap.py)
 exec .venv/bin/python bench/envelope.py "$@"
