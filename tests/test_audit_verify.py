@@ -137,3 +137,23 @@ def test_sole_log_replaced_by_a_new_chain_is_detected(tmp_path: Path, softhsm: T
     assert not report.ok and report.broken.line == 1 and "deleted or replaced" in report.broken.reason
     assert report.other_chains[old_chain] == 3
     assert verify_log(path, token=ts).ok  # shared: only listed
+
+
+def test_every_token_kind_keeps_a_verifiable_log(tmp_path: Path, token: TokenUnderTest) -> None:
+    """SoftHSM MACs every entry; the TPM holds no HMAC key (RSA / EC only), so its entries are
+    unMACed but the checkpoint it keeps still fixes the chain: a cut-off tail and an edit
+    before the checkpoint are caught on both."""
+    from tests.conftest import requires
+
+    requires(token, "data-objects")
+    ts = open_token(token.uri())
+    path = tmp_path / "a.log"
+    lines = honest_log(path, ts, 4)
+    report = verify_log(path, token=ts)
+    assert report.ok and report.checkpoint[0] == 4 and report.unauthenticated_tail == []
+    maced = token.kind == "softhsm"
+    assert report.unmaced == ([] if maced else [1, 2, 3, 4])
+    write_lines(path, truncated(lines, 1))
+    assert "cut off" in verify_log(path, token=ts).broken.reason
+    write_lines(path, edited(lines, 3))
+    assert verify_log(path, token=ts).broken.line == 4

@@ -273,7 +273,7 @@ class AuditLog:
             import syslog as _sys
 
             _sys.syslog(_sys.LOG_INFO, text)
-        if mac is not None and self._file is not None:
+        if self._key is not None and self._key.token.logged_in and self._file is not None:
             self._unsaved = (chain, entry.seq, digest)
             if entry.seq % self._checkpoint_every == 0:
                 self._save_checkpoint()

@@ -40,21 +40,29 @@ class AuditKey:
     def __init__(self, ts: TokenSession) -> None:
         self._ts = ts
         self._ready = False
+        self._unsupported = False
 
     @property
     def token(self) -> TokenSession:
         return self._ts
 
-    def _ensure(self) -> None:
-        if not self._ready:
-            if not objects.key_exists(self._ts, AUDIT_KEY_ID):
-                objects.generate_key(self._ts, MAC_KEY, label=AUDIT_KEY_LABEL, key_id=AUDIT_KEY_ID)
+    def _ensure(self) -> bool:
+        if not self._ready and not self._unsupported:
+            try:
+                if not objects.key_exists(self._ts, AUDIT_KEY_ID):
+                    objects.generate_key(self._ts, MAC_KEY, label=AUDIT_KEY_LABEL, key_id=AUDIT_KEY_ID)
+            except errors.MechanismUnsupportedError:
+                self._unsupported = True  # e.g. a TPM: RSA / EC keys only; asked once per process
+                return False
             self._ready = True
+        return self._ready
 
-    def mac(self, data: bytes) -> str:
-        """HMAC-SHA256 of ``data`` inside the token, hex (made on first use, so a token is
-        only given an audit key once something is audited on it)."""
-        self._ensure()
+    def mac(self, data: bytes) -> str | None:
+        """HMAC-SHA256 of ``data`` inside the token, hex, or None for a token that cannot hold an
+        HMAC key (its entries are then protected by the checkpoint's hash alone). The key is made
+        on first use, so a token is only given an audit key once something is audited on it."""
+        if not self._ensure():
+            return None
         return objects.hmac_sha256(self._ts, AUDIT_KEY_ID, data).hex()
 
     def verify(self, data: bytes, mac_hex: str) -> bool:

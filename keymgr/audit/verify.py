@@ -12,9 +12,11 @@
   entry is named exactly; and the token's checkpoint (last seq and hash) must be
   in the log, so a cut-off tail is detected.
 
-Entries without a MAC (written while the token could not be used) are covered by
-the next MACed entry's chain; those after the last MACed entry are reported as
-unauthenticated: anyone who can write the file could have appended them.
+Entries without a MAC (written while the token could not be used, or on a token
+that cannot hold an HMAC key, such as a TPM) are covered by the next MACed
+entry's chain and by the checkpoint's hash, which fixes the whole chain up to
+it; those after both are reported as unauthenticated: anyone who can write the
+file could have appended them.
 """
 
 from __future__ import annotations
@@ -139,9 +141,10 @@ class _Walk:
             report.unauthenticated_tail.append(entry.seq)
         else:
             report.unauthenticated_tail.clear()
-        if report.checkpoint is not None and entry.seq == report.checkpoint[0] \
-                and line_digest(raw) != report.checkpoint[1]:
-            return self.fail(number, entry.seq, "differs from the entry the token checkpointed: edited or replaced")
+        if report.checkpoint is not None and entry.seq == report.checkpoint[0]:
+            if line_digest(raw) != report.checkpoint[1]:
+                return self.fail(number, entry.seq, "differs from the entry the token checkpointed: edited or replaced")
+            report.unauthenticated_tail.clear()  # the checkpoint's hash covers the chain up to here
         self.prev_raw, self.prev_seq, self.prev_maced = raw, entry.seq, entry.mac is not None
         report.entries, report.last_seq = number, entry.seq
         return True

@@ -64,7 +64,7 @@ def write_register(ts: TokenSession, name: str, value: str) -> None:
             obj = session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
                                          Attribute.PRIVATE: True, Attribute.MODIFIABLE: True,
                                          Attribute.APPLICATION: name, Attribute.LABEL: value,
-                                         Attribute.VALUE: b""})
+                                         Attribute.VALUE: b"\x00"})  # tpm2-pkcs11 refuses an empty value
         ts.cache[("register", name)] = obj
 
     ts.run(f"write register {name!r}", call)
