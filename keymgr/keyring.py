@@ -242,8 +242,12 @@ class Keyring:
             return sorted(self._records.values(), key=lambda r: r.name)
 
     def get(self, name: str) -> KeyRecord:
-        validate_name(name)
         self._fresh()
+        if type(name) is str:  # the per-message path: a name found was validated when it was stored
+            record = self._records.get(name)  # one dict read, atomic: the lock guards writers
+            if record is not None:
+                return record
+        validate_name(name)
         with self._lock:
             record = self._records.get(name)
         if record is None:

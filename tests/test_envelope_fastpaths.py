@@ -120,3 +120,115 @@ def test_attribute_cache_gives_what_a_full_parse_gives() -> None:
             assert parsed == _parse_auth_attrs(der, _attrs_element(der))[0]
             assert parsed.commitment == real[-32:] and parsed.other[0][1] not in seen
             seen.add(parsed.other[0][1])
+
+
+# -- message shapes (keymgr.envelope.cms._Shape) ---------------------------------------------
+
+
+def _as_tuple(parsed: object) -> tuple[object, ...]:
+    """Everything a parse gives, the lazily cut fields included."""
+    from keymgr.envelope.cms import ParsedMessage
+
+    assert isinstance(parsed, ParsedMessage)
+    return (parsed.recipient_infos.der, parsed.content_type, parsed.nonce, parsed.icv_length, parsed.auth_attrs,
+            parsed.encrypted_content, parsed.mac, parsed.aad, parsed._fields)
+
+
+def _parse_both(blob: bytes) -> tuple[object, object]:
+    """(parse_message, the full parse) of ``blob``: each a result tuple or the FormatError's text."""
+    from keymgr.envelope.cms import _parse_full, parse_message
+
+    out = []
+    for parse in (parse_message, _parse_full):
+        try:
+            out.append(_as_tuple(parse(blob)))
+        except FormatError as exc:
+            out.append(str(exc))
+    return out[0], out[1]
+
+
+def _message(size: int, context: dict[str, str] | None, kinds: list[tuple[str, int]], compat: bool = False) -> bytes:
+    from keymgr.envelope import seal_message
+
+    recipients = [r.kek_recipient_der(os.urandom(16), os.urandom(length), algorithm,  # type: ignore[arg-type]
+                                      os.urandom(12) if algorithm == "aes256_gcm" else None)
+                  for algorithm, length in kinds]
+    return seal_message(os.urandom(size), dek=os.urandom(32), recipient_infos=recipients, context=context,
+                        compat_openssl=compat)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.sampled_from([0, 1, 100, 1024, 200_000]),
+       context=st.none() | st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=20), max_size=3),
+       kinds=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3), compat=st.booleans())
+def test_message_shape_gives_what_a_full_parse_gives(size: int, context: dict[str, str] | None,
+                                                     kinds: list[tuple[str, int]], compat: bool) -> None:
+    """A second message of the same shape (new key ids, wrapped keys, nonce, ciphertext,
+    commitment and tag) is read from the first one's shape: exactly the full parse."""
+    from keymgr.envelope import cms
+
+    if compat:
+        context = None
+    first = _message(size, context, kinds, compat)
+    cms._SHAPES.clear()
+    cms.parse_message(first)
+    assert len(first) in cms._SHAPES
+    second = _message(size, context, kinds, compat)
+    assert len(second) == len(first) and cms._SHAPES[len(first)].read(second) is not None
+    fast, full = _parse_both(second)
+    assert fast == full
+
+
+def test_every_edit_of_a_shaped_message_parses_as_the_full_parse_does() -> None:
+    """Exhaustive over a small message: with its shape remembered, every single-byte edit
+    (a kept byte: the shape no longer applies; a cut one: read from the shape) gives what
+    the full parse gives, the same error included."""
+    from keymgr.envelope import cms
+
+    blob = _message(40, {"tenant": "acme"}, [("aes256_gcm", 48), ("aes256_wrap", 40)])
+    for i in range(len(blob)):
+        for flip in (0x01, 0x80):
+            cms._SHAPES.clear()
+            cms.parse_message(blob)
+            tampered = bytearray(blob)
+            tampered[i] ^= flip
+            fast, full = _parse_both(bytes(tampered))
+            assert fast == full, i
+
+
+def test_a_decoy_commitment_before_the_real_one_is_not_taken_for_it() -> None:
+    """The commitment's place comes from the attribute parser, not a search: an unknown
+    attribute before the real commitment, holding the commitment attribute's own bytes,
+    stays an unknown attribute, and its bytes are compared (kept), not cut."""
+    from keymgr.envelope import cms
+
+    decoy_oid = _der.encode_oid("1.2.3.4")
+    blobs = []
+    for _ in range(3):
+        fields = cms.parse_message(_message(10, {"t": "x"}, [("aes256_wrap", 40)]))._fields
+        decoy = _der.seq(decoy_oid, _der.set_of([_der.octets(_COMMITMENT_PREFIX + os.urandom(32))]))
+        fields["auth_attrs"] = b"\xa1" + _der.tlv(_der.SET, decoy + fields["auth_attrs"][2:])[1:]
+        body = _der.seq(*(fields[name] for name, _, _ in cms._FIELDS if name in fields))
+        blobs.append(_der.seq(cms._AUTH_ENVELOPED_TLV, _der.tlv(0xA0, body)))
+    assert len({len(b) for b in blobs}) == 1
+    for blob in blobs:
+        fast, full = _parse_both(blob)
+        assert fast == full
+        parsed = cms.parse_message(blob)
+        assert parsed.auth_attrs is not None and parsed.auth_attrs.other[0][1] in blob
+        decoy_value = parsed.auth_attrs.other[0][1]
+        assert parsed.commitment is not None and _COMMITMENT_PREFIX + parsed.commitment not in decoy_value
+
+
+def test_recipient_set_memo_is_for_the_same_tuple_only() -> None:
+    """encode_recipient_infos remembers the last tuple of DERs by identity: the same tuple gives
+    the same bytes, an equal-looking new tuple or a list (mutable) is encoded afresh."""
+    one = tuple(r.kek_recipient_der(os.urandom(16), os.urandom(40), "aes256_wrap") for _ in range(2))
+    first = r.encode_recipient_infos(one)
+    assert first == _der.set_of(list(one)) and r.encode_recipient_infos(one) is first
+    other = (r.kek_recipient_der(os.urandom(16), os.urandom(40), "aes256_wrap"), one[1])
+    assert r.encode_recipient_infos(other) == _der.set_of(list(other))
+    as_list = list(one)
+    assert r.encode_recipient_infos(as_list) == first
+    as_list[0] = other[0]
+    assert r.encode_recipient_infos(as_list) == _der.set_of(as_list)

@@ -118,6 +118,8 @@ class AuthAttributes:
     content_type: str | None
     #: attributes keymgr does not interpret: (OID, whole Attribute DER)
     other: tuple[tuple[str, bytes], ...] = ()
+    #: where the commitment's 32 bytes start in the bytes parsed (keymgr.envelope.cms's shape cache)
+    commitment_at: int | None = field(default=None, repr=False, compare=False)
 
 
 def _attribute(data: bytes, attr: _der.Tlv) -> tuple[str, _der.Tlv]:
@@ -197,7 +199,7 @@ def parse_auth_attrs(data: bytes, element: _der.Tlv) -> AuthAttributes:
     if seen is not None and seen[0] == cut:
         return AuthAttributes(aad=_der.header(_der.SET, len(body)) + body, context=None if seen[1] is None else
                               dict(seen[1]), commitment=body[cut:cut + COMMITMENT_SIZE], content_type=seen[2],
-                              other=seen[3])
+                              other=seen[3], commitment_at=element.body + cut)
     attrs, commitment_at = _parse_auth_attrs(data, element)
     if key is not None and commitment_at == element.body + cut:
         if len(_SEEN) >= _SEEN_MAX:
@@ -237,4 +239,4 @@ def _parse_auth_attrs(data: bytes, element: _der.Tlv) -> tuple[AuthAttributes, i
             other.append((oid, data[value.start:value.end]))
     aad = _der.header(_der.SET, element.end - element.body) + data[element.body:element.end]
     return AuthAttributes(aad=aad, context=context, commitment=commitment, content_type=content_type,
-                          other=tuple(other)), commitment_at
+                          other=tuple(other), commitment_at=commitment_at), commitment_at

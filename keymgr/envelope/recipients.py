@@ -238,8 +238,18 @@ def read_other_recipient(ri: RecipientLike) -> tuple[str, bytes]:
     return _der.decode_oid(data[parts[0].body:parts[0].end]), data[parts[1].start:parts[1].end]
 
 
+#: The last tuple of recipient DERs encoded, and its encoding: a cached data key seals every
+#: message with the same tuple object (keymgr.envelope.cache). Held by reference, so ``is``
+#: means the same immutable bytes; nothing secret (wrapped keys).
+_last_encoded: tuple[object, bytes] = (None, b"")
+
+
 def encode_recipient_infos(recipient_infos: Sequence[RecipientLike]) -> bytes:
     """The DER ``RecipientInfos`` SET for a message or stream we write (objects or their DER)."""
+    global _last_encoded
+    last = _last_encoded
+    if recipient_infos is last[0]:
+        return last[1]
     if isinstance(recipient_infos, cms.RecipientInfo | bytes) or not 1 <= len(recipient_infos) <= MAX_RECIPIENTS:
         raise ConfigurationError(f"a message needs 1 to {MAX_RECIPIENTS} recipients (a sequence of RecipientInfo)")
     encoded = []
@@ -254,7 +264,10 @@ def encode_recipient_infos(recipient_infos: Sequence[RecipientLike]) -> bytes:
         if element.tag not in _KINDS or len(data) > MAX_RECIPIENT_BYTES:
             raise ConfigurationError(f"a recipient is not a RecipientInfo of at most {MAX_RECIPIENT_BYTES} bytes")
         encoded.append(data)
-    return _der.set_of(encoded)
+    result = _der.set_of(encoded)
+    if type(recipient_infos) is tuple and all(type(ri) is bytes for ri in recipient_infos):
+        _last_encoded = (recipient_infos, result)
+    return result
 
 
 def load_recipient_info(der: bytes) -> cms.RecipientInfo:
