@@ -193,3 +193,19 @@ def test_cli_json_jobs_and_exit_code(softhsm: TokenUnderTest, km: keymgr.KeyMana
                           catch_exceptions=False)
     assert human.exit_code == 1
     assert "already current" in human.output and "failed:" in human.output and "bad.cms" in human.output
+
+
+def test_cli_allow_compromised_for_recovery(softhsm: TokenUnderTest, km: keymgr.KeyManager, key_name: str,
+                                            tmp_path: Path) -> None:
+    km.create_key(key_name)
+    path = tmp_path / "m.cms"
+    path.write_bytes(km.encrypt(b"recover me", key=key_name))
+    km.rotate(key_name)
+    km.mark_compromised(key_name, 1)
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["--token", softhsm.uri(), "rewrap", str(tmp_path), "--json"])
+    assert refused.exit_code == 1 and "compromised" in json.loads(refused.output)["failures"][0]["reason"]
+    allowed = runner.invoke(cli, ["--token", softhsm.uri(), "rewrap", str(tmp_path), "--json", "--allow-compromised"])
+    assert allowed.exit_code == 0 and json.loads(allowed.output)["rewrapped"] == 1
+    assert inspect_file(path).kek_ids == (_primary_id(km, key_name),)  # type: ignore[union-attr]
+    assert km.decrypt(path.read_bytes()) == b"recover me"

@@ -98,11 +98,13 @@ def _print_summary(summary: Summary) -> None:
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Journal file: an interrupted run given the same journal resumes where it stopped.")
 @click.option("--dry-run", is_flag=True, help="Report what would be rewrapped; write nothing, call no unwrap.")
+@click.option("--allow-compromised", is_flag=True,
+              help="Recovery: let versions marked compromised be rewrapped away from (docs/rotation.md runbook).")
 @click.option("--progress/--no-progress", default=None,
               help="Draw the progress bar (default: when stderr is a terminal).")
 @pass_state
 def rewrap_command(state: CliState, paths: tuple[str, ...], jobs: int, threads: int | None, journal: str | None,
-                   dry_run: bool, progress: bool | None) -> None:
+                   dry_run: bool, allow_compromised: bool, progress: bool | None) -> None:
     """Rewrap every keymgr envelope under PATH... (recursively) to its key's current primary.
 
     Only the wrapped data keys change; payloads are never read. Files that are not
@@ -110,7 +112,12 @@ def rewrap_command(state: CliState, paths: tuple[str, ...], jobs: int, threads: 
     """
     from keymgr.bulk_rewrap import DEFAULT_THREADS, run
 
-    km = state.manager()
+    if allow_compromised:
+        from keymgr.manager import KeyManager
+
+        km = KeyManager(state.token, allow_compromised=True)
+    else:
+        km = state.manager()
     show = progress if progress is not None else (sys.stderr.isatty() and not state.json_output)
     bar = _Bar("dry run" if dry_run else "rewrap") if show else None
     on_total: Callable[[int], Any] | None = bar.total if bar else None
