@@ -188,3 +188,18 @@ def test_probed_capability_sets(token: TokenUnderTest) -> None:
                 "ecdsa-sign"} <= caps.supported
         assert not caps.supported & {"aes-keygen", "aes-kw", "aes-gcm", "ecdh-p256", "ecdh-p384"}
         assert caps.schemes == ("rsa-oaep",)
+
+
+def test_key_pair_asked_for_a_role_it_lacks_is_a_policy_error(tpm: TokenUnderTest) -> None:
+    """The TPM's EC key (made by tpm2_ptool) has no CKA_DERIVE: python-pkcs11 answers with a bare
+    AttributeError, which must reach the caller as a PolicyError naming the role."""
+    ts = open_token(tpm.uri())
+    ref = asym.find_keypair(ts, label="ec-kek")
+    point = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    with pytest.raises(keymgr.PolicyError, match="key pair 'ec-kek' has no derive role"):
+        asym.ecdh_derive(ts, ref, point)
+    signature = asym.sign(ts, ref, b"still usable for what it may do")
+    public = asym.public_key(ts, ref)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(signature, b"still usable for what it may do", ec.ECDSA(hashes.SHA256()))

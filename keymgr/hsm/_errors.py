@@ -15,7 +15,7 @@ import pkcs11.exceptions as p11x
 
 from keymgr import errors
 
-__all__ = ["code_name", "translate", "translating", "SESSION_LOST", "TOKEN_GONE"]
+__all__ = ["code_name", "missing_role", "translate", "translating", "SESSION_LOST", "TOKEN_GONE"]
 
 #: Errors after which the session is unusable but the token is still there.
 SESSION_LOST: tuple[type[BaseException], ...] = (
@@ -109,6 +109,18 @@ _POLICY = (
     p11x.TokenWriteProtected,
     p11x.SessionReadOnly,
 )
+
+
+#: python-pkcs11 gives a key object these methods only if its CKA_* role allows them
+#: (STACK-FACTS.md 9): a key used outside its role raises AttributeError, not a PKCS#11 error.
+_ROLE_METHODS = {"wrap_key": "wrap", "unwrap_key": "unwrap", "encrypt": "encrypt", "decrypt": "decrypt",
+                 "sign": "sign", "verify": "verify", "derive_key": "derive"}
+
+
+def missing_role(exc: AttributeError, key: object) -> str | None:
+    """The role (``"wrap"``, ``"decrypt"``, ...) that ``key`` lacks, when ``exc`` is python-pkcs11
+    saying so; None for any other AttributeError (a bug to let through)."""
+    return _ROLE_METHODS.get(exc.name or "") if exc.obj is key else None
 
 
 def code_name(exc: BaseException) -> str:

@@ -50,6 +50,7 @@ from pkcs11.constants import DEFAULT
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from keymgr import errors
+from keymgr.hsm._errors import missing_role
 from keymgr.hsm.pins import Pin
 from keymgr.hsm.sessions import TokenSession
 from keymgr.templates import KEYPAIR_PRIVATE, KEYPAIR_PUBLIC, ROLE_ATTRIBUTES
@@ -336,13 +337,20 @@ def _with_private(ts: TokenSession, ref: KeyPairRef, operation: str,
     secret = None if not needs_pin else ("" if pin is None else pin.reveal())  # "" = PIN pad
 
     def call(session: Any) -> T:
+        key, _ = _private(session, ts, ref)
         try:
-            key, _ = _private(session, ts, ref)
-            return use(session, key, secret)
-        except (p11x.KeyHandleInvalid, p11x.ObjectHandleInvalid):
-            ts.cache.pop(("keypair", ref.key_id, ref.label), None)
-            key, _ = _private(session, ts, ref)
-            return use(session, key, secret)
+            try:
+                return use(session, key, secret)
+            except (p11x.KeyHandleInvalid, p11x.ObjectHandleInvalid):
+                ts.cache.pop(("keypair", ref.key_id, ref.label), None)
+                key, _ = _private(session, ts, ref)
+                return use(session, key, secret)
+        except AttributeError as exc:  # e.g. a PIV signing-only slot key asked to decrypt
+            role = missing_role(exc, key)
+            if role is None:
+                raise
+            raise errors.PolicyError(f"{operation} on token {ts.label!r}: key pair {ref.label!r} has no {role} "
+                                     "role") from None
 
     try:
         return ts.run(operation, call)

@@ -18,6 +18,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
 from keymgr import errors
+from keymgr.hsm._errors import missing_role
 from keymgr.hsm.sessions import TokenSession
 from keymgr.templates import EPHEMERAL_DATA_KEY, KeyTemplate
 
@@ -95,12 +96,6 @@ def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes) -> pkcs1
     return found[0]  # type: ignore[return-value]
 
 
-#: python-pkcs11 gives a key object these methods only if its CKA_* role allows them
-#: (STACK-FACTS.md 9): a key used outside its role raises AttributeError, not a PKCS#11 error.
-_ROLE_METHODS = {"wrap_key": "wrap", "unwrap_key": "unwrap", "encrypt": "encrypt", "decrypt": "decrypt",
-                 "sign": "sign", "verify": "verify", "derive_key": "derive"}
-
-
 def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any) -> Any:
     """Run ``use(key)`` with the cached handle; look it up again once if it went stale.
     A key asked for a role its template does not give it is a :class:`~keymgr.errors.PolicyError`."""
@@ -115,8 +110,8 @@ def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any) -> Any:
                 key = _find_key(session, ts, key_id)
                 return use(key)
         except AttributeError as exc:
-            role = _ROLE_METHODS.get(exc.name or "")
-            if role is None or exc.obj is not key:
+            role = missing_role(exc, key)
+            if role is None:
                 raise
             raise errors.PolicyError(f"{operation} on token {ts.label!r}: key {key_id.hex()} has no {role} role "
                                      "(its template does not allow it)") from None
