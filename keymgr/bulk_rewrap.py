@@ -4,7 +4,8 @@
 regular file found (directories are walked recursively, symbolic links are
 not followed):
 
-- not a keymgr envelope: reported as *skipped*, never opened for writing;
+- not a keymgr envelope, or an envelope none of whose recipients is a key of
+  this token (another site's): reported as *skipped*, never opened for writing;
 - all of our recipients under the primary already: *current*, left as it is;
 - otherwise: the new envelope (:mod:`keymgr.rewrap`: recipients only) replaces
   the file atomically (temporary file in the same directory, fsync, rename,
@@ -221,13 +222,15 @@ def run(rewrapper: Rewrapper, paths: Iterable[str | os.PathLike[str]], *, jobs: 
 
     opened = Journal(journal) if journal is not None and not dry_run else None
     try:
-        files: list[str] = []
+        files: dict[str, None] = {}  # ordered and unique: a file named twice is rewrapped once
         early: list[FileOutcome] = []
         for found in walk(paths, summary):
-            (files if isinstance(found, str) else early).append(found)  # type: ignore[arg-type]
+            if isinstance(found, str):
+                files[found] = None
+            else:
+                early.append(found)
         if opened is not None:
-            skip = os.path.abspath(opened.path)
-            files = [f for f in files if f != skip]
+            files.pop(os.path.abspath(opened.path), None)
         if on_total is not None:
             on_total(len(files) + len(early))
         for outcome in early:
@@ -235,12 +238,12 @@ def run(rewrapper: Rewrapper, paths: Iterable[str | os.PathLike[str]], *, jobs: 
         worker = FileRewrapper(rewrapper, opened, dry_run=dry_run)
         if jobs == 1 or len(files) < 2:
             with ThreadPoolExecutor(threads) as pool:
-                for outcome in pool.map(worker.process, files):
+                for outcome in pool.map(worker.process, list(files)):
                     report(outcome)
         else:
             sys.stdout.flush()
             sys.stderr.flush()
-            _in_processes(worker, files, jobs, threads, report)
+            _in_processes(worker, list(files), jobs, threads, report)
     finally:
         if opened is not None:
             opened.close()

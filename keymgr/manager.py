@@ -217,15 +217,15 @@ class KeyManager:
         it is current already. Payload, context and commitment are copied, never read."""
         try:
             return self.rewrapper().message(blob).data
-        except errors.IntegrityError:
-            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
+        except errors.IntegrityError as exc:
+            raise _ciphertext_failure(exc) from None
 
     def rewrap_stream(self, src: BinaryIO, dst: BinaryIO) -> RewrapResult:
         """:meth:`rewrap` for a stream: a new header to ``dst``, then ``src``'s segments as they are."""
         try:
             return self.rewrapper().stream(src, dst)
-        except errors.IntegrityError:
-            raise errors.IntegrityError(INTEGRITY_MESSAGE) from None
+        except errors.IntegrityError as exc:
+            raise _ciphertext_failure(exc) from None
 
     def capabilities(self) -> Capabilities:
         """What the token can do (probed once per process)."""

@@ -118,7 +118,7 @@ class Rewrapper:
                    commitment: bytes | None) -> tuple[list[bytes], tuple[Move, ...], tuple[tuple[str, int], ...]]:
         """The new recipient list (DER), what moved, and what was current already.
 
-        :class:`~keymgr.errors.KeyNotFoundError` if no recipient is a key of this
+        :class:`~keymgr.errors.RecipientNotFoundError` if no recipient is a key of this
         token; :class:`~keymgr.errors.PolicyError` if a stale one's version may not
         decrypt (retired, suspended ...), so it cannot be moved either.
         """
@@ -126,7 +126,8 @@ class Rewrapper:
         ours = [o for _, o in found if o is not None]
         if not ours:
             label = self._protector.keyring.token.label
-            raise errors.KeyNotFoundError(f"none of the {len(recipient_der)} recipients is a key of token {label!r}")
+            raise errors.RecipientNotFoundError(
+                f"none of the {len(recipient_der)} recipients is a key of token {label!r}")
         primaries = {(o.record.name, o.version.version) for o in ours if o.version.version == o.record.primary}
         kept = tuple(sorted(primaries))
         result: list[bytes] = []
@@ -155,7 +156,7 @@ class Rewrapper:
         found = [f for f in (self._protector._find(k) for k in kek_ids) if f is not None]  # noqa: SLF001
         if not found:
             label = self._protector.keyring.token.label
-            raise errors.KeyNotFoundError(f"none of the envelope's key ids is a key of token {label!r}")
+            raise errors.RecipientNotFoundError(f"none of the envelope's key ids is a key of token {label!r}")
         primaries = {(record.name, record.primary) for record, version in found if version.version == record.primary}
         moves = []
         for record, version in found:

@@ -80,6 +80,10 @@ class FileRewrapper:
     def process(self, path: str) -> FileOutcome:
         try:
             return self._process(path)
+        except errors.RecipientNotFoundError:  # another token's envelope: nothing of ours to move
+            reason = "an envelope, but no recipient is a key of this token"
+            self._record(Entry(path, "skipped", reason=reason))
+            return FileOutcome(path, "skipped", reason=reason)
         except errors.KeymgrError as exc:
             reason = str(exc)
         except OSError as exc:

@@ -209,3 +209,24 @@ def test_cli_allow_compromised_for_recovery(softhsm: TokenUnderTest, km: keymgr.
     assert allowed.exit_code == 0 and json.loads(allowed.output)["rewrapped"] == 1
     assert inspect_file(path).kek_ids == (_primary_id(km, key_name),)  # type: ignore[union-attr]
     assert km.decrypt(path.read_bytes()) == b"recover me"
+
+
+def test_other_tokens_envelopes_are_skipped_and_paths_deduplicated(km: keymgr.KeyManager, key_name: str,
+                                                                   tmp_path: Path) -> None:
+    from tests.conftest import softhsm_token
+
+    km.create_key(key_name)
+    with keymgr.KeyManager(softhsm_token("keymgr-B").uri()) as other:
+        other.create_key(key_name + "-b")
+        foreign = tmp_path / "foreign.cms"
+        foreign.write_bytes(other.encrypt(b"not ours", key=key_name + "-b"))
+    ours = tmp_path / "ours.cms"
+    ours.write_bytes(km.encrypt(b"ours", key=key_name))
+    km.rotate(key_name)
+    original = foreign.read_bytes()
+    summary = bulk_rewrap.run(km.rewrapper(), [tmp_path, ours, tmp_path / "." / "ours.cms"])
+    assert summary.counts == {"rewrapped": 1, "current": 0, "skipped": 1, "failed": 0}
+    assert "no recipient is a key of this token" in summary.skipped[0].reason
+    assert foreign.read_bytes() == original
+    with pytest.raises(keymgr.errors.RecipientNotFoundError):
+        km.rewrap(original)

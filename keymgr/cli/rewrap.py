@@ -71,7 +71,7 @@ def _print_summary(summary: Summary) -> None:
     table.add_column("files")
     table.add_column("count", justify="right")
     labels = (("rewrapped", "would rewrap" if summary.dry_run else "rewrapped"), ("current", "already current"),
-              ("skipped", "skipped (not keymgr envelopes)"), ("failed", "failed"))
+              ("skipped", "skipped (not envelopes, or not for this token)"), ("failed", "failed"))
     for key, label in labels:
         table.add_row(label, str(summary.counts[key]))
     if summary.resumed:
