@@ -15,7 +15,8 @@ checkpoint and aggregation choices.
 
 from keymgr.audit._config import default_log_path, resolve_audit
 from keymgr.audit._entry import Actor, Entry, parse_line
-from keymgr.audit._log import AuditLog, Operation, acting_as, current_operation, current_principal
+from keymgr.audit._log import AuditLog
+from keymgr.audit._operation import Operation, acting_as, current_operation, current_principal
 from keymgr.audit.limits import RateLimit, RateLimiter
 from keymgr.audit.verify import Break, VerifyReport, parse_time, read_entries, select, verify_log
 

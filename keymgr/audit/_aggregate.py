@@ -76,8 +76,11 @@ class Aggregator:
                 counts[1] = min(counts[1], g.first)
                 counts[2] = max(counts[2], g.last)
 
-    def discard(self) -> None:
-        """Forget pending counts: in a child after ``fork()``, whose parent reports them."""
+    def discard(self, *, new_lock: bool = False) -> None:
+        """Forget pending counts: in a child after ``fork()``, whose parent reports them
+        (``new_lock``: the parent's lock may have been held by one of its threads)."""
+        if new_lock:
+            self._lock = threading.Lock()
         with self._lock:
             self._counts = {}
             self._started = self._clock()

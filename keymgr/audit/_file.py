@@ -156,6 +156,11 @@ class FileSink:
                 except OSError as exc:
                     raise self._error(exc) from None
 
+    def after_fork(self) -> None:
+        """In a child after ``fork()``: a lock of its own; the descriptor is reopened on next use."""
+        self._lock = threading.Lock()
+        self._known = None
+
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             self._reset()

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from keymgr import errors
-from keymgr.audit._log import AuditLog, Operation, current_operation, current_principal
+from keymgr.audit._log import AuditLog
+from keymgr.audit._operation import Operation, current_operation, current_principal
 from keymgr.audit.limits import RateLimit, RateLimiter
 from keymgr.envelope.kek import KekProtector
 from keymgr.hsm.sessions import TokenSession

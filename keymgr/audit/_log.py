@@ -22,7 +22,6 @@ operation being audited (fail closed: an operation is not done unrecorded).
 from __future__ import annotations
 
 import atexit
-import contextvars
 import dataclasses
 import logging
 import os
@@ -32,10 +31,8 @@ import socket
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 from keymgr import errors
@@ -52,46 +49,19 @@ from keymgr.audit._entry import (
     valid_operation,
 )
 from keymgr.audit._file import FileSink, Tail
+from keymgr.audit._operation import Operation, current_principal
 from keymgr.audit._token import AuditKey
 from keymgr.hsm.sessions import TokenSession
 
-__all__ = ["AuditLog", "Operation", "acting_as", "current_operation", "current_principal", "DEFAULT_AGGREGATE"]
+__all__ = ["AuditLog", "DEFAULT_AGGREGATE"]
 
 #: Operations aggregated by default: the per-message ones (their successes only).
 DEFAULT_AGGREGATE = ("encrypt", "decrypt")
 
-_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("keymgr_audit_principal", default=None)
-_operation: contextvars.ContextVar[Operation | None] = contextvars.ContextVar("keymgr_audit_operation",
-                                                                               default=None)
 _live: weakref.WeakSet[AuditLog] = weakref.WeakSet()
 #: Logs holding aggregated counts not yet written, kept alive until they are (a KeyManager
 #: dropped without close() must not take its counts with it).
 _pending_logs: set[AuditLog] = set()
-
-
-@contextmanager
-def acting_as(principal: str | None) -> Iterator[None]:
-    """Attribute the operations in this block (this thread / task) to an application principal::
-
-        with keymgr.audit.acting_as("billing-service"):
-            km.decrypt(blob)
-    """
-    if principal is not None and (not isinstance(principal, str) or not 0 < len(principal) <= 128):
-        raise errors.ConfigurationError("an audit principal is a string of 1-128 characters")
-    token = _principal.set(principal)
-    try:
-        yield
-    finally:
-        _principal.reset(token)
-
-
-def current_principal() -> str | None:
-    return _principal.get()
-
-
-def current_operation() -> Operation | None:
-    """The audited operation running in this context (to fill in the key version it found)."""
-    return _operation.get()
 
 
 def _os_user() -> tuple[str, int]:
@@ -105,36 +75,6 @@ def _os_user() -> tuple[str, int]:
 def _utc(seconds: float | None = None) -> str:
     moment = datetime.now(UTC) if seconds is None else datetime.fromtimestamp(seconds, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class Operation:
-    """One audited operation (a context manager from :meth:`AuditLog.operation`). The block may
-    set ``key``, ``version`` and ``detail`` once it knows them; the outcome is ``ok``, ``refused``
-    (a :class:`~keymgr.errors.PolicyError`) or ``failed`` (anything else), with the error's class."""
-
-    __slots__ = ("_log", "op", "key", "version", "detail", "_reset")
-
-    def __init__(self, log: AuditLog | None, op: str, key: str | None, version: int | None,
-                 detail: Mapping[str, Any] | None) -> None:
-        self._log = log
-        self.op = op
-        self.key = key
-        self.version = version
-        self.detail = detail
-        self._reset: contextvars.Token[Operation | None] | None = None
-
-    def __enter__(self) -> Operation:
-        self._reset = _operation.set(self)
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._reset is not None:
-            _operation.reset(self._reset)
-        if self._log is not None:
-            outcome = "ok" if exc is None else "refused" if isinstance(exc, errors.PolicyError) else "failed"
-            self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
-                             detail=self.detail)
 
 
 class AuditLog:
@@ -220,7 +160,7 @@ class AuditLog:
                error: BaseException | None = None, detail: Mapping[str, Any] | None = None,
                principal: str | None = None) -> None:
         """Record one operation: aggregated (a configured op that succeeded) or written now."""
-        who = principal or _principal.get() or self._principal
+        who = principal or current_principal() or self._principal
         if outcome == "ok" and op in self._aggregator.ops and not detail:
             self._aggregator.add(op, valid_key(key), version, who)
             if self not in _pending_logs:
@@ -343,10 +283,14 @@ class AuditLog:
         _live.discard(self)
 
     def _after_fork(self) -> None:
-        self._aggregator.discard()  # the parent reports them
+        """In the child: fresh locks (a parent thread may have held one at the fork), no flusher
+        thread, and none of the parent's pending counts (the parent reports them)."""
+        self._aggregator.discard(new_lock=True)
         _pending_logs.discard(self)
         self._flusher, self._unsaved = None, None
         self._lock = threading.Lock()
+        if self._file is not None:
+            self._file.after_fork()
 
 
 def _group_row(g: Group) -> tuple[str, str | None, int | None, str, str | None, dict[str, Any], str | None]:

@@ -135,7 +135,8 @@ class _Walk:
         if entry.seq != self.prev_seq + 1 or entry.prev != expected_prev:
             return self._chain_break(number, entry, mac_ok, expected_prev)
         if mac_ok is False:
-            return self.fail(number, entry.seq, "its MAC does not verify: the entry was edited or forged")
+            elsewhere = " (or the log's audit key is on another token)" if number == 1 else ""
+            return self.fail(number, entry.seq, f"its MAC does not verify: the entry was edited or forged{elsewhere}")
         if entry.mac is None:
             report.unmaced.append(entry.seq)
             report.unauthenticated_tail.append(entry.seq)

@@ -1,0 +1,87 @@
+"""Audited operations and who performs them: the context of an audit entry.
+
+:class:`Operation` is the context manager a KeyManager wraps each operation in
+(``with log.operation("rotate", key=name) as op:``): it records the outcome when
+the block ends, and is visible to code deeper down (:func:`current_operation`)
+so that the envelope layer can name the key version a decrypt used.
+:func:`acting_as` attributes a block's operations to an application principal.
+Both live in :mod:`contextvars`, so they follow threads and asyncio tasks.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Protocol
+
+from keymgr import errors
+
+__all__ = ["Operation", "acting_as", "current_operation", "current_principal"]
+
+
+class _Recorder(Protocol):
+    def record(self, op: str, *, key: str | None = ..., version: int | None = ..., outcome: str = ...,
+               error: BaseException | None = ..., detail: Mapping[str, Any] | None = ...,
+               principal: str | None = ...) -> None: ...
+
+
+_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("keymgr_audit_principal", default=None)
+_operation: contextvars.ContextVar[Operation | None] = contextvars.ContextVar("keymgr_audit_operation",
+                                                                               default=None)
+
+
+@contextmanager
+def acting_as(principal: str | None) -> Iterator[None]:
+    """Attribute the operations in this block (this thread / task) to an application principal::
+
+        with keymgr.audit.acting_as("billing-service"):
+            km.decrypt(blob)
+    """
+    if principal is not None and (not isinstance(principal, str) or not 0 < len(principal) <= 128):
+        raise errors.ConfigurationError("an audit principal is a string of 1-128 characters")
+    token = _principal.set(principal)
+    try:
+        yield
+    finally:
+        _principal.reset(token)
+
+
+def current_principal() -> str | None:
+    return _principal.get()
+
+
+def current_operation() -> Operation | None:
+    """The audited operation running in this context (to fill in the key version it found)."""
+    return _operation.get()
+
+
+class Operation:
+    """One audited operation (a context manager from :meth:`AuditLog.operation`). The block may
+    set ``key``, ``version`` and ``detail`` once it knows them; the outcome is ``ok``, ``refused``
+    (a :class:`~keymgr.errors.PolicyError`) or ``failed`` (anything else), with the error's class."""
+
+    __slots__ = ("_log", "op", "key", "version", "detail", "_reset")
+
+    def __init__(self, log: _Recorder | None, op: str, key: str | None, version: int | None,
+                 detail: Mapping[str, Any] | None) -> None:
+        self._log = log
+        self.op = op
+        self.key = key
+        self.version = version
+        self.detail = detail
+        self._reset: contextvars.Token[Operation | None] | None = None
+
+    def __enter__(self) -> Operation:
+        self._reset = _operation.set(self)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._reset is not None:
+            _operation.reset(self._reset)
+        if self._log is not None:
+            outcome = "ok" if exc is None else "refused" if isinstance(exc, errors.PolicyError) else "failed"
+            self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
+                             detail=self.detail)
