@@ -157,3 +157,27 @@ def test_every_token_kind_keeps_a_verifiable_log(tmp_path: Path, token: TokenUnd
     assert "cut off" in verify_log(path, token=ts).broken.reason
     write_lines(path, edited(lines, 3))
     assert verify_log(path, token=ts).broken.line == 4
+
+
+def test_any_byte_changed_is_named_exactly_with_the_token(tmp_path: Path, ts: TokenSession) -> None:
+    """Property: change any one byte of any line (to anything but a newline) and verify names that
+    line, whichever field it lands in (parse, canonical form, chain, MAC or checkpoint)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    path = tmp_path / "a.log"
+    lines = honest_log(path, ts)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.data())
+    def check(data: st.DataObject) -> None:
+        index = data.draw(st.integers(0, len(lines) - 1))
+        position = data.draw(st.integers(0, len(lines[index]) - 1))
+        value = data.draw(st.integers(0, 255).filter(lambda b: b not in (lines[index][position], 0x0A)))
+        line = bytearray(lines[index])
+        line[position] = value
+        write_lines(path, lines[:index] + [bytes(line)] + lines[index + 1:])
+        report = verify_log(path, token=ts)
+        assert not report.ok and report.broken.line == index + 1, (index, position, value, report.broken)
+
+    check()
