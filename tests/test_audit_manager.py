@@ -62,10 +62,13 @@ def test_failures_and_refusals_are_individual_entries(audited, key_name: str) ->
     km.suspend(key_name, 1)
     with pytest.raises(errors.PolicyError):
         km.decrypt(blob, context={"tenant": "acme"})
+    with pytest.raises(errors.PolicyError):
+        km.encrypt(b"more", key=key_name)
     km.close()
-    rows = [r for r in _entries(path) if r["op"] == "decrypt"]
-    assert [(r["outcome"], r["error"], r["key"], r["version"]) for r in rows] == [
-        ("failed", "IntegrityError", key_name, 1), ("refused", "PolicyError", key_name, 1)]
+    rows = [r for r in _entries(path) if r["op"] in ("decrypt", "encrypt") and r["outcome"] != "ok"]
+    assert [(r["op"], r["outcome"], r["error"], r["key"], r["version"]) for r in rows] == [
+        ("decrypt", "failed", "IntegrityError", key_name, 1), ("decrypt", "refused", "PolicyError", key_name, 1),
+        ("encrypt", "refused", "PolicyError", key_name, None)]
 
 
 def test_failed_login_is_recorded_without_mac(tmp_path: Path) -> None:
