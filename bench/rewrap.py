@@ -14,7 +14,11 @@ files are stale again) and then measures, interleaved:
   check, wrap, re-encode, no file I/O;
 * ``bulk_rewrap.run`` over the directory as ``keymgr rewrap`` runs it (read,
   rewrap, temporary file, fsync, rename, directory fsync), with 1 or 4
-  threads, 2 processes, and with the journal (one more fsync per file).
+  threads, 2 processes, and with the journal (one more fsync per file);
+* ``file protocol only``: the same files read and replaced with their own bytes
+  by :func:`keymgr._files.atomic_write` (temporary file, fsync, rename,
+  directory fsync), no token, 1 and 4 threads: the disk's ceiling for any
+  crash-safe bulk rewrap.
 
 Rates are medians over rounds; ratios are medians of per-round ratios against
 the bare rate of the same round (this shared 2-vCPU VM drifts within a minute).
@@ -30,6 +34,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +43,7 @@ import keymgr  # noqa: E402
 from bench._cases import bare_cases  # noqa: E402
 from bench.envelope import make_token  # noqa: E402
 from keymgr import bulk_rewrap  # noqa: E402
+from keymgr._files import atomic_write  # noqa: E402
 
 MESSAGE_SIZE = 1024
 #: (label, jobs, threads, journal)
@@ -68,6 +74,17 @@ def bulk_rate(km: keymgr.KeyManager, folder: Path, jobs: int, threads: int, jour
     return summary.counts["rewrapped"] / summary.elapsed
 
 
+def file_protocol_rate(folder: Path, threads: int) -> float:
+    def replace(path: Path) -> None:
+        atomic_write(path, path.read_bytes(), mode=0o644)
+
+    paths = sorted(folder.iterdir())
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(replace, paths))
+    return len(paths) / (time.perf_counter() - start)
+
+
 def run_profile(km: keymgr.KeyManager, profile: str, files: int, rounds: int, workdir: Path,
                 bare: tuple[Callable[[], object], Callable[[], object]]) -> dict[str, list[float]]:
     key = f"bench-rewrap-{profile}-{uuid.uuid4().hex[:6]}"
@@ -77,7 +94,8 @@ def run_profile(km: keymgr.KeyManager, profile: str, files: int, rounds: int, wo
     payload = bytes(MESSAGE_SIZE)
     for i in range(files):
         (folder / f"m{i:05d}.cms").write_bytes(km.encrypt(payload, key=key, context={"n": str(i)}))
-    rates: dict[str, list[float]] = {"bare": [], "memory": [], **{label: [] for label, *_ in BULK}}
+    rates: dict[str, list[float]] = {"bare": [], "memory": [], **{label: [] for label, *_ in BULK},
+                                     "files 1": [], "files 4": []}
     for round_no in range(rounds):
         km.rotate(key)
         blobs = [p.read_bytes() for p in sorted(folder.iterdir())]
@@ -87,17 +105,23 @@ def run_profile(km: keymgr.KeyManager, profile: str, files: int, rounds: int, wo
             km.rotate(key)
             log = workdir / f"{profile}-{round_no}-{jobs}-{threads}.journal" if journal else None
             rates[label].append(bulk_rate(km, folder, jobs, threads, log))
+        for threads in (1, 4):
+            rates[f"files {threads}"].append(file_protocol_rate(folder, threads))
     return rates
 
 
 def report(profile: str, rates: dict[str, list[float]]) -> None:
     print(f"\n### profile {profile}\n")
-    print("| case | envelopes/s | ratio to bare unwrap+wrap |")
-    print("|---|---:|---:|")
-    names = {"bare": "bare pkcs11 unwrap + wrap (python-pkcs11 directly)", "memory": "KeyManager.rewrap, in memory"}
+    print("| case | envelopes/s | ratio to bare unwrap+wrap | ratio to file protocol, same threads |")
+    print("|---|---:|---:|---:|")
+    names = {"bare": "bare pkcs11 unwrap + wrap (python-pkcs11 directly)", "memory": "KeyManager.rewrap, in memory",
+             **{f"files {n}": f"file protocol only (no token), {n} thread{'s' * (n > 1)}" for n in (1, 4)}}
     for label, values in rates.items():
         ratio = statistics.median(v / b for v, b in zip(values, rates["bare"], strict=True))
-        print(f"| {names.get(label, label)} | {statistics.median(values):,.0f} | {ratio:.2f} |")
+        threads = 1 if "1 thread" in label else 4 if label.startswith("keymgr") else 0
+        files = rates.get(f"files {threads}")
+        io_ratio = f"{statistics.median(v / f for v, f in zip(values, files, strict=True)):.2f}" if files else ""
+        print(f"| {names.get(label, label)} | {statistics.median(values):,.0f} | {ratio:.2f} | {io_ratio} |")
 
 
 def main() -> None:

@@ -236,6 +236,7 @@ def run(rewrapper: Rewrapper, paths: Iterable[str | os.PathLike[str]], *, jobs: 
         for outcome in early:
             report(outcome)
         worker = FileRewrapper(rewrapper, opened, dry_run=dry_run)
+        worker.ready()  # before any fork: the workers inherit the probe
         if jobs == 1 or len(files) < 2:
             with ThreadPoolExecutor(threads) as pool:
                 for outcome in pool.map(worker.process, list(files)):

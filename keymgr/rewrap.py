@@ -45,6 +45,7 @@ from keymgr.envelope.cms import parse_message, replace_recipients
 from keymgr.envelope.kek import KekProtector
 from keymgr.envelope.recipients import read_kek_recipient, recipient_kind
 from keymgr.envelope.stream import StreamHeader, read_stream_header, replace_stream_recipients
+from keymgr.hsm import probe
 from keymgr.keyring import KeyRecord, KeyVersion
 
 __all__ = ["Move", "RewrapResult", "Rewrapper"]
@@ -94,8 +95,10 @@ class Rewrapper:
         self._protector = protector
 
     def ready(self) -> None:
-        """Make a first token call now (in a forked worker: re-initialise the module and log in)."""
+        """Make the first token calls now: read the keyring and probe the token (once per
+        process, and inherited by forked workers, which then only re-initialise and log in)."""
         self._protector.keyring.reload()
+        probe(self._protector.keyring.token)
 
     def _ours(self, der: bytes) -> _Ours | None:
         if recipient_kind(der) != "kekri":
