@@ -99,7 +99,7 @@ def _entry(raw: bytes, number: int, where: Path) -> Entry:
 
 def _parse(data: bytes, where: Path) -> tuple[list[Entry], int]:
     """The entries and the length of the whole lines (a torn last line is not counted)."""
-    if not data:
+    if _HEADER_LINE.startswith(data):  # empty, or a header torn while the journal was made
         return [], 0
     if not data.startswith(_HEADER_LINE):
         raise errors.FormatError(f"{where} is not a keymgr rewrap journal")
