@@ -118,6 +118,18 @@ def bare_cases(km: keymgr.KeyManager, kw_key: str, gcm_key: str) -> list[Case]:
     return cases
 
 
+def manager(uri: str, **options: Any) -> keymgr.KeyManager:
+    """A KeyManager for the comparisons: with the audit log off (peers keep none), unless
+    ``options`` name one; managers without the ``audit=`` option are made as they come."""
+    import inspect
+
+    if "audit" in inspect.signature(keymgr.KeyManager).parameters:
+        options.setdefault("audit", False)
+    else:
+        options.pop("audit", None)
+    return keymgr.KeyManager(uri, **options)
+
+
 def keymgr_case(name: str, km: keymgr.KeyManager, key: str) -> Case:
     blob = km.encrypt(MESSAGE, key=key, context=CONTEXT)
     return Case(name, "keymgr", lambda: km.encrypt(MESSAGE, key=key, context=CONTEXT),

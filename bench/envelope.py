@@ -142,6 +142,8 @@ def ratio_table(rates: dict[str, list[float]]) -> str:
          "AWS ESDK raw AES, caching CMM (unsigned)", 10.0),
         ("keymgr gcm, no cache / keymgr kw, no cache", "keymgr, gcm profile, no cache", "keymgr, kw profile, no cache",
          None),
+        ("keymgr kw, audit log on / off", "keymgr, kw profile, no cache, audit log on", "keymgr, kw profile, no cache",
+         None),
     ]
     rows = []
     for label, top, bottom, target in checks:
@@ -168,11 +170,11 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="keymgr-bench-"))
     uri = args.token or make_token(workdir)
 
-    import keymgr
     from bench import _cases
 
-    km = keymgr.KeyManager(uri)
-    cached = keymgr.KeyManager(uri, cache=True)
+    km = _cases.manager(uri)  # audit off: the peers keep no log; one row below with it on
+    cached = _cases.manager(uri, cache=True)
+    audited = _cases.manager(uri, audit=str(workdir / "audit.log"))
     suffix = uuid.uuid4().hex[:8]
     kw_key, gcm_key = f"bench-kw-{suffix}", f"bench-gcm-{suffix}"
     km.create_key(kw_key, profile="kw")
@@ -182,6 +184,7 @@ def main() -> None:
              _cases.keymgr_case("keymgr, gcm profile, no cache", km, gcm_key),
              _cases.keymgr_case("keymgr, with cache (kw key)", cached, kw_key),
              _cases.keymgr_case("keymgr, with cache (gcm key)", cached, gcm_key),
+             _cases.keymgr_case("keymgr, kw profile, no cache, audit log on", audited, kw_key),
              *_cases.format_cases(), *_cases.tink_cases(), *_cases.esdk_cases()]
     print(f"# keymgr envelope benchmark\n\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
           f"Python {sys.version.split()[0]}, token {km.token.label!r}; {args.rounds} interleaved rounds\n", flush=True)
@@ -213,6 +216,7 @@ def main() -> None:
     print(table(["import", "ms (median of 7 fresh processes)"], rows))
     km.close()
     cached.close()
+    audited.close()
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ Evicted keys are wiped (their ``bytearray`` zeroed). Caching is off unless the
 caller asks for it: it trades the HSM's per-use audit and instant revocation
 for speed, and that trade is the application's to make.
 
-Defaults (docs/format.md explains them): 300 s, 10,000 messages, 1 GiB;
-decrypt side 300 s and 1,000 entries.
+Defaults: 300 s, 10,000 messages, 1 GiB per data key; decrypt side 300 s
+and 1,000 entries. docs/performance.md ("Cache defaults") measures what
+they buy and argues each bound: 10,000 messages already spread a token
+call over so many messages that it no longer shows, while the age bound
+is what makes a suspended or rotated key stop being used within minutes.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ class _EncryptEntry:
 class EncryptCache:
     """Reuse a data key (and its wrapped form) within the policy's limits.
 
-    Use :meth:`lease` as a context manager: an evicted key is wiped only when
-    the last message still using it is sealed, so threads never race a wipe.
+    Use :meth:`lease` as a context manager (or :meth:`acquire` / :meth:`release`): an
+    evicted key is wiped only when the last message still using it is sealed, so
+    threads never race a wipe.
     """
 
     def __init__(self, policy: CachePolicy, *, clock: Callable[[], float] = time.monotonic) -> None:
