@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keymgr import errors
+from keymgr._files import os_error_reason
 from keymgr.rewrap import Rewrapper
 from keymgr.rewrap_file import TEMP_NAME, TEMP_TAG, FileOutcome, FileRewrapper
 from keymgr.rewrap_journal import Journal
@@ -107,19 +108,34 @@ def _alive(pid: int) -> bool:
 
 def walk(paths: Iterable[str | os.PathLike[str]], summary: Summary) -> Iterator[str | FileOutcome]:
     """Absolute paths of the files to look at, in a stable order; outcomes for what is no file.
-    A leftover temporary file of a dead rewrap process is deleted (``summary.cleaned``)."""
+
+    The paths given are resolved (a symbolic link named on the command line is followed, as
+    ``find -H`` does); below them links are reported and not followed, and a directory that
+    cannot be listed is a failure. A leftover temporary file of a dead rewrap process is
+    deleted (``summary.cleaned``)."""
     for given in paths:
-        top = os.path.abspath(os.fspath(given))
-        if os.path.islink(top) or not os.path.exists(top):
-            reason = "symbolic link (not followed)" if os.path.islink(top) else "no such file or directory"
-            yield FileOutcome(top, "skipped" if os.path.islink(top) else "failed", reason=reason)
+        top = os.path.realpath(os.fspath(given))
+        if not os.path.exists(top):
+            yield FileOutcome(os.path.abspath(os.fspath(given)), "failed", reason="no such file or directory")
             continue
         if not os.path.isdir(top):
             yield from _files_in(os.path.dirname(top), [os.path.basename(top)], summary)
             continue
-        for directory, subdirs, names in os.walk(top, onerror=None, followlinks=False):
+        unreadable: list[OSError] = []
+        for directory, subdirs, names in os.walk(top, onerror=unreadable.append, followlinks=False):
+            yield from _unreadable(unreadable)
+            for name in [d for d in subdirs if os.path.islink(os.path.join(directory, d))]:
+                subdirs.remove(name)
+                yield FileOutcome(os.path.join(directory, name), "skipped", reason="symbolic link (not followed)")
             subdirs.sort()
             yield from _files_in(directory, sorted(names), summary)
+        yield from _unreadable(unreadable)
+
+
+def _unreadable(errors_seen: list[OSError]) -> Iterator[FileOutcome]:
+    while errors_seen:
+        exc = errors_seen.pop(0)
+        yield FileOutcome(str(exc.filename), "failed", reason=f"cannot list directory: {os_error_reason(exc)}")
 
 
 def _files_in(directory: str, names: Sequence[str], summary: Summary) -> Iterator[str | FileOutcome]:

@@ -230,3 +230,25 @@ def test_other_tokens_envelopes_are_skipped_and_paths_deduplicated(km: keymgr.Ke
     assert foreign.read_bytes() == original
     with pytest.raises(keymgr.errors.RecipientNotFoundError):
         km.rewrap(original)
+
+
+def test_symbolic_links(km: keymgr.KeyManager, key_name: str, tmp_path: Path) -> None:
+    """A link named on the command line is followed (find -H); links below it are reported, not followed."""
+    km.create_key(key_name)
+    tree, outside = tmp_path / "tree", tmp_path / "outside"
+    tree.mkdir()
+    outside.mkdir()
+    (tree / "in.cms").write_bytes(km.encrypt(b"in", key=key_name))
+    (outside / "out.cms").write_bytes(km.encrypt(b"out", key=key_name))
+    (tree / "file-link.cms").symlink_to(outside / "out.cms")
+    (tree / "dir-link").symlink_to(outside)
+    top = tmp_path / "top-link"
+    top.symlink_to(tree)
+    km.rotate(key_name)
+    untouched = (outside / "out.cms").read_bytes()
+    summary = bulk_rewrap.run(km.rewrapper(), [top])
+    assert summary.counts == {"rewrapped": 1, "current": 0, "skipped": 2, "failed": 0}
+    assert {Path(s.path).name for s in summary.skipped} == {"file-link.cms", "dir-link"}
+    assert all("symbolic link" in s.reason for s in summary.skipped)
+    assert (outside / "out.cms").read_bytes() == untouched and (tree / "file-link.cms").is_symlink()
+    assert inspect_file(tree / "in.cms").kek_ids == (_primary_id(km, key_name),)  # type: ignore[union-attr]
