@@ -104,3 +104,15 @@ def test_errors_are_one_line(key: tuple[list[str], str]) -> None:
                  ("key", "destroy", name, "--version", "1", "--yes")):
         code, _, err = run(*token, *args)
         assert code in (5, 6) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_rotate_writes_a_signed_transcript(key: tuple[list[str], str], tmp_path) -> None:
+    token, name = key
+    transcript = tmp_path / "rotate.p7s"
+    code, _, err = run(*token, "key", "rotate", name, "--transcript", str(transcript))
+    assert code == 0, err
+    code, out, err = run(*token, "--json", "transcript", "verify", str(transcript))
+    assert code == 0, err
+    doc = json.loads(out)["transcript"]
+    assert doc["ceremony"] == "rotate"
+    assert sorted((k["version"], k["state"]) for k in doc["keys"]) == [(1, "decrypt-only"), (2, "active")]

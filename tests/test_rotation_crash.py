@@ -92,9 +92,9 @@ def test_rotate_killed_at_random_moments(softhsm: TokenUnderTest, key_name: str,
             child = _child(softhsm, key_name, out, rounds=10_000)
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "ready", child.stderr.read() if child.stderr else ""
-            for _ in range(rng.randint(0, 2)):  # let it finish a few rotations, then kill it mid-way
+            for _ in range(rng.randint(1, 3)):  # let it finish a few rotations, then kill it mid-way
                 child.stdout.readline()
-            time.sleep(rng.uniform(0.0, 0.05))
+            time.sleep(rng.uniform(0.0, 0.03))
             if child.poll() is None:
                 child.send_signal(signal.SIGKILL)
                 kills += 1
@@ -111,7 +111,7 @@ def test_rotate_killed_at_random_moments(softhsm: TokenUnderTest, key_name: str,
         _decrypts_everything(km, expected, out)
     print(f"\n{kills} kills, {len(record.versions)} versions, {messages} child messages, "
           f"{orphans_seen} orphan sightings after kills")
-    assert len(record.versions) > KILLS  # the children did rotate between kills
+    assert len(record.versions) >= KILLS + 2  # at least one whole rotation per round, and the last one
 
 
 def test_an_orphan_left_by_a_crash_is_destroyed_by_the_next_rotate(km, key_name: str) -> None:
