@@ -124,8 +124,8 @@ class FileRewrapper:
         result = self._rewrapper.message(data) if not self._dry_run else self._dry(data)
         if result.current or self._dry_run:
             return self._unchanged(path, "message", result)
-        before, after = _sha256(data), _sha256(result.data)
-        self._replace(path, st, lambda out: out.write(result.data), before, lambda: after)
+        digests = (_sha256(data), _sha256(result.data))
+        self._replace(path, st, lambda out: out.write(result.data), lambda: digests)
         return FileOutcome(path, "rewrapped", "message", moves=_moves(result))
 
     def _stream(self, path: str, st: os.stat_result, handle: BinaryIO) -> FileOutcome:
@@ -143,7 +143,7 @@ class FileRewrapper:
                 new.update(chunk)
                 out.write(chunk)
 
-        self._replace(path, st, write, None, new.hexdigest, before_of=old.hexdigest)
+        self._replace(path, st, write, lambda: (old.hexdigest(), new.hexdigest()))
         return FileOutcome(path, "rewrapped", "stream", moves=_moves(result))
 
     def _dry(self, data: bytes) -> RewrapResult:
@@ -159,24 +159,25 @@ class FileRewrapper:
         self._record(Entry(path, "current"))
         return FileOutcome(path, "current", kind)
 
-    def _replace(self, path: str, st: os.stat_result, write: Callable[[BinaryIO], object], before: str | None,
-                 after: Callable[[], str], before_of: Callable[[], str] | None = None) -> None:
-        """Write the new file beside the old one; journal ``begin`` once it is durable; rename; ``done``."""
-        digests: list[str] = []
+    def _replace(self, path: str, st: os.stat_result, write: Callable[[BinaryIO], object],
+                 digests: Callable[[], tuple[str, str]]) -> None:
+        """Write the new file beside the old one; journal ``begin`` (``digests()``: before and
+        after, known once ``write`` is done) when it is durable; rename; journal ``done``."""
+        entry: list[Entry] = []
 
         def commit() -> None:
             now = os.lstat(path)
             if (now.st_ino, now.st_size, now.st_mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns):
                 raise errors.ConfigurationError(f"{path} changed while it was being rewrapped; run again")
-            digests[:] = [before if before is not None else before_of(), after()]  # type: ignore[misc]
-            self._record(Entry(path, "begin", *digests), sync=True)
+            entry.append(Entry(path, "begin", *digests()))
+            self._record(entry[0], sync=True)
 
         with atomic_output(path, mode=stat.S_IMODE(st.st_mode), tag=f"{TEMP_TAG}.{os.getpid()}",
                            before_replace=commit) as out:
             if os.geteuid() == 0:
                 os.fchown(out.fileno(), st.st_uid, st.st_gid)
             write(out)
-        self._record(Entry(path, "done", *digests))
+        self._record(Entry(path, "done", entry[0].before, entry[0].after))
 
 
 def _sha256(data: bytes) -> str:

@@ -252,3 +252,31 @@ def test_symbolic_links(km: keymgr.KeyManager, key_name: str, tmp_path: Path) ->
     assert all("symbolic link" in s.reason for s in summary.skipped)
     assert (outside / "out.cms").read_bytes() == untouched and (tree / "file-link.cms").is_symlink()
     assert inspect_file(tree / "in.cms").kek_ids == (_primary_id(km, key_name),)  # type: ignore[union-attr]
+
+
+def test_file_changed_during_rewrap_and_hard_links_are_refused(km: keymgr.KeyManager, key_name: str,
+                                                               tmp_path: Path) -> None:
+    from keymgr.rewrap import Rewrapper, RewrapResult
+    from keymgr.rewrap_file import FileRewrapper
+
+    km.create_key(key_name)
+    target, linked = tmp_path / "busy.cms", tmp_path / "linked.cms"
+    target.write_bytes(km.encrypt(b"busy", key=key_name))
+    linked.write_bytes(km.encrypt(b"linked", key=key_name))
+    os.link(linked, tmp_path / "second-name.cms")
+    km.rotate(key_name)
+    meddled = b"written by someone else meanwhile"
+
+    class Meddling(Rewrapper):
+        def message(self, blob: bytes) -> RewrapResult:
+            result = super().message(blob)
+            target.write_bytes(meddled)  # another writer, between our read and our rename
+            return result
+
+    outcome = FileRewrapper(Meddling(km._protector), None, dry_run=False).process(str(target))  # noqa: SLF001
+    assert outcome.status == "failed" and "changed while it was being rewrapped" in outcome.reason
+    assert target.read_bytes() == meddled and not list(tmp_path.glob(".*.tmp"))
+    before = linked.read_bytes()
+    summary = bulk_rewrap.run(km.rewrapper(), [linked])
+    assert summary.counts["failed"] == 1 and "hard links" in summary.failures[0].reason
+    assert linked.read_bytes() == before and os.stat(linked).st_nlink == 2
