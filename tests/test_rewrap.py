@@ -170,3 +170,26 @@ def test_compat_message_and_not_an_envelope(km: keymgr.KeyManager, key_name: str
     assert parse_message(moved).auth_attrs is None and km.decrypt(moved) == b"compat"
     with pytest.raises(FormatError):
         km.rewrap(b"not a message")
+
+
+def test_public_key_and_threshold_like_recipients_stay(km: keymgr.KeyManager, key_name: str) -> None:
+    """Recipients keymgr cannot wrap for (RSA-OAEP, ECDH, an OtherRecipientInfo) are carried over byte for byte."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from keymgr.envelope import OID_THRESHOLD_RECIPIENT, other_recipient_info, pubkey
+
+    km.create_key(key_name)
+    also = [pubkey.public_key_recipient(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()),
+            pubkey.public_key_recipient(ec.generate_private_key(ec.SECP256R1()).public_key())]
+    blob = km.encrypt(b"many recipients", key=key_name, also_to=also)
+    ori = other_recipient_info(OID_THRESHOLD_RECIPIENT, b"\x04\x01x").dump()
+    blob = replace_recipients(blob, [*parse_message(blob).recipient_infos.der, ori])
+    foreign = [d for d in parse_message(blob).recipient_infos.der if d[0] != 0xA2]
+    assert len(foreign) == 3
+    km.rotate(key_name)
+    moved = km.rewrap(blob)
+    _untouched(blob, moved)
+    after = parse_message(moved).recipient_infos.der
+    assert len(after) == 4 and all(d in after for d in foreign)
+    assert _kek_ids(moved) == [km.describe_key(key_name).version(2).key_id]
+    assert km.decrypt(moved) == b"many recipients"
