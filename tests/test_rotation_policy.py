@@ -131,3 +131,54 @@ def test_without_auto_rotate_a_due_key_keeps_encrypting(timed_km, clock: Clock, 
     clock.advance(3)
     timed_km.encrypt(b"x", key=key_name)
     assert timed_km.describe_key(key_name).primary == 1
+
+
+def test_threads_never_exceed_the_limit(softhsm, key_name: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    limit = 37
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        km.create_key(key_name, max_messages=limit)
+
+        def attempt(_: int) -> bool:
+            try:
+                km.encrypt(b"t", key=key_name)
+            except keymgr.PolicyError:
+                return False
+            return True
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(attempt, range(60)))
+        assert sum(results) == limit
+        assert km.describe_key(key_name).primary_version.uses == limit
+
+
+def test_processes_share_the_limit_exactly(softhsm, key_name: str) -> None:
+    """Two processes encrypting until refused: together exactly max_messages succeed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    child = ("import sys, keymgr\n"
+             "ok = 0\n"
+             "with keymgr.KeyManager(sys.argv[1]) as km:\n"
+             "    for _ in range(60):\n"
+             "        try:\n"
+             "            km.encrypt(b'p', key=sys.argv[2]); ok += 1\n"
+             "        except keymgr.PolicyError:\n"
+             "            pass\n"
+             "print(ok)\n")
+    limit = 50
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        km.create_key(key_name, max_messages=limit)
+    env = {**os.environ, **softhsm.env, "PYTHONPATH": str(repo)}
+    procs = [subprocess.Popen([sys.executable, "-c", child, softhsm.uri(), key_name], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=repo) for _ in range(2)]
+    counts = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        counts.append(int(out.strip()))
+    assert sum(counts) == limit, counts
