@@ -1,7 +1,7 @@
 """keymgr envelope encryption against its baselines and peers, in one run (not a test).
 
 Run: ``bash scripts/bench.sh`` (sets up the ``bench`` extra, then runs this), or
-``python bench/envelope.py [--token URI] [--rounds 5] [--case-seconds 0.2] [--quick]``.
+``python bench/envelope.py [--token URI] [--rounds 7] [--case-seconds 0.2] [--quick]``.
 
 Without ``--token`` it makes a fresh SoftHSM2 token of its own (file object
 store, as the tests use) in a temporary directory. It prints markdown tables:
@@ -157,7 +157,7 @@ def ratio_table(rates: dict[str, list[float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="keymgr envelope benchmark (one process, one run).")
     parser.add_argument("--token", help="pkcs11: URI of the token (default: a fresh SoftHSM token)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--case-seconds", type=float, default=0.2)
     parser.add_argument("--quick", action="store_true", help="no 1 GiB stream, shorter process runs")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
