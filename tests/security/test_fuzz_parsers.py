@@ -158,34 +158,29 @@ def test_seeds_are_valid_inputs(target: str) -> None:
         TARGETS[target](data)
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
-def test_mutated_inputs_raise_only_keymgr_errors(target: str) -> None:
-    @_SETTINGS
-    @given(mutated(target))
+def fuzz(target: str, inputs: st.SearchStrategy[bytes], examples: int = EXAMPLES) -> None:
+    """Run :func:`check` on ``examples`` inputs drawn from ``inputs``."""
+    @settings(_SETTINGS, max_examples=examples)
+    @given(inputs)
     def property_(data: bytes) -> None:
         check(target, data)
 
     property_()
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_mutated_inputs_raise_only_keymgr_errors(target: str) -> None:
+    fuzz(target, mutated(target))
 
 
 @pytest.mark.parametrize("target", _JSON_FORMATS)
 def test_mutated_documents_raise_only_keymgr_errors(target: str) -> None:
-    @_SETTINGS
-    @given(json_mutated(target))
-    def property_(data: bytes) -> None:
-        check(target, data)
-
-    property_()
+    fuzz(target, json_mutated(target))
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_random_bytes_raise_only_keymgr_errors(target: str) -> None:
-    @settings(_SETTINGS, max_examples=max(EXAMPLES // 3, 10))
-    @given(st.binary(max_size=4096))
-    def property_(data: bytes) -> None:
-        check(target, data)
-
-    property_()
+    fuzz(target, st.binary(max_size=4096), max(EXAMPLES // 3, 10))
 
 
 def test_the_contract_catches_a_foreign_exception(monkeypatch: pytest.MonkeyPatch) -> None:
