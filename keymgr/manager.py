@@ -329,6 +329,7 @@ class KeyManager:
                 self._decrypt_cache.put(der, dek)
         else:
             self._audit.on_cached_unwrap(der, self._protector)  # limits and states hold for cached keys too
+            self._protector.check_der(der)  # with no audit log or limiter as well
         return dek
 
     def decrypt(self, blob: bytes, *, context: Mapping[str, str] | None = None) -> bytes:

@@ -131,3 +131,20 @@ def test_retire_cannot_cover_primary_or_go_down(km, key_name: str) -> None:
     km.retire(key_name, below=2)
     with pytest.raises(keymgr.PolicyError, match="already retired"):
         km.retire(key_name, below=1)
+
+
+def test_cached_data_keys_obey_later_state_changes(softhsm, key_name: str) -> None:
+    """A data key in the decrypt cache must not outlive a suspension or a retirement of its version."""
+    with keymgr.KeyManager(softhsm.uri(), cache=True) as km:
+        km.create_key(key_name)
+        blob = km.encrypt(b"cached", key=key_name)
+        assert km.decrypt(blob) == b"cached"  # now in the cache
+        km.rotate(key_name)
+        km.suspend(key_name, 1)
+        with pytest.raises(keymgr.PolicyError, match="suspended"):
+            km.decrypt(blob)
+        km.resume(key_name, 1)
+        assert km.decrypt(blob) == b"cached"
+        km.retire(key_name, below=2)
+        with pytest.raises(keymgr.PolicyError, match="retired"):
+            km.decrypt(blob)

@@ -166,6 +166,15 @@ class KekProtector:
             self._unknown[kek_id] = time.monotonic()
             return None
 
+    def check_der(self, der: bytes) -> None:
+        """The state check of :meth:`unwrap_der` alone, for a data key served from a cache: a
+        version suspended, retired or destroyed since must stop its cached keys too."""
+        if not der or der[0] != _KEKRI_TAG:
+            return
+        found = self._find(read_kek_recipient(der).kek_id)
+        if found is not None:
+            self.check_state(*found)
+
     def unwrap_der(self, der: bytes) -> DataKey | None:
         """:meth:`unwrap` of a recipient given as DER (the per-message path)."""
         if not der or der[0] != _KEKRI_TAG:
