@@ -33,10 +33,11 @@ import pkcs11
 import pkcs11.exceptions as p11x
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
-from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11 import _pkcs11 as raw
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass, _pkcs11
 
 from keymgr.hsm._errors import code_name
+
+raw: Any = _pkcs11  # the compiled classes, which the type stubs do not list
 
 __all__ = ["Target", "Result", "Step", "armed", "find", "ATTACKS", "FLIPPABLE"]
 
@@ -96,7 +97,7 @@ def ckr(exc: BaseException) -> str:
     return name
 
 
-def attempt(result: Result, name: str, call: Callable[[], Any]) -> Any:
+def attempt(result: Result, name: str, call: Callable[..., Any]) -> Any:
     """Run one attack step; record whether the token allowed it; the step's value or None."""
     try:
         value = call()
@@ -130,7 +131,7 @@ def attacker_key(session: pkcs11.Session, value: bytes, **roles: bool) -> Any:
     return armed(session.create_object(attrs))
 
 
-def _ecb(key_call: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+def _ecb(key_call: Callable[..., Any]) -> Callable[[bytes], bytes]:
     return lambda block: bytes(key_call(block))
 
 

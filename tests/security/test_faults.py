@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from keymgr import KeyManager, errors
 from keymgr.cli import cli
-from keymgr.keyring import KeyPolicy
+from keymgr.keyring import KeyPolicy, KeyRecord
 from tests.conftest import softhsm_token
 from tests.faults import FaultInjector, injected
 
@@ -98,7 +98,7 @@ def test_device_errors_carry_their_code_and_are_not_removal(manager: KeyManager,
 # -- the keyring: never half-written ---------------------------------------------------------------
 
 
-def _consistent(manager: KeyManager) -> dict[str, object]:
+def _consistent(manager: KeyManager) -> dict[str, KeyRecord]:
     """Reload every record from the token (each MAC checked) and check each names live key objects."""
     from keymgr.hsm import objects
 

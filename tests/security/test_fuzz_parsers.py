@@ -185,7 +185,8 @@ def test_random_bytes_raise_only_keymgr_errors(target: str) -> None:
 
 def test_the_contract_catches_a_foreign_exception(monkeypatch: pytest.MonkeyPatch) -> None:
     """The harness is live: a parser that raises KeyError, hangs or hoards memory fails the check."""
-    monkeypatch.setitem(TARGETS, "audit", lambda data: {}["missing"])
+    nothing: dict[str, None] = {}
+    monkeypatch.setitem(TARGETS, "audit", lambda data: nothing["missing"])
     with pytest.raises(KeyError):
         check("audit", b"{}")
     monkeypatch.setitem(TARGETS, "audit", lambda data: __import__("time").sleep(TIME_LIMIT * 2))
