@@ -286,6 +286,7 @@ class KeyManager:
             finally:
                 dek.wipe()
         record = self.keyring.get(key)
+        self._protector.check_encrypts(record)  # a cached data key must not outlive a suspension
         try:
             context_key = tuple(sorted(context.items())) if context else ()
         except (AttributeError, TypeError):

@@ -148,3 +148,14 @@ def test_cached_data_keys_obey_later_state_changes(softhsm, key_name: str) -> No
         km.retire(key_name, below=2)
         with pytest.raises(keymgr.PolicyError, match="retired"):
             km.decrypt(blob)
+
+
+def test_cached_encryption_key_stops_when_the_primary_is_suspended(softhsm, key_name: str) -> None:
+    with keymgr.KeyManager(softhsm.uri(), cache=True) as km:
+        km.create_key(key_name)
+        km.encrypt(b"a", key=key_name)  # a data key is cached for this key now
+        km.suspend(key_name, 1)
+        with pytest.raises(keymgr.PolicyError, match="suspended"):
+            km.encrypt(b"b", key=key_name)
+        km.resume(key_name, 1)
+        assert km.decrypt(km.encrypt(b"c", key=key_name)) == b"c"

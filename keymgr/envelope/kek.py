@@ -117,9 +117,7 @@ class KekProtector:
             if self._reserve is not None:
                 record = self._reserve(record)
             version = record.primary_version
-        if version.state != "active":
-            raise errors.PolicyError(f"key {record.name!r} version {version.version} is {version.state}; "
-                                     "only the active primary version encrypts")
+        self.check_encrypts(record, version)
         ts = self._keyring.token
         if record.profile == "kw":
             mechanism, algorithm = self._wrap_mechanism()
@@ -128,6 +126,14 @@ class KekProtector:
         nonce = os.urandom(_GCM_NONCE)
         sealed = objects.gcm_encrypt(ts, version.key_id, dek.reveal(), nonce=nonce, aad=b"")
         return kek_recipient_der(version.key_id, sealed, "aes256_gcm", gcm_nonce=nonce)
+
+    def check_encrypts(self, record: KeyRecord, version: KeyVersion | None = None) -> None:
+        """Refuse to encrypt under anything but an active version (the primary, by default):
+        checked per wrap, and per message where a cached data key spares the wrap."""
+        version = version or record.primary_version
+        if version.state != "active":
+            raise errors.PolicyError(f"key {record.name!r} version {version.version} is {version.state}; "
+                                     "only the active primary version encrypts")
 
     def check_state(self, record: KeyRecord, version: KeyVersion) -> None:
         """Refuse versions that policy says must not decrypt."""
