@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, overload
+from typing import Literal, TypeVar, overload
 
 from asn1crypto import cms
 
@@ -262,6 +262,7 @@ class _Shape:
     mac_at: int
     attrs: AuthAttributes | None
     attrs_at: tuple[int, int] | None
+    aad_head: bytes
     fields: dict[str, _der.Tlv]
 
     @classmethod
@@ -290,7 +291,8 @@ class _Shape:
             at = max(at, end)
         if at < len(data):
             kept.append((at, data[at:]))
-        return cls(tuple(kept), tuple(recipients), nonce_at, cipher, f["mac"].body, attrs, attrs_at, f)
+        aad_head = b"" if attrs_at is None else _der.header(_der.SET, attrs_at[1] - attrs_at[0])
+        return cls(tuple(kept), tuple(recipients), nonce_at, cipher, f["mac"].body, attrs, attrs_at, aad_head, f)
 
     def read(self, data: bytes) -> ParsedMessage | None:
         """``data`` parsed, if it has this shape (the caller checked its length); else None."""
@@ -300,18 +302,27 @@ class _Shape:
         attrs = self.attrs
         if attrs is not None and self.attrs_at is not None:
             body, end = self.attrs_at
-            commitment = None if attrs.commitment_at is None else \
-                data[attrs.commitment_at:attrs.commitment_at + COMMITMENT_SIZE]
-            attrs = AuthAttributes(aad=_der.header(_der.SET, end - body) + data[body:end],
-                                   context=None if attrs.context is None else dict(attrs.context),
-                                   commitment=commitment, content_type=attrs.content_type, other=attrs.other,
-                                   commitment_at=attrs.commitment_at)
-        return ParsedMessage(
-            recipient_infos=ParsedRecipients([data[start:end] for start, end in self.recipients]),
-            content_type=OID_DATA, nonce=data[self.nonce_at:self.nonce_at + NONCE_SIZE], icv_length=TAG_SIZE,
-            auth_attrs=attrs, encrypted_content=data[self.content[0]:self.content[1]],
-            mac=data[self.mac_at:self.mac_at + TAG_SIZE], _layout=(data, self.fields))
+            commit = attrs.commitment_at
+            attrs = _frozen(AuthAttributes, {
+                "aad": self.aad_head + data[body:end], "context": None if attrs.context is None else
+                dict(attrs.context), "commitment": None if commit is None else data[commit:commit + COMMITMENT_SIZE],
+                "content_type": attrs.content_type, "other": attrs.other, "commitment_at": commit})
+        return _frozen(ParsedMessage, {
+            "recipient_infos": ParsedRecipients([data[start:end] for start, end in self.recipients]),
+            "content_type": OID_DATA, "nonce": data[self.nonce_at:self.nonce_at + NONCE_SIZE],
+            "icv_length": TAG_SIZE, "auth_attrs": attrs, "encrypted_content": data[self.content[0]:self.content[1]],
+            "mac": data[self.mac_at:self.mac_at + TAG_SIZE], "_layout": (data, self.fields)})
 
+
+def _frozen(cls: type[T], values: dict[str, object]) -> T:
+    """An instance of the frozen dataclass ``cls`` with every field in ``values``, without the
+    generated ``__init__``'s ``object.__setattr__`` per field (half of a shape read's cost)."""
+    obj = object.__new__(cls)
+    obj.__dict__.update(values)
+    return obj
+
+
+T = TypeVar("T")
 
 #: Shapes of messages read before, one per message length (see :class:`_Shape`).
 _SHAPES: dict[int, _Shape] = {}
