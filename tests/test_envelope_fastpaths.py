@@ -139,7 +139,7 @@ def _parse_both(blob: bytes) -> tuple[object, object]:
     from keymgr.envelope.cms import _parse_full, parse_message
 
     out = []
-    for parse in (parse_message, _parse_full):
+    for parse in (parse_message, lambda b: _parse_full(b)[0]):
         try:
             out.append(_as_tuple(parse(blob)))
         except FormatError as exc:
