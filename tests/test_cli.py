@@ -34,9 +34,13 @@ def test_key_create_list_show_json(softhsm: TokenUnderTest, key_name: str) -> No
 
 
 def test_wrong_pin_is_one_line_with_state(softhsm: TokenUnderTest) -> None:
+    # a subprocess, as a user runs it: this test process may be logged in to the token already
+    # (login is per process, and a logged-in process is not asked for the PIN again)
     uri = f"pkcs11:token=lockout?module-path={softhsm.module_path}&pin-value=9999"
-    code, out, err = run("--token", uri, "key", "list")
-    assert code == 3
+    proc = subprocess.run([sys.executable, "-m", "keymgr", "--token", uri, "key", "list"], capture_output=True,
+                          text=True, env={**os.environ, **softhsm.env}, timeout=60)
+    code, err = proc.returncode, proc.stderr
+    assert code == 3, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("keymgr: error:")
     assert "lockout" in lines[0] and "few tries left" in lines[0]
@@ -67,7 +71,11 @@ def test_unknown_key_exit_code(softhsm: TokenUnderTest) -> None:
 
 
 def test_tokens_json_lists_softhsm_tokens(softhsm: TokenUnderTest) -> None:
-    code, out, err = run("--token", softhsm.uri(), "--json", "tokens")
+    # a subprocess: `keymgr tokens` loads every module p11-kit registers, and tpm2-pkcs11 loaded
+    # here before the TPM fixture sets its environment would stay blind for the rest of the run
+    proc = subprocess.run([sys.executable, "-m", "keymgr", "--token", softhsm.uri(), "--json", "tokens"],
+                          capture_output=True, text=True, env={**os.environ, **softhsm.env}, timeout=300)
+    code, out, err = proc.returncode, proc.stdout, proc.stderr
     assert code == 0, err
     report = json.loads(out)
     labels = {t["label"]: t for m in report["modules"] for t in m["tokens"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -24,21 +25,39 @@ def test_open_token_logs_in_once_per_process(token: TokenUnderTest) -> None:
     assert len(objects.random_bytes(second, 16)) == 16
 
 
+# In a fresh process: this one may be logged in to the token already (login is per process,
+# and open_token does not log in again), so a wrong PIN here might never reach the token.
+_WRONG_THEN_RIGHT = """
+import json, sys
+import keymgr
+from keymgr.hsm import objects, open_token
+wrong, right = sys.argv[1:]
+try:
+    open_token(wrong)
+    print(json.dumps({"raised": None}))
+except keymgr.PinIncorrectError as exc:
+    ts = open_token(right)
+    print(json.dumps({"raised": type(exc).__name__, "message": str(exc), "repr": repr(exc),
+                      "tries_left": exc.tries_left, "then": len(objects.random_bytes(ts, 8))}))
+"""
+
+
 def test_wrong_pin_reports_token_and_state_and_is_not_retried(softhsm: TokenUnderTest) -> None:
     tok = softhsm_token("lockout")
     uri = f"pkcs11:token=lockout?module-path={tok.module_path}&pin-value=0000"
-    with pytest.raises(keymgr.PinIncorrectError) as caught:
-        open_token(uri)
-    message = str(caught.value)
+    proc = subprocess.run([sys.executable, "-c", _WRONG_THEN_RIGHT, uri, tok.uri()], capture_output=True, text=True,
+                          env={**os.environ, **tok.env}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    caught = json.loads(proc.stdout)
+    assert caught["raised"] == "PinIncorrectError"
+    message = caught["message"]
     assert "lockout" in message
-    assert "0000" not in message and "0000" not in repr(caught.value)
-    assert caught.value.tries_left in {"unknown", "count-low", "final-try"}
+    assert "0000" not in message and "0000" not in caught["repr"]
     # SoftHSM raises CKF_USER_PIN_COUNT_LOW after a failed login (measured)
-    assert caught.value.tries_left == "count-low"
+    assert caught["tries_left"] == "count-low"
     assert "did not retry" in message
     # the right PIN still works afterwards: keymgr spent exactly one try
-    ts = open_token(tok.uri())
-    assert len(objects.random_bytes(ts, 8)) == 8
+    assert caught["then"] == 8
 
 
 def test_tries_left_state_reads_the_flags() -> None:
