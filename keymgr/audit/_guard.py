@@ -99,8 +99,8 @@ class AuditGuard:
                                  f"decryptions by {principal!r} within {limit.per:g} s{then}")
 
     def on_cached_unwrap(self, der: bytes, protector: KekProtector) -> None:
-        """A data key served from the decrypt cache: attributed and limited like an unwrap, and
-        refused once its version may no longer decrypt (a suspension also stops cached keys)."""
+        """A data key served from the decrypt cache: attributed and limited like an unwrap (the
+        manager then checks the version's state, :meth:`KekProtector.check_der`)."""
         if self.log is None and self._limiter is None:
             return
         from keymgr.envelope.recipients import read_kek_recipient
@@ -112,7 +112,6 @@ class AuditGuard:
         except errors.KeyNotFoundError:
             return
         self.on_unwrap(record, version)
-        protector.check_state(record, version)
 
     def attribute(self, op: Operation, blob: bytes, keyring: Keyring) -> None:
         """Name the key version of a decrypt that failed before any unwrap (wrong context, bad
