@@ -78,8 +78,9 @@ def test_failed_login_is_recorded_without_mac(tmp_path: Path) -> None:
     bad = f"pkcs11:token={tok.label}?module-path={tok.module_path}&pin-value=97531"
     script = ("import sys, keymgr\n"
               "try:\n    keymgr.KeyManager(sys.argv[1], audit=sys.argv[2])\n"
-              "except keymgr.AuthenticationError as exc:\n    print(type(exc).__name__)\n")
-    done = subprocess.run([sys.executable, "-c", script, bad, str(path)], capture_output=True, text=True,
+              "except keymgr.AuthenticationError as exc:\n    print(type(exc).__name__)\n"
+              "keymgr.KeyManager(sys.argv[3], audit=False)\n")  # the right PIN: the token's counter resets
+    done = subprocess.run([sys.executable, "-c", script, bad, str(path), tok.uri()], capture_output=True, text=True,
                           timeout=60, check=True)
     assert done.stdout.strip() == "PinIncorrectError"
     (row,) = _entries(path)
