@@ -187,7 +187,9 @@ def main() -> None:
              _cases.keymgr_case("keymgr, kw profile, no cache, audit log on", audited, kw_key),
              *_cases.format_cases(), *_cases.tink_cases(), *_cases.esdk_cases()]
     print(f"# keymgr envelope benchmark\n\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
-          f"Python {sys.version.split()[0]}, token {km.token.label!r}; {args.rounds} interleaved rounds\n", flush=True)
+          f"Python {sys.version.split()[0]}, token {km.token.label!r}; {args.rounds} interleaved rounds; "
+          f"load average {os.getloadavg()[0]:.1f} (other work on the machine skews rates, less so ratios)\n",
+          flush=True)
     rates = measure(cases, args.rounds, args.case_seconds)
     print(message_tables(rates, [c.name for c in cases]) + "\n")
     print(ratio_table(rates) + "\n", flush=True)
@@ -214,6 +216,7 @@ def main() -> None:
                                             "aws_encryption_sdk"))]
     rows = [[f"`{s}`", f"{import_time(s):.0f}"] for s in statements]
     print(table(["import", "ms (median of 7 fresh processes)"], rows))
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     km.close()
     cached.close()
     audited.close()

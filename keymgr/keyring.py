@@ -261,8 +261,7 @@ class Keyring:
     def find_by_id(self, key_id: bytes) -> tuple[KeyRecord, KeyVersion]:
         """Which named key and version a CKA_ID belongs to (ciphertexts carry only the id)."""
         self._fresh()
-        with self._lock:
-            where = self._by_id.get(key_id)
+        where = self._by_id.get(key_id)  # one dict read, atomic: the lock guards writers
         if where is None:
             self.reload()
             with self._lock:

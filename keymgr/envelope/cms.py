@@ -32,7 +32,6 @@ lengths) is refused, so a message has one encoding and a rewrap is byte-exact.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, overload
 
@@ -48,6 +47,7 @@ from keymgr.envelope._aead import (
     read_gcm_parameters,
 )
 from keymgr.envelope._attrs import OID_DATA, build_auth_attrs, normalize_context, parse_auth_attrs
+from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope._parsed import SHAPES as _SHAPES
 from keymgr.envelope._parsed import SHAPES_MAX, MessageShape, ParsedMessage
 from keymgr.envelope.recipients import ParsedRecipients, RecipientLike, encode_recipient_infos, parse_recipient_infos
@@ -94,7 +94,7 @@ def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipien
         raise ConfigurationError("compat_openssl messages carry no attributes, so no encryption context")
     if len(plaintext) > _MAX_PLAINTEXT:
         raise ConfigurationError("a message holds at most 64 GiB; use the stream format")
-    nonce = os.urandom(NONCE_SIZE) if _nonce is None else bytes(_nonce)
+    nonce = random_nonce() if _nonce is None else bytes(_nonce)
     if len(nonce) != NONCE_SIZE:
         raise ConfigurationError(f"a nonce is {NONCE_SIZE} bytes")
     recipients = encode_recipient_infos(recipient_infos)

@@ -20,7 +20,6 @@ so a retired key cannot be used through the envelope even with a valid blob.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -29,6 +28,7 @@ from asn1crypto import cms
 
 from keymgr import errors
 from keymgr.envelope._aead import DataKey, zero
+from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope.recipients import KekAlgorithm, kek_recipient_der, read_kek_recipient
 from keymgr.hsm import objects, probe
 from keymgr.keyring import KeyRecord, Keyring, KeyVersion
@@ -38,7 +38,6 @@ __all__ = ["KekProtector", "KeyRecipient", "Recipient", "DECRYPTABLE_STATES"]
 #: States in which a version may decrypt (unwrap) data keys.
 DECRYPTABLE_STATES = frozenset({"active", "decrypt-only"})
 
-_GCM_NONCE = 12
 _KEKRI_TAG = 0xA2
 #: How long a key id that is not on this token is remembered as such (see ``unwrap_der``).
 _UNKNOWN_TTL = 1.0
@@ -86,6 +85,9 @@ class KekProtector:
         self._on_unwrap = on_unwrap
         self._wrap_choice: tuple[str, KekAlgorithm] | None = None
         self._unknown: dict[bytes, float] = {}
+        #: the key id in each recipient unwrapped here, for check_der on a decrypt-cache hit
+        #: (the cache is keyed by the same DER, so its id was read once already); not secret
+        self._kek_ids: dict[bytes, bytes] = {}
 
     @property
     def keyring(self) -> Keyring:
@@ -123,7 +125,7 @@ class KekProtector:
             mechanism, algorithm = self._wrap_mechanism()
             wrapped = objects.wrap_data_key(ts, version.key_id, dek.reveal(), mechanism)
             return kek_recipient_der(version.key_id, wrapped, algorithm)
-        nonce = os.urandom(_GCM_NONCE)
+        nonce = random_nonce()
         sealed = objects.gcm_encrypt(ts, version.key_id, dek.reveal(), nonce=nonce, aad=b"")
         return kek_recipient_der(version.key_id, sealed, "aes256_gcm", gcm_nonce=nonce)
 
@@ -177,7 +179,8 @@ class KekProtector:
         version suspended, retired or destroyed since must stop its cached keys too."""
         if not der or der[0] != _KEKRI_TAG:
             return
-        found = self._find(read_kek_recipient(der).kek_id)
+        kek_id = self._kek_ids.get(der)
+        found = self._find(read_kek_recipient(der).kek_id if kek_id is None else kek_id)
         if found is not None:
             self.check_state(*found)
 
@@ -189,6 +192,9 @@ class KekProtector:
         found = self._find(recipient.kek_id)
         if found is None:
             return None
+        if len(self._kek_ids) >= _UNKNOWN_MAX:
+            self._kek_ids.clear()
+        self._kek_ids[der] = recipient.kek_id
         record, version = found
         if self._on_unwrap is not None:  # before the state check: a refusal is attributed too (audit)
             self._on_unwrap(record, version)
