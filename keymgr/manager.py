@@ -292,7 +292,7 @@ class KeyManager:
         except (AttributeError, TypeError):
             normalize_context(context)  # says what is wrong with it (ConfigurationError)
             raise
-        partition = (key, record.primary_version.key_id, context_key, tuple(id(r) for r in also_to))
+        partition = (key, record.primary_version.key_id, context_key, tuple(map(id, also_to)) if also_to else ())
         entry = self._encrypt_cache.acquire(partition, size, lambda: self._new_data_key(key, also_to))
         try:
             return use(entry.dek, entry.recipients)

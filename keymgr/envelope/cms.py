@@ -32,6 +32,7 @@ lengths) is refused, so a message has one encoding and a rewrap is byte-exact.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, overload
 
@@ -106,18 +107,27 @@ def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipien
         if key is not dek:
             key.wipe()
     ciphertext = sealed[:-TAG_SIZE]
-    content_header = _der.header(0x80, len(ciphertext))
-    eci_length = len(_ECI_HEAD) + NONCE_SIZE + len(_ECI_TAIL) + len(content_header) + len(ciphertext)
-    eci_header = _der.header(_der.SEQUENCE, eci_length)
     auth_attrs = b"\xa1" + aad[1:] if aad else b""
-    aed_length = (len(_VERSION_0) + len(recipients) + len(eci_header) + eci_length + len(auth_attrs)
+    head, eci_header, content_header = _framing(len(recipients), len(ciphertext), len(auth_attrs))
+    return b"".join((head, recipients, eci_header, _ECI_HEAD, nonce, _ECI_TAIL, content_header, ciphertext,
+                     auth_attrs, _MAC_HEADER, sealed[-TAG_SIZE:]))
+
+
+@functools.lru_cache(maxsize=256)
+def _framing(recipients: int, ciphertext: int, auth_attrs: int) -> tuple[bytes, bytes, bytes]:
+    """The DER headers of a message whose recipient set, ciphertext and attribute set have
+    these lengths: (everything before the recipients, the EncryptedContentInfo header, the
+    content header). A service's messages come in a few sizes, so each is computed once."""
+    content_header = _der.header(0x80, ciphertext)
+    eci_length = len(_ECI_HEAD) + NONCE_SIZE + len(_ECI_TAIL) + len(content_header) + ciphertext
+    eci_header = _der.header(_der.SEQUENCE, eci_length)
+    aed_length = (len(_VERSION_0) + recipients + len(eci_header) + eci_length + auth_attrs
                   + len(_MAC_HEADER) + TAG_SIZE)
     aed_header = _der.header(_der.SEQUENCE, aed_length)
     wrapper_header = _der.header(0xA0, len(aed_header) + aed_length)
     total = len(_AUTH_ENVELOPED_TLV) + len(wrapper_header) + len(aed_header) + aed_length
-    return b"".join((_der.header(_der.SEQUENCE, total), _AUTH_ENVELOPED_TLV, wrapper_header, aed_header, _VERSION_0,
-                     recipients, eci_header, _ECI_HEAD, nonce, _ECI_TAIL, content_header, ciphertext, auth_attrs,
-                     _MAC_HEADER, sealed[-TAG_SIZE:]))
+    head = b"".join((_der.header(_der.SEQUENCE, total), _AUTH_ENVELOPED_TLV, wrapper_header, aed_header, _VERSION_0))
+    return head, eci_header, content_header
 
 
 
