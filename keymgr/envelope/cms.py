@@ -240,7 +240,8 @@ def check_context(found: dict[str, str] | None, commitment: bytes | None, *, con
     is accepted only with a key commitment beside it, so a message without
     attributes (compat mode) passes only when no context is involved.
     """
-    expected = normalize_context(context)
+    # a context equal to the one a well-formed message carries is valid: no need to check it entry by entry
+    expected = found if type(context) is dict and context and context == found else normalize_context(context)
     found = found or {}
     if (context is not None or not return_context) and found != expected:
         raise IntegrityError(failure)
