@@ -184,18 +184,37 @@ def destroy_key(ts: TokenSession, key_id: bytes) -> None:
     ts.run("destroy key", call)
 
 
+#: How often a scan of token objects is repeated when another process destroyed one mid-scan.
+_SCAN_RETRIES = 5
+
+
+def _scan(session: pkcs11.Session, template: Mapping[Attribute, Any],  # type: ignore[name-defined]
+          read: Callable[[Any], T]) -> list[T]:
+    """``read`` of every object matching ``template``, as one consistent scan. Another process
+    may destroy an object between C_FindObjects and the attribute read (a keyring writer
+    deleting an old record generation): the handle is then invalid, and the scan starts over."""
+    for attempt in range(_SCAN_RETRIES):
+        try:
+            return [read(obj) for obj in list(session.get_objects(dict(template)))]
+        except p11x.ObjectHandleInvalid:
+            if attempt == _SCAN_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def list_secret_keys(ts: TokenSession) -> list[tuple[str, bytes]]:
     """(CKA_LABEL, CKA_ID) of every secret-key token object visible to the session (rotation uses it
     to find key versions that a crash left out of the keyring record)."""
 
+    def read(obj: Any) -> tuple[str, bytes] | None:
+        try:
+            return str(obj[Attribute.LABEL]), bytes(obj[Attribute.ID])
+        except (p11x.AttributeTypeInvalid, KeyError):
+            return None
+
     def call(session: pkcs11.Session) -> list[tuple[str, bytes]]:  # type: ignore[name-defined]
-        found = []
-        for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True})):
-            try:
-                found.append((str(obj[Attribute.LABEL]), bytes(obj[Attribute.ID])))
-            except (p11x.AttributeTypeInvalid, KeyError):
-                continue
-        return found
+        template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
+        return [found for found in _scan(session, template, read) if found is not None]
 
     return ts.run("list secret keys", call)
 
@@ -313,21 +332,23 @@ def read_data_objects(ts: TokenSession, *, application: str) -> list[tuple[str, 
     """Every (label, value) of this application's data objects."""
 
     def call(session: pkcs11.Session) -> list[tuple[str, bytes]]:  # type: ignore[name-defined]
-        out = []
-        for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
-                                             Attribute.APPLICATION: application})):
-            out.append((str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])))
-        return out
+        return _scan(session, {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application},
+                     lambda obj: (str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])))
 
     return ts.run("read data objects", call)
 
 
 def destroy_data_object(ts: TokenSession, *, application: str, label: str) -> None:
+    """Destroy every data object of ``application`` labelled ``label``. Idempotent: one that
+    another process destroyed first is gone either way."""
+
     def call(session: pkcs11.Session) -> None:  # type: ignore[name-defined]
-        for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
-                                             Attribute.APPLICATION: application,
-                                             Attribute.LABEL: label})):
-            obj.destroy()
+        template = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application, Attribute.LABEL: label}
+        for obj in _scan(session, template, lambda obj: obj):
+            try:
+                obj.destroy()
+            except p11x.ObjectHandleInvalid:
+                continue
 
     ts.run(f"destroy data object {label!r}", call)
 
