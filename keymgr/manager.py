@@ -131,6 +131,13 @@ class KeyManager:
         self.token  # noqa: B018 - raises when closed
         return self._keyring
 
+    def audited(self, op: str, *, key: str | None = None, version: int | None = None,
+                detail: Mapping[str, Any] | None = None) -> Operation:
+        """Record an operation composed from lower layers with this manager's keyring (backup
+        and restore ceremonies, bulk rewrap) in this manager's audit log, as its own methods do:
+        ``with km.audited("backup", key=name) as op: ...``."""
+        return self._audited(op, key=key, version=version, detail=detail)
+
     def _audited(self, op: str, *, key: str | None = None, version: int | None = None,
                  detail: Mapping[str, Any] | None = None) -> Operation:
         """The one audit helper of every operation: ``with self._audited("rotate", key=name) as op:``
@@ -172,27 +179,35 @@ class KeyManager:
     def rotate(self, name: str, *, activate: bool = True) -> KeyRecord:
         """New version n+1 becomes the primary; the old primary keeps decrypting (decrypt-only).
         ``activate=False`` makes it pre-active instead (:meth:`activate` later)."""
-        return rotation.rotate(self.keyring, name, activate=activate)
+        with self._audited("rotate", key=name) as op:
+            record = rotation.rotate(self.keyring, name, activate=activate)
+            op.version = max(v.version for v in record.versions)
+            return record
 
     def activate(self, name: str, version: int) -> KeyRecord:
         """Make a pre-active version the primary."""
-        return rotation.activate(self.keyring, name, version)
+        with self._audited("activate", key=name, version=version):
+            return rotation.activate(self.keyring, name, version)
 
     def suspend(self, name: str, version: int) -> KeyRecord:
         """Freeze a version: no encryption, no decryption, until :meth:`resume`."""
-        return rotation.suspend(self.keyring, name, version)
+        with self._audited("suspend", key=name, version=version):
+            return rotation.suspend(self.keyring, name, version)
 
     def resume(self, name: str, version: int) -> KeyRecord:
         """Return a suspended version to its previous state."""
-        return rotation.resume(self.keyring, name, version)
+        with self._audited("resume", key=name, version=version):
+            return rotation.resume(self.keyring, name, version)
 
     def mark_compromised(self, name: str, version: int) -> KeyRecord:
         """Mark a version compromised: it decrypts only for a manager made with ``allow_compromised``."""
-        return rotation.mark_compromised(self.keyring, name, version)
+        with self._audited("compromise", key=name, version=version):
+            return rotation.mark_compromised(self.keyring, name, version)
 
     def retire(self, name: str, *, below: int) -> KeyRecord:
         """Versions below ``below`` stop decrypting (Vault's min_decryption_version)."""
-        return rotation.retire(self.keyring, name, below)
+        with self._audited("retire", key=name, detail={"below": below}):
+            return rotation.retire(self.keyring, name, below)
 
     def destroy(self, name: str, version: int, *, paths: Sequence[str | os.PathLike[str]] = (),
                 request: Request | None = None, approvals: Sequence[Approval] = (), confirmed: bool = False,
@@ -203,8 +218,11 @@ class KeyManager:
         covers the key, else ``confirmed=True``. See :mod:`keymgr.shred`."""
         from keymgr import shred  # imports the custody layer: only for this rare operation
 
-        return shred.destroy(self.keyring, name, version, paths=paths, request=request, approvals=approvals,
-                             confirmed=confirmed, force=force, transcript=transcript)
+        with self._audited("destroy", key=name, version=version, detail={"force": force}) as op:
+            result = shred.destroy(self.keyring, name, version, paths=paths, request=request, approvals=approvals,
+                                   confirmed=confirmed, force=force, transcript=transcript)
+            op.detail = {"force": force, "approvers": list(result.approvers)}
+            return result
 
     # -- rewrap (keymgr.rewrap: recipients only, payload untouched) --------------------
 
@@ -215,17 +233,19 @@ class KeyManager:
     def rewrap(self, blob: bytes) -> bytes:
         """The message with its data key under its key's current primary; the same bytes when
         it is current already. Payload, context and commitment are copied, never read."""
-        try:
-            return self.rewrapper().message(blob).data
-        except errors.IntegrityError as exc:
-            raise _ciphertext_failure(exc) from None
+        with self._audited("rewrap"):
+            try:
+                return self.rewrapper().message(blob).data
+            except errors.IntegrityError as exc:
+                raise _ciphertext_failure(exc) from None
 
     def rewrap_stream(self, src: BinaryIO, dst: BinaryIO) -> RewrapResult:
         """:meth:`rewrap` for a stream: a new header to ``dst``, then ``src``'s segments as they are."""
-        try:
-            return self.rewrapper().stream(src, dst)
-        except errors.IntegrityError as exc:
-            raise _ciphertext_failure(exc) from None
+        with self._audited("rewrap-stream"):
+            try:
+                return self.rewrapper().stream(src, dst)
+            except errors.IntegrityError as exc:
+                raise _ciphertext_failure(exc) from None
 
     def capabilities(self) -> Capabilities:
         """What the token can do (probed once per process)."""

@@ -78,8 +78,8 @@ class AuditGuard:
         op = current_operation()
         if op is not None:
             op.key, op.version = record.name, version.version
-        if self._limiter is None:
-            return
+        if self._limiter is None or (op is not None and op.op.startswith("rewrap")):
+            return  # a rewrap moves a data key between KEKs and reads no payload: not a bulk read
         principal = current_principal() or self._fallback
         limit = self._limiter.hit(record.name, principal)
         if limit is None:

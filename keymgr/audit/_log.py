@@ -56,7 +56,7 @@ from keymgr.hsm.sessions import TokenSession
 __all__ = ["AuditLog", "DEFAULT_AGGREGATE"]
 
 #: Operations aggregated by default: the per-message ones (their successes only).
-DEFAULT_AGGREGATE = ("encrypt", "decrypt")
+DEFAULT_AGGREGATE = ("encrypt", "decrypt", "rewrap")
 
 _live: weakref.WeakSet[AuditLog] = weakref.WeakSet()
 #: Logs holding aggregated counts not yet written, kept alive until they are (a KeyManager

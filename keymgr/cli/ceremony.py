@@ -60,8 +60,9 @@ def backup_command(state: CliState, name: str, versions: str | None, output: str
     if pin is None:
         raise errors.AuthenticationError("a backup needs the HSM's SO PIN")
     try:
-        result = backup_keys(km.keyring, name, so_pin=pin, request=request, approvals=approvals,
-                             versions=_versions(versions))
+        with km.audited("backup", key=name, detail={"approvals": len(approvals)}):
+            result = backup_keys(km.keyring, name, so_pin=pin, request=request, approvals=approvals,
+                                 versions=_versions(versions))
     finally:
         pin.wipe()
     out = Path(output)
@@ -139,7 +140,10 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
     tokens = collect_custodians([s.custodian for s in backup.shares], backup.quorum.threshold, custodians,
                                 km.token.module.path, "backup")
     try:
-        result = restore_keys(backup, km.keyring, tokens)
+        with km.audited("restore", detail={"custodians": len(tokens)}) as op:
+            result = restore_keys(backup, km.keyring, tokens)
+            op.detail = {"custodians": len(tokens), "keys": [r.name for r in result.records][:32]}
+            op.key = result.records[0].name if len(result.records) == 1 else None
     finally:
         for token in tokens:
             token.close()

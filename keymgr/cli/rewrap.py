@@ -122,8 +122,10 @@ def rewrap_command(state: CliState, paths: tuple[str, ...], jobs: int, threads: 
     bar = _Bar("dry run" if dry_run else "rewrap") if show else None
     on_total: Callable[[int], Any] | None = bar.total if bar else None
     try:
-        summary = run(km.rewrapper(), paths, jobs=jobs, threads=threads or DEFAULT_THREADS, journal=journal,
-                      dry_run=dry_run, on_total=on_total, on_outcome=bar.advance if bar else None)
+        with km.audited("rewrap-bulk", detail={"dry_run": dry_run}) as op:
+            summary = run(km.rewrapper(), paths, jobs=jobs, threads=threads or DEFAULT_THREADS, journal=journal,
+                          dry_run=dry_run, on_total=on_total, on_outcome=bar.advance if bar else None)
+            op.detail = {"dry_run": dry_run, **summary.counts}
     finally:
         if bar is not None:
             bar.stop()
