@@ -63,3 +63,20 @@ def test_bulk_rewrap_through_the_cli_is_one_entry(tmp_path: Path, softhsm: Token
     assert result.exit_code == 0, result.stderr
     (row,) = map(json.loads, path.read_text().splitlines())
     assert (row["op"], row["outcome"], row["detail"]["rewrapped"]) == ("rewrap-bulk", "ok", 3)
+
+
+def test_standalone_operation_goes_to_the_default_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A custodian's approval (keymgr approve) is made on their own token, with no KeyManager."""
+    from keymgr.audit import standalone_operation
+
+    monkeypatch.setenv("KEYMGR_AUDIT_LOG", str(tmp_path / "audit.log"))
+    with standalone_operation("approve", local=False, key="orders", detail={"custodian": "alice"}):
+        pass
+    with pytest.raises(errors.PolicyError), standalone_operation("approve", local=False, key="orders"):
+        raise errors.PolicyError("not approved")
+    rows = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [(r["op"], r["outcome"], r["mac"], r["detail"]) for r in rows] == [
+        ("approve", "ok", None, {"custodian": "alice"}), ("approve", "refused", None, {})]
+    monkeypatch.setenv("KEYMGR_AUDIT_LOG", "off")
+    with standalone_operation("approve", local=True) as op:
+        assert op is None

@@ -13,7 +13,7 @@ checkpoint and aggregation choices.
 * :class:`RateLimit`: anomaly limits on decryption (:mod:`keymgr.audit.limits`).
 """
 
-from keymgr.audit._config import default_log_path, resolve_audit
+from keymgr.audit._config import default_log_path, resolve_audit, standalone_operation
 from keymgr.audit._entry import Actor, Entry, parse_line
 from keymgr.audit._log import AuditLog
 from keymgr.audit._operation import Operation, acting_as, current_operation, current_principal
@@ -38,5 +38,6 @@ __all__ = [
     "read_entries",
     "resolve_audit",
     "select",
+    "standalone_operation",
     "verify_log",
 ]

@@ -11,12 +11,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from keymgr import errors
 from keymgr.audit._log import AuditLog
+from keymgr.audit._operation import Operation
 
-__all__ = ["default_log_path", "resolve_audit", "ENV_VAR"]
+__all__ = ["default_log_path", "resolve_audit", "standalone_operation", "ENV_VAR"]
 
 ENV_VAR = "KEYMGR_AUDIT_LOG"
 _OFF = ("", "off", "none", "0", "false")
@@ -53,3 +57,18 @@ def resolve_audit(audit: AuditLog | str | os.PathLike[str] | bool | None, *, loc
             return None
         return AuditLog(path)
     raise errors.ConfigurationError("audit= takes an AuditLog, a path, True, False or None")
+
+
+@contextmanager
+def standalone_operation(op: str, *, local: bool, key: str | None = None,
+                         detail: Mapping[str, Any] | None = None) -> Iterator[Operation | None]:
+    """Record one operation done without a KeyManager (a custodian signing an approval on
+    their own token) in the default log, if there is one. Its entry carries no MAC: the
+    custodian's token is not the one whose audit key the log's verifier holds; the next
+    MACed entry covers it through the chain."""
+    log = resolve_audit(None, local=local)
+    if log is None:
+        yield None
+        return
+    with log, log.operation(op, key=key, detail=detail) as operation:
+        yield operation

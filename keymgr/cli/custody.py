@@ -240,11 +240,16 @@ def approve_command(state: CliState, request_path: str, name: str, uri: str | No
     module = default_module_path() if not state.token else state.manager().token.module.path
     if uri is None:
         uri = click.prompt("Your token (token label or pkcs11: URI)", err=True)
-    ts = open_token(custodian_uri(uri, module), pin_callback=pin_prompt(name))
-    try:
-        approval = approve(request, CustodianToken.local(name, ts, key_label=key_label))
-    finally:
-        ts.close()
+    from keymgr.audit import standalone_operation
+
+    with standalone_operation("approve", local=not state.token, key=request.key,
+                              detail={"custodian": name, "request": request.digest[:16],
+                                      "operation": request.operation}):
+        ts = open_token(custodian_uri(uri, module), pin_callback=pin_prompt(name))
+        try:
+            approval = approve(request, CustodianToken.local(name, ts, key_label=key_label))
+        finally:
+            ts.close()
     out = output or str(default_path(Path(request_path), f".{name}.approval"))
     atomic_write(out, approval.to_bytes())
     click.echo(f"wrote {out}: approval by {name!r} of request {request.digest[:16]}")
