@@ -245,8 +245,7 @@ class TokenSession:
 
     def _device_failure(self, exc: BaseException, operation: str) -> errors.KeymgrError:
         """CKR_GENERAL_ERROR / CKR_DEVICE_ERROR: removal when a re-probe fails, else the error itself."""
-        self._session = None
-        self._cache.clear()
+        self._drop_session()
         if not self.answers():
             return self._removed_error(operation, code_name(exc))
         return translate(exc, operation=operation, token=self.label)
@@ -272,8 +271,9 @@ class TokenSession:
                 try:
                     return call(session)
                 except SESSION_LOST as exc:
-                    self._session = None
-                    self._cache.clear()
+                    # closed, not just forgotten: a handle that still works would stay open and keep
+                    # this process logged in (a later SO login then fails: CKR_USER_ANOTHER_ALREADY_LOGGED_IN)
+                    self._drop_session()
                     if attempt == 2:
                         raise translate(exc, operation=operation, token=self.label) from exc
                 except p11x.OperationActive as exc:
@@ -283,8 +283,7 @@ class TokenSession:
                     if attempt == 2:
                         raise translate(exc, operation=operation, token=self.label) from exc
                 except TOKEN_GONE as exc:
-                    self._session = None
-                    self._cache.clear()
+                    self._drop_session()
                     raise translate(exc, operation=operation, token=self.label) from exc
                 except (p11x.DeviceError, p11x.GeneralError) as exc:
                     failure = self._device_failure(exc, operation)

@@ -228,3 +228,21 @@ def test_fault_during_rotate_never_half_rotates(manager: KeyManager, key: str, f
     assert manager.decrypt(blob, context=CTX) == b"old"
     rotated = manager.rotate(key) if record.primary == 1 else record
     assert rotated.primary == 2 and manager.decrypt(manager.encrypt(b"new", key=key), context=None) == b"new"
+
+
+@pytest.mark.parametrize("kind", ["device-error", "handle-invalid", "removed"])
+def test_a_failed_session_is_closed_not_leaked(faults: FaultInjector, kind: str) -> None:
+    """After a fault on a handle that still works, keymgr closes the session it gives up: a leaked one
+    would keep the process logged in, and the SO login of a backup would then fail
+    (CKR_USER_ANOTHER_ALREADY_LOGGED_IN; found by this suite, fixed in TokenSession.run)."""
+    from keymgr.hsm import open_token
+    from tests.conftest import SO_PIN
+
+    ts = open_token(softhsm_token("keymgr-B").uri())
+    faults.add(kind, "generate random", times=2)
+    with pytest.raises(errors.TokenError):
+        ts.run("generate random", lambda session: session.generate_random(64))
+    faults.clear()
+    ts.close()  # logs the process out, unless a session was leaked
+    so = ts.found.token.open(rw=True, so_pin=SO_PIN)
+    so.close()
