@@ -31,10 +31,13 @@ def _rows(path: Path) -> list[dict]:
 
 
 _WRITER = """
-import sys
+import pathlib, sys, time
 from keymgr.audit import AuditLog
 from keymgr.hsm import open_token
 ts = open_token(sys.argv[1])
+pathlib.Path(sys.argv[4]).touch()  # ready: SoftHSM has read its tokens (a token being written may be skipped)
+while not pathlib.Path(sys.argv[5]).exists():
+    time.sleep(0.01)
 with AuditLog(sys.argv[2], token=ts, aggregate=()) as log:
     for i in range(int(sys.argv[3])):
         log.record("decrypt", key="orders", version=1, outcome="refused", detail={"i": i})
@@ -44,8 +47,16 @@ with AuditLog(sys.argv[2], token=ts, aggregate=()) as log:
 def test_concurrent_processes_append_one_valid_chain(tmp_path: Path, softhsm: TokenUnderTest,
                                                      ts: TokenSession) -> None:
     path, per_process, processes = tmp_path / "shared.log", 200, 4
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, softhsm.uri(), str(path), str(per_process)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(processes)]
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready-{i}" for i in range(processes)]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, softhsm.uri(), str(path), str(per_process),
+                               str(mark), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for mark in ready]
+    deadline = time.monotonic() + 120
+    while not all(mark.exists() for mark in ready) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1].decode() for p in procs if p.poll()]
+        time.sleep(0.02)
+    go.touch()  # all at once, each process already logged in
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()
