@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from keymgr import errors
 
-__all__ = ["atomic_write", "atomic_output", "fsync_directory", "os_error_reason"]
+__all__ = ["atomic_write", "atomic_output", "temp_file_abandoned", "fsync_directory", "os_error_reason"]
 
 
 def fsync_directory(directory: Path) -> None:
@@ -57,6 +59,10 @@ def atomic_output(path: Path | str, *, mode: int = 0o644, tag: str = "",
         raise _storage_error(target, exc) from None
     temp = Path(temp_name)
     try:
+        if tag:
+            # held until the file is closed (by exit, too: a SIGKILLed writer releases it), so a
+            # cleaner can tell a dead writer's leftover from a live one's file (temp_file_abandoned)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -72,6 +78,31 @@ def atomic_output(path: Path | str, *, mode: int = 0o644, tag: str = "",
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def temp_file_abandoned(path: Path | str, *, wait: float = 2.0) -> bool:
+    """Whether a tagged temporary file of :func:`atomic_output` was left by a writer that is gone.
+
+    Its writer holds an exclusive ``flock`` on it until the file is closed, which the kernel
+    does when the process dies (even before a parent reaps it), so the lock, unlike a pid
+    (reused, or a zombie's), says whether anyone still writes it. A writer that is being
+    killed right now releases it within ``wait`` seconds; a live one keeps it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:

@@ -17,7 +17,8 @@ not followed):
 A kill at any moment leaves every file either old or new, never torn (the
 rename is the commit), plus at most one temporary file per worker thread,
 named ``.NAME.keymgr-rewrap.PID.XXXXXXXX.tmp``; the next run deletes those
-whose process is gone and never takes them for input. With a journal
+whose writer is gone (it holds an flock on its temporary file while it lives: a pid can be
+reused or belong to a dying process) and never takes them for input. With a journal
 (:mod:`keymgr.rewrap_journal`) the next run also knows which files were
 finished and does not look at them again beyond a digest.
 
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keymgr import errors
-from keymgr._files import os_error_reason
+from keymgr._files import os_error_reason, temp_file_abandoned
 from keymgr.rewrap import Rewrapper
 from keymgr.rewrap_file import TEMP_NAME, TEMP_TAG, FileOutcome, FileRewrapper
 from keymgr.rewrap_journal import Journal
@@ -96,16 +97,6 @@ class Summary:
                 "failures": [f.to_json() for f in self.failures], "skipped_files": [s.to_json() for s in self.skipped]}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def walk(paths: Iterable[str | os.PathLike[str]], summary: Summary) -> Iterator[str | FileOutcome]:
     """Absolute paths of the files to look at, in a stable order; outcomes for what is no file.
 
@@ -143,7 +134,7 @@ def _files_in(directory: str, names: Sequence[str], summary: Summary) -> Iterato
         path = os.path.join(directory, name)
         temp = TEMP_NAME.match(name)
         if temp is not None:
-            if not _alive(int(temp.group(1))):
+            if temp_file_abandoned(path):
                 try:
                     os.unlink(path)
                     summary.cleaned += 1

@@ -11,6 +11,9 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,17 +133,38 @@ def test_dry_run_writes_nothing(km: keymgr.KeyManager, key_name: str, tmp_path: 
     assert {p: file_digest(p) for p in plain} == digests and not (tmp_path / "j").exists()
 
 
+def _locked_by_child(path: Path) -> subprocess.Popen[bytes]:
+    """A process that holds ``path``'s writer lock (as atomic_output's writer does) until killed."""
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdout.readline() == b"locked\n"
+    return child
+
+
 def test_leftover_temp_files_of_dead_processes_are_removed(km: keymgr.KeyManager, key_name: str,
                                                            tmp_path: Path) -> None:
+    """Liveness is the writer's flock, not its pid: a SIGKILLed writer that is still a zombie (not
+    reaped: its pid answers kill(pid, 0)) has released its lock, a live writer has not."""
     km.create_key(key_name)
     (tmp_path / "a.cms").write_bytes(km.encrypt(b"a", key=key_name))
     dead = tmp_path / f".a.cms.{bulk_rewrap.TEMP_TAG}.999999999.abcd1234.tmp"
+    zombie = tmp_path / f".a.cms.{bulk_rewrap.TEMP_TAG}.1.zombie12.tmp"
     alive = tmp_path / f".a.cms.{bulk_rewrap.TEMP_TAG}.{os.getpid()}.abcd1234.tmp"
-    for leftover in (dead, alive):
+    for leftover in (dead, zombie, alive):
         leftover.write_bytes((tmp_path / "a.cms").read_bytes())
-    summary = bulk_rewrap.run(km.rewrapper(), [tmp_path])
-    assert summary.cleaned == 1 and not dead.exists() and alive.exists()
-    assert summary.total == 1  # neither leftover was taken for input
+    killed, writer = _locked_by_child(zombie), _locked_by_child(alive)
+    zombie = zombie.rename(tmp_path / f".a.cms.{bulk_rewrap.TEMP_TAG}.{killed.pid}.zombie12.tmp")  # its own pid
+    try:
+        killed.kill()  # not waited for: a zombie until the end of the test
+        time.sleep(0.2)
+        summary = bulk_rewrap.run(km.rewrapper(), [tmp_path])
+        assert summary.cleaned == 2 and not dead.exists() and not zombie.exists() and alive.exists()
+        assert summary.total == 1  # no leftover was taken for input
+    finally:
+        writer.kill()
+        writer.wait()
+        killed.wait()
 
 
 def test_journal_resume_rules(km: keymgr.KeyManager, key_name: str, tmp_path: Path) -> None:
