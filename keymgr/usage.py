@@ -58,6 +58,9 @@ class UsageMeter:
     def __init__(self, keyring: Keyring) -> None:
         self._keyring = keyring
         self._lock = threading.Lock()
+        #: one block reservation at a time in this process: two threads that both found their block
+        #: spent would otherwise both reserve, and the second's block would replace the first's unspent one
+        self._reserving = threading.Lock()
         #: key_id -> [next use, end of the reserved block)
         self._blocks: dict[bytes, list[int]] = {}
 
@@ -72,12 +75,21 @@ class UsageMeter:
         limit = limit_for(record)
         if limit is None or record.primary_version.state != "active":
             return record  # nothing to count, or the wrap refuses anyway
+        if self._spend(record.primary_version.key_id):
+            return record
+        with self._reserving:
+            if self._spend(record.primary_version.key_id):  # another thread reserved meanwhile
+                return record
+            return self._reserve_block(record, limit)
+
+    def _spend(self, key_id: bytes) -> bool:
+        """Take one use from this process's block for ``key_id``; False when it has none left."""
         with self._lock:
-            block = self._blocks.get(record.primary_version.key_id)
+            block = self._blocks.get(key_id)
             if block is not None and block[0] < block[1]:
                 block[0] += 1
-                return record
-        return self._reserve_block(record, limit)
+                return True
+        return False
 
     def _rotate_if_due(self, record: KeyRecord) -> KeyRecord:
         ends = rotation.due_at(record)

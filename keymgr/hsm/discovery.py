@@ -8,6 +8,7 @@ what *was* found, so a user can correct the URI without another tool.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,11 +157,32 @@ def _matches(uri: Pkcs11Uri, token: FoundToken) -> bool:
     return uri.slot_id is None or uri.slot_id == token.slot_id
 
 
+#: How often, and how far apart (seconds), a module nobody in this process uses yet is
+#: re-initialised to look again for a token that its first C_Initialize did not list.
+_LOOK_AGAIN = (0.05, 0.2, 0.5)
+
+
 def find_token(uri: Pkcs11Uri) -> FoundToken:
-    """The one token a URI names; a clear error listing the candidates otherwise."""
+    """The one token a URI names; a clear error listing the candidates otherwise.
+
+    SoftHSM reads its token directory once, at C_Initialize, and leaves out a token whose files
+    another process is rewriting at that moment (seen when processes rotate or write records
+    at once). So a miss on a module that no session of this process uses yet is looked up again,
+    re-initialising the module, a few times before it is reported; a module in use is never
+    re-initialised for this, as that would log its sessions out."""
     module = module_for_uri(uri)
     tokens = list_tokens(module)
     matches = [t for t in tokens if _matches(uri, t)]
+    for delay in _LOOK_AGAIN:
+        if matches or module.in_use or uri.vendor_path:
+            break
+        time.sleep(delay)
+        try:
+            module.reinitialize()
+        except errors.KeymgrError:
+            break
+        tokens = list_tokens(module)
+        matches = [t for t in tokens if _matches(uri, t)]
     if len(matches) == 1:
         return matches[0]
     listing = ", ".join(t.describe() for t in tokens) or "none"

@@ -53,6 +53,9 @@ class Module:
     #: Bumped whenever the module is re-initialised: sessions opened under an
     #: older generation are dead and must be reopened.
     generation: int = 0
+    #: Set once a TokenSession of this process uses the module: from then on, re-initialising it
+    #: to look for a token again would log every such session out.
+    in_use: bool = False
 
     @property
     def description(self) -> str:

@@ -81,6 +81,7 @@ class TokenSession:
     def __init__(self, found: FoundToken, uri: Pkcs11Uri, pin_source: PinSource,
                  pin_callback: PinCallback | None, login: bool) -> None:
         self._found = found
+        found.module.in_use = True
         self._uri = uri
         self._pin_source = pin_source
         self._pin_callback = pin_callback
