@@ -179,6 +179,24 @@ def key_name() -> str:
 
 
 @pytest.fixture
+def km_a(softhsm: TokenUnderTest) -> Iterator[object]:
+    """A KeyManager on SoftHSM token keymgr-A (HSM A of the two-site tests)."""
+    import keymgr
+
+    with keymgr.KeyManager(softhsm.uri()) as manager:
+        yield manager
+
+
+@pytest.fixture
+def km_b() -> Iterator[object]:
+    """A KeyManager on SoftHSM token keymgr-B (the second HSM: another site, a restore target)."""
+    import keymgr
+
+    with keymgr.KeyManager(softhsm_token("keymgr-B").uri()) as manager:
+        yield manager
+
+
+@pytest.fixture
 def km(token: TokenUnderTest) -> Iterator[object]:
     """A KeyManager on each token kind that can hold a keyring."""
     import keymgr

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyring import DEFAULT_PROFILE
 from keymgr.manager import INTEGRITY_MESSAGE
-from tests.conftest import TokenUnderTest, softhsm_token
+from tests.conftest import TokenUnderTest
 
 PROFILES = ("kw", "gcm")
 CTX = {"tenant": "acme", "purpose": "orders"}
@@ -53,18 +53,6 @@ class Spy:
             return real(*args, **kwargs)
 
         monkeypatch.setattr(objects, name, counting)
-
-
-@pytest.fixture
-def km_a(softhsm: TokenUnderTest) -> Iterator[keymgr.KeyManager]:
-    with keymgr.KeyManager(softhsm.uri()) as manager:
-        yield manager
-
-
-@pytest.fixture
-def km_b() -> Iterator[keymgr.KeyManager]:
-    with keymgr.KeyManager(softhsm_token("keymgr-B").uri()) as manager:
-        yield manager
 
 
 def stream_round_trip(km: keymgr.KeyManager, data: bytes, key: str, **kwargs: Any) -> bytes:

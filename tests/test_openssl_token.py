@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import keymgr
 from keymgr.envelope import parse_message, read_kek_recipient
 from keymgr.errors import IntegrityError
 from keymgr.hsm import objects
-from tests.conftest import TokenUnderTest, softhsm_token
+from tests.conftest import softhsm_token
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
@@ -36,12 +35,6 @@ def openssl(*args: str) -> subprocess.CompletedProcess[bytes]:
 def kcv(key: bytes) -> str:
     encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305 - the KCV definition
     return (encryptor.update(bytes(16)) + encryptor.finalize())[:3].hex()
-
-
-@pytest.fixture
-def km_a(softhsm: TokenUnderTest) -> Iterator[keymgr.KeyManager]:
-    with keymgr.KeyManager(softhsm.uri()) as manager:
-        yield manager
 
 
 def known_kek(km: keymgr.KeyManager, name: str) -> tuple[bytes, bytes]:

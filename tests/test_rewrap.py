@@ -17,7 +17,7 @@ import keymgr
 from keymgr.envelope import parse_message, read_kek_recipient, read_stream_header, replace_recipients
 from keymgr.errors import FormatError, IntegrityError, KeyNotFoundError, PolicyError
 from keymgr.manager import INTEGRITY_MESSAGE
-from tests.conftest import TokenUnderTest, softhsm_token
+from tests.conftest import TokenUnderTest
 
 CTX = {"tenant": "acme"}
 PROFILES = ("kw", "gcm")
@@ -26,12 +26,6 @@ PROFILES = ("kw", "gcm")
 @pytest.fixture
 def km(softhsm: TokenUnderTest) -> Iterator[keymgr.KeyManager]:
     with keymgr.KeyManager(softhsm.uri()) as manager:
-        yield manager
-
-
-@pytest.fixture
-def km_b() -> Iterator[keymgr.KeyManager]:
-    with keymgr.KeyManager(softhsm_token("keymgr-B").uri()) as manager:
         yield manager
 
 
