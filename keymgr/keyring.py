@@ -258,6 +258,12 @@ class Keyring:
             raise errors.KeyNotFoundError(f"no key named {name!r} on token {self._ts.label!r}")
         return record
 
+    def current(self, name: str) -> KeyRecord | None:
+        """The record of ``name`` held now (re-read when due), or None: no lookup on the token.
+        For callers that compare it by identity with a record they checked before."""
+        self._fresh()
+        return self._records.get(name)
+
     def find_by_id(self, key_id: bytes) -> tuple[KeyRecord, KeyVersion]:
         """Which named key and version a CKA_ID belongs to (ciphertexts carry only the id)."""
         self._fresh()
@@ -284,16 +290,19 @@ class Keyring:
             payload = _canonical(payload_data)
             mac = self._mac(payload)
             value = _canonical({"record": payload_data, "mac": mac.hex()})
-            label = f"{RECORD_PREFIX}{record.name}/{generation}"
-            existing = [lbl for lbl, _ in objects.read_data_objects(self._ts, application=APPLICATION)
-                        if lbl == label]
-            if existing:
+            prefix = f"{RECORD_PREFIX}{record.name}/"
+            label = f"{prefix}{generation}"
+            labels = {lbl for lbl, _ in objects.read_data_objects(self._ts, application=APPLICATION)}
+            if label in labels:
                 raise errors.ConfigurationError(
                     f"key {record.name!r} was changed by another process at the same time; retry")
             objects.write_data_object(self._ts, application=APPLICATION, label=label, value=value)
-            for old in range(1, generation):
-                objects.destroy_data_object(self._ts, application=APPLICATION,
-                                            label=f"{RECORD_PREFIX}{record.name}/{old}")
+            # the older generations still on the token (one, or a few a crash left), not every
+            # number below this one: a find per past generation made each write slower with age
+            for old in sorted(labels):
+                number = old[len(prefix):] if old.startswith(prefix) else ""
+                if number.isdigit() and int(number) < generation:
+                    objects.destroy_data_object(self._ts, application=APPLICATION, label=old)
             self._records[record.name] = record
             for v in record.versions:
                 self._by_id[v.key_id] = (record.name, v.version)

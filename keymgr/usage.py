@@ -5,12 +5,20 @@ key's ``max_messages`` policy and, for the ``gcm`` profile, NIST SP 800-38D
 8.3's bound of 2^32 invocations with random 96-bit IVs per key, whichever is
 lower. Counting must survive restarts and be shared by every process using
 the token, yet a record write per message would cost more than the message.
-So uses are *reserved in blocks*: a process adds a block (up to 1024, less
-for small limits) to the version's ``uses`` in the keyring record (one
-record write, under the key's lock: :func:`keymgr.rotation.update_record`)
-and spends it locally. Reservations a process did not spend when it exits
-are lost, which only errs on the safe side: the count overstates, never
-understates, the real number of encryptions.
+So uses are *reserved in blocks*: a process adds a block to the version's
+``uses`` in the keyring record (one record write, under the key's lock:
+:func:`keymgr.rotation.update_record`) and spends it locally. Reservations a
+process did not spend when it exits are lost, which only errs on the safe
+side: the count overstates, never understates, the real number of encryptions.
+
+Blocks grow (:func:`block_for`): a process's first block for a version is
+:data:`FIRST_BLOCK` uses, and each next one twice the last, up to 1/16 of
+the limit and :data:`MAX_BLOCK`. A short-lived process (one CLI call) so
+wastes at most 256 uses, a long-lived one at most about as many as it
+already made, and a busy service writes the record about once per million
+messages instead of once per thousand: a record write costs milliseconds on
+SoftHSM, which at one per 1,024 messages was a third of a ``gcm`` message
+(measured: 35 of 116 µs, docs/performance.md).
 
 At the limit, a key whose policy has ``auto_rotate`` is rotated and the new
 primary takes over; otherwise encryption fails with
@@ -30,12 +38,14 @@ from datetime import datetime
 from keymgr import errors, rotation
 from keymgr.keyring import KeyRecord, Keyring
 
-__all__ = ["GCM_RANDOM_NONCE_LIMIT", "MAX_BLOCK", "UsageMeter", "block_for", "limit_for"]
+__all__ = ["FIRST_BLOCK", "GCM_RANDOM_NONCE_LIMIT", "MAX_BLOCK", "UsageMeter", "block_for", "limit_for"]
 
 #: NIST SP 800-38D 8.3: at most 2^32 GCM invocations with random 96-bit IVs under one key.
 GCM_RANDOM_NONCE_LIMIT = 1 << 32
-#: The largest reservation one record write makes.
-MAX_BLOCK = 1024
+#: A process's first reservation for a key version.
+FIRST_BLOCK = 256
+#: The largest reservation one record write makes (2^32 / 2^20: the GCM bound is 4,096 of them).
+MAX_BLOCK = 1 << 20
 
 
 def limit_for(record: KeyRecord) -> int | None:
@@ -46,10 +56,15 @@ def limit_for(record: KeyRecord) -> int | None:
     return min(limits) if limits else None
 
 
-def block_for(limit: int) -> int:
-    """Reservation size: small next to the limit (at most 1/16 of it), so that a few processes'
-    unspent blocks waste little, and at most :data:`MAX_BLOCK`."""
-    return max(1, min(MAX_BLOCK, limit // 16))
+def block_for(limit: int, previous: int = 0) -> int:
+    """The next reservation's size after a spent block of ``previous`` uses (0: none yet).
+
+    Twice the previous block, starting at :data:`FIRST_BLOCK`, so that what a process can
+    leave unspent stays in proportion to what it used; and small next to the limit (at
+    most 1/16 of it), so that a few processes' unspent blocks waste little of it, and at
+    most :data:`MAX_BLOCK`."""
+    cap = max(1, min(MAX_BLOCK, limit // 16))
+    return min(cap, max(FIRST_BLOCK, 2 * previous))
 
 
 class UsageMeter:
@@ -63,6 +78,8 @@ class UsageMeter:
         self._reserving = threading.Lock()
         #: key_id -> [next use, end of the reserved block)
         self._blocks: dict[bytes, list[int]] = {}
+        #: key_id -> size of this process's last block for it (the next one is twice that)
+        self._sizes: dict[bytes, int] = {}
 
     def _now(self) -> datetime:
         return rotation.parse_time(rotation.now(self._keyring))
@@ -100,10 +117,12 @@ class UsageMeter:
     def _reserve_block(self, record: KeyRecord, limit: int) -> KeyRecord:
         for _ in range(rotation.RETRIES):
             granted: list[int] = []
-            current = rotation.update_record(self._keyring, record.name, _take_block(limit, granted))
+            current = rotation.update_record(self._keyring, record.name, _take_block(limit, self._sizes, granted))
             if granted:
+                key_id = current.primary_version.key_id
                 with self._lock:
-                    self._blocks[current.primary_version.key_id] = [granted[0] + 1, granted[1]]
+                    self._blocks[key_id] = [granted[0] + 1, granted[1]]
+                    self._sizes[key_id] = granted[1] - granted[0]
                 return current
             if not current.policy.auto_rotate:
                 version = current.primary_version
@@ -114,16 +133,17 @@ class UsageMeter:
         raise errors.PolicyError(f"key {record.name!r}: could not reserve encryptions; retry")
 
 
-def _take_block(limit: int, granted: list[int]) -> Callable[[KeyRecord], KeyRecord]:
-    """The record change that reserves the next block of the primary's uses; ``granted`` receives
-    the reserved range [start, end), and stays empty when the version is used up."""
+def _take_block(limit: int, sizes: dict[bytes, int], granted: list[int]) -> Callable[[KeyRecord], KeyRecord]:
+    """The record change that reserves the next block of the primary's uses (its size after
+    this process's last block for that version, in ``sizes``); ``granted`` receives the
+    reserved range [start, end), and stays empty when the version is used up."""
 
     def change(current: KeyRecord) -> KeyRecord:
         granted.clear()
         version = current.primary_version
         if version.uses >= limit:
             return current
-        take = min(block_for(limit), limit - version.uses)
+        take = min(block_for(limit, sizes.get(version.key_id, 0)), limit - version.uses)
         granted.extend((version.uses, version.uses + take))
         return replace(current, versions=tuple(replace(v, uses=v.uses + take) if v is version else v
                                                for v in current.versions))

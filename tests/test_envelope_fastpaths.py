@@ -196,6 +196,58 @@ def test_every_edit_of_a_shaped_message_parses_as_the_full_parse_does() -> None:
             assert fast == full, i
 
 
+def _open_outcome(blob: bytes, dek: bytes, ours: bytes, shaped_from: bytes | None,
+                  context: dict[str, str] | None) -> tuple[object, ...]:
+    """open_message of ``blob`` with the shape of ``shaped_from`` remembered (or none): the
+    plaintext and context it returns, or the class and text of the error it raises."""
+    from keymgr.envelope import cms
+
+    cms._SHAPES.clear()
+    if shaped_from is not None:
+        cms.parse_message(shaped_from)
+    try:
+        return ("ok", *cms.open_message(blob, unwrap_der=lambda der: dek if der.startswith(ours) else None,
+                                        context=context, return_context=True))
+    except Exception as exc:  # noqa: BLE001 - the outcome compared is whatever happens
+        return (type(exc).__name__, str(exc))
+
+
+@pytest.mark.parametrize("context", [{"tenant": "acme"}, None])
+def test_every_edit_of_a_shaped_message_opens_as_the_full_parse_does(context: dict[str, str] | None) -> None:
+    """open_message reads a message of a remembered shape by position (MessageShape.parts):
+    for the message and every single-byte edit of it, the outcome (plaintext and context,
+    or the error and its text) is the one of open_message with no shape remembered."""
+    from keymgr.envelope import seal_message
+
+    dek = os.urandom(32)
+    ours = r.kek_recipient_der(os.urandom(16), os.urandom(40), "aes256_wrap")
+    other = r.kek_recipient_der(os.urandom(16), os.urandom(48), "aes256_gcm", os.urandom(12))
+    blob = seal_message(b"a shaped secret", dek=dek, recipient_infos=[other, ours], context={"tenant": "acme"})
+    shaped = seal_message(b"another secret!", dek=os.urandom(32), recipient_infos=[
+        r.kek_recipient_der(os.urandom(16), os.urandom(48), "aes256_gcm", os.urandom(12)),
+        r.kek_recipient_der(os.urandom(16), os.urandom(40), "aes256_wrap")], context={"tenant": "acme"})
+    assert len(shaped) == len(blob)
+    prefix = ours[:-40]  # our recipient up to its wrapped key: an edit there makes it another's
+    assert _open_outcome(blob, dek, prefix, shaped, context) == ("ok", b"a shaped secret", {"tenant": "acme"})
+    outcomes, opened = set(), set()
+    for i in range(len(blob)):
+        for flip in (0x01, 0x80):
+            tampered = bytearray(blob)
+            tampered[i] ^= flip
+            fast = _open_outcome(bytes(tampered), dek, prefix, shaped, context)
+            assert fast == _open_outcome(bytes(tampered), dek, prefix, None, context), i
+            outcomes.add(fast[0])
+            if fast[0] == "ok":
+                opened.add(i)
+    assert {"IntegrityError", "FormatError", "RecipientNotFoundError"} <= outcomes
+    # the edits that still open: inside the other recipient (recipients are outside the AAD, so
+    # that a rewrap leaves the payload alone; that key is not ours), and inside our wrapped key,
+    # which this unwrapper (unlike a token) does not read
+    other_at, ours_at = blob.index(other), blob.index(ours)
+    ignored = set(range(other_at, other_at + len(other))) | set(range(ours_at + len(ours) - 40, ours_at + len(ours)))
+    assert opened and opened <= ignored
+
+
 def test_a_decoy_commitment_before_the_real_one_is_not_taken_for_it() -> None:
     """The commitment's place comes from the attribute parser, not a search: an unknown
     attribute before the real commitment, holding the commitment attribute's own bytes,

@@ -107,6 +107,50 @@ def test_newer_generation_wins_and_old_is_cleaned(km, key_name: str) -> None:
     assert km.describe_key(key_name).policy.rotate_after_days == 90
 
 
+def _runs_per_write(km, record, monkeypatch: pytest.MonkeyPatch) -> int:
+    from keymgr.hsm.sessions import TokenSession
+
+    calls = {"n": 0}
+    real_run = TokenSession.run
+
+    def counting_run(self: TokenSession, operation: str, call):
+        calls["n"] += 1
+        return real_run(self, operation, call)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TokenSession, "run", counting_run)
+        km.keyring.write(record)
+    return calls["n"]
+
+
+def test_a_write_costs_the_same_token_calls_at_any_generation(km, key_name: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each write destroys the generations still on the token, not every number below its own
+    (a find per past generation made a key's record writes slower with every reservation)."""
+    record = km.create_key(key_name)
+    early = _runs_per_write(km, km.describe_key(key_name), monkeypatch)
+    for _ in range(30):
+        record = km.keyring.write(km.describe_key(key_name))
+    assert record.generation >= 30
+    assert _runs_per_write(km, km.describe_key(key_name), monkeypatch) == early
+    labels = [label for label, _ in _record_objects(km, key_name)]
+    assert labels == [f"{RECORD_PREFIX}{key_name}/{record.generation + 1}"]
+
+
+def test_generations_a_crash_left_behind_are_cleaned_by_the_next_write(km, key_name: str) -> None:
+    record = km.create_key(key_name)
+    [(_, value)] = _record_objects(km, key_name)
+    for stale in (f"{RECORD_PREFIX}{key_name}/0", f"{RECORD_PREFIX}{key_name}-other/1"):
+        objects.write_data_object(km.token, application=APPLICATION, label=stale, value=value)
+    try:
+        km.keyring.write(record)
+        labels = sorted(label for label, _ in objects.read_data_objects(km.token, application=APPLICATION)
+                        if label.startswith(f"{RECORD_PREFIX}{key_name}"))
+        assert labels == [f"{RECORD_PREFIX}{key_name}-other/1", f"{RECORD_PREFIX}{key_name}/2"]
+    finally:
+        objects.destroy_data_object(km.token, application=APPLICATION, label=f"{RECORD_PREFIX}{key_name}-other/1")
+
+
 def test_second_token_does_not_see_first_tokens_keys(softhsm: TokenUnderTest, key_name: str) -> None:
     a = keymgr.KeyManager(softhsm.uri())
     b = keymgr.KeyManager(softhsm.uri().replace("keymgr-A", "keymgr-B"))

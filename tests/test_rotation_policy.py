@@ -59,17 +59,35 @@ def test_limit_is_shared_by_processes_through_the_record(km, token, key_name: st
                 manager.encrypt(b"e", key=key_name)
 
 
-def test_uses_are_reserved_in_blocks_not_written_per_message(km, key_name: str) -> None:
+def test_uses_are_reserved_in_growing_blocks_not_written_per_message(km, key_name: str) -> None:
     limit = 100_000
     record = km.create_key(key_name, max_messages=limit)
-    block = usage.block_for(limit)
-    assert block == usage.MAX_BLOCK
-    for _ in range(block + 1):
+    first = usage.block_for(limit)
+    assert first == usage.FIRST_BLOCK
+    sizes = [first, 2 * first, 4 * first]
+    for _ in range(sum(sizes) + 1):  # three blocks spent, one use into the fourth
         km.encrypt(b"x", key=key_name)
     km.keyring.reload()
     after = km.describe_key(key_name)
-    assert after.primary_version.uses == 2 * block  # two reservations
-    assert after.generation - record.generation == 2  # two record writes for 1025 messages
+    assert after.primary_version.uses == sum(sizes) + 8 * first  # each block twice the last
+    assert after.generation - record.generation == 4  # four record writes for 1,793 messages
+
+
+def test_block_sizes_double_up_to_a_sixteenth_of_the_limit_and_max_block() -> None:
+    assert [usage.block_for(100_000, previous) for previous in (0, 256, 512, 4096)] == [256, 512, 1024, 6250]
+    assert usage.block_for(2**32, usage.MAX_BLOCK) == usage.MAX_BLOCK
+    assert usage.block_for(2**32, 2**19) == usage.MAX_BLOCK == 2**20
+    assert usage.block_for(1_000, 0) == 62 and usage.block_for(10, 5) == 1
+
+
+def test_a_new_version_starts_with_a_small_block_again(km, key_name: str) -> None:
+    km.create_key(key_name, max_messages=100_000)
+    for _ in range(usage.FIRST_BLOCK + 1):
+        km.encrypt(b"x", key=key_name)
+    km.rotate(key_name)
+    km.encrypt(b"y", key=key_name)
+    km.keyring.reload()
+    assert km.describe_key(key_name).primary_version.uses == usage.FIRST_BLOCK
 
 
 def test_at_the_limit_auto_rotate_rotates(softhsm, key_name: str) -> None:
@@ -87,7 +105,7 @@ def test_gcm_profile_is_bounded_by_the_random_nonce_limit() -> None:
     assert usage.limit_for(gcm) == 2**32
     assert usage.limit_for(KeyRecord("k", "gcm", 1, (), KeyPolicy(max_messages=10))) == 10
     assert usage.limit_for(KeyRecord("k", "kw", 1, (), KeyPolicy())) is None
-    assert usage.block_for(10) == 1 and usage.block_for(2**32) == usage.MAX_BLOCK
+    assert usage.block_for(10) == 1 and usage.block_for(2**32) == usage.FIRST_BLOCK
 
 
 def test_gcm_key_counts_uses_without_max_messages(km, token, key_name: str) -> None:
@@ -96,7 +114,7 @@ def test_gcm_key_counts_uses_without_max_messages(km, token, key_name: str) -> N
     requires(token, "aes-gcm")
     km.create_key(key_name, profile="gcm")
     km.encrypt(b"x", key=key_name)
-    assert km.describe_key(key_name).primary_version.uses == usage.MAX_BLOCK
+    assert km.describe_key(key_name).primary_version.uses == usage.FIRST_BLOCK
 
 
 def test_due_lists_keys_past_their_cryptoperiod(timed_km, clock: Clock, key_name: str) -> None:

@@ -209,16 +209,22 @@ class DataKey:
 
     def seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
         """ciphertext || 16-byte tag."""
-        _check_nonce(nonce)
-        return self._cipher().encrypt(nonce, plaintext, aad)
+        aead = self._aead  # the checks of _check_nonce and _cipher, written out: once per message
+        if aead is None or len(nonce) != NONCE_SIZE:
+            _check_nonce(nonce)
+            aead = self._cipher()
+        return aead.encrypt(nonce, plaintext, aad)
 
     def open(self, nonce: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:
         """Plaintext of ``ciphertext || tag``; :class:`IntegrityError` if it does not verify."""
-        _check_nonce(nonce)
+        aead = self._aead
+        if aead is None or len(nonce) != NONCE_SIZE:
+            _check_nonce(nonce)
+            aead = self._cipher()
         if len(sealed) < TAG_SIZE:
             raise IntegrityError(AEAD_FAILED)
         try:
-            return self._cipher().decrypt(nonce, sealed, aad)
+            return aead.decrypt(nonce, sealed, aad)
         except InvalidTag:
             raise IntegrityError(AEAD_FAILED) from None
 

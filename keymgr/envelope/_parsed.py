@@ -20,7 +20,7 @@ from keymgr.envelope._aead import COMMITMENT_SIZE, NONCE_SIZE, TAG_SIZE
 from keymgr.envelope._attrs import OID_DATA, AuthAttributes
 from keymgr.envelope.recipients import ParsedRecipients
 
-__all__ = ["ParsedMessage", "MessageShape", "SHAPES", "SHAPES_MAX"]
+__all__ = ["ParsedMessage", "MessageParts", "MessageShape", "SHAPES", "SHAPES_MAX"]
 
 T = TypeVar("T")
 
@@ -57,6 +57,11 @@ class ParsedMessage:
     @property
     def commitment(self) -> bytes | None:
         return None if self.auth_attrs is None else self.auth_attrs.commitment
+
+
+#: (context found or None, commitment or None, each recipient's DER, nonce, ciphertext || tag, AAD);
+#: the context is the shape's own dict: copy it before handing it out
+MessageParts = tuple[dict[str, str] | None, bytes | None, tuple[bytes, ...], bytes, bytes, bytes]
 
 
 @dataclass(frozen=True)
@@ -112,11 +117,41 @@ class MessageShape:
         aad_head = b"" if attrs_at is None else _der.header(_der.SET, attrs_at[1] - attrs_at[0])
         return cls(tuple(kept), tuple(recipients), nonce_at, cipher, f["mac"].body, attrs, attrs_at, aad_head, f)
 
+    def fits(self, data: bytes) -> bool:
+        """Whether ``data`` (of this shape's length: the caller checked) has this shape."""
+        for at, kept in self.kept:  # noqa: SIM110 - a loop: all() over a generator costs twice as much here
+            if not data.startswith(kept, at):
+                return False
+        return True
+
+    def parts(self, data: bytes) -> MessageParts:
+        """What decrypting ``data`` (which :meth:`fits`) needs, cut from it by position: the
+        same values :meth:`read` puts in a :class:`ParsedMessage`, without building one."""
+        attrs = self.attrs
+        context = commitment = None
+        aad = b""
+        if attrs is not None and self.attrs_at is not None:
+            body, end = self.attrs_at
+            aad = self.aad_head + data[body:end]
+            context = attrs.context
+            commit = attrs.commitment_at
+            if commit is not None:
+                commitment = data[commit:commit + COMMITMENT_SIZE]
+        start, end = self.content
+        recipients = self.recipients
+        if len(recipients) == 1:
+            (first, last), = recipients
+            ders: tuple[bytes, ...] = (data[first:last],)
+        else:
+            ders = tuple([data[a:b] for a, b in recipients])
+        nonce, mac = self.nonce_at, self.mac_at
+        sealed = data[start:end] + data[mac:mac + TAG_SIZE]
+        return context, commitment, ders, data[nonce:nonce + NONCE_SIZE], sealed, aad
+
     def read(self, data: bytes) -> ParsedMessage | None:
         """``data`` parsed, if it has this shape (the caller checked its length); else None."""
-        for at, kept in self.kept:
-            if not data.startswith(kept, at):
-                return None
+        if not self.fits(data):
+            return None
         attrs = self.attrs
         if attrs is not None and self.attrs_at is not None:
             body, end = self.attrs_at

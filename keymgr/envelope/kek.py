@@ -88,6 +88,9 @@ class KekProtector:
         #: the key id in each recipient unwrapped here, for check_der on a decrypt-cache hit
         #: (the cache is keyed by the same DER, so its id was read once already); not secret
         self._kek_ids: dict[bytes, bytes] = {}
+        #: the record whose version each such recipient's last check_der passed under: records are
+        #: immutable and replaced on every write and reload, so the same object means the same state
+        self._passed: dict[bytes, KeyRecord] = {}
 
     @property
     def keyring(self) -> Keyring:
@@ -179,10 +182,16 @@ class KekProtector:
         version suspended, retired or destroyed since must stop its cached keys too."""
         if not der or der[0] != _KEKRI_TAG:
             return
+        passed = self._passed.get(der)
+        if passed is not None and self._keyring.current(passed.name) is passed:
+            return
         kek_id = self._kek_ids.get(der)
         found = self._find(read_kek_recipient(der).kek_id if kek_id is None else kek_id)
         if found is not None:
             self.check_state(*found)
+            if len(self._passed) >= _UNKNOWN_MAX:
+                self._passed.clear()
+            self._passed[der] = found[0]
 
     def unwrap_der(self, der: bytes) -> DataKey | None:
         """:meth:`unwrap` of a recipient given as DER (the per-message path)."""
