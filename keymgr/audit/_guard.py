@@ -19,7 +19,7 @@ from typing import Any
 
 from keymgr import errors
 from keymgr.audit._log import AuditLog
-from keymgr.audit._operation import Operation, current_operation, current_principal
+from keymgr.audit._operation import Operation, UnauditedOperation, current_operation, current_principal
 from keymgr.audit.limits import RateLimit, RateLimiter
 from keymgr.envelope.kek import KekProtector
 from keymgr.hsm.sessions import TokenSession
@@ -54,7 +54,10 @@ class AuditGuard:
                   detail: Mapping[str, Any] | None = None) -> Operation:
         """``with guard.operation("create", key=name) as op: ...``: one entry (or one count)
         when the block ends, ``ok`` / ``refused`` (PolicyError) / ``failed`` with the error's
-        class. Without a log it only marks the operation, for :meth:`on_unwrap`."""
+        class. Without a log it only marks the operation, for :meth:`on_unwrap`'s limits;
+        without limits either, nothing reads it."""
+        if self.log is None and self._limiter is None:
+            return UnauditedOperation(op, key, version, detail)
         return Operation(self.log, op, key, version, detail)
 
     @contextmanager

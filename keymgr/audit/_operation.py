@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from keymgr import errors
 
-__all__ = ["Operation", "acting_as", "current_operation", "current_principal"]
+__all__ = ["Operation", "UnauditedOperation", "acting_as", "current_operation", "current_principal"]
 
 
 class _Recorder(Protocol):
@@ -53,7 +53,8 @@ def current_principal() -> str | None:
 
 
 def current_operation() -> Operation | None:
-    """The audited operation running in this context (to fill in the key version it found)."""
+    """The audited operation running in this context (to fill in the key version it found);
+    None also under a manager that keeps no audit log and no rate limits."""
     return _operation.get()
 
 
@@ -85,3 +86,26 @@ class Operation:
             outcome = "ok" if exc is None else "refused" if isinstance(exc, errors.PolicyError) else "failed"
             self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
                              detail=self.detail)
+
+
+class UnauditedOperation(Operation):
+    """An :class:`Operation` of a manager with neither an audit log nor rate limits: nothing
+    reads it, so it is not made visible to :func:`current_operation` (the context variable's
+    set and reset were a tenth of a cached decrypt) and records nothing when it ends."""
+
+    __slots__ = ()
+
+    def __init__(self, op: str, key: str | None, version: int | None, detail: Mapping[str, Any] | None) -> None:
+        self._log = None
+        self.op = op
+        self.key = key
+        self.version = version
+        self.detail = detail
+        self._reset = None
+
+    def __enter__(self) -> Operation:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        return None
