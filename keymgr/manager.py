@@ -24,7 +24,7 @@ from keymgr import errors, rotation
 from keymgr.audit import AuditLog, Operation, RateLimit, resolve_audit
 from keymgr.audit._guard import AuditGuard
 from keymgr.envelope import DataKey, decrypt_stream, encrypt_stream, open_message, seal_message
-from keymgr.envelope._attrs import normalize_context
+from keymgr.envelope._attrs import checked_context
 from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
 from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
@@ -307,11 +307,7 @@ class KeyManager:
                 dek.wipe()
         record = self.keyring.get(key)
         self._protector.check_encrypts(record)  # a cached data key must not outlive a suspension
-        try:
-            context_key = tuple(sorted(context.items())) if context else ()
-        except (AttributeError, TypeError):
-            normalize_context(context)  # says what is wrong with it (ConfigurationError)
-            raise
+        context_key = checked_context(context)[1]  # raises ConfigurationError for an unusable context
         partition = (key, record.primary_version.key_id, context_key, tuple(map(id, also_to)) if also_to else ())
         entry = self._encrypt_cache.acquire(partition, size, lambda: self._new_data_key(key, also_to))
         try:

@@ -284,3 +284,39 @@ def test_recipient_set_memo_is_for_the_same_tuple_only() -> None:
     assert r.encode_recipient_infos(as_list) == first
     as_list[0] = other[0]
     assert r.encode_recipient_infos(as_list) == _der.set_of(as_list)
+
+
+# -- checked contexts (keymgr.envelope._attrs.checked_context) ------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=4))
+def test_checked_context_is_normalize_context_sorted_seen_or_not(context: dict[str, str]) -> None:
+    """The memo gives what normalize_context and a sort give, the first time and every time
+    after, and an invalid context (an empty key here) is refused every time, never remembered."""
+    from keymgr.envelope._attrs import checked_context, normalize_context
+    from keymgr.errors import ConfigurationError
+
+    for _ in range(2):
+        try:
+            expected = normalize_context(context)
+        except ConfigurationError:
+            with pytest.raises(ConfigurationError):
+                checked_context(context)
+            continue
+        assert checked_context(context) == (expected, tuple(sorted(expected.items())))
+
+
+def test_checked_context_follows_a_dict_changed_after_use() -> None:
+    from keymgr.envelope._attrs import checked_context
+    from keymgr.errors import ConfigurationError
+
+    context = {"tenant": "acme"}
+    assert checked_context(context)[1] == (("tenant", "acme"),)
+    context["tenant"] = "evil"
+    assert checked_context(context)[1] == (("tenant", "evil"),)
+    context["list"] = ["not", "a", "str"]  # type: ignore[assignment]
+    with pytest.raises(ConfigurationError, match="str"):
+        checked_context(context)
+    with pytest.raises(ConfigurationError, match="str"):
+        checked_context({"tenant": 7})  # type: ignore[dict-item]

@@ -76,6 +76,39 @@ def normalize_context(context: Mapping[str, str] | None) -> dict[str, str]:
     return dict(context)
 
 
+ContextItems = tuple[tuple[str, str], ...]
+#: contexts checked before, by their entries in the caller's order: (the checked dict, its entries sorted)
+_CHECKED: dict[ContextItems, tuple[dict[str, str], ContextItems]] = {}
+_CHECKED_MAX = 256
+
+
+def checked_context(context: Mapping[str, str] | None) -> tuple[dict[str, str], ContextItems]:
+    """:func:`normalize_context`, and its entries sorted (the order DER and cache keys use).
+
+    Remembered for a ``dict`` seen before (equal entries, equal order): a service seals
+    message after message under a handful of contexts, and checking and sorting one
+    each time was a tenth of a cached encrypt. The dict returned is shared: read it,
+    never change it. A dict whose entries equal (``==``, same hash) a checked one's is
+    taken for it: only ``str`` entries pass the check, and only a ``str`` (or an object
+    that claims equality with one) equals a ``str``."""
+    items: ContextItems | None = None
+    if type(context) is dict:
+        try:
+            items = tuple(context.items())
+            found = _CHECKED.get(items)
+        except TypeError:  # an unhashable value: normalize_context says what is wrong with it
+            items = found = None
+        if found is not None:
+            return found
+    ctx = normalize_context(context)
+    result = (ctx, tuple(sorted(ctx.items())))
+    if items is not None:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[items] = result
+    return result
+
+
 def _context_value(context: dict[str, str]) -> bytes:
     pairs = sorted((k.encode("utf-8"), v.encode("utf-8")) for k, v in context.items())
     return _der.seq(*(_der.seq(_der.tlv(_der.UTF8_STRING, k), _der.tlv(_der.UTF8_STRING, v)) for k, v in pairs))
@@ -99,11 +132,13 @@ def _frame(context_items: tuple[tuple[str, str], ...], content_type: bool) -> tu
     return _der.header(_der.SET, size) + b"".join(before), b"".join(after)
 
 
-def build_auth_attrs(*, context: dict[str, str], commitment: bytes, content_type: bool) -> bytes:
-    """The DER of the attribute set with the SET OF tag: exactly the AAD (RFC 5083 section 2.2)."""
+def build_auth_attrs(*, context: dict[str, str], commitment: bytes, content_type: bool,
+                     sorted_items: ContextItems | None = None) -> bytes:
+    """The DER of the attribute set with the SET OF tag: exactly the AAD (RFC 5083 section 2.2).
+    ``sorted_items``: the context's entries sorted, where the caller has them (:func:`checked_context`)."""
     if len(commitment) != COMMITMENT_SIZE:
         raise ConfigurationError(f"a key commitment is {COMMITMENT_SIZE} bytes")
-    head, tail = _frame(tuple(sorted(context.items())), content_type)
+    head, tail = _frame(tuple(sorted(context.items())) if sorted_items is None else sorted_items, content_type)
     return head + _COMMITMENT_PREFIX + commitment + tail
 
 

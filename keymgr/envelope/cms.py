@@ -47,7 +47,13 @@ from keymgr.envelope._aead import (
     encode_gcm_parameters,
     read_gcm_parameters,
 )
-from keymgr.envelope._attrs import OID_DATA, build_auth_attrs, normalize_context, parse_auth_attrs
+from keymgr.envelope._attrs import (
+    OID_DATA,
+    build_auth_attrs,
+    checked_context,
+    normalize_context,
+    parse_auth_attrs,
+)
 from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope._parsed import SHAPES as _SHAPES
 from keymgr.envelope._parsed import SHAPES_MAX, MessageShape, ParsedMessage
@@ -90,7 +96,7 @@ def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipien
     (``_nonce`` is for tests only); with random 96-bit nonces one data key
     may seal at most 2^32 messages (NIST SP 800-38D section 8.3).
     """
-    ctx = normalize_context(context)
+    ctx, items = checked_context(context)
     if compat_openssl and ctx:
         raise ConfigurationError("compat_openssl messages carry no attributes, so no encryption context")
     if len(plaintext) > _MAX_PLAINTEXT:
@@ -101,7 +107,8 @@ def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipien
     recipients = encode_recipient_infos(recipient_infos)
     key = DataKey.coerce(dek)
     try:
-        aad = b"" if compat_openssl else build_auth_attrs(context=ctx, commitment=key.commitment, content_type=True)
+        aad = b"" if compat_openssl else build_auth_attrs(context=ctx, commitment=key.commitment, content_type=True,
+                                                            sorted_items=items)
         sealed = memoryview(key.seal(nonce, plaintext, aad))
     finally:
         if key is not dek:
