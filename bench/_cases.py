@@ -92,12 +92,12 @@ def bare_cases(km: keymgr.KeyManager, kw_key: str, gcm_key: str) -> list[Case]:
         finally:
             temp.destroy()
 
-    def gcm_wrap(value: bytes) -> bytes:
+    def gcm_wrap(value: bytes, iv: bytes | None = None) -> bytes:
         return bytes(gcm_kek.encrypt(value, mechanism=Mechanism.AES_GCM,
-                                     mechanism_param=GCMParams(os.urandom(12), b"", 128)))
+                                     mechanism_param=GCMParams(iv or os.urandom(12), b"", 128)))
 
-    def gcm_unwrap(sealed: bytes) -> bytes:
-        return bytes(gcm_kek.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, b"", 128)))
+    def gcm_unwrap(sealed: bytes, iv: bytes = nonce) -> bytes:
+        return bytes(gcm_kek.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, b"", 128)))
 
     gcm_sealed = bytes(gcm_kek.encrypt(dek, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, b"", 128)))
     cases = []
@@ -115,7 +115,41 @@ def bare_cases(km: keymgr.KeyManager, kw_key: str, gcm_key: str) -> list[Case]:
             return AESGCM(u(x)).decrypt(nonce, b, AAD)
 
         cases.append(Case(f"bare pkcs11 + raw AESGCM, {profile}", "baseline", envelope_encrypt, envelope_decrypt))
+    kek_ids = {profile: km.describe_key(name).primary_version.key_id for profile, name in (("kw", kw_key),
+                                                                                          ("gcm", gcm_key))}
+    cases += [_format_case(profile, kek_ids[profile], wrap, unwrap)
+              for profile, wrap, unwrap in (("kw", kw_wrap, kw_unwrap), ("gcm", gcm_wrap, gcm_unwrap))]
     return cases
+
+
+def _format_case(profile: str, kek_id: bytes, wrap: Callable[..., bytes], unwrap: Callable[..., bytes]) -> Case:
+    """The bare calls with keymgr's format layer around them instead of a bare AESGCM: a fresh
+    data key, its recipient, the CMS message with context and commitment; no manager, keyring,
+    state check, usage meter or session layer. What keymgr's CMS envelope costs at least."""
+    from keymgr.envelope import kek_recipient_der, open_message, read_kek_recipient, seal_message
+
+    def seal() -> bytes:
+        dek = DataKey(os.urandom(32))
+        try:
+            if profile == "gcm":
+                iv = os.urandom(12)
+                recipient = kek_recipient_der(kek_id, wrap(dek.reveal(), iv), "aes256_gcm", iv)
+            else:
+                recipient = kek_recipient_der(kek_id, wrap(dek.reveal()), "aes256_wrap")
+            return seal_message(MESSAGE, dek=dek, recipient_infos=[recipient], context=CONTEXT)
+        finally:
+            dek.wipe()
+
+    def unwrap_der(der: bytes) -> DataKey:
+        found = read_kek_recipient(der)
+        if found.algorithm == "aes256_gcm":
+            return DataKey(unwrap(found.encrypted_key, found.gcm_nonce))
+        return DataKey(unwrap(found.encrypted_key))
+
+    blob = seal()
+    assert open_message(blob, unwrap_der=unwrap_der, context=CONTEXT) == MESSAGE
+    return Case(f"bare pkcs11 + keymgr format layer, {profile}", "baseline", seal,
+                lambda: open_message(blob, unwrap_der=unwrap_der, context=CONTEXT))
 
 
 def manager(uri: str, **options: Any) -> keymgr.KeyManager:

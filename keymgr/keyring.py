@@ -21,6 +21,7 @@ CKA_ID; ciphertexts name the CKA_ID, never the key name.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -130,8 +131,10 @@ class KeyRecord:
                 return v
         raise errors.KeyNotFoundError(f"key {self.name!r} has no version {number}")
 
-    @property
+    @functools.cached_property
     def primary_version(self) -> KeyVersion:
+        """The primary's version (looked up once per record: records are immutable, and every
+        message asks for it several times)."""
         return self.version(self.primary)
 
     def label_of(self, number: int) -> str:
