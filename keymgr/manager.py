@@ -35,6 +35,10 @@ from keymgr.usage import UsageMeter
 
 if TYPE_CHECKING:
     from keymgr.custody.approvals import Approval, Request
+    from keymgr.custody.backup_file import BackupFile
+    from keymgr.custody.ceremony import BackupResult, RestoreResult
+    from keymgr.custody.custodian_token import CustodianToken
+    from keymgr.hsm.pins import Pin
     from keymgr.shred import DestroyResult
 
 #: The one message for every authentication failure of a ciphertext: no oracle.
@@ -222,6 +226,30 @@ class KeyManager:
             result = shred.destroy(self.keyring, name, version, paths=paths, request=request, approvals=approvals,
                                    confirmed=confirmed, force=force, transcript=transcript)
             op.detail = {"force": force, "approvers": list(result.approvers)}
+            return result
+
+    # -- backup and restore (keymgr.custody.ceremony, audited here) -----------------------
+
+    def backup(self, name: str, *, so_pin: Pin, request: Request | None, approvals: Sequence[Approval],
+               versions: Sequence[int] | None = None) -> BackupResult:
+        """Back up key ``name`` to its M-of-N custodians, with the quorum's approvals and the
+        HSM's SO PIN (:func:`keymgr.custody.ceremony.backup_keys`, which takes a keyring and
+        keeps no audit log of its own: this records it, as ``keymgr backup`` does)."""
+        from keymgr.custody.ceremony import backup_keys
+
+        with self._audited("backup", key=name, detail={"approvals": len(approvals)}):
+            return backup_keys(self.keyring, name, so_pin=so_pin, request=request, approvals=approvals,
+                               versions=versions)
+
+    def restore(self, backup: BackupFile, custodians: Sequence[CustodianToken]) -> RestoreResult:
+        """Restore every key of ``backup`` into this token with M custodians' tokens, all or
+        nothing (:func:`keymgr.custody.ceremony.restore_keys`, audited here)."""
+        from keymgr.custody.ceremony import restore_keys
+
+        with self._audited("restore", detail={"custodians": len(custodians)}) as op:
+            result = restore_keys(backup, self.keyring, custodians)
+            op.detail = {"custodians": len(custodians), "keys": [r.name for r in result.records][:32]}
+            op.key = result.records[0].name if len(result.records) == 1 else None
             return result
 
     # -- rewrap (keymgr.rewrap: recipients only, payload untouched) --------------------

@@ -169,3 +169,30 @@ def test_custodian_outside_the_backup_is_refused(key_name: str) -> None:
         restore_keys(backup, b.keyring, [party(1).open(backup.slot(party(1).name).custodian),
                                          party(3).open(outsider)])
     assert object_handles("keymgr-B") == before
+
+
+def test_backup_and_restore_through_the_manager_are_audited(tmp_path, key_name: str) -> None:
+    """KeyManager.backup / restore record the ceremony as the CLI does: a refused backup (one
+    approval of the two needed), the backup, then the restore on B, each in its HSM's log."""
+    from tests.conftest import softhsm_token
+
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    with KeyManager(softhsm_token("keymgr-A").uri(), audit=log_a) as a:
+        guarded_key(a, key_name)
+        req = request(a, "backup", key_name, versions=None)
+        with pytest.raises(errors.PolicyError, match="needs approvals"):
+            a.backup(key_name, so_pin=Pin(so_pin()), request=req, approvals=approvals(a, req, 1))
+        result = a.backup(key_name, so_pin=Pin(so_pin()), request=req, approvals=approvals(a, req, 1, 2))
+    backup = BackupFile.parse(result.backup)
+    with KeyManager(softhsm_token("keymgr-B").uri(), audit=log_b) as b:
+        restored = b.restore(backup, _tokens(backup, 2, 3))
+        assert [r.name for r in restored.records] == [key_name]
+
+    def rows(path) -> list[tuple[str, str | None, str, object]]:
+        entries = map(json.loads, path.read_text().splitlines())
+        return [(e["op"], e["key"], e["outcome"], e.get("detail")) for e in entries if e["op"] in ("backup", "restore")]
+
+    assert rows(log_a) == [("backup", key_name, "refused", {"approvals": 1}),
+                           ("backup", key_name, "ok", {"approvals": 2})]
+    assert rows(log_b) == [("restore", key_name, "ok", {"custodians": 2, "keys": [key_name]})]
+    assert so_pin() not in log_a.read_text() + log_b.read_text()

@@ -51,8 +51,6 @@ def _versions(text: str | None) -> list[int] | None:
 def backup_command(state: CliState, name: str, versions: str | None, output: str, request_path: str | None,
                    approval_paths: tuple[str, ...], so_pin_source: str | None, transcript_path: str | None) -> None:
     """Back up key NAME, wrapped in the HSM, to its M-of-N custodians."""
-    from keymgr.custody.ceremony import backup_keys
-
     km = state.manager()
     request, approvals = read_request(request_path), read_approvals(approval_paths)
     source = pin_source_from_uri(so_pin_source, None)
@@ -60,9 +58,7 @@ def backup_command(state: CliState, name: str, versions: str | None, output: str
     if pin is None:
         raise errors.AuthenticationError("a backup needs the HSM's SO PIN")
     try:
-        with km.audited("backup", key=name, detail={"approvals": len(approvals)}):
-            result = backup_keys(km.keyring, name, so_pin=pin, request=request, approvals=approvals,
-                                 versions=_versions(versions))
+        result = km.backup(name, so_pin=pin, request=request, approvals=approvals, versions=_versions(versions))
     finally:
         pin.wipe()
     out = Path(output)
@@ -128,7 +124,6 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
                     transcript_path: str | None) -> None:
     """Restore the keys of BACKUP_FILE into the target HSM, with M custodians present."""
     from keymgr.custody.backup_file import BackupFile
-    from keymgr.custody.ceremony import restore_keys
 
     backup = BackupFile.parse(read_file(backup_file, "backup file"))
     if target:
@@ -140,10 +135,7 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
     tokens = collect_custodians([s.custodian for s in backup.shares], backup.quorum.threshold, custodians,
                                 km.token.module.path, "backup")
     try:
-        with km.audited("restore", detail={"custodians": len(tokens)}) as op:
-            result = restore_keys(backup, km.keyring, tokens)
-            op.detail = {"custodians": len(tokens), "keys": [r.name for r in result.records][:32]}
-            op.key = result.records[0].name if len(result.records) == 1 else None
+        result = km.restore(backup, tokens)
     finally:
         for token in tokens:
             token.close()

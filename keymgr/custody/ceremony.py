@@ -111,7 +111,8 @@ def _transport_key(ts: object) -> bytearray:
 def backup_keys(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None,
                 approvals: Sequence[Approval], versions: Sequence[int] | None = None,
                 quorum: QuorumPolicy | None = None) -> BackupResult:
-    """Back up ``name``'s versions for the key's quorum (or ``quorum``); returns the file and transcript."""
+    """Back up ``name``'s versions for the key's quorum (or ``quorum``); returns the file and transcript.
+    Records no audit entry: :meth:`keymgr.KeyManager.backup` calls this and records it."""
     ts = keyring.token
     register = CustodyRegister(keyring).load()
     policy = quorum or register.policy_for(name)
@@ -221,7 +222,8 @@ def _shares(backup: BackupFile, tokens: Sequence[CustodianToken]) -> list[shamir
 
 
 def restore_keys(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToken]) -> RestoreResult:
-    """Restore every key of ``backup`` into ``target`` with the custodians' ``tokens``; all or nothing."""
+    """Restore every key of ``backup`` into ``target`` with the custodians' ``tokens``; all or nothing.
+    Records no audit entry: :meth:`keymgr.KeyManager.restore` calls this and records it."""
     ts = target.token
     recorder = TranscriptRecorder("restore", ts.label, ts.serial)
     recorder.details.update({"backup": backup.id.hex(), "source": {"token": backup.source_token,
