@@ -179,8 +179,7 @@ class Keyring:
     # -- the metadata MAC key ---------------------------------------------------
 
     def _ensure_mac_key(self) -> None:
-        if not objects.key_exists(self._ts, META_MAC_ID):
-            objects.generate_key(self._ts, MAC_KEY, label=META_MAC_LABEL, key_id=META_MAC_ID)
+        objects.ensure_key(self._ts, MAC_KEY, label=META_MAC_LABEL, key_id=META_MAC_ID)
 
     def _mac(self, payload: bytes) -> bytes:
         return objects.hmac_sha256(self._ts, META_MAC_ID, b"keymgr keyring record v1\x00" + payload)

@@ -44,20 +44,15 @@ write is refused with a clear "retry" error (state changes retry by themselves,
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import os
-import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from keymgr import errors
 from keymgr.hsm import objects
+from keymgr.hsm.locks import token_lock
 from keymgr.keyring import KeyRecord, Keyring, KeyVersion, version_template
 
 __all__ = ["STATES", "TRANSITIONS", "ROTATION_ONLY", "RETRIES", "rotate", "activate", "transition", "suspend",
@@ -92,19 +87,8 @@ def parse_time(stamp: str) -> datetime:
 @contextmanager
 def key_lock(keyring: Keyring, name: str) -> Iterator[None]:
     """Hold this machine's advisory lock on key ``name`` of this token (blocks until free)."""
-    ts = keyring.token
-    tag = hashlib.sha256(f"{ts.serial}\x00{ts.label}\x00{name}".encode()).hexdigest()[:32]
-    folder = Path(tempfile.gettempdir()) / f"keymgr-locks-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    info = folder.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise errors.ConfigurationError(f"lock directory {folder} is not a directory of this user; remove it")
-    fd = os.open(folder / f"{tag}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with token_lock(keyring.token, name):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def update_record(keyring: Keyring, name: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:

@@ -49,8 +49,7 @@ class AuditKey:
     def _ensure(self) -> bool:
         if not self._ready and not self._unsupported:
             try:
-                if not objects.key_exists(self._ts, AUDIT_KEY_ID):
-                    objects.generate_key(self._ts, MAC_KEY, label=AUDIT_KEY_LABEL, key_id=AUDIT_KEY_ID)
+                objects.ensure_key(self._ts, MAC_KEY, label=AUDIT_KEY_LABEL, key_id=AUDIT_KEY_ID)
             except errors.MechanismUnsupportedError:
                 self._unsupported = True  # e.g. a TPM: RSA / EC keys only; asked once per process
                 return False

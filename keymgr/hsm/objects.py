@@ -20,6 +20,7 @@ from pkcs11.mechanisms import GCMParams
 
 from keymgr import errors
 from keymgr.hsm._errors import missing_role
+from keymgr.hsm.locks import token_lock
 from keymgr.hsm.sessions import TokenSession
 from keymgr.templates import EPHEMERAL_DATA_KEY, KeyTemplate
 
@@ -126,6 +127,17 @@ def _gcm_params(nonce: bytes, aad: bytes) -> GCMParams:
     if len(nonce) != 12:
         raise errors.ConfigurationError(f"an AES-GCM nonce is 12 bytes, not {len(nonce)}")
     return GCMParams(bytes(nonce), bytes(aad), 128)
+
+
+def ensure_key(ts: TokenSession, template: KeyTemplate, *, label: str, key_id: bytes) -> None:
+    """Generate the one key with ``key_id`` (a token's metadata MAC key, its audit key) unless
+    it exists. Creation is serialised per machine and re-checked under the lock, so processes
+    opening a fresh token together make one key, not one each (:mod:`keymgr.hsm.locks`)."""
+    if key_exists(ts, key_id):
+        return
+    with token_lock(ts, f"key {key_id.hex()}"):
+        if not key_exists(ts, key_id):
+            generate_key(ts, template, label=label, key_id=key_id)
 
 
 def key_exists(ts: TokenSession, key_id: bytes) -> bool:
