@@ -171,6 +171,7 @@ class Keyring:
         self._by_id: dict[bytes, tuple[str, int]] = {}
         self._loaded_at = 0.0
         self.refresh_interval = 1.0
+        self._mac_key_ready = False  # set once ensure_key found or made it (once per process and keyring)
 
     @property
     def token(self) -> TokenSession:
@@ -179,7 +180,9 @@ class Keyring:
     # -- the metadata MAC key ---------------------------------------------------
 
     def _ensure_mac_key(self) -> None:
-        objects.ensure_key(self._ts, MAC_KEY, label=META_MAC_LABEL, key_id=META_MAC_ID)
+        if not self._mac_key_ready:
+            objects.ensure_key(self._ts, MAC_KEY, label=META_MAC_LABEL, key_id=META_MAC_ID)
+            self._mac_key_ready = True
 
     def _mac(self, payload: bytes) -> bytes:
         return objects.hmac_sha256(self._ts, META_MAC_ID, b"keymgr keyring record v1\x00" + payload)

@@ -131,10 +131,11 @@ def _gcm_params(nonce: bytes, aad: bytes) -> GCMParams:
 
 def ensure_key(ts: TokenSession, template: KeyTemplate, *, label: str, key_id: bytes) -> None:
     """Generate the one key with ``key_id`` (a token's metadata MAC key, its audit key) unless
-    it exists. Creation is serialised per machine and re-checked under the lock, so processes
-    opening a fresh token together make one key, not one each (:mod:`keymgr.hsm.locks`)."""
-    if key_exists(ts, key_id):
-        return
+    it exists, under this machine's lock (:mod:`keymgr.hsm.locks`), so that processes opening
+    a fresh token together make one key, not one each. The lookup is under the lock too:
+    SoftHSM shows a key another process is still generating before its value is written (an
+    HMAC with it then fails, CKR_KEY_SIZE_RANGE), and the generating process holds the lock
+    until it is done. Callers remember that it exists (once per process)."""
     with token_lock(ts, f"key {key_id.hex()}"):
         if not key_exists(ts, key_id):
             generate_key(ts, template, label=label, key_id=key_id)
