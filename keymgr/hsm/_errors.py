@@ -8,6 +8,7 @@ the operation, the token label and the PKCS#11 return-code name, never data.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -123,11 +124,25 @@ def missing_role(exc: AttributeError, key: object) -> str | None:
     return _ROLE_METHODS.get(exc.name or "") if exc.obj is key else None
 
 
+#: CKR codes python-pkcs11 0.10.1 has no exception class for: it raises a bare PKCS11Error
+#: ("Unmapped error code 0x68"). Named here so that errors say which, and mapped like the rest.
+_UNMAPPED_CODES = {0x68: "CKR_KEY_FUNCTION_NOT_PERMITTED", 0x1B: "CKR_ACTION_PROHIBITED",
+                   0x190: "CKR_CRYPTOKI_NOT_INITIALIZED", 0x191: "CKR_CRYPTOKI_ALREADY_INITIALIZED"}
+#: ...of which these are the key's attributes refusing the operation (a template doing its job)
+_UNMAPPED_POLICY = frozenset({"CKR_KEY_FUNCTION_NOT_PERMITTED", "CKR_ACTION_PROHIBITED"})
+_UNMAPPED_MESSAGE = re.compile(r"Unmapped error code 0x([0-9a-fA-F]+)")
+
+
 def code_name(exc: BaseException) -> str:
     """The CKR_* name behind a python-pkcs11 exception (or its class name)."""
     for cls in type(exc).__mro__:
         if cls in _CKR_NAMES:
             return _CKR_NAMES[cls]
+    if type(exc) is p11x.PKCS11Error:
+        unmapped = _UNMAPPED_MESSAGE.fullmatch(str(exc))
+        if unmapped:
+            code = int(unmapped.group(1), 16)
+            return _UNMAPPED_CODES.get(code, f"CKR_0x{code:X}")
     return type(exc).__name__
 
 
@@ -141,7 +156,7 @@ def translate(exc: BaseException, *, operation: str, token: str) -> errors.Keymg
         return errors.IntegrityError(f"{where}: the token rejected the data as not authentic ({code})")
     if isinstance(exc, _UNSUPPORTED):
         return errors.MechanismUnsupportedError(f"{where}: not supported by this token ({code})", code=code)
-    if isinstance(exc, _POLICY):
+    if isinstance(exc, _POLICY) or code in _UNMAPPED_POLICY:
         return errors.PolicyError(f"{where}: refused by the key's attributes ({code})")
     if isinstance(exc, (p11x.KeyHandleInvalid, p11x.ObjectHandleInvalid)):
         return errors.KeyNotFoundError(f"{where}: the key object no longer exists ({code})")

@@ -53,8 +53,9 @@ T = TypeVar("T")
 
 #: Codes with which a module answers when the token's service went away or the module
 #: must be re-initialised to see it again (tpm2-pkcs11 after its TPM restarted).
-#: python-pkcs11 raises a bare PKCS11Error for CKR_CRYPTOKI_NOT_INITIALIZED (a failed re-initialise).
-_MODULE_STALE = frozenset({"CKR_GENERAL_ERROR", "CKR_DEVICE_ERROR", "PKCS11Error"})
+#: python-pkcs11 raises a bare PKCS11Error for CKR_CRYPTOKI_NOT_INITIALIZED (a failed re-initialise),
+#: which code_name names; a bare PKCS11Error of another kind counts too.
+_MODULE_STALE = frozenset({"CKR_GENERAL_ERROR", "CKR_DEVICE_ERROR", "CKR_CRYPTOKI_NOT_INITIALIZED", "PKCS11Error"})
 
 _sessions: dict[tuple[str, str, str], TokenSession] = {}
 _sessions_lock = threading.Lock()
