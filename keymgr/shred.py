@@ -22,6 +22,7 @@ destroy called again, removes it.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,35 +57,48 @@ class DestroyResult:
     transcript: bytes | None = None
 
 
-def _files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
-    for path in paths:
-        root = Path(path)
-        if root.is_dir():
-            for folder, _, names in os.walk(root):
-                for name in sorted(names):
-                    yield Path(folder) / name
-        elif root.exists():
-            yield root
-        else:
+def _files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[str, bool]]:
+    """(path, checkable) for every file under ``paths``, walked as ``keymgr rewrap`` walks them
+    (:func:`keymgr.bulk_rewrap.walk`). Not checkable, and so refusing the destroy: a directory
+    that cannot be listed, a symbolic link (not followed), anything but a regular file (a FIFO
+    would block the read). Skipping them quietly could destroy a key that data still needs."""
+    from keymgr.bulk_rewrap import Summary, walk
+
+    given = [Path(path) for path in paths]
+    for root in given:
+        if not root.exists() and not root.is_symlink():
             raise errors.ConfigurationError(f"{root}: no such file or directory")
+    for item in walk(given, Summary(dry_run=True)):
+        if not isinstance(item, str):
+            yield item.path, False
+            continue
+        try:
+            regular = stat.S_ISREG(os.stat(item).st_mode)
+        except OSError:
+            regular = False
+        yield item, regular
 
 
 def count_envelopes_needing(paths: Iterable[str | os.PathLike[str]], key_id: bytes) -> EnvelopeCount:
     """Count the envelopes under ``paths`` whose recipients name ``key_id``. Files that are not
-    envelopes are ignored; ones that start like an envelope but cannot be parsed are listed as
-    unreadable (and refuse destruction like a needing one: they may well need it)."""
+    envelopes are ignored; ones that start like an envelope but cannot be parsed, and files
+    and directories that could not be checked (:func:`_files`), are listed as unreadable
+    (and refuse destruction like a needing one: they may well need it)."""
     envelopes, needing, unreadable = 0, [], []
-    for path in _files(paths):
+    for path, checkable in _files(paths):
+        if not checkable:
+            unreadable.append(path)
+            continue
         try:
             info = inspect_file(path)
         except (errors.FormatError, errors.ConfigurationError):
-            unreadable.append(str(path))
+            unreadable.append(path)
             continue
         if info is None:
             continue
         envelopes += 1
         if info.needs(key_id):
-            needing.append(str(path))
+            needing.append(path)
     return EnvelopeCount(envelopes, tuple(needing), tuple(unreadable))
 
 
@@ -105,7 +119,8 @@ def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | 
     if scan is not None and (scan.needing or scan.unreadable) and not force:
         raise errors.PolicyError(
             f"{len(scan.needing)} envelope(s) under the given paths still need key {name!r} version {version}"
-            + (f" and {len(scan.unreadable)} file(s) could not be read" if scan.unreadable else "")
+            + (f" and {len(scan.unreadable)} file(s) could not be checked (unreadable, not a regular file, "
+               "or a symbolic link, which is not followed)" if scan.unreadable else "")
             + ": rewrap them first (keymgr rewrap PATH) or pass --force to make them unreadable for good")
     auth = authorize_destroy(keyring, name, [version], request=request, approvals=approvals, confirmed=confirmed)
     record = rotation.transition(keyring, name, version, "destroyed", _shredding=True)

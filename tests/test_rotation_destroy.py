@@ -65,6 +65,34 @@ def test_force_destroys_despite_remaining_data(km, key_name: str, tmp_path: Path
         km.decrypt(old)
 
 
+@pytest.mark.parametrize("hidden", ["linked directory", "linked file", "fifo", "link loop"])
+def test_what_the_scan_cannot_check_refuses_the_destroy(km, key_name: str, tmp_path: Path, hidden: str) -> None:
+    """An envelope behind a symbolic link (not followed) or a file that cannot be read as one
+    must not let a destroy through unnoticed: the scan lists it as unchecked, and only --force
+    goes on. A FIFO is listed, not opened (opening it would block)."""
+    import os
+
+    old, _ = _rotated_with_data(km, key_name, tmp_path)
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (data / "old.cms").rename(elsewhere / "old.cms")  # the one envelope that needs v1, out of the tree
+    strange = data / "strange"
+    if hidden == "linked directory":
+        strange.symlink_to(elsewhere, target_is_directory=True)
+    elif hidden == "linked file":
+        strange.symlink_to(elsewhere / "old.cms")
+    elif hidden == "fifo":
+        os.mkfifo(strange)
+    else:
+        strange.symlink_to(strange)
+    with pytest.raises(keymgr.PolicyError, match=r"1 file\(s\) could not be checked"):
+        km.destroy(key_name, 1, paths=[data], confirmed=True)
+    assert km.decrypt(old) == b"under v1"
+    result = km.destroy(key_name, 1, paths=[data], confirmed=True, force=True)
+    assert result.scan is not None and result.scan.unreadable == (str(strange),)
+    assert result.record.version(1).state == "destroyed"
+
+
 def test_primary_and_active_versions_cannot_be_destroyed(km, key_name: str) -> None:
     km.create_key(key_name)
     with pytest.raises(keymgr.PolicyError, match="active"):
