@@ -104,7 +104,7 @@ class Rewrapper:
         if recipient_kind(der) != "kekri":
             return None
         # the protector's lookup remembers ids that are not ours (a DR site's), sparing a keyring reload each
-        found = self._protector._find(read_kek_recipient(der).kek_id)  # noqa: SLF001 - same package, one lookup
+        found = self._protector.find(read_kek_recipient(der).kek_id)
         return None if found is None else _Ours(der, *found)
 
     def _data_key(self, ours: _Ours, commitment: bytes | None) -> DataKey:
@@ -156,7 +156,7 @@ class Rewrapper:
         """What :meth:`recipients` would move for recipients naming ``kek_ids``, without a token
         call (a dry run): stale versions are state-checked (:class:`~keymgr.errors.PolicyError`)
         but nothing is unwrapped, so a tampered recipient shows only in the real run."""
-        found = [f for f in (self._protector._find(k) for k in kek_ids) if f is not None]  # noqa: SLF001
+        found = [f for f in (self._protector.find(k) for k in kek_ids) if f is not None]
         if not found:
             label = self._protector.keyring.token.label
             raise errors.RecipientNotFoundError(f"none of the envelope's key ids is a key of token {label!r}")

@@ -161,7 +161,7 @@ class KekProtector:
         """The data key in ``ri`` if it is for a key of this keyring; None if not ours."""
         return self.unwrap_der(ri.dump())
 
-    def _find(self, kek_id: bytes) -> tuple[KeyRecord, KeyVersion] | None:
+    def find(self, kek_id: bytes) -> tuple[KeyRecord, KeyVersion] | None:
         """The key version ``kek_id`` names, or None. A miss re-reads the keyring from the token
         (a key made by another process), but an id missed less than a second ago is not
         looked up again: a message whose first recipient is another site's key must not cost
@@ -186,7 +186,7 @@ class KekProtector:
         if passed is not None and self._keyring.current(passed.name) is passed:
             return
         kek_id = self._kek_ids.get(der)
-        found = self._find(read_kek_recipient(der).kek_id if kek_id is None else kek_id)
+        found = self.find(read_kek_recipient(der).kek_id if kek_id is None else kek_id)
         if found is not None:
             self.check_state(*found)
             if len(self._passed) >= _UNKNOWN_MAX:
@@ -198,7 +198,7 @@ class KekProtector:
         if not der or der[0] != _KEKRI_TAG:
             return None
         recipient = read_kek_recipient(der)
-        found = self._find(recipient.kek_id)
+        found = self.find(recipient.kek_id)
         if found is None:
             return None
         if len(self._kek_ids) >= _UNKNOWN_MAX:
