@@ -117,3 +117,20 @@ def test_removed_token_fails_cleanly_then_comes_back(tpm: TokenUnderTest, tmp_pa
         start_tpm(state)
     assert pubkey.decrypt_with(blob, [key]) == b"survives removal"
     assert asym.find_keypair(ts, label="rsa-kek") == key.ref
+
+
+def test_cli_with_the_tpm_service_down_says_what_is_down(tpm: TokenUnderTest) -> None:
+    """A fresh CLI process whose module cannot initialise (TPM and its resource manager stopped)
+    exits non-zero with one line naming C_Initialize and the service behind the module, not a
+    bare exception class (it said only "GeneralError")."""
+    state = tpm_state_dir()
+    stop_tpm(state, keep_bus=True)  # the bus stays: this test process's own module connection survives
+    try:
+        proc = subprocess.run([sys.executable, "-m", "keymgr", "--token", tpm.uri(), "key", "list"], cwd=REPO,
+                              env={**os.environ, **tpm.env}, capture_output=True, text=True, timeout=120)
+    finally:
+        start_tpm(state)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("keymgr:")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-2000:]
+    assert "C_Initialize failed (CKR_GENERAL_ERROR)" in ours[0] and "tpm2-abrmd" in ours[0]
+    assert "Traceback" not in proc.stderr and "pin-value" not in proc.stderr

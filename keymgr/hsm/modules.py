@@ -140,6 +140,22 @@ def _absolute_module_path(value: str) -> str:
     raise errors.ModuleLoadError(f"p11-kit names module {value!r}, which is not installed")
 
 
+def _load_failure(path: str, exc: BaseException) -> str:
+    """Why loading ``path`` failed, in words an operator can act on. python-pkcs11 loads the
+    library and calls C_Initialize in one step: a PKCS#11 error here is the module's own
+    C_Initialize refusing, most often because the service behind it is down."""
+    if isinstance(exc, p11x.PKCS11Error) and "while loading" in str(exc):  # dlopen refused it
+        return f"cannot load PKCS#11 module {path}: not a loadable PKCS#11 library ({str(exc).split(': ')[-1]})"
+    if isinstance(exc, p11x.PKCS11Error):
+        from keymgr.hsm._errors import code_name
+
+        service = (" (for tpm2-pkcs11: the TPM, its resource manager tpm2-abrmd, or the D-Bus it is reached "
+                   "through; see the module's messages above)" if "tpm2" in os.path.basename(path) else "")
+        return (f"PKCS#11 module {path} loaded, but its C_Initialize failed ({code_name(exc)}): the module "
+                f"could not reach its token or the service behind it{service}")
+    return f"cannot load PKCS#11 module {path}: {type(exc).__name__}: {exc}"
+
+
 def load_module(path: str) -> Module:
     """Load (once per process) the PKCS#11 module at ``path``."""
     real = os.path.realpath(path)
@@ -153,7 +169,7 @@ def load_module(path: str) -> Module:
         try:
             lib = pkcs11.lib(real)
         except (p11x.PKCS11Error, OSError, RuntimeError) as exc:
-            raise errors.ModuleLoadError(f"cannot load PKCS#11 module {path}: {type(exc).__name__}") from exc
+            raise errors.ModuleLoadError(_load_failure(path, exc)) from exc
         module = Module(path=real, lib=lib)
         _modules[real] = module
         return module
