@@ -175,3 +175,19 @@ def test_cached_encryption_key_stops_when_the_primary_is_suspended(softhsm, key_
             km.encrypt(b"b", key=key_name)
         km.resume(key_name, 1)
         assert km.decrypt(km.encrypt(b"c", key=key_name)) == b"c"
+
+
+def test_a_lock_directory_that_cannot_be_made_is_a_storage_error(km, key_name: str, tmp_path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """keymgr's machine locks live under TMPDIR; when that cannot hold them the caller gets one
+    StorageError saying so, not an OSError from deep inside (and the key is untouched)."""
+    import tempfile
+
+    km.create_key(key_name)
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_directory))
+    with pytest.raises(keymgr.StorageError, match="TMPDIR must name a writable directory"):
+        km.rotate(key_name)
+    monkeypatch.undo()
+    assert km.describe_key(key_name).primary == 1

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from keymgr import errors
+from keymgr._files import os_error_reason
 from keymgr.hsm.sessions import TokenSession
 
 __all__ = ["token_lock"]
@@ -32,11 +33,15 @@ def token_lock(ts: TokenSession, name: str) -> Iterator[None]:
     """Hold this machine's (and user's) advisory lock on ``name`` of token ``ts``; blocks until free."""
     tag = hashlib.sha256(f"{ts.serial}\x00{ts.label}\x00{name}".encode()).hexdigest()[:32]
     folder = Path(tempfile.gettempdir()) / f"keymgr-locks-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    info = folder.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise errors.ConfigurationError(f"lock directory {folder} is not a directory of this user; remove it")
-    fd = os.open(folder / f"{tag}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise errors.ConfigurationError(f"lock directory {folder} is not a directory of this user; remove it")
+        fd = os.open(folder / f"{tag}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise errors.StorageError(f"cannot take keymgr's lock in {folder} ({os_error_reason(exc)}); "
+                                  "TMPDIR must name a writable directory") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
