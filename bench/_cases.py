@@ -104,8 +104,13 @@ def bare_cases(km: keymgr.KeyManager, kw_key: str, gcm_key: str) -> list[Case]:
     for profile, wrap, unwrap in (("kw", kw_wrap, kw_unwrap), ("gcm", gcm_wrap, gcm_unwrap)):
         wrapped = gcm_sealed if profile == "gcm" else wrap(dek)
         body = AESGCM(dek).encrypt(nonce, MESSAGE, AAD)
-        cases.append(Case(f"bare pkcs11, {profile}", "baseline", lambda w=wrap: w(os.urandom(32)),
-                          lambda u=unwrap, x=wrapped: u(x)))
+        def bare_encrypt(w: Callable[..., bytes] = wrap) -> bytes:
+            return w(os.urandom(32))
+
+        def bare_decrypt(u: Callable[..., bytes] = unwrap, x: bytes = wrapped) -> bytes:
+            return u(x)
+
+        cases.append(Case(f"bare pkcs11, {profile}", "baseline", bare_encrypt, bare_decrypt))
 
         def envelope_encrypt(w: Callable[[bytes], bytes] = wrap) -> tuple[bytes, bytes]:
             key = os.urandom(32)
@@ -230,7 +235,11 @@ def esdk_cases() -> list[Case]:
     for name, options in variants:
         sealed, _ = client.encrypt(source=MESSAGE, encryption_context=CONTEXT, **options)
         reader = {k: v for k, v in options.items() if k != "algorithm"}
-        cases.append(Case(name, "peer",
-                          lambda o=options: client.encrypt(source=MESSAGE, encryption_context=CONTEXT, **o),
-                          lambda r=reader, s=sealed: client.decrypt(source=s, **r)))
+        def peer_encrypt(o: dict[str, Any] = options) -> object:
+            return client.encrypt(source=MESSAGE, encryption_context=CONTEXT, **o)
+
+        def peer_decrypt(r: dict[str, Any] = reader, s: bytes = sealed) -> object:
+            return client.decrypt(source=s, **r)
+
+        cases.append(Case(name, "peer", peer_encrypt, peer_decrypt))
     return cases

@@ -29,7 +29,7 @@ import resource
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -68,6 +68,11 @@ class Sink(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         return len(memoryview(data))
+
+
+def _binary(stream: io.RawIOBase) -> BinaryIO:
+    """A raw stream where the API takes a binary file object (what it calls of one, it has)."""
+    return cast(BinaryIO, stream)
 
 
 def _seconds(fn: Any) -> float:
@@ -175,16 +180,17 @@ def stream_child(uri: str, key: str, size: int, workdir: str, rounds: int = 3) -
     growth, baseline = [0.0, 0.0], 0.0
     try:
         for first in [True] + [False] * (rounds - 1):
-            enc_s = _seconds(lambda: km.encrypt_stream(Pattern(size), Sink(), key=key, context=context))
+            enc_s = _seconds(lambda: km.encrypt_stream(_binary(Pattern(size)), _binary(Sink()), key=key,
+                                                       context=context))
             with path.open("wb") as out:  # the ciphertext to decrypt; memory sampled here
-                _, enc_rss, before = _timed(lambda o=out: km.encrypt_stream(Pattern(size), o, key=key,
+                _, enc_rss, before = _timed(lambda o=out: km.encrypt_stream(_binary(Pattern(size)), o, key=key,
                                                                             context=context))
             with path.open("rb") as fh:
-                dec_s = _seconds(lambda f=fh: km.decrypt_stream(f, Sink(), context=context))
+                dec_s = _seconds(lambda f=fh: km.decrypt_stream(f, _binary(Sink()), context=context))
             dec_rss = growth[1]
             if first:  # one more decryption, for its memory
                 with path.open("rb") as fh:
-                    _, dec_rss, _ = _timed(lambda f=fh: km.decrypt_stream(f, Sink(), context=context))
+                    _, dec_rss, _ = _timed(lambda f=fh: km.decrypt_stream(f, _binary(Sink()), context=context))
                 baseline = before
             io, mem = _raw_io(size, path), _raw_mem(size)
             for name, seconds in zip(runs, (enc_s, dec_s, *io, *mem), strict=True):

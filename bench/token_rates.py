@@ -66,6 +66,7 @@ def bench_token(uri: str) -> None:
                                                    serialization.PublicFormat.UncompressedPoint)
             token_rate = rate(lambda: asym.ecdh_derive(ts, ref, point))
             public = asym.public_key(ts, ref)
+            assert isinstance(public, ec.EllipticCurvePublicKey)
             host_rate = rate(lambda: peer.exchange(ec.ECDH(), public))
             print(f"ECDH P-256 derive:          {token_rate:9.1f}/s  (host {host_rate:9.1f}/s, "
                   f"ratio {token_rate / host_rate:.3f})")
