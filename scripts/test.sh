@@ -5,5 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
+# lint and types first: seconds, and a failure here is one a reviewer would stop at
+.venv/bin/ruff check .
+.venv/bin/mypy keymgr
+.venv/bin/mypy --explicit-package-bases bench
 export KEYMGR_REQUIRE_TPM="${KEYMGR_REQUIRE_TPM:-1}"
 exec .venv/bin/python -m pytest "$@"

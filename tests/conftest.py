@@ -15,6 +15,7 @@ never by accident: if the TPM cannot be set up and ``KEYMGR_REQUIRE_TPM=1``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -81,10 +82,8 @@ def _finalize_modules() -> None:
     from keymgr.hsm import close_all
     from keymgr.hsm.modules import loaded_modules
 
-    try:
+    with contextlib.suppress(Exception):  # best effort at shutdown
         close_all()
-    except Exception:  # noqa: BLE001 - best effort at shutdown
-        pass
     for module in loaded_modules():
         try:
             with module.lock:
