@@ -61,14 +61,15 @@ def _files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[str, bool]
     """(path, checkable) for every file under ``paths``, walked as ``keymgr rewrap`` walks them
     (:func:`keymgr.bulk_rewrap.walk`). Not checkable, and so refusing the destroy: a directory
     that cannot be listed, a symbolic link (not followed), anything but a regular file (a FIFO
-    would block the read). Skipping them quietly could destroy a key that data still needs."""
+    would block the read). Skipping them quietly could destroy a key that data still needs.
+    Like ``keymgr rewrap``'s walk, it deletes temporary files a dead rewrap left behind."""
     from keymgr.bulk_rewrap import Summary, walk
 
     given = [Path(path) for path in paths]
     for root in given:
         if not root.exists() and not root.is_symlink():
             raise errors.ConfigurationError(f"{root}: no such file or directory")
-    for item in walk(given, Summary(dry_run=True)):
+    for item in walk(given, Summary()):
         if not isinstance(item, str):
             yield item.path, False
             continue

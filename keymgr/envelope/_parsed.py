@@ -124,19 +124,21 @@ class MessageShape:
                 return False
         return True
 
+    def _attrs_of(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """The AAD and the key commitment of ``data`` (which :meth:`fits`); (b"", None) for a
+        message without attributes."""
+        attrs = self.attrs
+        if attrs is None or self.attrs_at is None:
+            return b"", None
+        body, end = self.attrs_at
+        commit = attrs.commitment_at
+        return self.aad_head + data[body:end], None if commit is None else data[commit:commit + COMMITMENT_SIZE]
+
     def parts(self, data: bytes) -> MessageParts:
         """What decrypting ``data`` (which :meth:`fits`) needs, cut from it by position: the
         same values :meth:`read` puts in a :class:`ParsedMessage`, without building one."""
-        attrs = self.attrs
-        context = commitment = None
-        aad = b""
-        if attrs is not None and self.attrs_at is not None:
-            body, end = self.attrs_at
-            aad = self.aad_head + data[body:end]
-            context = attrs.context
-            commit = attrs.commitment_at
-            if commit is not None:
-                commitment = data[commit:commit + COMMITMENT_SIZE]
+        aad, commitment = self._attrs_of(data)
+        context = None if self.attrs is None else self.attrs.context
         start, end = self.content
         recipients = self.recipients
         if len(recipients) == 1:
@@ -154,12 +156,11 @@ class MessageShape:
             return None
         attrs = self.attrs
         if attrs is not None and self.attrs_at is not None:
-            body, end = self.attrs_at
-            commit = attrs.commitment_at
+            aad, commitment = self._attrs_of(data)
             attrs = _frozen(AuthAttributes, {
-                "aad": self.aad_head + data[body:end], "context": None if attrs.context is None else
-                dict(attrs.context), "commitment": None if commit is None else data[commit:commit + COMMITMENT_SIZE],
-                "content_type": attrs.content_type, "other": attrs.other, "commitment_at": commit})
+                "aad": aad, "context": None if attrs.context is None else dict(attrs.context),
+                "commitment": commitment, "content_type": attrs.content_type, "other": attrs.other,
+                "commitment_at": attrs.commitment_at})
         return _frozen(ParsedMessage, {
             "recipient_infos": ParsedRecipients([data[start:end] for start, end in self.recipients]),
             "content_type": OID_DATA, "nonce": data[self.nonce_at:self.nonce_at + NONCE_SIZE],

@@ -196,6 +196,11 @@ def parse_message(blob: bytes) -> ParsedMessage:
         parsed = shape.read(data)
         if parsed is not None:
             return parsed
+    return _parse_new_shape(data)
+
+
+def _parse_new_shape(data: bytes) -> ParsedMessage:
+    """The full parse of a message no remembered shape fits; its shape is remembered."""
     parsed, nonce_at = _parse_full(data)
     if len(_SHAPES) >= SHAPES_MAX:
         _SHAPES.clear()
@@ -331,8 +336,8 @@ def open_message(blob: bytes, *, unwrap: Unwrap | None = None, context: Mapping[
     shape = _SHAPES.get(len(data))
     if shape is not None and shape.fits(data):  # a message of a shape seen before: read by position
         found_context, commitment, recipients, nonce, sealed, aad = shape.parts(data)
-    else:
-        parsed = parse_message(data)
+    else:  # the shape was compared already: straight to the full parse
+        parsed = _parse_new_shape(data)
         found_context, commitment, recipients = parsed.context, parsed.commitment, parsed.recipient_infos
         nonce, sealed, aad = parsed.nonce, parsed.encrypted_content + parsed.mac, parsed.aad
     found = check_context(found_context, commitment, context=context, return_context=return_context,

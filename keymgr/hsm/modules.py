@@ -26,6 +26,7 @@ import pkcs11
 import pkcs11.exceptions as p11x
 
 from keymgr import errors
+from keymgr.hsm._errors import code_name
 
 __all__ = ["Module", "load_module", "resolve_module_name", "loaded_modules", "DEFAULT_MODULE_DIRS"]
 
@@ -147,8 +148,6 @@ def _load_failure(path: str, exc: BaseException) -> str:
     if isinstance(exc, p11x.PKCS11Error) and "while loading" in str(exc):  # dlopen refused it
         return f"cannot load PKCS#11 module {path}: not a loadable PKCS#11 library ({str(exc).split(': ')[-1]})"
     if isinstance(exc, p11x.PKCS11Error):
-        from keymgr.hsm._errors import code_name
-
         service = (" (for tpm2-pkcs11: the TPM, its resource manager tpm2-abrmd, or the D-Bus it is reached "
                    "through; see the module's messages above)" if "tpm2" in os.path.basename(path) else "")
         return (f"PKCS#11 module {path} loaded, but its C_Initialize failed ({code_name(exc)}): the module "
