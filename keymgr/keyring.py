@@ -1,19 +1,41 @@
 """The keyring: named keys, their versions and states, kept in the token itself.
 
 The token is the source of truth for everything needed to decrypt (DESIGN.md,
-"Where state lives"). Each named key has one metadata record, stored as a
-private CKO_DATA object (application ``keymgr``) and authenticated by an
-HMAC-SHA256 computed *inside* the token by a dedicated non-extractable MAC key,
-so an edited record is detected; a record names itself and its generation
-inside the MAC, so records cannot be swapped between keys or replayed under a
-newer generation number.
+"Where state lives"), and one token may serve a fleet of hosts (DESIGN.md,
+"Many hosts on one token"). So the keyring is a set of write-once *facts*
+(:mod:`keymgr.keyfacts`), each a private CKO_DATA object (application
+``keymgr``) authenticated by an HMAC-SHA256 computed inside the token by the
+metadata MAC key, and every reader folds the facts it has seen into the same
+records. Nothing shared is read, modified and written back, so two hosts
+writing at once both succeed and agree afterwards.
 
-Updates are crash-safe without transactions: data-object values are
-read-only on SoftHSM, so an update writes generation ``n+1`` as a new object
-and then deletes generation ``n``. Readers take the highest generation; a
-crash between the two steps leaves both, which the next write cleans up.
-Two writers racing for the same generation are detected after the write
-(the loser gets a :class:`~keymgr.errors.ConfigurationError` asking to retry).
+Objects on the token::
+
+    keymgr/f/NAME/ID      one fact
+    keymgr/s/NAME/ID      a snapshot: a set of facts, and the objects it covers
+    keymgr/key/NAME/GEN   a record of keymgr before facts (read as facts; covered by the next snapshot)
+
+* **Compaction.** Every lookup scans every object of a token (STACK-FACTS 24),
+  so once a key has more than :attr:`Keyring.compact_at` objects the writer
+  folds them into one snapshot. Covered objects are destroyed only after a
+  grace period: :attr:`Keyring.grace` seconds after this process first saw the
+  snapshot, or once the snapshot is :attr:`Keyring.stale_after` old by this
+  host's clock. A snapshot never drops a fact, so nothing is lost even when two
+  hosts compact at once, and a process never forgets a fact it has seen.
+* **Refresh.** A process re-reads the token every :attr:`Keyring.refresh_interval`
+  seconds in a background thread, reading only objects that are new since its
+  last look (one C_FindObjects, plus one read per new object); operations keep
+  using the view they have meanwhile. A message or a name it cannot place makes
+  it read again at once, and then re-initialise the module (STACK-FACTS 21) and
+  read once more before it fails.
+* **Orphans.** A rotation writes a ``pending`` fact, generates the key object,
+  then writes the ``version`` fact that makes it usable. A key object that a crash
+  left between the last two is destroyed once its pending fact is
+  :attr:`Keyring.orphan_grace` old (hosts' clocks may differ, never by that much),
+  after a re-initialise; an object no fact names is never touched.
+* **Trust.** Anyone with the user PIN can MAC a fact, so a fact cannot prove that
+  a key is safe: before a version encrypts, its key object must show what only the
+  token sets (:mod:`keymgr.provenance`), checked once per version per process.
 
 Key versions are AES-256 objects labelled ``NAME/vN`` with a random 16-byte
 CKA_ID; ciphertexts name the CKA_ID, never the key name.
@@ -21,30 +43,37 @@ CKA_ID; ciphertexts name the CKA_ID, never the key name.
 
 from __future__ import annotations
 
-import functools
+import atexit
+import hashlib
 import json
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from keymgr import errors
+from keymgr import errors, provenance
 from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
+from keymgr.keyfacts import Fact, KeyPolicy, KeyRecord, KeyVersion, fold, new_fact_id
 from keymgr.templates import KEK_GCM, KEK_WRAP, MAC_KEY, KeyTemplate, backup_capable
 
 __all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "DEFAULT_PROFILE", "PROFILES", "validate_name", "utc_now",
-           "version_template"]
+           "version_template", "canonical"]
 
 APPLICATION = "keymgr"
-RECORD_PREFIX = "keymgr/key/"
+FACT_PREFIX = "keymgr/f/"
+SNAPSHOT_PREFIX = "keymgr/s/"
+LEGACY_PREFIX = "keymgr/key/"
 META_MAC_ID = b"keymgr/meta-mac"
 META_MAC_LABEL = "keymgr/meta-mac"
-FORMAT = 1
+_FACT_DOMAIN = b"keymgr keyring fact v2"
+_SNAPSHOT_DOMAIN = b"keymgr keyring snapshot v2"
+_LEGACY_DOMAIN = b"keymgr keyring record v1"
 
 #: Key-encryption profiles: how a KEK protects data keys (docs/format.md).
 PROFILES: Mapping[str, KeyTemplate] = {"kw": KEK_WRAP, "gcm": KEK_GCM}
@@ -68,16 +97,14 @@ def utc_now() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-@dataclass(frozen=True)
-class KeyPolicy:
-    """Per-key lifecycle policy (NIST SP 800-57 cryptoperiod; SP 800-38D use bound)."""
+def parse_time(stamp: str) -> datetime:
+    """A keyring timestamp (``2026-12-02T16:41:36Z``) as an aware datetime."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
-    rotate_after_days: int | None = None
-    max_messages: int | None = None
-    auto_rotate: bool = False
-    #: versions are created backup-capable (EXTRACTABLE only under a trusted transport key;
-    #: keymgr.custody.ceremony); fixed at creation: EXTRACTABLE cannot be turned on later
-    backup: bool = False
+
+def canonical(data: Mapping[str, Any]) -> bytes:
+    """The bytes a MAC covers: sorted keys, no spaces, UTF-8."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def version_template(profile: str, policy: KeyPolicy) -> KeyTemplate:
@@ -87,158 +114,249 @@ def version_template(profile: str, policy: KeyPolicy) -> KeyTemplate:
     return backup_capable(PROFILES[profile]) if policy.backup else PROFILES[profile]
 
 
-@dataclass(frozen=True)
-class KeyVersion:
-    """One version of a named key: a KEK object in the token."""
+def facts_of_record(record: KeyRecord, *, restored: bool, seed: str | None = None) -> list[Fact]:
+    """The facts that fold into ``record`` (a restored backup, or a record of keymgr before facts).
+    ``seed`` makes the ids deterministic (a legacy record read by several hosts is one set of facts)."""
+    counter = iter(range(1 << 30))
 
-    version: int
-    key_id: bytes
-    state: str
-    created: str
-    history: tuple[tuple[str, str], ...] = ()
-    kcv: str | None = None
-    #: encryptions reserved under this version so far (keymgr.rotation: max_messages, the GCM bound)
-    uses: int = 0
+    def fid() -> str:
+        return new_fact_id() if seed is None else hashlib.sha256(f"{seed}/{next(counter)}".encode()).hexdigest()[:32]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "id": self.key_id.hex(), "state": self.state, "created": self.created,
-                "history": [list(h) for h in self.history], "kcv": self.kcv, "uses": self.uses}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> KeyVersion:
-        return cls(version=int(data["version"]), key_id=bytes.fromhex(data["id"]), state=str(data["state"]),
-                   created=str(data["created"]), history=tuple((str(a), str(b)) for a, b in data.get("history", [])),
-                   kcv=data.get("kcv"), uses=int(data.get("uses", 0)))
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    """A named key: its versions, which one is primary, its profile and policy."""
-
-    name: str
-    profile: str
-    primary: int
-    versions: tuple[KeyVersion, ...]
-    policy: KeyPolicy = field(default_factory=KeyPolicy)
-    generation: int = 1
-    created: str = ""
-    #: versions below this no longer decrypt (Vault's min_decryption_version; keymgr.rotation.retire)
-    min_decryption_version: int = 1
-
-    def version(self, number: int) -> KeyVersion:
-        for v in self.versions:
-            if v.version == number:
-                return v
-        raise errors.KeyNotFoundError(f"key {self.name!r} has no version {number}")
-
-    @functools.cached_property
-    def primary_version(self) -> KeyVersion:
-        """The primary's version (looked up once per record: records are immutable, and every
-        message asks for it several times)."""
-        return self.version(self.primary)
-
-    def label_of(self, number: int) -> str:
-        return f"{self.name}/v{number}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "name": self.name, "profile": self.profile, "primary": self.primary,
-                "generation": self.generation, "created": self.created, "policy": asdict(self.policy),
-                "versions": [v.to_json() for v in self.versions], "min_decryption_version": self.min_decryption_version}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> KeyRecord:
-        if data.get("format") != FORMAT:
-            raise errors.FormatError("unsupported keyring record format")
-        return cls(name=str(data["name"]), profile=str(data["profile"]), primary=int(data["primary"]),
-                   versions=tuple(KeyVersion.from_json(v) for v in data["versions"]),
-                   policy=KeyPolicy(**data.get("policy", {})), generation=int(data["generation"]),
-                   created=str(data.get("created", "")),
-                   min_decryption_version=int(data.get("min_decryption_version", 1)))
+    facts = [Fact("key", record.name, fid(), record.created,
+                  {"profile": record.profile, "policy": asdict(record.policy)})]
+    for v in record.versions:
+        kid = v.key_id.hex()
+        states = [state for state, _ in v.history] + [v.state]
+        epoch = 1 if v.version == record.primary else 0 if {"active", "decrypt-only"} & set(states) else None
+        facts.append(Fact("version", record.name, fid(), v.created,
+                          {"kid": kid, "num": v.version, "kcv": v.kcv, "epoch": epoch, "restored": restored}))
+        if v.state in ("suspended", "compromised", "destroyed"):
+            facts.append(Fact("state", record.name, fid(), v.created, {"kid": kid, "to": v.state, "lc": 0}))
+        if v.uses:
+            facts.append(Fact("uses", record.name, fid(), v.created, {"kid": kid, "w": "00", "total": v.uses}))
+        if v.version == record.min_decryption_version and v.version > 1:
+            facts.append(Fact("retire", record.name, fid(), v.created, {"kid": kid}))
+    return facts
 
 
-def _canonical(data: Mapping[str, Any]) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
+_live_keyrings: weakref.WeakSet[Keyring] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_refreshers() -> None:  # a daemon thread inside a token call while the module finalises would crash
+    for keyring in list(_live_keyrings):
+        keyring.close()
 
 
 class Keyring:
-    """Named, versioned keys on one token. Thread-safe; cheap to re-read."""
+    """Named, versioned keys on one token, shared safely by any number of hosts. Thread-safe."""
 
     def __init__(self, ts: TokenSession, *, clock: Callable[[], str] = utc_now) -> None:
         self._ts = ts
         self._clock = clock
         self._lock = threading.RLock()
+        self._reloading = threading.Lock()
+        self._facts: dict[str, dict[str, Fact]] = {}
+        self._owner: dict[str, str] = {}  # label of each object read (or written) -> key name
+        self._covered: dict[str, tuple[float, str]] = {}  # label -> (monotonic first seen covered, snapshot time)
+        self._present: set[str] = set()
+        self._scan = objects.DataObjectScan()
         self._records: dict[str, KeyRecord] = {}
         self._by_id: dict[bytes, tuple[str, int]] = {}
         self._loaded_at = 0.0
+        self._reread_at = -1e9
+        self._writer_macs: list[bytes] | None = None
+        self._reader_macs: list[bytes] = []
+        self._trust: dict[bytes, str | None] = {}
+        self._refresher: threading.Thread | None = None
+        self._refresh_error: errors.KeymgrError | None = None
+        self._closed = False
+        #: seconds between background re-reads of the token (another host's change is seen within this)
         self.refresh_interval = 1.0
-        self._mac_key_ready = False  # set once ensure_key found or made it (once per process and keyring)
+        #: least seconds between two re-initialisations of the module after misses
+        self.reread_interval = 5.0
+        #: seconds a snapshot's covered objects stay after this process first saw the snapshot
+        self.grace = 30.0
+        #: a snapshot this old (by this host's clock) lets any host destroy what it covers at once
+        self.stale_after = timedelta(hours=1)
+        #: a pending key object this old with no version fact is a crash's orphan
+        self.orphan_grace = timedelta(days=1)
+        #: objects of one key beyond which a writer compacts them into a snapshot
+        self.compact_at = 8
+        #: this process's identity as a use counter (keymgr.usage): its running totals are its own
+        self.writer = os.urandom(8).hex()
+        _live_keyrings.add(self)
 
     @property
     def token(self) -> TokenSession:
         return self._ts
 
-    # -- the metadata MAC key ---------------------------------------------------
+    def now(self) -> str:
+        """The keyring's time (injectable: tests move it past cryptoperiods and grace periods)."""
+        return self._clock()
 
-    def _ensure_mac_key(self) -> None:
-        if not self._mac_key_ready:
-            objects.ensure_key(self._ts, MAC_KEY, label=META_MAC_LABEL, key_id=META_MAC_ID)
-            self._mac_key_ready = True
+    def close(self) -> None:
+        """Stop the background refresh (waits for one in progress)."""
+        self._closed = True
+        thread = self._refresher
+        if thread is not None and thread is not threading.current_thread() and thread.is_alive():
+            thread.join(timeout=30)
 
-    def _mac(self, payload: bytes) -> bytes:
-        return objects.hmac_sha256(self._ts, META_MAC_ID, b"keymgr keyring record v1\x00" + payload)
+    # -- the metadata MAC key -------------------------------------------------------
+
+    def _writer_mac(self) -> bytes:
+        if self._writer_macs is None:
+            self._writer_macs = objects.ensure_singleton_key(self._ts, MAC_KEY, label=META_MAC_LABEL,
+                                                             id_prefix=META_MAC_ID)
+            self._reader_macs = sorted(set(self._reader_macs) | set(self._writer_macs))
+        return self._writer_macs[0]
+
+    def _mac(self, domain: bytes, payload: bytes) -> tuple[bytes, bytes]:
+        key_id = self._writer_mac()
+        return key_id, objects.hmac_sha256(self._ts, key_id, domain + b"\x00" + payload)
+
+    def _mac_holds(self, domain: bytes, payload: bytes, mac: bytes, hint: bytes | None = None) -> bool:
+        """Whether any of the token's metadata MAC keys made ``mac`` (two hosts may each have made
+        one on a fresh token: both stay valid). A key id not yet known makes the list be read again."""
+        data = domain + b"\x00" + payload
+        for attempt in (1, 2):
+            keys = self._reader_macs
+            if attempt == 2 or not keys or (hint is not None and hint not in keys):
+                fresh = objects.singleton_keys(self._ts, META_MAC_LABEL)
+                if attempt == 2 and fresh == keys:
+                    return False
+                self._reader_macs = keys = fresh
+            ordered = ([hint] if hint in keys else []) + [k for k in keys if k != hint]
+            for key_id in ordered:
+                if objects.hmac_sha256_verify(self._ts, key_id, data, mac):
+                    return True
+        return False
 
     def authenticate(self, domain: bytes, payload: bytes) -> bytes:
         """HMAC-SHA256 inside the token, under the keyring's MAC key, of ``domain || 0x00 || payload``.
 
         The one mechanism that authenticates every keymgr record kept on this token
         (the custodian register uses it); ``domain`` separates the kinds of record."""
-        self._ensure_mac_key()
-        return objects.hmac_sha256(self._ts, META_MAC_ID, domain + b"\x00" + payload)
+        return self._mac(domain, payload)[1]
 
     def verify_authentic(self, domain: bytes, payload: bytes, mac: bytes) -> bool:
         """Check a MAC made by :meth:`authenticate` (the token compares)."""
-        if not objects.key_exists(self._ts, META_MAC_ID):
-            return False
-        return objects.hmac_sha256_verify(self._ts, META_MAC_ID, domain + b"\x00" + payload, mac)
+        return self._mac_holds(domain, payload, mac)
 
-    # -- reading ----------------------------------------------------------------
+    # -- reading ----------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Read every record from the token and verify its MAC."""
-        raw = objects.read_data_objects(self._ts, application=APPLICATION)
-        newest: dict[str, tuple[int, KeyRecord]] = {}
-        for label, value in raw:
-            if not label.startswith(RECORD_PREFIX):
-                continue
-            record = self._verify(label, value)
-            current = newest.get(record.name)
-            if current is None or record.generation > current[0]:
-                newest[record.name] = (record.generation, record)
-        with self._lock:
-            self._records = {name: rec for name, (_, rec) in newest.items()}
-            self._by_id = {v.key_id: (rec.name, v.version) for rec in self._records.values() for v in rec.versions}
-            self._loaded_at = time.monotonic()
+        """Read the objects that are new on the token since the last look, verify them, fold."""
+        with self._reloading:
+            present, new = objects.scan_data_objects(self._ts, application=APPLICATION, memo=self._scan)
+            changed: set[str] = set()
+            for label, value in new:
+                if label not in self._owner:
+                    name = self._ingest(label, value)
+                    if name is not None:
+                        changed.add(name)
+            with self._lock:
+                self._present = present
+                self._rebuild(changed)
+                self._loaded_at = time.monotonic()
 
-    def _verify(self, label: str, value: bytes) -> KeyRecord:
-        what = f"keyring record {label!r} on token {self._ts.label!r}"
+    def _ingest(self, label: str, value: bytes) -> str | None:
+        """Verify and take in one object; the key it belongs to, or None if it is no keyring object."""
+        if label.startswith(FACT_PREFIX):
+            kind, domain, facts = "fact", _FACT_DOMAIN, None
+        elif label.startswith(SNAPSHOT_PREFIX):
+            kind, domain, facts = "snapshot", _SNAPSHOT_DOMAIN, None
+        elif label.startswith(LEGACY_PREFIX):
+            kind, domain, facts = "record", _LEGACY_DOMAIN, None
+        else:
+            return None
+        what = f"keyring {kind} {label!r} on token {self._ts.label!r} is not authentic"
         try:
             envelope = json.loads(value)
-            payload = _canonical(envelope["record"])
+            inner = envelope[kind]
             mac = bytes.fromhex(envelope["mac"])
+            hint = bytes.fromhex(envelope["key"]) if "key" in envelope else None
+            payload = canonical(inner)
         except (ValueError, KeyError, TypeError):
-            raise errors.IntegrityError(f"{what} is not authentic") from None
-        if not objects.hmac_sha256_verify(self._ts, META_MAC_ID, b"keymgr keyring record v1\x00" + payload, mac):
-            raise errors.IntegrityError(f"{what} is not authentic")
+            raise errors.IntegrityError(what) from None
+        if not self._mac_holds(domain, payload, mac, hint):
+            raise errors.IntegrityError(what)
         try:
-            record = KeyRecord.from_json(envelope["record"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise errors.IntegrityError(f"{what} is not authentic") from exc
-        if label != f"{RECORD_PREFIX}{record.name}/{record.generation}":
-            raise errors.IntegrityError(f"{what} is not authentic (label does not match its content)")
-        return record
+            if kind == "fact":
+                facts = [Fact.from_json(inner)]
+                name, expected = facts[0].name, f"{FACT_PREFIX}{facts[0].name}/{facts[0].fact_id}"
+                covers: list[str] = []
+            elif kind == "snapshot":
+                name = validate_name(inner["n"])
+                facts = [Fact.from_json(f) for f in inner["facts"]]
+                covers = [str(c) for c in inner["covers"]]
+                expected = f"{SNAPSHOT_PREFIX}{name}/{inner['id']}"
+                if any(f.name != name for f in facts):
+                    raise ValueError("a snapshot holds facts of one key")
+            else:
+                record = KeyRecord.from_json(inner)
+                name, expected, covers = record.name, f"{LEGACY_PREFIX}{record.name}/{record.generation}", []
+                facts = facts_of_record(record, restored=False, seed=f"{label}/{envelope['mac']}")
+        except (ValueError, KeyError, TypeError, errors.KeymgrError) as exc:
+            raise errors.IntegrityError(what) from exc
+        if label != expected:
+            raise errors.IntegrityError(f"{what} (its label does not match its content)")
+        validate_name(name)
+        with self._lock:
+            known = self._facts.setdefault(name, {})
+            for fact in facts:
+                known.setdefault(fact.fact_id, fact)
+            self._owner[label] = name
+            seen = time.monotonic()
+            for covered in covers:
+                self._covered.setdefault(covered, (seen, str(inner.get("at", ""))))
+        return name
+
+    def _rebuild(self, names: Iterable[str]) -> None:
+        changed = False
+        for name in names:
+            record = fold(name, self._facts.get(name, {}).values())
+            if record is not None:
+                self._records[name] = record
+                changed = True
+        if changed:
+            self._by_id = {v.key_id: (rec.name, v.version) for rec in self._records.values() for v in rec.versions}
 
     def _fresh(self) -> None:
-        if time.monotonic() - self._loaded_at > self.refresh_interval:
+        error, self._refresh_error = self._refresh_error, None
+        if error is not None:
+            raise error
+        if time.monotonic() - self._loaded_at <= self.refresh_interval:
+            return
+        if self._loaded_at == 0.0:
+            self.reload()
+            return
+        with self._lock:
+            thread = self._refresher
+            if self._closed or (thread is not None and thread.is_alive()):
+                return
+            self._refresher = threading.Thread(target=self._refresh_in_background, daemon=True,
+                                               name="keymgr-keyring-refresh")
+            self._refresher.start()
+
+    def _refresh_in_background(self) -> None:
+        try:
+            self.reload()
+            self._sweep_covered()
+        except errors.IntegrityError as exc:
+            self._refresh_error = exc  # the next caller sees it: a forged object fails closed
+        except errors.KeymgrError:
+            self._loaded_at = time.monotonic()  # the token was busy or away: try again next interval
+
+    def _look_again(self) -> None:
+        """After a miss: read the token again; then, at most every :attr:`reread_interval` seconds,
+        re-initialise the module and read once more (SoftHSM can keep a stale view of objects
+        other processes wrote: STACK-FACTS 21; a C_Initialize costs a re-login and a re-read of
+        every token in the module, so a stream of unknown ids must not pay it each time)."""
+        self.reload()
+        if time.monotonic() - self._reread_at >= self.reread_interval:
+            self._reread_at = time.monotonic()
+            self._ts.reread()
             self.reload()
 
     def records(self) -> list[KeyRecord]:
@@ -253,15 +371,11 @@ class Keyring:
             if record is not None:
                 return record
         validate_name(name)
-        with self._lock:
-            record = self._records.get(name)
-        if record is None:
-            self.reload()
-            with self._lock:
-                record = self._records.get(name)
-        if record is None:
-            raise errors.KeyNotFoundError(f"no key named {name!r} on token {self._ts.label!r}")
-        return record
+        self._look_again()
+        record = self._records.get(name)
+        if record is not None:
+            return record
+        raise errors.KeyNotFoundError(f"no key named {name!r} on token {self._ts.label!r}")
 
     def current(self, name: str) -> KeyRecord | None:
         """The record of ``name`` held now (re-read when due), or None: no lookup on the token.
@@ -270,48 +384,124 @@ class Keyring:
         return self._records.get(name)
 
     def find_by_id(self, key_id: bytes) -> tuple[KeyRecord, KeyVersion]:
-        """Which named key and version a CKA_ID belongs to (ciphertexts carry only the id)."""
+        """Which named key and version a CKA_ID belongs to (ciphertexts carry only the id). A miss
+        reads the token again, then re-initialises and reads once more, before it fails."""
         self._fresh()
         where = self._by_id.get(key_id)  # one dict read, atomic: the lock guards writers
         if where is None:
-            self.reload()
-            with self._lock:
-                where = self._by_id.get(key_id)
+            self._look_again()
+            where = self._by_id.get(key_id)
         if where is None:
             raise errors.KeyNotFoundError(f"no key version with id {key_id.hex()} on token {self._ts.label!r}")
-        record = self.get(where[0])
+        record = self._records[where[0]]
         return record, record.version(where[1])
 
-    # -- writing ----------------------------------------------------------------
-
-    def write(self, record: KeyRecord) -> KeyRecord:
-        """Store ``record`` as the next generation, then delete older generations."""
-        self._ensure_mac_key()
+    def facts(self, name: str) -> list[Fact]:
+        """Every fact of ``name`` this process has seen (rotation reads epochs and clocks from them)."""
         with self._lock:
-            previous = self._records.get(record.name)
-            generation = (previous.generation + 1) if previous else 1
-            record = replace(record, generation=generation)
-            payload_data = record.to_json()
-            payload = _canonical(payload_data)
-            mac = self._mac(payload)
-            value = _canonical({"record": payload_data, "mac": mac.hex()})
-            prefix = f"{RECORD_PREFIX}{record.name}/"
-            label = f"{prefix}{generation}"
-            labels = {lbl for lbl, _ in objects.read_data_objects(self._ts, application=APPLICATION)}
-            if label in labels:
-                raise errors.ConfigurationError(
-                    f"key {record.name!r} was changed by another process at the same time; retry")
-            objects.write_data_object(self._ts, application=APPLICATION, label=label, value=value)
-            # the older generations still on the token (one, or a few a crash left), not every
-            # number below this one: a find per past generation made each write slower with age
-            for old in sorted(labels):
-                number = old[len(prefix):] if old.startswith(prefix) else ""
-                if number.isdigit() and int(number) < generation:
-                    objects.destroy_data_object(self._ts, application=APPLICATION, label=old)
-            self._records[record.name] = record
-            for v in record.versions:
-                self._by_id[v.key_id] = (record.name, v.version)
-            return record
+            return list(self._facts.get(name, {}).values())
+
+    # -- writing ----------------------------------------------------------------------
+
+    def add(self, name: str, kind: str, body: Mapping[str, Any]) -> KeyRecord | None:
+        """Write one fact about ``name`` and return the record as this process now sees it. The
+        fact carries the key's logical clock (one more than any this process has seen), which
+        orders suspend and resume and the history people read, never the wall clock."""
+        return self._put(name, [Fact(kind, name, new_fact_id(), self.now(), {"lc": self.next_clock(name), **body})])
+
+    def next_clock(self, name: str) -> int:
+        with self._lock:
+            return 1 + max((f.body.get("lc", 0) for f in self._facts.get(name, {}).values()), default=0)
+
+    def _put(self, name: str, facts: list[Fact], covers: list[str] | None = None) -> KeyRecord | None:
+        """Write ``facts`` as one object (atomic: a create or a restore appears whole or not at all)."""
+        if len(facts) == 1 and covers is None:
+            inner, kind, domain = facts[0].to_json(), "fact", _FACT_DOMAIN
+            label = f"{FACT_PREFIX}{name}/{facts[0].fact_id}"
+        else:
+            sid = new_fact_id()
+            inner = {"n": name, "id": sid, "at": self.now(), "facts": [f.to_json() for f in facts],
+                     "covers": covers or []}
+            kind, domain, label = "snapshot", _SNAPSHOT_DOMAIN, f"{SNAPSHOT_PREFIX}{name}/{sid}"
+        key_id, mac = self._mac(domain, canonical(inner))
+        value = canonical({kind: inner, "mac": mac.hex(), "key": key_id.hex()})
+        objects.write_data_object(self._ts, application=APPLICATION, label=label, value=value)
+        with self._lock:
+            known = self._facts.setdefault(name, {})
+            for fact in facts:
+                known.setdefault(fact.fact_id, fact)
+            self._owner[label] = name
+            self._present.add(label)
+            seen = time.monotonic()
+            for covered in covers or []:
+                self._covered.setdefault(covered, (seen, inner.get("at", "")))
+            self._rebuild([name])
+            record = self._records.get(name)
+        if covers is None:
+            self._maybe_compact(name)
+        return record
+
+    def forget_object(self, label: str) -> None:
+        """Destroy an object of this keyring that nothing needs any more (a use counter's own
+        superseded total). Its facts stay in every view that has read them."""
+        objects.destroy_data_object(self._ts, application=APPLICATION, label=label)
+        with self._lock:
+            self._present.discard(label)
+
+    def fact_label(self, name: str, fact_id: str) -> str:
+        return f"{FACT_PREFIX}{name}/{fact_id}"
+
+    def add_uses(self, name: str, key_id: bytes, total: int) -> str:
+        """Record this writer's running total of reservations under ``key_id``; the fact's id."""
+        fact = Fact("uses", name, new_fact_id(), self.now(), {"kid": key_id.hex(), "w": self.writer, "total": total})
+        # no logical clock: a use count orders nothing
+        self._put(name, [fact])
+        return fact.fact_id
+
+    def _maybe_compact(self, name: str) -> None:
+        with self._lock:
+            loose = sorted(label for label in self._present if self._owner.get(label) == name)
+            if len(loose) <= self.compact_at:
+                return
+            facts = self._compacted(name)
+        self._put(name, facts, covers=loose)
+        self._sweep_covered()
+
+    def _compacted(self, name: str) -> list[Fact]:
+        """Every fact of ``name``, less what no reader needs: per use counter only its highest
+        total, and pending facts whose version fact exists."""
+        facts = list(self._facts.get(name, {}).values())
+        named = {f.kid for f in facts if f.kind == "version"}
+        best: dict[tuple[str, str], Fact] = {}
+        kept = []
+        for fact in facts:
+            if fact.kind == "uses":
+                slot = (fact.kid, fact.body["w"])
+                if slot not in best or fact.body["total"] > best[slot].body["total"]:
+                    best[slot] = fact
+            elif not (fact.kind == "pending" and fact.kid in named):
+                kept.append(fact)
+        return sorted(kept + list(best.values()), key=lambda f: f.fact_id)
+
+    def _sweep_covered(self) -> None:
+        """Destroy objects a snapshot covers once their grace period is over (module docstring)."""
+        moment = time.monotonic()
+        wall = parse_time(self.now())
+        with self._lock:
+            due = []
+            for label, (seen, at) in list(self._covered.items()):
+                if label not in self._present:
+                    continue
+                old = bool(at) and wall - parse_time(at) >= self.stale_after
+                if moment - seen >= self.grace or old:
+                    due.append(label)
+        for label in due:
+            objects.destroy_data_object(self._ts, application=APPLICATION, label=label)
+            with self._lock:
+                self._present.discard(label)
+                self._covered.pop(label, None)
+
+    # -- keys -------------------------------------------------------------------------
 
     def new_key_id(self) -> bytes:
         return os.urandom(16)
@@ -322,39 +512,109 @@ class Keyring:
 
         ``_value`` is for interop tests only: the key is imported with that known value
         instead of being generated (:mod:`keymgr.hsm.known_keys`), so that a test can hand
-        the same KEK to ``openssl cms``. Such a key is not ALWAYS_SENSITIVE, and is no keymgr key.
+        the same KEK to ``openssl cms``. Such a key is not LOCAL, and so never encrypts
+        unless the test turns the provenance check off (:mod:`keymgr.provenance`).
         """
         validate_name(name)
-        template = version_template(profile, policy or KeyPolicy())
+        policy = policy or KeyPolicy()
+        template = version_template(profile, policy)
         self.reload()
-        with self._lock:
-            if name in self._records:
-                raise errors.ConfigurationError(f"a key named {name!r} already exists on token {self._ts.label!r}")
-            key_id = self.new_key_id()
-            try:
-                if _value is None:
-                    objects.generate_key(self._ts, template, label=f"{name}/v1", key_id=key_id)
-                else:
-                    from keymgr.hsm.known_keys import import_secret_key
+        if name in self._records:
+            raise errors.ConfigurationError(f"a key named {name!r} already exists on token {self._ts.label!r}")
+        key_id = self.new_key_id()
+        self.add(name, "pending", {"kid": key_id.hex(), "num": 1})
+        try:
+            if _value is None:
+                objects.generate_key(self._ts, template, label=f"{name}/v1", key_id=key_id)
+            else:
+                from keymgr.hsm.known_keys import import_secret_key
 
-                    import_secret_key(self._ts, template, label=f"{name}/v1", key_id=key_id, value=_value)
-                now = self._clock()
-                version = KeyVersion(1, key_id, "active", now, (("active", now),),
-                                     objects.check_value(self._ts, key_id))
-                record = KeyRecord(name=name, profile=profile, primary=1, versions=(version,),
-                                   policy=policy or KeyPolicy(), created=now)
-                return self.write(record)
-            except BaseException:
-                self._discard_unrecorded(key_id)
-                raise
+                import_secret_key(self._ts, template, label=f"{name}/v1", key_id=key_id, value=_value)
+            now = self.now()
+            facts = [Fact("key", name, new_fact_id(), now, {"profile": profile, "policy": asdict(policy)}),
+                     Fact("version", name, new_fact_id(), now,
+                          {"kid": key_id.hex(), "num": 1, "kcv": objects.check_value(self._ts, key_id),
+                           "epoch": 1, "restored": False})]
+            record = self._put(name, facts, covers=[])
+        except BaseException:
+            self.discard_unrecorded(name, key_id)
+            raise
+        if record is None:  # pragma: no cover - the facts were just written
+            raise errors.KeyNotFoundError(f"key {name!r} was created but cannot be read back; retry")
+        return record
 
-    def _discard_unrecorded(self, key_id: bytes) -> None:
-        """After a failed create, destroy the new key object unless its record reached the token
-        (the write happened and only its answer was lost), so no key lives outside the keyring.
-        Best effort: if the token is gone the orphan stays; it is named by no record, so never used."""
+    def restore(self, record: KeyRecord) -> KeyRecord:
+        """Write a restored key's record (versions unwrapped from a backup) as one snapshot: every
+        version is marked restored, so it decrypts but never encrypts (a rotation gives the key a
+        fresh version generated here)."""
+        written = self._put(record.name, facts_of_record(record, restored=True), covers=[])
+        if written is None:  # pragma: no cover
+            raise errors.KeyNotFoundError(f"key {record.name!r} was restored but cannot be read back")
+        return written
+
+    def discard_unrecorded(self, name: str, key_id: bytes) -> None:
+        """After a failed create or rotate, destroy the new key object unless a version fact names
+        it (the write happened and only its answer was lost). Best effort: an object left behind
+        is named by a pending fact and swept later (:meth:`sweep_orphans`)."""
         try:
             self.reload()
             if key_id not in self._by_id:
                 objects.destroy_key(self._ts, key_id)
         except errors.KeymgrError:
             pass
+
+    def orphans(self, name: str) -> list[tuple[str, bytes]]:
+        """Key objects labelled ``NAME/vN`` that no version fact of ``name`` names, and objects of
+        versions the facts say are destroyed: (label, CKA_ID)."""
+        record = self._records.get(name)
+        named = {v.key_id: v for v in record.versions} if record else {}
+        prefix = f"{name}/v"
+        found = []
+        for label, key_id in objects.list_secret_keys(self._ts):
+            if label.startswith(prefix) and label[len(prefix):].isdigit():
+                version = named.get(key_id)
+                if version is None or version.state == "destroyed":
+                    found.append((label, key_id))
+        return found
+
+    def sweep_orphans(self, name: str) -> int:
+        """Destroy what :meth:`orphans` finds that surely protects nothing: objects of destroyed
+        versions, and objects whose pending fact is older than :attr:`orphan_grace` and that no
+        version fact names, even after a re-initialise (STACK-FACTS 21). Returns how many."""
+        if not self.orphans(name):
+            return 0
+        self._ts.reread()
+        self.reload()
+        pending = {bytes.fromhex(f.kid): f.at for f in self.facts(name) if f.kind == "pending"}
+        wall = parse_time(self.now())
+        swept = 0
+        for _, key_id in self.orphans(name):
+            destroyed = key_id in self._by_id
+            stamp = pending.get(key_id)
+            if destroyed or (stamp and wall - parse_time(stamp) >= self.orphan_grace):
+                objects.destroy_key(self._ts, key_id)
+                swept += 1
+        return swept
+
+    # -- provenance ---------------------------------------------------------------------
+
+    def check_encrypts(self, record: KeyRecord, version: KeyVersion) -> None:
+        """Refuse (PolicyError) a version whose key object does not prove that the token made it
+        and that it can never leave (:func:`keymgr.provenance.encrypt_refusal`); checked once per
+        version per process."""
+        try:
+            refusal = self._trust[version.key_id]
+        except KeyError:
+            refusal = provenance.encrypt_refusal(self._ts, record, version)
+            self._trust[version.key_id] = refusal
+        if refusal is not None:
+            raise errors.PolicyError(refusal)
+
+    def with_policy(self, name: str, policy: KeyPolicy) -> KeyRecord:
+        """Change ``name``'s lifecycle policy (latest change wins on every host). ``backup`` is fixed
+        at creation: EXTRACTABLE cannot be turned on for existing versions."""
+        record = self.get(name)
+        if policy.backup != record.policy.backup:
+            raise errors.PolicyError(f"key {name!r}: backup capability is fixed when the key is created")
+        written = self.add(name, "policy", {"policy": asdict(policy)})
+        return written or replace(record, policy=policy)

@@ -30,6 +30,7 @@ from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, open_token, probe
 from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring, utc_now
+from keymgr.provenance import VersionCheck, check_version
 from keymgr.rewrap import Rewrapper, RewrapResult
 from keymgr.usage import UsageMeter
 
@@ -121,6 +122,7 @@ class KeyManager:
         for cache in (self._encrypt_cache, self._decrypt_cache):
             if cache is not None:
                 cache.clear()
+        self._keyring.close()
         self._ts = None
         self._audit.close()
 
@@ -177,6 +179,18 @@ class KeyManager:
     def describe_key(self, name: str) -> KeyRecord:
         """One named key: versions, states, primary, key check values, policy."""
         return self.keyring.get(name)
+
+    def verify_keys(self, name: str | None = None) -> list[VersionCheck]:
+        """Check that every version of ``name`` (default: every key) is what the token made
+        (:mod:`keymgr.provenance`): generated inside it, never extractable, its profile's roles,
+        its recorded key check value; restored versions only that they are safe to decrypt with,
+        destroyed ones that no object is left. Recorded in the audit log, failures included."""
+        records = [self.keyring.get(name)] if name is not None else self.keyring.records()
+        with self._audited("verify", key=name) as op:
+            checks = [check_version(self.token, record, version) for record in records for version in record.versions]
+            failed = [f"{c.name} v{c.version}" for c in checks if not c.ok]
+            op.detail = {"versions": len(checks), "failed": failed}
+        return checks
 
     # -- lifecycle (keymgr.rotation: states, transitions, crash safety) ----------------
 

@@ -22,42 +22,43 @@ Allowed transitions (anything else raises :class:`~keymgr.errors.PolicyError`)::
     not primary,   destroyed       keymgr.shred.destroy       the token object is destroyed
     not destroyed                                             (terminal)
 
-Retirement is not a state: ``retire(name, below=N)`` sets the record's
-``min_decryption_version`` (Vault transit), and versions below it stop
-decrypting whatever their state. Every transition is appended, with its time,
-to the version's ``history``.
+Retirement is not a state: ``retire(name, below=N)`` makes versions below N
+stop decrypting whatever their state (Vault transit's ``min_decryption_version``).
 
-Crash safety of :func:`rotate` (docs/rotation.md): the new key object is
-generated first, then the keyring record naming it primary is written (one
-new data object: the commit point; :mod:`keymgr.keyring`). A crash before
-the commit leaves the old primary and an *orphan* object ``NAME/vN`` that no
-record names: it never protected anything, and the next rotate destroys it.
-A crash after the commit leaves the new primary. Never none, never two.
+Every change is a write-once fact (:mod:`keymgr.keyfacts`), so hosts sharing a
+token never overwrite each other: two rotations that race both create a
+version, both stay decryptable, and every host picks the same primary (the
+higher epoch, then the higher version number). Destroyed and compromised
+absorb: a racing ``resume`` loses to a ``compromise``. The checks in the table
+run against this process's view; a racing writer on another host can make a
+change the table would have refused only in that absorbing way.
 
-Writers of one key's record are serialised per machine and user by an advisory
-lock file (``fcntl.flock``; threads too: each takes its own descriptor), and
-each re-reads the record from the token under it. A writer on another machine
-sharing a network HSM is caught by the keyring's generation check: a stale
-write is refused with a clear "retry" error (state changes retry by themselves,
-:data:`RETRIES` times).
+Crash safety of :func:`rotate` (docs/rotation.md): a *pending* fact names the
+new CKA_ID first, then the key object is generated, then the *version* fact is
+written (one new data object: the commit point). A crash before the commit
+leaves the old primary and an orphan object that the next rotation destroys once
+its pending fact is a day old (:meth:`keymgr.keyring.Keyring.sweep_orphans`;
+another host may still be between the two steps). Never none, never two.
+
+Rotations of one key on one host are serialised by an advisory lock file
+(``fcntl.flock``), which only saves needless versions; correctness across
+hosts does not depend on it.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from keymgr import errors
 from keymgr.hsm import objects
 from keymgr.hsm.locks import token_lock
-from keymgr.keyring import KeyRecord, Keyring, KeyVersion, version_template
+from keymgr.keyring import KeyRecord, Keyring, KeyVersion, parse_time, version_template
 
 __all__ = ["STATES", "TRANSITIONS", "ROTATION_ONLY", "RETRIES", "rotate", "activate", "transition", "suspend",
-           "resume", "mark_compromised", "retire", "check_transition", "due", "due_at", "orphans", "update_record",
-           "key_lock", "parse_time", "now"]
+           "resume", "mark_compromised", "retire", "check_transition", "due", "due_at", "orphans", "key_lock",
+           "parse_time", "now"]
 
 STATES = ("pre-active", "active", "decrypt-only", "suspended", "compromised", "destroyed")
 
@@ -72,16 +73,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 #: Transitions only a change of primary makes (rotate / activate), never a direct request.
 ROTATION_ONLY = frozenset({("pre-active", "active"), ("active", "decrypt-only")})
-#: How often a record update is retried when another writer got in first.
+#: How often a use reservation is retried when the version filled up meanwhile (keymgr.usage).
 RETRIES = 5
-
-
-def parse_time(stamp: str) -> datetime:
-    """A keyring timestamp (``2026-12-02T16:41:36Z``) as an aware datetime."""
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
-# -- serialising writers ----------------------------------------------------------
 
 
 @contextmanager
@@ -91,76 +84,36 @@ def key_lock(keyring: Keyring, name: str) -> Iterator[None]:
         yield
 
 
-def update_record(keyring: Keyring, name: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
-    """Re-read key ``name`` from the token, apply ``change`` and write the result, under the key's lock.
-
-    ``change`` may raise (a refused transition) and is re-run on a fresh record if another
-    writer raced this one; after :data:`RETRIES` lost races the error says to retry. When it
-    returns the record unchanged nothing is written."""
-    with key_lock(keyring, name):
-        for attempt in range(RETRIES):
-            keyring.reload()
-            record = keyring.get(name)
-            try:
-                changed = change(record)
-                return record if changed is record else keyring.write(changed)
-            except errors.ConfigurationError as exc:
-                if "changed by another process" not in str(exc) or attempt == RETRIES - 1:
-                    raise
-                time.sleep(0.01 * (attempt + 1))
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 def now(keyring: Keyring) -> str:
     """The keyring's time (its clock is injectable: tests move it past cryptoperiods)."""
-    return keyring._clock()  # noqa: SLF001 - the keyring's injectable clock stamps every record
+    return keyring.now()
 
 
-def _moved(version: KeyVersion, state: str, now: str) -> KeyVersion:
-    return replace(version, state=state, history=version.history + ((state, now),))
+def _written(record: KeyRecord | None, name: str) -> KeyRecord:
+    if record is None:  # pragma: no cover - a fact about an existing key was just written
+        raise errors.KeyNotFoundError(f"key {name!r} cannot be read back after a change; retry")
+    return record
 
 
-def _with_version(record: KeyRecord, version: KeyVersion) -> KeyRecord:
-    return replace(record, versions=tuple(version if v.version == version.version else v
-                                          for v in record.versions))
+def _next_epoch(keyring: Keyring, name: str) -> int:
+    """One more than any primary claim this process has seen: a new claim wins over all of them."""
+    return 1 + max((f.body["epoch"] for f in keyring.facts(name)
+                    if f.kind in ("version", "primary") and f.body.get("epoch") is not None), default=0)
 
 
-def _promote(record: KeyRecord, new: KeyVersion, now: str) -> KeyRecord:
-    """``new`` becomes the active primary; the old primary, if active, becomes decrypt-only."""
-    old = record.primary_version
-    if old.version != new.version and old.state == "active":
-        record = _with_version(record, _moved(old, "decrypt-only", now))
-    if new.state != "active":
-        new = _moved(new, "active", now)
-    versions = {v.version: v for v in record.versions}
-    versions[new.version] = new
-    return replace(record, versions=tuple(versions[n] for n in sorted(versions)), primary=new.version)
+def _latest(keyring: Keyring, name: str) -> KeyRecord:
+    keyring.reload()
+    return keyring.get(name)
 
 
 # -- orphans ------------------------------------------------------------------------
 
 
 def orphans(keyring: Keyring, record: KeyRecord) -> list[tuple[str, bytes]]:
-    """Key objects labelled ``NAME/vN`` that the record does not name (a rotate that crashed
-    before its commit), and objects of versions the record says are destroyed (a destroy
-    that crashed after its commit). None of them ever protected data under this record."""
-    prefix = f"{record.name}/v"
-    named = {v.key_id: v for v in record.versions}
-    found = []
-    for label, key_id in objects.list_secret_keys(keyring.token):
-        if not label.startswith(prefix) or not label[len(prefix):].isdigit():
-            continue
-        version = named.get(key_id)
-        if version is None or version.state == "destroyed":
-            found.append((label, key_id))
-    return found
-
-
-def _clean_orphans(keyring: Keyring, record: KeyRecord) -> int:
-    found = orphans(keyring, record)
-    for _, key_id in found:
-        objects.destroy_key(keyring.token, key_id)
-    return len(found)
+    """Key objects labelled ``NAME/vN`` that no version fact names (a rotate that crashed
+    before its commit, or one still in progress on another host), and objects of versions
+    that are destroyed (a destroy that crashed after its commit)."""
+    return keyring.orphans(record.name)
 
 
 # -- rotate / activate --------------------------------------------------------------
@@ -170,54 +123,38 @@ def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: in
     """Create version n+1 of ``name`` in the token and (by default) make it the primary.
 
     ``activate=False`` creates it *pre-active* (no data under it yet; make it primary later
-    with :func:`activate`, e.g. once every site has seen it). Orphans left by an earlier
-    crashed rotate are destroyed first. Atomic from the caller's view (module docstring).
+    with :func:`activate`, e.g. once every site has seen it). Orphans a crashed rotate left
+    long enough ago are destroyed first. Atomic from the caller's view (module docstring).
     ``if_primary``: rotate only if that version is still the primary (automatic rotation: of
-    several processes that saw the same key due, one rotates and the others get its result)."""
+    several processes that saw the same key due, the first rotates and the others get its result)."""
     with key_lock(keyring, name):
-        keyring.reload()
-        record = keyring.get(name)
+        record = _latest(keyring, name)
         if if_primary is not None and record.primary != if_primary:
             return record
-        _clean_orphans(keyring, record)
+        keyring.sweep_orphans(name)
         number = max(v.version for v in record.versions) + 1
         key_id = keyring.new_key_id()
         template = version_template(record.profile, record.policy)
-        objects.generate_key(keyring.token, template, label=record.label_of(number), key_id=key_id)
-        stamp = now(keyring)
-        state = "active" if activate else "pre-active"
-        new = KeyVersion(number, key_id, state, stamp, ((state, stamp),), objects.check_value(keyring.token, key_id))
-        updated = _promote(record, new, stamp) if activate else replace(record, versions=record.versions + (new,))
+        keyring.add(name, "pending", {"kid": key_id.hex(), "num": number})
         try:
-            return keyring.write(updated)
+            objects.generate_key(keyring.token, template, label=record.label_of(number), key_id=key_id)
+            body = {"kid": key_id.hex(), "num": number, "kcv": objects.check_value(keyring.token, key_id),
+                    "epoch": _next_epoch(keyring, name) if activate else None, "restored": False}
+            return _written(keyring.add(name, "version", body), name)
         except BaseException:
-            _discard_unless_named(keyring, name, key_id)
+            keyring.discard_unrecorded(name, key_id)
             raise
-
-
-def _discard_unless_named(keyring: Keyring, name: str, key_id: bytes) -> None:
-    """After a failed record write: destroy the new object if the record surely does not name it.
-    Best effort (it is an orphan at worst, which the next rotate removes), so a second failure
-    here must not hide the first."""
-    try:
-        keyring.reload()
-        if not any(v.key_id == key_id for v in keyring.get(name).versions):
-            objects.destroy_key(keyring.token, key_id)
-    except errors.KeymgrError:
-        pass
 
 
 def activate(keyring: Keyring, name: str, version: int) -> KeyRecord:
     """Make pre-active ``version`` the primary; the old primary becomes decrypt-only."""
-
-    def change(record: KeyRecord) -> KeyRecord:
-        target = record.version(version)
-        if target.state != "pre-active":
-            raise errors.PolicyError(f"key {name!r} version {version} is {target.state}; only a pre-active "
-                                     "version can be activated (rotate makes a new one)")
-        return _promote(record, target, now(keyring))
-
-    return update_record(keyring, name, change)
+    record = _latest(keyring, name)
+    target = record.version(version)
+    if target.state != "pre-active":
+        raise errors.PolicyError(f"key {name!r} version {version} is {target.state}; only a pre-active "
+                                 "version can be activated (rotate makes a new one)")
+    body = {"kid": target.key_id.hex(), "epoch": _next_epoch(keyring, name)}
+    return _written(keyring.add(name, "primary", body), name)
 
 
 # -- state changes ------------------------------------------------------------------
@@ -236,6 +173,12 @@ def check_transition(record: KeyRecord, version: KeyVersion, state: str) -> None
         raise errors.PolicyError(f"{where} is the primary; rotate before destroying it")
 
 
+def _record_state(keyring: Keyring, name: str, version: KeyVersion, event: str) -> KeyRecord:
+    kid = version.key_id.hex()
+    body = {"kid": kid, "to": event, "lc": keyring.next_clock(name)}
+    return _written(keyring.add(name, "state", body), name)
+
+
 def transition(keyring: Keyring, name: str, version: int, state: str, *, _shredding: bool = False) -> KeyRecord:
     """Move ``version`` of ``name`` to ``state`` if the table in the module docstring allows it.
 
@@ -244,13 +187,10 @@ def transition(keyring: Keyring, name: str, version: int, state: str, *, _shredd
     if state == "destroyed" and not _shredding:
         raise errors.PolicyError("destroying a key version goes through destroy (keymgr key destroy), "
                                  "which checks approvals and remaining data")
-
-    def change(record: KeyRecord) -> KeyRecord:
-        current = record.version(version)
-        check_transition(record, current, state)
-        return _with_version(record, _moved(current, state, now(keyring)))
-
-    return update_record(keyring, name, change)
+    record = _latest(keyring, name)
+    current = record.version(version)
+    check_transition(record, current, state)
+    return _record_state(keyring, name, current, state)
 
 
 def suspend(keyring: Keyring, name: str, version: int) -> KeyRecord:
@@ -265,38 +205,28 @@ def mark_compromised(keyring: Keyring, name: str, version: int) -> KeyRecord:
 
 def resume(keyring: Keyring, name: str, version: int) -> KeyRecord:
     """Undo :func:`suspend`: back to the state before it; an old primary that lost its place
-    while suspended comes back decrypt-only (there is only ever one primary)."""
-
-    def change(record: KeyRecord) -> KeyRecord:
-        current = record.version(version)
-        if current.state != "suspended":
-            raise errors.PolicyError(f"key {name!r} version {version} is {current.state}, not suspended")
-        before = "active"
-        for state, _ in reversed(current.history):
-            if state != "suspended":
-                before = state
-                break
-        if before == "active" and version != record.primary:
-            before = "decrypt-only"
-        return _with_version(record, _moved(current, before, now(keyring)))
-
-    return update_record(keyring, name, change)
+    while suspended comes back decrypt-only (there is only ever one primary). A version that
+    some host marked compromised or destroyed meanwhile stays so (those states absorb)."""
+    record = _latest(keyring, name)
+    current = record.version(version)
+    if current.state != "suspended":
+        raise errors.PolicyError(f"key {name!r} version {version} is {current.state}, not suspended")
+    return _record_state(keyring, name, current, "resumed")
 
 
 def retire(keyring: Keyring, name: str, below: int) -> KeyRecord:
     """Versions below ``below`` stop decrypting (Vault's ``min_decryption_version``). The
     primary cannot be retired, and the minimum never goes down (unretiring would revive
     versions an operator meant to be gone: rotate or restore instead)."""
-
-    def change(record: KeyRecord) -> KeyRecord:
-        if below > record.primary:
-            raise errors.PolicyError(f"key {name!r}: retiring below {below} would retire the primary "
-                                     f"(version {record.primary})")
-        if below < record.min_decryption_version:
-            raise errors.PolicyError(f"key {name!r} is already retired below {record.min_decryption_version}")
-        return replace(record, min_decryption_version=below)
-
-    return update_record(keyring, name, change)
+    record = _latest(keyring, name)
+    if below > record.primary:
+        raise errors.PolicyError(f"key {name!r}: retiring below {below} would retire the primary "
+                                 f"(version {record.primary})")
+    if below < record.min_decryption_version:
+        raise errors.PolicyError(f"key {name!r} is already retired below {record.min_decryption_version}")
+    if below == record.min_decryption_version:
+        return record
+    return _written(keyring.add(name, "retire", {"kid": record.version(below).key_id.hex()}), name)
 
 
 # -- cryptoperiods ----------------------------------------------------------------------

@@ -3,13 +3,20 @@
 A version may protect at most ``limit`` data keys (:func:`limit_for`): the
 key's ``max_messages`` policy and, for the ``gcm`` profile, NIST SP 800-38D
 8.3's bound of 2^32 invocations with random 96-bit IVs per key, whichever is
-lower. Counting must survive restarts and be shared by every process using
-the token, yet a record write per message would cost more than the message.
-So uses are *reserved in blocks*: a process adds a block to the version's
-``uses`` in the keyring record (one record write, under the key's lock:
-:func:`keymgr.rotation.update_record`) and spends it locally. Reservations a
-process did not spend when it exits are lost, which only errs on the safe
-side: the count overstates, never understates, the real number of encryptions.
+lower. Counting must survive restarts and be shared by every process and every
+host using the token, yet a token write per message would cost more than the
+message. So uses are *reserved in blocks*, and counted as a grow-only counter
+(DESIGN.md, "Counters that never undercount"): each process (a writer, with a
+random identity) writes a ``uses`` fact holding its own running total for the
+version, and the recorded count is the sum over writers of each one's highest
+total (:func:`keymgr.keyfacts.fold`). Nothing is read, modified and written back,
+so two hosts reserving at once both count, snapshots merge exactly, and the
+recorded count never falls below the encryptions made. Reservations a process did
+not spend when it exits stay counted: the count overstates, never understates.
+After writing its fact a writer reads the count again and keeps only the part of
+its block that fits under the limit, so racing writers cannot together pass it
+(as far as each sees the others' facts: a stale view can let a race overshoot by
+at most one block per racing host, each at most 1/16 of the limit).
 
 Blocks grow (:func:`block_for`): a process's first block for a version is
 :data:`FIRST_BLOCK` uses, and each next one twice the last, up to 1/16 of
@@ -31,8 +38,6 @@ Only one process rotates: the others find the primary already changed
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime
 
 from keymgr import errors, rotation
@@ -44,7 +49,7 @@ __all__ = ["FIRST_BLOCK", "GCM_RANDOM_NONCE_LIMIT", "MAX_BLOCK", "UsageMeter", "
 GCM_RANDOM_NONCE_LIMIT = 1 << 32
 #: A process's first reservation for a key version.
 FIRST_BLOCK = 256
-#: The largest reservation one record write makes (2^32 / 2^20: the GCM bound is 4,096 of them).
+#: The largest reservation one fact makes (2^32 / 2^20: the GCM bound is 4,096 of them).
 MAX_BLOCK = 1 << 20
 
 
@@ -80,6 +85,8 @@ class UsageMeter:
         self._blocks: dict[bytes, list[int]] = {}
         #: key_id -> size of this process's last block for it (the next one is twice that)
         self._sizes: dict[bytes, int] = {}
+        #: key_id -> this writer's running total of reservations, and the label of the fact saying so
+        self._totals: dict[bytes, tuple[int, str]] = {}
 
     def _now(self) -> datetime:
         return rotation.parse_time(rotation.now(self._keyring))
@@ -115,37 +122,43 @@ class UsageMeter:
         return rotation.rotate(self._keyring, record.name, if_primary=record.primary)
 
     def _reserve_block(self, record: KeyRecord, limit: int) -> KeyRecord:
+        keyring = self._keyring
         for _ in range(rotation.RETRIES):
-            granted: list[int] = []
-            current = rotation.update_record(self._keyring, record.name, _take_block(limit, self._sizes, granted))
+            keyring.reload()
+            current = keyring.get(record.name)
+            version = current.primary_version
+            if version.state != "active":
+                return current  # the wrap refuses, with the reason
+            granted = self._take_block(current, limit)
             if granted:
-                key_id = current.primary_version.key_id
-                with self._lock:
-                    self._blocks[key_id] = [granted[0] + 1, granted[1]]
-                    self._sizes[key_id] = granted[1] - granted[0]
                 return current
             if not current.policy.auto_rotate:
-                version = current.primary_version
                 raise errors.PolicyError(
                     f"key {current.name!r} version {version.version} reached its limit of {limit} encryptions "
                     f"(max_messages / the GCM nonce bound): rotate it (keymgr key rotate {current.name})")
-            record = rotation.rotate(self._keyring, current.name, if_primary=current.primary)
+            record = rotation.rotate(keyring, current.name, if_primary=current.primary)
         raise errors.PolicyError(f"key {record.name!r}: could not reserve encryptions; retry")
 
-
-def _take_block(limit: int, sizes: dict[bytes, int], granted: list[int]) -> Callable[[KeyRecord], KeyRecord]:
-    """The record change that reserves the next block of the primary's uses (its size after
-    this process's last block for that version, in ``sizes``); ``granted`` receives the
-    reserved range [start, end), and stays empty when the version is used up."""
-
-    def change(current: KeyRecord) -> KeyRecord:
-        granted.clear()
-        version = current.primary_version
-        if version.uses >= limit:
-            return current
-        take = min(block_for(limit, sizes.get(version.key_id, 0)), limit - version.uses)
-        granted.extend((version.uses, version.uses + take))
-        return replace(current, versions=tuple(replace(v, uses=v.uses + take) if v is version else v
-                                               for v in current.versions))
-
-    return change
+    def _take_block(self, current: KeyRecord, limit: int) -> int:
+        """Reserve the next block of the primary's uses; how many of them this process may spend
+        (0 when the version is used up)."""
+        keyring, version = self._keyring, current.primary_version
+        key_id = version.key_id
+        take = min(block_for(limit, self._sizes.get(key_id, 0)), limit - version.uses)
+        if take <= 0:
+            return 0
+        mine, old_label = self._totals.get(key_id, (0, ""))
+        fact_id = keyring.add_uses(current.name, key_id, mine + take)
+        self._totals[key_id] = (mine + take, keyring.fact_label(current.name, fact_id))
+        if old_label:
+            keyring.forget_object(old_label)  # superseded by the higher total: every reader takes the max
+        keyring.reload()  # others may have reserved at the same moment: keep only what fits
+        after = keyring.get(current.name)
+        counted = next((v.uses for v in after.versions if v.key_id == key_id), version.uses + take)
+        spendable = min(take, limit - (counted - take))
+        if spendable <= 0:
+            return 0
+        with self._lock:
+            self._blocks[key_id] = [1, spendable]  # this encryption is the block's first use
+            self._sizes[key_id] = take
+        return spendable

@@ -39,7 +39,7 @@ class AuditKey:
 
     def __init__(self, ts: TokenSession) -> None:
         self._ts = ts
-        self._ready = False
+        self._keys: list[bytes] | None = None  # usable audit keys, lowest first (the one that MACs)
         self._unsupported = False
 
     @property
@@ -47,32 +47,37 @@ class AuditKey:
         return self._ts
 
     def _ensure(self) -> bool:
-        if not self._ready and not self._unsupported:
+        """Find or make the audit key. Two hosts opening a fresh token at once may each make one
+        (no create-if-absent in PKCS#11): both stay valid for checking, and every writer MACs with
+        the lowest CKA_ID (:func:`keymgr.hsm.objects.ensure_singleton_key`)."""
+        if self._keys is None and not self._unsupported:
             try:
-                objects.ensure_key(self._ts, MAC_KEY, label=AUDIT_KEY_LABEL, key_id=AUDIT_KEY_ID)
+                self._keys = objects.ensure_singleton_key(self._ts, MAC_KEY, label=AUDIT_KEY_LABEL,
+                                                          id_prefix=AUDIT_KEY_ID)
             except errors.MechanismUnsupportedError:
                 self._unsupported = True  # e.g. a TPM: RSA / EC keys only; asked once per process
                 return False
-            self._ready = True
-        return self._ready
+        return self._keys is not None
 
     def mac(self, data: bytes) -> str | None:
         """HMAC-SHA256 of ``data`` inside the token, hex, or None for a token that cannot hold an
         HMAC key (its entries are then protected by the checkpoint's hash alone). The key is made
         on first use, so a token is only given an audit key once something is audited on it."""
-        if not self._ensure():
+        if not self._ensure() or self._keys is None:
             return None
-        return objects.hmac_sha256(self._ts, AUDIT_KEY_ID, data).hex()
+        return objects.hmac_sha256(self._ts, self._keys[0], data).hex()
 
     def verify(self, data: bytes, mac_hex: str) -> bool:
-        """Whether ``mac_hex`` is the audit key's MAC of ``data`` (the token compares)."""
-        if not objects.key_exists(self._ts, AUDIT_KEY_ID):
-            return False
+        """Whether ``mac_hex`` is one of the audit keys' MAC of ``data`` (the token compares)."""
         try:
             mac = bytes.fromhex(mac_hex)
         except ValueError:
             return False
-        return objects.hmac_sha256_verify(self._ts, AUDIT_KEY_ID, data, mac)
+        keys = objects.singleton_keys(self._ts, AUDIT_KEY_LABEL) if self._keys is None else self._keys
+        if any(objects.hmac_sha256_verify(self._ts, key_id, data, mac) for key_id in keys):
+            return True
+        fresh = objects.singleton_keys(self._ts, AUDIT_KEY_LABEL)  # made by another host since
+        return any(objects.hmac_sha256_verify(self._ts, key_id, data, mac) for key_id in fresh if key_id not in keys)
 
     def checkpoint(self, chain: str) -> tuple[int, str] | None:
         """The token's checkpoint of ``chain``: (seq, entry hash), or None if it has none."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -99,9 +100,40 @@ def list_command(state: CliState) -> None:
 @click.argument("name")
 @pass_state
 def show_command(state: CliState, name: str) -> None:
-    """Show one key: versions, states, dates, key check values, uses, primary, minimum decryption version."""
-    record = state.manager().describe_key(name)
+    """Show one key: versions, states, dates, key check values, uses, primary, minimum decryption
+    version, and whether each version's key object proves the token made it (keymgr key verify)."""
+    manager = state.manager()
+    record = manager.describe_key(name)
+    checks = {c.version: c for c in manager.verify_keys(name)}
     if state.json_output:
-        emit_json(record_json(record))
+        data = record_json(record)
+        for version in data["versions"]:
+            check = checks[version["version"]]
+            version["verified"] = check.ok
+            version["verdict"] = check.verdict
+        emit_json(data)
     else:
         _print_records([record])
+        for number, check in sorted(checks.items()):
+            click.echo(f"{name} v{number}: {check.verdict}")
+
+
+@key_group.command("verify")
+@click.argument("name", required=False)
+@pass_state
+def verify_command(state: CliState, name: str | None) -> None:
+    """Check that every version of NAME (default: every key) is what the token made: generated
+    inside it (CKA_LOCAL), never readable or extractable, its profile's roles only, the recorded
+    key check value. A planted or altered version fails; exit 4 if any does."""
+    checks = state.manager().verify_keys(name)
+    failed = [c for c in checks if not c.ok]
+    if state.json_output:
+        emit_json({"ok": not failed, "versions": [
+            {"key": c.name, "version": c.version, "id": c.key_id.hex(), "restored": c.restored, "ok": c.ok,
+             "failures": list(c.failures)} for c in checks]})
+    else:
+        for c in checks:
+            click.echo(f"{c.name} v{c.version} ({c.key_id.hex()}): {c.verdict}")
+        click.echo(f"{len(checks)} version(s) checked, {len(failed)} failed")
+    if failed:
+        sys.exit(4)

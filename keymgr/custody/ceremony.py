@@ -289,7 +289,7 @@ def _finish_restore(backup: BackupFile, target: Keyring, recorder: TranscriptRec
                 raise errors.IntegrityError(f"restored key {key.record.name!r} version {v.version} does not "
                                             "hold the backed-up key; nothing was restored")
             recorder.key(key.record.name, v.version, v.key_id, v.kcv, proof="verified")
-    records = tuple(target.write(replace(key.record, generation=1)) for key in backup.keys)
+    records = tuple(target.restore(key.record) for key in backup.keys)
     recorder.step("keyring records written")
     return records
 

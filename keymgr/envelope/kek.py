@@ -139,6 +139,7 @@ class KekProtector:
         if version.state != "active":
             raise errors.PolicyError(f"key {record.name!r} version {version.version} is {version.state}; "
                                      "only the active primary version encrypts")
+        self._keyring.check_encrypts(record, version)
 
     def check_state(self, record: KeyRecord, version: KeyVersion) -> None:
         """Refuse versions that policy says must not decrypt."""

@@ -8,6 +8,8 @@ the hot path (one wrap or one GCM call per message) costs one token call.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -42,6 +44,10 @@ __all__ = [
     "write_data_object",
     "read_data_objects",
     "destroy_data_object",
+    "DataObjectScan",
+    "scan_data_objects",
+    "singleton_keys",
+    "ensure_singleton_key",
     "random_bytes",
     "WRAP_MECHANISMS",
 ]
@@ -127,18 +133,6 @@ def _gcm_params(nonce: bytes, aad: bytes) -> GCMParams:
     if len(nonce) != 12:
         raise errors.ConfigurationError(f"an AES-GCM nonce is 12 bytes, not {len(nonce)}")
     return GCMParams(bytes(nonce), bytes(aad), 128)
-
-
-def ensure_key(ts: TokenSession, template: KeyTemplate, *, label: str, key_id: bytes) -> None:
-    """Generate the one key with ``key_id`` (a token's metadata MAC key, its audit key) unless
-    it exists, under this machine's lock (:mod:`keymgr.hsm.locks`), so that processes opening
-    a fresh token together make one key, not one each. The lookup is under the lock too:
-    SoftHSM shows a key another process is still generating before its value is written (an
-    HMAC with it then fails, CKR_KEY_SIZE_RANGE), and the generating process holds the lock
-    until it is done. Callers remember that it exists (once per process)."""
-    with token_lock(ts, f"key {key_id.hex()}"):
-        if not key_exists(ts, key_id):
-            generate_key(ts, template, label=label, key_id=key_id)
 
 
 def key_exists(ts: TokenSession, key_id: bytes) -> bool:
@@ -370,6 +364,98 @@ def destroy_data_object(ts: TokenSession, *, application: str, label: str) -> No
                 continue
 
     ts.run(f"destroy data object {label!r}", call)
+
+
+class DataObjectScan:
+    """What one process knows of a token's data objects between scans: the label of each handle
+    it has read, for the session those handles belong to (a new session, after a re-initialise,
+    starts over). Lets a refresh read only the objects that are new since the last one: the
+    find is paid every time (it scans the token, STACK-FACTS 19), the reads only once.
+    Relies on the module not reusing a destroyed object's handle for a new object within one
+    session (SoftHSM counts handles up)."""
+
+    def __init__(self) -> None:
+        self.session: object = None
+        self.labels: dict[int, str] = {}
+
+
+def scan_data_objects(ts: TokenSession, *, application: str,
+                      memo: DataObjectScan) -> tuple[set[str], list[tuple[str, bytes]]]:
+    """The labels of every data object of ``application`` now, and (label, value) of those whose
+    handle ``memo`` has not seen. One find, plus one read per new object."""
+
+    def call(session: pkcs11.Session) -> tuple[set[str], list[tuple[str, bytes]]]:  # type: ignore[name-defined]
+        if memo.session is not session:
+            memo.session, memo.labels = session, {}
+        for attempt in range(_SCAN_RETRIES):
+            try:
+                found = list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                                  Attribute.APPLICATION: application}))
+                new: list[tuple[str, bytes]] = []
+                handles: set[int] = set()
+                for obj in found:
+                    handle = obj.handle
+                    if handle is None:  # pragma: no cover - a found object always has one
+                        continue
+                    handles.add(handle)
+                    if handle not in memo.labels:
+                        label, value = str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])
+                        memo.labels[handle] = label
+                        new.append((label, value))
+                for gone in [h for h in memo.labels if h not in handles]:
+                    del memo.labels[gone]
+                return set(memo.labels.values()), new
+            except p11x.ObjectHandleInvalid:
+                if attempt == _SCAN_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return ts.run("read data objects", call)
+
+
+def singleton_keys(ts: TokenSession, label: str) -> list[bytes]:
+    """CKA_IDs of the secret-key token objects labelled ``label``, sorted."""
+    return sorted(key_id for found, key_id in list_secret_keys(ts) if found == label)
+
+
+#: How long :func:`ensure_singleton_key` waits for a key another process is still generating.
+_SINGLETON_WAIT = 5.0
+
+
+def _usable_mac_key(ts: TokenSession, key_id: bytes) -> bool:
+    """A key that computes an HMAC. SoftHSM lists a key another process is still generating
+    before its value is written (STACK-FACTS 22): such a key fails, and is skipped for now."""
+    try:
+        hmac_sha256(ts, key_id, b"keymgr singleton probe")
+    except errors.KeymgrError:
+        ts.cache.pop(("key", key_id), None)
+        return False
+    return True
+
+
+def ensure_singleton_key(ts: TokenSession, template: KeyTemplate, *, label: str, id_prefix: bytes) -> list[bytes]:
+    """The usable keys labelled ``label`` (a token's metadata MAC key, its audit key), made if there
+    is none; sorted by CKA_ID, so every host that sees the same keys writes with the same first one.
+
+    Hosts sharing a network HSM cannot coordinate a create-if-absent (no compare-and-swap in
+    PKCS#11), so two of them may each make one: both keys get their own random CKA_ID under the
+    same label, both stay valid for checking what each MACed, and writers use the lowest. This
+    machine's lock (:mod:`keymgr.hsm.locks`) only keeps processes of one host from doing so."""
+    deadline = time.monotonic() + _SINGLETON_WAIT
+    while True:
+        present = singleton_keys(ts, label)
+        usable = [key_id for key_id in present if _usable_mac_key(ts, key_id)]
+        if usable:
+            return usable
+        if not present:
+            with token_lock(ts, f"singleton {label}"):
+                if not singleton_keys(ts, label):
+                    generate_key(ts, template, label=label, key_id=id_prefix + b"/" + os.urandom(8))
+            continue
+        if time.monotonic() > deadline:
+            raise errors.TokenError(f"token {ts.label!r} has {len(present)} key(s) labelled {label!r}, and none "
+                                    "computes an HMAC: check the token (keymgr tokens --login)")
+        time.sleep(0.05)  # being generated by another process: wait for its value
 
 
 def random_bytes(ts: TokenSession, count: int) -> bytes:

@@ -223,6 +223,15 @@ class TokenSession:
             raise self._removed_error("reconnect")
         self._found = found
 
+    def reread(self) -> None:
+        """C_Finalize + C_Initialize, then find the token again: how this process comes to see
+        objects other processes wrote. SoftHSM's view can go stale until some later outside
+        write (STACK-FACTS 21); keymgr re-reads before failing on a key version it cannot find
+        and before destroying anything it believes no one uses. Sessions reopen (and log in
+        again) on their next call."""
+        with self.module.lock:
+            self._rediscover(reinitialize=True)
+
     def _removed_error(self, operation: str, code: str | None = None) -> errors.TokenRemovedError:
         why = f" ({code})" if code else ""
         return errors.TokenRemovedError(
