@@ -512,8 +512,8 @@ class Keyring:
 
         ``_value`` is for interop tests only: the key is imported with that known value
         instead of being generated (:mod:`keymgr.hsm.known_keys`), so that a test can hand
-        the same KEK to ``openssl cms``. Such a key is not LOCAL, and so never encrypts
-        unless the test turns the provenance check off (:mod:`keymgr.provenance`).
+        the same KEK to ``openssl cms``. Such a key is not LOCAL: this Keyring object lets it
+        encrypt (its caller made it), every other one refuses it (:mod:`keymgr.provenance`).
         """
         validate_name(name)
         policy = policy or KeyPolicy()
@@ -536,6 +536,8 @@ class Keyring:
                           {"kid": key_id.hex(), "num": 1, "kcv": objects.check_value(self._ts, key_id),
                            "epoch": 1, "restored": False})]
             record = self._put(name, facts, covers=[])
+            if _value is not None:  # the caller imported it knowingly: this keyring lets it encrypt
+                self._trust[key_id] = None
         except BaseException:
             self.discard_unrecorded(name, key_id)
             raise

@@ -47,6 +47,8 @@ hosts does not depend on it.
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -73,6 +75,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 #: Transitions only a change of primary makes (rotate / activate), never a direct request.
 ROTATION_ONLY = frozenset({("pre-active", "active"), ("active", "decrypt-only")})
+#: Longest random pause before an automatic rotation (seconds; see rotate's ``if_primary``).
+AUTO_ROTATE_JITTER = 0.05
 #: How often a use reservation is retried when the version filled up meanwhile (keymgr.usage).
 RETRIES = 5
 
@@ -127,6 +131,10 @@ def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: in
     long enough ago are destroyed first. Atomic from the caller's view (module docstring).
     ``if_primary``: rotate only if that version is still the primary (automatic rotation: of
     several processes that saw the same key due, the first rotates and the others get its result)."""
+    if if_primary is not None:
+        # automatic rotation fires on every host that saw the key due at the same moment: a random
+        # pause before looking lets the first host's new version reach the others (fewer spare versions)
+        time.sleep(random.uniform(0, AUTO_ROTATE_JITTER))
     with key_lock(keyring, name):
         record = _latest(keyring, name)
         if if_primary is not None and record.primary != if_primary:

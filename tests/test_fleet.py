@@ -94,6 +94,9 @@ RESULT = {"failed": failed, "logs": logs, "versions": versions, "unverified": ba
 """
 
 
+_LIMIT = 90  # the billing key's max_messages (auto-rotated)
+
+
 def _file(token: FleetToken, args: object) -> str:
     """Arguments too large for a command line, as a file in the shared workspace."""
     path = token.workspace / f"args-{os.urandom(4).hex()}.json"
@@ -102,8 +105,7 @@ def _file(token: FleetToken, args: object) -> str:
 
 
 def _fleet(hosts: int, messages: int, token: FleetToken) -> tuple[list[dict[str, object]], dict[str, object]]:
-    limit = 90
-    run_host(_SETUP, token, args={"limit": limit}).check()
+    run_host(_SETUP, token, args={"limit": _LIMIT}).check()
     args = {"messages": messages, "rotators": min(3, hosts), "rotate_every": 25, "suspender": hosts - 1}
     run = run_hosts(hosts, _HOST, token, args=[args] * hosts, timeout=240)
     run.assert_ok()
@@ -130,10 +132,13 @@ def _assert_fleet(results: list[dict[str, object]], check: dict[str, object], ho
         assert ok, f"{path}: {problems}"
         assert entries > 0 and maced
     assert check["unverified"] == []
+    # auto-rotation racing on every host: at most one new version per host per use-limit period
+    periods = -(-billing_messages // _LIMIT)
+    assert check["versions"]["billing"] <= 1 + hosts * periods, check["versions"]  # type: ignore[index]
     rotations = sum(r["rotations"] for r in results)  # type: ignore[misc]
     print(f"\n{hosts} hosts x {messages} messages: {rotations} rotations, "
           f"{sum(r['suspensions'] for r in results)} suspend/resume pairs, versions {check['versions']}, "  # type: ignore[misc]
-          f"billing uses recorded {recorded} for {billing_messages} messages")
+          f"billing uses recorded {recorded} for {billing_messages} messages ({periods} limit periods)")
 
 
 def test_three_hosts_rotating_and_suspending_lose_nothing() -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -59,6 +60,8 @@ _MODULE_STALE = frozenset({"CKR_GENERAL_ERROR", "CKR_DEVICE_ERROR", "CKR_CRYPTOK
 
 _sessions: dict[tuple[str, str, str], TokenSession] = {}
 _sessions_lock = threading.Lock()
+#: How often reread() re-initialises before it believes the token is gone.
+_REREAD_TRIES = 5
 
 
 def tries_left_state(flags: int) -> str:
@@ -230,7 +233,16 @@ class TokenSession:
         and before destroying anything it believes no one uses. Sessions reopen (and log in
         again) on their next call."""
         with self.module.lock:
-            self._rediscover(reinitialize=True)
+            for attempt in range(_REREAD_TRIES):
+                try:
+                    self._rediscover(reinitialize=True)
+                    return
+                except errors.TokenRemovedError:
+                    # another process's login was rewriting the token file as C_Initialize read it
+                    # (STACK-FACTS 23): the token looks absent until the next C_Initialize
+                    if attempt == _REREAD_TRIES - 1:
+                        raise
+                    time.sleep(0.02 * (attempt + 1))
 
     def _removed_error(self, operation: str, code: str | None = None) -> errors.TokenRemovedError:
         why = f" ({code})" if code else ""

@@ -1,0 +1,130 @@
+"""A PIN holder plants a KEK whose value they know and forges the keyring fact that makes it primary.
+
+The threat model's main case is a compromised application host: it holds the user PIN, so it
+can C_Sign with the metadata MAC key (a forged fact MACs fine), import an AES key with a known
+value (C_CreateObject) or generate a readable one, and label it like a keymgr version. If keymgr
+then encrypted under it, every later message would decrypt offline, without the token.
+keymgr must refuse: the planted version never encrypts, ``keymgr key verify`` names it (exit 4),
+the refusal is in the audit log, and data encrypted after the attack (once the operator rotates)
+does not open with the planted value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from asn1crypto import cms
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+from pkcs11 import Attribute, KeyType, ObjectClass
+
+import keymgr
+from keymgr.audit import AuditLog
+from keymgr.keyfacts import Fact, new_fact_id
+from keymgr.keyring import APPLICATION, FACT_PREFIX, META_MAC_LABEL, canonical
+from tests.conftest import TokenUnderTest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _plant(km: keymgr.KeyManager, name: str, how: str) -> tuple[bytes, bytes]:
+    """The attack, with python-pkcs11 directly under the victim's login: make a KEK whose value
+    the attacker knows, then forge a version fact naming it with the highest epoch. Returns
+    (planted CKA_ID, its value)."""
+    value = os.urandom(32)
+    key_id = os.urandom(16)
+    record = km.describe_key(name)
+    label = f"{name}/v{len(record.versions) + 1}"
+
+    def attack(session: object) -> tuple[bytes, str]:
+        roles = {Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.ENCRYPT: False, Attribute.DECRYPT: False,
+                 Attribute.SIGN: False, Attribute.VERIFY: False, Attribute.DERIVE: False}
+        if how == "imported":
+            key = session.create_object({  # type: ignore[attr-defined]
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.TOKEN: True,
+                Attribute.PRIVATE: True, Attribute.LABEL: label, Attribute.ID: key_id, Attribute.VALUE: value,
+                Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.MODIFIABLE: False,
+                Attribute.COPYABLE: False, **roles})
+            planted = value
+        else:  # generated inside the token, but readable: LOCAL is true, ALWAYS_SENSITIVE is not
+            key = session.generate_key(KeyType.AES, 256, label=label, id=key_id, store=True,  # type: ignore[attr-defined]
+                                       template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, **roles})
+            planted = bytes(key[Attribute.VALUE])
+            key[Attribute.SENSITIVE] = True
+            key[Attribute.EXTRACTABLE] = False
+        kcv = bytes(key[Attribute.CHECK_VALUE]).hex()
+        facts = km.keyring.facts(name)
+        epoch = 1000 + max((f.body.get("epoch") or 0 for f in facts), default=0)
+        fact = Fact("version", name, new_fact_id(), "2026-12-06T00:00:00Z",
+                    {"kid": key_id.hex(), "num": len(record.versions) + 1, "kcv": kcv, "epoch": epoch,
+                     "restored": False})
+        inner = fact.to_json()
+        mac_key = next(iter(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,  # type: ignore[attr-defined]
+                                                 Attribute.LABEL: META_MAC_LABEL})))
+        from pkcs11 import Mechanism
+
+        mac = mac_key.sign(b"keymgr keyring fact v2\x00" + canonical(inner), mechanism=Mechanism.SHA256_HMAC)
+        session.create_object({  # type: ignore[attr-defined]
+            Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True, Attribute.PRIVATE: True,
+            Attribute.APPLICATION: APPLICATION, Attribute.LABEL: f"{FACT_PREFIX}{name}/{fact.fact_id}",
+            Attribute.VALUE: canonical({"fact": inner, "mac": bytes(mac).hex(), "key": mac_key[Attribute.ID].hex()})})
+        return planted, kcv
+
+    planted, _ = km.token.run("plant a KEK", attack)
+    return key_id, planted
+
+
+def _opens_with(blob: bytes, value: bytes) -> bool:
+    """Whether any KEK recipient's wrapped data key of a message unwraps under ``value`` (offline)."""
+    content = cms.ContentInfo.load(blob)["content"]
+    wrapped = [ri.chosen["encrypted_key"].native for ri in content["recipient_infos"] if ri.name == "kekri"]
+    assert wrapped, "the message has no KEK recipient"
+    for data in wrapped:
+        try:
+            aes_key_unwrap(value, data)
+            return True
+        except (InvalidUnwrap, ValueError):
+            continue
+    return False
+
+
+@pytest.mark.parametrize("how", ["imported", "generated-readable"])
+def test_a_planted_kek_never_encrypts(softhsm: TokenUnderTest, key_name: str, tmp_path: Path, how: str) -> None:
+    log = tmp_path / "audit.log"
+    with keymgr.KeyManager(softhsm.uri(), audit=AuditLog(log)) as km:
+        km.create_key(key_name)
+        before = km.encrypt(b"before the attack", key=key_name)
+        planted_id, planted_value = _plant(km, key_name, how)
+    # a fresh manager (another host, or the app restarted): the forged fact is authentic and wins the primary
+    with keymgr.KeyManager(softhsm.uri(), audit=AuditLog(log)) as km:
+        record = km.describe_key(key_name)
+        assert record.primary_version.key_id == planted_id  # the forgery is MACed by the real key
+        attribute = "CKA_LOCAL" if how == "imported" else "CKA_ALWAYS_SENSITIVE"
+        with pytest.raises(keymgr.PolicyError, match=f"version {record.primary} .*may not encrypt.*{attribute}"):
+            km.encrypt(b"after the attack", key=key_name)
+        with pytest.raises(keymgr.PolicyError, match=attribute):  # and not by a cached data key either
+            km.encrypt(b"again", key=key_name)
+        assert km.decrypt(before) == b"before the attack"
+        checks = {c.key_id: c for c in km.verify_keys(key_name)}
+        assert not checks[planted_id].ok and attribute in checks[planted_id].verdict
+        assert all(c.ok for k, c in checks.items() if k != planted_id)
+        # the operator's response: rotate; the new version is generated here and encrypts
+        rotated = km.rotate(key_name)
+        assert rotated.primary_version.key_id != planted_id
+        after = km.encrypt(b"after the rotation", key=key_name)
+        assert km.decrypt(after) == b"after the rotation"
+    assert not _opens_with(after, planted_value)
+    assert not _opens_with(before, planted_value)
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    refused = [e for e in entries if e.get("op") == "encrypt" and e.get("outcome") != "ok"]
+    assert refused and "PolicyError" in json.dumps(refused)
+    # keymgr key verify names the planted version and exits 4
+    env = {**os.environ, **softhsm.env, "PYTHONPATH": str(REPO), "KEYMGR_AUDIT_LOG": str(tmp_path / "cli.log")}
+    proc = subprocess.run([sys.executable, "-m", "keymgr", "--token", softhsm.uri(), "key", "verify", key_name],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert planted_id.hex() in proc.stdout and "FAILED" in proc.stdout and attribute in proc.stdout
