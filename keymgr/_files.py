@@ -72,6 +72,9 @@ def atomic_output(path: Path | str, *, mode: int = 0o644, tag: str = "",
             before_replace()
         os.replace(temp, target)
         fsync_directory(directory)
+    except errors.KeymgrError:  # keymgr's own error from inside the block (a policy refusal, the audit
+        temp.unlink(missing_ok=True)  # log's StorageError, which is an OSError too): passed through as it is
+        raise
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise _storage_error(target, exc) from None

@@ -18,7 +18,17 @@ from keymgr.audit._entry import Actor, Entry, parse_line
 from keymgr.audit._log import AuditLog
 from keymgr.audit._operation import Operation, acting_as, current_operation, current_principal
 from keymgr.audit.limits import RateLimit, RateLimiter
-from keymgr.audit.verify import Break, VerifyReport, parse_time, read_entries, select, verify_log
+from keymgr.audit.verify import (
+    Break,
+    FleetReport,
+    MissingLog,
+    VerifyReport,
+    parse_time,
+    read_entries,
+    select,
+    verify_log,
+    verify_logs,
+)
 
 __all__ = [
     "Actor",
@@ -40,4 +50,7 @@ __all__ = [
     "select",
     "standalone_operation",
     "verify_log",
+    "verify_logs",
+    "FleetReport",
+    "MissingLog",
 ]

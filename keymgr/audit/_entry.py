@@ -42,7 +42,9 @@ __all__ = ["Actor", "Entry", "parse_line", "canonical", "check_detail", "GENESIS
 VERSION = 1
 GENESIS_PREV = "0" * 64
 MAC_DOMAIN = b"keymgr audit entry v1\x00"
-OUTCOMES = ("ok", "refused", "failed")
+#: ``intent``: written before an operation that changes key state acts (fail closed: a log that
+#: cannot be written stops it with nothing changed); the outcome entry follows.
+OUTCOMES = ("ok", "refused", "failed", "intent")
 #: Longest line the parser reads: entries are a few hundred bytes.
 MAX_LINE = 16 * 1024
 

@@ -122,6 +122,11 @@ class FileSink:
                 with contextlib.suppress(OSError):
                     fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def digest_at(self, seq: int, tail: Tail) -> str | None:
+        """The hash of entry ``seq`` (only inside :meth:`locked`); None if it is not there."""
+        assert self._fd is not None
+        return digest_at(self.path, self._fd, seq, tail)
+
     def write(self, tail: Tail, line: bytes, digest: str, seq: int, chain: str) -> None:
         """Append ``line`` (one entry, no newline) and advance ``tail``; only inside :meth:`locked`."""
         fd = self._fd
@@ -189,6 +194,12 @@ class FileSink:
                 if cut < 0 and span < size:
                     raise errors.IntegrityError(f"audit log {self.path} ends in a torn line longer than an "
                                                 "entry; run `keymgr audit verify` and move the log aside")
+                if _is_entry(chunk[cut + 1:]):
+                    # a complete entry that lost only its line end: an edit (a writer's one write
+                    # puts both down). It may be checkpointed, so no "repair" may cut it off
+                    raise errors.IntegrityError(
+                        f"the last entry of audit log {self.path} lost its line end: the file was edited. "
+                        f"Nothing was done; restore the log, or acknowledge it with `keymgr audit repair {self.path}`")
                 repaired = len(chunk) - (cut + 1)
                 os.ftruncate(fd, size - repaired)
                 self._sync(fd)
@@ -205,3 +216,37 @@ class FileSink:
                 f"the last line of audit log {self.path} is not an audit entry; nothing more is appended "
                 "to it: run `keymgr audit verify` and move the log aside") from None
         return Tail(entry.chain, entry.seq, line_digest(last), repaired)
+
+
+def _is_entry(raw: bytes) -> bool:
+    try:
+        parse_line(raw)
+    except errors.FormatError:
+        return False
+    return True
+
+
+def digest_at(path: Path, fd: int, seq: int, tail: Tail) -> str | None:
+    """The hash of the entry numbered ``seq`` near the end of the log (the token's checkpoint
+    is at most a few entries behind the tail), or None if it is not among the last lines."""
+    back = tail.seq - seq
+    if back < 0:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        span = min(size, (back + 2) * (MAX_LINE + 1))
+        chunk = os.pread(fd, span, size - span)
+    except OSError as exc:
+        raise errors.StorageError(f"cannot read audit log {path}: {os_error_reason(exc)}") from None
+    for raw in reversed(chunk.split(b"\n")):
+        if not raw:
+            continue
+        try:
+            entry = parse_line(raw)
+        except errors.FormatError:
+            return None
+        if entry.seq == seq:
+            return line_digest(raw)
+        if entry.seq < seq:
+            return None
+    return None

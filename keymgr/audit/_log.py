@@ -30,6 +30,7 @@ import secrets
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -55,6 +56,8 @@ from keymgr.hsm.sessions import TokenSession
 
 __all__ = ["AuditLog", "DEFAULT_AGGREGATE"]
 
+#: Seconds between two checks of the log's tail against the token when no entry is written.
+CHECK_INTERVAL = 1.0
 #: Operations aggregated by default: the per-message ones (their successes only).
 DEFAULT_AGGREGATE = ("encrypt", "decrypt", "rewrap")
 
@@ -116,6 +119,12 @@ class AuditLog:
         self._unsaved: tuple[str, int, str] | None = None  # newest entry of ours not yet checkpointed
         self._flusher: threading.Thread | None = None
         self._closed = threading.Event()
+        #: (chain, seq, hash) of the newest entry this process wrote and checkpointed
+        self._written: tuple[str, int, str] | None = None
+        #: why the last write failed, until one succeeds (fail closed: ready())
+        self._broken: errors.KeymgrError | None = None
+        self._checked_at = -CHECK_INTERVAL  # when ready() last checked the tail against the token
+        self._real_path = os.path.realpath(path) if path is not None else ""
         if self._syslog:
             import syslog as _sys
 
@@ -187,16 +196,98 @@ class AuditLog:
                 for row in rows:
                     self._append(self._memory, *row)
             return
-        with self._file.locked() as tail:
-            if tail.repaired:
-                self._append(tail, "audit-repair", None, None, "ok", None, {"dropped_bytes": tail.repaired}, None)
-            for row in rows:
-                self._append(tail, *row)
+        try:
+            with self._file.locked() as tail:
+                self._agree_with_token(tail)
+                if tail.repaired:
+                    self._append(tail, "audit-repair", None, None, "ok", None, {"dropped_bytes": tail.repaired},
+                                 None)
+                for row in rows:
+                    self._append(tail, *row)
+        except errors.KeymgrError as exc:
+            self._broken = exc
+            raise
+        self._broken = None
+
+    def _agree_with_token(self, tail: Tail) -> None:
+        """Append only where the token agrees (docs/audit.md, "What verify proves"): a tail behind
+        the token's checkpoint of its chain, or another entry at the checkpoint's seq, means entries
+        were cut off or the log was rolled back; an empty log whose path the token knows was
+        deleted; a chain the token never recorded belongs to another token. Each refuses with an
+        IntegrityError naming what happened, and nothing is appended (``keymgr audit repair``
+        is the deliberate, recorded way on)."""
+        key, path = self._key, str(self.path)
+        if key is None or not key.token.logged_in or self._file is None:
+            return
+        ours = self._written
+        if ours is not None and (tail.chain, tail.seq, tail.digest) == ours:
+            return  # the file ends where this process left it, at an entry it checkpointed
+        fix = f"restore the log, or acknowledge the loss with `keymgr audit repair {path}`"
+        try:
+            if tail.chain is None:
+                chain = key.registered_chain(self._host, self._real_path)
+                point = key.checkpoint(chain) if chain is not None else None
+                if point is not None:
+                    raise errors.IntegrityError(
+                        f"audit log {path} is empty or missing, but token {key.token.label!r} has checkpointed "
+                        f"its entries up to {point[0]} (chain {chain}): the log was deleted, emptied or replaced. "
+                        f"Nothing was done; {fix}")
+                return
+            point = key.checkpoint(tail.chain)
+            if point is None:
+                if tail.chain not in {reg.chain for reg in key.logs()}:
+                    raise errors.IntegrityError(
+                        f"audit log {path} holds chain {tail.chain}, which token {key.token.label!r} never "
+                        "recorded: the log belongs to another token. Nothing was done; give each token its own "
+                        "log (KEYMGR_AUDIT_LOG, or audit=PATH per KeyManager)")
+                return
+            seq, digest = point
+            if tail.seq < seq:
+                raise errors.IntegrityError(
+                    f"audit log {path} ends at entry {tail.seq}, but token {key.token.label!r} has checkpointed "
+                    f"entry {seq}: entries {tail.seq + 1}..{seq} were cut off, or the log was rolled back to an "
+                    f"older copy. Nothing was done; {fix}")
+            found = tail.digest if tail.seq == seq else self._file.digest_at(seq, tail)
+            if found != digest:
+                raise errors.IntegrityError(
+                    f"audit log {path}: entry {seq} is not the entry token {key.token.label!r} checkpointed: the "
+                    f"log was edited, replaced or rolled back. Nothing was done; {fix}")
+        except errors.IntegrityError:
+            raise
+        except errors.KeymgrError:
+            return  # the token does not answer: the entry is written unMACed, as ever, and verify says so
+
+    def ready(self) -> None:
+        """Called as each operation starts. Fail closed: after a write of this log failed, every
+        operation refuses (StorageError, or the IntegrityError that stopped the write) until a
+        write succeeds again; it tries the pending aggregated counts first, so a log that
+        recovered lets operations through. And at most every :data:`CHECK_INTERVAL` seconds the
+        log's tail is checked against the token (:meth:`_agree_with_token`), so that a cut log
+        stops operations whose entries are only counted for now (encrypt, decrypt)."""
+        if self._broken is None:
+            if self._file is None or time.monotonic() - self._checked_at < CHECK_INTERVAL:
+                return
+            self._checked_at = time.monotonic()
+            try:
+                with self._file.locked() as tail:
+                    self._agree_with_token(tail)
+            except errors.KeymgrError as exc:
+                self._broken = exc
+                raise
+            return
+        try:
+            self.flush(sync=False)
+            if self._broken is not None:
+                self._write([("audit-resumed", None, None, "ok", None, {}, None)])
+        except errors.KeymgrError as exc:
+            raise _refusal(self, exc) from None
 
     def _append(self, tail: Tail, op: str, key: str | None, version: int | None, outcome: str, error: str | None,
                 detail: dict[str, Any], principal: str | None) -> None:
         actor = Actor(self._user, self._uid, os.getpid(), self._host, principal)
         chain = tail.chain or secrets.token_hex(16)
+        if tail.chain is None and self._key is not None and self._key.token.logged_in and self._file is not None:
+            self._key.register_log(self._host, self._real_path, chain)  # before its first checkpoint
         entry = Entry(chain=chain, seq=tail.seq + 1, time=_utc(), actor=actor, op=op, key=key, version=version,
                       outcome=outcome, error=error, prev=tail.digest, detail=detail)
         mac = self._mac(entry)
@@ -217,6 +308,7 @@ class AuditLog:
             self._unsaved = (chain, entry.seq, digest)
             if entry.seq % self._checkpoint_every == 0:
                 self._save_checkpoint()
+        self._written = (chain, entry.seq, digest) if self._unsaved is None else None
 
     def _mac(self, entry: Entry) -> str | None:
         key = self._key
@@ -227,13 +319,19 @@ class AuditLog:
         except errors.KeymgrError:
             return None  # the token is gone or refused: written unMACed, covered by the next MAC
 
-    def _save_checkpoint(self) -> None:
-        """Checkpoint our newest entry (inside the file lock, so checkpoints only move forward);
-        if the token fails, the next entry tries again."""
+    def _save_checkpoint(self, *, late: bool = False) -> None:
+        """Checkpoint our newest entry (inside the file lock); if the token fails, the next entry
+        tries again. ``late``: saved after other processes may have appended and checkpointed
+        further (a flush): the token's checkpoint is read first, and never moved backwards."""
         if self._unsaved is None or self._key is None:
             return
         chain, seq, digest = self._unsaved
         try:
+            if late:
+                point = self._key.checkpoint(chain)
+                if point is not None and point[0] >= seq:
+                    self._unsaved = None
+                    return
             self._key.set_checkpoint(chain, seq, digest)
         except errors.KeymgrError:
             return
@@ -263,7 +361,7 @@ class AuditLog:
             _pending_logs.discard(self)
         if self._unsaved is not None and self._file is not None:
             with self._file.locked():
-                self._save_checkpoint()
+                self._save_checkpoint(late=True)
         if sync and self._file is not None:
             self._file.sync()
 
@@ -293,6 +391,13 @@ class AuditLog:
             self._file.after_fork()
 
 
+def _refusal(log: AuditLog, exc: errors.KeymgrError) -> errors.KeymgrError:
+    if isinstance(exc, errors.IntegrityError):
+        return exc
+    return errors.StorageError(f"the audit log {log.path} cannot be written ({exc}); keymgr refuses operations "
+                               "until it can (fail closed: docs/audit.md)")
+
+
 def _group_row(g: Group) -> tuple[str, str | None, int | None, str, str | None, dict[str, Any], str | None]:
     detail = {"aggregated": True, "count": g.count, "first": _utc(g.first), "last": _utc(g.last)}
     return g.op, g.key, g.version, "ok", None, detail, g.principal
@@ -314,8 +419,10 @@ def _flush_loop(ref: weakref.ref[AuditLog], closed: threading.Event) -> None:
         try:
             if log._aggregator.due():
                 log.flush(sync=False)
-        except errors.KeymgrError as exc:  # counts stay pending; say so once per interval
-            print(f"keymgr: audit: cannot write aggregated entries yet: {exc}", file=sys.stderr)
+        except errors.KeymgrError as exc:  # counts stay pending; operations refuse until a write succeeds
+            log._broken = exc
+            print(f"keymgr: audit: cannot write aggregated entries ({exc}); operations on this log refuse "
+                  "until it can be written", file=sys.stderr)
         del log
 
 

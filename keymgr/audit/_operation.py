@@ -21,7 +21,15 @@ from keymgr import errors
 __all__ = ["Operation", "UnauditedOperation", "acting_as", "current_operation", "current_principal"]
 
 
+#: Operations that change key state or run a ceremony: an ``intent`` entry is written before
+#: they act, so that a log that cannot be written stops them with nothing changed.
+STATE_CHANGING = frozenset({"create", "rotate", "activate", "suspend", "resume", "compromise", "retire",
+                            "destroy", "backup", "restore", "policy"})
+
+
 class _Recorder(Protocol):
+    def ready(self) -> None: ...
+
     def record(self, op: str, *, key: str | None = ..., version: int | None = ..., outcome: str = ...,
                error: BaseException | None = ..., detail: Mapping[str, Any] | None = ...,
                principal: str | None = ...) -> None: ...
@@ -75,6 +83,10 @@ class Operation:
         self._reset: contextvars.Token[Operation | None] | None = None
 
     def __enter__(self) -> Operation:
+        if self._log is not None:
+            self._log.ready()  # refuses while the log cannot be written (fail closed)
+            if self.op in STATE_CHANGING:
+                self._log.record(self.op, key=self.key, version=self.version, outcome="intent", detail=self.detail)
         self._reset = _operation.set(self)
         return self
 

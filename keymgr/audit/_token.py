@@ -17,19 +17,25 @@ not that the token's users are honest (docs/audit.md, "What verify proves").
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from dataclasses import dataclass
 
 from keymgr import errors
 from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
 from keymgr.templates import MAC_KEY
 
-__all__ = ["AuditKey", "AUDIT_KEY_ID", "AUDIT_KEY_LABEL", "REGISTER_PREFIX"]
+__all__ = ["AuditKey", "AUDIT_KEY_ID", "AUDIT_KEY_LABEL", "REGISTER_PREFIX", "LOG_PREFIX", "LogRegistration"]
 
 AUDIT_KEY_ID = b"keymgr/audit-mac"
 AUDIT_KEY_LABEL = "keymgr/audit-mac"
 #: Checkpoint registers are named ``keymgr-audit/<chain id>``.
 REGISTER_PREFIX = "keymgr-audit/"
+#: Every log file a token has seen: ``keymgr-audit-log/<hash of host and path>`` holds
+#: ``{"chain", "host", "path"}``, written when the log's chain starts.
+LOG_PREFIX = "keymgr-audit-log/"
 
 _CHECKPOINT = re.compile(r"^([1-9][0-9]{0,18}) ([0-9a-f]{64})$")
 
@@ -87,10 +93,55 @@ class AuditKey:
     def set_checkpoint(self, chain: str, seq: int, digest: str) -> None:
         registers.write_register(self._ts, REGISTER_PREFIX + chain, f"{seq} {digest}")
 
+    # -- the logs a token has seen --------------------------------------------------------
+
+    @staticmethod
+    def _log_register(host: str, path: str) -> str:
+        return LOG_PREFIX + hashlib.sha256(f"{host}\x00{path}".encode()).hexdigest()[:32]
+
+    def registered_chain(self, host: str, path: str) -> str | None:
+        """The chain the token recorded for the log at ``path`` on ``host``, or None."""
+        value = registers.read_register(self._ts, self._log_register(host, path))
+        return None if value is None else _registration(value).chain
+
+    def register_log(self, host: str, path: str, chain: str) -> None:
+        """Record that ``chain`` is the log at ``path`` on ``host`` (when its first entry is written)."""
+        value = json.dumps({"chain": chain, "host": host[:128], "path": path[-700:]}, sort_keys=True)
+        registers.write_register(self._ts, self._log_register(host, path), value)
+
+    def forget_log(self, host: str, path: str) -> None:
+        """Drop the registration of ``path`` (``keymgr audit repair``: the log starts a new chain)."""
+        registers.write_register(self._ts, self._log_register(host, path), json.dumps({"chain": None}))
+
+    def logs(self) -> list[LogRegistration]:
+        """Every log this token has registered (one per host and path)."""
+        found = registers.list_registers(self._ts, LOG_PREFIX)
+        return [reg for value in found.values() if (reg := _registration(value)).chain is not None]
+
     def checkpoints(self) -> dict[str, tuple[int, str]]:
         """Every chain this token holds a checkpoint for: chain id -> (seq, entry hash)."""
         found = registers.list_registers(self._ts, REGISTER_PREFIX)
         return {name[len(REGISTER_PREFIX):]: _parse(name, value) for name, value in found.items()}
+
+
+@dataclass(frozen=True)
+class LogRegistration:
+    """One log file a token knows: its chain, and the host and path it was written at."""
+
+    chain: str | None
+    host: str
+    path: str
+
+
+def _registration(value: str) -> LogRegistration:
+    try:
+        data = json.loads(value)
+        chain = data.get("chain")
+        if chain is not None and not re.fullmatch(r"[0-9a-f]{32}", str(chain)):
+            raise ValueError("chain")
+        return LogRegistration(chain, str(data.get("host", "")), str(data.get("path", "")))
+    except (ValueError, AttributeError, TypeError):
+        raise errors.IntegrityError("a log registration on the token is not well-formed") from None
 
 
 def _parse(chain: str, value: str) -> tuple[int, str]:

@@ -32,7 +32,8 @@ from keymgr.audit._entry import GENESIS_PREV, MAX_LINE, Entry, line_digest, pars
 from keymgr.audit._token import AuditKey
 from keymgr.hsm.sessions import TokenSession
 
-__all__ = ["Break", "VerifyReport", "verify_log", "read_entries", "select", "parse_time"]
+__all__ = ["Break", "VerifyReport", "FleetReport", "MissingLog", "verify_log", "verify_logs", "read_entries",
+           "select", "parse_time"]
 
 
 @dataclass(frozen=True)
@@ -185,15 +186,25 @@ def verify_log(path: str | os.PathLike[str], *, token: TokenSession | None = Non
     walk = _Walk(report, key)
     for number, raw, complete in _lines(Path(path)):
         if not complete:
-            report.torn_tail = True  # a write cut short by a crash; the next append removes it
-            break
+            try:
+                parse_line(raw)
+            except errors.FormatError:
+                report.torn_tail = True  # a write cut short by a crash; the next append removes it
+                break
+            walk.fail(number, None, "a complete entry without its line end: the file was edited (a writer puts "
+                                    "both down in one write)")
+            return report
         if not walk.step(number, raw):
             return report
     if key is not None:
         checkpoints = key.checkpoints()
         report.other_chains = {c: seq for c, (seq, _) in checkpoints.items() if c != report.chain}
-        if sole and report.other_chains:
-            chain, seq = sorted(report.other_chains.items())[0]
+        registered = {reg.chain for reg in key.logs()}
+        # a chain registered to another log is that log's business (verify_logs checks it is there);
+        # only an unregistered one (a log from before registration) tells a sole log it was replaced
+        unexplained = {c: seq for c, seq in report.other_chains.items() if c not in registered}
+        if sole and unexplained:
+            chain, seq = sorted(unexplained.items())[0]
             walk.fail(1, None, f"the token checkpoints chain {chain} up to seq {seq}, which is not this "
                                "log's: the log was deleted or replaced")
             return report
@@ -205,6 +216,59 @@ def verify_log(path: str | os.PathLike[str], *, token: TokenSession | None = Non
                           f"entries {report.last_seq + 1}..{cp[0]} were cut off (truncated)")
             report.after_checkpoint = max(0, report.last_seq - cp[0])
     return report
+
+
+@dataclass(frozen=True)
+class MissingLog:
+    """A chain the token has checkpointed that none of the given logs holds."""
+
+    chain: str
+    seq: int
+    host: str
+    path: str
+
+    def __str__(self) -> str:
+        where = f"{self.path} on {self.host}" if self.path else "a log the token never registered"
+        return f"chain {self.chain} ({where}), checkpointed up to entry {self.seq}, is missing: deleted or not given"
+
+
+@dataclass
+class FleetReport:
+    """:func:`verify_logs`: each log's report, and the token's chains no given log holds."""
+
+    reports: list[VerifyReport]
+    missing: list[MissingLog]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.reports) and not self.missing
+
+
+def log_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The log files named by ``paths``: files as given, directories by their ``*.log*`` files."""
+    found: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            found += sorted(p for p in item.iterdir() if p.is_file() and ".log" in p.name)
+        else:
+            found.append(item)
+    return found
+
+
+def verify_logs(paths: Iterable[str | os.PathLike[str]], *, token: TokenSession) -> FleetReport:
+    """Verify every log of a token together (a fleet's logs, one per host or per path, gathered
+    in one place): each must verify, and every chain the token has checkpointed must be among
+    them, so deleting a whole log is detected too (docs/audit.md, "Many hosts")."""
+    reports = [verify_log(path, token=token) for path in log_files(paths)]
+    key = AuditKey(token)
+    present = {r.chain for r in reports if r.chain}
+    where = {reg.chain: reg for reg in key.logs()}
+    missing = []
+    for chain, (seq, _) in sorted(key.checkpoints().items()):
+        if chain not in present:
+            reg = where.get(chain)
+            missing.append(MissingLog(chain, seq, reg.host if reg else "", reg.path if reg else ""))
+    return FleetReport(reports, missing)
 
 
 def read_entries(path: str | os.PathLike[str], bad: list[int] | None = None) -> Iterator[tuple[int, Entry]]:

@@ -50,18 +50,26 @@ def audit_group() -> None:
 
 
 @audit_group.command("verify")
-@click.argument("log", required=False, type=click.Path(dir_okay=False))
+@click.argument("logs", nargs=-1, type=click.Path())
 @click.option("--no-token", is_flag=True,
               help="Check only the hash chain (no PIN needed); MACs and the checkpoint are not checked.")
 @click.option("--sole/--shared", default=None,
               help="Whether LOG is the only log the token checkpoints (then another chain's checkpoint means "
                    "the log was deleted or replaced). Default: --sole for the local token's own log.")
 @pass_state
-def verify_command(state: CliState, log: str | None, no_token: bool, sole: bool | None) -> None:
-    """Check LOG (default: the local token's log, or KEYMGR_AUDIT_LOG) for edited, deleted,
-    inserted, reordered or cut-off entries."""
-    from keymgr.audit import verify_log
+def verify_command(state: CliState, logs: tuple[str, ...], no_token: bool, sole: bool | None) -> None:
+    """Check LOG (default: the token's default log, or KEYMGR_AUDIT_LOG) for edited, deleted,
+    inserted, reordered or cut-off entries. Several logs, or a directory of them (a fleet's logs,
+    one per host): each is checked, and every log the token has checkpointed must be among them."""
+    from keymgr.audit import verify_log, verify_logs
+    from keymgr.audit.verify import log_files
 
+    if len(logs) > 1 or any(Path(item).is_dir() for item in logs):
+        if no_token:
+            raise errors.ConfigurationError("verifying several logs together needs the token (drop --no-token)")
+        _verify_fleet(state, verify_logs(logs, token=_open_token(state)), len(log_files(logs)))
+        return
+    log = logs[0] if logs else None
     path = _log_path(state, log)
     if sole is None:
         sole = log is None and state.token is None
@@ -73,9 +81,14 @@ def verify_command(state: CliState, log: str | None, no_token: bool, sole: bool 
         return
     if report.broken is not None:
         raise errors.IntegrityError(f"audit log {path} is broken at {report.broken}")
+    _print_report(report)
+
+
+def _print_report(report: Any) -> None:
     out = console()
     checked = "MACs verified in the token" if report.macs_checked else "hash chain only (MACs not checked)"
-    out.print(f"ok: {report.entries} entries, seq 1..{report.last_seq}, chain {report.chain or '-'}; {checked}")
+    out.print(f"ok: {report.path}: {report.entries} entries, seq 1..{report.last_seq}, chain {report.chain or '-'}; "
+              f"{checked}")
     if report.macs_checked:
         if report.checkpoint is None:
             out.print("warning: the token holds no checkpoint for this chain: a cut-off tail is not ruled out")
@@ -86,7 +99,71 @@ def verify_command(state: CliState, log: str | None, no_token: bool, sole: bool 
     if report.torn_tail:
         out.print("note: the last line is incomplete (a write cut short); the next append removes it")
     for chain, seq in sorted(report.other_chains.items()):
-        out.print(f"note: the token also checkpoints chain {chain} (seq {seq}): another log, or a deleted one")
+        out.print(f"note: the token also checkpoints chain {chain} (seq {seq}): another log (verify them together "
+                  "to check it is there)")
+
+
+def _verify_fleet(state: CliState, fleet: Any, files: int) -> None:
+    if state.json_output:
+        emit_json({"ok": fleet.ok, "logs": [r.to_json() for r in fleet.reports],
+                   "missing": [{"chain": m.chain, "seq": m.seq, "host": m.host, "path": m.path}
+                               for m in fleet.missing]})
+    else:
+        for report in fleet.reports:
+            if report.broken is None:
+                _print_report(report)
+            else:
+                click.echo(f"BROKEN: {report.path} at {report.broken}")
+        for missing in fleet.missing:
+            click.echo(f"MISSING: {missing}")
+        click.echo(f"{files} log(s) checked; {sum(not r.ok for r in fleet.reports)} broken, "
+                   f"{len(fleet.missing)} missing")
+    if not fleet.ok:
+        sys.exit(exit_code_for(errors.IntegrityError()))
+
+
+@audit_group.command("repair")
+@click.argument("log", type=click.Path(dir_okay=False))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def repair_command(state: CliState, log: str, yes: bool) -> None:
+    """Acknowledge that LOG lost entries (cut, rolled back, deleted) and start it again: the old
+    file is kept beside it as LOG.cut-TIME (it still fails verification: the loss stays visible),
+    and the new log's first entry records the repair, who made it, and what was lost."""
+    import os
+    import socket
+    from datetime import UTC, datetime
+
+    from keymgr.audit import AuditLog, verify_log
+    from keymgr.audit._token import AuditKey
+
+    path = Path(log)
+    ts = _open_token(state)
+    key = AuditKey(ts)
+    host, real = (socket.gethostname() or "unknown")[:255], os.path.realpath(path)
+    report = verify_log(path, token=ts) if path.exists() and path.stat().st_size else None
+    lost = key.registered_chain(host, real)
+    lost_point = key.checkpoint(lost) if lost is not None else None
+    if (report is not None and report.ok) or (report is None and lost_point is None):
+        raise errors.PolicyError(f"audit log {path} verifies: there is nothing to repair")
+    if not yes and not click.confirm(f"Start {path} again, keeping the old file beside it?", default=False):
+        raise errors.PolicyError("not confirmed; nothing was changed")
+    detail: dict[str, Any] = {}
+    if report is None and lost is not None and lost_point is not None:
+        detail = {"previous_chain": lost, "previous_last_seq": 0, "checkpoint_seq": lost_point[0],
+                  "log": "deleted or emptied"}
+    if report is not None:
+        moved = path.with_name(f"{path.name}.cut-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
+        if moved.exists():
+            raise errors.ConfigurationError(f"{moved} exists; try again in a second")
+        os.rename(path, moved)
+        detail = {"moved_to": moved.name, "previous_chain": report.chain or "", "previous_last_seq": report.last_seq,
+                  "checkpoint_seq": report.checkpoint[0] if report.checkpoint else 0}
+    key.forget_log(host, real)
+    with AuditLog(path, token=ts) as fresh:
+        fresh.record("audit-repair", detail=detail)
+    moved_to = detail.get("moved_to")
+    click.echo(f"{path}: started again" + (f"; the old log is {moved_to}" if moved_to else ""))
 
 
 def _entry_row(number: int, entry: Any) -> list[str]:

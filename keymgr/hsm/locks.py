@@ -1,13 +1,12 @@
 """This machine's advisory locks on things that live in a token.
 
-PKCS#11 has no locks and no compare-and-swap: two processes that both find a
-singleton object missing (the keyring's metadata MAC key, the audit key) both
-create it, and a token then holds two keys under one CKA_ID, which every later
-lookup refuses (measured: four processes opening a fresh SoftHSM token at
-once left three such keys in one run of four). Writers on one machine
-serialise on an flock per (token, name) instead. Processes on different
-machines sharing a network HSM are not covered: those rely on the keyring's
-generation check, and a fresh token's first use should come from one process.
+A lock file in this machine's TMPDIR protects nothing on another machine, so
+no correctness across hosts rests on these locks: shared token state is made
+of write-once facts (DESIGN.md, "Many hosts on one token"; keymgr.keyring),
+and singleton keys tolerate the duplicates racing hosts make
+(:func:`keymgr.hsm.objects.ensure_singleton_key`). The locks only spare work
+between processes of one host: one first MAC key instead of one per process,
+one automatic rotation instead of one per process.
 """
 
 from __future__ import annotations
