@@ -148,6 +148,17 @@ def _stop_refreshers() -> None:  # a daemon thread inside a token call while the
         keyring.close()
 
 
+def _after_fork_in_child() -> None:
+    # a refresher thread of the parent may have held these locks at the fork: it does not exist here
+    for keyring in list(_live_keyrings):
+        keyring._lock = threading.RLock()  # noqa: SLF001 - the keyring's own locks, reset as modules reset theirs
+        keyring._reloading = threading.Lock()  # noqa: SLF001
+        keyring._refresher = None  # noqa: SLF001
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Keyring:
     """Named, versioned keys on one token, shared safely by any number of hosts. Thread-safe."""
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from keymgr import errors, rotation
 from keymgr.audit import AuditLog, Operation, RateLimit, resolve_audit
+from keymgr.audit._config import ENV_VAR, audit_is_off, default_token_log, record_audit_off
 from keymgr.audit._guard import AuditGuard
 from keymgr.envelope import DataKey, decrypt_stream, encrypt_stream, open_message, seal_message
 from keymgr.envelope._attrs import checked_context
@@ -95,6 +96,10 @@ class KeyManager:
         with self._audit.opening(uri.token):
             self._ts: TokenSession | None = open_token(uri, pin_callback=pin_callback)
         self._audit.attach(self._ts)
+        if audit_is_off(audit):
+            record_audit_off(self._ts, local=local_token, why="audit=False" if audit is False else ENV_VAR)
+        elif self._audit.log is None and audit is None and not local_token:
+            self._audit.adopt(default_token_log(self._ts))
         self._keyring = Keyring(self._ts, clock=_wall_clock)
         self._usage = UsageMeter(self._keyring)
         self._protector = KekProtector(self._keyring, allow_compromised=allow_compromised,

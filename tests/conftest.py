@@ -71,6 +71,8 @@ def pytest_configure(config: pytest.Config) -> None:
     tokens.mkdir()
     conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
     os.environ["SOFTHSM2_CONF"] = str(conf)
+    # the default audit logs of URI-named tokens (per user, under XDG_STATE_HOME) stay in this run
+    os.environ["XDG_STATE_HOME"] = str(_RUN_DIR / "state")
     for label in SOFTHSM_TOKENS:
         subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", SO_PIN,
                         "--pin", USER_PIN], check=True, capture_output=True)

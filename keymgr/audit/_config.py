@@ -3,14 +3,20 @@
 * ``KEYMGR_AUDIT_LOG`` names the file (``off``, ``none`` or empty: no audit log);
 * otherwise a KeyManager on the embedded local token logs to ``$KEYMGR_HOME/audit.log``,
   beside the token's own files (its checkpoint lives in that token);
-* otherwise (a token named by URI) there is no default file: such tokens are shared by
-  many processes and machines, whose operators choose where their logs go (a path, a
-  ``logging`` logger, syslog). docs/audit.md, "Where the log goes".
+* otherwise (a token named by URI: every production HSM) the log is per user and per
+  token, ``$XDG_STATE_HOME/keymgr/audit/<token serial>.log`` (``~/.local/state/...``), and
+  keymgr says so on standard error the first time it creates it. Each host of a fleet so
+  keeps its own log of the shared token (docs/audit.md, "Many hosts").
+
+Turning the log off (``audit=False``, ``KEYMGR_AUDIT_LOG=off``) is itself recorded: one
+``audit-off`` entry in the default log of that token (:func:`record_audit_off`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +25,10 @@ from typing import Any
 from keymgr import errors
 from keymgr.audit._log import AuditLog
 from keymgr.audit._operation import Operation
+from keymgr.hsm.sessions import TokenSession
 
-__all__ = ["default_log_path", "resolve_audit", "standalone_operation", "ENV_VAR"]
+__all__ = ["default_log_path", "token_log_path", "resolve_audit", "standalone_operation", "record_audit_off",
+           "audit_is_off", "ENV_VAR"]
 
 ENV_VAR = "KEYMGR_AUDIT_LOG"
 _OFF = ("", "off", "none", "0", "false")
@@ -36,6 +44,45 @@ def default_log_path(*, local: bool) -> Path | None:
 
         return keymgr_home() / "audit.log"
     return None
+
+
+def audit_is_off(audit: object) -> bool:
+    """Whether ``audit=`` (or, for None, the environment) turns auditing off."""
+    if audit is False:
+        return True
+    configured = os.environ.get(ENV_VAR)
+    return audit is None and configured is not None and configured.strip().lower() in _OFF
+
+
+def token_log_path(serial: str, label: str) -> Path:
+    """The default log of a token named by URI: per user, per token (by serial)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", serial.strip() or label.strip() or "token")[:64]
+    return Path(base) / "keymgr" / "audit" / f"{name}.log"
+
+
+def default_token_log(ts: TokenSession) -> AuditLog:
+    """The AuditLog of a URI-named token given no ``audit=``; one notice when it is first made."""
+    path = token_log_path(ts.serial, ts.label)
+    if not path.exists():
+        print(f"keymgr: audit log of token {ts.label!r} (serial {ts.serial}): {path} (first use; "
+              f"{ENV_VAR} or audit= choose another place; docs/audit.md)", file=sys.stderr)
+    return AuditLog(path, token=ts)
+
+
+def record_audit_off(ts: TokenSession, *, local: bool, why: str) -> None:
+    """Leave one ``audit-off`` entry in the token's default log: turning auditing off is recorded."""
+    path = token_log_path(ts.serial, ts.label) if not local else None
+    if local:
+        from keymgr.local import keymgr_home
+
+        path = keymgr_home() / "audit.log"
+    assert path is not None
+    try:
+        with AuditLog(path, token=ts) as log:
+            log.record("audit-off", detail={"by": why})
+    except errors.KeymgrError as exc:
+        print(f"keymgr: warning: auditing is off, and that could not be recorded in {path}: {exc}", file=sys.stderr)
 
 
 def resolve_audit(audit: AuditLog | str | os.PathLike[str] | bool | None, *, local: bool) -> AuditLog | None:

@@ -76,6 +76,11 @@ class AuditGuard:
         if self.log is not None:
             self.log.attach(ts)
 
+    def adopt(self, log: AuditLog) -> None:
+        """Use ``log`` (the token's default, known once the token is open); closed with the guard."""
+        self.log, self._owns_log = log, True
+        self._fallback = log.principal or self._fallback
+
     def on_unwrap(self, record: KeyRecord, version: KeyVersion) -> None:
         """Called before each data-key unwrap: attribute the decrypt, then apply the limits."""
         op = current_operation()

@@ -7,6 +7,7 @@ breaks and exits 4 (the integrity category). ``show`` filters entries.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ def _log_path(state: CliState, log: str | None) -> Path:
     from keymgr.audit import default_log_path
 
     path = default_log_path(local=state.token is None)
+    if path is None and state.token is not None and not os.environ.get("KEYMGR_AUDIT_LOG"):
+        from keymgr.audit._config import token_log_path
+
+        ts = _open_token(state)
+        return token_log_path(ts.serial, ts.label)  # the token's default log on this host
     if path is None:
         raise errors.ConfigurationError("no audit log given, and no default: pass LOG or set KEYMGR_AUDIT_LOG")
     return path

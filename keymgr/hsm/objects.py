@@ -212,7 +212,7 @@ def _scan(session: pkcs11.Session, template: Mapping[Attribute, Any],  # type: i
 
 def list_secret_keys(ts: TokenSession) -> list[tuple[str, bytes]]:
     """(CKA_LABEL, CKA_ID) of every secret-key token object visible to the session (rotation uses it
-    to find key versions that a crash left out of the keyring record)."""
+    to find key versions that a crash left out of the keyring's facts)."""
 
     def read(obj: Any) -> tuple[str, bytes] | None:
         try:
