@@ -2,7 +2,8 @@
 # Set up keymgr on this machine: Debian packages (when missing), a virtual
 # environment in .venv, and the package itself. Safe to run again.
 #   scripts/setup.sh            runtime (SoftHSM2, OpenSC tools)
-#   scripts/setup.sh --dev      + test tools, the software TPM packages
+#   scripts/setup.sh --dev      + test tools, the software TPM packages, chromium (headless, for tests),
+#                                a JDK and Bouncy Castle (interop tests)
 #   scripts/setup.sh --bench    + benchmark peers (Tink, AWS Encryption SDK)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,11 @@ done
 packages=(softhsm2 opensc openssl)
 if [ "$want_dev" = 1 ]; then
   packages+=(swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtss2-tcti-swtpm0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus tmux)
+  # headless browser that renders the access review's HTML in tests/test_audit_report.py
+  packages+=(chromium)
+  # tools we did not write, for the interop tests (tests/test_interop_*.py): a JDK to compile a small
+  # Bouncy Castle program, and Bouncy Castle itself (bcpkix 1.72 needs bcutil too)
+  packages+=(default-jdk-headless libbcprov-java libbcpkix-java libbcutil-java)
 fi
 python="${PYTHON:-python3}"
 # Debian keeps the venv module in libpython3.11-stdlib but ensurepip, which

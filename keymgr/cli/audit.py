@@ -2,7 +2,8 @@
 
 ``verify`` checks the hash chain (no key needed) and, unless ``--no-token``, every
 MAC and the checkpoint in the token; a broken log prints where the chain first
-breaks and exits 4 (the integrity category). ``show`` filters entries.
+breaks and exits 4 (the integrity category). ``show`` filters entries. ``report`` is the
+weekly access review (:mod:`keymgr.audit.report`) as text, JSON or one HTML page.
 """
 
 from __future__ import annotations
@@ -213,3 +214,55 @@ def show_command(state: CliState, log: str | None, key: str | None, actor: str |
     if bad:
         click.echo(f"keymgr: warning: {len(bad)} lines are not audit entries (first: line {bad[0]}); "
                    "run `keymgr audit verify`", err=True)
+
+
+@audit_group.command("report")
+@click.argument("logs", nargs=-1, type=click.Path())
+@click.option("--since", default="7d", show_default=True,
+              help="Start: back from the end (7d, 24h, 90m, 2w), an ISO 8601 UTC time, or 'all'.")
+@click.option("--until", default=None, help="End, exclusive (ISO 8601; default: now).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default=None,
+              help="Output form (default: text; json with --json).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the report to this file (atomically, mode 0600) instead of stdout.")
+@click.option("--night", default="0-5", show_default=True, help="Night window, UTC hours START-END (22-5 wraps).")
+@click.option("--night-floor", type=int, default=None, help="Flag more decrypts than this in one night [100].")
+@click.option("--spike-factor", type=float, default=None, help="Flag a day above this x the median day [5].")
+@click.option("--spike-floor", type=int, default=None, help="... and above this many decrypts [1000].")
+@click.option("--expected-at-night", multiple=True, metavar="PRINCIPAL",
+              help="A principal whose night work is known (not flagged by the night rule); repeatable.")
+@pass_state
+def report_command(state: CliState, logs: tuple[str, ...], since: str, until: str | None, fmt: str | None,
+                   output: str | None, night: str, night_floor: int | None, spike_factor: float | None,
+                   spike_floor: int | None, expected_at_night: tuple[str, ...]) -> None:
+    """The weekly access review of LOG ... (files, or directories of *.log files; default: the
+    log `keymgr audit verify` checks):
+    decrypts and encrypts per principal, key and day, refusals and failures, key lifecycle,
+    ceremonies, rate-limit trips, and flagged anomalies (docs/audit.md, "The weekly review")."""
+    import json
+    from datetime import UTC, datetime
+
+    from keymgr._files import atomic_write
+    from keymgr.audit import parse_time
+    from keymgr.audit.report import Thresholds, build_report, parse_since, render_html, render_text
+
+    end = parse_time(until) if until else datetime.now(UTC)
+    given: dict[str, Any] = {"night_floor": night_floor, "spike_factor": spike_factor, "spike_floor": spike_floor}
+    thresholds = Thresholds(night=Thresholds.parse_night(night), expected_at_night=frozenset(expected_at_night),
+                            **{name: value for name, value in given.items() if value is not None})
+    paths: list[str | Path] = list(logs) or [_log_path(state, None)]
+    report = build_report(paths, since=parse_since(since, end), now=end, thresholds=thresholds)
+    form = fmt or ("json" if state.json_output else "text")
+    if form == "json":
+        text = json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n"
+    else:
+        text = render_html(report) if form == "html" else render_text(report)
+    for problem in report.log_problems():
+        click.echo(f"keymgr: warning: {problem}", err=True)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write(output, text.encode("utf-8"), mode=0o600)
+        click.echo(f"wrote {output}: {len(report.anomalies)} anomalies, {len(report.rate_limits)} rate-limit trips")
+    if any(log.error is not None for log in report.logs):
+        sys.exit(exit_code_for(errors.ConfigurationError()))  # a log was not read: the review is incomplete
