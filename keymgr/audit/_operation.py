@@ -24,7 +24,7 @@ __all__ = ["Operation", "UnauditedOperation", "acting_as", "current_operation", 
 #: Operations that change key state or run a ceremony: an ``intent`` entry is written before
 #: they act, so that a log that cannot be written stops them with nothing changed.
 STATE_CHANGING = frozenset({"create", "rotate", "activate", "suspend", "resume", "compromise", "retire",
-                            "destroy", "backup", "restore", "policy"})
+                            "destroy", "backup", "restore", "policy", "custodian-add", "custodian-remove"})
 
 
 class _Recorder(Protocol):

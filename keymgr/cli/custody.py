@@ -65,7 +65,8 @@ def custodian_add(state: CliState, name: str, uri: str, key_label: str | None) -
         custodian = enroll_custodian(name, ts, key_label=key_label)
     finally:
         ts.close()
-    CustodyRegister(km.keyring).add(custodian)
+    with km.audited("custodian-add", detail={"custodian": name, "fingerprint": custodian.fingerprint[:64]}):
+        CustodyRegister(km.keyring).add(custodian)
     if state.json_output:
         emit_json(_custodian_json(custodian))
     else:
@@ -86,7 +87,9 @@ def custodian_remove(state: CliState, name: str) -> None:
     """Remove custodian NAME (refused while a quorum policy names them)."""
     from keymgr.custody.custodians import CustodyRegister
 
-    CustodyRegister(state.manager().keyring).remove(name)
+    km = state.manager()
+    with km.audited("custodian-remove", detail={"custodian": name}):
+        CustodyRegister(km.keyring).remove(name)
     click.echo(f"removed custodian {name!r}")
 
 
@@ -133,8 +136,10 @@ def custodian_policy(state: CliState, threshold: int, key: str | None, custodian
 
     km = state.manager()
     policy = _policy(km, threshold, custodians)
-    register, transcript = change_policy(km.keyring, policy, key=key, request=read_request(request_path),
-                                         approvals=read_approvals(approval_paths))
+    detail = {"threshold": policy.threshold, "custodians": ",".join(policy.custodians)[:200]}
+    with km.audited("policy", key=key, detail=detail):
+        register, transcript = change_policy(km.keyring, policy, key=key, request=read_request(request_path),
+                                             approvals=read_approvals(approval_paths))
     _write_transcript(transcript_path, transcript)
     click.echo(f"quorum for {'key ' + repr(key) if key else 'every key'}: {policy.describe()}")
 
