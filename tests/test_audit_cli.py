@@ -34,7 +34,7 @@ def test_verify_honest_log(tmp_path: Path, softhsm: TokenUnderTest, ts: TokenSes
     honest_log(path, ts)
     code, out, err = _run("--token", softhsm.uri(), "audit", "verify", str(path))
     assert code == 0, err
-    assert f"ok: {ENTRIES} entries" in out and "MACs verified" in out and f"checkpoint: seq {ENTRIES}" in out
+    assert f"ok: {path}: {ENTRIES} entries" in out and "MACs verified" in out and f"checkpoint: seq {ENTRIES}" in out
     code, out, _ = _run("--token", softhsm.uri(), "--json", "audit", "verify", str(path))
     assert code == 0 and json.loads(out)["ok"] is True
 
@@ -99,14 +99,29 @@ def test_local_token_logs_by_default_and_verifies_in_a_subprocess(tmp_path: Path
     made = run("key", "create", key_name)
     assert made.returncode == 0, made.stderr
     log = tmp_path / "home" / "audit.log"
-    assert [json.loads(line)["key"] for line in log.read_text().splitlines()] == [key_name]
+
+    def rows() -> list[tuple[str, str | None, str]]:
+        return [(r["op"], r["key"], r["outcome"]) for r in map(json.loads, log.read_text().splitlines())]
+
+    assert rows() == [("create", key_name, "intent"), ("create", key_name, "ok")]
     verified = run("audit", "verify")
-    assert verified.returncode == 0 and "ok: 1 entries" in verified.stdout, verified.stderr
+    assert verified.returncode == 0 and f"ok: {log}: 2 entries" in verified.stdout, verified.stderr
     assert run("key", "create", key_name + "-2").returncode == 0
-    log.write_text(log.read_text().splitlines(keepends=True)[0])  # the last entry cut off
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:3]))  # the last entry cut off
     verified = run("audit", "verify")
-    assert verified.returncode == 4 and "line 2 (seq 2)" in verified.stderr and "cut off" in verified.stderr
-    log.unlink()  # the whole log deleted; the next operation starts a new chain
+    assert verified.returncode == 4 and "line 4 (seq 4)" in verified.stderr and "cut off" in verified.stderr
+    log.unlink()  # the whole log deleted: the next operation is refused before it acts
+    refused = run("key", "create", key_name + "-3")
+    assert refused.returncode == 4 and "deleted, emptied or replaced" in refused.stderr, refused.stderr
+    assert not log.exists() or log.stat().st_size == 0  # nothing appended
+    repaired = run("audit", "repair", str(log), "--yes")  # the deliberate way on: a new chain
+    assert repaired.returncode == 0, repaired.stderr
+    listed = run("--json", "key", "list")
+    assert listed.returncode == 0, listed.stderr
+    names = {k["name"] for k in json.loads(listed.stdout)["keys"]}
+    assert {key_name, key_name + "-2"} <= names and key_name + "-3" not in names  # the refused create made nothing
     assert run("key", "create", key_name + "-3").returncode == 0
-    verified = run("audit", "verify")
-    assert verified.returncode == 4 and "deleted or replaced" in verified.stderr
+    assert rows() == [("audit-repair", None, "ok"), ("create", key_name + "-3", "intent"),
+                      ("create", key_name + "-3", "ok")]
+    verified = run("audit", "verify")  # --sole: the old chain's checkpoint still shows the log was replaced
+    assert verified.returncode == 4 and "deleted or replaced" in verified.stderr, verified.stderr

@@ -38,7 +38,8 @@ def test_create_encrypt_decrypt_are_recorded_with_versions(audited, key_name: st
     km.close()
     rows = _entries(path)
     create = [r for r in rows if r["op"] == "create"]
-    assert [(r["key"], r["version"], r["outcome"]) for r in create] == [(key_name, 1, "ok")]
+    # a state change: its intent entry is written before it acts, then its outcome
+    assert [(r["key"], r["version"], r["outcome"]) for r in create] == [(key_name, 1, "intent"), (key_name, 1, "ok")]
     enc = [r for r in rows if r["op"] == "encrypt"]
     dec = [r for r in rows if r["op"] == "decrypt"]
     assert [(r["key"], r["version"], r["detail"]["count"], r["actor"]["principal"]) for r in enc] == \
@@ -93,13 +94,30 @@ def test_failed_login_is_recorded_without_mac(tmp_path: Path) -> None:
 
 def test_audit_false_writes_nothing(tmp_path: Path, softhsm: TokenUnderTest, key_name: str,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """audit=False records none of the manager's operations, anywhere: only that auditing was
+    turned off, as one audit-off entry in the token's default log (not in KEYMGR_AUDIT_LOG's)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # this test's own default logs
     monkeypatch.setenv("KEYMGR_AUDIT_LOG", str(tmp_path / "env.log"))
     with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
         km.create_key(key_name)
+        serial = km.token.serial
     assert not (tmp_path / "env.log").exists()
+    default = tmp_path / "state" / "keymgr" / "audit" / f"{serial}.log"
+    assert [p for p in (tmp_path / "state").rglob("*") if p.is_file()] == [default]
+    (off,) = _entries(default)
+    assert (off["op"], off["key"], off["outcome"], off["detail"]) == ("audit-off", None, "ok", {"by": "audit=False"})
+    assert off["mac"] is not None
     with keymgr.KeyManager(softhsm.uri()) as km:  # the env var is the default
         km.create_key(key_name + "b")
-    assert [r["key"] for r in _entries(tmp_path / "env.log")] == [key_name + "b"]
+    assert [(r["key"], r["outcome"]) for r in _entries(tmp_path / "env.log")] == \
+        [(key_name + "b", "intent"), (key_name + "b", "ok")]
+    assert [r["op"] for r in _entries(default)] == ["audit-off"]  # nothing more in the default log
+    monkeypatch.setenv("KEYMGR_AUDIT_LOG", "off")  # off through the environment: recorded the same way
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        km.create_key(key_name + "c")
+    assert [r["key"] for r in _entries(tmp_path / "env.log")] == [key_name + "b"] * 2
+    assert [(r["op"], r["key"], r["detail"]) for r in _entries(default)] == \
+        [("audit-off", None, {"by": "audit=False"}), ("audit-off", None, {"by": "KEYMGR_AUDIT_LOG"})]
 
 
 def test_given_log_is_flushed_not_closed(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
@@ -110,13 +128,13 @@ def test_given_log_is_flushed_not_closed(tmp_path: Path, softhsm: TokenUnderTest
     assert log.pending == 0  # flushed at the manager's close
     log.record("note", detail={"still": "open"})
     log.close()
-    ops = [e.op for _, e in read_entries(tmp_path / "shared.log")]
-    assert ops == ["create", "encrypt", "note"]
+    ops = [(e.op, e.outcome) for _, e in read_entries(tmp_path / "shared.log")]
+    assert ops == [("create", "intent"), ("create", "ok"), ("encrypt", "ok"), ("note", "ok")]
 
 
 def test_hot_path_overhead_is_small(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
-    """Aggregated encrypts touch neither the file nor the token per message (the deterministic
-    part), and cost little more than unaudited ones (interleaved rounds, the best of each)."""
+    """Aggregated encrypts touch neither the file nor the token per message. The cost is printed
+    for the record, not asserted (timings belong in bench/: bench/audit_append.py measures it)."""
     data = b"x" * 1024
     path = tmp_path / "a.log"
     with keymgr.KeyManager(softhsm.uri(), audit=False) as plain, \
@@ -131,7 +149,6 @@ def test_hot_path_overhead_is_small(tmp_path: Path, softhsm: TokenUnderTest, key
         assert (path.stat().st_size if path.exists() else 0) == size  # nothing written per message
         assert km._audit.log.pending == 1 + 5 * 3 * 100
     print(f"1 KiB gcm encrypt: {min(base) * 1e6:.1f} us without audit, {min(audited) * 1e6:.1f} us with")
-    assert min(audited) < min(base) * 1.5 + 20e-6
 
 
 def test_no_secret_in_any_entry(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
@@ -154,6 +171,7 @@ def test_no_secret_in_any_entry(tmp_path: Path, softhsm: TokenUnderTest, key_nam
     for secret in ("canary", softhsm.user_pin + '"', plaintext.hex(), "4111111111111111"):
         assert secret not in text
     ops = [(r["op"], r["outcome"], r["error"]) for r in _entries(path)]
-    assert ops == [("create", "ok", None), ("encrypt", "ok", None), ("decrypt", "ok", None),
+    assert ops == [("create", "intent", None), ("create", "ok", None), ("encrypt", "ok", None),
+                   ("decrypt", "ok", None), ("decrypt", "failed", "IntegrityError"),
                    ("decrypt", "failed", "IntegrityError"), ("decrypt", "failed", "IntegrityError"),
-                   ("decrypt", "failed", "IntegrityError"), ("encrypt", "failed", "KeyNotFoundError")]
+                   ("encrypt", "failed", "KeyNotFoundError")]

@@ -4,14 +4,17 @@ is detected, with the first broken entry named (with the token) or bounded (chai
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from keymgr import errors
 from keymgr.audit import AuditLog, verify_log
+from keymgr.audit._token import AuditKey
 from keymgr.hsm import TokenSession, open_token
 from tests.audit_helpers import ENTRIES, deleted, edited, honest_log, inserted, swapped, truncated, write_lines
-from tests.conftest import TokenUnderTest
+from tests.conftest import TokenUnderTest, softhsm_token
 
 
 @pytest.fixture
@@ -123,20 +126,69 @@ def test_deleted_log_leaves_an_orphan_checkpoint(tmp_path: Path, ts: TokenSessio
     assert report.ok and report.other_chains.get(chain) == 2
 
 
-def test_sole_log_replaced_by_a_new_chain_is_detected(tmp_path: Path, softhsm: TokenUnderTest) -> None:
-    """On a token that serves one log only, deleting the log (the next writer starts a new chain)
-    shows as a checkpoint of a chain that is not in the file (the shared test token holds
-    many chains, so ``sole`` is exercised on the report of this one pair)."""
+def _only_chains(monkeypatch: pytest.MonkeyPatch, chains: set[str | None]) -> None:
+    """Let the token show only ``chains`` (its checkpoints and log registrations): a token that
+    serves this one log, although the shared test token holds every test's chains."""
+    checkpoints, logs = AuditKey.checkpoints, AuditKey.logs
+    monkeypatch.setattr(AuditKey, "checkpoints", lambda key: {c: p for c, p in checkpoints(key).items() if c in chains})
+    monkeypatch.setattr(AuditKey, "logs", lambda key: [reg for reg in logs(key) if reg.chain in chains])
+
+
+def test_sole_log_replaced_by_a_new_chain_is_detected(tmp_path: Path, softhsm: TokenUnderTest,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a token that serves one log only, a deleted or replaced log is not continued: the next
+    writer is refused and appends nothing. A replacement written through another token fails
+    verification, and once the log is deliberately started again (`keymgr audit repair`), the old
+    chain's checkpoint still shows, with ``sole``, that the log was deleted or replaced."""
+    from click.testing import CliRunner
+
+    from keymgr.cli import cli
+
     path = tmp_path / "a.log"
     ts = open_token(softhsm.uri())
     honest_log(path, ts, 3)
     old_chain = verify_log(path).chain
     path.unlink()
-    honest_log(path, ts, 2)
+    with pytest.raises(errors.IntegrityError, match="deleted, emptied or replaced"):
+        honest_log(path, ts, 2)
+    assert not path.exists() or path.stat().st_size == 0
+    other = softhsm_token("keymgr-B")
+    honest_log(tmp_path / "b.log", open_token(other.uri()), 2)
+    shutil.copy(tmp_path / "b.log", path)  # a log of another token put in its place
+    with pytest.raises(errors.IntegrityError, match="another token"):
+        honest_log(path, ts, 2)
+    report = verify_log(path, token=ts, sole=True)
+    assert not report.ok and report.broken.line == 1 and "MAC does not verify" in report.broken.reason
+    result = CliRunner().invoke(cli, ["--token", softhsm.uri(), "audit", "repair", str(path), "--yes"])
+    assert result.exit_code == 0, result.output
+    honest_log(path, ts, 2)  # the new chain: the repair entry, then these
+    new_chain = verify_log(path).chain
+    assert new_chain not in (None, old_chain)
+    _only_chains(monkeypatch, {old_chain, new_chain})
     report = verify_log(path, token=ts, sole=True)
     assert not report.ok and report.broken.line == 1 and "deleted or replaced" in report.broken.reason
-    assert report.other_chains[old_chain] == 3
+    assert f"chain {old_chain} up to seq 3" in report.broken.reason
+    assert report.other_chains == {old_chain: 3}
     assert verify_log(path, token=ts).ok  # shared: only listed
+
+
+@pytest.mark.parametrize("replacement", ["emptied", "by-hand"])
+def test_sole_log_replaced_without_keymgr_is_detected(tmp_path: Path, softhsm: TokenUnderTest,
+                                                      monkeypatch: pytest.MonkeyPatch, replacement: str) -> None:
+    """A sole log deleted (left empty) or replaced by hand with a chain the token never saw, with
+    no writer to refuse: verify ``sole`` must still report it (docs/audit.md, verify rule 6)."""
+    path = tmp_path / "a.log"
+    ts = open_token(softhsm.uri())
+    honest_log(path, ts, 3)
+    old_chain = verify_log(path).chain
+    path.write_bytes(b"")
+    if replacement == "by-hand":
+        with AuditLog(path, aggregate=()) as log:  # no token: the editor has no PIN
+            log.record("create", key="orders", version=1)
+    _only_chains(monkeypatch, {old_chain, verify_log(path).chain})
+    report = verify_log(path, token=ts, sole=True)
+    assert not report.ok and "deleted or replaced" in report.broken.reason
+    assert f"chain {old_chain} up to seq 3" in report.broken.reason
 
 
 def test_every_token_kind_keeps_a_verifiable_log(tmp_path: Path, token: TokenUnderTest) -> None:

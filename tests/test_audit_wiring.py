@@ -36,11 +36,20 @@ def test_lifecycle_operations_are_recorded(tmp_path: Path, softhsm: TokenUnderTe
             km.destroy(key_name, 3, confirmed=True)  # the primary is never destroyed: refused
         km.destroy(key_name, 1, confirmed=True)
     rows = [r for r in _rows(path) if r[0] not in ("encrypt",)]
+    # each state change writes an intent entry before it acts (a rotation's new version is not
+    # known yet), then its outcome; the aggregated rewrap count comes at the close
     assert rows == [
-        ("create", key_name, 1, "ok"), ("rotate", key_name, 2, "ok"), ("rotate", key_name, 3, "ok"),
-        ("activate", key_name, 3, "ok"), ("suspend", key_name, 2, "ok"), ("resume", key_name, 2, "ok"),
-        ("compromise", key_name, 1, "ok"), ("retire", key_name, None, "ok"),
-        ("destroy", key_name, 3, "refused"), ("destroy", key_name, 1, "ok"), ("rewrap", key_name, 1, "ok")]
+        ("create", key_name, 1, "intent"), ("create", key_name, 1, "ok"),
+        ("rotate", key_name, None, "intent"), ("rotate", key_name, 2, "ok"),
+        ("rotate", key_name, None, "intent"), ("rotate", key_name, 3, "ok"),
+        ("activate", key_name, 3, "intent"), ("activate", key_name, 3, "ok"),
+        ("suspend", key_name, 2, "intent"), ("suspend", key_name, 2, "ok"),
+        ("resume", key_name, 2, "intent"), ("resume", key_name, 2, "ok"),
+        ("compromise", key_name, 1, "intent"), ("compromise", key_name, 1, "ok"),
+        ("retire", key_name, None, "intent"), ("retire", key_name, None, "ok"),
+        ("destroy", key_name, 3, "intent"), ("destroy", key_name, 3, "refused"),
+        ("destroy", key_name, 1, "intent"), ("destroy", key_name, 1, "ok"),
+        ("rewrap", key_name, 1, "ok")]
     assert verify_log(path, token=open_token(softhsm.uri())).ok
 
 

@@ -22,6 +22,7 @@ file could have appended them.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -199,10 +200,12 @@ def verify_log(path: str | os.PathLike[str], *, token: TokenSession | None = Non
     if key is not None:
         checkpoints = key.checkpoints()
         report.other_chains = {c: seq for c, (seq, _) in checkpoints.items() if c != report.chain}
-        registered = {reg.chain for reg in key.logs()}
+        here = ((socket.gethostname() or "unknown")[:128], os.path.realpath(path)[-700:])
+        elsewhere = {reg.chain for reg in key.logs() if (reg.host, reg.path) != here}
         # a chain registered to another log is that log's business (verify_logs checks it is there);
-        # only an unregistered one (a log from before registration) tells a sole log it was replaced
-        unexplained = {c: seq for c, seq in report.other_chains.items() if c not in registered}
+        # one registered to this very path, or to none (a log from before registration), tells a sole
+        # log that it was deleted or replaced
+        unexplained = {c: seq for c, seq in report.other_chains.items() if c not in elsewhere}
         if sole and unexplained:
             chain, seq = sorted(unexplained.items())[0]
             walk.fail(1, None, f"the token checkpoints chain {chain} up to seq {seq}, which is not this "
