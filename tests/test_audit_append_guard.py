@@ -196,3 +196,58 @@ def test_logs_of_several_writers_verify_together_and_a_deleted_one_is_missing(
         after = verify_logs([logs], token=km.token)
     missing = [m for m in after.missing if str(logs) in m.path]
     assert not after.ok and len(missing) == 1 and missing[0].path.endswith("host1.log") and missing[0].chain in ours
+
+
+def test_an_unmaced_line_appended_by_hand_is_named_not_blessed(softhsm: TokenUnderTest, key_name: str,
+                                                                tmp_path: Path) -> None:
+    """Someone without the PIN appends a well-chained entry with no MAC (framing a user). The next
+    writer continues the chain, but first writes a MACed entry naming it as unauthenticated."""
+    import dataclasses
+    import json
+
+    from keymgr.audit._entry import line_digest, parse_line
+
+    log = tmp_path / "audit.log"
+    with _manager(softhsm, log) as km:
+        km.create_key(key_name)
+    last = _lines(log)[-1].rstrip(b"\n")
+    entry = parse_line(last)
+    forged = dataclasses.replace(entry, seq=entry.seq + 1, prev=line_digest(last), op="decrypt", outcome="ok",
+                                 mac=None, detail={"aggregated": True, "count": 99999, "first": entry.time,
+                                                   "last": entry.time})
+    with open(log, "ab") as handle:
+        handle.write(forged.line() + b"\n")
+    with _manager(softhsm, log, aggregate=()) as km:
+        km.encrypt(b"x", key=key_name)
+    rows = [json.loads(line) for line in _lines(log)]
+    marker = next(r for r in rows if r["op"] == "audit-unauthenticated")
+    assert marker["detail"]["first"] == forged.seq and marker["mac"]
+    with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
+        report = verify_log(log, token=km.token)
+    assert report.ok and forged.seq in report.unmaced
+
+
+def test_a_same_size_reorder_is_seen_by_a_running_writer(softhsm: TokenUnderTest, key_name: str,
+                                                         tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    with _manager(softhsm, log) as km:
+        km.create_key(key_name)
+        km.rotate(key_name)
+        lines = _lines(log)
+        log.write_bytes(b"".join(lines[:-2] + [lines[-1], lines[-2]]))  # same size, last two swapped
+        with pytest.raises(keymgr.IntegrityError):
+            km.rotate(key_name)
+    with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
+        assert len(km.describe_key(key_name).versions) == 2
+
+
+def test_a_log_swapped_for_another_log_of_the_token_is_refused(softhsm: TokenUnderTest, key_name: str,
+                                                               tmp_path: Path) -> None:
+    one, two = tmp_path / "h1.log", tmp_path / "h2.log"
+    with _manager(softhsm, one) as km:
+        km.create_key(key_name)
+    with _manager(softhsm, two) as km:
+        km.rotate(key_name)
+    shutil.copy(two, one)
+    with _manager(softhsm, one) as km, pytest.raises(keymgr.IntegrityError, match="replaced by another log"):
+        km.rotate(key_name)

@@ -6,8 +6,8 @@ Many processes (and threads) may append to one log at once. Each append:
    (reopening it first after ``fork()``, since a child shares its parent's
    open file description and flock would not separate them, or when the path
    now names another file, e.g. after an operator moved the log aside);
-2. re-reads the tail (the last line) to continue the chain where whoever wrote
-   last left it, unless the file has the size this process left it at;
+2. re-reads the tail (the last line, every time: an edit that keeps the size must
+   not go unseen) to continue the chain where whoever wrote last left it;
 3. writes the new line with one ``write`` on an ``O_APPEND`` descriptor, and
    ``fdatasync``s it per the fsync policy, before the lock is released.
 
@@ -52,6 +52,8 @@ class Tail:
     seq: int
     digest: str
     repaired: int = 0
+    #: the file's size when the tail was read (a write checks it is still that: nobody cut the file meanwhile)
+    size: int = 0
 
 
 class FileSink:
@@ -122,20 +124,40 @@ class FileSink:
                 with contextlib.suppress(OSError):
                     fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def entries_after(self, seq: int, tail: Tail) -> list[tuple[int, bool]]:
+        """(seq, MACed?) of the entries after ``seq`` (only inside :meth:`locked`)."""
+        assert self._fd is not None
+        return entries_after(self.path, self._fd, seq, tail)
+
     def digest_at(self, seq: int, tail: Tail) -> str | None:
         """The hash of entry ``seq`` (only inside :meth:`locked`); None if it is not there."""
         assert self._fd is not None
         return digest_at(self.path, self._fd, seq, tail)
 
     def write(self, tail: Tail, line: bytes, digest: str, seq: int, chain: str) -> None:
-        """Append ``line`` (one entry, no newline) and advance ``tail``; only inside :meth:`locked`."""
+        """Append ``line`` (one entry, no newline) and advance ``tail``; only inside :meth:`locked`.
+
+        The file must still have the size it had when the tail was read: the lock keeps other
+        keymgr writers out, not someone cutting the file by hand, and an entry chained to a tail
+        that is gone would hide the cut. A write that fails half way (a full disk) is cut back,
+        so no partial entry, and no complete entry without its line end, is left behind."""
         fd = self._fd
         assert fd is not None
         data = line + b"\n"
         try:
+            if os.fstat(fd).st_size != tail.size:
+                self._known = None
+                raise errors.IntegrityError(
+                    f"audit log {self.path} changed size while keymgr was appending to it (edited or cut by "
+                    "something that does not take its lock); nothing was appended: run `keymgr audit verify`")
             written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
+            try:
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, tail.size)
+                raise
             self._dirty = True
             if self._fsync == "entry" or (self._fsync == "interval"
                                           and self._clock() - self._last_sync >= self._interval):
@@ -144,8 +166,8 @@ class FileSink:
         except OSError as exc:
             self._known = None
             raise self._error(exc) from None
-        tail.chain, tail.seq, tail.digest, tail.repaired = chain, seq, digest, 0
-        self._known = (size, Tail(chain, seq, digest))
+        tail.chain, tail.seq, tail.digest, tail.repaired, tail.size = chain, seq, digest, 0, size
+        self._known = (size, Tail(chain, seq, digest, 0, size))
 
     def _sync(self, fd: int) -> None:
         getattr(os, "fdatasync", os.fsync)(fd)
@@ -181,9 +203,6 @@ class FileSink:
     def _tail(self, fd: int) -> Tail:
         try:
             size = os.fstat(fd).st_size
-            known = self._known
-            if known is not None and known[0] == size:
-                return Tail(known[1].chain, known[1].seq, known[1].digest)
             if size == 0:
                 return Tail(None, 0, GENESIS_PREV)
             span = min(size, 2 * MAX_LINE + 2)
@@ -205,7 +224,7 @@ class FileSink:
                 self._sync(fd)
                 chunk, size = chunk[:cut + 1], size - repaired
                 if size == 0:
-                    return Tail(None, 0, GENESIS_PREV, repaired)
+                    return Tail(None, 0, GENESIS_PREV, repaired, 0)
         except OSError as exc:
             raise self._error(exc) from None
         last = chunk[:-1].rsplit(b"\n", 1)[-1]
@@ -215,7 +234,7 @@ class FileSink:
             raise errors.IntegrityError(
                 f"the last line of audit log {self.path} is not an audit entry; nothing more is appended "
                 "to it: run `keymgr audit verify` and move the log aside") from None
-        return Tail(entry.chain, entry.seq, line_digest(last), repaired)
+        return Tail(entry.chain, entry.seq, line_digest(last), repaired, size)
 
 
 def _is_entry(raw: bytes) -> bool:
@@ -224,6 +243,28 @@ def _is_entry(raw: bytes) -> bool:
     except errors.FormatError:
         return False
     return True
+
+
+def entries_after(path: Path, fd: int, seq: int, tail: Tail) -> list[tuple[int, bool]]:
+    """(seq, has a MAC) of the entries after ``seq`` near the end of the log (up to 64 of them)."""
+    back = min(tail.seq - seq, 64)
+    if back <= 0:
+        return []
+    try:
+        size = os.fstat(fd).st_size
+        span = min(size, (back + 1) * (MAX_LINE + 1))
+        chunk = os.pread(fd, span, size - span)
+    except OSError as exc:
+        raise errors.StorageError(f"cannot read audit log {path}: {os_error_reason(exc)}") from None
+    found = []
+    for raw in chunk.split(b"\n")[1:]:
+        try:
+            entry = parse_line(raw)
+        except errors.FormatError:
+            continue
+        if entry.seq > seq:
+            found.append((entry.seq, entry.mac is not None))
+    return found
 
 
 def digest_at(path: Path, fd: int, seq: int, tail: Tail) -> str | None:

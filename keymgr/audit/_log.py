@@ -124,6 +124,7 @@ class AuditLog:
         #: why the last write failed, until one succeeds (fail closed: ready())
         self._broken: errors.KeymgrError | None = None
         self._checked_at = -CHECK_INTERVAL  # when ready() last checked the tail against the token
+        self._unmaced: list[int] = []  # entries after the checkpoint found without a MAC (next write names them)
         self._real_path = os.path.realpath(path) if path is not None else ""
         if self._syslog:
             import syslog as _sys
@@ -199,6 +200,13 @@ class AuditLog:
         try:
             with self._file.locked() as tail:
                 self._agree_with_token(tail)
+                if self._unmaced:
+                    # entries after the checkpoint without a MAC: say so in a MACed entry, so that chaining
+                    # onto them does not make them look authentic (someone may have appended them by hand)
+                    seqs = self._unmaced
+                    self._unmaced = []
+                    self._append(tail, "audit-unauthenticated", None, None, "ok", None,
+                                 {"first": seqs[0], "last": seqs[-1], "count": len(seqs)}, None)
                 if tail.repaired:
                     self._append(tail, "audit-repair", None, None, "ok", None, {"dropped_bytes": tail.repaired},
                                  None)
@@ -252,6 +260,16 @@ class AuditLog:
                 raise errors.IntegrityError(
                     f"audit log {path}: entry {seq} is not the entry token {key.token.label!r} checkpointed: the "
                     f"log was edited, replaced or rolled back. Nothing was done; {fix}")
+            registered = key.registered_chain(self._host, self._real_path)
+            if registered is None:
+                key.register_log(self._host, self._real_path, tail.chain)  # a log from before registration
+            elif registered != tail.chain:
+                raise errors.IntegrityError(
+                    f"audit log {path} holds chain {tail.chain}, but token {key.token.label!r} recorded chain "
+                    f"{registered} for this path: it was replaced by another log (a copy, or a link to one). "
+                    f"Nothing was done; {fix}")
+            if tail.seq > seq:
+                self._unmaced = [n for n, maced in self._file.entries_after(seq, tail) if not maced]
         except errors.IntegrityError:
             raise
         except errors.KeymgrError:

@@ -96,8 +96,16 @@ class Operation:
             _operation.reset(self._reset)
         if self._log is not None:
             outcome = "ok" if exc is None else "refused" if isinstance(exc, errors.PolicyError) else "failed"
-            self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
-                             detail=self.detail)
+            try:
+                self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
+                                 detail=self.detail)
+            except errors.KeymgrError as failure:
+                if exc is not None or self.op not in STATE_CHANGING:
+                    raise
+                what = f"{self.op} of key {self.key!r}" if self.key else self.op
+                raise errors.StorageError(
+                    f"{what} was done, but its outcome could not be recorded in the audit log ({failure}); "
+                    "do not repeat it: check the key (keymgr key show) and the log") from failure
 
 
 class UnauditedOperation(Operation):

@@ -66,6 +66,8 @@ class VerifyReport:
     after_checkpoint: int = 0
     torn_tail: bool = False
     other_chains: dict[str, int] = field(default_factory=dict)
+    #: chains whose loss this log acknowledges (MACed audit-repair entries): chain -> by whom, when
+    acknowledged: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -148,6 +150,11 @@ class _Walk:
             if line_digest(raw) != report.checkpoint[1]:
                 return self.fail(number, entry.seq, "differs from the entry the token checkpointed: edited or replaced")
             report.unauthenticated_tail.clear()  # the checkpoint's hash covers the chain up to here
+        if entry.op == "audit-repair" and entry.mac is not None and self.key is not None:
+            previous = entry.detail.get("previous_chain")
+            if isinstance(previous, str) and previous:  # a MACed, deliberate acknowledgement of a loss
+                report.acknowledged[previous] = f"acknowledged by `keymgr audit repair` at entry {entry.seq} " \
+                                                f"({entry.time}, {entry.actor.user}@{entry.actor.host})"
         self.prev_raw, self.prev_seq, self.prev_maced = raw, entry.seq, entry.mac is not None
         report.entries, report.last_seq = number, entry.seq
         return True
@@ -205,7 +212,8 @@ def verify_log(path: str | os.PathLike[str], *, token: TokenSession | None = Non
         # a chain registered to another log is that log's business (verify_logs checks it is there);
         # one registered to this very path, or to none (a log from before registration), tells a sole
         # log that it was deleted or replaced
-        unexplained = {c: seq for c, seq in report.other_chains.items() if c not in elsewhere}
+        unexplained = {c: seq for c, seq in report.other_chains.items()
+                       if c not in elsewhere and c not in report.acknowledged}
         if sole and unexplained:
             chain, seq = sorted(unexplained.items())[0]
             walk.fail(1, None, f"the token checkpoints chain {chain} up to seq {seq}, which is not this "
@@ -243,8 +251,18 @@ class FleetReport:
     missing: list[MissingLog]
 
     @property
+    def acknowledged(self) -> dict[str, str]:
+        """Chains some given log's MACed ``audit-repair`` entry acknowledges as lost or cut."""
+        return {chain: how for r in self.reports for chain, how in r.acknowledged.items()}
+
+    @property
+    def failures(self) -> list[VerifyReport]:
+        """Broken logs, less those whose loss a repair acknowledged (they stay listed, not failing)."""
+        return [r for r in self.reports if not r.ok and r.chain not in self.acknowledged]
+
+    @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.reports) and not self.missing
+        return not self.failures and not [m for m in self.missing if m.chain not in self.acknowledged]
 
 
 def log_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:

@@ -101,13 +101,24 @@ def _print_report(report: Any) -> None:
             out.print("warning: the token holds no checkpoint for this chain: a cut-off tail is not ruled out")
         else:
             out.print(f"checkpoint: seq {report.checkpoint[0]} ({report.after_checkpoint} entries after it)")
+    if report.unmaced:
+        out.print(f"warning: entries {_seqs(report.unmaced)} carry no MAC: written without the token (a failed "
+                  "login, an approval made on a custodian's token) or appended by someone editing the file; "
+                  "they are not authenticated")
     if report.unauthenticated_tail:
-        out.print(f"warning: entries {report.unauthenticated_tail} carry no MAC and no later MAC covers them")
+        out.print(f"warning: entries {_seqs(report.unauthenticated_tail)} are after the last MAC and checkpoint")
+    for chain, how in sorted(report.acknowledged.items()):
+        out.print(f"note: the loss of chain {chain} was {how}")
     if report.torn_tail:
         out.print("note: the last line is incomplete (a write cut short); the next append removes it")
-    for chain, seq in sorted(report.other_chains.items()):
-        out.print(f"note: the token also checkpoints chain {chain} (seq {seq}): another log (verify them together "
-                  "to check it is there)")
+    others = sorted(c for c in report.other_chains if c not in report.acknowledged)
+    if others:
+        out.print(f"note: the token also checkpoints {len(others)} other chain(s) ({', '.join(others[:3])}"
+                  f"{' ...' if len(others) > 3 else ''}): other logs; verify them together to check they are there")
+
+
+def _seqs(seqs: list[int]) -> str:
+    return ", ".join(map(str, seqs[:10])) + (f" ... ({len(seqs)} in all)" if len(seqs) > 10 else "")
 
 
 def _verify_fleet(state: CliState, fleet: Any, files: int) -> None:
@@ -116,15 +127,19 @@ def _verify_fleet(state: CliState, fleet: Any, files: int) -> None:
                    "missing": [{"chain": m.chain, "seq": m.seq, "host": m.host, "path": m.path}
                                for m in fleet.missing]})
     else:
+        acknowledged = fleet.acknowledged
         for report in fleet.reports:
             if report.broken is None:
                 _print_report(report)
+            elif report.chain in acknowledged:
+                click.echo(f"ACKNOWLEDGED: {report.path} at {report.broken}; {acknowledged[report.chain]}")
             else:
                 click.echo(f"BROKEN: {report.path} at {report.broken}")
         for missing in fleet.missing:
-            click.echo(f"MISSING: {missing}")
-        click.echo(f"{files} log(s) checked; {sum(not r.ok for r in fleet.reports)} broken, "
-                   f"{len(fleet.missing)} missing")
+            label = "ACKNOWLEDGED" if missing.chain in acknowledged else "MISSING"
+            click.echo(f"{label}: {missing}")
+        click.echo(f"{files} log(s) checked; {len(fleet.failures)} broken, "
+                   f"{sum(m.chain not in acknowledged for m in fleet.missing)} missing")
     if not fleet.ok:
         sys.exit(exit_code_for(errors.IntegrityError()))
 
