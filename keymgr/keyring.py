@@ -154,6 +154,9 @@ def _after_fork_in_child() -> None:
         keyring._lock = threading.RLock()  # noqa: SLF001 - the keyring's own locks, reset as modules reset theirs
         keyring._reloading = threading.Lock()  # noqa: SLF001
         keyring._refresher = None  # noqa: SLF001
+        # a use counter is one writer: a child that kept its parent's identity would write totals the
+        # merge (max per writer) folds into the parent's, and undercount (keymgr.usage)
+        keyring.writer = os.urandom(8).hex()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -178,7 +181,7 @@ class Keyring:
         self._reread_at = -1e9
         self._writer_macs: list[bytes] | None = None
         self._reader_macs: list[bytes] = []
-        self._trust: dict[bytes, str | None] = {}
+        self._trust: dict[tuple[bytes, int | None], str | None] = {}
         self._refresher: threading.Thread | None = None
         self._refresh_error: errors.KeymgrError | None = None
         self._closed = False
@@ -548,7 +551,8 @@ class Keyring:
                            "epoch": 1, "restored": False})]
             record = self._put(name, facts, covers=[])
             if _value is not None:  # the caller imported it knowingly: this keyring lets it encrypt
-                self._trust[key_id] = None
+                objects.key_exists(self._ts, key_id)  # caches its handle
+                self._trust[(key_id, objects.cached_key_handle(self._ts, key_id))] = None
         except BaseException:
             self.discard_unrecorded(name, key_id)
             raise
@@ -615,11 +619,14 @@ class Keyring:
         """Refuse (PolicyError) a version whose key object does not prove that the token made it
         and that it can never leave (:func:`keymgr.provenance.encrypt_refusal`); checked once per
         version per process."""
+        slot = (version.key_id, objects.cached_key_handle(self._ts, version.key_id))
         try:
-            refusal = self._trust[version.key_id]
+            refusal = self._trust[slot]
         except KeyError:
             refusal = provenance.encrypt_refusal(self._ts, record, version)
-            self._trust[version.key_id] = refusal
+            # tied to the object checked: one found anew under the CKA_ID (destroyed and replaced by a
+            # PIN holder, or a new session) is checked again before it encrypts
+            self._trust[(version.key_id, objects.cached_key_handle(self._ts, version.key_id))] = refusal
         if refusal is not None:
             raise errors.PolicyError(refusal)
 

@@ -52,8 +52,11 @@ __all__ = ["KeyManager"]
 def _ciphertext_failure(exc: errors.IntegrityError | errors.FormatError) -> errors.KeymgrError:
     """What a decrypt raises for ``exc``: the one integrity error (a malformed ciphertext
     too: an edited byte must not be told apart by where it broke the parse), except
-    that a message for no key here says so (:class:`~keymgr.errors.RecipientNotFoundError`)."""
-    if isinstance(exc, errors.RecipientNotFoundError):
+    that a message for no key here says so (:class:`~keymgr.errors.RecipientNotFoundError`),
+    and one asking for an algorithm keymgr does not read names it
+    (:class:`~keymgr.errors.UnsupportedAlgorithmError`): both tell only what the message
+    shows in the clear."""
+    if isinstance(exc, (errors.RecipientNotFoundError, errors.UnsupportedAlgorithmError)):
         return exc
     return errors.IntegrityError(INTEGRITY_MESSAGE)
 
@@ -107,7 +110,8 @@ class KeyManager:
         policy = CachePolicy() if cache is True else (cache or None)
         self._encrypt_cache = EncryptCache(policy, clock=_clock) if policy else None
         self._decrypt_cache = DecryptCache(policy, clock=_clock) if policy else None
-        self._private_keys: list[Any] = []  # keymgr.envelope.pubkey.TokenPrivateKey
+        self._private_keys: list[Any] = []  # keymgr.envelope.token_keys.TokenPrivateKey
+        self._token_pairs: Any = None  # keymgr.envelope.token_keys.TokenKeyPairs, made on first need
 
     def __repr__(self) -> str:
         state = "closed" if self._ts is None else repr(self._ts.label)
@@ -234,17 +238,20 @@ class KeyManager:
 
     def destroy(self, name: str, version: int, *, paths: Sequence[str | os.PathLike[str]] = (),
                 request: Request | None = None, approvals: Sequence[Approval] = (), confirmed: bool = False,
-                force: bool = False, transcript: bool = False) -> DestroyResult:
+                force: bool = False, transcript: bool = False, immediately: bool = False) -> DestroyResult:
         """Crypto-shred one version (never the primary): its token object is destroyed and data
         only it protects is gone. Refuses while envelopes under ``paths`` still need it (unless
-        ``force``), and needs the quorum's approvals (``request``, ``approvals``) where a policy
-        covers the key, else ``confirmed=True``. See :mod:`keymgr.shred`."""
+        ``force``), while other hosts may still encrypt under it (it stopped being the primary
+        less than :data:`keymgr.shred.SETTLE` ago, unless ``immediately``), and needs the quorum's
+        approvals (``request``, ``approvals``) where a policy covers the key, else
+        ``confirmed=True``. See :mod:`keymgr.shred`."""
         from keymgr import shred  # imports the custody layer: only for this rare operation
 
-        with self._audited("destroy", key=name, version=version, detail={"force": force}) as op:
+        with self._audited("destroy", key=name, version=version,
+                           detail={"force": force, "immediately": immediately}) as op:
             result = shred.destroy(self.keyring, name, version, paths=paths, request=request, approvals=approvals,
-                                   confirmed=confirmed, force=force, transcript=transcript)
-            op.detail = {"force": force, "approvers": list(result.approvers)}
+                                   confirmed=confirmed, force=force, transcript=transcript, immediately=immediately)
+            op.detail = {"force": force, "immediately": immediately, "approvers": list(result.approvers)}
             return result
 
     # -- backup and restore (keymgr.custody.ceremony, audited here) -----------------------
@@ -307,31 +314,36 @@ class KeyManager:
         return KeyRecipient(self._protector, key)
 
     def add_private_key(self, label: str | None = None, *, key_id: bytes | None = None,
-                        token: str | Pkcs11Uri | None = None) -> Recipient:
+                        token: str | Pkcs11Uri | None = None, certificate: bytes | None = None) -> Recipient:
         """Let :meth:`decrypt` use an RSA / EC key pair (on this token, or on ``token``) for
-        RSA-OAEP and ECDH recipients; returns its public side, for ``also_to``.
-        See :mod:`keymgr.envelope.pubkey`."""
-        from keymgr.envelope.pubkey import TokenPrivateKey
-        from keymgr.hsm import asym
+        RSA-OAEP and ECDH recipients, before the token's other key pairs; returns its public
+        side, for ``also_to``. ``token`` may be a key's URI (``object=`` / ``id=`` name the
+        pair when ``label`` / ``key_id`` do not). ``certificate`` (PEM or DER) lets recipients
+        that name it by issuer and serial number find it, as one on the token under the
+        pair's CKA_ID does. See :mod:`keymgr.envelope.token_keys`."""
+        from keymgr.envelope.token_keys import open_key_pair
 
-        ts = self.token if token is None else open_token(token)
-        private = TokenPrivateKey(ts, asym.find_keypair(ts, label=label, key_id=key_id))
+        private = open_key_pair(self.token, label=label, key_id=key_id, token=token, certificate=certificate)
         self._private_keys.append(private)
         return private.recipient()
 
     def _unwrap_uncached(self, der: bytes) -> DataKey | None:
         """The data key in one recipient (its DER) for a key of this token, or None. Token KEKs
-        read the DER directly; key pairs added with :meth:`add_private_key` get the
-        asn1crypto object, made only when there are any."""
+        read the DER directly; KeyTrans / KeyAgree recipients get the asn1crypto object and go
+        to the key pairs added with :meth:`add_private_key`, then to the token's own."""
         dek = self._protector.unwrap_der(der)
-        if dek is not None or not self._private_keys:
+        if dek is not None or der[:1] not in (b"\x30", b"\xa1"):  # KeyTransRecipientInfo, KeyAgreeRecipientInfo
             return dek
         ri = load_recipient_info(der)
         for unwrapper in self._private_keys:
             dek = unwrapper.unwrap(ri)
             if dek is not None:
                 return dek  # type: ignore[no-any-return]
-        return None
+        if self._token_pairs is None:
+            from keymgr.envelope.token_keys import TokenKeyPairs
+
+            self._token_pairs = TokenKeyPairs(self.token)
+        return self._token_pairs.unwrap(ri)  # type: ignore[no-any-return]
 
     def _new_data_key(self, key: str, also_to: Sequence[Recipient]) -> tuple[DataKey, tuple[RecipientLike, ...]]:
         dek = DataKey(os.urandom(32))

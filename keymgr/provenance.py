@@ -72,7 +72,8 @@ def _failures(ts: TokenSession, record: KeyRecord, version: KeyVersion, *, for_e
     try:
         attrs = objects.key_attributes(ts, version.key_id).attributes
     except errors.KeyNotFoundError:
-        return ["its key object is not on the token"]
+        return ["its key object is not on the token (destroyed by hand or by another host's sweep, or its "
+                "facts are forged)"]
     except errors.PolicyError as exc:  # several objects share the CKA_ID: one of them was planted
         return [str(exc)]
     found: list[str] = []
@@ -124,8 +125,8 @@ def encrypt_refusal(ts: TokenSession, record: KeyRecord, version: KeyVersion) ->
     failures = _failures(ts, record, version, for_encryption=True)
     if not failures:
         return None
-    return (f"{where} may not encrypt: {'; '.join(failures)}. Its keyring facts may be forged: run "
-            f"keymgr key verify, then rotate (docs/security.md, 'What a PIN holder can do')")
+    return (f"{where} may not encrypt: {'; '.join(failures)}. Run keymgr key verify, then rotate "
+            f"(docs/security.md, 'What a PIN holder can do to the keyring')")
 
 
 def check_version(ts: TokenSession, record: KeyRecord, version: KeyVersion) -> VersionCheck:

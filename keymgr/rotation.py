@@ -148,10 +148,19 @@ def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: in
             objects.generate_key(keyring.token, template, label=record.label_of(number), key_id=key_id)
             body = {"kid": key_id.hex(), "num": number, "kcv": objects.check_value(keyring.token, key_id),
                     "epoch": _next_epoch(keyring, name) if activate else None, "restored": False}
-            return _written(keyring.add(name, "version", body), name)
+            written = _written(keyring.add(name, "version", body), name)
         except BaseException:
             keyring.discard_unrecorded(name, key_id)
             raise
+        if not objects.key_exists(keyring.token, key_id):
+            # another host swept it as an orphan while this one was between generating and recording
+            # it (a clock far off, or this process paused for a day): retire the version at once, so
+            # that no host makes it the primary, and say so
+            _record_state(keyring, name, next(v for v in written.versions if v.key_id == key_id), "destroyed")
+            raise errors.TokenError(f"rotation of key {name!r}: the new key object was destroyed by another "
+                                    "host's orphan sweep before it was recorded (are the hosts' clocks a day "
+                                    "apart?); nothing uses it. Retry the rotation")
+        return written
 
 
 def activate(keyring: Keyring, name: str, version: int) -> KeyRecord:

@@ -25,6 +25,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from keymgr import errors, rotation
@@ -32,7 +33,7 @@ from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.authorize import authorize_destroy, key_ceremony_transcript
 from keymgr.envelope.inspect import inspect_file
 from keymgr.hsm import objects
-from keymgr.keyring import KeyRecord, Keyring
+from keymgr.keyring import KeyRecord, Keyring, KeyVersion, parse_time
 
 __all__ = ["DestroyResult", "EnvelopeCount", "count_envelopes_needing", "destroy"]
 
@@ -103,10 +104,47 @@ def count_envelopes_needing(paths: Iterable[str | os.PathLike[str]], key_id: byt
     return EnvelopeCount(envelopes, tuple(needing), tuple(unreadable))
 
 
+#: How long a version must have stopped being the primary (or, never activated, have existed)
+#: before it may be destroyed. Other hosts see a new primary only at their next keyring refresh
+#: (keymgr.keyring: 1 s by default); until then they may still encrypt under the old one, and a
+#: destroy inside that window would make what they wrote unreadable. Measured on the writers'
+#: clocks, so it also absorbs clock skew; far longer than any refresh interval.
+SETTLE = timedelta(minutes=10)
+
+
+def _check_settled(keyring: Keyring, record: KeyRecord, target: KeyVersion) -> None:
+    """Refuse while another host may still encrypt under ``target`` (:data:`SETTLE`)."""
+    kid = target.key_id.hex()
+    facts = keyring.facts(record.name)
+    claims = [f for f in facts if f.kind in ("version", "primary") and f.body.get("epoch") is not None]
+    mine = max((f.body["epoch"] for f in claims if f.kid == kid), default=None)
+    if mine is None:  # never activated: it may be activated right now by someone else
+        since = target.created
+        why = "was created"
+    else:
+        later = [f.at for f in claims if f.kid != kid and f.body["epoch"] > mine]
+        if not later:
+            return
+        since = min(later)
+        why = "stopped being the primary"
+    try:
+        age = parse_time(keyring.now()) - parse_time(since)
+    except ValueError:
+        return
+    if age < SETTLE:
+        raise errors.PolicyError(
+            f"key {record.name!r} version {target.version} {why} at {since}, {int(age.total_seconds())} s ago: "
+            f"hosts sharing the token may still encrypt under it until they refresh. Destroy it after "
+            f"{int(SETTLE.total_seconds() // 60)} minutes, or now with --immediately if this is the only host "
+            "(or every host has restarted since)")
+
+
 def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | os.PathLike[str]] = (),
             request: Request | None = None, approvals: Sequence[Approval] = (), confirmed: bool = False,
-            force: bool = False, transcript: bool = False) -> DestroyResult:
-    """Destroy ``version`` of key ``name`` (module docstring: the checks and their order)."""
+            force: bool = False, transcript: bool = False, immediately: bool = False) -> DestroyResult:
+    """Destroy ``version`` of key ``name`` (module docstring: the checks and their order).
+    ``immediately`` skips the wait for other hosts (:data:`SETTLE`): for one host, or once every
+    host is known to have seen the newer primary."""
     keyring.reload()
     record = keyring.get(name)
     target = record.version(version)
@@ -116,6 +154,8 @@ def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | 
             return DestroyResult(record, version, None, ())
         raise errors.PolicyError(f"key {name!r} version {version} is already destroyed")
     rotation.check_transition(record, target, "destroyed")
+    if not immediately:
+        _check_settled(keyring, record, target)
     scan = count_envelopes_needing(paths, target.key_id) if paths else None
     if scan is not None and (scan.needing or scan.unreadable) and not force:
         raise errors.PolicyError(

@@ -37,7 +37,9 @@ Only one process rotates: the others find the primary already changed
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from datetime import datetime
 
 from keymgr import errors, rotation
@@ -72,10 +74,23 @@ def block_for(limit: int, previous: int = 0) -> int:
     return min(cap, max(FIRST_BLOCK, 2 * previous))
 
 
+_meters: weakref.WeakSet[UsageMeter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # the parent's reserved blocks are the parent's: a child spending them again would undercount
+    for meter in list(_meters):
+        meter.forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class UsageMeter:
     """One process's reservations, per key version (by CKA_ID). Thread-safe."""
 
     def __init__(self, keyring: Keyring) -> None:
+        _meters.add(self)
         self._keyring = keyring
         self._lock = threading.Lock()
         #: one block reservation at a time in this process: two threads that both found their block
@@ -87,6 +102,12 @@ class UsageMeter:
         self._sizes: dict[bytes, int] = {}
         #: key_id -> this writer's running total of reservations, and the label of the fact saying so
         self._totals: dict[bytes, tuple[int, str]] = {}
+
+    def forget(self) -> None:
+        """Drop every reservation (in a forked child: they belong to the parent)."""
+        self._lock = threading.Lock()
+        self._reserving = threading.Lock()
+        self._blocks, self._sizes, self._totals = {}, {}, {}
 
     def _now(self) -> datetime:
         return rotation.parse_time(rotation.now(self._keyring))

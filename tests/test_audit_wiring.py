@@ -33,8 +33,8 @@ def test_lifecycle_operations_are_recorded(tmp_path: Path, softhsm: TokenUnderTe
         km.mark_compromised(key_name, 1)
         km.retire(key_name, below=2)
         with pytest.raises(errors.PolicyError):
-            km.destroy(key_name, 3, confirmed=True)  # the primary is never destroyed: refused
-        km.destroy(key_name, 1, confirmed=True)
+            km.destroy(key_name, 3, confirmed=True, immediately=True)  # the primary is never destroyed: refused
+        km.destroy(key_name, 1, confirmed=True, immediately=True)
     rows = [r for r in _rows(path) if r[0] not in ("encrypt",)]
     # each state change writes an intent entry before it acts (a rotation's new version is not
     # known yet), then its outcome; the aggregated rewrap count comes at the close

@@ -101,7 +101,7 @@ def test_due_lists_overdue_keys(softhsm: TokenUnderTest, key_name: str) -> None:
 def test_errors_are_one_line(key: tuple[list[str], str]) -> None:
     token, name = key
     for args in (("key", "rotate", name + "-missing"), ("key", "suspend", name, "--version", "9"),
-                 ("key", "destroy", name, "--version", "1", "--yes")):
+                 ("key", "destroy", name, "--version", "1", "--yes", "--immediately")):
         code, _, err = run(*token, *args)
         assert code in (5, 6) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 

@@ -39,13 +39,13 @@ def test_destroy_refuses_while_envelopes_need_the_version_then_shreds(km, key_na
     old, new = _rotated_with_data(km, key_name, tmp_path)
     v1 = km.describe_key(key_name).version(1)
     with pytest.raises(keymgr.PolicyError, match=r"1 envelope\(s\) under the given paths still need"):
-        km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True)
+        km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True, immediately=True)
     assert objects.key_exists(km.token, v1.key_id)
     with pytest.raises(keymgr.PolicyError, match="confirm it explicitly"):
-        km.destroy(key_name, 1)
+        km.destroy(key_name, 1, immediately=True)
     # rewrapping old.cms would clear the way; here it is removed, as an operator might
     (tmp_path / "data" / "old.cms").unlink()
-    result = km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True)
+    result = km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True, immediately=True)
     assert result.scan is not None and result.scan.envelopes == 1 and result.scan.needing == ()
     assert result.record.version(1).state == "destroyed"
     assert [s for s, _ in result.record.version(1).history][-1] == "destroyed"
@@ -54,12 +54,12 @@ def test_destroy_refuses_while_envelopes_need_the_version_then_shreds(km, key_na
         km.decrypt(old)
     assert km.decrypt(new) == b"under v2"
     with pytest.raises(keymgr.PolicyError, match="already destroyed"):
-        km.destroy(key_name, 1, confirmed=True)
+        km.destroy(key_name, 1, confirmed=True, immediately=True)
 
 
 def test_force_destroys_despite_remaining_data(km, key_name: str, tmp_path: Path) -> None:
     old, _ = _rotated_with_data(km, key_name, tmp_path)
-    result = km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True, force=True)
+    result = km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True, force=True, immediately=True)
     assert result.scan is not None and len(result.scan.needing) == 1
     with pytest.raises(keymgr.PolicyError, match="destroyed"):
         km.decrypt(old)
@@ -86,9 +86,9 @@ def test_what_the_scan_cannot_check_refuses_the_destroy(km, key_name: str, tmp_p
     else:
         strange.symlink_to(strange)
     with pytest.raises(keymgr.PolicyError, match=r"1 file\(s\) could not be checked"):
-        km.destroy(key_name, 1, paths=[data], confirmed=True)
+        km.destroy(key_name, 1, paths=[data], confirmed=True, immediately=True)
     assert km.decrypt(old) == b"under v1"
-    result = km.destroy(key_name, 1, paths=[data], confirmed=True, force=True)
+    result = km.destroy(key_name, 1, paths=[data], confirmed=True, force=True, immediately=True)
     assert result.scan is not None and result.scan.unreadable == (str(strange),)
     assert result.record.version(1).state == "destroyed"
 
@@ -96,9 +96,9 @@ def test_what_the_scan_cannot_check_refuses_the_destroy(km, key_name: str, tmp_p
 def test_primary_and_active_versions_cannot_be_destroyed(km, key_name: str) -> None:
     km.create_key(key_name)
     with pytest.raises(keymgr.PolicyError, match="active"):
-        km.destroy(key_name, 1, confirmed=True)
+        km.destroy(key_name, 1, confirmed=True, immediately=True)
     km.rotate(key_name, activate=False)
-    assert km.destroy(key_name, 2, confirmed=True).record.version(2).state == "destroyed"  # pre-active may go
+    assert km.destroy(key_name, 2, confirmed=True, immediately=True).record.version(2).state == "destroyed"  # pre-active may go
     assert km.describe_key(key_name).primary == 1
 
 
@@ -109,7 +109,7 @@ def test_destroyed_object_is_gone_from_the_token_as_pkcs11_sees_it(key_name: str
     key_id = km.describe_key(key_name).version(1).key_id
     assert any(kid == key_id for _, kid, _ in object_handles("keymgr-A"))
     km.mark_compromised(key_name, 1)
-    km.destroy(key_name, 1, confirmed=True)
+    km.destroy(key_name, 1, confirmed=True, immediately=True)
     assert not any(kid == key_id or label == f"{key_name}/v1" for _, kid, label in object_handles("keymgr-A"))
 
 
@@ -120,7 +120,7 @@ def test_a_destroy_that_crashed_after_its_commit_is_finished_later(km, key_name:
     key_id = km.describe_key(key_name).version(1).key_id
     record = rotation.transition(km.keyring, key_name, 1, "destroyed", _shredding=True)  # step one only
     assert (f"{key_name}/v1", key_id) in rotation.orphans(km.keyring, record)
-    km.destroy(key_name, 1)
+    km.destroy(key_name, 1, immediately=True)
     assert not objects.key_exists(km.token, key_id)
     assert rotation.orphans(km.keyring, km.describe_key(key_name)) == []
 
@@ -142,7 +142,7 @@ def test_cli_destroy_needs_two_distinct_custodians(key_name: str, tmp_path: Path
         code, _, err = run("approve", str(req), "--custodian", p.name, "--token", p.uri(), "--key-label",
                            p.key_label, "--yes", "-o", str(files[n]))
         assert code == 0, err
-    base = [*token, "key", "destroy", key_name, "--version", "1", "--request", str(req)]
+    base = [*token, "key", "destroy", key_name, "--version", "1", "--immediately", "--request", str(req)]
     code, _, err = run(*base, "--approval", str(files[1]))
     assert code == 5 and "valid distinct approvals: 1" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(*base, "--approval", str(files[1]), "--approval", str(files[1]))
@@ -171,10 +171,40 @@ def test_cli_destroy_reports_remaining_envelopes(softhsm, key_name: str, tmp_pat
     with keymgr.KeyManager(softhsm.uri()) as km:
         _rotated_with_data(km, key_name, tmp_path)
     token = ["--token", softhsm.uri()]
-    code, _, err = run(*token, "key", "destroy", key_name, "--version", "1", "--paths", str(tmp_path / "data"),
+    code, _, err = run(*token, "key", "destroy", key_name, "--version", "1", "--immediately", "--paths", str(tmp_path / "data"),
                        "--yes")
     assert code == 5 and "1 envelope(s)" in err and "--force" in err
-    code, out, err = run(*token, "key", "destroy", key_name, "--version", "1", "--paths", str(tmp_path / "data"),
+    code, out, err = run(*token, "key", "destroy", key_name, "--version", "1", "--immediately", "--paths", str(tmp_path / "data"),
                          "--yes", "--force")
     assert code == 0, err
     assert "version 1 destroyed; 1 of 2 envelope(s) scanned needed it" in out
+
+
+def test_a_version_just_superseded_is_not_destroyed_while_other_hosts_may_use_it(softhsm, key_name: str) -> None:
+    """Other hosts see a rotation only at their next refresh and may encrypt under the old primary
+    until then: destroying it at once would make what they wrote unreadable. Refused until
+    keymgr.shred.SETTLE has passed on the keyring's clock (or with immediately=True)."""
+    from datetime import datetime, timedelta
+
+    from keymgr import shred
+
+    moment = [datetime(2026, 12, 6, 8, 0, 0)]
+
+    def clock() -> str:
+        return moment[0].strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    with keymgr.KeyManager(softhsm.uri(), audit=False, _wall_clock=clock) as km:
+        km.create_key(key_name)
+        km.rotate(key_name, activate=False)  # v2 pre-active: never activated, may be activated any moment
+        with pytest.raises(keymgr.PolicyError, match="version 2 was created at"):
+            km.destroy(key_name, 2, confirmed=True)
+        moment[0] += timedelta(minutes=3)
+        km.rotate(key_name)
+        with pytest.raises(keymgr.PolicyError, match=r"version 1 stopped being the primary at .*--immediately"):
+            km.destroy(key_name, 1, confirmed=True)
+        moment[0] += shred.SETTLE - timedelta(seconds=1)
+        with pytest.raises(keymgr.PolicyError, match="stopped being the primary"):
+            km.destroy(key_name, 1, confirmed=True)
+        moment[0] += timedelta(seconds=1)
+        assert km.destroy(key_name, 1, confirmed=True).record.version(1).state == "destroyed"
+        assert km.destroy(key_name, 2, confirmed=True).record.version(2).state == "destroyed"

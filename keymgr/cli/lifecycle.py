@@ -127,17 +127,20 @@ def due_command(state: CliState) -> None:
               help="A custodian's approval of the request (repeatable).")
 @click.option("--yes", is_flag=True, help="Confirm destruction (keys without a quorum policy).")
 @click.option("--force", is_flag=True, help="Destroy even though envelopes under --paths still need the version.")
+@click.option("--immediately", is_flag=True, help="Do not wait until hosts sharing the token must have seen the "
+              "newer primary (10 minutes after it took over): for a single host.")
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
               help="Write the signed ceremony transcript (CMS SignedData) here.")
 @pass_state
 def destroy_command(state: CliState, name: str, version: int, paths: tuple[str, ...], request_path: str | None,
-                    approval_paths: tuple[str, ...], yes: bool, force: bool, transcript_path: str | None) -> None:
+                    approval_paths: tuple[str, ...], yes: bool, force: bool, immediately: bool,
+                    transcript_path: str | None) -> None:
     """Crypto-shred VERSION of NAME: its token object is destroyed; data only it protects is lost."""
     from keymgr.cli._custody_common import read_approvals, read_request
 
     result = state.manager().destroy(name, version, paths=paths, request=read_request(request_path),
                                      approvals=read_approvals(approval_paths), confirmed=yes, force=force,
-                                     transcript=transcript_path is not None)
+                                     transcript=transcript_path is not None, immediately=immediately)
     if transcript_path and result.transcript is not None:
         from keymgr._files import atomic_write
 

@@ -31,6 +31,7 @@ __all__ = [
     "generate_key",
     "key_exists",
     "key_attributes",
+    "cached_key_handle",
     "check_value",
     "destroy_key",
     "list_secret_keys",
@@ -104,8 +105,17 @@ def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes) -> pkcs1
     return found[0]  # type: ignore[return-value]
 
 
-def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any) -> Any:
-    """Run ``use(key)`` with the cached handle; look it up again once if it went stale.
+def cached_key_handle(ts: TokenSession, key_id: bytes) -> int | None:
+    """The handle this session uses for ``key_id`` now, or None before its first use. No token
+    call: lets a caller tie a check of the object (keymgr.provenance) to this very object."""
+    cached = ts.cache.get(("key", key_id))
+    return None if cached is None else cached.handle  # type: ignore[attr-defined, no-any-return]
+
+
+def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any, *, refind: bool = True) -> Any:
+    """Run ``use(key)`` with the cached handle; look it up again once if it went stale, unless
+    ``refind`` is False (a KEK that encrypts: its object was checked, and an object found anew
+    under the same CKA_ID may be another one, planted; the caller checks it again first).
     A key asked for a role its template does not give it is a :class:`~keymgr.errors.PolicyError`."""
 
     def call(session: pkcs11.Session) -> Any:  # type: ignore[name-defined]
@@ -113,8 +123,13 @@ def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any) -> Any:
         try:
             try:
                 return use(key)
-            except (p11x.KeyHandleInvalid, p11x.ObjectHandleInvalid):
+            except (p11x.KeyHandleInvalid, p11x.ObjectHandleInvalid, p11x.WrappingKeyHandleInvalid):
                 ts.cache.pop(("key", key_id), None)
+                if not refind:
+                    raise errors.KeyNotFoundError(
+                        f"{operation} on token {ts.label!r}: key object {key_id.hex()} went away while in use "
+                        "(destroyed, or replaced); nothing was encrypted. Retry: the next attempt checks the "
+                        "object again") from None
                 key = _find_key(session, ts, key_id)
                 return use(key)
         except AttributeError as exc:
@@ -251,7 +266,7 @@ def wrap_data_key(ts: TokenSession, kek_id: bytes, data_key: bytes, mechanism: s
         finally:
             temp.destroy()
 
-    return _with_key(ts, kek_id, "wrap data key", use)  # type: ignore[no-any-return]
+    return _with_key(ts, kek_id, "wrap data key", use, refind=False)  # type: ignore[no-any-return]
 
 
 def checked_for_authenticity(ts: TokenSession, operation: str, call: Callable[[], T]) -> T:
@@ -304,7 +319,7 @@ def gcm_encrypt(ts: TokenSession, key_id: bytes, plaintext: bytes, *, nonce: byt
     params = _gcm_params(nonce, aad)
     return _with_key(ts, key_id, "encrypt data key",  # type: ignore[no-any-return]
                      lambda key: bytes(key.encrypt(bytes(plaintext), mechanism=Mechanism.AES_GCM,
-                                                   mechanism_param=params)))
+                                                   mechanism_param=params)), refind=False)
 
 
 def gcm_decrypt(ts: TokenSession, key_id: bytes, ciphertext: bytes, *, nonce: bytes, aad: bytes) -> bytearray:

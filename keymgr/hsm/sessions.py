@@ -137,6 +137,24 @@ class TokenSession:
         self._pid = module.pid
         return session
 
+    def _open_with_retries(self) -> pkcs11.Session:  # type: ignore[name-defined]
+        """:meth:`_open_locked`, tried again a few times after a re-initialise when the token looks
+        absent: processes logging in at the same moment (forked children of one parent, a fleet
+        starting) rewrite SoftHSM's token file while others read it (STACK-FACTS 23)."""
+        for attempt in range(_REREAD_TRIES):
+            try:
+                return self._open_locked()
+            except errors.TokenError as exc:
+                if attempt == _REREAD_TRIES - 1 or not (isinstance(exc, errors.TokenRemovedError)
+                                                         or exc.code in _MODULE_STALE):
+                    raise
+                time.sleep(0.02 * (attempt + 1))
+                try:
+                    self._rediscover(reinitialize=True)
+                except errors.TokenRemovedError:
+                    continue
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _unlock_hint(self) -> str:
         """How this kind of token unlocks: a TPM's lockout is its dictionary-attack counter."""
         if "TPM" in self._found.model or "TPM" in self.module.description:
@@ -283,7 +301,7 @@ class TokenSession:
         with self.module.lock:
             for attempt in (1, 2):
                 try:
-                    session = self._open_locked()
+                    session = self._open_with_retries()
                 except errors.TokenError as exc:
                     if not isinstance(exc, errors.TokenRemovedError) and exc.code not in _MODULE_STALE:
                         raise

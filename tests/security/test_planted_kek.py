@@ -128,3 +128,37 @@ def test_a_planted_kek_never_encrypts(softhsm: TokenUnderTest, key_name: str, tm
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert planted_id.hex() in proc.stdout and "FAILED" in proc.stdout and attribute in proc.stdout
+
+
+@pytest.mark.parametrize("profile", ["kw", "gcm"])
+def test_a_kek_replaced_under_a_running_manager_never_encrypts(softhsm: TokenUnderTest, key_name: str,
+                                                               profile: str) -> None:
+    """The running process checked the genuine version already; the PIN holder destroys its object
+    and imports one of known value under the same CKA_ID. The next encryption must not use it."""
+    with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
+        record = km.create_key(key_name, profile=profile)
+        km.encrypt(b"checked and trusted", key=key_name)
+        key_id = record.primary_version.key_id
+        roles = ({Attribute.WRAP: True, Attribute.UNWRAP: True} if profile == "kw"
+                 else {Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
+
+        def swap(session: object) -> None:
+            for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,  # type: ignore[attr-defined]
+                                                 Attribute.ID: key_id})):
+                obj.destroy()
+            session.create_object({  # type: ignore[attr-defined]
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.TOKEN: True,
+                Attribute.PRIVATE: True, Attribute.LABEL: f"{key_name}/v1", Attribute.ID: key_id,
+                Attribute.VALUE: os.urandom(32), Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                Attribute.MODIFIABLE: False, **roles})
+
+        km.token.run("swap the KEK", swap)
+        outcomes = []
+        for _ in range(5):
+            try:
+                km.encrypt(b"after the swap", key=key_name)
+                outcomes.append("encrypted")
+            except (keymgr.KeyNotFoundError, keymgr.PolicyError) as exc:
+                outcomes.append(type(exc).__name__ + (": CKA_LOCAL" if "CKA_LOCAL" in str(exc) else ""))
+    assert "encrypted" not in outcomes, outcomes
+    assert outcomes[-1] == "PolicyError: CKA_LOCAL", outcomes
