@@ -182,6 +182,7 @@ class Keyring:
         self._writer_macs: list[bytes] | None = None
         self._reader_macs: list[bytes] = []
         self._trust: dict[tuple[bytes, int | None], str | None] = {}
+        self._imported: set[bytes] = set()  # versions made by create(_value=...) in this object (tests)
         self._refresher: threading.Thread | None = None
         self._refresh_error: errors.KeymgrError | None = None
         self._closed = False
@@ -551,8 +552,7 @@ class Keyring:
                            "epoch": 1, "restored": False})]
             record = self._put(name, facts, covers=[])
             if _value is not None:  # the caller imported it knowingly: this keyring lets it encrypt
-                objects.key_exists(self._ts, key_id)  # caches its handle
-                self._trust[(key_id, objects.cached_key_handle(self._ts, key_id))] = None
+                self._imported.add(key_id)
         except BaseException:
             self.discard_unrecorded(name, key_id)
             raise
@@ -619,6 +619,8 @@ class Keyring:
         """Refuse (PolicyError) a version whose key object does not prove that the token made it
         and that it can never leave (:func:`keymgr.provenance.encrypt_refusal`); checked once per
         version per process."""
+        if version.key_id in self._imported:
+            return
         slot = (version.key_id, objects.cached_key_handle(self._ts, version.key_id))
         try:
             refusal = self._trust[slot]
