@@ -18,11 +18,13 @@ import pytest
 from tests.fleet import FleetToken, fleet_workspace, fresh_token, require_namespaces, run_host, run_hosts
 
 _SETUP = r"""
+import os
 import keymgr
-with keymgr.KeyManager(URI, audit=False) as km:
+log = os.path.join(DISK, "setup.log")
+with keymgr.KeyManager(URI, audit=log) as km:
     km.create_key("orders")
     km.create_key("billing", profile="gcm", max_messages=ARGS["limit"], auto_rotate=True)
-RESULT = "ok"
+RESULT = log
 """
 
 _HOST = r"""
@@ -71,11 +73,14 @@ RESULT = {"errors": errors, "sealed": sealed, "rotations": rotations, "suspensio
 
 _CHECK = r"""
 import json
+import os
 import keymgr
-from keymgr.audit import verify_log
+from keymgr.audit import verify_log, verify_logs
+from keymgr.hsm import open_token
 ARGS = json.load(open(ARGS))
 failed = []
-with keymgr.KeyManager(URI, audit=False) as km:
+own_log = os.path.join(DISK, "check.log")
+with keymgr.KeyManager(URI, audit=own_log) as km:
     for host, messages in enumerate(ARGS["sealed"]):
         for key, i, blob in messages:
             try:
@@ -84,13 +89,22 @@ with keymgr.KeyManager(URI, audit=False) as km:
                     failed.append(f"host {host} message {i}: wrong plaintext")
             except keymgr.KeymgrError as exc:
                 failed.append(f"host {host} message {i}: {type(exc).__name__}: {exc}")
-    logs = {}
-    for path in ARGS["logs"]:
-        report = verify_log(path, token=km.token)
-        logs[path] = [report.ok, report.entries, str(report.broken), report.macs_checked]
     versions = {name: len(km.describe_key(name).versions) for name in ("orders", "billing")}
     bad = [f"{c.name} v{c.version}: {c.verdict}" for c in km.verify_keys() if not c.ok]
-RESULT = {"failed": failed, "logs": logs, "versions": versions, "unverified": bad}
+ts = open_token(URI)
+logs = {}
+for path in ARGS["logs"]:
+    report = verify_log(path, token=ts)
+    logs[path] = [report.ok, report.entries, str(report.broken), report.macs_checked]
+every = ARGS["logs"] + ARGS["other_logs"] + [own_log]
+together = verify_logs(every, token=ts)
+missing_before = [str(m) for m in together.missing]
+gone = ARGS["logs"][0]
+os.rename(gone, gone + ".away")
+after = verify_logs(every[1:], token=ts)
+os.rename(gone + ".away", gone)
+RESULT = {"failed": failed, "logs": logs, "versions": versions, "unverified": bad, "together": together.ok,
+          "missing_before": missing_before, "missing_after": [m.path for m in after.missing]}
 """
 
 
@@ -105,13 +119,14 @@ def _file(token: FleetToken, args: object) -> str:
 
 
 def _fleet(hosts: int, messages: int, token: FleetToken) -> tuple[list[dict[str, object]], dict[str, object]]:
-    run_host(_SETUP, token, args={"limit": _LIMIT}).check()
+    setup_log = run_host(_SETUP, token, args={"limit": _LIMIT}).check()
     args = {"messages": messages, "rotators": min(3, hosts), "rotate_every": 25, "suspender": hosts - 1}
     run = run_hosts(hosts, _HOST, token, args=[args] * hosts, timeout=240)
     run.assert_ok()
     results = run.results
     check = run_host(_CHECK, token, timeout=240, args=_file(token, {
-        "sealed": [r["sealed"] for r in results], "logs": [r["log"] for r in results]})).check()
+        "sealed": [r["sealed"] for r in results], "logs": [r["log"] for r in results],
+        "other_logs": [setup_log]})).check()
     return results, check
 
 
@@ -132,6 +147,10 @@ def _assert_fleet(results: list[dict[str, object]], check: dict[str, object], ho
         assert ok, f"{path}: {problems}"
         assert entries > 0 and maced
     assert check["unverified"] == []
+    # every host's log verifies together with the others, and none of the token's chains is missing;
+    # with one host's whole log gone, that log is reported missing
+    assert check["together"] and check["missing_before"] == [], check["missing_before"]
+    assert [os.path.realpath(p) for p in check["missing_after"]] == [os.path.realpath(results[0]["log"])]
     # auto-rotation racing on every host: at most one new version per host per use-limit period
     periods = -(-billing_messages // _LIMIT)
     assert check["versions"]["billing"] <= 1 + hosts * periods, check["versions"]  # type: ignore[index]
