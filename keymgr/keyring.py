@@ -171,6 +171,8 @@ class Keyring:
         self._lock = threading.RLock()
         self._reloading = threading.Lock()
         self._facts: dict[str, dict[str, Fact]] = {}
+        #: per key, the newest record of keymgr before facts (generation, its facts), read as facts
+        self._legacy: dict[str, tuple[int, list[Fact]]] = {}
         self._owner: dict[str, str] = {}  # label of each object read (or written) -> key name
         self._covered: dict[str, tuple[float, str]] = {}  # label -> (monotonic first seen covered, snapshot time)
         self._present: set[str] = set()
@@ -265,15 +267,26 @@ class Keyring:
         with self._reloading:
             present, new = objects.scan_data_objects(self._ts, application=APPLICATION, memo=self._scan)
             changed: set[str] = set()
-            for label, value in new:
-                if label not in self._owner:
+            refused: errors.IntegrityError | None = None
+            for handle, label, value in new:
+                if label in self._owner:
+                    continue
+                try:
                     name = self._ingest(label, value)
-                    if name is not None:
-                        changed.add(name)
+                except errors.IntegrityError as exc:
+                    # take in every genuine object all the same, and read this one again next time:
+                    # the refusal stands as long as the forged object does
+                    self._scan.labels.pop(handle, None)
+                    refused = refused or exc
+                    continue
+                if name is not None:
+                    changed.add(name)
             with self._lock:
                 self._present = present
                 self._rebuild(changed)
                 self._loaded_at = time.monotonic()
+            if refused is not None:
+                raise refused
 
     def _ingest(self, label: str, value: bytes) -> str | None:
         """Verify and take in one object; the key it belongs to, or None if it is no keyring object."""
@@ -312,6 +325,16 @@ class Keyring:
                 record = KeyRecord.from_json(inner)
                 name, expected, covers = record.name, f"{LEGACY_PREFIX}{record.name}/{record.generation}", []
                 facts = facts_of_record(record, restored=False, seed=f"{label}/{envelope['mac']}")
+                if label != expected:
+                    raise errors.IntegrityError(f"{what} (its label does not match its content)")
+                with self._lock:  # keymgr before facts read the newest generation only: so do we
+                    best = self._legacy.get(name)
+                    if best is None or record.generation > best[0]:
+                        self._legacy[name] = (record.generation, facts)
+                    self._owner[label] = name
+                return name
+        except errors.IntegrityError:
+            raise
         except (ValueError, KeyError, TypeError, errors.KeymgrError) as exc:
             raise errors.IntegrityError(what) from exc
         if label != expected:
@@ -327,10 +350,15 @@ class Keyring:
                 self._covered.setdefault(covered, (seen, str(inner.get("at", ""))))
         return name
 
+    def _all_facts(self, name: str) -> list[Fact]:
+        legacy = self._legacy.get(name)
+        known = self._facts.get(name, {})
+        return list(known.values()) + [f for f in (legacy[1] if legacy else []) if f.fact_id not in known]
+
     def _rebuild(self, names: Iterable[str]) -> None:
         changed = False
         for name in names:
-            record = fold(name, self._facts.get(name, {}).values())
+            record = fold(name, self._all_facts(name))
             if record is not None:
                 self._records[name] = record
                 changed = True
@@ -414,7 +442,7 @@ class Keyring:
     def facts(self, name: str) -> list[Fact]:
         """Every fact of ``name`` this process has seen (rotation reads epochs and clocks from them)."""
         with self._lock:
-            return list(self._facts.get(name, {}).values())
+            return self._all_facts(name)
 
     # -- writing ----------------------------------------------------------------------
 
@@ -476,16 +504,23 @@ class Keyring:
     def _maybe_compact(self, name: str) -> None:
         with self._lock:
             loose = sorted(label for label in self._present if self._owner.get(label) == name)
-            if len(loose) <= self.compact_at:
-                return
-            facts = self._compacted(name)
+            if sum(label not in self._covered for label in loose) <= self.compact_at:
+                # objects a snapshot already covers do not count; they go when their grace is over
+                pending = any(label in self._covered for label in loose)
+                facts = None
+            else:
+                facts = self._compacted(name)
+        if facts is None:
+            if pending:
+                self._sweep_covered()
+            return
         self._put(name, facts, covers=loose)
         self._sweep_covered()
 
     def _compacted(self, name: str) -> list[Fact]:
         """Every fact of ``name``, less what no reader needs: per use counter only its highest
         total, and pending facts whose version fact exists."""
-        facts = list(self._facts.get(name, {}).values())
+        facts = self._all_facts(name)
         named = {f.kid for f in facts if f.kind == "version"}
         best: dict[tuple[str, str], Fact] = {}
         kept = []
@@ -598,20 +633,25 @@ class Keyring:
         """Destroy what :meth:`orphans` finds that surely protects nothing: objects of destroyed
         versions, and objects whose pending fact is older than :attr:`orphan_grace` and that no
         version fact names, even after a re-initialise (STACK-FACTS 21). Returns how many."""
-        if not self.orphans(name):
+        if not self._sweepable(name):
             return 0
-        self._ts.reread()
+        self._ts.reread()  # only now: a re-initialise costs a login, which rewrites SoftHSM's token file
         self.reload()
+        swept = 0
+        for key_id in self._sweepable(name):
+            objects.destroy_key(self._ts, key_id)
+            swept += 1
+        return swept
+
+    def _sweepable(self, name: str) -> list[bytes]:
         pending = {bytes.fromhex(f.kid): f.at for f in self.facts(name) if f.kind == "pending"}
         wall = parse_time(self.now())
-        swept = 0
+        found = []
         for _, key_id in self.orphans(name):
-            destroyed = key_id in self._by_id
             stamp = pending.get(key_id)
-            if destroyed or (stamp and wall - parse_time(stamp) >= self.orphan_grace):
-                objects.destroy_key(self._ts, key_id)
-                swept += 1
-        return swept
+            if key_id in self._by_id or (stamp and wall - parse_time(stamp) >= self.orphan_grace):
+                found.append(key_id)
+        return found
 
     # -- provenance ---------------------------------------------------------------------
 

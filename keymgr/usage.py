@@ -148,6 +148,13 @@ class UsageMeter:
             keyring.reload()
             current = keyring.get(record.name)
             version = current.primary_version
+            if limit - version.uses <= 4 * block_for(limit, self._sizes.get(version.key_id, 0)):
+                # near the limit, another process's newest reservation must not be missed: SoftHSM can
+                # keep a stale view of other processes' writes (STACK-FACTS 21) until a re-initialise
+                keyring.token.reread()
+                keyring.reload()
+                current = keyring.get(record.name)
+                version = current.primary_version
             if version.state != "active":
                 return current  # the wrap refuses, with the reason
             granted = self._take_block(current, limit)
@@ -173,6 +180,8 @@ class UsageMeter:
         self._totals[key_id] = (mine + take, keyring.fact_label(current.name, fact_id))
         if old_label:
             keyring.forget_object(old_label)  # superseded by the higher total: every reader takes the max
+        if limit - (version.uses + take) <= 4 * take:
+            keyring.token.reread()  # near the limit: see the others' reservations made at the same moment
         keyring.reload()  # others may have reserved at the same moment: keep only what fits
         after = keyring.get(current.name)
         counted = next((v.uses for v in after.versions if v.key_id == key_id), version.uses + take)

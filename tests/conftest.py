@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
-SOFTHSM_TOKENS = ("keymgr-A", "keymgr-B", "custodian-1", "custodian-2", "custodian-3", "lockout", "hygiene")
+#: "crash" is for tests that SIGKILL processes in the middle of token calls: SoftHSM can be left with
+#: a half-written object there (a find over every object then fails), which must not reach other tests
+SOFTHSM_TOKENS = ("keymgr-A", "keymgr-B", "custodian-1", "custodian-2", "custodian-3", "lockout", "hygiene", "crash")
 USER_PIN = "1234"
 SO_PIN = "5678"
 

@@ -1,10 +1,13 @@
-"""``rotate`` killed mid-way (SIGKILL at random moments), orphans, and concurrent rotation by two processes.
+"""``rotate`` killed mid-way (SIGKILL at random moments), orphans, and concurrent changes by two processes.
 
 Rotation's promise (keymgr.rotation): a crash anywhere leaves the old primary or the new one,
 never none and never two, and every message written before still decrypts. The child process
 below rotates in a loop and, after each rotation, writes one message under the new primary
 (atomically, so only whole messages count); the parent kills it at random moments and checks
-the keyring from the token after every kill.
+the keyring from the token after every kill. A key object a crash left between its ``pending``
+fact and its ``version`` fact is kept while another host might still be between the two steps,
+and destroyed by a rotation once the pending fact is ``orphan_grace`` old (the keyring's clock
+is moved here: tests/_keyring_helpers.WallClock).
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
-
-import pytest
 
 import keymgr
 from keymgr import rotation
 from keymgr.hsm import objects
-from keymgr.keyring import version_template
-from tests.conftest import TokenUnderTest
+from keymgr.keyring import KeyPolicy, version_template
+from tests._keyring_helpers import WallClock, same_record
+from tests.conftest import TokenUnderTest, requires, softhsm_token
 
 REPO = Path(__file__).resolve().parent.parent
 KILLS = 24
@@ -74,7 +78,8 @@ def _decrypts_everything(km: keymgr.KeyManager, expected: dict[Path | int, bytes
     return len(files)
 
 
-def test_rotate_killed_at_random_moments(softhsm: TokenUnderTest, key_name: str, tmp_path: Path) -> None:
+def test_rotate_killed_at_random_moments(key_name: str, tmp_path: Path) -> None:
+    softhsm = softhsm_token("crash")  # its own token: a kill inside C_GenerateKey can leave a half-made object
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     out = tmp_path / "messages"
     out.mkdir()
@@ -82,7 +87,8 @@ def test_rotate_killed_at_random_moments(softhsm: TokenUnderTest, key_name: str,
     mine.mkdir()
     expected: dict[Path | int, bytes] = {}
     orphans_seen = kills = 0
-    with keymgr.KeyManager(softhsm.uri()) as km:
+    clock = WallClock()
+    with keymgr.KeyManager(softhsm.uri(), _wall_clock=clock) as km:
         km.create_key(key_name)
         while kills < KILLS:
             plain = b"parent %d" % kills
@@ -105,29 +111,54 @@ def test_rotate_killed_at_random_moments(softhsm: TokenUnderTest, key_name: str,
             record = _check_keyring(km, key_name)
             orphans_seen += len(rotation.orphans(km.keyring, record))
         messages = _decrypts_everything(km, expected, out)
-        record = km.rotate(key_name)  # cleans up what the last kill left
+        left = rotation.orphans(km.keyring, km.describe_key(key_name))
+        record = km.rotate(key_name)  # another host could still be between generating a key and its fact
+        assert all(objects.key_exists(km.token, key_id) for _, key_id in left), "an orphan went before its grace"
+        clock.advance(km.keyring.orphan_grace + timedelta(minutes=1))
+        record = km.rotate(key_name)  # cleans up what every kill left
         assert rotation.orphans(km.keyring, record) == []
+        assert not any(objects.key_exists(km.token, key_id) for _, key_id in left)
         _check_keyring(km, key_name)
         _decrypts_everything(km, expected, out)
     print(f"\n{kills} kills, {len(record.versions)} versions, {messages} child messages, "
           f"{orphans_seen} orphan sightings after kills")
-    assert len(record.versions) >= KILLS + 2  # at least one whole rotation per round, and the last one
+    assert len(record.versions) >= KILLS + 3  # at least one whole rotation per round, and the last two
 
 
-def test_an_orphan_left_by_a_crash_is_destroyed_by_the_next_rotate(km, key_name: str) -> None:
-    """The state a crash between key generation and the record write leaves, made by hand."""
-    record = km.create_key(key_name)
-    orphan_id = km.keyring.new_key_id()
-    objects.generate_key(km.token, version_template(record.profile, record.policy), label=f"{key_name}/v2",
-                         key_id=orphan_id)
-    assert rotation.orphans(km.keyring, km.describe_key(key_name)) == [(f"{key_name}/v2", orphan_id)]
-    assert km.describe_key(key_name).primary == 1  # the old primary is still the one
-    blob = km.encrypt(b"v1", key=key_name)
-    record = km.rotate(key_name)
-    assert record.primary == 2 and record.primary_version.key_id != orphan_id
-    assert not objects.key_exists(km.token, orphan_id)
-    assert rotation.orphans(km.keyring, record) == []
-    assert km.decrypt(blob) == b"v1"
+def test_an_orphan_left_by_a_crash_is_destroyed_once_its_pending_fact_is_old(token: TokenUnderTest,
+                                                                               key_name: str) -> None:
+    """The state a crash between key generation and the version fact leaves, made by hand: the
+    pending fact names the new object, no version fact does. Until the pending fact is
+    orphan_grace old (by the keyring's clock) a rotation keeps the object (another host may be
+    between the two steps); after, the next rotation destroys it. An object that no fact names
+    is never touched."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    clock = WallClock()
+    with keymgr.KeyManager(token.uri(), _wall_clock=clock) as km:
+        record = km.create_key(key_name)
+        template = version_template(record.profile, record.policy)
+        orphan_id, stray_id = km.keyring.new_key_id(), km.keyring.new_key_id()
+        km.keyring.add(key_name, "pending", {"kid": orphan_id.hex(), "num": 2})  # what rotate writes first
+        objects.generate_key(km.token, template, label=f"{key_name}/v2", key_id=orphan_id)  # then the crash
+        objects.generate_key(km.token, template, label=f"{key_name}/v9", key_id=stray_id)  # no fact names it
+        try:
+            assert sorted(rotation.orphans(km.keyring, km.describe_key(key_name))) == sorted(
+                [(f"{key_name}/v2", orphan_id), (f"{key_name}/v9", stray_id)])
+            assert km.describe_key(key_name).primary == 1  # the old primary is still the one
+            blob = km.encrypt(b"v1", key=key_name)
+            clock.advance(km.keyring.orphan_grace - timedelta(minutes=5))
+            record = km.rotate(key_name)
+            assert record.primary == 2 and record.primary_version.key_id not in (orphan_id, stray_id)
+            assert objects.key_exists(km.token, orphan_id), "destroyed within its grace period"
+            clock.advance(timedelta(minutes=10))
+            record = km.rotate(key_name)
+            assert record.primary == 3 and len(record.versions) == 3
+            assert not objects.key_exists(km.token, orphan_id)
+            assert objects.key_exists(km.token, stray_id)
+            assert rotation.orphans(km.keyring, record) == [(f"{key_name}/v9", stray_id)]
+            assert km.decrypt(blob) == b"v1"
+        finally:
+            objects.destroy_key(km.token, stray_id)
 
 
 def test_two_processes_rotating_at_once_leave_one_primary(softhsm: TokenUnderTest, key_name: str,
@@ -151,12 +182,47 @@ def test_two_processes_rotating_at_once_leave_one_primary(softhsm: TokenUnderTes
         assert _decrypts_everything(km, {}, tmp_path) == 2 * rounds
 
 
-def test_a_lost_generation_race_is_a_clear_error(km, token: TokenUnderTest, key_name: str) -> None:
-    """A writer that bypasses the lock with a stale record (another machine) is refused, not merged."""
+def test_changes_made_from_stale_views_at_once_all_land_and_every_reader_agrees(km, token: TokenUnderTest,
+                                                                                 key_name: str) -> None:
+    """Writers never read-modify-write: a change made from a view that misses another's change
+    (another machine, bypassing this one's lock) lands next to it instead of undoing it, and every
+    reader folds the same record. Here one manager rotates while the other, still seeing v1 as the
+    primary, changes the policy; then both change the policy at the same moment, each without
+    seeing the other's: one of the two wins, the same one on every reader."""
     km.create_key(key_name)
-    with keymgr.KeyManager(token.uri()) as other:
-        stale = other.describe_key(key_name)
+    km.keyring.refresh_interval = 3600.0  # each manager keeps the view it has until it reloads
+    with keymgr.KeyManager(token.uri()) as other, keymgr.KeyManager(token.uri()) as third:
+        other.keyring.refresh_interval = 3600.0
+        assert other.describe_key(key_name).primary == 1
         km.rotate(key_name)
-        with pytest.raises(keymgr.ConfigurationError, match="changed by another process"):
-            other.keyring.write(stale)
-    assert _check_keyring(km, key_name).primary == 2
+        assert other.keyring.current(key_name).primary == 1  # stale: it has not seen the rotation
+        other.keyring.with_policy(key_name, KeyPolicy(rotate_after_days=90))
+        records = []
+        for manager in (km, other, third):
+            manager.keyring.reload()
+            records.append(manager.describe_key(key_name))
+        assert all(same_record(r, records[0]) for r in records), records
+        assert records[0].primary == 2 and records[0].policy.rotate_after_days == 90
+        assert _check_keyring(km, key_name).primary == 2
+
+        start = threading.Barrier(2)
+        wanted = {km: KeyPolicy(rotate_after_days=7), other: KeyPolicy(rotate_after_days=8)}
+
+        def change(manager: keymgr.KeyManager) -> None:
+            start.wait(timeout=10)
+            manager.keyring.with_policy(key_name, wanted[manager])
+
+        threads = [threading.Thread(target=change, args=(m,)) for m in wanted]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        records = []
+        for manager in (km, other, third):
+            manager.keyring.reload()
+            records.append(manager.describe_key(key_name))
+        policies = [f for f in third.keyring.facts(key_name) if f.kind == "policy"]
+        assert len(policies) == 3, policies  # both racing changes landed, next to the first
+        assert all(same_record(r, records[0]) for r in records), records
+        assert records[0].policy in wanted.values()
+        assert records[0].primary == 2

@@ -395,18 +395,19 @@ class DataObjectScan:
 
 
 def scan_data_objects(ts: TokenSession, *, application: str,
-                      memo: DataObjectScan) -> tuple[set[str], list[tuple[str, bytes]]]:
-    """The labels of every data object of ``application`` now, and (label, value) of those whose
-    handle ``memo`` has not seen. One find, plus one read per new object."""
+                      memo: DataObjectScan) -> tuple[set[str], list[tuple[int, str, bytes]]]:
+    """The labels of every data object of ``application`` now, and (handle, label, value) of those
+    whose handle ``memo`` has not seen. One find, plus one read per new object. A caller that
+    cannot take an object in forgets its handle (``memo.labels.pop``), so it is read again."""
 
-    def call(session: pkcs11.Session) -> tuple[set[str], list[tuple[str, bytes]]]:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> tuple[set[str], list[tuple[int, str, bytes]]]:  # type: ignore[name-defined]
         if memo.session is not session:
             memo.session, memo.labels = session, {}
         for attempt in range(_SCAN_RETRIES):
             try:
                 found = list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
                                                   Attribute.APPLICATION: application}))
-                new: list[tuple[str, bytes]] = []
+                new: list[tuple[int, str, bytes]] = []
                 handles: set[int] = set()
                 for obj in found:
                     handle = obj.handle
@@ -416,7 +417,7 @@ def scan_data_objects(ts: TokenSession, *, application: str,
                     if handle not in memo.labels:
                         label, value = str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])
                         memo.labels[handle] = label
-                        new.append((label, value))
+                        new.append((handle, label, value))
                 for gone in [h for h in memo.labels if h not in handles]:
                     del memo.labels[gone]
                 return set(memo.labels.values()), new

@@ -16,7 +16,7 @@ import pytest
 from keymgr import KeyManager
 from keymgr.hsm import asym, objects
 from keymgr.hsm.known_keys import import_secret_key
-from keymgr.keyring import META_MAC_ID
+from keymgr.keyring import META_MAC_LABEL
 from keymgr.templates import TRANSPORT_IMPORT, TRANSPORT_KEY
 from tests.conftest import softhsm_token
 from tests.security._attacker import Target
@@ -41,7 +41,11 @@ def targets(manager: KeyManager) -> Iterator[dict[str, Target]]:
             km.create_key(name, profile=profile, backup=backup)
             purpose = {"kw": "kek-wrap", "gcm": "kek-gcm"}[profile] + ("+backup" if backup else "")
             made[purpose] = km.describe_key(name).primary_version.key_id
-    made["mac"] = META_MAC_ID  # the keyring's own MAC key, made by the first create above
+    # the keyring's own MAC key, made by the first create above: found by its label (its CKA_ID has a
+    # random part); the lowest CKA_ID is the one every writer MACs with
+    mac_keys = objects.singleton_keys(km.token, META_MAC_LABEL)
+    assert mac_keys, "the keyring made no metadata MAC key"
+    made["mac"] = mac_keys[0]
     ts = km.token
     session_ids = {"transport": os.urandom(16), "transport-import": os.urandom(16)}
     objects.generate_key(ts, TRANSPORT_KEY, label=f"sec-transport-{RUN}", key_id=session_ids["transport"])

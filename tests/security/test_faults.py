@@ -5,7 +5,7 @@ For each fault kind keymgr must surface the error a caller can act on
 otherwise), recover where the design says it does (a lost session is reopened
 and logged in again, the call retried once; the next call after a removal
 finds the token again), and leave nothing half-done: no output file from the
-CLI, no keyring record that does not read back.
+CLI, no keyring change that reads back differently on different readers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import io
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,8 @@ from click.testing import CliRunner
 
 from keymgr import KeyManager, errors
 from keymgr.cli import cli
-from keymgr.keyring import KeyPolicy, KeyRecord
+from keymgr.keyring import SNAPSHOT_PREFIX, KeyPolicy, KeyRecord
+from tests._keyring_helpers import eventually, key_objects, same_record
 from tests.conftest import softhsm_token
 from tests.faults import FaultInjector, injected
 
@@ -43,16 +44,34 @@ def key(manager: KeyManager) -> str:
 
 
 @pytest.mark.parametrize("operation", ["wrap data key", "read data objects"])
-def test_removed_device_is_token_removed_and_the_next_call_recovers(manager: KeyManager, key: str,
-                                                                     faults: FaultInjector, operation: str) -> None:
-    manager.keyring.refresh_interval = 0  # every call re-reads the keyring: "read data objects" is on the path
-    try:
+def test_removed_device_is_token_removed_and_the_next_call_recovers(key: str, faults: FaultInjector,
+                                                                     operation: str) -> None:
+    """A manager's first call reads the keyring ("read data objects" on the caller's path; later
+    re-reads run in the background: the next test), then wraps the data key."""
+    with KeyManager(softhsm_token().uri()) as manager:
         fault = faults.add("removed", operation)
         with pytest.raises(errors.TokenRemovedError) as info:
             manager.encrypt(b"x", key=key, context=CTX)
         assert info.value.code == "CKR_DEVICE_REMOVED" and fault.hits == [operation]
         assert "not present" in str(info.value) or "removed" in str(info.value)
         blob = manager.encrypt(b"x", key=key, context=CTX)  # the next call finds the token again
+        assert manager.decrypt(blob, context=CTX) == b"x"
+
+
+def test_removed_device_in_a_background_refresh_is_no_callers_error(manager: KeyManager, key: str,
+                                                                    faults: FaultInjector) -> None:
+    """A re-read runs in a background thread while calls go on with the view they have: a removal
+    there reaches no caller, and a later re-read still brings another process's change."""
+    manager.keyring.refresh_interval = 0  # every call starts a re-read
+    try:
+        fault = faults.add("removed", "read data objects")
+        blob = manager.encrypt(b"x", key=key, context=CTX)
+        eventually(lambda: fault.hits, what="the background re-read met the removal")
+        assert manager.decrypt(blob, context=CTX) == b"x"
+        faults.clear()
+        with KeyManager(softhsm_token().uri()) as other:
+            other.rotate(key)
+        eventually(lambda: manager.describe_key(key).primary == 2, what="the next re-read saw the rotation")
         assert manager.decrypt(blob, context=CTX) == b"x"
     finally:
         manager.keyring.refresh_interval = 1.0
@@ -150,20 +169,53 @@ def _key_objects(manager: KeyManager, label: str) -> list[bytes]:
                                                              Attribute.LABEL: label})])
 
 
-@pytest.mark.parametrize("operation", ["write data object", "destroy data object"])
-def test_fault_during_record_update_keeps_one_readable_generation(manager: KeyManager, key: str,
-                                                                  faults: FaultInjector, operation: str) -> None:
-    """A record update writes generation n+1, then deletes n: a fault between the two leaves both,
-    and readers take the newest; a fault before leaves n alone."""
-    record = manager.describe_key(key)
-    faults.add("removed", operation)
-    with pytest.raises(errors.TokenRemovedError):
-        manager.keyring.write(replace(record, policy=KeyPolicy(max_messages=1000)))
-    faults.clear()
-    after = _consistent(manager)[key]
-    assert after.generation == record.generation + (operation == "destroy data object")
-    manager.keyring.write(replace(after, policy=KeyPolicy(max_messages=2000)))  # and the next write cleans up
-    assert _consistent(manager)[key].policy.max_messages == 2000
+@contextmanager
+def _compacting(manager: KeyManager, on: bool = True) -> Iterator[None]:
+    """Every change of a key also compacts it into a snapshot and destroys what the snapshot covers
+    at once (compact_at 2, no grace period), so "destroy data object" is on a change's path; no
+    background re-read meanwhile (it could take a fault meant for the change)."""
+    keyring = manager.keyring
+    saved = keyring.compact_at, keyring.grace, keyring.refresh_interval
+    if on:
+        keyring.compact_at, keyring.grace, keyring.refresh_interval = 2, 0.0, 3600.0
+    try:
+        yield
+    finally:
+        keyring.compact_at, keyring.grace, keyring.refresh_interval = saved
+
+
+def _read_afresh(name: str) -> KeyRecord:
+    with KeyManager(softhsm_token().uri()) as reader:
+        return reader.describe_key(name)
+
+
+@pytest.mark.parametrize(("kind", "operation", "after"), [
+    ("removed", "write data object", False),
+    ("host-memory", "write data object", True),
+    ("removed", "destroy data object", False),
+])
+def test_fault_during_a_keyring_change_leaves_it_whole_or_absent(manager: KeyManager, key: str,
+                                                                 faults: FaultInjector, kind: str, operation: str,
+                                                                 after: bool) -> None:
+    """A change is one new fact object; past compact_at objects the writer then writes a snapshot
+    and destroys what it covers. A fault before the fact is written leaves the change absent;
+    after it (the answer lost, or the clean-up failed), whole. Either way every reader folds the
+    same record, and the next change cleans up what was left."""
+    with _compacting(manager):
+        faults.add(kind, operation, after=after)
+        with pytest.raises(errors.TokenError):
+            manager.keyring.with_policy(key, KeyPolicy(max_messages=1000))
+        faults.clear()
+        record = _consistent(manager)[key]
+        assert (record.policy.max_messages == 1000) == (after or operation == "destroy data object")
+        assert same_record(_read_afresh(key), record)
+        manager.keyring.with_policy(key, KeyPolicy(max_messages=2000))  # and the next change cleans up
+        record = _consistent(manager)[key]
+        assert record.policy.max_messages == 2000
+        assert same_record(_read_afresh(key), record)
+        left = list(key_objects(manager.token, key))
+        # what the failed clean-up left is gone; one snapshot and at most compact_at (2) newer facts stay
+        assert sum(label.startswith(SNAPSHOT_PREFIX) for label in left) == 1 and len(left) <= 2, left
 
 
 # -- the CLI: no partial output file ---------------------------------------------------------------
@@ -215,13 +267,15 @@ def test_cli_decrypt_truncated_mid_stream_leaves_no_output(tmp_path: Path, manag
 ])
 def test_fault_during_rotate_never_half_rotates(manager: KeyManager, key: str, faults: FaultInjector, kind: str,
                                                 operation: str, after: bool) -> None:
-    """A rotation is the new version's object plus one record write: after any fault the key has
-    either its old primary and no new object, or the new primary, never a version without a record."""
+    """A rotation is a pending fact, the new version's object and its version fact (and, past
+    compact_at objects, a snapshot and the destruction of what it covers): after any fault the key
+    has either its old primary and no new object, or the new primary, never a version without a fact."""
     blob = manager.encrypt(b"old", key=key, context=CTX)
-    faults.add(kind, operation, after=after)
-    with pytest.raises(errors.TokenError):
-        manager.rotate(key)
-    faults.clear()
+    with _compacting(manager, on=operation == "destroy data object"):  # a rotation's writes then destroy
+        faults.add(kind, operation, after=after)
+        with pytest.raises(errors.TokenError):
+            manager.rotate(key)
+        faults.clear()
     record = _consistent(manager)[key]
     assert record.primary in (1, 2) and len(record.versions) == record.primary
     assert len(_key_objects(manager, f"{key}/v2")) == (record.primary == 2)

@@ -232,7 +232,9 @@ def _with_manager(obs: Observed, work: Path, km: KeyManager, audit: AuditLog) ->
         obs.fails("device error during unwrap", errors.TokenError, lambda: km.decrypt(blob, context=ctx))
         faults.add("handle-invalid", "unwrap data key", times=2)
         obs.fails("session lost twice", errors.TokenError, lambda: km.decrypt(blob, context=ctx))
-        faults.add("host-memory", "compute HMAC")
+        # every HMAC of the create fails: the audit log's intent entry comes first and is written
+        # unMACed (the next MAC covers it); the keyring cannot MAC its facts, and the create fails
+        faults.add("host-memory", "compute HMAC", times=50)
         obs.fails("host memory in the keyring MAC", errors.TokenError, lambda: km.create_key(f"{name}-x"))
         faults.clear()
         src = work / "in.txt"
