@@ -375,8 +375,8 @@ def destroy_data_object(ts: TokenSession, *, application: str, label: str) -> No
         for obj in _scan(session, template, lambda obj: obj):
             try:
                 obj.destroy()
-            except p11x.ObjectHandleInvalid:
-                continue
+            except (p11x.ObjectHandleInvalid, p11x.FunctionFailed):
+                continue  # another process destroyed it first (SoftHSM may say CKR_FUNCTION_FAILED then)
 
     ts.run(f"destroy data object {label!r}", call)
 
@@ -413,11 +413,14 @@ def scan_data_objects(ts: TokenSession, *, application: str,
                     handle = obj.handle
                     if handle is None:  # pragma: no cover - a found object always has one
                         continue
-                    handles.add(handle)
                     if handle not in memo.labels:
-                        label, value = str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])
+                        try:
+                            label, value = str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])
+                        except (p11x.ObjectHandleInvalid, p11x.FunctionFailed):
+                            continue  # destroyed by another process since the find: it is gone
                         memo.labels[handle] = label
                         new.append((handle, label, value))
+                    handles.add(handle)
                 for gone in [h for h in memo.labels if h not in handles]:
                     del memo.labels[gone]
                 return set(memo.labels.values()), new
@@ -430,8 +433,20 @@ def scan_data_objects(ts: TokenSession, *, application: str,
 
 
 def singleton_keys(ts: TokenSession, label: str) -> list[bytes]:
-    """CKA_IDs of the secret-key token objects labelled ``label``, sorted."""
-    return sorted(key_id for found, key_id in list_secret_keys(ts) if found == label)
+    """CKA_IDs of the secret-key token objects labelled ``label``, sorted (one find by label: a
+    token holds thousands of key versions, which must not be read one by one)."""
+
+    def read(obj: Any) -> bytes | None:
+        try:
+            return bytes(obj[Attribute.ID])
+        except (p11x.AttributeTypeInvalid, KeyError):
+            return None
+
+    def call(session: pkcs11.Session) -> list[bytes]:  # type: ignore[name-defined]
+        template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True, Attribute.LABEL: label}
+        return sorted(found for found in _scan(session, template, read) if found is not None)
+
+    return ts.run("find keys by label", call)
 
 
 #: How long :func:`ensure_singleton_key` waits for a key another process is still generating.

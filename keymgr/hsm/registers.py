@@ -23,7 +23,7 @@ from pkcs11 import Attribute, ObjectClass
 from keymgr import errors
 from keymgr.hsm.sessions import TokenSession
 
-__all__ = ["read_register", "write_register", "list_registers", "delete_register"]
+__all__ = ["read_register", "read_register_cached", "write_register", "list_registers", "delete_register"]
 
 #: Longest value a register holds (a label is no place for bulk data).
 MAX_VALUE = 1024
@@ -39,6 +39,27 @@ def read_register(ts: TokenSession, name: str) -> str | None:
     def call(session: pkcs11.Session) -> str | None:  # type: ignore[name-defined]
         found = _find(session, name)
         return str(found[0][Attribute.LABEL]) if found else None
+
+    return ts.run(f"read register {name!r}", call)
+
+
+def read_register_cached(ts: TokenSession, name: str) -> str | None:
+    """:func:`read_register` through the handle this session found before: one attribute read
+    (~0.2 ms on SoftHSM, which re-reads the object when another process changed it) instead of a
+    find that scans every object of the token. For values polled often."""
+
+    def call(session: pkcs11.Session) -> str | None:  # type: ignore[name-defined]
+        cached = ts.cache.get(("register", name))
+        if cached is not None:
+            try:
+                return str(cached[Attribute.LABEL])  # type: ignore[index]
+            except (p11x.ObjectHandleInvalid, p11x.KeyHandleInvalid):
+                ts.cache.pop(("register", name), None)
+        found = _find(session, name)
+        if not found:
+            return None
+        ts.cache[("register", name)] = found[0]
+        return str(found[0][Attribute.LABEL])
 
     return ts.run(f"read register {name!r}", call)
 

@@ -203,8 +203,11 @@ def test_fault_during_a_keyring_change_leaves_it_whole_or_absent(manager: KeyMan
     same record, and the next change cleans up what was left."""
     with _compacting(manager):
         faults.add(kind, operation, after=after)
-        with pytest.raises(errors.TokenError):
+        if operation == "destroy data object":  # the clean-up after the change is best effort
             manager.keyring.with_policy(key, KeyPolicy(max_messages=1000))
+        else:
+            with pytest.raises(errors.TokenError):
+                manager.keyring.with_policy(key, KeyPolicy(max_messages=1000))
         faults.clear()
         record = _consistent(manager)[key]
         assert (record.policy.max_messages == 1000) == (after or operation == "destroy data object")
@@ -273,8 +276,13 @@ def test_fault_during_rotate_never_half_rotates(manager: KeyManager, key: str, f
     blob = manager.encrypt(b"old", key=key, context=CTX)
     with _compacting(manager, on=operation == "destroy data object"):  # a rotation's writes then destroy
         faults.add(kind, operation, after=after)
-        with pytest.raises(errors.TokenError):
-            manager.rotate(key)
+        if operation == "destroy data object":
+            # the clean-up after the commit is best effort: the rotation is done and says so
+            # (telling the caller it failed would make them rotate again)
+            assert manager.rotate(key).primary == 2
+        else:
+            with pytest.raises(errors.TokenError):
+                manager.rotate(key)
         faults.clear()
     record = _consistent(manager)[key]
     assert record.primary in (1, 2) and len(record.versions) == record.primary
