@@ -192,7 +192,10 @@ def test_backup_and_restore_through_the_manager_are_audited(tmp_path, key_name: 
         entries = map(json.loads, path.read_text().splitlines())
         return [(e["op"], e["key"], e["outcome"], e.get("detail")) for e in entries if e["op"] in ("backup", "restore")]
 
-    assert rows(log_a) == [("backup", key_name, "refused", {"approvals": 1}),
+    assert rows(log_a) == [("backup", key_name, "intent", {"approvals": 1}),
+                           ("backup", key_name, "refused", {"approvals": 1}),
+                           ("backup", key_name, "intent", {"approvals": 2}),
                            ("backup", key_name, "ok", {"approvals": 2})]
-    assert rows(log_b) == [("restore", key_name, "ok", {"custodians": 2, "keys": [key_name]})]
+    assert rows(log_b) == [("restore", None, "intent", {"custodians": 2}),
+                           ("restore", key_name, "ok", {"custodians": 2, "keys": [key_name]})]
     assert so_pin() not in log_a.read_text() + log_b.read_text()
