@@ -22,6 +22,7 @@ from keymgr.errors import (
     TokenError,
     TokenNotFoundError,
     TokenRemovedError,
+    UnsupportedAlgorithmError,
     UriError,
 )
 
@@ -67,5 +68,6 @@ __all__ = [
     "TokenError",
     "TokenNotFoundError",
     "TokenRemovedError",
+    "UnsupportedAlgorithmError",
     "UriError",
 ]

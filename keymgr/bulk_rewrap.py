@@ -16,7 +16,9 @@ not followed):
 
 A kill at any moment leaves every file either old or new, never torn (the
 rename is the commit), plus at most one temporary file per worker thread,
-named ``.NAME.keymgr-rewrap.PID.XXXXXXXX.tmp``; the next run deletes those
+named ``.NAME.keymgr-rewrap.PID.XXXXXXXX.tmp`` (where the filesystem has
+``O_TMPFILE``, only in the instant between naming it and the rename:
+keymgr._files); the next run deletes those
 whose writer is gone (it holds an flock on its temporary file while it lives: a pid can be
 reused or belong to a dying process) and never takes them for input. With a journal
 (:mod:`keymgr.rewrap_journal`) the next run also knows which files were
@@ -166,6 +168,10 @@ def _serve(worker: FileRewrapper, tasks: Any, results: Any, threads: int, parent
     worker at a time: SoftHSM 2.6.1 initialised by two forked children at once lost the token
     in one of them now and then (2-5 runs in 30 here; TokenRemovedError "reconnect")."""
     _die_with_parent()
+    # the parent reports an interrupt (keymgr._signals) and its end ends the workers: a worker
+    # raising KeyboardInterrupt too would print multiprocessing's traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with start:
         worker.ready()
 

@@ -17,13 +17,17 @@
     │   └── RecipientNotFoundError  no recipient of a ciphertext is a key here (also an IntegrityError)
     ├── IntegrityError            a ciphertext, stream, log or file failed authentication
     ├── FormatError               bytes that are not what they claim to be (malformed CMS ...)
+    │   └── UnsupportedAlgorithmError  well-formed, but an algorithm keymgr does not accept (named)
     ├── PolicyError               refused by policy: key state, quorum, rate limit, template
     └── StorageError              a file could not be written safely (full disk ...)
 
 Why so few classes: callers act on the category (retry with another PIN,
 ask for the token, refuse the data), and every authentication failure of a
 ciphertext (tampered, truncated, wrong context, wrong key) is the *same*
-``IntegrityError`` so the error itself is no oracle.
+``IntegrityError`` so the error itself is no oracle. The two exceptions say
+only what anyone can read in the clear: which recipients a message names
+(``RecipientNotFoundError``) and which algorithm it asks for
+(``UnsupportedAlgorithmError``: RSA PKCS#1 v1.5, an unknown content cipher).
 
 No message ever contains a PIN, key byte, share or plaintext: messages are
 built only from names, labels, counts and PKCS#11 return-code names. The
@@ -49,6 +53,7 @@ __all__ = [
     "TokenError",
     "TokenNotFoundError",
     "TokenRemovedError",
+    "UnsupportedAlgorithmError",
     "UriError",
 ]
 
@@ -142,6 +147,17 @@ class RecipientNotFoundError(KeyNotFoundError, IntegrityError):
 
 class FormatError(KeymgrError, ValueError):
     """Bytes are not a well-formed keymgr / CMS object."""
+
+
+class UnsupportedAlgorithmError(FormatError):
+    """Well-formed bytes that ask for an algorithm keymgr does not accept, named in the message
+    (RSA PKCS#1 v1.5 key transport, an unknown content-encryption algorithm, a KDF it lacks).
+
+    Not an :class:`IntegrityError`: the algorithm identifiers of a CMS message are public,
+    unauthenticated fields, so naming them tells nobody anything they could not read, while
+    "tampered" would send an operator looking for an attacker instead of at the sender's
+    settings. ``KeyManager.decrypt`` passes it through unchanged.
+    """
 
 
 class PolicyError(KeymgrError, PermissionError):

@@ -45,6 +45,7 @@ merge with each other and with loose facts exactly.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -122,8 +123,10 @@ class KeyRecord:
                 return v
         raise errors.KeyNotFoundError(f"key {self.name!r} has no version {number}")
 
-    @property
+    @functools.cached_property
     def primary_version(self) -> KeyVersion:
+        """The primary's version (looked up once per record: records are immutable, and every
+        message asks for it several times)."""
         return self.versions[self.primary - 1]
 
     def label_of(self, number: int) -> str:

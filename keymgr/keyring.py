@@ -378,6 +378,8 @@ class Keyring:
             self._by_id = {v.key_id: (rec.name, v.version) for rec in self._records.values() for v in rec.versions}
 
     def _fresh(self) -> None:
+        if time.monotonic() - self._loaded_at <= self.refresh_interval and self._refresh_error is None:
+            return  # the per-message path
         error, self._refresh_error = self._refresh_error, None
         if error is not None:
             raise error

@@ -26,7 +26,14 @@ from keymgr.envelope import (
     seal_message,
 )
 from keymgr.envelope._aead import key_commitment
-from keymgr.errors import ConfigurationError, FormatError, IntegrityError, KeymgrError, KeyNotFoundError
+from keymgr.errors import (
+    ConfigurationError,
+    FormatError,
+    IntegrityError,
+    KeymgrError,
+    KeyNotFoundError,
+    UnsupportedAlgorithmError,
+)
 from tests._softkek import SoftKek
 
 SECRET = b"SECRET-PLAINTEXT card 4111 1111 1111 1111"
@@ -362,7 +369,6 @@ def test_structural_guard_rails(kek: SoftKek, dek: bytes) -> None:
     header = 2 + (good[1] & 0x7F if good[1] & 0x80 else 0)
     assert good[header:header + 13] == _der.encode_oid("1.2.840.113549.1.9.16.1.23")
     bad["enveloped-data, not auth"] = _der.seq(_der.encode_oid("1.2.840.113549.1.7.3"), good[header + 13:])
-    bad["BER indefinite length"] = b"\x30\x80" + good[2 + (good[1] & 0x7F if good[1] & 0x80 else 0):] + b"\x00\x00"
     bad["empty"] = b""
     accepted = []
     for name, blob in bad.items():
@@ -374,6 +380,14 @@ def test_structural_guard_rails(kek: SoftKek, dek: bytes) -> None:
             else:
                 accepted.append(name)
     assert accepted == []
+    # the algorithm and content-type refusals name what the message asks for (public fields)
+    for name, shown in (("AES-128-GCM", "aes-128-gcm"), ("AES-256-CCM", "aes-256-ccm"),
+                        ("enveloped-data, not auth", "EnvelopedData")):
+        with pytest.raises(UnsupportedAlgorithmError, match=shown):
+            parse_message(bad[name])
+    # BER is read (its DER re-encoding is): tests/test_envelope_ber.py
+    ber = b"\x30\x80" + good[2 + (good[1] & 0x7F if good[1] & 0x80 else 0):] + b"\x00\x00"
+    assert open_message(ber, unwrap=kek.unwrap, context=None) == SECRET
 
 
 def test_every_single_byte_tamper_is_refused(kek: SoftKek, dek: bytes) -> None:

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 import keymgr
-from keymgr.envelope import parse_message, pubkey, replace_recipients
+from keymgr.envelope import DataKey, parse_message, pubkey, replace_recipients
 from keymgr.hsm import asym, open_token, probe
-from tests.conftest import TokenUnderTest, requires
+from tests.conftest import TokenUnderTest, requires, softhsm_token
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
@@ -206,10 +206,18 @@ def test_token_decrypts_what_openssl_encrypts(softhsm: TokenUnderTest, tmp_path:
                    *keyopts)
     assert out.returncode == 0, out.stderr.decode()
     assert pubkey.decrypt_with((tmp_path / "m.der").read_bytes(), [key]) == b"from openssl"
-    # a certificate is also a way to name the recipient on our side
+    # a certificate is also a way to name the recipient on our side: by its issuer and serial
+    # number, which the key pair matches once it knows the certificate (given here; on a
+    # token, the certificate object under the pair's CKA_ID)
     oaep_hash = probe(open_token(softhsm.uri())).oaep_hash() or "sha256"
     again = pubkey.encrypt_to(b"via cert", [pubkey.public_key_recipient(cert, oaep_hash=oaep_hash)])
-    assert pubkey.decrypt_with(again, [key]) == b"via cert"
+    entry = parse_message(again).recipient_infos[0].chosen
+    rid = entry["rid"] if kind.startswith("rsa") else entry["recipient_encrypted_keys"][0]["rid"]
+    assert rid.name == "issuer_and_serial_number"
+    with pytest.raises(keymgr.RecipientNotFoundError):
+        pubkey.decrypt_with(again, [key])
+    with_cert = pubkey.TokenPrivateKey(open_token(softhsm.uri()), key.ref, certificates=[cert])
+    assert pubkey.decrypt_with(again, [with_cert]) == b"via cert"
 
 
 _ENCRYPT_OFFLINE = """
@@ -239,3 +247,106 @@ def test_tpm_key_recipient_from_a_process_with_no_token(tpm: TokenUnderTest, tpm
     params = parse_message(blob).recipient_infos[0].chosen["key_encryption_algorithm"]["parameters"]
     assert params["hash_algorithm"]["algorithm"].native == "sha256"  # the default, recorded in the message
     assert pubkey.decrypt_with(blob, [tpm_rsa], context={"host": "server"}) == b"sealed on a machine without the token"
+
+
+# -- what others write by default (issue 15) -------------------------------------------------------
+
+
+def _kari_to(public: ec.EllipticCurvePublicKey, dek: bytes, kdf_oid: str, kdf_hash: str) -> cms.RecipientInfo:
+    """A KeyAgreeRecipientInfo as another implementation writes it, with the KDF scheme ``kdf_oid``."""
+    from asn1crypto import keys as asn1_keys
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+    from keymgr.envelope import _pk_algorithms
+
+    ephemeral = ec.generate_private_key(public.curve)
+    kek = _pk_algorithms.derive_kek(ephemeral.exchange(ec.ECDH(), public), kdf_hash, None)
+    point = ephemeral.public_key().public_bytes(serialization.Encoding.X962,
+                                                serialization.PublicFormat.UncompressedPoint)
+    return cms.RecipientInfo(name="kari", value=cms.KeyAgreeRecipientInfo({
+        "version": "v3",
+        "originator": cms.OriginatorIdentifierOrKey(name="originator_key", value=asn1_keys.PublicKeyInfo(
+            {"algorithm": {"algorithm": "ec"}, "public_key": point})),
+        "key_encryption_algorithm": {"algorithm": kdf_oid, "parameters": _pk_algorithms.AES256_WRAP_ID},
+        "recipient_encrypted_keys": [{"rid": cms.KeyAgreementRecipientIdentifier(
+            name="r_key_id", value={"subject_key_identifier": pubkey.subject_key_identifier(public)}),
+            "encrypted_key": aes_key_wrap(kek, dek)}],
+    }))
+
+
+@pytest.mark.parametrize(("kdf_oid", "kdf_hash"), [
+    ("1.3.133.16.840.63.0.2", "sha1"),  # OpenSSL's default: dhSinglePass-stdDH-sha1kdf-scheme
+    ("1.3.132.1.11.0", "sha224"), ("1.3.132.1.11.2", "sha384"), ("1.3.132.1.11.3", "sha512"),
+    ("1.3.132.1.14.1", "sha256"),  # cofactorDH: the same Z on P-256 (cofactor 1)
+])
+def test_every_x963_kdf_hash_is_read(softhsm: TokenUnderTest, kdf_oid: str, kdf_hash: str) -> None:
+    from keymgr.envelope import seal_message
+
+    key = _token_key(softhsm, "ec-p256")
+    public = asym.public_key(open_token(softhsm.uri()), key.ref)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    dek = os.urandom(32)
+    blob = seal_message(b"kdf", dek=dek, recipient_infos=[_kari_to(public, dek, kdf_oid, kdf_hash)], context=None)
+    assert pubkey.decrypt_with(blob, [key]) == b"kdf"
+
+
+def _ktri_pkcs1(public: rsa.RSAPublicKey, dek: bytes) -> cms.RecipientInfo:
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    return cms.RecipientInfo(name="ktri", value=cms.KeyTransRecipientInfo({
+        "version": "v2", "rid": cms.RecipientIdentifier(name="subject_key_identifier",
+                                                         value=pubkey.subject_key_identifier(public)),
+        "key_encryption_algorithm": {"algorithm": "rsaes_pkcs1v15"},
+        "encrypted_key": public.encrypt(dek, padding.PKCS1v15()),
+    }))
+
+
+def test_refused_algorithms_are_named_not_tampered(softhsm: TokenUnderTest, key_name: str) -> None:
+    """PKCS#1 v1.5 to our key: UnsupportedAlgorithmError naming it, through KeyManager.decrypt too
+    (not the integrity error); a second recipient we can use still decrypts (the refusal is kept
+    until no recipient yields a key). An OAEP hash the token lacks names both sides."""
+    from keymgr.envelope import seal_message
+
+    custodian = softhsm_token("custodian-1")
+    key = _token_key(custodian, "rsa-2048")
+    public = asym.public_key(open_token(custodian.uri()), key.ref)
+    assert isinstance(public, rsa.RSAPublicKey)
+    dek = os.urandom(32)
+    blob = seal_message(b"v1.5", dek=dek, recipient_infos=[_ktri_pkcs1(public, dek)], context=None)
+    with pytest.raises(keymgr.UnsupportedAlgorithmError, match="PKCS#1 v1.5"):
+        pubkey.decrypt_with(blob, [key])
+    with keymgr.KeyManager(custodian.uri()) as km:
+        with pytest.raises(keymgr.UnsupportedAlgorithmError, match="rsaEncryption") as info:
+            km.decrypt(blob)  # the manager finds the token's key pair by itself
+        assert not isinstance(info.value, keymgr.IntegrityError)
+    both = seal_message(b"v1.5 and OAEP", dek=dek, recipient_infos=[
+        _ktri_pkcs1(public, dek), pubkey.RsaOaepRecipient(public, oaep_hash="sha1").wrap(DataKey(dek))], context=None)
+    assert pubkey.decrypt_with(both, [key]) == b"v1.5 and OAEP"
+    if not probe(open_token(custodian.uri())).has("rsa-oaep-sha384"):
+        sha384 = pubkey.encrypt_to(b"x", [pubkey.RsaOaepRecipient(public, oaep_hash="sha384")])
+        with pytest.raises(keymgr.MechanismUnsupportedError, match="RSA-OAEP using SHA-384.*decrypts RSA-OAEP with"):
+            pubkey.decrypt_with(sha384, [key])
+
+
+def test_keymanager_finds_the_token_key_pair_a_recipient_names(softhsm: TokenUnderTest) -> None:
+    """No add_private_key: the token's key pairs are listed on the first KeyTrans / KeyAgree
+    recipient, and again (at most once a second) when a recipient names none of them, so a pair
+    made later is found; by SKI, and by issuer and serial through the certificate on the token."""
+    from keymgr.envelope.token_keys import TokenKeyPairs, self_signed_certificate
+
+    custodian = softhsm_token("custodian-1")
+    ts = open_token(custodian.uri())
+    now = [100.0]
+    pairs = TokenKeyPairs(ts, clock=lambda: now[0])
+    first = _token_key(custodian, "ec-p256")
+    to_first = pubkey.encrypt_to(b"first", [first.recipient()])
+    assert pubkey.decrypt_with(to_first, [pairs]) == b"first"
+    later = _token_key(custodian, "ec-p384")
+    cert = self_signed_certificate(ts, later.ref)
+    to_later = pubkey.encrypt_to(b"later", [pubkey.public_key_recipient(cert)])
+    with pytest.raises(keymgr.RecipientNotFoundError):
+        pubkey.decrypt_with(to_later, [pairs])  # listed less than a second ago
+    now[0] += 2
+    assert pubkey.decrypt_with(to_later, [pairs]) == b"later"
+    with keymgr.KeyManager(custodian.uri()) as km:
+        assert km.decrypt(to_later) == b"later"

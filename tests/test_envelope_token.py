@@ -17,9 +17,15 @@ import pytest
 from asn1crypto import cms
 
 import keymgr
-from keymgr.envelope import parse_message, read_kek_recipient, read_stream_header
+from keymgr.envelope import _der, parse_message, read_kek_recipient, read_stream_header
 from keymgr.envelope.cache import CachePolicy
-from keymgr.errors import ConfigurationError, IntegrityError, KeyNotFoundError, RecipientNotFoundError
+from keymgr.errors import (
+    ConfigurationError,
+    IntegrityError,
+    KeyNotFoundError,
+    RecipientNotFoundError,
+    UnsupportedAlgorithmError,
+)
 from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyring import DEFAULT_PROFILE
@@ -135,11 +141,27 @@ def test_decrypt_with_context(km: keymgr.KeyManager, key_name: str) -> None:
         km.decrypt_with_context(bytes(tampered))
 
 
-def _refused(decrypt: Callable[[bytes], Any], data: bytes, recipient: range | None, i: int | None) -> type:
+def algorithm_spans(blob: bytes) -> set[int]:
+    """Where a message names its content type and content-encryption algorithm: public fields,
+    so an edit there may instead be named (UnsupportedAlgorithmError, not an integrity failure)."""
+    content_type = _der.encode_oid("1.2.840.113549.1.9.16.1.23")
+    gcm = _der.encode_oid("2.16.840.1.101.3.4.1.46")
+    at = blob.index(content_type)  # the first OID of the message
+    algorithm = blob.rindex(gcm)  # after the recipients (a gcm-profile recipient names GCM too)
+    return set(range(at, at + len(content_type))) | set(range(algorithm, algorithm + len(gcm)))
+
+
+def _refused(decrypt: Callable[[bytes], Any], data: bytes, recipient: range | None, i: int | None,
+             algorithms: set[int] | None = None) -> type:
     """Run ``decrypt(data)``: it must raise the integrity error (the one message), or, only
-    where byte ``i`` lies in the recipient, RecipientNotFoundError (also an IntegrityError)."""
-    with pytest.raises(IntegrityError) as info:
+    where byte ``i`` lies in the recipient, RecipientNotFoundError (also an IntegrityError),
+    or, only where it lies in an algorithm's OID, UnsupportedAlgorithmError naming the OID found."""
+    with pytest.raises((IntegrityError, UnsupportedAlgorithmError)) as info:
         decrypt(data)
+    if isinstance(info.value, UnsupportedAlgorithmError):
+        assert algorithms is not None and i in algorithms, (i, info.value)
+        assert SECRET not in repr(info.value).encode()
+        return UnsupportedAlgorithmError
     if isinstance(info.value, RecipientNotFoundError):
         assert recipient is not None and i in recipient, (i, info.value)
         assert "none of the 1 recipients" in str(info.value)
@@ -155,12 +177,15 @@ def test_every_tampered_byte_is_refused(km_a: keymgr.KeyManager, key_name: str, 
     integrity error with its one message, whatever the edit broke (the tag, the wrapped key,
     the DER framing); only an edited recipient (its key id or choice tag) may instead say that
     no recipient is a key here (RecipientNotFoundError, still an IntegrityError): exactly what
-    a message for another token looks like."""
+    a message for another token looks like; and only an edited content type or content
+    algorithm OID may be named as one keymgr does not read (UnsupportedAlgorithmError): those
+    fields are public, and a named algorithm tells nothing about the ciphertext."""
     km_a.create_key(key_name, profile=profile)
     blob = km_a.encrypt(SECRET, key=key_name, context=CTX)
     recipient = parse_message(blob).recipient_infos.der[0]
     recipient_span = range(blob.index(recipient), blob.index(recipient) + len(recipient))
-    outcomes = {IntegrityError: 0, RecipientNotFoundError: 0}
+    algorithms = algorithm_spans(blob)
+    outcomes = {IntegrityError: 0, RecipientNotFoundError: 0, UnsupportedAlgorithmError: 0}
 
     def decrypt(data: bytes) -> bytes:
         return km_a.decrypt(data, context=CTX)
@@ -169,11 +194,12 @@ def test_every_tampered_byte_is_refused(km_a: keymgr.KeyManager, key_name: str, 
         for flip in (0x01, 0x80):
             tampered = bytearray(blob)
             tampered[i] ^= flip
-            outcomes[_refused(decrypt, bytes(tampered), recipient_span, i)] += 1
+            outcomes[_refused(decrypt, bytes(tampered), recipient_span, i, algorithms)] += 1
     for cut in range(len(blob)):
         assert _refused(decrypt, blob[:cut], None, None) is IntegrityError
     assert outcomes[IntegrityError] > len(blob)  # most positions are under the tag or in the wrapped key
     assert 0 < outcomes[RecipientNotFoundError] <= 2 * len(recipient_span)
+    assert 0 < outcomes[UnsupportedAlgorithmError] <= 2 * len(algorithms)
     assert km_a.decrypt(blob, context=CTX) == SECRET  # nothing above broke the session or the key
 
 

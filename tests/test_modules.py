@@ -90,3 +90,17 @@ def test_unknown_module_name_is_one_cli_line() -> None:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "no PKCS#11 module named 'no-such-module-keymgr'" in lines[0], result.output
     assert "Traceback" not in result.output
+
+
+def test_library_attributes_select_the_module_s_tokens(softhsm: TokenUnderTest) -> None:
+    """library-manufacturer / -description / -version select by C_GetInfo (RFC 7512 section 2.3):
+    SoftHSM's own values find the token, any other value finds none and says what the module is."""
+    info = load_module(softhsm.module_path).lib
+    major, minor = info.library_version
+    query = f"?module-path={softhsm.module_path}&pin-value={softhsm.user_pin}"
+    own = (f"pkcs11:token={softhsm.label};library-manufacturer={info.manufacturer_id.strip()};"
+           f"library-version={major}.{minor}{query}")
+    assert open_token(own) is open_token(softhsm.uri())
+    for wrong in ("library-manufacturer=Nobody", "library-description=Other", f"library-version={major + 1}.{minor}"):
+        with pytest.raises(errors.TokenNotFoundError, match="library-\\* attributes do not match"):
+            open_token(f"pkcs11:token={softhsm.label};{wrong}{query}")

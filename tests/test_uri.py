@@ -164,6 +164,8 @@ def test_percent_encoding(uri: Pkcs11Uri, text: str) -> None:
     ("pkcs11:library-version=1.2.3", "library-version"),
     ("pkcs11:library-version=", "library-version"),
     ("pkcs11:library-version=1.2%0A", "library-version"),
+    ("pkcs11:library-version=256", "does not fit a CK_VERSION"),  # CK_VERSION's fields are bytes
+    ("pkcs11:library-version=2.256", "does not fit a CK_VERSION"),
     ("pkcs11:=value", "empty attribute name at offset 7"),
     ("pkcs11:?=value", "empty attribute name at offset 8"),
     ("pkcs11:token", "has no '='"),
@@ -252,6 +254,7 @@ def test_construction_error_never_shows_the_pin() -> None:
     ({"token": "\ud800"}, "UTF-8"),
     ({"library_version": "1.2\n"}, "library-version"),
     ({"library_version": "\u0661"}, "library-version"),  # ARABIC-INDIC DIGIT ONE matches \d
+    ({"library_version": "300"}, "CK_VERSION"),
     ({"vendor_path": (("token", "x"),)}, "standard attribute"),
     ({"vendor_path": (("pin-value", "x"),)}, "query attribute"),
     ({"vendor_query": (("Pin-Value", "x"),)}, "only in case"),
@@ -295,6 +298,24 @@ def test_matches_token(text: str, token: tuple[str, str, str, str], expected: bo
     assert uri.matches_token(label=label, manufacturer=manufacturer, serial=serial, model=model) is expected
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("pkcs11:token=t", True),
+    ("pkcs11:library-manufacturer=SoftHSM", True),
+    ("pkcs11:library-manufacturer=Nobody", False),
+    ("pkcs11:library-description=Implementation%20of%20PKCS11", True),
+    ("pkcs11:library-description=Other", False),
+    ("pkcs11:library-version=2.6", True),
+    ("pkcs11:library-version=2.60", False),  # minor 60, not 6: CK_VERSION's fields are numbers, not decimals
+    ("pkcs11:library-version=2", False),  # 2.0
+    ("pkcs11:library-version=02.06;library-manufacturer=SoftHSM", True),
+])
+def test_matches_library(text: str, expected: bool) -> None:
+    """RFC 7512 section 2.3: the library-* attributes compare with C_GetInfo's CK_INFO (SoftHSM 2.6.1's here)."""
+    uri = Pkcs11Uri.parse(text)
+    assert uri.matches_library(manufacturer="SoftHSM" + " " * 25, description="Implementation of PKCS11",
+                               version=(2, 6)) is expected
+
+
 def test_hashable_and_frozen() -> None:
     uri = Pkcs11Uri.parse(RFC_EXAMPLES[3][0])
     assert {uri: 1}[Pkcs11Uri.parse(uri.format())] == 1
@@ -320,7 +341,8 @@ def uris(draw: st.DrawFn) -> Pkcs11Uri:
     text_fields = ["token", "manufacturer", "serial", "model", "library_manufacturer", "library_description",
                    "slot_manufacturer", "slot_description", "object", "module_name", "module_path"]
     fields: dict[str, Any] = {name: draw(_texts) for name in text_fields}
-    fields["library_version"] = draw(st.none() | st.from_regex(r"[0-9]{1,4}(\.[0-9]{1,4})?", fullmatch=True))
+    fields["library_version"] = draw(st.none() | st.from_regex(r"[0-9]{1,4}(\.[0-9]{1,4})?", fullmatch=True)
+                                     .filter(lambda v: all(int(part) <= 255 for part in v.split("."))))
     fields["slot_id"] = draw(st.none() | st.integers(0, 2**64 - 1))
     fields["type"] = draw(st.none() | st.sampled_from(OBJECT_TYPES))
     fields["id"] = draw(st.none() | st.binary(max_size=20))

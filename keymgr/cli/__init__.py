@@ -3,14 +3,15 @@
 A thin layer over the library (STYLE.md 10): each command parses its
 arguments, calls :class:`keymgr.KeyManager` or :mod:`keymgr.hsm`, and prints a
 rich table or, with ``--json``, machine output. Errors are one line on stderr
-with a non-zero exit code (see :mod:`keymgr.cli._common`).
+with a non-zero exit code (see :mod:`keymgr.cli._common`; the codes are listed
+in ``keymgr --help``). The program itself starts in :mod:`keymgr.__main__`.
 """
 
 from __future__ import annotations
 
 import click
 
-from keymgr.cli._common import CliState, GuardedGroup
+from keymgr.cli._common import CliState, GuardedGroup, exit_codes_help
 from keymgr.cli.audit import audit_group
 from keymgr.cli.crypt import register_crypt_commands
 from keymgr.cli.custody import register_custody_commands
@@ -23,7 +24,7 @@ from keymgr.cli.tokens import init_command, tokens_command
 __all__ = ["main", "cli"]
 
 
-@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=exit_codes_help())
 @click.option("--token", "token", envvar="KEYMGR_TOKEN", metavar="URI",
               help="pkcs11: URI of the token (default: the local SoftHSM token made by `keymgr init`).")
 @click.option("--json", "json_output", is_flag=True, help="Print machine-readable JSON.")
@@ -46,4 +47,7 @@ register_custody_commands(cli)
 
 
 def main() -> None:
-    cli(prog_name="keymgr")
+    """The ``keymgr`` command (:func:`keymgr.__main__.main`: interrupts handled from the first moment)."""
+    from keymgr.__main__ import main as run
+
+    run()

@@ -4,7 +4,9 @@ The CLI is thin (STYLE.md 10): it parses, calls the library, prints. Every
 :class:`~keymgr.errors.KeymgrError` becomes one line on stderr and a non-zero
 exit code chosen by category; anything unexpected is one line too (a traceback
 only with ``KEYMGR_DEBUG=1``), because a custodian at a terminal must never
-see a stack trace or, worse, a secret inside one.
+see a stack trace or, worse, a secret inside one. So is an interrupt: Ctrl-C
+(SIGINT) exits 130 and SIGTERM 143, at any moment (:mod:`keymgr._signals`),
+after the cleanup the exception unwinds through.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any, NoReturn
 
 import click
 
-from keymgr import errors
+from keymgr import _signals, errors
 
-__all__ = ["CliState", "GuardedGroup", "pass_state", "emit_json", "fail", "EXIT_CODES", "console"]
+__all__ = ["CliState", "GuardedGroup", "pass_state", "emit_json", "fail", "EXIT_CODES", "EXIT_CODE_MEANINGS",
+           "console", "exit_codes_help"]
 
 #: Exit codes by error category (2 is click's usage error).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -33,6 +36,27 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (errors.ConfigurationError, 2),
     (errors.KeymgrError, 1),
 )
+
+#: Every exit code of ``keymgr``, as ``keymgr --help`` and docs/getting-started.md list them.
+EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
+    (0, "success"),
+    (1, "other error (internal ones: rerun with KEYMGR_DEBUG=1)"),
+    (2, "usage or configuration: bad arguments, missing files, limits"),
+    (3, "PIN or login failed"),
+    (4, "integrity: tampered, truncated, wrong key or wrong context"),
+    (5, "refused by policy: key state, approvals, rate limit"),
+    (6, "no such key or token"),
+    (7, "malformed input: not a keymgr stream or message"),
+    (8, "storage: a file could not be written (disk full ...)"),
+    (130, "interrupted (Ctrl-C, SIGINT)"),
+    (141, "standard output closed by its reader (SIGPIPE)"),
+    (143, "terminated (SIGTERM)"),
+)
+
+
+def exit_codes_help() -> str:
+    """The exit-code table for ``keymgr --help`` (``\b`` keeps click from re-wrapping it)."""
+    return "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODE_MEANINGS)
 
 
 @dataclass
@@ -84,6 +108,13 @@ def exit_code_for(exc: BaseException) -> int:
     return 1
 
 
+def _interrupted_behind(exc: BaseException) -> None:
+    """An error that an interrupt caused (or that came after one) ends the run as interrupted."""
+    interrupt = _signals.interrupt_behind(exc)
+    if interrupt is not None:
+        _signals.report(interrupt)
+
+
 class GuardedGroup(click.Group):
     """A click group that turns keymgr errors into one line and an exit code.
 
@@ -98,18 +129,30 @@ class GuardedGroup(click.Group):
             end = args.index("--") if "--" in args else len(args)
             if "--json" in args[:end]:
                 args = ["--json"] + [a for a in args[:end] if a != "--json"] + args[end:]
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except KeyboardInterrupt as exc:  # click would print "Aborted!" and exit 1
+            _signals.report(exc)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
-        except errors.KeymgrError as exc:
-            fail(str(exc), exit_code_for(exc))
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except BrokenPipeError:
-            sys.exit(141)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
-            if os.environ.get("KEYMGR_DEBUG"):
+            try:
+                return super().invoke(ctx)
+            except errors.KeymgrError as exc:
+                _interrupted_behind(exc)
+                fail(str(exc), exit_code_for(exc))
+            except click.Abort as exc:
+                if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C at a click prompt
+                    _signals.report(exc.__context__)
                 raise
-            fail(f"internal error ({type(exc).__name__}); rerun with KEYMGR_DEBUG=1 for details")
+            except (click.exceptions.Exit, click.ClickException):
+                raise
+            except BrokenPipeError:
+                sys.exit(141)
+            except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+                _interrupted_behind(exc)
+                if os.environ.get("KEYMGR_DEBUG"):
+                    raise
+                fail(f"internal error ({type(exc).__name__}); rerun with KEYMGR_DEBUG=1 for details")
+        except KeyboardInterrupt as exc:  # also one raised while an error above was being reported
+            _signals.report(exc)

@@ -1,12 +1,19 @@
 """``keymgr token ...``: key pairs on tokens (custodian keys, recipients' keys).
 
 ``keygen`` makes a key pair on the token (where the token allows on-card
-generation) and prints its public key (PEM) and its RFC 7512 URI; ``pubkey``
-prints both for a key pair that exists already (a PIV slot key, a key made
-by the vendor's tool), found by a URI such as
-``pkcs11:token=YubiKey%20PIV;object=SIGN%20key;type=private``. The public key
-is what encrypting parties need: ``KeyManager.encrypt(..., also_to=[
-keymgr.envelope.pubkey.public_key_recipient(pem)])`` needs no token.
+generation) and prints its public key (PEM) and its RFC 7512 URI; with
+``--cert`` the token also signs a self-signed certificate for it, stored
+beside the pair (same CKA_ID). ``pubkey`` prints the same for a key pair that
+exists already (a PIV slot key, a key made by the vendor's tool), found by a
+URI such as ``pkcs11:token=YubiKey%20PIV;object=SIGN%20key;type=private``,
+with its certificate if the token holds one; ``import-cert`` stores a
+certificate (a CA-issued one) beside a pair.
+
+What encrypting parties need is the recipient file: ``--out FILE`` writes the
+certificate (or public key) as PEM with a line stating the OAEP hash the token
+decrypts, and ``--json`` prints the recipient descriptor
+(:mod:`keymgr.envelope.recipient_files`); either is what ``keymgr encrypt
+--recipient FILE`` takes, without a token or PIN.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from keymgr.cli._common import CliState, emit_json, pass_state
 __all__ = ["token_group"]
 
 KEYGEN_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+_OUT_HELP = ("Also write the recipient file: the certificate (or public key) as PEM, with a line stating the "
+             "OAEP hash this token decrypts; what `keymgr encrypt --recipient` takes.")
 
 
 def _open(state: CliState, token: str | None) -> Any:
@@ -36,27 +45,42 @@ def _open(state: CliState, token: str | None) -> Any:
 
 
 def _report(state: CliState, uri: Any, ts: Any, ref: Any, out: Path | None) -> None:
+    from cryptography import x509
+
+    from keymgr.envelope.identities import certificate_of
+    from keymgr.envelope.recipient_files import DESCRIPTOR_VERSION, annotated_pem
     from keymgr.hsm import asym, probe
+    from keymgr.hsm.certificates import find_certificates
 
     public = asym.public_key(ts, ref)
     pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    certificates = certificate_of(public, find_certificates(ts, ref.key_id))
+    cert_pem = (x509.load_der_x509_certificate(certificates[0]).public_bytes(serialization.Encoding.PEM)
+                if certificates else None)
     key_uri = uri.token_only().with_(token=ts.label, serial=ts.serial, object=ref.label, id=ref.key_id,
                                      type="private")
-    info: dict[str, Any] = {"token": ts.label, "label": ref.label, "id": ref.key_id.hex(), "type": ref.kind,
-                            "uri": str(key_uri), "public_key_pem": pem.decode()}
+    info: dict[str, Any] = {"keymgr_recipient": DESCRIPTOR_VERSION, "token": ts.label, "label": ref.label,
+                            "id": ref.key_id.hex(), "type": ref.kind, "uri": str(key_uri),
+                            "public_key_pem": pem.decode()}
+    if cert_pem is not None:
+        info["certificate_pem"] = cert_pem.decode()
     if ref.is_rsa:
         info["scheme"] = "rsa-oaep"
         info["oaep_hash"] = probe(ts).oaep_hash()
+        info["oaep_hashes"] = list(probe(ts).oaep_hashes())
     else:
         info["scheme"] = "ecdh" if probe(ts).has(f"ecdh-{ref.kind[3:]}") else "sign-only"
     if out is not None:
         from keymgr._files import atomic_write
 
-        atomic_write(out, pem)
+        about = f"{ref.kind} key pair {ref.label!r} on token {ts.label!r}"
+        atomic_write(out, annotated_pem(cert_pem or pem, about=about, oaep_hash=info.get("oaep_hash")))
     if state.json_output:
         emit_json(info)
         return
     click.echo(pem.decode(), nl=False)
+    if cert_pem is not None:
+        click.echo(cert_pem.decode(), nl=False)
     click.echo(f"uri: {key_uri}")
     if ref.is_rsa and info["oaep_hash"]:
         click.echo(f"encrypt to it with RSA-OAEP-{info['oaep_hash'].upper()} (what this token decrypts)")
@@ -72,11 +96,13 @@ def token_group() -> None:
 @click.option("--type", "kind", type=click.Choice(KEYGEN_TYPES), required=True, help="Key pair type.")
 @click.option("--label", required=True, help="CKA_LABEL of the new key pair (must not exist yet).")
 @click.option("--id", "key_id", metavar="HEX", help="CKA_ID in hex (default: 16 random bytes).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the PEM to this file.")
+@click.option("--cert", "make_cert", is_flag=True,
+              help="Also make a self-signed certificate (CN = the label), signed and stored by the token.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help=_OUT_HELP)
 @pass_state
-def keygen_command(state: CliState, token: str | None, kind: str, label: str, key_id: str | None,
+def keygen_command(state: CliState, token: str | None, kind: str, label: str, key_id: str | None, make_cert: bool,
                    out: Path | None) -> None:
-    """Generate a key pair on the token; print its public key (PEM) and URI."""
+    """Generate a key pair on the token; print its public key (PEM), certificate and URI."""
     from keymgr.hsm import asym
 
     try:
@@ -84,22 +110,46 @@ def keygen_command(state: CliState, token: str | None, kind: str, label: str, ke
     except ValueError:
         raise errors.ConfigurationError("--id must be hex") from None
     uri, ts = _open(state, token)
-    _report(state, uri, ts, asym.generate_keypair(ts, kind, label=label, key_id=raw_id), out)
+    ref = asym.generate_keypair(ts, kind, label=label, key_id=raw_id)
+    if make_cert:
+        from keymgr.envelope.token_keys import self_signed_certificate
+
+        self_signed_certificate(ts, ref)
+    _report(state, uri, ts, ref, out)
 
 
 @token_group.command("pubkey")
 @click.argument("key_uri", metavar="KEY_URI")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the PEM to this file.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help=_OUT_HELP)
 @pass_state
 def pubkey_command(state: CliState, key_uri: str, out: Path | None) -> None:
-    """Print the public key (PEM) and URI of an existing key pair, named by a URI with
-    ``object=`` and/or ``id=`` (e.g. a PIV slot key)."""
-    from keymgr.hsm import asym
+    """Print the public key (PEM), certificate (if the token holds one) and URI of an existing
+    key pair, named by a URI with ``object=`` and/or ``id=`` (e.g. a PIV slot key)."""
+    uri, ts = _open(state, key_uri)
+    _report(state, uri, ts, _find(uri, ts), out)
+
+
+@token_group.command("import-cert")
+@click.argument("key_uri", metavar="KEY_URI")
+@click.argument("cert_file", metavar="CERT", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@pass_state
+def import_cert_command(state: CliState, key_uri: str, cert_file: Path) -> None:
+    """Store CERT (PEM or DER, e.g. issued by your CA) beside the key pair KEY_URI names, so that
+    messages naming it by issuer and serial number find the pair."""
+    from keymgr.envelope.token_keys import attach_certificate
 
     uri, ts = _open(state, key_uri)
+    ref = _find(uri, ts)
+    attach_certificate(ts, ref, cert_file.read_bytes())
+    _report(state, uri, ts, ref, None)
+
+
+def _find(uri: Any, ts: Any) -> Any:
+    from keymgr.hsm import asym
+
     if uri.object is None and uri.id is None:
         raise errors.ConfigurationError("the key URI needs object=LABEL or id=... (and type=private)")
-    _report(state, uri, ts, asym.find_keypair(ts, label=uri.object, key_id=uri.id), out)
+    return asym.find_keypair(ts, label=uri.object, key_id=uri.id)
 
 
 @token_group.command("keys")

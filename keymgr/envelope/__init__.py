@@ -10,6 +10,14 @@ callables and the ``RecipientInfo`` values passed in here.
   a header and STREAM-sealed segments.
 - :mod:`keymgr.envelope.recipients`: ``KEKRecipientInfo`` and
   ``OtherRecipientInfo`` builders and readers.
+- :mod:`keymgr.envelope.pubkey`: RSA-OAEP and ECDH recipients for someone's
+  public key or certificate; :mod:`keymgr.envelope.token_keys` their decrypt
+  side, key pairs on a token; :mod:`keymgr.envelope.identities` how recipients
+  name a key pair; :mod:`keymgr.envelope.recipient_files` the files senders
+  are given. These reach the token layer (``keymgr.hsm``) for decryption.
+
+Messages from other implementations may be BER: they are read through their
+DER re-encoding (:mod:`keymgr.envelope._ber`); keymgr writes DER only.
 
 The byte layouts, OIDs and the reasons for them are in docs/format.md.
 """

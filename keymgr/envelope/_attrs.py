@@ -250,6 +250,13 @@ def _parse_auth_attrs(data: bytes, element: _der.Tlv) -> tuple[AuthAttributes, i
     items = _der.children(data, element, limit=MAX_ATTRIBUTES, what=what)
     if not items:
         raise FormatError(f"{what}: empty set (RFC 5652 requires SIZE 1..MAX)")
+    encodings = [data[attr.start:attr.end] for attr in items]
+    for earlier, later in zip(encodings, encodings[1:], strict=False):
+        width = max(len(earlier), len(later))
+        if earlier.ljust(width, b"\x00") > later.ljust(width, b"\x00"):
+            # not DER (X.690 11.6): the AAD is the DER of the set, so a set out of order is read
+            # through the BER path, which sorts it, never used as the AAD as it came
+            raise FormatError(f"{what}: the SET OF is not in DER order")
     seen: set[str] = set()
     other: list[tuple[str, bytes]] = []
     context = commitment = content_type = None

@@ -26,8 +26,13 @@ context, a failed commitment or tag are one :class:`~keymgr.errors.IntegrityErro
 with one message (no oracle); no matching recipient is
 :class:`~keymgr.errors.RecipientNotFoundError` (a ``KeyNotFoundError`` and an
 ``IntegrityError``: an edited key id looks like a message for another token).
-``KeyManager`` turns malformed ciphertexts into the integrity error too. Only DER is read: BER (indefinite
-lengths) is refused, so a message has one encoding and a rewrap is byte-exact.
+``KeyManager`` turns malformed ciphertexts into the integrity error too. A message that asks for an
+algorithm keymgr does not read (another content cipher, another content type) is
+:class:`~keymgr.errors.UnsupportedAlgorithmError`, naming it: those fields are public.
+
+BER in, DER out: keymgr writes DER only. A message that is not DER (Bouncy Castle's default,
+``openssl cms -stream``) is re-encoded as DER (:mod:`keymgr.envelope._ber`) and that is what is
+read, so the AAD is the DER of authAttrs as RFC 5083 section 2.2 requires, and a rewrap writes DER.
 """
 
 from __future__ import annotations
@@ -54,11 +59,20 @@ from keymgr.envelope._attrs import (
     normalize_context,
     parse_auth_attrs,
 )
+from keymgr.envelope._ber import ber_to_der
+from keymgr.envelope._names import describe
 from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope._parsed import SHAPES as _SHAPES
 from keymgr.envelope._parsed import SHAPES_MAX, MessageShape, ParsedMessage
 from keymgr.envelope.recipients import ParsedRecipients, RecipientLike, encode_recipient_infos, parse_recipient_infos
-from keymgr.errors import ConfigurationError, FormatError, IntegrityError, RecipientNotFoundError
+from keymgr.errors import (
+    ConfigurationError,
+    FormatError,
+    IntegrityError,
+    MechanismUnsupportedError,
+    RecipientNotFoundError,
+    UnsupportedAlgorithmError,
+)
 
 __all__ = ["ParsedMessage", "Unwrap", "UnwrapDer", "open_message", "parse_message", "replace_recipients",
            "seal_message"]
@@ -137,7 +151,6 @@ def _framing(recipients: int, ciphertext: int, auth_attrs: int) -> tuple[bytes, 
     return head, eci_header, content_header
 
 
-
 _FIELDS = (("version", _der.INTEGER, True), ("originator_info", 0xA0, False), ("recipient_infos", _der.SET, True),
            ("content", _der.SEQUENCE, True), ("auth_attrs", 0xA1, False), ("mac", _der.OCTET_STRING, True),
            ("unauth_attrs", 0xA2, False))
@@ -147,6 +160,11 @@ def _split(data: bytes) -> dict[str, _der.Tlv]:
     """Name each AuthEnvelopedData field (RFC 5083 section 2.1, in order, optional ones by their tag)."""
     outer = _der.read_one(data, tag=_der.SEQUENCE, what="ContentInfo")
     if not data.startswith(_AUTH_ENVELOPED_TLV, outer.body):
+        content_type = _der.read_at(data, outer.body, outer.end)
+        if content_type.tag == _der.OID:
+            raise UnsupportedAlgorithmError(
+                f"the message is {describe(_der.decode_oid(data[content_type.body:content_type.end]))}; keymgr "
+                "reads CMS AuthEnvelopedData (RFC 5083) with AES-256-GCM (openssl cms -encrypt -aes-256-gcm)")
         raise FormatError("not a CMS AuthEnvelopedData (RFC 5083) ContentInfo")
     wrapper = _der.read_one(data, outer.body + len(_AUTH_ENVELOPED_TLV), outer.end, tag=0xA0, what="ContentInfo")
     inner = _der.read_one(data, wrapper.body, wrapper.end, tag=_der.SEQUENCE, what="AuthEnvelopedData")
@@ -172,14 +190,20 @@ def _content(data: bytes, eci: _der.Tlv) -> tuple[bytes, bytes]:
             return data[at - NONCE_SIZE:at], data[content.body:content.end]
     what = "EncryptedContentInfo"
     parts = _der.children(data, eci, limit=3, what=what)
-    if len(parts) != 3 or parts[2].tag != 0x80:
-        raise FormatError(f"{what}: detached or constructed (BER) content is not supported")
-    if data[parts[0].start:parts[0].end] != _DATA_TLV:
+    if len(parts) < 2 or data[parts[0].start:parts[0].end] != _DATA_TLV:
         raise FormatError(f"{what}: only id-data content is supported")
     algorithm = _der.children(data, parts[1], limit=2, what=what) if parts[1].tag == _der.SEQUENCE else []
-    if len(algorithm) != 2 or data[algorithm[0].start:algorithm[0].end] != _GCM_TLV:
-        raise FormatError(f"{what}: keymgr reads only id-aes256-GCM (RFC 5084)")
+    if not algorithm or algorithm[0].tag != _der.OID:
+        raise FormatError(f"{what}: malformed content-encryption algorithm")
+    if data[algorithm[0].start:algorithm[0].end] != _GCM_TLV:
+        raise UnsupportedAlgorithmError(
+            f"the content is encrypted with {describe(_der.decode_oid(data[algorithm[0].body:algorithm[0].end]))}; "
+            "keymgr reads only AES-256-GCM (id-aes256-GCM, RFC 5084)")
+    if len(algorithm) != 2:
+        raise FormatError(f"{what}: GCMParameters missing")
     read_gcm_parameters(data[algorithm[1].start:algorithm[1].end], what=what)
+    if len(parts) != 3 or parts[2].tag != 0x80:
+        raise FormatError(f"{what}: detached or constructed (BER) content is not supported")
     raise FormatError(f"{what}: not DER")
 
 
@@ -196,7 +220,24 @@ def parse_message(blob: bytes) -> ParsedMessage:
         parsed = shape.read(data)
         if parsed is not None:
             return parsed
-    return _parse_new_shape(data)
+    return _parse_lenient(data)
+
+
+def _parse_lenient(data: bytes) -> ParsedMessage:
+    """The strict (DER) parse; failing that, the parse of the message's DER re-encoding, if it is
+    BER (another writer's). An unsupported algorithm is final: re-encoding would not change it."""
+    try:
+        return _parse_new_shape(data)
+    except UnsupportedAlgorithmError:
+        raise
+    except FormatError as strict:
+        try:
+            der = ber_to_der(data)
+        except FormatError:
+            raise strict from None
+        if der == data:
+            raise
+        return _parse_new_shape(der)
 
 
 def _parse_new_shape(data: bytes) -> ParsedMessage:
@@ -229,8 +270,6 @@ def _parse_full(data: bytes) -> tuple[ParsedMessage, int]:
         recipient_infos=recipients, content_type=OID_DATA, nonce=nonce, icv_length=TAG_SIZE, auth_attrs=attrs,
         encrypted_content=ciphertext, mac=data[f["mac"].body:f["mac"].end],
         _layout=(data, f)), f["content"].body + len(_ECI_HEAD)
-
-
 
 
 def replace_recipients(blob: bytes, new_recipient_infos: Sequence[RecipientLike]) -> bytes:
@@ -279,7 +318,10 @@ def find_data_key(recipient_infos: ParsedRecipients | tuple[bytes, ...], unwrap:
     Recipients are tried in the order they are encoded. The first key found
     decides: a key that fails the commitment is an :class:`IntegrityError`,
     not a reason to try the next recipient, so every reader of one message
-    sees the same key or nothing.
+    sees the same key or nothing. A recipient of ours that asks for what keymgr
+    or the token cannot do (:class:`UnsupportedAlgorithmError`,
+    :class:`MechanismUnsupportedError`) does not stop the search: that error is
+    raised only if no other recipient yields a key.
     """
     call, by_der = _unwrapper(unwrap, unwrap_der)
     if type(recipient_infos) is tuple:
@@ -288,8 +330,13 @@ def find_data_key(recipient_infos: ParsedRecipients | tuple[bytes, ...], unwrap:
             recipient_infos = ParsedRecipients(ders)
     else:
         ders = recipient_infos.der  # type: ignore[union-attr]
+    unusable: UnsupportedAlgorithmError | MechanismUnsupportedError | None = None
     for index, der in enumerate(ders):
-        found = call(der if by_der else recipient_infos[index])  # type: ignore[arg-type]
+        try:
+            found = call(der if by_der else recipient_infos[index])  # type: ignore[arg-type]
+        except (UnsupportedAlgorithmError, MechanismUnsupportedError) as exc:
+            unusable = unusable or exc
+            continue
         if found is None:
             continue
         if isinstance(found, DataKey):
@@ -303,6 +350,8 @@ def find_data_key(recipient_infos: ParsedRecipients | tuple[bytes, ...], unwrap:
                 key.wipe()
             raise IntegrityError(failure)
         return key, owned
+    if unusable is not None:
+        raise unusable
     raise RecipientNotFoundError(f"none of the {len(recipient_infos)} recipients matches a key available here "
                                  "(a message for another token, or one whose recipients were edited)")
 
@@ -336,8 +385,8 @@ def open_message(blob: bytes, *, unwrap: Unwrap | None = None, context: Mapping[
     shape = _SHAPES.get(len(data))
     if shape is not None and shape.fits(data):  # a message of a shape seen before: read by position
         found_context, commitment, recipients, nonce, sealed, aad = shape.parts(data)
-    else:  # the shape was compared already: straight to the full parse
-        parsed = _parse_new_shape(data)
+    else:  # the shape was compared already: straight to the full parse (or BER's re-encoding)
+        parsed = _parse_lenient(data)
         found_context, commitment, recipients = parsed.context, parsed.commitment, parsed.recipient_infos
         nonce, sealed, aad = parsed.nonce, parsed.encrypted_content + parsed.mac, parsed.aad
     found = check_context(found_context, commitment, context=context, return_context=return_context,

@@ -16,6 +16,9 @@ key, reads no payload and proves nothing about integrity.
   but the parse that vouches for them checks the whole structure, and its
   outer DER length must equal the file size (a truncated or padded file is a
   :class:`~keymgr.errors.FormatError`, not a message).
+- :func:`read_message` reads one message from a file or pipe in bounded
+  memory: the outer DER length first, checked against the input's size and a
+  cap, then exactly that many bytes (``keymgr decrypt``).
 
 Key ids: a ``KEKRecipientInfo``'s ``kekid`` is the CKA_ID of a token key
 version (:attr:`RecipientSummary.key_id`); RSA-OAEP (``ktri``) and ECDH
@@ -30,7 +33,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from asn1crypto import cms
 
@@ -48,15 +51,17 @@ from keymgr.envelope.stream import MAGIC, StreamHeader, read_stream_header
 from keymgr.errors import ConfigurationError, FormatError
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "EnvelopeInfo", "EnvelopeKind", "RecipientSummary", "SNIFF_BYTES",
-           "inspect_envelope", "inspect_file", "message_length", "sniff"]
+           "inspect_envelope", "inspect_file", "message_length", "outer_length", "read_message", "sniff"]
 
 EnvelopeKind = Literal["message", "stream"]
 
 _AUTH_ENVELOPED_TLV = _der.encode_oid(OID_AUTH_ENVELOPED_DATA)
 #: enough bytes for :func:`sniff`: SEQUENCE header (at most 6) + the OID TLV, or the stream magic
 SNIFF_BYTES = 6 + len(_AUTH_ENVELOPED_TLV)
-#: :func:`inspect_file` refuses larger messages (they are read whole); streams have no limit
+#: :func:`inspect_file` and :func:`read_message` refuse larger messages (they are read whole);
+#: streams have no limit
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+_READ_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,16 @@ def sniff(head: bytes | bytearray | memoryview) -> EnvelopeKind | None:
 
 def message_length(head: bytes | bytearray | memoryview) -> int:
     """The total length a message announces in its outer DER header; FormatError if it announces none."""
-    data = bytes(head[:6])
     if sniff(head) != "message":
+        raise FormatError("not a keymgr message")
+    return outer_length(head)
+
+
+def outer_length(head: bytes | bytearray | memoryview) -> int:
+    """The total length (header included) a DER SEQUENCE announces in its first (at most 6) bytes;
+    FormatError if they announce none (not a SEQUENCE, indefinite BER length, over 4 GiB)."""
+    data = bytes(head[:6])
+    if len(data) < 2 or data[0] != _der.SEQUENCE:
         raise FormatError("not a keymgr message")
     first = data[1]
     if not first & 0x80:
@@ -122,6 +135,72 @@ def message_length(head: bytes | bytearray | memoryview) -> int:
     if count == 0 or count > 4 or len(data) < 2 + count:
         raise FormatError("not a keymgr message: malformed DER length")
     return 2 + count + int.from_bytes(data[2:2 + count], "big")
+
+
+def read_message(src: BinaryIO | io.RawIOBase, *, size: int | None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 name: str = "the input") -> bytes:
+    """One DER message from ``src``, read in memory bounded by ``max_bytes``.
+
+    The outer length is read first and checked, before anything else is read, against
+    ``size`` (the bytes left in the input when it is a regular file) and ``max_bytes``;
+    then exactly that many bytes are read, and one more to see that nothing follows. So a
+    huge file or an endless pipe is refused at once, and at most ``max_bytes + 1`` bytes are
+    ever read. :class:`FormatError` when the framing is no message's (a malformed length, a
+    length other than ``size``, an input that ends early or goes on): nothing about the
+    content is checked here. :class:`ConfigurationError` when the message is larger than
+    ``max_bytes``.
+
+    A message from another implementation may be BER with an indefinite outer length
+    (``openssl cms -stream``, Bouncy Castle): nothing announces its size, so it is read to
+    the end of the input, still never beyond ``max_bytes`` (docs/format.md, "BER in, DER out").
+    """
+    head = _read_up_to(src, 6)
+    if head[:2] == b"\x30\x80":
+        return _read_to_end(src, head, size=size, max_bytes=max_bytes, name=name)
+    length = outer_length(head)
+    if size is not None and length != size:
+        raise FormatError(f"{name}: the message announces {length} bytes but the input holds {size}")
+    if length > max_bytes:
+        raise ConfigurationError(f"{name}: the message announces {length} bytes, more than the {max_bytes}-byte "
+                                 "limit for messages held in memory (--max-message-size)")
+    if length < len(head):
+        raise FormatError(f"{name}: bytes follow the {length}-byte message")
+    out = bytearray(head)
+    while len(out) < length:
+        chunk = src.read(min(_READ_CHUNK, length - len(out)))
+        if not chunk:
+            raise FormatError(f"{name}: the input ends after {len(out)} of the {length} bytes the message announces")
+        out += chunk
+    if src.read(1):
+        raise FormatError(f"{name}: bytes follow the {length}-byte message")
+    return bytes(out)
+
+
+def _read_to_end(src: BinaryIO | io.RawIOBase, head: bytes, *, size: int | None, max_bytes: int,
+                 name: str) -> bytes:
+    """The rest of an input whose length nothing announces, refused once it passes ``max_bytes``."""
+    def too_large(what: str) -> ConfigurationError:
+        return ConfigurationError(f"{name}: the BER message {what}, more than the {max_bytes}-byte limit for "
+                                  "messages held in memory (--max-message-size)")
+
+    if size is not None and size > max_bytes:
+        raise too_large(f"holds {size} bytes")
+    out = bytearray(head)
+    while chunk := src.read(_READ_CHUNK):
+        out += chunk
+        if len(out) > max_bytes:
+            raise too_large(f"holds more than {max_bytes} bytes")
+    return bytes(out)
+
+
+def _read_up_to(src: BinaryIO | io.RawIOBase, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = src.read(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _summaries(recipients: ParsedRecipients) -> tuple[RecipientSummary, ...]:

@@ -3,15 +3,14 @@
 Encrypting needs only the public key (a PEM, a DER ``SubjectPublicKeyInfo``
 or a certificate): no token, no PIN, so a server can encrypt to a custodian's
 USB key it has never seen. Decrypting uses the private key inside its token
-through :mod:`keymgr.hsm.asym` (:class:`TokenPrivateKey`).
+(:class:`~keymgr.envelope.token_keys.TokenPrivateKey`, re-exported here).
 
 Two standard CMS recipient types (RFC 5652 section 6.2), chosen by key type:
 
-* RSA: ``KeyTransRecipientInfo`` (version 2, ``rid`` the subject key
-  identifier) with ``id-RSAES-OAEP`` (RFC 8017 section 7.1; parameters per
-  RFC 4055 section 4.1: hash and MGF1 hash SHA-256 where the token can
-  decrypt with it, SHA-1 where it can only do that (SoftHSM 2.6.1), empty
-  label). PKCS#1 v1.5 is never written nor read (Bleichenbacher 1998).
+* RSA: ``KeyTransRecipientInfo`` with ``id-RSAES-OAEP`` (RFC 8017 section 7.1;
+  parameters per RFC 4055 section 4.1: hash and MGF1 hash SHA-256 by default, or the
+  hash the recipient's token decrypts (SoftHSM 2.6.1: SHA-1 only), empty label).
+  PKCS#1 v1.5 is never written, and refused on reading (Bleichenbacher 1998).
 * EC P-256 / P-384: ``KeyAgreeRecipientInfo`` (version 3) after RFC 5753
   section 3.1: ephemeral-static ECDH (a fresh host key pair per message, its
   public key in ``originatorKey``), ``dhSinglePass-stdDH-sha256kdf-scheme``
@@ -22,11 +21,12 @@ Two standard CMS recipient types (RFC 5652 section 6.2), chosen by key type:
   The originator's point is checked to lie on the curve before the token
   sees it (invalid-curve attacks).
 
-A recipient is named by its subject key identifier (RFC 5280 section
-4.2.1.2, method 1: SHA-1 of the public key bits), so the reader finds its
-entry without trying every recipient, and OpenSSL's ``cms -decrypt -inkey``
-reads both kinds. Recipients that are not ours return ``None``; a recipient
-that is ours and fails is the one :class:`~keymgr.errors.IntegrityError`.
+How the recipient is named (:mod:`keymgr.envelope.identities`): a bare public key by
+its subject key identifier (RFC 5280 section 4.2.1.2, method 1; KeyTrans version 2,
+``rKeyId``), a certificate by its issuer and serial number (KeyTrans version 0), as
+``openssl cms -encrypt -recip`` and Bouncy Castle do, so that any CMS reader holding the
+certificate finds its entry. What keymgr reads of others' messages is in
+:mod:`keymgr.envelope._pk_algorithms`.
 """
 
 from __future__ import annotations
@@ -35,41 +35,39 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO, Protocol
 
-from asn1crypto import cms, core, keys
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from asn1crypto import cms, keys
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from keymgr import errors
 from keymgr.envelope._aead import DataKey
+from keymgr.envelope._pk_algorithms import (
+    AES256_WRAP_ID,
+    CURVES,
+    OAEP_HASHES,
+    OID_ECDH_SHA256KDF,
+    OID_RSAES_OAEP,
+    PublicKey,
+    derive_kek,
+    load_public_key,
+    oaep_algorithm,
+    parse_originator_key,
+    subject_key_identifier,
+)
 from keymgr.envelope.cms import open_message, seal_message
+from keymgr.envelope.identities import find_certificate, issuer_and_serial
 from keymgr.envelope.kek import Recipient
-from keymgr.envelope.recipients import recipient_kind
 from keymgr.envelope.stream import decrypt_stream, encrypt_stream
-from keymgr.hsm import TokenSession, asym, probe
+from keymgr.envelope.token_keys import TokenKeyPairs, TokenPrivateKey
 
 __all__ = [
-    "OID_ECDH_SHA256KDF", "OID_RSAES_OAEP", "EcdhRecipient", "PublicKey", "RsaOaepRecipient", "TokenPrivateKey",
-    "Unwrapper", "decrypt_stream_with", "decrypt_with", "encrypt_stream_to", "encrypt_to", "load_public_key",
-    "parse_originator_key", "public_key_recipient", "subject_key_identifier",
+    "OAEP_HASHES", "OID_ECDH_SHA256KDF", "OID_RSAES_OAEP", "EcdhRecipient", "PublicKey", "RsaOaepRecipient",
+    "TokenKeyPairs", "TokenPrivateKey", "Unwrapper", "decrypt_stream_with", "decrypt_with", "encrypt_stream_to",
+    "encrypt_to", "load_public_key", "parse_originator_key", "public_key_recipient", "subject_key_identifier",
 ]
 
-PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-
-OID_RSAES_OAEP = "1.2.840.113549.1.1.7"
-OID_ECDH_SHA256KDF = "1.3.132.1.11.1"
-OID_ECDH_SHA384KDF = "1.3.132.1.11.2"
-OID_AES256_WRAP = "2.16.840.1.101.3.4.1.45"
-OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
-
-_HASHES: dict[str, type[hashes.HashAlgorithm]] = {"sha1": hashes.SHA1, "sha256": hashes.SHA256}
-_KDF_HASHES: dict[str, type[hashes.HashAlgorithm]] = {OID_ECDH_SHA256KDF: hashes.SHA256,
-                                                      OID_ECDH_SHA384KDF: hashes.SHA384}
-_CURVES = {"secp256r1": "1.2.840.10045.3.1.7", "secp384r1": "1.3.132.0.34"}
 _MIN_RSA_BITS = 2048
-_NOT_AUTHENTIC = "the data key is not authentic"
 
 
 class Unwrapper(Protocol):
@@ -78,46 +76,17 @@ class Unwrapper(Protocol):
     def unwrap(self, ri: cms.RecipientInfo) -> DataKey | None: ...
 
 
-def load_public_key(data: bytes) -> PublicKey:
-    """An RSA or EC public key from a PEM / DER public key or X.509 certificate."""
-    raw = bytes(data)
-    loaders = ((serialization.load_pem_public_key, x509.load_pem_x509_certificate) if b"-----BEGIN" in raw
-               else (serialization.load_der_public_key, x509.load_der_x509_certificate))
-    for loader in loaders:
-        try:
-            loaded = loader(raw)
-        except ValueError:
-            continue
-        key = loaded.public_key() if isinstance(loaded, x509.Certificate) else loaded
-        if isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
-            return key
-        raise errors.ConfigurationError("only RSA and EC public keys can be recipients")
-    raise errors.ConfigurationError("not a PEM or DER public key or certificate")
-
-
-def subject_key_identifier(key: PublicKey) -> bytes:
-    """RFC 5280 section 4.2.1.2 method 1: SHA-1 of the subjectPublicKey bits."""
-    return x509.SubjectKeyIdentifier.from_public_key(key).digest
-
-
-def _oaep_algorithm(oaep_hash: str) -> cms.KeyEncryptionAlgorithm:
-    """``id-RSAES-OAEP`` with its parameters (RFC 4055 section 4.1): for SHA-1 all fields take
-    their defaults, so the parameters are an empty SEQUENCE; for SHA-256 hash and MGF1 hash are named."""
-    if oaep_hash == "sha1":
-        return cms.KeyEncryptionAlgorithm.load(core.Sequence(contents=core.ObjectIdentifier(OID_RSAES_OAEP).dump()
-                                                             + b"\x30\x00").dump())
-    return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": {
-        "hash_algorithm": {"algorithm": oaep_hash},
-        "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": oaep_hash}},
-    }})
-
-
 class _PublicKeyRecipient:
-    """What both recipient kinds share: the key, its subject key identifier, a name to show."""
+    """What both recipient kinds share: the key, how the recipient is named, a name to show."""
 
-    def __init__(self, public_key: PublicKey, name: str) -> None:
+    def __init__(self, public_key: PublicKey, name: str, certificate: bytes | None) -> None:
         self._ski = subject_key_identifier(public_key)
         self._name = name
+        self._issuer_serial = None
+        if certificate is not None:
+            if load_public_key(certificate) != public_key:
+                raise errors.ConfigurationError("the certificate is for another public key")
+            self._issuer_serial = issuer_and_serial(certificate)
 
     def _what(self) -> str:
         raise NotImplementedError
@@ -126,65 +95,62 @@ class _PublicKeyRecipient:
     def description(self) -> str:
         who = f"{self._name!r} " if self._name else ""
         kind, scheme = self._what().split("|")
-        return f"{kind} key {who}(SKI {self._ski.hex()}, {scheme})"
+        named = f"serial {self._issuer_serial[1]:x} of {self._issuer_serial[0].human_friendly}" \
+            if self._issuer_serial else f"SKI {self._ski.hex()}"
+        return f"{kind} key {who}({named}, {scheme})"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description})"
 
+    def _issuer_and_serial(self) -> cms.IssuerAndSerialNumber | None:
+        if self._issuer_serial is None:
+            return None
+        return cms.IssuerAndSerialNumber({"issuer": self._issuer_serial[0], "serial_number": self._issuer_serial[1]})
+
 
 class RsaOaepRecipient(_PublicKeyRecipient):
-    """An RSA public key as a recipient: RSAES-OAEP ``KeyTransRecipientInfo``."""
+    """An RSA public key as a recipient: RSAES-OAEP ``KeyTransRecipientInfo``; named by the
+    certificate's issuer and serial number when one is given, else by subject key identifier."""
 
-    def __init__(self, public_key: rsa.RSAPublicKey, *, oaep_hash: str = "sha256", name: str = "") -> None:
-        if oaep_hash not in _HASHES:
-            raise errors.ConfigurationError("OAEP hash must be sha1 or sha256")
+    def __init__(self, public_key: rsa.RSAPublicKey, *, oaep_hash: str = "sha256", name: str = "",
+                 certificate: bytes | None = None) -> None:
+        if oaep_hash not in OAEP_HASHES:
+            raise errors.ConfigurationError(f"OAEP hash must be one of {', '.join(OAEP_HASHES)}")
         if public_key.key_size < _MIN_RSA_BITS:
             raise errors.PolicyError(f"RSA keys below {_MIN_RSA_BITS} bits are refused (NIST SP 800-131A)")
-        super().__init__(public_key, name)
+        super().__init__(public_key, name, certificate)
         self._key = public_key
         self._hash = oaep_hash
+
+    @property
+    def oaep_hash(self) -> str:
+        return self._hash
 
     def _what(self) -> str:
         return f"RSA-{self._key.key_size}|OAEP-{self._hash.upper()}"
 
     def wrap(self, dek: DataKey) -> cms.RecipientInfo:
-        algorithm = _HASHES[self._hash]()
+        algorithm = OAEP_HASHES[self._hash]()
         encrypted = self._key.encrypt(dek.reveal(), padding.OAEP(padding.MGF1(algorithm), algorithm, None))
+        by_cert = self._issuer_and_serial()
+        rid = (cms.RecipientIdentifier(name="issuer_and_serial_number", value=by_cert) if by_cert is not None
+               else cms.RecipientIdentifier(name="subject_key_identifier", value=self._ski))
         return cms.RecipientInfo.load(cms.RecipientInfo(name="ktri", value=cms.KeyTransRecipientInfo({
-            "version": "v2",
-            "rid": cms.RecipientIdentifier(name="subject_key_identifier", value=self._ski),
-            "key_encryption_algorithm": _oaep_algorithm(self._hash),
+            "version": "v0" if by_cert is not None else "v2",  # RFC 5652 section 6.2.1
+            "rid": rid,
+            "key_encryption_algorithm": oaep_algorithm(self._hash),
             "encrypted_key": encrypted,
         })).dump())
-
-
-#: AlgorithmIdentifier { id-aes256-wrap } with absent parameters (RFC 3565 section 2.3.2)
-_AES256_WRAP_ID = core.Sequence(contents=core.ObjectIdentifier(OID_AES256_WRAP).dump())
-
-
-def _shared_info(ukm: bytes | None) -> bytes:
-    """DER ``ECC-CMS-SharedInfo`` (RFC 5753 section 7.2) for a 256-bit AES key-wrap key."""
-    info = core.Sequence()
-    parts = [_AES256_WRAP_ID.dump()]
-    if ukm is not None:
-        parts.append(core.OctetString(ukm, explicit=0).dump())
-    parts.append(core.OctetString((256).to_bytes(4, "big"), explicit=2).dump())
-    info.contents = b"".join(parts)
-    return info.dump()
-
-
-def _kek(z: bytes | bytearray, kdf_oid: str, ukm: bytes | None) -> bytes:
-    kdf = X963KDF(algorithm=_KDF_HASHES[kdf_oid](), length=32, sharedinfo=_shared_info(ukm))
-    return kdf.derive(bytes(z))
 
 
 class EcdhRecipient(_PublicKeyRecipient):
     """An EC P-256 / P-384 public key as a recipient: RFC 5753 ``KeyAgreeRecipientInfo``."""
 
-    def __init__(self, public_key: ec.EllipticCurvePublicKey, *, name: str = "") -> None:
-        if public_key.curve.name not in _CURVES:
+    def __init__(self, public_key: ec.EllipticCurvePublicKey, *, name: str = "",
+                 certificate: bytes | None = None) -> None:
+        if public_key.curve.name not in CURVES:
             raise errors.ConfigurationError("EC recipients must be on P-256 or P-384")
-        super().__init__(public_key, name)
+        super().__init__(public_key, name, certificate)
         self._key = public_key
 
     def _what(self) -> str:
@@ -193,163 +159,37 @@ class EcdhRecipient(_PublicKeyRecipient):
     def wrap(self, dek: DataKey) -> cms.RecipientInfo:
         ephemeral = ec.generate_private_key(self._key.curve)
         z = ephemeral.exchange(ec.ECDH(), self._key)
-        encrypted = aes_key_wrap(_kek(z, OID_ECDH_SHA256KDF, None), dek.reveal())
+        encrypted = aes_key_wrap(derive_kek(z, "sha256", None), dek.reveal())
         point = ephemeral.public_key().public_bytes(serialization.Encoding.X962,
                                                     serialization.PublicFormat.UncompressedPoint)
         originator = keys.PublicKeyInfo({"algorithm": {"algorithm": "ec"}, "public_key": point})
+        by_cert = self._issuer_and_serial()
+        rid = (cms.KeyAgreementRecipientIdentifier(name="issuer_and_serial_number", value=by_cert)
+               if by_cert is not None else
+               cms.KeyAgreementRecipientIdentifier(name="r_key_id", value={"subject_key_identifier": self._ski}))
         return cms.RecipientInfo.load(cms.RecipientInfo(name="kari", value=cms.KeyAgreeRecipientInfo({
             "version": "v3",
             "originator": cms.OriginatorIdentifierOrKey(name="originator_key", value=originator),
-            "key_encryption_algorithm": {"algorithm": OID_ECDH_SHA256KDF,
-                                         "parameters": _AES256_WRAP_ID},
-            "recipient_encrypted_keys": [{
-                "rid": cms.KeyAgreementRecipientIdentifier(name="r_key_id",
-                                                           value={"subject_key_identifier": self._ski}),
-                "encrypted_key": encrypted,
-            }],
+            "key_encryption_algorithm": {"algorithm": OID_ECDH_SHA256KDF, "parameters": AES256_WRAP_ID},
+            "recipient_encrypted_keys": [{"rid": rid, "encrypted_key": encrypted}],
         })).dump())
 
 
 def public_key_recipient(key: PublicKey | bytes, *, oaep_hash: str = "sha256", name: str = "") -> Recipient:
     """The recipient for a public key (object, PEM, DER or certificate): RSA-OAEP or ECDH by key type.
 
-    ``oaep_hash``: "sha256" unless the recipient's token can only do SHA-1
-    (``keymgr token keygen`` prints which); ignored for EC keys.
+    A certificate makes the recipient named by its issuer and serial number (what other CMS
+    tools look up); a bare key, by its subject key identifier. ``oaep_hash``: "sha256" unless
+    the recipient's token can only do another (``keymgr token pubkey --json`` says which);
+    ignored for EC keys.
     """
+    certificate = find_certificate(key) if isinstance(key, (bytes, bytearray)) else None
     public = load_public_key(key) if isinstance(key, (bytes, bytearray)) else key
     if isinstance(public, rsa.RSAPublicKey):
-        return RsaOaepRecipient(public, oaep_hash=oaep_hash, name=name)
+        return RsaOaepRecipient(public, oaep_hash=oaep_hash, name=name, certificate=certificate)
     if isinstance(public, ec.EllipticCurvePublicKey):
-        return EcdhRecipient(public, name=name)
+        return EcdhRecipient(public, name=name, certificate=certificate)
     raise errors.ConfigurationError("only RSA and EC public keys can be recipients")
-
-
-def parse_originator_key(originator: keys.PublicKeyInfo, curve: str) -> bytes:
-    """The originator's uncompressed point, checked to be id-ecPublicKey on ``curve`` and on
-    the curve (RFC 5753 section 3.1.1: parameters absent, NULL or the named curve)."""
-    try:
-        algorithm = originator["algorithm"]
-        oid = algorithm["algorithm"].dotted
-        params = algorithm["parameters"]
-        point = bytes(originator["public_key"].contents[1:]) if originator["public_key"].contents else b""
-        unused_bits = originator["public_key"].contents[:1]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise errors.FormatError("KeyAgreeRecipientInfo: malformed originator key") from None
-    if oid != OID_EC_PUBLIC_KEY or unused_bits != b"\x00":
-        raise errors.FormatError("KeyAgreeRecipientInfo: the originator key is not an EC public key")
-    named = params.chosen if isinstance(params, keys.ECDomainParameters) else params
-    if not (isinstance(named, (core.Void, core.Null)) or
-            (isinstance(named, core.ObjectIdentifier) and named.dotted == _CURVES[curve])):
-        raise errors.FormatError("KeyAgreeRecipientInfo: the originator key is on another curve")
-    asym.load_ec_point(curve, point)
-    return point
-
-
-class TokenPrivateKey:
-    """A key pair on a token as the decrypt side of RSA-OAEP or ECDH recipients."""
-
-    def __init__(self, ts: TokenSession, ref: asym.KeyPairRef) -> None:
-        self._ts = ts
-        self._ref = ref
-        self._public = asym.public_key(ts, ref)
-        self._ski = subject_key_identifier(self._public)
-
-    @property
-    def ref(self) -> asym.KeyPairRef:
-        return self._ref
-
-    @property
-    def description(self) -> str:
-        return f"{self._ref.kind} key pair {self._ref.label!r} on token {self._ts.label!r}"
-
-    def __repr__(self) -> str:
-        return f"TokenPrivateKey({self.description})"
-
-    def recipient(self) -> Recipient:
-        """The encrypt side, with the OAEP hash this token can decrypt (SHA-256 if it can)."""
-        if isinstance(self._public, rsa.RSAPublicKey):
-            oaep_hash = probe(self._ts).oaep_hash()
-            if oaep_hash is None:
-                raise errors.MechanismUnsupportedError(f"token {self._ts.label!r} cannot decrypt RSA-OAEP")
-            return RsaOaepRecipient(self._public, oaep_hash=oaep_hash, name=self._ref.label)
-        return EcdhRecipient(self._public, name=self._ref.label)
-
-    def unwrap(self, ri: cms.RecipientInfo) -> DataKey | None:
-        kind = recipient_kind(ri)
-        if kind == "ktri" and self._ref.is_rsa:
-            return self._unwrap_ktri(ri.chosen)
-        if kind == "kari" and not self._ref.is_rsa:
-            return self._unwrap_kari(ri.chosen)
-        return None
-
-    def _unwrap_ktri(self, ktri: cms.KeyTransRecipientInfo) -> DataKey | None:
-        try:
-            rid = ktri["rid"]
-            if rid.name != "subject_key_identifier" or bytes(rid.chosen.native) != self._ski:
-                return None
-            algorithm = ktri["key_encryption_algorithm"]
-            params = algorithm["parameters"]
-            encrypted = bytes(ktri["encrypted_key"].native)
-            oid = algorithm["algorithm"].dotted
-            hash_name = params["hash_algorithm"]["algorithm"].native
-            mgf = params["mask_gen_algorithm"]
-            mgf_hash = mgf["parameters"]["algorithm"].native
-            label = params["p_source_algorithm"]["parameters"].native
-        except (ValueError, TypeError, KeyError, AttributeError):
-            raise errors.FormatError("KeyTransRecipientInfo: malformed") from None
-        if oid != OID_RSAES_OAEP or ktri["version"].native != "v2":
-            raise errors.FormatError("KeyTransRecipientInfo: keymgr reads only RSAES-OAEP (RFC 4055), version 2")
-        if hash_name not in _HASHES or mgf["algorithm"].native != "mgf1" or mgf_hash != hash_name or label:
-            raise errors.FormatError("KeyTransRecipientInfo: unsupported OAEP parameters")
-        raw = asym.rsa_oaep_decrypt(self._ts, self._ref, encrypted, hash=hash_name)
-        return _data_key(raw)
-
-    def _unwrap_kari(self, kari: cms.KeyAgreeRecipientInfo) -> DataKey | None:
-        try:
-            encrypted = None
-            for rek in kari["recipient_encrypted_keys"]:
-                rid = rek["rid"]
-                if rid.name == "r_key_id" and bytes(rid.chosen["subject_key_identifier"].native) == self._ski:
-                    encrypted = bytes(rek["encrypted_key"].native)
-                    break
-            if encrypted is None:
-                return None
-            originator = kari["originator"]
-            algorithm = kari["key_encryption_algorithm"]
-            kdf_oid = algorithm["algorithm"].dotted
-            wrap = cms.KeyEncryptionAlgorithm.load(algorithm["parameters"].dump())
-            wrap_oid, wrap_params = wrap["algorithm"].dotted, wrap["parameters"]
-            ukm = kari["ukm"].native
-        except (ValueError, TypeError, KeyError, AttributeError):
-            raise errors.FormatError("KeyAgreeRecipientInfo: malformed") from None
-        if kari["version"].native != "v3" or originator.name != "originator_key":
-            raise errors.FormatError("KeyAgreeRecipientInfo: version 3 with an originator key is required (RFC 5753)")
-        wrap_ok = wrap_oid == OID_AES256_WRAP and isinstance(wrap_params, (core.Void, core.Null))
-        if kdf_oid not in _KDF_HASHES or not wrap_ok:
-            raise errors.FormatError("KeyAgreeRecipientInfo: keymgr reads dhSinglePass-stdDH-sha256kdf/sha384kdf "
-                                     "with id-aes256-wrap")
-        if len(encrypted) != 40:
-            raise errors.IntegrityError(_NOT_AUTHENTIC)
-        point = parse_originator_key(originator.chosen, str(self._ref.curve))
-        z = asym.ecdh_derive(self._ts, self._ref, point)
-        try:
-            kek = _kek(z, kdf_oid, None if ukm is None else bytes(ukm))
-        finally:
-            z[:] = bytes(len(z))
-        try:
-            raw = bytearray(aes_key_unwrap(kek, encrypted))
-        except InvalidUnwrap:
-            raise errors.IntegrityError(_NOT_AUTHENTIC) from None
-        return _data_key(raw)
-
-
-def _data_key(raw: bytearray) -> DataKey:
-    try:
-        if len(raw) != 32:
-            raise errors.IntegrityError(_NOT_AUTHENTIC)
-        return DataKey(raw)
-    finally:
-        raw[:] = bytes(len(raw))
 
 
 def _wrap_all(recipients: Sequence[Recipient]) -> tuple[DataKey, list[cms.RecipientInfo]]:

@@ -6,8 +6,8 @@ private half never leaves the token. This module generates them on the token
 again by label or CKA_ID, reads their public half, and performs the four
 private-key operations keymgr needs:
 
-* :func:`rsa_oaep_decrypt`: RSAES-OAEP (RFC 8017 section 7.1) with SHA-1 or
-  SHA-256 and the matching MGF1, for ``KeyTransRecipientInfo`` (RFC 4055);
+* :func:`rsa_oaep_decrypt`: RSAES-OAEP (RFC 8017 section 7.1) with any RFC 4055
+  hash the token does and MGF1, for ``KeyTransRecipientInfo`` (RFC 4055);
 * :func:`ecdh_derive`: the raw ECDH shared secret Z (SP 800-56A section
   5.7.1.2, ``CKM_ECDH1_DERIVE`` with ``CKD_NULL``) for RFC 5753 key agreement;
   the X9.63 KDF runs on the host, because few tokens (no PIV card) implement
@@ -79,7 +79,10 @@ KINDS: dict[str, tuple[KeyType, int | str]] = {
 }
 _CURVES: dict[str, ec.EllipticCurve] = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1()}
 _CURVE_BY_PARAMS = {encode_named_curve_parameters(name): name for name in _CURVES}
-_OAEP = {"sha1": (Mechanism.SHA_1, MGF.SHA1), "sha256": (Mechanism.SHA256, MGF.SHA256)}
+#: RFC 4055 section 2.1's hashes: (CKM_ of the hash, CKG_MGF1_ of the mask)
+_OAEP = {"sha1": (Mechanism.SHA_1, MGF.SHA1), "sha224": (Mechanism.SHA224, MGF.SHA224),
+         "sha256": (Mechanism.SHA256, MGF.SHA256), "sha384": (Mechanism.SHA384, MGF.SHA384),
+         "sha512": (Mechanism.SHA512, MGF.SHA512)}
 _ECDSA = {"secp256r1": (Mechanism.ECDSA_SHA256, hashlib.sha256), "secp384r1": (Mechanism.ECDSA_SHA384, hashlib.sha384)}
 #: Token answers to a template it will not take (tpm2-pkcs11 says CKR_GENERAL_ERROR).
 _TEMPLATE_REFUSED = (p11x.GeneralError, p11x.TemplateInconsistent, p11x.TemplateIncomplete,
@@ -359,18 +362,21 @@ def _with_private(ts: TokenSession, ref: KeyPairRef, operation: str,
             pin.wipe()
 
 
-def rsa_oaep_decrypt(ts: TokenSession, ref: KeyPairRef, ciphertext: bytes, *, hash: str) -> bytearray:  # noqa: A002
-    """RSAES-OAEP decrypt inside the token (MGF1 with the same hash, empty label).
+def rsa_oaep_decrypt(ts: TokenSession, ref: KeyPairRef, ciphertext: bytes, *, hash: str,  # noqa: A002
+                     mgf_hash: str | None = None) -> bytearray:
+    """RSAES-OAEP decrypt inside the token: ``hash`` one of sha1, sha224, sha256, sha384, sha512,
+    MGF1 with ``mgf_hash`` (default: the same hash), empty label.
 
     Every rejection of the ciphertext is one :class:`~keymgr.errors.IntegrityError`
-    (no padding oracle in the message: Manger, CRYPTO 2001).
+    (no padding oracle in the message: Manger, CRYPTO 2001). A hash the token does not do is
+    its :class:`~keymgr.errors.MechanismUnsupportedError`.
     """
     if not ref.is_rsa:
         raise errors.ConfigurationError(f"key pair {ref.label!r} is {ref.kind}, not RSA")
     try:
-        mech_hash, mgf = _OAEP[hash]
+        mech_hash, mgf = _OAEP[hash][0], _OAEP[mgf_hash or hash][1]
     except KeyError:
-        raise errors.ConfigurationError("OAEP hash must be sha1 or sha256") from None
+        raise errors.ConfigurationError(f"OAEP hash must be one of {', '.join(_OAEP)}") from None
     if len(ciphertext) != int(ref.kind.split("-")[1]) // 8:
         raise errors.IntegrityError(_NOT_AUTHENTIC)
 

@@ -31,7 +31,8 @@ __all__ = ["Capabilities", "probe", "SCHEMES", "ALL_CAPABILITIES"]
 
 ALL_CAPABILITIES = (
     "aes-keygen", "aes-gcm", "aes-kw", "aes-kwp", "aes-kwp-3.0", "hmac-sha256",
-    "rsa-keygen", "rsa-oaep-sha1", "rsa-oaep-sha256", "rsa-pss-sign",
+    "rsa-keygen", "rsa-oaep-sha1", "rsa-oaep-sha224", "rsa-oaep-sha256", "rsa-oaep-sha384", "rsa-oaep-sha512",
+    "rsa-pss-sign",
     "ec-keygen", "ecdh-p256", "ecdh-p384", "ecdsa-sign", "data-objects",
 )
 
@@ -39,7 +40,8 @@ ALL_CAPABILITIES = (
 SCHEMES: dict[str, tuple[tuple[str, ...], ...]] = {
     "kek-kw": (("aes-keygen", "aes-kw"), ("aes-keygen", "aes-kwp"), ("aes-keygen", "aes-kwp-3.0")),
     "kek-gcm": (("aes-keygen", "aes-gcm"),),
-    "rsa-oaep": (("rsa-oaep-sha256",), ("rsa-oaep-sha1",)),
+    "rsa-oaep": (("rsa-oaep-sha256",), ("rsa-oaep-sha1",), ("rsa-oaep-sha384",), ("rsa-oaep-sha512",),
+                 ("rsa-oaep-sha224",)),
     "ecdh": (("ecdh-p256",), ("ecdh-p384",)),
     "keyring-metadata": (("hmac-sha256", "data-objects"),),
 }
@@ -70,11 +72,16 @@ class Capabilities:
         return None
 
     def oaep_hash(self) -> str | None:
-        if self.has("rsa-oaep-sha256"):
-            return "sha256"
-        if self.has("rsa-oaep-sha1"):
-            return "sha1"
+        """The hash to encrypt to this token's RSA keys with: SHA-256 where it can, else SHA-1
+        (SoftHSM 2.6.1), else the first other it can."""
+        for name in ("sha256", "sha1", "sha384", "sha512", "sha224"):
+            if self.has(f"rsa-oaep-{name}"):
+                return name
         return None
+
+    def oaep_hashes(self) -> tuple[str, ...]:
+        """Every RFC 4055 hash this token decrypts RSA-OAEP with (MGF1 with the same hash)."""
+        return tuple(name for name in ("sha1", "sha224", "sha256", "sha384", "sha512") if self.has(f"rsa-oaep-{name}"))
 
 
 _cache: dict[tuple[str, str, str, bool], Capabilities] = {}
@@ -202,7 +209,10 @@ def _probe_rsa(session: Any, results: set[str]) -> None:
                                        int.from_bytes(pub[Attribute.MODULUS], "big"))
         host_pub = numbers.public_key()
         for name, host_hash, mech, mgf in (("sha1", hashes.SHA1(), Mechanism.SHA_1, MGF.SHA1),  # noqa: S303 - OAEP-SHA1 probe
-                                           ("sha256", hashes.SHA256(), Mechanism.SHA256, MGF.SHA256)):
+                                           ("sha224", hashes.SHA224(), Mechanism.SHA224, MGF.SHA224),
+                                           ("sha256", hashes.SHA256(), Mechanism.SHA256, MGF.SHA256),
+                                           ("sha384", hashes.SHA384(), Mechanism.SHA384, MGF.SHA384),
+                                           ("sha512", hashes.SHA512(), Mechanism.SHA512, MGF.SHA512)):
             ct = host_pub.encrypt(b"probe", padding.OAEP(padding.MGF1(host_hash), host_hash, None))
             try:
                 if bytes(priv.decrypt(ct, mechanism=Mechanism.RSA_PKCS_OAEP,

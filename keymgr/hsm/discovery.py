@@ -20,7 +20,8 @@ from keymgr.hsm._errors import code_name
 from keymgr.hsm.modules import P11KIT_CONFIG_DIRS, Module, load_module, resolve_module_name
 from keymgr.hsm.uri import Pkcs11Uri
 
-__all__ = ["FoundToken", "default_module_path", "find_token", "list_tokens", "module_for_uri", "registered_modules"]
+__all__ = ["FoundToken", "default_module_path", "find_token", "library_matches", "list_tokens", "module_for_uri",
+           "registered_modules"]
 
 SOFTHSM_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -141,6 +142,18 @@ def list_tokens(module: Module) -> list[FoundToken]:
     return found
 
 
+def library_matches(uri: Pkcs11Uri, module: Module) -> bool:
+    """Whether ``module`` is the library the URI's ``library-*`` attributes name (C_GetInfo)."""
+    if uri.library_manufacturer is None and uri.library_description is None and uri.library_version is None:
+        return True
+    with module.lock:
+        module.ensure_current()
+        lib = module.lib
+        major, minor = lib.library_version
+        return uri.matches_library(manufacturer=_strip(lib.manufacturer_id),
+                                   description=_strip(lib.library_description), version=(int(major), int(minor)))
+
+
 def _matches(uri: Pkcs11Uri, token: FoundToken) -> bool:
     if uri.vendor_path:
         return False  # RFC 7512 2.4: an attribute we do not understand matches nothing
@@ -172,9 +185,10 @@ def find_token(uri: Pkcs11Uri) -> FoundToken:
     re-initialised for this, as that would log its sessions out."""
     module = module_for_uri(uri)
     tokens = list_tokens(module)
-    matches = [t for t in tokens if _matches(uri, t)]
+    library = library_matches(uri, module)
+    matches = [t for t in tokens if library and _matches(uri, t)]
     for delay in _LOOK_AGAIN:
-        if matches or module.in_use or uri.vendor_path:
+        if matches or module.in_use or uri.vendor_path or not library:
             break
         time.sleep(delay)
         try:
@@ -186,6 +200,12 @@ def find_token(uri: Pkcs11Uri) -> FoundToken:
     if len(matches) == 1:
         return matches[0]
     listing = ", ".join(t.describe() for t in tokens) or "none"
+    if not library:
+        lib = module.lib
+        raise errors.TokenNotFoundError(
+            f"no token matches {uri}: its library-* attributes do not match module {module.path} "
+            f"(library-manufacturer={_strip(lib.manufacturer_id)!r}, library-description="
+            f"{_strip(lib.library_description)!r}, library-version={'.'.join(map(str, lib.library_version))})")
     if not matches:
         raise errors.TokenNotFoundError(f"no token matches {uri}; tokens found: {listing}")
     raise errors.TokenNotFoundError(

@@ -20,8 +20,10 @@ What the parser accepts, and why:
   percent-encoded: a raw space, non-ASCII letter or ``#`` is an error, not a guess,
   and so is a ``%`` not followed by two hex digits.
 * ``slot-id`` is decimal and fits a CK_SLOT_ID (an unsigned long, up to 2**64-1);
-  ``library-version`` is ``M`` or ``M.N`` in decimal digits, kept as text so that
-  ``1.23`` is written back as it was read; ``type`` is one of :data:`OBJECT_TYPES`.
+  ``library-version`` is ``M`` or ``M.N`` in decimal digits that fit a CK_VERSION
+  (each a byte, 0-255), kept as text so that ``1.23`` is written back as it was read
+  (it means major 1, minor 23; ``M`` alone means minor 0, as in p11-kit);
+  ``type`` is one of :data:`OBJECT_TYPES`.
 * Path attributes appear at most once (section 2.3), and so do the four standard
   query attributes. Section 2.3 lets vendor query attributes repeat, so they are an
   ordered tuple of pairs, as are vendor path attributes.
@@ -121,8 +123,12 @@ def _value_problem(name: str, value: Any) -> str | None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return f"{name} is not encodable as UTF-8 (RFC 7512 section 5)"
-    if name == "library-version" and not _VERSION.fullmatch(value):
-        return f"library-version must be M or M.N in decimal digits, not {_show(value)}"
+    if name == "library-version":
+        if not _VERSION.fullmatch(value):
+            return f"library-version must be M or M.N in decimal digits, not {_show(value)}"
+        if any(int(part) > 255 for part in value.split(".")):
+            return (f"library-version {_show(value)} does not fit a CK_VERSION (major and minor are bytes, "
+                    "0 to 255: RFC 7512 section 2.3)")
     if name == "type" and value not in OBJECT_TYPES:
         return f"type must be one of {', '.join(OBJECT_TYPES)}, not {_show(value)}"
     return None
@@ -343,6 +349,19 @@ class Pkcs11Uri:
     def token_only(self) -> Pkcs11Uri:
         """The same URI without object attributes and PIN: it names just the token."""
         return replace(self, object=None, type=None, id=None, pin_value=None, pin_source=None)
+
+    def matches_library(self, *, manufacturer: str, description: str, version: tuple[int, int]) -> bool:
+        """Whether a module whose C_GetInfo reports these CK_INFO fields matches this URI's
+        ``library-manufacturer``, ``library-description`` and ``library-version`` (RFC 7512
+        section 2.3). Blank padding is ignored as for token fields; ``library-version=M``
+        means M.0, ``M.N`` major M and minor N (``1.5`` is minor 5, not 50)."""
+        texts = ((self.library_manufacturer, manufacturer), (self.library_description, description))
+        if any(wanted is not None and wanted.rstrip(" ") != actual.rstrip(" ") for wanted, actual in texts):
+            return False
+        if self.library_version is None:
+            return True
+        major, _, minor = self.library_version.partition(".")
+        return (int(major), int(minor or 0)) == tuple(version)
 
     def matches_token(self, *, label: str, manufacturer: str, serial: str, model: str) -> bool:
         """Whether a token with these CK_TOKEN_INFO fields matches this URI (RFC 7512 section 2.4).

@@ -50,6 +50,9 @@ def _cms() -> list[bytes]:
     dek = os.urandom(32)
     out.append(seal_message(b"compat", dek=dek, recipient_infos=[kek.recipient(dek)], context=None,
                             compat_openssl=True))
+    from tests._ber import to_ber  # other writers' BER forms: read through their DER re-encoding
+
+    out += [to_ber(out[1], 1), to_ber(out[-1], 2)]
     return out
 
 
