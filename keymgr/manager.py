@@ -365,7 +365,8 @@ class KeyManager:
             finally:
                 dek.wipe()
         record = self.keyring.get(key)
-        self._protector.check_encrypts(record)  # a cached data key must not outlive a suspension
+        # a cached data key must not outlive a suspension; its wrap checked the key object already
+        self._protector.check_encrypts(record, provenance=False)
         context_key = checked_context(context)[1]  # raises ConfigurationError for an unusable context
         partition = (key, record.primary_version.key_id, context_key, tuple(map(id, also_to)) if also_to else ())
         entry = self._encrypt_cache.acquire(partition, size, lambda: self._new_data_key(key, also_to))

@@ -132,14 +132,19 @@ class KekProtector:
         sealed = objects.gcm_encrypt(ts, version.key_id, dek.reveal(), nonce=nonce, aad=b"")
         return kek_recipient_der(version.key_id, sealed, "aes256_gcm", gcm_nonce=nonce)
 
-    def check_encrypts(self, record: KeyRecord, version: KeyVersion | None = None) -> None:
+    def check_encrypts(self, record: KeyRecord, version: KeyVersion | None = None, *,
+                       provenance: bool = True) -> None:
         """Refuse to encrypt under anything but an active version (the primary, by default):
-        checked per wrap, and per message where a cached data key spares the wrap."""
+        checked per wrap, and per message where a cached data key spares the wrap. And refuse a
+        version whose key object does not prove the token made it (:mod:`keymgr.provenance`),
+        unless ``provenance`` is False: a cached data key was wrapped, and so checked, under
+        that very version, and a message that reuses it never reaches the key object."""
         version = version or record.primary_version
         if version.state != "active":
             raise errors.PolicyError(f"key {record.name!r} version {version.version} is {version.state}; "
                                      "only the active primary version encrypts")
-        self._keyring.check_encrypts(record, version)
+        if provenance:
+            self._keyring.check_encrypts(record, version)
 
     def check_state(self, record: KeyRecord, version: KeyVersion) -> None:
         """Refuse versions that policy says must not decrypt."""
