@@ -64,17 +64,36 @@ __all__ = ["FleetRun", "FleetToken", "HostResult", "MASKED", "FLEET_ROOT", "flee
            "require_namespaces", "run_host", "run_hosts"]
 
 REPO = Path(__file__).resolve().parent.parent
-#: the shared scratch area (gitignored): outside every directory a host gets privately
-FLEET_ROOT = REPO / ".fleet-tmp"
 #: the directories each host gets a private tmpfs on
 MASKED = ("/tmp", "/var/tmp", "/run", "/dev/shm")
+
+
+def _under_masked(path: Path) -> bool:
+    return any(path == Path(d) or Path(d) in path.parents for d in MASKED)
+
+
+#: the shared scratch area: outside every directory a host gets privately (gitignored in the
+#: checkout; a checkout that itself lives under /tmp, as a CI clone may, uses /var/lib instead)
+FLEET_ROOT = Path(os.environ.get("KEYMGR_FLEET_ROOT") or (
+    "/var/lib/keymgr-fleet-tests" if _under_masked(REPO) else REPO / ".fleet-tmp"))
+#: a checkout under a masked directory is bound back into each host's private mounts, at its path
+_KEEP = [REPO] if _under_masked(REPO) else []
 USER_PIN = "1234"
 SO_PIN = "5678"
 _PREFIX = "@@fleet "
 
 # Runs as `sh -c _SHELL fleet-host python -c _BOOT SPEC`: fresh tmpfs mounts, then HOME and TMPDIR in them.
-_SHELL = ("set -e; " + " && ".join(f"mount -t tmpfs -o mode=1777 tmpfs {d}" for d in MASKED)
-          + '; mkdir -p "$HOME" "$TMPDIR"; exec "$@"')
+def _shell(hold: Path) -> str:
+    """The host's mount setup: the checkout (if under a masked directory) bound aside first, fresh
+    tmpfs mounts, the checkout bound back at its path, then HOME and TMPDIR in the private /tmp."""
+    aside = [(keep, hold / str(n)) for n, keep in enumerate(_KEEP)]
+    steps = [f"mkdir -p '{spot}' && mount --bind '{keep}' '{spot}'" for keep, spot in aside]
+    steps += [f"mount -t tmpfs -o mode=1777 tmpfs {d}" for d in MASKED]
+    steps += [f"mkdir -p '{keep}' && mount --bind '{spot}' '{keep}'" for keep, spot in aside]
+    return "set -e; " + " && ".join(steps) + '; mkdir -p "$HOME" "$TMPDIR"; exec "$@"'
+
+
+_SHELL = _shell(FLEET_ROOT / ".hold")
 
 _BOOT = r'''
 import json, os, sys, time, traceback
@@ -183,6 +202,8 @@ def _masked(path: Path | str) -> str | None:
 
 def _check_reachable(paths: Mapping[str, Path | str]) -> None:
     for what, path in paths.items():
+        if any(Path(path).resolve() == keep or keep in Path(path).resolve().parents for keep in _KEEP):
+            continue  # bound back into every host (_shell)
         hidden = _masked(path)
         if hidden is not None:
             raise RuntimeError(f"fleet harness: {what} {path} is under {hidden}, which every host replaces "

@@ -58,6 +58,10 @@ T = TypeVar("T")
 #: which code_name names; a bare PKCS11Error of another kind counts too.
 _MODULE_STALE = frozenset({"CKR_GENERAL_ERROR", "CKR_DEVICE_ERROR", "CKR_CRYPTOKI_NOT_INITIALIZED", "PKCS11Error"})
 
+#: What a session open may answer while another process's login rewrites SoftHSM's token file
+#: (STACK-FACTS 23): tried again after a re-initialise
+_OPEN_RACES = _MODULE_STALE | {"CKR_USER_PIN_NOT_INITIALIZED", "CKR_TOKEN_NOT_RECOGNIZED"}
+
 _sessions: dict[tuple[str, str, str], TokenSession] = {}
 _sessions_lock = threading.Lock()
 #: How often reread() re-initialises before it believes the token is gone.
@@ -146,7 +150,7 @@ class TokenSession:
                 return self._open_locked()
             except errors.TokenError as exc:
                 if attempt == _REREAD_TRIES - 1 or not (isinstance(exc, errors.TokenRemovedError)
-                                                         or exc.code in _MODULE_STALE):
+                                                         or exc.code in _OPEN_RACES):
                     raise
                 time.sleep(0.02 * (attempt + 1))
                 try:
