@@ -33,7 +33,7 @@ from pathlib import Path
 
 from keymgr import errors
 from keymgr._files import fsync_directory, os_error_reason
-from keymgr.audit._entry import GENESIS_PREV, MAX_LINE, line_digest, parse_line
+from keymgr.audit._entry import GENESIS_PREV, MAX_LINE, Entry, line_digest, parse_line
 
 __all__ = ["FileSink", "Tail", "FSYNC_POLICIES"]
 
@@ -245,26 +245,33 @@ def _is_entry(raw: bytes) -> bool:
     return True
 
 
+def _last_entries(path: Path, fd: int, count: int) -> list[tuple[bytes, Entry | None]]:
+    """The last ``count`` + 1 lines of the log, oldest first, each with its entry (None if the
+    line is not one): what entries_after and digest_at read back near the tail."""
+    try:
+        size = os.fstat(fd).st_size
+        span = min(size, (count + 2) * (MAX_LINE + 1))
+        chunk = os.pread(fd, span, size - span)
+    except OSError as exc:
+        raise errors.StorageError(f"cannot read audit log {path}: {os_error_reason(exc)}") from None
+    lines: list[tuple[bytes, Entry | None]] = []
+    for raw in chunk.split(b"\n")[1:]:
+        if not raw:
+            continue
+        try:
+            lines.append((raw, parse_line(raw)))
+        except errors.FormatError:
+            lines.append((raw, None))
+    return lines
+
+
 def entries_after(path: Path, fd: int, seq: int, tail: Tail) -> list[tuple[int, bool]]:
     """(seq, has a MAC) of the entries after ``seq`` near the end of the log (up to 64 of them)."""
     back = min(tail.seq - seq, 64)
     if back <= 0:
         return []
-    try:
-        size = os.fstat(fd).st_size
-        span = min(size, (back + 1) * (MAX_LINE + 1))
-        chunk = os.pread(fd, span, size - span)
-    except OSError as exc:
-        raise errors.StorageError(f"cannot read audit log {path}: {os_error_reason(exc)}") from None
-    found = []
-    for raw in chunk.split(b"\n")[1:]:
-        try:
-            entry = parse_line(raw)
-        except errors.FormatError:
-            continue
-        if entry.seq > seq:
-            found.append((entry.seq, entry.mac is not None))
-    return found
+    return [(entry.seq, entry.mac is not None) for _, entry in _last_entries(path, fd, back)
+            if entry is not None and entry.seq > seq]
 
 
 def digest_at(path: Path, fd: int, seq: int, tail: Tail) -> str | None:
@@ -273,18 +280,8 @@ def digest_at(path: Path, fd: int, seq: int, tail: Tail) -> str | None:
     back = tail.seq - seq
     if back < 0:
         return None
-    try:
-        size = os.fstat(fd).st_size
-        span = min(size, (back + 2) * (MAX_LINE + 1))
-        chunk = os.pread(fd, span, size - span)
-    except OSError as exc:
-        raise errors.StorageError(f"cannot read audit log {path}: {os_error_reason(exc)}") from None
-    for raw in reversed(chunk.split(b"\n")):
-        if not raw:
-            continue
-        try:
-            entry = parse_line(raw)
-        except errors.FormatError:
+    for raw, entry in reversed(_last_entries(path, fd, back)):
+        if entry is None:
             return None
         if entry.seq == seq:
             return line_digest(raw)
