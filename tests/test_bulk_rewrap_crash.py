@@ -32,7 +32,7 @@ import pytest
 import keymgr
 from keymgr.envelope.inspect import inspect_file
 from keymgr.rewrap_journal import check_journal, read_entries
-from tests.conftest import TokenUnderTest
+from tests.conftest import TokenUnderTest, softhsm_token
 
 REPO = Path(__file__).resolve().parent.parent
 ENVELOPES = 1000
@@ -97,7 +97,11 @@ def _run_and_kill(cmd: list[str], env: dict[str, str], journal: Path, rng: rando
     return False
 
 
-def test_sigkill_at_random_moments_then_resume(softhsm: TokenUnderTest, key_name: str, tmp_path: Path) -> None:
+def test_sigkill_at_random_moments_then_resume(key_name: str, tmp_path: Path) -> None:
+    # SIGKILLs can land while a worker logs in, and C_Login rewrites SoftHSM's token file in place:
+    # a kill then can leave the token unreadable (STACK-FACTS 23). The "crash" token keeps that
+    # from taking the suite's shared tokens down with it.
+    softhsm = softhsm_token("crash")
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     root, journal = tmp_path / "data", tmp_path / "rewrap.journal"
     with keymgr.KeyManager(softhsm.uri()) as km:
