@@ -32,7 +32,8 @@ import pytest
 import keymgr
 from keymgr.envelope.inspect import inspect_file
 from keymgr.rewrap_journal import check_journal, read_entries
-from tests.conftest import TokenUnderTest, softhsm_token
+from tests._crash_token import crash_token
+from tests.conftest import TokenUnderTest
 
 REPO = Path(__file__).resolve().parent.parent
 ENVELOPES = 1000
@@ -99,9 +100,9 @@ def _run_and_kill(cmd: list[str], env: dict[str, str], journal: Path, rng: rando
 
 def test_sigkill_at_random_moments_then_resume(key_name: str, tmp_path: Path) -> None:
     # SIGKILLs can land while a worker logs in, and C_Login rewrites SoftHSM's token file in place:
-    # a kill then can leave the token unreadable (STACK-FACTS 23). The "crash" token keeps that
-    # from taking the suite's shared tokens down with it.
-    softhsm = softhsm_token("crash")
+    # a kill then can leave the token unreadable (STACK-FACTS 23); tests/_crash_token.py mends it.
+    crash = crash_token()
+    softhsm = crash.token
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     root, journal = tmp_path / "data", tmp_path / "rewrap.journal"
     with keymgr.KeyManager(softhsm.uri()) as km:
@@ -118,6 +119,7 @@ def test_sigkill_at_random_moments_then_resume(key_name: str, tmp_path: Path) ->
         attempts += 1
         assert attempts < KILLS * 3, "the run kept finishing before it could be killed"
         kills += _run_and_kill(_command(softhsm, root, journal, jobs=rng.choice((1, 2))), env, journal, rng)
+        crash.mend()
     done_before_final = sum(e.state == "done" for e in read_entries(journal))
     assert 0 < done_before_final < ENVELOPES, "the kills should have interrupted a run in progress"
 

@@ -27,7 +27,8 @@ from keymgr import rotation
 from keymgr.hsm import objects
 from keymgr.keyring import KeyPolicy, version_template
 from tests._keyring_helpers import WallClock, same_record
-from tests.conftest import TokenUnderTest, requires, softhsm_token
+from tests._crash_token import crash_token
+from tests.conftest import TokenUnderTest, requires
 
 REPO = Path(__file__).resolve().parent.parent
 KILLS = 24
@@ -79,7 +80,8 @@ def _decrypts_everything(km: keymgr.KeyManager, expected: dict[Path | int, bytes
 
 
 def test_rotate_killed_at_random_moments(key_name: str, tmp_path: Path) -> None:
-    softhsm = softhsm_token("crash")  # its own token: a kill inside C_GenerateKey can leave a half-made object
+    crash = crash_token()  # its own token: a kill inside C_GenerateKey can leave a half-made object, and
+    softhsm = crash.token  # one inside C_Login a short token file (mended below, tests/_crash_token.py)
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     out = tmp_path / "messages"
     out.mkdir()
@@ -105,6 +107,7 @@ def test_rotate_killed_at_random_moments(key_name: str, tmp_path: Path) -> None:
                 child.send_signal(signal.SIGKILL)
                 kills += 1
             child.wait()
+            crash.mend()  # before this process reads the token again
             child.stdout.close()
             if child.stderr is not None:
                 child.stderr.close()
@@ -121,7 +124,7 @@ def test_rotate_killed_at_random_moments(key_name: str, tmp_path: Path) -> None:
         _check_keyring(km, key_name)
         _decrypts_everything(km, expected, out)
     print(f"\n{kills} kills, {len(record.versions)} versions, {messages} child messages, "
-          f"{orphans_seen} orphan sightings after kills")
+          f"{orphans_seen} orphan sightings after kills, token file mended {crash.mended} times")
     assert len(record.versions) >= KILLS + 3  # at least one whole rotation per round, and the last two
 
 
