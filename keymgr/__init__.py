@@ -6,29 +6,14 @@ The safe API is :class:`KeyManager` and the error tree in :mod:`keymgr.errors`.
 
 from typing import TYPE_CHECKING, Any
 
-from keymgr.errors import (
-    AuthenticationError,
-    ConfigurationError,
-    FormatError,
-    IntegrityError,
-    KeymgrError,
-    KeyNotFoundError,
-    MechanismUnsupportedError,
-    PinIncorrectError,
-    PinLockedError,
-    PolicyError,
-    RecipientNotFoundError,
-    StorageError,
-    TokenError,
-    TokenNotFoundError,
-    TokenRemovedError,
-    UnsupportedAlgorithmError,
-    UriError,
-)
+from keymgr import errors as _errors
+from keymgr.errors import *  # noqa: F403 - every error class: ``except keymgr.PolicyError``
 
 if TYPE_CHECKING:
-    from keymgr.keyring import KeyPolicy, KeyRecord, KeyVersion
-    from keymgr.manager import KeyManager
+    from keymgr.keyring import KeyPolicy as KeyPolicy
+    from keymgr.keyring import KeyRecord as KeyRecord
+    from keymgr.keyring import KeyVersion as KeyVersion
+    from keymgr.manager import KeyManager as KeyManager
 
 __version__ = "0.1.0"
 
@@ -48,26 +33,5 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
-__all__ = [
-    "AuthenticationError",
-    "ConfigurationError",
-    "FormatError",
-    "IntegrityError",
-    "KeyManager",
-    "KeyNotFoundError",
-    "KeyPolicy",
-    "KeyRecord",
-    "KeyVersion",
-    "KeymgrError",
-    "MechanismUnsupportedError",
-    "PinIncorrectError",
-    "PinLockedError",
-    "PolicyError",
-    "RecipientNotFoundError",
-    "StorageError",
-    "TokenError",
-    "TokenNotFoundError",
-    "TokenRemovedError",
-    "UnsupportedAlgorithmError",
-    "UriError",
-]
+#: The error classes and the lazily loaded API, derived rather than copied.
+__all__ = sorted([*_errors.__all__, *_LAZY])

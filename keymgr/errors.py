@@ -66,6 +66,11 @@ class ConfigurationError(KeymgrError):
     """Settings, arguments or files given to keymgr are unusable."""
 
 
+class KeyExistsError(ConfigurationError):
+    """A key with that name already exists on the token (``create_key(..., exist_ok=True)``
+    returns it instead, when it has the profile asked for)."""
+
+
 class UriError(ConfigurationError, ValueError):
     """A ``pkcs11:`` URI does not follow RFC 7512."""
 
@@ -166,3 +171,9 @@ class PolicyError(KeymgrError, PermissionError):
 
 class StorageError(KeymgrError, OSError):
     """A file could not be written or replaced safely (full disk, permissions)."""
+
+
+#: Every error class above (and so every one ``keymgr`` exports): derived, so a new class cannot be
+#: left out of ``keymgr.__all__``.
+__all__ = sorted(name for name, value in list(globals().items())
+                 if isinstance(value, type) and issubclass(value, KeymgrError))

@@ -599,7 +599,7 @@ class Keyring:
         template = version_template(profile, policy)
         self.reload()
         if name in self._records:
-            raise errors.ConfigurationError(f"a key named {name!r} already exists on token {self._ts.label!r}")
+            raise errors.KeyExistsError(f"a key named {name!r} already exists on token {self._ts.label!r}")
         key_id = self.new_key_id()
         self.add(name, "pending", {"kid": key_id.hex(), "num": 1})
         try:

@@ -163,7 +163,8 @@ class KeyManager:
     # -- keys -------------------------------------------------------------------
 
     def create_key(self, name: str, *, profile: str = DEFAULT_PROFILE, rotate_after_days: int | None = None,
-                   max_messages: int | None = None, backup: bool = False, auto_rotate: bool = False) -> KeyRecord:
+                   max_messages: int | None = None, backup: bool = False, auto_rotate: bool = False,
+                   exist_ok: bool = False) -> KeyRecord:
         """Generate version 1 of a named key inside the token.
 
         ``profile`` chooses how the key protects data keys: ``"kw"`` (the default: AES
@@ -172,14 +173,36 @@ class KeyManager:
         caller-chosen nonces). See docs/format.md and docs/performance.md.
         ``backup=True`` makes every version backup-capable (docs/ceremonies.md); without it
         the key can never leave the token, not even in a backup.
+        ``exist_ok=True`` makes this get-or-create (what a service that starts on many hosts at
+        once wants): a key of that name and profile is returned as it is, its policy untouched,
+        and a create that lost a race to another host returns the winner's key. A key of that
+        name with another profile raises :class:`~keymgr.errors.KeyExistsError` either way.
         ``rotate_after_days`` (cryptoperiod) and ``max_messages`` (encryptions per version) end a
         version's use; with ``auto_rotate`` the next encryption rotates instead of failing
         (:mod:`keymgr.usage`).
         """
         policy = KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages, backup=backup,
                            auto_rotate=auto_rotate)
-        with self._audited("create", key=name, version=1, detail={"profile": profile}):
-            return self.keyring.create(name, profile=profile, policy=policy)
+        if exist_ok and (existing := self._existing_key(name, profile)) is not None:
+            return existing
+        try:
+            with self._audited("create", key=name, version=1, detail={"profile": profile}):
+                return self.keyring.create(name, profile=profile, policy=policy)
+        except errors.KeyExistsError:
+            if exist_ok and (existing := self._existing_key(name, profile)) is not None:
+                return existing
+            raise
+
+    def _existing_key(self, name: str, profile: str) -> KeyRecord | None:
+        """The key ``name`` if it exists with ``profile``; None if there is none."""
+        try:
+            record = self.keyring.get(name)
+        except errors.KeyNotFoundError:
+            return None
+        if record.profile != profile:
+            raise errors.KeyExistsError(f"a key named {name!r} already exists with profile {record.profile!r}, "
+                                        f"not {profile!r}")
+        return record
 
     def list_keys(self) -> list[KeyRecord]:
         """Every named key on the token, with its versions."""

@@ -74,13 +74,32 @@ def test_template_attributes_read_back_from_token(km, key_name: str, profile: st
 
 def test_duplicate_and_invalid_names(km, key_name: str) -> None:
     km.create_key(key_name)
-    with pytest.raises(keymgr.ConfigurationError, match="already exists"):
+    with pytest.raises(keymgr.KeyExistsError, match="already exists"):
         km.create_key(key_name)
     for bad in ["", "a/b", "x" * 65, "-lead", "sp ace", "é"]:
         with pytest.raises(keymgr.ConfigurationError):
             km.create_key(bad)
     with pytest.raises(keymgr.ConfigurationError, match="profile"):
         km.create_key(key_name + "x", profile="ecb")
+
+
+def test_create_key_exist_ok_gets_the_key_and_never_a_second_one(km, token, key_name: str) -> None:
+    """Get-or-create: the existing key comes back untouched (same version, same policy); another
+    profile is still refused; two managers creating at once (two hosts starting) end with one key."""
+    first = km.create_key(key_name, max_messages=10, exist_ok=True)
+    again = km.create_key(key_name, exist_ok=True)  # no policy given: the existing one stays
+    assert (again.primary_version.key_id, again.policy) == (first.primary_version.key_id, first.policy)
+    assert again.policy.max_messages == 10
+    with pytest.raises(keymgr.KeyExistsError, match="profile 'kw'"):
+        km.create_key(key_name, profile="gcm", exist_ok=True)
+    other_name = key_name + "-race"
+    with keymgr.KeyManager(token.uri()) as other:
+        other.keyring.refresh_interval = 3600.0
+        other.list_keys()  # its view predates the create below
+        km.create_key(other_name)
+        raced = other.create_key(other_name, exist_ok=True)
+    assert raced.primary_version.key_id == km.describe_key(other_name).primary_version.key_id
+    assert len(km.describe_key(other_name).versions) == 1
 
 
 def test_unknown_key(km) -> None:
