@@ -86,17 +86,22 @@ class KeyVersion:
     uses: int = 0
     #: unwrapped from a backup, not generated in this token: decrypts, never encrypts
     restored: bool = False
+    #: the profile this version's object was made for ("" in a record read from an older backup:
+    #: the key's). Two hosts creating one name with different profiles at once leave versions of
+    #: both; each keeps decrypting what it wrapped, and only the key's profile encrypts.
+    profile: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "id": self.key_id.hex(), "state": self.state, "created": self.created,
                 "history": [list(h) for h in self.history], "kcv": self.kcv, "uses": self.uses,
-                "restored": self.restored}
+                "restored": self.restored, "profile": self.profile}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> KeyVersion:
         return cls(version=int(data["version"]), key_id=bytes.fromhex(data["id"]), state=str(data["state"]),
                    created=str(data["created"]), history=tuple((str(a), str(b)) for a, b in data.get("history", [])),
-                   kcv=data.get("kcv"), uses=int(data.get("uses", 0)), restored=bool(data.get("restored", False)))
+                   kcv=data.get("kcv"), uses=int(data.get("uses", 0)), restored=bool(data.get("restored", False)),
+                   profile=str(data.get("profile", "")))
 
 
 FORMAT = 1
@@ -128,6 +133,10 @@ class KeyRecord:
         """The primary's version (looked up once per record: records are immutable, and every
         message asks for it several times)."""
         return self.versions[self.primary - 1]
+
+    def profile_of(self, version: KeyVersion) -> str:
+        """The profile ``version``'s key object was made for."""
+        return version.profile or self.profile
 
     def label_of(self, number: int) -> str:
         return f"{self.name}/v{number}"
@@ -225,6 +234,10 @@ class Fact:
                 checked["num"] = _count(body.get("num"), "num", 1)
             if kind == "version":
                 kcv, epoch, restored = body.get("kcv"), body.get("epoch"), body.get("restored", False)
+                if "prof" in body:
+                    if not isinstance(body["prof"], str) or not 0 < len(body["prof"]) <= 16:
+                        raise ValueError("prof")
+                    checked["prof"] = body["prof"]
                 if kcv is not None:
                     kcv = _hex(kcv, "kcv")
                 if epoch is not None:
@@ -240,7 +253,7 @@ class Fact:
                 checked.update(to=body["to"], lc=_count(body.get("lc"), "lc"))
         if "lc" in body and "lc" not in checked:
             checked["lc"] = _count(body["lc"], "lc")
-        if set(body) - set(checked) - {"kcv", "epoch", "restored", "policy"}:
+        if set(body) - set(checked) - {"kcv", "epoch", "restored", "policy", "prof"}:
             raise ValueError("unknown fields")
         return cls(kind, name, _hex(fact_id, "id"), at, checked)
 
@@ -283,12 +296,16 @@ def fold(name: str, facts: Iterable[Fact]) -> KeyRecord | None:
     head = min(keys, key=lambda f: f.fact_id)
     order = sorted(versions.values(), key=lambda f: (f.body["num"], f.kid))
     number = {f.kid: i + 1 for i, f in enumerate(order)}
+    profile = {f.kid: f.body.get("prof") or head.body["profile"] for f in order}
     destroyed = {kid for kid, evs in events.items() if any(e.body["to"] == "destroyed" for e in evs)}
-    candidates = [(epoch, number[kid]) for kid, epoch in claims.items() if kid in number and kid not in destroyed]
+    # a version made for another profile (a create that raced this key's first one) never leads
+    eligible = {kid for kid in number if profile[kid] == head.body["profile"]} or set(number)
+    candidates = [(epoch, number[kid]) for kid, epoch in claims.items()
+                  if kid in eligible and kid not in destroyed]
     if candidates:
         primary = max(candidates)[1]
     else:
-        alive = [number[f.kid] for f in order if f.kid not in destroyed]
+        alive = [number[f.kid] for f in order if f.kid not in destroyed and f.kid in eligible]
         primary = max(alive) if alive else len(order)
     timeline = sorted((f for f in facts_list if f.kind in ("version", "primary", "state")),
                       key=lambda f: (f.body.get("lc", 0), f.fact_id))
@@ -299,10 +316,11 @@ def fold(name: str, facts: Iterable[Fact]) -> KeyRecord | None:
         folded.append(KeyVersion(
             version=num, key_id=bytes.fromhex(kid), state=_state(evs, num == primary, kid in claims),
             created=f.at, history=_history(kid, timeline, number), kcv=f.body.get("kcv"),
-            uses=sum(uses.get(kid, {}).values()), restored=bool(f.body.get("restored"))))
+            uses=sum(uses.get(kid, {}).values()), restored=bool(f.body.get("restored")), profile=profile[kid]))
     policy = head.body["policy"]
-    if policies:
-        policy = max(policies, key=lambda f: (f.body["lc"], f.fact_id)).body["policy"]
+    if policies:  # ``backup`` is the creator's for good: a later fact cannot make versions extractable
+        latest = max(policies, key=lambda f: (f.body["lc"], f.fact_id)).body["policy"]
+        policy = {**latest, "backup": bool(head.body["policy"].get("backup", False))}
     minimum = max((number[kid] for kid in retired if kid in number), default=1)
     return KeyRecord(name=name, profile=head.body["profile"], primary=primary, versions=tuple(folded),
                      policy=KeyPolicy(**policy), generation=count, created=head.at, min_decryption_version=minimum)

@@ -135,7 +135,8 @@ def facts_of_record(record: KeyRecord, *, restored: bool, seed: str | None = Non
         states = [state for state, _ in v.history] + [v.state]
         epoch = 1 if v.version == record.primary else 0 if {"active", "decrypt-only"} & set(states) else None
         facts.append(Fact("version", record.name, fid(), v.created,
-                          {"kid": kid, "num": v.version, "kcv": v.kcv, "epoch": epoch, "restored": restored}))
+                          {"kid": kid, "num": v.version, "kcv": v.kcv, "epoch": epoch, "restored": restored,
+                           "prof": record.profile_of(v)}))
         if v.state in ("suspended", "compromised", "destroyed"):
             facts.append(Fact("state", record.name, fid(), v.created, {"kid": kid, "to": v.state, "lc": 0}))
         if v.uses:
@@ -613,7 +614,7 @@ class Keyring:
             facts = [Fact("key", name, new_fact_id(), now, {"profile": profile, "policy": asdict(policy)}),
                      Fact("version", name, new_fact_id(), now,
                           {"kid": key_id.hex(), "num": 1, "kcv": objects.check_value(self._ts, key_id),
-                           "epoch": 1, "restored": False})]
+                           "epoch": 1, "restored": False, "prof": profile})]
             record = self._put(name, facts, covers=[])
             if _value is not None:  # the caller imported it knowingly: this keyring lets it encrypt
                 self._imported.add(key_id)
@@ -622,7 +623,13 @@ class Keyring:
             raise
         if record is None:  # pragma: no cover - the facts were just written
             raise errors.KeyNotFoundError(f"key {name!r} was created but cannot be read back; retry")
-        return record
+        self.reload()  # another host may have created the same name at the same moment
+        merged = self._records.get(name, record)
+        if merged.profile != profile:
+            raise errors.KeyExistsError(
+                f"another host created key {name!r} with profile {merged.profile!r} at the same moment; the "
+                f"version made here (profile {profile!r}) stays, decrypt-only, and the key is the other host's")
+        return merged
 
     def restore(self, record: KeyRecord) -> KeyRecord:
         """Write a restored key's record (versions unwrapped from a backup) as one snapshot: every
@@ -659,9 +666,11 @@ class Keyring:
         return found
 
     def sweep_orphans(self, name: str) -> int:
-        """Destroy what :meth:`orphans` finds that surely protects nothing: objects of destroyed
-        versions, and objects whose pending fact is older than :attr:`orphan_grace` and that no
-        version fact names, even after a re-initialise (STACK-FACTS 21). Returns how many."""
+        """Destroy what :meth:`orphans` finds that surely protects nothing: objects whose pending
+        fact is older than :attr:`orphan_grace` and that no version fact names, even after a
+        re-initialise (STACK-FACTS 21). Returns how many. An object of a version the facts call
+        destroyed is never swept: facts alone never destroy a key (a PIN holder can write them);
+        ``keymgr key verify`` reports it and ``keymgr key destroy`` finishes it, with its checks."""
         if not self._sweepable(name):
             return 0
         self._ts.reread()  # only now: a re-initialise costs a login, which rewrites SoftHSM's token file
@@ -678,7 +687,7 @@ class Keyring:
         found = []
         for _, key_id in self.orphans(name):
             stamp = pending.get(key_id)
-            if key_id in self._by_id or (stamp and wall - parse_time(stamp) >= self.orphan_grace):
+            if key_id not in self._by_id and stamp and wall - parse_time(stamp) >= self.orphan_grace:
                 found.append(key_id)
         return found
 

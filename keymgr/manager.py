@@ -31,7 +31,7 @@ from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, open_token, probe
 from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring, utc_now
-from keymgr.provenance import VersionCheck, check_version
+from keymgr.provenance import VersionCheck, check_version, untrusted_keys
 from keymgr.rewrap import Rewrapper, RewrapResult
 from keymgr.usage import UsageMeter
 
@@ -212,6 +212,32 @@ class KeyManager:
         """One named key: versions, states, primary, key check values, policy."""
         return self.keyring.get(name)
 
+    def verify_token_objects(self) -> tuple[list[str], list[str]]:
+        """What ``keymgr key verify`` reports beside the versions: (failures, notes). Failures:
+        MAC keys keymgr ignores because the token did not make them (planted). Notes or failures:
+        key objects labelled as a version that no version fact names: a rotation in progress or
+        one that crashed (it wrote a pending fact first: a note), or none at all (facts deleted,
+        or an object made by hand: a failure)."""
+        from keymgr.audit._token import AUDIT_KEY_LABEL
+        from keymgr.keyring import META_MAC_LABEL
+
+        failures = untrusted_keys(self.token, [META_MAC_LABEL, AUDIT_KEY_LABEL])
+        notes: list[str] = []
+        for record in self.keyring.records():
+            pending = {f.kid for f in self.keyring.facts(record.name) if f.kind == "pending"}
+            named = {v.key_id for v in record.versions}
+            for label, key_id in self.keyring.orphans(record.name):
+                if key_id in named:
+                    continue  # a destroyed version's object: its version check says so
+                if key_id.hex() in pending:
+                    notes.append(f"object {label!r} (id {key_id.hex()}) has no version yet: a rotation in "
+                                 "progress, or one that crashed (swept a day after it started)")
+                else:
+                    failures.append(f"object {label!r} (id {key_id.hex()}) is named by no fact of key "
+                                    f"{record.name!r}: made by hand, or its facts were deleted (a rotation or "
+                                    "compromise undone?): check the audit log")
+        return failures, notes
+
     def verify_keys(self, name: str | None = None) -> list[VersionCheck]:
         """Check that every version of ``name`` (default: every key) is what the token made
         (:mod:`keymgr.provenance`): generated inside it, never extractable, its profile's roles,
@@ -254,10 +280,12 @@ class KeyManager:
         with self._audited("compromise", key=name, version=version):
             return rotation.mark_compromised(self.keyring, name, version)
 
-    def retire(self, name: str, *, below: int) -> KeyRecord:
-        """Versions below ``below`` stop decrypting (Vault's min_decryption_version)."""
-        with self._audited("retire", key=name, detail={"below": below}):
-            return rotation.retire(self.keyring, name, below)
+    def retire(self, name: str, *, below: int, immediately: bool = False) -> KeyRecord:
+        """Versions below ``below`` stop decrypting (Vault's min_decryption_version). Refused while
+        another host may still encrypt under one of them (less than :data:`keymgr.rotation.SETTLE`
+        after it stopped being the primary), unless ``immediately``."""
+        with self._audited("retire", key=name, detail={"below": below, "immediately": immediately}):
+            return rotation.retire(self.keyring, name, below, immediately=immediately)
 
     def destroy(self, name: str, version: int, *, paths: Sequence[str | os.PathLike[str]] = (),
                 request: Request | None = None, approvals: Sequence[Approval] = (), confirmed: bool = False,
@@ -409,6 +437,7 @@ class KeyManager:
         commitment) so OpenSSL 3.0 can read the message: weaker, see docs/format.md.
         """
         with self._audited("encrypt", key=key) as op:
+            op.version = self._keyring.get(key).primary  # named in a refusal too; set again below
             data = bytes(plaintext)
             if compat_openssl and self._protector.algorithm_for(self.keyring.get(key)) != "aes256_wrap":
                 raise errors.ConfigurationError(
@@ -466,6 +495,7 @@ class KeyManager:
         Streams never share a cached data key (each has its own key), so the
         cache's byte limit is not spent by one large file."""
         with self._audited("encrypt-stream", key=key) as op:
+            op.version = self._keyring.get(key).primary  # named in a refusal too; set again below
             dek, recipients = self._new_data_key(key, also_to)
             op.version = self._keyring.get(key).primary
             try:

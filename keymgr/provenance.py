@@ -35,7 +35,7 @@ from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import KeyRecord, KeyVersion
 from keymgr.templates import ROLE_ATTRIBUTES
 
-__all__ = ["VersionCheck", "check_version", "encrypt_refusal"]
+__all__ = ["VersionCheck", "check_version", "encrypt_refusal", "untrusted_keys"]
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,10 @@ class VersionCheck:
         return "ok (restored: decrypts only)" if self.restored else "ok"
 
 
-def _template_roles(record: KeyRecord) -> dict[str, bool]:
+def _template_roles(profile: str) -> dict[str, bool]:
     from keymgr.keyring import PROFILES
 
-    template = PROFILES.get(record.profile)
+    template = PROFILES.get(profile)
     if template is None:
         return {}
     return {name: bool(template.attributes.get(name)) for name in ROLE_ATTRIBUTES}
@@ -100,9 +100,10 @@ def _failures(ts: TokenSession, record: KeyRecord, version: KeyVersion, *, for_e
         want("COPYABLE", False, "it can be copied with weaker attributes")
     want("KEY_TYPE", "AES", "not an AES key")
     want("VALUE_LEN", 32, "not AES-256")
-    for role, wanted in _template_roles(record).items():
+    profile = record.profile_of(version)
+    for role, wanted in _template_roles(profile).items():
         if attrs.get(role, False) != wanted:
-            found.append(f"CKA_{role} is {attrs.get(role, False)} (the {record.profile} profile "
+            found.append(f"CKA_{role} is {attrs.get(role, False)} (the {profile} profile "
                          f"{'needs' if wanted else 'forbids'} it)")
     actual = objects.check_value(ts, version.key_id)
     if version.kcv is not None and actual is not None and actual != version.kcv:
@@ -134,9 +135,19 @@ def check_version(ts: TokenSession, record: KeyRecord, version: KeyVersion) -> V
     must have no object left; a restored one must be safe to decrypt with; any other must also
     prove it was generated here."""
     if version.state == "destroyed":
-        failures = ["destroyed, but its key object is still on the token"] \
+        failures = [f"destroyed, but its key object is still on the token (a destroy that stopped after its "
+                    f"commit, or a forged fact): finish with keymgr key destroy {record.name} --version "
+                    f"{version.version}, which checks again what a destroy checks"] \
             if objects.key_exists(ts, version.key_id) else []
     else:
         failures = _failures(ts, record, version, for_encryption=not version.restored)
     return VersionCheck(record.name, version.version, version.key_id, version.restored, tuple(failures))
 
+
+
+def untrusted_keys(ts: TokenSession, labels: list[str]) -> list[str]:
+    """One line per key under one of keymgr's singleton ``labels`` (the keyring's and the audit
+    log's MAC keys) that keymgr ignores because the token did not make it or it could be read:
+    a known-value key planted there would let its planter MAC records offline."""
+    return [f"key {label!r} (id {key_id.hex()}) is ignored: {'; '.join(failed)} (not made by this token, or "
+            "readable: planted?)" for label in labels for key_id, failed in objects.untrusted_singletons(ts, label)]

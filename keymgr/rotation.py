@@ -59,7 +59,8 @@ from keymgr.hsm.locks import token_lock
 from keymgr.keyring import KeyRecord, Keyring, KeyVersion, parse_time, version_template
 
 __all__ = ["STATES", "TRANSITIONS", "ROTATION_ONLY", "RETRIES", "rotate", "activate", "transition", "suspend",
-           "resume", "mark_compromised", "retire", "check_transition", "due", "due_at", "orphans", "key_lock",
+           "resume", "mark_compromised", "retire", "check_transition",
+           "check_settled", "SETTLE", "due", "due_at", "orphans", "key_lock",
            "parse_time", "now"]
 
 STATES = ("pre-active", "active", "decrypt-only", "suspended", "compromised", "destroyed")
@@ -147,7 +148,8 @@ def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: in
         try:
             objects.generate_key(keyring.token, template, label=record.label_of(number), key_id=key_id)
             body = {"kid": key_id.hex(), "num": number, "kcv": objects.check_value(keyring.token, key_id),
-                    "epoch": _next_epoch(keyring, name) if activate else None, "restored": False}
+                    "epoch": _next_epoch(keyring, name) if activate else None, "restored": False,
+                    "prof": record.profile}
             written = _written(keyring.add(name, "version", body), name)
         except BaseException:
             keyring.discard_unrecorded(name, key_id)
@@ -231,10 +233,47 @@ def resume(keyring: Keyring, name: str, version: int) -> KeyRecord:
     return _record_state(keyring, name, current, "resumed")
 
 
-def retire(keyring: Keyring, name: str, below: int) -> KeyRecord:
+#: How long a version that stopped being the primary (or was made and never activated) is kept
+#: from destroy and retire, both final for the data under it: hosts sharing the token see a
+#: new primary only at their next refresh, and until then go on encrypting under the old one
+#: (docs/deployment.md). Measured on the hosts' wall clocks: skew between them shortens it.
+SETTLE = timedelta(minutes=10)
+
+
+def check_settled(keyring: Keyring, record: KeyRecord, target: KeyVersion, verb: str) -> None:
+    """Refuse while another host may still encrypt under ``target`` (:data:`SETTLE`): it is
+    outranked by a newer primary claim (a higher (epoch, number), whatever its epoch: the loser
+    of two racing rotations claimed the same epoch) made less than SETTLE ago."""
+    kid = target.key_id.hex()
+    number = {v.key_id.hex(): v.version for v in record.versions}
+    claims = [(f.body["epoch"], number[f.kid], f.at, f.kid) for f in keyring.facts(record.name)
+              if f.kind in ("version", "primary") and f.body.get("epoch") is not None and f.kid in number]
+    mine = max(((epoch, num) for epoch, num, _, k in claims if k == kid), default=None)
+    if mine is None:  # never activated: it may be activated right now by someone else
+        since, why = target.created, "was created"
+    else:
+        later = [at for epoch, num, at, k in claims if k != kid and (epoch, num) > mine]
+        if not later:
+            return
+        since, why = min(later), "stopped being the primary"
+    try:
+        age = parse_time(keyring.now()) - parse_time(since)
+    except ValueError:
+        return
+    if age < SETTLE:
+        raise errors.PolicyError(
+            f"key {record.name!r} version {target.version} {why} at {since}, {int(age.total_seconds())} s ago: "
+            f"hosts sharing the token may still encrypt under it until they refresh. {verb} it after "
+            f"{int(SETTLE.total_seconds() // 60)} minutes, or now with --immediately if this is the only host "
+            "(or every host has restarted since)")
+
+
+def retire(keyring: Keyring, name: str, below: int, *, immediately: bool = False) -> KeyRecord:
     """Versions below ``below`` stop decrypting (Vault's ``min_decryption_version``). The
     primary cannot be retired, and the minimum never goes down (unretiring would revive
-    versions an operator meant to be gone: rotate or restore instead)."""
+    versions an operator meant to be gone: rotate or restore instead). Like a destroy, it waits
+    until other hosts must have stopped encrypting under what it retires (:func:`check_settled`)
+    unless ``immediately``."""
     record = _latest(keyring, name)
     if below > record.primary:
         raise errors.PolicyError(f"key {name!r}: retiring below {below} would retire the primary "
@@ -243,6 +282,10 @@ def retire(keyring: Keyring, name: str, below: int) -> KeyRecord:
         raise errors.PolicyError(f"key {name!r} is already retired below {record.min_decryption_version}")
     if below == record.min_decryption_version:
         return record
+    if not immediately:
+        for version in record.versions:
+            if record.min_decryption_version <= version.version < below and version.state != "destroyed":
+                check_settled(keyring, record, version, "Retire")
     return _written(keyring.add(name, "retire", {"kid": record.version(below).key_id.hex()}), name)
 
 

@@ -25,7 +25,6 @@ import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from keymgr import errors, rotation
@@ -33,7 +32,7 @@ from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.authorize import authorize_destroy, key_ceremony_transcript
 from keymgr.envelope.inspect import inspect_file
 from keymgr.hsm import objects
-from keymgr.keyring import KeyRecord, Keyring, KeyVersion, parse_time
+from keymgr.keyring import KeyRecord, Keyring
 
 __all__ = ["DestroyResult", "EnvelopeCount", "count_envelopes_needing", "destroy"]
 
@@ -109,34 +108,7 @@ def count_envelopes_needing(paths: Iterable[str | os.PathLike[str]], key_id: byt
 #: (keymgr.keyring: 1 s by default); until then they may still encrypt under the old one, and a
 #: destroy inside that window would make what they wrote unreadable. Measured on the writers'
 #: clocks, so it also absorbs clock skew; far longer than any refresh interval.
-SETTLE = timedelta(minutes=10)
-
-
-def _check_settled(keyring: Keyring, record: KeyRecord, target: KeyVersion) -> None:
-    """Refuse while another host may still encrypt under ``target`` (:data:`SETTLE`)."""
-    kid = target.key_id.hex()
-    facts = keyring.facts(record.name)
-    claims = [f for f in facts if f.kind in ("version", "primary") and f.body.get("epoch") is not None]
-    mine = max((f.body["epoch"] for f in claims if f.kid == kid), default=None)
-    if mine is None:  # never activated: it may be activated right now by someone else
-        since = target.created
-        why = "was created"
-    else:
-        later = [f.at for f in claims if f.kid != kid and f.body["epoch"] > mine]
-        if not later:
-            return
-        since = min(later)
-        why = "stopped being the primary"
-    try:
-        age = parse_time(keyring.now()) - parse_time(since)
-    except ValueError:
-        return
-    if age < SETTLE:
-        raise errors.PolicyError(
-            f"key {record.name!r} version {target.version} {why} at {since}, {int(age.total_seconds())} s ago: "
-            f"hosts sharing the token may still encrypt under it until they refresh. Destroy it after "
-            f"{int(SETTLE.total_seconds() // 60)} minutes, or now with --immediately if this is the only host "
-            "(or every host has restarted since)")
+SETTLE = rotation.SETTLE
 
 
 def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | os.PathLike[str]] = (),
@@ -148,14 +120,15 @@ def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | 
     keyring.reload()
     record = keyring.get(name)
     target = record.version(version)
-    if target.state == "destroyed":
-        if objects.key_exists(keyring.token, target.key_id):  # a destroy that crashed after its commit
-            objects.destroy_key(keyring.token, target.key_id)
-            return DestroyResult(record, version, None, ())
+    # destroyed by the facts, yet its object is on the token: a destroy that crashed after its
+    # commit, or a forged fact. Finishing it takes every check a destroy takes (it cannot tell which)
+    finishing = target.state == "destroyed"
+    if finishing and not objects.key_exists(keyring.token, target.key_id):
         raise errors.PolicyError(f"key {name!r} version {version} is already destroyed")
-    rotation.check_transition(record, target, "destroyed")
+    if not finishing:
+        rotation.check_transition(record, target, "destroyed")
     if not immediately:
-        _check_settled(keyring, record, target)
+        rotation.check_settled(keyring, record, target, "Destroy")
     scan = count_envelopes_needing(paths, target.key_id) if paths else None
     if scan is not None and (scan.needing or scan.unreadable) and not force:
         raise errors.PolicyError(
@@ -164,7 +137,8 @@ def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | 
                "or a symbolic link, which is not followed)" if scan.unreadable else "")
             + ": rewrap them first (keymgr rewrap PATH) or pass --force to make them unreadable for good")
     auth = authorize_destroy(keyring, name, [version], request=request, approvals=approvals, confirmed=confirmed)
-    record = rotation.transition(keyring, name, version, "destroyed", _shredding=True)
+    if not finishing:
+        record = rotation.transition(keyring, name, version, "destroyed", _shredding=True)
     objects.destroy_key(keyring.token, target.key_id)
     signed = None
     if transcript:

@@ -62,6 +62,8 @@ def test_limit_refuses_and_is_audited(tmp_path: Path, softhsm: TokenUnderTest, k
     refused = [r for r in _rows(path) if r["outcome"] == "refused"]
     assert [(r["op"], r["key"], r["version"], r["error"], r["actor"]["principal"]) for r in refused] == [
         ("decrypt", key_name, 1, "PolicyError", "reporting")]
+    why = refused[0]["detail"].pop("why")
+    assert "more than 3 decryptions by 'reporting' within 60 s" in why
     assert refused[0]["detail"] == {"reason": "rate-limit", "limit": 3, "per_seconds": 60, "suspended": False}
     assert verify_log(path, token=open_token(softhsm.uri())).ok
 

@@ -69,7 +69,8 @@ def test_failures_and_refusals_are_individual_entries(audited, key_name: str) ->
     rows = [r for r in _entries(path) if r["op"] in ("decrypt", "encrypt") and r["outcome"] != "ok"]
     assert [(r["op"], r["outcome"], r["error"], r["key"], r["version"]) for r in rows] == [
         ("decrypt", "failed", "IntegrityError", key_name, 1), ("decrypt", "refused", "PolicyError", key_name, 1),
-        ("encrypt", "refused", "PolicyError", key_name, None)]
+        ("encrypt", "refused", "PolicyError", key_name, 1)]  # the version refused is named
+    assert "suspended" in rows[2]["detail"]["why"]  # and why, for the reviewer
 
 
 def test_failed_login_is_recorded_without_mac(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def test_lifecycle_operations_are_recorded(tmp_path: Path, softhsm: TokenUnderTe
         km.resume(key_name, 2)
         assert km.rewrap(old) != old
         km.mark_compromised(key_name, 1)
-        km.retire(key_name, below=2)
+        km.retire(key_name, below=2, immediately=True)
         with pytest.raises(errors.PolicyError):
             km.destroy(key_name, 3, confirmed=True, immediately=True)  # the primary is never destroyed: refused
         km.destroy(key_name, 1, confirmed=True, immediately=True)
@@ -85,7 +85,7 @@ def test_standalone_operation_goes_to_the_default_log(tmp_path: Path, monkeypatc
         raise errors.PolicyError("not approved")
     rows = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert [(r["op"], r["outcome"], r["mac"], r["detail"]) for r in rows] == [
-        ("approve", "ok", None, {"custodian": "alice"}), ("approve", "refused", None, {})]
+        ("approve", "ok", None, {"custodian": "alice"}), ("approve", "refused", None, {"why": "not approved"})]
     monkeypatch.setenv("KEYMGR_AUDIT_LOG", "off")
     with standalone_operation("approve", local=True) as op:
         assert op is None

@@ -84,7 +84,7 @@ def test_tree_moves_to_primary_skips_others_keeps_mode(km: keymgr.KeyManager, ke
     assert summary.counts == {"rewrapped": 12, "current": 0, "skipped": 2, "failed": 0}
     assert summary.ok and summary.total == 14
     v3 = _primary_id(km, key_name)
-    km.retire(key_name, below=3)
+    km.retire(key_name, below=3, immediately=True)
     for path, data in plain.items():
         info = inspect_file(path)
         assert info is not None and info.kek_ids == (v3,)
@@ -111,7 +111,7 @@ def test_failures_are_reported_and_leave_files(km: keymgr.KeyManager, key_name: 
     km.rotate(key_name)
     old = tmp_path / "old.cms"
     old.write_bytes(good.read_bytes())
-    km.retire(key_name, below=2)  # good/old were written under v1: retired, so they cannot move either
+    km.retire(key_name, below=2, immediately=True)  # good/old were written under v1: retired, cannot move either
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}
     summary = bulk_rewrap.run(km.rewrapper(), [tmp_path, tmp_path / "missing"])
     assert summary.counts["failed"] == 4 and not summary.ok

@@ -136,7 +136,7 @@ def test_sigkill_at_random_moments_then_resume(key_name: str, tmp_path: Path) ->
     assert {p: p.read_bytes() for p in others} == others
     assert check_journal(journal) == []
     with keymgr.KeyManager(softhsm.uri()) as km:
-        km.retire(key_name, below=2)  # only the new primary decrypts from here on
+        km.retire(key_name, below=2, immediately=True)  # only the new primary decrypts from here on
         for path, data in plain.items():
             info = inspect_file(path)
             assert info is not None and info.kek_ids == (primary,), path

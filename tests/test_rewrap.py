@@ -66,7 +66,7 @@ def test_v1_message_moves_to_v3_payload_untouched_then_retire(km: keymgr.KeyMana
     _untouched(v1_blob, moved)
     assert km.rewrap(v1_blob) != v1_blob  # the thin method does the same
 
-    km.retire(key_name, below=3)
+    km.retire(key_name, below=3, immediately=True)
     assert km.decrypt(moved, context=CTX) == b"written under v1"
     with pytest.raises(PolicyError, match="retired"):
         km.decrypt(v1_blob, context=CTX)
@@ -92,7 +92,7 @@ def test_stream_header_only_segments_untouched(km: keymgr.KeyManager, key_name: 
     assert new_header.context == CTX and new_header.commitment == old_header.commitment
     v3 = km.describe_key(key_name).version(3).key_id
     assert [read_kek_recipient(d).kek_id for d in new_header.recipient_infos.der] == [v3]
-    km.retire(key_name, below=3)
+    km.retire(key_name, below=3, immediately=True)
     plain = io.BytesIO()
     km.decrypt_stream(io.BytesIO(moved), plain, context=CTX)
     assert plain.getvalue() == data

@@ -25,7 +25,7 @@ def test_data_under_v1_v2_v3_decrypts_after_two_rotations_and_retire_cuts_off_ol
     assert _states(record) == {1: "decrypt-only", 2: "decrypt-only", 3: "active"}
     for number, plain in zip((1, 2, 3), (b"one", b"two", b"three"), strict=True):
         assert km.decrypt(blobs[number]) == plain
-    record = km.retire(key_name, below=3)
+    record = km.retire(key_name, below=3, immediately=True)
     assert record.min_decryption_version == 3
     for number in (1, 2):
         with pytest.raises(keymgr.PolicyError, match="retired"):
@@ -128,10 +128,10 @@ def test_retire_cannot_cover_primary_or_go_down(km, key_name: str) -> None:
     km.create_key(key_name)
     km.rotate(key_name)
     with pytest.raises(keymgr.PolicyError, match="primary"):
-        km.retire(key_name, below=3)
-    km.retire(key_name, below=2)
+        km.retire(key_name, below=3, immediately=True)
+    km.retire(key_name, below=2, immediately=True)
     with pytest.raises(keymgr.PolicyError, match="already retired"):
-        km.retire(key_name, below=1)
+        km.retire(key_name, below=1, immediately=True)
 
 
 def test_cached_data_keys_obey_later_state_changes(softhsm, key_name: str) -> None:
@@ -147,7 +147,7 @@ def test_cached_data_keys_obey_later_state_changes(softhsm, key_name: str) -> No
             km.decrypt(blob)
         km.resume(key_name, 1)
         assert km.decrypt(blob) == b"cached"
-        km.retire(key_name, below=2)
+        km.retire(key_name, below=2, immediately=True)
         with pytest.raises(keymgr.PolicyError, match="retired"):
             km.decrypt(blob)
 

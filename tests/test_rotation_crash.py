@@ -26,8 +26,8 @@ import keymgr
 from keymgr import rotation
 from keymgr.hsm import objects
 from keymgr.keyring import KeyPolicy, version_template
-from tests._keyring_helpers import WallClock, same_record
 from tests._crash_token import crash_token
+from tests._keyring_helpers import WallClock, same_record
 from tests.conftest import TokenUnderTest, requires
 
 REPO = Path(__file__).resolve().parent.parent

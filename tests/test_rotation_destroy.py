@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import keymgr
-from keymgr import rotation
+from keymgr import errors, rotation
 from keymgr.cli import cli
 from keymgr.hsm import objects
 from tests.conftest import softhsm_token
@@ -115,13 +115,23 @@ def test_destroyed_object_is_gone_from_the_token_as_pkcs11_sees_it(key_name: str
 
 
 def test_a_destroy_that_crashed_after_its_commit_is_finished_later(km, key_name: str) -> None:
-    """Record says destroyed, object still there (the crash window): orphans() sees it, destroy finishes."""
+    """Record says destroyed, object still there (the crash window, or a fact forged by a PIN
+    holder: keymgr cannot tell which): orphans() sees it, a rotation's sweep leaves it (facts
+    alone never destroy a key), key verify names it, and destroy finishes it with every check a
+    destroy takes (here: the confirmation)."""
     km.create_key(key_name)
     km.rotate(key_name)
     key_id = km.describe_key(key_name).version(1).key_id
     record = rotation.transition(km.keyring, key_name, 1, "destroyed", _shredding=True)  # step one only
     assert (f"{key_name}/v1", key_id) in rotation.orphans(km.keyring, record)
-    km.destroy(key_name, 1, immediately=True)
+    km.rotate(key_name)
+    assert objects.key_exists(km.token, key_id)
+    [check] = [c for c in km.verify_keys(key_name) if c.version == 1]
+    assert "destroyed, but its key object is still on the token" in check.verdict
+    with pytest.raises(errors.PolicyError, match="confirm"):
+        km.destroy(key_name, 1, immediately=True)
+    assert objects.key_exists(km.token, key_id)
+    km.destroy(key_name, 1, immediately=True, confirmed=True)
     assert not objects.key_exists(km.token, key_id)
     assert rotation.orphans(km.keyring, km.describe_key(key_name)) == []
 

@@ -96,9 +96,12 @@ class Operation:
             _operation.reset(self._reset)
         if self._log is not None:
             outcome = "ok" if exc is None else "refused" if isinstance(exc, errors.PolicyError) else "failed"
+            detail = self.detail
+            if outcome == "refused":  # why, for the reviewer: keymgr's messages never hold a secret
+                detail = {**(detail or {}), "why": str(exc)[:500]}
             try:
                 self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
-                                 detail=self.detail)
+                                 detail=detail)
             except errors.KeymgrError as failure:
                 if exc is not None or self.op not in STATE_CHANGING:
                     raise

@@ -124,16 +124,24 @@ def show_command(state: CliState, name: str) -> None:
 def verify_command(state: CliState, name: str | None) -> None:
     """Check that every version of NAME (default: every key) is what the token made: generated
     inside it (CKA_LOCAL), never readable or extractable, its profile's roles only, the recorded
-    key check value. A planted or altered version fails; exit 4 if any does."""
-    checks = state.manager().verify_keys(name)
+    key check value. A planted or altered version fails; so does a MAC key the token did not make,
+    and a key object that no fact names (facts deleted). Exit 4 if anything fails."""
+    manager = state.manager()
+    checks = manager.verify_keys(name)
     failed = [c for c in checks if not c.ok]
+    problems, notes = manager.verify_token_objects() if name is None else ([], [])
     if state.json_output:
-        emit_json({"ok": not failed, "versions": [
+        emit_json({"ok": not failed and not problems, "versions": [
             {"key": c.name, "version": c.version, "id": c.key_id.hex(), "restored": c.restored, "ok": c.ok,
-             "failures": list(c.failures)} for c in checks]})
+             "failures": list(c.failures)} for c in checks], "token_objects": problems, "notes": notes})
     else:
         for c in checks:
             click.echo(f"{c.name} v{c.version} ({c.key_id.hex()}): {c.verdict}")
-        click.echo(f"{len(checks)} version(s) checked, {len(failed)} failed")
-    if failed:
+        for line in problems:
+            click.echo(f"FAILED: {line}")
+        for line in notes:
+            click.echo(f"note: {line}")
+        click.echo(f"{len(checks)} version(s) checked, {len(failed)} failed"
+                   + (f"; {len(problems)} problem(s) with other token objects" if problems else ""))
+    if failed or problems:
         sys.exit(4)

@@ -83,10 +83,14 @@ def _state_command(command: str, method: str, doc: str) -> click.Command:
 @click.command("retire")
 @click.argument("name")
 @click.option("--below", type=click.IntRange(min=2), required=True, help="Versions below this stop decrypting.")
+@click.option("--immediately", is_flag=True, help="Do not wait until hosts sharing the token must have seen the "
+              "newer primary (10 minutes after it took over): for a single host.")
 @pass_state
-def retire_command(state: CliState, name: str, below: int) -> None:
-    """Stop versions of NAME below N from decrypting (its minimum decryption version)."""
-    record = state.manager().retire(name, below=below)
+def retire_command(state: CliState, name: str, below: int, immediately: bool) -> None:
+    """Stop versions of NAME below N from decrypting (its minimum decryption version). Final for
+    data still under them: refused within 10 minutes of a version ceasing to be the primary, while
+    other hosts may still encrypt under it, unless --immediately."""
+    record = state.manager().retire(name, below=below, immediately=immediately)
     _report(state, record, f"key {name!r}: versions below {record.min_decryption_version} no longer decrypt")
 
 

@@ -69,9 +69,13 @@ class RestoreResult:
     description: str = ""
 
 
+def _profile_of(record: KeyRecord, key_id: bytes) -> str:
+    return next((record.profile_of(v) for v in record.versions if v.key_id == key_id), record.profile)
+
+
 def _proof(ts: object, record: KeyRecord, key_id: bytes, mechanism: str) -> bytes:
     """What the version's key makes of a fixed input (see backup_file: ``proof``)."""
-    if record.profile == "kw":
+    if _profile_of(record, key_id) == "kw":
         return objects.wrap_data_key(ts, key_id, _PROOF_INPUT, mechanism)  # type: ignore[arg-type]
     nonce = os.urandom(12)
     return nonce + objects.gcm_encrypt(ts, key_id, _PROOF_INPUT, nonce=nonce, aad=_PROOF_AAD)  # type: ignore[arg-type]
@@ -79,7 +83,7 @@ def _proof(ts: object, record: KeyRecord, key_id: bytes, mechanism: str) -> byte
 
 def _proof_holds(ts: object, record: KeyRecord, key_id: bytes, proof: bytes, mechanism: str) -> bool:
     try:
-        if record.profile == "kw":
+        if _profile_of(record, key_id) == "kw":
             return hmac.compare_digest(objects.wrap_data_key(ts, key_id, _PROOF_INPUT, mechanism), proof)  # type: ignore[arg-type]
         opened = objects.gcm_decrypt(ts, key_id, proof[12:], nonce=proof[:12], aad=_PROOF_AAD)  # type: ignore[arg-type]
         return hmac.compare_digest(bytes(opened), _PROOF_INPUT)
@@ -255,7 +259,8 @@ def restore_keys(backup: BackupFile, target: Keyring, tokens: Sequence[Custodian
             raise errors.IntegrityError("the backup file is not authentic: it was altered after it was made "
                                         "(or a share and its commitment were both replaced)")
         recorder.step("backup file authenticated under the rebuilt transport key")
-        items = [ImportItem(v.key_id, key.record.label_of(v.version), PROFILES[key.record.profile], w.wrapped)
+        items = [ImportItem(v.key_id, key.record.label_of(v.version), PROFILES[key.record.profile_of(v)],
+                            w.wrapped)
                  for key in backup.keys for v, w in zip(key.record.versions, _ordered(key), strict=True)]
         import_unwrapped(ts, transport, items, mechanism=backup.mechanism)
     finally:

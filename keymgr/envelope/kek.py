@@ -109,7 +109,7 @@ class KekProtector:
 
     def algorithm_for(self, record: KeyRecord) -> KekAlgorithm:
         """The key-encryption algorithm messages for ``record`` carry on this token."""
-        return "aes256_gcm" if record.profile == "gcm" else self._wrap_mechanism()[1]
+        return "aes256_gcm" if record.profile_of(record.primary_version) == "gcm" else self._wrap_mechanism()[1]
 
     def wrap(self, record: KeyRecord, dek: DataKey, version: KeyVersion | None = None) -> cms.RecipientInfo:
         """A KEKRecipientInfo carrying ``dek`` under ``version`` (default: the primary)."""
@@ -124,7 +124,7 @@ class KekProtector:
             version = record.primary_version
         self.check_encrypts(record, version)
         ts = self._keyring.token
-        if record.profile == "kw":
+        if record.profile_of(version) == "kw":
             mechanism, algorithm = self._wrap_mechanism()
             wrapped = objects.wrap_data_key(ts, version.key_id, dek.reveal(), mechanism)
             return kek_recipient_der(version.key_id, wrapped, algorithm)
@@ -216,12 +216,12 @@ class KekProtector:
         self.check_state(record, version)
         ts = self._keyring.token
         if recipient.algorithm == "aes256_gcm":
-            if record.profile != "gcm":
+            if record.profile_of(version) != "gcm":
                 raise errors.IntegrityError("the data key is not authentic")
             raw = objects.gcm_decrypt(ts, version.key_id, recipient.encrypted_key,
                                       nonce=recipient.gcm_nonce or b"", aad=b"")
         else:
-            if record.profile != "kw":
+            if record.profile_of(version) != "kw":
                 raise errors.IntegrityError("the data key is not authentic")
             mechanism = "aes-kw" if recipient.algorithm == "aes256_wrap" else self._kwp_mechanism()
             raw = objects.unwrap_data_key(ts, version.key_id, recipient.encrypted_key, mechanism)

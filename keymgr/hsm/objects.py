@@ -432,21 +432,49 @@ def scan_data_objects(ts: TokenSession, *, application: str,
     return ts.run("read data objects", call)
 
 
-def singleton_keys(ts: TokenSession, label: str) -> list[bytes]:
-    """CKA_IDs of the secret-key token objects labelled ``label``, sorted (one find by label: a
-    token holds thousands of key versions, which must not be read one by one)."""
+#: What a singleton MAC key (the keyring's, the audit log's) must show to be used or trusted: made
+#: inside this token and never readable. A PIN holder can import a key of a value they know under
+#: the same label (and a lower CKA_ID, which writers prefer): with it they could MAC forged records
+#: and audit entries offline, so such a key is never used (``untrusted_singletons`` names it).
+_SINGLETON_PROOF = {Attribute.LOCAL: True, Attribute.ALWAYS_SENSITIVE: True, Attribute.NEVER_EXTRACTABLE: True,
+                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.MODIFIABLE: False}
 
-    def read(obj: Any) -> bytes | None:
+
+def _singleton_scan(ts: TokenSession, label: str) -> list[tuple[bytes, list[str]]]:
+    """(CKA_ID, what it fails of :data:`_SINGLETON_PROOF`) of each secret key labelled ``label``."""
+
+    def read(obj: Any) -> tuple[bytes, list[str]] | None:
         try:
-            return bytes(obj[Attribute.ID])
+            key_id = bytes(obj[Attribute.ID])
         except (p11x.AttributeTypeInvalid, KeyError):
             return None
+        failed = []
+        for attribute, wanted in _SINGLETON_PROOF.items():
+            try:
+                value = obj[attribute]
+            except (p11x.AttributeTypeInvalid, p11x.AttributeSensitive, KeyError):
+                value = None
+            if value != wanted:
+                failed.append(f"CKA_{attribute.name} is {value}")
+        return key_id, failed
 
-    def call(session: pkcs11.Session) -> list[bytes]:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> list[tuple[bytes, list[str]]]:  # type: ignore[name-defined]
         template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True, Attribute.LABEL: label}
         return sorted(found for found in _scan(session, template, read) if found is not None)
 
     return ts.run("find keys by label", call)
+
+
+def singleton_keys(ts: TokenSession, label: str) -> list[bytes]:
+    """CKA_IDs of the secret-key token objects labelled ``label`` that the token made and never
+    let out (:data:`_SINGLETON_PROOF`), sorted (one find by label: a token holds thousands of key
+    versions, which must not be read one by one)."""
+    return [key_id for key_id, failed in _singleton_scan(ts, label) if not failed]
+
+
+def untrusted_singletons(ts: TokenSession, label: str) -> list[tuple[bytes, list[str]]]:
+    """Keys labelled ``label`` that keymgr ignores, each with why (``keymgr key verify``)."""
+    return [(key_id, failed) for key_id, failed in _singleton_scan(ts, label) if failed]
 
 
 #: How long :func:`ensure_singleton_key` waits for a key another process is still generating.

@@ -1,0 +1,174 @@
+"""What an outside review of the fleet keyring found, each as a test (issue 12, second round).
+
+Races between hosts (two rotations claiming one epoch, two creates with different profiles),
+an operator's retire right after a rotation, and a user-PIN holder who forges facts, plants a
+MAC key of a known value or deletes facts. Each test sets up the state such a race or attack
+leaves on a real token, then checks that no data becomes unreadable and that keymgr reports
+what it cannot prevent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, replace
+
+import pytest
+from pkcs11 import Attribute, KeyType, ObjectClass
+
+import keymgr
+from keymgr import errors, rotation
+from keymgr.hsm import objects
+from keymgr.keyring import META_MAC_LABEL, version_template
+from tests.conftest import TokenUnderTest, requires
+
+
+def _stale_manager(token: TokenUnderTest) -> keymgr.KeyManager:
+    """A manager standing for another host: it keeps the view it has until told to reload."""
+    other = keymgr.KeyManager(token.uri())
+    other.keyring.refresh_interval = 3600.0
+    other.list_keys()
+    return other
+
+
+def test_the_loser_of_two_racing_rotations_waits_like_any_old_primary(km, token: TokenUnderTest,
+                                                                       key_name: str) -> None:
+    """Two hosts rotate at once: both versions claim the same epoch, the higher (epoch, number)
+    leads. The loser was the primary on its host until that host refreshed, so data may sit
+    under it: a destroy or a retire right away is refused like that of any old primary."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    km.create_key(key_name)
+    record = km.rotate(key_name)  # v2 at epoch 2: this host's rotation
+    v2 = record.version(2)
+    epoch = max(f.body["epoch"] for f in km.keyring.facts(key_name) if f.body.get("epoch") is not None)
+    rival = km.keyring.new_key_id()  # the other host's rotation, claiming the same number and epoch
+    template = version_template(record.profile, record.policy)
+    objects.generate_key(km.token, template, label=f"{key_name}/v2", key_id=rival)
+    km.keyring.add(key_name, "version", {"kid": rival.hex(), "num": 2, "epoch": epoch, "restored": False,
+                                         "kcv": objects.check_value(km.token, rival), "prof": record.profile})
+    record = km.describe_key(key_name)
+    loser = next(v for v in record.versions if v.key_id != record.primary_version.key_id and v.version > 1)
+    assert loser.state == "decrypt-only" and {loser.key_id, record.primary_version.key_id} == {v2.key_id, rival}
+    with pytest.raises(errors.PolicyError, match="stopped being the primary"):
+        km.destroy(name=key_name, version=loser.version, confirmed=True)
+    with pytest.raises(errors.PolicyError, match="stopped being the primary"):
+        km.retire(key_name, below=record.primary)
+    assert objects.key_exists(km.token, loser.key_id)
+    assert km.describe_key(key_name).min_decryption_version == 1
+
+
+def test_a_create_racing_with_another_profile_loses_no_message(km, token: TokenUnderTest, key_name: str) -> None:
+    """Two hosts create one name, one with gcm, one with kw, neither seeing the other: whichever
+    key fact wins, every version keeps its own profile, so what each host encrypted before it saw
+    the other still decrypts, every version passes key verify, and only the winner's profile
+    encrypts from then on. Repeated: the winner is decided by random fact ids."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects", "aes-gcm")
+    for round_ in range(4):
+        name = f"{key_name}-{round_}"
+        other = _stale_manager(token)
+        try:
+            first = km.create_key(name, profile="gcm")
+            early = km.encrypt(b"gcm host", key=name)
+            try:
+                second = other.create_key(name, profile="kw")
+                late = other.encrypt(b"kw host", key=name)
+            except errors.KeyExistsError as exc:
+                assert "another host created key" in str(exc) or "already exists" in str(exc)
+                second, late = None, None
+            other.keyring.reload()
+            km.keyring.reload()
+            merged = km.describe_key(name)
+            assert merged == other.describe_key(name)  # every host folds the same key
+            assert merged.profile in ("gcm", "kw") and merged.profile_of(merged.primary_version) == merged.profile
+            assert {merged.profile_of(v) for v in merged.versions} == ({"gcm", "kw"} if second else {"gcm"})
+            assert km.decrypt(early) == b"gcm host" and other.decrypt(early) == b"gcm host"
+            if late is not None:
+                assert km.decrypt(late) == b"kw host"
+            assert all(check.ok for check in km.verify_keys(name)), [c.verdict for c in km.verify_keys(name)]
+            assert km.decrypt(km.encrypt(b"after", key=name)) == b"after"
+            assert first.profile == "gcm"
+        finally:
+            other.close()
+
+
+def test_retire_waits_for_the_fleet_and_immediately_skips_the_wait(km, token: TokenUnderTest,
+                                                                    key_name: str) -> None:
+    """Another host may go on encrypting under the old primary until it refreshes; retiring it is
+    final for that data, so it waits like a destroy."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    km.create_key(key_name)
+    km.rotate(key_name)
+    with pytest.raises(errors.PolicyError, match="Retire it after 10 minutes"):
+        km.retire(key_name, below=2)
+    assert km.retire(key_name, below=2, immediately=True).min_decryption_version == 2
+
+
+def test_a_forged_policy_cannot_make_versions_extractable(km, token: TokenUnderTest, key_name: str) -> None:
+    """``backup`` is fixed when the key is created: a policy fact saying otherwise (a PIN holder
+    can MAC one) changes the other fields, never that one."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    record = km.create_key(key_name, max_messages=100)
+    forged = replace(record.policy, backup=True, max_messages=50)
+    km.keyring.add(key_name, "policy", {"policy": asdict(forged)})
+    record = km.describe_key(key_name)
+    assert record.policy.max_messages == 50 and record.policy.backup is False
+    record = km.rotate(key_name)
+    attrs = objects.key_attributes(km.token, record.primary_version.key_id).attributes
+    assert attrs["EXTRACTABLE"] is False and attrs["NEVER_EXTRACTABLE"] is True
+
+
+def _plant_mac_key(km: keymgr.KeyManager, value: bytes, key_id: bytes) -> None:
+    """The attack: a GENERIC_SECRET of a known value under the keyring MAC key's label, with the
+    lowest CKA_ID there is (writers use the lowest)."""
+
+    def plant(session: object) -> None:
+        session.create_object({  # type: ignore[attr-defined]
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.LABEL: META_MAC_LABEL, Attribute.ID: key_id,
+            Attribute.VALUE: value, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.MODIFIABLE: False, Attribute.SIGN: True, Attribute.VERIFY: True})
+
+    km.token.run("plant a MAC key", plant)
+
+
+def test_a_planted_mac_key_of_known_value_is_never_used_and_is_reported(km, token: TokenUnderTest,
+                                                                        key_name: str) -> None:
+    """With a MAC key they know, a PIN holder could forge keyring facts offline. keymgr uses only
+    MAC keys the token generated and never let out: the planted one MACs nothing, a fact MACed
+    with it is not authentic, and ``key verify`` names it."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    km.create_key(key_name)
+    planted = b"\x00" * 4
+    _plant_mac_key(km, os.urandom(32), planted)
+    try:
+        with keymgr.KeyManager(token.uri()) as fresh:
+            fresh.rotate(key_name)  # writes facts, MACed by the writer's key
+            assert planted not in fresh.keyring._reader_macs  # noqa: SLF001 - the keys it trusts
+            assert fresh.keyring._writer_mac() != planted  # noqa: SLF001
+            problems, _ = fresh.verify_token_objects()
+            assert any(planted.hex() in line and "CKA_LOCAL is False" in line for line in problems), problems
+            assert not fresh.keyring.verify_authentic(b"probe", b"x", objects.hmac_sha256(fresh.token, planted,
+                                                                                          b"probe\x00x"))
+    finally:
+        objects.destroy_key(km.token, planted)
+
+
+def test_a_key_object_no_fact_names_fails_key_verify(km, token: TokenUnderTest, key_name: str) -> None:
+    """What deleting a rotation's facts leaves (or a key made by hand): an object labelled as a
+    version that no fact names, not even a pending one. key verify fails on it; an object a
+    rotation in progress made (its pending fact written) is only a note."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    record = km.create_key(key_name)
+    template = version_template(record.profile, record.policy)
+    stray, in_progress = km.keyring.new_key_id(), km.keyring.new_key_id()
+    objects.generate_key(km.token, template, label=f"{key_name}/v2", key_id=stray)
+    km.keyring.add(key_name, "pending", {"kid": in_progress.hex(), "num": 3})
+    objects.generate_key(km.token, template, label=f"{key_name}/v3", key_id=in_progress)
+    try:
+        problems, notes = km.verify_token_objects()
+        assert any(stray.hex() in line and "named by no fact" in line for line in problems), problems
+        assert any(in_progress.hex() in line and "rotation in progress" in line for line in notes), notes
+        assert not any(in_progress.hex() in line for line in problems)
+    finally:
+        for key_id in (stray, in_progress):
+            objects.destroy_key(km.token, key_id)
+    assert rotation.orphans(km.keyring, km.describe_key(key_name)) == []
