@@ -56,13 +56,17 @@ def test_full_ceremony_through_the_cli(people: list, tmp_path: Path, key_name: s
     req = tmp_path / "backup.req"
     code, out, err = run("--token", a, "request", "backup", key_name, "-o", str(req), "--by", "ops")
     assert code == 0, err
+    digest = out.split("request digest: ")[1].split()[0]
+    assert len(digest) == 64
     approvals = []
     for name, uri, label in (people[0], people[2]):
         out_path = tmp_path / f"{name}.approval"
         code, out, err = run("approve", str(req), "--custodian", name, "--token", uri,
                              "--key-label", label, "--yes", "-o", str(out_path))
         assert code == 0, err
-        assert "You are asked to approve: backup key" in err
+        # the same full digest in what is shown before signing and in the result
+        assert f"request digest: {digest}" in err and f"back up key {key_name!r}" in err
+        assert out.strip().endswith(f"approval by {name!r} of request {digest}")
         approvals += ["--approval", str(out_path)]
 
     backup = tmp_path / "orders.backup"
