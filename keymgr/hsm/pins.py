@@ -87,7 +87,7 @@ def prompt_pin(request: PinRequest) -> str | None:
     """Default callback: ask on the terminal without echo; None when there is no terminal."""
     if not sys.stdin.isatty():
         return None
-    warning = f" ({tries_left_note(request.tries_left)})" if request.tries_left in ("final-try", "count-low") else ""
+    warning = f" [{tries_left_note(request.tries_left)}]" if request.tries_left in ("final-try", "count-low") else ""
     what = "SO PIN" if request.user == "so" else "PIN"
     return getpass.getpass(f"{what} for token {request.token_label!r}{warning}: ")
 
