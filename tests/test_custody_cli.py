@@ -166,6 +166,23 @@ def test_approve_shows_a_destroy_in_full(tmp_path: Path, key_name: str) -> None:
     assert out.strip().endswith(f"of request {digest}")
 
 
+def test_approve_shows_a_policy_change_in_full(tmp_path: Path, key_name: str) -> None:
+    from tests.custody_helpers import guarded_key, hsm, party
+
+    guarded_key(hsm("keymgr-A"), key_name)
+    names = ",".join(party(n).name for n in (1, 2, 3))
+    req = tmp_path / "policy.req"
+    code, out, err = run("--token", softhsm_token("keymgr-A").uri(), "request", "policy", "3", "--key", key_name,
+                         "--custodians", names, "-o", str(req))
+    assert code == 0, err
+    digest = out.split("request digest: ")[1].split()[0]
+    p = party(1)
+    code, _, err = run("approve", str(req), "--custodian", p.name, "--token", p.uri(), "--yes")
+    assert code == 0, err
+    assert f"set the quorum policy of key {key_name!r} to 3 of 3 custodians: {names.replace(',', ', ')}" in err
+    assert "to be approved by 2 of 3 custodians:" in err and f"request digest: {digest}" in err
+
+
 def test_approve_refuses_the_wrong_token_before_the_pin(tmp_path: Path, key_name: str) -> None:
     """``--custodian carol --token bob-usb`` fails at approve, before any PIN is asked (the URI has
     none: a PIN prompt would meet the runner's empty input and cancel, exit 130)."""

@@ -48,9 +48,8 @@ def _interrupt(shell: Shell) -> None:
     assert shell.status() == 130
 
 
-@pytest.mark.parametrize("prompt", ["name", "token", "pin"])
-def test_ctrl_c_at_each_restore_prompt(shell: Shell, tmp_path: Path, key_name: str, prompt: str) -> None:
-    path = backup_file(tmp_path / "b.backup", key_name)
+def _to_restore_prompt(shell: Shell, path: Path, prompt: str) -> None:
+    """Start an interactive restore of ``path`` into keymgr-B and answer up to ``prompt``."""
     first = party(1)
     shell.type(keymgr_command(["--token", softhsm_token("keymgr-B").uri(), "restore", str(path)]) + "\n")
     shell.child.expect(r"Custodian 1 of 2, name \(empty to stop\): ")
@@ -60,7 +59,25 @@ def test_ctrl_c_at_each_restore_prompt(shell: Shell, tmp_path: Path, key_name: s
     if prompt == "pin":
         shell.child.sendline("custodian-1")
         shell.child.expect(r"PIN for token 'custodian-1'.*: ")
+
+
+@pytest.mark.parametrize("prompt", ["name", "token", "pin"])
+def test_ctrl_c_at_each_restore_prompt(shell: Shell, tmp_path: Path, key_name: str, prompt: str) -> None:
+    path = backup_file(tmp_path / "b.backup", key_name)
+    _to_restore_prompt(shell, path, prompt)
     _interrupt(shell)
+    assert not list(tmp_path.glob("restore-*"))
+
+
+@pytest.mark.parametrize("prompt", ["name", "token", "pin"])
+def test_ctrl_d_at_each_restore_prompt(shell: Shell, tmp_path: Path, key_name: str, prompt: str) -> None:
+    path = backup_file(tmp_path / "b.backup", key_name)
+    _to_restore_prompt(shell, path, prompt)
+    shell.child.sendeof()
+    shown = shell.wait_prompt()
+    lines = [line.strip() for line in shown.splitlines() if line.strip() and line.strip() != "^D"]
+    assert lines == ["keymgr: cancelled: input ended at a prompt"], shown
+    assert shell.status() == 130
     assert not list(tmp_path.glob("restore-*"))
 
 
