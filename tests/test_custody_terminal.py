@@ -96,7 +96,7 @@ def test_restore_forgives_typos_duplicates_and_the_wrong_token(backup_path: tupl
         child.sendline(first.name)
         child.expect(rf"Token of custodian '{first.name}' \(token label or pkcs11: URI\): ")
         child.sendline("custodian-l")  # a label typo: no such token
-        child.expect(r"no token matches .*custodian-l.*; try again")
+        child.expect(r"no token labelled 'custodian-l' is present \(tokens: [^)]*'custodian-1'[^)]*\); try again")
         child.expect(rf"Token of custodian '{first.name}' \(token label or pkcs11: URI\): ")
         child.sendline("keymgr-B")  # the target HSM
         child.expect(r"token 'keymgr-B' is the target HSM, not a custodian's token; try again")

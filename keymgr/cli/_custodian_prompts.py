@@ -31,8 +31,10 @@ from keymgr import errors
 from keymgr.cli._custody_common import custodian_uri, pin_prompt
 from keymgr.custody.custodian_token import CustodianToken, check_shown_key
 from keymgr.custody.custodians import Custodian
+from keymgr.hsm.discovery import list_tokens, module_for_uri
 from keymgr.hsm.pins import tries_left_note
 from keymgr.hsm.sessions import TokenSession, open_token
+from keymgr.hsm.uri import Pkcs11Uri
 
 __all__ = ["ask_custodians"]
 
@@ -89,8 +91,22 @@ def _ask_token(custodian: Custodian, module_path: str, target: TokenSession | No
             uri = custodian_uri(answer, module_path)
             _check_token(open_token(uri, login=False), custodian, target, taken)
             return _log_in(custodian, uri)
-        except (errors.ConfigurationError, errors.TokenNotFoundError, errors.PolicyError) as exc:
+        except errors.TokenNotFoundError as exc:
+            _say(f"{_not_found(answer.strip(), module_path) or exc}; try again")
+        except (errors.ConfigurationError, errors.PolicyError) as exc:
             _say(f"{exc}; try again")
+
+
+def _not_found(label: str, module_path: str) -> str | None:
+    """For a label typo: the labels there are, short enough to spot the typo (None for a URI)."""
+    if label.startswith("pkcs11:"):
+        return None
+    try:
+        found = list_tokens(module_for_uri(Pkcs11Uri.parse(f"pkcs11:?module-path={module_path}")))
+    except errors.KeymgrError:
+        return None
+    labels = ", ".join(repr(t.label) for t in found if t.label) or "none"
+    return f"no token labelled {label!r} is present (tokens: {labels})"
 
 
 def _check_token(ts: TokenSession, custodian: Custodian, target: TokenSession | None,
