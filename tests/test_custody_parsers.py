@@ -81,6 +81,17 @@ def test_request_parser(data: bytes) -> None:
     _only_keymgr_errors(Request.parse, data)
 
 
+def test_what_an_approver_is_shown_carries_no_terminal_controls() -> None:
+    """Free text in a request (who asked, a state) cannot hide or rewrite the lines above it."""
+    doc = json.loads(json.dumps(_REQUEST_SHOWN))
+    doc["requested_by"] = "ops\x1b[2K\x1b[1A\rall fine"
+    doc["shows"]["keys"][0]["state"] = "active\x1b[8m"
+    lines = Request.parse(json.dumps(doc).encode()).explain()
+    assert not any(c in line for line in lines for c in "\x1b\r")
+    assert any("DESTROY key 'orders' version(s) 1: irreversible" in line for line in lines)
+    assert any(line.strip().startswith("requested by: ops\\x1b[2K") for line in lines)
+
+
 def test_a_request_reads_back_what_it_shows() -> None:
     parsed = Request.parse(json.dumps(_REQUEST_SHOWN).encode())
     assert parsed.shows == _REQUEST_SHOWN["shows"]

@@ -53,7 +53,7 @@ from keymgr import errors
 from keymgr.custody._json import canonical, load_document
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian, CustodyRegister, QuorumPolicy, Register
-from keymgr.custody.request_shows import check_shows, facts, parse_shows, shows_lines
+from keymgr.custody.request_shows import check_shows, facts, parse_shows, printable, shows_lines
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import KeyRecord
 from keymgr.keyring import Keyring, validate_name
@@ -179,9 +179,8 @@ class Request:
         """The request in full, one fact a line, as an approver must see it before signing."""
         lines = [f"  request digest: {self.digest}", f"  operation: {self._operation_line()}"]
         lines += shows_lines(self.shows)
-        serial = self.token_serial or "-"
-        lines.append(f"  on the HSM: token {self.token_label!r}, serial {serial}")
-        lines.append(f"  requested by: {self.requested_by or '(not said)'}, at {self.created}; "
+        lines.append(f"  on the HSM: token {self.token_label!r}, serial {printable(self.token_serial) or '-'}")
+        lines.append(f"  requested by: {printable(self.requested_by) or '(not said)'}, at {self.created}; "
                      f"valid until {self.expires}")
         return lines
 
@@ -192,15 +191,17 @@ class Request:
             return (f"DESTROY key {self.key!r} version(s) {numbers}: irreversible; data that only these "
                     "versions decrypt can never be read again")
         if self.operation == "backup":
-            return (f"back up key {self.key!r} ({numbers}): the versions leave the HSM wrapped, and M of the "
-                    "custodians can restore them on another HSM")
+            quorum = self.shows["quorum"] if self.shows is not None else None
+            who = f"{quorum['threshold']} of the custodians below" if quorum else "a quorum of the custodians"
+            return (f"back up key {self.key!r} ({numbers}): the versions leave the HSM wrapped, and {who} "
+                    "can restore them on another HSM")
         scope = self.params.get("scope")
         where = "every key of the keyring" if scope == "*" else f"key {scope!r}"
         policy = self.params.get("policy")
         if policy is None:
             return f"REMOVE the quorum policy of {where} (no more dual control there)"
         return (f"set the quorum policy of {where} to {policy['threshold']} of {len(policy['custodians'])} "
-                f"custodians: {', '.join(policy['custodians'])}")
+                f"custodians: {printable(', '.join(policy['custodians']))}")
 
     @classmethod
     def parse(cls, data: bytes) -> Request:

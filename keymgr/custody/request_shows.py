@@ -32,7 +32,7 @@ from keymgr.custody.custodians import QuorumPolicy, Register
 from keymgr.keyfacts import KeyRecord
 from keymgr.keyring import validate_name
 
-__all__ = ["facts", "parse_shows", "check_shows", "shows_lines"]
+__all__ = ["facts", "parse_shows", "check_shows", "printable", "shows_lines"]
 
 _CUSTODIAN_FIELDS = {"name", "fingerprint", "token", "serial"}
 _KEY_FIELDS = {"version", "id", "kcv", "state"}
@@ -145,11 +145,17 @@ def check_shows(shows: Mapping[str, Any], register: Register, policy: QuorumPoli
                                  "CKA_IDs or check values are not those the approvers saw); write a new request")
 
 
+def printable(text: str) -> str:
+    """Free text from a request (who asked, a serial) made safe to show: control characters (a
+    terminal escape sequence could hide or rewrite the lines above it) are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def shows_lines(shows: Mapping[str, Any] | None) -> list[str]:
     """The key versions and the approving quorum, one line each, for the approver's terminal."""
     if shows is None:
         return ["  (this request names neither key objects nor custodians' keys: written by an older keymgr)"]
-    lines = [f"  version {k['version']}: CKA_ID {k['id']}, KCV {k['kcv'] or '-'} ({k['state']})"
+    lines = [f"  version {k['version']}: CKA_ID {k['id']}, KCV {k['kcv'] or '-'} ({printable(k['state'])})"
              for k in shows["keys"]]
     quorum = shows["quorum"]
     if quorum is not None:
