@@ -70,6 +70,5 @@ class Shell:
         return int(found.group(1))
 
     def close(self) -> None:
-        self.child.sendline("exit")
-        self.child.expect(pexpect.EOF)
-        self.child.close()
+        """End the shell (and, through the terminal's hangup, a keymgr a failed test left waiting)."""
+        self.child.close(force=True)
