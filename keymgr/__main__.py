@@ -4,19 +4,29 @@ Signals are set up first, before the CLI and what it needs are imported (about
 0.1 s), so that an interrupt at any moment ends in one line and status 130
 (SIGTERM: 143), never a traceback (:mod:`keymgr._signals`). Only the small
 ``keymgr`` package (its errors) comes before.
+
+Whenever keymgr ends unsuccessfully (an error, an interrupt, input ended at a
+prompt), the terminal's typed-ahead input is discarded first
+(:mod:`keymgr._terminal`), so that a PIN typed for the next prompt never
+reaches the shell.
 """
 
-from keymgr import _signals
+from keymgr import _signals, _terminal
 
 
 def main() -> None:
     _signals.install()
     try:
-        from keymgr.cli import cli
+        try:
+            from keymgr.cli import cli
 
-        cli(prog_name="keymgr")
-    except KeyboardInterrupt as exc:  # during the imports; the CLI reports later ones itself
-        _signals.report(exc)
+            cli(prog_name="keymgr")
+        except KeyboardInterrupt as exc:  # during the imports; the CLI reports later ones itself
+            _signals.report(exc)
+    except BaseException as exc:
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            _terminal.discard_typed_ahead()
+        raise
     finally:
         _signals.exiting()
 

@@ -45,7 +45,7 @@ from typing import BinaryIO
 from keymgr import errors
 
 __all__ = ["DEFAULT_TAG", "TEMP_NAME", "atomic_write", "atomic_output", "fsync_directory", "os_error_reason",
-           "remove_abandoned_temp_files", "temp_file_abandoned"]
+           "remove_abandoned_temp_files", "temp_file_abandoned", "write_new"]
 
 #: the tag of a temporary file whose writer gave none: ``.NAME.keymgr.XXXXXXXX.tmp``
 DEFAULT_TAG = "keymgr"
@@ -108,7 +108,7 @@ def _name_unnamed(fd: int, directory: Path, prefix: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_output(path: Path | str, *, mode: int = 0o644, tag: str = DEFAULT_TAG,
-                  before_replace: Callable[[], None] | None = None) -> Iterator[BinaryIO]:
+                  before_replace: Callable[[], None] | None = None, exclusive: bool = False) -> Iterator[BinaryIO]:
     """Yield a file to write; on clean exit it replaces ``path`` atomically.
 
     If the block raises, the temporary file is deleted and ``path`` is left as it was;
@@ -119,6 +119,8 @@ def atomic_output(path: Path | str, *, mode: int = 0o644, tag: str = DEFAULT_TAG
     left behind; ``before_replace`` runs after the data is durable and before the rename
     (a write-ahead journal entry: keymgr.rewrap_journal). Write only to ``path`` itself:
     a symbolic link at ``path`` is replaced by the file (callers resolve links first).
+    ``exclusive``: never replace anything at ``path``: the file is hard-linked there (atomic and
+    refused when the name exists, whatever it is) and :class:`FileExistsError` passes through.
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
@@ -144,7 +146,11 @@ def atomic_output(path: Path | str, *, mode: int = 0o644, tag: str = DEFAULT_TAG
             before_replace()
         if temp is None:
             temp = _name_unnamed(fd, directory, prefix)
-        os.replace(temp, target)
+        if exclusive:
+            os.link(temp, target)
+            _discard(temp)
+        else:
+            os.replace(temp, target)
         temp = None
         fsync_directory(directory)
     except errors.KeymgrError:  # keymgr's own error from inside the block (a policy refusal, the audit
@@ -152,6 +158,8 @@ def atomic_output(path: Path | str, *, mode: int = 0o644, tag: str = DEFAULT_TAG
         raise
     except OSError as exc:
         _discard(temp)
+        if exclusive and isinstance(exc, FileExistsError):
+            raise
         raise _storage_error(target, exc) from None
     except BaseException:
         _discard(temp)
@@ -212,4 +220,12 @@ def remove_abandoned_temp_files(directory: Path | str, *, wait: float = 0.0) -> 
 def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically and durably."""
     with atomic_output(path, mode=mode) as handle:
+        handle.write(data)
+
+
+def write_new(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to a *new* file at ``path``, atomically and durably; :class:`FileExistsError`
+    (and nothing written) when the name is taken. For records that must never be overwritten:
+    a ceremony's signed transcript."""
+    with atomic_output(path, mode=mode, exclusive=True) as handle:
         handle.write(data)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pkcs11
 
-from keymgr.custody.approvals import Approval, Request, approve, make_request
+from keymgr.custody.approvals import Approval, Request, approve, request_for
 from keymgr.custody.custodian_token import CustodianToken, enroll_custodian
 from keymgr.custody.custodians import Custodian, CustodyRegister, QuorumPolicy
 from keymgr.hsm import asym, open_token
@@ -97,8 +98,22 @@ def approvals(km: KeyManager, request: Request, *numbers: int) -> list[Approval]
 
 
 def request(km: KeyManager, operation: str, key: str, **params: object) -> Request:
-    made = make_request(operation, token=km.token, key=key, params=params)
+    """A request as ``keymgr request`` writes it (showing the quorum and key versions), read back."""
+    made = request_for(km.keyring, operation, key=key, params=params)
     return Request.parse(made.to_bytes())
+
+
+def backup_file(path: Path, key: str, approvers: tuple[int, ...] = (1, 2)) -> Path:
+    """A backup of a new 2-of-3 guarded key ``key`` on keymgr-A, written to ``path``."""
+    from keymgr.custody.ceremony import backup_keys
+    from keymgr.hsm.pins import Pin
+
+    a = hsm("keymgr-A")
+    guarded_key(a, key)
+    req = request(a, "backup", key, versions=None)
+    path.write_bytes(backup_keys(a.keyring, key, so_pin=Pin(so_pin()), request=req,
+                                 approvals=approvals(a, req, *approvers)).backup)
+    return path
 
 
 def object_handles(label: str) -> set[tuple[int, bytes, str]]:

@@ -56,13 +56,17 @@ def test_full_ceremony_through_the_cli(people: list, tmp_path: Path, key_name: s
     req = tmp_path / "backup.req"
     code, out, err = run("--token", a, "request", "backup", key_name, "-o", str(req), "--by", "ops")
     assert code == 0, err
+    digest = out.split("request digest: ")[1].split()[0]
+    assert len(digest) == 64
     approvals = []
     for name, uri, label in (people[0], people[2]):
         out_path = tmp_path / f"{name}.approval"
         code, out, err = run("approve", str(req), "--custodian", name, "--token", uri,
                              "--key-label", label, "--yes", "-o", str(out_path))
         assert code == 0, err
-        assert "You are asked to approve: backup key" in err
+        # the same full digest in what is shown before signing and in the result
+        assert f"request digest: {digest}" in err and f"back up key {key_name!r}" in err
+        assert out.strip().endswith(f"approval by {name!r} of request {digest}")
         approvals += ["--approval", str(out_path)]
 
     backup = tmp_path / "orders.backup"
@@ -129,3 +133,104 @@ def test_key_create_writes_a_signed_transcript(tmp_path: Path, key_name: str) ->
     assert code == 0, err
     doc = json.loads(out)["transcript"]
     assert doc["ceremony"] == "create" and doc["keys"][0]["name"] == key_name and doc["details"]["backup"] is True
+
+
+# -- what approve shows and checks; transcripts never overwritten (issue 14, parts 5 and 6) ----------
+
+def _destroy_request(tmp_path: Path, key_name: str) -> tuple[Path, str]:
+    from tests.custody_helpers import guarded_key, hsm
+
+    km = hsm("keymgr-A")
+    guarded_key(km, key_name)
+    km.rotate(key_name)
+    req = tmp_path / "destroy.req"
+    code, out, err = run("--token", softhsm_token("keymgr-A").uri(), "request", "destroy", key_name, "--version",
+                         "1", "-o", str(req))
+    assert code == 0, err
+    return req, out.split("request digest: ")[1].split()[0]
+
+
+def test_approve_shows_a_destroy_in_full(tmp_path: Path, key_name: str) -> None:
+    from tests.custody_helpers import hsm, party
+
+    req, digest = _destroy_request(tmp_path, key_name)
+    version = hsm("keymgr-A").describe_key(key_name).version(1)
+    p = party(2)
+    code, out, err = run("approve", str(req), "--custodian", p.name, "--token", p.uri(), "--yes")
+    assert code == 0, err
+    assert f"request digest: {digest}" in err
+    assert f"DESTROY key {key_name!r} version(s) 1: irreversible" in err
+    assert f"version 1: CKA_ID {version.key_id.hex()}, KCV {version.kcv or '-'}" in err
+    assert f"on the HSM: token 'keymgr-A', serial {hsm('keymgr-A').token.serial}" in err
+    assert "to be approved by 2 of 3 custodians:" in err and party(1).name in err and party(3).name in err
+    assert out.strip().endswith(f"of request {digest}")
+
+
+def test_approve_shows_a_policy_change_in_full(tmp_path: Path, key_name: str) -> None:
+    from tests.custody_helpers import guarded_key, hsm, party
+
+    guarded_key(hsm("keymgr-A"), key_name)
+    names = ",".join(party(n).name for n in (1, 2, 3))
+    req = tmp_path / "policy.req"
+    code, out, err = run("--token", softhsm_token("keymgr-A").uri(), "request", "policy", "3", "--key", key_name,
+                         "--custodians", names, "-o", str(req))
+    assert code == 0, err
+    digest = out.split("request digest: ")[1].split()[0]
+    p = party(1)
+    code, _, err = run("approve", str(req), "--custodian", p.name, "--token", p.uri(), "--yes")
+    assert code == 0, err
+    assert f"set the quorum policy of key {key_name!r} to 3 of 3 custodians: {names.replace(',', ', ')}" in err
+    assert "to be approved by 2 of 3 custodians:" in err and f"request digest: {digest}" in err
+
+
+def test_approve_refuses_the_wrong_token_before_the_pin(tmp_path: Path, key_name: str) -> None:
+    """``--custodian carol --token bob-usb`` fails at approve, before any PIN is asked (the URI has
+    none: a PIN prompt would meet the runner's empty input and cancel, exit 130)."""
+    from tests.custody_helpers import party
+
+    req, _ = _destroy_request(tmp_path, key_name)
+    carol, bob = party(3), party(2)
+    code, _, err = run("approve", str(req), "--custodian", carol.name, "--token", bob.uri(pin=False), "--yes")
+    assert code == 5, err
+    assert f"token 'custodian-2' does not hold the registered key of custodian {carol.name!r}" in err
+    assert "PIN" not in err and not list(tmp_path.glob("*.approval"))
+    code, _, err = run("approve", str(req), "--custodian", "mallory", "--token", bob.uri(pin=False), "--yes")
+    assert code == 5 and "'mallory' is not one of those who approve this request" in err
+
+
+def test_a_request_is_void_once_the_key_changed(tmp_path: Path, key_name: str) -> None:
+    """A backup of every version, approved before a rotation added one: the approvers did not see it."""
+    from keymgr import errors
+    from keymgr.custody.authorize import authorize
+    from tests.custody_helpers import approvals, guarded_key, hsm, request
+
+    km = hsm("keymgr-A")
+    guarded_key(km, key_name)
+    req = request(km, "backup", key_name, versions=None)
+    signed = approvals(km, req, 1, 2)
+    km.rotate(key_name)
+    with pytest.raises(errors.PolicyError, match="changed since the request was written"):
+        authorize(km.keyring, "backup", key=key_name, params={"versions": None}, request=req, approvals=signed,
+                  consume=False)
+
+
+def test_a_second_restore_never_overwrites_a_transcript(tmp_path: Path, key_name: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from keymgr.custody.backup_file import BackupFile
+    from tests.custody_helpers import backup_file, party
+
+    path = backup_file(tmp_path / "b.backup", key_name)
+    monkeypatch.chdir(tmp_path)
+    default = tmp_path / f"restore-{BackupFile.parse(path.read_bytes()).id.hex()[:8]}.transcript.p7s"
+    default.write_bytes(b"the transcript of an earlier restore of this backup")
+    b = softhsm_token("keymgr-B").uri()
+    custodians = [arg for n in (1, 3) for arg in ("--custodian", f"{party(n).name}={party(n).uri()}")]
+    code, _, err = run("restore", str(path), "--token", b, *custodians, "--transcript", str(default))
+    assert code == 2 and "never overwrites a transcript" in err
+    assert run("--token", b, "key", "show", key_name)[0] == 6  # refused before anything was restored
+    code, out, err = run("restore", str(path), "--token", b, *custodians)
+    assert code == 0, err
+    second = default.with_name(default.name.replace(".transcript.p7s", "-2.transcript.p7s"))
+    assert f"signed transcript: {second.name}" in out
+    assert default.read_bytes() == b"the transcript of an earlier restore of this backup"
+    assert run("--token", b, "transcript", "verify", str(second))[0] == 0

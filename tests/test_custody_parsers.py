@@ -29,6 +29,11 @@ from keymgr.envelope import OID_THRESHOLD_RECIPIENT, other_recipient_info
 _REQUEST = {"format": "keymgr-request/1", "id": "00" * 16, "operation": "destroy",
             "keyring": {"token": "keymgr-A", "serial": "1"}, "key": "orders", "params": {"versions": [1]},
             "created": "2026-01-01T00:00:00Z", "expires": "2026-01-02T00:00:00Z", "requested_by": ""}
+#: a request as keymgr request writes it now: with what it shows its approvers
+_REQUEST_SHOWN = {**_REQUEST, "shows": {
+    "quorum": {"threshold": 2, "custodians": [{"name": n, "fingerprint": f * 32, "token": f"{n}-usb", "serial": ""}
+                                             for n, f in (("alice", "11"), ("bob", "22"))]},
+    "keys": [{"version": 1, "id": "ab" * 16, "kcv": "0a1b2c", "state": "active"}]}}
 _APPROVAL = {"format": "keymgr-approval/1", "request": "00" * 32, "custodian": "alice", "fingerprint": "11" * 32,
              "signed": "2026-01-01T00:00:00Z", "signature": "22" * 64}
 _BACKUP = {"format": "keymgr-backup/1", "id": "00" * 16, "created": "x", "source": {"token": "A", "serial": "1"},
@@ -64,15 +69,34 @@ def _mutations(base: dict[str, Any]) -> st.SearchStrategy[bytes]:
         return json.dumps(doc).encode()
 
     keys = st.lists(st.sampled_from(sorted({k for k in base} | {"keyring", "token", "params", "versions", "quorum",
-                                                                "threshold", "custodians", "record"})),
+                                                                "threshold", "custodians", "record", "shows", "keys",
+                                                                "kcv", "id", "fingerprint", "state", "version"})),
                     min_size=1, max_size=3)
     return st.tuples(keys, _json, st.booleans()).map(mutate)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.binary(max_size=512), _mutations(_REQUEST)))
+@given(st.one_of(st.binary(max_size=512), _mutations(_REQUEST), _mutations(_REQUEST_SHOWN)))
 def test_request_parser(data: bytes) -> None:
     _only_keymgr_errors(Request.parse, data)
+
+
+def test_what_an_approver_is_shown_carries_no_terminal_controls() -> None:
+    """Free text in a request (who asked, a state) cannot hide or rewrite the lines above it."""
+    doc = json.loads(json.dumps(_REQUEST_SHOWN))
+    doc["requested_by"] = "ops\x1b[2K\x1b[1A\rall fine"
+    doc["shows"]["keys"][0]["state"] = "active\x1b[8m"
+    lines = Request.parse(json.dumps(doc).encode()).explain()
+    assert not any(c in line for line in lines for c in "\x1b\r")
+    assert any("DESTROY key 'orders' version(s) 1: irreversible" in line for line in lines)
+    assert any(line.strip().startswith("requested by: ops\\x1b[2K") for line in lines)
+
+
+def test_a_request_reads_back_what_it_shows() -> None:
+    parsed = Request.parse(json.dumps(_REQUEST_SHOWN).encode())
+    assert parsed.shows == _REQUEST_SHOWN["shows"]
+    assert Request.parse(parsed.to_bytes()) == parsed
+    assert Request.parse(json.dumps(_REQUEST).encode()).shows is None  # an older keymgr's request still reads
 
 
 @settings(max_examples=150, deadline=None)

@@ -6,7 +6,8 @@ exit code chosen by category; anything unexpected is one line too (a traceback
 only with ``KEYMGR_DEBUG=1``), because a custodian at a terminal must never
 see a stack trace or, worse, a secret inside one. So is an interrupt: Ctrl-C
 (SIGINT) exits 130 and SIGTERM 143, at any moment (:mod:`keymgr._signals`),
-after the cleanup the exception unwinds through.
+after the cleanup the exception unwinds through; input that ends at a prompt
+(Ctrl-D) is a cancellation, one line and 130 too.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
     (6, "no such key or token"),
     (7, "malformed input: not a keymgr stream or message"),
     (8, "storage: a file could not be written (disk full ...)"),
-    (130, "interrupted (Ctrl-C, SIGINT)"),
+    (130, "interrupted (Ctrl-C, SIGINT), or input ended at a prompt (Ctrl-D)"),
     (141, "standard output closed by its reader (SIGPIPE)"),
     (143, "terminated (SIGTERM)"),
 )
@@ -108,6 +109,13 @@ def exit_code_for(exc: BaseException) -> int:
     return 1
 
 
+def _input_ended() -> NoReturn:
+    """End at a prompt whose input ended (Ctrl-D): a cancellation, reported as an interrupt is."""
+    lead = "\n" if sys.stderr.isatty() else ""
+    click.echo(f"{lead}keymgr: cancelled: input ended at a prompt", err=True)
+    sys.exit(_signals.INTERRUPTED)
+
+
 def _interrupted_behind(exc: BaseException) -> None:
     """An error that an interrupt caused (or that came after one) ends the run as interrupted."""
     interrupt = _signals.interrupt_behind(exc)
@@ -144,6 +152,8 @@ class GuardedGroup(click.Group):
             except click.Abort as exc:
                 if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C at a click prompt
                     _signals.report(exc.__context__)
+                if isinstance(exc.__context__, EOFError):  # Ctrl-D, or no more input, at a prompt
+                    _input_ended()
                 raise
             except (click.exceptions.Exit, click.ClickException):
                 raise

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
 from keymgr import errors
+from keymgr._files import write_new
 from keymgr.custody.approvals import Approval, Request
-from keymgr.hsm.pins import PinCallback, PinRequest
+from keymgr.hsm.pins import PinCallback, PinRequest, tries_left_note
 
-__all__ = ["custodian_uri", "parse_custodian_option", "pin_prompt", "read_approvals", "read_file", "read_request"]
+__all__ = ["custodian_uri", "parse_custodian_option", "pin_prompt", "read_approvals", "read_file", "read_request",
+           "check_transcript_free", "write_transcript"]
 
 MAX_INPUT = 16 * 1024 * 1024
 
@@ -67,8 +70,8 @@ def pin_prompt(custodian: str | None = None) -> PinCallback:
     def callback(request: PinRequest) -> str | None:
         who = f" (custodian {custodian!r})" if custodian else ""
         what = "SO PIN" if request.user == "so" else "PIN"
-        warning = {"final-try": " [FINAL TRY before the PIN locks]",
-                   "count-low": " [few tries left]"}.get(request.tries_left, "")
+        shown = request.tries_left in ("final-try", "count-low")
+        warning = f" [{tries_left_note(request.tries_left)}]" if shown else ""
         return str(click.prompt(f"{what} for token {request.token_label!r}{who}{warning}", hide_input=True,
                                 err=True))
 
@@ -77,3 +80,37 @@ def pin_prompt(custodian: str | None = None) -> PinCallback:
 
 def default_path(base: Path, suffix: str) -> Path:
     return base.with_name(base.name + suffix)
+
+
+_TRANSCRIPT_SUFFIX = ".transcript.p7s"
+#: how many numbered names a transcript tries before giving up
+_TRANSCRIPT_NAMES = 1000
+
+
+def check_transcript_free(path: str | None) -> None:
+    """Before a ceremony: refuse a ``--transcript`` path that exists (a transcript is never
+    overwritten, and saying so after the ceremony would be too late to choose another)."""
+    if path is not None and os.path.lexists(path):
+        raise errors.ConfigurationError(f"{path} exists already; keymgr never overwrites a transcript: "
+                                        "give another --transcript path (or move that file)")
+
+
+def _numbered(path: Path, number: int) -> Path:
+    name = path.name
+    base, ext = ((name[: -len(_TRANSCRIPT_SUFFIX)], _TRANSCRIPT_SUFFIX) if name.endswith(_TRANSCRIPT_SUFFIX)
+                 else os.path.splitext(name))
+    return path.with_name(f"{base}-{number}{ext}")
+
+
+def write_transcript(path: Path, data: bytes) -> Path:
+    """Write a signed transcript to a new file: ``path``, or if that name is taken (a second restore
+    of one backup), the first free of ``NAME-2.transcript.p7s``, ``-3`` ...; returns where it went.
+    An existing transcript is never replaced (docs/ceremonies.md)."""
+    for number in range(1, _TRANSCRIPT_NAMES + 1):
+        candidate = path if number == 1 else _numbered(path, number)
+        try:
+            write_new(candidate, data)
+            return candidate
+        except FileExistsError:
+            continue
+    raise errors.StorageError(f"no free name for the transcript beside {path}; move old transcripts away")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
 from keymgr import errors
 from keymgr._files import atomic_write
 from keymgr.cli._common import CliState, emit_json, pass_state
+from keymgr.cli._custodian_prompts import ask_custodians
 from keymgr.cli._custody_common import (
+    check_transcript_free,
     custodian_uri,
     default_path,
     parse_custodian_option,
@@ -18,10 +21,13 @@ from keymgr.cli._custody_common import (
     read_approvals,
     read_file,
     read_request,
+    write_transcript,
 )
+from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian
 from keymgr.hsm.pins import PinRequest, pin_source_from_uri
+from keymgr.hsm.sessions import TokenSession
 
 __all__ = ["backup_command", "restore_command", "collect_custodians"]
 
@@ -53,6 +59,8 @@ def backup_command(state: CliState, name: str, versions: str | None, output: str
     """Back up key NAME, wrapped in the HSM, to its M-of-N custodians."""
     km = state.manager()
     request, approvals = read_request(request_path), read_approvals(approval_paths)
+    check_transcript_free(transcript_path)
+    _check_backup_approvals(km, name, _versions(versions), request, approvals)
     source = pin_source_from_uri(so_pin_source, None)
     pin = source.read(PinRequest(km.token.label, "mark the backup transport key trusted", user="so"), pin_prompt())
     if pin is None:
@@ -65,7 +73,7 @@ def backup_command(state: CliState, name: str, versions: str | None, output: str
     atomic_write(out, result.backup, mode=0o600)
     transcript = Path(transcript_path) if transcript_path else default_path(out, ".transcript.p7s")
     if result.transcript:
-        atomic_write(transcript, result.transcript)
+        transcript = write_transcript(transcript, result.transcript)
     if state.json_output:
         emit_json({"backup": str(out), "transcript": str(transcript), "description": result.description})
     else:
@@ -73,38 +81,38 @@ def backup_command(state: CliState, name: str, versions: str | None, output: str
         click.echo(f"signed transcript: {transcript}")
 
 
+def _check_backup_approvals(km: Any, name: str, versions: list[int] | None, request: Request | None,
+                            approvals: Sequence[Approval]) -> None:
+    """The approvals, checked before the SO types the SO PIN (the backup checks them again, and
+    spends them): a missing or wrong approval must not cost the SO a PIN entry."""
+    from keymgr.custody.authorize import authorize
+
+    if authorize(km.keyring, "backup", key=name, params={"versions": versions}, request=request,
+                 approvals=approvals, consume=False) is None:
+        raise errors.PolicyError(f"no quorum policy covers key {name!r}: register custodians and set a policy "
+                                 "(keymgr custodian policy) before a backup")
+
+
 def collect_custodians(candidates: Sequence[Custodian], threshold: int, given: Sequence[str], module_path: str,
-                       what: str) -> list[CustodianToken]:
-    """Open M custodians' tokens: from ``--custodian NAME=URI`` options, or asked in turn at the terminal
-    (name, then token, then that custodian's PIN, never echoed). Tokens opened are closed on failure."""
+                       what: str, *, target: TokenSession | None = None) -> list[CustodianToken]:
+    """Open M custodians' tokens: from ``--custodian NAME=URI`` options (any mistake is an error),
+    or asked in turn at the terminal, where a slip re-asks (:mod:`keymgr.cli._custodian_prompts`).
+    Tokens opened are closed on failure."""
+    if not given:
+        return ask_custodians(candidates, threshold, module_path, what, target=target)
     by_name = {c.name: c for c in candidates}
-    names = ", ".join(by_name)
     tokens: list[CustodianToken] = []
-
-    def open_one(name: str, uri: str) -> None:
-        custodian = by_name.get(name)
-        if custodian is None:
-            raise errors.PolicyError(f"custodian {name!r} is not one of the custodians of this {what} ({names})")
-        if any(t.custodian.name == name for t in tokens):
-            raise errors.PolicyError(f"custodian {name!r} was given twice; each custodian counts once")
-        tokens.append(CustodianToken.open(custodian, custodian_uri(uri, module_path), pin_callback=pin_prompt(name)))
-
     try:
-        if given:
-            for option in given:
-                open_one(*parse_custodian_option(option))
-            return tokens
-        click.echo(f"This {what} needs {threshold} of its custodians: {names}.", err=True)
-        for turn in range(1, threshold + 1):
-            name = click.prompt(f"Custodian {turn} of {threshold}, name (empty to stop)", default="",
-                                show_default=False, err=True).strip()
-            if not name:
-                break
-            if name not in by_name:
-                raise errors.PolicyError(f"custodian {name!r} is not one of the custodians of this {what} ({names})")
-            uri = click.prompt(f"Token of custodian {name!r} (token label or pkcs11: URI)", err=True)
-            open_one(name, uri)
-            click.echo(f"  custodian {name!r}: token {tokens[-1].ts.label!r} holds the registered key", err=True)
+        for option in given:
+            name, uri = parse_custodian_option(option)
+            custodian = by_name.get(name)
+            if custodian is None:
+                raise errors.PolicyError(f"custodian {name!r} is not one of the custodians of this {what} "
+                                         f"({', '.join(by_name)})")
+            if any(t.custodian.name == name for t in tokens):
+                raise errors.PolicyError(f"custodian {name!r} was given twice; each custodian counts once")
+            tokens.append(CustodianToken.open(custodian, custodian_uri(uri, module_path),
+                                              pin_callback=pin_prompt(name)))
         return tokens
     except BaseException:
         for token in tokens:
@@ -118,7 +126,8 @@ def collect_custodians(candidates: Sequence[Custodian], threshold: int, given: S
 @click.option("--custodian", "custodians", multiple=True, metavar="NAME=URI",
               help="A custodian and their token URI (with pin-source); repeat. Default: asked at the terminal.")
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
-              help="Signed transcript to write (default: restore-ID.transcript.p7s here).")
+              help="Signed transcript to write, never over an existing file (default: restore-ID.transcript.p7s "
+                   "here, or restore-ID-2.transcript.p7s ... when that exists).")
 @pass_state
 def restore_command(state: CliState, backup_file: str, target: str | None, custodians: tuple[str, ...],
                     transcript_path: str | None) -> None:
@@ -126,6 +135,7 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
     from keymgr.custody.backup_file import BackupFile
 
     backup = BackupFile.parse(read_file(backup_file, "backup file"))
+    check_transcript_free(transcript_path)
     if target:
         state.token = target
     km = state.manager()
@@ -133,7 +143,7 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
         click.echo(f"{backup.describe()}", err=True)
         click.echo(f"Target: token {km.token.label!r} (serial {km.token.serial})", err=True)
     tokens = collect_custodians([s.custodian for s in backup.shares], backup.quorum.threshold, custodians,
-                                km.token.module.path, "backup")
+                                km.token.module.path, "backup", target=km.token)
     try:
         result = km.restore(backup, tokens)
     finally:
@@ -141,7 +151,7 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
             token.close()
     transcript = Path(transcript_path or f"restore-{backup.id.hex()[:8]}.transcript.p7s")
     if result.transcript:
-        atomic_write(transcript, result.transcript)
+        transcript = write_transcript(transcript, result.transcript)
     restored = [{"name": r.name, "versions": [v.version for v in r.versions]} for r in result.records]
     if state.json_output:
         emit_json({"restored": restored, "token": km.token.label, "transcript": str(transcript)})

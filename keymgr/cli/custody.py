@@ -11,7 +11,16 @@ import click
 from keymgr import errors
 from keymgr._files import atomic_write
 from keymgr.cli._common import CliState, console, emit_json, pass_state
-from keymgr.cli._custody_common import custodian_uri, default_path, pin_prompt, read_approvals, read_file, read_request
+from keymgr.cli._custody_common import (
+    check_transcript_free,
+    custodian_uri,
+    pin_prompt,
+    read_approvals,
+    read_file,
+    read_request,
+    write_transcript,
+)
+from keymgr.cli.approve import approve_command
 from keymgr.cli.ceremony import collect_custodians
 
 __all__ = ["custodian_group", "request_group", "approve_command", "transcript_group", "quorum_group",
@@ -36,8 +45,7 @@ def _context(pairs: tuple[str, ...]) -> dict[str, str] | None:
 
 def _write_transcript(path: str | None, data: bytes) -> None:
     if path and data:
-        atomic_write(path, data)
-        click.echo(f"signed transcript: {path}", err=True)
+        click.echo(f"signed transcript: {write_transcript(Path(path), data)}", err=True)
 
 
 # -- custodians ---------------------------------------------------------------------------------
@@ -135,6 +143,7 @@ def custodian_policy(state: CliState, threshold: int, key: str | None, custodian
     from keymgr.custody.authorize import change_policy
 
     km = state.manager()
+    check_transcript_free(transcript_path)
     policy = _policy(km, threshold, custodians)
     detail = {"threshold": policy.threshold, "custodians": ",".join(policy.custodians)[:200]}
     with km.audited("policy", key=key, detail=detail):
@@ -168,16 +177,18 @@ def _request_options(command: Any) -> Any:
 
 def _write_request(state: CliState, operation: str, key: str | None, params: dict[str, Any], output: str,
                    ttl_hours: int, requested_by: str) -> None:
-    from keymgr.custody.approvals import make_request
+    from keymgr.custody.approvals import request_for
 
     km = state.manager()
-    request = make_request(operation, token=km.token, key=key, params=params, ttl=timedelta(hours=ttl_hours),
-                           requested_by=requested_by)
+    request = request_for(km.keyring, operation, key=key, params=params, ttl=timedelta(hours=ttl_hours),
+                          requested_by=requested_by)
     atomic_write(output, request.to_bytes())
     if state.json_output:
         emit_json({"request": output, "digest": request.digest, "describe": request.describe()})
     else:
-        click.echo(f"wrote {output}: {request.describe()}; digest {request.digest}")
+        click.echo(f"wrote {output}: {request.describe()}")
+        click.echo(f"request digest: {request.digest}")
+        click.echo("(each approver sees this digest before signing: read it to them out of band)")
 
 
 @request_group.command("destroy")
@@ -216,48 +227,6 @@ def request_policy(state: CliState, threshold: int, key: str | None, custodians:
     policy = _policy(state.manager(), threshold, custodians)
     _write_request(state, "set-policy", None, {"scope": key or "*", "policy": policy.to_json()}, output, ttl_hours,
                    requested_by)
-
-
-@click.command("approve")
-@click.argument("request_path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--custodian", "name", required=True, help="Your custodian name.")
-@click.option("--token", "--custodian-token", "uri", default=None, metavar="URI",
-              help="Your token (label or pkcs11: URI); asked if not given.")
-@click.option("--key-label", default=None)
-@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="Approval file (default: REQUEST.NAME.approval).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@pass_state
-def approve_command(state: CliState, request_path: str, name: str, uri: str | None, key_label: str | None,
-                    output: str | None, yes: bool) -> None:
-    """Sign an approval of the request in REQUEST_PATH with your token's key."""
-    from keymgr.custody.approvals import Request, approve
-    from keymgr.custody.custodian_token import CustodianToken
-    from keymgr.hsm import open_token
-    from keymgr.hsm.discovery import default_module_path
-
-    request = Request.parse(read_file(request_path, "request"))
-    click.echo(f"You are asked to approve: {request.describe()}", err=True)
-    if request.requested_by:
-        click.echo(f"  requested by: {request.requested_by}", err=True)
-    if not yes and not click.confirm("Approve it?", default=False, err=True):
-        raise errors.PolicyError("not approved")
-    module = default_module_path() if not state.token else state.manager().token.module.path
-    if uri is None:
-        uri = click.prompt("Your token (token label or pkcs11: URI)", err=True)
-    from keymgr.audit import standalone_operation
-
-    with standalone_operation("approve", local=not state.token, key=request.key,
-                              detail={"custodian": name, "request": request.digest[:16],
-                                      "operation": request.operation}):
-        ts = open_token(custodian_uri(uri, module), pin_callback=pin_prompt(name))
-        try:
-            approval = approve(request, CustodianToken.local(name, ts, key_label=key_label))
-        finally:
-            ts.close()
-    out = output or str(default_path(Path(request_path), f".{name}.approval"))
-    atomic_write(out, approval.to_bytes())
-    click.echo(f"wrote {out}: approval by {name!r} of request {request.digest[:16]}")
 
 
 # -- transcripts ---------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 - :mod:`~keymgr.custody.custodian_token`: a custodian's token: registering its key, using it;
 - :mod:`~keymgr.custody.shamir`: Shamir secret sharing over GF(2^8);
 - :mod:`~keymgr.custody.approvals`: canonical requests and custodians' signed approvals;
+- :mod:`~keymgr.custody.request_shows`: what a request shows its approvers (quorum keys,
+  key versions by CKA_ID and KCV), checked against the keyring when it is used;
 - :mod:`~keymgr.custody.authorize`: the gate that checks and consumes approvals;
 - :mod:`~keymgr.custody.ceremony` and :mod:`~keymgr.custody.backup_file`: backup to M-of-N
   custodians and restore into another HSM;
@@ -23,7 +25,7 @@ from typing import Any
 #: load the sharing, sealing and CMS code it never runs
 _EXPORTS = {
     "Approval": "approvals", "Request": "approvals", "approve": "approvals", "check_quorum": "approvals",
-    "make_request": "approvals",
+    "make_request": "approvals", "request_for": "approvals",
     "Authorization": "authorize", "authorize": "authorize", "change_policy": "authorize",
     "BackupFile": "backup_file",
     "BackupResult": "ceremony", "RestoreResult": "ceremony", "backup_keys": "ceremony",
@@ -67,6 +69,7 @@ __all__ = [
     "enroll_custodian",
     "make_request",
     "open_custodian",
+    "request_for",
     "restore_keys",
     "threshold_recipient",
     "verify_transcript",

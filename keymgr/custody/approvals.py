@@ -5,7 +5,15 @@ described first as a *request*, a small canonical JSON document::
 
     {"format": "keymgr-request/1", "id": <128-bit random hex>, "operation": "destroy",
      "keyring": {"token": "keymgr-A", "serial": "..."}, "key": "orders",
-     "params": {"versions": [1]}, "created": ..., "expires": ..., "requested_by": "..."}
+     "params": {"versions": [1]}, "created": ..., "expires": ..., "requested_by": "...",
+     "shows": {"quorum": {...}, "keys": [{"version": 1, "id": ..., "kcv": ..., "state": ...}]}}
+
+``shows`` (:mod:`keymgr.custody.request_shows`) is what the approvers are shown
+and what is checked against the keyring when the request is used: the quorum
+with each custodian's key fingerprint, and the key versions by CKA_ID and KCV.
+A request is named everywhere by its **digest**, the SHA-256 of its canonical
+form: ``keymgr request`` prints it, ``keymgr approve`` shows it before asking
+and names it in its result, so it can be compared out of band.
 
 Each custodian signs it with their token key (ECDSA or RSA-PSS, see ``_certs``)
 into an *approval*::
@@ -44,11 +52,14 @@ from typing import Any
 from keymgr import errors
 from keymgr.custody._json import canonical, load_document
 from keymgr.custody.custodian_token import CustodianToken
-from keymgr.custody.custodians import Custodian, QuorumPolicy, Register
+from keymgr.custody.custodians import Custodian, CustodyRegister, QuorumPolicy, Register
+from keymgr.custody.request_shows import check_shows, facts, parse_shows, printable, shows_lines
 from keymgr.hsm.sessions import TokenSession
-from keymgr.keyring import validate_name
+from keymgr.keyfacts import KeyRecord
+from keymgr.keyring import Keyring, validate_name
 
-__all__ = ["Approval", "Request", "OPERATIONS", "approve", "check_quorum", "make_request", "parse_time"]
+__all__ = ["Approval", "Request", "OPERATIONS", "approve", "check_quorum", "make_request", "parse_time",
+           "request_for"]
 
 REQUEST_FORMAT = "keymgr-request/1"
 APPROVAL_FORMAT = "keymgr-approval/1"
@@ -134,12 +145,17 @@ class Request:
     created: str
     expires: str
     requested_by: str = ""
+    #: what the approvers are shown (request_shows); None in requests of an older keymgr
+    shows: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": REQUEST_FORMAT, "id": self.id, "operation": self.operation,
-                "keyring": {"token": self.token_label, "serial": self.token_serial}, "key": self.key,
-                "params": dict(self.params), "created": self.created, "expires": self.expires,
-                "requested_by": self.requested_by}
+        doc = {"format": REQUEST_FORMAT, "id": self.id, "operation": self.operation,
+               "keyring": {"token": self.token_label, "serial": self.token_serial}, "key": self.key,
+               "params": dict(self.params), "created": self.created, "expires": self.expires,
+               "requested_by": self.requested_by}
+        if self.shows is not None:
+            doc["shows"] = dict(self.shows)
+        return doc
 
     def canonical(self) -> bytes:
         return canonical(self.to_json())
@@ -153,18 +169,48 @@ class Request:
         return self.canonical() + b"\n"
 
     def describe(self) -> str:
+        """One line: the operation, its target and expiry (the request is named by its :attr:`digest`)."""
         versions = self.params.get("versions")
         what = f" versions {', '.join(map(str, versions))}" if versions else ""
         target = f"key {self.key!r}{what}" if self.key else f"scope {self.params.get('scope')!r}"
-        return (f"{self.operation} {target} on token {self.token_label!r} "
-                f"(request {self.id[:8]}, expires {self.expires})")
+        return f"{self.operation} {target} on token {self.token_label!r} (expires {self.expires})"
+
+    def explain(self) -> list[str]:
+        """The request in full, one fact a line, as an approver must see it before signing."""
+        lines = [f"  request digest: {self.digest}", f"  operation: {self._operation_line()}"]
+        lines += shows_lines(self.shows)
+        lines.append(f"  on the HSM: token {self.token_label!r}, serial {printable(self.token_serial) or '-'}")
+        lines.append(f"  requested by: {printable(self.requested_by) or '(not said)'}, at {self.created}; "
+                     f"valid until {self.expires}")
+        return lines
+
+    def _operation_line(self) -> str:
+        versions = self.params.get("versions")
+        numbers = ", ".join(map(str, versions)) if versions else "every version"
+        if self.operation == "destroy":
+            return (f"DESTROY key {self.key!r} version(s) {numbers}: irreversible; data that only these "
+                    "versions decrypt can never be read again")
+        if self.operation == "backup":
+            quorum = self.shows["quorum"] if self.shows is not None else None
+            who = f"{quorum['threshold']} of the custodians below" if quorum else "a quorum of the custodians"
+            return (f"back up key {self.key!r} ({numbers}): the versions leave the HSM wrapped, and {who} "
+                    "can restore them on another HSM")
+        scope = self.params.get("scope")
+        where = "every key of the keyring" if scope == "*" else f"key {scope!r}"
+        policy = self.params.get("policy")
+        if policy is None:
+            return f"REMOVE the quorum policy of {where} (no more dual control there)"
+        return (f"set the quorum policy of {where} to {policy['threshold']} of {len(policy['custodians'])} "
+                f"custodians: {printable(', '.join(policy['custodians']))}")
 
     @classmethod
     def parse(cls, data: bytes) -> Request:
         """Read a request file; :class:`~keymgr.errors.FormatError` for anything else."""
         what = "approval request"
-        doc = _load(data, what, REQUEST_FORMAT, {"format", "id", "operation", "keyring", "key", "params", "created",
-                                                 "expires", "requested_by"})
+        fields = {"format", "id", "operation", "keyring", "key", "params", "created", "expires", "requested_by"}
+        doc = load_document(data, what, format=REQUEST_FORMAT, limit=MAX_FILE)
+        if set(doc) not in (fields, fields | {"shows"}):
+            raise errors.FormatError(f"{what}: unexpected or missing fields")
         operation = _text(doc, "operation", what)
         if operation not in OPERATIONS:
             raise errors.FormatError(f"{what}: unknown operation")
@@ -185,11 +231,31 @@ class Request:
         return cls(id=_hex(doc, "id", what, 16), operation=operation, token_label=_text(keyring, "token", what),
                    token_serial=_text(keyring, "serial", what, empty=True), key=key,
                    params=_params(operation, doc["params"], what), created=created, expires=expires,
-                   requested_by=_text(doc, "requested_by", what, empty=True))
+                   requested_by=_text(doc, "requested_by", what, empty=True),
+                   shows=parse_shows(doc["shows"], what) if "shows" in doc else None)
+
+
+def _scope(operation: str, key: str | None, params: Mapping[str, Any]) -> str | None:
+    """The key whose quorum policy governs the operation (None: the keyring-wide one)."""
+    if operation != "set-policy":
+        return key
+    return None if params.get("scope") == "*" else params.get("scope")
+
+
+def request_for(keyring: Keyring, operation: str, *, key: str | None, params: Mapping[str, Any],
+                ttl: timedelta = DEFAULT_TTL, requested_by: str = "", now: datetime | None = None) -> Request:
+    """A new request on ``keyring`` that shows its approvers the quorum that must approve it and
+    the key versions it concerns (:mod:`keymgr.custody.request_shows`)."""
+    register = CustodyRegister(keyring).load()
+    record = keyring.get(key) if key is not None else None
+    shows = facts(register, register.policy_for(_scope(operation, key, params)), record, params)
+    return make_request(operation, token=keyring.token, key=key, params=params, ttl=ttl,
+                        requested_by=requested_by, now=now, shows=shows)
 
 
 def make_request(operation: str, *, token: TokenSession, key: str | None, params: Mapping[str, Any],
-                 ttl: timedelta = DEFAULT_TTL, requested_by: str = "", now: datetime | None = None) -> Request:
+                 ttl: timedelta = DEFAULT_TTL, requested_by: str = "", now: datetime | None = None,
+                 shows: Mapping[str, Any] | None = None) -> Request:
     """A new request for ``operation`` on ``token``'s keyring, valid for ``ttl``."""
     if operation not in OPERATIONS:
         raise errors.ConfigurationError(f"unknown operation {operation!r} (one of {', '.join(OPERATIONS)})")
@@ -198,7 +264,7 @@ def make_request(operation: str, *, token: TokenSession, key: str | None, params
     start = (now or datetime.now(UTC)).replace(microsecond=0)
     request = Request(id=os.urandom(16).hex(), operation=operation, token_label=token.label,
                       token_serial=token.serial, key=key, params=dict(params), created=_format_time(start),
-                      expires=_format_time(start + ttl), requested_by=requested_by)
+                      expires=_format_time(start + ttl), requested_by=requested_by, shows=shows)
     try:
         return Request.parse(request.to_bytes())  # the same checks as a file read back
     except errors.FormatError as exc:
@@ -275,21 +341,23 @@ def _check_one(approval: Approval, request: Request, register: Register, allowed
 
 def check_quorum(request: Request, approvals: Sequence[Approval], register: Register, *, operation: str,
                  token: TokenSession, key: str | None, params: Mapping[str, Any],
-                 now: datetime | None = None) -> tuple[str, ...]:
+                 now: datetime | None = None, record: KeyRecord | None = None) -> tuple[str, ...]:
     """The distinct custodians whose valid approvals authorise exactly this operation.
 
     Returns ``()`` when no quorum policy applies (no dual control configured).
-    Raises :class:`~keymgr.errors.PolicyError` naming what is wrong otherwise.
+    Raises :class:`~keymgr.errors.PolicyError` naming what is wrong otherwise. ``record``: the
+    key as it is now, checked against the versions the request showed its approvers.
     """
-    scope_key = key if operation != "set-policy" else (None if params.get("scope") == "*" else params.get("scope"))
-    policy = register.policy_for(scope_key)
+    policy = register.policy_for(_scope(operation, key, params))
     if policy is None:
         return ()
     expected = Request(request.id, operation, token.label, token.serial, key,
                        _params(operation, dict(params), "request"), request.created, request.expires,
-                       request.requested_by)
+                       request.requested_by, request.shows)
     if expected.canonical() != request.canonical():
         raise errors.PolicyError(f"the approved request is for {request.describe()}, not for this {operation}")
+    if request.shows is not None:
+        check_shows(request.shows, register, policy, record, params)
     if any(digest == request.digest for digest, _ in register.consumed):
         raise errors.PolicyError("this request was already carried out once; approvals cannot be replayed")
     moment = now or datetime.now(UTC)

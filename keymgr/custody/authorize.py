@@ -63,7 +63,7 @@ def authorize(keyring: Keyring, operation: str, *, key: str | None, params: Mapp
         raise errors.PolicyError(f"{operation}{target} needs approvals by {policy.describe()}: write a request "
                                  f"(keymgr request {command} -o REQ) and have it approved (keymgr approve REQ)")
     approvers = check_quorum(request, approvals, register, operation=operation, token=keyring.token, key=key,
-                             params=params)
+                             params=params, record=keyring.get(key) if key is not None else None)
     auth = Authorization(request.digest, request.expires, approvers, register)
     if consume:
         auth.consume(keyring)

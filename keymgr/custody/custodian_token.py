@@ -5,16 +5,20 @@ token holds one) of a custodian's key pair and makes the token prove it holds
 the private half by signing (a self-signed certificate, or a challenge).
 :class:`CustodianToken` is that token opened for a ceremony: it checks that the
 token holds the key registered under the custodian's name before anything is
-signed or decrypted with it.
+signed or decrypted with it; :func:`check_shown_key` does so before the PIN is even
+asked, wherever the token shows its public keys without login (a mistaken token
+is then named before anyone types a PIN into it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 
 from keymgr import errors
 from keymgr.custody._certs import (
+    PublicKey,
     certificate_public_key,
     kind_of,
     self_signed_certificate,
@@ -28,7 +32,7 @@ from keymgr.hsm.pins import PinCallback
 from keymgr.hsm.sessions import TokenSession, open_token
 from keymgr.keyring import utc_now, validate_name
 
-__all__ = ["CustodianToken", "enroll_custodian", "pick_keypair", "DEFAULT_KEY_LABEL"]
+__all__ = ["CustodianToken", "enroll_custodian", "pick_keypair", "check_shown_key", "DEFAULT_KEY_LABEL"]
 
 DEFAULT_KEY_LABEL = "keymgr-custodian"
 
@@ -44,6 +48,26 @@ def pick_keypair(ts: TokenSession, key_label: str | None) -> asym.KeyPairRef:
     raise errors.ConfigurationError(
         f"token {ts.label!r} holds {len(pairs)} usable key pairs; name one with --key-label "
         f"(labels: {', '.join(sorted(p.label for p in pairs)) or 'none'})")
+
+
+def _fingerprint(key: PublicKey) -> str:
+    return hashlib.sha256(spki_der(key)).hexdigest()
+
+
+def _not_holding(ts: TokenSession, name: str) -> errors.PolicyError:
+    return errors.PolicyError(f"token {ts.label!r} does not hold the registered key of custodian {name!r}")
+
+
+def check_shown_key(ts: TokenSession, name: str, fingerprint: str) -> bool:
+    """Before login: refuse (:class:`~keymgr.errors.PolicyError`) a token that shows public keys,
+    none of them custodian ``name``'s (``fingerprint``: SHA-256 of the SubjectPublicKeyInfo).
+    True when the key was seen; False when the token shows no public key (only a login tells)."""
+    keys = asym.visible_public_keys(ts)
+    if not keys:
+        return False
+    if not any(_fingerprint(key) == fingerprint for key in keys):
+        raise _not_holding(ts, name)
+    return True
 
 
 def enroll_custodian(name: str, ts: TokenSession, *, key_label: str | None = None,
@@ -114,8 +138,7 @@ class CustodianToken:
         for ref in candidates:
             if ref.kind == custodian.kind and spki_der(asym.public_key(ts, ref)) == custodian.public_key_der:
                 return cls(custodian, ts, ref)
-        raise errors.PolicyError(f"token {ts.label!r} does not hold the registered key of custodian "
-                                 f"{custodian.name!r}")
+        raise _not_holding(ts, custodian.name)
 
     @classmethod
     def local(cls, name: str, ts: TokenSession, *, key_label: str | None = None) -> CustodianToken:
@@ -127,6 +150,20 @@ class CustodianToken:
         return cls(Custodian(name=validate_name(name), kind=kind_of(key), public_key_der=spki, certificate_der=b"",
                              token_label=ts.label, token_serial=ts.serial, key_label=ref.label, key_id=ref.key_id),
                    ts, ref)
+
+    @classmethod
+    def by_fingerprint(cls, name: str, ts: TokenSession, fingerprint: str, *,
+                       key_label: str | None = None) -> CustodianToken:
+        """A custodian's token as they approve a request that names their registered key by
+        ``fingerprint``: the key pair with that public key, or a refusal before anything is signed."""
+        pairs = [asym.find_keypair(ts, label=key_label)] if key_label is not None else asym.list_keypairs(ts)
+        for ref in pairs:
+            key = asym.public_key(ts, ref)
+            if _fingerprint(key) == fingerprint:
+                return cls(Custodian(name=validate_name(name), kind=kind_of(key), public_key_der=spki_der(key),
+                                     certificate_der=b"", token_label=ts.label, token_serial=ts.serial,
+                                     key_label=ref.label, key_id=ref.key_id), ts, ref)
+        raise _not_holding(ts, name)
 
     def sign(self, data: bytes) -> bytes:
         return asym.sign(self.ts, self.ref, data)

@@ -65,6 +65,7 @@ __all__ = [
     "public_key",
     "rsa_oaep_decrypt",
     "sign",
+    "visible_public_keys",
 ]
 
 T = TypeVar("T")
@@ -292,12 +293,52 @@ def _rsa_public(modulus: bytes, exponent: bytes) -> rsa.RSAPublicKey:
 
 
 def _ec_public(ref: KeyPairRef, point: bytes) -> ec.EllipticCurvePublicKey:
+    return _ec_point_key(str(ref.curve), point)
+
+
+def _ec_point_key(curve: str, point: bytes) -> ec.EllipticCurvePublicKey:
     """CKA_EC_POINT is a DER OCTET STRING on most tokens, the bare point on a few."""
     if point[:1] == b"\x04" and len(point) > 2 and point[1] < 0x80 and len(point) == point[1] + 2:
         point = point[2:]
     elif point[:2] == b"\x04\x81" and len(point) == point[2] + 3:
         point = point[3:]
-    return load_ec_point(str(ref.curve), point)
+    return load_ec_point(curve, point)
+
+
+def _public_object_key(obj: Any) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey | None:
+    """The key of a CKO_PUBLIC_KEY object, or None for a kind keymgr does not use."""
+    key_type = _read(obj, Attribute.KEY_TYPE)
+    if key_type == KeyType.RSA:
+        n, e = _read(obj, Attribute.MODULUS), _read(obj, Attribute.PUBLIC_EXPONENT)
+        return _rsa_public(n, e) if n and e else None
+    params, point = _read(obj, Attribute.EC_PARAMS), _read(obj, Attribute.EC_POINT)
+    curve = _CURVE_BY_PARAMS.get(bytes(params)) if key_type == KeyType.EC and params else None
+    if curve is None or not point:
+        return None
+    try:
+        return _ec_point_key(curve, bytes(point))
+    except errors.FormatError:
+        return None
+
+
+def visible_public_keys(ts: TokenSession) -> list[rsa.RSAPublicKey | ec.EllipticCurvePublicKey]:
+    """The public keys a token shows without login (public-key objects and certificates): how
+    a custodian's token is recognised before anyone types its PIN. A token may show none (a
+    card that keeps even public objects private): then only a login can tell."""
+
+    def call(session: Any) -> list[rsa.RSAPublicKey | ec.EllipticCurvePublicKey]:
+        keys = [k for k in map(_public_object_key, _matching(session, ObjectClass.PUBLIC_KEY, None, None)) if k]
+        for cert in _matching(session, ObjectClass.CERTIFICATE, None, None):
+            value = _read(cert, Attribute.VALUE)
+            try:
+                key = load_der_x509_certificate(bytes(value)).public_key() if value else None
+            except (ValueError, UnsupportedAlgorithm):
+                continue
+            if isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+                keys.append(key)
+        return keys
+
+    return ts.run("list public keys", call)
 
 
 def load_ec_point(curve: str, point: bytes) -> ec.EllipticCurvePublicKey:

@@ -26,7 +26,7 @@ from typing import Any
 
 from keymgr import errors
 
-__all__ = ["Pin", "PinRequest", "PinCallback", "PinSource", "prompt_pin", "pin_source_from_uri"]
+__all__ = ["Pin", "PinRequest", "PinCallback", "PinSource", "prompt_pin", "pin_source_from_uri", "tries_left_note"]
 
 
 class Pin:
@@ -71,16 +71,23 @@ class PinRequest:
 #: A function that returns a PIN for a request, or None to cancel.
 PinCallback = Callable[[PinRequest], "str | None"]
 
+#: What a token's PIN-counter flags say, in words that claim no more than the flags do: PKCS#11
+#: reports states, never a count (SoftHSM sets CKF_USER_PIN_COUNT_LOW after any one wrong PIN).
+_TRIES_LEFT_NOTES = {"final-try": "the token reports one try left before the PIN locks",
+                     "count-low": "the token reports few tries left",
+                     "unknown": "the token does not report tries left"}
+
+
+def tries_left_note(state: str) -> str:
+    """The token's tries-left ``state`` (:func:`keymgr.hsm.sessions.tries_left_state`) as a phrase."""
+    return _TRIES_LEFT_NOTES.get(state, _TRIES_LEFT_NOTES["unknown"])
+
 
 def prompt_pin(request: PinRequest) -> str | None:
     """Default callback: ask on the terminal without echo; None when there is no terminal."""
     if not sys.stdin.isatty():
         return None
-    warning = ""
-    if request.tries_left == "final-try":
-        warning = " (FINAL TRY before the PIN locks)"
-    elif request.tries_left == "count-low":
-        warning = " (few tries left)"
+    warning = f" [{tries_left_note(request.tries_left)}]" if request.tries_left in ("final-try", "count-low") else ""
     what = "SO PIN" if request.user == "so" else "PIN"
     return getpass.getpass(f"{what} for token {request.token_label!r}{warning}: ")
 

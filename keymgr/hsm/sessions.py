@@ -45,7 +45,7 @@ from keymgr import errors
 from keymgr.hsm._errors import SESSION_LOST, TOKEN_GONE, code_name, translate
 from keymgr.hsm.discovery import FoundToken, find_token, list_tokens
 from keymgr.hsm.modules import Module
-from keymgr.hsm.pins import Pin, PinCallback, PinRequest, PinSource, pin_source_from_uri
+from keymgr.hsm.pins import Pin, PinCallback, PinRequest, PinSource, pin_source_from_uri, tries_left_note
 from keymgr.hsm.uri import Pkcs11Uri
 
 __all__ = ["TokenSession", "open_token", "tries_left_state", "close_all"]
@@ -170,9 +170,18 @@ class TokenSession:
         return errors.PinLockedError(
             f"the user PIN of token {self.label!r} is locked; {self._unlock_hint()}", token=self.label)
 
+    @staticmethod
+    def _current_flags(token: pkcs11.Token) -> int:  # type: ignore[name-defined]
+        """The token's flags now (C_GetTokenInfo again): python-pkcs11 keeps those read when the
+        token was listed, so a wrong PIN typed since would not show in its PIN-counter flags."""
+        try:
+            return int(token.slot.get_token().flags)
+        except p11x.PKCS11Error:
+            return int(token.flags)
+
     def _login(self, token: pkcs11.Token) -> pkcs11.Session:  # type: ignore[name-defined]
         """Open a session and C_Login, once; a wrong PIN is reported, never retried."""
-        flags = int(token.flags)
+        flags = self._current_flags(token)
         if flags & TokenFlag.USER_PIN_LOCKED:
             raise self._locked_error()
         pin = self._pin
@@ -193,16 +202,13 @@ class TokenSession:
             if pin is not None:
                 pin.wipe()
             self._pin = None
-            state = tries_left_state(int(self._found.token.flags))
+            state = tries_left_state(self._current_flags(token))
             if state == "locked":
                 raise errors.PinLockedError(
                     f"wrong PIN for token {self.label!r}; the PIN is now locked: {self._unlock_hint()}",
                     token=self.label) from exc
-            hint = {"final-try": "one try left before the PIN locks",
-                    "count-low": "the token reports few tries left",
-                    "unknown": "the token does not report tries left"}[state]
             raise errors.PinIncorrectError(
-                f"wrong PIN for token {self.label!r} ({hint}); keymgr did not retry",
+                f"wrong PIN for token {self.label!r} ({tries_left_note(state)}); keymgr did not retry",
                 token=self.label, tries_left=state) from exc
         except p11x.PinLocked as exc:
             raise self._locked_error() from exc

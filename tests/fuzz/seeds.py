@@ -115,7 +115,12 @@ def _requests() -> tuple[list[bytes], list[bytes]]:
     made = [make_request("destroy", token=token, key="orders", params={"versions": [1, 2]}, now=_NOW),
             make_request("backup", token=token, key="orders", params={"versions": None}, now=_NOW),
             make_request("set-policy", token=token, key=None, now=_NOW, ttl=timedelta(hours=2),
-                         params={"scope": "*", "policy": {"threshold": 2, "custodians": ["alice", "bob"]}})]
+                         params={"scope": "*", "policy": {"threshold": 2, "custodians": ["alice", "bob"]}}),
+            make_request("destroy", token=token, key="orders", params={"versions": [1]}, now=_NOW, shows={
+                "quorum": {"threshold": 2, "custodians": [
+                    {"name": n, "fingerprint": f * 32, "token": f"{n}-usb", "serial": "7"}
+                    for n, f in (("alice", "11"), ("bob", "22"))]},
+                "keys": [{"version": 1, "id": "ab" * 16, "kcv": "0a1b2c", "state": "decrypt-only"}]})]
     approvals = []
     for request in made:
         key, _ = _signer("alice")
