@@ -143,7 +143,7 @@ def test_cli_destroy_needs_two_distinct_custodians(key_name: str, tmp_path: Path
         code, _, err = run("approve", str(req), "--custodian", p.name, "--token", p.uri(), "--key-label",
                            p.key_label, "--yes", "-o", str(files[n]))
         assert code == 0, err
-    base = [*token, "key", "destroy", key_name, "--version", "1", "--immediately", "--request", str(req)]
+    base = [*token, "key", "destroy", key_name, "--version", "1", "--immediately", "--yes", "--request", str(req)]
     code, _, err = run(*base, "--approval", str(files[1]))
     assert code == 5 and "valid distinct approvals: 1" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(*base, "--approval", str(files[1]), "--approval", str(files[1]))
