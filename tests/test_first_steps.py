@@ -159,6 +159,17 @@ def test_destroy_without_paths_is_confirmed_or_refused(tmp_path: Path) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 5 and "not confirmed" in child.before
+    for stop in ("\x04", "\x03"):  # Ctrl-D (end of input): not confirmed; Ctrl-C: interrupted
+        child = _spawn(env, "key", "destroy", "orders", "--version", "1", "--immediately")
+        child.expect(r"Type the key name \(orders\)")
+        child.send(stop)
+        child.expect(pexpect.EOF)
+        child.close()
+        if stop == "\x04":
+            assert child.exitstatus == 5 and "not confirmed" in child.before, child.before
+        else:
+            assert child.signalstatus == 2 or child.exitstatus == 130, child.before
+            assert "Traceback" not in child.before
     versions = {v["version"]: v["state"] for v in json.loads(_run(env, "--json", "key", "show", "orders").stdout)
                 ["versions"]}
     assert versions[1] != "destroyed"

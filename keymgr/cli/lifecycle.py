@@ -175,8 +175,13 @@ def _confirm_unchecked_destroy(record: KeyRecord, version: int) -> bool:
     click.echo(f"About to destroy key {record.name!r} {what}. This is irreversible: data encrypted under it "
                "is lost for good.\nNo --paths were given, so NOTHING was checked for data that still needs "
                "this version (keymgr key destroy --paths DIR checks).", err=True)
-    typed = click.prompt(f"Type the key name ({record.name}) to destroy it anyway, or press Enter to stop",
-                         default="", show_default=False, err=True)
+    try:
+        typed = click.prompt(f"Type the key name ({record.name}) to destroy it anyway, or press Enter to stop",
+                             default="", show_default=False, err=True)
+    except click.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise  # Ctrl-C: reported as an interrupt (exit 130)
+        typed = ""  # end of input (Ctrl-D): not a confirmation
     if typed.strip() != record.name:
         raise errors.PolicyError(f"not confirmed: key {record.name!r} version {version} was not destroyed")
     return True
