@@ -243,3 +243,25 @@ def test_pin_value_on_the_command_line_or_in_keymgr_token_is_warned(softhsm: Tok
     proc = subprocess.run([*KEYMGR, "--token", no_pin, "key", "list"], env={**env, "KEYMGR_PIN": softhsm.user_pin},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("so_pin_already_set", [False, True])
+def test_init_finishes_a_crashed_init_without_locking_the_so_out(tmp_path: Path, so_pin_already_set: bool) -> None:
+    """A crash after softhsm2-util (throwaway PINs) and before the real PINs were set leaves
+    init.pending, which holds the new SO PIN from before C_SetPIN: the next init finishes,
+    whether or not C_SetPIN had run, and shows that SO PIN (never shown before the crash)."""
+    home = tmp_path / "home"
+    (home / "tokens").mkdir(parents=True)
+    conf = home / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {home / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    new_so = "so-pin-from-before-the-crash"
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "keymgr", "--so-pin",
+                    new_so if so_pin_already_set else "temp-so", "--pin", "temp-user"], check=True,
+                   capture_output=True, env={**os.environ, "SOFTHSM2_CONF": str(conf)})
+    (home / "init.pending").write_text(f"temp-so\ntemp-user\n{new_so}\n")
+    (home / "init.pending").chmod(0o600)
+    finished = _run(_env(home), "--json", "init")
+    assert finished.returncode == 0 and json.loads(finished.stdout)["created"] is True, finished.stderr
+    assert f"write it down): {new_so}" in finished.stderr
+    assert not (home / "init.pending").exists() and _so_login_works(home, new_so)
+    assert _run(_env(home), "key", "create", "orders").returncode == 0
