@@ -168,6 +168,12 @@ def _confirm_unchecked_destroy(record: KeyRecord, version: int) -> bool:
     """A destroy with no --paths checked nothing: ask for the key's name at a terminal
     (a quorum's approvals say the custodians agreed, not that no data needs the version);
     refuse elsewhere unless --yes was given. True once confirmed."""
+    from keymgr.rotation import check_transition
+
+    target = record.version(version)
+    if target.state == "destroyed":
+        return False  # already shredded: the library says so (or finishes a destroy that crashed)
+    check_transition(record, target, "destroyed")  # a version that may not be destroyed: say so before asking
     what = _version_line(record, version)
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         raise errors.PolicyError(f"key {record.name!r} {what}: no --paths given, so nothing was checked for data "
