@@ -13,9 +13,13 @@ from keymgr.local import LocalToken
 
 
 def main() -> None:
-    local = LocalToken.default()
-    if local.init():
+    local = LocalToken.default()  # the token of `keymgr init` (~/.local/share/keymgr, or $KEYMGR_HOME)
+    created = local.init()
+    if created:
         print(f"created the local token in {local.home} (PIN file {local.pin_path}, mode 0600)")
+    if created.so_pin is not None:  # generated, kept nowhere: shown once, as `keymgr init` does
+        print(f"SO PIN of the local token (shown once, kept nowhere; write it down): {created.so_pin.reveal()}")
+        created.so_pin.wipe()
     with keymgr.KeyManager() as km:
         names = [k.name for k in km.list_keys()]
         if "orders" not in names:

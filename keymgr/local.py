@@ -3,15 +3,26 @@
 ``keymgr init`` creates it under ``$KEYMGR_HOME`` (default
 ``$XDG_DATA_HOME/keymgr``, i.e. ``~/.local/share/keymgr``), with its own
 ``softhsm2.conf`` and token directory, never the system token directory, so
-it cannot collide with other SoftHSM users on the machine. The user PIN is
-chosen at init (prompted or generated) and kept in a 0600 file that the
-default URI names with ``pin-source=file:...``; the SO PIN is generated and
-kept beside it (0600) for the PIN-unlock runbook.
+it cannot collide with other SoftHSM users on the machine. Its URI carries
+``softhsm2-conf=`` (:data:`~keymgr.hsm.modules.SOFTHSM_CONF_ATTR`), so the URI
+works as printed wherever a token URI is taken.
+
+PINs, and where they are kept:
+
+* the user PIN is generated and kept in a 0600 file that the URI names with
+  ``pin-source=file:...``; or, chosen at a prompt (``--prompt-pin``), kept
+  nowhere: later commands ask for it at a terminal or read ``KEYMGR_PIN``;
+* the SO PIN is generated and handed back once (``keymgr init`` shows it once)
+  and not kept, because whoever holds both PINs can export backup-capable keys
+  (docs/security.md); ``keep_so_pin`` keeps it beside the user PIN (0600) for
+  a development machine; a prompted one is never shown.
 
 ``softhsm2-util`` cannot read PINs from a pipe, so the token is initialised
 with throwaway PINs on its command line and the real PINs are set through
-PKCS#11 (C_SetPIN / C_InitPIN) at once; a crash in between is finished by the
-next ``init`` from a 0600 ``init.pending`` file. Running ``init`` twice is safe.
+PKCS#11 (C_InitPIN, C_SetPIN) at once; a crash in between is finished by the
+next ``init`` from a 0600 ``init.pending`` file, which for those seconds also
+holds the new SO PIN (so a crash after C_SetPIN cannot lock the SO out).
+Running ``init`` twice is safe.
 """
 
 from __future__ import annotations
@@ -25,10 +36,26 @@ from pathlib import Path
 
 from keymgr import errors
 from keymgr._files import atomic_write
+from keymgr.hsm.pins import Pin
 
-__all__ = ["LocalToken", "keymgr_home", "LOCAL_TOKEN_LABEL"]
+__all__ = ["LocalToken", "InitResult", "keymgr_home", "LOCAL_TOKEN_LABEL", "PIN_ENV_VAR"]
 
 LOCAL_TOKEN_LABEL = "keymgr"
+#: Where the local token's user PIN comes from when no PIN file is kept (``init --prompt-pin``).
+PIN_ENV_VAR = "KEYMGR_PIN"
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """What :meth:`LocalToken.init` did. True when the token was created now, so that
+    ``if local.init():`` reads as it did when ``init`` returned a bool."""
+
+    created: bool
+    #: The generated SO PIN, not kept anywhere: to be shown once (None when kept or given).
+    so_pin: Pin | None = None
+
+    def __bool__(self) -> bool:
+        return self.created
 
 
 def keymgr_home() -> Path:
@@ -78,36 +105,56 @@ class LocalToken:
     def pending_path(self) -> Path:
         return self.home / "init.pending"
 
+    @property
+    def pin_kept(self) -> bool:
+        """Whether the user PIN is kept on disk (False after ``init --prompt-pin``)."""
+        return self.pin_path.is_file()
+
     def uri(self) -> str:
+        """The token's URI: works as printed (``softhsm2-conf=``); its PIN from the PIN file,
+        else from ``$KEYMGR_PIN`` when set, else from a prompt."""
+        from keymgr.hsm.modules import SOFTHSM_CONF_ATTR
         from keymgr.hsm.uri import Pkcs11Uri
 
-        return Pkcs11Uri(token=LOCAL_TOKEN_LABEL, module_path=_softhsm_module(),
-                         pin_source=f"file:{self.pin_path}").format()
+        pin_source = f"file:{self.pin_path}" if self.pin_kept else (
+            f"env:{PIN_ENV_VAR}" if os.environ.get(PIN_ENV_VAR) else None)
+        return Pkcs11Uri(token=LOCAL_TOKEN_LABEL, module_path=_softhsm_module(), pin_source=pin_source,
+                         vendor_query=((SOFTHSM_CONF_ATTR, str(self.conf_path)),)).format()
+
+    def is_named_by(self, uri: str) -> bool:
+        """Whether ``uri`` names this token (its label and its ``softhsm2-conf=``), e.g. the URI
+        ``keymgr init`` printed, given back with ``--token``: it is then the local token."""
+        from keymgr.hsm.modules import SOFTHSM_CONF_ATTR
+        from keymgr.hsm.uri import Pkcs11Uri
+
+        try:
+            parsed = Pkcs11Uri.parse(uri)
+        except errors.UriError:
+            return False
+        confs = [Path(v).resolve() for n, v in parsed.vendor_query if n == SOFTHSM_CONF_ATTR]
+        return parsed.token == LOCAL_TOKEN_LABEL and confs == [self.conf_path.resolve()]
 
     def activate(self) -> None:
         """Point SoftHSM at this token's configuration before the module is loaded."""
         if not self.conf_path.is_file():
             raise errors.TokenNotFoundError(
                 f"the local token is not initialised (no {self.conf_path}); run `keymgr init`")
-        from keymgr.hsm.modules import loaded_modules
+        from keymgr.hsm.modules import use_softhsm_config
 
-        wanted = str(self.conf_path)
-        current = os.environ.get("SOFTHSM2_CONF")
-        softhsm_loaded = any("softhsm" in m.path for m in loaded_modules())
-        if current != wanted and softhsm_loaded:
-            raise errors.ConfigurationError(
-                "SoftHSM was already loaded in this process with another SOFTHSM2_CONF; "
-                "open the local token before any other SoftHSM token, or pass a token URI")
-        os.environ["SOFTHSM2_CONF"] = wanted
+        use_softhsm_config(str(self.conf_path))
 
     def is_initialised(self) -> bool:
-        return self.conf_path.is_file() and self.pin_path.is_file() and not self.pending_path.exists() \
+        return self.conf_path.is_file() and not self.pending_path.exists() \
             and any(self.token_dir.glob("*/token.object"))
 
-    def init(self, pin: str | None = None) -> bool:
-        """Create the token (idempotent). Returns True if it was created now."""
+    def init(self, pin: str | None = None, *, so_pin: str | None = None, keep_so_pin: bool = False) -> InitResult:
+        """Create the token (idempotent): see the module docstring for where the PINs go.
+
+        ``pin``: the user PIN, kept nowhere (None: generate one into the PIN file).
+        ``so_pin``: the SO PIN (None: generate one, returned once in the result unless
+        ``keep_so_pin``, which keeps it in a 0600 file beside the user PIN)."""
         if self.is_initialised():
-            return False
+            return InitResult(False)
         util = shutil.which("softhsm2-util")
         if util is None:
             raise errors.ModuleLoadError("softhsm2-util is not installed (apt-get install softhsm2)")
@@ -117,9 +164,6 @@ class LocalToken:
         atomic_write(self.conf_path, (f"directories.tokendir = {self.token_dir}\n"
                                       "objectstore.backend = file\nlog.level = ERROR\n"
                                       "slots.removable = false\n").encode(), mode=0o600)
-        if not self.pin_path.is_file():
-            atomic_write(self.pin_path, ((pin or secrets.token_urlsafe(18)) + "\n").encode(), mode=0o600)
-            atomic_write(self.so_pin_path, (secrets.token_urlsafe(18) + "\n").encode(), mode=0o600)
         env = {**os.environ, "SOFTHSM2_CONF": str(self.conf_path)}
         if not any(self.token_dir.glob("*/token.object")):
             temp_so, temp_user = secrets.token_hex(8), secrets.token_hex(8)
@@ -130,16 +174,37 @@ class LocalToken:
             if result.returncode != 0:
                 raise errors.TokenError(f"softhsm2-util could not create the local token: "
                                         f"{result.stderr.strip().splitlines()[-1:] or result.returncode}")
+        shown = None
         if self.pending_path.exists():
-            self._set_real_pins()
-        return True
+            shown = self._set_real_pins(pin, so_pin, keep_so_pin)
+        return InitResult(True, shown)
 
-    def _set_real_pins(self) -> None:
+    def _user_pin(self, given: str | None) -> str:
+        """The user PIN to set: the one given (and no stale PIN file), the kept one, or a new one kept."""
+        if given is not None:
+            self.pin_path.unlink(missing_ok=True)
+            return given
+        if self.pin_kept:
+            return self.pin_path.read_text().splitlines()[0]
+        generated = secrets.token_urlsafe(18)
+        atomic_write(self.pin_path, (generated + "\n").encode(), mode=0o600)
+        return generated
+
+    def _set_real_pins(self, pin: str | None, so_pin: str | None, keep_so_pin: bool) -> Pin | None:
+        """Set the real PINs over the throwaway ones; returns the generated SO PIN to show once."""
         from keymgr.hsm.admin import set_initial_pins
 
-        temp_so, _temp_user = self.pending_path.read_text().split()
+        lines = self.pending_path.read_text().split()
+        temp_so, chosen_so = lines[0], so_pin or (lines[2] if len(lines) > 2 else None)
+        if chosen_so is None:
+            chosen_so = (self.so_pin_path.read_text().splitlines()[0] if self.so_pin_path.is_file()
+                         else secrets.token_urlsafe(18))
+        atomic_write(self.pending_path, "\n".join([*lines[:2], chosen_so, ""]).encode(), mode=0o600)
+        if keep_so_pin:
+            atomic_write(self.so_pin_path, (chosen_so + "\n").encode(), mode=0o600)
+        user_pin = self._user_pin(pin)
         self.activate()
-        set_initial_pins(_softhsm_module(), LOCAL_TOKEN_LABEL, temp_so_pin=temp_so,
-                         so_pin=self.so_pin_path.read_text().splitlines()[0],
-                         user_pin=self.pin_path.read_text().splitlines()[0])
+        set_initial_pins(_softhsm_module(), LOCAL_TOKEN_LABEL, temp_so_pin=temp_so, so_pin=chosen_so,
+                         user_pin=user_pin)
         self.pending_path.unlink()
+        return None if so_pin is not None or self.so_pin_path.is_file() else Pin(chosen_so)

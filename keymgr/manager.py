@@ -61,6 +61,17 @@ def _ciphertext_failure(exc: errors.IntegrityError | errors.FormatError) -> erro
     return errors.IntegrityError(INTEGRITY_MESSAGE)
 
 
+def _names_local_token(token: str | Pkcs11Uri) -> bool:
+    """Whether ``token`` is the URI of the embedded local token (as ``keymgr init`` prints it):
+    then it is the local token, with the local token's default audit log."""
+    text = token if isinstance(token, str) else token.format()
+    if "softhsm2-conf=" not in text:
+        return False
+    from keymgr.local import LocalToken
+
+    return LocalToken.default().is_named_by(text)
+
+
 class KeyManager:
     """Keys in one token, and everything applications do with them."""
 
@@ -85,12 +96,13 @@ class KeyManager:
         ``_clock`` (tests only) is the caches' and rate limits' clock; ``_wall_clock``
         (tests only) the keyring's, which dates versions and ends cryptoperiods.
         """
-        local_token = token is None
-        if token is None:
+        local_token = token is None or _names_local_token(token)
+        if local_token:
             from keymgr.local import LocalToken  # only for the embedded token: spares importers its imports
 
             local = LocalToken.default()
             local.activate()
+        if token is None:
             token = local.uri()
         uri = Pkcs11Uri.parse(token) if isinstance(token, str) else token
         self._uri = uri

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export KEYMGR_HOME="${KEYMGR_HOME:-$PWD/.keymgr}"
+# the local token of `keymgr init` (~/.local/share/keymgr, or $KEYMGR_HOME): the quickstart's token
 exec .venv/bin/python examples/quickstart.py

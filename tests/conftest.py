@@ -75,6 +75,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["SOFTHSM2_CONF"] = str(conf)
     # the default audit logs of URI-named tokens (per user, under XDG_STATE_HOME) stay in this run
     os.environ["XDG_STATE_HOME"] = str(_RUN_DIR / "state")
+    # the suite's URIs carry pin-value= on purpose (throwaway tokens): no warning in every CLI run;
+    # tests/test_cli_safety.py checks the warning with this unset
+    os.environ["KEYMGR_ALLOW_PIN_VALUE"] = "1"
     for label in SOFTHSM_TOKENS:
         subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", SO_PIN,
                         "--pin", USER_PIN], check=True, capture_output=True)

@@ -153,7 +153,7 @@ def test_cli_destroy_needs_two_distinct_custodians(key_name: str, tmp_path: Path
         code, _, err = run("approve", str(req), "--custodian", p.name, "--token", p.uri(), "--key-label",
                            p.key_label, "--yes", "-o", str(files[n]))
         assert code == 0, err
-    base = [*token, "key", "destroy", key_name, "--version", "1", "--immediately", "--request", str(req)]
+    base = [*token, "key", "destroy", key_name, "--version", "1", "--immediately", "--yes", "--request", str(req)]
     code, _, err = run(*base, "--approval", str(files[1]))
     assert code == 5 and "valid distinct approvals: 1" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(*base, "--approval", str(files[1]), "--approval", str(files[1]))
@@ -161,6 +161,10 @@ def test_cli_destroy_needs_two_distinct_custodians(key_name: str, tmp_path: Path
     code, _, err = run(*[a for a in base if a not in ("--request", str(req))], "--yes")
     assert code == 5 and "needs approvals" in err  # --yes is no substitute for the quorum
     assert objects.key_exists(km.token, key_id)
+    unconfirmed = [a for a in base if a != "--yes"]  # a quorum approved, but no --paths checked and no terminal
+    code, _, err = run(*unconfirmed, "--approval", str(files[1]), "--approval", str(files[3]))
+    assert code == 5 and "nothing was checked" in err and "--yes" in err
+    assert objects.key_exists(km.token, key_id)  # and the request is not spent
     transcript = tmp_path / "destroy.p7s"
     code, out, err = run("--json", *base, "--approval", str(files[1]), "--approval", str(files[3]),
                          "--transcript", str(transcript))

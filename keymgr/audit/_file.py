@@ -255,7 +255,8 @@ def _last_entries(path: Path, fd: int, count: int) -> list[tuple[bytes, Entry | 
     except OSError as exc:
         raise errors.StorageError(f"cannot read audit log {path}: {os_error_reason(exc)}") from None
     lines: list[tuple[bytes, Entry | None]] = []
-    for raw in chunk.split(b"\n")[1:]:
+    raws = chunk.split(b"\n")
+    for raw in raws[1:] if span < size else raws:  # the first line is cut, unless the chunk is the whole file
         if not raw:
             continue
         try:

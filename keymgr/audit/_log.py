@@ -244,6 +244,8 @@ class AuditLog:
             point = key.checkpoint(tail.chain)
             if point is None:
                 if tail.chain not in {reg.chain for reg in key.logs()}:
+                    if self._adopt_unmaced_start(key, tail):
+                        return
                     raise errors.IntegrityError(
                         f"audit log {path} holds chain {tail.chain}, which token {key.token.label!r} never "
                         "recorded: the log belongs to another token. Nothing was done; give each token its own "
@@ -274,6 +276,21 @@ class AuditLog:
             raise
         except errors.KeymgrError:
             return  # the token does not answer: the entry is written unMACed, as ever, and verify says so
+
+    def _adopt_unmaced_start(self, key: AuditKey, tail: Tail) -> bool:
+        """A log whose every entry lacks a MAC was started while no token was logged in (a first
+        command whose login failed: no PIN given yet), so the token cannot have recorded its chain.
+        It is registered now, for this path only, and its entries are declared unauthenticated in
+        the next MACed entry, as any unMACed tail is; a log holding a single MAC stays refused."""
+        if self._file is None or tail.chain is None or tail.seq > 64 \
+                or key.registered_chain(self._host, self._real_path) is not None:
+            return False
+        entries = self._file.entries_after(0, tail)
+        if len(entries) != tail.seq or any(maced for _, maced in entries):
+            return False
+        key.register_log(self._host, self._real_path, tail.chain)
+        self._unmaced = [n for n, _ in entries]
+        return True
 
     def ready(self) -> None:
         """Called as each operation starts. Fail closed: after a write of this log failed, every

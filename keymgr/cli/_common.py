@@ -23,7 +23,7 @@ import click
 from keymgr import _signals, errors
 
 __all__ = ["CliState", "GuardedGroup", "pass_state", "emit_json", "fail", "EXIT_CODES", "EXIT_CODE_MEANINGS",
-           "console", "exit_codes_help"]
+           "console", "exit_codes_help", "warn_pin_value", "ALLOW_PIN_VALUE_VAR"]
 
 #: Exit codes by error category (2 is click's usage error).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -67,6 +67,15 @@ class CliState:
     token: str | None = None
     json_output: bool = False
     _manager: Any = field(default=None, repr=False)
+
+    @property
+    def local(self) -> bool:
+        """Whether the token is the embedded local one: no ``--token``, or the URI ``keymgr init`` printed."""
+        if self.token is None:
+            return True
+        from keymgr.local import LocalToken
+
+        return LocalToken.default().is_named_by(self.token)
 
     def manager(self) -> Any:
         """The KeyManager for ``--token`` (or the local token), opened once."""
@@ -123,6 +132,30 @@ def _interrupted_behind(exc: BaseException) -> None:
         _signals.report(interrupt)
 
 
+#: Set to 1 to silence the pin-value warning (tests and CI that mean it).
+ALLOW_PIN_VALUE_VAR = "KEYMGR_ALLOW_PIN_VALUE"
+
+
+def _has_pin_value(text: str) -> bool:
+    lowered = text.lower()
+    return "pkcs11:" in lowered and "pin-value=" in lowered
+
+
+def warn_pin_value(args: list[str]) -> None:
+    """One line on stderr when a PIN sits in a URI on the command line (every user of the
+    machine reads it with ``ps``) or in ``KEYMGR_TOKEN`` (the environment of a process is
+    readable by its user and root, and inherited by every child)."""
+    if os.environ.get(ALLOW_PIN_VALUE_VAR) == "1":
+        return
+    where = [w for w, found in (("on the command line (visible to every user through ps)",
+                                 any(_has_pin_value(a) for a in args)),
+                                ("in KEYMGR_TOKEN", _has_pin_value(os.environ.get("KEYMGR_TOKEN", ""))))
+             if found]
+    if where:
+        click.echo(f"keymgr: warning: a pin-value= PIN {' and '.join(where)}: use pin-source=file:PATH (a 0600 "
+                   f"file) or pin-source=env:KEYMGR_PIN instead ({ALLOW_PIN_VALUE_VAR}=1 silences this)", err=True)
+
+
 class GuardedGroup(click.Group):
     """A click group that turns keymgr errors into one line and an exit code.
 
@@ -134,6 +167,7 @@ class GuardedGroup(click.Group):
         """Accept ``--json`` anywhere before ``--`` (``keymgr key list --json`` and
         ``keymgr --json key list`` mean the same): it is moved to the top level."""
         if ctx.parent is None:
+            warn_pin_value(args)
             end = args.index("--") if "--" in args else len(args)
             if "--json" in args[:end]:
                 args = ["--json"] + [a for a in args[:end] if a != "--json"] + args[end:]

@@ -26,8 +26,8 @@ def _log_path(state: CliState, log: str | None) -> Path:
         return Path(log)
     from keymgr.audit import default_log_path
 
-    path = default_log_path(local=state.token is None)
-    if path is None and state.token is not None and not os.environ.get("KEYMGR_AUDIT_LOG"):
+    path = default_log_path(local=state.local)
+    if path is None and not state.local and not os.environ.get("KEYMGR_AUDIT_LOG"):
         from keymgr.audit._config import token_log_path
 
         ts = _open_token(state)
@@ -79,7 +79,7 @@ def verify_command(state: CliState, logs: tuple[str, ...], no_token: bool, sole:
     log = logs[0] if logs else None
     path = _log_path(state, log)
     if sole is None:
-        sole = log is None and state.token is None
+        sole = log is None and state.local
     report = verify_log(path, token=None if no_token else _open_token(state), sole=sole)
     if state.json_output:
         emit_json(report.to_json())

@@ -7,11 +7,13 @@ Thin (STYLE.md 10): each command calls one :class:`~keymgr.KeyManager` method
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from keymgr import errors
 from keymgr.cli._common import CliState, console, emit_json, pass_state
 from keymgr.cli.keys import record_json
 from keymgr.keyring import KeyRecord
@@ -129,7 +131,8 @@ def due_command(state: CliState) -> None:
               help="The approved request (keymgr request destroy), where a quorum policy covers the key.")
 @click.option("--approval", "approval_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A custodian's approval of the request (repeatable).")
-@click.option("--yes", is_flag=True, help="Confirm destruction (keys without a quorum policy).")
+@click.option("--yes", is_flag=True, help="Confirm destruction without a prompt: needed for keys without a quorum "
+              "policy, and for any key when no --paths were checked and no terminal can ask.")
 @click.option("--force", is_flag=True, help="Destroy even though envelopes under --paths still need the version.")
 @click.option("--immediately", is_flag=True, help="Do not wait until hosts sharing the token must have seen the "
               "newer primary (10 minutes after it took over): for a single host.")
@@ -139,23 +142,59 @@ def due_command(state: CliState) -> None:
 def destroy_command(state: CliState, name: str, version: int, paths: tuple[str, ...], request_path: str | None,
                     approval_paths: tuple[str, ...], yes: bool, force: bool, immediately: bool,
                     transcript_path: str | None) -> None:
-    """Crypto-shred VERSION of NAME: its token object is destroyed; data only it protects is lost."""
+    """Crypto-shred VERSION of NAME: its token object is destroyed; data only it protects is lost.
+
+    Without --paths nothing is checked for data that still needs the version: at a
+    terminal keymgr says so and asks you to type the key's name; elsewhere it needs --yes."""
     from keymgr.cli._custody_common import read_approvals, read_request
 
-    result = state.manager().destroy(name, version, paths=paths, request=read_request(request_path),
-                                     approvals=read_approvals(approval_paths), confirmed=yes, force=force,
-                                     transcript=transcript_path is not None, immediately=immediately)
+    km = state.manager()
+    if not paths and not yes:
+        yes = _confirm_unchecked_destroy(km.describe_key(name), version)
+    result = km.destroy(name, version, paths=paths, request=read_request(request_path),
+                        approvals=read_approvals(approval_paths), confirmed=yes, force=force,
+                        transcript=transcript_path is not None, immediately=immediately)
     if transcript_path and result.transcript is not None:
         from keymgr._files import atomic_write
 
         atomic_write(transcript_path, result.transcript)
     scan = result.scan
-    found = "" if scan is None else f"; {len(scan.needing)} of {scan.envelopes} envelope(s) scanned needed it"
+    found = (f"; {len(scan.needing)} of {scan.envelopes} envelope(s) scanned needed it" if scan is not None
+             else "; not checked for data that still needed it (no --paths)")
     who = f"; approved by {', '.join(result.approvers)}" if result.approvers else ""
     _report(state, result.record, f"key {name!r}: version {version} destroyed{found}{who}",
             destroyed={"version": version, "approvers": list(result.approvers),
                        "envelopes": None if scan is None else scan.envelopes,
                        "needing": None if scan is None else list(scan.needing)})
+
+
+def _confirm_unchecked_destroy(record: KeyRecord, version: int) -> bool:
+    """A destroy with no --paths checked nothing: ask for the key's name at a terminal
+    (a quorum's approvals say the custodians agreed, not that no data needs the version);
+    refuse elsewhere unless --yes was given. True once confirmed."""
+    from keymgr.rotation import check_transition
+
+    target = record.version(version)
+    if target.state == "destroyed":
+        return False  # already shredded: the library says so (or finishes a destroy that crashed)
+    check_transition(record, target, "destroyed")  # a version that may not be destroyed: say so before asking
+    what = _version_line(record, version)
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise errors.PolicyError(f"key {record.name!r} {what}: no --paths given, so nothing was checked for data "
+                                 "that still needs it; pass --paths DIR to check, or --yes to destroy it unchecked")
+    click.echo(f"About to destroy key {record.name!r} {what}. This is irreversible: data encrypted under it "
+               "is lost for good.\nNo --paths were given, so NOTHING was checked for data that still needs "
+               "this version (keymgr key destroy --paths DIR checks).", err=True)
+    try:
+        typed = click.prompt(f"Type the key name ({record.name}) to destroy it anyway, or press Enter to stop",
+                             default="", show_default=False, err=True)
+    except click.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise  # Ctrl-C: reported as an interrupt (exit 130)
+        typed = ""  # end of input (Ctrl-D): not a confirmation
+    if typed.strip() != record.name:
+        raise errors.PolicyError(f"not confirmed: key {record.name!r} version {version} was not destroyed")
+    return True
 
 
 def register_lifecycle_commands(group: click.Group) -> None:

@@ -30,6 +30,7 @@ from keymgr.cli._common import CliState, emit_json, pass_state
 __all__ = ["token_group"]
 
 KEYGEN_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+_TOKEN_HELP = "pkcs11: URI of the token (default: the global --token, else the local token)."
 _OUT_HELP = ("Also write the recipient file: the certificate (or public key) as PEM, with a line stating the "
              "OAEP hash this token decrypts; what `keymgr encrypt --recipient` takes.")
 
@@ -38,8 +39,12 @@ def _open(state: CliState, token: str | None) -> Any:
     from keymgr.hsm import Pkcs11Uri, open_token
 
     text = token or state.token
-    if not text:
-        raise errors.ConfigurationError("name the token: --token 'pkcs11:token=...?module-path=...'")
+    if not text:  # the local token, as for every other command
+        from keymgr.local import LocalToken
+
+        local = LocalToken.default()
+        local.activate()
+        text = local.uri()
     uri = Pkcs11Uri.parse(text)
     return uri, open_token(uri.token_only().with_(pin_value=uri.pin_value, pin_source=uri.pin_source))
 
@@ -92,7 +97,7 @@ def token_group() -> None:
 
 
 @token_group.command("keygen")
-@click.option("--token", "token", metavar="URI", help="pkcs11: URI of the token (default: the global --token).")
+@click.option("--token", "token", metavar="URI", help=_TOKEN_HELP)
 @click.option("--type", "kind", type=click.Choice(KEYGEN_TYPES), required=True, help="Key pair type.")
 @click.option("--label", required=True, help="CKA_LABEL of the new key pair (must not exist yet).")
 @click.option("--id", "key_id", metavar="HEX", help="CKA_ID in hex (default: 16 random bytes).")
@@ -153,7 +158,7 @@ def _find(uri: Any, ts: Any) -> Any:
 
 
 @token_group.command("keys")
-@click.option("--token", "token", metavar="URI", help="pkcs11: URI of the token (default: the global --token).")
+@click.option("--token", "token", metavar="URI", help=_TOKEN_HELP)
 @pass_state
 def keys_command(state: CliState, token: str | None) -> None:
     """List the key pairs keymgr can use on the token (RSA 2048-4096, EC P-256 / P-384)."""

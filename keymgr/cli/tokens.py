@@ -3,37 +3,58 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import click
 
 from keymgr import errors
-from keymgr.cli._common import CliState, console, emit_json, pass_state
+from keymgr.cli._common import CliState, emit_json, pass_state
 
 __all__ = ["init_command", "tokens_command"]
 
 
 @click.command("init")
-@click.option("--prompt-pin", is_flag=True, help="Choose the user PIN at a prompt instead of generating one.")
+@click.option("--prompt-pin", is_flag=True,
+              help="Choose the user PIN and the SO PIN at prompts; neither is kept on disk (later commands ask "
+                   "for the PIN at a terminal, or read KEYMGR_PIN).")
+@click.option("--keep-so-pin", is_flag=True,
+              help="Keep the SO PIN in a 0600 file beside the user PIN (a development machine) instead of "
+                   "showing it once.")
 @pass_state
-def init_command(state: CliState, prompt_pin: bool) -> None:
-    """Create the local SoftHSM token (idempotent)."""
+def init_command(state: CliState, prompt_pin: bool, keep_so_pin: bool) -> None:
+    """Create the local SoftHSM token (idempotent) and print its URI.
+
+    By default the user PIN is generated into a 0600 file the URI names, and the
+    SO PIN is generated and shown once on standard error, not kept: write it down
+    (it unlocks a locked user PIN and authorises backups)."""
     from keymgr.local import LocalToken
 
     local = LocalToken.default()
-    pin = None
+    pin = so_pin = None
     if prompt_pin and not local.is_initialised():
-        pin = click.prompt("New user PIN", hide_input=True, confirmation_prompt=True)
-    created = local.init(pin)
+        pin = click.prompt("New user PIN", hide_input=True, confirmation_prompt=True, err=True)
+        so_pin = click.prompt("New SO PIN", hide_input=True, confirmation_prompt=True, err=True)
+        if so_pin == pin:
+            raise errors.ConfigurationError("the SO PIN must differ from the user PIN; nothing was created")
+    result = local.init(pin, so_pin=so_pin, keep_so_pin=keep_so_pin)
+    if result.so_pin is not None:
+        click.echo(f"SO PIN of the local token (shown once, kept nowhere; write it down): {result.so_pin.reveal()}",
+                   err=True)
+        result.so_pin.wipe()
     uri = local.uri()
     if state.json_output:
-        emit_json({"created": created, "home": str(local.home), "token_uri": uri,
-                   "pin_file": str(local.pin_path)})
+        emit_json({"created": result.created, "home": str(local.home), "token_uri": uri,
+                   "pin_file": str(local.pin_path) if local.pin_kept else None,
+                   "so_pin_file": str(local.so_pin_path) if local.so_pin_path.is_file() else None})
         return
-    verb = "Created" if created else "Already initialised:"
+    verb = "Created" if result.created else "Already initialised:"
     click.echo(f"{verb} local token 'keymgr' in {local.home}")
-    click.echo(f"  user PIN kept in {local.pin_path} (mode 0600)")
+    if local.pin_kept:
+        click.echo(f"  user PIN kept in {local.pin_path} (mode 0600)")
+    else:
+        click.echo("  user PIN kept nowhere: commands ask for it at a terminal, or read KEYMGR_PIN")
+    if local.so_pin_path.is_file():
+        click.echo(f"  SO PIN kept in {local.so_pin_path} (mode 0600)")
     click.echo(f"  token URI: {uri}")
 
 
@@ -85,13 +106,17 @@ def _describe_token(found: Any, probe_caps: bool, logged_in: list[Any]) -> dict[
 @click.option("--no-probe", is_flag=True, help="Do not probe mechanisms (faster).")
 @click.option("--login", "logins", multiple=True, metavar="URI",
               help="Log in to this token (PIN from the URI) so the probe can try key pairs too.")
+@click.option("--wide", is_flag=True, help="One table row per token however wide the terminal is.")
 @pass_state
-def tokens_command(state: CliState, modules: tuple[str, ...], no_probe: bool, logins: tuple[str, ...]) -> None:
+def tokens_command(state: CliState, modules: tuple[str, ...], no_probe: bool, logins: tuple[str, ...],
+                   wide: bool) -> None:
     """List modules, slots and tokens, their flags, PIN state and supported schemes.
 
     Tokens are probed without a login unless named by ``--token`` or ``--login``;
     without one, tokens that keep key pairs only as private objects (a TPM, a
     smart card) show fewer schemes than they have (``probed_logged_in: false``).
+    Token labels are never cut: where the table would cut one (a narrow terminal),
+    each token is listed as lines instead; ``--wide`` keeps the table.
     """
     from keymgr.hsm import list_tokens, load_module, open_token, registered_modules
     from keymgr.local import LocalToken
@@ -121,26 +146,6 @@ def tokens_command(state: CliState, modules: tuple[str, ...], no_probe: bool, lo
     if state.json_output:
         emit_json({"modules": report})
         return
-    _print_tokens(report)
+    from keymgr.cli.tokens_table import print_tokens
 
-
-def _print_tokens(report: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    table = Table(title="PKCS#11 tokens")
-    for column in ("module", "slot", "token", "serial", "flags", "PIN", "schemes"):
-        table.add_column(column)
-    for entry in report:
-        name = Path(entry["module"]).name
-        if "error" in entry:
-            table.add_row(name, "-", "-", "-", "-", "-", f"[red]{entry['error']}[/red]")
-        elif not entry["tokens"]:
-            table.add_row(name, "-", "(no tokens)", "", "", "", "")
-        for tok in entry["tokens"]:
-            schemes = ", ".join(tok.get("schemes", [])) or tok.get("probe_error", "-")
-            if "probe_note" in tok:
-                schemes += f" ({tok['probe_note']})"
-            table.add_row(name, str(tok["slot_id"]), tok["label"], tok["serial"],
-                          ", ".join(f for f in tok["flags"] + tok["slot_flags"] if f != "token-present"),
-                          tok["pin_state"], schemes)
-    console().print(table)
+    print_tokens(report, wide=wide)

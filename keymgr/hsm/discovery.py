@@ -17,7 +17,14 @@ import pkcs11.exceptions as p11x
 
 from keymgr import errors
 from keymgr.hsm._errors import code_name
-from keymgr.hsm.modules import P11KIT_CONFIG_DIRS, Module, load_module, resolve_module_name
+from keymgr.hsm.modules import (
+    P11KIT_CONFIG_DIRS,
+    SOFTHSM_CONF_ATTR,
+    Module,
+    load_module,
+    resolve_module_name,
+    use_softhsm_config,
+)
 from keymgr.hsm.uri import Pkcs11Uri
 
 __all__ = ["FoundToken", "default_module_path", "find_token", "library_matches", "list_tokens", "module_for_uri",
@@ -76,6 +83,13 @@ def default_module_path() -> str:
 
 
 def module_for_uri(uri: Pkcs11Uri) -> Module:
+    """The module a URI names (module-path, module-name, else the default), SoftHSM pointed
+    first at the configuration a ``softhsm2-conf=`` query attribute names."""
+    confs = [value for name, value in uri.vendor_query if name == SOFTHSM_CONF_ATTR]
+    if len(confs) > 1:
+        raise errors.ConfigurationError(f"{SOFTHSM_CONF_ATTR}= appears twice in the token URI")
+    if confs:
+        use_softhsm_config(confs[0])
     if uri.module_path:
         return load_module(uri.module_path)
     if uri.module_name:

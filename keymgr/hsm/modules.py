@@ -28,7 +28,14 @@ import pkcs11.exceptions as p11x
 from keymgr import errors
 from keymgr.hsm._errors import code_name
 
-__all__ = ["Module", "load_module", "resolve_module_name", "loaded_modules", "DEFAULT_MODULE_DIRS"]
+__all__ = ["Module", "load_module", "resolve_module_name", "loaded_modules", "use_softhsm_config",
+           "DEFAULT_MODULE_DIRS", "SOFTHSM_CONF_ATTR"]
+
+#: keymgr's vendor query attribute (RFC 7512 section 2.3, ``pk11-v-qattr``) naming the
+#: ``softhsm2.conf`` a SoftHSM token lives under: SoftHSM reads its token directory from
+#: ``SOFTHSM2_CONF`` once, when loaded, so a URI for a token outside the system directory
+#: (the local token of ``keymgr init``) must say where it is to work in a fresh process.
+SOFTHSM_CONF_ATTR = "softhsm2-conf"
 
 #: Where p11-kit keeps module registrations and where Debian installs modules.
 P11KIT_CONFIG_DIRS = (Path("/etc/pkcs11/modules"), Path("/usr/share/p11-kit/modules"))
@@ -172,6 +179,25 @@ def load_module(path: str) -> Module:
         module = Module(path=real, lib=lib)
         _modules[real] = module
         return module
+
+
+def use_softhsm_config(conf: str) -> None:
+    """Point SoftHSM at ``conf`` before it is loaded in this process.
+
+    SoftHSM reads ``SOFTHSM2_CONF`` at C_Initialize only, so once it is loaded with another
+    configuration the tokens of ``conf`` stay invisible: that is an error, not a silent miss."""
+    wanted = os.path.abspath(conf)
+    if not os.path.isfile(wanted):
+        raise errors.ConfigurationError(f"no SoftHSM configuration at {wanted} (the {SOFTHSM_CONF_ATTR}= of the "
+                                        "token URI); was `keymgr init` run with another KEYMGR_HOME?")
+    current = os.environ.get("SOFTHSM2_CONF")
+    if current is not None and os.path.abspath(current) == wanted:
+        return
+    if any("softhsm" in m.path for m in loaded_modules()):
+        raise errors.ConfigurationError(
+            "SoftHSM was already loaded in this process with another SOFTHSM2_CONF; "
+            "open the local token before any other SoftHSM token, or pass a token URI")
+    os.environ["SOFTHSM2_CONF"] = wanted
 
 
 def loaded_modules() -> list[Module]:

@@ -124,7 +124,8 @@ class PinSource:
         if answer is None:
             raise errors.AuthenticationError(
                 f"a PIN is needed for token {request.token_label!r} and none was given "
-                "(use pin-source=file:... or env:VAR in the token URI, or run at a terminal)"
+                "(use pin-source=file:... or env:VAR in the token URI, KEYMGR_PIN for the local token, "
+                "or run at a terminal)"
             )
         return Pin(answer)
 
