@@ -127,3 +127,25 @@ def test_tokens_without_login_in_a_fresh_process(softhsm: TokenUnderTest, tpm: T
     table = subprocess.run([sys.executable, "-m", "keymgr", "tokens"], env={**env, "COLUMNS": "400"},
                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert table.returncode == 0 and "key pairs not probed without a login" in table.stdout, table.stderr
+
+
+def test_a_token_file_left_short_by_a_killed_login_is_explained(tmp_path: Path) -> None:
+    """SoftHSM rewrites token.object in place at every login; a process killed then leaves it
+    short, and the token shows as a blank slot (STACK-FACTS 23). The error says what that blank
+    slot may be and where the docs say what to do, in one line."""
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf), "XDG_STATE_HOME": str(tmp_path / "state"),
+           "PYTHONPATH": str(REPO)}
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "short", "--so-pin", "5678", "--pin",
+                    "1234"], check=True, capture_output=True, env=env)
+    [token_file] = tokens.glob("*/token.object")
+    token_file.write_bytes(token_file.read_bytes()[:40])  # what a kill mid-rewrite leaves
+    uri = f"pkcs11:token=short?module-path={softhsm_token().module_path}&pin-value=1234"
+    proc = subprocess.run([sys.executable, "-m", "keymgr", "--token", uri, "key", "list"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("keymgr: error")]
+    assert len(lines) == 1 and "no token matches" in lines[0] and "killed during its login" in lines[0], proc.stderr

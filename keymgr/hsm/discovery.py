@@ -221,7 +221,11 @@ def find_token(uri: Pkcs11Uri) -> FoundToken:
             f"(library-manufacturer={_strip(lib.manufacturer_id)!r}, library-description="
             f"{_strip(lib.library_description)!r}, library-version={'.'.join(map(str, lib.library_version))})")
     if not matches:
-        raise errors.TokenNotFoundError(f"no token matches {uri}; tokens found: {listing}")
+        blank = any(not _strip(t.label) and not _strip(t.serial) for t in tokens)
+        hint = ("; a slot with no label and no serial holds an uninitialised token, or, on SoftHSM, one whose "
+                "token.object a process killed during its login left short (docs/deployment.md, 'SoftHSM in a "
+                "fleet')") if blank else ""
+        raise errors.TokenNotFoundError(f"no token matches {uri}; tokens found: {listing}{hint}")
     raise errors.TokenNotFoundError(
         f"{len(matches)} tokens match {uri}; name one with token=, serial= or slot-id=. Tokens found: {listing}"
     )
