@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from keymgr import errors, rotation
+from keymgr import _signals, errors, rotation
 from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.authorize import authorize_destroy, key_ceremony_transcript
 from keymgr.envelope.inspect import inspect_file
@@ -163,9 +163,25 @@ def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | 
             + (f" and {len(scan.unreadable)} file(s) could not be checked (unreadable, not a regular file, "
                "or a symbolic link, which is not followed)" if scan.unreadable else "")
             + ": rewrap them first (keymgr rewrap PATH) or pass --force to make them unreadable for good")
-    auth = authorize_destroy(keyring, name, [version], request=request, approvals=approvals, confirmed=confirmed)
+    with _signals.commit_scope():
+        return _commit(keyring, record, target, scan, request=request, approvals=approvals, confirmed=confirmed,
+                       force=force, transcript=transcript)
+
+
+def _commit(keyring: Keyring, record: KeyRecord, target: KeyVersion, scan: EnvelopeCount | None, *,
+            request: Request | None, approvals: Sequence[Approval], confirmed: bool, force: bool,
+            transcript: bool) -> DestroyResult:
+    """Check the approvals, then (signals held: :mod:`keymgr._signals`) spend them, record the
+    version destroyed, destroy its object and sign the transcript: an interrupt before spends and
+    destroys nothing, one after waits until the caller has recorded the destroy."""
+    name, version = record.name, target.version
+    auth = authorize_destroy(keyring, name, [version], request=request, approvals=approvals, confirmed=confirmed,
+                             consume=False)
+    _signals.hold_signals()
     record = rotation.transition(keyring, name, version, "destroyed", _shredding=True)
     objects.destroy_key(keyring.token, target.key_id)
+    if auth is not None:  # after the destroy: a kill before it leaves a request that can only ask for it again
+        auth.consume(keyring)
     signed = None
     if transcript:
         needing = None if scan is None else len(scan.needing)

@@ -9,7 +9,7 @@ import click
 
 from keymgr import errors
 from keymgr._files import atomic_write
-from keymgr.cli._common import CliState, emit_json, pass_state
+from keymgr.cli._common import CliState, committing, emit_json, pass_state
 from keymgr.cli._custody_common import (
     custodian_uri,
     default_path,
@@ -48,6 +48,7 @@ def _versions(text: str | None) -> list[int] | None:
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
               help="Signed transcript to write (default: OUTPUT.transcript.p7s).")
 @pass_state
+@committing
 def backup_command(state: CliState, name: str, versions: str | None, output: str, request_path: str | None,
                    approval_paths: tuple[str, ...], so_pin_source: str | None, transcript_path: str | None) -> None:
     """Back up key NAME, wrapped in the HSM, to its M-of-N custodians."""
@@ -120,6 +121,7 @@ def collect_custodians(candidates: Sequence[Custodian], threshold: int, given: S
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
               help="Signed transcript to write (default: restore-ID.transcript.p7s here).")
 @pass_state
+@committing
 def restore_command(state: CliState, backup_file: str, target: str | None, custodians: tuple[str, ...],
                     transcript_path: str | None) -> None:
     """Restore the keys of BACKUP_FILE into the target HSM, with M custodians present."""
@@ -146,6 +148,9 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
     if state.json_output:
         emit_json({"restored": restored, "token": km.token.label, "transcript": str(transcript)})
         return
+    for name in result.finished:
+        click.echo(f"key {name!r} was restored from this backup by an earlier run that was cut short; "
+                   "finished it", err=True)
     for r in result.records:
         versions = ", ".join(str(v.version) for v in r.versions)
         click.echo(f"restored key {r.name!r} versions {versions} into token {km.token.label!r}")
