@@ -9,14 +9,16 @@ operation keymgr has, in this order (nothing is spent before a refusal):
    recursively) that still names the version is counted (:mod:`keymgr.envelope.inspect`:
    recipients only, no token, no payload) and a non-zero count refuses unless ``force``;
 3. the gate: :func:`keymgr.custody.authorize.authorize_destroy`: M distinct custodians'
-   approvals of exactly this request where a quorum policy covers the key (the request
-   is consumed: an approval presented twice counts once, a request works once),
-   otherwise the caller's explicit confirmation.
+   approvals of exactly this request where a quorum policy covers the key (an approval
+   presented twice counts once), otherwise the caller's explicit confirmation.
 
-Then the record is written with the version *destroyed* (from here nothing decrypts under it,
-by policy) and the object is destroyed. A crash between the two leaves an object that the
-record calls destroyed: :func:`keymgr.rotation.orphans` lists it and the next rotate, or
-destroy called again, removes it.
+Then, with SIGINT / SIGTERM held until the caller has recorded it (:mod:`keymgr._signals`),
+the record is written with the version *destroyed* (the commit: from here nothing decrypts
+under it, by policy), the object is destroyed and the request is consumed (a request works
+once). A crash between the first two leaves an object that the record calls destroyed:
+:func:`keymgr.rotation.orphans` lists it and the next rotate, or destroy called again, removes
+it; a crash before the request is consumed leaves a request that can only ask for this
+destroy again.
 """
 
 from __future__ import annotations

@@ -1,25 +1,28 @@
 """SIGINT / SIGTERM at every step of ``keymgr restore``, ``key rotate`` and ``key destroy``: whole or nothing.
 
-Each command runs in a child (tests/_interrupt_driver.py) that counts the token calls of its
-main thread and sends itself the signal the moment call K returned (the token did the work,
-the answer is not yet used). A first, uninterrupted run lists the calls; then, for each chosen
-K, a fresh run is interrupted there and the token is read back:
+Each command runs in a child (tests/_interrupt_driver.py: forked from a server that imported
+keymgr once) that counts the token calls of its main thread and sends itself the signal the
+moment a chosen call returned (the token did the work, the answer is not yet used). Three
+uninterrupted runs list the calls (the first also makes what a token gets on first use); then,
+for each chosen call, a fresh run is interrupted there and the token is read back:
 
 * **completed**: the change is there with everything that belongs to it (for a restore: the
   key's record and objects, the custodians' quorum on the target, the signed transcript file,
-  an ``ok`` audit entry), the child said so on stdout and ended by the signal, saying the change
-  was completed first;
+  one ``ok`` audit entry), its outcome printed, and the child ended by the signal saying that
+  the change was completed first;
 * **rolled back**: nothing new (no key object under the backup's ids, no fact, no change to the
   custodian register, no transcript file, no ``ok`` entry);
 
-never anything between; the audit log verifies (MACs in the token) after every point, and a
-rerun of the same command succeeds. Ctrl-C never shows a traceback or click's ``Aborted!``.
+never anything between, and in call order: rolled back up to the commit, completed from it on.
+The audit log verifies (MACs in the token) after every point, and a rerun of the same command
+succeeds. Ctrl-C never shows a traceback or click's ``Aborted!``: one line, death by the signal.
 
-Which points: every distinct kind of call (the operation with names blanked) at its first
-occurrence, and every call from the restore's unwrap to the end (where the commit is), in all
-about two thirds of a restore's calls; ``KEYMGR_INTERRUPT_ALL=1`` takes every call (the counts
-are in docs/ceremonies.md). Every fourth point sends SIGTERM instead of SIGINT. Two SIGKILL
-cases (no rollback can run) check that a rerun clears or finishes what a kill left.
+Which calls: a call is named by its kind (the token's role and the operation, names blanked)
+and its occurrence; every kind is interrupted at its first call, and every call from three
+before the commit write to three after it (:func:`_points`); ``KEYMGR_INTERRUPT_ALL=1`` takes
+every call (docs/ceremonies.md has the counts). Every fourth point sends SIGTERM instead of
+SIGINT. Two SIGKILL cases (no rollback can run) check that a rerun clears or finishes what a
+kill left. The ceremonies run on this test's own tokens (interrupt-A, interrupt-B).
 """
 
 from __future__ import annotations
@@ -120,8 +123,9 @@ def _interrupted(args: list[str], cwd: Path, log: Path, at: Step, signame: str) 
 
 def _points(before: list[Step], steps: list[Step], commit: int) -> list[Step]:
     """Where to interrupt, in call order: the first call of each kind, and every call from three
-    before the ``commit`` call (1-based) to three after it (KEYMGR_INTERRUPT_ALL=1: every call). A kind whose number of calls differs between two runs (a MAC check per fact read: the
-    token gains facts from run to run) is interrupted at its first call only."""
+    before the ``commit`` call (1-based) to three after it (KEYMGR_INTERRUPT_ALL=1: every call).
+    A kind whose number of calls differs between two runs (a MAC check per fact read: the token
+    gains facts from run to run) is interrupted at its first call only."""
     counts, earlier = Counter(k for k, _ in steps), Counter(k for k, _ in before)
     chosen = []
     for number, (kind, occurrence) in enumerate(steps, 1):

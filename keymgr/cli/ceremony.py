@@ -149,8 +149,8 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
         emit_json({"restored": restored, "token": km.token.label, "transcript": str(transcript)})
         return
     for name in result.finished:
-        click.echo(f"key {name!r} was restored from this backup by an earlier run that was cut short; "
-                   "finished it", err=True)
+        click.echo(f"key {name!r} was already restored from this backup by an earlier run (cut short?); "
+                   "checked and finished it", err=True)
     for r in result.records:
         versions = ", ".join(str(v.version) for v in r.versions)
         click.echo(f"restored key {r.name!r} versions {versions} into token {km.token.label!r}")

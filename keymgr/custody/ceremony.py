@@ -19,10 +19,14 @@ against its commitment (a bad one is named); the transport key is rebuilt
 and authenticates the whole file; only then is the target touched: the
 transport key becomes a private session object, the versions are unwrapped
 into non-extractable, sensitive token objects with their original CKA_IDs and
-labels, each is proven to hold the backed-up key, the keyring records are
-written, and the transport key is destroyed. Any failure before the records
-are written destroys every object the restore created: the target is left as
-it was. Host copies of shares and of the transport key are wiped.
+labels, each is proven to hold the backed-up key, the transcript is signed, the
+keyring records are written, and the transport key is destroyed. Any failure
+(an interrupt included) before the records are written destroys every object
+the restore created: the target is left as it was. The records' write is the
+commit: from it on SIGINT / SIGTERM wait until the restore is recorded
+(:mod:`keymgr._signals`), and a rerun finishes a restore killed after it
+(docs/ceremonies.md, "Interrupted ceremonies"). Host copies of shares and of
+the transport key are wiped.
 """
 
 from __future__ import annotations
