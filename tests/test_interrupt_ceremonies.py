@@ -49,7 +49,7 @@ from keymgr.hsm import objects
 from keymgr.hsm.pins import Pin
 from keymgr.manager import KeyManager
 from tests.conftest import softhsm_token
-from tests.custody_helpers import approvals, guarded_key, hsm, party, request, so_pin
+from tests.custody_helpers import approvals, guarded_key, hsm, party, registered, request, so_pin
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = os.environ.get("KEYMGR_INTERRUPT_ALL") == "1"
@@ -390,6 +390,37 @@ def test_sigint_at_every_step_of_a_destroy(tmp_path: Path) -> None:
            lambda name, t: ["--token", _uri(), "key", "destroy", name, "--version", "1", "--yes", "--immediately",
                             "--transcript", str(t)], outcome, rerun_ok,
            commit=(WRITE, 1))  # the state fact
+
+
+def test_sigint_at_every_step_of_a_policy_change(tmp_path: Path) -> None:
+    """``custodian policy 2 --key NAME``: the policy and its transcript, or the register as it was."""
+    names = ",".join(c.name for c in registered(hsm(KEYS), 1, 2, 3))
+
+    def make(a: KeyManager) -> str:
+        name = f"ip-{uuid.uuid4().hex[:8]}"
+        a.create_key(name)
+        return name
+
+    def outcome(a: KeyManager, name: str, transcript: Path, log: Path, facts_before: set[str]) -> str:
+        policy = CustodyRegister(a.keyring).load().policy_for(name)
+        ok = [e for e in _entries(log, "policy") if e["key"] == name and e["outcome"] == "ok"]
+        _log_verifies(log, a)
+        if policy is None:
+            assert not transcript.exists() and not ok
+            return ROLLED_BACK
+        assert policy.threshold == 2 and len(ok) == 1
+        assert verify_transcript(transcript.read_bytes()).document["ceremony"] == "set-policy"
+        return COMPLETED
+
+    def rerun_ok(name: str, done: subprocess.CompletedProcess[str]) -> None:
+        # rolled back: the first policy of the key needs no approval; completed: changing it needs
+        # the quorum in force, and it says so
+        assert done.returncode == 0 or (done.returncode == 5 and "needs approvals" in done.stderr), done.stderr
+
+    _sweep("policy", tmp_path, make,
+           lambda name, t: ["--token", _uri(), "custodian", "policy", "2", "--key", name, "--custodians", names,
+                            "--transcript", str(t)], outcome, rerun_ok,
+           commit=(WRITE, 1))  # the register's new generation
 
 
 @pytest.fixture(autouse=True)
