@@ -287,8 +287,8 @@ def _restore(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToke
         if items:
             recorder.step("versions unwrapped into the token as non-extractable objects; transport key destroyed")
         if earlier:
-            recorder.step("keyring records found, written by an earlier restore of this backup that was cut "
-                          "short; checked and finished", keys=sorted(earlier))
+            recorder.step("keyring records found, written by an earlier restore of this backup (one cut short "
+                          "after its commit, or run before); checked and finished", keys=sorted(earlier))
         _check_proofs(backup, target, recorder)
         adoptable = CustodyRegister(target).adoptable(tuple(s.custodian for s in backup.shares))
         if todo:
