@@ -16,6 +16,19 @@ script running keymgr in a loop stops too, where a child that merely exits
 130 would let bash go on to the next round (the "wait and cooperative exit"
 convention).
 
+**Commits.** A change that must be whole (a restore, a rotation, a destroy, a policy
+change) is prepared so that an interrupt before its commit write rolls it back, and
+holds signals from the commit write until it is recorded (audit entry, signed
+transcript, the lines that tell the operator): :func:`commit_scope` marks the block
+in which a commit may happen (the CLI command, :class:`keymgr.KeyManager`'s audited
+operation, the library function: scopes nest), :func:`hold_signals` is called right
+before the commit write, and a SIGINT or SIGTERM arriving from then on is held until
+the *outermost* scope ends, then delivered as it would have been (the CLI says the
+change was completed first). :func:`deferred_signals` holds them for one block (a
+rollback, an audit entry). Only the main thread receives signals, so elsewhere these
+do nothing. SIGKILL cannot be held: docs/ceremonies.md says what each command leaves
+behind and how a rerun finishes or clears it.
+
 What remains: a signal in the first few tens of milliseconds, before
 Python has run any of keymgr (interpreter start-up, ``site`` and its ``.pth``
 files), is Python's own business. Before Python sets its handler it ends the
@@ -31,11 +44,14 @@ import contextlib
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
-__all__ = ["INTERRUPTED", "TERMINATED", "Terminated", "exit_code", "exiting", "install", "interrupt_behind",
-           "report"]
+__all__ = ["INTERRUPTED", "TERMINATED", "Terminated", "commit_begun", "commit_scope", "deferred_signals", "exit_code",
+           "exiting",
+           "hold_signals", "install", "interrupt_behind", "report"]
 
 #: the exit codes: 128 + SIGINT, 128 + SIGTERM
 INTERRUPTED = 128 + signal.SIGINT
@@ -93,6 +109,112 @@ def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+# -- holding signals over a commit -------------------------------------------------------
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_hold_depth: list[int] = [0]  # nesting of holds (deferred_signals blocks, a begun commit)
+_saved: dict[int, Any] = {}  # the handlers a hold replaced, put back when the last hold ends
+_held: list[int] = []  # signals that arrived while held, in order
+_scopes: list[int] = [0, 0]  # open commit scopes; 1 while a commit holds signals until the outermost ends
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _hold_handler(signum: int, frame: FrameType | None) -> None:
+    _held.append(signum)
+
+
+def _hold() -> None:
+    if _hold_depth[0] == 0:
+        for signum in _HELD_SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN or previous is None:
+                continue  # ignored by the parent (nohup), or not settable from Python: leave it
+            _saved[signum] = previous
+            signal.signal(signum, _hold_handler)
+    _hold_depth[0] += 1
+
+
+def _release(*, commit: bool = False) -> None:
+    _hold_depth[0] -= 1
+    if _hold_depth[0]:
+        return
+    previous = dict(_saved)
+    _saved.clear()
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    if not _held:
+        return
+    signum = _held[0]
+    _held.clear()
+    _deliver(signum, previous.get(signum, signal.SIG_DFL), commit=commit)
+
+
+def _deliver(signum: int, handler: Any, *, commit: bool) -> None:
+    """What the signal would have done when it arrived: raise (Python's or :func:`install`'s
+    handler), run another program's handler, or end the process (the default action)."""
+    if callable(handler):
+        call: Callable[[int, FrameType | None], Any] = handler
+        try:
+            call(signum, sys._getframe())
+        except KeyboardInterrupt as exc:
+            if commit:
+                exc.keymgr_completed = True  # type: ignore[attr-defined]  # report() says so
+            raise
+        return
+    if handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM during the block (on the main thread) and deliver the first one
+    that arrived once it ends: for a rollback or an audit entry that must not be cut in half."""
+    if not _on_main_thread():
+        yield
+        return
+    _hold()
+    try:
+        yield
+    finally:
+        _release()
+
+
+@contextlib.contextmanager
+def commit_scope() -> Iterator[None]:
+    """A block in which a commit may begin (:func:`hold_signals`); a begun commit holds signals
+    until the outermost open scope ends, so that the caller's own recording (audit entry,
+    transcript file, the report) is done whole too. Scopes nest; elsewhere than on the main
+    thread this does nothing."""
+    if not _on_main_thread():
+        yield
+        return
+    _scopes[0] += 1
+    try:
+        yield
+    finally:
+        _scopes[0] -= 1
+        if _scopes[0] == 0 and _scopes[1]:
+            _scopes[1] = 0
+            _release(commit=True)
+
+
+def hold_signals() -> None:
+    """Called right before a commit write, inside a :func:`commit_scope`: from here until the
+    outermost scope ends, SIGINT and SIGTERM are held, then delivered. Outside a scope, or off
+    the main thread, nothing is held (there is no end to hold them to)."""
+    if _on_main_thread() and _scopes[0] and not _scopes[1]:
+        _scopes[1] = 1
+        _hold()
+
+
+def commit_begun() -> bool:
+    """Whether a commit holds signals now (tests, and code that must not prompt meanwhile)."""
+    return bool(_scopes[1])
+
+
 def exit_code(exc: KeyboardInterrupt) -> int:
     return TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
 
@@ -102,7 +224,10 @@ def report(exc: KeyboardInterrupt) -> NoReturn:
     terminated = isinstance(exc, Terminated)
     try:
         lead = "\n" if sys.stderr.isatty() else ""
-        sys.stderr.write(f"{lead}keymgr: {'terminated' if terminated else 'interrupted'}\n")
+        what = "terminated" if terminated else "interrupted"
+        if getattr(exc, "keymgr_completed", False):
+            what += " once the change under way was completed and recorded"
+        sys.stderr.write(f"{lead}keymgr: {what}\n")
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):
         pass  # stderr gone: the exit status still says it

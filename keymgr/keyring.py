@@ -57,7 +57,7 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from keymgr import errors, provenance
+from keymgr import _signals, errors, provenance
 from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import Fact, KeyPolicy, KeyRecord, KeyVersion, fold, new_fact_id
@@ -602,7 +602,7 @@ class Keyring:
         if name in self._records:
             raise errors.KeyExistsError(f"a key named {name!r} already exists on token {self._ts.label!r}")
         key_id = self.new_key_id()
-        self.add(name, "pending", {"kid": key_id.hex(), "num": 1})
+        pending = self.add_pending(name, key_id, 1)
         try:
             if _value is None:
                 objects.generate_key(self._ts, template, label=f"{name}/v1", key_id=key_id)
@@ -619,7 +619,7 @@ class Keyring:
             if _value is not None:  # the caller imported it knowingly: this keyring lets it encrypt
                 self._imported.add(key_id)
         except BaseException:
-            self.discard_unrecorded(name, key_id)
+            self.discard_unrecorded(name, key_id, pending=pending)
             raise
         if record is None:  # pragma: no cover - the facts were just written
             raise errors.KeyNotFoundError(f"key {name!r} was created but cannot be read back; retry")
@@ -640,16 +640,38 @@ class Keyring:
             raise errors.KeyNotFoundError(f"key {record.name!r} was restored but cannot be read back")
         return written
 
-    def discard_unrecorded(self, name: str, key_id: bytes) -> None:
-        """After a failed create or rotate, destroy the new key object unless a version fact names
-        it (the write happened and only its answer was lost). Best effort: an object left behind
-        is named by a pending fact and swept later (:meth:`sweep_orphans`)."""
+    def add_pending(self, name: str, key_id: bytes, number: int) -> str:
+        """Write the fact that a key object for version ``number`` is about to be generated under
+        ``key_id`` (module docstring, "Orphans"); its object's label, for :meth:`discard_unrecorded`."""
+        fact_id = new_fact_id()
+        label = self.fact_label(name, fact_id)
         try:
-            self.reload()
-            if key_id not in self._by_id:
+            self._put(name, [Fact("pending", name, fact_id, self.now(),
+                                  {"lc": self.next_clock(name), "kid": key_id.hex(), "num": number})])
+        except BaseException:  # an interrupt as the write returned: nothing was generated, take it back
+            with _signals.deferred_signals(), contextlib.suppress(errors.KeymgrError):
+                if label not in self._covered:
+                    self.forget_object(label)
+            raise
+        return label
+
+    def discard_unrecorded(self, name: str, key_id: bytes, *, pending: str | None = None) -> None:
+        """After a failed or interrupted create or rotate, destroy the new key object unless a
+        version fact names it (the write happened and only its answer was lost), and then the
+        ``pending`` fact's object, which names nothing any more (a snapshot that took it in keeps
+        it: inert). Signals are held meanwhile. Best effort: an object left behind is named by its
+        pending fact and swept later (:meth:`sweep_orphans`)."""
+        with _signals.deferred_signals():
+            try:
+                self.reload()
+                if key_id in self._by_id:
+                    return
                 objects.destroy_key(self._ts, key_id)
-        except errors.KeymgrError:
-            pass
+                if pending is not None and pending in self._present and pending not in self._covered:
+                    self.forget_object(pending)
+                    self._mark_changed()
+            except errors.KeymgrError:
+                pass
 
     def orphans(self, name: str) -> list[tuple[str, bytes]]:
         """Key objects labelled ``NAME/vN`` that no version fact of ``name`` names, and objects of

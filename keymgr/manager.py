@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from keymgr import errors, rotation
+from keymgr import _signals, errors, rotation
 from keymgr.audit import AuditLog, Operation, RateLimit, resolve_audit
 from keymgr.audit._config import ENV_VAR, audit_is_off, default_token_log, record_audit_off
 from keymgr.audit._guard import AuditGuard
@@ -267,7 +267,7 @@ class KeyManager:
     def rotate(self, name: str, *, activate: bool = True) -> KeyRecord:
         """New version n+1 becomes the primary; the old primary keeps decrypting (decrypt-only).
         ``activate=False`` makes it pre-active instead (:meth:`activate` later)."""
-        with self._audited("rotate", key=name) as op:
+        with _signals.commit_scope(), self._audited("rotate", key=name) as op:
             record = rotation.rotate(self.keyring, name, activate=activate)
             op.version = max(v.version for v in record.versions)
             return record
@@ -310,8 +310,8 @@ class KeyManager:
         ``confirmed=True``. See :mod:`keymgr.shred`."""
         from keymgr import shred  # imports the custody layer: only for this rare operation
 
-        with self._audited("destroy", key=name, version=version,
-                           detail={"force": force, "immediately": immediately}) as op:
+        with _signals.commit_scope(), self._audited("destroy", key=name, version=version,
+                                                    detail={"force": force, "immediately": immediately}) as op:
             result = shred.destroy(self.keyring, name, version, paths=paths, request=request, approvals=approvals,
                                    confirmed=confirmed, force=force, transcript=transcript, immediately=immediately)
             op.detail = {"force": force, "immediately": immediately, "approvers": list(result.approvers)}
@@ -326,7 +326,7 @@ class KeyManager:
         keeps no audit log of its own: this records it, as ``keymgr backup`` does)."""
         from keymgr.custody.ceremony import backup_keys
 
-        with self._audited("backup", key=name, detail={"approvals": len(approvals)}):
+        with _signals.commit_scope(), self._audited("backup", key=name, detail={"approvals": len(approvals)}):
             return backup_keys(self.keyring, name, so_pin=so_pin, request=request, approvals=approvals,
                                versions=versions)
 
@@ -335,7 +335,7 @@ class KeyManager:
         nothing (:func:`keymgr.custody.ceremony.restore_keys`, audited here)."""
         from keymgr.custody.ceremony import restore_keys
 
-        with self._audited("restore", detail={"custodians": len(custodians)}) as op:
+        with _signals.commit_scope(), self._audited("restore", detail={"custodians": len(custodians)}) as op:
             result = restore_keys(backup, self.keyring, custodians)
             op.detail = {"custodians": len(custodians), "keys": [r.name for r in result.records][:32]}
             op.key = result.records[0].name if len(result.records) == 1 else None

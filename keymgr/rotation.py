@@ -53,7 +53,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
-from keymgr import errors
+from keymgr import _signals, errors
 from keymgr.hsm import objects
 from keymgr.hsm.locks import token_lock
 from keymgr.keyring import KeyRecord, Keyring, KeyVersion, parse_time, version_template
@@ -136,7 +136,7 @@ def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: in
         # automatic rotation fires on every host that saw the key due at the same moment: a random
         # pause before looking lets the first host's new version reach the others (fewer spare versions)
         time.sleep(random.uniform(0, AUTO_ROTATE_JITTER))
-    with key_lock(keyring, name):
+    with _signals.commit_scope(), key_lock(keyring, name):
         record = _latest(keyring, name)
         if if_primary is not None and record.primary != if_primary:
             return record
@@ -144,15 +144,16 @@ def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: in
         number = max(v.version for v in record.versions) + 1
         key_id = keyring.new_key_id()
         template = version_template(record.profile, record.policy)
-        keyring.add(name, "pending", {"kid": key_id.hex(), "num": number})
+        pending = keyring.add_pending(name, key_id, number)
         try:
             objects.generate_key(keyring.token, template, label=record.label_of(number), key_id=key_id)
             body = {"kid": key_id.hex(), "num": number, "kcv": objects.check_value(keyring.token, key_id),
                     "epoch": _next_epoch(keyring, name) if activate else None, "restored": False,
                     "prof": record.profile}
+            _signals.hold_signals()  # the commit: an interrupt from here on waits for the caller's record of it
             written = _written(keyring.add(name, "version", body), name)
         except BaseException:
-            keyring.discard_unrecorded(name, key_id)
+            keyring.discard_unrecorded(name, key_id, pending=pending)
             raise
         if not objects.key_exists(keyring.token, key_id):
             # another host swept it as an orphan while this one was between generating and recording

@@ -9,14 +9,16 @@ operation keymgr has, in this order (nothing is spent before a refusal):
    recursively) that still names the version is counted (:mod:`keymgr.envelope.inspect`:
    recipients only, no token, no payload) and a non-zero count refuses unless ``force``;
 3. the gate: :func:`keymgr.custody.authorize.authorize_destroy`: M distinct custodians'
-   approvals of exactly this request where a quorum policy covers the key (the request
-   is consumed: an approval presented twice counts once, a request works once),
-   otherwise the caller's explicit confirmation.
+   approvals of exactly this request where a quorum policy covers the key (an approval
+   presented twice counts once), otherwise the caller's explicit confirmation.
 
-Then the record is written with the version *destroyed* (from here nothing decrypts under it,
-by policy) and the object is destroyed. A crash between the two leaves an object that the
-record calls destroyed: :func:`keymgr.rotation.orphans` lists it and the next rotate, or
-destroy called again, removes it.
+Then, with SIGINT / SIGTERM held until the caller has recorded it (:mod:`keymgr._signals`),
+the record is written with the version *destroyed* (the commit: from here nothing decrypts
+under it, by policy), the object is destroyed and the request is consumed (a request works
+once). A crash between the first two leaves an object that the record calls destroyed:
+:func:`keymgr.rotation.orphans` lists it and the next rotate, or destroy called again, removes
+it; a crash before the request is consumed leaves a request that can only ask for this
+destroy again.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from keymgr import errors, rotation
+from keymgr import _signals, errors, rotation
 from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.authorize import authorize_destroy, key_ceremony_transcript
 from keymgr.envelope.inspect import inspect_file
 from keymgr.hsm import objects
-from keymgr.keyring import KeyRecord, Keyring
+from keymgr.keyring import KeyRecord, Keyring, KeyVersion
 
 __all__ = ["DestroyResult", "EnvelopeCount", "count_envelopes_needing", "destroy"]
 
@@ -136,10 +138,27 @@ def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | 
             + (f" and {len(scan.unreadable)} file(s) could not be checked (unreadable, not a regular file, "
                "or a symbolic link, which is not followed)" if scan.unreadable else "")
             + ": rewrap them first (keymgr rewrap PATH) or pass --force to make them unreadable for good")
-    auth = authorize_destroy(keyring, name, [version], request=request, approvals=approvals, confirmed=confirmed)
+    with _signals.commit_scope():
+        return _commit(keyring, record, target, scan, request=request, approvals=approvals, confirmed=confirmed,
+                       force=force, transcript=transcript, finishing=finishing)
+
+
+def _commit(keyring: Keyring, record: KeyRecord, target: KeyVersion, scan: EnvelopeCount | None, *,
+            request: Request | None, approvals: Sequence[Approval], confirmed: bool, force: bool,
+            transcript: bool, finishing: bool) -> DestroyResult:
+    """Check the approvals, then (signals held: :mod:`keymgr._signals`) spend them, record the
+    version destroyed, destroy its object and sign the transcript: an interrupt before spends and
+    destroys nothing, one after waits until the caller has recorded the destroy. ``finishing``:
+    the facts already say destroyed (a destroy stopped after its commit, or a forged fact)."""
+    name, version = record.name, target.version
+    auth = authorize_destroy(keyring, name, [version], request=request, approvals=approvals, confirmed=confirmed,
+                             consume=False)
+    _signals.hold_signals()
     if not finishing:
         record = rotation.transition(keyring, name, version, "destroyed", _shredding=True)
     objects.destroy_key(keyring.token, target.key_id)
+    if auth is not None:  # after the destroy: a kill before it leaves a request that can only ask for it again
+        auth.consume(keyring)
     signed = None
     if transcript:
         needing = None if scan is None else len(scan.needing)

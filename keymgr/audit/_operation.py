@@ -10,13 +10,14 @@ Both live in :mod:`contextvars`, so they follow threads and asyncio tasks.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Protocol
 
-from keymgr import errors
+from keymgr import _signals, errors
 
 __all__ = ["Operation", "UnauditedOperation", "acting_as", "current_operation", "current_principal"]
 
@@ -86,7 +87,13 @@ class Operation:
         if self._log is not None:
             self._log.ready()  # refuses while the log cannot be written (fail closed)
             if self.op in STATE_CHANGING:
-                self._log.record(self.op, key=self.key, version=self.version, outcome="intent", detail=self.detail)
+                try:
+                    with _signals.deferred_signals():  # an entry is written whole
+                        self._log.record(self.op, key=self.key, version=self.version, outcome="intent",
+                                         detail=self.detail)
+                except KeyboardInterrupt as exc:  # held while it was written: nothing was done
+                    self._record_outcome(exc)
+                    raise
         self._reset = _operation.set(self)
         return self
 
@@ -95,13 +102,19 @@ class Operation:
         if self._reset is not None:
             _operation.reset(self._reset)
         if self._log is not None:
+            self._record_outcome(exc)
+
+    def _record_outcome(self, exc: BaseException | None) -> None:
+        if self._log is not None:
             outcome = "ok" if exc is None else "refused" if isinstance(exc, errors.PolicyError) else "failed"
             detail = self.detail
             if outcome == "refused":  # why, for the reviewer: keymgr's messages never hold a secret
                 detail = {**(detail or {}), "why": str(exc)[:500]}
             try:
-                self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
-                                 detail=detail)
+                # a state change's entry is written whole (not on the per-message path: no syscalls there)
+                with _signals.deferred_signals() if self.op in STATE_CHANGING else contextlib.nullcontext():
+                    self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
+                                     detail=detail)
             except errors.KeymgrError as failure:
                 if exc is not None or self.op not in STATE_CHANGING:
                     raise

@@ -12,18 +12,22 @@ after the cleanup the exception unwinds through; input that ends at a prompt
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from keymgr import _signals, errors
 
-__all__ = ["CliState", "GuardedGroup", "pass_state", "emit_json", "fail", "EXIT_CODES", "EXIT_CODE_MEANINGS",
-           "console", "exit_codes_help", "warn_pin_value", "ALLOW_PIN_VALUE_VAR"]
+__all__ = ["CliState", "GuardedGroup", "pass_state", "committing", "emit_json", "fail", "EXIT_CODES",
+           "EXIT_CODE_MEANINGS", "console", "exit_codes_help", "warn_pin_value", "ALLOW_PIN_VALUE_VAR"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Exit codes by error category (2 is click's usage error).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -87,6 +91,20 @@ class CliState:
 
 
 pass_state = click.make_pass_decorator(CliState, ensure=True)
+
+
+def committing(command: F) -> F:
+    """For a command that makes a change with a commit (restore, backup, rotate, destroy, policy):
+    the command is a commit scope (:func:`keymgr._signals.commit_scope`), so that an interrupt
+    arriving once the change's commit began waits until the command has written its files and
+    printed its outcome, and then ends it (status 130 / 143, saying the change was completed)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _signals.commit_scope():
+            return command(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def console(stderr: bool = False) -> Any:

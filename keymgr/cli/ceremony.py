@@ -10,7 +10,7 @@ import click
 
 from keymgr import errors
 from keymgr._files import atomic_write
-from keymgr.cli._common import CliState, emit_json, pass_state
+from keymgr.cli._common import CliState, committing, emit_json, pass_state
 from keymgr.cli._custodian_prompts import ask_custodians
 from keymgr.cli._custody_common import (
     check_transcript_free,
@@ -54,6 +54,7 @@ def _versions(text: str | None) -> list[int] | None:
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
               help="Signed transcript to write (default: OUTPUT.transcript.p7s).")
 @pass_state
+@committing
 def backup_command(state: CliState, name: str, versions: str | None, output: str, request_path: str | None,
                    approval_paths: tuple[str, ...], so_pin_source: str | None, transcript_path: str | None) -> None:
     """Back up key NAME, wrapped in the HSM, to its M-of-N custodians."""
@@ -129,6 +130,7 @@ def collect_custodians(candidates: Sequence[Custodian], threshold: int, given: S
               help="Signed transcript to write, never over an existing file (default: restore-ID.transcript.p7s "
                    "here, or restore-ID-2.transcript.p7s ... when that exists).")
 @pass_state
+@committing
 def restore_command(state: CliState, backup_file: str, target: str | None, custodians: tuple[str, ...],
                     transcript_path: str | None) -> None:
     """Restore the keys of BACKUP_FILE into the target HSM, with M custodians present."""
@@ -156,6 +158,9 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
     if state.json_output:
         emit_json({"restored": restored, "token": km.token.label, "transcript": str(transcript)})
         return
+    for name in result.finished:
+        click.echo(f"key {name!r} was already restored from this backup by an earlier run (cut short?); "
+                   "checked and finished it", err=True)
     for r in result.records:
         versions = ", ".join(str(v.version) for v in r.versions)
         click.echo(f"restored key {r.name!r} versions {versions} into token {km.token.label!r}")

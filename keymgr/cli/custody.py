@@ -10,7 +10,7 @@ import click
 
 from keymgr import errors
 from keymgr._files import atomic_write
-from keymgr.cli._common import CliState, console, emit_json, pass_state
+from keymgr.cli._common import CliState, committing, console, emit_json, pass_state
 from keymgr.cli._custody_common import (
     check_transcript_free,
     custodian_uri,
@@ -137,6 +137,7 @@ def custodian_list(state: CliState) -> None:
 @click.option("--approval", "approval_paths", multiple=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None)
 @pass_state
+@committing
 def custodian_policy(state: CliState, threshold: int, key: str | None, custodians: str | None,
                      request_path: str | None, approval_paths: tuple[str, ...], transcript_path: str | None) -> None:
     """Require THRESHOLD of the custodians (M of N) for a key or the keyring."""

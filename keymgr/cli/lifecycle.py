@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from keymgr import errors
-from keymgr.cli._common import CliState, console, emit_json, pass_state
+from keymgr.cli._common import CliState, committing, console, emit_json, pass_state
 from keymgr.cli.keys import record_json
 from keymgr.keyring import KeyRecord
 
@@ -39,6 +39,7 @@ def _version_line(record: KeyRecord, number: int) -> str:
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
               help="Write the signed ceremony transcript (CMS SignedData) here.")
 @pass_state
+@committing
 def rotate_command(state: CliState, name: str, pre_active: bool, transcript_path: str | None) -> None:
     """Create a new version of NAME and make it the primary (the old one keeps decrypting)."""
     km = state.manager()
@@ -139,6 +140,7 @@ def due_command(state: CliState) -> None:
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
               help="Write the signed ceremony transcript (CMS SignedData) here.")
 @pass_state
+@committing
 def destroy_command(state: CliState, name: str, version: int, paths: tuple[str, ...], request_path: str | None,
                     approval_paths: tuple[str, ...], yes: bool, force: bool, immediately: bool,
                     transcript_path: str | None) -> None:

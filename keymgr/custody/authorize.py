@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from keymgr import errors
+from keymgr import _signals, errors
 from keymgr.custody.approvals import Approval, Request, check_quorum
 from keymgr.custody.custodians import KEYRING_SCOPE, CustodyRegister, QuorumPolicy, Register
 from keymgr.custody.transcript import TranscriptRecorder, hsm_signer, sign_transcript
@@ -71,11 +71,12 @@ def authorize(keyring: Keyring, operation: str, *, key: str | None, params: Mapp
 
 
 def authorize_destroy(keyring: Keyring, name: str, versions: Sequence[int], *, request: Request | None = None,
-                      approvals: Sequence[Approval] = (), confirmed: bool = False) -> Authorization | None:
+                      approvals: Sequence[Approval] = (), confirmed: bool = False,
+                      consume: bool = True) -> Authorization | None:
     """The gate of ``key destroy``: M approvals where a quorum policy covers the key (consumed
-    here); otherwise the caller's explicit confirmation (``confirmed``), as before custodians."""
+    here unless ``consume=False``); otherwise the caller's explicit confirmation (``confirmed``)."""
     auth = authorize(keyring, "destroy", key=name, params={"versions": sorted(set(versions))}, request=request,
-                     approvals=approvals)
+                     approvals=approvals, consume=consume)
     if auth is None and not confirmed:
         raise errors.PolicyError(f"destroying key {name!r} version(s) {', '.join(map(str, sorted(versions)))} "
                                  "cannot be undone: confirm it explicitly (--yes)")
@@ -84,16 +85,27 @@ def authorize_destroy(keyring: Keyring, name: str, versions: Sequence[int], *, r
 
 def change_policy(keyring: Keyring, policy: QuorumPolicy | None, *, key: str | None = None,
                   request: Request | None = None, approvals: Sequence[Approval] = ()) -> tuple[Register, bytes]:
-    """Set (or remove) a quorum policy, approved under the current one; returns the register and transcript."""
+    """Set (or remove) a quorum policy, approved under the current one; returns the register and transcript.
+
+    The transcript is signed first; then, signals held (:mod:`keymgr._signals`), the approvals
+    are spent and the register written (the commit): an interrupt before changes nothing."""
     scope = KEYRING_SCOPE if key is None else key
     params = {"scope": scope, "policy": None if policy is None else policy.to_json()}
-    auth = authorize(keyring, "set-policy", key=None, params=params, request=request, approvals=approvals)
-    recorder = TranscriptRecorder("set-policy", keyring.token.label, keyring.token.serial)
-    if auth is not None:
-        auth.record(recorder)
-    register = CustodyRegister(keyring).set_policy(policy, key=key)
-    recorder.step("quorum policy set", scope=scope, policy=params["policy"])
-    return register, ceremony_transcript(keyring, recorder, "success")
+    with _signals.commit_scope():
+        auth = authorize(keyring, "set-policy", key=None, params=params, request=request, approvals=approvals,
+                         consume=False)
+        store = CustodyRegister(keyring)
+        if policy is not None:
+            for name in policy.custodians:
+                store.load().custodian(name)  # an unknown name is refused before anything is signed
+        recorder = TranscriptRecorder("set-policy", keyring.token.label, keyring.token.serial)
+        if auth is not None:
+            auth.record(recorder)
+        recorder.step("quorum policy set", scope=scope, policy=params["policy"])
+        transcript = ceremony_transcript(keyring, recorder, "success")
+        _signals.hold_signals()
+        spent = None if auth is None else (auth.request_digest, auth.expires)
+        return store.set_policy(policy, key=key, spend=spent), transcript
 
 
 def ceremony_transcript(keyring: Keyring, recorder: TranscriptRecorder, outcome: str) -> bytes:

@@ -19,10 +19,14 @@ against its commitment (a bad one is named); the transport key is rebuilt
 and authenticates the whole file; only then is the target touched: the
 transport key becomes a private session object, the versions are unwrapped
 into non-extractable, sensitive token objects with their original CKA_IDs and
-labels, each is proven to hold the backed-up key, the keyring records are
-written, and the transport key is destroyed. Any failure before the records
-are written destroys every object the restore created: the target is left as
-it was. Host copies of shares and of the transport key are wiped.
+labels, each is proven to hold the backed-up key, the transcript is signed, the
+keyring records are written, and the transport key is destroyed. Any failure
+(an interrupt included) before the records are written destroys every object
+the restore created: the target is left as it was. The records' write is the
+commit: from it on SIGINT / SIGTERM wait until the restore is recorded
+(:mod:`keymgr._signals`), and a rerun finishes a restore killed after it
+(docs/ceremonies.md, "Interrupted ceremonies"). Host copies of shares and of
+the transport key are wiped.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from keymgr import errors
+from keymgr import _signals, errors
 from keymgr.custody import shamir
 from keymgr.custody._seal import open_share, seal_share
 from keymgr.custody.approvals import Approval, Request
@@ -44,7 +48,7 @@ from keymgr.custody.transcript import Signer, TranscriptRecorder, hsm_signer, si
 from keymgr.envelope._aead import zero
 from keymgr.hsm import objects, probe
 from keymgr.hsm.pins import Pin
-from keymgr.hsm.transport import ImportItem, export_wrapped, import_unwrapped
+from keymgr.hsm.transport import ImportItem, export_wrapped, import_unwrapped, key_ids_present
 from keymgr.keyring import PROFILES, KeyRecord, Keyring, utc_now
 
 __all__ = ["BackupResult", "RestoreResult", "backup_keys", "restore_keys", "open_custodian"]
@@ -67,6 +71,8 @@ class RestoreResult:
     records: tuple[KeyRecord, ...]
     transcript: bytes = field(repr=False)
     description: str = ""
+    #: keys an earlier, cut-short restore of this backup had committed, finished by this one
+    finished: tuple[str, ...] = ()
 
 
 def _profile_of(record: KeyRecord, key_id: bytes) -> str:
@@ -116,7 +122,18 @@ def backup_keys(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | 
                 approvals: Sequence[Approval], versions: Sequence[int] | None = None,
                 quorum: QuorumPolicy | None = None) -> BackupResult:
     """Back up ``name``'s versions for the key's quorum (or ``quorum``); returns the file and transcript.
-    Records no audit entry: :meth:`keymgr.KeyManager.backup` calls this and records it."""
+    Records no audit entry: :meth:`keymgr.KeyManager.backup` calls this and records it.
+
+    The one change a backup makes to the token is spending the request's approvals; that is its
+    commit, done last, once the file and transcript are made, with signals held from there until
+    the outermost commit scope ends (:mod:`keymgr._signals`): an interrupt before it spends nothing."""
+    with _signals.commit_scope():
+        return _backup(keyring, name, so_pin=so_pin, request=request, approvals=approvals, versions=versions,
+                       quorum=quorum)
+
+
+def _backup(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None, approvals: Sequence[Approval],
+            versions: Sequence[int] | None, quorum: QuorumPolicy | None) -> BackupResult:
     ts = keyring.token
     register = CustodyRegister(keyring).load()
     policy = quorum or register.policy_for(name)
@@ -147,7 +164,6 @@ def backup_keys(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | 
     try:
         wrapped = export_wrapped(ts, [v.key_id for v in record.versions], transport, so_pin=so_pin,
                                  mechanism=mechanism)
-        auth.consume(keyring)  # after the SO step, so a mistyped SO PIN does not spend the approvals
         recorder.step("versions wrapped under a trusted one-time transport key in the token",
                       versions=[v.version for v in record.versions], mechanism=mechanism)
         key = BackupKey(record, tuple(WrappedVersion(v.version, w, _proof(ts, record, v.key_id, mechanism))
@@ -178,6 +194,8 @@ def backup_keys(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | 
             share.wipe()
     recorder.details["backup"] = backup.id.hex()
     transcript = ceremony_transcript(keyring, recorder, "success")
+    _signals.hold_signals()  # the commit: spend the approvals (after the SO step: a mistyped SO PIN spends none)
+    auth.consume(keyring)
     return BackupResult(backup.to_bytes(), transcript, backup.describe())
 
 
@@ -227,11 +245,78 @@ def _shares(backup: BackupFile, tokens: Sequence[CustodianToken]) -> list[shamir
 
 def restore_keys(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToken]) -> RestoreResult:
     """Restore every key of ``backup`` into ``target`` with the custodians' ``tokens``; all or nothing.
-    Records no audit entry: :meth:`keymgr.KeyManager.restore` calls this and records it."""
+    Records no audit entry: :meth:`keymgr.KeyManager.restore` calls this and records it.
+
+    Interrupts (docs/ceremonies.md, "Interrupted restores"): everything up to the commit (the
+    keyring snapshot that makes a restored key visible, one object per key) is undone on any
+    exception, a SIGINT or SIGTERM included; from the commit on, signals are held
+    (:func:`keymgr._signals.hold_signals`) until the outermost commit scope ends, so that the
+    custodians' register, the caller's audit entry and transcript file are written whole. A key
+    that an earlier run of this very backup committed (and was then killed) is not refused by
+    name but finished: checked again, its custodians adopted, a transcript signed."""
+    with _signals.commit_scope():
+        return _restore(backup, target, tokens)
+
+
+def _restore(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToken]) -> RestoreResult:
     ts = target.token
     recorder = TranscriptRecorder("restore", ts.label, ts.serial)
     recorder.details.update({"backup": backup.id.hex(), "source": {"token": backup.source_token,
                                                                     "serial": backup.source_serial}})
+    names = _participants(backup, tokens, recorder)
+    distinct = list({t.custodian.name: t for t in tokens}.values())
+    earlier = _restored_earlier(backup, target)
+    todo = [key for key in backup.keys if key.record.name not in earlier]
+    items = [ImportItem(v.key_id, key.record.label_of(v.version), PROFILES[key.record.profile_of(v)],
+                         w.wrapped)
+             for key in todo for v, w in zip(key.record.versions, _ordered(key), strict=True)]
+    transport = bytearray()
+    unwrapping = False
+    shares = _shares(backup, distinct)
+    try:
+        try:
+            transport = bytearray(shamir.combine(shares, backup.quorum.threshold))
+            recorder.step("shares opened by the custodians' tokens, checked, and combined", custodians=names)
+            if not backup.verify_mac(transport):
+                raise errors.IntegrityError("the backup file is not authentic: it was altered after it was made "
+                                            "(or a share and its commitment were both replaced)")
+            recorder.step("backup file authenticated under the rebuilt transport key")
+            if items:
+                _clear_leftovers(target, items)
+                unwrapping = True  # from here on, objects under the items' ids are this restore's
+                import_unwrapped(ts, transport, items, mechanism=backup.mechanism)
+        finally:
+            zero(transport)
+            for share in shares:
+                share.wipe()
+        if items:
+            recorder.step("versions unwrapped into the token as non-extractable objects; transport key destroyed")
+        if earlier:
+            recorder.step("keyring records found, written by an earlier restore of this backup (one cut short "
+                          "after its commit, or run before); checked and finished", keys=sorted(earlier))
+        _check_proofs(backup, target, recorder)
+        adoptable = CustodyRegister(target).adoptable(tuple(s.custodian for s in backup.shares))
+        if todo:
+            recorder.step("keyring records written")
+        recorder.step("custodians and quorum registered on the target" if adoptable else
+                      "custodian names clash with the target's register: register them by hand")
+        signers: list[Signer | None] = [hsm_signer(ts)]
+        signers += [Signer(t.custodian.name, t.custodian.certificate_der, t.sign) for t in distinct]
+        transcript = _sign(recorder, "success", signers)
+        _signals.hold_signals()  # the commit: from here on the restore is finished, not undone
+        records = {key.record.name: target.restore(key.record) for key in todo}
+    except BaseException:
+        if unwrapping:
+            _discard_uncommitted(target, todo)
+        raise
+    _adopt_custodians(backup, target)
+    records.update({name: target.get(name) for name in earlier})
+    return RestoreResult(tuple(records[key.record.name] for key in backup.keys), transcript, backup.describe(),
+                         finished=tuple(sorted(earlier)))
+
+
+def _participants(backup: BackupFile, tokens: Sequence[CustodianToken], recorder: TranscriptRecorder) -> list[str]:
+    """The custodians taking part, each one of the backup's, at least M of them."""
     names: list[str] = []
     for token in tokens:
         backup.slot(token.custodian.name)
@@ -243,42 +328,65 @@ def restore_keys(backup: BackupFile, target: Keyring, tokens: Sequence[Custodian
         raise errors.PolicyError(f"this backup needs {backup.quorum.threshold} of its custodians "
                                  f"({', '.join(backup.quorum.custodians)}); only {len(names)} took part ({took}). "
                                  "Nothing was restored")
-    distinct = list({t.custodian.name: t for t in tokens}.values())
+    return names
+
+
+def _restored_earlier(backup: BackupFile, target: Keyring) -> set[str]:
+    """Names of the backup's keys that the target holds already *from this backup* (every version
+    restored, same CKA_ID and check value): a restore killed after its commit. Another key of the
+    same name is refused, as before."""
+    target.reload()
+    held = {r.name: r for r in target.records()}
+    earlier = set()
     for key in backup.keys:
         if key.record.profile not in PROFILES:
             raise errors.FormatError(f"backup file: unknown profile of key {key.record.name!r}")
-        if any(r.name == key.record.name for r in target.records()):
-            raise errors.PolicyError(f"token {ts.label!r} already has a key named {key.record.name!r}; "
+        have = held.get(key.record.name)
+        if have is None:
+            continue
+        theirs = {(v.key_id, v.kcv) for v in have.versions if v.restored}
+        if not {(v.key_id, v.kcv) for v in key.record.versions} <= theirs:
+            raise errors.PolicyError(f"token {target.token.label!r} already has a key named {key.record.name!r}; "
                                      "nothing was restored")
-    shares = _shares(backup, distinct)
-    transport = bytearray()
-    try:
-        transport = bytearray(shamir.combine(shares, backup.quorum.threshold))
-        recorder.step("shares opened by the custodians' tokens, checked, and combined", custodians=names)
-        if not backup.verify_mac(transport):
-            raise errors.IntegrityError("the backup file is not authentic: it was altered after it was made "
-                                        "(or a share and its commitment were both replaced)")
-        recorder.step("backup file authenticated under the rebuilt transport key")
-        items = [ImportItem(v.key_id, key.record.label_of(v.version), PROFILES[key.record.profile_of(v)],
-                            w.wrapped)
-                 for key in backup.keys for v, w in zip(key.record.versions, _ordered(key), strict=True)]
-        import_unwrapped(ts, transport, items, mechanism=backup.mechanism)
-    finally:
-        zero(transport)
-        for share in shares:
-            share.wipe()
-    recorder.step("versions unwrapped into the token as non-extractable objects; transport key destroyed")
-    try:
-        records = _finish_restore(backup, target, recorder)
-    except BaseException:
-        for item in items:
-            objects.destroy_key(ts, item.key_id)
-        raise
-    _adopt_custodians(backup, target, recorder)
-    signers: list[Signer | None] = [hsm_signer(ts)]
-    signers += [Signer(t.custodian.name, t.custodian.certificate_der, t.sign) for t in distinct]
-    transcript = _sign(recorder, "success", signers)
-    return RestoreResult(records, transcript, backup.describe())
+        earlier.add(key.record.name)
+    return earlier
+
+
+def _clear_leftovers(target: Keyring, items: Sequence[ImportItem]) -> None:
+    """Destroy key objects that a restore of this backup killed before its commit left behind
+    (SIGKILL: no rollback ran): same CKA_ID and label as an item, and no fact names the id. Called
+    once the backup is authenticated, so the ids are the source's own. Anything else under those
+    ids is refused by CKA_ID, and stays."""
+    ts = target.token
+    wanted = {item.key_id: item.label for item in items}
+    found = [key_id for label, key_id in objects.list_secret_keys(ts) if wanted.get(key_id) == label]
+    if found:
+        target.reload()
+        for key_id in found:
+            try:
+                target.find_by_id(key_id)
+            except errors.KeyNotFoundError:
+                objects.destroy_key(ts, key_id)
+    clash = key_ids_present(ts, list(wanted))
+    if clash:
+        raise errors.PolicyError(f"token {ts.label!r} already holds objects with CKA_ID "
+                                 f"{', '.join(k.hex() for k in clash)}; nothing was restored")
+
+
+def _discard_uncommitted(target: Keyring, todo: Sequence[BackupKey]) -> None:
+    """The rollback: destroy every object this restore may have unwrapped, unless its key's commit
+    was written after all (an error that lost the token's answer). Signals are held meanwhile; an
+    object a failure here leaves behind is cleared by the next restore (:func:`_clear_leftovers`)."""
+    with _signals.deferred_signals():
+        try:
+            target.reload()
+            committed = {r.name for r in target.records()}
+            for key in todo:
+                if key.record.name not in committed:
+                    for v in key.record.versions:
+                        objects.destroy_key(target.token, v.key_id)
+        except errors.KeymgrError:
+            pass
 
 
 def _ordered(key: BackupKey) -> list[WrappedVersion]:
@@ -286,7 +394,8 @@ def _ordered(key: BackupKey) -> list[WrappedVersion]:
     return [by_number[v.version] for v in key.record.versions]
 
 
-def _finish_restore(backup: BackupFile, target: Keyring, recorder: TranscriptRecorder) -> tuple[KeyRecord, ...]:
+def _check_proofs(backup: BackupFile, target: Keyring, recorder: TranscriptRecorder) -> None:
+    """Each restored object holds the backed-up key (its proof opens), or the restore stops."""
     ts = target.token
     for key in backup.keys:
         for v, w in zip(key.record.versions, _ordered(key), strict=True):
@@ -294,14 +403,10 @@ def _finish_restore(backup: BackupFile, target: Keyring, recorder: TranscriptRec
                 raise errors.IntegrityError(f"restored key {key.record.name!r} version {v.version} does not "
                                             "hold the backed-up key; nothing was restored")
             recorder.key(key.record.name, v.version, v.key_id, v.kcv, proof="verified")
-    records = tuple(target.restore(key.record) for key in backup.keys)
-    recorder.step("keyring records written")
-    return records
 
 
-def _adopt_custodians(backup: BackupFile, target: Keyring, recorder: TranscriptRecorder) -> None:
-    """Register the backup's custodians and quorum on the target, so its keys stay under dual control."""
-    adopted = CustodyRegister(target).adopt(tuple(s.custodian for s in backup.shares),
-                                            {key.record.name: backup.quorum for key in backup.keys})
-    recorder.step("custodians and quorum registered on the target" if adopted else
-                  "custodian names clash with the target's register: register them by hand")
+def _adopt_custodians(backup: BackupFile, target: Keyring) -> None:
+    """Register the backup's custodians and quorum on the target, so its keys stay under dual control
+    (nothing, when :meth:`CustodyRegister.adoptable` said no: the transcript says so)."""
+    CustodyRegister(target).adopt(tuple(s.custodian for s in backup.shares),
+                                  {key.record.name: backup.quorum for key in backup.keys})

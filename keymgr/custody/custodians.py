@@ -259,10 +259,13 @@ class CustodyRegister:
                                      "change that policy first")
         return self._write(replace(register, custodians=tuple(c for c in register.custodians if c.name != name)))
 
-    def set_policy(self, policy: QuorumPolicy | None, *, key: str | None = None) -> Register:
+    def set_policy(self, policy: QuorumPolicy | None, *, key: str | None = None,
+                   spend: tuple[str, str] | None = None) -> Register:
         """Set (or with ``None`` remove) the policy of ``key`` or, by default, of the keyring.
 
-        Authorising the change is the caller's work (:mod:`keymgr.custody.approvals`)."""
+        Authorising the change is the caller's work (:mod:`keymgr.custody.approvals`); ``spend``
+        (request digest, expiry) consumes its request in the same register write, so that the
+        change and the spent approvals are one atomic object (a kill cannot separate them)."""
         register = self.load()
         scope = KEYRING_SCOPE if key is None else validate_name(key)
         if policy is not None:
@@ -271,26 +274,41 @@ class CustodyRegister:
         policies = {k: v for k, v in register.policies.items() if k != scope}
         if policy is not None:
             policies[scope] = policy
+        if spend is not None:
+            register = replace(register, consumed=self._spent(register, *spend))
         return self._write(replace(register, policies=policies))
 
     def consume(self, digest: str, expires: str) -> Register:
         """Record that the request with this digest was acted on; refuse it the second time."""
         register = self.load()
-        now = utc_now()
+        return self._write(replace(register, consumed=self._spent(register, digest, expires)))
+
+    @staticmethod
+    def _spent(register: Register, digest: str, expires: str) -> tuple[tuple[str, str], ...]:
         if any(d == digest for d, _ in register.consumed):
             raise errors.PolicyError("this request was already carried out once; approvals cannot be replayed")
-        live = tuple((d, e) for d, e in register.consumed if e >= now)
-        return self._write(replace(register, consumed=(*live, (digest, expires))))
+        now = utc_now()
+        return (*((d, e) for d, e in register.consumed if e >= now), (digest, expires))
+
+    def adoptable(self, custodians: tuple[Custodian, ...]) -> bool:
+        """Whether :meth:`adopt` would register ``custodians`` (no name taken by another key, no
+        key under another name): a restore says which in its transcript, signed before its commit."""
+        return self._adoptable(self.load(), custodians)
+
+    @staticmethod
+    def _adoptable(register: Register, custodians: tuple[Custodian, ...]) -> bool:
+        known = {c.name: c for c in register.custodians}
+        return not (any(c.name in known and known[c.name].fingerprint != c.fingerprint for c in custodians) or
+                    any(register.by_fingerprint(c.fingerprint) not in (None, known.get(c.name)) for c in custodians))
 
     def adopt(self, custodians: tuple[Custodian, ...], policies: Mapping[str, QuorumPolicy]) -> bool:
         """Register ``custodians`` (those not yet known) and set ``policies`` (scopes that have
         none), as a restore onto a new HSM does; False, changing nothing, if a name is taken by
         another key (then the operator registers them by hand)."""
         register = self.load()
-        known = {c.name: c for c in register.custodians}
-        if any(c.name in known and known[c.name].fingerprint != c.fingerprint for c in custodians) or \
-                any(register.by_fingerprint(c.fingerprint) not in (None, known.get(c.name)) for c in custodians):
+        if not self._adoptable(register, custodians):
             return False
+        known = {c.name: c for c in register.custodians}
         added = tuple(c for c in custodians if c.name not in known)
         merged = {**policies, **register.policies}
         if not added and merged == dict(register.policies):
