@@ -342,7 +342,7 @@ def _output(path: str, *, mode: int, follow_symlinks: bool) -> Iterator[BinaryIO
         yield handle
 
 
-class _ByteSize(click.ParamType):
+class _ByteSize(click.ParamType):  # type: ignore[type-arg]
     """A size in bytes: ``1073741824``, ``512M``, ``1GiB`` (K, M, G are powers of 1024)."""
 
     name = "SIZE"

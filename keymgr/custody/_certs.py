@@ -147,4 +147,4 @@ def self_signed_certificate(key: PublicKey, common_name: str, sign: Callable[[by
                                  "the token does not hold this key pair's private half")
     cert = x509.Certificate({"tbs_certificate": tbs, "signature_algorithm": algos.SignedDigestAlgorithm(
         signature_algorithm(kind)), "signature_value": signature})
-    return cert.dump()
+    return bytes(cert.dump())

@@ -53,16 +53,16 @@ __all__ = ["ThresholdRecipient", "ThresholdSlot", "QuorumUnwrapper", "decrypt_wi
 MAX_SHARES = 16
 
 
-class _Slot(core.Sequence):
+class _Slot(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped
     _fields = [("custodian", core.UTF8String), ("public_key", core.OctetString), ("index", core.Integer),
                ("commitment", core.OctetString), ("sealed", core.OctetString)]
 
 
-class _Slots(core.SequenceOf):
+class _Slots(core.SequenceOf):  # type: ignore[misc]
     _child_spec = _Slot
 
 
-class _Value(core.Sequence):
+class _Value(core.Sequence):  # type: ignore[misc]
     _fields = [("version", core.Integer), ("id", core.OctetString), ("threshold", core.Integer),
                ("shares", _Slots)]
 

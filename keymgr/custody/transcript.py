@@ -167,7 +167,7 @@ def sign_transcript(document: Mapping[str, Any], signers: Sequence[Signer]) -> b
         "certificates": [x509.Certificate.load(c) for c in certificates],
         "signer_infos": infos,
     })
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
+    return bytes(cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump())
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def _shared_info(key_info: bytes, ukm: bytes | None) -> bytes:
         parts.append(core.OctetString(ukm, explicit=0).dump())
     parts.append(core.OctetString((256).to_bytes(4, "big"), explicit=2).dump())
     info.contents = b"".join(parts)
-    return info.dump()
+    return bytes(info.dump())
 
 
 def derive_kek(z: bytes | bytearray, kdf_hash: str, ukm: bytes | None,

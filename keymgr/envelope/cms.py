@@ -333,7 +333,7 @@ def find_data_key(recipient_infos: ParsedRecipients | tuple[bytes, ...], unwrap:
     unusable: UnsupportedAlgorithmError | MechanismUnsupportedError | None = None
     for index, der in enumerate(ders):
         try:
-            found = call(der if by_der else recipient_infos[index])  # type: ignore[arg-type]
+            found = call(der if by_der else recipient_infos[index])
         except (UnsupportedAlgorithmError, MechanismUnsupportedError) as exc:
             unusable = unusable or exc
             continue

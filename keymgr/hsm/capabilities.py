@@ -184,8 +184,9 @@ def _keypair(session: Any, key_type: KeyType, param: Any) -> tuple[Any, Any]:
         if key_type == KeyType.RSA:
             return session.generate_keypair(KeyType.RSA, 2048, store=False,  # type: ignore[no-any-return]
                                             private_template=session_template)
-        return session.create_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: param}, local=True) \
-            .generate_keypair(store=False, private_template=session_template)  # type: ignore[no-any-return]
+        return session.create_domain_parameters(  # type: ignore[no-any-return]
+            KeyType.EC, {Attribute.EC_PARAMS: param}, local=True).generate_keypair(
+            store=False, private_template=session_template)
     except p11x.PKCS11Error:
         template = {Attribute.DERIVE: DEFAULT, Attribute.WRAP: DEFAULT, Attribute.UNWRAP: DEFAULT,
                     Attribute.ENCRYPT: DEFAULT, Attribute.DECRYPT: DEFAULT, Attribute.SIGN: DEFAULT,
@@ -194,8 +195,9 @@ def _keypair(session: Any, key_type: KeyType, param: Any) -> tuple[Any, Any]:
         if key_type == KeyType.RSA:
             return session.generate_keypair(KeyType.RSA, 2048, store=True, label=label,  # type: ignore[no-any-return]
                                             public_template=template, private_template=template)
-        return session.create_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: param}, local=True) \
-            .generate_keypair(store=True, label=label, public_template=template, private_template=template)
+        return session.create_domain_parameters(  # type: ignore[no-any-return]
+            KeyType.EC, {Attribute.EC_PARAMS: param}, local=True).generate_keypair(
+            store=True, label=label, public_template=template, private_template=template)
 
 
 def _probe_rsa(session: Any, results: set[str]) -> None:

@@ -54,11 +54,12 @@ class FoundToken:
     flags: int
 
     @property
-    def token(self) -> pkcs11.Token:  # type: ignore[name-defined]
+    def token(self) -> pkcs11.Token:
         """The python-pkcs11 token object (re-read: slots can change)."""
         for slot in self.module.lib.get_slots(token_present=True):
             if slot.slot_id == self.slot_id:
-                return slot.get_token()
+                token: pkcs11.Token = slot.get_token()
+                return token
         raise errors.TokenRemovedError(f"token {self.label!r} is no longer in slot {self.slot_id}")
 
     def uri(self) -> str:

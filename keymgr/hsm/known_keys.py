@@ -76,7 +76,7 @@ def unwrap_with_session_key(ts: TokenSession, kek: bytes, wrapped: bytes, mechan
                  Attribute.VALUE: bytes(kek)}
     out_attrs = {Attribute.PRIVATE: True, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True}
 
-    def call(session: pkcs11.Session) -> bytearray:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> bytearray:
         key: Any = session.create_object(kek_attrs)
 
         def unwrap_as(key_type: KeyType) -> Any:

@@ -86,13 +86,13 @@ def generate_key(ts: TokenSession, template: KeyTemplate, *, label: str, key_id:
     key_type = _KEY_TYPES[template.key_type]
     bits = template.bits
 
-    def call(session: pkcs11.Session) -> None:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> None:
         session.generate_key(key_type, bits, label=label, id=key_id, store=store, template=attrs)
 
     ts.run(f"generate {template.purpose} key {label!r}", call)
 
 
-def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes) -> pkcs11.SecretKey:  # type: ignore[name-defined]
+def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes) -> pkcs11.SecretKey:
     cached = ts.cache.get(("key", key_id))
     if cached is not None:
         return cached  # type: ignore[return-value]
@@ -109,7 +109,7 @@ def cached_key_handle(ts: TokenSession, key_id: bytes) -> int | None:
     """The handle this session uses for ``key_id`` now, or None before its first use. No token
     call: lets a caller tie a check of the object (keymgr.provenance) to this very object."""
     cached = ts.cache.get(("key", key_id))
-    return None if cached is None else cached.handle  # type: ignore[attr-defined, no-any-return]
+    return None if cached is None else int(cached.handle)  # type: ignore[attr-defined]
 
 
 def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any, *, refind: bool = True) -> Any:
@@ -118,7 +118,7 @@ def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any, *, refi
     under the same CKA_ID may be another one, planted; the caller checks it again first).
     A key asked for a role its template does not give it is a :class:`~keymgr.errors.PolicyError`."""
 
-    def call(session: pkcs11.Session) -> Any:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> Any:
         key = _find_key(session, ts, key_id)
         try:
             try:
@@ -199,7 +199,7 @@ def check_value(ts: TokenSession, key_id: bytes) -> str | None:
 def destroy_key(ts: TokenSession, key_id: bytes) -> None:
     """Destroy the key object (crypto-shredding). Idempotent."""
 
-    def call(session: pkcs11.Session) -> None:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> None:
         ts.cache.pop(("key", key_id), None)
         for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id})):
             obj.destroy()
@@ -211,7 +211,7 @@ def destroy_key(ts: TokenSession, key_id: bytes) -> None:
 _SCAN_RETRIES = 5
 
 
-def _scan(session: pkcs11.Session, template: Mapping[Attribute, Any],  # type: ignore[name-defined]
+def _scan(session: pkcs11.Session, template: Mapping[Attribute, Any],
           read: Callable[[Any], T]) -> list[T]:
     """``read`` of every object matching ``template``, as one consistent scan. Another process
     may destroy an object between C_FindObjects and the attribute read (a keyring writer
@@ -235,7 +235,7 @@ def list_secret_keys(ts: TokenSession) -> list[tuple[str, bytes]]:
         except (p11x.AttributeTypeInvalid, KeyError):
             return None
 
-    def call(session: pkcs11.Session) -> list[tuple[str, bytes]]:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> list[tuple[str, bytes]]:
         template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
         return [found for found in _scan(session, template, read) if found is not None]
 
@@ -359,7 +359,7 @@ def write_data_object(ts: TokenSession, *, application: str, label: str, value: 
 def read_data_objects(ts: TokenSession, *, application: str) -> list[tuple[str, bytes]]:
     """Every (label, value) of this application's data objects."""
 
-    def call(session: pkcs11.Session) -> list[tuple[str, bytes]]:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> list[tuple[str, bytes]]:
         return _scan(session, {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application},
                      lambda obj: (str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])))
 
@@ -370,7 +370,7 @@ def destroy_data_object(ts: TokenSession, *, application: str, label: str) -> No
     """Destroy every data object of ``application`` labelled ``label``. Idempotent: one that
     another process destroyed first is gone either way."""
 
-    def call(session: pkcs11.Session) -> None:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> None:
         template = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application, Attribute.LABEL: label}
         for obj in _scan(session, template, lambda obj: obj):
             try:
@@ -400,7 +400,7 @@ def scan_data_objects(ts: TokenSession, *, application: str,
     whose handle ``memo`` has not seen. One find, plus one read per new object. A caller that
     cannot take an object in forgets its handle (``memo.labels.pop``), so it is read again."""
 
-    def call(session: pkcs11.Session) -> tuple[set[str], list[tuple[int, str, bytes]]]:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> tuple[set[str], list[tuple[int, str, bytes]]]:
         if memo.session is not session:
             memo.session, memo.labels = session, {}
         for attempt in range(_SCAN_RETRIES):
@@ -458,7 +458,7 @@ def _singleton_scan(ts: TokenSession, label: str) -> list[tuple[bytes, list[str]
                 failed.append(f"CKA_{attribute.name} is {value}")
         return key_id, failed
 
-    def call(session: pkcs11.Session) -> list[tuple[bytes, list[str]]]:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> list[tuple[bytes, list[str]]]:
         template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True, Attribute.LABEL: label}
         return sorted(found for found in _scan(session, template, read) if found is not None)
 

@@ -29,14 +29,14 @@ __all__ = ["read_register", "read_register_cached", "write_register", "list_regi
 MAX_VALUE = 1024
 
 
-def _find(session: pkcs11.Session, name: str) -> list[Any]:  # type: ignore[name-defined]
+def _find(session: pkcs11.Session, name: str) -> list[Any]:
     return list(session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: name}))
 
 
 def read_register(ts: TokenSession, name: str) -> str | None:
     """The value of register ``name``, or None if the token has none."""
 
-    def call(session: pkcs11.Session) -> str | None:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> str | None:
         found = _find(session, name)
         return str(found[0][Attribute.LABEL]) if found else None
 
@@ -48,7 +48,7 @@ def read_register_cached(ts: TokenSession, name: str) -> str | None:
     (~0.2 ms on SoftHSM, which re-reads the object when another process changed it) instead of a
     find that scans every object of the token. For values polled often."""
 
-    def call(session: pkcs11.Session) -> str | None:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> str | None:
         cached = ts.cache.get(("register", name))
         if cached is not None:
             try:
@@ -69,7 +69,7 @@ def write_register(ts: TokenSession, name: str, value: str) -> None:
     if len(value) > MAX_VALUE:
         raise errors.ConfigurationError(f"register {name!r}: value longer than {MAX_VALUE} characters")
 
-    def call(session: pkcs11.Session) -> None:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> None:
         cached = ts.cache.get(("register", name))
         if cached is not None:
             try:
@@ -94,7 +94,7 @@ def write_register(ts: TokenSession, name: str, value: str) -> None:
 def list_registers(ts: TokenSession, prefix: str) -> dict[str, str]:
     """Every register whose name starts with ``prefix``: name -> value."""
 
-    def call(session: pkcs11.Session) -> dict[str, str]:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> dict[str, str]:
         out: dict[str, str] = {}
         for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.DATA})):
             try:
@@ -109,7 +109,7 @@ def list_registers(ts: TokenSession, prefix: str) -> dict[str, str]:
 
 
 def delete_register(ts: TokenSession, name: str) -> None:
-    def call(session: pkcs11.Session) -> None:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> None:
         ts.cache.pop(("register", name), None)
         for obj in _find(session, name):
             obj.destroy()

@@ -95,7 +95,7 @@ class TokenSession:
         self._pin_callback = pin_callback
         self._want_login = login
         self._pin: Pin | None = None  # kept only to log in again after a lost session
-        self._session: pkcs11.Session | None = None  # type: ignore[name-defined]
+        self._session: pkcs11.Session | None = None
         self._generation = -1
         self._pid = -1
         self._cache: dict[object, object] = {}
@@ -125,7 +125,7 @@ class TokenSession:
 
     # -- opening and logging in -------------------------------------------------
 
-    def _open_locked(self) -> pkcs11.Session:  # type: ignore[name-defined]
+    def _open_locked(self) -> pkcs11.Session:
         module = self.module
         module.ensure_current()
         if self._session is not None and self._generation == module.generation and self._pid == module.pid:
@@ -141,7 +141,7 @@ class TokenSession:
         self._pid = module.pid
         return session
 
-    def _open_with_retries(self) -> pkcs11.Session:  # type: ignore[name-defined]
+    def _open_with_retries(self) -> pkcs11.Session:
         """:meth:`_open_locked`, tried again a few times after a re-initialise when the token looks
         absent: processes logging in at the same moment (forked children of one parent, a fleet
         starting) rewrite SoftHSM's token file while others read it (STACK-FACTS 23)."""
@@ -171,7 +171,7 @@ class TokenSession:
             f"the user PIN of token {self.label!r} is locked; {self._unlock_hint()}", token=self.label)
 
     @staticmethod
-    def _current_flags(token: pkcs11.Token) -> int:  # type: ignore[name-defined]
+    def _current_flags(token: pkcs11.Token) -> int:
         """The token's flags now (C_GetTokenInfo again): python-pkcs11 keeps those read when the
         token was listed, so a wrong PIN typed since would not show in its PIN-counter flags."""
         try:
@@ -179,7 +179,7 @@ class TokenSession:
         except p11x.PKCS11Error:
             return int(token.flags)
 
-    def _login(self, token: pkcs11.Token) -> pkcs11.Session:  # type: ignore[name-defined]
+    def _login(self, token: pkcs11.Token) -> pkcs11.Session:
         """Open a session and C_Login, once; a wrong PIN is reported, never retried."""
         flags = self._current_flags(token)
         if flags & TokenFlag.USER_PIN_LOCKED:
@@ -303,7 +303,7 @@ class TokenSession:
 
     # -- running calls ---------------------------------------------------------
 
-    def run(self, operation: str, call: Callable[[pkcs11.Session], T]) -> T:  # type: ignore[name-defined]
+    def run(self, operation: str, call: Callable[[pkcs11.Session], T]) -> T:
         """Run ``call(session)`` under the module lock, translating errors.
 
         ``operation`` names the step for error messages ("wrap data key").

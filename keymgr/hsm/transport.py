@@ -106,7 +106,7 @@ def export_wrapped(ts: TokenSession, key_ids: Sequence[bytes], transport: bytes 
             finally:
                 so.close()
 
-            def wrap(session: pkcs11.Session) -> list[bytes]:  # type: ignore[name-defined]
+            def wrap(session: pkcs11.Session) -> list[bytes]:
                 out = []
                 for key_id in key_ids:
                     found = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id}))
@@ -139,7 +139,7 @@ class ImportItem:
 def key_ids_present(ts: TokenSession, key_ids: Sequence[bytes]) -> list[bytes]:
     """Which of ``key_ids`` already name an object on the token."""
 
-    def call(session: pkcs11.Session) -> list[bytes]:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> list[bytes]:
         return [k for k in key_ids if list(session.get_objects({Attribute.ID: k}))]
 
     return ts.run("look up key ids", call)
@@ -157,7 +157,7 @@ def import_unwrapped(ts: TokenSession, transport: bytes | bytearray, items: Sequ
     if len(set(ids)) != len(ids):
         raise errors.FormatError("two keys to restore share a CKA_ID")
 
-    def call(session: pkcs11.Session) -> dict[bytes, str | None]:  # type: ignore[name-defined]
+    def call(session: pkcs11.Session) -> dict[bytes, str | None]:
         clash = [k.hex() for k in ids if list(session.get_objects({Attribute.ID: k}))]
         if clash:
             raise errors.PolicyError(f"token {ts.label!r} already holds objects with CKA_ID {', '.join(clash)}; "
