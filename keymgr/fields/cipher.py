@@ -35,6 +35,7 @@ from keymgr.envelope.kek import KekProtector
 from keymgr.envelope.recipients import read_kek_recipient
 from keymgr.fields._format import FIELD_INTEGRITY, KEY_REF_SIZE, Place, field_aad, key_ref_of, pack, unpack
 from keymgr.fields.keys import KeyStore, StoredKey
+from keymgr.keyring import KeyRecord
 from keymgr.rewrap import Rewrapper
 
 __all__ = ["FieldCipher", "Place"]
@@ -76,6 +77,10 @@ class FieldCipher:
     @property
     def key(self) -> str:
         return self._key
+
+    def describe(self) -> KeyRecord:
+        """The key's record now (versions, primary)."""
+        return self._protector.keyring.get(self._key)
 
     @property
     def store(self) -> KeyStore:

@@ -161,11 +161,16 @@ class BlindIndex:
 
     # -- terms -----------------------------------------------------------------
 
-    def _message(self, value: str | Sequence[str]) -> bytes:
+    def normalised(self, value: str | Sequence[str]) -> tuple[str, ...]:
+        """What the HMAC covers (transformed, normalised parts): equal for values that find each
+        other, which is how a lookup drops the false positives truncation lets through."""
         parts = [value] if isinstance(value, str) else list(value)
         if not parts or not all(isinstance(p, str) for p in parts):
             raise errors.ConfigurationError("a blind index takes a string, or a sequence of strings (compound)")
-        return self._prefix + b"".join(_lp(self._normalise(self._transform(p)).encode()) for p in parts)
+        return tuple(self._normalise(self._transform(p)) for p in parts)
+
+    def _message(self, value: str | Sequence[str]) -> bytes:
+        return self._prefix + b"".join(_lp(p.encode()) for p in self.normalised(value))
 
     def _truncate(self, version: int, mac: bytes) -> bytes:
         whole, rest = divmod(self.bits, 8)
