@@ -71,6 +71,7 @@ class EncryptedBytes(sa.types.TypeDecorator[bytes]):
 class EncryptedText(EncryptedBytes):
     """:class:`EncryptedBytes` whose plaintext is UTF-8 text."""
 
+    cache_ok = True
     text = True
 
 
