@@ -9,6 +9,7 @@ server runs as the ``postgres`` system user the Debian package creates (else ``n
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -75,10 +76,8 @@ class TempPostgres:
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            try:
+            with contextlib.suppress(RuntimeError):
                 self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-            except RuntimeError:
-                pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> TempPostgres:

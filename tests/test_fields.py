@@ -6,12 +6,25 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from keymgr import errors
-from keymgr.fields import (OVERHEAD, MemoryKeyStore, Place, chain, collapse_spaces, digits_only, last_digits,
-                           lowercase, mask, mask_card, mask_email, mask_phone)
+from keymgr.fields import (
+    OVERHEAD,
+    MemoryKeyStore,
+    Place,
+    chain,
+    collapse_spaces,
+    digits_only,
+    last_digits,
+    lowercase,
+    mask,
+    mask_card,
+    mask_email,
+    mask_phone,
+)
 from keymgr.fields._format import field_aad, unpack
 from keymgr.hsm import objects
 
@@ -174,7 +187,7 @@ def test_field_operations_are_audited(km_a, key_name) -> None:
     log = km_a._audit.log
     assert log is not None
     log.flush()
-    text = open(log.path).read()  # type: ignore[attr-defined]
+    text = Path(log.path).read_text()  # type: ignore[attr-defined]
     assert '"op":"decrypt"' in text.replace(" ", "") and "failed" in text
     assert CARD not in text
 
