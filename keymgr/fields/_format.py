@@ -3,7 +3,7 @@
 ::
 
     value = 0x01 || key_ref (8) || nonce (12) || AES-256-GCM ciphertext (len(plaintext)) || tag (16)
-    AAD   = "keymgr-field" || 0x01 || key_ref || LP(key name) || LP(table) || LP(column) || LP(row)
+    AAD   = "keymgr-field" || 0x01 || LP(key name) || LP(table) || LP(column) || key_ref || LP(row)
             || LP(extra_1 name) || LP(extra_1 value) ...   (extras sorted by name; LP = 4-byte length || UTF-8)
 
 So ``len(value) = len(plaintext) + 37``: a 19-byte card number takes 56 bytes.
@@ -23,6 +23,7 @@ into the GCM tag only. A value copied to another row or column fails authenticat
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from types import MappingProxyType
 from keymgr.envelope._aead import NONCE_SIZE, TAG_SIZE
 from keymgr.errors import ConfigurationError, IntegrityError
 
-__all__ = ["FORMAT_VERSION", "KEY_REF_SIZE", "OVERHEAD", "Place", "field_aad", "pack", "unpack", "key_ref_of"]
+__all__ = ["FORMAT_VERSION", "KEY_REF_SIZE", "OVERHEAD", "Place", "column_prefix", "field_aad", "key_ref_of", "pack",
+           "row_suffix", "unpack"]
 
 FORMAT_VERSION = 1
 KEY_REF_SIZE = 8
@@ -59,16 +61,24 @@ class Place:
 
     def __post_init__(self) -> None:
         for name in ("table", "column", "row"):
-            part = getattr(self, name)
-            if not isinstance(part, str) or not part or len(part.encode()) > _MAX_PART:
-                raise ConfigurationError(f"a field's {name} must be a non-empty string of at most {_MAX_PART} bytes")
+            check_part(name, getattr(self, name))
         extra = dict(self.extra)
-        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in extra.items()):
-            raise ConfigurationError("a field's extra context maps non-empty strings to strings")
+        check_extra(extra)
         object.__setattr__(self, "extra", MappingProxyType(extra))
 
     def __repr__(self) -> str:  # the row id may be sensitive in some schemas: show the column only
         return f"Place({self.table}.{self.column})"
+
+
+def check_part(name: str, part: object) -> None:
+    """A table, column or row identity: a non-empty string of at most 4096 UTF-8 bytes."""
+    if not isinstance(part, str) or not part or len(part) > _MAX_PART or len(part.encode()) > _MAX_PART:
+        raise ConfigurationError(f"a field's {name} must be a non-empty string of at most {_MAX_PART} bytes")
+
+
+def check_extra(extra: Mapping[str, str]) -> None:
+    if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in extra.items()):
+        raise ConfigurationError("a field's extra context maps non-empty strings to strings")
 
 
 def _lp(text: str) -> bytes:
@@ -76,13 +86,25 @@ def _lp(text: str) -> bytes:
     return struct.pack(">I", len(raw)) + raw
 
 
+@functools.lru_cache(maxsize=1024)
+def column_prefix(key: str, table: str, column: str) -> bytes:
+    """The AAD's leading part, the same for every value of one column under one key."""
+    check_part("table", table)
+    check_part("column", column)
+    return _AAD_LABEL + _lp(key) + _lp(table) + _lp(column)
+
+
+def row_suffix(row: str, extra: Mapping[str, str] | None = None) -> bytes:
+    """The AAD's trailing part: the row identity and the extra context (checked by the caller)."""
+    if not extra:
+        return _lp(row)
+    return _lp(row) + b"".join(_lp(name) + _lp(extra[name]) for name in sorted(extra))
+
+
 def field_aad(key_ref: bytes, key: str, place: Place) -> bytes:
-    """The authenticated data of a value: unambiguous (every part length-prefixed), so no two
-    places share an AAD."""
-    parts = [_AAD_LABEL, key_ref, _lp(key), _lp(place.table), _lp(place.column), _lp(place.row)]
-    for name in sorted(place.extra):
-        parts += [_lp(name), _lp(place.extra[name])]
-    return b"".join(parts)
+    """The authenticated data of a value: unambiguous (every part length-prefixed, the key_ref
+    fixed-size), so no two places share an AAD."""
+    return column_prefix(key, place.table, place.column) + key_ref + row_suffix(place.row, place.extra)
 
 
 def pack(key_ref: bytes, nonce: bytes, sealed: bytes) -> bytes:

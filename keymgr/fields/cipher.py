@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +33,18 @@ from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope.cache import CachePolicy
 from keymgr.envelope.kek import KekProtector
 from keymgr.envelope.recipients import read_kek_recipient
-from keymgr.fields._format import FIELD_INTEGRITY, KEY_REF_SIZE, Place, field_aad, key_ref_of, pack, unpack
+from keymgr.fields._format import (
+    FIELD_INTEGRITY,
+    KEY_REF_SIZE,
+    Place,
+    check_extra,
+    check_part,
+    column_prefix,
+    key_ref_of,
+    pack,
+    row_suffix,
+    unpack,
+)
 from keymgr.fields.keys import KeyStore, StoredKey
 from keymgr.keyring import KeyRecord
 from keymgr.rewrap import Rewrapper
@@ -90,12 +101,29 @@ class FieldCipher:
 
     def encrypt(self, value: bytes | str, place: Place) -> bytes:
         """The field form of ``value`` (text is UTF-8) bound to ``place``."""
-        data = value.encode() if isinstance(value, str) else bytes(value)
         with self._audited("encrypt", key=self._key):
             current = self._data_key()
-            nonce = random_nonce()
-            return pack(current.key_ref, nonce, current.dek.seal(nonce, data, field_aad(current.key_ref, self._key,
-                                                                                        place)))
+            return self._seal(current, value, column_prefix(self._key, place.table, place.column),
+                              row_suffix(place.row, place.extra))
+
+    def encrypt_row(self, values: Mapping[str, bytes | str | None], *, table: str, row: str,
+                    extra: Mapping[str, str] | None = None) -> dict[str, bytes | None]:
+        """Several columns of one row (``None`` stays ``None``): one audited operation, one
+        check of the key's state, each value bound to its own column."""
+        check_part("row", row)
+        if extra:
+            check_extra(extra)
+        suffix = row_suffix(row, extra)
+        with self._audited("encrypt", key=self._key):
+            current = self._data_key()
+            return {column: None if value is None else
+                    self._seal(current, value, column_prefix(self._key, table, column), suffix)
+                    for column, value in values.items()}
+
+    def _seal(self, current: _Current, value: bytes | str, prefix: bytes, suffix: bytes) -> bytes:
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        nonce = random_nonce()
+        return pack(current.key_ref, nonce, current.dek.seal(nonce, data, prefix + current.key_ref + suffix))
 
     def _data_key(self) -> _Current:
         record = self._protector.keyring.get(self._key)
@@ -126,17 +154,33 @@ class FieldCipher:
     def decrypt(self, value: bytes, place: Place) -> bytes:
         """The plaintext of a value made by :meth:`encrypt` for the same ``place``."""
         with self._audited("decrypt", key=self._key):
-            key_ref, nonce, sealed = unpack(bytes(value))
-            dek = self._opened_key(key_ref)
-            try:
-                return dek.open(nonce, sealed, field_aad(key_ref, self._key, place))
-            except errors.IntegrityError:
-                raise errors.IntegrityError(FIELD_INTEGRITY) from None
+            return self._open(value, column_prefix(self._key, place.table, place.column),
+                              row_suffix(place.row, place.extra))
 
     def decrypt_text(self, value: bytes, place: Place) -> str:
+        return _text(self.decrypt(value, place))
+
+    def decrypt_row(self, values: Mapping[str, bytes | None], *, table: str, row: str,
+                    extra: Mapping[str, str] | None = None, text: Container[str] = ()) -> dict[str, Any]:
+        """:meth:`encrypt_row` undone: columns named in ``text`` come back as ``str``. One
+        audited operation; any value that fails is the one integrity error."""
+        check_part("row", row)
+        if extra:
+            check_extra(extra)
+        suffix = row_suffix(row, extra)
+        with self._audited("decrypt", key=self._key):
+            out: dict[str, Any] = {}
+            for column, value in values.items():
+                plain = None if value is None else self._open(value, column_prefix(self._key, table, column), suffix)
+                out[column] = _text(plain) if plain is not None and column in text else plain
+            return out
+
+    def _open(self, value: bytes, prefix: bytes, suffix: bytes) -> bytes:
+        key_ref, nonce, sealed = unpack(bytes(value))
+        dek = self._opened_key(key_ref)
         try:
-            return self.decrypt(value, place).decode()
-        except UnicodeDecodeError:
+            return dek.open(nonce, sealed, prefix + key_ref + suffix)
+        except errors.IntegrityError:
             raise errors.IntegrityError(FIELD_INTEGRITY) from None
 
     def _opened_key(self, key_ref: bytes) -> DataKey:
@@ -209,6 +253,13 @@ class FieldCipher:
             if self._current is not None:
                 self._current.dek.wipe()
             self._current = None
+
+
+def _text(plain: bytes) -> str:
+    try:
+        return plain.decode()
+    except UnicodeDecodeError:
+        raise errors.IntegrityError(FIELD_INTEGRITY) from None
 
 
 def place_of(table: str, column: str, row: object, extra: Mapping[str, str] | None = None) -> Place:

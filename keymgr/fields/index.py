@@ -22,6 +22,12 @@ map of the values (docs/fields.md, "Choosing bits").
   After a re-encryption pass has rewritten every term (:mod:`keymgr.fields.bulk`), lookups
   may set ``min_version`` to stop querying the old one.
 
+**Term cache**: a partial index has few distinct inputs (10,000 last-four values), so terms
+are kept in a bounded LRU (``cache``, default 10,000 entries) keyed by a host HMAC of the
+normalised input under a random per-process key: the cache holds no plaintext, and grants
+nothing the process cannot already do (it is logged in to the token and may compute any
+term). It is dropped on rotation. ``cache=0`` turns it off.
+
 Hosts sharing a token may each create the same version (no create-if-absent in PKCS#11):
 both keys stay, writers use the one with the lowest CKA_ID, and :meth:`terms` queries both.
 """
@@ -29,9 +35,11 @@ both keys stay, writers use the one with the lowest CKA_ID, and :meth:`terms` qu
 from __future__ import annotations
 
 import hmac
+import os
 import re
 import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -93,7 +101,7 @@ class BlindIndex:
 
     def __init__(self, ts: TokenSession, *, name: str, bits: int, audited: Callable[..., AbstractContextManager[Any]],
                  normalise: Normaliser | None = None, transform: Normaliser | None = None,
-                 min_version: int = 1) -> None:
+                 min_version: int = 1, cache: int = 10_000) -> None:
         if not _NAME.match(name):
             raise errors.ConfigurationError(f"invalid blind index name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
         if not 1 <= bits <= 256:
@@ -108,6 +116,9 @@ class BlindIndex:
         self._lock = threading.Lock()
         self._keys: dict[int, list[bytes]] = {}
         self._prefix = _DOMAIN + _lp(name.encode()) + struct.pack(">H", bits)
+        self._cache_size = max(0, cache)
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache_key = os.urandom(32)
         self.refresh()
         if not self._keys:
             self._ensure(1)
@@ -157,6 +168,7 @@ class BlindIndex:
             ids = objects.ensure_singleton_key(self._ts, INDEX_KEY, label=_label(self.name, new), id_prefix=b"bidx")
         with self._lock:
             self._keys[new] = ids
+            self._cache.clear()
         return new
 
     # -- terms -----------------------------------------------------------------
@@ -187,7 +199,18 @@ class BlindIndex:
         message = self._message(value)
         version = self.version
         with self._audited("index", key=self.name, version=version):
-            return self._term(version, self._keys[version][0], message)
+            if not self._cache_size:
+                return self._term(version, self._keys[version][0], message)
+            slot = hmac.digest(self._cache_key, bytes((version,)) + message, "sha256")
+            with self._lock:
+                term = self._cache.get(slot)
+            if term is None:
+                term = self._term(version, self._keys[version][0], message)
+                with self._lock:
+                    self._cache[slot] = term
+                    if len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+            return term
 
     def terms(self, value: str | Sequence[str]) -> list[bytes]:
         """Every term ``value`` may be stored under: one per live version (and per key, should two

@@ -146,6 +146,8 @@ class EncryptedTable:
         self.table = table
         self.cipher = cipher
         self.encrypted = {c.name: bool(c.type.text) for c in table.columns if isinstance(c.type, EncryptedBytes)}
+        self._text = frozenset(name for name, text in self.encrypted.items() if text)
+        self._statements: dict[tuple[str, bool], sa.Select[Any]] = {}
         self.indexes = dict(indexes or {})
         for name, (_, source) in self.indexes.items():
             sources = [source] if isinstance(source, str) else list(source)
@@ -173,10 +175,10 @@ class EncryptedTable:
         for name, (index, source) in self.indexes.items():
             plain = _index_input(row, source)
             out[name] = None if plain is None else index.term(plain)
-        for column in self.encrypted:
-            value = row.get(column)
-            if value is not None:
-                out[column] = Sealed(self.cipher.encrypt(value, self.place(column, row_id)))
+        sealed = self.cipher.encrypt_row({c: row.get(c) for c in self.encrypted}, table=self.table.name,
+                                         row=row_text(row_id))
+        for column, value in sealed.items():
+            out[column] = None if value is None else Sealed(value)
         return out
 
     def encode_rows(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -185,12 +187,9 @@ class EncryptedTable:
     def decode(self, row: Any) -> dict[str, Any]:
         """A fetched row (``Row`` or mapping) with its encrypted columns opened."""
         data = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
-        row_id = data[self.pk]
-        for column, text in self.encrypted.items():
-            value = data.get(column)
-            if value is not None:
-                place = self.place(column, row_id)
-                data[column] = self.cipher.decrypt_text(value, place) if text else self.cipher.decrypt(value, place)
+        opened = self.cipher.decrypt_row({c: data.get(c) for c in self.encrypted if c in data}, table=self.table.name,
+                                         row=row_text(data[self.pk]), text=self._text)
+        data.update(opened)
         return data
 
     def where(self, index: str, value: str | Sequence[str]) -> sa.ColumnElement[bool]:
@@ -199,10 +198,23 @@ class EncryptedTable:
         return self.table.c[index].in_(self.indexes[index][0].terms(value))
 
     def find(self, conn: Connection, index: str, value: str | Sequence[str]) -> list[dict[str, Any]]:
-        """The rows whose ``index`` matches ``value``, decrypted, false positives dropped."""
+        """The rows whose ``index`` matches ``value``, decrypted, false positives dropped. The
+        statements are built once per index (one term: ``=``; during an index rotation: ``IN``)."""
         spec, source = self.indexes[index]
-        rows = [self.decode(r) for r in conn.execute(sa.select(self.table).where(self.where(index, value)))]
-        return [r for r in rows if self._same(spec, source, r, value)]
+        terms = spec.terms(value)
+        if len(terms) == 1:
+            result = conn.execute(self._lookup(index, False), {"term": terms[0]})
+        else:
+            result = conn.execute(self._lookup(index, True), {"terms": terms})
+        return [r for r in map(self.decode, result) if self._same(spec, source, r, value)]
+
+    def _lookup(self, index: str, many: bool) -> sa.Select[Any]:
+        statement = self._statements.get((index, many))
+        if statement is None:
+            column = self.table.c[index]
+            where = column.in_(sa.bindparam("terms", expanding=True)) if many else column == sa.bindparam("term")
+            statement = self._statements[(index, many)] = sa.select(self.table).where(where)
+        return statement
 
     @staticmethod
     def _same(spec: BlindIndex, source: str | Sequence[str], row: Mapping[str, Any],
