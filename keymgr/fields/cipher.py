@@ -170,14 +170,20 @@ class FieldCipher:
         suffix = row_suffix(row, extra)
         with self._audited("decrypt", key=self._key):
             out: dict[str, Any] = {}
+            keys: dict[bytes, DataKey] = {}  # a row's values share their data key, mostly: checked once
             for column, value in values.items():
-                plain = None if value is None else self._open(value, column_prefix(self._key, table, column), suffix)
+                plain = None if value is None else self._open(value, column_prefix(self._key, table, column),
+                                                              suffix, keys)
                 out[column] = _text(plain) if plain is not None and column in text else plain
             return out
 
-    def _open(self, value: bytes, prefix: bytes, suffix: bytes) -> bytes:
+    def _open(self, value: bytes, prefix: bytes, suffix: bytes, keys: dict[bytes, DataKey] | None = None) -> bytes:
         key_ref, nonce, sealed = unpack(bytes(value))
-        dek = self._opened_key(key_ref)
+        dek = keys.get(key_ref) if keys is not None else None
+        if dek is None:
+            dek = self._opened_key(key_ref)
+            if keys is not None:
+                keys[key_ref] = dek
         try:
             return dek.open(nonce, sealed, prefix + key_ref + suffix)
         except errors.IntegrityError:
