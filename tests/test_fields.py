@@ -259,10 +259,12 @@ def test_pkcs11_tool_shows_the_index_key_sensitive_never_extractable(km_a, softh
                           softhsm.user_pin, "--list-objects", "--type", "secrkey", "--id", key_id.hex()],
                          capture_output=True, text=True, env={**os.environ, **softhsm.env}, timeout=60)
     assert out.returncode == 0, out.stderr
-    block = out.stdout
-    assert f"label:      keymgr-index/{key_name}/v1" in block, block
-    assert "sensitive" in block and "never extractable" in block, block
-    assert "Access:" in block and "extractable" not in block.replace("never extractable", "")
+    objects_shown = out.stdout.split("Secret Key Object")
+    (block,) = [b for b in objects_shown if f"label:      keymgr-index/{key_name}/v1\n" in b]
+    access = next(line for line in block.splitlines() if line.strip().startswith("Access:"))
+    flags = {flag.strip() for flag in access.split(":", 1)[1].split(",")}
+    assert {"sensitive", "always sensitive", "never extractable", "local"} <= flags, access
+    assert "extractable" not in flags, access
 
 
 # -- masking ---------------------------------------------------------------------------------------
@@ -275,3 +277,13 @@ def test_masking() -> None:
     assert mask_phone("+33 6 12 34 56 78") == "+** * ** ** ** 78"
     assert mask("abc") == "***"
     assert mask("secret-id-99", keep_end=2) == "**********99"
+
+
+def test_bits_range_follows_ciphersweets_planner() -> None:
+    from keymgr.fields.index import bits_range
+
+    assert bits_range(50_000) == (8, 15)  # CipherSweet's blind-index planner example
+    assert bits_range(100_000) == (9, 16)
+    assert bits_range(10_000) == (7, 13)  # a last-four-digits index: 10,000 possible inputs
+    with pytest.raises(errors.ConfigurationError):
+        bits_range(3)
