@@ -49,8 +49,8 @@ from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
 from keymgr.templates import INDEX_KEY
 
-__all__ = ["BlindIndex", "Normaliser", "bits_range", "chain", "collapse_spaces", "digits_only", "last_digits", "lowercase",
-           "INDEX_LABEL_PREFIX"]
+__all__ = ["BlindIndex", "Normaliser", "bits_range", "chain", "collapse_spaces", "digits_only", "last_digits",
+           "lowercase", "INDEX_LABEL_PREFIX"]
 
 Normaliser = Callable[[str], str]
 INDEX_LABEL_PREFIX = "keymgr-index/"
