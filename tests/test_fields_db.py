@@ -194,3 +194,44 @@ def test_rotation_and_bulk_rewrap_survive_two_sigkills(db_url, key_name, tmp_pat
         (p["id"], p["email"], p["card"], p["national_id"]) for p in people)
     assert not refs & before  # every value was sealed again after the rotation
     assert [r["id"] for r in found] == [people[1234]["id"]]
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    from click.testing import CliRunner
+
+    from keymgr.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_rewrap_reports_and_is_idempotent(km_a, softhsm, key_name, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    engine, table, enc, store, people = _setup(km_a, url, key_name, 30)
+    km_a.rotate(key_name)
+    code, out, err = _invoke("--token", softhsm.uri(), "--json", "fields", "rewrap", "--db", url, "--table",
+                             "customers", "--key", key_name)
+    assert code == 0, err
+    import json
+
+    summary = json.loads(out)
+    assert summary["data_keys"] == 1 and summary["data_keys_rewrapped"] == 1 and summary["rows_reencrypted"] is None
+    code, out, err = _invoke("--token", softhsm.uri(), "fields", "rewrap", "--db", url, "--table", "customers",
+                             "--key", key_name)
+    assert code == 0 and "0 of 1 data key(s) rewrapped" in out, (out, err)
+    km_a.retire(key_name, below=2)
+    reader = codec(km_a, engine, table, key=key_name, index_prefix=key_name)[0]
+    with engine.connect() as conn:
+        assert len([reader.decode(r) for r in conn.execute(sa.select(table))]) == 30  # payloads untouched
+
+
+@pytest.mark.parametrize("args", [
+    ("--db", "sqlite:////nonexistent-dir/x.db", "--table", "customers", "--key", "k"),
+    ("--db", "nosuchdialect://x", "--table", "customers", "--key", "k"),
+    ("--db", "sqlite://", "--table", "customers", "--key", "k", "--reencrypt"),
+])
+def test_cli_errors_are_one_line(softhsm, args: tuple[str, ...]) -> None:
+    code, out, err = _invoke("--token", softhsm.uri(), "fields", "rewrap", *args)
+    assert code != 0
+    errors_shown = [line for line in err.splitlines() if line.startswith("keymgr: error: ")]
+    assert len(errors_shown) == 1 and "Traceback" not in err, err

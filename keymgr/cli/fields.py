@@ -110,6 +110,9 @@ def rewrap_fields_command(state: CliState, url: str, table: str, key: str, colum
         fail(f"database: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     except (ModuleNotFoundError, ImportError) as exc:
         fail(f"database driver missing: {exc.name or exc}")
+    finally:
+        km.close()  # writes the aggregated audit counts now, not at interpreter exit
+        state._manager = None
     summary = {"table": table, "key": key, "data_keys": keys.total, "data_keys_rewrapped": keys.done,
                "rows_reencrypted": None if rows is None else rows.done,
                "rows_total": None if rows is None else rows.total,

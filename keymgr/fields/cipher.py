@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -164,18 +164,27 @@ class FieldCipher:
                     extra: Mapping[str, str] | None = None, text: Container[str] = ()) -> dict[str, Any]:
         """:meth:`encrypt_row` undone: columns named in ``text`` come back as ``str``. One
         audited operation; any value that fails is the one integrity error."""
-        check_part("row", row)
+        return self.decrypt_rows([(values, row)], table=table, extra=extra, text=text)[0]
+
+    def decrypt_rows(self, rows: Sequence[tuple[Mapping[str, bytes | None], str]], *, table: str,
+                     extra: Mapping[str, str] | None = None, text: Container[str] = ()) -> list[dict[str, Any]]:
+        """:meth:`decrypt_row` for several rows (a lookup's candidates) as one audited operation,
+        each data key checked once."""
         if extra:
             check_extra(extra)
-        suffix = row_suffix(row, extra)
+        keys: dict[bytes, DataKey] = {}  # values share their data keys, mostly: each checked once per call
         with self._audited("decrypt", key=self._key):
-            out: dict[str, Any] = {}
-            keys: dict[bytes, DataKey] = {}  # a row's values share their data key, mostly: checked once
-            for column, value in values.items():
-                plain = None if value is None else self._open(value, column_prefix(self._key, table, column),
-                                                              suffix, keys)
-                out[column] = _text(plain) if plain is not None and column in text else plain
-            return out
+            return [self._open_row(values, table, row, extra, text, keys) for values, row in rows]
+
+    def _open_row(self, values: Mapping[str, bytes | None], table: str, row: str, extra: Mapping[str, str] | None,
+                  text: Container[str], keys: dict[bytes, DataKey]) -> dict[str, Any]:
+        check_part("row", row)
+        suffix = row_suffix(row, extra)
+        out: dict[str, Any] = {}
+        for column, value in values.items():
+            plain = None if value is None else self._open(value, column_prefix(self._key, table, column), suffix, keys)
+            out[column] = _text(plain) if plain is not None and column in text else plain
+        return out
 
     def _open(self, value: bytes, prefix: bytes, suffix: bytes, keys: dict[bytes, DataKey] | None = None) -> bytes:
         key_ref, nonce, sealed = unpack(bytes(value))

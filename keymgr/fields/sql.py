@@ -233,18 +233,19 @@ class EncryptedTable:
         else:
             result = conn.execute(self._lookup(index, True), {"terms": terms})
         sources = [source] if isinstance(source, str) else list(source)
-        found = []
-        for row in result:  # the indexed columns first: a false positive costs no other decryption
-            data = dict(row._mapping)
-            probe = self.cipher.decrypt_row({c: data.get(c) for c in sources}, table=self.table.name,
-                                            row=row_text(data[self.pk]), text=self._text)
-            if self._same(spec, source, probe, value):
-                rest = {c: data.get(c) for c in self.encrypted if c in data and c not in probe}
-                data.update(probe)
-                data.update(self.cipher.decrypt_row(rest, table=self.table.name, row=row_text(data[self.pk]),
-                                                    text=self._text))
-                found.append(data)
-        return found
+        candidates = [dict(row._mapping) for row in result]
+        name = self.table.name
+        # the indexed columns first, all candidates in one operation: a false positive costs one decryption
+        probes = self.cipher.decrypt_rows([({c: d.get(c) for c in sources}, row_text(d[self.pk])) for d in candidates],
+                                          table=name, text=self._text)
+        hits = [(d, p) for d, p in zip(candidates, probes, strict=True) if self._same(spec, source, p, value)]
+        rests = self.cipher.decrypt_rows(
+            [({c: d.get(c) for c in self.encrypted if c in d and c not in p}, row_text(d[self.pk])) for d, p in hits],
+            table=name, text=self._text)
+        for (data, probe), rest in zip(hits, rests, strict=True):
+            data.update(probe)
+            data.update(rest)
+        return [data for data, _ in hits]
 
     def _lookup(self, index: str, many: bool) -> sa.Select[Any]:
         statement = self._statements.get((index, many))
