@@ -43,9 +43,10 @@ class TempPostgres:
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="keymgr-pg-"))
-        self._bin = postgres_bin()
-        if self._bin is None:
+        found = postgres_bin()
+        if found is None:
             raise RuntimeError(missing_reason() or "PostgreSQL missing")
+        self._bin: Path = found
         self._user: str | None = None
         if os.geteuid() == 0:
             self._user = "postgres" if _user_exists("postgres") else "nobody"
