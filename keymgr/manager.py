@@ -476,11 +476,11 @@ class KeyManager:
                            on_cached_unwrap=lambda der: self._audit.on_cached_unwrap(der, self._protector))
 
     def blind_index(self, name: str, *, bits: int, normalise: Normaliser | None = None,
-                    transform: Normaliser | None = None, min_version: int = 1) -> BlindIndex:
+                    transform: Normaliser | None = None, min_version: int = 1, cache: int = 10_000) -> BlindIndex:
         """A blind index computed inside the token by an HMAC key made there for ``name`` (made on
         first use; one per version). ``bits``: how much of the HMAC is kept (docs/fields.md,
-        "Choosing bits"). See :mod:`keymgr.fields.index`."""
+        "Choosing bits"). ``cache``: terms kept for repeated inputs (0: none). See :mod:`keymgr.fields.index`."""
         from keymgr.fields.index import BlindIndex
 
         return BlindIndex(self.token, name=name, bits=bits, audited=self._audited, normalise=normalise,
-                          transform=transform, min_version=min_version)
+                          transform=transform, min_version=min_version, cache=cache)

@@ -287,3 +287,13 @@ def test_bits_range_follows_ciphersweets_planner() -> None:
     assert bits_range(10_000) == (7, 13)  # a last-four-digits index: 10,000 possible inputs
     with pytest.raises(errors.ConfigurationError):
         bits_range(3)
+
+
+def test_term_cache_gives_the_tokens_terms_and_forgets_them_on_rotation(km_a, key_name) -> None:
+    cached = km_a.blind_index(key_name, bits=64, transform=last_digits(4))
+    uncached = km_a.blind_index(key_name, bits=64, transform=last_digits(4), cache=0)
+    first = cached.term_many(["6222 0000 0000 1234", "4111 1111 1111 1234", None, "x 9999"])
+    assert first[0] == first[1] == uncached.term("1234") and first[2] is None
+    assert cached.term("…1234") == first[0]  # a hit: same bytes
+    cached.rotate()
+    assert cached.term("1234")[0] == 2 and cached.term("1234") != first[0]
