@@ -297,3 +297,11 @@ def test_term_cache_gives_the_tokens_terms_and_forgets_them_on_rotation(km_a, ke
     assert cached.term("…1234") == first[0]  # a hit: same bytes
     cached.rotate()
     assert cached.term("1234")[0] == 2 and cached.term("1234") != first[0]
+
+
+@pytest.mark.parametrize("value", [5, 1.5, ["x"], object()])
+def test_values_other_than_text_or_bytes_are_refused(km_a, key_name, value) -> None:
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    with pytest.raises(errors.ConfigurationError):
+        cipher.encrypt(value, Place("t", "c", "r"))

@@ -121,7 +121,12 @@ class FieldCipher:
                     for column, value in values.items()}
 
     def _seal(self, current: _Current, value: bytes | str, prefix: bytes, suffix: bytes) -> bytes:
-        data = value.encode() if isinstance(value, str) else bytes(value)
+        if isinstance(value, str):
+            data = value.encode()
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+        else:  # bytes(5) would be five zero bytes: refuse rather than store something else
+            raise errors.ConfigurationError(f"a field value is str or bytes, not {type(value).__name__}")
         nonce = random_nonce()
         return pack(current.key_ref, nonce, current.dek.seal(nonce, data, prefix + current.key_ref + suffix))
 
