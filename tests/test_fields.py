@@ -305,3 +305,15 @@ def test_values_other_than_text_or_bytes_are_refused(km_a, key_name, value) -> N
     cipher = km_a.fields(key_name, store=MemoryKeyStore())
     with pytest.raises(errors.ConfigurationError):
         cipher.encrypt(value, Place("t", "c", "r"))
+
+
+def test_another_instances_rotation_is_seen_after_the_refresh_interval(km_a, key_name, monkeypatch) -> None:
+    from keymgr.fields import index as index_module
+
+    writer = km_a.blind_index(key_name, bits=64)
+    reader = km_a.blind_index(key_name, bits=64)
+    writer.rotate()
+    new = writer.term("x")
+    assert new not in reader.terms("x")  # within the interval: the versions this instance knows
+    monkeypatch.setattr(index_module, "REFRESH_INTERVAL", 0.0)
+    assert new in reader.terms("x") and reader.term("x") == new

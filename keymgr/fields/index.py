@@ -30,6 +30,10 @@ term). It is dropped on rotation. ``cache=0`` turns it off.
 
 Hosts sharing a token may each create the same version (no create-if-absent in PKCS#11):
 both keys stay, writers use the one with the lowest CKA_ID, and :meth:`terms` queries both.
+A rotation made by another process is seen within ``REFRESH_INTERVAL`` seconds (the versions
+are re-read from the token, one scan of its secret keys): until then this process still
+writes and looks up with the versions it knows, so a lookup may miss a row written under the
+new version for at most that long (DESIGN.md, "Bounded staleness").
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import os
 import re
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -57,6 +62,8 @@ INDEX_LABEL_PREFIX = "keymgr-index/"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DOMAIN = b"keymgr-blind-index\x01"
 _MAX_VERSION = 255
+#: Seconds between two re-reads of an index's versions from the token.
+REFRESH_INTERVAL = 30.0
 
 
 def lowercase(value: str) -> str:
@@ -130,6 +137,7 @@ class BlindIndex:
         self._min_version = min_version
         self._lock = threading.Lock()
         self._keys: dict[int, list[bytes]] = {}
+        self._refreshed = 0.0
         self._prefix = _DOMAIN + _lp(name.encode()) + struct.pack(">H", bits)
         self._cache_size = max(0, cache)
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
@@ -151,7 +159,17 @@ class BlindIndex:
             if label.startswith(prefix) and label[len(prefix):].isdigit():
                 found.setdefault(int(label[len(prefix):]), []).append(key_id)
         with self._lock:
-            self._keys = {v: sorted(ids) for v, ids in found.items()}
+            if found or not self._keys:
+                self._keys = {v: sorted(ids) for v, ids in found.items()}
+            self._refreshed = time.monotonic()
+
+    def _fresh(self) -> None:
+        if time.monotonic() - self._refreshed > REFRESH_INTERVAL:
+            before = self.version
+            self.refresh()
+            if self.version != before:
+                with self._lock:
+                    self._cache.clear()
 
     def _ensure(self, version: int) -> None:
         with self._audited("create", key=self.name, version=version, detail={"kind": "blind-index"}):
@@ -218,6 +236,7 @@ class BlindIndex:
     def term_many(self, values: Sequence[str | Sequence[str] | None]) -> list[bytes | None]:
         """:meth:`term` of each value (None for None), as one audited operation: what a bulk
         insert computes for a batch of rows."""
+        self._fresh()
         messages = [None if v is None else self._message(v) for v in values]
         version = self.version
         key_id = self._keys[version][0]
@@ -241,6 +260,7 @@ class BlindIndex:
     def terms(self, value: str | Sequence[str]) -> list[bytes]:
         """Every term ``value`` may be stored under: one per live version (and per key, should two
         hosts have made the same version); query ``column IN (...)`` with them."""
+        self._fresh()
         message = self._message(value)
         with self._audited("index", key=self.name, version=self.version):
             return [self._term(v, key_id, message) for v in self.versions for key_id in self._keys[v]]
