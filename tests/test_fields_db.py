@@ -110,6 +110,23 @@ def test_a_value_moved_inside_the_database_does_not_decrypt(km_a, key_name, db_u
         assert enc.decode(intact)["card"] == people[2]["card"]
 
 
+def test_a_row_of_another_tenant_does_not_decrypt(km_a, key_name, db_url) -> None:
+    from keymgr.fields.sql import EncryptedTable
+
+    engine, table, enc, _, people = _setup(km_a, db_url, key_name, 0)
+    acme = EncryptedTable(table, enc.cipher, extra={"tenant": "acme"})
+    other = EncryptedTable(table, enc.cipher, extra={"tenant": "globex"})
+    person = customer(random.Random(3), 1)
+    rows = acme.encode_rows([person])
+    with engine.begin() as conn:
+        conn.execute(table.insert(), rows)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(table)).one()
+        assert acme.decode(row)["card"] == person["card"]
+        with pytest.raises(errors.IntegrityError):
+            other.decode(row)
+
+
 def test_encrypted_columns_refuse_plaintext(km_a, key_name, db_url) -> None:
     engine, table, _, _, _ = _setup(km_a, db_url, key_name, 1)
     with pytest.raises(sa.exc.StatementError) as caught, engine.begin() as conn:

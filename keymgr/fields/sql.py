@@ -138,13 +138,15 @@ class EncryptedTable:
     ``cipher``, bound to (table, column, primary key); blind-index columns from ``indexes``."""
 
     def __init__(self, table: sa.Table, cipher: FieldCipher, *, indexes: Mapping[str, IndexSpec] | None = None,
-                 pk: str | None = None) -> None:
+                 pk: str | None = None, extra: Mapping[str, str] | None = None) -> None:
+        """``extra``: context bound into every value besides its place (a tenant: one codec per tenant)."""
         keys = [c.name for c in table.primary_key.columns]
         self.pk = pk or (keys[0] if len(keys) == 1 else "")
         if not self.pk or self.pk not in table.c:
             raise errors.ConfigurationError(f"table {table.name!r} needs a single-column primary key for its fields")
         self.table = table
         self.cipher = cipher
+        self.extra = dict(extra or {})
         self.encrypted = {c.name: bool(c.type.text) for c in table.columns if isinstance(c.type, EncryptedBytes)}
         self._text = frozenset(name for name, text in self.encrypted.items() if text)
         self._statements: dict[tuple[str, bool], sa.Select[Any]] = {}
@@ -157,7 +159,7 @@ class EncryptedTable:
                 raise errors.ConfigurationError(f"blind index {name!r} reads a column that is not encrypted")
 
     def place(self, column: str, row_id: object) -> Place:
-        return Place(self.table.name, column, row_text(row_id))
+        return Place(self.table.name, column, row_text(row_id), self.extra)
 
     def _new_id(self) -> object:
         python_type = self.table.c[self.pk].type.python_type
@@ -183,7 +185,7 @@ class EncryptedTable:
                 row[name] = term
         for row in out:
             sealed = self.cipher.encrypt_row({c: row.get(c) for c in self.encrypted}, table=self.table.name,
-                                             row=row_text(row[self.pk]))
+                                             row=row_text(row[self.pk]), extra=self.extra)
             for column, value in sealed.items():
                 row[column] = None if value is None else Sealed(value)
         return out
@@ -214,7 +216,7 @@ class EncryptedTable:
         """A fetched row (``Row`` or mapping) with its encrypted columns opened."""
         data = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
         opened = self.cipher.decrypt_row({c: data.get(c) for c in self.encrypted if c in data}, table=self.table.name,
-                                         row=row_text(data[self.pk]), text=self._text)
+                                         row=row_text(data[self.pk]), extra=self.extra, text=self._text)
         data.update(opened)
         return data
 
@@ -237,11 +239,11 @@ class EncryptedTable:
         name = self.table.name
         # the indexed columns first, all candidates in one operation: a false positive costs one decryption
         probes = self.cipher.decrypt_rows([({c: d.get(c) for c in sources}, row_text(d[self.pk])) for d in candidates],
-                                          table=name, text=self._text)
+                                          table=name, extra=self.extra, text=self._text)
         hits = [(d, p) for d, p in zip(candidates, probes, strict=True) if self._same(spec, source, p, value)]
         rests = self.cipher.decrypt_rows(
             [({c: d.get(c) for c in self.encrypted if c in d and c not in p}, row_text(d[self.pk])) for d, p in hits],
-            table=name, text=self._text)
+            table=name, extra=self.extra, text=self._text)
         for (data, probe), rest in zip(hits, rests, strict=True):
             data.update(probe)
             data.update(rest)
