@@ -267,3 +267,33 @@ def test_insert_many_pipelines_batches(km_a, key_name, db_url) -> None:
         found = enc.find(conn, "email_bidx", people[777]["email"])
     assert sorted(r["email"] for r in rows) == sorted(p["email"] for p in people)
     assert [r["card"] for r in found] == [people[777]["card"]]
+
+
+def test_a_role_granted_masked_columns_only_sees_masked_values(km_a, key_name, postgres) -> None:
+    """docs/fields.md, "Masking": PostgreSQL column privileges give an agent the masked copies and
+    nothing else (no ciphertext, no blind-index terms)."""
+    from keymgr.fields import mask_card
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        conn.execute(sa.text(f"CREATE ROLE agent_{name} LOGIN"))
+    admin.dispose()
+    url = postgres.url(name)
+    engine, table, enc, _, people = _setup(km_a, url, key_name, 5)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE customers ADD COLUMN card_masked varchar(30)"))
+        for p in people:
+            conn.execute(sa.text("UPDATE customers SET card_masked = :m WHERE id = :i"),
+                         {"m": mask_card(p["card"]), "i": p["id"]})
+        conn.execute(sa.text(f"GRANT SELECT (id, name, card_masked) ON customers TO agent_{name}"))
+    agent = sa.create_engine(url.replace("keymgr@", f"agent_{name}@"))
+    with agent.connect() as conn:
+        masked = {r.card_masked for r in conn.execute(sa.text("SELECT card_masked FROM customers"))}
+        assert masked == {mask_card(p["card"]) for p in people}
+        assert all(m.startswith("6222 **** **** ") for m in masked)
+    for column in ("card", "email_bidx", "*"):
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"), agent.connect() as conn:
+            conn.execute(sa.text(f"SELECT {column} FROM customers"))
+    agent.dispose()
