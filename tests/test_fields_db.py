@@ -255,7 +255,7 @@ def test_cli_errors_are_one_line(softhsm, args: tuple[str, ...]) -> None:
     assert len(errors_shown) == 1 and "Traceback" not in err, err
 
 
-def test_insert_many_pipelines_batches(km_a, key_name, db_url) -> None:
+def test_insert_many_in_batches(km_a, key_name, db_url) -> None:
     engine, table, enc, store, _ = _setup(km_a, db_url, key_name, 0)
     rng = random.Random(5)
     people = [customer(rng, i) for i in range(1200)]

