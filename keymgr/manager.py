@@ -472,8 +472,7 @@ class KeyManager:
         from keymgr.fields.cipher import FieldCipher
 
         return FieldCipher(key=key, store=store, protector=self._protector, rewrapper=self.rewrapper(),
-                           audited=self._audited, policy=cache,
-                           on_cached_unwrap=lambda der: self._audit.on_cached_unwrap(der, self._protector))
+                           audited=self._audited, policy=cache, on_unwrap=self._audit.on_unwrap)
 
     def blind_index(self, name: str, *, bits: int, normalise: Normaliser | None = None,
                     transform: Normaliser | None = None, min_version: int = 1, cache: int = 10_000) -> BlindIndex:

@@ -46,7 +46,7 @@ from keymgr.fields._format import (
     unpack,
 )
 from keymgr.fields.keys import KeyStore, StoredKey
-from keymgr.keyring import KeyRecord
+from keymgr.keyring import KeyRecord, KeyVersion
 from keymgr.rewrap import Rewrapper
 
 __all__ = ["FieldCipher", "Place"]
@@ -63,23 +63,36 @@ class _Current:
     uses: int = 0
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """An unwrapped data key, its recipient, when it was opened, and the version that wrapped it
+    (for the audit's attribution: names and numbers; its state is read anew on every use)."""
+
+    dek: DataKey
+    der: bytes
+    opened: float
+    record: KeyRecord
+    version: KeyVersion
+
+
 class FieldCipher:
     """Seal and open field values for one named key and one data-key store."""
 
     def __init__(self, *, key: str, store: KeyStore, protector: KekProtector, rewrapper: Rewrapper,
-                 audited: Audited, on_cached_unwrap: Callable[[bytes], None], policy: CachePolicy | None = None,
+                 audited: Audited, on_unwrap: Callable[[KeyRecord, KeyVersion], None],
+                 policy: CachePolicy | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._key = key
         self._store = store
         self._protector = protector
         self._rewrapper = rewrapper
         self._audited = audited
-        self._on_cached_unwrap = on_cached_unwrap
+        self._on_unwrap = on_unwrap  # the audit's attribution and rate limits, for cached data keys
         self._policy = policy or CachePolicy()
         self._clock = clock
         self._lock = threading.RLock()  # a new data key is remembered while the lock is held
         self._current: _Current | None = None
-        self._opened: OrderedDict[bytes, tuple[DataKey, bytes, float]] = OrderedDict()
+        self._opened: OrderedDict[bytes, _Opened] = OrderedDict()
         protector.keyring.get(key)  # fail now, not at the first insert, for a key that does not exist
 
     def __repr__(self) -> str:
@@ -151,8 +164,9 @@ class FieldCipher:
         der = self._protector.wrap_der(record, dek)  # reserves a use, checks the version object
         key_ref = os.urandom(KEY_REF_SIZE)
         self._store.save(StoredKey(key_ref, self._key, der, dek.commitment))
-        self._remember(key_ref, dek, der, now)
-        return _Current(key_ref, dek, read_kek_recipient(der).kek_id, now)
+        kek_id = read_kek_recipient(der).kek_id
+        self._remember(key_ref, _Opened(dek, der, now, *self._protector.keyring.find_by_id(kek_id)))
+        return _Current(key_ref, dek, kek_id, now)
 
     # -- decrypt ---------------------------------------------------------------
 
@@ -207,11 +221,11 @@ class FieldCipher:
         now = self._clock()
         with self._lock:
             hit = self._opened.get(key_ref)
-        if hit is not None and now - hit[2] < self._policy.max_age:
+        if hit is not None and now - hit.opened < self._policy.max_age:
             try:
-                self._on_cached_unwrap(hit[1])  # the audit's limits, then the version's state
-                self._protector.check_der(hit[1])
-                return hit[0]
+                self._on_unwrap(hit.record, hit.version)  # the audit's limits, then the version's state now
+                self._protector.check_der(hit.der)
+                return hit.dek
             except errors.PolicyError:
                 self._forget(key_ref)  # perhaps rewrapped since (old version retired): read the row again
         return self._unwrap(key_ref, now)
@@ -229,12 +243,12 @@ class FieldCipher:
         dek = self._protector.unwrap_der(stored.recipient)
         if dek is None or not dek.matches(stored.commitment):
             raise errors.IntegrityError(FIELD_INTEGRITY)
-        self._remember(key_ref, dek, stored.recipient, now)
+        self._remember(key_ref, _Opened(dek, stored.recipient, now, *found))
         return dek
 
-    def _remember(self, key_ref: bytes, dek: DataKey, der: bytes, now: float) -> None:
+    def _remember(self, key_ref: bytes, opened: _Opened) -> None:
         with self._lock:
-            self._opened[key_ref] = (dek, der, now)
+            self._opened[key_ref] = opened
             self._opened.move_to_end(key_ref)
             while len(self._opened) > self._policy.max_entries:
                 self._opened.popitem(last=False)  # not wiped: a value may be opening with it now
@@ -267,8 +281,8 @@ class FieldCipher:
     def close(self) -> None:
         """Wipe every data key held (the current one and the opened ones)."""
         with self._lock:
-            for dek, _, _ in self._opened.values():
-                dek.wipe()
+            for opened in self._opened.values():
+                opened.dek.wipe()
             self._opened.clear()
             if self._current is not None:
                 self._current.dek.wipe()
