@@ -42,7 +42,8 @@ class TempPostgres:
     """One server on a unix socket in its own temporary directory."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="keymgr-pg-"))
+        # as root the server runs as another user, who must reach the directory: /tmp, not a private TMPDIR
+        self.dir = Path(tempfile.mkdtemp(prefix="keymgr-pg-", dir="/tmp" if os.geteuid() == 0 else None))
         found = postgres_bin()
         if found is None:
             raise RuntimeError(missing_reason() or "PostgreSQL missing")
