@@ -350,3 +350,17 @@ def test_rate_limits_count_field_decryptions_through_the_data_key_cache(softhsm,
             assert cipher.decrypt_text(value, place) == CARD  # one unwrap, then cache hits
         with pytest.raises(errors.PolicyError, match="refused"):
             cipher.decrypt(value, place)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 4])
+def test_max_messages_counts_values_not_rows(km_a, key_name, limit: int) -> None:
+    from keymgr.envelope.cache import CachePolicy
+
+    km_a.create_key(key_name)
+    store = MemoryKeyStore()
+    cipher = km_a.fields(key_name, store=store, cache=CachePolicy(max_messages=limit))
+    sealed = [cipher.encrypt_row({"a": "1", "b": "2", "c": "3"}, table="t", row=str(i)) for i in range(4)]
+    refs = [unpack(v)[0] for row in sealed for v in row.values() if v is not None]
+    uses = {ref: refs.count(ref) for ref in refs}
+    assert max(uses.values()) <= limit
+    assert cipher.decrypt_row(sealed[3], table="t", row="3", text={"a", "b", "c"}) == {"a": "1", "b": "2", "c": "3"}

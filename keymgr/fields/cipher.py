@@ -128,7 +128,12 @@ class FieldCipher:
             check_extra(extra)
         suffix = row_suffix(row, extra)
         with self._audited("encrypt", key=self._key):
-            current = self._data_key()
+            count = sum(value is not None for value in values.values())
+            if count > self._policy.max_messages:  # fewer values per data key than the row has: one key each
+                return {column: None if value is None else
+                        self._seal(self._data_key(), value, column_prefix(self._key, table, column), suffix)
+                        for column, value in values.items()}
+            current = self._data_key(count)
             return {column: None if value is None else
                     self._seal(current, value, column_prefix(self._key, table, column), suffix)
                     for column, value in values.items()}
@@ -143,7 +148,8 @@ class FieldCipher:
         nonce = random_nonce()
         return pack(current.key_ref, nonce, current.dek.seal(nonce, data, prefix + current.key_ref + suffix))
 
-    def _data_key(self) -> _Current:
+    def _data_key(self, values: int = 1) -> _Current:
+        """The data key for the next ``values`` values (a new one when they would pass a limit)."""
         record = self._protector.keyring.get(self._key)
         self._protector.check_encrypts(record, provenance=False)  # suspension stops a cached key at once
         now = self._clock()
@@ -151,9 +157,9 @@ class FieldCipher:
         with self._lock:
             current = self._current
             if (current is None or current.kek_id != record.primary_version.key_id
-                    or current.uses >= policy.max_messages or now - current.created >= policy.max_age):
+                    or current.uses + values > policy.max_messages or now - current.created >= policy.max_age):
                 current = self._current = self._new_data_key(now)
-            current.uses += 1
+            current.uses += values
             return current
 
     def _new_data_key(self, now: float) -> _Current:
