@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from keymgr.custody.backup_file import BackupFile
     from keymgr.custody.ceremony import BackupResult, RestoreResult
     from keymgr.custody.custodian_token import CustodianToken
+    from keymgr.fields.cipher import FieldCipher
+    from keymgr.fields.index import BlindIndex, Normaliser
+    from keymgr.fields.keys import KeyStore
     from keymgr.hsm.pins import Pin
     from keymgr.shred import DestroyResult
 
@@ -524,3 +527,24 @@ class KeyManager:
                 return decrypt_stream(src, dst, unwrap_der=self._unwrap, context=context)
             except (errors.IntegrityError, errors.FormatError) as exc:
                 raise _ciphertext_failure(exc) from None
+
+    # -- database fields (keymgr.fields: compact values, blind indexes) ---------------
+
+    def fields(self, key: str, *, store: KeyStore, cache: CachePolicy | None = None) -> FieldCipher:
+        """Encrypt database fields under ``key``: the compact field form, its data keys wrapped by
+        the key's primary and kept once each in ``store`` (docs/fields.md). Data keys are shared
+        by many values within ``cache``'s limits (default :class:`CachePolicy`'s); audited here."""
+        from keymgr.fields.cipher import FieldCipher
+
+        return FieldCipher(key=key, store=store, protector=self._protector, rewrapper=self.rewrapper(),
+                           audited=self._audited, policy=cache, on_unwrap=self._audit.on_unwrap)
+
+    def blind_index(self, name: str, *, bits: int, normalise: Normaliser | None = None,
+                    transform: Normaliser | None = None, min_version: int = 1, cache: int = 10_000) -> BlindIndex:
+        """A blind index computed inside the token by an HMAC key made there for ``name`` (made on
+        first use; one per version). ``bits``: how much of the HMAC is kept (docs/fields.md,
+        "Choosing bits"). ``cache``: terms kept for repeated inputs (0: none). See :mod:`keymgr.fields.index`."""
+        from keymgr.fields.index import BlindIndex
+
+        return BlindIndex(self.token, name=name, bits=bits, audited=self._audited, normalise=normalise,
+                          transform=transform, min_version=min_version, cache=cache)

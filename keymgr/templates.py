@@ -32,6 +32,7 @@ __all__ = [
     "KEK_WRAP",
     "KEK_GCM",
     "MAC_KEY",
+    "INDEX_KEY",
     "TRANSPORT_KEY",
     "TRANSPORT_EXPORT",
     "TRANSPORT_IMPORT",
@@ -88,6 +89,10 @@ KEK_GCM = KeyTemplate("kek-gcm", "AES", 256, {**_PROTECTED, **_roles("ENCRYPT", 
 #: HMAC-SHA256 key that authenticates keymgr's metadata and audit entries.
 MAC_KEY = KeyTemplate("mac", "GENERIC_SECRET", 256, {**_PROTECTED, **_roles("SIGN", "VERIFY")})
 
+#: HMAC-SHA256 key of one blind index version (keymgr.fields.index): computes search terms
+#: inside the token; like MAC_KEY it only signs and verifies, and never leaves the token.
+INDEX_KEY = KeyTemplate("blind-index", "GENERIC_SECRET", 256, {**_PROTECTED, **_roles("SIGN", "VERIFY")})
+
 #: One-time transport key for backups: wraps long-term keys, never decrypts data.
 TRANSPORT_KEY = KeyTemplate(
     "transport", "AES", 256, {**_PROTECTED, "TOKEN": False, **_roles("WRAP", "UNWRAP")}
@@ -126,7 +131,7 @@ EPHEMERAL_DATA_KEY = KeyTemplate(
 )
 
 TEMPLATES: Mapping[str, KeyTemplate] = MappingProxyType(
-    {t.purpose: t for t in (KEK_WRAP, KEK_GCM, MAC_KEY, TRANSPORT_KEY, TRANSPORT_EXPORT, TRANSPORT_IMPORT,
+    {t.purpose: t for t in (KEK_WRAP, KEK_GCM, MAC_KEY, INDEX_KEY, TRANSPORT_KEY, TRANSPORT_EXPORT, TRANSPORT_IMPORT,
                             EPHEMERAL_DATA_KEY)}
 )
 

@@ -10,4 +10,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --bench
 if [ "${1:-}" = "--rewrap" ]; then shift; exec .venv/bin/python bench/rewrap.py "$@"; fi  # bulk rewrap (bench/rewrap.py)
+if [ "${1:-}" = "--fields" ]; then shift; exec .venv/bin/python bench/fields.py "$@"; fi  # database fields (bench/fields.py)
 exec .venv/bin/python bench/envelope.py "$@"

@@ -3,6 +3,7 @@
 # environment in .venv, and the package itself. Safe to run again.
 #   scripts/setup.sh            runtime (SoftHSM2, OpenSC tools)
 #   scripts/setup.sh --dev      + test tools, the software TPM packages, chromium (headless, for tests),
+#                                PostgreSQL (tests of keymgr.fields),
 #                                a JDK and Bouncy Castle (interop tests)
 #   scripts/setup.sh --bench    + benchmark peers (Tink, AWS Encryption SDK)
 set -euo pipefail
@@ -25,6 +26,8 @@ if [ "$want_dev" = 1 ]; then
   # tools we did not write, for the interop tests (tests/test_interop_*.py): a JDK to compile a small
   # Bouncy Castle program, and Bouncy Castle itself (bcpkix 1.72 needs bcutil too)
   packages+=(default-jdk-headless libbcprov-java libbcpkix-java libbcutil-java)
+  # a real database for keymgr.fields (tests/_postgres.py starts a throwaway server from its binaries)
+  packages+=(postgresql)
 fi
 python="${PYTHON:-python3}"
 # Debian keeps the venv module in libpython3.11-stdlib but ensurepip, which

@@ -10,6 +10,7 @@ bash scripts/setup.sh --dev
 .venv/bin/mypy keymgr
 .venv/bin/mypy --explicit-package-bases bench
 export KEYMGR_REQUIRE_TPM="${KEYMGR_REQUIRE_TPM:-1}"
-# the interop tests (OpenSSL, Bouncy Castle) fail rather than skip when a tool is missing
+# the interop tests (OpenSSL, Bouncy Castle, pkcs11-tool, PostgreSQL for keymgr.fields) fail rather than skip
+# when a tool is missing
 export KEYMGR_REQUIRE_INTEROP="${KEYMGR_REQUIRE_INTEROP:-1}"
 exec .venv/bin/python -m pytest "$@"

@@ -59,7 +59,7 @@ __all__ = ["AuditLog", "DEFAULT_AGGREGATE"]
 #: Seconds between two checks of the log's tail against the token when no entry is written.
 CHECK_INTERVAL = 1.0
 #: Operations aggregated by default: the per-message ones (their successes only).
-DEFAULT_AGGREGATE = ("encrypt", "decrypt", "rewrap")
+DEFAULT_AGGREGATE = ("encrypt", "decrypt", "rewrap", "index")
 
 _live: weakref.WeakSet[AuditLog] = weakref.WeakSet()
 #: Logs holding aggregated counts not yet written, kept alive until they are (a KeyManager

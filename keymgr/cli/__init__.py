@@ -15,6 +15,7 @@ from keymgr.cli._common import CliState, GuardedGroup, exit_codes_help
 from keymgr.cli.audit import audit_group
 from keymgr.cli.crypt import register_crypt_commands
 from keymgr.cli.custody import register_custody_commands
+from keymgr.cli.fields import fields_group
 from keymgr.cli.keys import key_group
 from keymgr.cli.lifecycle import register_lifecycle_commands
 from keymgr.cli.rewrap import rewrap_command
@@ -42,6 +43,7 @@ cli.add_command(key_group)
 cli.add_command(rewrap_command)
 register_lifecycle_commands(key_group)
 cli.add_command(audit_group)
+cli.add_command(fields_group)
 register_crypt_commands(cli)
 register_custody_commands(cli)
 

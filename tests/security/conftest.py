@@ -46,6 +46,7 @@ def targets(manager: KeyManager) -> Iterator[dict[str, Target]]:
     mac_keys = objects.singleton_keys(km.token, META_MAC_LABEL)
     assert mac_keys, "the keyring made no metadata MAC key"
     made["mac"] = mac_keys[0]
+    made["blind-index"] = km.blind_index(f"sec-index-{RUN}", bits=32).key_ids()[0]
     ts = km.token
     session_ids = {"transport": os.urandom(16), "transport-import": os.urandom(16)}
     objects.generate_key(ts, TRANSPORT_KEY, label=f"sec-transport-{RUN}", key_id=session_ids["transport"])

@@ -20,7 +20,8 @@ from keymgr import KeyManager
 from keymgr.templates import KEYPAIR_PRIVATE, TEMPLATES
 from tests.security._attacker import ATTACKS, FLIPPABLE, Result, Target
 
-SECRET = ("kek-wrap", "kek-gcm", "kek-wrap+backup", "kek-gcm+backup", "mac", "transport", "transport-import")
+SECRET = ("kek-wrap", "kek-gcm", "kek-wrap+backup", "kek-gcm+backup", "mac", "blind-index", "transport",
+          "transport-import")
 PAIRS = ("keypair-rsa", "keypair-ec")
 #: Which templates each attack applies to: encrypt-then-unwrap and derive target symmetric keys;
 #: an EC pair's DERIVE is ECDH by design (its output is a shared secret, not the private key).

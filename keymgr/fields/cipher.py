@@ -1,0 +1,308 @@
+"""Encrypt and decrypt database fields under a named key of the token.
+
+A :class:`FieldCipher` (made by :meth:`keymgr.KeyManager.fields`) seals each value with
+AES-256-GCM under a data key shared by many values, each with its own random 96-bit nonce.
+A data key is made on the host (``os.urandom``), wrapped once by the key's primary KEK
+version in the token (the same ``KEKRecipientInfo`` a CMS message carries), and stored in
+the data-key table before the first value uses it (:mod:`keymgr.fields.keys`). It is used
+for at most ``max_messages`` values and ``max_age`` seconds (:class:`CachePolicy`, the
+envelope cache's limits and defaults: 10,000 values, 300 s), and is replaced at once when
+the key rotates or its primary stops encrypting.
+
+Decrypting unwraps a data key once per ``max_age`` (a small cache keyed by ``key_ref``); a
+cached key still passes the version's state check and the audit's rate limits on every
+value, as the manager's decrypt cache does. The unwrapped key is checked against its
+commitment and its key name before use (a row of the data-key table moved from another
+key fails). Every failure of a value is the one :class:`~keymgr.errors.IntegrityError`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Container, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from keymgr import errors
+from keymgr.envelope._aead import DataKey
+from keymgr.envelope._nonces import random_nonce
+from keymgr.envelope.cache import CachePolicy
+from keymgr.envelope.kek import KekProtector
+from keymgr.envelope.recipients import read_kek_recipient
+from keymgr.fields._format import (
+    FIELD_INTEGRITY,
+    KEY_REF_SIZE,
+    Place,
+    check_extra,
+    check_part,
+    column_prefix,
+    key_ref_of,
+    pack,
+    row_suffix,
+    unpack,
+)
+from keymgr.fields.keys import KeyStore, StoredKey
+from keymgr.keyring import KeyRecord, KeyVersion
+from keymgr.rewrap import Rewrapper
+
+__all__ = ["FieldCipher", "Place"]
+
+Audited = Callable[..., AbstractContextManager[Any]]
+
+
+@dataclass
+class _Current:
+    key_ref: bytes
+    dek: DataKey
+    kek_id: bytes
+    created: float
+    uses: int = 0
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """An unwrapped data key, its recipient, when it was opened, and the version that wrapped it
+    (for the audit's attribution: names and numbers; its state is read anew on every use)."""
+
+    dek: DataKey
+    der: bytes
+    opened: float
+    record: KeyRecord
+    version: KeyVersion
+
+
+class FieldCipher:
+    """Seal and open field values for one named key and one data-key store."""
+
+    def __init__(self, *, key: str, store: KeyStore, protector: KekProtector, rewrapper: Rewrapper,
+                 audited: Audited, on_unwrap: Callable[[KeyRecord, KeyVersion], None],
+                 policy: CachePolicy | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._key = key
+        self._store = store
+        self._protector = protector
+        self._rewrapper = rewrapper
+        self._audited = audited
+        self._on_unwrap = on_unwrap  # the audit's attribution and rate limits, for cached data keys
+        self._policy = policy or CachePolicy()
+        self._clock = clock
+        self._lock = threading.RLock()  # a new data key is remembered while the lock is held
+        self._current: _Current | None = None
+        self._opened: OrderedDict[bytes, _Opened] = OrderedDict()
+        protector.keyring.get(key)  # fail now, not at the first insert, for a key that does not exist
+
+    def __repr__(self) -> str:
+        return f"FieldCipher(key={self._key!r})"
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def describe(self) -> KeyRecord:
+        """The key's record now (versions, primary)."""
+        return self._protector.keyring.get(self._key)
+
+    @property
+    def store(self) -> KeyStore:
+        return self._store
+
+    # -- encrypt ---------------------------------------------------------------
+
+    def encrypt(self, value: bytes | str, place: Place) -> bytes:
+        """The field form of ``value`` (text is UTF-8) bound to ``place``."""
+        with self._audited("encrypt", key=self._key):
+            current = self._data_key()
+            return self._seal(current, value, column_prefix(self._key, place.table, place.column),
+                              row_suffix(place.row, place.extra))
+
+    def encrypt_row(self, values: Mapping[str, bytes | str | None], *, table: str, row: str,
+                    extra: Mapping[str, str] | None = None) -> dict[str, bytes | None]:
+        """Several columns of one row (``None`` stays ``None``): one audited operation, one
+        check of the key's state, each value bound to its own column."""
+        check_part("row", row)
+        if extra:
+            check_extra(extra)
+        suffix = row_suffix(row, extra)
+        with self._audited("encrypt", key=self._key):
+            count = sum(value is not None for value in values.values())
+            if count > self._policy.max_messages:  # fewer values per data key than the row has: one key each
+                return {column: None if value is None else
+                        self._seal(self._data_key(), value, column_prefix(self._key, table, column), suffix)
+                        for column, value in values.items()}
+            current = self._data_key(count)
+            return {column: None if value is None else
+                    self._seal(current, value, column_prefix(self._key, table, column), suffix)
+                    for column, value in values.items()}
+
+    def _seal(self, current: _Current, value: bytes | str, prefix: bytes, suffix: bytes) -> bytes:
+        if isinstance(value, str):
+            data = value.encode()
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+        else:  # bytes(5) would be five zero bytes: refuse rather than store something else
+            raise errors.ConfigurationError(f"a field value is str or bytes, not {type(value).__name__}")
+        nonce = random_nonce()
+        return pack(current.key_ref, nonce, current.dek.seal(nonce, data, prefix + current.key_ref + suffix))
+
+    def _data_key(self, values: int = 1) -> _Current:
+        """The data key for the next ``values`` values (a new one when they would pass a limit)."""
+        record = self._protector.keyring.get(self._key)
+        self._protector.check_encrypts(record, provenance=False)  # suspension stops a cached key at once
+        now = self._clock()
+        policy = self._policy
+        with self._lock:
+            current = self._current
+            if (current is None or current.kek_id != record.primary_version.key_id
+                    or current.uses + values > policy.max_messages or now - current.created >= policy.max_age):
+                current = self._current = self._new_data_key(now)
+            current.uses += values
+            return current
+
+    def _new_data_key(self, now: float) -> _Current:
+        """A fresh data key, wrapped in the token and stored before any value names it. The old
+        one stays in the decrypt cache (values sealed under it still open) until it ages out."""
+        dek = DataKey(os.urandom(32))
+        record = self._protector.keyring.get(self._key)
+        der = self._protector.wrap_der(record, dek)  # reserves a use, checks the version object
+        key_ref = os.urandom(KEY_REF_SIZE)
+        self._store.save(StoredKey(key_ref, self._key, der, dek.commitment))
+        kek_id = read_kek_recipient(der).kek_id
+        self._remember(key_ref, _Opened(dek, der, now, *self._protector.keyring.find_by_id(kek_id)))
+        return _Current(key_ref, dek, kek_id, now)
+
+    # -- decrypt ---------------------------------------------------------------
+
+    def decrypt(self, value: bytes, place: Place) -> bytes:
+        """The plaintext of a value made by :meth:`encrypt` for the same ``place``."""
+        with self._audited("decrypt", key=self._key):
+            return self._open(value, column_prefix(self._key, place.table, place.column),
+                              row_suffix(place.row, place.extra))
+
+    def decrypt_text(self, value: bytes, place: Place) -> str:
+        return _text(self.decrypt(value, place))
+
+    def decrypt_row(self, values: Mapping[str, bytes | None], *, table: str, row: str,
+                    extra: Mapping[str, str] | None = None, text: Container[str] = ()) -> dict[str, Any]:
+        """:meth:`encrypt_row` undone: columns named in ``text`` come back as ``str``. One
+        audited operation; any value that fails is the one integrity error."""
+        return self.decrypt_rows([(values, row)], table=table, extra=extra, text=text)[0]
+
+    def decrypt_rows(self, rows: Sequence[tuple[Mapping[str, bytes | None], str]], *, table: str,
+                     extra: Mapping[str, str] | None = None, text: Container[str] = ()) -> list[dict[str, Any]]:
+        """:meth:`decrypt_row` for several rows (a lookup's candidates) as one audited operation,
+        each data key checked once."""
+        if extra:
+            check_extra(extra)
+        keys: dict[bytes, DataKey] = {}  # values share their data keys, mostly: each checked once per call
+        with self._audited("decrypt", key=self._key):
+            return [self._open_row(values, table, row, extra, text, keys) for values, row in rows]
+
+    def _open_row(self, values: Mapping[str, bytes | None], table: str, row: str, extra: Mapping[str, str] | None,
+                  text: Container[str], keys: dict[bytes, DataKey]) -> dict[str, Any]:
+        check_part("row", row)
+        suffix = row_suffix(row, extra)
+        out: dict[str, Any] = {}
+        for column, value in values.items():
+            plain = None if value is None else self._open(value, column_prefix(self._key, table, column), suffix, keys)
+            out[column] = _text(plain) if plain is not None and column in text else plain
+        return out
+
+    def _open(self, value: bytes, prefix: bytes, suffix: bytes, keys: dict[bytes, DataKey] | None = None) -> bytes:
+        key_ref, nonce, sealed = unpack(bytes(value))
+        dek = keys.get(key_ref) if keys is not None else None
+        if dek is None:
+            dek = self._opened_key(key_ref)
+            if keys is not None:
+                keys[key_ref] = dek
+        try:
+            return dek.open(nonce, sealed, prefix + key_ref + suffix)
+        except errors.IntegrityError:
+            raise errors.IntegrityError(FIELD_INTEGRITY) from None
+
+    def _opened_key(self, key_ref: bytes) -> DataKey:
+        now = self._clock()
+        with self._lock:
+            hit = self._opened.get(key_ref)
+        if hit is not None and now - hit.opened < self._policy.max_age:
+            try:
+                self._on_unwrap(hit.record, hit.version)  # the audit's limits, then the version's state now
+                self._protector.check_der(hit.der)
+                return hit.dek
+            except errors.PolicyError:
+                self._forget(key_ref)  # perhaps rewrapped since (old version retired): read the row again
+        return self._unwrap(key_ref, now)
+
+    def _unwrap(self, key_ref: bytes, now: float) -> DataKey:
+        stored = self._store.load(key_ref)
+        if stored is None or stored.key != self._key:
+            raise errors.IntegrityError(FIELD_INTEGRITY)
+        found = self._protector.find(read_kek_recipient(stored.recipient).kek_id)
+        if found is None:
+            raise errors.RecipientNotFoundError(
+                f"the data key of this field is wrapped by no key of token {self._protector.keyring.token.label!r}")
+        if found[0].name != self._key:
+            raise errors.IntegrityError(FIELD_INTEGRITY)
+        dek = self._protector.unwrap_der(stored.recipient)
+        if dek is None or not dek.matches(stored.commitment):
+            raise errors.IntegrityError(FIELD_INTEGRITY)
+        self._remember(key_ref, _Opened(dek, stored.recipient, now, *found))
+        return dek
+
+    def _remember(self, key_ref: bytes, opened: _Opened) -> None:
+        with self._lock:
+            self._opened[key_ref] = opened
+            self._opened.move_to_end(key_ref)
+            while len(self._opened) > self._policy.max_entries:
+                self._opened.popitem(last=False)  # not wiped: a value may be opening with it now
+
+    def _forget(self, key_ref: bytes) -> None:
+        with self._lock:
+            self._opened.pop(key_ref, None)
+
+    # -- rotation --------------------------------------------------------------
+
+    def is_current(self, value: bytes) -> bool:
+        """Whether ``value`` is under the data key this cipher seals with now (a re-encryption
+        pass skips those); no token call."""
+        current = self._current
+        return current is not None and key_ref_of(bytes(value)) == current.key_ref
+
+    def rewrap(self, stored: StoredKey) -> StoredKey | None:
+        """``stored`` with its data key under the key's current primary, or None when it is
+        already there. The data key is checked against the row's commitment first; no value
+        is read. The caller writes the row back (:meth:`KeyStore.replace`)."""
+        if stored.key != self._key:
+            raise errors.ConfigurationError(f"data key {stored.key_ref.hex()} belongs to key {stored.key!r}")
+        with self._audited("rewrap", key=self._key):
+            recipients, moves, _ = self._rewrapper.recipients([stored.recipient], stored.commitment)
+        if not moves:
+            return None
+        self._forget(stored.key_ref)
+        return StoredKey(stored.key_ref, stored.key, recipients[0], stored.commitment)
+
+    def close(self) -> None:
+        """Wipe every data key held (the current one and the opened ones)."""
+        with self._lock:
+            for opened in self._opened.values():
+                opened.dek.wipe()
+            self._opened.clear()
+            if self._current is not None:
+                self._current.dek.wipe()
+            self._current = None
+
+
+def _text(plain: bytes) -> str:
+    try:
+        return plain.decode()
+    except UnicodeDecodeError:
+        raise errors.IntegrityError(FIELD_INTEGRITY) from None
+
+
+def place_of(table: str, column: str, row: object, extra: Mapping[str, str] | None = None) -> Place:
+    """A :class:`Place` with the row identity turned to text (a UUID's canonical form)."""
+    return Place(table, column, str(row), extra or {})
+

@@ -1,0 +1,317 @@
+"""Blind indexes: searchable, truncated HMACs of field values, keyed inside the token.
+
+``index.term("Alice@Example.com ")`` is ``version || HMAC-SHA256(K_v, domain || normalised)``
+truncated to ``bits``, where ``K_v`` is an HMAC key generated in the token for this index
+name and version (template :data:`keymgr.templates.INDEX_KEY`: sensitive, never extractable,
+sign/verify only, not copyable). The host never holds an index key: every term is one
+C_Sign (its cost against a host HMAC is measured in bench/fields.py). Stored in a column
+beside the ciphertext with an ordinary database index on it, a term finds the row by
+equality; truncation makes several distinct values share a term (false positives the
+caller drops after decrypting), which is what keeps the column from being a one-to-one
+map of the values (docs/fields.md, "Choosing bits").
+
+* **Normalisation** runs before the HMAC (``normalise=``; :func:`lowercase`,
+  :func:`collapse_spaces`, :func:`digits_only`, :func:`chain`), so ``Alice@Example.com`` and
+  ``alice@example.com`` find each other.
+* **Partial** indexes index a transformation of the value (``transform=last_digits(4)``);
+  **compound** indexes take several parts (``term(("Smith", "1234"))``), each normalised,
+  length-prefixed so that ("ab", "c") and ("a", "bc") differ.
+* **Rotation**: :meth:`BlindIndex.rotate` makes version n+1 in the token; new terms use the
+  newest version, and :meth:`BlindIndex.terms` gives one term per live version, so lookups
+  during the transition query ``column IN (terms)`` and find rows written under either.
+  After a re-encryption pass has rewritten every term (:mod:`keymgr.fields.bulk`), lookups
+  may set ``min_version`` to stop querying the old one.
+
+**Term cache**: a partial index has few distinct inputs (10,000 last-four values), so terms
+are kept in a bounded LRU (``cache``, default 10,000 entries) keyed by a host HMAC of the
+normalised input under a random per-process key: the cache holds no plaintext, and grants
+nothing the process cannot already do (it is logged in to the token and may compute any
+term). It is dropped on rotation. ``cache=0`` turns it off.
+
+**Only keys the token made**: a PIN holder can import an HMAC key whose value they know under
+an index label (C_CreateObject), and every term computed with it could then be brute-forced
+offline. So a key object is used only if it shows what only the token sets (CKA_LOCAL,
+ALWAYS_SENSITIVE, NEVER_EXTRACTABLE) and what keymgr set and nobody can loosen (SENSITIVE,
+not EXTRACTABLE, MODIFIABLE or COPYABLE, a 32-byte generic secret, the sign/verify roles of
+:data:`~keymgr.templates.INDEX_KEY`, as :mod:`keymgr.provenance` checks KEK versions);
+objects that fail are ignored, and a rotation that finds only such an object refuses.
+
+Hosts sharing a token may each create the same version (no create-if-absent in PKCS#11):
+both keys stay, writers use the one with the lowest CKA_ID, and :meth:`terms` queries both.
+A rotation made by another process is seen within ``REFRESH_INTERVAL`` seconds (the versions
+are re-read from the token, one scan of its secret keys): until then this process still
+writes and looks up with the versions it knows, so a lookup may miss a row written under the
+new version for at most that long (DESIGN.md, "Bounded staleness").
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from keymgr import errors
+from keymgr.hsm import objects
+from keymgr.hsm.sessions import TokenSession
+from keymgr.templates import INDEX_KEY, ROLE_ATTRIBUTES
+
+__all__ = ["BlindIndex", "Normaliser", "bits_range", "chain", "collapse_spaces", "digits_only", "last_digits",
+           "lowercase", "INDEX_LABEL_PREFIX"]
+
+Normaliser = Callable[[str], str]
+INDEX_LABEL_PREFIX = "keymgr-index/"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_DOMAIN = b"keymgr-blind-index\x01"
+_MAX_VERSION = 255
+#: Seconds between two re-reads of an index's versions from the token.
+REFRESH_INTERVAL = 30.0
+
+
+def lowercase(value: str) -> str:
+    return value.lower()
+
+
+def collapse_spaces(value: str) -> str:
+    """Leading and trailing whitespace removed, inner runs made one space."""
+    return " ".join(value.split())
+
+
+def digits_only(value: str) -> str:
+    return "".join(ch for ch in value if ch.isdigit())
+
+
+def last_digits(count: int) -> Normaliser:
+    """A transformation for partial indexes: the last ``count`` digits (card, phone)."""
+    if count < 1:
+        raise errors.ConfigurationError("last_digits needs a count of at least 1")
+    return lambda value: digits_only(value)[-count:]
+
+
+def chain(*steps: Normaliser) -> Normaliser:
+    """The normalisers applied in order."""
+    def run(value: str) -> str:
+        for step in steps:
+            value = step(value)
+        return value
+    return run
+
+
+def bits_range(distinct: int) -> tuple[int, int]:
+    """(fewest, most) bits worth keeping for an index over ``distinct`` possible inputs (the rows'
+    distinct values, or a partial index's input domain), per docs/fields.md "Choosing bits":
+    at most ``floor(log2 distinct)``, so each term is expected to be shared by more than one
+    value; at least ``ceil(log2 sqrt distinct)``, so a lookup returns fewer than ``sqrt(distinct)``
+    false positives. CipherSweet's planner gives (8, 15) for 50,000 rows; so does this."""
+    if distinct < 4:
+        raise errors.ConfigurationError("a blind index over fewer than 4 distinct values hides nothing")
+    most = distinct.bit_length() - 1  # floor(log2 distinct)
+    least = 1
+    while 4 ** least < distinct:  # smallest b with 2^b >= sqrt(distinct)
+        least += 1
+    return min(least, most), most
+
+
+def index_key_failures(ts: TokenSession, key_id: bytes) -> list[str]:
+    """Why the object under ``key_id`` is not an index key generated by the token (empty: it is)."""
+    try:
+        attrs = objects.key_attributes(ts, key_id).attributes
+    except (errors.KeyNotFoundError, errors.PolicyError) as exc:
+        return [str(exc)]
+    wanted: dict[str, object] = {"LOCAL": True, "ALWAYS_SENSITIVE": True, "NEVER_EXTRACTABLE": True,
+                                 "SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False,
+                                 "KEY_TYPE": "GENERIC_SECRET", "VALUE_LEN": 32}
+    wanted.update({role: INDEX_KEY.attributes[role] for role in ROLE_ATTRIBUTES})
+    if "COPYABLE" in attrs:
+        wanted["COPYABLE"] = False
+    return [f"CKA_{name} is {attrs.get(name)!r}, not {value!r}" for name, value in wanted.items()
+            if attrs.get(name, False if isinstance(value, bool) else None) != value]
+
+
+def _lp(raw: bytes) -> bytes:
+    return struct.pack(">I", len(raw)) + raw
+
+
+def _label(name: str, version: int) -> str:
+    return f"{INDEX_LABEL_PREFIX}{name}/v{version}"
+
+
+class BlindIndex:
+    """One named blind index on one token (made by :meth:`keymgr.KeyManager.blind_index`)."""
+
+    def __init__(self, ts: TokenSession, *, name: str, bits: int, audited: Callable[..., AbstractContextManager[Any]],
+                 normalise: Normaliser | None = None, transform: Normaliser | None = None,
+                 min_version: int = 1, cache: int = 10_000) -> None:
+        if not _NAME.match(name):
+            raise errors.ConfigurationError(f"invalid blind index name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+        if not 1 <= bits <= 256:
+            raise errors.ConfigurationError("a blind index keeps 1 to 256 bits of its HMAC")
+        self._ts = ts
+        self.name = name
+        self.bits = bits
+        self._audited = audited
+        self._normalise = normalise or (lambda value: value)
+        self._transform = transform or (lambda value: value)
+        self._min_version = min_version
+        self._lock = threading.Lock()
+        self._keys: dict[int, list[bytes]] = {}
+        self._verdicts: dict[bytes, bool] = {}
+        self._refreshed = 0.0
+        self._prefix = _DOMAIN + _lp(name.encode()) + struct.pack(">H", bits)
+        self._cache_size = max(0, cache)
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache_key = os.urandom(32)
+        self.refresh()
+        if not self._keys:
+            self._ensure(1)
+
+    def __repr__(self) -> str:
+        return f"BlindIndex({self.name!r}, bits={self.bits}, versions={sorted(self._keys)})"
+
+    # -- keys ------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read which versions exist on the token (one scan of its secret keys)."""
+        found: dict[int, list[bytes]] = {}
+        prefix = f"{INDEX_LABEL_PREFIX}{self.name}/v"
+        for label, key_id in objects.list_secret_keys(self._ts):
+            if label.startswith(prefix) and label[len(prefix):].isdigit() and self._made_here(key_id):
+                found.setdefault(int(label[len(prefix):]), []).append(key_id)
+        with self._lock:
+            if found or not self._keys:
+                self._keys = {v: sorted(ids) for v, ids in found.items()}
+            self._refreshed = time.monotonic()
+
+    def _fresh(self) -> None:
+        if time.monotonic() - self._refreshed > REFRESH_INTERVAL:
+            before = self.version
+            self.refresh()
+            if self.version != before:
+                with self._lock:
+                    self._cache.clear()
+
+    def _made_here(self, key_id: bytes) -> bool:
+        """Whether the object under ``key_id`` is an index key the token generated (checked once)."""
+        verdict = self._verdicts.get(key_id)
+        if verdict is None:
+            verdict = self._verdicts[key_id] = not index_key_failures(self._ts, key_id)
+        return verdict
+
+    def _sound(self, ids: list[bytes], version: int) -> list[bytes]:
+        sound = [key_id for key_id in ids if self._made_here(key_id)]
+        if not sound:
+            failures = "; ".join(index_key_failures(self._ts, ids[0])) if ids else "no key object"
+            raise errors.PolicyError(f"blind index {self.name!r} version {version}: the key object under its label "
+                                     f"was not generated by the token ({failures}); remove it and rotate again")
+        return sound
+
+    def _ensure(self, version: int) -> None:
+        with self._audited("create", key=self.name, version=version, detail={"kind": "blind-index"}):
+            ids = self._sound(objects.ensure_singleton_key(self._ts, INDEX_KEY, label=_label(self.name, version),
+                                                           id_prefix=b"bidx"), version)
+        with self._lock:
+            self._keys[version] = ids
+
+    @property
+    def version(self) -> int:
+        """The version new terms are computed with (the highest)."""
+        return max(self._keys)
+
+    @property
+    def versions(self) -> list[int]:
+        return sorted(v for v in self._keys if v >= self._min_version)
+
+    def key_ids(self, version: int | None = None) -> list[bytes]:
+        """CKA_IDs of a version's key objects (public; for `pkcs11-tool` checks and audits)."""
+        return list(self._keys[self.version if version is None else version])
+
+    def rotate(self) -> int:
+        """Make version n+1 in the token and compute new terms with it; returns it."""
+        self.refresh()
+        new = self.version + 1
+        if new > _MAX_VERSION:
+            raise errors.PolicyError(f"blind index {self.name!r} has used all {_MAX_VERSION} versions")
+        with self._audited("rotate", key=self.name, version=new, detail={"kind": "blind-index"}):
+            ids = self._sound(objects.ensure_singleton_key(self._ts, INDEX_KEY, label=_label(self.name, new),
+                                                           id_prefix=b"bidx"), new)
+        with self._lock:
+            self._keys[new] = ids
+            self._cache.clear()
+        return new
+
+    # -- terms -----------------------------------------------------------------
+
+    def normalised(self, value: str | Sequence[str]) -> tuple[str, ...]:
+        """What the HMAC covers (transformed, normalised parts): equal for values that find each
+        other, which is how a lookup drops the false positives truncation lets through."""
+        parts = [value] if isinstance(value, str) else list(value)
+        if not parts or not all(isinstance(p, str) for p in parts):
+            raise errors.ConfigurationError("a blind index takes a string, or a sequence of strings (compound)")
+        return tuple(self._normalise(self._transform(p)) for p in parts)
+
+    def _message(self, value: str | Sequence[str]) -> bytes:
+        return self._prefix + b"".join(_lp(p.encode()) for p in self.normalised(value))
+
+    def _truncate(self, version: int, mac: bytes) -> bytes:
+        whole, rest = divmod(self.bits, 8)
+        out = mac[:whole]
+        if rest:
+            out += bytes((mac[whole] & (0xFF << (8 - rest)) & 0xFF,))
+        return bytes((version,)) + out
+
+    def _term(self, version: int, key_id: bytes, message: bytes) -> bytes:
+        return self._truncate(version, objects.hmac_sha256(self._ts, key_id, message))
+
+    def term(self, value: str | Sequence[str]) -> bytes:
+        """The term to store for ``value`` (newest version)."""
+        term = self.term_many([value])[0]
+        assert term is not None  # noqa: S101 - a value in, a term out
+        return term
+
+    def term_many(self, values: Sequence[str | Sequence[str] | None]) -> list[bytes | None]:
+        """:meth:`term` of each value (None for None), as one audited operation: what a bulk
+        insert computes for a batch of rows."""
+        self._fresh()
+        messages = [None if v is None else self._message(v) for v in values]
+        version = self.version
+        key_id = self._keys[version][0]
+        with self._audited("index", key=self.name, version=version):
+            return [None if m is None else self._cached_term(version, key_id, m) for m in messages]
+
+    def _cached_term(self, version: int, key_id: bytes, message: bytes) -> bytes:
+        if not self._cache_size:
+            return self._term(version, key_id, message)
+        slot = hmac.digest(self._cache_key, bytes((version,)) + message, "sha256")
+        with self._lock:
+            term = self._cache.get(slot)
+        if term is None:
+            term = self._term(version, key_id, message)
+            with self._lock:
+                self._cache[slot] = term
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return term
+
+    def terms(self, value: str | Sequence[str]) -> list[bytes]:
+        """Every term ``value`` may be stored under: one per live version (and per key, should two
+        hosts have made the same version); query ``column IN (...)`` with them."""
+        self._fresh()
+        message = self._message(value)
+        with self._audited("index", key=self.name, version=self.version):
+            return [self._term(v, key_id, message) for v in self.versions for key_id in self._keys[v]]
+
+    def matches(self, term: bytes, value: str | Sequence[str]) -> bool:
+        """Whether ``term`` is one of :meth:`terms` of ``value`` (constant-time comparison)."""
+        return any(hmac.compare_digest(term, t) for t in self.terms(value))
+
+    def term_version(self, term: bytes) -> int:
+        """The index version a stored term was computed with (its first byte)."""
+        if not term:
+            raise errors.FormatError("an empty blind index term")
+        return term[0]
