@@ -318,9 +318,12 @@ def fold(name: str, facts: Iterable[Fact]) -> KeyRecord | None:
             created=f.at, history=_history(kid, timeline, number), kcv=f.body.get("kcv"),
             uses=sum(uses.get(kid, {}).values()), restored=bool(f.body.get("restored")), profile=profile[kid]))
     policy = head.body["policy"]
-    if policies:  # ``backup`` is the creator's for good: a later fact cannot make versions extractable
-        latest = max(policies, key=lambda f: (f.body["lc"], f.fact_id)).body["policy"]
-        policy = {**latest, "backup": bool(head.body["policy"].get("backup", False))}
+    if policies:
+        policy = max(policies, key=lambda f: (f.body["lc"], f.fact_id)).body["policy"]
+    # ``backup`` makes new versions extractable (under a trusted key), so only every key fact saying
+    # so turns it on: no later policy fact, and no second key fact of any id, can (a PIN holder may
+    # write both); the worst a forged one can do is turn it off
+    policy = {**policy, "backup": all(bool(k.body["policy"].get("backup", False)) for k in keys)}
     minimum = max((number[kid] for kid in retired if kid in number), default=1)
     return KeyRecord(name=name, profile=head.body["profile"], primary=primary, versions=tuple(folded),
                      policy=KeyPolicy(**policy), generation=count, created=head.at, min_decryption_version=minimum)

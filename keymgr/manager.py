@@ -29,7 +29,7 @@ from keymgr.envelope._attrs import checked_context
 from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
 from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
-from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, open_token, probe
+from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, objects, open_token, probe
 from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring, utc_now
 from keymgr.provenance import VersionCheck, check_version, untrusted_keys
 from keymgr.rewrap import Rewrapper, RewrapResult
@@ -119,7 +119,7 @@ class KeyManager:
         elif self._audit.log is None and audit is None and not local_token:
             self._audit.adopt(default_token_log(self._ts))
         self._keyring = Keyring(self._ts, clock=_wall_clock)
-        self._usage = UsageMeter(self._keyring)
+        self._usage = UsageMeter(self._keyring, rotate=self._auto_rotate)
         self._protector = KekProtector(self._keyring, allow_compromised=allow_compromised,
                                        reserve=self._usage.reserve, on_unwrap=self._audit.on_unwrap)
         policy = CachePolicy() if cache is True else (cache or None)
@@ -167,6 +167,17 @@ class KeyManager:
         and restore ceremonies, bulk rewrap) in this manager's audit log, as its own methods do:
         ``with km.audited("backup", key=name) as op: ...``."""
         return self._audited(op, key=key, version=version, detail=detail)
+
+    def _auto_rotate(self, name: str, if_primary: int, why: str) -> KeyRecord:
+        """An automatic rotation (``auto_rotate``: a use limit or cryptoperiod reached while
+        encrypting), audited like one by hand: intent, then outcome, with ``automatic`` and why."""
+        known = {v.key_id for v in self._keyring.get(name).versions}
+        with self._audited("rotate", key=name, detail={"automatic": True, "reason": why}) as op:
+            record = rotation.rotate(self._keyring, name, if_primary=if_primary)
+            op.version = record.primary
+            if record.primary_version.key_id in known:  # another process had rotated already
+                op.detail = {"automatic": True, "reason": why, "made": False}
+            return record
 
     def _audited(self, op: str, *, key: str | None = None, version: int | None = None,
                  detail: Mapping[str, Any] | None = None) -> Operation:
@@ -227,30 +238,36 @@ class KeyManager:
         """One named key: versions, states, primary, key check values, policy."""
         return self.keyring.get(name)
 
-    def verify_token_objects(self) -> tuple[list[str], list[str]]:
+    def verify_token_objects(self, name: str | None = None) -> tuple[list[str], list[str]]:
         """What ``keymgr key verify`` reports beside the versions: (failures, notes). Failures:
-        MAC keys keymgr ignores because the token did not make them (planted). Notes or failures:
-        key objects labelled as a version that no version fact names: a rotation in progress or
-        one that crashed (it wrote a pending fact first: a note), or none at all (facts deleted,
-        or an object made by hand: a failure)."""
+        MAC keys keymgr ignores because the token did not make them (planted), and key objects
+        labelled as a version (``NAME/vN``) that no fact names, not even a pending one (facts
+        deleted, a key's whole keyring included, or an object made by hand). Notes: such objects
+        a rotation wrote a pending fact for (in progress, or crashed: swept a day after). With
+        ``name``, only that key's objects (and no MAC keys)."""
         from keymgr.audit._token import AUDIT_KEY_LABEL
         from keymgr.keyring import META_MAC_LABEL
 
-        failures = untrusted_keys(self.token, [META_MAC_LABEL, AUDIT_KEY_LABEL])
+        failures = [] if name is not None else untrusted_keys(self.token, [META_MAC_LABEL, AUDIT_KEY_LABEL])
         notes: list[str] = []
-        for record in self.keyring.records():
-            pending = {f.kid for f in self.keyring.facts(record.name) if f.kind == "pending"}
-            named = {v.key_id for v in record.versions}
-            for label, key_id in self.keyring.orphans(record.name):
-                if key_id in named:
-                    continue  # a destroyed version's object: its version check says so
-                if key_id.hex() in pending:
-                    notes.append(f"object {label!r} (id {key_id.hex()}) has no version yet: a rotation in "
-                                 "progress, or one that crashed (swept a day after it started)")
-                else:
-                    failures.append(f"object {label!r} (id {key_id.hex()}) is named by no fact of key "
-                                    f"{record.name!r}: made by hand, or its facts were deleted (a rotation or "
-                                    "compromise undone?): check the audit log")
+        records = {r.name: r for r in self.keyring.records()}
+        for label, key_id in objects.list_secret_keys(self.token):
+            owner, _, number = label.rpartition("/v")
+            if not owner or not number.isdigit() or (name is not None and owner != name):
+                continue
+            record = records.get(owner)
+            if record is not None and any(v.key_id == key_id for v in record.versions):
+                continue  # a version's own object (a destroyed one's is in its version check)
+            pending = record is not None and any(f.kind == "pending" and f.kid == key_id.hex()
+                                                 for f in self.keyring.facts(owner))
+            if pending:
+                notes.append(f"object {label!r} (id {key_id.hex()}) has no version yet: a rotation in "
+                             "progress, or one that crashed (swept a day after it started)")
+            else:
+                whose = f"key {owner!r}" if record is not None else f"any key (no key {owner!r} is on the token)"
+                failures.append(f"object {label!r} (id {key_id.hex()}) is named by no fact of {whose}: made by "
+                                "hand, or its facts were deleted (a rotation undone, or a whole key's keyring); "
+                                "compare the audit log with keymgr key show")
         return failures, notes
 
     def verify_keys(self, name: str | None = None) -> list[VersionCheck]:

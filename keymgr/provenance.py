@@ -135,9 +135,11 @@ def check_version(ts: TokenSession, record: KeyRecord, version: KeyVersion) -> V
     must have no object left; a restored one must be safe to decrypt with; any other must also
     prove it was generated here."""
     if version.state == "destroyed":
-        failures = [f"destroyed, but its key object is still on the token (a destroy that stopped after its "
-                    f"commit, or a forged fact): finish with keymgr key destroy {record.name} --version "
-                    f"{version.version}, which checks again what a destroy checks"] \
+        failures = [f"destroyed, but its key object is still on the token, so the data under it is still "
+                    f"recoverable. If the audit log holds no destroy of this version, the fact is forged "
+                    f"(docs/security.md): keep the object and restore the key from a backup. Otherwise a "
+                    f"destroy stopped after its commit: finish it with keymgr key destroy {record.name} "
+                    f"--version {version.version}, which checks again what a destroy checks"] \
             if objects.key_exists(ts, version.key_id) else []
     else:
         failures = _failures(ts, record, version, for_encryption=not version.restored)

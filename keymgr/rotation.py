@@ -247,13 +247,21 @@ def check_settled(keyring: Keyring, record: KeyRecord, target: KeyVersion, verb:
     of two racing rotations claimed the same epoch) made less than SETTLE ago."""
     kid = target.key_id.hex()
     number = {v.key_id.hex(): v.version for v in record.versions}
-    claims = [(f.body["epoch"], number[f.kid], f.at, f.kid) for f in keyring.facts(record.name)
+    leads = {v.key_id.hex() for v in record.versions if record.profile_of(v) == record.profile}
+    facts = keyring.facts(record.name)
+    claims = [(f.body["epoch"], number[f.kid], f.at, f.kid) for f in facts
               if f.kind in ("version", "primary") and f.body.get("epoch") is not None and f.kid in number]
     mine = max(((epoch, num) for epoch, num, _, k in claims if k == kid), default=None)
-    if mine is None:  # never activated: it may be activated right now by someone else
+    destroyed = [f.at for f in facts if f.kind == "state" and f.kid == kid and f.body.get("to") == "destroyed"]
+    if destroyed:  # finishing a destroy: it stopped encrypting when the facts first said destroyed
+        since, why = min(destroyed), "was marked destroyed"
+    elif mine is None:  # never activated: it may be activated right now by someone else
         since, why = target.created, "was created"
     else:
-        later = [at for epoch, num, at, k in claims if k != kid and (epoch, num) > mine]
+        # outranked by a higher (epoch, number), or by any claim that may lead where this one may
+        # not (the loser of two creates with different profiles led on its own host until then)
+        later = [at for epoch, num, at, k in claims
+                 if k != kid and ((epoch, num) > mine or (k in leads and kid not in leads))]
         if not later:
             return
         since, why = min(later), "stopped being the primary"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from datetime import datetime
 
 from keymgr import errors, rotation
@@ -89,9 +90,13 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class UsageMeter:
     """One process's reservations, per key version (by CKA_ID). Thread-safe."""
 
-    def __init__(self, keyring: Keyring) -> None:
+    def __init__(self, keyring: Keyring,
+                 rotate: Callable[[str, int, str], KeyRecord] | None = None) -> None:
+        """``rotate(name, if_primary, why)`` makes an automatic rotation (the manager's records it in
+        the audit log, as every change of key state is); default: :func:`keymgr.rotation.rotate`."""
         _meters.add(self)
         self._keyring = keyring
+        self._rotate = rotate or (lambda name, primary, why: rotation.rotate(keyring, name, if_primary=primary))
         self._lock = threading.Lock()
         #: one block reservation at a time in this process: two threads that both found their block
         #: spent would otherwise both reserve, and the second's block would replace the first's unspent one
@@ -140,7 +145,7 @@ class UsageMeter:
         ends = rotation.due_at(record)
         if ends is None or self._now() < ends:
             return record
-        return rotation.rotate(self._keyring, record.name, if_primary=record.primary)
+        return self._rotate(record.name, record.primary, "cryptoperiod")
 
     def _reserve_block(self, record: KeyRecord, limit: int) -> KeyRecord:
         keyring = self._keyring
@@ -164,7 +169,7 @@ class UsageMeter:
                 raise errors.PolicyError(
                     f"key {current.name!r} version {version.version} reached its limit of {limit} encryptions "
                     f"(max_messages / the GCM nonce bound): rotate it (keymgr key rotate {current.name})")
-            record = rotation.rotate(keyring, current.name, if_primary=current.primary)
+            record = self._rotate(current.name, current.primary, "use limit")
         raise errors.PolicyError(f"key {record.name!r}: could not reserve encryptions; retry")
 
     def _take_block(self, current: KeyRecord, limit: int) -> int:

@@ -201,7 +201,7 @@ def test_rotation_and_bulk_rewrap_survive_two_sigkills(db_url, key_name, tmp_pat
     assert "resumed after" in out, out
     assert _job_done(db_url) == rows  # the cursor moved with each committed batch, never past one
     with keymgr.KeyManager(token.uri()) as km:
-        km.retire(key_name, below=2)  # version 1 decrypts nothing any more
+        km.retire(key_name, below=2, immediately=True)  # version 1 decrypts nothing any more
         enc2, _ = codec(km, engine, table, key=key_name, index_prefix=key_name)
         with engine.connect() as conn:
             got = [enc2.decode(r) for r in conn.execute(sa.select(table))]
@@ -237,7 +237,7 @@ def test_cli_rewrap_reports_and_is_idempotent(km_a, softhsm, key_name, tmp_path)
     code, out, err = _invoke("--token", softhsm.uri(), "fields", "rewrap", "--db", url, "--table", "customers",
                              "--key", key_name)
     assert code == 0 and "0 of 1 data key(s) rewrapped" in out, (out, err)
-    km_a.retire(key_name, below=2)
+    km_a.retire(key_name, below=2, immediately=True)
     reader = codec(km_a, engine, table, key=key_name, index_prefix=key_name)[0]
     with engine.connect() as conn:
         assert len([reader.decode(r) for r in conn.execute(sa.select(table))]) == 30  # payloads untouched

@@ -129,7 +129,7 @@ def verify_command(state: CliState, name: str | None) -> None:
     manager = state.manager()
     checks = manager.verify_keys(name)
     failed = [c for c in checks if not c.ok]
-    problems, notes = manager.verify_token_objects() if name is None else ([], [])
+    problems, notes = manager.verify_token_objects(name)
     if state.json_output:
         emit_json({"ok": not failed and not problems, "versions": [
             {"key": c.name, "version": c.version, "id": c.key_id.hex(), "restored": c.restored, "ok": c.ok,

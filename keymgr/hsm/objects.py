@@ -437,7 +437,10 @@ def scan_data_objects(ts: TokenSession, *, application: str,
 #: the same label (and a lower CKA_ID, which writers prefer): with it they could MAC forged records
 #: and audit entries offline, so such a key is never used (``untrusted_singletons`` names it).
 _SINGLETON_PROOF = {Attribute.LOCAL: True, Attribute.ALWAYS_SENSITIVE: True, Attribute.NEVER_EXTRACTABLE: True,
-                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.MODIFIABLE: False}
+                    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.MODIFIABLE: False,
+                    Attribute.KEY_TYPE: KeyType.GENERIC_SECRET, Attribute.SIGN: True, Attribute.DERIVE: False,
+                    Attribute.ENCRYPT: False, Attribute.DECRYPT: False, Attribute.WRAP: False,
+                    Attribute.UNWRAP: False}
 
 
 def _singleton_scan(ts: TokenSession, label: str) -> list[tuple[bytes, list[str]]]:

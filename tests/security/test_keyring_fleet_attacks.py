@@ -9,6 +9,7 @@ what it cannot prevent.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, replace
 
@@ -18,6 +19,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 import keymgr
 from keymgr import errors, rotation
 from keymgr.hsm import objects
+from keymgr.keyfacts import Fact
 from keymgr.keyring import META_MAC_LABEL, version_template
 from tests.conftest import TokenUnderTest, requires
 
@@ -172,3 +174,92 @@ def test_a_key_object_no_fact_names_fails_key_verify(km, token: TokenUnderTest, 
         for key_id in (stray, in_progress):
             objects.destroy_key(km.token, key_id)
     assert rotation.orphans(km.keyring, km.describe_key(key_name)) == []
+
+
+# -- second review ------------------------------------------------------------------------
+
+
+def _write_fact(km: keymgr.KeyManager, name: str, kind: str, body: dict, fact_id: str) -> None:
+    """A fact with a chosen id (what another host, or a PIN holder, may write)."""
+    km.keyring._put(name, [Fact(kind, name, fact_id, km.keyring.now(), body)])  # noqa: SLF001
+
+
+def test_the_losing_profile_of_a_create_race_waits_even_with_the_higher_number(km, token: TokenUnderTest,
+                                                                                 key_name: str) -> None:
+    """Host B's kw create lost to host A's gcm create, but B's version sorts after A's: nothing
+    outranks it by (epoch, number), yet it led on B until B saw A's key. It waits like any old
+    primary before a destroy."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects", "aes-gcm")
+    record = km.create_key(key_name, profile="gcm")
+    rival = b"\xff" * 16  # sorts after A's version: B's becomes v2
+    objects.generate_key(km.token, version_template("kw", record.policy), label=f"{key_name}/v1", key_id=rival)
+    _write_fact(km, key_name, "key", {"profile": "kw", "policy": asdict(record.policy)}, "f" * 32)
+    _write_fact(km, key_name, "version", {"kid": rival.hex(), "num": 1, "epoch": 1, "restored": False,
+                                          "kcv": objects.check_value(km.token, rival), "prof": "kw"}, "e" * 32)
+    record = km.describe_key(key_name)
+    loser = next(v for v in record.versions if v.key_id == rival)
+    assert record.profile == "gcm" and loser.version == 2 and record.primary == 1
+    with pytest.raises(errors.PolicyError, match="stopped being the primary"):
+        km.destroy(key_name, loser.version, confirmed=True)
+    assert objects.key_exists(km.token, rival)
+
+
+def test_a_second_key_fact_cannot_turn_backup_on(km, token: TokenUnderTest, key_name: str) -> None:
+    """A forged ``key`` fact with the lowest id wins the head, but ``backup`` needs every key fact."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    record = km.create_key(key_name)
+    _write_fact(km, key_name, "key", {"profile": record.profile, "policy": asdict(replace(record.policy, backup=True))},
+                "0" * 32)
+    assert km.describe_key(key_name).policy.backup is False
+    new = km.rotate(key_name).primary_version
+    attrs = objects.key_attributes(km.token, new.key_id).attributes
+    assert attrs["EXTRACTABLE"] is False and attrs["NEVER_EXTRACTABLE"] is True
+
+
+def test_a_forged_destroyed_fact_on_the_primary_is_not_finished_at_once(km, token: TokenUnderTest,
+                                                                          key_name: str) -> None:
+    """Forged ``destroyed`` on the primary: the object is intact and the data recoverable. key
+    verify says so; finishing the destroy waits as long as any destroy would."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    km.create_key(key_name)
+    primary = km.rotate(key_name).primary_version
+    km.keyring.add(key_name, "state", {"kid": primary.key_id.hex(), "to": "destroyed"})
+    [check] = [c for c in km.verify_keys(key_name) if c.version == primary.version]
+    assert "still recoverable" in check.verdict and "forged" in check.verdict
+    with pytest.raises(errors.PolicyError, match="was marked destroyed"):
+        km.destroy(key_name, primary.version, confirmed=True)
+    assert objects.key_exists(km.token, primary.key_id)
+
+
+def test_automatic_rotations_are_audited(tmp_path, token: TokenUnderTest, key_name: str) -> None:
+    """Every version is explained by the audit log, automatic ones included: a rotate entry
+    (intent and outcome) marked automatic, with the reason."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    path = tmp_path / "audit.log"
+    with keymgr.KeyManager(token.uri(), audit=path) as km:
+        km.create_key(key_name, max_messages=3, auto_rotate=True)
+        for _ in range(10):
+            km.encrypt(b"x", key=key_name)
+        versions = len(km.describe_key(key_name).versions)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rotations = [r for r in rows if r["op"] == "rotate" and r["outcome"] == "ok"]
+    assert versions >= 4 and len(rotations) == versions - 1
+    assert all(r["detail"]["automatic"] and r["detail"]["reason"] == "use limit" for r in rotations)
+    assert len([r for r in rows if r["op"] == "rotate" and r["outcome"] == "intent"]) == len(rotations)
+
+
+def test_key_verify_finds_objects_of_a_key_whose_facts_are_all_gone(km, token: TokenUnderTest,
+                                                                     key_name: str) -> None:
+    """Deleting every fact of a key leaves its objects: they are named, with or without a NAME."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    record = km.create_key(key_name)
+    orphan = km.keyring.new_key_id()
+    objects.generate_key(km.token, version_template(record.profile, record.policy), label=f"{key_name}-gone/v1",
+                         key_id=orphan)
+    try:
+        for name in (None, f"{key_name}-gone"):
+            problems, _ = km.verify_token_objects(name)
+            assert any(orphan.hex() in line and "no key" in line for line in problems), (name, problems)
+        assert km.verify_token_objects(key_name) == ([], [])
+    finally:
+        objects.destroy_key(km.token, orphan)
