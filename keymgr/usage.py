@@ -59,7 +59,8 @@ MAX_BLOCK = 1 << 20
 def limit_for(record: KeyRecord) -> int | None:
     """Encryptions one version of this key may make, or None when nothing limits them."""
     limits = [record.policy.max_messages] if record.policy.max_messages else []
-    if record.profile_of(record.primary_version) == "gcm":
+    profile = record.profile_of(record.primary_version) if record.versions else record.profile
+    if profile == "gcm":
         limits.append(GCM_RANDOM_NONCE_LIMIT)
     return min(limits) if limits else None
 
