@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import TokenUnderTest
 from tests.fleet import fleet_workspace, fresh_token
 
 PIN = "pin-Q7zX4w9Kr2"
@@ -170,3 +171,21 @@ def test_a_real_flow_logs_its_events_and_no_secret() -> None:
         forbidden += [hexed, hexed.upper(), base64.b64encode(raw).decode(), repr(raw)[2:-1]]
     leaks = [(r["text"], s) for r in records for s in forbidden if s in r["text"] or s in r["args"]]
     assert not leaks, leaks[:3]
+
+
+def test_the_cli_prints_records_on_stderr_only_when_keymgr_log_says_so(softhsm: TokenUnderTest) -> None:
+    def run(level: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "KEYMGR_LOG"}
+        if level is not None:
+            env["KEYMGR_LOG"] = level
+        proc = subprocess.run([sys.executable, "-m", "keymgr", "--token", softhsm.uri(), "key", "list"],
+                              capture_output=True, text=True, env={**env, **softhsm.env}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    debug = run("debug")
+    assert f"keymgr: DEBUG keymgr.hsm: token {softhsm.label!r}: logged in" in debug.splitlines()
+    assert "keymgr: DEBUG keymgr.keyring: " in debug
+    assert "DEBUG" not in run(None) and "DEBUG" not in run("warning")
+    assert run("loud").splitlines()[0] == ("keymgr: KEYMGR_LOG='loud' is no log level (debug, info, warning, "
+                                           "error); ignored")
