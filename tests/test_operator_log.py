@@ -189,3 +189,42 @@ def test_the_cli_prints_records_on_stderr_only_when_keymgr_log_says_so(softhsm: 
     assert "DEBUG" not in run(None) and "DEBUG" not in run("warning")
     assert run("loud").splitlines()[0] == ("keymgr: KEYMGR_LOG='loud' is no log level (debug, info, warning, "
                                            "error); ignored")
+
+
+def test_a_cached_encrypt_and_decrypt_make_no_call_into_logging(softhsm: TokenUnderTest, key_name: str) -> None:
+    """The per-message path logs nothing, so logging that is off costs it nothing (the timing is
+    in docs/performance.md, "Operator logging"); counted, not timed."""
+    import logging
+    import threading
+
+    import keymgr
+
+    with keymgr.KeyManager(softhsm.uri(), cache=True) as km:
+        km.create_key(key_name)
+        km.keyring.refresh_interval = 3600.0  # no refresh due during the count
+        blob = km.encrypt(b"warm up", key=key_name)
+        km.decrypt(blob)
+        calls: list[str] = []
+        logging_file = logging.__file__
+
+        def count(frame, event, arg):  # type: ignore[no-untyped-def]
+            if event == "call" and frame.f_code.co_filename == logging_file:
+                calls.append(frame.f_code.co_name)
+
+        old = threading.getprofile()
+        sys.setprofile(count)
+        try:
+            for _ in range(200):
+                km.decrypt(km.encrypt(b"x" * 1024, key=key_name, context={"tenant": "acme"}),
+                           context={"tenant": "acme"})
+        finally:
+            sys.setprofile(old)
+    assert calls == []
+    # and the counter sees a call into logging when there is one
+    logger = logging.getLogger("keymgr.cache")
+    sys.setprofile(count)
+    try:
+        logger.isEnabledFor(logging.DEBUG)
+    finally:
+        sys.setprofile(old)
+    assert calls == ["isEnabledFor"]
