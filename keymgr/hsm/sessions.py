@@ -23,6 +23,9 @@ Recovery:
   by reopening the session;
 * after ``fork()`` the child re-initialises the module and reopens its session.
 
+Each of these is logged at DEBUG on the ``keymgr.hsm`` logger, a removed token and a refused
+login at WARNING (:mod:`keymgr._oplog`); never a PIN.
+
 A wrong PIN is never retried: the error carries the token's own tries-left
 state, and keymgr logs in by itself only with a PIN that worked before.
 Context-specific logins (CKA_ALWAYS_AUTHENTICATE) ask the PIN source again:
