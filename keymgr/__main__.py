@@ -9,13 +9,17 @@ Whenever keymgr ends unsuccessfully (an error, an interrupt, input ended at a
 prompt), the terminal's typed-ahead input is discarded first
 (:mod:`keymgr._terminal`), so that a PIN typed for the next prompt never
 reaches the shell.
+
+``KEYMGR_LOG=debug`` (or ``info``, ``warning``) prints keymgr's operator log
+records on stderr (:mod:`keymgr._oplog`).
 """
 
-from keymgr import _signals, _terminal
+from keymgr import _oplog, _signals, _terminal
 
 
 def main() -> None:
     _signals.install()
+    _oplog.from_env()  # KEYMGR_LOG=debug: operator logging on stderr (docs/deployment.md)
     try:
         try:
             from keymgr.cli import cli

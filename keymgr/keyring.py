@@ -58,6 +58,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keymgr import _signals, errors, provenance
+from keymgr._oplog import keyring as log
+from keymgr._oplog import warn_once
 from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import Fact, KeyPolicy, KeyRecord, KeyVersion, fold, new_fact_id
@@ -278,6 +280,7 @@ class Keyring:
     def reload(self) -> None:
         """Read the objects that are new on the token since the last look, verify them, fold."""
         with self._reloading:
+            started = time.monotonic()
             present, new = objects.scan_data_objects(self._ts, application=APPLICATION, memo=self._scan)
             changed: set[str] = set()
             refused: errors.IntegrityError | None = None
@@ -291,6 +294,8 @@ class Keyring:
                     # the refusal stands as long as the forged object does
                     self._scan.labels.pop(handle, None)
                     refused = refused or exc
+                    warn_once(log, label, "%s: refused (every operation fails until it is removed; "
+                              "docs/security.md)", exc)
                     continue
                 if name is not None:
                     changed.add(name)
@@ -298,6 +303,8 @@ class Keyring:
                 self._present = present
                 self._rebuild(changed)
                 self._loaded_at = time.monotonic()
+            log.debug("token %r: keyring scan: %d objects, %d read, keys changed: %s (%.1f ms)", self._ts.label,
+                      len(present), len(new), sorted(changed) or "none", 1000 * (time.monotonic() - started))
             if refused is not None:
                 raise refused
 
@@ -402,20 +409,26 @@ class Keyring:
             marker = registers.read_register_cached(self._ts, CHANGES_REGISTER)
             if marker == self._marker and time.monotonic() - self._full_at < self.full_refresh_interval:
                 self._loaded_at = time.monotonic()  # nobody wrote since the last look: one attribute read
+                log.debug("token %r: keyring refresh: changes register unchanged, no scan", self._ts.label)
                 return
+            log.debug("token %r: keyring refresh: %s, full scan", self._ts.label,
+                      "changes register moved" if marker != self._marker else "full refresh interval passed")
             self.reload()
             self._marker, self._full_at = marker, time.monotonic()
             self._sweep_covered()
         except errors.IntegrityError as exc:
             self._refresh_error = exc  # the next caller sees it: a forged object fails closed
-        except errors.KeymgrError:
+        except errors.KeymgrError as exc:
             self._loaded_at = time.monotonic()  # the token was busy or away: try again next interval
+            log.debug("token %r: keyring refresh failed, tried again in %g s: %s", self._ts.label,
+                      self.refresh_interval, exc)
 
     def _look_again(self) -> None:
         """After a miss: read the token again; then, at most every :attr:`reread_interval` seconds,
         re-initialise the module and read once more (SoftHSM can keep a stale view of objects
         other processes wrote: STACK-FACTS 21; a C_Initialize costs a re-login and a re-read of
         every token in the module, so a stream of unknown ids must not pay it each time)."""
+        log.debug("token %r: a key name or id is not known here: reading the keyring again", self._ts.label)
         self.reload()
         if time.monotonic() - self._reread_at >= self.reread_interval:
             self._reread_at = time.monotonic()
@@ -506,8 +519,10 @@ class Keyring:
         return record
 
     def _mark_changed(self) -> None:
-        with contextlib.suppress(errors.KeymgrError):  # readers re-read everything every full_refresh_interval
+        try:
             registers.write_register(self._ts, CHANGES_REGISTER, os.urandom(8).hex())
+        except errors.KeymgrError as exc:  # readers re-read everything every full_refresh_interval
+            log.debug("token %r: setting the keyring's changes register failed: %s", self._ts.label, exc)
 
     def forget_object(self, label: str) -> None:
         """Destroy an object of this keyring that nothing needs any more (a use counter's own
@@ -540,6 +555,8 @@ class Keyring:
                 self._sweep_covered()
             return
         self._put(name, facts, covers=loose)
+        log.debug("token %r: key %r: compacted %d objects (%d facts) into one snapshot", self._ts.label, name,
+                  len(loose), len(facts))
         self._sweep_covered()
 
     def _compacted(self, name: str) -> list[Fact]:
@@ -573,12 +590,14 @@ class Keyring:
         for label in due:
             try:
                 objects.destroy_data_object(self._ts, application=APPLICATION, label=label)
-            except errors.KeymgrError:
+            except errors.KeymgrError as exc:
+                log.debug("token %r: sweeping %r failed, tried again later: %s", self._ts.label, label, exc)
                 return  # best effort: the change that led here is written; the next sweep tries again
             with self._lock:
                 self._present.discard(label)
                 self._covered.pop(label, None)
         if due:
+            log.debug("token %r: swept %d objects covered by snapshots", self._ts.label, len(due))
             self._mark_changed()
 
     # -- keys -------------------------------------------------------------------------
@@ -667,11 +686,14 @@ class Keyring:
                 if key_id in self._by_id:
                     return
                 objects.destroy_key(self._ts, key_id)
+                log.debug("token %r: key %r: destroyed the key object (id %s) of a create or rotation that did "
+                          "not finish", self._ts.label, name, key_id.hex())
                 if pending is not None and pending in self._present and pending not in self._covered:
                     self.forget_object(pending)
                     self._mark_changed()
-            except errors.KeymgrError:
-                pass
+            except errors.KeymgrError as exc:
+                log.debug("token %r: key %r: cleaning up after a failed create or rotation failed (swept "
+                          "later): %s", self._ts.label, name, exc)
 
     def orphans(self, name: str) -> list[tuple[str, bytes]]:
         """Key objects labelled ``NAME/vN`` that no version fact of ``name`` names, and objects of
@@ -700,6 +722,8 @@ class Keyring:
         swept = 0
         for key_id in self._sweepable(name):
             objects.destroy_key(self._ts, key_id)
+            log.debug("token %r: key %r: swept orphaned key object (id %s): its pending fact is older than %s and "
+                      "no version names it", self._ts.label, name, key_id.hex(), self.orphan_grace)
             swept += 1
         return swept
 
@@ -729,6 +753,8 @@ class Keyring:
             refusal = self._trust[slot]
         except KeyError:
             refusal = provenance.encrypt_refusal(self._ts, record, version)
+            if refusal is not None:
+                log.warning("token %r: %s", self._ts.label, refusal)
             # tied to the object checked: one found anew under the CKA_ID (destroyed and replaced by a
             # PIN holder, or a new session) is checked again before it encrypts
             self._trust[(version.key_id, objects.cached_key_handle(self._ts, version.key_id))] = refusal

@@ -9,7 +9,8 @@
 
 A ``KeyManager`` is bound to one token (named by an RFC 7512 URI, or the
 embedded SoftHSM token when none is given). It is safe to share between
-threads: every token call is serialised per module underneath.
+threads, but token calls are serialised per module underneath: processes, not
+threads, add throughput (:class:`KeyManager`, "Threads").
 """
 
 from __future__ import annotations
@@ -76,7 +77,21 @@ def _names_local_token(token: str | Pkcs11Uri) -> bool:
 
 
 class KeyManager:
-    """Keys in one token, and everything applications do with them."""
+    """Keys in one token, and everything applications do with them.
+
+    **Threads.** One KeyManager may be shared by any number of threads, and several
+    KeyManagers of one process on the same token share its one logged-in session
+    (:mod:`keymgr.hsm.sessions`). Every PKCS#11 call of a module runs under that module's
+    process-wide lock: python-pkcs11 initialises modules without OS locking, and SoftHSM
+    crashed the process when two threads called it at once (STACK-FACTS 1). So token calls
+    never run in parallel within a process, and threads add no token throughput, not even
+    on a network HSM (STACK-FACTS 20); for that, use processes (a forked child re-initialises
+    the module and reopens its session by itself). What needs no token call (a cached data
+    key's AES-GCM, the keyring view between refreshes) takes no module lock; the keyring,
+    the data-key caches and the audit log guard their own state with locks, and the keyring
+    refreshes in a background thread of its own. Call :meth:`close` once no other thread
+    uses the manager: it wipes the cached data keys, and later calls fail.
+    """
 
     def __init__(self, token: str | Pkcs11Uri | None = None, *, pin_callback: PinCallback | None = None,
                  cache: CachePolicy | bool = False, allow_compromised: bool = False,

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keymgr import errors
+from keymgr._oplog import audit as oplog
 from keymgr.audit._aggregate import Aggregator, Group
 from keymgr.audit._entry import (
     GENESIS_PREV,
@@ -213,9 +214,19 @@ class AuditLog:
                 for row in rows:
                     self._append(tail, *row)
         except errors.KeymgrError as exc:
-            self._broken = exc
+            self._fail_closed(exc)
             raise
+        if self._broken is not None:
+            oplog.warning("audit log %s: written again; operations resume", self.path or "(no file)")
         self._broken = None
+
+    def _fail_closed(self, exc: errors.KeymgrError) -> None:
+        """Remember why a write failed (every operation refuses until one succeeds: :meth:`ready`),
+        and tell the operator once, when the log goes from working to refusing."""
+        if self._broken is None:
+            oplog.warning("audit log %s cannot be written, operations refuse until it can (fail closed): %s",
+                          self.path or "(no file)", exc)
+        self._broken = exc
 
     def _agree_with_token(self, tail: Tail) -> None:
         """Append only where the token agrees (docs/audit.md, "What verify proves"): a tail behind
@@ -307,7 +318,7 @@ class AuditLog:
                 with self._file.locked() as tail:
                     self._agree_with_token(tail)
             except errors.KeymgrError as exc:
-                self._broken = exc
+                self._fail_closed(exc)
                 raise
             return
         try:
@@ -455,7 +466,7 @@ def _flush_loop(ref: weakref.ref[AuditLog], closed: threading.Event) -> None:
             if log._aggregator.due():
                 log.flush(sync=False)
         except errors.KeymgrError as exc:  # counts stay pending; operations refuse until a write succeeds
-            log._broken = exc
+            log._fail_closed(exc)
             print(f"keymgr: audit: cannot write aggregated entries ({exc}); operations on this log refuse "
                   "until it can be written", file=sys.stderr)
         del log

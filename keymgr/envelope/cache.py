@@ -28,6 +28,7 @@ is what makes a suspended or rotated key stop being used within minutes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from asn1crypto import cms
 
 from keymgr import errors
+from keymgr._oplog import cache as log
 from keymgr.envelope._aead import DataKey
 
 __all__ = ["CachePolicy", "EncryptCache", "DecryptCache"]
@@ -111,7 +113,7 @@ class EncryptCache:
             if entry is not None and (now - entry.created >= policy.max_age
                                       or entry.messages + 1 > policy.max_messages
                                       or entry.plaintext_bytes + size > policy.max_bytes):
-                self._evict(partition)
+                self._evict(partition, "a limit reached", now)
                 entry = None
             if entry is not None:
                 entry.messages += 1
@@ -123,10 +125,10 @@ class EncryptCache:
             entry = _EncryptEntry(dek, recipients, now, 1, size, leases=1)
             with self._lock:
                 if partition in self._entries:
-                    self._evict(partition)
+                    self._evict(partition, "replaced by another thread's new key", now)
                 self._entries[partition] = entry
                 while len(self._entries) > policy.max_entries:
-                    self._evict(next(iter(self._entries)))
+                    self._evict(next(iter(self._entries)), "max_entries reached", now)
         return entry
 
     def release(self, entry: _EncryptEntry) -> None:
@@ -136,17 +138,21 @@ class EncryptCache:
             if entry.evicted and entry.leases == 0:
                 entry.dek.wipe()
 
-    def _evict(self, partition: Hashable) -> None:
+    def _evict(self, partition: Hashable, why: str, now: float | None = None) -> None:
         entry = self._entries.pop(partition, None)
         if entry is not None:
             entry.evicted = True
             if entry.leases == 0:
                 entry.dek.wipe()
+            if log.isEnabledFor(logging.DEBUG):  # no partition: it holds the encryption context
+                age = (self._clock() if now is None else now) - entry.created
+                log.debug("encrypt cache: data key evicted (%s) after %d messages, %d bytes, %.1f s",
+                          why, entry.messages, entry.plaintext_bytes, age)
 
     def clear(self) -> None:
         with self._lock:
             for partition in list(self._entries):
-                self._evict(partition)
+                self._evict(partition, "cleared")
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -169,6 +175,7 @@ class DecryptCache:
                 return None
             if now - found[1] >= self._policy.max_age:
                 self._entries.pop(wrapped)
+                log.debug("decrypt cache: data key evicted (max_age reached)")
                 return None
             self._entries.move_to_end(wrapped)
             return found[0]
@@ -180,12 +187,16 @@ class DecryptCache:
                 # not wiped here: another thread may be using it; DataKey zeroes
                 # its bytes when the last reference goes
                 self._entries.popitem(last=False)
+                log.debug("decrypt cache: oldest data key evicted (max_entries reached)")
 
     def forget(self, owner: Hashable) -> None:
         """Drop every key unwrapped by ``owner`` (a key version that was retired or destroyed)."""
         with self._lock:
-            for wrapped in [w for w, (_, _, o) in self._entries.items() if o == owner]:
+            dropped = [w for w, (_, _, o) in self._entries.items() if o == owner]
+            for wrapped in dropped:
                 self._entries.pop(wrapped)
+        if dropped:
+            log.debug("decrypt cache: %d data keys of a retired or destroyed version dropped", len(dropped))
 
     def clear(self) -> None:
         with self._lock:

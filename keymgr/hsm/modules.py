@@ -16,6 +16,7 @@ Three measured facts shape this module (``shared/STACK-FACTS.md``):
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import pkcs11
 import pkcs11.exceptions as p11x
 
 from keymgr import errors
+from keymgr._oplog import hsm as log
 from keymgr.hsm._errors import code_name
 
 __all__ = ["Module", "load_module", "resolve_module_name", "loaded_modules", "use_softhsm_config",
@@ -89,6 +91,7 @@ class Module:
                     ) from exc
             self.pid = os.getpid()
             self.generation += 1
+            log.debug("module %s re-initialised in forked child %d", self.path, self.pid)
 
     def reinitialize(self) -> None:
         """C_Finalize + C_Initialize: how a module re-reads its slots after a token
@@ -178,6 +181,8 @@ def load_module(path: str) -> Module:
             raise errors.ModuleLoadError(_load_failure(path, exc)) from exc
         module = Module(path=real, lib=lib)
         _modules[real] = module
+        if log.isEnabledFor(logging.DEBUG):  # description reads the module's info
+            log.debug("module %s loaded (%s)", real, module.description)
         return module
 
 

@@ -21,6 +21,8 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
 from keymgr import errors
+from keymgr._oplog import hsm as log
+from keymgr._oplog import warn_once
 from keymgr.hsm._errors import missing_role
 from keymgr.hsm.locks import token_lock
 from keymgr.hsm.sessions import TokenSession
@@ -472,7 +474,12 @@ def singleton_keys(ts: TokenSession, label: str) -> list[bytes]:
     """CKA_IDs of the secret-key token objects labelled ``label`` that the token made and never
     let out (:data:`_SINGLETON_PROOF`), sorted (one find by label: a token holds thousands of key
     versions, which must not be read one by one)."""
-    return [key_id for key_id, failed in _singleton_scan(ts, label) if not failed]
+    found = _singleton_scan(ts, label)
+    for key_id, failed in found:
+        if failed:
+            warn_once(log, key_id.hex(), "token %r: key %r (id %s) is ignored: %s (not made by this token, or "
+                      "readable: planted?); run keymgr key verify", ts.label, label, key_id.hex(), "; ".join(failed))
+    return [key_id for key_id, failed in found if not failed]
 
 
 def untrusted_singletons(ts: TokenSession, label: str) -> list[tuple[bytes, list[str]]]:

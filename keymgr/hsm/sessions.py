@@ -23,6 +23,9 @@ Recovery:
   by reopening the session;
 * after ``fork()`` the child re-initialises the module and reopens its session.
 
+Each of these is logged at DEBUG on the ``keymgr.hsm`` logger, a removed token and a refused
+login at WARNING (:mod:`keymgr._oplog`); never a PIN.
+
 A wrong PIN is never retried: the error carries the token's own tries-left
 state, and keymgr logs in by itself only with a PIN that worked before.
 Context-specific logins (CKA_ALWAYS_AUTHENTICATE) ask the PIN source again:
@@ -32,6 +35,7 @@ Context-specific logins (CKA_ALWAYS_AUTHENTICATE) ask the PIN source again:
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +46,7 @@ import pkcs11.exceptions as p11x
 from pkcs11.constants import TokenFlag
 
 from keymgr import errors
+from keymgr._oplog import hsm as log
 from keymgr.hsm._errors import SESSION_LOST, TOKEN_GONE, code_name, translate
 from keymgr.hsm.discovery import FoundToken, find_token, list_tokens
 from keymgr.hsm.modules import Module
@@ -131,11 +136,14 @@ class TokenSession:
         if self._session is not None and self._generation == module.generation and self._pid == module.pid:
             return self._session
         self._drop_session()
+        reopen = self._generation != -1
         try:
             token = self._found.token
             session = self._login(token) if self._want_login else token.open(rw=True)
         except p11x.PKCS11Error as exc:
             raise translate(exc, operation="open session", token=self.label) from exc
+        log.debug("token %r (serial %s): session %s%s", self.label, self.serial, "reopened" if reopen else "opened",
+                  " (module re-initialised)" if reopen and module.generation != self._generation else "")
         self._session = session
         self._generation = module.generation
         self._pid = module.pid
@@ -152,6 +160,9 @@ class TokenSession:
                 if attempt == _REREAD_TRIES - 1 or not (isinstance(exc, errors.TokenRemovedError)
                                                          or exc.code in _OPEN_RACES):
                     raise
+                log.debug("token %r: opening a session failed (%s), attempt %d of %d: re-initialising the module "
+                          "(another process's login may be rewriting the token: STACK-FACTS 23)",
+                          self.label, exc.code or type(exc).__name__, attempt + 1, _REREAD_TRIES)
                 time.sleep(0.02 * (attempt + 1))
                 try:
                     self._rediscover(reinitialize=True)
@@ -185,7 +196,9 @@ class TokenSession:
         if flags & TokenFlag.USER_PIN_LOCKED:
             raise self._locked_error()
         pin = self._pin
-        if pin is None:
+        if pin is not None:
+            log.debug("token %r: logging in again with the PIN that worked before", self.label)
+        else:
             source = self._pin_source
             if flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH and source.kind == "callback":
                 source = PinSource("protected")
@@ -196,13 +209,16 @@ class TokenSession:
         secret: object = pkcs11.PROTECTED_AUTH if pin is None else pin.reveal()
         try:
             session = token.open(rw=True, user_pin=secret)
+            log.debug("token %r: logged in", self.label)
         except p11x.UserAlreadyLoggedIn:
             session = token.open(rw=True)  # this process is logged in already: share it
+            log.debug("token %r: this process is logged in already; the new session shares that login", self.label)
         except (p11x.PinIncorrect, p11x.PinInvalid, p11x.PinLenRange) as exc:
             if pin is not None:
                 pin.wipe()
             self._pin = None
             state = tries_left_state(self._current_flags(token))
+            log.warning("token %r: login refused, wrong PIN (PIN counter: %s); not retried", self.label, state)
             if state == "locked":
                 raise errors.PinLockedError(
                     f"wrong PIN for token {self.label!r}; the PIN is now locked: {self._unlock_hint()}",
@@ -211,6 +227,7 @@ class TokenSession:
                 f"wrong PIN for token {self.label!r} ({tries_left_note(state)}); keymgr did not retry",
                 token=self.label, tries_left=state) from exc
         except p11x.PinLocked as exc:
+            log.warning("token %r: login refused, the user PIN is locked", self.label)
             raise self._locked_error() from exc
         finally:
             del secret
@@ -245,13 +262,20 @@ class TokenSession:
         self._cache.clear()
         found = None if reinitialize else lookup()
         if found is None:
+            started = time.monotonic()
             try:
                 self.module.reinitialize()
             except errors.ModuleLoadError as exc:
+                log.warning("token %r: re-initialising module %s failed: %s", self.label, self.module.path, exc)
                 raise self._removed_error("reconnect") from exc
+            log.debug("token %r: module %s re-initialised (C_Finalize + C_Initialize) in %.1f ms", self.label,
+                      self.module.path, 1000 * (time.monotonic() - started))
             found = lookup()
         if found is None:
+            log.debug("token %r (serial %s): not found after a re-initialise", self.label, self.serial)
             raise self._removed_error("reconnect")
+        if found.slot_id != self._found.slot_id:
+            log.debug("token %r (serial %s): found again in slot %s", self.label, self.serial, found.slot_id)
         self._found = found
 
     def reread(self) -> None:
@@ -261,6 +285,8 @@ class TokenSession:
         and before destroying anything it believes no one uses. Sessions reopen (and log in
         again) on their next call."""
         with self.module.lock:
+            log.debug("token %r: re-reading the token (re-initialise the module; sessions reopen and log in again)",
+                      self.label)
             for attempt in range(_REREAD_TRIES):
                 try:
                     self._rediscover(reinitialize=True)
@@ -269,6 +295,7 @@ class TokenSession:
                     # another process's login was rewriting the token file as C_Initialize read it
                     # (STACK-FACTS 23): the token looks absent until the next C_Initialize
                     if attempt == _REREAD_TRIES - 1:
+                        log.warning("token %r: not present after %d re-initialisations", self.label, _REREAD_TRIES)
                         raise
                     time.sleep(0.02 * (attempt + 1))
 
@@ -316,7 +343,11 @@ class TokenSession:
                     if not isinstance(exc, errors.TokenRemovedError) and exc.code not in _MODULE_STALE:
                         raise
                     if attempt == 2:
+                        log.warning("token %r: %s failed, the token is not present or not answering (%s)",
+                                    self.label, operation, exc.code or type(exc).__name__)
                         raise self._removed_error(operation, exc.code) from exc
+                    log.debug("token %r: %s: opening a session failed (%s); looking for the token again",
+                              self.label, operation, exc.code or type(exc).__name__)
                     self._rediscover(reinitialize=not isinstance(exc, errors.TokenRemovedError))
                     continue
                 try:
@@ -325,20 +356,29 @@ class TokenSession:
                     # closed, not just forgotten: a handle that still works would stay open and keep
                     # this process logged in (a later SO login then fails: CKR_USER_ANOTHER_ALREADY_LOGGED_IN)
                     self._drop_session()
+                    log.debug("token %r: session lost during %s (%s); %s", self.label, operation, code_name(exc),
+                              "reopening it and retrying once" if attempt == 1 else "lost again: giving up")
                     if attempt == 2:
                         raise translate(exc, operation=operation, token=self.label) from exc
                 except p11x.OperationActive as exc:
                     # an earlier call failed half-way (e.g. a wrong context-specific PIN) and
                     # the module kept its operation: a new session clears it
                     self._drop_session()
+                    log.debug("token %r: an operation was left active before %s; reopening the session",
+                              self.label, operation)
                     if attempt == 2:
                         raise translate(exc, operation=operation, token=self.label) from exc
                 except TOKEN_GONE as exc:
                     self._drop_session()
+                    log.warning("token %r: removed during %s (%s)", self.label, operation, code_name(exc))
                     raise translate(exc, operation=operation, token=self.label) from exc
                 except (p11x.DeviceError, p11x.GeneralError) as exc:
                     failure = self._device_failure(exc, operation)
-                    if attempt == 2 or not isinstance(failure, errors.TokenRemovedError):
+                    removed = isinstance(failure, errors.TokenRemovedError)
+                    log.log(logging.WARNING if removed and attempt == 2 else logging.DEBUG,
+                            "token %r: %s during %s; %s", self.label, code_name(exc), operation,
+                            "the token does not answer" if removed else "the token still answers")
+                    if attempt == 2 or not removed:
                         raise failure from exc
                     try:  # the token may be back under a module that must re-read it
                         self._rediscover(reinitialize=True)
@@ -386,6 +426,7 @@ class TokenSession:
             if self._pin is not None:
                 self._pin.wipe()
                 self._pin = None
+        log.debug("token %r: session closed (this process is logged out)", self.label)
         with _sessions_lock:
             for key, value in list(_sessions.items()):
                 if value is self:
