@@ -423,13 +423,16 @@ class Keyring:
             log.debug("token %r: keyring refresh failed, tried again in %g s: %s", self._ts.label,
                       self.refresh_interval, exc)
 
-    def _look_again(self) -> None:
-        """After a miss: read the token again; then, at most every :attr:`reread_interval` seconds,
-        re-initialise the module and read once more (SoftHSM can keep a stale view of objects
-        other processes wrote: STACK-FACTS 21; a C_Initialize costs a re-login and a re-read of
-        every token in the module, so a stream of unknown ids must not pay it each time)."""
+    def _look_again(self, found: Callable[[], bool]) -> None:
+        """After a miss: read the token again; if that still does not show what ``found`` looks
+        for, then, at most every :attr:`reread_interval` seconds, re-initialise the module and read
+        once more (SoftHSM can keep a stale view of objects other processes wrote: STACK-FACTS 21;
+        a C_Initialize costs a re-login and a re-read of every token in the module, so a stream of
+        unknown ids must not pay it each time)."""
         log.debug("token %r: a key name or id is not known here: reading the keyring again", self._ts.label)
         self.reload()
+        if found():
+            return
         if time.monotonic() - self._reread_at >= self.reread_interval:
             self._reread_at = time.monotonic()
             self._ts.reread()
@@ -447,7 +450,7 @@ class Keyring:
             if record is not None:
                 return record
         validate_name(name)
-        self._look_again()
+        self._look_again(lambda: name in self._records)
         record = self._records.get(name)
         if record is not None:
             return record
@@ -465,7 +468,7 @@ class Keyring:
         self._fresh()
         where = self._by_id.get(key_id)  # one dict read, atomic: the lock guards writers
         if where is None:
-            self._look_again()
+            self._look_again(lambda: key_id in self._by_id)
             where = self._by_id.get(key_id)
         if where is None:
             raise errors.KeyNotFoundError(f"no key version with id {key_id.hex()} on token {self._ts.label!r}")
