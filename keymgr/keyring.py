@@ -54,17 +54,19 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from keymgr import _signals, errors, provenance
+from keymgr._canonical import canonical_json
+from keymgr._time import parse_utc, utc_now
 from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import Fact, KeyPolicy, KeyRecord, KeyVersion, fold, new_fact_id
 from keymgr.templates import KEK_GCM, KEK_WRAP, MAC_KEY, KeyTemplate, backup_capable
 
-__all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "DEFAULT_PROFILE", "PROFILES", "validate_name", "utc_now",
-           "version_template", "canonical"]
+__all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "DEFAULT_PROFILE", "PROFILES", "validate_name",
+           "version_template"]
 
 APPLICATION = "keymgr"
 FACT_PREFIX = "keymgr/f/"
@@ -97,20 +99,6 @@ def validate_name(name: str) -> str:
             f"invalid key name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(stamp: str) -> datetime:
-    """A keyring timestamp (``2026-12-02T16:41:36Z``) as an aware datetime."""
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
-def canonical(data: Mapping[str, Any]) -> bytes:
-    """The bytes a MAC covers: sorted keys, no spaces, UTF-8."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def version_template(profile: str, policy: KeyPolicy) -> KeyTemplate:
@@ -317,7 +305,7 @@ class Keyring:
             inner = envelope[kind]
             mac = bytes.fromhex(envelope["mac"])
             hint = bytes.fromhex(envelope["key"]) if "key" in envelope else None
-            payload = canonical(inner)
+            payload = canonical_json(inner)
         except (ValueError, KeyError, TypeError):
             raise errors.IntegrityError(what) from None
         if not self._mac_holds(domain, payload, mac, hint):
@@ -486,8 +474,8 @@ class Keyring:
             inner = {"n": name, "id": sid, "at": self.now(), "facts": [f.to_json() for f in facts],
                      "covers": covers or []}
             kind, domain, label = "snapshot", _SNAPSHOT_DOMAIN, f"{SNAPSHOT_PREFIX}{name}/{sid}"
-        key_id, mac = self._mac(domain, canonical(inner))
-        value = canonical({kind: inner, "mac": mac.hex(), "key": key_id.hex()})
+        key_id, mac = self._mac(domain, canonical_json(inner))
+        value = canonical_json({kind: inner, "mac": mac.hex(), "key": key_id.hex()})
         objects.write_data_object(self._ts, application=APPLICATION, label=label, value=value)
         self._mark_changed()
         with self._lock:
@@ -561,13 +549,13 @@ class Keyring:
     def _sweep_covered(self) -> None:
         """Destroy objects a snapshot covers once their grace period is over (module docstring)."""
         moment = time.monotonic()
-        wall = parse_time(self.now())
+        wall = parse_utc(self.now())
         with self._lock:
             due = []
             for label, (seen, at) in list(self._covered.items()):
                 if label not in self._present:
                     continue
-                old = bool(at) and wall - parse_time(at) >= self.stale_after
+                old = bool(at) and wall - parse_utc(at) >= self.stale_after
                 if moment - seen >= self.grace or old:
                     due.append(label)
         for label in due:
@@ -705,11 +693,11 @@ class Keyring:
 
     def _sweepable(self, name: str) -> list[bytes]:
         pending = {bytes.fromhex(f.kid): f.at for f in self.facts(name) if f.kind == "pending"}
-        wall = parse_time(self.now())
+        wall = parse_utc(self.now())
         found = []
         for _, key_id in self.orphans(name):
             stamp = pending.get(key_id)
-            if key_id not in self._by_id and stamp and wall - parse_time(stamp) >= self.orphan_grace:
+            if key_id not in self._by_id and stamp and wall - parse_utc(stamp) >= self.orphan_grace:
                 found.append(key_id)
         return found
 

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from keymgr import errors, rotation
+from keymgr._time import parse_utc
 from keymgr.keyring import KeyRecord, Keyring
 
 __all__ = ["FIRST_BLOCK", "GCM_RANDOM_NONCE_LIMIT", "MAX_BLOCK", "UsageMeter", "block_for", "limit_for"]
@@ -115,7 +116,7 @@ class UsageMeter:
         self._blocks, self._sizes, self._totals = {}, {}, {}
 
     def _now(self) -> datetime:
-        return rotation.parse_time(rotation.now(self._keyring))
+        return parse_utc(rotation.now(self._keyring))
 
     def reserve(self, record: KeyRecord) -> KeyRecord:
         """Account for one encryption under ``record``'s primary; returns the record to encrypt

@@ -8,6 +8,7 @@ import pytest
 
 import keymgr
 from keymgr import rotation, usage
+from keymgr._time import parse_utc
 from keymgr.keyring import KeyPolicy, KeyRecord
 
 
@@ -15,7 +16,7 @@ class Clock:
     """A wall clock the test moves (the keyring's clock dates versions and ends cryptoperiods)."""
 
     def __init__(self, start: str = "2030-01-01T00:00:00Z") -> None:
-        self.at = rotation.parse_time(start)
+        self.at = parse_utc(start)
 
     def __call__(self) -> str:
         return self.at.isoformat().replace("+00:00", "Z")

@@ -27,7 +27,8 @@ from typing import Protocol
 from asn1crypto import cms
 
 from keymgr import errors
-from keymgr.envelope._aead import DataKey, zero
+from keymgr._memory import zero
+from keymgr.envelope._aead import DataKey
 from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope.recipients import KekAlgorithm, kek_recipient_der, read_kek_recipient
 from keymgr.hsm import objects, probe
