@@ -63,9 +63,9 @@ from keymgr._time import parse_utc, utc_now
 from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import Fact, KeyPolicy, KeyRecord, KeyVersion, fold, new_fact_id
-from keymgr.templates import KEK_GCM, KEK_WRAP, MAC_KEY, KeyTemplate, backup_capable
+from keymgr.templates import DEFAULT_PROFILE, MAC_KEY, KeyTemplate, backup_capable, profile_named
 
-__all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "DEFAULT_PROFILE", "PROFILES", "validate_name",
+__all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "validate_name",
            "version_template"]
 
 APPLICATION = "keymgr"
@@ -83,13 +83,6 @@ _LEGACY_DOMAIN = b"keymgr keyring record v1"
 #: token call of the process would wait for it)
 CHANGES_REGISTER = "keymgr-keyring-changes"
 
-#: Key-encryption profiles: how a KEK protects data keys (docs/format.md).
-PROFILES: Mapping[str, KeyTemplate] = {"kw": KEK_WRAP, "gcm": KEK_GCM}
-#: The profile of keys created without one: standard RFC 3394 key wrap, which OpenSSL and every
-#: CMS reader understand, needs no nonce and works on FIPS-mode HSMs that refuse caller-chosen
-#: GCM IVs; measured against ``gcm`` in docs/performance.md ("Default profile").
-DEFAULT_PROFILE = "kw"
-
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -103,9 +96,8 @@ def validate_name(name: str) -> str:
 
 def version_template(profile: str, policy: KeyPolicy) -> KeyTemplate:
     """The template every version of a key with this profile and policy is generated from."""
-    if profile not in PROFILES:
-        raise errors.ConfigurationError(f"unknown key profile {profile!r} (choose from {', '.join(PROFILES)})")
-    return backup_capable(PROFILES[profile]) if policy.backup else PROFILES[profile]
+    template = profile_named(profile).template
+    return backup_capable(template) if policy.backup else template
 
 
 def facts_of_record(record: KeyRecord, *, restored: bool, seed: str | None = None) -> list[Fact]:

@@ -31,9 +31,10 @@ from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
 from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, objects, open_token, probe
-from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring
+from keymgr.keyring import KeyPolicy, KeyRecord, Keyring
 from keymgr.provenance import VersionCheck, check_version, untrusted_keys
 from keymgr.rewrap import Rewrapper, RewrapResult
+from keymgr.templates import DEFAULT_PROFILE
 from keymgr.usage import UsageMeter
 
 if TYPE_CHECKING:

@@ -46,11 +46,10 @@ from datetime import datetime
 from keymgr import errors, rotation
 from keymgr._time import parse_utc
 from keymgr.keyring import KeyRecord, Keyring
+from keymgr.templates import profile_named
 
-__all__ = ["FIRST_BLOCK", "GCM_RANDOM_NONCE_LIMIT", "MAX_BLOCK", "UsageMeter", "block_for", "limit_for"]
+__all__ = ["FIRST_BLOCK", "MAX_BLOCK", "UsageMeter", "block_for", "limit_for"]
 
-#: NIST SP 800-38D 8.3: at most 2^32 GCM invocations with random 96-bit IVs under one key.
-GCM_RANDOM_NONCE_LIMIT = 1 << 32
 #: A process's first reservation for a key version.
 FIRST_BLOCK = 256
 #: The largest reservation one fact makes (2^32 / 2^20: the GCM bound is 4,096 of them).
@@ -60,8 +59,9 @@ MAX_BLOCK = 1 << 20
 def limit_for(record: KeyRecord) -> int | None:
     """Encryptions one version of this key may make, or None when nothing limits them."""
     limits = [record.policy.max_messages] if record.policy.max_messages else []
-    if record.profile_of(record.primary_version) == "gcm":
-        limits.append(GCM_RANDOM_NONCE_LIMIT)
+    bound = profile_named(record.profile_of(record.primary_version)).use_bound
+    if bound is not None:
+        limits.append(bound)
     return min(limits) if limits else None
 
 

@@ -50,7 +50,8 @@ from keymgr.custody.transcript import Signer, TranscriptRecorder, hsm_signer, si
 from keymgr.hsm import objects, probe
 from keymgr.hsm.pins import Pin
 from keymgr.hsm.transport import ImportItem, export_wrapped, import_unwrapped, key_ids_present
-from keymgr.keyring import PROFILES, KeyRecord, Keyring
+from keymgr.keyring import KeyRecord, Keyring
+from keymgr.templates import PROFILES, Profile, profile_named
 
 __all__ = ["BackupResult", "RestoreResult", "backup_keys", "restore_keys", "open_custodian"]
 
@@ -76,13 +77,13 @@ class RestoreResult:
     finished: tuple[str, ...] = ()
 
 
-def _profile_of(record: KeyRecord, key_id: bytes) -> str:
-    return next((record.profile_of(v) for v in record.versions if v.key_id == key_id), record.profile)
+def _profile_of(record: KeyRecord, key_id: bytes) -> Profile:
+    return profile_named(next((record.profile_of(v) for v in record.versions if v.key_id == key_id), record.profile))
 
 
 def _proof(ts: object, record: KeyRecord, key_id: bytes, mechanism: str) -> bytes:
     """What the version's key makes of a fixed input (see backup_file: ``proof``)."""
-    if _profile_of(record, key_id) == "kw":
+    if _profile_of(record, key_id).wraps:
         return objects.wrap_data_key(ts, key_id, _PROOF_INPUT, mechanism)  # type: ignore[arg-type]
     nonce = os.urandom(12)
     return nonce + objects.gcm_encrypt(ts, key_id, _PROOF_INPUT, nonce=nonce, aad=_PROOF_AAD)  # type: ignore[arg-type]
@@ -90,7 +91,7 @@ def _proof(ts: object, record: KeyRecord, key_id: bytes, mechanism: str) -> byte
 
 def _proof_holds(ts: object, record: KeyRecord, key_id: bytes, proof: bytes, mechanism: str) -> bool:
     try:
-        if _profile_of(record, key_id) == "kw":
+        if _profile_of(record, key_id).wraps:
             return hmac.compare_digest(objects.wrap_data_key(ts, key_id, _PROOF_INPUT, mechanism), proof)  # type: ignore[arg-type]
         opened = objects.gcm_decrypt(ts, key_id, proof[12:], nonce=proof[:12], aad=_PROOF_AAD)  # type: ignore[arg-type]
         return hmac.compare_digest(bytes(opened), _PROOF_INPUT)
@@ -238,7 +239,7 @@ def _restore(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToke
     distinct = list({t.custodian.name: t for t in tokens}.values())
     earlier = _restored_earlier(backup, target)
     todo = [key for key in backup.keys if key.record.name not in earlier]
-    items = [ImportItem(v.key_id, key.record.label_of(v.version), PROFILES[key.record.profile_of(v)],
+    items = [ImportItem(v.key_id, key.record.label_of(v.version), profile_named(key.record.profile_of(v)).template,
                          w.wrapped)
              for key in todo for v, w in zip(key.record.versions, _ordered(key), strict=True)]
     transport = bytearray()
