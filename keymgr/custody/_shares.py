@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from keymgr import errors
 from keymgr._memory import zero
@@ -30,33 +29,18 @@ from keymgr.custody._seal import open_share, seal_share
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian
 
-__all__ = ["Dealt", "SealedSlot", "deal", "open_checked", "quorum_shortfall", "wipe_shares"]
+__all__ = ["SealedShare", "deal", "open_checked", "quorum_shortfall", "wipe_shares"]
 
 
 @dataclass(frozen=True)
-class Dealt:
-    """One custodian's sealed share, as :func:`deal` makes it."""
+class SealedShare:
+    """One custodian's place: who, which share (its Shamir index), the commitment to it, the sealed share.
+    A backup file keeps these as ``ShareSlot``; a threshold recipient in its ``oriValue``."""
 
     custodian: Custodian
     index: int
     commitment: bytes = field(repr=False)
     sealed: bytes = field(repr=False)
-
-
-class SealedSlot(Protocol):
-    """Where a sealed share is kept (a backup's ``ShareSlot``, a threshold recipient's slot)."""
-
-    @property
-    def custodian(self) -> Custodian: ...
-
-    @property
-    def index(self) -> int: ...
-
-    @property
-    def commitment(self) -> bytes: ...
-
-    @property
-    def sealed(self) -> bytes: ...
 
 
 def _context_bytes(context: Mapping[str, str]) -> bytes:
@@ -65,17 +49,17 @@ def _context_bytes(context: Mapping[str, str]) -> bytes:
 
 
 def deal(secret: bytes | bytearray, threshold: int, custodians: Sequence[Custodian],
-         context_of: Callable[[Custodian, int], Mapping[str, str]]) -> list[Dealt]:
+         context_of: Callable[[SealedShare], Mapping[str, str]]) -> list[SealedShare]:
     """Split ``secret`` ``threshold``-of-``len(custodians)``, one share sealed to each custodian in order,
-    bound to ``context_of(custodian, index)``."""
+    bound to ``context_of(place)`` (``place``: the custodian and index, not yet sealed)."""
     shares = shamir.split(bytes(secret), threshold, len(custodians))
     try:
         dealt = []
         for custodian, share in zip(custodians, shares, strict=True):
-            context = context_of(custodian, share.index)
+            context = context_of(SealedShare(custodian, share.index, b"", b""))
             raw = bytearray(share.to_bytes())
             try:
-                dealt.append(Dealt(custodian, share.index,
+                dealt.append(SealedShare(custodian, share.index,
                                    shamir.share_commitment(share, context=_context_bytes(context)),
                                    seal_share(custodian, raw, context)))
             finally:
@@ -85,7 +69,7 @@ def deal(secret: bytes | bytearray, threshold: int, custodians: Sequence[Custodi
         wipe_shares(shares)
 
 
-def open_checked(token: CustodianToken, slot: SealedSlot, context: Mapping[str, str], *, kept_in: str) -> shamir.Share:
+def open_checked(token: CustodianToken, slot: SealedShare, context: Mapping[str, str], *, kept_in: str) -> shamir.Share:
     """Open ``slot``'s share with ``token`` and check it against its index and commitment.
     ``kept_in`` names where the commitment is kept (``"the backup"``), for the error."""
     name = slot.custodian.name

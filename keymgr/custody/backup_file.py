@@ -47,6 +47,7 @@ from typing import Any
 from keymgr import errors
 from keymgr._canonical import canonical_json
 from keymgr.custody._json import load_document
+from keymgr.custody._shares import SealedShare
 from keymgr.custody.custodians import Custodian, QuorumPolicy
 from keymgr.envelope._aead import hkdf_sha256
 from keymgr.keyring import KeyRecord, validate_name
@@ -106,13 +107,8 @@ class BackupKey:
 
 
 @dataclass(frozen=True)
-class ShareSlot:
+class ShareSlot(SealedShare):
     """One custodian's place in the backup: who, which share, its commitment, the sealed share."""
-
-    custodian: Custodian
-    index: int
-    commitment: bytes = field(repr=False)
-    sealed: bytes = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"custodian": self.custodian.to_json(), "index": self.index, "commitment": self.commitment.hex(),
@@ -150,7 +146,7 @@ class BackupFile:
     def verify_mac(self, transport: bytes | bytearray) -> bool:
         return hmac.compare_digest(self.compute_mac(transport), self.mac)
 
-    def share_context(self, slot: ShareSlot) -> dict[str, str]:
+    def share_context(self, slot: SealedShare) -> dict[str, str]:
         """What a share is bound to: this backup, this custodian's key, this index."""
         return {"purpose": "keymgr backup share", "backup": self.id.hex(), "custodian": slot.custodian.name,
                 "fingerprint": slot.custodian.fingerprint, "index": str(slot.index)}

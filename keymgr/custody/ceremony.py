@@ -174,8 +174,7 @@ def _backup(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None
         backup = BackupFile(id=os.urandom(16), created=utc_now(), source_token=ts.label, source_serial=ts.serial,
                             mechanism=mechanism, quorum=policy, keys=(key,), shares=(),
                             approvals=({"request": auth.request_digest, "approvers": list(auth.approvers)},))
-        share_context = backup.share_context
-        dealt = deal(transport, policy.threshold, custodians, lambda c, i: share_context(ShareSlot(c, i, b"", b"")))
+        dealt = deal(transport, policy.threshold, custodians, backup.share_context)
         backup = replace(backup, shares=tuple(ShareSlot(d.custodian, d.index, d.commitment, d.sealed) for d in dealt))
         backup = replace(backup, mac=backup.compute_mac(transport))
         recorder.step("transport key split and sealed to custodians", quorum=policy.describe())

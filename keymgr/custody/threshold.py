@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from asn1crypto import cms, core
 
@@ -40,7 +40,7 @@ from keymgr import errors
 from keymgr._memory import zero
 from keymgr.custody import shamir
 from keymgr.custody._certs import kind_of, load_spki
-from keymgr.custody._shares import deal, open_checked, quorum_shortfall, wipe_shares
+from keymgr.custody._shares import SealedShare, deal, open_checked, quorum_shortfall, wipe_shares
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian, QuorumPolicy, Register
 from keymgr.envelope._aead import DataKey
@@ -48,7 +48,7 @@ from keymgr.envelope._attrs import OID_THRESHOLD_RECIPIENT
 from keymgr.envelope.cms import open_message
 from keymgr.envelope.recipients import other_recipient_info, read_other_recipient, recipient_kind
 
-__all__ = ["ThresholdRecipient", "ThresholdSlot", "QuorumUnwrapper", "decrypt_with_quorum", "read_threshold",
+__all__ = ["ThresholdRecipient", "QuorumUnwrapper", "decrypt_with_quorum", "read_threshold",
            "threshold_recipient", "MAX_SHARES"]
 
 MAX_SHARES = 16
@@ -69,22 +69,14 @@ class _Value(core.Sequence):  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
-class ThresholdSlot:
-    custodian: Custodian
-    index: int
-    commitment: bytes = field(repr=False)
-    sealed: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
 class ThresholdInfo:
     """A parsed threshold recipient."""
 
     id: bytes
     threshold: int
-    slots: tuple[ThresholdSlot, ...]
+    slots: tuple[SealedShare, ...]
 
-    def context(self, slot: ThresholdSlot) -> dict[str, str]:
+    def context(self, slot: SealedShare) -> dict[str, str]:
         return {"purpose": "keymgr threshold share", "recipient": self.id.hex(), "custodian": slot.custodian.name,
                 "fingerprint": slot.custodian.fingerprint, "index": str(slot.index), "threshold": str(self.threshold)}
 
@@ -112,8 +104,7 @@ class ThresholdRecipient:
 
     def wrap(self, dek: DataKey) -> cms.RecipientInfo:
         info = ThresholdInfo(os.urandom(16), self._threshold, ())
-        dealt = deal(dek.reveal(), self._threshold, self._custodians,
-                     lambda c, i: info.context(ThresholdSlot(c, i, b"", b"")))
+        dealt = deal(dek.reveal(), self._threshold, self._custodians, info.context)
         slots = [{"custodian": d.custodian.name, "public_key": d.custodian.public_key_der, "index": d.index,
                   "commitment": d.commitment, "sealed": d.sealed} for d in dealt]
         value = _Value({"version": 1, "id": info.id, "threshold": self._threshold, "shares": slots})
@@ -152,7 +143,7 @@ def read_threshold(ri: cms.RecipientInfo) -> ThresholdInfo | None:
         if not isinstance(index, int) or not 1 <= index <= 255 or not 16 <= len(commitment) <= 64:
             raise errors.FormatError(f"{what}: impossible share")
         custodian = Custodian(name=name, kind=kind_of(load_spki(spki)), public_key_der=spki, certificate_der=b"")
-        slots.append(ThresholdSlot(custodian, index, commitment, sealed))
+        slots.append(SealedShare(custodian, index, commitment, sealed))
     if len({s.index for s in slots}) != len(slots) or len({s.custodian.name for s in slots}) != len(slots):
         raise errors.FormatError(f"{what}: a share index or custodian appears twice")
     return ThresholdInfo(rid, threshold, tuple(slots))
