@@ -60,8 +60,8 @@ def deal(secret: bytes | bytearray, threshold: int, custodians: Sequence[Custodi
             raw = bytearray(share.to_bytes())
             try:
                 dealt.append(SealedShare(custodian, share.index,
-                                   shamir.share_commitment(share, context=_context_bytes(context)),
-                                   seal_share(custodian, raw, context)))
+                                         shamir.share_commitment(share, context=_context_bytes(context)),
+                                         seal_share(custodian, raw, context)))
             finally:
                 zero(raw)
         return dealt
