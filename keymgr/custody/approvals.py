@@ -271,12 +271,12 @@ class Approval:
 
     def signed_bytes(self) -> bytes:
         return APPROVAL_DOMAIN + canonical_json({"request": self.request_digest, "custodian": self.custodian,
-                                             "fingerprint": self.fingerprint, "signed": self.signed})
+                                                  "fingerprint": self.fingerprint, "signed": self.signed})
 
     def to_bytes(self) -> bytes:
-        return canonical_json({"format": APPROVAL_FORMAT, "request": self.request_digest, "custodian": self.custodian,
-                           "fingerprint": self.fingerprint, "signed": self.signed,
-                           "signature": self.signature.hex()}) + b"\n"
+        return canonical_json({"format": APPROVAL_FORMAT, "request": self.request_digest,
+                               "custodian": self.custodian, "fingerprint": self.fingerprint, "signed": self.signed,
+                               "signature": self.signature.hex()}) + b"\n"
 
     @classmethod
     def parse(cls, data: bytes) -> Approval:
