@@ -54,19 +54,21 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from keymgr import _signals, errors, provenance
+from keymgr._canonical import canonical_json
 from keymgr._oplog import keyring as log
 from keymgr._oplog import warn_once
+from keymgr._time import parse_utc, utc_now
 from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import Fact, KeyPolicy, KeyRecord, KeyVersion, fold, new_fact_id
-from keymgr.templates import KEK_GCM, KEK_WRAP, MAC_KEY, KeyTemplate, backup_capable
+from keymgr.templates import DEFAULT_PROFILE, MAC_KEY, KeyTemplate, backup_capable, profile_named
 
-__all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "DEFAULT_PROFILE", "PROFILES", "validate_name", "utc_now",
-           "version_template", "canonical"]
+__all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "validate_name",
+           "version_template"]
 
 APPLICATION = "keymgr"
 FACT_PREFIX = "keymgr/f/"
@@ -83,13 +85,6 @@ _LEGACY_DOMAIN = b"keymgr keyring record v1"
 #: token call of the process would wait for it)
 CHANGES_REGISTER = "keymgr-keyring-changes"
 
-#: Key-encryption profiles: how a KEK protects data keys (docs/format.md).
-PROFILES: Mapping[str, KeyTemplate] = {"kw": KEK_WRAP, "gcm": KEK_GCM}
-#: The profile of keys created without one: standard RFC 3394 key wrap, which OpenSSL and every
-#: CMS reader understand, needs no nonce and works on FIPS-mode HSMs that refuse caller-chosen
-#: GCM IVs; measured against ``gcm`` in docs/performance.md ("Default profile").
-DEFAULT_PROFILE = "kw"
-
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -101,25 +96,10 @@ def validate_name(name: str) -> str:
     return name
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(stamp: str) -> datetime:
-    """A keyring timestamp (``2026-12-02T16:41:36Z``) as an aware datetime."""
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
-def canonical(data: Mapping[str, Any]) -> bytes:
-    """The bytes a MAC covers: sorted keys, no spaces, UTF-8."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
 def version_template(profile: str, policy: KeyPolicy) -> KeyTemplate:
     """The template every version of a key with this profile and policy is generated from."""
-    if profile not in PROFILES:
-        raise errors.ConfigurationError(f"unknown key profile {profile!r} (choose from {', '.join(PROFILES)})")
-    return backup_capable(PROFILES[profile]) if policy.backup else PROFILES[profile]
+    template = profile_named(profile).template
+    return backup_capable(template) if policy.backup else template
 
 
 def facts_of_record(record: KeyRecord, *, restored: bool, seed: str | None = None) -> list[Fact]:
@@ -324,7 +304,7 @@ class Keyring:
             inner = envelope[kind]
             mac = bytes.fromhex(envelope["mac"])
             hint = bytes.fromhex(envelope["key"]) if "key" in envelope else None
-            payload = canonical(inner)
+            payload = canonical_json(inner)
         except (ValueError, KeyError, TypeError):
             raise errors.IntegrityError(what) from None
         if not self._mac_holds(domain, payload, mac, hint):
@@ -502,8 +482,8 @@ class Keyring:
             inner = {"n": name, "id": sid, "at": self.now(), "facts": [f.to_json() for f in facts],
                      "covers": covers or []}
             kind, domain, label = "snapshot", _SNAPSHOT_DOMAIN, f"{SNAPSHOT_PREFIX}{name}/{sid}"
-        key_id, mac = self._mac(domain, canonical(inner))
-        value = canonical({kind: inner, "mac": mac.hex(), "key": key_id.hex()})
+        key_id, mac = self._mac(domain, canonical_json(inner))
+        value = canonical_json({kind: inner, "mac": mac.hex(), "key": key_id.hex()})
         objects.write_data_object(self._ts, application=APPLICATION, label=label, value=value)
         self._mark_changed()
         with self._lock:
@@ -581,13 +561,13 @@ class Keyring:
     def _sweep_covered(self) -> None:
         """Destroy objects a snapshot covers once their grace period is over (module docstring)."""
         moment = time.monotonic()
-        wall = parse_time(self.now())
+        wall = parse_utc(self.now())
         with self._lock:
             due = []
             for label, (seen, at) in list(self._covered.items()):
                 if label not in self._present:
                     continue
-                old = bool(at) and wall - parse_time(at) >= self.stale_after
+                old = bool(at) and wall - parse_utc(at) >= self.stale_after
                 if moment - seen >= self.grace or old:
                     due.append(label)
         for label in due:
@@ -732,11 +712,11 @@ class Keyring:
 
     def _sweepable(self, name: str) -> list[bytes]:
         pending = {bytes.fromhex(f.kid): f.at for f in self.facts(name) if f.kind == "pending"}
-        wall = parse_time(self.now())
+        wall = parse_utc(self.now())
         found = []
         for _, key_id in self.orphans(name):
             stamp = pending.get(key_id)
-            if key_id not in self._by_id and stamp and wall - parse_time(stamp) >= self.orphan_grace:
+            if key_id not in self._by_id and stamp and wall - parse_utc(stamp) >= self.orphan_grace:
                 found.append(key_id)
         return found
 

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from keymgr import _signals, errors, rotation
+from keymgr._time import utc_now
 from keymgr.audit import AuditLog, Operation, RateLimit, resolve_audit
 from keymgr.audit._config import ENV_VAR, audit_is_off, default_token_log, record_audit_off
 from keymgr.audit._guard import AuditGuard
@@ -31,9 +32,10 @@ from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
 from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, objects, open_token, probe
-from keymgr.keyring import DEFAULT_PROFILE, KeyPolicy, KeyRecord, Keyring, utc_now
+from keymgr.keyring import KeyPolicy, KeyRecord, Keyring
 from keymgr.provenance import VersionCheck, check_version, untrusted_keys
 from keymgr.rewrap import Rewrapper, RewrapResult
+from keymgr.templates import DEFAULT_PROFILE
 from keymgr.usage import UsageMeter
 
 if TYPE_CHECKING:

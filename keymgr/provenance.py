@@ -33,7 +33,7 @@ from keymgr import errors
 from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import KeyRecord, KeyVersion
-from keymgr.templates import ROLE_ATTRIBUTES
+from keymgr.templates import ROLE_ATTRIBUTES, profile_named
 
 __all__ = ["VersionCheck", "check_version", "encrypt_refusal", "untrusted_keys"]
 
@@ -60,10 +60,9 @@ class VersionCheck:
 
 
 def _template_roles(profile: str) -> dict[str, bool]:
-    from keymgr.keyring import PROFILES
-
-    template = PROFILES.get(profile)
-    if template is None:
+    try:
+        template = profile_named(profile).template
+    except errors.ConfigurationError:
         return {}
     return {name: bool(template.attributes.get(name)) for name in ROLE_ATTRIBUTES}
 

@@ -54,14 +54,15 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from keymgr import _signals, errors
+from keymgr._time import parse_utc
 from keymgr.hsm import objects
 from keymgr.hsm.locks import token_lock
-from keymgr.keyring import KeyRecord, Keyring, KeyVersion, parse_time, version_template
+from keymgr.keyring import KeyRecord, Keyring, KeyVersion, version_template
 
 __all__ = ["STATES", "TRANSITIONS", "ROTATION_ONLY", "RETRIES", "rotate", "activate", "transition", "suspend",
            "resume", "mark_compromised", "retire", "check_transition",
            "check_settled", "SETTLE", "due", "due_at", "orphans", "key_lock",
-           "parse_time", "now"]
+           "now"]
 
 STATES = ("pre-active", "active", "decrypt-only", "suspended", "compromised", "destroyed")
 
@@ -266,7 +267,7 @@ def check_settled(keyring: Keyring, record: KeyRecord, target: KeyVersion, verb:
             return
         since, why = min(later), "stopped being the primary"
     try:
-        age = parse_time(keyring.now()) - parse_time(since)
+        age = parse_utc(keyring.now()) - parse_utc(since)
     except ValueError:
         return
     if age < SETTLE:
@@ -306,7 +307,7 @@ def due_at(record: KeyRecord) -> datetime | None:
     days = record.policy.rotate_after_days
     if days is None:
         return None
-    return parse_time(record.primary_version.created) + timedelta(days=days)
+    return parse_utc(record.primary_version.created) + timedelta(days=days)
 
 
 def due(records: list[KeyRecord], *, now: datetime | None = None) -> list[tuple[KeyRecord, datetime]]:

@@ -19,6 +19,10 @@ Kremer & Steel 2008; Bortolozzo et al. "Attacking and fixing PKCS#11", 2010):
 * ``WRAP_WITH_TRUSTED`` true: should a token ever let the key be wrapped, only a
   trusted (SO-marked) transport key may do it.
 * ``PRIVATE`` true: nothing about the key is visible without logging in.
+
+A key's *profile* (:class:`Profile`: ``kw`` or ``gcm``) is data too: its KEK template,
+whether it wraps or encrypts data keys, the CMS algorithms it reads, and the bound on
+its uses. Code asks the profile (``profile.wraps``), never compares its name.
 """
 
 from __future__ import annotations
@@ -27,8 +31,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from keymgr import errors
+
 __all__ = [
     "KeyTemplate",
+    "Profile",
+    "PROFILES",
+    "DEFAULT_PROFILE",
+    "GCM_RANDOM_NONCE_LIMIT",
+    "profile_named",
+    "KW_PROFILE",
+    "GCM_PROFILE",
     "KEK_WRAP",
     "KEK_GCM",
     "MAC_KEY",
@@ -85,6 +98,54 @@ KEK_WRAP = KeyTemplate("kek-wrap", "AES", 256, {**_PROTECTED, **_roles("WRAP", "
 #: Data-key KEK for the ``gcm`` profile: encrypts and decrypts 32-byte data keys with
 #: AES-GCM in the token (one C_Encrypt per message); cannot wrap or unwrap objects.
 KEK_GCM = KeyTemplate("kek-gcm", "AES", 256, {**_PROTECTED, **_roles("ENCRYPT", "DECRYPT")})
+
+#: NIST SP 800-38D 8.3: at most 2^32 GCM invocations with random 96-bit IVs under one key.
+GCM_RANDOM_NONCE_LIMIT = 1 << 32
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How a data-key KEK protects data keys (a key's *profile*, chosen at creation; docs/format.md).
+
+    The keyring stores only :attr:`name`; everything that differs between profiles is read
+    from here, never decided by comparing names."""
+
+    #: the name kept in the keyring's facts and shown to people
+    name: str
+    #: the KEK's attributes in the token
+    template: KeyTemplate
+    #: True: the data key is wrapped by C_WrapKey (AES-KW, RFC 3394, or AES-KWP, RFC 5649, as the
+    #: token offers); False: it is encrypted by one C_Encrypt with AES-256-GCM under the KEK
+    wraps: bool
+    #: the CMS key-encryption algorithms (``recipients.KekAlgorithm``) a KEK of this profile
+    #: writes and reads; a recipient with any other is not its own
+    kek_algorithms: frozenset[str]
+    #: encryptions one KEK version may make whatever the key's policy says (None: no bound)
+    use_bound: int | None
+
+
+#: Data-key KEKs that wrap: the standard form OpenSSL and every CMS reader understand.
+KW_PROFILE = Profile("kw", KEK_WRAP, wraps=True, kek_algorithms=frozenset({"aes256_wrap", "aes256_wrap_pad"}),
+                     use_bound=None)
+#: Data-key KEKs that encrypt with AES-GCM under random nonces: one token call per message, no
+#: key objects, and at most :data:`GCM_RANDOM_NONCE_LIMIT` messages per version.
+GCM_PROFILE = Profile("gcm", KEK_GCM, wraps=False, kek_algorithms=frozenset({"aes256_gcm"}),
+                      use_bound=GCM_RANDOM_NONCE_LIMIT)
+
+PROFILES: Mapping[str, Profile] = MappingProxyType({p.name: p for p in (KW_PROFILE, GCM_PROFILE)})
+#: The profile of keys created without one: standard RFC 3394 key wrap, which OpenSSL and every
+#: CMS reader understand, needs no nonce and works on FIPS-mode HSMs that refuse caller-chosen
+#: GCM IVs; measured against ``gcm`` in docs/performance.md ("Default profile").
+DEFAULT_PROFILE = KW_PROFILE.name
+
+
+def profile_named(name: str) -> Profile:
+    """The profile called ``name``; ConfigurationError for one this keymgr does not know."""
+    found = PROFILES.get(name)
+    if found is None:
+        raise errors.ConfigurationError(f"unknown key profile {name!r} (choose from {', '.join(PROFILES)})")
+    return found
+
 
 #: HMAC-SHA256 key that authenticates keymgr's metadata and audit entries.
 MAC_KEY = KeyTemplate("mac", "GENERIC_SECRET", 256, {**_PROTECTED, **_roles("SIGN", "VERIFY")})

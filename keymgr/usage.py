@@ -44,12 +44,12 @@ from collections.abc import Callable
 from datetime import datetime
 
 from keymgr import errors, rotation
+from keymgr._time import parse_utc
 from keymgr.keyring import KeyRecord, Keyring
+from keymgr.templates import profile_named
 
-__all__ = ["FIRST_BLOCK", "GCM_RANDOM_NONCE_LIMIT", "MAX_BLOCK", "UsageMeter", "block_for", "limit_for"]
+__all__ = ["FIRST_BLOCK", "MAX_BLOCK", "UsageMeter", "block_for", "limit_for"]
 
-#: NIST SP 800-38D 8.3: at most 2^32 GCM invocations with random 96-bit IVs under one key.
-GCM_RANDOM_NONCE_LIMIT = 1 << 32
 #: A process's first reservation for a key version.
 FIRST_BLOCK = 256
 #: The largest reservation one fact makes (2^32 / 2^20: the GCM bound is 4,096 of them).
@@ -60,8 +60,9 @@ def limit_for(record: KeyRecord) -> int | None:
     """Encryptions one version of this key may make, or None when nothing limits them."""
     limits = [record.policy.max_messages] if record.policy.max_messages else []
     profile = record.profile_of(record.primary_version) if record.versions else record.profile
-    if profile == "gcm":
-        limits.append(GCM_RANDOM_NONCE_LIMIT)
+    bound = profile_named(profile).use_bound
+    if bound is not None:
+        limits.append(bound)
     return min(limits) if limits else None
 
 
@@ -116,7 +117,7 @@ class UsageMeter:
         self._blocks, self._sizes, self._totals = {}, {}, {}
 
     def _now(self) -> datetime:
-        return rotation.parse_time(rotation.now(self._keyring))
+        return parse_utc(rotation.now(self._keyring))
 
     def reserve(self, record: KeyRecord) -> KeyRecord:
         """Account for one encryption under ``record``'s primary; returns the record to encrypt

@@ -17,6 +17,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from keymgr._canonical import canonical_json as canonical
 from keymgr.hsm import objects
 from keymgr.keyring import (
     APPLICATION,
@@ -24,7 +25,6 @@ from keymgr.keyring import (
     LEGACY_PREFIX,
     SNAPSHOT_PREFIX,
     KeyRecord,
-    canonical,
 )
 
 __all__ = ["WallClock", "eventually", "key_objects", "legacy_record", "same_record", "LEGACY_DOMAIN"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from keymgr._canonical import canonical_json as canonical
 from keymgr.audit import AuditLog
-from keymgr.audit._entry import canonical, line_digest
+from keymgr.audit._entry import line_digest
 from keymgr.hsm import TokenSession
 
 ENTRIES = 8

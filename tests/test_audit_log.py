@@ -177,7 +177,7 @@ def test_entries_without_the_token_have_no_mac_and_are_covered_later(tmp_path: P
     assert report.ok and report.unmaced == [1] and report.unauthenticated_tail == []
     forged = json.loads(path.read_text().splitlines()[0])
     forged["error"] = "NothingHappened"
-    from keymgr.audit._entry import canonical
+    from keymgr._canonical import canonical_json as canonical
 
     write_lines(path, [canonical(forged), path.read_bytes().splitlines()[1]])
     report = verify_log(path, token=ts)  # the unMACed entry was edited: the MACed one after it no longer chains

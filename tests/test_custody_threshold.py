@@ -67,6 +67,27 @@ def test_tampered_share_is_named(message: tuple[bytes, list]) -> None:
     assert decrypt_with_quorum(tampered, _tokens(custodians, 1, 2), context={"vault": "prod"})
 
 
+def test_a_share_that_is_not_the_one_dealt_is_named(message: tuple[bytes, list]) -> None:
+    """Custodian 1's commitment swapped for custodian 2's: the share still opens, its commitment
+    check names custodian 1 (the same check and message as a backup's, keymgr.custody._shares)."""
+    from keymgr.custody.threshold import _Value
+    from keymgr.envelope.recipients import other_recipient_info
+
+    blob, custodians = message
+    ris = list(parse_message(blob).recipient_infos)
+    index = next(i for i, ri in enumerate(ris) if ri.dump()[0] == 0xA4)
+    value = _Value.load(read_other_recipient(ris[index])[1])
+    first, second = value["shares"][0]["commitment"].native, value["shares"][1]["commitment"].native
+    value["shares"][0]["commitment"] = second
+    value["shares"][1]["commitment"] = first
+    ris[index] = other_recipient_info(OID_THRESHOLD_RECIPIENT, value.dump(force=True))
+    swapped = replace_recipients(blob, ris)
+    with pytest.raises(errors.IntegrityError, match=f"share of custodian {custodians[0].name!r} does not match "
+                                                    "its commitment in the message"):
+        decrypt_with_quorum(swapped, _tokens(custodians, 1, 3), context={"vault": "prod"})
+    assert decrypt_with_quorum(blob, _tokens(custodians, 1, 3), context={"vault": "prod"})  # the control
+
+
 def test_recipient_from_the_register_policy(key_name: str) -> None:
     km = hsm()
     custodians = registered(km, 1, 2)

@@ -15,6 +15,8 @@ import pytest
 
 import keymgr
 from keymgr import usage
+from keymgr._canonical import canonical_json as canonical
+from keymgr._time import utc_now
 from keymgr.hsm import objects
 from keymgr.keyfacts import new_fact_id
 from keymgr.keyring import (
@@ -27,8 +29,6 @@ from keymgr.keyring import (
     KeyPolicy,
     KeyRecord,
     KeyVersion,
-    canonical,
-    utc_now,
 )
 from keymgr.templates import KEK_GCM, KEK_WRAP, MAC_KEY, ROLE_ATTRIBUTES
 from tests._keyring_helpers import WallClock, eventually, key_objects, legacy_record, same_record

@@ -8,14 +8,15 @@ import pytest
 
 import keymgr
 from keymgr import rotation, usage
-from keymgr.keyring import KeyPolicy, KeyRecord
+from keymgr._time import parse_utc
+from keymgr.keyring import KeyPolicy, KeyRecord, KeyVersion
 
 
 class Clock:
     """A wall clock the test moves (the keyring's clock dates versions and ends cryptoperiods)."""
 
     def __init__(self, start: str = "2030-01-01T00:00:00Z") -> None:
-        self.at = rotation.parse_time(start)
+        self.at = parse_utc(start)
 
     def __call__(self) -> str:
         return self.at.isoformat().replace("+00:00", "Z")
@@ -100,11 +101,14 @@ def test_at_the_limit_auto_rotate_rotates(softhsm, key_name: str) -> None:
         assert [km.decrypt(b) for b in blobs] == [b"%d" % i for i in range(7)]
 
 
+def _one_version(profile: str, policy: KeyPolicy) -> KeyRecord:
+    return KeyRecord("k", profile, 1, (KeyVersion(1, bytes(16), "active", "2030-01-01T00:00:00Z"),), policy)
+
+
 def test_gcm_profile_is_bounded_by_the_random_nonce_limit() -> None:
-    gcm = KeyRecord("k", "gcm", 1, (), KeyPolicy())
-    assert usage.limit_for(gcm) == 2**32
-    assert usage.limit_for(KeyRecord("k", "gcm", 1, (), KeyPolicy(max_messages=10))) == 10
-    assert usage.limit_for(KeyRecord("k", "kw", 1, (), KeyPolicy())) is None
+    assert usage.limit_for(_one_version("gcm", KeyPolicy())) == 2**32
+    assert usage.limit_for(_one_version("gcm", KeyPolicy(max_messages=10))) == 10
+    assert usage.limit_for(_one_version("kw", KeyPolicy())) is None
     assert usage.block_for(10) == 1 and usage.block_for(2**32) == usage.FIRST_BLOCK
 
 

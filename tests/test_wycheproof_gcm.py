@@ -3,9 +3,10 @@
 The AES-256 / 96-bit-IV groups are keymgr's parameters: every valid vector
 must give exactly the expected ciphertext and tag and decrypt back, every
 invalid one must fail as IntegrityError, both through the one-shot calls CMS
-messages use and the into-buffer calls streams use. Vectors with other key
-or IV sizes must be refused cleanly (FormatError), never crash and never
-decrypt.
+messages use (``DataKey.seal`` / ``open``) and the into-buffer calls streams
+use. Vectors with other key or IV sizes must be refused cleanly (a key of
+another size as ConfigurationError, a nonce as FormatError), never crash and
+never decrypt.
 
 The vectors in keymgr's parameters with an empty AAD also go through the whole
 decrypt path of a message: each becomes a CMS AuthEnvelopedData without
@@ -31,8 +32,8 @@ from asn1crypto import cms
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 import keymgr
-from keymgr.envelope._aead import DataKey, gcm_open, gcm_seal
-from keymgr.errors import FormatError, IntegrityError
+from keymgr.envelope._aead import DataKey
+from keymgr.errors import ConfigurationError, FormatError, IntegrityError
 from keymgr.manager import INTEGRITY_MESSAGE
 from tests._vectors import load_wycheproof, wycheproof_cases
 from tests.conftest import softhsm_token
@@ -68,8 +69,8 @@ def test_the_file_is_the_one_we_expect() -> None:
 def test_keymgr_parameters(group: dict[str, Any], test: dict[str, Any]) -> None:
     key, iv, aad, msg, ct, tag = _bytes(test)
     if test["result"] == "valid":
-        assert gcm_seal(key, iv, msg, aad) == (ct, tag)
-        assert gcm_open(key, iv, ct, tag, aad) == msg
+        assert DataKey(key).seal(iv, msg, aad) == ct + tag
+        assert DataKey(key).open(iv, ct + tag, aad) == msg
         sealed = bytearray(len(msg) + 16)
         DataKey(key).seal_into(iv, memoryview(msg), aad, memoryview(sealed))
         assert bytes(sealed) == ct + tag
@@ -78,23 +79,29 @@ def test_keymgr_parameters(group: dict[str, Any], test: dict[str, Any]) -> None:
         assert bytes(plain) == msg
     elif test["result"] == "invalid":
         with pytest.raises(IntegrityError):
-            gcm_open(key, iv, ct, tag, aad)
+            DataKey(key).open(iv, ct + tag, aad)
         plain = bytearray(len(ct))
         with pytest.raises(IntegrityError):
             DataKey(key).open_into(iv, memoryview(ct + tag), aad, memoryview(plain))
         assert plain == bytearray(len(ct))  # no unverified plaintext left behind
     else:  # "acceptable": either way, but cleanly
         with contextlib.suppress(IntegrityError):
-            gcm_open(key, iv, ct, tag, aad)
+            DataKey(key).open(iv, ct + tag, aad)
 
 
 @pytest.mark.parametrize(("group", "test"), OTHERS, ids=_ids(OTHERS))
 def test_other_sizes_are_refused(group: dict[str, Any], test: dict[str, Any]) -> None:
     key, iv, aad, msg, ct, tag = _bytes(test)
+    if len(key) != 32:
+        with pytest.raises(ConfigurationError):
+            DataKey(key)
+        return
     with pytest.raises(FormatError):
-        gcm_seal(key, iv, msg, aad)
+        DataKey(key).seal(iv, msg, aad)
     with pytest.raises(FormatError):
-        gcm_open(key, iv, ct, tag, aad)
+        DataKey(key).open(iv, ct + tag, aad)
+    with pytest.raises(FormatError):
+        DataKey(key).open_into(iv, memoryview(ct + tag), aad, memoryview(bytearray(len(ct))))
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,14 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
 from keymgr import errors
+from keymgr._canonical import canonical_json
+from keymgr._time import parse_audit_time
 
-__all__ = ["Actor", "Entry", "parse_line", "canonical", "check_detail", "GENESIS_PREV", "MAC_DOMAIN",
+__all__ = ["Actor", "Entry", "parse_line", "check_detail", "GENESIS_PREV", "MAC_DOMAIN",
            "OUTCOMES", "MAX_LINE", "line_digest"]
 
 VERSION = 1
@@ -59,11 +60,6 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 _MAX_INT = 2**63 - 1
-
-
-def canonical(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
 
 
 def line_digest(line: bytes) -> str:
@@ -168,10 +164,10 @@ class Entry:
                 "error": self.error, "detail": dict(self.detail), "prev": self.prev}
 
     def mac_input(self) -> bytes:
-        return MAC_DOMAIN + canonical(self.body())
+        return MAC_DOMAIN + canonical_json(self.body())
 
     def line(self) -> bytes:
-        return canonical({**self.body(), "mac": self.mac})
+        return canonical_json({**self.body(), "mac": self.mac})
 
     def digest(self) -> str:
         return line_digest(self.line())
@@ -195,7 +191,7 @@ def parse_line(raw: bytes) -> Entry:
         raise _bad("unknown version")
     time = _text(data["time"], "time", 27, pattern=_TIME) or ""
     try:
-        datetime.strptime(time, "%Y-%m-%dT%H:%M:%S.%fZ")
+        parse_audit_time(time)
     except ValueError:
         raise _bad("bad time") from None
     outcome = _text(data["outcome"], "outcome", 8) or ""

@@ -33,11 +33,11 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from keymgr import errors
 from keymgr._oplog import audit as oplog
+from keymgr._time import audit_time
 from keymgr.audit._aggregate import Aggregator, Group
 from keymgr.audit._entry import (
     GENESIS_PREV,
@@ -74,11 +74,6 @@ def _os_user() -> tuple[str, int]:
         return pwd.getpwuid(uid).pw_name[:64], uid
     except KeyError:
         return f"uid-{uid}", uid
-
-
-def _utc(seconds: float | None = None) -> str:
-    moment = datetime.now(UTC) if seconds is None else datetime.fromtimestamp(seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class AuditLog:
@@ -334,7 +329,7 @@ class AuditLog:
         chain = tail.chain or secrets.token_hex(16)
         if tail.chain is None and self._key is not None and self._key.token.logged_in and self._file is not None:
             self._key.register_log(self._host, self._real_path, chain)  # before its first checkpoint
-        entry = Entry(chain=chain, seq=tail.seq + 1, time=_utc(), actor=actor, op=op, key=key, version=version,
+        entry = Entry(chain=chain, seq=tail.seq + 1, time=audit_time(), actor=actor, op=op, key=key, version=version,
                       outcome=outcome, error=error, prev=tail.digest, detail=detail)
         mac = self._mac(entry)
         line = dataclasses.replace(entry, mac=mac).line()
@@ -445,7 +440,7 @@ def _refusal(log: AuditLog, exc: errors.KeymgrError) -> errors.KeymgrError:
 
 
 def _group_row(g: Group) -> tuple[str, str | None, int | None, str, str | None, dict[str, Any], str | None]:
-    detail = {"aggregated": True, "count": g.count, "first": _utc(g.first), "last": _utc(g.last)}
+    detail = {"aggregated": True, "count": g.count, "first": audit_time(g.first), "last": audit_time(g.last)}
     return g.op, g.key, g.version, "ok", None, detail, g.principal
 
 

@@ -25,10 +25,11 @@ import os
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from keymgr import errors
+from keymgr._time import parse_audit_time, parse_time
 from keymgr.audit._entry import GENESIS_PREV, MAX_LINE, Entry, line_digest, parse_line
 from keymgr.audit._token import AuditKey
 from keymgr.hsm.sessions import TokenSession
@@ -305,19 +306,6 @@ def read_entries(path: str | os.PathLike[str], bad: list[int] | None = None) -> 
                 bad.append(number)
 
 
-def parse_time(text: str) -> datetime:
-    """An ISO 8601 date or time for filtering (``2026-12-02``, ``2026-12-02T17:00Z``); naive means UTC."""
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise errors.ConfigurationError(f"not an ISO 8601 date or time: {text!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _entry_time(entry: Entry) -> datetime:
-    return datetime.strptime(entry.time, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
 def select(entries: Iterable[tuple[int, Entry]], *, key: str | None = None, actor: str | None = None,
            op: str | None = None, outcome: str | None = None, since: datetime | None = None,
            until: datetime | None = None) -> Iterator[tuple[int, Entry]]:
@@ -333,7 +321,7 @@ def select(entries: Iterable[tuple[int, Entry]], *, key: str | None = None, acto
         if actor is not None and actor not in (entry.actor.user, str(entry.actor.uid), entry.actor.principal):
             continue
         if since is not None or until is not None:
-            moment = _entry_time(entry)
+            moment = parse_audit_time(entry.time)
             if (since is not None and moment < since) or (until is not None and moment >= until):
                 continue
         yield number, entry

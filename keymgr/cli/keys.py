@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from keymgr.cli._common import CliState, console, emit_json, pass_state
-from keymgr.keyring import DEFAULT_PROFILE, KeyRecord
+from keymgr.keyring import KeyRecord
+from keymgr.templates import DEFAULT_PROFILE
 
 __all__ = ["key_group", "record_json"]
 

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from keymgr import errors
 
-__all__ = ["PublicKey", "check_kind", "kind_of", "load_spki", "self_signed_certificate", "signature_algorithm",
+__all__ = ["PublicKey", "kind_of", "load_spki", "self_signed_certificate", "signature_algorithm",
            "spki_der", "verify_signature", "certificate_public_key"]
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -56,11 +56,6 @@ def kind_of(key: PublicKey) -> str:
         if name:
             return name
     raise errors.PolicyError("a custodian key must be RSA (2048 bits or more) or EC P-256 / P-384")
-
-
-def check_kind(key: PublicKey, kind: str) -> None:
-    if kind_of(key) != kind:
-        raise errors.FormatError("the public key does not match its stated kind")
 
 
 def spki_der(key: PublicKey) -> bytes:

@@ -1,10 +1,9 @@
-"""Canonical JSON, the encoding of every custody document keymgr signs, MACs or hashes.
+"""Reading custody documents (requests, approvals, backups, transcripts): strict JSON objects.
 
-Canonical here means: keys sorted, no insignificant whitespace, ASCII only
-(``\\uXXXX`` escapes), as ``json.dumps(sort_keys=True, separators=(",", ":"),
-ensure_ascii=True)`` writes it. Documents are parsed, checked field by field,
-and re-encoded before their bytes are signed or compared, so formatting never
-matters and any change of content does.
+They are written as canonical JSON (:func:`keymgr._canonical.canonical_json`);
+a document read back is parsed here, checked field by field by its module, and
+encoded again before its bytes are signed or compared. NaN and infinities are
+refused on the way in, as canonical JSON refuses them on the way out.
 """
 
 from __future__ import annotations
@@ -14,11 +13,11 @@ from typing import Any
 
 from keymgr import errors
 
-__all__ = ["canonical", "load_document"]
+__all__ = ["load_document"]
 
 
-def canonical(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def load_document(data: bytes, what: str, *, format: str, limit: int) -> dict[str, Any]:  # noqa: A002
@@ -26,7 +25,7 @@ def load_document(data: bytes, what: str, *, format: str, limit: int) -> dict[st
     if len(data) > limit:
         raise errors.FormatError(f"{what}: larger than {limit} bytes")
     try:
-        doc = json.loads(bytes(data).decode("utf-8"))
+        doc = json.loads(bytes(data).decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise errors.FormatError(f"{what}: not JSON") from None
     if not isinstance(doc, dict) or doc.get("format") != format:

@@ -21,7 +21,7 @@ into an *approval*::
     {"format": "keymgr-approval/1", "request": <SHA-256 of the canonical request>,
      "custodian": "alice", "fingerprint": <SHA-256 of alice's SPKI>, "signed": ..., "signature": <hex>}
 
-The signature covers ``"keymgr approval v1" || 0x00 || canonical({request, custodian,
+The signature covers ``"keymgr approval v1" || 0x00 || canonical_json({request, custodian,
 fingerprint, signed})``: the domain label keeps an approval from being mistaken
 for any other signature the key makes (transcripts, certificates).
 
@@ -35,7 +35,7 @@ same approval presented twice counts once. Acting *consumes* the request
 (its digest is recorded in the MACed register until it expires), so a
 request and its approvals cannot be replayed.
 
-Both are canonical JSON (``_json``): a file is read, checked field by field,
+Both are canonical JSON (``keymgr._canonical``): a file is read, checked field by field,
 and re-encoded before it is hashed, so formatting does not matter and any
 change of content does.
 """
@@ -50,7 +50,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keymgr import errors
-from keymgr.custody._json import canonical, load_document
+from keymgr._canonical import canonical_json
+from keymgr._time import format_utc, parse_stamp
+from keymgr.custody._json import load_document
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian, CustodyRegister, QuorumPolicy, Register
 from keymgr.custody.request_shows import check_shows, facts, parse_shows, printable, shows_lines
@@ -58,7 +60,7 @@ from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import KeyRecord
 from keymgr.keyring import Keyring, validate_name
 
-__all__ = ["Approval", "Request", "OPERATIONS", "approve", "check_quorum", "make_request", "parse_time",
+__all__ = ["Approval", "Request", "OPERATIONS", "approve", "check_quorum", "make_request",
            "request_for"]
 
 REQUEST_FORMAT = "keymgr-request/1"
@@ -70,20 +72,6 @@ MAX_TTL = timedelta(days=30)
 #: clock skew tolerated between the machines of the people who sign
 SKEW = timedelta(minutes=5)
 MAX_FILE = 64 * 1024
-
-
-def parse_time(value: Any, what: str) -> datetime:
-    """An RFC 3339 UTC time as keymgr writes it (``2026-11-22T10:00:00Z``)."""
-    if not isinstance(value, str) or not value.endswith("Z") or len(value) != 20:
-        raise errors.FormatError(f"{what}: expected a UTC time such as 2026-01-31T12:00:00Z")
-    try:
-        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        raise errors.FormatError(f"{what}: expected a UTC time such as 2026-01-31T12:00:00Z") from None
-
-
-def _format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _load(data: bytes, what: str, format: str, fields: set[str]) -> dict[str, Any]:  # noqa: A002
@@ -158,7 +146,7 @@ class Request:
         return doc
 
     def canonical(self) -> bytes:
-        return canonical(self.to_json())
+        return canonical_json(self.to_json())
 
     @property
     def digest(self) -> str:
@@ -226,7 +214,7 @@ class Request:
             if key is None:
                 raise errors.FormatError(f"{what}: invalid key name")
         created, expires = _text(doc, "created", what), _text(doc, "expires", what)
-        if parse_time(expires, what) <= parse_time(created, what):
+        if parse_stamp(expires, what) <= parse_stamp(created, what):
             raise errors.FormatError(f"{what}: expires before it was created")
         return cls(id=_hex(doc, "id", what, 16), operation=operation, token_label=_text(keyring, "token", what),
                    token_serial=_text(keyring, "serial", what, empty=True), key=key,
@@ -263,8 +251,8 @@ def make_request(operation: str, *, token: TokenSession, key: str | None, params
         raise errors.ConfigurationError("a request is valid for between one minute and 30 days")
     start = (now or datetime.now(UTC)).replace(microsecond=0)
     request = Request(id=os.urandom(16).hex(), operation=operation, token_label=token.label,
-                      token_serial=token.serial, key=key, params=dict(params), created=_format_time(start),
-                      expires=_format_time(start + ttl), requested_by=requested_by, shows=shows)
+                      token_serial=token.serial, key=key, params=dict(params), created=format_utc(start),
+                      expires=format_utc(start + ttl), requested_by=requested_by, shows=shows)
     try:
         return Request.parse(request.to_bytes())  # the same checks as a file read back
     except errors.FormatError as exc:
@@ -282,13 +270,13 @@ class Approval:
     signature: bytes = field(repr=False)
 
     def signed_bytes(self) -> bytes:
-        return APPROVAL_DOMAIN + canonical({"request": self.request_digest, "custodian": self.custodian,
-                                             "fingerprint": self.fingerprint, "signed": self.signed})
+        return APPROVAL_DOMAIN + canonical_json({"request": self.request_digest, "custodian": self.custodian,
+                                                  "fingerprint": self.fingerprint, "signed": self.signed})
 
     def to_bytes(self) -> bytes:
-        return canonical({"format": APPROVAL_FORMAT, "request": self.request_digest, "custodian": self.custodian,
-                           "fingerprint": self.fingerprint, "signed": self.signed,
-                           "signature": self.signature.hex()}) + b"\n"
+        return canonical_json({"format": APPROVAL_FORMAT, "request": self.request_digest,
+                               "custodian": self.custodian, "fingerprint": self.fingerprint, "signed": self.signed,
+                               "signature": self.signature.hex()}) + b"\n"
 
     @classmethod
     def parse(cls, data: bytes) -> Approval:
@@ -296,7 +284,7 @@ class Approval:
         doc = _load(data, what, APPROVAL_FORMAT, {"format", "request", "custodian", "fingerprint", "signed",
                                                   "signature"})
         signed = _text(doc, "signed", what)
-        parse_time(signed, what)
+        parse_stamp(signed, what)
         signature = bytes.fromhex(_hex(doc, "signature", what))
         if not 8 <= len(signature) <= 1024:
             raise errors.FormatError(f"{what}: impossible signature length")
@@ -311,10 +299,10 @@ class Approval:
 def approve(request: Request, custodian: CustodianToken, *, now: datetime | None = None) -> Approval:
     """Sign ``request`` with the custodian's token key (the custodian's PIN was given when it was opened)."""
     moment = (now or datetime.now(UTC)).replace(microsecond=0)
-    if moment >= parse_time(request.expires, "request"):
+    if moment >= parse_stamp(request.expires, "request"):
         raise errors.PolicyError(f"the request expired at {request.expires}; ask for a new one")
     unsigned = Approval(request.digest, custodian.custodian.name, custodian.custodian.fingerprint,
-                        _format_time(moment), b"")
+                        format_utc(moment), b"")
     return Approval(unsigned.request_digest, unsigned.custodian, unsigned.fingerprint, unsigned.signed,
                     custodian.sign(unsigned.signed_bytes()))
 
@@ -333,8 +321,8 @@ def _check_one(approval: Approval, request: Request, register: Register, allowed
                                                                                approval.signed_bytes()):
         raise errors.PolicyError(f"{who}: the signature does not verify with the registered key "
                                  "(altered, or signed by another key)")
-    signed = parse_time(approval.signed, "approval")
-    if not parse_time(request.created, "request") - SKEW <= signed <= parse_time(request.expires, "request"):
+    signed = parse_stamp(approval.signed, "approval")
+    if not parse_stamp(request.created, "request") - SKEW <= signed <= parse_stamp(request.expires, "request"):
         raise errors.PolicyError(f"{who} was signed outside the request's validity")
     return custodian
 
@@ -361,9 +349,9 @@ def check_quorum(request: Request, approvals: Sequence[Approval], register: Regi
     if any(digest == request.digest for digest, _ in register.consumed):
         raise errors.PolicyError("this request was already carried out once; approvals cannot be replayed")
     moment = now or datetime.now(UTC)
-    if moment > parse_time(request.expires, "request"):
+    if moment > parse_stamp(request.expires, "request"):
         raise errors.PolicyError(f"the approved request expired at {request.expires}")
-    if moment < parse_time(request.created, "request") - SKEW:
+    if moment < parse_stamp(request.created, "request") - SKEW:
         raise errors.PolicyError("the approved request was created in the future; check the clocks")
     names = []
     for approval in approvals:

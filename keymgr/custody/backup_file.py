@@ -45,7 +45,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keymgr import errors
-from keymgr.custody._json import canonical, load_document
+from keymgr._canonical import canonical_json
+from keymgr.custody._json import load_document
+from keymgr.custody._shares import SealedShare
 from keymgr.custody.custodians import Custodian, QuorumPolicy
 from keymgr.envelope._aead import hkdf_sha256
 from keymgr.keyring import KeyRecord, validate_name
@@ -105,13 +107,8 @@ class BackupKey:
 
 
 @dataclass(frozen=True)
-class ShareSlot:
+class ShareSlot(SealedShare):
     """One custodian's place in the backup: who, which share, its commitment, the sealed share."""
-
-    custodian: Custodian
-    index: int
-    commitment: bytes = field(repr=False)
-    sealed: bytes = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"custodian": self.custodian.to_json(), "index": self.index, "commitment": self.commitment.hex(),
@@ -140,16 +137,16 @@ class BackupFile:
                 "shares": [s.to_json() for s in self.shares], "approvals": [dict(a) for a in self.approvals]}
 
     def to_bytes(self) -> bytes:
-        return canonical({**self.body(), "mac": self.mac.hex()}) + b"\n"
+        return canonical_json({**self.body(), "mac": self.mac.hex()}) + b"\n"
 
     def compute_mac(self, transport: bytes | bytearray) -> bytes:
         key = hkdf_sha256(transport, salt=self.id, info=MAC_INFO)
-        return hmac.new(key, canonical(self.body()), hashlib.sha256).digest()
+        return hmac.new(key, canonical_json(self.body()), hashlib.sha256).digest()
 
     def verify_mac(self, transport: bytes | bytearray) -> bool:
         return hmac.compare_digest(self.compute_mac(transport), self.mac)
 
-    def share_context(self, slot: ShareSlot) -> dict[str, str]:
+    def share_context(self, slot: SealedShare) -> dict[str, str]:
         """What a share is bound to: this backup, this custodian's key, this index."""
         return {"purpose": "keymgr backup share", "backup": self.id.hex(), "custodian": slot.custodian.name,
                 "fingerprint": slot.custodian.fingerprint, "index": str(slot.index)}

@@ -37,19 +37,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from keymgr import _signals, errors
+from keymgr._memory import zero
+from keymgr._time import utc_now
 from keymgr.custody import shamir
-from keymgr.custody._seal import open_share, seal_share
+from keymgr.custody._shares import deal, open_checked, quorum_shortfall, wipe_shares
 from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.authorize import authorize, ceremony_transcript
 from keymgr.custody.backup_file import BackupFile, BackupKey, ShareSlot, WrappedVersion
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import CustodyRegister, QuorumPolicy
 from keymgr.custody.transcript import Signer, TranscriptRecorder, hsm_signer, sign_transcript
-from keymgr.envelope._aead import zero
 from keymgr.hsm import objects, probe
 from keymgr.hsm.pins import Pin
 from keymgr.hsm.transport import ImportItem, export_wrapped, import_unwrapped, key_ids_present
-from keymgr.keyring import PROFILES, KeyRecord, Keyring, utc_now
+from keymgr.keyring import KeyRecord, Keyring
+from keymgr.templates import PROFILES, Profile, profile_named
 
 __all__ = ["BackupResult", "RestoreResult", "backup_keys", "restore_keys", "open_custodian"]
 
@@ -75,13 +77,13 @@ class RestoreResult:
     finished: tuple[str, ...] = ()
 
 
-def _profile_of(record: KeyRecord, key_id: bytes) -> str:
-    return next((record.profile_of(v) for v in record.versions if v.key_id == key_id), record.profile)
+def _profile_of(record: KeyRecord, key_id: bytes) -> Profile:
+    return profile_named(next((record.profile_of(v) for v in record.versions if v.key_id == key_id), record.profile))
 
 
 def _proof(ts: object, record: KeyRecord, key_id: bytes, mechanism: str) -> bytes:
     """What the version's key makes of a fixed input (see backup_file: ``proof``)."""
-    if _profile_of(record, key_id) == "kw":
+    if _profile_of(record, key_id).wraps:
         return objects.wrap_data_key(ts, key_id, _PROOF_INPUT, mechanism)  # type: ignore[arg-type]
     nonce = os.urandom(12)
     return nonce + objects.gcm_encrypt(ts, key_id, _PROOF_INPUT, nonce=nonce, aad=_PROOF_AAD)  # type: ignore[arg-type]
@@ -89,7 +91,7 @@ def _proof(ts: object, record: KeyRecord, key_id: bytes, mechanism: str) -> byte
 
 def _proof_holds(ts: object, record: KeyRecord, key_id: bytes, proof: bytes, mechanism: str) -> bool:
     try:
-        if _profile_of(record, key_id) == "kw":
+        if _profile_of(record, key_id).wraps:
             return hmac.compare_digest(objects.wrap_data_key(ts, key_id, _PROOF_INPUT, mechanism), proof)  # type: ignore[arg-type]
         opened = objects.gcm_decrypt(ts, key_id, proof[12:], nonce=proof[:12], aad=_PROOF_AAD)  # type: ignore[arg-type]
         return hmac.compare_digest(bytes(opened), _PROOF_INPUT)
@@ -160,7 +162,6 @@ def _backup(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None
     if mechanism is None:
         raise errors.MechanismUnsupportedError(f"token {ts.label!r} can do neither AES-KW nor AES-KWP")
     transport = _transport_key(ts)
-    shares: list[shamir.Share] = []
     try:
         wrapped = export_wrapped(ts, [v.key_id for v in record.versions], transport, so_pin=so_pin,
                                  mechanism=mechanism)
@@ -173,34 +174,17 @@ def _backup(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None
         backup = BackupFile(id=os.urandom(16), created=utc_now(), source_token=ts.label, source_serial=ts.serial,
                             mechanism=mechanism, quorum=policy, keys=(key,), shares=(),
                             approvals=({"request": auth.request_digest, "approvers": list(auth.approvers)},))
-        shares = shamir.split(bytes(transport), policy.threshold, policy.n)
-        slots = []
-        for custodian, share in zip(custodians, shares, strict=True):
-            slot = ShareSlot(custodian, share.index, b"", b"")
-            context = backup.share_context(slot)
-            raw = bytearray(share.to_bytes())
-            try:
-                slots.append(ShareSlot(custodian, share.index,
-                                       shamir.share_commitment(share, context=_ctx(context)),
-                                       seal_share(custodian, raw, context)))
-            finally:
-                zero(raw)
-        backup = replace(backup, shares=tuple(slots))
+        dealt = deal(transport, policy.threshold, custodians, backup.share_context)
+        backup = replace(backup, shares=tuple(ShareSlot(d.custodian, d.index, d.commitment, d.sealed) for d in dealt))
         backup = replace(backup, mac=backup.compute_mac(transport))
         recorder.step("transport key split and sealed to custodians", quorum=policy.describe())
     finally:
         zero(transport)
-        for share in shares:
-            share.wipe()
     recorder.details["backup"] = backup.id.hex()
     transcript = ceremony_transcript(keyring, recorder, "success")
     _signals.hold_signals()  # the commit: spend the approvals (after the SO step: a mistyped SO PIN spends none)
     auth.consume(keyring)
     return BackupResult(backup.to_bytes(), transcript, backup.describe())
-
-
-def _ctx(context: dict[str, str]) -> bytes:
-    return "".join(f"{k}={v}\x00" for k, v in sorted(context.items())).encode("utf-8")
 
 
 def _sign(recorder: TranscriptRecorder, outcome: str, signers: Sequence[Signer | None]) -> bytes:
@@ -223,22 +207,9 @@ def _shares(backup: BackupFile, tokens: Sequence[CustodianToken]) -> list[shamir
             if slot.custodian.fingerprint != token.custodian.fingerprint:
                 raise errors.PolicyError(f"the token given for custodian {slot.custodian.name!r} does not hold "
                                          "the key this backup was sealed to")
-            context = backup.share_context(slot)
-            raw = open_share(token, slot.sealed, context)
-            try:
-                share = shamir.Share.from_bytes(bytes(raw))
-            except errors.KeymgrError:
-                raise errors.IntegrityError(f"the share of custodian {slot.custodian.name!r} is damaged") from None
-            finally:
-                zero(raw)
-            if share.index != slot.index or not shamir.verify_share(share, slot.commitment, _ctx(context)):
-                share.wipe()
-                raise errors.IntegrityError(f"the share of custodian {slot.custodian.name!r} does not match its "
-                                            "commitment in the backup: it was altered or replaced")
-            shares.append(share)
+            shares.append(open_checked(token, slot, backup.share_context(slot), kept_in="the backup"))
     except BaseException:
-        for share in shares:
-            share.wipe()
+        wipe_shares(shares)
         raise
     return shares
 
@@ -267,7 +238,7 @@ def _restore(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToke
     distinct = list({t.custodian.name: t for t in tokens}.values())
     earlier = _restored_earlier(backup, target)
     todo = [key for key in backup.keys if key.record.name not in earlier]
-    items = [ImportItem(v.key_id, key.record.label_of(v.version), PROFILES[key.record.profile_of(v)],
+    items = [ImportItem(v.key_id, key.record.label_of(v.version), profile_named(key.record.profile_of(v)).template,
                          w.wrapped)
              for key in todo for v, w in zip(key.record.versions, _ordered(key), strict=True)]
     transport = bytearray()
@@ -287,8 +258,7 @@ def _restore(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToke
                 import_unwrapped(ts, transport, items, mechanism=backup.mechanism)
         finally:
             zero(transport)
-            for share in shares:
-                share.wipe()
+            wipe_shares(shares)
         if items:
             recorder.step("versions unwrapped into the token as non-extractable objects; transport key destroyed")
         if earlier:
@@ -324,10 +294,8 @@ def _participants(backup: BackupFile, tokens: Sequence[CustodianToken], recorder
             names.append(token.custodian.name)
         recorder.participant("custodian", token.custodian.name, token.custodian.fingerprint)
     if len(names) < backup.quorum.threshold:
-        took = ", ".join(names) or "none"
-        raise errors.PolicyError(f"this backup needs {backup.quorum.threshold} of its custodians "
-                                 f"({', '.join(backup.quorum.custodians)}); only {len(names)} took part ({took}). "
-                                 "Nothing was restored")
+        raise errors.PolicyError(quorum_shortfall("this backup", backup.quorum.threshold, backup.quorum.custodians,
+                                                  names) + ". Nothing was restored")
     return names
 
 

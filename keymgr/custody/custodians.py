@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from keymgr import errors
+from keymgr._canonical import canonical_json
+from keymgr._time import utc_now
 from keymgr.custody._certs import (
     PublicKey,
     certificate_public_key,
@@ -33,9 +35,8 @@ from keymgr.custody._certs import (
     spki_der,
     verify_signature,
 )
-from keymgr.custody._json import canonical
 from keymgr.hsm import objects
-from keymgr.keyring import Keyring, utc_now, validate_name
+from keymgr.keyring import Keyring, validate_name
 
 __all__ = ["Custodian", "CustodyRegister", "QuorumPolicy", "Register", "KEYRING_SCOPE", "MAX_CUSTODIANS"]
 
@@ -210,7 +211,7 @@ class CustodyRegister:
         what = f"custodian register {label!r} on token {self._keyring.token.label!r} is not authentic"
         try:
             envelope = json.loads(value)
-            payload = canonical({"label": label, "register": envelope["register"]})
+            payload = canonical_json({"label": label, "register": envelope["register"]})
             mac = bytes.fromhex(envelope["mac"])
         except (ValueError, KeyError, TypeError):
             raise errors.IntegrityError(what) from None
@@ -230,9 +231,9 @@ class CustodyRegister:
         register = replace(register, generation=current.generation + 1)
         label = self._label(register.generation)
         body = register.to_json()
-        mac = self._keyring.authenticate(DOMAIN, canonical({"label": label, "register": body}))
+        mac = self._keyring.authenticate(DOMAIN, canonical_json({"label": label, "register": body}))
         objects.write_data_object(ts, application=APPLICATION, label=label,
-                                  value=canonical({"register": body, "mac": mac.hex()}))
+                                  value=canonical_json({"register": body, "mac": mac.hex()}))
         for stale, _ in objects.read_data_objects(ts, application=APPLICATION):
             if stale.startswith(REGISTER_PREFIX) and stale != label:
                 objects.destroy_data_object(ts, application=APPLICATION, label=stale)

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from keymgr import errors
+from keymgr._memory import zero
 
-__all__ = ["Share", "split", "combine", "share_commitment", "verify_share", "wipe", "gf_mul", "gf_inv"]
+__all__ = ["Share", "split", "combine", "share_commitment", "verify_share", "gf_mul", "gf_inv"]
 
 _FORMAT = 1
 MAX_SECRET = 1024
@@ -59,12 +60,6 @@ def gf_inv(a: int) -> int:
     return result
 
 
-def wipe(buf: bytearray) -> None:
-    """Zero a buffer in place."""
-    for i in range(len(buf)):
-        buf[i] = 0
-
-
 @dataclass(frozen=True)
 class Share:
     """One share: x-coordinate ``index`` (1..255) and the y-values, one per secret byte."""
@@ -89,7 +84,7 @@ class Share:
 
     def wipe(self) -> None:
         """Zero the share's value in place (the share is useless afterwards)."""
-        wipe(self.value)
+        zero(self.value)
 
     def to_bytes(self) -> bytes:
         """version (1) || index (1) || length (2, big-endian) || value."""
@@ -127,10 +122,10 @@ def _split_with_rng(secret: bytes, m: int, n: int, rng: Callable[[int], bytes]) 
             for c in reversed(coefficients):  # Horner: ((c_{m-1} x + ...) x + c_1) x + secret
                 y = gf_mul(y, x) ^ c
             values[x - 1].append(gf_mul(y, x) ^ byte)
-        wipe(coefficients)
+        zero(coefficients)
     shares = [Share(x + 1, bytearray(v)) for x, v in enumerate(values)]
     for v in values:
-        wipe(v)
+        zero(v)
     return shares
 
 
@@ -142,7 +137,7 @@ def split(secret: bytes, m: int, n: int) -> list[Share]:
 def combine(shares: Sequence[Share], threshold: int) -> bytearray:
     """Rebuild the secret from at least ``threshold`` shares (Lagrange interpolation at 0).
 
-    Returns a ``bytearray`` the caller should :func:`wipe` after use.
+    Returns a ``bytearray`` the caller should :func:`keymgr._memory.zero` after use.
     """
     if len(shares) < threshold:
         raise errors.PolicyError(f"{len(shares)} share(s) given; this quorum needs {threshold}")

@@ -32,22 +32,23 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from asn1crypto import cms, core
 
 from keymgr import errors
+from keymgr._memory import zero
 from keymgr.custody import shamir
 from keymgr.custody._certs import kind_of, load_spki
-from keymgr.custody._seal import open_share, seal_share
+from keymgr.custody._shares import SealedShare, deal, open_checked, quorum_shortfall, wipe_shares
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian, QuorumPolicy, Register
-from keymgr.envelope._aead import DataKey, zero
+from keymgr.envelope._aead import DataKey
 from keymgr.envelope._attrs import OID_THRESHOLD_RECIPIENT
 from keymgr.envelope.cms import open_message
 from keymgr.envelope.recipients import other_recipient_info, read_other_recipient, recipient_kind
 
-__all__ = ["ThresholdRecipient", "ThresholdSlot", "QuorumUnwrapper", "decrypt_with_quorum", "read_threshold",
+__all__ = ["ThresholdRecipient", "QuorumUnwrapper", "decrypt_with_quorum", "read_threshold",
            "threshold_recipient", "MAX_SHARES"]
 
 MAX_SHARES = 16
@@ -68,32 +69,20 @@ class _Value(core.Sequence):  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
-class ThresholdSlot:
-    custodian: Custodian
-    index: int
-    commitment: bytes = field(repr=False)
-    sealed: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
 class ThresholdInfo:
     """A parsed threshold recipient."""
 
     id: bytes
     threshold: int
-    slots: tuple[ThresholdSlot, ...]
+    slots: tuple[SealedShare, ...]
 
-    def context(self, slot: ThresholdSlot) -> dict[str, str]:
+    def context(self, slot: SealedShare) -> dict[str, str]:
         return {"purpose": "keymgr threshold share", "recipient": self.id.hex(), "custodian": slot.custodian.name,
                 "fingerprint": slot.custodian.fingerprint, "index": str(slot.index), "threshold": str(self.threshold)}
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(s.custodian.name for s in self.slots)
-
-
-def _ctx(context: Mapping[str, str]) -> bytes:
-    return "".join(f"{k}={v}\x00" for k, v in sorted(context.items())).encode("utf-8")
 
 
 class ThresholdRecipient:
@@ -115,22 +104,9 @@ class ThresholdRecipient:
 
     def wrap(self, dek: DataKey) -> cms.RecipientInfo:
         info = ThresholdInfo(os.urandom(16), self._threshold, ())
-        shares = shamir.split(bytes(dek.reveal()), self._threshold, len(self._custodians))
-        try:
-            slots = []
-            for custodian, share in zip(self._custodians, shares, strict=True):
-                context = info.context(ThresholdSlot(custodian, share.index, b"", b""))
-                raw = bytearray(share.to_bytes())
-                try:
-                    slots.append({"custodian": custodian.name, "public_key": custodian.public_key_der,
-                                  "index": share.index,
-                                  "commitment": shamir.share_commitment(share, context=_ctx(context)),
-                                  "sealed": seal_share(custodian, raw, context)})
-                finally:
-                    zero(raw)
-        finally:
-            for share in shares:
-                share.wipe()
+        dealt = deal(dek.reveal(), self._threshold, self._custodians, info.context)
+        slots = [{"custodian": d.custodian.name, "public_key": d.custodian.public_key_der, "index": d.index,
+                  "commitment": d.commitment, "sealed": d.sealed} for d in dealt]
         value = _Value({"version": 1, "id": info.id, "threshold": self._threshold, "shares": slots})
         return other_recipient_info(OID_THRESHOLD_RECIPIENT, value.dump())
 
@@ -167,7 +143,7 @@ def read_threshold(ri: cms.RecipientInfo) -> ThresholdInfo | None:
         if not isinstance(index, int) or not 1 <= index <= 255 or not 16 <= len(commitment) <= 64:
             raise errors.FormatError(f"{what}: impossible share")
         custodian = Custodian(name=name, kind=kind_of(load_spki(spki)), public_key_der=spki, certificate_der=b"")
-        slots.append(ThresholdSlot(custodian, index, commitment, sealed))
+        slots.append(SealedShare(custodian, index, commitment, sealed))
     if len({s.index for s in slots}) != len(slots) or len({s.custodian.name for s in slots}) != len(slots):
         raise errors.FormatError(f"{what}: a share index or custodian appears twice")
     return ThresholdInfo(rid, threshold, tuple(slots))
@@ -196,23 +172,11 @@ class QuorumUnwrapper:
                                              f"(its custodians: {', '.join(info.names)})")
                 if slot.custodian.name in used:
                     continue
-                context = info.context(slot)
-                raw = open_share(CustodianToken(slot.custodian, token.ts, token.ref), slot.sealed, context)
-                try:
-                    share = shamir.Share.from_bytes(bytes(raw))
-                except errors.KeymgrError:
-                    raise errors.IntegrityError(f"the share of custodian {slot.custodian.name!r} is damaged") \
-                        from None
-                finally:
-                    zero(raw)
-                shares.append(share)
-                if share.index != slot.index or not shamir.verify_share(share, slot.commitment, _ctx(context)):
-                    raise errors.IntegrityError(f"the share of custodian {slot.custodian.name!r} does not match "
-                                                "its commitment: it was altered or replaced")
+                holder = CustodianToken(slot.custodian, token.ts, token.ref)
+                shares.append(open_checked(holder, slot, info.context(slot), kept_in="the message"))
                 used.append(slot.custodian.name)
             if len(used) < info.threshold:
-                raise errors.PolicyError(f"this message needs {info.threshold} of its custodians "
-                                         f"({', '.join(info.names)}); only {len(used)} took part")
+                raise errors.PolicyError(quorum_shortfall("this message", info.threshold, info.names, used))
             secret = bytearray(shamir.combine(shares, info.threshold))
             try:
                 if len(secret) != 32:
@@ -222,8 +186,7 @@ class QuorumUnwrapper:
             finally:
                 zero(secret)
         finally:
-            for share in shares:
-                share.wipe()
+            wipe_shares(shares)
 
 
 def decrypt_with_quorum(blob: bytes, tokens: Sequence[CustodianToken], *,

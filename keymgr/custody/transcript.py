@@ -35,6 +35,8 @@ from typing import Any
 from asn1crypto import algos, cms, x509
 
 from keymgr import errors
+from keymgr._canonical import canonical_json
+from keymgr._time import utc_now
 from keymgr.custody._certs import (
     certificate_public_key,
     kind_of,
@@ -43,10 +45,9 @@ from keymgr.custody._certs import (
     spki_der,
     verify_signature,
 )
-from keymgr.custody._json import canonical, load_document
+from keymgr.custody._json import load_document
 from keymgr.hsm import asym
 from keymgr.hsm.sessions import TokenSession
-from keymgr.keyring import utc_now
 
 __all__ = ["Signer", "TranscriptRecorder", "VerifiedTranscript", "hsm_signer", "sign_transcript",
            "verify_transcript", "custodian_signer"]
@@ -148,7 +149,7 @@ def sign_transcript(document: Mapping[str, Any], signers: Sequence[Signer]) -> b
     """The transcript as DER CMS SignedData, one SignerInfo per signer."""
     if not signers:
         raise errors.ConfigurationError("a transcript needs at least one signer")
-    content = canonical(dict(document))
+    content = canonical_json(dict(document))
     when = datetime.now(UTC).replace(microsecond=0)
     infos, digests = [], []
     for signer in signers:

@@ -2,7 +2,7 @@
 
 Both envelope formats (CMS messages, streams) encrypt through this module
 and nothing else, so the Wycheproof AES-GCM vectors that run through
-:func:`gcm_seal` / :func:`gcm_open` test the code path real data takes.
+:meth:`DataKey.seal` / :meth:`DataKey.open` test the code path real data takes.
 
 Pinned sizes (RFC 5084 section 3.2 allows more; keymgr reads and writes only these):
 a 256-bit key, a 96-bit nonce (the size NIST SP 800-38D section 8.2 treats
@@ -27,12 +27,13 @@ from typing import NoReturn
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from keymgr._memory import zero
 from keymgr.envelope import _der
 from keymgr.errors import ConfigurationError, FormatError, IntegrityError
 
 __all__ = [
     "COMMITMENT_SIZE", "KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "DataKey", "encode_gcm_parameters",
-    "gcm_open", "gcm_seal", "hkdf_sha256", "key_commitment", "read_gcm_parameters", "zero",
+    "hkdf_sha256", "key_commitment", "read_gcm_parameters",
 ]
 
 KEY_SIZE = 32
@@ -92,20 +93,6 @@ def key_commitment(key: bytes | bytearray) -> bytes:
     outer = hashlib.sha256(block.translate(_OPAD))
     outer.update(inner.digest())
     return outer.digest()
-
-
-_ZEROS = bytes(64 * 1024)
-
-
-def zero(buffer: bytearray | memoryview) -> None:
-    """Overwrite ``buffer`` with zeros, 64 KiB at a time (no allocation the size of the buffer)."""
-    view = memoryview(buffer).cast("B")
-    if len(view) <= len(_ZEROS):  # keys, segments up to 64 KiB: one in-place copy
-        view[:] = _ZEROS[:len(view)]
-        return
-    for start in range(0, len(view), len(_ZEROS)):
-        chunk = view[start:start + len(_ZEROS)]
-        chunk[:] = _ZEROS[:len(chunk)]
 
 
 def _check_nonce(nonce: bytes) -> None:
@@ -245,23 +232,3 @@ class DataKey:
             zero(out)
             raise IntegrityError(AEAD_FAILED) from None
 
-
-def _check_sizes(key: bytes, nonce: bytes) -> None:
-    if len(key) != KEY_SIZE:
-        raise FormatError(f"AES-256-GCM needs a {KEY_SIZE}-byte key")
-    _check_nonce(nonce)
-
-
-def gcm_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
-    """(ciphertext, tag) under keymgr's AES-256-GCM; :class:`FormatError` for other sizes."""
-    _check_sizes(key, nonce)
-    sealed = DataKey(key).seal(nonce, plaintext, aad)
-    return sealed[:-TAG_SIZE], sealed[-TAG_SIZE:]
-
-
-def gcm_open(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> bytes:
-    """Plaintext, or :class:`IntegrityError`; :class:`FormatError` for other key/nonce/tag sizes."""
-    _check_sizes(key, nonce)
-    if len(tag) != TAG_SIZE:
-        raise FormatError(f"AES-GCM tag must be {TAG_SIZE} bytes")
-    return DataKey(key).open(nonce, ciphertext + tag, aad)

@@ -27,12 +27,11 @@ is what makes a suspended or rotated key stop being used within minutes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from asn1crypto import cms
@@ -78,7 +77,7 @@ class _EncryptEntry:
 class EncryptCache:
     """Reuse a data key (and its wrapped form) within the policy's limits.
 
-    Use :meth:`lease` as a context manager (or :meth:`acquire` / :meth:`release`): an
+    Pair every :meth:`acquire` with a :meth:`release` (in a ``finally``): an
     evicted key is wiped only when the last message still using it is sealed, so
     threads never race a wipe.
     """
@@ -89,20 +88,11 @@ class EncryptCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _EncryptEntry] = OrderedDict()
 
-    @contextlib.contextmanager
-    def lease(self, partition: Hashable, size: int, make: Callable[[], tuple[DataKey, Recipients]],
-              ) -> Iterator[tuple[DataKey, Recipients]]:
-        """The cached (data key, recipients) for ``partition``, counting one message of
-        ``size`` bytes; a new one from ``make()`` when none is cached or a limit would pass."""
-        entry = self.acquire(partition, size, make)
-        try:
-            yield entry.dek, entry.recipients
-        finally:
-            self.release(entry)
-
     def acquire(self, partition: Hashable, size: int, make: Callable[[], tuple[DataKey, Recipients]]) -> _EncryptEntry:
-        """:meth:`lease` without the context manager (the per-message path: a generator-based
-        context manager costs as much as the rest of a cache hit). Pair with :meth:`release`."""
+        """The cached entry (data key, recipients) for ``partition``, counting one message of
+        ``size`` bytes; a new one from ``make()`` when none is cached or a limit would pass.
+        Pair with :meth:`release`. Not a context manager: on the per-message path a
+        generator-based one costs as much as the rest of a cache hit."""
         policy = self._policy
         if size > policy.max_bytes:  # larger than the whole byte budget: never cached
             dek, recipients = make()

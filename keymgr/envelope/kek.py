@@ -27,11 +27,13 @@ from typing import Protocol
 from asn1crypto import cms
 
 from keymgr import errors
-from keymgr.envelope._aead import DataKey, zero
+from keymgr._memory import zero
+from keymgr.envelope._aead import DataKey
 from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope.recipients import KekAlgorithm, kek_recipient_der, read_kek_recipient
 from keymgr.hsm import objects, probe
 from keymgr.keyring import KeyRecord, Keyring, KeyVersion
+from keymgr.templates import PROFILES, Profile, profile_named
 
 __all__ = ["KekProtector", "KeyRecipient", "Recipient", "DECRYPTABLE_STATES"]
 
@@ -42,6 +44,10 @@ _KEKRI_TAG = 0xA2
 #: How long a key id that is not on this token is remembered as such (see ``unwrap_der``).
 _UNKNOWN_TTL = 1.0
 _UNKNOWN_MAX = 1024
+
+
+def _profile(record: KeyRecord, version: KeyVersion) -> Profile:
+    return profile_named(record.profile_of(version))
 
 
 class Recipient(Protocol):
@@ -109,7 +115,7 @@ class KekProtector:
 
     def algorithm_for(self, record: KeyRecord) -> KekAlgorithm:
         """The key-encryption algorithm messages for ``record`` carry on this token."""
-        return "aes256_gcm" if record.profile_of(record.primary_version) == "gcm" else self._wrap_mechanism()[1]
+        return self._wrap_mechanism()[1] if _profile(record, record.primary_version).wraps else "aes256_gcm"
 
     def wrap(self, record: KeyRecord, dek: DataKey, version: KeyVersion | None = None) -> cms.RecipientInfo:
         """A KEKRecipientInfo carrying ``dek`` under ``version`` (default: the primary)."""
@@ -124,7 +130,7 @@ class KekProtector:
             version = record.primary_version
         self.check_encrypts(record, version)
         ts = self._keyring.token
-        if record.profile_of(version) == "kw":
+        if _profile(record, version).wraps:
             mechanism, algorithm = self._wrap_mechanism()
             wrapped = objects.wrap_data_key(ts, version.key_id, dek.reveal(), mechanism)
             return kek_recipient_der(version.key_id, wrapped, algorithm)
@@ -215,14 +221,13 @@ class KekProtector:
             self._on_unwrap(record, version)
         self.check_state(record, version)
         ts = self._keyring.token
-        if recipient.algorithm == "aes256_gcm":
-            if record.profile_of(version) != "gcm":
-                raise errors.IntegrityError("the data key is not authentic")
+        profile = PROFILES.get(record.profile_of(version))
+        if profile is None or recipient.algorithm not in profile.kek_algorithms:
+            raise errors.IntegrityError("the data key is not authentic")
+        if not profile.wraps:
             raw = objects.gcm_decrypt(ts, version.key_id, recipient.encrypted_key,
                                       nonce=recipient.gcm_nonce or b"", aad=b"")
         else:
-            if record.profile_of(version) != "kw":
-                raise errors.IntegrityError("the data key is not authentic")
             mechanism = "aes-kw" if recipient.algorithm == "aes256_wrap" else self._kwp_mechanism()
             raw = objects.unwrap_data_key(ts, version.key_id, recipient.encrypted_key, mechanism)
         try:

@@ -46,8 +46,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from keymgr._memory import zero
 from keymgr.envelope import _der
-from keymgr.envelope._aead import TAG_SIZE, DataKey, zero
+from keymgr.envelope._aead import TAG_SIZE, DataKey
 from keymgr.envelope._attrs import AuthAttributes, build_auth_attrs, normalize_context, parse_auth_attrs
 from keymgr.envelope.cms import Unwrap, UnwrapDer, check_context, find_data_key
 from keymgr.envelope.recipients import ParsedRecipients, RecipientLike, encode_recipient_infos, parse_recipient_infos

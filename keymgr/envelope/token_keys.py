@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from keymgr import errors
+from keymgr._memory import zero
 from keymgr.envelope._aead import DataKey
 from keymgr.envelope._pk_algorithms import (
     derive_kek,
@@ -170,7 +171,7 @@ class TokenPrivateKey:
         try:
             kek = derive_kek(z, kdf_hash, None if ukm is None else bytes(ukm), key_info)
         finally:
-            z[:] = bytes(len(z))
+            zero(z)
         try:
             raw = bytearray(aes_key_unwrap(kek, encrypted))
         except InvalidUnwrap:
@@ -221,7 +222,7 @@ def _data_key(raw: bytearray) -> DataKey:
             raise errors.IntegrityError(_NOT_AUTHENTIC)
         return DataKey(raw)
     finally:
-        raw[:] = bytes(len(raw))
+        zero(raw)
 
 
 class TokenKeyPairs:

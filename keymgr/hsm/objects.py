@@ -21,6 +21,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
 from keymgr import errors
+from keymgr._memory import zero
 from keymgr._oplog import hsm as log
 from keymgr._oplog import warn_once
 from keymgr.hsm._errors import missing_role
@@ -306,7 +307,7 @@ def unwrap_data_key(ts: TokenSession, kek_id: bytes, wrapped: bytes, mechanism: 
         finally:
             temp.destroy()
         if len(value) != key_length:
-            value[:] = bytes(len(value))
+            zero(value)
             raise errors.IntegrityError("the wrapped data key is not authentic")
         return value
 

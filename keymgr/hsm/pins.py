@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from keymgr import errors
+from keymgr._memory import zero
 
 __all__ = ["Pin", "PinRequest", "PinCallback", "PinSource", "prompt_pin", "pin_source_from_uri", "tries_left_note"]
 
@@ -45,8 +46,7 @@ class Pin:
         return self._buf.decode("utf-8")
 
     def wipe(self) -> None:
-        for i in range(len(self._buf)):
-            self._buf[i] = 0
+        zero(self._buf)
         self._buf = bytearray()
 
     def __repr__(self) -> str:

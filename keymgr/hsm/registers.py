@@ -23,7 +23,7 @@ from pkcs11 import Attribute, ObjectClass
 from keymgr import errors
 from keymgr.hsm.sessions import TokenSession
 
-__all__ = ["read_register", "read_register_cached", "write_register", "list_registers", "delete_register"]
+__all__ = ["read_register", "read_register_cached", "write_register", "list_registers"]
 
 #: Longest value a register holds (a label is no place for bulk data).
 MAX_VALUE = 1024
@@ -107,11 +107,3 @@ def list_registers(ts: TokenSession, prefix: str) -> dict[str, str]:
 
     return ts.run("list registers", call)
 
-
-def delete_register(ts: TokenSession, name: str) -> None:
-    def call(session: pkcs11.Session) -> None:
-        ts.cache.pop(("register", name), None)
-        for obj in _find(session, name):
-            obj.destroy()
-
-    ts.run(f"delete register {name!r}", call)

@@ -407,18 +407,6 @@ class TokenSession:
         request = PinRequest(self.label, "context-specific", tries_left_state(flags))
         return self._pin_source.read(request, self._pin_callback)
 
-    def reauthenticate(self, key_object: object) -> None:
-        """Context-specific login (CKA_ALWAYS_AUTHENTICATE) before a single-call operation
-        such as C_DeriveKey. For C_Decrypt / C_Sign the login must follow the operation's
-        Init call instead: :mod:`keymgr.hsm.asym` does that with :meth:`context_pin`."""
-        pin = self.context_pin()
-        secret = "" if pin is None else pin.reveal()
-        try:
-            self.run("context-specific login", lambda s: s.reaffirm_credentials(secret))
-        finally:
-            if pin is not None:
-                pin.wipe()
-
     def close(self) -> None:
         """Close the session (this logs the process out of the token)."""
         with self.module.lock:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
 from keymgr import KeyManager
-from keymgr import keyring as keyring_module
-from keymgr.keyring import PROFILES, KeyPolicy
-from keymgr.templates import KeyTemplate
+from keymgr import templates as templates_module
+from keymgr.keyring import KeyPolicy
+from keymgr.templates import PROFILES, KeyTemplate
 from tests.security._attacker import Target, aes_ecb
 from tests.security.test_attacks import assert_defeated, run_attack
 
@@ -71,7 +72,7 @@ MUTATIONS: list[tuple[str, str, bool, dict[str, bool], str, Expect]] = [
 
 
 def weakened(profile: str, changes: dict[str, bool]) -> KeyTemplate:
-    base = PROFILES[profile]
+    base = PROFILES[profile].template
     return KeyTemplate(f"{base.purpose}-weakened", base.key_type, base.bits, {**base.attributes, **changes})
 
 
@@ -80,7 +81,8 @@ def weakened(profile: str, changes: dict[str, bool]) -> KeyTemplate:
 def test_weakened_template_is_broken(manager: KeyManager, targets: dict[str, Target], monkeypatch: pytest.MonkeyPatch,
                                      case: str, profile: str, backup: bool, changes: dict[str, bool], attack: str,
                                      expect: Expect) -> None:
-    monkeypatch.setattr(keyring_module, "PROFILES", {**PROFILES, profile: weakened(profile, changes)})
+    monkeypatch.setattr(templates_module, "PROFILES",
+                        {**PROFILES, profile: replace(PROFILES[profile], template=weakened(profile, changes))})
     value = os.urandom(32)
     name = f"weak-{uuid.uuid4().hex[:10]}"
     record = manager.keyring.create(name, profile=profile, policy=KeyPolicy(backup=backup), _value=value)

@@ -118,7 +118,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-2**64, 2**64) | st
 def json_mutated(draw: st.DrawFn, target: str) -> bytes:
     """A JSON seed with one to three values replaced, keys removed or added, re-encoded canonically
     (so the bytes stay JSON and the parser's field checks, not json.loads, do the refusing)."""
-    from keymgr.custody._json import canonical
+    from keymgr._canonical import canonical_json as canonical
 
     rnd = draw(st.randoms(use_true_random=False))
     doc = json.loads(rnd.choice(seeds()[target]))

@@ -23,9 +23,10 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 import keymgr
+from keymgr._canonical import canonical_json as canonical
 from keymgr.audit import AuditLog
 from keymgr.keyfacts import Fact, new_fact_id
-from keymgr.keyring import APPLICATION, FACT_PREFIX, META_MAC_LABEL, canonical
+from keymgr.keyring import APPLICATION, FACT_PREFIX, META_MAC_LABEL
 from tests.conftest import TokenUnderTest
 
 REPO = Path(__file__).resolve().parents[2]

@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from keymgr import errors
+from keymgr._time import format_utc, parse_audit_time, parse_time
 from keymgr.audit._entry import Actor, Entry
 from keymgr.audit._operation import STATE_CHANGING
 from keymgr.audit.report._model import (
@@ -40,7 +41,7 @@ from keymgr.audit.report._model import (
     Thresholds,
     Trip,
 )
-from keymgr.audit.verify import log_files, parse_time, read_entries
+from keymgr.audit.verify import log_files, read_entries
 
 __all__ = ["build_report", "parse_since", "principal_of", "DECRYPT_OPS", "ENCRYPT_OPS", "LIFECYCLE_OPS",
            "CEREMONY_OPS", "AUDIT_OPS"]
@@ -57,7 +58,6 @@ AUDIT_OPS = frozenset({"audit-off", "audit-repair"})
 _UNFINISHED = ("no outcome entry follows in the period: the operation was interrupted (crash, kill, lost "
                "token) or was still running when the period ended")
 _SHOWN = 5
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _SINCE = re.compile(r"^\s*(\d{1,6})\s*([mhdw])\s*$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -82,13 +82,9 @@ def _moment(text: object) -> datetime | None:
     if not isinstance(text, str):
         return None
     try:
-        return datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)
+        return parse_audit_time(text)
     except ValueError:
         return None
-
-
-def _stamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _summary(detail: Mapping[str, Any]) -> str:
@@ -203,9 +199,9 @@ class _Builder:
         group = (entry.outcome, principal, entry.op, key, entry.error or "", reason if isinstance(reason, str) else "")
         problem = self.problems.get(group)
         if problem is None:
-            problem = self.problems[group] = Problem(*group, first=_stamp(moment))
+            problem = self.problems[group] = Problem(*group, first=format_utc(moment))
         problem.count += 1
-        problem.first, problem.last = min(problem.first, _stamp(moment)), max(problem.last, _stamp(moment))
+        problem.first, problem.last = min(problem.first, format_utc(moment)), max(problem.last, format_utc(moment))
 
     def _trip(self, entry: Entry, principal: str, key: str, moment: datetime) -> None:
         detail = entry.detail
@@ -214,10 +210,10 @@ class _Builder:
             limit, per = detail.get("limit"), detail.get("per_seconds")
             trip = self.trips[(principal, key, entry.version)] = Trip(
                 principal, key, entry.version, limit if type(limit) is int else None,
-                per if type(per) is int else None, first=_stamp(moment))
+                per if type(per) is int else None, first=format_utc(moment))
         trip.count += 1
         trip.suspended = trip.suspended or detail.get("suspended") is True
-        trip.first, trip.last = min(trip.first, _stamp(moment)), max(trip.last, _stamp(moment))
+        trip.first, trip.last = min(trip.first, format_utc(moment)), max(trip.last, format_utc(moment))
 
     def _event(self, entry: Entry, principal: str, moment: datetime) -> None:
         detail = entry.detail
@@ -234,7 +230,7 @@ class _Builder:
         elif entry.op == "policy":
             kind = "policy change"
         summary = _UNFINISHED if entry.outcome == "intent" else _summary(detail)
-        event = Event(_stamp(moment), entry.op, principal, entry.key or NO_KEY, entry.version, entry.outcome,
+        event = Event(format_utc(moment), entry.op, principal, entry.key or NO_KEY, entry.version, entry.outcome,
                       entry.error or "", summary, participants, kind)
         where = self.ceremonies if entry.op in CEREMONY_OPS else self.lifecycle
         (self.audit_events if entry.op in AUDIT_OPS else where).append((moment, event))
@@ -242,9 +238,9 @@ class _Builder:
     def _approval(self, digest: str, operation: str, key: str, who: tuple[str, ...], moment: datetime) -> None:
         request = self.requests.get(digest)
         if request is None:
-            request = self.requests[digest] = Request(digest, operation, key, first=_stamp(moment))
+            request = self.requests[digest] = Request(digest, operation, key, first=format_utc(moment))
         request.approvers.extend(a for a in who if a not in request.approvers)
-        request.first, request.last = min(request.first, _stamp(moment)), max(request.last, _stamp(moment))
+        request.first, request.last = min(request.first, format_utc(moment)), max(request.last, format_utc(moment))
 
     def days(self) -> list[str]:
         first = self.since.date() if self.since is not None else (self.first_day or self.until.date())

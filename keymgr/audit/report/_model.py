@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from keymgr import errors
+from keymgr._time import format_utc
 
 __all__ = ["Thresholds", "DayCounts", "Tally", "LogStatus", "Anomaly", "Problem", "Event", "Trip", "Request",
            "Report", "FORMAT", "NO_KEY", "printable"]
@@ -297,4 +298,4 @@ class Report:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if moment is None else format_utc(moment)
