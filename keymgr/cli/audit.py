@@ -257,10 +257,12 @@ def report_command(state: CliState, logs: tuple[str, ...], since: str, until: st
     import json
     from datetime import UTC, datetime
 
-    from keymgr._files import atomic_write
     from keymgr.audit import parse_time
     from keymgr.audit.report import Thresholds, build_report, parse_since, render_html, render_text
+    from keymgr.cli._output import checked_output, write_output
 
+    if output is not None:
+        checked_output(output)
     end = parse_time(until) if until else datetime.now(UTC)
     given: dict[str, Any] = {"night_floor": night_floor, "spike_factor": spike_factor, "spike_floor": spike_floor}
     thresholds = Thresholds(night=Thresholds.parse_night(night), expected_at_night=frozenset(expected_at_night),
@@ -277,7 +279,7 @@ def report_command(state: CliState, logs: tuple[str, ...], since: str, until: st
     if output is None:
         click.echo(text, nl=False)
     else:
-        atomic_write(output, text.encode("utf-8"), mode=0o600)
+        write_output(output, text.encode("utf-8"), mode=0o600)
         click.echo(f"wrote {output}: {len(report.anomalies)} anomalies, {len(report.rate_limits)} rate-limit trips")
     if any(log.error is not None for log in report.logs):
         sys.exit(exit_code_for(errors.ConfigurationError()))  # a log was not read: the review is incomplete

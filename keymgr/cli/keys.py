@@ -70,14 +70,18 @@ def key_group() -> None:
 def create_command(state: CliState, name: str, profile: str, rotate_after_days: int | None,
                    max_messages: int | None, auto_rotate: bool, backup: bool, transcript_path: str | None) -> None:
     """Generate a new key NAME (version 1) inside the token."""
+    from keymgr.cli._custody_common import check_transcript_free
+
+    check_transcript_free(transcript_path)  # before the key exists: a transcript is never overwritten
     record = state.manager().create_key(name, profile=profile, rotate_after_days=rotate_after_days,
                                         max_messages=max_messages, backup=backup, auto_rotate=auto_rotate)
     if transcript_path:
-        from keymgr._files import atomic_write
+        from keymgr.cli._custody_common import write_change_transcript
         from keymgr.custody.authorize import key_ceremony_transcript
 
-        atomic_write(transcript_path, key_ceremony_transcript(state.manager().keyring, "create", record,
-                                                              profile=profile, backup=backup))
+        write_change_transcript(transcript_path, lambda: key_ceremony_transcript(
+            state.manager().keyring, "create", record, profile=profile, backup=backup),
+            f"key {name!r} was created")
     if state.json_output:
         emit_json(record_json(record))
     else:
