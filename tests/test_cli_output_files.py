@@ -628,3 +628,37 @@ def test_exit_codes_are_documented() -> None:
     docs = (Path(__file__).resolve().parent.parent / "docs" / "getting-started.md").read_text()
     for code, _ in EXIT_CODE_MEANINGS:
         assert f"| {code} |" in docs, code
+
+
+# -- every other -o of the CLI goes the same way (issue 14, the outside tester) ---------------------
+
+def test_every_cli_output_writes_devices_through_and_refuses_links(softhsm: TokenUnderTest, key_name: str,
+                                                                  tmp_path: Path) -> None:
+    """request -o, token keygen --out, backup -o: a device stays the same node (never a 0600 file of
+    what was written), a symbolic link is neither replaced nor followed."""
+    uri = softhsm.uri()
+    assert CliRunner().invoke(cli, ["--token", uri, "key", "create", key_name]).exit_code == 0
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    outputs = {
+        "request": lambda out: ["--token", uri, "request", "destroy", key_name, "--version", "1", "-o", out],
+        "keygen": lambda out: ["token", "keygen", "--token", uri, "--type", "ec-p256", "--label",
+                               f"o-{uuid.uuid4().hex[:8]}", "--out", out],
+    }
+    for what, args in outputs.items():
+        node = tmp_path / f"{what}.dev"
+        before = make_null_device(node)
+        result = CliRunner().invoke(cli, args(str(node)))
+        assert result.exit_code == 0, (what, result.output)
+        still_the_device(node, before)
+        link = tmp_path / f"{what}.link"
+        link.symlink_to(victim)
+        result = CliRunner().invoke(cli, args(str(link)))
+        assert result.exit_code == 2 and "symbolic link" in result.stderr, (what, result.output)
+        assert link.is_symlink() and victim.read_bytes() == b"keep me"
+    link = tmp_path / "backup.link"
+    link.symlink_to(victim)
+    result = CliRunner().invoke(cli, ["--token", uri, "backup", key_name, "-o", str(link), "--so-pin-source", "env:X"],
+                                env={"X": "0000"})
+    assert result.exit_code == 2 and "symbolic link" in result.stderr  # before any PIN or approval
+    assert link.is_symlink() and victim.read_bytes() == b"keep me"
