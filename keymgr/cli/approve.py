@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from keymgr import errors
+from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, pass_state
 from keymgr.cli._custody_common import custodian_uri, default_path, pin_prompt, read_file
 from keymgr.cli._output import checked_output, write_output
@@ -51,6 +52,8 @@ def approve_command(state: CliState, request_path: str, name: str, uri: str | No
     click.echo("You are asked to approve:", err=True)
     for line in request.explain():
         click.echo(line, err=True)
+    if not yes:
+        confirmation_input()  # only what is typed after the request was shown may approve it
     if not yes and not click.confirm(f"Approve it as custodian {name!r}?", default=False, err=True):
         raise errors.PolicyError("not approved")
     module = default_module_path() if not state.token else state.manager().token.module.path

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from keymgr import errors
+from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, console, emit_json, exit_code_for, pass_state
 
 __all__ = ["audit_group"]
@@ -168,6 +169,8 @@ def repair_command(state: CliState, log: str, yes: bool) -> None:
     lost_point = key.checkpoint(lost) if lost is not None else None
     if (report is not None and report.ok) or (report is None and lost_point is None):
         raise errors.PolicyError(f"audit log {path} verifies: there is nothing to repair")
+    if not yes:
+        confirmation_input()
     if not yes and not click.confirm(f"Start {path} again, keeping the old file beside it?", default=False):
         raise errors.PolicyError("not confirmed; nothing was changed")
     detail: dict[str, Any] = {}

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from keymgr import errors
+from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, committing, console, emit_json, pass_state
 from keymgr.cli.keys import record_json
 from keymgr.keyring import KeyRecord
@@ -195,6 +196,7 @@ def _confirm_unchecked_destroy(record: KeyRecord, version: int) -> bool:
     click.echo(f"About to destroy key {record.name!r} {what}. This is irreversible: data encrypted under it "
                "is lost for good.\nNo --paths were given, so NOTHING was checked for data that still needs "
                "this version (keymgr key destroy --paths DIR checks).", err=True)
+    confirmation_input()  # a pasted next line must not confirm a warning printed after it
     try:
         typed = click.prompt(f"Type the key name ({record.name}) to destroy it anyway, or press Enter to stop",
                              default="", show_default=False, err=True)
