@@ -108,6 +108,9 @@ class KeyManager:
         if token is None:
             token = local.uri()
         uri = Pkcs11Uri.parse(token) if isinstance(token, str) else token
+        if local_token and uri.pin_source is None and uri.pin_value is None:
+            # the URI `keymgr init` printed: the local token's PIN too (PIN file, else $KEYMGR_PIN)
+            uri = uri.with_(pin_source=Pkcs11Uri.parse(local.uri()).pin_source)
         self._uri = uri
         self._audit = AuditGuard(resolve_audit(audit, local=local_token), rate_limits,
                                  owns_log=not isinstance(audit, AuditLog), suspend=self.suspend, clock=_clock)
