@@ -278,6 +278,11 @@ def test_a_backup_that_cannot_be_written_spends_no_approval(tmp_path: Path, key_
         code, _, err = run("--token", a, "backup", key_name, "-o", str(tmp_path / "b.backup"), *approved, env=env)
     assert code == 8 and "nothing was changed" in err
     assert not (tmp_path / "b.backup").exists()
+    with monkeypatch.context() as patch:  # the file written, then its transcript fails: the file is taken back
+        patch.setattr(ceremony, "write_transcript", full_disk)
+        code, _, err = run("--token", a, "backup", key_name, "-o", str(tmp_path / "b.backup"), *approved, env=env)
+    assert code == 8 and "nothing was changed" in err
+    assert not (tmp_path / "b.backup").exists()
     code, out, err = run("--token", a, "backup", key_name, "-o", str(tmp_path / "b.backup"), *approved, env=env)
     assert code == 0, err  # the approvals were not spent by any of the failures: no second meeting
     assert (tmp_path / "b.backup.transcript.p7s").exists()

@@ -100,14 +100,15 @@ def backup_command(state: CliState, name: str, versions: str | None, output: str
 def _write_backup(out: Path, transcript: Path, result: Any) -> Path:
     """The backup file (new, 0600), then its transcript; if the transcript fails, the backup file
     is removed again, so that a failure leaves nothing and spends nothing. Returns the transcript's path."""
+    created = checked_output(str(out), new=True).kind == "file"  # not a device or stdout: ours to take back
     write_output(out, result.backup, mode=0o600, new=True)
     if not result.transcript:
         return transcript
     try:
         return write_transcript(transcript, result.transcript)
     except BaseException:
-        if out.is_file() and not out.is_symlink():
-            out.unlink()
+        if created:
+            out.unlink(missing_ok=True)
         raise
 
 

@@ -24,7 +24,8 @@ the format, moves bytes, and keeps the promises a command line must keep:
   what a killed writer left in OUT's directory. Standard output (``-o -``)
   cannot be taken back: a stream decrypted to a pipe may have passed on the
   segments verified before a bad one, never any unverified byte.
-* **Devices, FIFOs and links stay what they are.** A character or block device,
+* **Devices, FIFOs and links stay what they are** (:mod:`keymgr.cli._output`, which every
+  other command's output file goes through too). A character or block device,
   FIFO or socket named by ``-o`` is written through, like standard output
   (opened for writing, never truncated, never replaced). A symbolic link is
   refused unless ``--follow-symlinks`` is given; then its target is written
