@@ -21,10 +21,7 @@ def main() -> None:
         print(f"SO PIN of the local token (shown once, kept nowhere; write it down): {created.so_pin.reveal()}")
         created.so_pin.wipe()
     with keymgr.KeyManager() as km:
-        names = [k.name for k in km.list_keys()]
-        if "orders" not in names:
-            km.create_key("orders")
-        key = km.describe_key("orders")
+        key = km.create_key("orders", exist_ok=True)  # get or create: the demo runs again and again
         v = key.primary_version
         print(f"key {key.name!r}: primary version {v.version}, CKA_ID {v.key_id.hex()}, KCV {v.kcv}")
         context = {"tenant": "acme", "table": "cards"}

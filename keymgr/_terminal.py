@@ -10,6 +10,14 @@ after keymgr exited is the shell's, as it should be.
 
 Only a foreground process touches the terminal: ``tcflush`` from a background
 job would stop it with SIGTTOU, and its terminal input is not its own anyway.
+
+Two more places discard it: before a prompt is
+asked *again* (a slip at a custodian prompt: what was typed ahead for the next
+prompt, perhaps a PIN, would be taken as the answer and shown back in the error),
+and right before every safety confirmation (destroy's type-the-name, approve's
+[y/N], a log restart): a confirmation must answer the warning the operator just
+read, not be a pasted next line that was waiting before it was printed
+(:func:`confirmation_input`).
 """
 
 from __future__ import annotations
@@ -18,7 +26,13 @@ import contextlib
 import os
 import sys
 
-__all__ = ["discard_typed_ahead"]
+__all__ = ["discard_typed_ahead", "confirmation_input"]
+
+
+def confirmation_input() -> None:
+    """Call right before a confirmation prompt (after its warning is printed): drops what was
+    typed or pasted before, so only what the operator types now can confirm."""
+    discard_typed_ahead()
 
 
 def discard_typed_ahead() -> None:

@@ -21,13 +21,20 @@ PINs, and where they are kept:
 with throwaway PINs on its command line and the real PINs are set through
 PKCS#11 (C_InitPIN, C_SetPIN) at once; a crash in between is finished by the
 next ``init`` from a 0600 ``init.pending`` file, which for those seconds also
-holds the new SO PIN (so a crash after C_SetPIN cannot lock the SO out).
+holds the new SO PIN when keymgr generated it (so a crash after C_SetPIN cannot
+lock the SO out). A PIN someone typed is never written to disk, not even there:
+after such a crash, ``init --prompt-pin`` again, with the same SO PIN, finishes.
 Running ``init`` twice is safe.
+
+PIN lengths are checked against the token's own limits (ulMinPinLen,
+ulMaxPinLen; SoftHSM: 4 to 255) before anything is set (:meth:`LocalToken.pin_limits`):
+the token would refuse a short PIN only halfway, as a misleading "PIN incorrect".
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -41,6 +48,8 @@ from keymgr.hsm.pins import Pin
 __all__ = ["LocalToken", "InitResult", "keymgr_home", "LOCAL_TOKEN_LABEL", "PIN_ENV_VAR"]
 
 LOCAL_TOKEN_LABEL = "keymgr"
+#: SoftHSM's PIN length limits (MIN_PIN_LEN, MAX_PIN_LEN), where pkcs11-tool cannot read the token's
+_SOFTHSM_MIN_PIN, _SOFTHSM_MAX_PIN = 4, 255
 #: Where the local token's user PIN comes from when no PIN file is kept (``init --prompt-pin``).
 PIN_ENV_VAR = "KEYMGR_PIN"
 
@@ -152,9 +161,45 @@ class LocalToken:
 
         ``pin``: the user PIN, kept nowhere (None: generate one into the PIN file).
         ``so_pin``: the SO PIN (None: generate one, returned once in the result unless
-        ``keep_so_pin``, which keeps it in a 0600 file beside the user PIN)."""
+        ``keep_so_pin``, which keeps it in a 0600 file beside the user PIN). A PIN outside the
+        token's length limits is refused (ConfigurationError) before any PIN is set."""
         if self.is_initialised():
             return InitResult(False)
+        self._create_token()
+        if pin is not None or so_pin is not None:
+            low, high = self.pin_limits()
+            for what, given in (("user PIN", pin), ("SO PIN", so_pin)):
+                if given is not None and not low <= len(given) <= high:
+                    raise errors.ConfigurationError(
+                        f"the {what} must have {low} to {high} characters (the token's limits); no PIN was set: "
+                        "run `keymgr init` again")
+        shown = None
+        if self.pending_path.exists():
+            try:
+                shown = self._set_real_pins(pin, so_pin, keep_so_pin)
+            except errors.KeymgrError as exc:
+                raise errors.TokenError(f"the local token could not be initialised ({exc}); it is left "
+                                        f"half-initialised in {self.home} (its PINs not all set; no typed PIN was "
+                                        "written anywhere): run `keymgr init` again to finish it") from None
+        return InitResult(True, shown)
+
+    def pin_limits(self) -> tuple[int, int]:
+        """The token's shortest and longest PIN (ulMinPinLen, ulMaxPinLen), creating the token
+        (with throwaway PINs, finished by :meth:`init`) if need be: an uninitialised token shows
+        none. Read with ``pkcs11-tool`` (OpenSC); SoftHSM's own limits, 4 and 255, where it is absent."""
+        self._create_token()
+        tool = shutil.which("pkcs11-tool")
+        if tool is not None:
+            result = subprocess.run([tool, "--module", _softhsm_module(), "-L"], capture_output=True, text=True,
+                                    timeout=60, check=False, env={**os.environ, "SOFTHSM2_CONF": str(self.conf_path)})
+            for block in result.stdout.split("\nSlot ")[1:]:
+                found = re.search(r"pin min/max\s*:\s*(\d+)/(\d+)", block)
+                if found and re.search(rf"token label\s*:\s*{LOCAL_TOKEN_LABEL}\s*$", block, re.MULTILINE):
+                    return int(found.group(1)), int(found.group(2))
+        return _SOFTHSM_MIN_PIN, _SOFTHSM_MAX_PIN
+
+    def _create_token(self) -> None:
+        """The token directory, its configuration, and the token with throwaway PINs (once)."""
         util = shutil.which("softhsm2-util")
         if util is None:
             raise errors.ModuleLoadError("softhsm2-util is not installed (apt-get install softhsm2)")
@@ -174,10 +219,6 @@ class LocalToken:
             if result.returncode != 0:
                 raise errors.TokenError(f"softhsm2-util could not create the local token: "
                                         f"{result.stderr.strip().splitlines()[-1:] or result.returncode}")
-        shown = None
-        if self.pending_path.exists():
-            shown = self._set_real_pins(pin, so_pin, keep_so_pin)
-        return InitResult(True, shown)
 
     def _user_pin(self, given: str | None) -> str:
         """The user PIN to set: the one given (and no stale PIN file), the kept one, or a new one kept."""
@@ -199,7 +240,8 @@ class LocalToken:
         if chosen_so is None:
             chosen_so = (self.so_pin_path.read_text().splitlines()[0] if self.so_pin_path.is_file()
                          else secrets.token_urlsafe(18))
-        atomic_write(self.pending_path, "\n".join([*lines[:2], chosen_so, ""]).encode(), mode=0o600)
+        if so_pin is None:  # generated: kept there until set, so a crash cannot lock the SO out; a typed one never
+            atomic_write(self.pending_path, "\n".join([*lines[:2], chosen_so, ""]).encode(), mode=0o600)
         if keep_so_pin:
             atomic_write(self.so_pin_path, (chosen_so + "\n").encode(), mode=0o600)
         user_pin = self._user_pin(pin)

@@ -125,6 +125,9 @@ class KeyManager:
         if token is None:
             token = local.uri()
         uri = Pkcs11Uri.parse(token) if isinstance(token, str) else token
+        if local_token and uri.pin_source is None and uri.pin_value is None:
+            # the URI `keymgr init` printed: the local token's PIN too (PIN file, else $KEYMGR_PIN)
+            uri = uri.with_(pin_source=Pkcs11Uri.parse(local.uri()).pin_source)
         self._uri = uri
         self._audit = AuditGuard(resolve_audit(audit, local=local_token), rate_limits,
                                  owns_log=not isinstance(audit, AuditLog), suspend=self.suspend, clock=_clock)
@@ -357,15 +360,18 @@ class KeyManager:
     # -- backup and restore (keymgr.custody.ceremony, audited here) -----------------------
 
     def backup(self, name: str, *, so_pin: Pin, request: Request | None, approvals: Sequence[Approval],
-               versions: Sequence[int] | None = None) -> BackupResult:
+               versions: Sequence[int] | None = None,
+               before_commit: Callable[[BackupResult], None] | None = None) -> BackupResult:
         """Back up key ``name`` to its M-of-N custodians, with the quorum's approvals and the
         HSM's SO PIN (:func:`keymgr.custody.ceremony.backup_keys`, which takes a keyring and
-        keeps no audit log of its own: this records it, as ``keymgr backup`` does)."""
+        keeps no audit log of its own: this records it, as ``keymgr backup`` does). ``before_commit``
+        gets the result before the approvals are spent: write the file there, so a failed write
+        spends nothing."""
         from keymgr.custody.ceremony import backup_keys
 
         with _signals.commit_scope(), self._audited("backup", key=name, detail={"approvals": len(approvals)}):
             return backup_keys(self.keyring, name, so_pin=so_pin, request=request, approvals=approvals,
-                               versions=versions)
+                               versions=versions, before_commit=before_commit)
 
     def restore(self, backup: BackupFile, custodians: Sequence[CustodianToken]) -> RestoreResult:
         """Restore every key of ``backup`` into this token with M custodians' tokens, all or

@@ -56,6 +56,11 @@ if [ "$want_dev" = 1 ] && [ "$want_bench" = 1 ]; then extras=".[dev,bench]"
 elif [ "$want_dev" = 1 ]; then extras=".[dev]"
 elif [ "$want_bench" = 1 ]; then extras=".[bench]"; fi
 stamp=".venv/.keymgr-installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//[^a-z]/_}"
+# the stamp names pyproject.toml's hash, so a changed pyproject (a new entry point) reinstalls; and a
+# console script that does not run the entry point pyproject names (a venv installed from an older
+# checkout, or by hand) is remade too: the signal handling of keymgr.__main__ must run first
+entry="$(sed -n 's/^keymgr = "\([a-z_.]*\):\([a-z_]*\)"$/from \1 import \2/p' pyproject.toml | head -n 1)"
+if [ -n "$entry" ] && ! grep -qsF "$entry" .venv/bin/keymgr; then rm -f "$stamp"; fi
 if [ ! -f "$stamp" ]; then
   echo "setup: installing keymgr$([ "$extras" = . ] || echo " ${extras#.}") into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e "$extras"

@@ -326,3 +326,19 @@ def test_progress_bar_on_a_terminal(softhsm: TokenUnderTest, key: str, tmp_path:
     child.close()
     assert child.exitstatus == 0
     assert (tmp_path / "ct").stat().st_size > 40 * SEGMENT
+
+
+def test_an_announced_length_over_the_limit_gets_the_limit_message(softhsm: TokenUnderTest, tmp_path: Path) -> None:
+    """Issue 14: ``30 84 7f ff ff ff`` + zeros announces 2 GiB, more than --max-message-size and the file:
+    the limit is what is said (exit 2), as for the indefinite ``30 80``; a length within the limit
+    but beyond the file is a truncated message (integrity, exit 4)."""
+    huge = tmp_path / "huge.cms"
+    for head in (b"\x30\x84\x7f\xff\xff\xff", b"\x30\x80"):
+        huge.write_bytes(head + bytes(2 * SEGMENT))  # 2 MiB: over the limit, far under what is announced
+        code, _, err = run(softhsm, "decrypt", "--max-message-size", "1M", str(huge), "-o", str(tmp_path / "out"))
+        assert code == EXIT_USAGE and "--max-message-size" in err.strip().splitlines()[-1], (head, err)
+    short = tmp_path / "short.cms"
+    short.write_bytes(b"\x30\x82\x10\x00" + bytes(64))  # 4 KiB announced, within 1M, 68 bytes there
+    code, _, err = run(softhsm, "decrypt", "--max-message-size", "1M", str(short), "-o", str(tmp_path / "out"))
+    assert code == EXIT_INTEGRITY, err
+    assert not (tmp_path / "out").exists()

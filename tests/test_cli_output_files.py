@@ -628,3 +628,99 @@ def test_exit_codes_are_documented() -> None:
     docs = (Path(__file__).resolve().parent.parent / "docs" / "getting-started.md").read_text()
     for code, _ in EXIT_CODE_MEANINGS:
         assert f"| {code} |" in docs, code
+
+
+# -- every other -o of the CLI goes the same way (issue 14, the outside tester) ---------------------
+
+def test_every_cli_output_writes_devices_through_and_refuses_links(softhsm: TokenUnderTest, key_name: str,
+                                                                  tmp_path: Path) -> None:
+    """request -o, token keygen --out, backup -o: a device stays the same node (never a 0600 file of
+    what was written), a symbolic link is neither replaced nor followed."""
+    uri = softhsm.uri()
+    assert CliRunner().invoke(cli, ["--token", uri, "key", "create", key_name]).exit_code == 0
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    outputs = {
+        "request": lambda out: ["--token", uri, "request", "destroy", key_name, "--version", "1", "-o", out],
+        "keygen": lambda out: ["token", "keygen", "--token", uri, "--type", "ec-p256", "--label",
+                               f"o-{uuid.uuid4().hex[:8]}", "--out", out],
+    }
+    for what, args in outputs.items():
+        node = tmp_path / f"{what}.dev"
+        before = make_null_device(node)
+        result = CliRunner().invoke(cli, args(str(node)))
+        assert result.exit_code == 0, (what, result.output)
+        still_the_device(node, before)
+        link = tmp_path / f"{what}.link"
+        link.symlink_to(victim)
+        result = CliRunner().invoke(cli, args(str(link)))
+        assert result.exit_code == 2 and "symbolic link" in result.stderr, (what, result.output)
+        assert link.is_symlink() and victim.read_bytes() == b"keep me"
+    link = tmp_path / "backup.link"
+    link.symlink_to(victim)
+    result = CliRunner().invoke(cli, ["--token", uri, "backup", key_name, "-o", str(link), "--so-pin-source", "env:X"],
+                                env={"X": "0000"})
+    assert result.exit_code == 2 and "symbolic link" in result.stderr  # before any PIN or approval
+    assert link.is_symlink() and victim.read_bytes() == b"keep me"
+
+
+# -- the console script: the same early signal handling as python -m keymgr (issue 14) -------------
+
+#: imported first by the probed process (sitecustomize): records, when keymgr.cli is imported,
+#: whether keymgr's signal handlers were set already
+_IMPORT_PROBE = '''
+import importlib.abc, os, signal, sys
+class _Probe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "keymgr.cli":
+            first = signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            with open(os.environ["KEYMGR_IMPORT_PROBE"], "a") as out:
+                out.write("handlers-first\\n" if first else "cli-before-handlers\\n")
+        return None
+sys.meta_path.insert(0, _Probe())
+'''
+
+
+def _console_script() -> Path:
+    script = Path(sys.executable).parent / "keymgr"
+    if not script.is_file():
+        pytest.skip(f"no console script installed beside {sys.executable} (pip install -e . makes it)")
+    return script
+
+
+def test_the_console_script_sets_the_signal_handlers_before_the_cli(tmp_path: Path) -> None:
+    """``keymgr`` as pip installs it runs pyproject's entry point (keymgr.__main__:main), which sets
+    the handlers before importing the CLI; a stale script (``from keymgr.cli import main``, from an
+    older pyproject) imports it first, and an interrupt there is a traceback."""
+    script = _console_script()
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    module, function = pyproject.split('\nkeymgr = "', 1)[1].split('"', 1)[0].split(":")
+    assert f"from {module} import {function}" in script.read_text(), \
+        f"{script} is stale (it does not run {module}:{function}): run scripts/setup.sh"
+    (tmp_path / "sitecustomize.py").write_text(_IMPORT_PROBE)
+    record = tmp_path / "probe"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parent.parent)]),
+           "KEYMGR_IMPORT_PROBE": str(record)}
+    done = subprocess.run([str(script), "--version"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert record.read_text() == "handlers-first\n"
+
+
+def test_the_console_script_ends_an_early_interrupt_in_one_line(small: Path, tmp_path: Path) -> None:
+    """SIGINT as soon as the handlers are set (while the CLI is still being imported): status 130
+    as the shell sees it (death by SIGINT), one line, no traceback."""
+    script = _console_script()
+    tok = softhsm_token()
+    for _ in range(3):
+        proc = subprocess.Popen([str(script), "--token", tok.uri(), "decrypt", str(small), "-o",
+                                 str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        assert proc.stderr is not None
+        wait_for_handlers(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        code = proc.wait(timeout=60)
+        assert code == -signal.SIGINT and err == b"keymgr: interrupted\n", (code, err)
+        shell = subprocess.run(["bash", "-c", f"{shlex.quote(str(script))} --version >/dev/null & kill -INT $!; "
+                                "wait $!; echo $?"], capture_output=True, text=True, timeout=60)
+        assert shell.stdout.strip() in ("130", "0"), shell  # 0: done before the signal came

@@ -10,8 +10,9 @@ import pytest
 from keymgr import errors
 from keymgr.custody.approvals import Approval, Request, make_request
 from keymgr.custody.authorize import authorize, authorize_destroy, change_policy
+from keymgr.custody.custodian_token import enroll_custodian
 from keymgr.custody.custodians import CustodyRegister, QuorumPolicy
-from keymgr.hsm import objects
+from keymgr.hsm import asym, objects, open_token
 from tests.custody_helpers import approvals, guarded_key, hsm, party, registered, request
 
 
@@ -112,8 +113,11 @@ def test_policy_change_is_approved_under_the_current_policy(key_name: str) -> No
     weaker = QuorumPolicy(2, names)  # 2 of 2 named custodians instead of 2 of 3
     with pytest.raises(errors.PolicyError, match="set-policy needs approvals by 2 of 3"):
         change_policy(km.keyring, weaker, key=key_name)
-    made = make_request("set-policy", token=km.token, key=None,
-                        params={"scope": key_name, "policy": weaker.to_json()})
+    unbound = make_request("set-policy", token=km.token, key=None,
+                           params={"scope": key_name, "policy": weaker.to_json()})
+    with pytest.raises(errors.PolicyError, match="does not show the new custodians' keys"):
+        change_policy(km.keyring, weaker, key=key_name, request=unbound, approvals=approvals(km, unbound, 2, 3))
+    made = request(km, "set-policy", None, scope=key_name, policy=weaker.to_json())  # type: ignore[arg-type]
     with pytest.raises(errors.PolicyError, match="valid distinct approvals: 1"):
         change_policy(km.keyring, weaker, key=key_name, request=made, approvals=approvals(km, made, 2))
     register, transcript = change_policy(km.keyring, weaker, key=key_name, request=made,
@@ -121,6 +125,29 @@ def test_policy_change_is_approved_under_the_current_policy(key_name: str) -> No
     assert register.policy_for(key_name) == weaker and transcript
     with pytest.raises(errors.ConfigurationError, match="not dual control"):
         QuorumPolicy(1, names)
+
+
+def test_policy_request_binds_the_new_custodians_keys_not_their_names(key_name: str) -> None:
+    """Issue 14: approvals of "2 of (c1, eve)" must not carry over to an eve re-added on another token."""
+    km = hsm()
+    guarded_key(km, key_name)
+    store = CustodyRegister(km.keyring)
+    eve = f"eve-{key_name}"
+    ts = open_token(party(1).uri())
+    for label in (f"{eve}-own", f"{eve}-mal"):
+        asym.generate_keypair(ts, "ec-p256", label=label)
+    store.add(enroll_custodian(eve, ts, key_label=f"{eve}-own"))
+    new = QuorumPolicy(2, (party(1).name, eve))
+    made = request(km, "set-policy", None, scope=key_name, policy=new.to_json())  # type: ignore[arg-type]
+    assert made.shows is not None and made.shows["new_quorum"]["custodians"][1]["fingerprint"] == \
+        store.load().custodian(eve).fingerprint
+    assert any(eve in line and store.load().custodian(eve).fingerprint in line for line in made.explain())
+    approved = approvals(km, made, 1, 2)
+    store.remove(eve)
+    store.add(enroll_custodian(eve, ts, key_label=f"{eve}-mal"))  # same name, the attacker's key
+    with pytest.raises(errors.PolicyError, match="custodian of the new quorum changed"):
+        change_policy(km.keyring, new, key=key_name, request=made, approvals=approved)
+    assert store.load().policy_for(key_name) != new
 
 
 def test_register_is_authenticated_in_the_token(key_name: str) -> None:

@@ -234,3 +234,89 @@ def test_a_second_restore_never_overwrites_a_transcript(tmp_path: Path, key_name
     assert f"signed transcript: {second.name}" in out
     assert default.read_bytes() == b"the transcript of an earlier restore of this backup"
     assert run("--token", b, "transcript", "verify", str(second))[0] == 0
+
+
+# -- issue 14 (the outside tester): backups spend nothing unless written, replace nothing ----------
+
+def _approved_backup_args(tmp_path: Path, key_name: str) -> list[str]:
+    """``--request R --approval A1 --approval A2`` for a backup of a new 2-of-3 guarded key on keymgr-A."""
+    from tests.custody_helpers import approvals, guarded_key, hsm, request
+
+    km = hsm("keymgr-A")
+    guarded_key(km, key_name)
+    req = request(km, "backup", key_name, versions=None)
+    (tmp_path / "b.req").write_bytes(req.to_bytes())
+    args = ["--request", str(tmp_path / "b.req"), "--so-pin-source", "env:TEST_SO_PIN"]
+    for number, approval in enumerate(approvals(km, req, 1, 2)):
+        path = tmp_path / f"{number}.approval"
+        path.write_bytes(approval.to_bytes())
+        args += ["--approval", str(path)]
+    return args
+
+
+def test_a_backup_that_cannot_be_written_spends_no_approval(tmp_path: Path, key_name: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from keymgr import errors
+    from keymgr.cli import ceremony
+
+    a, env = softhsm_token("keymgr-A").uri(), {"TEST_SO_PIN": SO_PIN}
+    approved = _approved_backup_args(tmp_path, key_name)
+    code, _, err = run("--token", a, "backup", key_name, "-o", str(tmp_path / "missing" / "b.backup"), *approved,
+                       env=env)
+    assert code == 2 and "does not exist" in err, err
+    existing = tmp_path / "old.backup"
+    existing.write_bytes(b"the only backup holding a destroyed version")
+    code, _, err = run("--token", a, "backup", key_name, "-o", str(existing), *approved, env=env)
+    assert code == 2 and "exists already" in err, err
+    assert existing.read_bytes() == b"the only backup holding a destroyed version"
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise errors.StorageError("cannot write b.backup: the disk is full; nothing was changed")
+
+    with monkeypatch.context() as patch:  # a failure while writing, after every check passed
+        patch.setattr(ceremony, "write_output", full_disk)
+        code, _, err = run("--token", a, "backup", key_name, "-o", str(tmp_path / "b.backup"), *approved, env=env)
+    assert code == 8 and "nothing was changed" in err
+    assert not (tmp_path / "b.backup").exists()
+    with monkeypatch.context() as patch:  # the file written, then its transcript fails: the file is taken back
+        patch.setattr(ceremony, "write_transcript", full_disk)
+        code, _, err = run("--token", a, "backup", key_name, "-o", str(tmp_path / "b.backup"), *approved, env=env)
+    assert code == 8 and "nothing was changed" in err
+    assert not (tmp_path / "b.backup").exists()
+    code, out, err = run("--token", a, "backup", key_name, "-o", str(tmp_path / "b.backup"), *approved, env=env)
+    assert code == 0, err  # the approvals were not spent by any of the failures: no second meeting
+    assert (tmp_path / "b.backup.transcript.p7s").exists()
+    code, _, err = run("--token", a, "backup", key_name, "-o", str(tmp_path / "c.backup"), *approved, env=env)
+    assert code == 5 and "already carried out" in err  # spent by the backup that was written
+
+
+def test_key_transcripts_are_never_overwritten_and_checked_before_the_change(
+        tmp_path: Path, key_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keymgr import errors
+    from keymgr.cli import _custody_common
+
+    a = softhsm_token("keymgr-A").uri()
+    old = tmp_path / "rotate.p7s"
+    old.write_bytes(b"last month's rotation transcript")
+    assert run("--token", a, "key", "create", key_name, "--transcript", str(old))[0] == 2
+    assert run("--token", a, "key", "show", key_name)[0] == 6  # refused before the key was made
+    assert run("--token", a, "key", "create", key_name)[0] == 0
+    for path in (old, tmp_path / "missing" / "x.p7s"):
+        code, _, err = run("--token", a, "key", "rotate", key_name, "--transcript", str(path))
+        assert code == 2 and ("exists already" in err or "does not exist" in err), err
+        code, _, err = run("--token", a, "key", "destroy", key_name, "--version", "1", "--yes", "--immediately",
+                           "--transcript", str(path))
+        assert code == 2, err
+    assert old.read_bytes() == b"last month's rotation transcript"
+    record = json.loads(run("--token", a, "--json", "key", "show", key_name)[1])
+    assert [v["version"] for v in record["versions"]] == [1] and record["versions"][0]["state"] == "active"
+
+    def full_disk(path: object, data: bytes) -> None:
+        raise errors.StorageError(f"cannot write {path}: the disk is full; nothing was changed")
+
+    monkeypatch.setattr(_custody_common, "write_new", full_disk)  # the change made, then the write fails
+    code, _, err = run("--token", a, "key", "rotate", key_name, "--transcript", str(tmp_path / "r2.p7s"))
+    assert code == 9 and "was rotated" in err and "nothing was changed" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    record = json.loads(run("--token", a, "--json", "key", "show", key_name)[1])
+    assert record["primary"] == 2

@@ -122,9 +122,33 @@ def test_doc_runs(doc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     """Run the document's blocks in order on a fresh home; every unmarked block must succeed."""
     env, work = _fresh_home(tmp_path)
     _prepare(doc, env, work)
+    failures, skipped = _run_blocks(blocks_of(doc), env, work)
+    with capsys.disabled():
+        for line in skipped:
+            print(f"\ndocs-test skipped {line}", end="")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_the_docs_run_in_the_order_a_reader_follows(tmp_path: Path) -> None:
+    """One home, in a new reader's order: README's "Two commands" (scripts/demo.sh: its Python part,
+    examples/quickstart.py, makes the local token and the key ``orders``), then README's quickstart
+    and snippet, then getting-started: no block may trip on what an earlier one made."""
+    env, work = _fresh_home(tmp_path)
+    demo = subprocess.run([str(work / ".venv" / "bin" / "python"), str(REPO / "examples" / "quickstart.py")],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT, check=False)
+    assert demo.returncode == 0, demo.stderr
+    assert "scripts/setup.sh" in (REPO / "scripts" / "demo.sh").read_text()
+    assert "examples/quickstart.py" in (REPO / "scripts" / "demo.sh").read_text()  # what the demo runs
+    blocks = blocks_of(REPO / "README.md") + blocks_of(REPO / "docs" / "getting-started.md")
+    failures, _ = _run_blocks(blocks, env, work)
+    assert not failures, "\n\n".join(failures)
+
+
+def _run_blocks(blocks: list[Block], env: dict[str, str], work: Path) -> tuple[list[str], list[str]]:
+    """Run the unmarked ``blocks`` in order; what failed (with output) and what was skipped (why)."""
     failures: list[str] = []
     skipped: list[str] = []
-    for block in blocks_of(doc):
+    for block in blocks:
         if block.skip_reason is not None:
             skipped.append(f"{block.where()} ({block.language}): {block.skip_reason}")
             continue
@@ -138,10 +162,7 @@ def test_doc_runs(doc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
         if proc.returncode != 0:
             failures.append(f"{block.where()} ({block.language}) exited {proc.returncode}:\n{block.code}"
                             f"--- stdout:\n{proc.stdout[-2000:]}--- stderr:\n{proc.stderr[-3000:]}")
-    with capsys.disabled():
-        for line in skipped:
-            print(f"\ndocs-test skipped {line}", end="")
-    assert not failures, "\n\n".join(failures)
+    return failures, skipped
 
 
 def test_every_skip_mark_says_why_and_marks_a_block() -> None:

@@ -62,11 +62,14 @@ def test_prompt_pin_keeps_no_pin_on_disk_and_later_commands_ask(tmp_path: Path) 
     env = _env(home)
     user_pin, so_pin = "user-4711-pin", "so-0815-pin"
     child = _spawn(env, "init", "--prompt-pin")
-    for prompt, answer in (("New user PIN", user_pin), ("Repeat for confirmation", user_pin),
+    for prompt, answer in (("New user PIN", "12"), ("Repeat for confirmation", "12"),  # too short: asked again
+                           ("New user PIN", user_pin), ("Repeat for confirmation", user_pin),
                            ("New SO PIN", so_pin), ("Repeat for confirmation", so_pin)):
         child.expect(prompt)
         assert child.waitnoecho(timeout=10)
         child.sendline(answer)
+        if answer == "12" and prompt.startswith("Repeat"):
+            child.expect(r"a PIN must have 4 to 255 characters \(the token's limits\); try again")
     child.expect(pexpect.EOF)
     child.close()
     shown = child.before
@@ -96,9 +99,31 @@ def test_prompt_pin_keeps_no_pin_on_disk_and_later_commands_ask(tmp_path: Path) 
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0 and "orders" in child.before and user_pin not in child.before
+    # the URI init printed, given back with --token, is the local token for its PIN too
+    uri = shown.split("token URI: ")[1].split()[0]
+    listed = _run({**env, "KEYMGR_PIN": user_pin}, "--token", uri, "--json", "key", "list")
+    assert listed.returncode == 0 and "orders" in listed.stdout, listed.stderr
     again = _run(env, "--json", "init")
     assert again.returncode == 0 and json.loads(again.stdout)["created"] is False
     assert json.loads(again.stdout)["pin_file"] is None and "SO PIN" not in again.stderr
+
+
+def test_a_pin_of_the_wrong_length_is_refused_before_anything_and_never_written(tmp_path: Path) -> None:
+    """Issue 14: a 2-character user PIN (SoftHSM's minimum is 4) used to fail halfway, as "PIN
+    incorrect", with the typed SO PIN left in init.pending."""
+    home = tmp_path / "home"
+    so_pin = "typed-so-pin-7743"
+    code = ("import sys\nfrom keymgr.local import LocalToken\nfrom keymgr import errors\n"
+            "try:\n    LocalToken.default().init('12', so_pin=sys.argv[1])\n"
+            "except errors.ConfigurationError as exc:\n    print(exc)\n    sys.exit(2)\n")
+    proc = subprocess.run([sys.executable, "-c", code, so_pin], env=_env(home), capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "user PIN must have 4 to 255 characters" in proc.stdout, proc.stderr
+    assert _files_holding(home, so_pin) == []
+    assert not _so_login_works(home, so_pin)  # no PIN was set
+    finished = _run(_env(home), "--json", "init")  # a later init finishes it, with generated PINs
+    assert finished.returncode == 0 and json.loads(finished.stdout)["created"] is True, finished.stderr
+    assert _files_holding(home, so_pin) == []
 
 
 def test_init_shows_the_so_pin_once_and_keeps_it_only_when_asked(tmp_path: Path) -> None:

@@ -166,3 +166,53 @@ def test_input_typed_ahead_during_a_failing_login_does_not_reach_the_shell(shell
     assert shell.status() == 3
     assert LEAKED not in shell.seen, "input typed ahead of keymgr reached the shell"
     assert USER_PIN not in shown
+
+
+# -- typed-ahead input is never an answer it was not meant for (issue 14, the outside tester) ------
+
+def test_a_reasked_prompt_drops_what_was_typed_ahead(shell: Shell, tmp_path: Path, key_name: str) -> None:
+    """A wrong custodian name, and the PIN typed ahead for later: the PIN must not be taken as the
+    next name (and echoed back in "'PIN5555' is not one of the custodians")."""
+    path = backup_file(tmp_path / "b.backup", key_name)
+    shell.type(keymgr_command(["--token", softhsm_token("keymgr-B").uri(), "restore", str(path)]) + "\n")
+    shell.child.expect(r"Custodian 1 of 2, name \(empty to stop\): ")
+    shell.type("nosuch\nPIN5555\n")  # one write: both lines wait in the terminal before keymgr reads one
+    shell.child.expect("'nosuch' is not one of the custodians")
+    shell.child.expect(r"Custodian 1 of 2, name \(empty to stop\): ")
+    _interrupt(shell)
+    assert "'PIN5555' is not one of" not in shell.seen + str(shell.child.before)
+
+
+def test_a_pasted_next_line_does_not_confirm_a_destroy(shell: Shell, tmp_path: Path, key_name: str) -> None:
+    """``key destroy`` and the key's name pasted as the next line: the name was there before the
+    warning was printed, so it confirms nothing; only Enter typed now answers (and stops)."""
+    uri = softhsm_token().uri()
+    shell.type(keymgr_command(["--token", uri, "key", "create", key_name]) + "\n")
+    shell.wait_prompt()
+    shell.type(keymgr_command(["--token", uri, "key", "rotate", key_name]) + "\n")
+    shell.wait_prompt()
+    destroy = keymgr_command(["--token", uri, "key", "destroy", key_name, "--version", "1", "--immediately"])
+    shell.type(f"{destroy}\n{key_name}\n")  # pasted: the command and the confirmation at once
+    shell.child.expect(r"Type the key name .* to destroy it anyway, or press Enter to stop.*: ")
+    shell.type("\n")
+    shown = shell.wait_prompt()
+    assert "was not destroyed" in shown, shown
+    assert shell.status() == 5
+    shell.type(keymgr_command(["--token", uri, "--json", "key", "show", key_name]) + "\n")
+    assert '"state": "destroyed"' not in shell.wait_prompt()
+
+
+def test_a_pasted_yes_does_not_approve(shell: Shell, tmp_path: Path, key_name: str) -> None:
+    a = hsm("keymgr-A")
+    guarded_key(a, key_name)
+    req = tmp_path / "backup.req"
+    req.write_bytes(request(a, "backup", key_name, versions=None).to_bytes())
+    p = party(1)
+    approve = keymgr_command(["approve", str(req), "--custodian", p.name, "--key-label", p.key_label])
+    shell.type(f"{approve}\ny\n")
+    shell.child.expect(rf"Approve it as custodian '{p.name}'\? \[y/N\]: ")
+    shell.type("\n")  # Enter now: the default, no
+    shown = shell.wait_prompt()
+    assert "not approved" in shown and "Your token" not in shown, shown
+    assert shell.status() == 5
+    assert not list(tmp_path.glob("*.approval"))

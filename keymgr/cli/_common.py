@@ -24,13 +24,20 @@ import click
 
 from keymgr import _signals, errors
 
-__all__ = ["CliState", "GuardedGroup", "pass_state", "committing", "emit_json", "fail", "EXIT_CODES",
-           "EXIT_CODE_MEANINGS", "console", "exit_codes_help", "warn_pin_value", "ALLOW_PIN_VALUE_VAR"]
+__all__ = ["DoneButNotRecorded", "CliState", "GuardedGroup", "pass_state", "committing", "emit_json", "fail",
+           "EXIT_CODES", "EXIT_CODE_MEANINGS", "console", "exit_codes_help", "warn_pin_value", "ALLOW_PIN_VALUE_VAR"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+class DoneButNotRecorded(errors.StorageError):
+    """The change was made (a key rotated, destroyed, restored; a policy set), but a file that records
+    it (its signed transcript) could not be written. Not "nothing was changed" (exit 8): a script that
+    retried on 8 would rotate twice, so this has an exit code of its own (9)."""
+
+
 #: Exit codes by error category (2 is click's usage error).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (DoneButNotRecorded, 9),
     (errors.AuthenticationError, 3),
     (errors.IntegrityError, 4),
     (errors.PolicyError, 5),
@@ -52,7 +59,8 @@ EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
     (5, "refused by policy: key state, approvals, rate limit"),
     (6, "no such key or token"),
     (7, "malformed input: not a keymgr stream or message"),
-    (8, "storage: a file could not be written (disk full ...)"),
+    (8, "storage: a file could not be written (disk full ...); nothing was changed"),
+    (9, "done, but its transcript could not be written (the change WAS made)"),
     (130, "interrupted (Ctrl-C, SIGINT), or input ended at a prompt (Ctrl-D)"),
     (141, "standard output closed by its reader (SIGPIPE)"),
     (143, "terminated (SIGTERM)"),

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import click
 
 from keymgr import errors
+from keymgr._terminal import discard_typed_ahead
 from keymgr.cli._custody_common import custodian_uri, pin_prompt
 from keymgr.custody.custodian_token import CustodianToken, check_shown_key
 from keymgr.custody.custodians import Custodian
@@ -44,6 +45,13 @@ PIN_ATTEMPTS = 2
 
 def _say(message: str) -> None:
     click.echo(f"  {message}", err=True)
+
+
+def _say_again(message: str) -> None:
+    """Say why a prompt is asked again, and drop what was typed ahead meanwhile: it was meant for
+    the next prompt (a PIN, perhaps), and would be taken as the answer and echoed in an error."""
+    _say(message)
+    discard_typed_ahead()
 
 
 def ask_custodians(candidates: Sequence[Custodian], threshold: int, module_path: str, what: str, *,
@@ -76,9 +84,9 @@ def _ask_name(turn: int, threshold: int, by_name: dict[str, Custodian], taken: S
         if not name:
             return None
         if any(t.custodian.name == name for t in taken):
-            _say(f"custodian {name!r} has taken part already; each custodian counts once: name another")
+            _say_again(f"custodian {name!r} has taken part already; each custodian counts once: name another")
         elif name not in by_name:
-            _say(f"{name!r} is not one of the custodians of this {what} ({', '.join(by_name)}); try again")
+            _say_again(f"{name!r} is not one of the custodians of this {what} ({', '.join(by_name)}); try again")
         else:
             return by_name[name]
 
@@ -92,9 +100,9 @@ def _ask_token(custodian: Custodian, module_path: str, target: TokenSession | No
             _check_token(open_token(uri, login=False), custodian, target, taken)
             return _log_in(custodian, uri)
         except errors.TokenNotFoundError as exc:
-            _say(f"{_not_found(answer.strip(), module_path) or exc}; try again")
+            _say_again(f"{_not_found(answer.strip(), module_path) or exc}; try again")
         except (errors.ConfigurationError, errors.PolicyError) as exc:
-            _say(f"{exc}; try again")
+            _say_again(f"{exc}; try again")
 
 
 def _not_found(label: str, module_path: str) -> str | None:
@@ -134,5 +142,5 @@ def _log_in(custodian: Custodian, uri: str) -> CustodianToken:
                     f"wrong PIN for token {exc.token!r} again ({note}); stopping here rather than spend the "
                     f"token's tries: custodian {custodian.name!r} should check their PIN, then start over",
                     token=exc.token, tries_left=exc.tries_left) from None
-            _say(f"wrong PIN for token {exc.token!r} ({note}); once more")
+            _say_again(f"wrong PIN for token {exc.token!r} ({note}); once more")
     raise AssertionError("unreachable")  # pragma: no cover

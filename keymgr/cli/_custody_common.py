@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -14,7 +14,8 @@ from keymgr.custody.approvals import Approval, Request
 from keymgr.hsm.pins import PinCallback, PinRequest, tries_left_note
 
 __all__ = ["custodian_uri", "parse_custodian_option", "pin_prompt", "read_approvals", "read_file", "read_request",
-           "check_transcript_free", "write_transcript"]
+           "check_transcript_free", "write_transcript",
+           "write_change_transcript"]
 
 MAX_INPUT = 16 * 1024 * 1024
 
@@ -89,10 +90,16 @@ _TRANSCRIPT_NAMES = 1000
 
 def check_transcript_free(path: str | None) -> None:
     """Before a ceremony: refuse a ``--transcript`` path that exists (a transcript is never
-    overwritten, and saying so after the ceremony would be too late to choose another)."""
-    if path is not None and os.path.lexists(path):
+    overwritten), or whose directory is missing or not writable: saying so after the ceremony
+    would be too late to choose another."""
+    if path is None:
+        return
+    if os.path.lexists(path):
         raise errors.ConfigurationError(f"{path} exists already; keymgr never overwrites a transcript: "
                                         "give another --transcript path (or move that file)")
+    from keymgr.cli._output import checked_output
+
+    checked_output(path, new=True)
 
 
 def _numbered(path: Path, number: int) -> Path:
@@ -102,10 +109,24 @@ def _numbered(path: Path, number: int) -> Path:
     return path.with_name(f"{base}-{number}{ext}")
 
 
-def write_transcript(path: Path, data: bytes) -> Path:
+def write_transcript(path: Path, data: bytes, *, done: str | None = None) -> Path:
     """Write a signed transcript to a new file: ``path``, or if that name is taken (a second restore
     of one backup), the first free of ``NAME-2.transcript.p7s``, ``-3`` ...; returns where it went.
-    An existing transcript is never replaced (docs/ceremonies.md)."""
+    An existing transcript is never replaced (docs/ceremonies.md). ``done``: the change it records,
+    already made; a failure then says so (:class:`~keymgr.cli._common.DoneButNotRecorded`, exit 9)
+    instead of "nothing was changed"."""
+    try:
+        return _write_free(path, data)
+    except errors.StorageError as exc:
+        if done is None:
+            raise
+        from keymgr.cli._common import DoneButNotRecorded
+
+        reason = str(exc).removesuffix("; nothing was changed")
+        raise DoneButNotRecorded(f"{done}, but its transcript could not be written: {reason}") from None
+
+
+def _write_free(path: Path, data: bytes) -> Path:
     for number in range(1, _TRANSCRIPT_NAMES + 1):
         candidate = path if number == 1 else _numbered(path, number)
         try:
@@ -114,3 +135,17 @@ def write_transcript(path: Path, data: bytes) -> Path:
         except FileExistsError:
             continue
     raise errors.StorageError(f"no free name for the transcript beside {path}; move old transcripts away")
+
+
+def write_change_transcript(path: str, make: Callable[[], bytes], done: str) -> None:
+    """Sign and write the transcript of a change already made: a failure says the change was made
+    (exit 9), never "nothing was changed"."""
+    from keymgr.cli._common import DoneButNotRecorded
+
+    try:
+        data = make()
+    except errors.KeymgrError as exc:
+        raise DoneButNotRecorded(f"{done}, but its transcript could not be signed: {exc}") from None
+    written = write_transcript(Path(path), data, done=done)
+    if str(written) != path:
+        click.echo(f"signed transcript: {written} ({path} appeared meanwhile)", err=True)

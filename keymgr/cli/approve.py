@@ -17,9 +17,10 @@ from typing import Any
 import click
 
 from keymgr import errors
-from keymgr._files import atomic_write
+from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, pass_state
 from keymgr.cli._custody_common import custodian_uri, default_path, pin_prompt, read_file
+from keymgr.cli._output import checked_output, write_output
 
 __all__ = ["approve_command"]
 
@@ -45,10 +46,14 @@ def approve_command(state: CliState, request_path: str, name: str, uri: str | No
     from keymgr.hsm.discovery import default_module_path
 
     request = Request.parse(read_file(request_path, "request"))
+    out = output or str(default_path(Path(request_path), f".{name}.approval"))
+    checked_output(out)  # before the PIN: an approval that cannot be written costs the custodian nothing
     fingerprint = _approver_fingerprint(state, request, name)
     click.echo("You are asked to approve:", err=True)
     for line in request.explain():
         click.echo(line, err=True)
+    if not yes:
+        confirmation_input()  # only what is typed after the request was shown may approve it
     if not yes and not click.confirm(f"Approve it as custodian {name!r}?", default=False, err=True):
         raise errors.PolicyError("not approved")
     module = default_module_path() if not state.token else state.manager().token.module.path
@@ -63,8 +68,7 @@ def approve_command(state: CliState, request_path: str, name: str, uri: str | No
             approval = approve(request, signer)
         finally:
             signer.close()
-    out = output or str(default_path(Path(request_path), f".{name}.approval"))
-    atomic_write(out, approval.to_bytes())
+    write_output(out, approval.to_bytes())
     click.echo(f"wrote {out}: approval by {name!r} of request {request.digest}")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from keymgr import errors
+from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, console, emit_json, exit_code_for, pass_state
 
 __all__ = ["audit_group"]
@@ -168,6 +169,8 @@ def repair_command(state: CliState, log: str, yes: bool) -> None:
     lost_point = key.checkpoint(lost) if lost is not None else None
     if (report is not None and report.ok) or (report is None and lost_point is None):
         raise errors.PolicyError(f"audit log {path} verifies: there is nothing to repair")
+    if not yes:
+        confirmation_input()
     if not yes and not click.confirm(f"Start {path} again, keeping the old file beside it?", default=False):
         raise errors.PolicyError("not confirmed; nothing was changed")
     detail: dict[str, Any] = {}
@@ -257,10 +260,12 @@ def report_command(state: CliState, logs: tuple[str, ...], since: str, until: st
     import json
     from datetime import UTC, datetime
 
-    from keymgr._files import atomic_write
     from keymgr.audit import parse_time
     from keymgr.audit.report import Thresholds, build_report, parse_since, render_html, render_text
+    from keymgr.cli._output import checked_output, write_output
 
+    if output is not None:
+        checked_output(output)
     end = parse_time(until) if until else datetime.now(UTC)
     given: dict[str, Any] = {"night_floor": night_floor, "spike_factor": spike_factor, "spike_floor": spike_floor}
     thresholds = Thresholds(night=Thresholds.parse_night(night), expected_at_night=frozenset(expected_at_night),
@@ -277,7 +282,7 @@ def report_command(state: CliState, logs: tuple[str, ...], since: str, until: st
     if output is None:
         click.echo(text, nl=False)
     else:
-        atomic_write(output, text.encode("utf-8"), mode=0o600)
+        write_output(output, text.encode("utf-8"), mode=0o600)
         click.echo(f"wrote {output}: {len(report.anomalies)} anomalies, {len(report.rate_limits)} rate-limit trips")
     if any(log.error is not None for log in report.logs):
         sys.exit(exit_code_for(errors.ConfigurationError()))  # a log was not read: the review is incomplete

@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from keymgr import errors
-from keymgr._files import atomic_write
 from keymgr.cli._common import CliState, committing, emit_json, pass_state
 from keymgr.cli._custodian_prompts import ask_custodians
 from keymgr.cli._custody_common import (
@@ -23,6 +22,7 @@ from keymgr.cli._custody_common import (
     read_request,
     write_transcript,
 )
+from keymgr.cli._output import check_directory, checked_output, write_output
 from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian
@@ -57,29 +57,59 @@ def _versions(text: str | None) -> list[int] | None:
 @committing
 def backup_command(state: CliState, name: str, versions: str | None, output: str, request_path: str | None,
                    approval_paths: tuple[str, ...], so_pin_source: str | None, transcript_path: str | None) -> None:
-    """Back up key NAME, wrapped in the HSM, to its M-of-N custodians."""
+    """Back up key NAME, wrapped in the HSM, to its M-of-N custodians.
+
+    OUTPUT must not exist (a backup file is never replaced: it may be the only copy of a destroyed
+    version); it and the transcript are written before the approvals are spent, so a write that
+    fails spends nothing."""
+    out = Path(output)
+    checked_output(output, new=True)  # before anything: no approvals spent, no SO PIN typed for nothing
+    transcript = Path(transcript_path) if transcript_path else default_path(out, ".transcript.p7s")
+    check_transcript_free(transcript_path)
+    check_directory(str(transcript))  # its directory, when given apart from OUTPUT
     km = state.manager()
     request, approvals = read_request(request_path), read_approvals(approval_paths)
-    check_transcript_free(transcript_path)
     _check_backup_approvals(km, name, _versions(versions), request, approvals)
     source = pin_source_from_uri(so_pin_source, None)
     pin = source.read(PinRequest(km.token.label, "mark the backup transport key trusted", user="so"), pin_prompt())
     if pin is None:
         raise errors.AuthenticationError("a backup needs the HSM's SO PIN")
+    written: list[Path] = []
+
+    def write_files(result: Any) -> None:
+        written.append(_write_backup(out, transcript, result))
+
     try:
-        result = km.backup(name, so_pin=pin, request=request, approvals=approvals, versions=_versions(versions))
+        result = km.backup(name, so_pin=pin, request=request, approvals=approvals, versions=_versions(versions),
+                  before_commit=write_files)
+    except errors.KeymgrError as exc:
+        if not written:
+            raise
+        raise errors.StorageError(f"the backup was written to {out} (transcript {written[0]}) but its approvals "
+                                  f"could not be marked spent: {exc}; the backup is valid, and the request could "
+                                  "be used once more until it expires") from None
     finally:
         pin.wipe()
-    out = Path(output)
-    atomic_write(out, result.backup, mode=0o600)
-    transcript = Path(transcript_path) if transcript_path else default_path(out, ".transcript.p7s")
-    if result.transcript:
-        transcript = write_transcript(transcript, result.transcript)
     if state.json_output:
-        emit_json({"backup": str(out), "transcript": str(transcript), "description": result.description})
+        emit_json({"backup": str(out), "transcript": str(written[0]), "description": result.description})
     else:
         click.echo(f"wrote {out}: {result.description}")
-        click.echo(f"signed transcript: {transcript}")
+        click.echo(f"signed transcript: {written[0]}")
+
+
+def _write_backup(out: Path, transcript: Path, result: Any) -> Path:
+    """The backup file (new, 0600), then its transcript; if the transcript fails, the backup file
+    is removed again, so that a failure leaves nothing and spends nothing. Returns the transcript's path."""
+    created = checked_output(str(out), new=True).kind == "file"  # not a device or stdout: ours to take back
+    write_output(out, result.backup, mode=0o600, new=True)
+    if not result.transcript:
+        return transcript
+    try:
+        return write_transcript(transcript, result.transcript)
+    except BaseException:
+        if created:
+            out.unlink(missing_ok=True)
+        raise
 
 
 def _check_backup_approvals(km: Any, name: str, versions: list[int] | None, request: Request | None,
@@ -153,7 +183,7 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
             token.close()
     transcript = Path(transcript_path or f"restore-{backup.id.hex()[:8]}.transcript.p7s")
     if result.transcript:
-        transcript = write_transcript(transcript, result.transcript)
+        transcript = write_transcript(transcript, result.transcript, done="the keys were restored")
     restored = [{"name": r.name, "versions": [v.version for v in r.versions]} for r in result.records]
     if state.json_output:
         emit_json({"restored": restored, "token": km.token.label, "transcript": str(transcript)})

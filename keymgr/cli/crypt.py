@@ -24,7 +24,8 @@ the format, moves bytes, and keeps the promises a command line must keep:
   what a killed writer left in OUT's directory. Standard output (``-o -``)
   cannot be taken back: a stream decrypted to a pipe may have passed on the
   segments verified before a bad one, never any unverified byte.
-* **Devices, FIFOs and links stay what they are.** A character or block device,
+* **Devices, FIFOs and links stay what they are** (:mod:`keymgr.cli._output`, which every
+  other command's output file goes through too). A character or block device,
   FIFO or socket named by ``-o`` is written through, like standard output
   (opened for writing, never truncated, never replaced). A symbolic link is
   refused unless ``--follow-symlinks`` is given; then its target is written
@@ -49,15 +50,14 @@ import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import click
 
 from keymgr import errors
-from keymgr._files import atomic_output, os_error_reason, remove_abandoned_temp_files
 from keymgr.cli._common import CliState, pass_state
+from keymgr.cli._output import checked_output, open_output
 from keymgr.cli._recipients import load_recipients, recipient_options, use_key_pairs
 
 __all__ = ["encrypt_command", "decrypt_command", "parse_context", "register_crypt_commands", "STREAM_MAGIC"]
@@ -170,75 +170,6 @@ def _too_large(what: str, limit: int) -> errors.ConfigurationError:
                                      "message held in memory; use the stream format, or raise the limit")
 
 
-class _StdoutSink(io.RawIOBase):
-    """Standard output, unbuffered, with write errors as keymgr errors. Unbuffered so that
-    nothing is left to flush (and fail again, on a second line) when the process exits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._stream = sys.stdout.buffer
-        try:
-            self._fd: int | None = self._stream.fileno()
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            self._fd = None  # click's test runner: an in-memory stream
-        if self._fd is not None:
-            self._stream.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        try:
-            if self._fd is None:
-                self._stream.write(view)
-                self._stream.flush()
-                return len(view)
-            return _write_all(self._fd, view)
-        except BrokenPipeError:
-            raise  # the reader went away: GuardedGroup exits quietly (141), as `cat` would
-        except OSError as exc:
-            raise errors.StorageError(f"cannot write to standard output: {os_error_reason(exc)}") from None
-
-
-def _write_all(fd: int, view: memoryview) -> int:
-    written = 0
-    while written < len(view):
-        written += os.write(fd, view[written:])
-    return written
-
-
-class _ThroughSink(io.RawIOBase):
-    """A device, FIFO or socket named by ``-o``, written through as standard output is: opened
-    for writing without O_TRUNC (a device is not a file to empty) and never replaced, so it is
-    still the same node afterwards. Like standard output it cannot be taken back."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self._name = str(path)
-        try:  # O_NOFOLLOW: a link put there since OUT was checked is not followed
-            self._fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
-        except OSError as exc:
-            raise errors.StorageError(f"cannot write {path}: {os_error_reason(exc)}") from None
-        if stat.S_ISREG(os.fstat(self._fd).st_mode):  # became a file since it was checked: not written in place
-            os.close(self._fd)
-            raise errors.ConfigurationError(f"{path} changed while keymgr opened it; run again")
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        try:
-            return _write_all(self._fd, memoryview(data).cast("B"))
-        except OSError as exc:  # a FIFO's reader gone (EPIPE) included: OUT was named, so it is an error
-            raise errors.StorageError(f"cannot write {self._name}: {os_error_reason(exc)}") from None
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-        super().close()
-
-
 def _input_size(raw: BinaryIO) -> int | None:
     """The bytes left in a regular file (from where its descriptor stands: ``< file`` too); None otherwise."""
     try:
@@ -288,58 +219,6 @@ def _opened(path: str, *, progress: bool | None, label: str) -> Iterator[_Source
     finally:
         if closing:
             raw.close()
-
-
-@dataclass(frozen=True)
-class _Target:
-    """Where OUT goes: standard output, a regular file (new, or replaced atomically) or a node
-    written through (a device, FIFO or socket). ``path`` is a followed link's target."""
-
-    kind: Literal["stdout", "file", "through"]
-    path: Path
-
-
-def _checked_output(path: str, follow_symlinks: bool) -> _Target:
-    """What OUT is, refused early (before the token is asked anything) if it cannot be written:
-    a directory, or a symbolic link without ``--follow-symlinks``."""
-    if path == "-":
-        return _Target("stdout", Path("-"))
-    target = Path(path)
-    try:
-        info = os.lstat(target)
-        if stat.S_ISLNK(info.st_mode):
-            if not follow_symlinks:
-                raise errors.ConfigurationError(
-                    f"{path} is a symbolic link: keymgr neither replaces nor follows it unless given "
-                    "--follow-symlinks (then it writes to the link's target)")
-            target = Path(os.path.realpath(target))
-            info = os.lstat(target)
-            if stat.S_ISLNK(info.st_mode):  # realpath gives up on a loop
-                raise errors.ConfigurationError(f"cannot write {path}: too many levels of symbolic links")
-    except FileNotFoundError:  # a new file (through a dangling link: its target is created)
-        return _Target("file", target)
-    except OSError as exc:
-        raise errors.ConfigurationError(f"cannot write {path}: {os_error_reason(exc)}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise errors.ConfigurationError(f"cannot write {path}: it is a directory")
-    return _Target("file" if stat.S_ISREG(info.st_mode) else "through", target)
-
-
-@contextlib.contextmanager
-def _output(path: str, *, mode: int, follow_symlinks: bool) -> Iterator[BinaryIO]:
-    """Standard output, a node written through, or a file replaced atomically (nothing left
-    behind on any failure; what killed writers left in its directory is removed first)."""
-    target = _checked_output(path, follow_symlinks)  # again: what OUT is now, not at the start
-    if target.kind == "stdout":
-        yield _StdoutSink()  # type: ignore[misc]
-        return
-    if target.kind == "through":
-        with _ThroughSink(target.path) as sink:
-            yield sink  # type: ignore[misc]
-        return
-    remove_abandoned_temp_files(target.path.parent)
-    with atomic_output(target.path, mode=mode) as handle:
-        yield handle
 
 
 class _ByteSize(click.ParamType):  # type: ignore[type-arg]
@@ -430,7 +309,7 @@ def encrypt_command(state: CliState, key: str | None, recipient_files: tuple[str
     --follow-symlinks.
     """
     context = parse_context(context_items)
-    _checked_output(output, follow_symlinks)
+    checked_output(output, follow_symlinks)
     if key is None and not recipient_files:
         raise errors.ConfigurationError("name a key (--key NAME), a public key (--recipient FILE), or both")
     recipients = load_recipients(recipient_files, oaep_hash)  # a bad file fails before any output exists
@@ -446,7 +325,7 @@ def encrypt_command(state: CliState, key: str | None, recipient_files: tuple[str
     from keymgr.envelope.pubkey import encrypt_stream_to, encrypt_to
 
     with _opened(input_path, progress=progress, label="encrypting") as src, \
-            _output(output, mode=0o644, follow_symlinks=follow_symlinks) as dst:
+            open_output(output, mode=0o644, follow_symlinks=follow_symlinks) as dst:
         if fmt == "message":
             plaintext = src.read_all(max_message_size or default_max_message_size())
             dst.write(encrypt_to(plaintext, recipients, context=context, compat_openssl=compat_openssl) if km is None
@@ -474,13 +353,13 @@ def decrypt_command(state: CliState, with_keys: tuple[str, ...], context_items: 
     temporary file behind; devices, FIFOs and links are handled as by encrypt.
     """
     context = parse_context(context_items)
-    _checked_output(output, follow_symlinks)
+    checked_output(output, follow_symlinks)
     km = state.manager()
     use_key_pairs(km, with_keys)
     with _opened(input_path, progress=progress, label="decrypting") as src:
         head = src.peek_bytes(len(STREAM_MAGIC))
         if head == STREAM_MAGIC:
-            with _output(output, mode=0o600, follow_symlinks=follow_symlinks) as dst:
+            with open_output(output, mode=0o600, follow_symlinks=follow_symlinks) as dst:
                 km.decrypt_stream(src, dst, context=context)
             return
         if not head or head[0] != _DER_SEQUENCE:
@@ -496,7 +375,7 @@ def decrypt_command(state: CliState, with_keys: tuple[str, ...], context_items: 
             # the manager like every malformed ciphertext, one integrity error and an audit entry
             blob = b""
         plaintext = km.decrypt(blob, context=context)
-        with _output(output, mode=0o600, follow_symlinks=follow_symlinks) as dst:
+        with open_output(output, mode=0o600, follow_symlinks=follow_symlinks) as dst:
             dst.write(plaintext)
 
 

@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from keymgr import errors
-from keymgr._files import atomic_write
 from keymgr.cli._common import CliState, committing, console, emit_json, pass_state
 from keymgr.cli._custody_common import (
     check_transcript_free,
@@ -20,6 +19,7 @@ from keymgr.cli._custody_common import (
     read_request,
     write_transcript,
 )
+from keymgr.cli._output import checked_output, write_output
 from keymgr.cli.approve import approve_command
 from keymgr.cli.ceremony import collect_custodians
 
@@ -43,9 +43,9 @@ def _context(pairs: tuple[str, ...]) -> dict[str, str] | None:
     return out
 
 
-def _write_transcript(path: str | None, data: bytes) -> None:
+def _write_transcript(path: str | None, data: bytes, done: str) -> None:
     if path and data:
-        click.echo(f"signed transcript: {write_transcript(Path(path), data)}", err=True)
+        click.echo(f"signed transcript: {write_transcript(Path(path), data, done=done)}", err=True)
 
 
 # -- custodians ---------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def custodian_policy(state: CliState, threshold: int, key: str | None, custodian
     with km.audited("policy", key=key, detail=detail):
         register, transcript = change_policy(km.keyring, policy, key=key, request=read_request(request_path),
                                              approvals=read_approvals(approval_paths))
-    _write_transcript(transcript_path, transcript)
+    _write_transcript(transcript_path, transcript, f"the quorum policy was set to {policy.describe()}")
     click.echo(f"quorum for {'key ' + repr(key) if key else 'every key'}: {policy.describe()}")
 
 
@@ -180,10 +180,11 @@ def _write_request(state: CliState, operation: str, key: str | None, params: dic
                    ttl_hours: int, requested_by: str) -> None:
     from keymgr.custody.approvals import request_for
 
+    checked_output(output)
     km = state.manager()
     request = request_for(km.keyring, operation, key=key, params=params, ttl=timedelta(hours=ttl_hours),
                           requested_by=requested_by)
-    atomic_write(output, request.to_bytes())
+    write_output(output, request.to_bytes())
     if state.json_output:
         emit_json({"request": output, "digest": request.digest, "describe": request.describe()})
     else:
@@ -282,10 +283,11 @@ def quorum_encrypt(state: CliState, source: str, output: str, key: str, context:
     from keymgr.custody.custodians import CustodyRegister
     from keymgr.custody.threshold import threshold_recipient
 
+    checked_output(output)
     km = state.manager()
     recipient = threshold_recipient(CustodyRegister(km.keyring).load(), key=key)
     blob = km.encrypt(read_file(source, "input"), key=key, context=_context(context), also_to=[recipient])
-    atomic_write(output, blob)
+    write_output(output, blob)
     click.echo(f"wrote {output}: readable with key {key!r} or by {recipient.description}")
 
 
@@ -302,6 +304,7 @@ def quorum_decrypt(state: CliState, source: str, output: str, custodians: tuple[
     from keymgr.envelope import parse_message
     from keymgr.hsm.discovery import default_module_path
 
+    checked_output(output)  # before the custodians come: plaintext that cannot be written is not made
     blob = read_file(source, "message")
     infos = [i for i in (read_threshold(ri) for ri in parse_message(blob).recipient_infos) if i is not None]
     if not infos:
@@ -314,7 +317,7 @@ def quorum_decrypt(state: CliState, source: str, output: str, custodians: tuple[
     finally:
         for token in tokens:
             token.close()
-    atomic_write(output, plaintext, mode=0o600)
+    write_output(output, plaintext, mode=0o600)
     click.echo(f"wrote {output}")
 
 

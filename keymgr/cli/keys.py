@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from keymgr import errors
 from keymgr.cli._common import CliState, console, emit_json, pass_state
 from keymgr.keyring import KeyRecord
 from keymgr.templates import DEFAULT_PROFILE
@@ -67,23 +68,52 @@ def key_group() -> None:
               "docs/ceremonies.md). Without it the key can never leave the token.")
 @click.option("--transcript", "transcript_path", type=click.Path(dir_okay=False), default=None,
               help="Write the signed ceremony transcript (CMS SignedData) here.")
+@click.option("--exist-ok", is_flag=True, help="Get or create: a key NAME of that profile that exists already is "
+              "shown as it is (its policy untouched) instead of an error; for scripts run again.")
 @pass_state
 def create_command(state: CliState, name: str, profile: str, rotate_after_days: int | None,
-                   max_messages: int | None, auto_rotate: bool, backup: bool, transcript_path: str | None) -> None:
+                   max_messages: int | None, auto_rotate: bool, backup: bool, transcript_path: str | None,
+                   exist_ok: bool) -> None:
     """Generate a new key NAME (version 1) inside the token."""
-    record = state.manager().create_key(name, profile=profile, rotate_after_days=rotate_after_days,
-                                        max_messages=max_messages, backup=backup, auto_rotate=auto_rotate)
+    from keymgr.cli._custody_common import check_transcript_free
+
+    check_transcript_free(transcript_path)  # before the key exists: a transcript is never overwritten
+    km = state.manager()
+    existed = exist_ok and _exists(km, name)
+    record = km.create_key(name, profile=profile, rotate_after_days=rotate_after_days, max_messages=max_messages,
+                           backup=backup, auto_rotate=auto_rotate, exist_ok=exist_ok)
+    if existed:
+        v = record.primary_version
+        _say(state, record, f"key {record.name!r} exists already: primary version {v.version} "
+                            f"(CKA_ID {v.key_id.hex()}, KCV {v.kcv or '-'}); nothing was created")
+        return
     if transcript_path:
-        from keymgr._files import atomic_write
+        from keymgr.cli._custody_common import write_change_transcript
         from keymgr.custody.authorize import key_ceremony_transcript
 
-        atomic_write(transcript_path, key_ceremony_transcript(state.manager().keyring, "create", record,
-                                                              profile=profile, backup=backup))
+        write_change_transcript(transcript_path, lambda: key_ceremony_transcript(
+            state.manager().keyring, "create", record, profile=profile, backup=backup),
+            f"key {name!r} was created")
     if state.json_output:
         emit_json(record_json(record))
     else:
         v = record.primary_version
         click.echo(f"created key {record.name!r} version {v.version} (CKA_ID {v.key_id.hex()}, KCV {v.kcv or '-'})")
+
+
+def _exists(km: Any, name: str) -> bool:
+    try:
+        km.describe_key(name)
+    except errors.KeyNotFoundError:
+        return False
+    return True
+
+
+def _say(state: CliState, record: Any, line: str) -> None:
+    if state.json_output:
+        emit_json(record_json(record))
+    else:
+        click.echo(line)
 
 
 @key_group.command("list")

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from keymgr import errors
+from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, committing, console, emit_json, pass_state
 from keymgr.cli.keys import record_json
 from keymgr.keyring import KeyRecord
@@ -42,16 +43,19 @@ def _version_line(record: KeyRecord, number: int) -> str:
 @committing
 def rotate_command(state: CliState, name: str, pre_active: bool, transcript_path: str | None) -> None:
     """Create a new version of NAME and make it the primary (the old one keeps decrypting)."""
+    from keymgr.cli._custody_common import check_transcript_free, write_change_transcript
+
+    check_transcript_free(transcript_path)  # before the rotation: a transcript is never overwritten
     km = state.manager()
     before = km.describe_key(name).primary
     record = km.rotate(name, activate=not pre_active)
     newest = max(v.version for v in record.versions)
     if transcript_path:
-        from keymgr._files import atomic_write
         from keymgr.custody.authorize import key_ceremony_transcript
 
-        atomic_write(transcript_path, key_ceremony_transcript(km.keyring, "rotate", record,
-                                                              versions=sorted({before, newest})))
+        write_change_transcript(transcript_path, lambda: key_ceremony_transcript(km.keyring, "rotate", record,
+                                                                     versions=sorted({before, newest})),
+                    f"key {name!r} was rotated (version {newest} created)")
     if pre_active:
         line = f"key {name!r}: new {_version_line(record, newest)}; primary stays version {record.primary}"
     else:
@@ -148,8 +152,14 @@ def destroy_command(state: CliState, name: str, version: int, paths: tuple[str, 
 
     Without --paths nothing is checked for data that still needs the version: at a
     terminal keymgr says so and asks you to type the key's name; elsewhere it needs --yes."""
-    from keymgr.cli._custody_common import read_approvals, read_request
+    from keymgr.cli._custody_common import (
+        check_transcript_free,
+        read_approvals,
+        read_request,
+        write_change_transcript,
+    )
 
+    check_transcript_free(transcript_path)  # before the destroy: a transcript is never overwritten
     km = state.manager()
     if not paths and not yes:
         yes = _confirm_unchecked_destroy(km.describe_key(name), version)
@@ -157,9 +167,8 @@ def destroy_command(state: CliState, name: str, version: int, paths: tuple[str, 
                         approvals=read_approvals(approval_paths), confirmed=yes, force=force,
                         transcript=transcript_path is not None, immediately=immediately)
     if transcript_path and result.transcript is not None:
-        from keymgr._files import atomic_write
-
-        atomic_write(transcript_path, result.transcript)
+        made = result.transcript
+        write_change_transcript(transcript_path, lambda: made, f"key {name!r} version {version} was destroyed")
     scan = result.scan
     found = (f"; {len(scan.needing)} of {scan.envelopes} envelope(s) scanned needed it" if scan is not None
              else "; not checked for data that still needed it (no --paths)")
@@ -187,6 +196,7 @@ def _confirm_unchecked_destroy(record: KeyRecord, version: int) -> bool:
     click.echo(f"About to destroy key {record.name!r} {what}. This is irreversible: data encrypted under it "
                "is lost for good.\nNo --paths were given, so NOTHING was checked for data that still needs "
                "this version (keymgr key destroy --paths DIR checks).", err=True)
+    confirmation_input()  # a pasted next line must not confirm a warning printed after it
     try:
         typed = click.prompt(f"Type the key name ({record.name}) to destroy it anyway, or press Enter to stop",
                              default="", show_default=False, err=True)

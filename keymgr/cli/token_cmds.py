@@ -49,6 +49,14 @@ def _open(state: CliState, token: str | None) -> Any:
     return uri, open_token(uri.token_only().with_(pin_value=uri.pin_value, pin_source=uri.pin_source))
 
 
+def _check_out(out: Path | None) -> None:
+    """--out refused before a key pair is made for it (a link, a directory, no such directory)."""
+    if out is not None:
+        from keymgr.cli._output import checked_output
+
+        checked_output(str(out))
+
+
 def _report(state: CliState, uri: Any, ts: Any, ref: Any, out: Path | None) -> None:
     from cryptography import x509
 
@@ -76,10 +84,10 @@ def _report(state: CliState, uri: Any, ts: Any, ref: Any, out: Path | None) -> N
     else:
         info["scheme"] = "ecdh" if probe(ts).has(f"ecdh-{ref.kind[3:]}") else "sign-only"
     if out is not None:
-        from keymgr._files import atomic_write
+        from keymgr.cli._output import write_output
 
         about = f"{ref.kind} key pair {ref.label!r} on token {ts.label!r}"
-        atomic_write(out, annotated_pem(cert_pem or pem, about=about, oaep_hash=info.get("oaep_hash")))
+        write_output(out, annotated_pem(cert_pem or pem, about=about, oaep_hash=info.get("oaep_hash")))
     if state.json_output:
         emit_json(info)
         return
@@ -114,6 +122,7 @@ def keygen_command(state: CliState, token: str | None, kind: str, label: str, ke
         raw_id = bytes.fromhex(key_id) if key_id else None
     except ValueError:
         raise errors.ConfigurationError("--id must be hex") from None
+    _check_out(out)
     uri, ts = _open(state, token)
     ref = asym.generate_keypair(ts, kind, label=label, key_id=raw_id)
     if make_cert:
@@ -130,6 +139,7 @@ def keygen_command(state: CliState, token: str | None, kind: str, label: str, ke
 def pubkey_command(state: CliState, key_uri: str, out: Path | None) -> None:
     """Print the public key (PEM), certificate (if the token holds one) and URI of an existing
     key pair, named by a URI with ``object=`` and/or ``id=`` (e.g. a PIV slot key)."""
+    _check_out(out)
     uri, ts = _open(state, key_uri)
     _report(state, uri, ts, _find(uri, ts), out)
 

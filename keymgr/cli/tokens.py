@@ -32,8 +32,9 @@ def init_command(state: CliState, prompt_pin: bool, keep_so_pin: bool) -> None:
     local = LocalToken.default()
     pin = so_pin = None
     if prompt_pin and not local.is_initialised():
-        pin = click.prompt("New user PIN", hide_input=True, confirmation_prompt=True, err=True)
-        so_pin = click.prompt("New SO PIN", hide_input=True, confirmation_prompt=True, err=True)
+        limits = local.pin_limits()  # before any PIN is typed: a wrong length is asked again, never half-set
+        pin = _new_pin("New user PIN", limits)
+        so_pin = _new_pin("New SO PIN", limits)
         if so_pin == pin:
             raise errors.ConfigurationError("the SO PIN must differ from the user PIN; nothing was created")
     result = local.init(pin, so_pin=so_pin, keep_so_pin=keep_so_pin)
@@ -56,6 +57,23 @@ def init_command(state: CliState, prompt_pin: bool, keep_so_pin: bool) -> None:
     if local.so_pin_path.is_file():
         click.echo(f"  SO PIN kept in {local.so_pin_path} (mode 0600)")
     click.echo(f"  token URI: {uri}")
+
+
+def _new_pin(prompt: str, limits: tuple[int, int]) -> str:
+    """A new PIN typed twice, asked again while its length is outside the token's ``limits``."""
+    import sys
+
+    from keymgr._terminal import discard_typed_ahead
+
+    low, high = limits
+    while True:
+        typed = str(click.prompt(prompt, hide_input=True, confirmation_prompt=True, err=True))
+        if low <= len(typed) <= high:
+            return typed
+        if not sys.stdin.isatty():
+            raise errors.ConfigurationError(f"a PIN must have {low} to {high} characters; nothing was set")
+        click.echo(f"  a PIN must have {low} to {high} characters (the token's limits); try again", err=True)
+        discard_typed_ahead()
 
 
 def _flag_names(flags: int, names: dict[int, str]) -> list[str]:

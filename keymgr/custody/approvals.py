@@ -55,7 +55,7 @@ from keymgr._time import format_utc, parse_stamp
 from keymgr.custody._json import load_document
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian, CustodyRegister, QuorumPolicy, Register
-from keymgr.custody.request_shows import check_shows, facts, parse_shows, printable, shows_lines
+from keymgr.custody.request_shows import check_new_quorum, check_shows, facts, parse_shows, printable, shows_lines
 from keymgr.hsm.sessions import TokenSession
 from keymgr.keyfacts import KeyRecord
 from keymgr.keyring import Keyring, validate_name
@@ -346,6 +346,8 @@ def check_quorum(request: Request, approvals: Sequence[Approval], register: Regi
         raise errors.PolicyError(f"the approved request is for {request.describe()}, not for this {operation}")
     if request.shows is not None:
         check_shows(request.shows, register, policy, record, params)
+    if operation == "set-policy":
+        check_new_quorum(request.shows, register, params)
     if any(digest == request.digest for digest, _ in register.consumed):
         raise errors.PolicyError("this request was already carried out once; approvals cannot be replayed")
     moment = now or datetime.now(UTC)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from keymgr import _signals, errors
@@ -122,20 +122,24 @@ def _transport_key(ts: object) -> bytearray:
 
 def backup_keys(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None,
                 approvals: Sequence[Approval], versions: Sequence[int] | None = None,
-                quorum: QuorumPolicy | None = None) -> BackupResult:
+                quorum: QuorumPolicy | None = None,
+                before_commit: Callable[[BackupResult], None] | None = None) -> BackupResult:
     """Back up ``name``'s versions for the key's quorum (or ``quorum``); returns the file and transcript.
     Records no audit entry: :meth:`keymgr.KeyManager.backup` calls this and records it.
 
     The one change a backup makes to the token is spending the request's approvals; that is its
     commit, done last, once the file and transcript are made, with signals held from there until
-    the outermost commit scope ends (:mod:`keymgr._signals`): an interrupt before it spends nothing."""
+    the outermost commit scope ends (:mod:`keymgr._signals`): an interrupt before it spends nothing.
+    ``before_commit`` gets the result before the approvals are spent (``keymgr backup`` writes the
+    file and transcript there): if it raises, nothing is spent and the custodians need not meet again."""
     with _signals.commit_scope():
         return _backup(keyring, name, so_pin=so_pin, request=request, approvals=approvals, versions=versions,
-                       quorum=quorum)
+                       quorum=quorum, before_commit=before_commit)
 
 
 def _backup(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None, approvals: Sequence[Approval],
-            versions: Sequence[int] | None, quorum: QuorumPolicy | None) -> BackupResult:
+            versions: Sequence[int] | None, quorum: QuorumPolicy | None,
+            before_commit: Callable[[BackupResult], None] | None = None) -> BackupResult:
     ts = keyring.token
     register = CustodyRegister(keyring).load()
     policy = quorum or register.policy_for(name)
@@ -182,9 +186,12 @@ def _backup(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None
         zero(transport)
     recorder.details["backup"] = backup.id.hex()
     transcript = ceremony_transcript(keyring, recorder, "success")
+    result = BackupResult(backup.to_bytes(), transcript, backup.describe())
+    if before_commit is not None:
+        before_commit(result)  # the file is written before anything is spent
     _signals.hold_signals()  # the commit: spend the approvals (after the SO step: a mistyped SO PIN spends none)
     auth.consume(keyring)
-    return BackupResult(backup.to_bytes(), transcript, backup.describe())
+    return result
 
 
 def _sign(recorder: TranscriptRecorder, outcome: str, signers: Sequence[Signer | None]) -> bytes:

@@ -13,13 +13,19 @@ keyring:
   signed (approvers often work on their own machine, without the register);
 * ``keys``: each version concerned by number, CKA_ID and key check value
   (KCV), so the approver sees exactly which key objects a destroy removes for
-  good, or a backup exports.
+  good, or a backup exports;
+* ``new_quorum`` (policy changes only): the quorum being set, with each
+  custodian's key fingerprint as registered when the request was written. A
+  policy names custodians, and a name is only a label: without their keys, a
+  custodian removed and re-added with an attacker's token after the approvals
+  would inherit the approved place.
 
 Both are facts, not claims: when the request is used, :func:`check_shows`
 compares them with the keyring, and a quorum or key that changed since (a
 custodian replaced, a version added by a rotation) makes the request void:
 the approvers did not see that. A request without ``shows`` (written before
-keymgr had it) is still accepted, as before.
+keymgr had it) is still accepted, as before, except a policy change: one that
+does not show the new custodians' keys is void (:func:`check_new_quorum`).
 """
 
 from __future__ import annotations
@@ -32,16 +38,20 @@ from keymgr.custody.custodians import QuorumPolicy, Register
 from keymgr.keyfacts import KeyRecord
 from keymgr.keyring import validate_name
 
-__all__ = ["facts", "parse_shows", "check_shows", "printable", "shows_lines"]
+__all__ = ["facts", "parse_shows", "check_shows", "check_new_quorum", "printable", "shows_lines"]
 
 _CUSTODIAN_FIELDS = {"name", "fingerprint", "token", "serial"}
 _KEY_FIELDS = {"version", "id", "kcv", "state"}
 _MAX_KEYS = 1000
 
 
-def _quorum(policy: QuorumPolicy | None, register: Register) -> dict[str, Any] | None:
+def _quorum(policy: QuorumPolicy | Mapping[str, Any] | None, register: Register) -> dict[str, Any] | None:
+    """The quorum as shown: threshold, and each custodian with their registered key and token.
+    ``policy`` may be a policy's JSON form (a policy request's ``params['policy']``)."""
     if policy is None:
         return None
+    if isinstance(policy, Mapping):
+        policy = QuorumPolicy(int(policy["threshold"]), tuple(policy["custodians"]))
     members = []
     for name in policy.custodians:
         try:
@@ -65,8 +75,12 @@ def _keys(record: KeyRecord | None, versions: Sequence[int] | None) -> list[dict
 def facts(register: Register, policy: QuorumPolicy | None, record: KeyRecord | None,
           params: Mapping[str, Any]) -> dict[str, Any]:
     """The ``shows`` of a new request: the approving quorum, and the versions it concerns
-    (``params['versions']``; None: every version of the key, as a backup of all takes them)."""
-    return {"quorum": _quorum(policy, register), "keys": _keys(record, params.get("versions"))}
+    (``params['versions']``; None: every version of the key, as a backup of all takes them), and
+    for a policy change the new quorum with its custodians' keys."""
+    shown = {"quorum": _quorum(policy, register), "keys": _keys(record, params.get("versions"))}
+    if "policy" in params:
+        shown["new_quorum"] = _quorum(params["policy"], register)
+    return shown
 
 
 def _text(value: Any, what: str, *, empty: bool = False) -> str:
@@ -121,10 +135,13 @@ def _parse_key(data: Any, what: str) -> dict[str, Any]:
 
 def parse_shows(data: Any, what: str) -> dict[str, Any]:
     """Check a request's ``shows`` field and return it as plain JSON data."""
-    if not isinstance(data, dict) or set(data) != {"quorum", "keys"} or not isinstance(data["keys"], list) \
-            or len(data["keys"]) > _MAX_KEYS:
+    if not isinstance(data, dict) or set(data) - {"new_quorum"} != {"quorum", "keys"} \
+            or not isinstance(data["keys"], list) or len(data["keys"]) > _MAX_KEYS:
         raise errors.FormatError(f"{what}: malformed 'shows'")
-    return {"quorum": _parse_quorum(data["quorum"], what), "keys": [_parse_key(k, what) for k in data["keys"]]}
+    shown = {"quorum": _parse_quorum(data["quorum"], what), "keys": [_parse_key(k, what) for k in data["keys"]]}
+    if "new_quorum" in data:
+        shown["new_quorum"] = _parse_quorum(data["new_quorum"], what)
+    return shown
 
 
 def check_shows(shows: Mapping[str, Any], register: Register, policy: QuorumPolicy | None,
@@ -145,6 +162,26 @@ def check_shows(shows: Mapping[str, Any], register: Register, policy: QuorumPoli
                                  "CKA_IDs or check values are not those the approvers saw); write a new request")
 
 
+def check_new_quorum(shows: Mapping[str, Any] | None, register: Register, params: Mapping[str, Any]) -> None:
+    """Refuse a policy change whose new custodians' keys are not those its approvers saw (one
+    removed and re-added on another token since), or were never shown to them."""
+    new = params.get("policy")
+    if new is None:
+        return
+    shown = None if shows is None else shows.get("new_quorum")
+    if shown is None:
+        raise errors.PolicyError("this policy request does not show the new custodians' keys (written by an older "
+                                 "keymgr), so its approvals cannot bind them; write a new request and have it approved")
+    try:
+        now = _quorum(new, register)
+    except errors.KeymgrError:
+        now = None
+    if shown != now:
+        raise errors.PolicyError("a custodian of the new quorum changed since the request was written (another key "
+                                 "or token under the same name): the approvers did not approve that one; write a "
+                                 "new request and have it approved")
+
+
 def printable(text: str) -> str:
     """Free text from a request (who asked, a serial) made safe to show: control characters (a
     terminal escape sequence could hide or rewrite the lines above it) are shown escaped."""
@@ -161,4 +198,9 @@ def shows_lines(shows: Mapping[str, Any] | None) -> list[str]:
     if quorum is not None:
         lines.append(f"  to be approved by {quorum['threshold']} of {len(quorum['custodians'])} custodians:")
         lines += [f"    {c['name']}: key {c['fingerprint']} on token {c['token']!r}" for c in quorum["custodians"]]
+    new = shows.get("new_quorum")
+    if new is not None:
+        lines.append(f"  the NEW quorum: {new['threshold']} of {len(new['custodians'])} custodians, each by their key:")
+        lines += [f"    {printable(c['name'])}: key {c['fingerprint'] or '(not registered)'} on token "
+                  f"{printable(c['token'])!r}" for c in new["custodians"]]
     return lines

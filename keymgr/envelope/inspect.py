@@ -142,7 +142,7 @@ def read_message(src: BinaryIO | io.RawIOBase, *, size: int | None, max_bytes: i
     """One DER message from ``src``, read in memory bounded by ``max_bytes``.
 
     The outer length is read first and checked, before anything else is read, against
-    ``size`` (the bytes left in the input when it is a regular file) and ``max_bytes``;
+    ``max_bytes`` and then ``size`` (the bytes left in the input when it is a regular file);
     then exactly that many bytes are read, and one more to see that nothing follows. So a
     huge file or an endless pipe is refused at once, and at most ``max_bytes + 1`` bytes are
     ever read. :class:`FormatError` when the framing is no message's (a malformed length, a
@@ -158,11 +158,11 @@ def read_message(src: BinaryIO | io.RawIOBase, *, size: int | None, max_bytes: i
     if head[:2] == b"\x30\x80":
         return _read_to_end(src, head, size=size, max_bytes=max_bytes, name=name)
     length = outer_length(head)
-    if size is not None and length != size:
-        raise FormatError(f"{name}: the message announces {length} bytes but the input holds {size}")
-    if length > max_bytes:
+    if length > max_bytes:  # first: over the limit is what to say, whatever else is wrong (as for 30 80)
         raise ConfigurationError(f"{name}: the message announces {length} bytes, more than the {max_bytes}-byte "
                                  "limit for messages held in memory (--max-message-size)")
+    if size is not None and length != size:
+        raise FormatError(f"{name}: the message announces {length} bytes but the input holds {size}")
     if length < len(head):
         raise FormatError(f"{name}: bytes follow the {length}-byte message")
     out = bytearray(head)
