@@ -127,11 +127,22 @@ def test_a_row_of_another_tenant_does_not_decrypt(km_a, key_name, db_url) -> Non
             other.decode(row)
 
 
-def test_encrypted_columns_refuse_plaintext(km_a, key_name, db_url) -> None:
+def test_encrypted_columns_refuse_plaintext_without_showing_it(km_a, key_name, db_url) -> None:
+    """Plaintext given to an encrypted column: keymgr's ConfigurationError itself, not SQLAlchemy's
+    StatementError, whose text lists the statement's parameters (the plaintext among them)."""
     engine, table, _, _, _ = _setup(km_a, db_url, key_name, 1)
-    with pytest.raises(sa.exc.StatementError) as caught, engine.begin() as conn:
-        conn.execute(table.insert().values(id=uuid.uuid4(), name="x", card="6222 0000 0000 1234"))
-    assert isinstance(caught.value.orig, errors.ConfigurationError)
+    secret = "6222 0000 0000 1234"
+    for statement in (table.insert().values(id=uuid.uuid4(), name="x", card=secret),
+                      table.update().values(email=secret)):
+        with pytest.raises(errors.ConfigurationError) as caught, engine.begin() as conn:
+            conn.execute(statement)
+        assert not isinstance(caught.value, sa.exc.StatementError)
+        chain: BaseException | None = caught.value
+        seen: set[int] = set()
+        while chain is not None and id(chain) not in seen:
+            seen.add(id(chain))
+            assert secret not in str(chain) and secret not in repr(chain)
+            chain = chain.__cause__ or chain.__context__
 
 
 def test_index_rotation_lookups_find_both_versions_until_reencrypted(km_a, key_name, db_url) -> None:
@@ -261,8 +272,11 @@ def test_insert_many_in_batches(km_a, key_name, db_url) -> None:
     people = [customer(rng, i) for i in range(1200)]
     for p in people[::2]:
         del p["id"]  # made by the codec
-    assert enc.insert_many(engine, people, batch=500) == 1200
+    ids = enc.insert_many(engine, (p for p in people), batch=500)  # a generator: batched as it comes
+    assert len(ids) == 1200 and len(set(ids)) == 1200
+    assert all(ids[i] == people[i]["id"] for i in range(1, 1200, 2))  # given ids kept, in order
     with engine.connect() as conn:
+        assert {r.id for r in conn.execute(sa.select(table.c.id))} == set(ids)  # the generated ones returned
         rows = [enc.decode(r) for r in conn.execute(sa.select(table))]
         found = enc.find(conn, "email_bidx", people[777]["email"])
     assert sorted(r["email"] for r in rows) == sorted(p["email"] for p in people)
