@@ -47,9 +47,9 @@ def _hide(value: str, keep_start: int, keep_end: int, char: str = "*") -> str:
 def mask_card(card: str, *, keep_start: int = 4, keep_end: int = 4) -> str:
     """A card number in groups of four with the last four a group of their own,
     ``6222 **** **** 1234`` (19 digits: ``6222 **** **** *** 1234``); first four and last four
-    shown by default, never more than six and four, and never fewer than six digits hidden. Only the card number is read: other numbers
-    in the text (a CVV, an expiry date) are not shown. Text without a 12-19 digit run is masked
-    whole."""
+    shown by default, never more than six and four, and never fewer than six digits hidden.
+    Only the card number is read: other numbers in the text (a CVV, an expiry date) are not
+    shown. Text without a 12-19 digit run is masked whole."""
     found = _CARD_RUN.search(card)
     if found is None:
         return mask(card, keep_end=0)
