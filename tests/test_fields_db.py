@@ -392,8 +392,8 @@ def test_tenants_sharing_a_table_get_unrelated_terms_and_lookups_skip_each_other
     km_a.create_key(key_name)
     acme = _accounts_codec(km_a, engine, table, key_name, bits=1, extra={"tenant": "acme"})
     globex = _accounts_codec(km_a, engine, table, key_name, bits=1, extra={"tenant": "globex"})
-    rows = [{"id": f"a{i}", "tenant": "acme", "email": f"user{i}@x"} for i in range(8)]
-    other = [{"id": f"g{i}", "tenant": "globex", "email": f"user{i}@x"} for i in range(8)]
+    rows = [{"id": f"a{i}", "tenant": "acme", "email": f"user{i}@x"} for i in range(32)]
+    other = [{"id": f"g{i}", "tenant": "globex", "email": f"user{i}@x"} for i in range(32)]
     acme.insert_many(engine, rows)
     globex.insert_many(engine, other)
     with engine.connect() as conn:
