@@ -592,3 +592,33 @@ def test_cli_rewrap_input_errors(km_a, softhsm, key_name, tmp_path) -> None:
     code, out, err = _invoke(*base, "--key", key_name)
     assert code == 4 and bad.key_ref.hex() in err, (code, out, err)
     assert "1 of 2 data key(s) rewrapped" in out, out
+
+
+def test_cli_reencrypts_one_tenant_at_a_time(km_a, softhsm, key_name, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'tenants.db'}"
+    engine = sa.create_engine(url)
+    table = _accounts(sa.MetaData())
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    codecs = {t: _accounts_codec(km_a, engine, table, key_name, extra={"tenant": t}) for t in ("acme", "globex")}
+    for tenant, enc in codecs.items():
+        enc.insert_many(engine, [{"id": f"{tenant}{i}", "tenant": tenant, "email": f"{i}@x"} for i in range(4)])
+        enc.cipher.renew()
+    km_a.rotate(key_name)
+    base = ("--token", softhsm.uri(), "--json", "fields", "rewrap", "--db", url, "--table", "acct", "--key", key_name,
+            "--reencrypt", "--column", "email", "--column", "blob")
+    import json
+
+    deleted = []
+    for tenant in ("acme", "globex"):
+        code, out, err = _invoke(*base, "--extra", f"tenant={tenant}", "--filter", f"tenant={tenant}")
+        assert code == 0, err
+        summary = json.loads(out)
+        assert summary["rows_total"] == 4
+        deleted.append(summary["data_keys_deleted"])
+    assert deleted[0] == 1 and deleted[1] == 1  # each tenant's old data key goes once no row names it
+    km_a.retire(key_name, below=2, immediately=True)
+    with engine.connect() as conn:
+        for tenant, enc in codecs.items():
+            rows = conn.execute(sa.select(table).where(table.c.tenant == tenant)).all()
+            assert sorted(enc.decode(r)["email"] for r in rows) == ["0@x", "1@x", "2@x", "3@x"]
