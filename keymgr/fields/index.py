@@ -10,9 +10,12 @@ equality; truncation makes several distinct values share a term (false positives
 caller drops after decrypting), which is what keeps the column from being a one-to-one
 map of the values (docs/fields.md, "Choosing bits").
 
-* **Normalisation** runs before the HMAC (``normalise=``; :func:`lowercase`,
+* **Normalisation** runs before the HMAC (``normalise=``; :func:`unicode_fold`, :func:`lowercase`,
   :func:`collapse_spaces`, :func:`digits_only`, :func:`chain`), so ``Alice@Example.com`` and
-  ``alice@example.com`` find each other.
+  ``ａｌｉｃｅ@example.com`` find each other. Bytes parts are indexed as they are.
+* **Context**: ``term(value, context=...)`` binds a term to where it is stored (table, column,
+  tenant: :func:`index_context`, which :class:`keymgr.fields.sql.EncryptedTable` passes), so
+  equal values in two tenants or tables get unrelated terms.
 * **Partial** indexes index a transformation of the value (``transform=last_digits(4)``);
   **compound** indexes take several parts (``term(("Smith", "1234"))``), each normalised,
   length-prefixed so that ("ab", "c") and ("a", "bc") differ.
