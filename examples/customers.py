@@ -23,7 +23,7 @@ import uuid
 import sqlalchemy as sa
 
 import keymgr
-from keymgr.fields import chain, collapse_spaces, last_digits, lowercase, mask_card, mask_email
+from keymgr.fields import chain, collapse_spaces, last_digits, mask_card, mask_email, unicode_fold
 from keymgr.fields.bulk import reencrypt_table, rewrap_keys
 from keymgr.fields.sql import BlindIndexTerm, EncryptedTable, EncryptedText, SqlKeyStore
 from keymgr.local import LocalToken
@@ -65,7 +65,7 @@ def main() -> None:
             km.create_key("customers")
         store = SqlKeyStore(engine)  # the data-key table: each data key, wrapped by the token, stored once
         store.create()
-        email_index = km.blind_index("customers-email", bits=16, normalise=chain(collapse_spaces, lowercase))
+        email_index = km.blind_index("customers-email", bits=16, normalise=chain(collapse_spaces, unicode_fold))
         card_index = km.blind_index("customers-card4", bits=8, transform=last_digits(4))
         table = EncryptedTable(customers, km.fields("customers", store=store),
                                indexes={"email_bidx": (email_index, "email"), "card_last4_bidx": (card_index, "card")})

@@ -367,3 +367,111 @@ def test_max_messages_counts_values_not_rows(km_a, key_name, limit: int) -> None
     uses = {ref: refs.count(ref) for ref in refs}
     assert max(uses.values()) <= limit
     assert cipher.decrypt_row(sealed[3], table="t", row="3", text={"a", "b", "c"}) == {"a": "1", "b": "2", "c": "3"}
+
+
+# -- review of issue 16: normalisers, input errors, contexts, masking, planner -----------------------
+
+
+def test_unicode_fold_and_decimal_digits() -> None:
+    from keymgr.fields import unicode_fold
+
+    assert unicode_fold("ＡＬＩＣＥ@Example.COM") == unicode_fold("alice@example.com") == "alice@example.com"
+    assert unicode_fold("ali\u200bce@exa\ufeffmple.com") == "alice@example.com"
+    assert unicode_fold("STRASSE") == unicode_fold("straße")
+    assert digits_only("１２３４") == "1234"  # full-width
+    assert digits_only("\u0661\u0662\u0663\u0664") == "1234"  # Arabic-Indic
+    assert digits_only("12²³") == "12"  # superscripts are no digits of a number
+    assert last_digits(4)("card ６２２２ ０２１２ ３４５６ １２３４") == "1234"
+
+
+def test_docs_email_normaliser_finds_unicode_variants(km_a, key_name) -> None:
+    from keymgr.fields import unicode_fold
+
+    index = km_a.blind_index(key_name, bits=64, normalise=chain(collapse_spaces, unicode_fold))
+    assert index.term(" ＡＬＩＣＥ@example.com\u200b") == index.term("alice@example.com")
+
+
+@pytest.mark.parametrize("bad", [None, 5, [], [5], ("a", None)])
+def test_blind_index_bad_input_is_a_configuration_error(km_a, key_name, bad) -> None:
+    index = km_a.blind_index(key_name, bits=32)
+    with pytest.raises(errors.ConfigurationError):
+        index.term(bad)
+    with pytest.raises(errors.ConfigurationError):
+        index.terms(bad)
+
+
+def test_a_normaliser_returning_none_is_a_configuration_error(km_a, key_name) -> None:
+    index = km_a.blind_index(key_name, bits=32, normalise=lambda value: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(errors.ConfigurationError, match="normaliser"):
+        index.term("x")
+
+
+def test_min_version_above_the_newest_is_refused(km_a, key_name) -> None:
+    km_a.blind_index(key_name, bits=32)
+    with pytest.raises(errors.ConfigurationError, match="no version 2"):
+        km_a.blind_index(key_name, bits=32, min_version=2)
+
+
+def test_terms_are_bound_to_their_context(km_a, key_name) -> None:
+    from keymgr.fields.index import index_context
+
+    index = km_a.blind_index(key_name, bits=64)
+    acme = index_context("accounts", "email_bidx", "tenant", "acme")
+    globex = index_context("accounts", "email_bidx", "tenant", "globex")
+    other_table = index_context("orders", "email_bidx", "tenant", "acme")
+    terms = {index.term("x", context=c) for c in (acme, globex, other_table, b"")}
+    assert len(terms) == 4
+    assert index.term("x", context=acme) in index.terms("x", context=acme)
+    assert index.term("x", context=acme) not in index.terms("x", context=globex)
+
+
+def test_bytes_are_indexed_as_bytes(km_a, key_name) -> None:
+    index = km_a.blind_index(key_name, bits=64)
+    assert index.term(b"\x00\x01") != index.term(str(b"\x00\x01"))
+    assert index.normalised(b"AB") == (b"AB",)
+
+
+@pytest.mark.parametrize("value", [None, "not bytes", 5])
+def test_decrypting_something_not_bytes_is_a_configuration_error(km_a, key_name, value) -> None:
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    with pytest.raises(errors.ConfigurationError):
+        cipher.decrypt(value, Place("t", "c", "r"))
+
+
+def test_rewrap_refuses_a_row_relabelled_from_another_key(km_a, key_name) -> None:
+    from keymgr.fields.keys import StoredKey
+
+    km_a.create_key(key_name)
+    km_a.create_key(key_name + "-other")
+    store = MemoryKeyStore()
+    other = km_a.fields(key_name + "-other", store=store)
+    other.encrypt(CARD, Place("t", "c", "r"))
+    (row,) = list(store)
+    ours = km_a.fields(key_name, store=store)
+    with pytest.raises(errors.IntegrityError, match=row.key_ref.hex()):
+        ours.rewrap(StoredKey(row.key_ref, key_name, row.recipient, row.commitment))
+
+
+def test_masking_shows_only_the_card_number_and_never_most_of_a_short_value() -> None:
+    assert mask_card("6222 0212 3456 1234 cvv 987 exp 12/27") == "6222 **** **** 1234"
+    assert "987" not in mask_card("card 6222021234561234, CVV 987")
+    assert mask_card("1234") == "****"  # no card number: nothing shown
+    assert mask_card("6222021234567891234") == "6222 **** **** *** 1234"  # 19 digits: last four a group
+    assert mask_card("622202123456") == "62** **** 3456"  # 12 digits: six hidden at least
+    assert mask("abcde") == "*****" and mask("abcdefgh") == "****efgh"
+    assert mask_email("al@example.com") == "***@example.com"
+    assert mask_phone("12 34") == "** **"
+    with pytest.raises(errors.ConfigurationError):
+        mask("secret", char="")
+    from keymgr.fields import masking
+
+    assert not hasattr(masking, "last_digits") and masking.trailing_digits("a1b2c3d4e5") == "2345"
+
+
+def test_bits_range_keeps_two_values_a_term_at_a_power_of_two() -> None:
+    from keymgr.fields.index import bits_range
+
+    assert bits_range(2 ** 16)[1] == 15
+    assert bits_range(2 ** 16 + 1)[1] == 16
+    assert bits_range(4) == (1, 1)

@@ -127,11 +127,22 @@ def test_a_row_of_another_tenant_does_not_decrypt(km_a, key_name, db_url) -> Non
             other.decode(row)
 
 
-def test_encrypted_columns_refuse_plaintext(km_a, key_name, db_url) -> None:
+def test_encrypted_columns_refuse_plaintext_without_showing_it(km_a, key_name, db_url) -> None:
+    """Plaintext given to an encrypted column: keymgr's ConfigurationError itself, not SQLAlchemy's
+    StatementError, whose text lists the statement's parameters (the plaintext among them)."""
     engine, table, _, _, _ = _setup(km_a, db_url, key_name, 1)
-    with pytest.raises(sa.exc.StatementError) as caught, engine.begin() as conn:
-        conn.execute(table.insert().values(id=uuid.uuid4(), name="x", card="6222 0000 0000 1234"))
-    assert isinstance(caught.value.orig, errors.ConfigurationError)
+    secret = "6222 0000 0000 1234"
+    for statement in (table.insert().values(id=uuid.uuid4(), name="x", card=secret),
+                      table.update().values(email=secret)):
+        with pytest.raises(errors.ConfigurationError) as caught, engine.begin() as conn:
+            conn.execute(statement)
+        assert not isinstance(caught.value, sa.exc.StatementError)
+        chain: BaseException | None = caught.value
+        seen: set[int] = set()
+        while chain is not None and id(chain) not in seen:
+            seen.add(id(chain))
+            assert secret not in str(chain) and secret not in repr(chain)
+            chain = chain.__cause__ or chain.__context__
 
 
 def test_index_rotation_lookups_find_both_versions_until_reencrypted(km_a, key_name, db_url) -> None:
@@ -261,8 +272,11 @@ def test_insert_many_in_batches(km_a, key_name, db_url) -> None:
     people = [customer(rng, i) for i in range(1200)]
     for p in people[::2]:
         del p["id"]  # made by the codec
-    assert enc.insert_many(engine, people, batch=500) == 1200
+    ids = enc.insert_many(engine, (p for p in people), batch=500)  # a generator: batched as it comes
+    assert len(ids) == 1200 and len(set(ids)) == 1200
+    assert all(ids[i] == people[i]["id"] for i in range(1, 1200, 2))  # given ids kept, in order
     with engine.connect() as conn:
+        assert {r.id for r in conn.execute(sa.select(table.c.id))} == set(ids)  # the generated ones returned
         rows = [enc.decode(r) for r in conn.execute(sa.select(table))]
         found = enc.find(conn, "email_bidx", people[777]["email"])
     assert sorted(r["email"] for r in rows) == sorted(p["email"] for p in people)
@@ -297,3 +311,314 @@ def test_a_role_granted_masked_columns_only_sees_masked_values(km_a, key_name, p
         with pytest.raises(sa.exc.ProgrammingError, match="permission denied"), agent.connect() as conn:
             conn.execute(sa.text(f"SELECT {column} FROM customers"))
     agent.dispose()
+
+
+# -- review of issue 16 ------------------------------------------------------------------------------
+
+
+def _accounts(metadata: sa.MetaData, pk: Any = sa.String(64), schema: str | None = None) -> sa.Table:
+    from keymgr.fields.sql import BlindIndexTerm, EncryptedBytes, EncryptedText
+
+    return sa.Table("acct", metadata, sa.Column("id", pk, primary_key=True), sa.Column("tenant", sa.String(20)),
+                    sa.Column("email", EncryptedText), sa.Column("blob", EncryptedBytes),
+                    sa.Column("email_bidx", BlindIndexTerm), sa.Column("blob_bidx", BlindIndexTerm),
+                    schema=schema)
+
+
+def _accounts_codec(km: Any, engine: sa.Engine, table: sa.Table, key: str, bits: int = 32,
+                    extra: dict[str, str] | None = None) -> Any:
+    from keymgr.fields import lowercase
+    from keymgr.fields.sql import EncryptedTable, SqlKeyStore
+
+    store = SqlKeyStore(engine)
+    store.create()
+    email = km.blind_index(f"{key}-email", bits=bits, normalise=lowercase)
+    blob = km.blind_index(f"{key}-blob", bits=64)
+    return EncryptedTable(table, km.fields(key, store=store), extra=extra,
+                          indexes={"email_bidx": (email, "email"), "blob_bidx": (blob, "blob")})
+
+
+def test_string_keys_that_spell_one_uuid_are_different_rows(km_a, key_name, db_url) -> None:
+    engine = sa.create_engine(db_url)
+    table = _accounts(sa.MetaData())
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    enc = _accounts_codec(km_a, engine, table, key_name)
+    keys = ["A" * 32, "a" * 8 + "-" + "a" * 4 + "-" + "a" * 4 + "-" + "a" * 4 + "-" + "a" * 12,
+            "a-a-a-a-" + "a" * 28]
+    with engine.begin() as conn:
+        conn.execute(table.insert(), enc.encode_rows([{"id": k, "email": f"{i}@x"} for i, k in enumerate(keys)]))
+        first = conn.execute(sa.select(table.c.email).where(table.c.id == keys[0])).scalar_one()
+        for k in keys[1:]:
+            conn.execute(table.update().where(table.c.id == k).values(email=first))
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(sa.select(table))}
+    assert enc.decode(rows[keys[0]])["email"] == "0@x"
+    for k in keys[1:]:
+        with pytest.raises(errors.IntegrityError):
+            enc.decode(rows[k])
+
+
+def test_schema_per_tenant_tables_are_different_places(km_a, key_name, postgres) -> None:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    engine = sa.create_engine(postgres.url(name))
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA tenant_a; CREATE SCHEMA tenant_b"))
+    km_a.create_key(key_name)
+    a, b = _accounts(sa.MetaData(), schema="tenant_a"), _accounts(sa.MetaData(), schema="tenant_b")
+    for t in (a, b):
+        t.metadata.create_all(engine)
+    enc_a, enc_b = _accounts_codec(km_a, engine, a, key_name), _accounts_codec(km_a, engine, b, key_name)
+    with engine.begin() as conn:
+        conn.execute(a.insert(), enc_a.encode_rows([{"id": "5", "email": "alice@a"}]))
+        conn.execute(b.insert(), enc_b.encode_rows([{"id": "5", "email": "bob@b"}]))
+        value_a = conn.execute(sa.select(a.c.email)).scalar_one()
+        conn.execute(b.update().values(email=value_a))  # tenant a's value into tenant b's row 5
+    with engine.connect() as conn:
+        with pytest.raises(errors.IntegrityError):
+            enc_b.decode(conn.execute(sa.select(b)).one())
+        assert enc_a.decode(conn.execute(sa.select(a)).one())["email"] == "alice@a"
+
+
+def test_tenants_sharing_a_table_get_unrelated_terms_and_lookups_skip_each_other(km_a, key_name, db_url,
+                                                                                 caplog) -> None:
+    engine = sa.create_engine(db_url)
+    table = _accounts(sa.MetaData())
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    acme = _accounts_codec(km_a, engine, table, key_name, bits=1, extra={"tenant": "acme"})
+    globex = _accounts_codec(km_a, engine, table, key_name, bits=1, extra={"tenant": "globex"})
+    rows = [{"id": f"a{i}", "tenant": "acme", "email": f"user{i}@x"} for i in range(32)]
+    other = [{"id": f"g{i}", "tenant": "globex", "email": f"user{i}@x"} for i in range(32)]
+    acme.insert_many(engine, rows)
+    globex.insert_many(engine, other)
+    with engine.connect() as conn:
+        terms = {r.id: r.email_bidx for r in conn.execute(sa.select(table))}
+        found = acme.find(conn, "email_bidx", "USER3@x")  # 1 bit: the bucket holds globex's rows too
+    assert [r["id"] for r in found] == ["a3"] and found[0]["email"] == "user3@x"
+    assert acme.skipped > 0 and "failed authentication" in caplog.text
+    assert acme.index_context("email_bidx") != globex.index_context("email_bidx")
+    wide = _accounts_codec(km_a, engine, table, key_name, bits=64, extra={"tenant": "acme"})
+    wide_other = _accounts_codec(km_a, engine, table, key_name, bits=64, extra={"tenant": "globex"})
+    assert wide.where("email_bidx", "x").right.value != wide_other.where("email_bidx", "x").right.value
+    assert terms  # both tenants' rows are in the table
+
+
+def test_reencrypt_of_one_tenant_with_a_filter(km_a, key_name, db_url) -> None:
+    from keymgr.fields.bulk import reencrypt_table
+
+    engine = sa.create_engine(db_url)
+    table = _accounts(sa.MetaData())
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    acme = _accounts_codec(km_a, engine, table, key_name, extra={"tenant": "acme"})
+    globex = _accounts_codec(km_a, engine, table, key_name, extra={"tenant": "globex"})
+    acme.insert_many(engine, [{"id": f"a{i}", "tenant": "acme", "email": f"{i}@x"} for i in range(5)])
+    globex.insert_many(engine, [{"id": f"g{i}", "tenant": "globex", "email": f"{i}@x"} for i in range(5)])
+    km_a.rotate(key_name)
+    result = reencrypt_table(engine, acme, where=table.c.tenant == "acme", drop_old_keys=False)
+    assert result.total == 5
+    other = reencrypt_table(engine, globex, where=table.c.tenant == "globex", drop_old_keys=False)
+    assert other.total == 5 and other.resumed_from == 0  # another filter, another job
+    with engine.connect() as conn:
+        assert len([acme.decode(r) for r in conn.execute(sa.select(table).where(table.c.tenant == "acme"))]) == 5
+        assert len([globex.decode(r) for r in conn.execute(sa.select(table).where(table.c.tenant == "globex"))]) == 5
+
+
+def test_reencrypt_then_destroy_shreds_pre_rotation_values(km_a, key_name, db_url) -> None:
+    """A backup of a value from before the rotation names a data key the pass deleted."""
+    from keymgr.fields.bulk import reencrypt_table, rewrap_keys
+
+    engine, table, enc, store, people = _setup(km_a, db_url, key_name, 20)
+    with engine.connect() as conn:
+        backup = conn.execute(sa.select(table).where(table.c.id == people[0]["id"])).one()
+    before = store.count(key_name)
+    km_a.rotate(key_name)
+    rewrap_keys(enc.cipher, store)
+    result = reencrypt_table(engine, enc, batch=7)
+    assert result.keys_deleted == before
+    assert store.count(key_name) == 1  # the pass's own data key; the table no longer grows
+    km_a.retire(key_name, below=2, immediately=True)
+    reader = codec(km_a, engine, table, key=key_name, index_prefix=key_name)[0]
+    with pytest.raises(errors.IntegrityError):
+        reader.decode(backup)
+    with engine.connect() as conn:
+        assert len([reader.decode(r) for r in conn.execute(sa.select(table))]) == 20
+
+
+def test_reencrypt_leaves_a_row_changed_meanwhile_to_its_writer(km_a, key_name, db_url) -> None:
+    from keymgr.fields.bulk import reencrypt_table
+    from keymgr.fields.sql import EncryptedTable
+
+    engine, table, enc, _, people = _setup(km_a, db_url, key_name, 5)
+    people.sort(key=lambda p: p["id"])
+    target = people[2]["id"] if db_url.startswith("postgresql") else people[0]["id"]  # SQLite: before any write
+    km_a.rotate(key_name)
+    writer = sa.create_engine(db_url, connect_args={"timeout": 0.2} if db_url.startswith("sqlite") else {})
+    outcome: list[str] = []
+
+    class Racing(EncryptedTable):
+        def encode(self, row: Any) -> dict[str, Any]:
+            if row[self.pk] == target and not outcome:
+                person = next(p for p in people if p["id"] == target)
+                params = enc.encode({**person, "email": "changed@example.com"})
+                try:
+                    with writer.begin() as conn:
+                        if conn.dialect.name == "postgresql":
+                            conn.execute(sa.text("SET LOCAL lock_timeout = '200ms'"))
+                        conn.execute(table.update().where(table.c.id == target).values(
+                            email=params["email"], email_bidx=params["email_bidx"]))
+                    outcome.append("written")
+                except sa.exc.OperationalError:
+                    outcome.append("locked")
+            return super().encode(row)
+
+    racing = Racing(table, enc.cipher, indexes=enc.indexes)
+    result = reencrypt_table(engine, racing, batch=10)
+    with engine.connect() as conn:
+        row = enc.decode(conn.execute(sa.select(table).where(table.c.id == target)).one())
+    if db_url.startswith("postgresql"):
+        assert outcome == ["locked"]  # FOR UPDATE: the other writer waits for the batch
+        assert row["email"] == people[2]["email"] and result.done == 5
+    else:
+        assert outcome == ["written"] and result.conflicts == 1
+        assert row["email"] == "changed@example.com"  # not overwritten with the value read before
+    writer.dispose()
+
+
+def test_a_second_column_set_is_a_second_pass(km_a, key_name, db_url) -> None:
+    from keymgr.fields.bulk import reencrypt_table
+    from keymgr.fields.sql import EncryptedBytes, EncryptedTable
+
+    engine, table, enc, _, people = _setup(km_a, db_url, key_name, 6)
+    km_a.rotate(key_name)
+    narrow = sa.Table("customers", sa.MetaData(), sa.Column("id", sa.Uuid, primary_key=True),
+                      sa.Column("email", EncryptedBytes))
+    reencrypt_table(engine, EncryptedTable(narrow, enc.cipher), drop_old_keys=False)
+    wide = sa.Table("customers", sa.MetaData(), sa.Column("id", sa.Uuid, primary_key=True),
+                    sa.Column("email", EncryptedBytes), sa.Column("card", EncryptedBytes))
+    second = reencrypt_table(engine, EncryptedTable(wide, enc.cipher), drop_old_keys=False)
+    assert second.resumed_from == 0 and second.done == 6
+    km_a.retire(key_name, below=2, immediately=True)
+    with engine.connect() as conn:
+        for r in conn.execute(sa.select(table.c.id, table.c.email, table.c.card)):
+            enc.decode(r)  # card too is under the new version
+
+
+def test_the_final_sweep_catches_a_stale_writers_old_index_version(km_a, key_name, db_url) -> None:
+    from keymgr.fields.bulk import reencrypt_table
+
+    engine, table, enc, _, people = _setup(km_a, db_url, key_name, 4)
+    stale_enc, _ = codec(km_a, engine, table, key=key_name, index_prefix=key_name)  # knows index v1 only
+    enc.indexes["email_bidx"][0].rotate()
+    late = customer(random.Random(11), 50)
+
+    class Interleaved(type(enc)):  # type: ignore[misc]
+        def encode(self, row: Any) -> dict[str, Any]:
+            if not getattr(self, "_wrote", False):
+                self._wrote = True
+                stale_enc.insert_many(engine, [late])  # a host that has not seen the rotation yet
+            return super().encode(row)
+
+    pass_codec = Interleaved(table, enc.cipher, indexes=enc.indexes)
+    reencrypt_table(engine, pass_codec, batch=100)
+    with engine.connect() as conn:
+        versions = {t[0] for (t,) in conn.execute(sa.select(table.c.email_bidx))}
+    assert versions == {2}
+    later = codec(km_a, engine, table, key=key_name, index_prefix=key_name)[0]
+    with engine.connect() as conn:
+        assert [r["id"] for r in later.find(conn, "email_bidx", late["email"])] == [late["id"]]
+
+
+def test_bytes_columns_are_indexed_as_bytes_and_kinds_are_checked(km_a, key_name, db_url) -> None:
+    engine = sa.create_engine(db_url)
+    table = _accounts(sa.MetaData())
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    enc = _accounts_codec(km_a, engine, table, key_name)
+    enc.insert_many(engine, [{"id": "1", "blob": b"\x00\xff"}])
+    blob_index = enc.indexes["blob_bidx"][0]
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(table.c.blob_bidx)).scalar_one()
+        assert stored == blob_index.term(b"\x00\xff", context=enc.index_context("blob_bidx"))
+        assert [r["id"] for r in enc.find(conn, "blob_bidx", b"\x00\xff")] == ["1"]
+        with pytest.raises(errors.ConfigurationError):
+            enc.find(conn, "no_such_index", "x")
+        with pytest.raises(errors.ConfigurationError):
+            enc.find(conn, "email_bidx", None)
+        with pytest.raises(errors.ConfigurationError):
+            enc.decode(conn.execute(sa.select(table.c.email)).one())  # no primary key selected
+    with pytest.raises(errors.ConfigurationError):
+        enc.encode({"id": "2", "email": b"bytes into text"})
+    with pytest.raises(errors.ConfigurationError):
+        enc.encode({"id": "3", "blob": "text into bytes"})
+    with pytest.raises(errors.ConfigurationError):
+        enc.where("nope", "x")
+
+
+def test_sql_key_store_refuses_a_single_shared_connection() -> None:
+    from keymgr.fields.sql import SqlKeyStore
+
+    with pytest.raises(errors.ConfigurationError, match="connections of its own"):
+        SqlKeyStore(sa.create_engine("sqlite://"))
+
+
+def test_cli_rewrap_input_errors(km_a, softhsm, key_name, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    engine, table, enc, store, people = _setup(km_a, url, key_name, 5)
+    km_a.create_key(key_name + "-other")
+    base = ("--token", softhsm.uri(), "fields", "rewrap", "--db", url, "--table", "customers")
+    code, out, err = _invoke(*base, "--key", key_name, "--reencrypt", "--column", "name")
+    assert code != 0 and "not a binary column" in err and "Traceback" not in err, err
+    for extra in ((), ("--reencrypt", "--column", "email")):
+        code, out, err = _invoke(*base, "--key", key_name + "-other", *extra)
+        assert code != 0 and "no data-key rows of key" in err, (code, out, err)
+    # one tampered data-key row: reported by key_ref, the others still rewrapped, exit non-zero
+    km_a.rotate(key_name)
+    enc.cipher.renew()
+    with engine.begin() as conn:
+        conn.execute(table.insert(), enc.encode_rows([customer(random.Random(1), 99)]))
+    rows = store.scan(key_name)
+    assert len(rows) == 2
+    bad = rows[0]
+    with engine.begin() as conn:
+        conn.execute(store.table.update().where(store.table.c.key_ref == bad.key_ref)
+                     .values(commitment=bytes(32)))
+    km_a.rotate(key_name)
+    code, out, err = _invoke(*base, "--key", key_name)
+    assert code == 4 and bad.key_ref.hex() in err, (code, out, err)
+    assert "1 of 2 data key(s) rewrapped" in out, out
+
+
+def test_cli_reencrypts_one_tenant_at_a_time(km_a, softhsm, key_name, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'tenants.db'}"
+    engine = sa.create_engine(url)
+    table = _accounts(sa.MetaData())
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    codecs = {t: _accounts_codec(km_a, engine, table, key_name, extra={"tenant": t}) for t in ("acme", "globex")}
+    for tenant, enc in codecs.items():
+        enc.insert_many(engine, [{"id": f"{tenant}{i}", "tenant": tenant, "email": f"{i}@x"} for i in range(4)])
+        enc.cipher.renew()
+    km_a.rotate(key_name)
+    base = ("--token", softhsm.uri(), "--json", "fields", "rewrap", "--db", url, "--table", "acct", "--key", key_name,
+            "--reencrypt", "--column", "email", "--column", "blob")
+    import json
+
+    deleted = []
+    for tenant in ("acme", "globex"):
+        code, out, err = _invoke(*base, "--extra", f"tenant={tenant}", "--filter", f"tenant={tenant}")
+        assert code == 0, err
+        summary = json.loads(out)
+        assert summary["rows_total"] == 4
+        deleted.append(summary["data_keys_deleted"])
+    assert deleted[0] == 1 and deleted[1] == 1  # each tenant's old data key goes once no row names it
+    km_a.retire(key_name, below=2, immediately=True)
+    with engine.connect() as conn:
+        for tenant, enc in codecs.items():
+            rows = conn.execute(sa.select(table).where(table.c.tenant == tenant)).all()
+            assert sorted(enc.decode(r)["email"] for r in rows) == ["0@x", "1@x", "2@x", "3@x"]

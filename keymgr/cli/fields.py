@@ -46,38 +46,76 @@ class _Bar:
             self._progress.stop()
 
 
-def _codec(engine: Any, km: Any, *, table: str, key: str, columns: tuple[str, ...], keys_table: str) -> Any:
+def _pairs(option: str, given: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in given:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            fail(f"{option} takes NAME=VALUE, not {item!r}")
+        out[name] = value
+    return out
+
+
+def _is_uuid_key(engine: Any, column: Any, pk_kind: str) -> bool:
+    """Whether the primary key holds UUIDs (bound in canonical form) or strings (bound as they are).
+    auto: a Uuid column, or on SQLite the CHAR(32) that SQLAlchemy's Uuid makes there."""
+    import sqlalchemy as sa
+
+    if pk_kind != "auto":
+        return pk_kind == "uuid"
+    if isinstance(column.type, sa.Uuid):
+        return True
+    return engine.dialect.name == "sqlite" and isinstance(column.type, sa.CHAR) and column.type.length == 32
+
+
+def _codec(engine: Any, km: Any, *, table: str, schema: str | None, key: str, columns: tuple[str, ...],
+           keys_table: str, extra: dict[str, str], pk_kind: str) -> Any:
     import sqlalchemy as sa
 
     from keymgr.fields.sql import EncryptedBytes, EncryptedTable, SqlKeyStore
 
-    reflected = sa.Table(table, sa.MetaData(), autoload_with=engine)
+    reflected = sa.Table(table, sa.MetaData(), autoload_with=engine, schema=schema)
     pk = [c.name for c in reflected.primary_key.columns]
     missing = [c for c in columns if c not in reflected.c]
     if len(pk) != 1 or missing:
         fail(f"table {table!r}: " + (f"no column {', '.join(missing)}" if missing
                                      else "needs a one-column primary key"))
-    pk_column = reflected.c[pk[0]]
-    shaped = sa.Table(table, sa.MetaData(), sa.Column(pk[0], pk_column.type, primary_key=True),
-                      *(sa.Column(c, EncryptedBytes) for c in columns))
+    plain = [c for c in columns if not isinstance(reflected.c[c].type, sa.types._Binary)]
+    if plain:
+        fail(f"table {table!r}: column {', '.join(plain)} is not a binary column, so it holds no encrypted values")
+    pk_type = sa.Uuid() if _is_uuid_key(engine, reflected.c[pk[0]], pk_kind) else reflected.c[pk[0]].type
+    shaped = sa.Table(table, sa.MetaData(), sa.Column(pk[0], pk_type, primary_key=True),
+                      *(sa.Column(c, EncryptedBytes) for c in columns), schema=schema)
     store = SqlKeyStore(engine, table=keys_table)
-    return EncryptedTable(shaped, km.fields(key, store=store)), store
+    return EncryptedTable(shaped, km.fields(key, store=store), extra=extra), store
 
 
 @fields_group.command("rewrap")
 @click.option("--db", "url", required=True, help="SQLAlchemy database URL (postgresql+psycopg://..., sqlite:///...).")
 @click.option("--table", required=True, help="The encrypted table.")
+@click.option("--schema", default=None, help="The table's schema (PostgreSQL; bound into its values).")
 @click.option("--key", required=True, help="The keymgr key its fields are encrypted under.")
 @click.option("--column", "columns", multiple=True, help="An encrypted column (repeat); needed with --reencrypt.")
 @click.option("--reencrypt", is_flag=True,
               help="Also re-encrypt every row under fresh data keys (reads payloads; resumable, "
-                   "one transaction per batch).")
+                   "one transaction per batch), then delete the old data keys no value names.")
+@click.option("--extra", "extras", multiple=True, metavar="NAME=VALUE",
+              help="Extra context the values are bound to (a tenant: --extra tenant=acme); repeat.")
+@click.option("--filter", "filters", multiple=True, metavar="COLUMN=VALUE",
+              help="Re-encrypt only rows where COLUMN equals VALUE (that tenant's rows); repeat.")
+@click.option("--pk", "pk_kind", type=click.Choice(["auto", "uuid", "text"]), default="auto", show_default=True,
+              help="How the primary key is bound: uuid (canonical form) or text (as stored); auto: uuid for a "
+                   "UUID column (CHAR(32) on SQLite).")
+@click.option("--keep-data-keys", is_flag=True,
+              help="With --reencrypt: keep the old data keys (old values in backups then stay readable).")
 @click.option("--batch", type=click.IntRange(1, 100_000), default=500, show_default=True, help="Rows per transaction.")
 @click.option("--keys-table", default="keymgr_field_keys", show_default=True, help="The data-key table.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
 @pass_state
-def rewrap_fields_command(state: CliState, url: str, table: str, key: str, columns: tuple[str, ...], reencrypt: bool,
-                          batch: int, keys_table: str, progress: bool | None) -> None:
+def rewrap_fields_command(state: CliState, url: str, table: str, schema: str | None, key: str,
+                          columns: tuple[str, ...], reencrypt: bool, extras: tuple[str, ...], filters: tuple[str, ...],
+                          pk_kind: str, keep_data_keys: bool, batch: int, keys_table: str,
+                          progress: bool | None) -> None:
     """Rewrap a table's field data keys under KEY's primary (no value read); with --reencrypt,
     re-encrypt its rows too. Safe to kill and run again: it continues where it stopped."""
     try:
@@ -89,11 +127,15 @@ def rewrap_fields_command(state: CliState, url: str, table: str, key: str, colum
 
     if reencrypt and not columns:
         fail("--reencrypt needs the encrypted columns (--column NAME, repeated)")
+    extra, wanted = _pairs("--extra", extras), _pairs("--filter", filters)
     show = progress if progress is not None else (sys.stderr.isatty() and not state.json_output)
     km = state.manager()
     try:
         engine = sa.create_engine(url)
-        codec, store = _codec(engine, km, table=table, key=key, columns=columns, keys_table=keys_table)
+        codec, store = _codec(engine, km, table=table, schema=schema, key=key, columns=columns,
+                              keys_table=keys_table, extra=extra, pk_kind=pk_kind)
+        if not store.count(key):
+            fail(f"{keys_table} holds no data-key rows of key {key!r}: is it the key {table!r} is encrypted under?")
         bar = _Bar("data keys", show)
         try:
             keys = rewrap_keys(codec.cipher, store, on_batch=bar)
@@ -101,9 +143,11 @@ def rewrap_fields_command(state: CliState, url: str, table: str, key: str, colum
             bar.stop()
         rows = None
         if reencrypt:
+            where = _where(engine, codec.table, schema, wanted)
             bar = _Bar("rows", show)
             try:
-                rows = reencrypt_table(engine, codec, batch=batch, on_batch=bar)
+                rows = reencrypt_table(engine, codec, batch=batch, on_batch=bar, where=where,
+                                       drop_old_keys=not keep_data_keys)
             finally:
                 bar.stop()
     except SQLAlchemyError as exc:
@@ -113,15 +157,41 @@ def rewrap_fields_command(state: CliState, url: str, table: str, key: str, colum
     finally:
         km.close()  # writes the aggregated audit counts now, not at interpreter exit
         state._manager = None
+    _report(state, table, key, keys, rows)
+
+
+def _where(engine: Any, shaped: Any, schema: str | None, wanted: dict[str, str]) -> Any:
+    """The row filter of --filter: equality on reflected columns (their own types)."""
+    if not wanted:
+        return None
+    import sqlalchemy as sa
+
+    reflected = sa.Table(shaped.name, sa.MetaData(), autoload_with=engine, schema=schema)
+    missing = [c for c in wanted if c not in reflected.c]
+    if missing:
+        fail(f"--filter: table {shaped.name!r} has no column {', '.join(missing)}")
+    return sa.and_(*(sa.column(name, reflected.c[name].type) == value for name, value in wanted.items()))
+
+
+def _report(state: CliState, table: str, key: str, keys: Any, rows: Any) -> None:
     summary = {"table": table, "key": key, "data_keys": keys.total, "data_keys_rewrapped": keys.done,
+               "data_keys_failed": list(keys.failed),
                "rows_reencrypted": None if rows is None else rows.done,
                "rows_total": None if rows is None else rows.total,
-               "resumed_after": None if rows is None else rows.resumed_from}
+               "resumed_after": None if rows is None else rows.resumed_from,
+               "rows_conflicting": None if rows is None else rows.conflicts,
+               "data_keys_deleted": None if rows is None else rows.keys_deleted}
     if state.json_output:
         emit_json(summary)
-        return
-    out = console()
-    out.print(f"{table}: {keys.done} of {keys.total} data key(s) rewrapped under {key!r}'s primary")
-    if rows is not None:
-        resumed = f" (resumed after {rows.resumed_from})" if rows.resumed_from else ""
-        out.print(f"{table}: {rows.done} row(s) re-encrypted in this run{resumed}, {rows.total} in the table")
+    else:
+        out = console()
+        out.print(f"{table}: {keys.done} of {keys.total} data key(s) rewrapped under {key!r}'s primary")
+        if rows is not None:
+            resumed = f" (resumed after {rows.resumed_from})" if rows.resumed_from else ""
+            out.print(f"{table}: {rows.done} row(s) walked in this run{resumed}, {rows.total} in the table; "
+                      f"{rows.keys_deleted} old data key(s) deleted")
+            if rows.conflicts:
+                out.print(f"{table}: {rows.conflicts} row(s) changed by another writer meanwhile were left to it")
+    if keys.failed:
+        fail(f"{len(keys.failed)} data key(s) not rewrapped (tampered or not this key's): "
+             f"{', '.join(keys.failed[:10])}{' ...' if len(keys.failed) > 10 else ''}", code=4)

@@ -10,10 +10,18 @@
 
 from keymgr.fields._format import OVERHEAD, Place
 from keymgr.fields.cipher import FieldCipher
-from keymgr.fields.index import BlindIndex, chain, collapse_spaces, digits_only, last_digits, lowercase
+from keymgr.fields.index import (
+    BlindIndex,
+    chain,
+    collapse_spaces,
+    digits_only,
+    last_digits,
+    lowercase,
+    unicode_fold,
+)
 from keymgr.fields.keys import KeyStore, MemoryKeyStore, StoredKey
 from keymgr.fields.masking import mask, mask_card, mask_email, mask_phone
 
 __all__ = ["OVERHEAD", "BlindIndex", "FieldCipher", "KeyStore", "MemoryKeyStore", "Place", "StoredKey", "chain",
            "collapse_spaces", "digits_only", "last_digits", "lowercase", "mask", "mask_card", "mask_email",
-           "mask_phone"]
+           "mask_phone", "unicode_fold"]

@@ -6,29 +6,54 @@ Two passes, each resumable and safe to kill at any instant (SIGKILL included):
   the key's current primary (:meth:`FieldCipher.rewrap`). No value is read or written: a
   table of a million rows has about a hundred data keys (10,000 values each). Each row is
   replaced in its own transaction; a row already current is skipped, so a rerun after a
-  kill simply continues.
-* :func:`reencrypt_table`: every row is opened and sealed again under a fresh data key of
-  the current primary, and its blind-index terms recomputed with the newest index version.
-  Needed when data keys themselves must go (a suspected leak of the host, an old version to
-  be destroyed without keeping its data keys alive under the new one, an index rotation).
-  Rows are walked in primary-key order in batches; each batch, **and the cursor that says
-  it is done**, commit in one transaction. A kill loses at most the open batch's work, which
-  the database rolls back whole: no row is half-written, and the next run starts after the
-  last committed batch. The job is named after its target (key version, index versions), so
-  a later rotation starts a new pass instead of believing the old one finished.
+  kill simply continues. A row that fails (tampered, relabelled) is reported by its
+  ``key_ref`` and the walk goes on with the others. Rewrap keeps the old data keys alive
+  under the new KEK: destroying the old version then shreds nothing.
+* :func:`reencrypt_table`: every row that still names a data key from before the pass, or
+  holds a term of an older index version, is opened and sealed again under a fresh data key
+  of the current primary, its blind-index terms recomputed with the newest index version;
+  then the data-key rows the pass moved values away from, and that no value in the database
+  names any more, are **deleted**. That is what makes ``key destroy`` of the old version shred
+  pre-rotation data (a backup of the table from before the pass names data keys that no
+  longer exist), and what keeps the data-key table from growing forever.
+
+The re-encryption protocol:
+
+1. Job start (one transaction): the job row, and a snapshot of the key's data-key refs as
+   they are now: the *old* data keys. The job is named after its target (schema.table, key
+   version, index versions, the re-encrypted column set, the extra context, the row filter),
+   so a later rotation or another column set starts a new pass instead of believing the old
+   one finished.
+2. Batches in primary-key order. Each batch reads its rows ``FOR UPDATE`` (PostgreSQL) and
+   writes each row back only if none of its encrypted or term columns changed since it was
+   read (``WHERE col = old`` for each: SQLite, and any writer that slipped in); a row changed
+   meanwhile is left alone and counted (``conflicts``). The batch **and the cursor that says
+   it is done** commit in one transaction: a kill loses at most the open batch, which the
+   database rolls back whole.
+3. Sweeps: the table is walked again (no decryption: the data-key ref and term version of
+   each value are read from its bytes) until a sweep finds nothing stale: rows skipped for a
+   conflict, and rows a writer that had not yet seen an index rotation (up to
+   ``REFRESH_INTERVAL``) or still held an old data key wrote during the pass.
+4. Old data keys that no binary column of the table's schema still names are deleted; then
+   the job is marked finished. A kill before that repeats 3 and 4 on the next run.
 
 Progress is reported through ``on_batch(done, total)`` (the CLI draws a bar from it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from keymgr import errors
+from keymgr.fields._format import FORMAT_VERSION, KEY_REF_SIZE, OVERHEAD
 from keymgr.fields.cipher import FieldCipher
 from keymgr.fields.keys import KeyStore
 from keymgr.fields.sql import EncryptedTable
@@ -36,28 +61,45 @@ from keymgr.fields.sql import EncryptedTable
 __all__ = ["PassResult", "reencrypt_table", "rewrap_keys"]
 
 Progress = Callable[[int, int], None]
+_log = logging.getLogger("keymgr.fields")
+#: Sweeps after the main walk, at most (each one cheap: no decryption unless a row is stale).
+MAX_SWEEPS = 3
 
 
 @dataclass(frozen=True)
 class PassResult:
-    """What one run of a pass did: ``done`` items in this run, ``total`` in the whole pass."""
+    """What one run of a pass did: ``done`` items in this run, ``total`` in the whole pass;
+    ``failed``: key_refs (hex) that could not be rewrapped; ``conflicts``: rows left alone
+    because another writer changed them meanwhile (then retried by the sweeps); ``keys_deleted``:
+    old data-key rows deleted at the end."""
 
     done: int
     total: int
     resumed_from: int = 0
+    failed: tuple[str, ...] = ()
+    conflicts: int = 0
+    keys_deleted: int = 0
 
 
 def rewrap_keys(cipher: FieldCipher, store: KeyStore, *, batch: int = 100,
                 on_batch: Progress | None = None) -> PassResult:
-    """Rewrap every data key of ``cipher``'s key in ``store``; returns how many moved."""
+    """Rewrap every data key of ``cipher``'s key in ``store``; returns how many moved, and which
+    failed (each reported, none stopping the others)."""
     after = b""
     moved = seen = 0
+    failed: list[str] = []
     while True:
         rows = store.scan(cipher.key, after=after, limit=batch)
         if not rows:
-            return PassResult(moved, seen)
+            return PassResult(moved, seen, failed=tuple(failed))
         for stored in rows:
-            new = cipher.rewrap(stored)
+            try:
+                new = cipher.rewrap(stored)
+            except (errors.IntegrityError, errors.FormatError, errors.ConfigurationError) as exc:
+                _log.error("data key %s of %s not rewrapped: %s", stored.key_ref.hex(), cipher.key,
+                           type(exc).__name__)
+                failed.append(stored.key_ref.hex())
+                continue
             if new is not None:
                 store.replace(new)
                 moved += 1
@@ -76,66 +118,215 @@ def _jobs_table(metadata: sa.MetaData) -> sa.Table:
                     extend_existing=True)
 
 
-def job_name(codec: EncryptedTable) -> str:
-    """The pass's name: table, key version, index versions (a new rotation, a new pass)."""
+def _job_keys_table(metadata: sa.MetaData) -> sa.Table:
+    """The old data keys of each job: the refs that existed when it started."""
+    return sa.Table("keymgr_field_job_keys", metadata,
+                    sa.Column("job", sa.String(200), primary_key=True),
+                    sa.Column("key_ref", sa.LargeBinary(KEY_REF_SIZE), primary_key=True),
+                    extend_existing=True)
+
+
+def _filter_text(where: sa.ColumnElement[bool] | None, dialect: sa.Dialect) -> str:
+    if where is None:
+        return ""
+    try:
+        return str(where.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    except (sa.exc.CompileError, NotImplementedError, TypeError):
+        compiled = where.compile(dialect=dialect)
+        return f"{compiled} {sorted((k, repr(v)) for k, v in compiled.params.items())}"
+
+
+def job_name(codec: EncryptedTable, where: sa.ColumnElement[bool] | None = None,
+             dialect: sa.Dialect | None = None) -> str:
+    """The pass's name: table, key version, index versions, and a digest of what else decides
+    which values it rewrites (the column set, the extra context, the row filter): another
+    rotation, another column set or another tenant is another pass."""
     record = codec.cipher.describe()
     indexes = ",".join(f"{n}:v{spec.version}" for n, (spec, _) in sorted(codec.indexes.items()))
-    return f"reencrypt {codec.table.name} {record.name}:v{record.primary} {indexes}"[:200]
+    scope = "\n".join([",".join(sorted(codec.encrypted)), ",".join(sorted(codec.indexes)),
+                       repr(sorted(codec.extra.items())), _filter_text(where, dialect or sqlite.dialect())])
+    digest = hashlib.sha256(scope.encode()).hexdigest()[:16]
+    return f"reencrypt {codec.name} {record.name}:v{record.primary} {digest} {indexes}"[:200]
 
 
-def _start(conn: Connection, jobs: sa.Table, job: str) -> tuple[str | None, int, bool]:
-    row = conn.execute(sa.select(jobs).where(jobs.c.job == job)).first()
+@dataclass
+class _Walk:
+    """One run's shared state: what is old, what is newest, what to read."""
+
+    codec: EncryptedTable
+    jobs: sa.Table
+    job: str
+    where: sa.ColumnElement[bool] | None
+    old_refs: frozenset[bytes]
+    newest: dict[str, int]
+
+    def stale(self, row: Any) -> bool:
+        """Whether ``row`` names an old data key or holds an older index version's term (from the
+        bytes alone: no decryption)."""
+        for column in self.codec.encrypted:
+            value = getattr(row, column)
+            if value is not None and len(value) >= OVERHEAD and value[0] == FORMAT_VERSION \
+                    and bytes(value[1:1 + KEY_REF_SIZE]) in self.old_refs:
+                return True
+        return any(getattr(row, name) is not None and getattr(row, name)[0] < version
+                   for name, version in self.newest.items())
+
+
+def _start(conn: Connection, walk_jobs: sa.Table, keys: sa.Table, job: str, codec: EncryptedTable) -> tuple[
+        str | None, int, bool]:
+    row = conn.execute(sa.select(walk_jobs).where(walk_jobs.c.job == job)).first()
     if row is None:
-        conn.execute(jobs.insert().values(job=job, cursor=None, done=0, finished=False))
+        conn.execute(walk_jobs.insert().values(job=job, cursor=None, done=0, finished=False))
+        refs = _all_refs(codec)
+        if refs:
+            conn.execute(keys.insert(), [{"job": job, "key_ref": ref} for ref in refs])
         return None, 0, False
     return row.cursor, int(row.done), bool(row.finished)
 
 
-def _batch(conn: Connection, codec: EncryptedTable, jobs: sa.Table, job: str, size: int) -> int:
-    """Re-encrypt the next ``size`` rows after the job's cursor, and move the cursor: one transaction."""
-    table, pk = codec.table, codec.table.c[codec.pk]
+def _all_refs(codec: EncryptedTable) -> list[bytes]:
+    refs: list[bytes] = []
+    after = b""
+    while page := codec.cipher.store.scan(codec.cipher.key, after=after, limit=1000):
+        refs.extend(stored.key_ref for stored in page)
+        after = page[-1].key_ref
+    return refs
+
+
+def _rows(conn: Connection, walk: _Walk, after: Any, size: int) -> Sequence[Any]:
+    table, pk = walk.codec.table, walk.codec.table.c[walk.codec.pk]
+    query = sa.select(table).order_by(pk).limit(size)
+    if after is not None:
+        query = query.where(pk > after)
+    if walk.where is not None:
+        query = query.where(walk.where)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()  # no writer changes a row between its read and its rewrite
+    return conn.execute(query).all()
+
+
+def _rewrite(conn: Connection, walk: _Walk, rows: Sequence[Any]) -> tuple[int, int]:
+    """Re-encrypt the stale ``rows``, each only if unchanged since read: (rewritten, conflicts)."""
+    codec = walk.codec
+    table = codec.table
+    columns = list(codec.encrypted) + list(codec.indexes)
+    stale = [row for row in rows if walk.stale(row)]
+    rewritten = conflicts = 0
+    for row in stale:
+        sealed = codec.encode(codec.decode(row))
+        unchanged = [table.c[codec.pk] == getattr(row, codec.pk)]
+        for column in columns:
+            old = getattr(row, column)
+            unchanged.append(table.c[column].is_(None) if old is None else table.c[column] == old)
+        result = conn.execute(table.update().where(*unchanged).values({c: sealed.get(c) for c in columns}))
+        if result.rowcount == 1:
+            rewritten += 1
+        else:
+            conflicts += 1
+    return rewritten, conflicts
+
+
+def _batch(conn: Connection, walk: _Walk, size: int) -> tuple[int, int]:
+    """Re-encrypt the stale rows among the next ``size`` after the job's cursor, and move the
+    cursor: one transaction. (rows walked, conflicts)."""
+    jobs, job, codec = walk.jobs, walk.job, walk.codec
+    pk = codec.table.c[codec.pk]
     locked = sa.select(jobs).where(jobs.c.job == job)
     if conn.dialect.name == "postgresql":
         locked = locked.with_for_update()  # two runs of one pass take turns, batch by batch
     state = conn.execute(locked).one()
-    query = sa.select(table).order_by(pk).limit(size)
-    if state.cursor is not None:
-        query = query.where(pk > pk.type.python_type(state.cursor))
-    rows = conn.execute(query).all()
+    after = None if state.cursor is None else pk.type.python_type(state.cursor)
+    rows = _rows(conn, walk, after, size)
     if not rows:
-        conn.execute(jobs.update().where(jobs.c.job == job).values(finished=True))
-        return 0
-    columns = list(codec.encrypted) + list(codec.indexes)
-    params: list[dict[str, Any]] = []
-    for row in rows:
-        sealed = codec.encode(codec.decode(row))
-        params.append({"_pk": getattr(row, codec.pk), **{c: sealed.get(c) for c in columns}})
-    conn.execute(table.update().where(pk == sa.bindparam("_pk")).values({c: sa.bindparam(c) for c in columns}),
-                 params)
+        return 0, 0
+    _, conflicts = _rewrite(conn, walk, rows)
     conn.execute(jobs.update().where(jobs.c.job == job)
                  .values(cursor=str(getattr(rows[-1], codec.pk)), done=state.done + len(rows)))
-    return len(rows)
+    return len(rows), conflicts
+
+
+def _sweep(engine: Engine, walk: _Walk, size: int) -> tuple[int, int]:
+    """One walk over the whole table re-encrypting what is still stale: (rewritten, conflicts)."""
+    rewritten = conflicts = 0
+    after = None
+    while True:
+        with engine.begin() as conn:
+            rows = _rows(conn, walk, after, size)
+            if not rows:
+                return rewritten, conflicts
+            done, clashed = _rewrite(conn, walk, rows)
+        rewritten += done
+        conflicts += clashed
+        after = getattr(rows[-1], walk.codec.pk)
+
+
+def _used_refs(conn: Connection, codec: EncryptedTable, candidates: frozenset[bytes]) -> set[bytes]:
+    """Which of ``candidates`` a binary column of any table in the codec's schema still names
+    (a data key may serve several tables: one cipher, one store)."""
+    metadata = sa.MetaData()
+    metadata.reflect(conn, schema=codec.table.schema)
+    used: set[bytes] = set()
+    for table in metadata.tables.values():
+        for column in table.columns:
+            if not isinstance(column.type, sa.types._Binary):
+                continue
+            ref = sa.func.substr(column, 2, KEY_REF_SIZE)
+            query = sa.select(ref).where(sa.func.length(column) >= OVERHEAD).distinct()
+            used.update(bytes(r) for (r,) in conn.execute(query) if r is not None and bytes(r) in candidates)
+    return used
+
+
+def _drop_old_keys(engine: Engine, walk: _Walk) -> int:
+    store = walk.codec.cipher.store
+    if not walk.old_refs:
+        return 0
+    with engine.connect() as conn:
+        unused = walk.old_refs - _used_refs(conn, walk.codec, walk.old_refs)
+    count = store.delete(walk.codec.cipher.key, sorted(unused))
+    if count:
+        _log.info("%s: %d old data key(s) of %s deleted", walk.codec.name, count, walk.codec.cipher.key)
+    return count
 
 
 def reencrypt_table(engine: Engine, codec: EncryptedTable, *, batch: int = 500, on_batch: Progress | None = None,
-                    job: str | None = None) -> PassResult:
-    """Re-encrypt every row of ``codec``'s table (see the module docstring for the crash protocol)."""
-    if batch < 1:
-        raise ValueError("batch must be at least 1")
-    jobs = _jobs_table(sa.MetaData())
-    jobs.create(engine, checkfirst=True)
-    job = job or job_name(codec)
+                    job: str | None = None, where: sa.ColumnElement[bool] | None = None,
+                    drop_old_keys: bool = True) -> PassResult:
+    """Re-encrypt every stale row of ``codec``'s table, or of the rows ``where`` selects (one
+    tenant's, when the codec carries that tenant's ``extra``), then delete the old data keys no
+    value names (``drop_old_keys``). See the module docstring for the crash protocol."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise errors.ConfigurationError("batch must be at least 1")
+    metadata = sa.MetaData()
+    jobs, keys = _jobs_table(metadata), _job_keys_table(metadata)
+    metadata.create_all(engine, checkfirst=True)
+    for spec, _ in codec.indexes.values():
+        spec.refresh()  # the newest index version now, not as of the last refresh interval
+    job = job or job_name(codec, where, engine.dialect)
     with engine.begin() as conn:
-        _, already, finished = _start(conn, jobs, job)
-        total = int(conn.execute(sa.select(sa.func.count()).select_from(codec.table)).scalar_one())
+        _, already, finished = _start(conn, jobs, keys, job, codec)
+        old = frozenset(bytes(r) for (r,) in conn.execute(sa.select(keys.c.key_ref).where(keys.c.job == job)))
+        count = sa.select(sa.func.count()).select_from(codec.table)
+        total = int(conn.execute(count if where is None else count.where(where)).scalar_one())
     if finished:
         return PassResult(0, total, already)
-    done = 0
+    codec.cipher.renew()  # nothing this run seals names an old data key
+    walk = _Walk(codec, jobs, job, where, old, {n: spec.version for n, (spec, _) in codec.indexes.items()})
+    done = conflicts = 0
     while True:
         with engine.begin() as conn:
-            count = _batch(conn, codec, jobs, job, batch)
-        if not count:
-            return PassResult(done, total, already)
-        done += count
+            count_done, clashed = _batch(conn, walk, batch)
+        if not count_done:
+            break
+        done += count_done
+        conflicts += clashed
         if on_batch is not None:
             on_batch(already + done, total)
+    for _ in range(MAX_SWEEPS):
+        rewritten, clashed = _sweep(engine, walk, batch)
+        conflicts += clashed
+        if not rewritten and not clashed:
+            break
+    deleted = _drop_old_keys(engine, walk) if drop_old_keys else 0
+    with engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.job == job).values(finished=True))
+    return PassResult(done, total, already, conflicts=conflicts, keys_deleted=deleted)

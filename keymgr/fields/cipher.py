@@ -201,6 +201,25 @@ class FieldCipher:
         with self._audited("decrypt", key=self._key):
             return [self._open_row(values, table, row, extra, text, keys) for values, row in rows]
 
+    def decrypt_rows_or_none(self, rows: Sequence[tuple[Mapping[str, bytes | None], str]], *, table: str,
+                             extra: Mapping[str, str] | None = None,
+                             text: Container[str] = ()) -> list[dict[str, Any] | None]:
+        """:meth:`decrypt_rows`, with None for a row that fails authentication instead of an error
+        for all: a lookup's candidates may belong to another context (another tenant's row in the
+        same term bucket), which is not this caller's row. Other errors (a retired version, a
+        rate limit) still raise."""
+        if extra:
+            check_extra(extra)
+        keys: dict[bytes, DataKey] = {}
+        out: list[dict[str, Any] | None] = []
+        with self._audited("decrypt", key=self._key):
+            for values, row in rows:
+                try:
+                    out.append(self._open_row(values, table, row, extra, text, keys))
+                except errors.IntegrityError:
+                    out.append(None)
+        return out
+
     def _open_row(self, values: Mapping[str, bytes | None], table: str, row: str, extra: Mapping[str, str] | None,
                   text: Container[str], keys: dict[bytes, DataKey]) -> dict[str, Any]:
         check_part("row", row)
@@ -212,6 +231,8 @@ class FieldCipher:
         return out
 
     def _open(self, value: bytes, prefix: bytes, suffix: bytes, keys: dict[bytes, DataKey] | None = None) -> bytes:
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise errors.ConfigurationError(f"a sealed field value is bytes, not {type(value).__name__}")
         key_ref, nonce, sealed = unpack(bytes(value))
         dek = keys.get(key_ref) if keys is not None else None
         if dek is None:
@@ -277,12 +298,25 @@ class FieldCipher:
         is read. The caller writes the row back (:meth:`KeyStore.replace`)."""
         if stored.key != self._key:
             raise errors.ConfigurationError(f"data key {stored.key_ref.hex()} belongs to key {stored.key!r}")
+        found = self._protector.find(read_kek_recipient(stored.recipient).kek_id)
+        if found is None:
+            raise errors.RecipientNotFoundError(f"data key {stored.key_ref.hex()} is wrapped by no key of token "
+                                                f"{self._protector.keyring.token.label!r}")
+        if found[0].name != self._key:  # a row relabelled from another key, as _unwrap refuses it
+            raise errors.IntegrityError(f"data key {stored.key_ref.hex()} is labelled {self._key!r} but wrapped by "
+                                        "another key: tampered")
         with self._audited("rewrap", key=self._key):
             recipients, moves, _ = self._rewrapper.recipients([stored.recipient], stored.commitment)
         if not moves:
             return None
         self._forget(stored.key_ref)
         return StoredKey(stored.key_ref, stored.key, recipients[0], stored.commitment)
+
+    def renew(self) -> None:
+        """Seal the next value under a fresh data key (a re-encryption pass starts with one, so
+        no value it writes names a data key from before it)."""
+        with self._lock:
+            self._current = None
 
     def close(self) -> None:
         """Wipe every data key held (the current one and the opened ones)."""

@@ -10,9 +10,12 @@ equality; truncation makes several distinct values share a term (false positives
 caller drops after decrypting), which is what keeps the column from being a one-to-one
 map of the values (docs/fields.md, "Choosing bits").
 
-* **Normalisation** runs before the HMAC (``normalise=``; :func:`lowercase`,
+* **Normalisation** runs before the HMAC (``normalise=``; :func:`unicode_fold`, :func:`lowercase`,
   :func:`collapse_spaces`, :func:`digits_only`, :func:`chain`), so ``Alice@Example.com`` and
-  ``alice@example.com`` find each other.
+  ``ａｌｉｃｅ@example.com`` find each other. Bytes parts are indexed as they are.
+* **Context**: ``term(value, context=...)`` binds a term to where it is stored (table, column,
+  tenant: :func:`index_context`, which :class:`keymgr.fields.sql.EncryptedTable` passes), so
+  equal values in two tenants or tables get unrelated terms.
 * **Partial** indexes index a transformation of the value (``transform=last_digits(4)``);
   **compound** indexes take several parts (``term(("Smith", "1234"))``), each normalised,
   length-prefixed so that ("ab", "c") and ("a", "bc") differ.
@@ -52,6 +55,7 @@ import re
 import struct
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -63,12 +67,19 @@ from keymgr.hsm.sessions import TokenSession
 from keymgr.templates import INDEX_KEY, ROLE_ATTRIBUTES
 
 __all__ = ["BlindIndex", "Normaliser", "bits_range", "chain", "collapse_spaces", "digits_only", "last_digits",
-           "lowercase", "INDEX_LABEL_PREFIX"]
+           "index_context", "lowercase", "unicode_fold", "INDEX_LABEL_PREFIX"]
 
 Normaliser = Callable[[str], str]
+#: One part of an indexed value: text (normalised) or bytes (indexed as they are).
+Part = str | bytes
 INDEX_LABEL_PREFIX = "keymgr-index/"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DOMAIN = b"keymgr-blind-index\x01"
+#: Terms bound to a context (table, column, tenant: :class:`keymgr.fields.sql.EncryptedTable`).
+_DOMAIN_BOUND = b"keymgr-blind-index\x02"
+#: Characters that render as nothing: stripped by :func:`unicode_fold` (zero-width space, joiners,
+#: word joiner, byte-order mark, soft hyphen), so a pasted value finds the typed one.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 _MAX_VERSION = 255
 #: Seconds between two re-reads of an index's versions from the token.
 REFRESH_INTERVAL = 30.0
@@ -83,12 +94,28 @@ def collapse_spaces(value: str) -> str:
     return " ".join(value.split())
 
 
+def unicode_fold(value: str) -> str:
+    """NFKC, then case folding, zero-width characters removed: the Unicode forms a person reads
+    as the same text (full-width ``ＡＬＩＣＥ``, ``ﬁ``, ``Straße``/``STRASSE``, a pasted zero-width
+    space) give the same string, which :func:`lowercase` alone does not."""
+    return unicodedata.normalize("NFKC", value.translate(_INVISIBLE)).casefold().translate(_INVISIBLE)
+
+
 def digits_only(value: str) -> str:
-    return "".join(ch for ch in value if ch.isdigit())
+    """The decimal digits of ``value`` as ASCII: full-width ``１`` and Arabic-Indic ``١`` count as
+    ``1``; superscripts, circled digits and other non-decimal "digits" are dropped (``str.isdigit``
+    would keep ``²``, which is no digit of a card or phone number)."""
+    out = []
+    for ch in value:
+        digit = unicodedata.decimal(ch, None)
+        if digit is not None:
+            out.append(str(digit))
+    return "".join(out)
 
 
 def last_digits(count: int) -> Normaliser:
-    """A transformation for partial indexes: the last ``count`` digits (card, phone)."""
+    """A transformation for partial indexes: the last ``count`` decimal digits (card, phone),
+    as :func:`digits_only` reads them."""
     if count < 1:
         raise errors.ConfigurationError("last_digits needs a count of at least 1")
     return lambda value: digits_only(value)[-count:]
@@ -106,12 +133,13 @@ def chain(*steps: Normaliser) -> Normaliser:
 def bits_range(distinct: int) -> tuple[int, int]:
     """(fewest, most) bits worth keeping for an index over ``distinct`` possible inputs (the rows'
     distinct values, or a partial index's input domain), per docs/fields.md "Choosing bits":
-    at most ``floor(log2 distinct)``, so each term is expected to be shared by more than one
-    value; at least ``ceil(log2 sqrt distinct)``, so a lookup returns fewer than ``sqrt(distinct)``
-    false positives. CipherSweet's planner gives (8, 15) for 50,000 rows; so does this."""
-    if distinct < 4:
+    at most the largest ``b`` with ``2**b < distinct``, so each term is expected to be shared by
+    more than one value (``2**k`` values: ``k - 1`` bits, two values a term; CipherSweet's planner
+    aims for at least two); at least ``ceil(log2 sqrt distinct)``, so a lookup returns fewer than
+    ``sqrt(distinct)`` false positives. CipherSweet's planner gives (8, 15) for 50,000 rows; so does this."""
+    if isinstance(distinct, bool) or not isinstance(distinct, int) or distinct < 4:
         raise errors.ConfigurationError("a blind index over fewer than 4 distinct values hides nothing")
-    most = distinct.bit_length() - 1  # floor(log2 distinct)
+    most = (distinct - 1).bit_length() - 1  # the largest b with 2^b < distinct
     least = 1
     while 4 ** least < distinct:  # smallest b with 2^b >= sqrt(distinct)
         least += 1
@@ -138,6 +166,21 @@ def _lp(raw: bytes) -> bytes:
     return struct.pack(">I", len(raw)) + raw
 
 
+def _parts(value: object) -> list[str | bytes]:
+    """A compound value's parts, each str or bytes; anything else is a :class:`ConfigurationError`
+    (``term(5)`` or ``term(None)`` must not be a TypeError from deep inside)."""
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, (str, bytes)) for p in value):
+        raise errors.ConfigurationError("a blind index takes a string or bytes, or a non-empty list or tuple of "
+                                        "them (compound)")
+    return list(value)
+
+
+def index_context(*parts: str) -> bytes:
+    """The context a term is bound to, from its parts (table, column, then extra names and values):
+    length-prefixed, so no two part lists give the same bytes."""
+    return b"".join(_lp(p.encode()) for p in parts)
+
+
 def _label(name: str, version: int) -> str:
     return f"{INDEX_LABEL_PREFIX}{name}/v{version}"
 
@@ -158,6 +201,8 @@ class BlindIndex:
         self._audited = audited
         self._normalise = normalise or (lambda value: value)
         self._transform = transform or (lambda value: value)
+        if isinstance(min_version, bool) or not isinstance(min_version, int) or min_version < 1:
+            raise errors.ConfigurationError("min_version is a version number, at least 1")
         self._min_version = min_version
         self._lock = threading.Lock()
         self._keys: dict[int, list[bytes]] = {}
@@ -170,6 +215,9 @@ class BlindIndex:
         self.refresh()
         if not self._keys:
             self._ensure(1)
+        if min_version > self.version:  # every lookup would query no version and find nothing
+            raise errors.ConfigurationError(f"blind index {name!r} has no version {min_version} "
+                                            f"(newest: {self.version}); rotate it first")
 
     def __repr__(self) -> str:
         return f"BlindIndex({self.name!r}, bits={self.bits}, versions={sorted(self._keys)})"
@@ -247,16 +295,26 @@ class BlindIndex:
 
     # -- terms -----------------------------------------------------------------
 
-    def normalised(self, value: str | Sequence[str]) -> tuple[str, ...]:
+    def normalised(self, value: Part | Sequence[Part]) -> tuple[str | bytes, ...]:
         """What the HMAC covers (transformed, normalised parts): equal for values that find each
-        other, which is how a lookup drops the false positives truncation lets through."""
-        parts = [value] if isinstance(value, str) else list(value)
-        if not parts or not all(isinstance(p, str) for p in parts):
-            raise errors.ConfigurationError("a blind index takes a string, or a sequence of strings (compound)")
-        return tuple(self._normalise(self._transform(p)) for p in parts)
+        other, which is how a lookup drops the false positives truncation lets through. Text is
+        transformed and normalised; bytes (an :class:`~keymgr.fields.sql.EncryptedBytes`
+        column) are indexed as they are."""
+        parts = [value] if isinstance(value, (str, bytes)) else _parts(value)
+        return tuple(p if isinstance(p, bytes) else self._prepared(p) for p in parts)
 
-    def _message(self, value: str | Sequence[str]) -> bytes:
-        return self._prefix + b"".join(_lp(p.encode()) for p in self.normalised(value))
+    def _prepared(self, part: str) -> str:
+        out = self._normalise(self._transform(part))
+        if not isinstance(out, str):
+            raise errors.ConfigurationError(f"blind index {self.name!r}: a normaliser returned "
+                                            f"{type(out).__name__}, not str")
+        return out
+
+    def _message(self, value: Part | Sequence[Part], context: bytes = b"") -> bytes:
+        parts = b"".join(_lp(p if isinstance(p, bytes) else p.encode()) for p in self.normalised(value))
+        if not context:
+            return self._prefix + parts
+        return _DOMAIN_BOUND + self._prefix[len(_DOMAIN):] + _lp(context) + parts
 
     def _truncate(self, version: int, mac: bytes) -> bytes:
         whole, rest = divmod(self.bits, 8)
@@ -268,17 +326,21 @@ class BlindIndex:
     def _term(self, version: int, key_id: bytes, message: bytes) -> bytes:
         return self._truncate(version, objects.hmac_sha256(self._ts, key_id, message))
 
-    def term(self, value: str | Sequence[str]) -> bytes:
-        """The term to store for ``value`` (newest version)."""
-        term = self.term_many([value])[0]
-        assert term is not None  # noqa: S101 - a value in, a term out
+    def term(self, value: Part | Sequence[Part], *, context: bytes = b"") -> bytes:
+        """The term to store for ``value`` (newest version). ``context`` binds the term to where
+        it is stored (:func:`index_context`): equal values in two contexts get unrelated terms."""
+        if value is None:
+            raise errors.ConfigurationError(f"blind index {self.name!r}: no term for None (store NULL instead)")
+        term = self.term_many([value], context=context)[0]
+        if term is None:
+            raise errors.ConfigurationError(f"blind index {self.name!r}: no term")
         return term
 
-    def term_many(self, values: Sequence[str | Sequence[str] | None]) -> list[bytes | None]:
+    def term_many(self, values: Sequence[Part | Sequence[Part] | None], *, context: bytes = b"") -> list[bytes | None]:
         """:meth:`term` of each value (None for None), as one audited operation: what a bulk
         insert computes for a batch of rows."""
         self._fresh()
-        messages = [None if v is None else self._message(v) for v in values]
+        messages = [None if v is None else self._message(v, context) for v in values]
         version = self.version
         key_id = self._keys[version][0]
         with self._audited("index", key=self.name, version=version):
@@ -298,17 +360,19 @@ class BlindIndex:
                     self._cache.popitem(last=False)
         return term
 
-    def terms(self, value: str | Sequence[str]) -> list[bytes]:
+    def terms(self, value: Part | Sequence[Part], *, context: bytes = b"") -> list[bytes]:
         """Every term ``value`` may be stored under: one per live version (and per key, should two
         hosts have made the same version); query ``column IN (...)`` with them."""
+        if value is None:
+            raise errors.ConfigurationError(f"blind index {self.name!r}: no lookup for None (query IS NULL)")
         self._fresh()
-        message = self._message(value)
+        message = self._message(value, context)
         with self._audited("index", key=self.name, version=self.version):
             return [self._term(v, key_id, message) for v in self.versions for key_id in self._keys[v]]
 
-    def matches(self, term: bytes, value: str | Sequence[str]) -> bool:
+    def matches(self, term: bytes, value: Part | Sequence[Part], *, context: bytes = b"") -> bool:
         """Whether ``term`` is one of :meth:`terms` of ``value`` (constant-time comparison)."""
-        return any(hmac.compare_digest(term, t) for t in self.terms(value))
+        return any(hmac.compare_digest(term, t) for t in self.terms(value, context=context))
 
     def term_version(self, term: bytes) -> int:
         """The index version a stored term was computed with (its first byte)."""

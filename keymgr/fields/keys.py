@@ -15,7 +15,7 @@ insert that used it rolled back) is harmless garbage.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,6 +46,9 @@ class KeyStore(Protocol):
     def replace(self, stored: StoredKey) -> None:
         """Overwrite the recipient of an existing row (rewrap); atomic per row."""
 
+    def delete(self, key: str, key_refs: Iterable[bytes]) -> int:
+        """Delete these rows of ``key`` (old data keys no value names any more); how many went."""
+
     def scan(self, key: str, *, after: bytes = b"", limit: int = 1000) -> list[StoredKey]:
         """Rows of ``key`` with key_ref > ``after``, in key_ref order (a resumable walk)."""
 
@@ -67,6 +70,13 @@ class MemoryKeyStore:
     def replace(self, stored: StoredKey) -> None:
         with self._lock:
             self._rows[stored.key_ref] = stored
+
+    def delete(self, key: str, key_refs: Iterable[bytes]) -> int:
+        with self._lock:
+            gone = [ref for ref in key_refs if ref in self._rows and self._rows[ref].key == key]
+            for ref in gone:
+                del self._rows[ref]
+        return len(gone)
 
     def scan(self, key: str, *, after: bytes = b"", limit: int = 1000) -> list[StoredKey]:
         rows = sorted((r for r in self._rows.values() if r.key == key and r.key_ref > after), key=lambda r: r.key_ref)

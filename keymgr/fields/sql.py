@@ -12,29 +12,51 @@
     conn.execute(customers.insert(), codec.encode_rows(rows))   # bulk insert (executemany)
     codec.find(conn, "email_bidx", "Alice@example.com")          # lookup by term, decrypt, drop false positives
 
-Each value is bound to (table name, column name, primary key): the codec assigns a UUID4 to
-a row without one, so values are sealed before the insert and a whole batch goes in one
-``executemany``. The column types store bytes and refuse anything that did not come out of
-the codec (:class:`Sealed`): plaintext handed to an encrypted column by mistake is an error,
-not a silent cleartext write. Reads return :class:`Sealed` values for :meth:`EncryptedTable.decode`.
+Each value is bound to (schema-qualified table name, column name, primary key, extra context):
+the codec assigns a UUID4 to a row without one, so values are sealed before the insert and a
+whole batch goes in one ``executemany``. A ``Uuid`` primary key is bound in its canonical form
+whichever way the database returns it; any other key is bound as the string it is. Each
+blind-index term is bound to (table, index column, extra context) too: equal values in two
+tables or two tenants get unrelated terms. The column types store bytes and refuse anything
+that did not come out of the codec (:class:`Sealed`): plaintext handed to an encrypted column
+by mistake is a :class:`PlaintextRefused` (a ConfigurationError that SQLAlchemy raises as it is,
+not wrapped in a ``StatementError`` whose text would show the statement's parameters, the
+plaintext among them). Reads return :class:`Sealed` values for :meth:`EncryptedTable.decode`.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from keymgr import errors
-from keymgr.fields._format import Place
+from keymgr.fields._format import FIELD_INTEGRITY, Place
 from keymgr.fields.cipher import FieldCipher
-from keymgr.fields.index import BlindIndex
+from keymgr.fields.index import BlindIndex, Part, index_context
 from keymgr.fields.keys import StoredKey
 
-__all__ = ["BlindIndexTerm", "EncryptedBytes", "EncryptedTable", "EncryptedText", "Sealed", "SqlKeyStore"]
+__all__ = ["BlindIndexTerm", "EncryptedBytes", "EncryptedTable", "EncryptedText", "PlaintextRefused", "Sealed",
+           "SqlKeyStore"]
+
+_log = logging.getLogger("keymgr.fields")
+
+
+class PlaintextRefused(errors.ConfigurationError, sa.exc.DontWrapMixin):
+    """A value that is not sealed, given to an encrypted column. Raised as it is through
+    SQLAlchemy (``DontWrapMixin``): a ``StatementError`` would print the parameters, and with
+    them the plaintext, unless the engine was made with ``hide_parameters=True``."""
+
+
+class SealedValueMissing(errors.IntegrityError, sa.exc.DontWrapMixin):
+    """An encrypted column returned something other than bytes (a plaintext column declared
+    encrypted by mistake): never shown."""
 
 #: A blind index fed by one column, or by several (compound), of the same row's plaintext.
 IndexSpec = tuple[BlindIndex, str | Sequence[str]]
@@ -60,12 +82,16 @@ class EncryptedBytes(sa.types.TypeDecorator[bytes]):
         if value is None:
             return None
         if not isinstance(value, Sealed):
-            raise errors.ConfigurationError("an encrypted column takes only values sealed by EncryptedTable "
-                                            "(encode / encode_rows); refusing to write it in the clear")
+            raise PlaintextRefused("an encrypted column takes only values sealed by EncryptedTable "
+                                   "(encode / encode_rows); refusing to write it in the clear")
         return bytes(value)
 
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> Sealed | None:
-        return None if value is None else Sealed(value)
+        if value is None:
+            return None
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise SealedValueMissing(FIELD_INTEGRITY)
+        return Sealed(value)
 
 
 class EncryptedText(EncryptedBytes):
@@ -90,6 +116,12 @@ class SqlKeyStore:
     gone. Rows carry no secret (wrapped keys and commitments)."""
 
     def __init__(self, engine: Engine, *, table: str = "keymgr_field_keys", metadata: sa.MetaData | None = None):
+        if isinstance(engine.pool, (SingletonThreadPool, StaticPool)):
+            # one DBAPI connection for everything (sqlite:// in memory): the store's own transaction
+            # would commit, or roll back, the caller's open one
+            raise errors.ConfigurationError("the data-key store needs connections of its own: an engine with a "
+                                            "single shared connection (in-memory SQLite) would commit the "
+                                            "caller's transaction; use a database file")
         self._engine = engine
         self.table = sa.Table(
             table, metadata or sa.MetaData(),
@@ -121,6 +153,15 @@ class SqlKeyStore:
             conn.execute(self.table.update().where(self.table.c.key_ref == stored.key_ref)
                          .values(recipient=stored.recipient))
 
+    def delete(self, key: str, key_refs: Iterable[bytes]) -> int:
+        """Delete these data-key rows of ``key`` (a re-encryption pass's last step: the values
+        that named them are gone, so old data keys die with the KEK version); how many went."""
+        refs = list(key_refs)
+        with self._engine.begin() as conn:
+            return sum(int(conn.execute(self.table.delete().where(self.table.c.key_ref.in_(refs[i:i + 500]),
+                                                                  self.table.c.key_name == key)).rowcount)
+                       for i in range(0, len(refs), 500))
+
     def scan(self, key: str, *, after: bytes = b"", limit: int = 1000) -> list[StoredKey]:
         t = self.table
         query = (sa.select(t).where(t.c.key_name == key, t.c.key_ref > after).order_by(t.c.key_ref).limit(limit))
@@ -135,36 +176,60 @@ class SqlKeyStore:
 
 class EncryptedTable:
     """Seal and open the rows of one table: every :class:`EncryptedBytes` column through
-    ``cipher``, bound to (table, column, primary key); blind-index columns from ``indexes``."""
+    ``cipher``, bound to (schema.table, column, primary key, extra); blind-index columns from
+    ``indexes``, each term bound to (schema.table, index column, extra)."""
 
     def __init__(self, table: sa.Table, cipher: FieldCipher, *, indexes: Mapping[str, IndexSpec] | None = None,
                  pk: str | None = None, extra: Mapping[str, str] | None = None) -> None:
-        """``extra``: context bound into every value besides its place (a tenant: one codec per tenant)."""
+        """``extra``: context bound into every value and term besides its place (a tenant: one
+        codec per tenant)."""
         keys = [c.name for c in table.primary_key.columns]
         self.pk = pk or (keys[0] if len(keys) == 1 else "")
         if not self.pk or self.pk not in table.c:
             raise errors.ConfigurationError(f"table {table.name!r} needs a single-column primary key for its fields")
         self.table = table
+        self.name = table.fullname  # schema.table: tenant_a.acct and tenant_b.acct are two places
         self.cipher = cipher
         self.extra = dict(extra or {})
+        self.uuid_key = _is_uuid(table.c[self.pk])
+        #: Lookup candidates dropped because they failed authentication (see :meth:`find`).
+        self.skipped = 0
         self.encrypted = {c.name: bool(c.type.text) for c in table.columns if isinstance(c.type, EncryptedBytes)}
         self._text = frozenset(name for name, text in self.encrypted.items() if text)
         self._statements: dict[tuple[str, bool], sa.Select[Any]] = {}
         self.indexes = dict(indexes or {})
+        self._contexts: dict[str, bytes] = {}
+        extras = [part for name in sorted(self.extra) for part in (name, self.extra[name])]
         for name, (_, source) in self.indexes.items():
             sources = [source] if isinstance(source, str) else list(source)
             if name not in table.c or not isinstance(table.c[name].type, BlindIndexTerm):
                 raise errors.ConfigurationError(f"{table.name}.{name} is not a BlindIndexTerm column")
             if not set(sources) <= set(self.encrypted):
                 raise errors.ConfigurationError(f"blind index {name!r} reads a column that is not encrypted")
+            self._contexts[name] = index_context(self.name, name, *extras)
 
     def place(self, column: str, row_id: object) -> Place:
-        return Place(self.table.name, column, row_text(row_id), self.extra)
+        return Place(self.name, column, self.row_text(row_id), self.extra)
+
+    def row_text(self, row_id: object) -> str:
+        """A row identity as bound into its values (see :func:`row_text`)."""
+        return row_text(row_id, uuid_key=self.uuid_key)
+
+    def index_context(self, index: str) -> bytes:
+        """What ``index``'s terms in this table are bound to (table, column, extra)."""
+        self._spec(index)
+        return self._contexts[index]
+
+    def _spec(self, index: str) -> IndexSpec:
+        spec = self.indexes.get(index)
+        if spec is None:
+            raise errors.ConfigurationError(f"{self.name} has no blind index {index!r} "
+                                            f"(known: {', '.join(sorted(self.indexes)) or 'none'})")
+        return spec
 
     def _new_id(self) -> object:
-        python_type = self.table.c[self.pk].type.python_type
-        if python_type is not uuid.UUID:
-            raise errors.ConfigurationError(f"give every row of {self.table.name!r} its {self.pk!r} before sealing "
+        if not self.uuid_key:
+            raise errors.ConfigurationError(f"give every row of {self.name!r} its {self.pk!r} before sealing "
                                             "(only a UUID key is generated here)")
         return uuid.uuid4()
 
@@ -174,73 +239,113 @@ class EncryptedTable:
 
     def encode_rows(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """:meth:`encode` for many rows: each index's terms for the batch as one audited operation,
-        each row's fields as one."""
+        each row's fields as one. Text columns take ``str``, bytes columns ``bytes`` (a value of
+        the wrong kind would seal, then fail at every read)."""
         out = [dict(row) for row in rows]
         for row in out:
+            self._check_kinds(row)
             if row.get(self.pk) is None:
                 row[self.pk] = self._new_id()
         for name, (index, source) in self.indexes.items():
-            terms = index.term_many([_index_input(row, source) for row in out])
+            terms = index.term_many([_index_input(row, source) for row in out], context=self._contexts[name])
             for row, term in zip(out, terms, strict=True):
                 row[name] = term
         for row in out:
-            sealed = self.cipher.encrypt_row({c: row.get(c) for c in self.encrypted}, table=self.table.name,
-                                             row=row_text(row[self.pk]), extra=self.extra)
+            sealed = self.cipher.encrypt_row({c: row.get(c) for c in self.encrypted}, table=self.name,
+                                             row=self.row_text(row[self.pk]), extra=self.extra)
             for column, value in sealed.items():
                 row[column] = None if value is None else Sealed(value)
         return out
 
-    def insert_many(self, engine: Engine, rows: Sequence[Mapping[str, Any]], *, batch: int = 5_000) -> int:
-        """Insert ``rows`` (plaintext) in batches: each batch sealed first, then one transaction and
-        one ``executemany``. A batch that fails rolls back alone; earlier batches stay committed.
+    def _check_kinds(self, row: Mapping[str, Any]) -> None:
+        for column, text in self.encrypted.items():
+            value = row.get(column)
+            if value is None:
+                continue
+            if text and not isinstance(value, str):
+                raise errors.ConfigurationError(f"{self.name}.{column} is EncryptedText: give it str, "
+                                                f"not {type(value).__name__}")
+            if not text and not isinstance(value, (bytes, bytearray, memoryview)):
+                raise errors.ConfigurationError(f"{self.name}.{column} is EncryptedBytes: give it bytes, "
+                                                f"not {type(value).__name__}")
+
+    def insert_many(self, engine: Engine, rows: Iterable[Mapping[str, Any]], *, batch: int = 5_000) -> list[Any]:
+        """Insert ``rows`` (plaintext; any iterable, a generator included) in batches: each batch
+        sealed first, then one transaction and one ``executemany``. A batch that fails rolls back
+        alone; earlier batches stay committed. Returns the rows' primary keys in order (the UUIDs
+        made here for rows given without one).
 
         Sealing is not overlapped with the insert in a thread: tried, it was slower (9.5k against
         11.7k rows/s with two blind indexes, bench machine): each short token call releases the
         GIL and then waits for the inserting thread to give it back."""
-        if batch < 1:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise errors.ConfigurationError("batch must be at least 1")
-        for start in range(0, len(rows), batch):
-            params = self.encode_rows(rows[start:start + batch])  # sealed before the transaction opens
+        ids: list[Any] = []
+        source = iter(rows)
+        while chunk := list(itertools.islice(source, batch)):
+            params = self.encode_rows(chunk)  # sealed before the transaction opens
             with engine.begin() as conn:
                 conn.execute(self.table.insert(), params)
-        return len(rows)
+            ids.extend(p[self.pk] for p in params)
+        return ids
 
     def decode(self, row: Any) -> dict[str, Any]:
         """A fetched row (``Row`` or mapping) with its encrypted columns opened."""
         data = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
-        opened = self.cipher.decrypt_row({c: data.get(c) for c in self.encrypted if c in data}, table=self.table.name,
-                                         row=row_text(data[self.pk]), extra=self.extra, text=self._text)
+        if data.get(self.pk) is None:
+            raise errors.ConfigurationError(f"decode needs the row's {self.pk!r} (its values are bound to it): "
+                                            "select it too")
+        opened = self.cipher.decrypt_row({c: data.get(c) for c in self.encrypted if c in data}, table=self.name,
+                                         row=self.row_text(data[self.pk]), extra=self.extra, text=self._text)
         data.update(opened)
         return data
 
-    def where(self, index: str, value: str | Sequence[str]) -> sa.ColumnElement[bool]:
+    def where(self, index: str, value: Part | Sequence[Part]) -> sa.ColumnElement[bool]:
         """``column IN (terms)``: every live index version's term, so rows written before an
         index rotation are found too."""
-        return self.table.c[index].in_(self.indexes[index][0].terms(value))
+        spec = self._spec(index)
+        return self.table.c[index].in_(spec[0].terms(value, context=self._contexts[index]))
 
-    def find(self, conn: Connection, index: str, value: str | Sequence[str]) -> list[dict[str, Any]]:
+    def find(self, conn: Connection, index: str, value: Part | Sequence[Part]) -> list[dict[str, Any]]:
         """The rows whose ``index`` matches ``value``, decrypted, false positives dropped. The
-        statements are built once per index (one term: ``=``; during an index rotation: ``IN``)."""
-        spec, source = self.indexes[index]
-        terms = spec.terms(value)
+        statements are built once per index (one term: ``=``; during an index rotation: ``IN``).
+
+        A candidate that fails authentication under this codec's context is not this context's
+        row (another tenant's row sharing the term's bucket) and is dropped, not an error for the
+        whole lookup. A row tampered with in the database is dropped the same way: each drop is
+        counted in :attr:`skipped` and logged (count only) on the ``keymgr.fields`` logger, and
+        reading the row by its key still raises the integrity error."""
+        spec, source = self._spec(index)
+        if value is None:
+            raise errors.ConfigurationError("find() needs a value (to find NULLs, query IS NULL)")
+        terms = spec.terms(value, context=self._contexts[index])
         if len(terms) == 1:
             result = conn.execute(self._lookup(index, False), {"term": terms[0]})
         else:
             result = conn.execute(self._lookup(index, True), {"terms": terms})
         sources = [source] if isinstance(source, str) else list(source)
         candidates = [dict(row._mapping) for row in result]
-        name = self.table.name
         # the indexed columns first, all candidates in one operation: a false positive costs one decryption
-        probes = self.cipher.decrypt_rows([({c: d.get(c) for c in sources}, row_text(d[self.pk])) for d in candidates],
-                                          table=name, extra=self.extra, text=self._text)
-        hits = [(d, p) for d, p in zip(candidates, probes, strict=True) if self._same(spec, source, p, value)]
-        rests = self.cipher.decrypt_rows(
-            [({c: d.get(c) for c in self.encrypted if c in d and c not in p}, row_text(d[self.pk])) for d, p in hits],
-            table=name, extra=self.extra, text=self._text)
+        probes = self.cipher.decrypt_rows_or_none(
+            [({c: d.get(c) for c in sources}, self.row_text(d[self.pk])) for d in candidates],
+            table=self.name, extra=self.extra, text=self._text)
+        hits = [(d, p) for d, p in zip(candidates, probes, strict=True)
+                if p is not None and self._same(spec, source, p, value)]
+        rests = self.cipher.decrypt_rows_or_none(
+            [({c: d.get(c) for c in self.encrypted if c in d and c not in p}, self.row_text(d[self.pk]))
+             for d, p in hits], table=self.name, extra=self.extra, text=self._text)
+        dropped = sum(p is None for p in probes) + sum(r is None for r in rests)
+        if dropped:
+            self.skipped += dropped
+            _log.warning("%s: %d lookup candidate(s) on %s failed authentication in this context and were "
+                         "dropped (another context's rows, or tampered)", self.name, dropped, index)
+        found = []
         for (data, probe), rest in zip(hits, rests, strict=True):
-            data.update(probe)
-            data.update(rest)
-        return [data for data, _ in hits]
+            if rest is not None:
+                data.update(probe)
+                data.update(rest)
+                found.append(data)
+        return found
 
     def _lookup(self, index: str, many: bool) -> sa.Select[Any]:
         statement = self._statements.get((index, many))
@@ -252,30 +357,47 @@ class EncryptedTable:
 
     @staticmethod
     def _same(spec: BlindIndex, source: str | Sequence[str], row: Mapping[str, Any],
-              value: str | Sequence[str]) -> bool:
+              value: Part | Sequence[Part]) -> bool:
         stored = _index_input(row, source)
         return stored is not None and spec.normalised(stored) == spec.normalised(value)
 
 
-def row_text(row_id: object) -> str:
-    """A row identity as bound into its values: a UUID in its canonical 36-character form
-    whichever way the database hands it back (PostgreSQL ``uuid``, SQLite ``CHAR(32)`` hex),
-    anything else as ``str``."""
+def _is_uuid(column: sa.Column[Any]) -> bool:
+    if isinstance(column.type, sa.Uuid):
+        return True
+    try:
+        return column.type.python_type is uuid.UUID
+    except NotImplementedError:
+        return False
+
+
+def row_text(row_id: object, *, uuid_key: bool = False) -> str:
+    """A row identity as bound into its values. A ``uuid.UUID``, or any value of a UUID key
+    (``uuid_key``), in its canonical 36-character form whichever way the database hands it back
+    (PostgreSQL ``uuid``, SQLite ``CHAR(32)`` hex); anything else as ``str``, exactly: two string
+    keys that spell the same UUID differently are two rows."""
     if isinstance(row_id, uuid.UUID):
         return str(row_id)
-    text = str(row_id)
-    if len(text) in (32, 36):
+    if uuid_key:
         try:
-            return str(uuid.UUID(text))
+            return str(uuid.UUID(str(row_id)))
         except ValueError:
-            pass
-    return text
+            raise errors.ConfigurationError("a UUID primary key holds a value that is not a UUID") from None
+    return str(row_id)
 
 
-def _index_input(row: Mapping[str, Any], source: str | Sequence[str]) -> str | list[str] | None:
-    """The plaintext a blind index reads from ``row`` (None when a part is missing)."""
+def _index_input(row: Mapping[str, Any], source: str | Sequence[str]) -> Part | list[Part] | None:
+    """The plaintext a blind index reads from ``row`` (None when a part is missing): text as text,
+    bytes as bytes (not ``str(b"...")``)."""
     if isinstance(source, str):
-        value = row.get(source)
-        return None if value is None else str(value)
-    parts = [row.get(s) for s in source]
-    return None if any(p is None for p in parts) else [str(p) for p in parts]
+        return _part(row.get(source))
+    parts = [_part(row.get(s)) for s in source]
+    return None if any(p is None for p in parts) else [p for p in parts if p is not None]
+
+
+def _part(value: Any) -> Part | None:
+    if value is None or isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    return str(value)
