@@ -41,7 +41,10 @@ def missing_reason() -> str | None:
 class TempPostgres:
     """One server on a unix socket in its own temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = True) -> None:
+        """``durable=False`` turns fsync off: for tests, whose kills hit the client, never the
+        server (a shutdown checkpoint with fsync took ~25 s of a test run); benchmarks keep it on."""
+        self.durable = durable
         # as root the server runs as another user, who must reach the directory: /tmp, not a private TMPDIR
         self.dir = Path(tempfile.mkdtemp(prefix="keymgr-pg-", dir="/tmp" if os.geteuid() == 0 else None))
         found = postgres_bin()
@@ -67,7 +70,8 @@ class TempPostgres:
     def start(self) -> TempPostgres:
         self._run("initdb", "-D", str(self.data), "-U", "keymgr", "--auth=trust", "-E", "UTF8", "--no-sync",
                   "--locale=C")
-        options = (f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' -c fsync=on "
+        fsync = "on" if self.durable else "off"
+        options = (f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' -c fsync={fsync} "
                    "-c max_connections=40 -c shared_buffers=64MB")
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "start")
         self._run("createdb", "-h", str(self.socket_dir), "-U", "keymgr", "keymgr")

@@ -42,7 +42,7 @@ def postgres() -> Iterator[TempPostgres]:
         if os.environ.get("KEYMGR_REQUIRE_INTEROP") == "1":
             pytest.fail(f"KEYMGR_REQUIRE_INTEROP=1 but {reason}")
         pytest.skip(reason)
-    with TempPostgres() as server:
+    with TempPostgres(durable=False) as server:
         yield server
 
 
