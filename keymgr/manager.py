@@ -220,7 +220,8 @@ class KeyManager:
         ``backup=True`` makes every version backup-capable (docs/ceremonies.md); without it
         the key can never leave the token, not even in a backup.
         ``exist_ok=True`` makes this get-or-create (what a service that starts on many hosts at
-        once wants): a key of that name and profile is returned as it is, its policy untouched,
+        once wants): a key of that name, profile and ``backup`` is returned as it is, its other
+        policy untouched,
         and a create that lost a race to another host returns the winner's key. A key of that
         name with another profile raises :class:`~keymgr.errors.KeyExistsError` either way.
         ``rotate_after_days`` (cryptoperiod) and ``max_messages`` (encryptions per version) end a
@@ -229,18 +230,18 @@ class KeyManager:
         """
         policy = KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages, backup=backup,
                            auto_rotate=auto_rotate)
-        if exist_ok and (existing := self._existing_key(name, profile)) is not None:
+        if exist_ok and (existing := self._existing_key(name, profile, backup)) is not None:
             return existing
         try:
             with self._audited("create", key=name, version=1, detail={"profile": profile}):
                 return self.keyring.create(name, profile=profile, policy=policy)
         except errors.KeyExistsError:
-            if exist_ok and (existing := self._existing_key(name, profile)) is not None:
+            if exist_ok and (existing := self._existing_key(name, profile, backup)) is not None:
                 return existing
             raise
 
-    def _existing_key(self, name: str, profile: str) -> KeyRecord | None:
-        """The key ``name`` if it exists with ``profile``; None if there is none."""
+    def _existing_key(self, name: str, profile: str, backup: bool) -> KeyRecord | None:
+        """The key ``name`` if it exists with ``profile`` and ``backup``; None if there is none."""
         try:
             record = self.keyring.get(name)
         except errors.KeyNotFoundError:
@@ -248,6 +249,9 @@ class KeyManager:
         if record.profile != profile:
             raise errors.KeyExistsError(f"a key named {name!r} already exists with profile {record.profile!r}, "
                                         f"not {profile!r}")
+        if record.policy.backup != backup:
+            raise errors.KeyExistsError(f"a key named {name!r} already exists, "
+                                        f"{'with' if record.policy.backup else 'without'} backup")
         return record
 
     def list_keys(self) -> list[KeyRecord]:
@@ -282,7 +286,8 @@ class KeyManager:
                                                  for f in self.keyring.facts(owner))
             if pending:
                 notes.append(f"object {label!r} (id {key_id.hex()}) has no version yet: a rotation in "
-                             "progress, or one that crashed (swept a day after it started)")
+                             "progress, or one that crashed (swept a day after it started), or one whose "
+                             "version fact was deleted: if no host is rotating, look for it in the audit log")
             else:
                 whose = f"key {owner!r}" if record is not None else f"any key (no key {owner!r} is on the token)"
                 failures.append(f"object {label!r} (id {key_id.hex()}) is named by no fact of {whose}: made by "

@@ -242,6 +242,13 @@ def resume(keyring: Keyring, name: str, version: int) -> KeyRecord:
 SETTLE = timedelta(minutes=10)
 
 
+def _sortable_time(at: str) -> datetime:
+    try:
+        return parse_utc(at)
+    except ValueError:
+        return datetime.max.replace(tzinfo=UTC)  # unreadable: taken as the latest
+
+
 def check_settled(keyring: Keyring, record: KeyRecord, target: KeyVersion, verb: str) -> None:
     """Refuse while another host may still encrypt under ``target`` (:data:`SETTLE`): it is
     outranked by a newer primary claim (a higher (epoch, number), whatever its epoch: the loser
@@ -254,22 +261,24 @@ def check_settled(keyring: Keyring, record: KeyRecord, target: KeyVersion, verb:
               if f.kind in ("version", "primary") and f.body.get("epoch") is not None and f.kid in number]
     mine = max(((epoch, num) for epoch, num, _, k in claims if k == kid), default=None)
     destroyed = [f.at for f in facts if f.kind == "state" and f.kid == kid and f.body.get("to") == "destroyed"]
-    if destroyed:  # finishing a destroy: it stopped encrypting when the facts first said destroyed
-        since, why = min(destroyed), "was marked destroyed"
+    if destroyed:  # finishing a destroy: it stopped encrypting when the facts said destroyed
+        since, why = max(destroyed, key=_sortable_time), "was marked destroyed"
     elif mine is None:  # never activated: it may be activated right now by someone else
         since, why = target.created, "was created"
     else:
         # outranked by a higher (epoch, number), or by any claim that may lead where this one may
-        # not (the loser of two creates with different profiles led on its own host until then)
+        # not (the loser of two creates with different profiles led on its own host until then);
+        # from the latest of them: the earliest may be a version that never led, or one a forged
+        # destroyed fact retired, after which this one led again
         later = [at for epoch, num, at, k in claims
                  if k != kid and ((epoch, num) > mine or (k in leads and kid not in leads))]
         if not later:
             return
-        since, why = min(later), "stopped being the primary"
+        since, why = max(later, key=_sortable_time), "stopped being the primary"
     try:
         age = parse_utc(keyring.now()) - parse_utc(since)
-    except ValueError:
-        return
+    except ValueError:  # a time that does not parse proves nothing: wait as for a change just made
+        age = timedelta(0)
     if age < SETTLE:
         raise errors.PolicyError(
             f"key {record.name!r} version {target.version} {why} at {since}, {int(age.total_seconds())} s ago: "

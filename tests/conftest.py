@@ -32,7 +32,7 @@ import pytest
 #: "interrupt-A" / "interrupt-B" are tests/test_interrupt_ceremonies.py's own (it interrupts ~100 child
 #: processes, each of which reads every fact of its token: the shared tokens' keys would make that slow)
 SOFTHSM_TOKENS = ("keymgr-A", "keymgr-B", "custodian-1", "custodian-2", "custodian-3", "lockout", "hygiene", "crash",
-                  "interrupt-A", "interrupt-B")
+                  "interrupt-A", "interrupt-B", "mac-swap")
 USER_PIN = "1234"
 SO_PIN = "5678"
 

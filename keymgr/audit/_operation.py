@@ -109,7 +109,7 @@ class Operation:
             outcome = "ok" if exc is None else "refused" if isinstance(exc, errors.PolicyError) else "failed"
             detail = self.detail
             if outcome == "refused":  # why, for the reviewer: keymgr's messages never hold a secret
-                detail = {**(detail or {}), "why": str(exc)[:500]}
+                detail = {**(detail or {}), "why": _clip(str(exc))}
             try:
                 # a state change's entry is written whole (not on the per-message path: no syscalls there)
                 with _signals.deferred_signals() if self.op in STATE_CHANGING else contextlib.nullcontext():
@@ -145,3 +145,9 @@ class UnauditedOperation(Operation):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         return None
+
+
+def _clip(text: str, limit: int = 250) -> str:
+    """A refusal's reason as an entry's detail takes it (a detail string is at most 256 characters:
+    a longer one would void the whole detail)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."

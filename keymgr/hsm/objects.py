@@ -95,11 +95,15 @@ def generate_key(ts: TokenSession, template: KeyTemplate, *, label: str, key_id:
     ts.run(f"generate {template.purpose} key {label!r}", call)
 
 
-def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes) -> pkcs11.SecretKey:
+def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes,
+              proof: Mapping[Attribute, Any] | None = None) -> pkcs11.SecretKey:
+    """The key object under ``key_id`` (cached per session). With ``proof``, only an object that
+    also shows those attributes (the token matches them in C_FindObjects) is ever found."""
     cached = ts.cache.get(("key", key_id))
     if cached is not None:
         return cached  # type: ignore[return-value]
-    found = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id}))
+    template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id, **(proof or {})}
+    found = list(session.get_objects(template))
     if not found:
         raise errors.KeyNotFoundError(f"no key object with id {key_id.hex()} on token {ts.label!r}")
     if len(found) > 1:
@@ -115,14 +119,15 @@ def cached_key_handle(ts: TokenSession, key_id: bytes) -> int | None:
     return None if cached is None else int(cached.handle)  # type: ignore[attr-defined]
 
 
-def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any, *, refind: bool = True) -> Any:
+def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any, *, refind: bool = True,
+              proof: Mapping[Attribute, Any] | None = None) -> Any:
     """Run ``use(key)`` with the cached handle; look it up again once if it went stale, unless
     ``refind`` is False (a KEK that encrypts: its object was checked, and an object found anew
     under the same CKA_ID may be another one, planted; the caller checks it again first).
     A key asked for a role its template does not give it is a :class:`~keymgr.errors.PolicyError`."""
 
     def call(session: pkcs11.Session) -> Any:
-        key = _find_key(session, ts, key_id)
+        key = _find_key(session, ts, key_id, proof)
         try:
             try:
                 return use(key)
@@ -133,7 +138,7 @@ def _with_key(ts: TokenSession, key_id: bytes, operation: str, use: Any, *, refi
                         f"{operation} on token {ts.label!r}: key object {key_id.hex()} went away while in use "
                         "(destroyed, or replaced); nothing was encrypted. Retry: the next attempt checks the "
                         "object again") from None
-                key = _find_key(session, ts, key_id)
+                key = _find_key(session, ts, key_id, proof)
                 return use(key)
         except AttributeError as exc:
             role = missing_role(exc, key)
@@ -334,9 +339,12 @@ def gcm_decrypt(ts: TokenSession, key_id: bytes, ciphertext: bytes, *, nonce: by
 
 
 def hmac_sha256(ts: TokenSession, key_id: bytes, data: bytes) -> bytes:
-    """HMAC-SHA256 computed inside the token."""
+    """HMAC-SHA256 computed inside the token, by a key that shows :data:`_SINGLETON_PROOF` (every
+    HMAC key of keymgr is one: the keyring's, the audit log's, blind indexes'): an object planted
+    under the same CKA_ID, after the genuine one was destroyed, is never found."""
     return _with_key(ts, key_id, "compute HMAC",  # type: ignore[no-any-return]
-                     lambda key: bytes(key.sign(bytes(data), mechanism=Mechanism.SHA256_HMAC)))
+                     lambda key: bytes(key.sign(bytes(data), mechanism=Mechanism.SHA256_HMAC)),
+                     proof=_SINGLETON_PROOF)
 
 
 def hmac_sha256_verify(ts: TokenSession, key_id: bytes, data: bytes, mac: bytes) -> bool:
@@ -348,7 +356,7 @@ def hmac_sha256_verify(ts: TokenSession, key_id: bytes, data: bytes, mac: bytes)
         except (p11x.SignatureInvalid, p11x.SignatureLenRange):
             return False
 
-    return _with_key(ts, key_id, "verify HMAC", use)  # type: ignore[no-any-return]
+    return _with_key(ts, key_id, "verify HMAC", use, proof=_SINGLETON_PROOF)  # type: ignore[no-any-return]
 
 
 def write_data_object(ts: TokenSession, *, application: str, label: str, value: bytes) -> None:

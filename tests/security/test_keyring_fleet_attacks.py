@@ -9,6 +9,8 @@ what it cannot prevent.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 from dataclasses import asdict, replace
@@ -21,7 +23,7 @@ from keymgr import errors, rotation
 from keymgr.hsm import objects
 from keymgr.keyfacts import Fact
 from keymgr.keyring import META_MAC_LABEL, version_template
-from tests.conftest import TokenUnderTest, requires
+from tests.conftest import TokenUnderTest, requires, softhsm_token
 
 
 def _stale_manager(token: TokenUnderTest) -> keymgr.KeyManager:
@@ -139,8 +141,8 @@ def test_a_planted_mac_key_of_known_value_is_never_used_and_is_reported(km, toke
     with it is not authentic, and ``key verify`` names it."""
     requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     km.create_key(key_name)
-    planted = b"\x00" * 4
-    _plant_mac_key(km, os.urandom(32), planted)
+    planted, value = b"\x00" * 4, os.urandom(32)
+    _plant_mac_key(km, value, planted)
     try:
         with keymgr.KeyManager(token.uri()) as fresh:
             fresh.rotate(key_name)  # writes facts, MACed by the writer's key
@@ -148,8 +150,8 @@ def test_a_planted_mac_key_of_known_value_is_never_used_and_is_reported(km, toke
             assert fresh.keyring._writer_mac() != planted  # noqa: SLF001
             problems, _ = fresh.verify_token_objects()
             assert any(planted.hex() in line and "CKA_LOCAL is False" in line for line in problems), problems
-            assert not fresh.keyring.verify_authentic(b"probe", b"x", objects.hmac_sha256(fresh.token, planted,
-                                                                                          b"probe\x00x"))
+            forged = hmac.new(value, b"probe\x00x", hashlib.sha256).digest()  # what its planter can make
+            assert not fresh.keyring.verify_authentic(b"probe", b"x", forged)
     finally:
         objects.destroy_key(km.token, planted)
 
@@ -191,7 +193,7 @@ def test_the_losing_profile_of_a_create_race_waits_even_with_the_higher_number(k
     primary before a destroy."""
     requires(token, "aes-keygen", "hmac-sha256", "data-objects", "aes-gcm")
     record = km.create_key(key_name, profile="gcm")
-    rival = b"\xff" * 16  # sorts after A's version: B's becomes v2
+    rival = b"\xff" * 4 + os.urandom(12)  # sorts after A's version: B's becomes v2
     objects.generate_key(km.token, version_template("kw", record.policy), label=f"{key_name}/v1", key_id=rival)
     _write_fact(km, key_name, "key", {"profile": "kw", "policy": asdict(record.policy)}, "f" * 32)
     _write_fact(km, key_name, "version", {"kid": rival.hex(), "num": 1, "epoch": 1, "restored": False,
@@ -263,3 +265,92 @@ def test_key_verify_finds_objects_of_a_key_whose_facts_are_all_gone(km, token: T
         assert km.verify_token_objects(key_name) == ([], [])
     finally:
         objects.destroy_key(km.token, orphan)
+
+
+# -- third review ---------------------------------------------------------------------------
+
+
+def test_the_settle_wait_runs_from_the_latest_rotation_that_outranks_the_version(km, token: TokenUnderTest,
+                                                                                   key_name: str) -> None:
+    """A version that lost a create race long ago outranks v1 by number without ever leading; v1
+    led until the rotation just made. The wait runs from that rotation, not from the old race."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects", "aes-gcm")
+    record = km.create_key(key_name, profile="gcm")
+    rival = b"\xff" * 4 + os.urandom(12)
+    objects.generate_key(km.token, version_template("kw", record.policy), label=f"{key_name}/v1", key_id=rival)
+    _write_fact(km, key_name, "key", {"profile": "kw", "policy": asdict(record.policy)}, "f" * 32)
+    old = "2000-01-01T00:00:00Z"  # the race, long ago
+    km.keyring._put(key_name, [Fact("version", key_name, "e" * 32, old, {  # noqa: SLF001
+        "kid": rival.hex(), "num": 1, "epoch": 1, "restored": False, "kcv": objects.check_value(km.token, rival),
+        "prof": "kw"})])
+    km.rotate(key_name)  # v1 stops leading now
+    with pytest.raises(errors.PolicyError, match="stopped being the primary"):
+        km.destroy(key_name, 1, confirmed=True)
+    with pytest.raises(errors.PolicyError, match="stopped being the primary"):
+        km.retire(key_name, below=2)
+
+
+def test_a_destroyed_fact_with_an_unreadable_or_old_time_does_not_skip_the_wait(km, token: TokenUnderTest,
+                                                                                  key_name: str) -> None:
+    """A forged time proves nothing: one that does not parse counts as now."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    km.create_key(key_name)
+    primary = km.rotate(key_name).primary_version
+    km.keyring._put(key_name, [Fact("state", key_name, "d" * 32, "not-a-time", {  # noqa: SLF001
+        "kid": primary.key_id.hex(), "to": "destroyed", "lc": 99})])
+    with pytest.raises(errors.PolicyError, match="was marked destroyed"):
+        km.destroy(key_name, primary.version, confirmed=True)
+    assert objects.key_exists(km.token, primary.key_id)
+
+
+def test_a_key_planted_under_the_genuine_mac_keys_id_is_never_used(key_name: str) -> None:
+    """A long-running process caches the MAC key's handle; a PIN holder destroys the genuine key and
+    imports one of a known value under the same CKA_ID and another label. The process's next
+    HMAC finds no key (the token matches the proof attributes) instead of MACing with the planted
+    one. On a token of its own: destroying the genuine MAC key voids every record it MACed."""
+    token = softhsm_token("mac-swap")
+    with keymgr.KeyManager(token.uri()) as km:
+        km.create_key(key_name)
+        mac_id = km.keyring._writer_mac()  # noqa: SLF001
+        try:
+            objects.hmac_sha256(km.token, mac_id, b"warm the handle cache")
+
+            def swap(session: object) -> None:
+                for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,  # type: ignore[attr-defined]
+                                                Attribute.ID: mac_id}):
+                    obj.destroy()
+                session.create_object({  # type: ignore[attr-defined]
+                    Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+                    Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.LABEL: "innocuous", Attribute.ID: mac_id,
+                    Attribute.VALUE: b"K" * 32, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                    Attribute.MODIFIABLE: False, Attribute.SIGN: True, Attribute.VERIFY: True})
+
+            km.token.run("swap the MAC key", swap)
+            with pytest.raises(errors.KeyNotFoundError):
+                objects.hmac_sha256(km.token, mac_id, b"a fact")
+        finally:
+            km.token.run("remove the planted key", lambda s: [o.destroy() for o in s.get_objects(  # type: ignore[attr-defined]
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: mac_id, Attribute.LABEL: "innocuous"})])
+
+
+def test_refusal_reasons_fit_the_audit_detail(tmp_path, token: TokenUnderTest, key_name: str) -> None:
+    """A settle refusal's message is longer than a detail string may be: it is cut, and the rest of
+    the detail (below, immediately) stays."""
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    path = tmp_path / "audit.log"
+    with keymgr.KeyManager(token.uri(), audit=path) as km:
+        km.create_key(key_name)
+        km.rotate(key_name)
+        with pytest.raises(errors.PolicyError):
+            km.retire(key_name, below=2)
+    [row] = [json.loads(line) for line in path.read_text().splitlines()
+             if '"retire"' in line and '"refused"' in line]
+    assert row["detail"]["below"] == 2 and row["detail"]["immediately"] is False
+    assert row["detail"]["why"].startswith(f"key {key_name!r} version 1 stopped being the primary")
+
+
+def test_exist_ok_refuses_a_key_with_another_backup_setting(km, token: TokenUnderTest, key_name: str) -> None:
+    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
+    km.create_key(key_name, backup=False)
+    with pytest.raises(errors.KeyExistsError, match="without backup"):
+        km.create_key(key_name, backup=True, exist_ok=True)
