@@ -122,7 +122,7 @@ def object_handles(label: str) -> set[tuple[int, bytes, str]]:
     out = set()
 
     def read(session: pkcs11.Session) -> None:
-        for obj in session.get_objects():
+        for obj in list(session.get_objects()):  # the search ends before anything can raise
             try:
                 key_id = bytes(obj[pkcs11.Attribute.ID])
             except pkcs11.exceptions.PKCS11Error:

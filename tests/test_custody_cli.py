@@ -320,3 +320,69 @@ def test_key_transcripts_are_never_overwritten_and_checked_before_the_change(
     assert len(err.strip().splitlines()) == 1
     record = json.loads(run("--token", a, "--json", "key", "show", key_name)[1])
     assert record["primary"] == 2
+
+
+def run_bytes(*args: str, env: dict[str, str] | None = None) -> tuple[int, bytes, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False, env=env)
+    return result.exit_code, result.stdout_bytes, result.stderr
+
+
+def test_outputs_to_stdout_hold_only_the_data(people: list, tmp_path: Path, key_name: str) -> None:
+    """``-o -`` puts the request, the approval, the backup and quorum-encrypted data on stdout
+    and every report line on stderr: each reads back whole (a status line in a backup made it
+    unrestorable after its approvals were spent)."""
+    from keymgr.custody.approvals import Approval, Request
+    from keymgr.custody.backup_file import BackupFile
+
+    a = softhsm_token("keymgr-A").uri()
+    for name, uri, label in people:
+        run("--token", a, "custodian", "add", name, "--token", uri, "--key-label", label)
+    names = ",".join(name for name, _, _ in people)
+    assert run("--token", a, "key", "create", key_name, "--backup")[0] == 0
+    assert run("--token", a, "custodian", "policy", "2", "--key", key_name, "--custodians", names)[0] == 0
+
+    code, data, err = run_bytes("--token", a, "request", "backup", key_name, "-o", "-", "--by", "ops")
+    assert code == 0 and "request digest:" in err, err
+    request = Request.parse(data)
+    (tmp_path / "r.req").write_bytes(data)
+    approvals = []
+    for n, (name, uri, label) in enumerate((people[0], people[2])):
+        code, data, err = run_bytes("approve", str(tmp_path / "r.req"), "--custodian", name, "--token", uri,
+                                    "--key-label", label, "--yes", "-o", "-")
+        assert code == 0 and "wrote -" in err, err
+        assert Approval.parse(data).request_digest == request.digest
+        (tmp_path / f"{n}.approval").write_bytes(data)
+        approvals += ["--approval", str(tmp_path / f"{n}.approval")]
+    code, data, err = run_bytes("--token", a, "backup", key_name, "-o", "-", "--request", str(tmp_path / "r.req"),
+                                "--so-pin-source", "env:TEST_SO_PIN", *approvals, env={"TEST_SO_PIN": SO_PIN})
+    assert code == 0 and "signed transcript:" in err, err
+    assert [k.record.name for k in BackupFile.parse(data).keys] == [key_name]
+
+    (tmp_path / "secret").write_bytes(b"pay 100 to alice")
+    code, data, err = run_bytes("--token", a, "quorum", "encrypt", "--key", key_name, str(tmp_path / "secret"),
+                                "-o", "-")
+    assert code == 0 and "wrote -" in err, err
+    (tmp_path / "q.kmg").write_bytes(data)
+    code, data, err = run_bytes("--token", a, "decrypt", str(tmp_path / "q.kmg"), "-o", "-")
+    assert code == 0 and data == b"pay 100 to alice", err
+
+
+def test_requests_and_approvals_never_replace_a_file_and_name_an_unknown_custodian(people: list, tmp_path: Path,
+                                                                                  key_name: str) -> None:
+    a = softhsm_token("keymgr-A").uri()
+    name, uri, label = people[0]
+    run("--token", a, "custodian", "add", name, "--token", uri, "--key-label", label)
+    assert run("--token", a, "key", "create", key_name, "--backup")[0] == 0
+    code, _, err = run("--token", a, "request", "policy", "2", "--key", key_name, "--custodians", f"{name},zed",
+                       "-o", str(tmp_path / "p.req"))
+    assert code == 2 and "no custodian named 'zed' is registered" in err, err
+    req = tmp_path / "r.req"
+    req.write_bytes(b"an earlier request, approvals pending")
+    code, _, err = run("--token", a, "request", "backup", key_name, "-o", str(req))
+    assert code != 0 and "exists" in err and req.read_bytes() == b"an earlier request, approvals pending", err
+    req.unlink()
+    assert run("--token", a, "request", "backup", key_name, "-o", str(req))[0] == 0
+    before = req.read_bytes()
+    code, _, err = run("approve", str(req), "--custodian", name, "--token", uri, "--key-label", label, "--yes",
+                       "-o", str(req))
+    assert code != 0 and "exists" in err and req.read_bytes() == before, err

@@ -25,7 +25,8 @@ import click
 from keymgr import _signals, errors
 
 __all__ = ["DoneButNotRecorded", "CliState", "GuardedGroup", "pass_state", "committing", "emit_json", "fail",
-           "EXIT_CODES", "EXIT_CODE_MEANINGS", "console", "exit_codes_help", "warn_pin_value", "ALLOW_PIN_VALUE_VAR"]
+           "EXIT_CODES", "EXIT_CODE_MEANINGS", "console", "exit_codes_help", "report", "to_stderr", "warn_pin_value",
+           "ALLOW_PIN_VALUE_VAR"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,8 +125,20 @@ def console(stderr: bool = False) -> Any:
     return Console(file=stream, highlight=False, soft_wrap=True, width=width)
 
 
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+def emit_json(data: Any, *, output: object = None) -> None:
+    """The command's JSON report: on stdout, or on stderr when the command's data went to stdout
+    (``-o -``), so that the two never mix."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str), err=to_stderr(output))
+
+
+def to_stderr(output: object) -> bool:
+    """Whether a command's own report lines must go to stderr: its data goes to stdout (``-o -``)."""
+    return str(output) == "-"
+
+
+def report(output: object, line: str) -> None:
+    """One line of a command's report about writing ``output`` (stderr when the data is on stdout)."""
+    click.echo(line, err=to_stderr(output))
 
 
 def _one_line(message: str) -> str:

@@ -18,7 +18,7 @@ import click
 
 from keymgr import errors
 from keymgr._terminal import confirmation_input
-from keymgr.cli._common import CliState, pass_state
+from keymgr.cli._common import CliState, pass_state, report
 from keymgr.cli._custody_common import custodian_uri, default_path, pin_prompt, read_file
 from keymgr.cli._output import checked_output, write_output
 
@@ -47,7 +47,7 @@ def approve_command(state: CliState, request_path: str, name: str, uri: str | No
 
     request = Request.parse(read_file(request_path, "request"))
     out = output or str(default_path(Path(request_path), f".{name}.approval"))
-    checked_output(out)  # before the PIN: an approval that cannot be written costs the custodian nothing
+    checked_output(out, new=True)  # before the PIN: an approval that cannot be written costs the custodian nothing
     fingerprint = _approver_fingerprint(state, request, name)
     click.echo("You are asked to approve:", err=True)
     for line in request.explain():
@@ -68,8 +68,8 @@ def approve_command(state: CliState, request_path: str, name: str, uri: str | No
             approval = approve(request, signer)
         finally:
             signer.close()
-    write_output(out, approval.to_bytes())
-    click.echo(f"wrote {out}: approval by {name!r} of request {request.digest}")
+    write_output(out, approval.to_bytes(), new=True)  # never over a request or another approval
+    report(out, f"wrote {out}: approval by {name!r} of request {request.digest}")
 
 
 def _approver_fingerprint(state: CliState, request: Any, name: str) -> str | None:

@@ -18,6 +18,7 @@ import click
 from keymgr import errors
 from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, console, emit_json, exit_code_for, pass_state
+from keymgr.cli._common import report as status
 
 __all__ = ["audit_group"]
 
@@ -283,6 +284,6 @@ def report_command(state: CliState, logs: tuple[str, ...], since: str, until: st
         click.echo(text, nl=False)
     else:
         write_output(output, text.encode("utf-8"), mode=0o600)
-        click.echo(f"wrote {output}: {len(report.anomalies)} anomalies, {len(report.rate_limits)} rate-limit trips")
+        status(output, f"wrote {output}: {len(report.anomalies)} anomalies, {len(report.rate_limits)} rate-limit trips")
     if any(log.error is not None for log in report.logs):
         sys.exit(exit_code_for(errors.ConfigurationError()))  # a log was not read: the review is incomplete

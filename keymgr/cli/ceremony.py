@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from keymgr import errors
-from keymgr.cli._common import CliState, committing, emit_json, pass_state
+from keymgr.cli._common import CliState, committing, emit_json, pass_state, report
 from keymgr.cli._custodian_prompts import ask_custodians
 from keymgr.cli._custody_common import (
     check_transcript_free,
@@ -64,7 +64,12 @@ def backup_command(state: CliState, name: str, versions: str | None, output: str
     fails spends nothing."""
     out = Path(output)
     checked_output(output, new=True)  # before anything: no approvals spent, no SO PIN typed for nothing
-    transcript = Path(transcript_path) if transcript_path else default_path(out, ".transcript.p7s")
+    if transcript_path:
+        transcript = Path(transcript_path)
+    elif str(out) == "-":  # the backup goes to stdout: its transcript gets a name of its own
+        transcript = default_path(Path(f"backup-{name}"), ".transcript.p7s")
+    else:
+        transcript = default_path(out, ".transcript.p7s")
     check_transcript_free(transcript_path)
     check_directory(str(transcript))  # its directory, when given apart from OUTPUT
     km = state.manager()
@@ -91,10 +96,11 @@ def backup_command(state: CliState, name: str, versions: str | None, output: str
     finally:
         pin.wipe()
     if state.json_output:
-        emit_json({"backup": str(out), "transcript": str(written[0]), "description": result.description})
+        emit_json({"backup": str(out), "transcript": str(written[0]), "description": result.description},
+                  output=out)
     else:
-        click.echo(f"wrote {out}: {result.description}")
-        click.echo(f"signed transcript: {written[0]}")
+        report(out, f"wrote {out}: {result.description}")
+        report(out, f"signed transcript: {written[0]}")
 
 
 def _write_backup(out: Path, transcript: Path, result: Any) -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from keymgr import errors
-from keymgr.cli._common import CliState, committing, console, emit_json, pass_state
+from keymgr.cli._common import CliState, committing, console, emit_json, pass_state, report
 from keymgr.cli._custody_common import (
     check_transcript_free,
     custodian_uri,
@@ -180,17 +180,17 @@ def _write_request(state: CliState, operation: str, key: str | None, params: dic
                    ttl_hours: int, requested_by: str) -> None:
     from keymgr.custody.approvals import request_for
 
-    checked_output(output)
+    checked_output(output, new=True)
     km = state.manager()
     request = request_for(km.keyring, operation, key=key, params=params, ttl=timedelta(hours=ttl_hours),
                           requested_by=requested_by)
-    write_output(output, request.to_bytes())
+    write_output(output, request.to_bytes(), new=True)  # never over a request that has approvals
     if state.json_output:
-        emit_json({"request": output, "digest": request.digest, "describe": request.describe()})
+        emit_json({"request": output, "digest": request.digest, "describe": request.describe()}, output=output)
     else:
-        click.echo(f"wrote {output}: {request.describe()}")
-        click.echo(f"request digest: {request.digest}")
-        click.echo("(each approver sees this digest before signing: read it to them out of band)")
+        report(output, f"wrote {output}: {request.describe()}")
+        report(output, f"request digest: {request.digest}")
+        report(output, "(each approver sees this digest before signing: read it to them out of band)")
 
 
 @request_group.command("destroy")
@@ -288,7 +288,7 @@ def quorum_encrypt(state: CliState, source: str, output: str, key: str, context:
     recipient = threshold_recipient(CustodyRegister(km.keyring).load(), key=key)
     blob = km.encrypt(read_file(source, "input"), key=key, context=_context(context), also_to=[recipient])
     write_output(output, blob)
-    click.echo(f"wrote {output}: readable with key {key!r} or by {recipient.description}")
+    report(output, f"wrote {output}: readable with key {key!r} or by {recipient.description}")
 
 
 @quorum_group.command("decrypt")
@@ -318,7 +318,7 @@ def quorum_decrypt(state: CliState, source: str, output: str, custodians: tuple[
         for token in tokens:
             token.close()
     write_output(output, plaintext, mode=0o600)
-    click.echo(f"wrote {output}")
+    report(output, f"wrote {output}")
 
 
 def register_custody_commands(group: click.Group) -> None:

@@ -45,9 +45,11 @@ _KEY_FIELDS = {"version", "id", "kcv", "state"}
 _MAX_KEYS = 1000
 
 
-def _quorum(policy: QuorumPolicy | Mapping[str, Any] | None, register: Register) -> dict[str, Any] | None:
+def _quorum(policy: QuorumPolicy | Mapping[str, Any] | None, register: Register, *,
+            new: bool = False) -> dict[str, Any] | None:
     """The quorum as shown: threshold, and each custodian with their registered key and token.
-    ``policy`` may be a policy's JSON form (a policy request's ``params['policy']``)."""
+    ``policy`` may be a policy's JSON form (a policy request's ``params['policy']``). ``new``: the
+    quorum a policy request sets, whose custodians must all be registered already."""
     if policy is None:
         return None
     if isinstance(policy, Mapping):
@@ -57,6 +59,9 @@ def _quorum(policy: QuorumPolicy | Mapping[str, Any] | None, register: Register)
         try:
             c = register.custodian(name)
         except errors.KeyNotFoundError:
+            if new:
+                raise errors.ConfigurationError(f"no custodian named {name!r} is registered (keymgr custodian add "
+                                                f"{name} --token ...): a quorum is of registered custodians") from None
             members.append({"name": name, "fingerprint": "", "token": "", "serial": ""})  # matches no request
             continue
         members.append({"name": c.name, "fingerprint": c.fingerprint, "token": c.token_label,
@@ -79,7 +84,7 @@ def facts(register: Register, policy: QuorumPolicy | None, record: KeyRecord | N
     for a policy change the new quorum with its custodians' keys."""
     shown = {"quorum": _quorum(policy, register), "keys": _keys(record, params.get("versions"))}
     if "policy" in params:
-        shown["new_quorum"] = _quorum(params["policy"], register)
+        shown["new_quorum"] = _quorum(params["policy"], register, new=True)
     return shown
 
 

@@ -157,6 +157,9 @@ def read_message(src: BinaryIO | io.RawIOBase, *, size: int | None, max_bytes: i
     head = _read_up_to(src, 6)
     if head[:2] == b"\x30\x80":
         return _read_to_end(src, head, size=size, max_bytes=max_bytes, name=name)
+    if len(head) >= 2 and head[0] == 0x30 and 0x85 <= head[1] <= 0x88:  # 5 to 8 length octets: > 4 GiB
+        raise ConfigurationError(f"{name}: the message announces more than 4 GiB, more than the {max_bytes}-byte "
+                                 "limit for messages held in memory (--max-message-size)")
     length = outer_length(head)
     if length > max_bytes:  # first: over the limit is what to say, whatever else is wrong (as for 30 80)
         raise ConfigurationError(f"{name}: the message announces {length} bytes, more than the {max_bytes}-byte "

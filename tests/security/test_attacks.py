@@ -94,8 +94,10 @@ def test_keys_read_back_as_their_templates(manager: KeyManager, targets: dict[st
     def read(session: object) -> dict[str, dict[str, object]]:
         out = {}
         for purpose, target in targets.items():
-            obj = next(iter(session.get_objects({Attribute.ID: target.key_id,  # type: ignore[attr-defined]
-                                                  Attribute.CLASS: target.object_class})))
+            # list(): a search left half-read is finished by the garbage collector, perhaps after its
+            # session is gone, and python-pkcs11 then prints a traceback into whatever runs next
+            obj = list(session.get_objects({Attribute.ID: target.key_id,  # type: ignore[attr-defined]
+                                            Attribute.CLASS: target.object_class}))[0]
             out[purpose] = {n: obj[Attribute[n]] for n in ("SENSITIVE", "EXTRACTABLE", "MODIFIABLE", "COPYABLE",
                                                           "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE")}
         return out

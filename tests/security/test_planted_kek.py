@@ -64,8 +64,8 @@ def _plant(km: keymgr.KeyManager, name: str, how: str) -> tuple[bytes, bytes]:
                     {"kid": key_id.hex(), "num": len(record.versions) + 1, "kcv": kcv, "epoch": epoch,
                      "restored": False})
         inner = fact.to_json()
-        mac_key = next(iter(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,  # type: ignore[attr-defined]
-                                                 Attribute.LABEL: META_MAC_LABEL})))
+        mac_key = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,  # type: ignore[attr-defined]
+                                            Attribute.LABEL: META_MAC_LABEL}))[0]  # list(): the search ends here
         from pkcs11 import Mechanism
 
         mac = mac_key.sign(b"keymgr keyring fact v2\x00" + canonical(inner), mechanism=Mechanism.SHA256_HMAC)
