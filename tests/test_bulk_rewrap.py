@@ -13,7 +13,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,8 +155,11 @@ def test_leftover_temp_files_of_dead_processes_are_removed(km: keymgr.KeyManager
     killed, writer = _locked_by_child(zombie), _locked_by_child(alive)
     zombie = zombie.rename(tmp_path / f".a.cms.{bulk_rewrap.TEMP_TAG}.{killed.pid}.zombie12.tmp")  # its own pid
     try:
-        killed.kill()  # not waited for: a zombie until the end of the test
-        time.sleep(0.2)
+        killed.kill()  # not reaped: a zombie until the end of the test
+        # waits until it has exited (its descriptors closed, so its flock released) and leaves it
+        # unreaped (WNOWAIT): deterministic where a sleep raced with the kernel's exit
+        os.waitid(os.P_PID, killed.pid, os.WEXITED | os.WNOWAIT)
+        os.kill(killed.pid, 0)  # still a zombie: its pid answers, which is what the test is about
         summary = bulk_rewrap.run(km.rewrapper(), [tmp_path])
         assert summary.cleaned == 2 and not dead.exists() and not zombie.exists() and alive.exists()
         assert summary.total == 1  # no leftover was taken for input
