@@ -17,6 +17,9 @@ from keymgr.hsm import asym, open_token, probe
 from keymgr.hsm.pins import PinRequest
 from tests.conftest import TokenUnderTest, requires, softhsm_token
 
+#: the key pairs stay on the shared tokens, under labels unique to each test (``_label``)
+pytestmark = pytest.mark.leaves_objects("t-")
+
 
 def _label(kind: str) -> str:
     return f"t-{kind}-{uuid.uuid4().hex[:8]}"
@@ -62,8 +65,8 @@ def test_generate_find_sign_and_recover(token: TokenUnderTest, kind: str) -> Non
                 asym.ecdh_derive(ts, ref, _point(ec.generate_private_key(public.curve).public_key()))
 
 
+@pytest.mark.requires("rsa-keygen")
 def test_private_key_is_sensitive_non_extractable_token_object(token: TokenUnderTest) -> None:
-    requires(token, "rsa-keygen")
     ts = open_token(token.uri())
     ref = asym.generate_keypair(ts, "rsa-2048", label=_label("attrs"))
 

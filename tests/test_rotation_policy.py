@@ -108,10 +108,8 @@ def test_gcm_profile_is_bounded_by_the_random_nonce_limit() -> None:
     assert usage.block_for(10) == 1 and usage.block_for(2**32) == usage.FIRST_BLOCK
 
 
+@pytest.mark.requires("aes-gcm")
 def test_gcm_key_counts_uses_without_max_messages(km, token, key_name: str) -> None:
-    from tests.conftest import requires
-
-    requires(token, "aes-gcm")
     km.create_key(key_name, profile="gcm")
     km.encrypt(b"x", key=key_name)
     assert km.describe_key(key_name).primary_version.uses == usage.FIRST_BLOCK
