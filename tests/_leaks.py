@@ -35,6 +35,14 @@ So a token object is judged only when it is unknown (no earlier test saw it: ide
 are remembered) and some token object file appeared on disk during the test
 (``TokenFiles``; one stat per token directory, a listing only when one changed).
 
+Objects made by module- and session-scoped fixtures (between two tests' windows) are
+remembered as known, not judged: their fixtures own them. Helpers that make objects once
+per run for whichever test asks first (tests/custody_helpers.party) have their label
+prefix allowed for the whole run (tests/conftest.py).
+
+A test that must leave a PKCS#11 session open because of a bug elsewhere says so with
+``@pytest.mark.known_session_leak("why")``; the check then fails it when the leak stops.
+
 What it cannot see: an object a child process made and destroyed, or made on a token this
 process is not logged in to (its labels are encrypted); PKCS#11 sessions of child
 processes; sessions and objects on the TPM (its module numbers handles its own way).
@@ -53,7 +61,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 CKR_OK = 0
+CKR_OBJECT_HANDLE_INVALID = 0x82
 CKR_ATTRIBUTE_TYPE_INVALID = 0x12
+CKR_WRONG_TOKEN = -1  # ours: the object's attributes did not decrypt under this session's token
 CKA_CLASS, CKA_TOKEN, CKA_LABEL, CKA_APPLICATION = 0x0, 0x1, 0x3, 0x10
 _UNAVAILABLE = ctypes.c_ulong(-1).value
 CKF_SERIAL_SESSION = 0x4
@@ -77,8 +87,16 @@ class _Attr(ctypes.Structure):
     _fields_ = [("type", ctypes.c_ulong), ("value", ctypes.c_void_p), ("length", ctypes.c_ulong)]
 
 
-def _text(buffer: ctypes.Array[ctypes.c_char], length: int) -> str:
-    return "" if length == _UNAVAILABLE else buffer.raw[:length].decode("utf-8", "replace")
+def _text(buffer: ctypes.Array[ctypes.c_char], length: int) -> str | None:
+    """The attribute as text; None when it is not UTF-8: SoftHSM decrypts a private object's
+    attributes with the key of the token the *session* belongs to, so a read through another
+    token's session gives bytes that are almost never valid UTF-8."""
+    if length == _UNAVAILABLE:
+        return ""
+    try:
+        return buffer.raw[:length].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class _SessionInfo(ctypes.Structure):
@@ -97,10 +115,11 @@ class Found:
     application: str = ""  # CKA_APPLICATION of a data object (a register's name)
     token: str = ""  # the label of the token it was read through
 
-    def identity(self) -> tuple[str, int, str]:
+    def identity(self) -> tuple[int, str]:
         """What stays the same when SoftHSM numbers the object again after a re-initialise
-        (a register's label is its value, so a register is known by its name)."""
-        return self.token, self.object_class, self.application or self.label
+        (a register's label is its value, so a register is known by its name). Not the token:
+        a public object reads through a session of any token, so ``token`` may name another."""
+        return self.object_class, self.application or self.label
 
 
 @dataclass
@@ -179,8 +198,10 @@ class SoftHsmWindow:
         if rv not in (CKR_OK, CKR_ATTRIBUTE_TYPE_INVALID):  # only data objects have CKA_APPLICATION
             return rv, None
         kind = "token object" if on_token.value else "session object"
-        return rv, Found(handle, kind, _text(label, template[2].length), cls.value,
-                         _text(application, template[3].length))
+        text, app = _text(label, template[2].length), _text(application, template[3].length)
+        if text is None or app is None:
+            return CKR_WRONG_TOKEN, None
+        return rv, Found(handle, kind, text, cls.value, app)
 
     def live_since(self, start: Mark, end: Mark) -> list[Found]:
         """Every object and session alive now with a handle in the window: all handles when
@@ -209,6 +230,8 @@ class SoftHsmWindow:
             if obj is not None:
                 yield replace(obj, token=keymgr_sessions.get(reader, "?"))
                 return
+            if rv == CKR_OBJECT_HANDLE_INVALID:
+                return  # no such object (destroyed): the same answer through every session
 
 
 class TokenFiles:
@@ -299,12 +322,23 @@ def owned(item: Found, names: Iterable[str], prefixes: Iterable[str]) -> bool:
     return _UNIQUE.search(key) is not None or any(name in key for name in names)
 
 
-def judge(found: list[Found], known: set[tuple[str, int, str]], made: int, names: Iterable[str],
-          prefixes: Iterable[str], open_managers: list[str]) -> LeakReport:
+def judge(found: list[Found], known: set[tuple[int, str]], made: int, names: Iterable[str],
+          prefixes: Iterable[str], open_managers: list[str], known_session_leak: str | None = None,
+          strict: bool = True) -> LeakReport:
     """The problems in what a test left. ``known``: identities of the token objects seen by earlier
-    tests (updated here); ``made``: how many token object files appeared during the test."""
+    tests (updated here); ``made``: how many token object files appeared during the test.
+    ``known_session_leak``: the reason of a ``@pytest.mark.known_session_leak`` (a bug outside the
+    test that leaves a PKCS#11 session open): that leak is expected, and its absence is reported,
+    so the marker goes once the bug is fixed (like a strict xfail, for the leak only); with
+    ``strict=False`` the leak may or may not happen (it depends on what ran before)."""
     names, prefixes = list(names), list(prefixes)
     report = LeakReport()
+    sessions = [item for item in found if item.kind == "session"]
+    if known_session_leak is not None:
+        found = [item for item in found if item.kind != "session"]
+        if not sessions and strict:
+            report.problems.append(f"the known session leak ({known_session_leak}) no longer happens: "
+                                   "remove @pytest.mark.known_session_leak")
     for item in found:
         if item.kind == "token object":
             new = item.identity() not in known
@@ -319,7 +353,7 @@ def judge(found: list[Found], known: set[tuple[str, int, str]], made: int, names
         elif not owned(item, names, prefixes):
             application = f", application {item.application!r}" if item.application else ""
             report.problems.append(
-                f"token object {item.label!r} (class {item.object_class}{application}) on token {item.token!r} "
+                f"token object {item.label!r} (class {item.object_class}{application}, read via token {item.token!r}) "
                 "appeared during the test and names nothing unique to a test (a key_name, a keymgr singleton, "
                 "or a @pytest.mark.leaves_objects prefix)")
     report.problems.extend(f"{km} opened by the test was not closed" for km in open_managers)

@@ -29,6 +29,7 @@ def _point(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rsa-2048", "ec-p256", "ec-p384"])
 def test_generate_find_sign_and_recover(token: TokenUnderTest, kind: str) -> None:
     requires(token, "rsa-keygen" if kind.startswith("rsa") else "ec-keygen")

@@ -209,6 +209,7 @@ def test_every_token_kind_keeps_a_verifiable_log(tmp_path: Path, token: TokenUnd
     assert verify_log(path, token=ts).broken.line == 4
 
 
+@pytest.mark.slow
 def test_any_byte_changed_is_named_exactly_with_the_token(tmp_path: Path, ts: TokenSession) -> None:
     """Property: change any one byte of any line (to anything but a newline) and verify names that
     line, whichever field it lands in (parse, canonical form, chain, MAC or checkpoint)."""

@@ -100,6 +100,7 @@ def test_tree_moves_to_primary_skips_others_keeps_mode(km: keymgr.KeyManager, ke
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_failures_are_reported_and_leave_files(km: keymgr.KeyManager, key_name: str, tmp_path: Path) -> None:
     km.create_key(key_name)
     good = tmp_path / "good.cms"
@@ -141,6 +142,7 @@ def _locked_by_child(path: Path) -> subprocess.Popen[bytes]:
     return child
 
 
+@pytest.mark.slow
 def test_leftover_temp_files_of_dead_processes_are_removed(km: keymgr.KeyManager, key_name: str,
                                                            tmp_path: Path) -> None:
     """Liveness is the writer's flock, not its pid: a SIGKILLed writer that is still a zombie (not
@@ -200,6 +202,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.slow
 def test_cli_json_jobs_and_exit_code(softhsm: TokenUnderTest, km: keymgr.KeyManager, key_name: str,
                                      tmp_path: Path) -> None:
     km.create_key(key_name)
@@ -237,6 +240,7 @@ def test_cli_allow_compromised_for_recovery(softhsm: TokenUnderTest, km: keymgr.
     assert km.decrypt(path.read_bytes()) == b"recover me"
 
 
+@pytest.mark.slow
 def test_other_tokens_envelopes_are_skipped_and_paths_deduplicated(km: keymgr.KeyManager, key_name: str,
                                                                    tmp_path: Path) -> None:
     from tests.conftest import softhsm_token

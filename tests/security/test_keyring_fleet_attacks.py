@@ -32,6 +32,7 @@ def _stale_manager(token: TokenUnderTest) -> keymgr.KeyManager:
     return other
 
 
+@pytest.mark.slow
 def test_the_loser_of_two_racing_rotations_waits_like_any_old_primary(km, token: TokenUnderTest,
                                                                        key_name: str) -> None:
     """Two hosts rotate at once: both versions claim the same epoch, the higher (epoch, number)
@@ -57,6 +58,7 @@ def test_the_loser_of_two_racing_rotations_waits_like_any_old_primary(km, token:
     assert km.describe_key(key_name).min_decryption_version == 1
 
 
+@pytest.mark.slow
 @pytest.mark.requires("aes-gcm")
 def test_a_create_racing_with_another_profile_loses_no_message(km, token: TokenUnderTest, key_name: str) -> None:
     """Two hosts create one name, one with gcm, one with kw, neither seeing the other: whichever
@@ -224,6 +226,7 @@ def test_a_forged_destroyed_fact_on_the_primary_is_not_finished_at_once(km, toke
     assert objects.key_exists(km.token, primary.key_id)
 
 
+@pytest.mark.slow
 @pytest.mark.requires("aes-keygen", "hmac-sha256", "data-objects")
 def test_automatic_rotations_are_audited(tmp_path, token: TokenUnderTest, key_name: str) -> None:
     """Every version is explained by the audit log, automatic ones included: a rotate entry
