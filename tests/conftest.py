@@ -8,9 +8,15 @@ invisible without re-initialising the module.
 
 Token-parameterised tests take the ``token`` fixture, which runs them on
 SoftHSM and on the TPM; a test that needs a capability the token lacks is
-skipped *by capability* with the reason (``requires(token, "aes-gcm")``),
-never by accident: if the TPM cannot be set up and ``KEYMGR_REQUIRE_TPM=1``
-(as in CI), the run fails instead of skipping.
+skipped *by capability* with the reason: ``@pytest.mark.requires("aes-gcm")``
+on a test that takes ``token``, ``softhsm`` or ``tpm`` (a marker on any other
+test is a usage error), or ``requires(tok, "aes-gcm")`` for a token the test
+makes itself. Never by accident: if the TPM cannot be set up and
+``KEYMGR_REQUIRE_TPM=1`` (as in CI), the run fails instead of skipping.
+
+After every test the autouse ``_no_leaks`` fixture checks that it left no
+session objects, PKCS#11 sessions or open KeyManagers, and no token object
+that names nothing it owns (tests/_leaks.py).
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests._leaks import KeyManagerWatch, Mark, SoftHsmWindow, TokenFiles, judge
 
 #: "crash" is for tests that SIGKILL processes in the middle of token calls: SoftHSM can be left with
 #: a half-written object there (a find over every object then fails), which must not reach other tests;
@@ -155,20 +164,44 @@ def _tpm_unavailable(reason: str) -> None:
     pytest.skip(f"TPM token unavailable (set KEYMGR_REQUIRE_TPM=1 to make this fail): {reason}")
 
 
+#: the fixtures a ``@pytest.mark.requires(...)`` applies to
+TOKEN_FIXTURES = ("token", "softhsm", "tpm")
+
+
+def _with_capabilities(request: pytest.FixtureRequest, tok: TokenUnderTest) -> TokenUnderTest:
+    """Apply the test's ``@pytest.mark.requires(...)`` to the token it gets: skip with the probed reason."""
+    for marker in request.node.iter_markers("requires"):
+        requires(tok, *marker.args)
+    return tok
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A ``requires`` marker on a test without a token fixture would never skip: refuse it."""
+    for item in items:
+        marker = item.get_closest_marker("requires")
+        if marker is None:
+            continue
+        if not marker.args or not all(isinstance(a, str) for a in marker.args):
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.requires takes capability names")
+        if not set(TOKEN_FIXTURES) & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.requires needs one of the fixtures "
+                                    f"{', '.join(TOKEN_FIXTURES)} (or call requires(tok, ...) on a token it makes)")
+
+
 @pytest.fixture(params=["softhsm", "tpm"])
 def token(request: pytest.FixtureRequest) -> TokenUnderTest:
-    """Each real token kind in turn."""
-    return softhsm_token() if request.param == "softhsm" else tpm_token()
+    """Each real token kind in turn (``@pytest.mark.requires(...)`` skips a kind by probed capability)."""
+    return _with_capabilities(request, softhsm_token() if request.param == "softhsm" else tpm_token())
 
 
 @pytest.fixture
-def softhsm() -> TokenUnderTest:
-    return softhsm_token()
+def softhsm(request: pytest.FixtureRequest) -> TokenUnderTest:
+    return _with_capabilities(request, softhsm_token())
 
 
 @pytest.fixture
-def tpm() -> TokenUnderTest:
-    return tpm_token()
+def tpm(request: pytest.FixtureRequest) -> TokenUnderTest:
+    return _with_capabilities(request, tpm_token())
 
 
 def requires(tok: TokenUnderTest, *capabilities: str) -> None:
@@ -182,9 +215,69 @@ def requires(tok: TokenUnderTest, *capabilities: str) -> None:
 
 
 @pytest.fixture
-def key_name() -> str:
-    """A key name no other test uses (tests share the run's tokens)."""
-    return f"k-{uuid.uuid4().hex[:10]}"
+def key_name(request: pytest.FixtureRequest) -> str:
+    """A key name no other test uses (tests share the run's tokens); the leak check lets the
+    test leave keyring objects whose key names contain it."""
+    name = f"k-{uuid.uuid4().hex[:10]}"
+    request.node.stash.setdefault(_OWNED_NAMES, []).append(name)
+    return name
+
+
+_OWNED_NAMES = pytest.StashKey[list[str]]()
+_LEAKS: dict[str, object] = {}
+_KNOWN_OBJECTS: set[tuple[int, str]] = set()
+#: key names handed out by ``key_name`` and label prefixes declared with ``leaves_objects``, by every
+#: test so far: SoftHSM may number an object again (after a re-initialise) in a later test
+_RUN_OWNED: tuple[set[str], set[str]] = (set(), {"custody-"})  # tests/custody_helpers.party(): once per run
+_LEAK_CHECK_SECONDS = [0.0, 0]
+
+
+def _leak_watchers() -> tuple[SoftHsmWindow, TokenFiles, KeyManagerWatch]:
+    if not _LEAKS:
+        _LEAKS["window"] = SoftHsmWindow(_softhsm_module())
+        _LEAKS["files"] = TokenFiles(_RUN_DIR / "tokens")
+        _LEAKS["managers"] = watch = KeyManagerWatch()
+        watch.install()
+    return _LEAKS["window"], _LEAKS["files"], _LEAKS["managers"]  # type: ignore[return-value]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test (and its fixtures' teardown): no session objects, PKCS#11 sessions or open
+    KeyManagers left by it, and no token object it made that names nothing it owns (tests/_leaks.py)."""
+    began = time.perf_counter()
+    window, files, managers = _leak_watchers()
+    start, listing = window.mark(), files.start()
+    previous = _LEAKS.get("end")
+    if isinstance(previous, Mark) and start is not None and start.generation == previous.generation:
+        # objects made since the last test by module- and session-scoped fixtures: theirs, not a test's
+        _KNOWN_OBJECTS.update(item.identity() for item in window.live_since(previous, start))
+    managers.start()
+    paused = time.perf_counter()
+    yield
+    resumed = time.perf_counter()
+    open_managers = managers.still_open()
+    end = window.mark()
+    found = [] if start is None or end is None else window.live_since(start, end)
+    _LEAKS["end"] = end
+    marker = request.node.get_closest_marker("leaves_objects")
+    _RUN_OWNED[0].update(request.node.stash.get(_OWNED_NAMES, []))
+    _RUN_OWNED[1].update(marker.args if marker else ())
+    known_leak = request.node.get_closest_marker("known_session_leak")
+    report = judge(found, _KNOWN_OBJECTS, files.made_since(listing), *_RUN_OWNED, open_managers,
+                   known_leak.args[0] if known_leak else None,
+                   strict=known_leak.kwargs.get("strict", True) if known_leak else True)
+    _LEAK_CHECK_SECONDS[0] += (paused - began) + (time.perf_counter() - resumed)
+    _LEAK_CHECK_SECONDS[1] += 1
+    if report:
+        pytest.fail("leak check (tests/_leaks.py):\n  " + "\n  ".join(report.problems), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    seconds, tests = _LEAK_CHECK_SECONDS
+    if tests:
+        terminalreporter.write_line(f"leak check: {tests} tests, {seconds:.2f} s in all "
+                                    f"({1000 * seconds / tests:.2f} ms per test)")
 
 
 @pytest.fixture

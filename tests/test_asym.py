@@ -17,6 +17,9 @@ from keymgr.hsm import asym, open_token, probe
 from keymgr.hsm.pins import PinRequest
 from tests.conftest import TokenUnderTest, requires, softhsm_token
 
+#: the key pairs stay on the shared tokens, under labels unique to each test (``_label``)
+pytestmark = pytest.mark.leaves_objects("t-")
+
 
 def _label(kind: str) -> str:
     return f"t-{kind}-{uuid.uuid4().hex[:8]}"
@@ -26,6 +29,7 @@ def _point(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rsa-2048", "ec-p256", "ec-p384"])
 def test_generate_find_sign_and_recover(token: TokenUnderTest, kind: str) -> None:
     requires(token, "rsa-keygen" if kind.startswith("rsa") else "ec-keygen")
@@ -62,8 +66,8 @@ def test_generate_find_sign_and_recover(token: TokenUnderTest, kind: str) -> Non
                 asym.ecdh_derive(ts, ref, _point(ec.generate_private_key(public.curve).public_key()))
 
 
+@pytest.mark.requires("rsa-keygen")
 def test_private_key_is_sensitive_non_extractable_token_object(token: TokenUnderTest) -> None:
-    requires(token, "rsa-keygen")
     ts = open_token(token.uri())
     ref = asym.generate_keypair(ts, "rsa-2048", label=_label("attrs"))
 

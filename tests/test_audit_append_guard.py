@@ -158,6 +158,7 @@ def test_encrypt_refuses_after_a_failed_flush(softhsm: TokenUnderTest, key_name:
         km.close()
 
 
+@pytest.mark.slow
 def test_cli_names_the_audit_log_not_the_output_file(softhsm: TokenUnderTest, key_name: str, small_disk: Path,
                                                      tmp_path: Path) -> None:
     log = small_disk / "audit.log"

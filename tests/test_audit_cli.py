@@ -39,6 +39,7 @@ def test_verify_honest_log(tmp_path: Path, softhsm: TokenUnderTest, ts: TokenSes
     assert code == 0 and json.loads(out)["ok"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_verify_names_the_first_broken_entry(tmp_path: Path, softhsm: TokenUnderTest, ts: TokenSession,
                                              kind: str) -> None:
@@ -86,6 +87,7 @@ def test_show_filters(tmp_path: Path, ts: TokenSession) -> None:
     assert code == 2 and "ISO 8601" in err
 
 
+@pytest.mark.slow
 def test_local_token_logs_by_default_and_verifies_in_a_subprocess(tmp_path: Path, key_name: str) -> None:
     """`keymgr init` + `key create` with no configuration: the log is $KEYMGR_HOME/audit.log."""
     env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "KEYMGR_TOKEN", "KEYMGR_AUDIT_LOG")}

@@ -44,6 +44,7 @@ with AuditLog(sys.argv[2], token=ts, aggregate=()) as log:
 """
 
 
+@pytest.mark.slow
 def test_concurrent_processes_append_one_valid_chain(tmp_path: Path, softhsm: TokenUnderTest,
                                                      ts: TokenSession) -> None:
     path, per_process, processes = tmp_path / "shared.log", 200, 4

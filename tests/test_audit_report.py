@@ -295,6 +295,7 @@ def chromium() -> Iterator[str]:
     yield binary
 
 
+@pytest.mark.slow
 def test_html_in_headless_chromium(tmp_path: Path, report: Report, chromium: str) -> None:
     # first, that this chromium reports console errors the way _console reads them
     canary = tmp_path / "canary.html"

@@ -191,13 +191,11 @@ def test_sole_log_replaced_without_keymgr_is_detected(tmp_path: Path, softhsm: T
     assert f"chain {old_chain} up to seq 3" in report.broken.reason
 
 
+@pytest.mark.requires("data-objects")
 def test_every_token_kind_keeps_a_verifiable_log(tmp_path: Path, token: TokenUnderTest) -> None:
     """SoftHSM MACs every entry; the TPM holds no HMAC key (RSA / EC only), so its entries are
     unMACed but the checkpoint it keeps still fixes the chain: a cut-off tail and an edit
     before the checkpoint are caught on both."""
-    from tests.conftest import requires
-
-    requires(token, "data-objects")
     ts = open_token(token.uri())
     path = tmp_path / "a.log"
     lines = honest_log(path, ts, 4)
@@ -211,6 +209,7 @@ def test_every_token_kind_keeps_a_verifiable_log(tmp_path: Path, token: TokenUnd
     assert verify_log(path, token=ts).broken.line == 4
 
 
+@pytest.mark.slow
 def test_any_byte_changed_is_named_exactly_with_the_token(tmp_path: Path, ts: TokenSession) -> None:
     """Property: change any one byte of any line (to anything but a newline) and verify names that
     line, whichever field it lands in (parse, canonical form, chain, MAC or checkpoint)."""

@@ -19,6 +19,7 @@ def _rows(path: Path) -> list[tuple[str, str | None, int | None, str]]:
             for r in map(json.loads, path.read_text().splitlines())]
 
 
+@pytest.mark.slow
 def test_lifecycle_operations_are_recorded(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
     path = tmp_path / "audit.log"
     with keymgr.KeyManager(softhsm.uri(), audit=path) as km:

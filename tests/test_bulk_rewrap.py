@@ -13,7 +13,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +100,7 @@ def test_tree_moves_to_primary_skips_others_keeps_mode(km: keymgr.KeyManager, ke
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_failures_are_reported_and_leave_files(km: keymgr.KeyManager, key_name: str, tmp_path: Path) -> None:
     km.create_key(key_name)
     good = tmp_path / "good.cms"
@@ -142,6 +142,7 @@ def _locked_by_child(path: Path) -> subprocess.Popen[bytes]:
     return child
 
 
+@pytest.mark.slow
 def test_leftover_temp_files_of_dead_processes_are_removed(km: keymgr.KeyManager, key_name: str,
                                                            tmp_path: Path) -> None:
     """Liveness is the writer's flock, not its pid: a SIGKILLed writer that is still a zombie (not
@@ -156,8 +157,11 @@ def test_leftover_temp_files_of_dead_processes_are_removed(km: keymgr.KeyManager
     killed, writer = _locked_by_child(zombie), _locked_by_child(alive)
     zombie = zombie.rename(tmp_path / f".a.cms.{bulk_rewrap.TEMP_TAG}.{killed.pid}.zombie12.tmp")  # its own pid
     try:
-        killed.kill()  # not waited for: a zombie until the end of the test
-        time.sleep(0.2)
+        killed.kill()  # not reaped: a zombie until the end of the test
+        # waits until it has exited (its descriptors closed, so its flock released) and leaves it
+        # unreaped (WNOWAIT): deterministic where a sleep raced with the kernel's exit
+        os.waitid(os.P_PID, killed.pid, os.WEXITED | os.WNOWAIT)
+        os.kill(killed.pid, 0)  # still a zombie: its pid answers, which is what the test is about
         summary = bulk_rewrap.run(km.rewrapper(), [tmp_path])
         assert summary.cleaned == 2 and not dead.exists() and not zombie.exists() and alive.exists()
         assert summary.total == 1  # no leftover was taken for input
@@ -198,6 +202,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.slow
 def test_cli_json_jobs_and_exit_code(softhsm: TokenUnderTest, km: keymgr.KeyManager, key_name: str,
                                      tmp_path: Path) -> None:
     km.create_key(key_name)
@@ -235,6 +240,7 @@ def test_cli_allow_compromised_for_recovery(softhsm: TokenUnderTest, km: keymgr.
     assert km.decrypt(path.read_bytes()) == b"recover me"
 
 
+@pytest.mark.slow
 def test_other_tokens_envelopes_are_skipped_and_paths_deduplicated(km: keymgr.KeyManager, key_name: str,
                                                                    tmp_path: Path) -> None:
     from tests.conftest import softhsm_token

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from keymgr.cli import cli
@@ -70,6 +71,7 @@ def test_unknown_key_exit_code(softhsm: TokenUnderTest) -> None:
     assert code == 6 and "no-such-key" in err
 
 
+@pytest.mark.slow
 def test_tokens_json_lists_softhsm_tokens(softhsm: TokenUnderTest) -> None:
     # a subprocess: `keymgr tokens` loads every module p11-kit registers, and tpm2-pkcs11 loaded
     # here before the TPM fixture sets its environment would stay blind for the rest of the run
@@ -90,6 +92,7 @@ def _subprocess_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_init_is_idempotent_and_default_token_works(tmp_path: Path, key_name: str) -> None:
     env = _subprocess_env(tmp_path)
     keymgr_cmd = [sys.executable, "-m", "keymgr"]

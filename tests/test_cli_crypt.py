@@ -58,6 +58,7 @@ def key(softhsm: TokenUnderTest, key_name: str) -> str:
     return key_name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", [(), ("--format", "stream"), ("--format", "message")], ids=["default", "stream",
                                                                                           "message"])
 def test_file_round_trip(softhsm: TokenUnderTest, key: str, tmp_path: Path, fmt: tuple[str, ...]) -> None:
@@ -127,6 +128,7 @@ def integrity_failure(code: int, line: str, i: int, recipient: range) -> None:
     assert "failed authentication" in line or (i in recipient and "none of the 1 recipients" in line), (i, line)
 
 
+@pytest.mark.slow
 def test_every_tampered_byte_of_a_message_fails_cleanly(softhsm: TokenUnderTest, key: str, tmp_path: Path) -> None:
     with keymgr.KeyManager(softhsm.uri()) as km:
         blob = km.encrypt(b"pay 100 to alice", key=key, context={"tenant": "acme", "purpose": "test"})
@@ -152,6 +154,7 @@ def test_every_tampered_byte_of_a_message_fails_cleanly(softhsm: TokenUnderTest,
         assert code == EXIT_INTEGRITY and "failed authentication" in line, (cut, line)
 
 
+@pytest.mark.slow
 def test_tampered_or_truncated_stream_fails_cleanly(softhsm: TokenUnderTest, key: str, tmp_path: Path) -> None:
     plaintext = os.urandom(2 * SEGMENT + 1000)
     (tmp_path / "in").write_bytes(plaintext)
@@ -183,6 +186,7 @@ def test_tampered_or_truncated_stream_fails_cleanly(softhsm: TokenUnderTest, key
         assert _failed_decrypt(softhsm, tmp_path, blob[:cut], *CTX)[0] == EXIT_INTEGRITY
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["stream", "message"])
 def test_wrong_or_missing_context(softhsm: TokenUnderTest, key: str, tmp_path: Path, fmt: str) -> None:
     (tmp_path / "in").write_bytes(b"x" * 5000)
@@ -243,6 +247,7 @@ def keymgr_process(tok: TokenUnderTest, *args: str, **kwargs: object) -> subproc
                           check=False, **streams)  # type: ignore[call-overload]
 
 
+@pytest.mark.slow
 def test_process_tampered_stream_leaves_nothing(softhsm: TokenUnderTest, key: str, tmp_path: Path) -> None:
     (tmp_path / "in").write_bytes(os.urandom(100_000))
     assert keymgr_process(softhsm, "encrypt", "--key", key, *CTX, str(tmp_path / "in"), "-o",
@@ -284,6 +289,7 @@ def small_disk(tmp_path: Path, how: str) -> Iterator[tuple[Path, dict[str, objec
         subprocess.run(["umount", str(where)], check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["tmpfs", "rlimit"])
 @pytest.mark.parametrize("command", ["encrypt", "decrypt"])
 def test_full_disk_is_one_storage_error_and_no_partial_file(softhsm: TokenUnderTest, key: str, tmp_path: Path,
@@ -305,6 +311,7 @@ def test_full_disk_is_one_storage_error_and_no_partial_file(softhsm: TokenUnderT
         no_leftovers(where, "out")
 
 
+@pytest.mark.slow
 def test_stdout_on_a_full_device(softhsm: TokenUnderTest, key: str, tmp_path: Path) -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
@@ -315,6 +322,7 @@ def test_stdout_on_a_full_device(softhsm: TokenUnderTest, key: str, tmp_path: Pa
     assert "standard output: the disk is full" in one_error_line(proc.stderr.decode())
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal(softhsm: TokenUnderTest, key: str, tmp_path: Path) -> None:
     pexpect = pytest.importorskip("pexpect")
     (tmp_path / "in").write_bytes(bytes(40 * SEGMENT))

@@ -154,6 +154,7 @@ def still_the_device(path: Path, before: os.stat_result) -> None:
     assert after.st_ino == before.st_ino
 
 
+@pytest.mark.slow
 def test_a_character_device_is_written_through(big: Big, small: Path, tmp_path: Path) -> None:
     node = tmp_path / "null"
     before = make_null_device(node)
@@ -188,6 +189,7 @@ class FifoReader:
         return self.data
 
 
+@pytest.mark.slow
 def test_a_fifo_is_written_through_not_replaced(big: Big, small: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -212,6 +214,7 @@ def test_a_fifo_is_written_through_not_replaced(big: Big, small: Path, tmp_path:
     assert sorted(os.listdir(tmp_path)) == ["fifo", "in"]
 
 
+@pytest.mark.slow
 def test_a_symlink_is_refused_unless_followed(big: Big, small: Path, tmp_path: Path) -> None:
     target, link = tmp_path / "target", tmp_path / "link"
     target.write_bytes(PREVIOUS)
@@ -247,6 +250,7 @@ def test_a_symlink_is_refused_unless_followed(big: Big, small: Path, tmp_path: P
 # -- errors pass through --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["stream", "message"])
 def test_a_policy_refusal_is_the_policy_error_not_a_write_error(big: Big, softhsm: TokenUnderTest, key_name: str,
                                                                 tmp_path: Path, fmt: str) -> None:
@@ -345,6 +349,7 @@ class ThrowawayToken:
         return keymgr_start(self.tok, *args, env={**self.env, **(env or {})})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temps", ["o_tmpfile", "named"])
 @pytest.mark.parametrize("cmd", ["encrypt", "decrypt"])
 def test_sigkills_leave_no_temp_file_and_no_plaintext(big: Big, tmp_path: Path, cmd: str, temps: str) -> None:
@@ -469,6 +474,7 @@ def test_a_2gib_file_of_zeros_is_refused_at_once_in_little_memory(big: Big, tmp_
     assert sorted(os.listdir(tmp_path)) == ["zeros"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["file-announcing-2GiB", "stdin-announcing-2GiB", "stdin-8MiB-then-more",
                                   "stdin-indefinite", "encrypt-message-from-endless-stdin"])
 def test_messages_are_read_in_bounded_memory(big: Big, tmp_path: Path, case: str) -> None:
@@ -511,6 +517,7 @@ def only_line(err: bytes, what: str) -> None:
     assert err.decode() == f"keymgr: {what}\n", err.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temps", ["o_tmpfile", "named"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_decrypt_ends_in_one_line_and_leaves_nothing(big: Big, tmp_path: Path, signum: int,
@@ -582,6 +589,7 @@ def wait_for_handlers(pid: int) -> None:
     raise AssertionError("keymgr never set its signal handlers")
 
 
+@pytest.mark.slow
 def test_an_early_interrupt_has_no_traceback(big: Big, small: Path, tmp_path: Path) -> None:
     """SIGINT from keymgr's first line on (imports, argument parsing, token login, the decrypt,
     the shutdown): one line, never a traceback, never click's "Aborted!", no temporary file."""

@@ -23,6 +23,9 @@ from keymgr.envelope import _der, parse_message
 from tests._interop import keymgr_cli, one_line, self_signed
 from tests.conftest import TokenUnderTest, softhsm_token
 
+#: the colleagues' key pairs stay on the shared tokens, each label with a random part
+pytestmark = pytest.mark.leaves_objects("colleague-")
+
 PLAINTEXT = os.urandom(5000)
 CTX = ("--context", "tenant=acme", "--context", "purpose=handover")
 
@@ -45,6 +48,7 @@ def _keygen(tok: TokenUnderTest, kind: str, out: Path, *extra: str) -> str:
     return label
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rsa-2048", "ec-p256"])
 @pytest.mark.parametrize("fmt", ["stream", "message"])
 def test_encrypt_to_a_colleagues_certificate_then_decrypt_on_their_token(colleague: TokenUnderTest, tmp_path: Path,

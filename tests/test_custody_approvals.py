@@ -23,6 +23,7 @@ def _destroy(km, name: str, version: int, req: Request | None, approved: list[Ap
     objects.destroy_key(km.token, km.describe_key(name).version(version).key_id)
 
 
+@pytest.mark.slow
 def test_destroy_needs_two_distinct_custodians(key_name: str) -> None:
     km = hsm()
     guarded_key(km, key_name)

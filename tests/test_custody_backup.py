@@ -132,6 +132,8 @@ def test_key_made_never_to_leave_the_token_cannot_be_backed_up(key_name: str) ->
         "EXTRACTABLE"] is False
 
 
+@pytest.mark.known_session_leak("python-pkcs11 0.10.1 Token.open does not close the session it opened when C_Login "
+                                "fails: the wrong SO PIN in keymgr.hsm.transport.export_wrapped leaves it open")
 def test_backup_needs_approvals_and_the_so_pin(key_name: str) -> None:
     a = hsm("keymgr-A")
     guarded_key(a, key_name)

@@ -19,6 +19,9 @@ from keymgr.cli import cli
 from keymgr.hsm import asym, objects, open_token
 from tests.conftest import SO_PIN, softhsm_token
 
+#: the custodians' key pairs (``people``) stay on the shared tokens, each label with a random part
+pytestmark = pytest.mark.leaves_objects("cli-")
+
 
 def run(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> tuple[int, str, str]:
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False, env=env, input=input)
@@ -37,6 +40,7 @@ def people() -> list[tuple[str, str, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_full_ceremony_through_the_cli(people: list, tmp_path: Path, key_name: str) -> None:
     a, b = softhsm_token("keymgr-A").uri(), softhsm_token("keymgr-B").uri()
     for name, uri, label in people:

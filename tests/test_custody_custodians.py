@@ -5,12 +5,16 @@ from __future__ import annotations
 import uuid
 
 import pkcs11
+import pytest
 from cryptography import x509
 
 from keymgr.custody._certs import spki_der
 from keymgr.custody.custodian_token import enroll_custodian
 from keymgr.hsm import asym, open_token
 from tests.conftest import softhsm_token
+
+#: the enrolled key pairs stay on the shared tokens, each label with a random part
+pytestmark = pytest.mark.leaves_objects("enrol-")
 
 
 def _token_with_pair(kind: str) -> tuple[object, asym.KeyPairRef]:

@@ -178,6 +178,7 @@ def real_files() -> tuple[bytes, bytes]:
     return result.backup, result.transcript
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 2**20), st.integers(0, 255)), min_size=1, max_size=4))
 def test_real_files_with_bytes_changed(real_files: tuple[bytes, bytes], edits: list[tuple[int, int]]) -> None:

@@ -29,6 +29,7 @@ def _spawn(args: list[str], cwd: Path) -> pexpect.spawn:
     return spawn_keymgr(args, cwd)
 
 
+@pytest.mark.slow
 def test_interactive_restore_prompts_in_order_and_hides_pins(backup_path: tuple[str, Path], tmp_path: Path) -> None:
     name, path = backup_path
     target = softhsm_token("keymgr-B").uri()
@@ -61,6 +62,7 @@ def test_interactive_restore_prompts_in_order_and_hides_pins(backup_path: tuple[
     assert list(tmp_path.glob("restore-*.transcript.p7s"))
 
 
+@pytest.mark.slow
 def test_interactive_restore_with_one_custodian_stops_cleanly(tmp_path: Path, key_name: str) -> None:
     path = backup_file(tmp_path / "b.backup", key_name, approvers=(2, 3))
     child = _spawn(["--token", softhsm_token("keymgr-B").uri(), "restore", str(path)], tmp_path)
@@ -81,6 +83,7 @@ def test_interactive_restore_with_one_custodian_stops_cleanly(tmp_path: Path, ke
     assert child.exitstatus == 5
 
 
+@pytest.mark.slow
 def test_restore_forgives_typos_duplicates_and_the_wrong_token(backup_path: tuple[str, Path], tmp_path: Path) -> None:
     """Issue 14's must-show: a name typo, a label typo, the wrong token, a PIN typo and a custodian
     named twice each re-ask that custodian, and the restore completes."""
@@ -144,6 +147,7 @@ def test_restore_forgives_typos_duplicates_and_the_wrong_token(backup_path: tupl
     assert len(list(tmp_path.glob("restore-*.transcript.p7s"))) == 1
 
 
+@pytest.mark.slow
 def test_a_second_wrong_pin_ends_the_restore(backup_path: tuple[str, Path], tmp_path: Path) -> None:
     """A PIN is retried once, never more: keymgr does not spend a token's tries on guesses."""
     _, path = backup_path

@@ -117,6 +117,7 @@ def _every_doc_block() -> list[Block]:
     return [block for doc in DOCS for block in blocks_of(doc)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
 def test_doc_runs(doc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Run the document's blocks in order on a fresh home; every unmarked block must succeed."""

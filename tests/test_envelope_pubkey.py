@@ -27,6 +27,9 @@ from keymgr.envelope import DataKey, parse_message, pubkey, replace_recipients
 from keymgr.hsm import asym, open_token, probe
 from tests.conftest import TokenUnderTest, requires, softhsm_token
 
+#: the recipients' key pairs stay on the shared tokens, each label with a random part
+pytestmark = pytest.mark.leaves_objects("pk-")
+
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
 

@@ -90,6 +90,7 @@ def test_default_profile(km: keymgr.KeyManager, key_name: str) -> None:
     assert km.create_key(key_name).profile == DEFAULT_PROFILE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
 def test_either_token_decrypts_a_message_to_both(km_a: keymgr.KeyManager, km_b: keymgr.KeyManager, key_name: str,
                                                  profile: str) -> None:
@@ -171,6 +172,7 @@ def _refused(decrypt: Callable[[bytes], Any], data: bytes, recipient: range | No
     return type(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_tampered_byte_is_refused(km_a: keymgr.KeyManager, key_name: str, profile: str) -> None:
     """Exhaustive: two bit flips at every position and a cut at every length. Every one is the
@@ -218,6 +220,7 @@ class Recorder(io.RawIOBase):
         return len(memoryview(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_tampered_byte_of_a_stream_is_refused(km_a: keymgr.KeyManager, key_name: str, profile: str) -> None:
     """The same through KeyManager's streams, exhaustively over a small stream (header and its

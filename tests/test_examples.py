@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.py"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_runs(example: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "KEYMGR_TOKEN", "KEYMGR_AUDIT_LOG")}

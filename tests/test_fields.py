@@ -72,6 +72,7 @@ def test_aad_is_unambiguous() -> None:
     assert field_aad(ref, "k", Place("t", "c", "r")) != field_aad(ref, "k2", Place("t", "c", "r"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", ["flip-tag", "flip-version", "truncate", "flip-ref", "empty"])
 def test_tampered_values_are_one_integrity_error(km_a, key_name, edit: str) -> None:
     km_a.create_key(key_name)
@@ -299,6 +300,7 @@ def test_term_cache_gives_the_tokens_terms_and_forgets_them_on_rotation(km_a, ke
     assert cached.term("1234")[0] == 2 and cached.term("1234") != first[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [5, 1.5, ["x"], object()])
 def test_values_other_than_text_or_bytes_are_refused(km_a, key_name, value) -> None:
     km_a.create_key(key_name)

@@ -73,6 +73,7 @@ def _setup(km: Any, url: str, key: str, rows: int, seed: int = 7) -> tuple[sa.En
     return engine, table, enc, store, people
 
 
+@pytest.mark.slow
 def test_bulk_insert_find_and_decrypt(km_a, key_name, db_url) -> None:
     engine, table, enc, store, people = _setup(km_a, db_url, key_name, 300)
     assert store.count(key_name) == 1  # 900 values, one data key
@@ -94,6 +95,7 @@ def test_bulk_insert_find_and_decrypt(km_a, key_name, db_url) -> None:
     assert isinstance(stored, Sealed) and len(stored) == 19 + 37
 
 
+@pytest.mark.slow
 def test_a_value_moved_inside_the_database_does_not_decrypt(km_a, key_name, db_url) -> None:
     engine, table, enc, _, people = _setup(km_a, db_url, key_name, 3)
     a, b = people[0]["id"], people[1]["id"]
@@ -110,6 +112,7 @@ def test_a_value_moved_inside_the_database_does_not_decrypt(km_a, key_name, db_u
         assert enc.decode(intact)["card"] == people[2]["card"]
 
 
+@pytest.mark.slow
 def test_a_row_of_another_tenant_does_not_decrypt(km_a, key_name, db_url) -> None:
     from keymgr.fields.sql import EncryptedTable
 
@@ -127,6 +130,7 @@ def test_a_row_of_another_tenant_does_not_decrypt(km_a, key_name, db_url) -> Non
             other.decode(row)
 
 
+@pytest.mark.slow
 def test_encrypted_columns_refuse_plaintext_without_showing_it(km_a, key_name, db_url) -> None:
     """Plaintext given to an encrypted column: keymgr's ConfigurationError itself, not SQLAlchemy's
     StatementError, whose text lists the statement's parameters (the plaintext among them)."""
@@ -145,6 +149,7 @@ def test_encrypted_columns_refuse_plaintext_without_showing_it(km_a, key_name, d
             chain = chain.__cause__ or chain.__context__
 
 
+@pytest.mark.slow
 def test_index_rotation_lookups_find_both_versions_until_reencrypted(km_a, key_name, db_url) -> None:
     engine, table, enc, _, people = _setup(km_a, db_url, key_name, 20)
     email_index = enc.indexes["email_bidx"][0]
@@ -183,6 +188,7 @@ def _cli(token_uri: str, url: str, key: str, home: Path) -> subprocess.Popen[str
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_rotation_and_bulk_rewrap_survive_two_sigkills(db_url, key_name, tmp_path) -> None:
     """2,000 customers; rotate; `keymgr fields rewrap --reencrypt` killed with SIGKILL twice mid-way
     and run again: every row decrypts under the new version alone, no row lost or half-written."""
@@ -234,6 +240,7 @@ def _invoke(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+@pytest.mark.slow
 def test_cli_rewrap_reports_and_is_idempotent(km_a, softhsm, key_name, tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     engine, table, enc, store, people = _setup(km_a, url, key_name, 30)
@@ -266,6 +273,7 @@ def test_cli_errors_are_one_line(softhsm, args: tuple[str, ...]) -> None:
     assert len(errors_shown) == 1 and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_insert_many_in_batches(km_a, key_name, db_url) -> None:
     engine, table, enc, store, _ = _setup(km_a, db_url, key_name, 0)
     rng = random.Random(5)

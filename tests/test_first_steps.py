@@ -57,6 +57,7 @@ def _so_login_works(home: Path, so_pin: str) -> bool:
     return proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_prompt_pin_keeps_no_pin_on_disk_and_later_commands_ask(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = _env(home)
@@ -126,6 +127,7 @@ def test_a_pin_of_the_wrong_length_is_refused_before_anything_and_never_written(
     assert _files_holding(home, so_pin) == []
 
 
+@pytest.mark.slow
 def test_init_shows_the_so_pin_once_and_keeps_it_only_when_asked(tmp_path: Path) -> None:
     home = tmp_path / "home"
     first = _run(_env(home), "--json", "init")
@@ -147,6 +149,7 @@ def test_init_shows_the_so_pin_once_and_keeps_it_only_when_asked(tmp_path: Path)
     assert _so_login_works(kept_home, so_file.read_text().strip())
 
 
+@pytest.mark.slow
 def test_the_uri_init_prints_works_given_back_anywhere(tmp_path: Path, softhsm: TokenUnderTest) -> None:
     """As printed, from another directory, beside another SoftHSM configuration or KEYMGR_HOME;
     with the same KEYMGR_HOME it is the local token itself (same default audit log)."""
@@ -166,6 +169,7 @@ def test_the_uri_init_prints_works_given_back_anywhere(tmp_path: Path, softhsm: 
     assert verified.returncode == 0 and json.loads(verified.stdout)["ok"] is True, verified.stderr
 
 
+@pytest.mark.slow
 def test_destroy_without_paths_is_confirmed_or_refused(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = _env(home)
@@ -223,6 +227,7 @@ def _long_label_tokens(tmp_path: Path) -> tuple[dict[str, str], list[str]]:
     return env, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns", [80, 40])
 def test_tokens_never_cuts_a_label(tmp_path: Path, columns: int) -> None:
     env, labels = _long_label_tokens(tmp_path)
@@ -250,6 +255,7 @@ def test_tokens_is_a_table_where_it_fits(tmp_path: Path) -> None:
     assert child.exitstatus == 0 and len(rows) == 1, child.before
 
 
+@pytest.mark.slow
 def test_pin_value_on_the_command_line_or_in_keymgr_token_is_warned(softhsm: TokenUnderTest, key_name: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("KEYMGR_ALLOW_PIN_VALUE", "KEYMGR_TOKEN")}
     env.update(softhsm.env, PYTHONPATH=str(REPO))
@@ -270,6 +276,7 @@ def test_pin_value_on_the_command_line_or_in_keymgr_token_is_warned(softhsm: Tok
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("so_pin_already_set", [False, True])
 def test_init_finishes_a_crashed_init_without_locking_the_so_out(tmp_path: Path, so_pin_already_set: bool) -> None:
     """A crash after softhsm2-util (throwaway PINs) and before the real PINs were set leaves

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import _softhsm_module
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +109,7 @@ def _check(uri: str, env: dict[str, str], blobs: list[str], logs: list[str]) -> 
     return result
 
 
+@pytest.mark.slow
 def test_processes_opening_a_fresh_token_together_all_work(tmp_path: Path) -> None:
     for trial in range(TRIALS):
         folder = tmp_path / f"trial-{trial}"

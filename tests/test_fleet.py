@@ -160,6 +160,7 @@ def _assert_fleet(results: list[dict[str, object]], check: dict[str, object], ho
           f"billing uses recorded {recorded} for {billing_messages} messages ({periods} limit periods)")
 
 
+@pytest.mark.slow
 def test_three_hosts_rotating_and_suspending_lose_nothing() -> None:
     require_namespaces()
     hosts, messages = 3, 200
@@ -168,6 +169,7 @@ def test_three_hosts_rotating_and_suspending_lose_nothing() -> None:
         _assert_fleet(results, check, hosts, messages)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("KEYMGR_FLEET_SLOW") == "0", reason="KEYMGR_FLEET_SLOW=0 turns the 8-host run off")
 def test_eight_hosts_rotating_and_suspending_lose_nothing() -> None:
     require_namespaces()
@@ -205,6 +207,7 @@ RESULT = {"plain": plain, "logs": logs}
 """
 
 
+@pytest.mark.slow
 def test_hosts_opening_a_fresh_token_at_once_all_work() -> None:
     """Four hosts make the token's first MAC key and audit key at the same moment: whatever
     duplicates that makes, every host keeps working, and every host's writes stay readable."""
@@ -237,6 +240,7 @@ RESULT = sealed
 """
 
 
+@pytest.mark.slow
 def test_a_host_killed_in_the_middle_of_rotations_loses_nothing() -> None:
     """SIGKILL of a rotating host at a rotation's step: the other hosts carry on without an
     error, and everything either wrote decrypts afterwards."""

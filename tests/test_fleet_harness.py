@@ -87,6 +87,7 @@ RESULT = out
 """
 
 
+@pytest.mark.slow
 def test_three_hosts_encrypt_under_one_key_and_a_fresh_process_decrypts_everything(fleet_token: FleetToken) -> None:
     assert run_host(_CREATE, fleet_token, args={"key": "k"}, timeout=60).check() == "created"
     run = run_hosts(3, _ENCRYPT, fleet_token, args=[{"key": "k", "count": 20}] * 3, timeout=60)
@@ -109,6 +110,7 @@ RESULT = times
 """
 
 
+@pytest.mark.slow
 def test_barriers_release_every_host_at_one_moment_per_generation(fleet_token: FleetToken) -> None:
     run = run_hosts(4, _PHASES, fleet_token, timeout=30)
     run.assert_ok()
@@ -163,6 +165,7 @@ def test_a_crashing_host_is_reported_with_its_traceback(fleet_token: FleetToken)
         run.assert_ok()
 
 
+@pytest.mark.slow
 def test_a_host_past_the_timeout_is_killed_and_reported(fleet_token: FleetToken) -> None:
     run = run_hosts(1, "import time\ntime.sleep(60)\nRESULT = 1", fleet_token, timeout=2)
     assert run.hosts[0].timed_out and run.hosts[0].returncode == -9 and not run.hosts[0].ok

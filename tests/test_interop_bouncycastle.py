@@ -71,6 +71,7 @@ def certs(custodian: TokenUnderTest, tmp_path_factory: pytest.TempPathFactory) -
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ecdh-sha256kdf", "ecdh-sha1kdf", "oaep-sha1"])
 def test_keymgr_decrypts_bouncy_castles_ber(java: list[str], custodian: TokenUnderTest, certs: dict[str, Path],
                                             tmp_path: Path, mode: str) -> None:
@@ -84,6 +85,7 @@ def test_keymgr_decrypts_bouncy_castles_ber(java: list[str], custodian: TokenUnd
     assert (tmp_path / "out").read_bytes() == PLAINTEXT
 
 
+@pytest.mark.slow
 def test_bouncy_castles_default_rsa_transport_is_refused_by_name(java: list[str], custodian: TokenUnderTest,
                                                                  certs: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "in").write_bytes(PLAINTEXT)
@@ -94,6 +96,7 @@ def test_bouncy_castles_default_rsa_transport_is_refused_by_name(java: list[str]
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rsa", "ec"])
 def test_bouncy_castle_decrypts_keymgr_messages_to_a_certificate(java: list[str], tmp_path: Path, kind: str) -> None:
     """keymgr to a certificate (issuer and serial number). RSA with context attributes: BC checks

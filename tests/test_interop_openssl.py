@@ -80,6 +80,7 @@ def _decrypt_with_keymgr(tok: TokenUnderTest, message: Path) -> bytes:
     return out.read_bytes()
 
 
+@pytest.mark.slow
 def test_openssl_rsa_oaep_to_a_certificate_on_the_token(custodian: TokenUnderTest, certs: dict[str, Path],
                                                         tmp_path: Path) -> None:
     message = _encrypt_with_openssl(tmp_path, certs["rsa"], "-keyopt", "rsa_padding_mode:oaep")
@@ -98,6 +99,7 @@ def test_openssl_default_ecdh_to_a_certificate_on_the_token(custodian: TokenUnde
     assert _decrypt_with_keymgr(custodian, message) == PLAINTEXT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rsa", "ec"])
 def test_openssl_stream_ber_output(custodian: TokenUnderTest, certs: dict[str, Path], tmp_path: Path,
                                    kind: str) -> None:
@@ -107,6 +109,7 @@ def test_openssl_stream_ber_output(custodian: TokenUnderTest, certs: dict[str, P
     assert _decrypt_with_keymgr(custodian, message) == PLAINTEXT
 
 
+@pytest.mark.slow
 def test_refusals_name_the_algorithm(custodian: TokenUnderTest, certs: dict[str, Path], tmp_path: Path) -> None:
     """What keymgr does not read is one line naming it (exit 7, a FormatError), not 'tampered' (4);
     a hash the token lacks is the token's limit, said as such."""
@@ -131,6 +134,7 @@ def test_refusals_name_the_algorithm(custodian: TokenUnderTest, certs: dict[str,
     assert "SHA-1 only" in line and "--oaep-hash sha1" in line  # the last case: what the token can do, what to ask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rsa", "ec"])
 def test_openssl_decrypts_what_keymgr_encrypts_to_a_certificate(tmp_path: Path, kind: str) -> None:
     """keymgr names a certificate recipient by issuer and serial number, as OpenSSL does: OpenSSL

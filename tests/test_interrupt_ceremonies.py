@@ -233,6 +233,7 @@ def _summary(what: str, steps: list[Step], outcomes: dict[Step, str]) -> str:
             f"interrupted: {dict(counts)}; by call number: {order}")
 
 
+@pytest.mark.slow
 def test_sigint_at_every_step_of_a_restore(tmp_path: Path) -> None:
     a, b = hsm("keymgr-A"), hsm(TARGET)
     log = tmp_path / "b-audit.log"
@@ -270,6 +271,7 @@ def test_sigint_at_every_step_of_a_restore(tmp_path: Path) -> None:
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_before_and_after_the_restore_commit_a_rerun_clears_or_finishes(tmp_path: Path) -> None:
     """SIGKILL runs no rollback: right after the unwrap the restored objects are left unreferenced
     (the rerun destroys them and restores), right after the commit the key is there without its
@@ -334,6 +336,7 @@ def _uri() -> str:
     return softhsm_token(KEYS).uri()
 
 
+@pytest.mark.slow
 def test_sigint_at_every_step_of_a_rotation(tmp_path: Path) -> None:
     def make(a: KeyManager) -> str:
         name = f"it-{uuid.uuid4().hex[:8]}"
@@ -362,6 +365,7 @@ def test_sigint_at_every_step_of_a_rotation(tmp_path: Path) -> None:
            outcome, rerun_ok, commit=(WRITE, 2))  # pending fact, then version fact
 
 
+@pytest.mark.slow
 def test_sigint_at_every_step_of_a_destroy(tmp_path: Path) -> None:
     def make(a: KeyManager) -> str:
         name = f"id-{uuid.uuid4().hex[:8]}"
@@ -392,6 +396,7 @@ def test_sigint_at_every_step_of_a_destroy(tmp_path: Path) -> None:
            commit=(WRITE, 1))  # the state fact
 
 
+@pytest.mark.slow
 def test_sigint_at_every_step_of_a_policy_change(tmp_path: Path) -> None:
     """``custodian policy 2 --key NAME``: the policy and its transcript, or the register as it was."""
     names = ",".join(c.name for c in registered(hsm(KEYS), 1, 2, 3))

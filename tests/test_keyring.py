@@ -152,6 +152,7 @@ def _one(km, name: str, prefix: str) -> tuple[str, bytes]:
     return label, value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["snapshot", "fact"])
 def test_an_edited_snapshot_or_fact_is_not_authentic(quiet, token: TokenUnderTest, key_name: str,
                                                      target: str) -> None:
@@ -208,6 +209,7 @@ def _forged_fact(km, name: str, how: str) -> Iterator[tuple[str, bytes]]:
         yield label, value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["no-mac", "attacker-key", "other-domain"])
 def test_a_forged_fact_is_refused_by_the_reader_that_finds_it(quiet, token: TokenUnderTest, key_name: str,
                                                               how: str) -> None:
@@ -256,6 +258,7 @@ def test_a_reader_that_met_a_forged_fact_stays_closed_and_loses_no_genuine_fact(
         assert km.describe_key(key_name).policy.max_messages == 777
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("move", ["fact-to-another-key", "fact-to-another-id", "snapshot-to-another-key",
                                   "record-to-another-generation"])
 def test_an_object_whose_label_does_not_match_its_content_is_refused(quiet, key_name: str, move: str) -> None:
@@ -284,6 +287,7 @@ def test_an_object_whose_label_does_not_match_its_content_is_refused(quiet, key_
 # -- compaction: many facts become one snapshot, and what it covers goes after a grace period -----
 
 
+@pytest.mark.slow
 def test_changes_are_compacted_into_a_snapshot_that_every_reader_folds_the_same(quiet, token: TokenUnderTest,
                                                                                 key_name: str) -> None:
     """Past compact_at objects the writer folds a key's facts into one snapshot. What the snapshot
@@ -341,6 +345,7 @@ def _calls_of(km, change: Callable[[], object], monkeypatch: pytest.MonkeyPatch)
     return calls["n"]
 
 
+@pytest.mark.slow
 def test_a_change_costs_the_same_token_calls_at_any_age_of_the_key(quiet, token: TokenUnderTest, key_name: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A key's history does not make its changes dearer or its objects more: a change is one new
@@ -396,6 +401,7 @@ def _shape(record: KeyRecord) -> tuple[object, ...]:
             [(v.version, v.key_id, v.state, v.kcv) for v in record.versions])
 
 
+@pytest.mark.slow
 def test_a_record_of_keymgr_before_facts_is_read_used_and_upgraded(quiet, token: TokenUnderTest,
                                                                   key_name: str) -> None:
     km = quiet

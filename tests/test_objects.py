@@ -58,6 +58,7 @@ def test_tampered_gcm_ciphertext(keys: tuple[keymgr.KeyManager, bytes, bytes]) -
     ("wrap with the gcm key", "wrap"), ("unwrap with the gcm key", "unwrap"),
     ("gcm with the kw key", "encrypt"), ("hmac with the kw key", "sign"),
 ])
+@pytest.mark.slow
 def test_key_used_outside_its_role_is_a_policy_error(keys: tuple[keymgr.KeyManager, bytes, bytes], misuse: str,
                                                      role: str) -> None:
     km, kw, gcm = keys

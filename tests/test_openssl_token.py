@@ -48,6 +48,7 @@ def known_kek(km: keymgr.KeyManager, name: str) -> tuple[bytes, bytes]:
     return value, version.key_id
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [0, 1, 1000, 70_000])
 def test_openssl_decrypts_token_wrapped_messages(km_a: keymgr.KeyManager, key_name: str, tmp_path: Path,
                                                  size: int) -> None:
@@ -86,6 +87,7 @@ def test_openssl_decrypts_with_either_token_key(km_a: keymgr.KeyManager, key_nam
         assert out.returncode == 0 and out.stdout == b"two sites", out.stderr.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [0, 1, 1000, 70_000])
 def test_token_decrypts_what_openssl_writes(km_a: keymgr.KeyManager, key_name: str, tmp_path: Path,
                                             size: int) -> None:

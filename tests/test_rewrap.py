@@ -46,6 +46,7 @@ def _stream(km: keymgr.KeyManager, data: bytes, key: str, **kwargs: object) -> b
     return out.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
 def test_v1_message_moves_to_v3_payload_untouched_then_retire(km: keymgr.KeyManager, key_name: str,
                                                              profile: str) -> None:
@@ -74,6 +75,7 @@ def test_v1_message_moves_to_v3_payload_untouched_then_retire(km: keymgr.KeyMana
         km.rewrap(v1_blob)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
 def test_stream_header_only_segments_untouched(km: keymgr.KeyManager, key_name: str, profile: str) -> None:
     km.create_key(key_name, profile=profile)
@@ -113,6 +115,7 @@ def test_idempotent_same_bytes(km: keymgr.KeyManager, key_name: str) -> None:
     assert km.rewrap_stream(io.BytesIO(sealed), out).current and out.getvalue() == sealed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
 def test_other_recipients_stay(km: keymgr.KeyManager, km_b: keymgr.KeyManager, key_name: str, profile: str) -> None:
     km.create_key(key_name, profile=profile)
@@ -166,6 +169,7 @@ def test_compat_message_and_not_an_envelope(km: keymgr.KeyManager, key_name: str
         km.rewrap(b"not a message")
 
 
+@pytest.mark.slow
 def test_public_key_and_threshold_like_recipients_stay(km: keymgr.KeyManager, key_name: str) -> None:
     """Recipients keymgr cannot wrap for (RSA-OAEP, ECDH, an OtherRecipientInfo) are carried over byte for byte."""
     from cryptography.hazmat.primitives.asymmetric import ec, rsa

@@ -14,6 +14,7 @@ def _states(record) -> dict[int, str]:
     return {v.version: v.state for v in record.versions}
 
 
+@pytest.mark.slow
 def test_data_under_v1_v2_v3_decrypts_after_two_rotations_and_retire_cuts_off_old(km, key_name: str) -> None:
     km.create_key(key_name)
     blobs = {1: km.encrypt(b"one", key=key_name)}
@@ -70,6 +71,7 @@ def test_suspended_primary_neither_encrypts_nor_resumes_to_active_after_rotation
     assert _states(km.resume(key_name, 1)) == {1: "decrypt-only", 2: "active"}
 
 
+@pytest.mark.slow
 def test_compromised_decrypts_only_with_allow_compromised(km, token, key_name: str) -> None:
     km.create_key(key_name)
     blob = km.encrypt(b"secret", key=key_name)
@@ -87,6 +89,7 @@ def test_compromised_decrypts_only_with_allow_compromised(km, token, key_name: s
     ("compromised", "suspended"),
     ("compromised", "decrypt-only"),
 ])
+@pytest.mark.slow
 def test_refused_transitions(km, key_name: str, start: str, target: str) -> None:
     km.create_key(key_name)
     version = 1
@@ -101,6 +104,7 @@ def test_refused_transitions(km, key_name: str, start: str, target: str) -> None
     assert km.describe_key(key_name).version(1).state == before.version(1).state
 
 
+@pytest.mark.slow
 def test_destroyed_only_through_destroy_and_resume_needs_suspended(km, key_name: str) -> None:
     km.create_key(key_name)
     km.rotate(key_name)

@@ -24,6 +24,7 @@ def key(softhsm: TokenUnderTest, key_name: str) -> tuple[list[str], str]:
     return ["--token", softhsm.uri()], key_name
 
 
+@pytest.mark.slow
 def test_rotate_and_show(key: tuple[list[str], str]) -> None:
     token, name = key
     code, out, err = run(*token, "key", "rotate", name)
@@ -42,6 +43,7 @@ def test_rotate_and_show(key: tuple[list[str], str]) -> None:
     assert "decrypt-only" in out and "active" in out
 
 
+@pytest.mark.slow
 def test_retire_then_show_and_decrypt(key: tuple[list[str], str], softhsm: TokenUnderTest) -> None:
     token, name = key
     with keymgr.KeyManager(softhsm.uri()) as km:
@@ -62,6 +64,7 @@ def test_retire_then_show_and_decrypt(key: tuple[list[str], str], softhsm: Token
     assert code == 5 and "primary" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_suspend_resume_compromise(key: tuple[list[str], str]) -> None:
     token, name = key
     run(*token, "key", "rotate", name)
@@ -77,6 +80,7 @@ def test_suspend_resume_compromise(key: tuple[list[str], str]) -> None:
     assert [h["state"] for h in history] == ["active", "decrypt-only", "suspended", "decrypt-only", "compromised"]
 
 
+@pytest.mark.slow
 def test_pre_active_and_activate(key: tuple[list[str], str]) -> None:
     token, name = key
     code, out, _ = run(*token, "key", "rotate", name, "--pre-active")
@@ -85,6 +89,7 @@ def test_pre_active_and_activate(key: tuple[list[str], str]) -> None:
     assert code == 0 and json.loads(out)["primary"] == 2
 
 
+@pytest.mark.slow
 def test_due_lists_overdue_keys(softhsm: TokenUnderTest, key_name: str) -> None:
     stamps = iter(["2020-01-01T00:00:00Z"] * 10)
     with keymgr.KeyManager(softhsm.uri(), _wall_clock=lambda: next(stamps)) as km:
@@ -100,6 +105,7 @@ def test_due_lists_overdue_keys(softhsm: TokenUnderTest, key_name: str) -> None:
     assert key_name not in due
 
 
+@pytest.mark.slow
 def test_errors_are_one_line(key: tuple[list[str], str]) -> None:
     token, name = key
     for args in (("key", "rotate", name + "-missing"), ("key", "suspend", name, "--version", "9"),
@@ -108,6 +114,7 @@ def test_errors_are_one_line(key: tuple[list[str], str]) -> None:
         assert code in (5, 6) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_rotate_writes_a_signed_transcript(key: tuple[list[str], str], tmp_path) -> None:
     token, name = key
     transcript = tmp_path / "rotate.p7s"

@@ -22,19 +22,23 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 import keymgr
 from keymgr import rotation
 from keymgr.hsm import objects
 from keymgr.keyring import KeyPolicy, version_template
 from tests._crash_token import crash_token
 from tests._keyring_helpers import WallClock, same_record
-from tests.conftest import TokenUnderTest, requires
+from tests.conftest import TokenUnderTest
 
 REPO = Path(__file__).resolve().parent.parent
 KILLS = 24
 
 CHILD = r"""
 import os, sys
+import pytest
+
 import keymgr
 from keymgr._files import atomic_write
 uri, name, out, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -79,6 +83,7 @@ def _decrypts_everything(km: keymgr.KeyManager, expected: dict[Path | int, bytes
     return len(files)
 
 
+@pytest.mark.slow
 def test_rotate_killed_at_random_moments(key_name: str, tmp_path: Path) -> None:
     crash = crash_token()  # its own token: a kill inside C_GenerateKey can leave a half-made object, and
     softhsm = crash.token  # one inside C_Login a short token file (mended below, tests/_crash_token.py)
@@ -128,6 +133,8 @@ def test_rotate_killed_at_random_moments(key_name: str, tmp_path: Path) -> None:
     assert len(record.versions) >= KILLS + 3  # at least one whole rotation per round, and the last two
 
 
+@pytest.mark.slow
+@pytest.mark.requires("aes-keygen", "hmac-sha256", "data-objects")
 def test_an_orphan_left_by_a_crash_is_destroyed_once_its_pending_fact_is_old(token: TokenUnderTest,
                                                                                key_name: str) -> None:
     """The state a crash between key generation and the version fact leaves, made by hand: the
@@ -135,7 +142,6 @@ def test_an_orphan_left_by_a_crash_is_destroyed_once_its_pending_fact_is_old(tok
     orphan_grace old (by the keyring's clock) a rotation keeps the object (another host may be
     between the two steps); after, the next rotation destroys it. An object that no fact names
     is never touched."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     clock = WallClock()
     with keymgr.KeyManager(token.uri(), _wall_clock=clock) as km:
         record = km.create_key(key_name)
@@ -164,6 +170,7 @@ def test_an_orphan_left_by_a_crash_is_destroyed_once_its_pending_fact_is_old(tok
             objects.destroy_key(km.token, stray_id)
 
 
+@pytest.mark.slow
 def test_two_processes_rotating_at_once_leave_one_primary(softhsm: TokenUnderTest, key_name: str,
                                                           tmp_path: Path) -> None:
     rounds = 8
@@ -185,6 +192,7 @@ def test_two_processes_rotating_at_once_leave_one_primary(softhsm: TokenUnderTes
         assert _decrypts_everything(km, {}, tmp_path) == 2 * rounds
 
 
+@pytest.mark.slow
 def test_changes_made_from_stale_views_at_once_all_land_and_every_reader_agrees(km, token: TokenUnderTest,
                                                                                  key_name: str) -> None:
     """Writers never read-modify-write: a change made from a view that misses another's change

@@ -35,6 +35,7 @@ def _rotated_with_data(km, name: str, tmp_path: Path) -> tuple[bytes, bytes]:
     return old, new
 
 
+@pytest.mark.slow
 def test_destroy_refuses_while_envelopes_need_the_version_then_shreds(km, key_name: str, tmp_path: Path) -> None:
     old, new = _rotated_with_data(km, key_name, tmp_path)
     v1 = km.describe_key(key_name).version(1)
@@ -57,6 +58,7 @@ def test_destroy_refuses_while_envelopes_need_the_version_then_shreds(km, key_na
         km.destroy(key_name, 1, confirmed=True, immediately=True)
 
 
+@pytest.mark.slow
 def test_force_destroys_despite_remaining_data(km, key_name: str, tmp_path: Path) -> None:
     old, _ = _rotated_with_data(km, key_name, tmp_path)
     result = km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True, force=True, immediately=True)
@@ -65,6 +67,7 @@ def test_force_destroys_despite_remaining_data(km, key_name: str, tmp_path: Path
         km.decrypt(old)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden", ["linked directory", "linked file", "fifo", "link loop"])
 def test_what_the_scan_cannot_check_refuses_the_destroy(km, key_name: str, tmp_path: Path, hidden: str) -> None:
     """An envelope behind a symbolic link (not followed) or a file that cannot be read as one
@@ -93,6 +96,7 @@ def test_what_the_scan_cannot_check_refuses_the_destroy(km, key_name: str, tmp_p
     assert result.record.version(1).state == "destroyed"
 
 
+@pytest.mark.slow
 def test_primary_and_active_versions_cannot_be_destroyed(km, key_name: str) -> None:
     km.create_key(key_name)
     with pytest.raises(keymgr.PolicyError, match="active"):
@@ -103,6 +107,7 @@ def test_primary_and_active_versions_cannot_be_destroyed(km, key_name: str) -> N
     assert km.describe_key(key_name).primary == 1
 
 
+@pytest.mark.slow
 def test_destroyed_object_is_gone_from_the_token_as_pkcs11_sees_it(key_name: str) -> None:
     km = hsm()
     km.create_key(key_name)
@@ -114,6 +119,7 @@ def test_destroyed_object_is_gone_from_the_token_as_pkcs11_sees_it(key_name: str
     assert not any(kid == key_id or label == f"{key_name}/v1" for _, kid, label in object_handles("keymgr-A"))
 
 
+@pytest.mark.slow
 def test_a_destroy_that_crashed_after_its_commit_is_finished_later(km, key_name: str) -> None:
     """Record says destroyed, object still there (the crash window, or a fact forged by a PIN
     holder: keymgr cannot tell which): orphans() sees it, a rotation's sweep leaves it (facts
@@ -136,6 +142,7 @@ def test_a_destroy_that_crashed_after_its_commit_is_finished_later(km, key_name:
     assert rotation.orphans(km.keyring, km.describe_key(key_name)) == []
 
 
+@pytest.mark.slow
 def test_cli_destroy_needs_two_distinct_custodians(key_name: str, tmp_path: Path) -> None:
     """Issue 5: one approval refused; the same approval twice counts once; two custodians proceed."""
     km = hsm()
@@ -182,6 +189,7 @@ def test_cli_destroy_needs_two_distinct_custodians(key_name: str, tmp_path: Path
     assert code == 5 and len(err.strip().splitlines()) == 1  # spent: the request works once
 
 
+@pytest.mark.slow
 def test_cli_destroy_reports_remaining_envelopes(softhsm, key_name: str, tmp_path: Path) -> None:
     with keymgr.KeyManager(softhsm.uri()) as km:
         _rotated_with_data(km, key_name, tmp_path)
@@ -197,6 +205,7 @@ def test_cli_destroy_reports_remaining_envelopes(softhsm, key_name: str, tmp_pat
     assert "version 1 destroyed; 1 of 2 envelope(s) scanned needed it" in out
 
 
+@pytest.mark.slow
 def test_a_version_just_superseded_is_not_destroyed_while_other_hosts_may_use_it(softhsm, key_name: str) -> None:
     """Other hosts see a rotation only at their next refresh and may encrypt under the old primary
     until then: destroying it at once would make what they wrote unreadable. Refused until

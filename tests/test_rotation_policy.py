@@ -36,6 +36,7 @@ def timed_km(softhsm, clock: Clock):
         yield manager
 
 
+@pytest.mark.slow
 def test_max_messages_refuses_at_the_limit_and_rotation_resets(km, key_name: str) -> None:
     km.create_key(key_name, max_messages=5)
     blobs = [km.encrypt(b"m%d" % i, key=key_name) for i in range(5)]
@@ -47,6 +48,7 @@ def test_max_messages_refuses_at_the_limit_and_rotation_resets(km, key_name: str
     assert [km.decrypt(b) for b in blobs] == [b"m%d" % i for i in range(5)]
 
 
+@pytest.mark.slow
 def test_limit_is_shared_by_processes_through_the_record(km, token, key_name: str) -> None:
     """A second manager (as another process would) reserves from the same count."""
     km.create_key(key_name, max_messages=4)
@@ -60,6 +62,7 @@ def test_limit_is_shared_by_processes_through_the_record(km, token, key_name: st
                 manager.encrypt(b"e", key=key_name)
 
 
+@pytest.mark.slow
 def test_uses_are_reserved_in_growing_blocks_not_written_per_message(km, key_name: str) -> None:
     limit = 100_000
     record = km.create_key(key_name, max_messages=limit)
@@ -81,6 +84,7 @@ def test_block_sizes_double_up_to_a_sixteenth_of_the_limit_and_max_block() -> No
     assert usage.block_for(1_000, 0) == 62 and usage.block_for(10, 5) == 1
 
 
+@pytest.mark.slow
 def test_a_new_version_starts_with_a_small_block_again(km, key_name: str) -> None:
     km.create_key(key_name, max_messages=100_000)
     for _ in range(usage.FIRST_BLOCK + 1):
@@ -91,6 +95,7 @@ def test_a_new_version_starts_with_a_small_block_again(km, key_name: str) -> Non
     assert km.describe_key(key_name).primary_version.uses == usage.FIRST_BLOCK
 
 
+@pytest.mark.slow
 def test_at_the_limit_auto_rotate_rotates(softhsm, key_name: str) -> None:
     with keymgr.KeyManager(softhsm.uri()) as km:
         km.create_key(key_name, max_messages=3, auto_rotate=True)
@@ -112,15 +117,15 @@ def test_gcm_profile_is_bounded_by_the_random_nonce_limit() -> None:
     assert usage.block_for(10) == 1 and usage.block_for(2**32) == usage.FIRST_BLOCK
 
 
+@pytest.mark.slow
+@pytest.mark.requires("aes-gcm")
 def test_gcm_key_counts_uses_without_max_messages(km, token, key_name: str) -> None:
-    from tests.conftest import requires
-
-    requires(token, "aes-gcm")
     km.create_key(key_name, profile="gcm")
     km.encrypt(b"x", key=key_name)
     assert km.describe_key(key_name).primary_version.uses == usage.FIRST_BLOCK
 
 
+@pytest.mark.slow
 def test_due_lists_keys_past_their_cryptoperiod(timed_km, clock: Clock, key_name: str) -> None:
     timed_km.create_key(key_name, rotate_after_days=30)
     timed_km.create_key(key_name + "-never")
@@ -133,6 +138,7 @@ def test_due_lists_keys_past_their_cryptoperiod(timed_km, clock: Clock, key_name
     assert key_name not in [r.name for r, _ in rotation.due(timed_km.list_keys(), now=clock.at)]
 
 
+@pytest.mark.slow
 def test_auto_rotate_on_first_use_after_the_period(timed_km, clock: Clock, key_name: str) -> None:
     timed_km.create_key(key_name, rotate_after_days=7, auto_rotate=True)
     old = timed_km.encrypt(b"old", key=key_name)
@@ -155,6 +161,7 @@ def test_without_auto_rotate_a_due_key_keeps_encrypting(timed_km, clock: Clock, 
     assert timed_km.describe_key(key_name).primary == 1
 
 
+@pytest.mark.slow
 def test_threads_never_exceed_the_limit(softhsm, key_name: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -175,6 +182,7 @@ def test_threads_never_exceed_the_limit(softhsm, key_name: str) -> None:
         assert km.describe_key(key_name).primary_version.uses == limit
 
 
+@pytest.mark.slow
 def test_processes_share_the_limit_exactly(softhsm, key_name: str) -> None:
     """Two processes encrypting until refused: together they never pass max_messages, and lose
     little of it. Uses are a grow-only count of reserved blocks (keymgr.usage): at the limit two
@@ -213,6 +221,7 @@ def test_processes_share_the_limit_exactly(softhsm, key_name: str) -> None:
         assert km.describe_key(key_name).primary_version.uses >= sum(counts)
 
 
+@pytest.mark.slow
 def test_forked_children_never_undercount_uses(softhsm, key_name: str) -> None:
     """A child of fork() gets a copy of its parent's reserved block and use-counter identity: it
     must neither spend the parent's block again nor write totals under the parent's identity

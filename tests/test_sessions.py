@@ -118,6 +118,7 @@ def test_pin_callback_is_asked_with_token_label(softhsm: TokenUnderTest) -> None
     assert len(objects.random_bytes(ts, 4)) == 4
 
 
+@pytest.mark.slow
 def test_eight_threads_thousand_operations_each(softhsm: TokenUnderTest, key_name: str) -> None:
     km = keymgr.KeyManager(softhsm.uri())
     km.create_key(key_name, profile="gcm")
@@ -177,6 +178,8 @@ def test_lost_session_is_reopened_and_relogged(softhsm: TokenUnderTest, key_name
     assert km.describe_key(key_name).name == key_name
 
 
+@pytest.mark.known_session_leak("python-pkcs11 0.10.1 Token.open does not close the session it opened when C_Login "
+                                "fails: a wrong PIN in keymgr.hsm.sessions.TokenSession._login leaves it open")
 def test_so_pin_is_not_user_pin(softhsm: TokenUnderTest) -> None:
     # the SO PIN must not log in as the user
     uri = f"pkcs11:token=custodian-3?module-path={softhsm.module_path}&pin-value={SO_PIN}"

@@ -61,6 +61,7 @@ def _to_restore_prompt(shell: Shell, path: Path, prompt: str) -> None:
         shell.child.expect(r"PIN for token 'custodian-1'.*: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["name", "token", "pin"])
 def test_ctrl_c_at_each_restore_prompt(shell: Shell, tmp_path: Path, key_name: str, prompt: str) -> None:
     path = backup_file(tmp_path / "b.backup", key_name)
@@ -69,6 +70,7 @@ def test_ctrl_c_at_each_restore_prompt(shell: Shell, tmp_path: Path, key_name: s
     assert not list(tmp_path.glob("restore-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["name", "token", "pin"])
 def test_ctrl_d_at_each_restore_prompt(shell: Shell, tmp_path: Path, key_name: str, prompt: str) -> None:
     path = backup_file(tmp_path / "b.backup", key_name)
@@ -81,6 +83,7 @@ def test_ctrl_d_at_each_restore_prompt(shell: Shell, tmp_path: Path, key_name: s
     assert not list(tmp_path.glob("restore-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["confirm", "token", "pin"])
 def test_ctrl_c_at_each_approve_prompt(shell: Shell, tmp_path: Path, key_name: str, prompt: str) -> None:
     a = hsm("keymgr-A")
@@ -100,6 +103,7 @@ def test_ctrl_c_at_each_approve_prompt(shell: Shell, tmp_path: Path, key_name: s
     assert not list(tmp_path.glob("*.approval"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_so_pin_prompt_of_backup(shell: Shell, tmp_path: Path, key_name: str) -> None:
     a = hsm("keymgr-A")
     guarded_key(a, key_name)
@@ -116,6 +120,7 @@ def test_ctrl_c_at_the_so_pin_prompt_of_backup(shell: Shell, tmp_path: Path, key
     assert not (tmp_path / "b.backup").exists()
 
 
+@pytest.mark.slow
 def test_backup_checks_approvals_before_the_so_pin(shell: Shell, tmp_path: Path, key_name: str) -> None:
     a = hsm("keymgr-A")
     guarded_key(a, key_name)
@@ -131,6 +136,7 @@ def test_backup_checks_approvals_before_the_so_pin(shell: Shell, tmp_path: Path,
     assert shell.status() == 5
 
 
+@pytest.mark.slow
 def test_ctrl_d_at_a_prompt_ends_cleanly_and_drops_typed_ahead_input(shell: Shell, tmp_path: Path,
                                                                       key_name: str) -> None:
     path = backup_file(tmp_path / "b.backup", key_name)
@@ -144,6 +150,7 @@ def test_ctrl_d_at_a_prompt_ends_cleanly_and_drops_typed_ahead_input(shell: Shel
     assert LEAKED not in shell.seen, "input typed ahead of keymgr reached the shell"
 
 
+@pytest.mark.slow
 def test_input_typed_ahead_during_a_failing_login_does_not_reach_the_shell(shell: Shell, tmp_path: Path,
                                                                            key_name: str) -> None:
     """The issue's case: keymgr stops on an error while the next PIN is being typed. The login reads

@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -19,6 +20,8 @@ from keymgr.hsm import Pkcs11Uri, asym, open_token
 from tests.conftest import TokenUnderTest, softhsm_token
 
 REPO = Path(__file__).resolve().parents[1]
+#: the key pairs `keymgr token keygen` makes stay on the shared tokens, each label with a random part
+pytestmark = pytest.mark.leaves_objects("cust-")
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -30,6 +33,7 @@ def _tokens(report: dict) -> dict[str, dict]:  # type: ignore[type-arg]
     return {(t["label"] or f"<empty slot {t['slot_id']}>"): t for m in report["modules"] for t in m["tokens"]}
 
 
+@pytest.mark.slow
 def test_tokens_json_lists_softhsm_and_tpm_with_schemes(softhsm: TokenUnderTest, tpm: TokenUnderTest) -> None:
     code, out, err = run("--json", "tokens", "--login", softhsm.uri(), "--login", tpm.uri())
     assert code == 0, err
@@ -52,6 +56,10 @@ def test_tokens_json_lists_softhsm_and_tpm_with_schemes(softhsm: TokenUnderTest,
     assert "kek-gcm" in tokens["keymgr-B"]["schemes"] and isinstance(tokens["keymgr-B"]["probed_logged_in"], bool)
 
 
+@pytest.mark.known_session_leak("in-process `keymgr tokens --login` left two SoftHSM sessions open in a "
+                                "`-m 'not slow'` run, not in a full run; cause not pinned down (suspect: "
+                                "python-pkcs11 0.10.1 Token.open does not close its session when C_Login fails)",
+                                strict=False)
 def test_tokens_table_shows_both(softhsm: TokenUnderTest, tpm: TokenUnderTest) -> None:
     code, out, err = run("tokens", "--login", tpm.uri())
     assert code == 0, err
@@ -110,6 +118,7 @@ def test_existing_tpm_key_found_by_id_uri_and_listed(tpm: TokenUnderTest) -> Non
     assert code == 2 and "object=" in err
 
 
+@pytest.mark.slow
 def test_tokens_without_login_in_a_fresh_process(softhsm: TokenUnderTest, tpm: TokenUnderTest) -> None:
     """Plain ``keymgr --json tokens``, no PIN anywhere: SoftHSM is probed fully on public session
     objects; the TPM, which makes key pairs only after a login, says so instead of claiming none."""
@@ -129,6 +138,7 @@ def test_tokens_without_login_in_a_fresh_process(softhsm: TokenUnderTest, tpm: T
     assert table.returncode == 0 and "key pairs not probed without a login" in table.stdout, table.stderr
 
 
+@pytest.mark.slow
 def test_a_token_file_left_short_by_a_killed_login_is_explained(tmp_path: Path) -> None:
     """SoftHSM rewrites token.object in place at every login; a process killed then leaves it
     short, and the token shows as a blank slot (STACK-FACTS 23). The error says what that blank

@@ -355,6 +355,7 @@ def uris(draw: st.DrawFn) -> Pkcs11Uri:
     return Pkcs11Uri(**fields)
 
 
+@pytest.mark.slow
 @given(uris())
 @settings(max_examples=300)
 def test_format_then_parse_round_trips(uri: Pkcs11Uri) -> None:

@@ -131,6 +131,7 @@ def as_message(test: dict[str, Any], kek: bytes, kek_id: bytes) -> bytes:
     return cms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": aed}).dump()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("group", "test"), AS_MESSAGES, ids=_ids(AS_MESSAGES))
 def test_through_keymanager_decrypt(known_kek: tuple[keymgr.KeyManager, bytes, bytes], group: dict[str, Any],
                                     test: dict[str, Any]) -> None:

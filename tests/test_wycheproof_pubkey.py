@@ -102,6 +102,7 @@ def _originator_point(spki_der: bytes) -> bytes:
     return pubkey.parse_originator_key(info, "secp256r1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ecdh_secp256r1_test", "ecdh_secp256r1_ecpoint_test"])
 def test_wycheproof_ecdh_p256(softhsm: TokenUnderTest, session: TokenSession, name: str) -> None:
     requires(softhsm, "ecdh-p256")

@@ -76,6 +76,7 @@ def weakened(profile: str, changes: dict[str, bool]) -> KeyTemplate:
     return KeyTemplate(f"{base.purpose}-weakened", base.key_type, base.bits, {**base.attributes, **changes})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "profile", "backup", "changes", "attack", "expect"), MUTATIONS,
                          ids=[f"{m[0]}->{m[4]}" for m in MUTATIONS])
 def test_weakened_template_is_broken(manager: KeyManager, targets: dict[str, Target], monkeypatch: pytest.MonkeyPatch,

@@ -138,6 +138,7 @@ def _consistent(manager: KeyManager) -> dict[str, KeyRecord]:
     ("host-memory", "write data object", True),
     ("handle-invalid", "write data object", True),
 ])
+@pytest.mark.slow
 def test_fault_during_key_create_leaves_the_keyring_consistent(manager: KeyManager, faults: FaultInjector,
                                                                kind: str, operation: str, after: bool) -> None:
     name = f"flt-{uuid.uuid4().hex[:10]}"

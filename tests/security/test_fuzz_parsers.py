@@ -168,11 +168,13 @@ def fuzz(target: str, inputs: st.SearchStrategy[bytes], examples: int = EXAMPLES
     property_()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_mutated_inputs_raise_only_keymgr_errors(target: str) -> None:
     fuzz(target, mutated(target))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", _JSON_FORMATS)
 def test_mutated_documents_raise_only_keymgr_errors(target: str) -> None:
     fuzz(target, json_mutated(target))
@@ -201,6 +203,7 @@ def test_the_contract_catches_a_foreign_exception(monkeypatch: pytest.MonkeyPatc
         check("audit", b"{}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_atheris_short_pass(target: str, tmp_path: Path) -> None:
     result = subprocess.run(

@@ -34,12 +34,12 @@ def _stale_manager(token: TokenUnderTest) -> keymgr.KeyManager:
     return other
 
 
+@pytest.mark.slow
 def test_the_loser_of_two_racing_rotations_waits_like_any_old_primary(km, token: TokenUnderTest,
                                                                        key_name: str) -> None:
     """Two hosts rotate at once: both versions claim the same epoch, the higher (epoch, number)
     leads. The loser was the primary on its host until that host refreshed, so data may sit
     under it: a destroy or a retire right away is refused like that of any old primary."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     km.create_key(key_name)
     record = km.rotate(key_name)  # v2 at epoch 2: this host's rotation
     v2 = record.version(2)
@@ -60,12 +60,13 @@ def test_the_loser_of_two_racing_rotations_waits_like_any_old_primary(km, token:
     assert km.describe_key(key_name).min_decryption_version == 1
 
 
+@pytest.mark.slow
+@pytest.mark.requires("aes-gcm")
 def test_a_create_racing_with_another_profile_loses_no_message(km, token: TokenUnderTest, key_name: str) -> None:
     """Two hosts create one name, one with gcm, one with kw, neither seeing the other: whichever
     key fact wins, every version keeps its own profile, so what each host encrypted before it saw
     the other still decrypts, every version passes key verify, and only the winner's profile
     encrypts from then on. Repeated: the winner is decided by random fact ids."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects", "aes-gcm")
     for round_ in range(4):
         name = f"{key_name}-{round_}"
         other = _stale_manager(token)
@@ -98,7 +99,6 @@ def test_retire_waits_for_the_fleet_and_immediately_skips_the_wait(km, token: To
                                                                     key_name: str) -> None:
     """Another host may go on encrypting under the old primary until it refreshes; retiring it is
     final for that data, so it waits like a destroy."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     km.create_key(key_name)
     km.rotate(key_name)
     with pytest.raises(errors.PolicyError, match="Retire it after 10 minutes"):
@@ -109,7 +109,6 @@ def test_retire_waits_for_the_fleet_and_immediately_skips_the_wait(km, token: To
 def test_a_forged_policy_cannot_make_versions_extractable(km, token: TokenUnderTest, key_name: str) -> None:
     """``backup`` is fixed when the key is created: a policy fact saying otherwise (a PIN holder
     can MAC one) changes the other fields, never that one."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     record = km.create_key(key_name, max_messages=100)
     forged = replace(record.policy, backup=True, max_messages=50)
     km.keyring.add(key_name, "policy", {"policy": asdict(forged)})
@@ -139,7 +138,6 @@ def test_a_planted_mac_key_of_known_value_is_never_used_and_is_reported(km, toke
     """With a MAC key they know, a PIN holder could forge keyring facts offline. keymgr uses only
     MAC keys the token generated and never let out: the planted one MACs nothing, a fact MACed
     with it is not authentic, and ``key verify`` names it."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     km.create_key(key_name)
     planted, value = b"\x00" * 4, os.urandom(32)
     _plant_mac_key(km, value, planted)
@@ -160,7 +158,6 @@ def test_a_key_object_no_fact_names_fails_key_verify(km, token: TokenUnderTest, 
     """What deleting a rotation's facts leaves (or a key made by hand): an object labelled as a
     version that no fact names, not even a pending one. key verify fails on it; an object a
     rotation in progress made (its pending fact written) is only a note."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     record = km.create_key(key_name)
     template = version_template(record.profile, record.policy)
     stray, in_progress = km.keyring.new_key_id(), km.keyring.new_key_id()
@@ -186,12 +183,12 @@ def _write_fact(km: keymgr.KeyManager, name: str, kind: str, body: dict, fact_id
     km.keyring._put(name, [Fact(kind, name, fact_id, km.keyring.now(), body)])  # noqa: SLF001
 
 
+@pytest.mark.requires("aes-gcm")
 def test_the_losing_profile_of_a_create_race_waits_even_with_the_higher_number(km, token: TokenUnderTest,
                                                                                  key_name: str) -> None:
     """Host B's kw create lost to host A's gcm create, but B's version sorts after A's: nothing
     outranks it by (epoch, number), yet it led on B until B saw A's key. It waits like any old
     primary before a destroy."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects", "aes-gcm")
     record = km.create_key(key_name, profile="gcm")
     rival = b"\xff" * 4 + os.urandom(12)  # sorts after A's version: B's becomes v2
     objects.generate_key(km.token, version_template("kw", record.policy), label=f"{key_name}/v1", key_id=rival)
@@ -208,7 +205,6 @@ def test_the_losing_profile_of_a_create_race_waits_even_with_the_higher_number(k
 
 def test_a_second_key_fact_cannot_turn_backup_on(km, token: TokenUnderTest, key_name: str) -> None:
     """A forged ``key`` fact with the lowest id wins the head, but ``backup`` needs every key fact."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     record = km.create_key(key_name)
     _write_fact(km, key_name, "key", {"profile": record.profile, "policy": asdict(replace(record.policy, backup=True))},
                 "0" * 32)
@@ -222,7 +218,6 @@ def test_a_forged_destroyed_fact_on_the_primary_is_not_finished_at_once(km, toke
                                                                           key_name: str) -> None:
     """Forged ``destroyed`` on the primary: the object is intact and the data recoverable. key
     verify says so; finishing the destroy waits as long as any destroy would."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     km.create_key(key_name)
     primary = km.rotate(key_name).primary_version
     km.keyring.add(key_name, "state", {"kid": primary.key_id.hex(), "to": "destroyed"})
@@ -233,10 +228,11 @@ def test_a_forged_destroyed_fact_on_the_primary_is_not_finished_at_once(km, toke
     assert objects.key_exists(km.token, primary.key_id)
 
 
+@pytest.mark.slow
+@pytest.mark.requires("aes-keygen", "hmac-sha256", "data-objects")
 def test_automatic_rotations_are_audited(tmp_path, token: TokenUnderTest, key_name: str) -> None:
     """Every version is explained by the audit log, automatic ones included: a rotate entry
     (intent and outcome) marked automatic, with the reason."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     path = tmp_path / "audit.log"
     with keymgr.KeyManager(token.uri(), audit=path) as km:
         km.create_key(key_name, max_messages=3, auto_rotate=True)
@@ -253,7 +249,6 @@ def test_automatic_rotations_are_audited(tmp_path, token: TokenUnderTest, key_na
 def test_key_verify_finds_objects_of_a_key_whose_facts_are_all_gone(km, token: TokenUnderTest,
                                                                      key_name: str) -> None:
     """Deleting every fact of a key leaves its objects: they are named, with or without a NAME."""
-    requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     record = km.create_key(key_name)
     orphan = km.keyring.new_key_id()
     objects.generate_key(km.token, version_template(record.profile, record.policy), label=f"{key_name}-gone/v1",

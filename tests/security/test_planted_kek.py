@@ -93,6 +93,7 @@ def _opens_with(blob: bytes, value: bytes) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["imported", "generated-readable"])
 def test_a_planted_kek_never_encrypts(softhsm: TokenUnderTest, key_name: str, tmp_path: Path, how: str) -> None:
     log = tmp_path / "audit.log"
