@@ -640,6 +640,7 @@ def test_exit_codes_are_documented() -> None:
 
 # -- every other -o of the CLI goes the same way (issue 14, the outside tester) ---------------------
 
+@pytest.mark.leaves_objects("o-")  # the key pair token keygen writes, a name of this test's own
 def test_every_cli_output_writes_devices_through_and_refuses_links(softhsm: TokenUnderTest, key_name: str,
                                                                   tmp_path: Path) -> None:
     """request -o, token keygen --out, backup -o: a device stays the same node (never a 0600 file of

@@ -128,6 +128,7 @@ def test_policy_change_is_approved_under_the_current_policy(key_name: str) -> No
         QuorumPolicy(1, names)
 
 
+@pytest.mark.leaves_objects("eve-")  # the custodians' key pairs, named after this test's key
 def test_policy_request_binds_the_new_custodians_keys_not_their_names(key_name: str) -> None:
     """Issue 14: approvals of "2 of (c1, eve)" must not carry over to an eve re-added on another token."""
     km = hsm()
