@@ -15,6 +15,7 @@ threads, add throughput (:class:`KeyManager`, "Threads").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -497,16 +498,25 @@ class KeyManager:
         commitment) so OpenSSL 3.0 can read the message: weaker, see docs/format.md.
         """
         with self._audited("encrypt", key=key) as op:
-            op.version = self._keyring.get(key).primary  # named in a refusal too; set again below
-            data = bytes(plaintext)
-            if compat_openssl and self._protector.algorithm_for(self.keyring.get(key)) != "aes256_wrap":
-                raise errors.ConfigurationError(
-                    f"compat_openssl needs a key whose messages OpenSSL can unwrap (profile kw with RFC 3394 key "
-                    f"wrap on this token); key {key!r} is not one")
-            blob = self._data_key(key, context, also_to, len(data), lambda dek, ris: seal_message(
-                data, dek=dek, recipient_infos=ris, context=context, compat_openssl=compat_openssl))
+            try:
+                data = bytes(plaintext)
+                if compat_openssl and self._protector.algorithm_for(self.keyring.get(key)) != "aes256_wrap":
+                    raise errors.ConfigurationError(
+                        f"compat_openssl needs a key whose messages OpenSSL can unwrap (profile kw with RFC 3394 "
+                        f"key wrap on this token); key {key!r} is not one")
+                blob = self._data_key(key, context, also_to, len(data), lambda dek, ris: seal_message(
+                    data, dek=dek, recipient_infos=ris, context=context, compat_openssl=compat_openssl))
+            except errors.PolicyError:
+                self._name_refused_version(op, key)
+                raise
             op.version = self._keyring.get(key).primary
             return blob  # type: ignore[no-any-return]
+
+    def _name_refused_version(self, op: Operation, key: str) -> None:
+        """A refused encryption's audit entry names the version refused (the primary then): looked
+        up only on a refusal (a try costs the per-message path nothing)."""
+        with contextlib.suppress(errors.KeymgrError):
+            op.version = self._keyring.get(key).primary
 
     def _unwrap(self, der: bytes) -> DataKey | None:
         if self._decrypt_cache is None:
@@ -555,8 +565,11 @@ class KeyManager:
         Streams never share a cached data key (each has its own key), so the
         cache's byte limit is not spent by one large file."""
         with self._audited("encrypt-stream", key=key) as op:
-            op.version = self._keyring.get(key).primary  # named in a refusal too; set again below
-            dek, recipients = self._new_data_key(key, also_to)
+            try:
+                dek, recipients = self._new_data_key(key, also_to)
+            except errors.PolicyError:
+                self._name_refused_version(op, key)
+                raise
             op.version = self._keyring.get(key).primary
             try:
                 return encrypt_stream(src, dst, dek=dek, recipient_infos=recipients, context=context)
