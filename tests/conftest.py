@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -80,6 +81,12 @@ _RUN_DIR = Path(tempfile.mkdtemp(prefix="keymgr-tests-"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background by a shell without job control (`cmd &` in a script, as a
+    # CI runner may) inherits SIGINT ignored, and so would every keymgr the tests start: keymgr
+    # rightly keeps a signal its parent ignores ignored, and the Ctrl-C tests would wait forever.
+    # The tests stand for a custodian at a terminal, where SIGINT is live.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     conf = _RUN_DIR / "softhsm2.conf"
     tokens = _RUN_DIR / "tokens"
     tokens.mkdir()
