@@ -25,6 +25,7 @@ from keymgr._memory import zero
 from keymgr._oplog import hsm as log
 from keymgr._oplog import warn_once
 from keymgr.hsm._errors import missing_role
+from keymgr.hsm.finding import find_objects
 from keymgr.hsm.locks import token_lock
 from keymgr.hsm.sessions import TokenSession
 from keymgr.templates import EPHEMERAL_DATA_KEY, KeyTemplate
@@ -215,22 +216,17 @@ def destroy_key(ts: TokenSession, key_id: bytes) -> None:
     ts.run("destroy key", call)
 
 
-#: How often a scan of token objects is repeated when another process destroyed one mid-scan.
-_SCAN_RETRIES = 5
-
-
 def _scan(session: pkcs11.Session, template: Mapping[Attribute, Any],
           read: Callable[[Any], T]) -> list[T]:
-    """``read`` of every object matching ``template``, as one consistent scan. Another process
-    may destroy an object between C_FindObjects and the attribute read (a keyring writer
-    deleting an old record generation): the handle is then invalid, and the scan starts over."""
-    for attempt in range(_SCAN_RETRIES):
+    """``read`` of every object matching ``template`` that still exists: one another process
+    destroys after the find (a keyring compaction) is skipped, as if the find came later."""
+    result: list[T] = []
+    for obj in find_objects(session, template):
         try:
-            return [read(obj) for obj in list(session.get_objects(dict(template)))]
+            result.append(read(obj))
         except p11x.ObjectHandleInvalid:
-            if attempt == _SCAN_RETRIES - 1:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+            continue
+    return result
 
 
 def list_secret_keys(ts: TokenSession) -> list[tuple[str, bytes]]:
@@ -414,31 +410,23 @@ def scan_data_objects(ts: TokenSession, *, application: str,
     def call(session: pkcs11.Session) -> tuple[set[str], list[tuple[int, str, bytes]]]:
         if memo.session is not session:
             memo.session, memo.labels = session, {}
-        for attempt in range(_SCAN_RETRIES):
-            try:
-                found = list(session.get_objects({Attribute.CLASS: ObjectClass.DATA,
-                                                  Attribute.APPLICATION: application}))
-                new: list[tuple[int, str, bytes]] = []
-                handles: set[int] = set()
-                for obj in found:
-                    handle = obj.handle
-                    if handle is None:  # pragma: no cover - a found object always has one
-                        continue
-                    if handle not in memo.labels:
-                        try:
-                            label, value = str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])
-                        except (p11x.ObjectHandleInvalid, p11x.FunctionFailed):
-                            continue  # destroyed by another process since the find: it is gone
-                        memo.labels[handle] = label
-                        new.append((handle, label, value))
-                    handles.add(handle)
-                for gone in [h for h in memo.labels if h not in handles]:
-                    del memo.labels[gone]
-                return set(memo.labels.values()), new
-            except p11x.ObjectHandleInvalid:
-                if attempt == _SCAN_RETRIES - 1:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        handles: set[int] = set()
+        new: list[tuple[int, str, bytes]] = []
+        for obj in find_objects(session, {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application}):
+            handle = obj.handle
+            if handle is None:  # pragma: no cover - a found object always has one
+                continue
+            if handle not in memo.labels:
+                try:
+                    label, value = str(obj[Attribute.LABEL]), bytes(obj[Attribute.VALUE])
+                except (p11x.ObjectHandleInvalid, p11x.FunctionFailed):
+                    continue  # destroyed by another process since the find: it is gone
+                memo.labels[handle] = label
+                new.append((handle, label, value))
+            handles.add(handle)
+        for gone in [h for h in memo.labels if h not in handles]:
+            del memo.labels[gone]
+        return set(memo.labels.values()), new
 
     return ts.run("read data objects", call)
 

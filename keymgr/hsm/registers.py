@@ -21,6 +21,7 @@ import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, ObjectClass
 
 from keymgr import errors
+from keymgr.hsm.finding import find_objects
 from keymgr.hsm.sessions import TokenSession
 
 __all__ = ["read_register", "read_register_cached", "write_register", "list_registers"]
@@ -30,7 +31,7 @@ MAX_VALUE = 1024
 
 
 def _find(session: pkcs11.Session, name: str) -> list[Any]:
-    return list(session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: name}))
+    return find_objects(session, {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: name})
 
 
 def read_register(ts: TokenSession, name: str) -> str | None:
@@ -96,13 +97,13 @@ def list_registers(ts: TokenSession, prefix: str) -> dict[str, str]:
 
     def call(session: pkcs11.Session) -> dict[str, str]:
         out: dict[str, str] = {}
-        for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.DATA})):
+        for obj in find_objects(session, {Attribute.CLASS: ObjectClass.DATA}):
             try:
                 application = str(obj[Attribute.APPLICATION])
-            except (p11x.AttributeTypeInvalid, KeyError):
-                continue
-            if application.startswith(prefix):
-                out[application] = str(obj[Attribute.LABEL])
+                if application.startswith(prefix):
+                    out[application] = str(obj[Attribute.LABEL])
+            except (p11x.AttributeTypeInvalid, KeyError, p11x.ObjectHandleInvalid):
+                continue  # not a register, or destroyed by another host since the find
         return out
 
     return ts.run("list registers", call)
