@@ -66,11 +66,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(ROOT))
+
+from bench._server import Server, add_token, reply  # noqa: E402 - after the path it needs
 
 BEFORE = "b801766"
 MESSAGE = os.urandom(1024)
@@ -90,10 +92,6 @@ def log(message: str) -> None:
 
 
 # -- the child: one side, one token ---------------------------------------------------------------
-
-
-def _reply(data: Any) -> None:
-    print(json.dumps(data), flush=True)
 
 
 def _calibrate(fn: Callable[[], object], seconds: float) -> int:
@@ -191,15 +189,15 @@ def child(tree: str, uri: str, logdir: str, seconds: float) -> None:
             text = text.replace(prefix + "/", "")
         return text
 
-    _reply({"ready": True, "keymgr": keymgr.__file__, "sizes": sizes})
+    reply({"ready": True, "keymgr": keymgr.__file__, "sizes": sizes})
     for line in sys.stdin:
         command = line.strip()
         if command == "quit":
             break
         if command.startswith("profile "):
-            _reply({"value": profile(command.split()[1])})
+            reply({"value": profile(command.split()[1])})
         else:
-            _reply({"value": batch(command)})
+            reply({"value": batch(command)})
     for fn in (log_b.flush, log_c.flush, log_d.flush):
         fn()
     km_c.close()
@@ -218,58 +216,24 @@ def child(tree: str, uri: str, logdir: str, seconds: float) -> None:
                 "c": ("encrypt/ok", base["c"] + ran["c"]), "d": ("suspend/ok", base["d"] + ran["d"])}
     for case, (label, want) in expected.items():
         reports[case]["expected"] = {label: want}
-    _reply({"logs": reports})
+    reply({"logs": reports})
 
 
 # -- the parent ---------------------------------------------------------------------------------
 
 
-def _read_json(stream: IO[str], what: str) -> Any:
-    for line in stream:
-        line = line.strip()
-        if line.startswith("{"):
-            return json.loads(line)
-    sys.exit(f"bench child {what} ended without an answer (its stderr is above)")
-
-
-class Side:
-    """One child process: a keymgr tree on its own token, answering one JSON line per command."""
+class Side(Server):
+    """One child process: a keymgr tree on its own token."""
 
     def __init__(self, name: str, tree: Path, uri: str, logdir: Path, seconds: float, env: dict[str, str]) -> None:
-        self.name = name
-        self.proc = subprocess.Popen([sys.executable, str(HERE), "--child", str(tree), uri, str(logdir), str(seconds)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**env, "PYTHONPATH": str(tree)}, cwd=str(tree))
-        self.ready: dict[str, Any] = self._answer()
+        super().__init__([sys.executable, str(HERE), "--child", str(tree), uri, str(logdir), str(seconds)],
+                         what=name, env={**env, "PYTHONPATH": str(tree)}, cwd=str(tree))
         if not str(Path(self.ready["keymgr"]).resolve()).startswith(str(tree.resolve()) + os.sep):
             sys.exit(f"bench: the {name} child meant for {tree} imported keymgr from {self.ready['keymgr']}")
 
-    def _answer(self) -> Any:
-        assert self.proc.stdout is not None
-        return _read_json(self.proc.stdout, self.name)
-
-    def ask(self, command: str) -> Any:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self._answer()["value"]
-
-    def close(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        logs: dict[str, Any] = self._answer()["logs"]
-        self.proc.stdin.close()
-        if self.proc.wait(timeout=120) != 0:
-            sys.exit(f"bench: the {self.name} child failed")
-        return logs
-
-
-def add_token(uri: str, label: str) -> str:
-    """One more fresh token in the SoftHSM directory of the current ``SOFTHSM2_CONF``."""
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", "bench-so",
-                    "--pin", "bench-pin"], check=True, capture_output=True)
-    return uri.replace("token=bench?", f"token={label}?", 1)
+    def logs(self) -> dict[str, Any]:
+        """Stop the child; the verified logs it answers with."""
+        return self.close(final_answer=True)["logs"]  # type: ignore[no-any-return]
 
 
 def rate_text(rate: float) -> str:
@@ -337,7 +301,7 @@ def main() -> None:
         for case in wanted:
             log(f"profiling case {case} on both sides")
             profiles[case] = {name: sides[name].ask(f"profile {case}") for name in ("before", "after")}
-        checks = {name: side.close() for name, side in sides.items()}
+        checks = {name: side.logs() for name, side in sides.items()}
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False,
                        capture_output=True)

@@ -70,11 +70,13 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(ROOT))
+
+from bench._server import Server, add_token, read_json, reply  # noqa: E402 - after the path it needs
 
 BEFORE = "602e358"
 KEYRING_APP = "keymgr"
@@ -92,18 +94,14 @@ def log(message: str) -> None:
 # -- children ----------------------------------------------------------------------------------
 
 
-def _reply(data: Any) -> None:
-    print(json.dumps(data), flush=True)
-
-
 def _serve(ops: dict[str, Callable[[str], Any]], ready: dict[str, Any]) -> None:
     """Answer one JSON line per command line on stdin (an op's label) until ``quit``."""
-    _reply({"ready": True, **ready})
+    reply({"ready": True, **ready})
     for line in sys.stdin:
         command = line.strip()
         if command == "quit":
             return
-        _reply({"value": ops[command](command)})
+        reply({"value": ops[command](command)})
 
 
 def _calibrate(fn: Callable[[], object], seconds: float) -> int:
@@ -224,7 +222,7 @@ def build_child(uri: str, first: int, last: int, versions: int, worker: int) -> 
             log(f"build worker {worker}: {done}/{last - first} keys of {versions} versions, "
                 f"{time.perf_counter() - start:.0f} s")
     km.close()
-    _reply({"keys": last - first, "failures": failures})
+    reply({"keys": last - first, "failures": failures})
 
 
 def rotate_child(uri: str, key: str) -> None:
@@ -232,7 +230,7 @@ def rotate_child(uri: str, key: str) -> None:
     from bench import _cases
 
     km = _cases.manager(uri)
-    _reply({"primary": km.rotate(key).primary})
+    reply({"primary": km.rotate(key).primary})
     km.close()
 
 
@@ -309,7 +307,7 @@ def refresh_child(uri: str, key: str, rounds: int, rotations: int) -> None:
         out["raw find + read (c)"].append(_median_of(lambda: ts.run("bench: raw", find_read), 1))
         out["raw find (c)"].append(_median_of(lambda: ts.run("bench: raw", find), 5))
     end = census(ts.run("bench: census", labelled))
-    _reply({"census": first, "first_look": first_look, "first_reload": first_reload, "times": out, "seen": seen,
+    reply({"census": first, "first_look": first_look, "first_reload": first_reload, "times": out, "seen": seen,
             "new_objects": (end["objects"] - before) / (2 * rotations), "end": end})
 
 
@@ -335,7 +333,7 @@ def provenance_child(uri: str, key: str, count: int) -> None:
             km.encrypt(MESSAGE, key=key, context=CONTEXT)
         result[label] = {"calls": calls[0] - before, "seconds": time.perf_counter() - start}
     result["process"] = calls[0]
-    _reply(result)
+    reply(result)
 
 
 def run_child(args: list[str]) -> None:
@@ -366,49 +364,20 @@ def _env(tree: Path | None) -> dict[str, str]:
     return env
 
 
-def _read_json(stream: IO[str], what: str) -> Any:
-    for line in stream:
-        line = line.strip()
-        if line.startswith("{"):
-            return json.loads(line)
-    sys.exit(f"bench child {what} ended without an answer (its stderr is above)")
-
-
 def child(args: list[str], tree: Path | None = None) -> Any:
     """Run one child to its end (stderr passes through) and return its JSON answer."""
     proc = subprocess.Popen([sys.executable, str(HERE), "--child", *args], stdout=subprocess.PIPE, text=True,
                             env=_env(tree), cwd=str(ROOT))
     assert proc.stdout is not None
-    answer = _read_json(proc.stdout, args[0])
+    answer = read_json(proc.stdout, args[0])
     if proc.wait() != 0:
         sys.exit(f"bench child {args[0]} failed")
     return answer
 
 
-class Server:
-    """A child that answers one JSON line per command (bench/keyring_fleet.py's ``_serve``)."""
-
-    def __init__(self, args: list[str], tree: Path | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(HERE), "--child", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=_env(tree), cwd=str(ROOT))
-        self.what = args[0]
-        self.ready: dict[str, Any] = self._answer()
-
-    def _answer(self) -> Any:
-        assert self.proc.stdout is not None
-        return _read_json(self.proc.stdout, self.what)
-
-    def ask(self, command: str) -> Any:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self._answer()["value"]
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def start_child(args: list[str], tree: Path | None = None) -> Server:
+    """A child of this script in ``tree`` (PYTHONPATH), answering commands (``_serve``)."""
+    return Server([sys.executable, str(HERE), "--child", *args], what=args[0], env=_env(tree), cwd=str(ROOT))
 
 
 def alternate(servers: list[Server], labels: list[str], rounds: int) -> list[dict[str, list[Any]]]:
@@ -421,13 +390,6 @@ def alternate(servers: list[Server], labels: list[str], rounds: int) -> list[dic
             for i in order:
                 answers[i][label].append(servers[i].ask(label))
     return answers
-
-
-def add_token(uri: str, label: str) -> str:
-    """One more fresh token in the SoftHSM directory of the current ``SOFTHSM2_CONF``."""
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", "bench-so",
-                    "--pin", "bench-pin"], check=True, capture_output=True)
-    return uri.replace("token=bench?", f"token={label}?", 1)
 
 
 # -- the parts ------------------------------------------------------------------------------
@@ -448,8 +410,8 @@ def part_before_after(workdir: Path, rounds: int, seconds: float) -> str:
                    capture_output=True)
     try:
         log(f"part 1: {BEFORE} in {tree} against the working tree, {rounds} rounds")
-        old = Server(["rates", str(tree), uri_old, str(seconds)], tree=tree)
-        new = Server(["rates", str(ROOT), uri_new, str(seconds)], tree=ROOT)
+        old = start_child(["rates", str(tree), uri_old, str(seconds)], tree=tree)
+        new = start_child(["rates", str(ROOT), uri_new, str(seconds)], tree=ROOT)
         for server, where in ((old, tree), (new, ROOT)):
             if not str(server.ready["keymgr"]).startswith(str(where.resolve())):
                 sys.exit(f"bench: the child meant for {where} imported keymgr from {server.ready['keymgr']}")
@@ -486,7 +448,7 @@ def build(uri: str, keys: int, versions: int, workers: int) -> tuple[float, list
     failures = list(first["failures"])
     for proc in procs:
         assert proc.stdout is not None
-        failures += _read_json(proc.stdout, "build")["failures"]
+        failures += read_json(proc.stdout, "build")["failures"]
         if proc.wait() != 0:
             sys.exit("bench: a build worker failed")
     return time.perf_counter() - start, failures
@@ -550,7 +512,7 @@ def part_latency(uri: str, key: str, rounds: int, seconds: float) -> str:
     from bench.envelope import k, table
 
     log("part 3: encrypt latency, refresh every 0.02 s against never")
-    servers = [Server(["latency", uri, str(seconds), str(interval), key]) for interval in (0.02, 1e9)]
+    servers = [start_child(["latency", uri, str(seconds), str(interval), key]) for interval in (0.02, 1e9)]
     labels = ["no cache", "cached"]
     busy, idle = alternate(servers, labels, rounds)
     for server in servers:
