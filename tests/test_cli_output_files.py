@@ -664,6 +664,7 @@ def test_every_cli_output_writes_devices_through_and_refuses_links(softhsm: Toke
         link.symlink_to(victim)
         result = CliRunner().invoke(cli, args(str(link)))
         assert result.exit_code == 2 and "symbolic link" in result.stderr, (what, result.output)
+        assert "--follow-symlinks" not in result.stderr, "an option these commands do not have"
         assert link.is_symlink() and victim.read_bytes() == b"keep me"
     link = tmp_path / "backup.link"
     link.symlink_to(victim)
@@ -733,3 +734,34 @@ def test_the_console_script_ends_an_early_interrupt_in_one_line(small: Path, tmp
         shell = subprocess.run(["bash", "-c", f"{shlex.quote(str(script))} --version >/dev/null & kill -INT $!; "
                                 "wait $!; echo $?"], capture_output=True, text=True, timeout=60)
         assert shell.stdout.strip() in ("130", "0"), shell  # 0: done before the signal came
+
+
+def test_the_names_of_standard_output_write_to_it(softhsm: TokenUnderTest, key_name: str, tmp_path: Path) -> None:
+    """``-o /dev/stdout`` (a link the kernel makes) is standard output, as ``-o -`` is: written
+    where the shell's redirection points, appended there, never opened anew or truncated; an
+    unopened descriptor is one line; any other link to a stream is still a link."""
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        km.create_key(key_name)
+    source = tmp_path / "in"
+    source.write_bytes(b"to standard output")
+    for name in ("/dev/stdout", "/proc/self/fd/1", "/dev/fd/1"):
+        proc = keymgr_run(softhsm, "encrypt", "--key", key_name, str(source), "-o", name)
+        assert proc.returncode == 0, proc.stderr
+        back = keymgr_run(softhsm, "decrypt", "-", "-o", "-", input=proc.stdout)
+        assert back.returncode == 0 and back.stdout == b"to standard output", (name, back.stderr)
+    redirected = tmp_path / "appended"
+    redirected.write_bytes(b"kept|")
+    with open(redirected, "ab") as out:
+        appended = subprocess.run(command(softhsm, "encrypt", "--key", key_name, str(source), "-o", "/dev/stdout"),
+                                  stdout=out, stderr=subprocess.PIPE, timeout=300, check=False)
+    assert appended.returncode == 0, appended.stderr
+    written = redirected.read_bytes()
+    assert written.startswith(b"kept|") and len(written) > 40
+    back = keymgr_run(softhsm, "decrypt", "-", "-o", "/dev/stderr", input=written[5:])
+    assert back.returncode == 0 and back.stderr == b"to standard output", back.stderr
+    proc = keymgr_run(softhsm, "encrypt", "--key", key_name, str(source), "-o", "/dev/fd/57")
+    assert proc.returncode == EXIT_USAGE and "descriptor 57 is not open" in one_error_line(proc.stderr.decode())
+    (tmp_path / "link").symlink_to("/dev/stdout")
+    proc = keymgr_run(softhsm, "encrypt", "--key", key_name, str(source), "-o", str(tmp_path / "link"))
+    assert proc.returncode == EXIT_USAGE and "symbolic link" in one_error_line(proc.stderr.decode())
+    assert proc.stdout == b""

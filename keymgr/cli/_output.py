@@ -9,7 +9,11 @@ written through :func:`open_output` / :func:`write_output`, so the same promises
 * a **character or block device, FIFO or socket** is written through (opened for writing,
   never truncated, never replaced): ``-o /dev/stdout`` or a tape drive stays what it is, and
   plaintext never lands in a regular file that took a device's place;
-* a **symbolic link** is refused unless the command has ``--follow-symlinks`` and it was given
+* the names of this process's own descriptors (``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N``,
+  ``/proc/self/fd/N``: symbolic links the kernel makes) are the descriptor itself, written as
+  ``-`` is (so ``-o /dev/stdout > file`` appends where the shell's redirection points, and
+  nothing is opened anew at offset 0 or truncated);
+* any other **symbolic link** is refused unless the command has ``--follow-symlinks`` and it was given
   (then its target is written, and the link stays a link);
 * ``new=True`` (backups, transcripts: records that must never be lost) refuses any existing
   file, before the command changes anything.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterator
@@ -66,6 +71,40 @@ class _StdoutSink(io.RawIOBase):
             raise  # the reader went away: GuardedGroup exits quietly (141), as `cat` would
         except OSError as exc:
             raise errors.StorageError(f"cannot write to standard output: {os_error_reason(exc)}") from None
+
+
+class _DescriptorSink(io.RawIOBase):
+    """One of this process's open descriptors named by path (``-o /dev/stderr``), written as
+    standard output is; it stays open (the process owns it, keymgr only borrowed it)."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        super().__init__()
+        self._fd, self._name = fd, name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return _write_all(self._fd, memoryview(data).cast("B"))
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise errors.StorageError(f"cannot write {self._name}: {os_error_reason(exc)}") from None
+
+
+#: How a path names one of this process's own descriptors: /dev/stdout, /dev/fd/3, /proc/self/fd/3.
+_DESCRIPTOR_NAMES = re.compile(r"^/dev/(?:std(?P<std>out|err)|fd/(?P<fd>\d{1,6}))$|^/proc/self/fd/(?P<proc>\d{1,6})$")
+
+
+def _descriptor_named(path: str) -> int | None:
+    """The descriptor ``path`` names, if it names one of this process's (only by those exact names:
+    any other link, to a device or not, is a link, refused unless followed)."""
+    match = _DESCRIPTOR_NAMES.match(path)
+    if match is None:
+        return None
+    std = match.group("std")
+    return {"out": 1, "err": 2}[std] if std else int(match.group("fd") or match.group("proc"))
 
 
 def _write_all(fd: int, view: memoryview) -> int:
@@ -113,16 +152,27 @@ class _Target:
     """Where OUT goes: standard output, a regular file (new, or replaced atomically) or a node
     written through (a device, FIFO or socket). ``path`` is a followed link's target."""
 
-    kind: Literal["stdout", "file", "through"]
+    kind: Literal["stdout", "file", "through", "descriptor"]
     path: Path
+    fd: int = -1
 
 
-def checked_output(path: str, follow_symlinks: bool = False, *, new: bool = False) -> _Target:
+def checked_output(path: str, follow_symlinks: bool | None = None, *, new: bool = False) -> _Target:
     """What OUT is, refused early (before the token is asked anything) if it cannot be written:
     a directory, a symbolic link without ``--follow-symlinks``, a file in a directory that is
-    missing or not writable, or (``new``) an existing file."""
+    missing or not writable, or (``new``) an existing file. ``follow_symlinks`` None: the
+    command has no ``--follow-symlinks`` (so a refusal does not suggest it)."""
     if path == "-":
         return _Target("stdout", Path("-"))
+    fd = _descriptor_named(path)
+    if fd is not None:
+        try:
+            kind = os.fstat(fd).st_mode
+        except OSError:
+            raise errors.ConfigurationError(f"cannot write {path}: descriptor {fd} is not open") from None
+        if stat.S_ISDIR(kind):
+            raise errors.ConfigurationError(f"cannot write {path}: it is a directory")
+        return _Target("stdout", Path("-")) if fd == 1 else _Target("descriptor", Path(path), fd)
     target = Path(path)
     try:
         info = os.lstat(target)
@@ -130,7 +180,8 @@ def checked_output(path: str, follow_symlinks: bool = False, *, new: bool = Fals
             if not follow_symlinks:
                 raise errors.ConfigurationError(
                     f"{path} is a symbolic link: keymgr neither replaces nor follows it"
-                    + (" unless given --follow-symlinks (then it writes to the link's target)" if not new else ""))
+                    + (" unless given --follow-symlinks (then it writes to the link's target)"
+                       if follow_symlinks is not None and not new else ""))
             target = Path(os.path.realpath(target))
             info = os.lstat(target)
             if stat.S_ISLNK(info.st_mode):  # realpath gives up on a loop
@@ -162,13 +213,16 @@ def check_directory(path: str, target: Path | None = None) -> None:
 
 
 @contextlib.contextmanager
-def open_output(path: str, *, mode: int, follow_symlinks: bool = False, new: bool = False) -> Iterator[BinaryIO]:
+def open_output(path: str, *, mode: int, follow_symlinks: bool | None = None, new: bool = False) -> Iterator[BinaryIO]:
     """Standard output, a node written through, or a file written atomically (nothing left
     behind on any failure; what killed writers left in its directory is removed first).
     ``new``: an existing file is refused, also one that appeared since it was checked."""
     target = checked_output(path, follow_symlinks, new=new)  # again: what OUT is now, not at the start
     if target.kind == "stdout":
         yield _StdoutSink()  # type: ignore[misc]
+        return
+    if target.kind == "descriptor":
+        yield _DescriptorSink(target.fd, path)  # type: ignore[misc]
         return
     if target.kind == "through":
         with _ThroughSink(target.path) as sink:
@@ -183,7 +237,7 @@ def open_output(path: str, *, mode: int, follow_symlinks: bool = False, new: boo
                                         "give another path") from None
 
 
-def write_output(path: str | Path, data: bytes, *, mode: int = 0o644, follow_symlinks: bool = False,
+def write_output(path: str | Path, data: bytes, *, mode: int = 0o644, follow_symlinks: bool | None = None,
                  new: bool = False) -> None:
     """Write ``data`` to ``path`` as :func:`open_output` does."""
     with open_output(str(path), mode=mode, follow_symlinks=follow_symlinks, new=new) as handle:
