@@ -27,7 +27,7 @@ _EXPORTS = {
     "Approval": "approvals", "Request": "approvals", "approve": "approvals", "check_quorum": "approvals",
     "make_request": "approvals", "request_for": "approvals",
     "Authorization": "authorize", "authorize": "authorize", "change_policy": "authorize",
-    "BackupFile": "backup_file",
+    "BackupFile": "backup_file", "Custody": "facade",
     "BackupResult": "ceremony", "RestoreResult": "ceremony", "backup_keys": "ceremony",
     "open_custodian": "ceremony", "restore_keys": "ceremony",
     "Custodian": "custodians", "CustodianToken": "custodian_token", "CustodyRegister": "custodians",
