@@ -11,7 +11,9 @@
 - :mod:`~keymgr.custody.ceremony` and :mod:`~keymgr.custody.backup_file`: backup to M-of-N
   custodians and restore into another HSM;
 - :mod:`~keymgr.custody.threshold`: message recipients only M custodians together can open;
-- :mod:`~keymgr.custody.transcript`: signed ceremony transcripts (CMS SignedData).
+- :mod:`~keymgr.custody.transcript`: signed ceremony transcripts (CMS SignedData);
+- :mod:`~keymgr.custody.facade`: :class:`Custody`, all of the above as one KeyManager's token
+  offers it (``km.custody``): changes audited, the keyring never handed out.
 
 The runbook for people is docs/ceremonies.md.
 """
@@ -52,6 +54,7 @@ __all__ = [
     "BackupResult",
     "Custodian",
     "CustodianToken",
+    "Custody",
     "CustodyRegister",
     "QuorumPolicy",
     "QuorumUnwrapper",
