@@ -187,8 +187,8 @@ class KeyManager:
 
     # The token session and keyring stay private: ``km.keyring.write(record)`` would change states
     # or the primary with no transition check and no audit entry. What callers need is a method
-    # here (or on :attr:`custody`), audited and lifecycle-checked; modules inside keymgr that
-    # compose lower layers with this manager's token use these two accessors.
+    # here (or on :attr:`custody`), audited and lifecycle-checked; tests that plant or inspect
+    # token objects reach these two through tests/_internals.py, and nothing else outside does.
 
     @property
     def _token(self) -> TokenSession:
@@ -218,8 +218,9 @@ class KeyManager:
 
     @refresh_interval.setter
     def refresh_interval(self, seconds: float) -> None:
-        if not seconds >= 0:  # 0: every operation re-reads first; NaN and negatives refused
-            raise errors.ConfigurationError(f"refresh_interval is a number of seconds, 0 or more, not {seconds!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:  # NaN too
+            raise errors.ConfigurationError(f"refresh_interval is a number of seconds, 0 or more (0: re-read "
+                                            f"before every operation), not {seconds!r}")
         self._keyring.refresh_interval = float(seconds)
 
     @property
