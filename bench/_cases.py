@@ -61,7 +61,9 @@ def raw_cases() -> list[Case]:
 
 def _raw_session(km: keymgr.KeyManager) -> Any:
     """keymgr's own python-pkcs11 session (same login, same module): baselines call it directly."""
-    return km.token.run("bench: borrow the session", lambda session: session)
+    from tests._internals import token_of
+
+    return token_of(km).run("bench: borrow the session", lambda session: session)
 
 
 def bare_cases(km: keymgr.KeyManager, kw_key: str, gcm_key: str) -> list[Case]:

@@ -195,7 +195,7 @@ def main() -> None:
              _cases.keymgr_case("keymgr, kw profile, no cache, audit log on", audited, kw_key),
              *_cases.format_cases(), *_cases.tink_cases(), *_cases.esdk_cases()]
     print(f"# keymgr envelope benchmark\n\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
-          f"Python {sys.version.split()[0]}, token {km.token.label!r}; {args.rounds} interleaved rounds; "
+          f"Python {sys.version.split()[0]}, token {km.token_info.label!r}; {args.rounds} interleaved rounds; "
           f"load average {os.getloadavg()[0]:.1f} (other work on the machine skews rates, less so ratios)\n",
           flush=True)
     rates = measure(cases, args.rounds, args.case_seconds)

@@ -44,6 +44,7 @@ from keymgr.fields._format import OVERHEAD, key_ref_of  # noqa: E402
 from keymgr.fields.sql import EncryptedTable  # noqa: E402
 from keymgr.hsm import objects  # noqa: E402
 from tests._fields_schema import ENCRYPTED, codec, customer, customers_table, plain_row, plain_table  # noqa: E402
+from tests._internals import token_of  # noqa: E402
 from tests._postgres import TempPostgres  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace, uri: str, url: str, token_file: Path | None) -
                                         for r in key_rows)
         index = enc.indexes["email_bidx"][0]
         key_id = index.key_ids()[0]
-        ts = km.token
+        ts = token_of(km)
         n = 20_000
         token_raw = rate(lambda i: objects.hmac_sha256(ts, key_id, b"user%d@example.com" % i), n)
         token_term = rate(lambda i: index.term(f"user{i}@example.com"), n)

@@ -146,11 +146,12 @@ def latency_child(uri: str, seconds: float, interval: float, key: str) -> None:
     """Part 3: serve runs of per-encrypt latencies (µs), cached and uncached, with the keyrings
     re-reading the token every ``interval`` seconds; counts and times the refreshes meanwhile."""
     from bench import _cases
+    from tests._internals import keyring_of
 
     refreshes: list[float] = []
     managers = {"no cache": _cases.manager(uri), "cached": _cases.manager(uri, cache=True)}
     for km in managers.values():
-        keyring = km.keyring
+        keyring = keyring_of(km)
         keyring.refresh_interval = interval
         keyring.grace = 1e9  # no sweep destroys objects under the measurement (its loop still runs)
         original = keyring.reload
@@ -191,9 +192,10 @@ def build_child(uri: str, first: int, last: int, versions: int, worker: int) -> 
     a compaction can fail: see the report) is counted, not retried."""
     from bench import _cases
     from keymgr import errors
+    from tests._internals import keyring_of
 
     km = _cases.manager(uri)
-    setattr(km.keyring, "sweep_orphans", lambda name: 0)  # noqa: B010 - an instance attribute shadows the method
+    setattr(keyring_of(km), "sweep_orphans", lambda name: 0)  # noqa: B010 - an instance attribute shadows the method
     failures: list[dict[str, Any]] = []
 
     def step(call: Callable[[], object], name: str, versions_after: int) -> None:
@@ -275,17 +277,18 @@ def _median_of(fn: Callable[[], object], times: int) -> float:
 def refresh_child(uri: str, key: str, rounds: int, rotations: int) -> None:
     """Part 2, in a fresh process: reloads against the raw calls, round by round."""
     from bench import _cases
+    from tests._internals import keyring_of, token_of
 
     find, find_read, labelled = _raw_calls()
     km = _cases.manager(uri)
-    ts = km.token
+    ts = token_of(km)
     start = time.perf_counter()
     first = census(ts.run("bench: census", labelled))  # the process's first look: SoftHSM loads the objects
     first_look = time.perf_counter() - start
     warm = _cases.manager(uri)
-    warm.keyring.refresh_interval = 1e9  # only the reloads timed here read the token
+    warm.refresh_interval = 1e9  # only the reloads timed here read the token
     start = time.perf_counter()
-    warm.keyring.reload()
+    keyring_of(warm).reload()
     first_reload = time.perf_counter() - start
     out: dict[str, list[float]] = {name: [] for name in (
         "raw find + read", "raw find", "raw find + label + value", "cold reload", "warm reload",
@@ -295,14 +298,14 @@ def refresh_child(uri: str, key: str, rounds: int, rotations: int) -> None:
         out["raw find"].append(_median_of(lambda: ts.run("bench: raw", find), 5))
         out["raw find + label + value"].append(_median_of(lambda: ts.run("bench: raw", labelled), 3))
         fresh = _cases.manager(uri)
-        out["cold reload"].append(_median_of(fresh.keyring.reload, 1))
+        out["cold reload"].append(_median_of(keyring_of(fresh).reload, 1))
         fresh.close()
-        out["warm reload"].append(_median_of(warm.keyring.reload, 5))
+        out["warm reload"].append(_median_of(keyring_of(warm).reload, 5))
     seen, before = 0, census(ts.run("bench: census", labelled))["objects"]
     for _ in range(rotations):  # SoftHSM re-reads the token on its first find after another process wrote:
         primary = child(["rotate", uri, key])["primary"]  # both sides of (c) are that first find
-        out["reload after a rotation elsewhere"].append(_median_of(warm.keyring.reload, 1))
-        seen += warm.keyring.current(key).primary == primary  # type: ignore[union-attr]
+        out["reload after a rotation elsewhere"].append(_median_of(keyring_of(warm).reload, 1))
+        seen += keyring_of(warm).current(key).primary == primary  # type: ignore[union-attr]
         child(["rotate", uri, key])
         out["raw find + read (c)"].append(_median_of(lambda: ts.run("bench: raw", find_read), 1))
         out["raw find (c)"].append(_median_of(lambda: ts.run("bench: raw", find), 5))

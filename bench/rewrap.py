@@ -141,7 +141,7 @@ def main() -> None:
             km.create_key(gcm, profile="gcm")
             cases = {c.name: c for c in bare_cases(km, kw, gcm)}
             print(f"bulk rewrap of {args.files} messages of {MESSAGE_SIZE} B per round, {args.rounds} rounds, "
-                  f"token {km.token.label!r}")
+                  f"token {km.token_info.label!r}")
             for profile in ("kw", "gcm"):
                 bare = cases[f"bare pkcs11, {profile}"]
                 report(profile, run_profile(km, profile, args.files, args.rounds, data, (bare.decrypt, bare.encrypt)))

@@ -10,17 +10,19 @@ from keymgr import errors as _errors
 from keymgr.errors import *  # noqa: F403 - every error class: ``except keymgr.PolicyError``
 
 if TYPE_CHECKING:
+    from keymgr.custody.facade import Custody as Custody
     from keymgr.keyring import KeyPolicy as KeyPolicy
     from keymgr.keyring import KeyRecord as KeyRecord
     from keymgr.keyring import KeyVersion as KeyVersion
     from keymgr.manager import KeyManager as KeyManager
+    from keymgr.manager import TokenInfo as TokenInfo
 
 __version__ = "0.1.0"
 
 #: Loaded on first use (PEP 562): ``import keymgr`` alone (the CLI's ``--help``, a program that
 #: only catches keymgr's errors) does not pay for python-pkcs11 and the token layer.
-_LAZY = {"KeyManager": "keymgr.manager", "KeyPolicy": "keymgr.keyring", "KeyRecord": "keymgr.keyring",
-         "KeyVersion": "keymgr.keyring"}
+_LAZY = {"KeyManager": "keymgr.manager", "TokenInfo": "keymgr.manager", "Custody": "keymgr.custody.facade",
+         "KeyPolicy": "keymgr.keyring", "KeyRecord": "keymgr.keyring", "KeyVersion": "keymgr.keyring"}
 
 
 def __getattr__(name: str) -> Any:

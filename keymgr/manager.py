@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -40,20 +41,33 @@ from keymgr.templates import DEFAULT_PROFILE
 from keymgr.usage import UsageMeter
 
 if TYPE_CHECKING:
+    from keymgr.bulk_rewrap import Summary
     from keymgr.custody.approvals import Approval, Request
     from keymgr.custody.backup_file import BackupFile
     from keymgr.custody.ceremony import BackupResult, RestoreResult
     from keymgr.custody.custodian_token import CustodianToken
+    from keymgr.custody.facade import Custody
     from keymgr.fields.cipher import FieldCipher
     from keymgr.fields.index import BlindIndex, Normaliser
     from keymgr.fields.keys import KeyStore
     from keymgr.hsm.pins import Pin
+    from keymgr.rewrap_file import FileOutcome
     from keymgr.shred import DestroyResult
 
 #: The one message for every authentication failure of a ciphertext: no oracle.
 INTEGRITY_MESSAGE = "the data failed authentication: tampered, truncated, wrong key or wrong context"
 
-__all__ = ["KeyManager"]
+__all__ = ["KeyManager", "TokenInfo"]
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Facts about a KeyManager's token that callers print or need to open another token of the
+    same module (a custodian's): values only, with no session, handle or PIN behind them."""
+
+    label: str
+    serial: str
+    module_path: str
 
 
 def _ciphertext_failure(exc: errors.IntegrityError | errors.FormatError) -> errors.KeymgrError:
@@ -139,9 +153,9 @@ class KeyManager:
             record_audit_off(self._ts, local=local_token, why="audit=False" if audit is False else ENV_VAR)
         elif self._audit.log is None and audit is None and not local_token:
             self._audit.adopt(default_token_log(self._ts))
-        self._keyring = Keyring(self._ts, clock=_wall_clock)
-        self._usage = UsageMeter(self._keyring, rotate=self._auto_rotate)
-        self._protector = KekProtector(self._keyring, allow_compromised=allow_compromised,
+        self._keyring_unchecked = Keyring(self._ts, clock=_wall_clock)
+        self._usage = UsageMeter(self._keyring_unchecked, rotate=self._auto_rotate)
+        self._protector = KekProtector(self._keyring_unchecked, allow_compromised=allow_compromised,
                                        reserve=self._usage.reserve, on_unwrap=self._audit.on_unwrap)
         policy = CachePolicy() if cache is True else (cache or None)
         self._encrypt_cache = EncryptCache(policy, clock=_clock) if policy else None
@@ -167,34 +181,63 @@ class KeyManager:
         for cache in (self._encrypt_cache, self._decrypt_cache):
             if cache is not None:
                 cache.clear()
-        self._keyring.close()
+        self._keyring_unchecked.close()
         self._ts = None
         self._audit.close()
 
+    # The token session and keyring stay private: ``km.keyring.write(record)`` would change states
+    # or the primary with no transition check and no audit entry. What callers need is a method
+    # here (or on :attr:`custody`), audited and lifecycle-checked; tests that plant or inspect
+    # token objects reach these two through tests/_internals.py, and nothing else outside does.
+
     @property
-    def token(self) -> TokenSession:
+    def _token(self) -> TokenSession:
+        """The open token session (raises once the manager is closed)."""
         if self._ts is None:
             raise errors.ConfigurationError("this KeyManager is closed")
         return self._ts
 
     @property
-    def keyring(self) -> Keyring:
-        self.token  # noqa: B018 - raises when closed
-        return self._keyring
+    def _keyring(self) -> Keyring:
+        """The keyring, checked open: every public path to it goes through this."""
+        self._token  # noqa: B018 - raises when closed
+        return self._keyring_unchecked
 
-    def audited(self, op: str, *, key: str | None = None, version: int | None = None,
-                detail: Mapping[str, Any] | None = None) -> Operation:
-        """Record an operation composed from lower layers with this manager's keyring (backup
-        and restore ceremonies, bulk rewrap) in this manager's audit log, as its own methods do:
-        ``with km.audited("backup", key=name) as op: ...``."""
-        return self._audited(op, key=key, version=version, detail=detail)
+    @property
+    def token_info(self) -> TokenInfo:
+        """What the token is (label, serial, module path), for messages and for opening other
+        tokens of the same module: facts only, no session and no PIN."""
+        ts = self._token
+        return TokenInfo(label=ts.label, serial=ts.serial, module_path=ts.module.path)
+
+    @property
+    def refresh_interval(self) -> float:
+        """Seconds between background re-reads of the token (another host's rotation is seen
+        within this plus one refresh; docs/deployment.md)."""
+        return self._keyring.refresh_interval
+
+    @refresh_interval.setter
+    def refresh_interval(self, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:  # NaN too
+            raise errors.ConfigurationError(f"refresh_interval is a number of seconds, 0 or more (0: re-read "
+                                            f"before every operation), not {seconds!r}")
+        self._keyring.refresh_interval = float(seconds)
+
+    @property
+    def custody(self) -> Custody:
+        """Custodians, quorum policies, requests and approvals, threshold recipients and key
+        ceremony transcripts of this token (:class:`keymgr.custody.facade.Custody`): each change
+        audited here, each call refused once the manager is closed."""
+        from keymgr.custody.facade import Custody
+
+        return Custody(lambda: self._keyring, self._audited)
 
     def _auto_rotate(self, name: str, if_primary: int, why: str) -> KeyRecord:
         """An automatic rotation (``auto_rotate``: a use limit or cryptoperiod reached while
         encrypting), audited like one by hand: intent, then outcome, with ``automatic`` and why."""
-        known = {v.key_id for v in self._keyring.get(name).versions}
+        known = {v.key_id for v in self._keyring_unchecked.get(name).versions}
         with self._audited("rotate", key=name, detail={"automatic": True, "reason": why}) as op:
-            record = rotation.rotate(self._keyring, name, if_primary=if_primary)
+            record = rotation.rotate(self._keyring_unchecked, name, if_primary=if_primary)
             op.version = record.primary
             if record.primary_version.key_id in known:  # another process had rotated already
                 op.detail = {"automatic": True, "reason": why, "made": False}
@@ -235,7 +278,7 @@ class KeyManager:
             return existing
         try:
             with self._audited("create", key=name, version=1, detail={"profile": profile}):
-                return self.keyring.create(name, profile=profile, policy=policy)
+                return self._keyring.create(name, profile=profile, policy=policy)
         except errors.KeyExistsError:
             if exist_ok and (existing := self._existing_key(name, profile, backup)) is not None:
                 return existing
@@ -244,7 +287,7 @@ class KeyManager:
     def _existing_key(self, name: str, profile: str, backup: bool) -> KeyRecord | None:
         """The key ``name`` if it exists with ``profile`` and ``backup``; None if there is none."""
         try:
-            record = self.keyring.get(name)
+            record = self._keyring.get(name)
         except errors.KeyNotFoundError:
             return None
         if record.profile != profile:
@@ -257,11 +300,11 @@ class KeyManager:
 
     def list_keys(self) -> list[KeyRecord]:
         """Every named key on the token, with its versions."""
-        return self.keyring.records()
+        return self._keyring.records()
 
     def describe_key(self, name: str) -> KeyRecord:
         """One named key: versions, states, primary, key check values, policy."""
-        return self.keyring.get(name)
+        return self._keyring.get(name)
 
     def verify_token_objects(self, name: str | None = None) -> tuple[list[str], list[str]]:
         """What ``keymgr key verify`` reports beside the versions: (failures, notes). Failures:
@@ -273,10 +316,10 @@ class KeyManager:
         from keymgr.audit._token import AUDIT_KEY_LABEL
         from keymgr.keyring import META_MAC_LABEL
 
-        failures = [] if name is not None else untrusted_keys(self.token, [META_MAC_LABEL, AUDIT_KEY_LABEL])
+        failures = [] if name is not None else untrusted_keys(self._token, [META_MAC_LABEL, AUDIT_KEY_LABEL])
         notes: list[str] = []
-        records = {r.name: r for r in self.keyring.records()}
-        for label, key_id in objects.list_secret_keys(self.token):
+        records = {r.name: r for r in self._keyring.records()}
+        for label, key_id in objects.list_secret_keys(self._token):
             owner, _, number = label.rpartition("/v")
             if not owner or not number.isdigit() or (name is not None and owner != name):
                 continue
@@ -284,7 +327,7 @@ class KeyManager:
             if record is not None and any(v.key_id == key_id for v in record.versions):
                 continue  # a version's own object (a destroyed one's is in its version check)
             pending = record is not None and any(f.kind == "pending" and f.kid == key_id.hex()
-                                                 for f in self.keyring.facts(owner))
+                                                 for f in self._keyring.facts(owner))
             if pending:
                 notes.append(f"object {label!r} (id {key_id.hex()}) has no version yet: a rotation in "
                              "progress, or one that crashed (swept a day after it started), or one whose "
@@ -301,9 +344,9 @@ class KeyManager:
         (:mod:`keymgr.provenance`): generated inside it, never extractable, its profile's roles,
         its recorded key check value; restored versions only that they are safe to decrypt with,
         destroyed ones that no object is left. Recorded in the audit log, failures included."""
-        records = [self.keyring.get(name)] if name is not None else self.keyring.records()
+        records = [self._keyring.get(name)] if name is not None else self._keyring.records()
         with self._audited("verify", key=name) as op:
-            checks = [check_version(self.token, record, version) for record in records for version in record.versions]
+            checks = [check_version(self._token, record, version) for record in records for version in record.versions]
             failed = [f"{c.name} v{c.version}" for c in checks if not c.ok]
             op.detail = {"versions": len(checks), "failed": failed}
         return checks
@@ -314,36 +357,36 @@ class KeyManager:
         """New version n+1 becomes the primary; the old primary keeps decrypting (decrypt-only).
         ``activate=False`` makes it pre-active instead (:meth:`activate` later)."""
         with _signals.commit_scope(), self._audited("rotate", key=name) as op:
-            record = rotation.rotate(self.keyring, name, activate=activate)
+            record = rotation.rotate(self._keyring, name, activate=activate)
             op.version = max(v.version for v in record.versions)
             return record
 
     def activate(self, name: str, version: int) -> KeyRecord:
         """Make a pre-active version the primary."""
         with self._audited("activate", key=name, version=version):
-            return rotation.activate(self.keyring, name, version)
+            return rotation.activate(self._keyring, name, version)
 
     def suspend(self, name: str, version: int) -> KeyRecord:
         """Freeze a version: no encryption, no decryption, until :meth:`resume`."""
         with self._audited("suspend", key=name, version=version):
-            return rotation.suspend(self.keyring, name, version)
+            return rotation.suspend(self._keyring, name, version)
 
     def resume(self, name: str, version: int) -> KeyRecord:
         """Return a suspended version to its previous state."""
         with self._audited("resume", key=name, version=version):
-            return rotation.resume(self.keyring, name, version)
+            return rotation.resume(self._keyring, name, version)
 
     def mark_compromised(self, name: str, version: int) -> KeyRecord:
         """Mark a version compromised: it decrypts only for a manager made with ``allow_compromised``."""
         with self._audited("compromise", key=name, version=version):
-            return rotation.mark_compromised(self.keyring, name, version)
+            return rotation.mark_compromised(self._keyring, name, version)
 
     def retire(self, name: str, *, below: int, immediately: bool = False) -> KeyRecord:
         """Versions below ``below`` stop decrypting (Vault's min_decryption_version). Refused while
         another host may still encrypt under one of them (less than :data:`keymgr.rotation.SETTLE`
         after it stopped being the primary), unless ``immediately``."""
         with self._audited("retire", key=name, detail={"below": below, "immediately": immediately}):
-            return rotation.retire(self.keyring, name, below, immediately=immediately)
+            return rotation.retire(self._keyring, name, below, immediately=immediately)
 
     def destroy(self, name: str, version: int, *, paths: Sequence[str | os.PathLike[str]] = (),
                 request: Request | None = None, approvals: Sequence[Approval] = (), confirmed: bool = False,
@@ -358,7 +401,7 @@ class KeyManager:
 
         with _signals.commit_scope(), self._audited("destroy", key=name, version=version,
                                                     detail={"force": force, "immediately": immediately}) as op:
-            result = shred.destroy(self.keyring, name, version, paths=paths, request=request, approvals=approvals,
+            result = shred.destroy(self._keyring, name, version, paths=paths, request=request, approvals=approvals,
                                    confirmed=confirmed, force=force, transcript=transcript, immediately=immediately)
             op.detail = {"force": force, "immediately": immediately, "approvers": list(result.approvers)}
             return result
@@ -376,7 +419,7 @@ class KeyManager:
         from keymgr.custody.ceremony import backup_keys
 
         with _signals.commit_scope(), self._audited("backup", key=name, detail={"approvals": len(approvals)}):
-            return backup_keys(self.keyring, name, so_pin=so_pin, request=request, approvals=approvals,
+            return backup_keys(self._keyring, name, so_pin=so_pin, request=request, approvals=approvals,
                                versions=versions, before_commit=before_commit)
 
     def restore(self, backup: BackupFile, custodians: Sequence[CustodianToken]) -> RestoreResult:
@@ -385,7 +428,7 @@ class KeyManager:
         from keymgr.custody.ceremony import restore_keys
 
         with _signals.commit_scope(), self._audited("restore", detail={"custodians": len(custodians)}) as op:
-            result = restore_keys(backup, self.keyring, custodians)
+            result = restore_keys(backup, self._keyring, custodians)
             op.detail = {"custodians": len(custodians), "keys": [r.name for r in result.records][:32]}
             op.key = result.records[0].name if len(result.records) == 1 else None
             return result
@@ -395,6 +438,21 @@ class KeyManager:
     def rewrapper(self) -> Rewrapper:
         """Rewrap messages and streams for this token's keys, with a report of what moved."""
         return Rewrapper(self._protector)
+
+    def rewrap_files(self, paths: Iterable[str | os.PathLike[str]], *, jobs: int = 1, threads: int | None = None,
+                     journal: str | os.PathLike[str] | None = None, dry_run: bool = False,
+                     on_total: Callable[[int], None] | None = None,
+                     on_outcome: Callable[[FileOutcome], None] | None = None) -> Summary:
+        """Rewrap every envelope under ``paths`` in place, recorded as one ``rewrap-bulk`` audit
+        entry with the counts (:func:`keymgr.bulk_rewrap.run`: ``jobs`` processes, ``threads``
+        each, a ``journal`` to resume from; ``on_total`` / ``on_outcome`` for progress)."""
+        from keymgr.bulk_rewrap import DEFAULT_THREADS, run
+
+        with self._audited("rewrap-bulk", detail={"dry_run": dry_run}) as op:
+            summary = run(self.rewrapper(), paths, jobs=jobs, threads=threads or DEFAULT_THREADS, journal=journal,
+                          dry_run=dry_run, on_total=on_total, on_outcome=on_outcome)
+            op.detail = {"dry_run": dry_run, **summary.counts}
+            return summary
 
     def rewrap(self, blob: bytes) -> bytes:
         """The message with its data key under its key's current primary; the same bytes when
@@ -415,14 +473,14 @@ class KeyManager:
 
     def capabilities(self) -> Capabilities:
         """What the token can do (probed once per process)."""
-        return probe(self.token)
+        return probe(self._token)
 
     # -- envelope encryption -----------------------------------------------------
 
     def recipient(self, key: str) -> Recipient:
         """Key ``key`` of this token as an extra recipient for another manager's messages
         (``other.encrypt(data, key="orders", also_to=[dr_site.recipient("orders-dr")])``)."""
-        self.keyring.get(key)
+        self._keyring.get(key)
         return KeyRecipient(self._protector, key)
 
     def add_private_key(self, label: str | None = None, *, key_id: bytes | None = None,
@@ -435,7 +493,7 @@ class KeyManager:
         pair's CKA_ID does. See :mod:`keymgr.envelope.token_keys`."""
         from keymgr.envelope.token_keys import open_key_pair
 
-        private = open_key_pair(self.token, label=label, key_id=key_id, token=token, certificate=certificate)
+        private = open_key_pair(self._token, label=label, key_id=key_id, token=token, certificate=certificate)
         self._private_keys.append(private)
         return private.recipient()
 
@@ -454,13 +512,13 @@ class KeyManager:
         if self._token_pairs is None:
             from keymgr.envelope.token_keys import TokenKeyPairs
 
-            self._token_pairs = TokenKeyPairs(self.token)
+            self._token_pairs = TokenKeyPairs(self._token)
         return self._token_pairs.unwrap(ri)  # type: ignore[no-any-return]
 
     def _new_data_key(self, key: str, also_to: Sequence[Recipient]) -> tuple[DataKey, tuple[RecipientLike, ...]]:
         dek = DataKey(os.urandom(32))
         try:
-            recipients: list[RecipientLike] = [self._protector.wrap_der(self.keyring.get(key), dek)]
+            recipients: list[RecipientLike] = [self._protector.wrap_der(self._keyring.get(key), dek)]
             recipients += [r.wrap(dek) for r in also_to]
         except BaseException:
             dek.wipe()
@@ -476,7 +534,7 @@ class KeyManager:
                 return use(dek, recipients)
             finally:
                 dek.wipe()
-        record = self.keyring.get(key)
+        record = self._keyring.get(key)
         # a cached data key must not outlive a suspension; its wrap checked the key object already
         self._protector.check_encrypts(record, provenance=False)
         context_key = checked_context(context)[1]  # raises ConfigurationError for an unusable context
@@ -500,7 +558,7 @@ class KeyManager:
         with self._audited("encrypt", key=key) as op:
             try:
                 data = bytes(plaintext)
-                if compat_openssl and self._protector.algorithm_for(self.keyring.get(key)) != "aes256_wrap":
+                if compat_openssl and self._protector.algorithm_for(self._keyring.get(key)) != "aes256_wrap":
                     raise errors.ConfigurationError(
                         f"compat_openssl needs a key whose messages OpenSSL can unwrap (profile kw with RFC 3394 "
                         f"key wrap on this token); key {key!r} is not one")
@@ -509,14 +567,14 @@ class KeyManager:
             except errors.PolicyError:
                 self._name_refused_version(op, key)
                 raise
-            op.version = self._keyring.get(key).primary
+            op.version = self._keyring_unchecked.get(key).primary
             return blob  # type: ignore[no-any-return]
 
     def _name_refused_version(self, op: Operation, key: str) -> None:
         """A refused encryption's audit entry names the version refused (the primary then): looked
         up only on a refusal (a try costs the per-message path nothing)."""
         with contextlib.suppress(errors.KeymgrError):
-            op.version = self._keyring.get(key).primary
+            op.version = self._keyring_unchecked.get(key).primary
 
     def _unwrap(self, der: bytes) -> DataKey | None:
         if self._decrypt_cache is None:
@@ -546,7 +604,7 @@ class KeyManager:
             try:
                 return open_message(bytes(blob), unwrap_der=self._unwrap, context=context)
             except (errors.IntegrityError, errors.FormatError) as exc:
-                self._audit.attribute(op, blob, self._keyring)
+                self._audit.attribute(op, blob, self._keyring_unchecked)
                 raise _ciphertext_failure(exc) from None
 
     def decrypt_with_context(self, blob: bytes) -> tuple[bytes, dict[str, str]]:
@@ -555,7 +613,7 @@ class KeyManager:
             try:
                 return open_message(bytes(blob), unwrap_der=self._unwrap, context=None, return_context=True)
             except (errors.IntegrityError, errors.FormatError) as exc:
-                self._audit.attribute(op, blob, self._keyring)
+                self._audit.attribute(op, blob, self._keyring_unchecked)
                 raise _ciphertext_failure(exc) from None
 
     def encrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, key: str, context: Mapping[str, str] | None = None,
@@ -570,7 +628,7 @@ class KeyManager:
             except errors.PolicyError:
                 self._name_refused_version(op, key)
                 raise
-            op.version = self._keyring.get(key).primary
+            op.version = self._keyring_unchecked.get(key).primary
             try:
                 return encrypt_stream(src, dst, dek=dek, recipient_infos=recipients, context=context)
             finally:
@@ -604,5 +662,5 @@ class KeyManager:
         "Choosing bits"). ``cache``: terms kept for repeated inputs (0: none). See :mod:`keymgr.fields.index`."""
         from keymgr.fields.index import BlindIndex
 
-        return BlindIndex(self.token, name=name, bits=bits, audited=self._audited, normalise=normalise,
+        return BlindIndex(self._token, name=name, bits=bits, audited=self._audited, normalise=normalise,
                           transform=transform, min_version=min_version, cache=cache)

@@ -20,6 +20,7 @@ from keymgr.custody.custodian_token import CustodianToken, enroll_custodian
 from keymgr.custody.custodians import Custodian, CustodyRegister, QuorumPolicy
 from keymgr.hsm import asym, open_token
 from keymgr.manager import KeyManager
+from tests._internals import keyring_of, token_of
 from tests.conftest import SO_PIN, TokenUnderTest, softhsm_token
 
 RUN = uuid.uuid4().hex[:8]
@@ -65,11 +66,11 @@ def hsm(label: str = "keymgr-A") -> KeyManager:
 
 def registered(km: KeyManager, *numbers: int) -> list[Custodian]:
     """Custodians ``numbers`` registered (once per run and HSM) in ``km``'s register."""
-    store = CustodyRegister(km.keyring)
+    store = CustodyRegister(keyring_of(km))
     out = []
     for n in numbers:
         p = party(n)
-        key = f"{km.token.label}/{p.name}"
+        key = f"{token_of(km).label}/{p.name}"
         if key not in _registered:
             ts = open_token(p.uri())
             store.add(enroll_custodian(p.name, ts, key_label=p.key_label))
@@ -83,12 +84,12 @@ def guarded_key(km: KeyManager, name: str, threshold: int = 2, numbers: tuple[in
     """Key ``name`` (backup-capable) with its own M-of-N policy over custodians ``numbers``."""
     custodians = registered(km, *numbers)
     km.create_key(name, backup=backup)
-    CustodyRegister(km.keyring).set_policy(QuorumPolicy(threshold, tuple(c.name for c in custodians)), key=name)
+    CustodyRegister(keyring_of(km)).set_policy(QuorumPolicy(threshold, tuple(c.name for c in custodians)), key=name)
 
 
 def approvals(km: KeyManager, request: Request, *numbers: int) -> list[Approval]:
     """Approvals of ``request`` by custodians ``numbers``, as files would carry them."""
-    store = CustodyRegister(km.keyring).load()
+    store = CustodyRegister(keyring_of(km)).load()
     out = []
     for n in numbers:
         p = party(n)
@@ -99,7 +100,7 @@ def approvals(km: KeyManager, request: Request, *numbers: int) -> list[Approval]
 
 def request(km: KeyManager, operation: str, key: str, **params: object) -> Request:
     """A request as ``keymgr request`` writes it (showing the quorum and key versions), read back."""
-    made = request_for(km.keyring, operation, key=key, params=params)
+    made = request_for(keyring_of(km), operation, key=key, params=params)
     return Request.parse(made.to_bytes())
 
 
@@ -111,7 +112,7 @@ def backup_file(path: Path, key: str, approvers: tuple[int, ...] = (1, 2)) -> Pa
     a = hsm("keymgr-A")
     guarded_key(a, key)
     req = request(a, "backup", key, versions=None)
-    path.write_bytes(backup_keys(a.keyring, key, so_pin=Pin(so_pin()), request=req,
+    path.write_bytes(backup_keys(keyring_of(a), key, so_pin=Pin(so_pin()), request=req,
                                  approvals=approvals(a, req, *approvers)).backup)
     return path
 

@@ -19,6 +19,7 @@ import pytest
 
 import keymgr
 from keymgr.audit import AuditLog, verify_log, verify_logs
+from tests._internals import token_of
 from tests.conftest import TokenUnderTest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def test_a_cut_log_refuses_the_next_operation_and_still_fails_verify(softhsm: To
         km.encrypt(b"x", key=key_name)
     assert log.read_bytes() == b"".join(lines[:-4])  # nothing appended
     with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
-        report = verify_log(log, token=km.token)
+        report = verify_log(log, token=token_of(km))
     assert not report.ok and "cut off" in str(report.broken)
 
 
@@ -61,7 +62,7 @@ def test_a_log_rolled_back_to_an_older_copy_refuses(softhsm: TokenUnderTest, key
         km.rotate(key_name)
     with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
         assert len(km.describe_key(key_name).versions) == 2  # the refused rotation did nothing
-        assert not verify_log(log, token=km.token).ok
+        assert not verify_log(log, token=token_of(km)).ok
 
 
 def test_a_stripped_last_line_end_refuses_and_fails_verify(softhsm: TokenUnderTest, key_name: str,
@@ -75,7 +76,7 @@ def test_a_stripped_last_line_end_refuses_and_fails_verify(softhsm: TokenUnderTe
         km.encrypt(b"x", key=key_name)
     assert log.read_bytes() == data[:-1]  # the checkpointed entry was not "repaired" away
     with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
-        report = verify_log(log, token=km.token)
+        report = verify_log(log, token=token_of(km))
     assert not report.ok and "line end" in str(report.broken)
 
 
@@ -189,12 +190,12 @@ def test_logs_of_several_writers_verify_together_and_a_deleted_one_is_missing(
             km.encrypt(b"x", key=key_name)
     # the shared test token also checkpoints other tests' logs: only these three are ours
     with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
-        together = verify_logs([logs], token=km.token)
+        together = verify_logs([logs], token=token_of(km))
         ours = {r.chain for r in together.reports}
         assert len(ours) == 3 and all(r.ok for r in together.reports)
         assert not [m for m in together.missing if str(logs) in m.path]
         (logs / "host1.log").unlink()
-        after = verify_logs([logs], token=km.token)
+        after = verify_logs([logs], token=token_of(km))
     missing = [m for m in after.missing if str(logs) in m.path]
     assert not after.ok and len(missing) == 1 and missing[0].path.endswith("host1.log") and missing[0].chain in ours
 
@@ -224,7 +225,7 @@ def test_an_unmaced_line_appended_by_hand_is_named_not_blessed(softhsm: TokenUnd
     marker = next(r for r in rows if r["op"] == "audit-unauthenticated")
     assert marker["detail"]["first"] == forged.seq and marker["mac"]
     with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
-        report = verify_log(log, token=km.token)
+        report = verify_log(log, token=token_of(km))
     assert report.ok and forged.seq in report.unmaced
 
 

@@ -14,6 +14,7 @@ import keymgr
 from keymgr import errors
 from keymgr.audit import AuditLog, acting_as, read_entries, verify_log
 from keymgr.hsm import open_token
+from tests._internals import token_of
 from tests.conftest import TokenUnderTest, softhsm_token
 
 
@@ -101,7 +102,7 @@ def test_audit_false_writes_nothing(tmp_path: Path, softhsm: TokenUnderTest, key
     monkeypatch.setenv("KEYMGR_AUDIT_LOG", str(tmp_path / "env.log"))
     with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
         km.create_key(key_name)
-        serial = km.token.serial
+        serial = token_of(km).serial
     assert not (tmp_path / "env.log").exists()
     default = tmp_path / "state" / "keymgr" / "audit" / f"{serial}.log"
     assert [p for p in (tmp_path / "state").rglob("*") if p.is_file()] == [default]

@@ -16,12 +16,13 @@ from keymgr.custody.transcript import verify_transcript
 from keymgr.hsm import objects
 from keymgr.hsm.pins import Pin
 from keymgr.manager import KeyManager
+from tests._internals import keyring_of, token_of
 from tests.custody_helpers import approvals, guarded_key, hsm, object_handles, party, request, so_pin
 
 
 def _backup(km: KeyManager, name: str, *numbers: int, versions: list[int] | None = None) -> BackupResult:
     req = request(km, "backup", name, versions=versions)
-    return backup_keys(km.keyring, name, so_pin=Pin(so_pin()), request=req,
+    return backup_keys(keyring_of(km), name, so_pin=Pin(so_pin()), request=req,
                        approvals=approvals(km, req, *numbers), versions=versions)
 
 
@@ -67,14 +68,14 @@ def test_restore_on_b_by_custodians_1_and_3(made: tuple[str, bytes, BackupResult
     b = hsm("keymgr-B")
     before = object_handles("keymgr-B")
     backup = BackupFile.parse(result.backup)
-    restored = restore_keys(backup, b.keyring, _tokens(backup, 1, 3))
+    restored = restore_keys(backup, keyring_of(b), _tokens(backup, 1, 3))
     assert [r.name for r in restored.records] == [name]
     assert b.decrypt(blob, context={"tenant": "acme"}) == b"card 4111 1111 1111 1111"
     record = b.describe_key(name)
     a_record = hsm("keymgr-A").describe_key(name)
     assert [(v.key_id, v.kcv) for v in record.versions] == [(v.key_id, v.kcv) for v in a_record.versions]
     for v in record.versions:
-        attrs = objects.key_attributes(b.token, v.key_id).attributes
+        attrs = objects.key_attributes(token_of(b), v.key_id).attributes
         assert attrs["SENSITIVE"] is True and attrs["EXTRACTABLE"] is False and attrs["TOKEN"] is True
         assert attrs["LABEL"] == f"{name}/v{v.version}"
     new = object_handles("keymgr-B") - before
@@ -83,7 +84,7 @@ def test_restore_on_b_by_custodians_1_and_3(made: tuple[str, bytes, BackupResult
     verified = verify_transcript(restored.transcript)
     assert {p["name"] for p in verified.document["participants"]} == {party(1).name, party(3).name}
     assert len(verified.signers) == 3  # HSM B and the two custodians' tokens
-    register = CustodyRegister(b.keyring).load()
+    register = CustodyRegister(keyring_of(b)).load()
     assert register.policy_for(name) == backup.quorum  # destroying on B needs the same quorum
 
 
@@ -119,7 +120,7 @@ def test_failed_restore_names_the_cause_and_leaves_b_unchanged(spoiled: tuple[st
     with pytest.raises(error, match=expect.replace("(", r"\(").replace(")", r"\)")):
         tokens = [party(n).open(next(s for s in BackupFile.parse(result.backup).shares
                                      if s.custodian.name == party(n).name).custodian) for n in numbers]
-        restore_keys(backup, b.keyring, tokens)
+        restore_keys(backup, keyring_of(b), tokens)
     assert object_handles("keymgr-B") == before
 
 
@@ -128,7 +129,7 @@ def test_key_made_never_to_leave_the_token_cannot_be_backed_up(key_name: str) ->
     guarded_key(a, key_name, backup=False)
     with pytest.raises(errors.PolicyError, match="never to leave"):
         _backup(a, key_name, 1, 2)
-    assert objects.key_attributes(a.token, a.describe_key(key_name).primary_version.key_id).attributes[
+    assert objects.key_attributes(token_of(a), a.describe_key(key_name).primary_version.key_id).attributes[
         "EXTRACTABLE"] is False
 
 
@@ -139,15 +140,15 @@ def test_backup_needs_approvals_and_the_so_pin(key_name: str) -> None:
     guarded_key(a, key_name)
     req = request(a, "backup", key_name, versions=None)
     with pytest.raises(errors.PolicyError, match="needs approvals by 2 of 3"):
-        backup_keys(a.keyring, key_name, so_pin=Pin(so_pin()), request=req, approvals=approvals(a, req, 1))
+        backup_keys(keyring_of(a), key_name, so_pin=Pin(so_pin()), request=req, approvals=approvals(a, req, 1))
     approved = approvals(a, req, 1, 3)
     with pytest.raises(errors.PinIncorrectError, match="SO PIN"):
-        backup_keys(a.keyring, key_name, so_pin=Pin("000000"), request=req, approvals=approved)
+        backup_keys(keyring_of(a), key_name, so_pin=Pin("000000"), request=req, approvals=approved)
     assert a.describe_key(key_name).name == key_name  # the user session came back after the SO step
     # a mistyped SO PIN does not spend the approvals; carrying out the request does
-    backup_keys(a.keyring, key_name, so_pin=Pin(so_pin()), request=req, approvals=approved)
+    backup_keys(keyring_of(a), key_name, so_pin=Pin(so_pin()), request=req, approvals=approved)
     with pytest.raises(errors.PolicyError, match="already carried out"):
-        backup_keys(a.keyring, key_name, so_pin=Pin(so_pin()), request=req, approvals=approved)
+        backup_keys(keyring_of(a), key_name, so_pin=Pin(so_pin()), request=req, approvals=approved)
 
 
 def test_restore_refuses_a_key_name_already_on_the_target(made: tuple[str, bytes, BackupResult]) -> None:
@@ -156,7 +157,7 @@ def test_restore_refuses_a_key_name_already_on_the_target(made: tuple[str, bytes
     backup = BackupFile.parse(result.backup)
     before = object_handles("keymgr-A")
     with pytest.raises(errors.PolicyError, match="already has a key named"):
-        restore_keys(backup, a.keyring, _tokens(backup, 1, 2))
+        restore_keys(backup, keyring_of(a), _tokens(backup, 1, 2))
     assert object_handles("keymgr-A") == before
 
 
@@ -167,9 +168,9 @@ def test_custodian_outside_the_backup_is_refused(key_name: str) -> None:
     assert backup.quorum.custodians == (party(1).name, party(2).name)
     b = hsm("keymgr-B")
     before = object_handles("keymgr-B")
-    outsider = CustodyRegister(a.keyring).load().custodian(party(3).name)
+    outsider = CustodyRegister(keyring_of(a)).load().custodian(party(3).name)
     with pytest.raises(errors.PolicyError, match=f"custodian {party(3).name!r} is not one of this backup's"):
-        restore_keys(backup, b.keyring, [party(1).open(backup.slot(party(1).name).custodian),
+        restore_keys(backup, keyring_of(b), [party(1).open(backup.slot(party(1).name).custodian),
                                          party(3).open(outsider)])
     assert object_handles("keymgr-B") == before
 

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from keymgr.cli import cli
 from keymgr.hsm import asym, objects, open_token
+from tests._internals import keyring_of
 from tests.conftest import SO_PIN, softhsm_token
 
 #: the custodians' key pairs (``people``) stay on the shared tokens, each label with a random part
@@ -165,7 +166,7 @@ def test_approve_shows_a_destroy_in_full(tmp_path: Path, key_name: str) -> None:
     assert f"request digest: {digest}" in err
     assert f"DESTROY key {key_name!r} version(s) 1: irreversible" in err
     assert f"version 1: CKA_ID {version.key_id.hex()}, KCV {version.kcv or '-'}" in err
-    assert f"on the HSM: token 'keymgr-A', serial {hsm('keymgr-A').token.serial}" in err
+    assert f"on the HSM: token 'keymgr-A', serial {hsm('keymgr-A').token_info.serial}" in err
     assert "to be approved by 2 of 3 custodians:" in err and party(1).name in err and party(3).name in err
     assert out.strip().endswith(f"of request {digest}")
 
@@ -214,7 +215,7 @@ def test_a_request_is_void_once_the_key_changed(tmp_path: Path, key_name: str) -
     signed = approvals(km, req, 1, 2)
     km.rotate(key_name)
     with pytest.raises(errors.PolicyError, match="changed since the request was written"):
-        authorize(km.keyring, "backup", key=key_name, params={"versions": None}, request=req, approvals=signed,
+        authorize(keyring_of(km), "backup", key=key_name, params={"versions": None}, request=req, approvals=signed,
                   consume=False)
 
 

@@ -25,6 +25,7 @@ from keymgr.custody.custodians import Register
 from keymgr.custody.threshold import _Value, read_threshold
 from keymgr.custody.transcript import verify_transcript
 from keymgr.envelope import OID_THRESHOLD_RECIPIENT, other_recipient_info
+from tests._internals import keyring_of
 
 _REQUEST = {"format": "keymgr-request/1", "id": "00" * 16, "operation": "destroy",
             "keyring": {"token": "keymgr-A", "serial": "1"}, "key": "orders", "params": {"versions": [1]},
@@ -174,7 +175,7 @@ def real_files() -> tuple[bytes, bytes]:
     name = f"fuzzed-{uuid.uuid4().hex[:8]}"
     guarded_key(km, name)
     req = request(km, "backup", name, versions=None)
-    result = backup_keys(km.keyring, name, so_pin=Pin(so_pin()), request=req, approvals=approvals(km, req, 1, 3))
+    result = backup_keys(keyring_of(km), name, so_pin=Pin(so_pin()), request=req, approvals=approvals(km, req, 1, 3))
     return result.backup, result.transcript
 
 

@@ -9,6 +9,7 @@ from keymgr import errors
 from keymgr.custody.custodians import CustodyRegister, QuorumPolicy
 from keymgr.custody.threshold import ThresholdRecipient, decrypt_with_quorum, read_threshold, threshold_recipient
 from keymgr.envelope import OID_THRESHOLD_RECIPIENT, parse_message, read_other_recipient, replace_recipients
+from tests._internals import keyring_of
 from tests.custody_helpers import hsm, party, registered
 
 
@@ -92,8 +93,8 @@ def test_recipient_from_the_register_policy(key_name: str) -> None:
     km = hsm()
     custodians = registered(km, 1, 2)
     km.create_key(key_name)
-    CustodyRegister(km.keyring).set_policy(QuorumPolicy(2, tuple(c.name for c in custodians)), key=key_name)
-    recipient = threshold_recipient(CustodyRegister(km.keyring).load(), key=key_name)
+    CustodyRegister(keyring_of(km)).set_policy(QuorumPolicy(2, tuple(c.name for c in custodians)), key=key_name)
+    recipient = threshold_recipient(CustodyRegister(keyring_of(km)).load(), key=key_name)
     blob = km.encrypt(b"x", key=key_name, also_to=[recipient])
     assert decrypt_with_quorum(blob, _tokens(custodians, 1, 2)) == b"x"
     assert recipient.description.startswith("any 2 of")

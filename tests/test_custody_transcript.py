@@ -10,6 +10,7 @@ from asn1crypto import cms
 
 from keymgr import errors
 from keymgr.custody.transcript import Signer, TranscriptRecorder, hsm_signer, sign_transcript, verify_transcript
+from tests._internals import token_of
 from tests.custody_helpers import hsm, party, registered
 
 
@@ -17,12 +18,12 @@ from tests.custody_helpers import hsm, party, registered
 def signed() -> bytes:
     km = hsm()
     custodians = registered(km, 1, 2, 3)  # P-256, RSA-2048 (PSS), P-384
-    recorder = TranscriptRecorder("destroy", km.token.label, km.token.serial)
+    recorder = TranscriptRecorder("destroy", token_of(km).label, token_of(km).serial)
     for c in custodians:
         recorder.participant("approver", c.name, c.fingerprint)
     recorder.step("version destroyed", version=1)
     recorder.key("orders", 1, b"\x01" * 16, "abc123")
-    signers = [hsm_signer(km.token)]
+    signers = [hsm_signer(token_of(km))]
     signers += [Signer(c.name, c.certificate_der, party(n).open(c).sign) for n, c in enumerate(custodians, 1)]
     return sign_transcript(recorder.finish("success"), [s for s in signers if s is not None])
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 
 import keymgr
+from tests._internals import keyring_of
 from tests.conftest import TokenUnderTest
 
 #: From docs/format.md ("OIDs"), written out here rather than imported from keymgr.
@@ -94,7 +95,7 @@ def data_key(ri: cms.RecipientInfo, kek: bytes, profile: str) -> bytes:
 def test_aad_is_the_der_attribute_set_under_the_set_of_tag(km: keymgr.KeyManager, key_name: str, profile: str,
                                                            context: dict[str, str]) -> None:
     kek = os.urandom(32)
-    record = km.keyring.create(key_name, profile=profile, _value=kek)
+    record = keyring_of(km).create(key_name, profile=profile, _value=kek)
     plaintext = os.urandom(1000)
     blob = km.encrypt(plaintext, key=key_name, context=context)
 
@@ -127,7 +128,7 @@ def test_an_independently_built_message_is_read(km: keymgr.KeyManager, key_name:
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
     kek = os.urandom(32)
-    record = km.keyring.create(key_name, profile="kw", _value=kek)
+    record = keyring_of(km).create(key_name, profile="kw", _value=kek)
     dek, nonce, context = os.urandom(32), os.urandom(12), {"tenant": "acme"}
     attrs = expected_attrs(context, dek)
     sealed = AESGCM(dek).encrypt(nonce, b"built elsewhere", attrs)

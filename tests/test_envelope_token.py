@@ -307,7 +307,7 @@ def test_gcm_profile_makes_one_token_call_per_message(km_a: keymgr.KeyManager, k
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     km_a.create_key(key_name, profile="gcm")
     blob = km_a.encrypt(SECRET, key=key_name, context=CTX)  # warm: keyring read, handle looked up
-    km_a.keyring.refresh_interval = 3600.0  # no periodic keyring re-read inside the count
+    km_a.refresh_interval = 3600.0  # no periodic keyring re-read inside the count
     calls = {"n": 0}
     real_run = TokenSession.run
 

@@ -27,6 +27,7 @@ from keymgr.fields import (
 )
 from keymgr.fields._format import field_aad, unpack
 from keymgr.hsm import objects
+from tests._internals import token_of
 
 CARD = "6222 0212 3456 1234"  # 19 bytes
 
@@ -241,7 +242,7 @@ def test_blind_index_rotation_queries_both_versions(km_a, key_name) -> None:
 def test_index_key_is_sensitive_and_never_extractable(km_a, key_name) -> None:
     index = km_a.blind_index(key_name, bits=32)
     (key_id,) = index.key_ids()
-    info = objects.key_attributes(km_a.token, key_id)
+    info = objects.key_attributes(token_of(km_a), key_id)
     attrs = info.attributes
     assert attrs["SENSITIVE"] is True and attrs["EXTRACTABLE"] is False
     assert attrs["NEVER_EXTRACTABLE"] is True and attrs["ALWAYS_SENSITIVE"] is True
@@ -331,13 +332,13 @@ def test_a_planted_index_key_with_a_known_value_is_never_used(km_a, key_name) ->
     index = km_a.blind_index(key_name, bits=64)
     before = index.term("alice@example.com")
     planted = os.urandom(12)
-    import_secret_key(km_a.token, INDEX_KEY, label=f"keymgr-index/{key_name}/v2", key_id=planted,
+    import_secret_key(token_of(km_a), INDEX_KEY, label=f"keymgr-index/{key_name}/v2", key_id=planted,
                       value=bytes(32))
     again = km_a.blind_index(key_name, bits=64)
     assert again.version == 1 and again.term("alice@example.com") == before
     assert again.rotate() == 2
     assert planted not in again.key_ids(2) and again.key_ids(2)
-    assert objects.key_attributes(km_a.token, again.key_ids(2)[0]).attributes["LOCAL"] is True
+    assert objects.key_attributes(token_of(km_a), again.key_ids(2)[0]).attributes["LOCAL"] is True
     assert again.term("alice@example.com") != before
 
 

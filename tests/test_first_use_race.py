@@ -58,11 +58,12 @@ from keymgr.audit import verify_log
 from keymgr.audit._token import AUDIT_KEY_ID, AUDIT_KEY_LABEL
 from keymgr.hsm import objects
 from keymgr.keyring import META_MAC_ID, META_MAC_LABEL
+from tests._internals import token_of
 
 uri, args = sys.argv[1], json.loads(sys.argv[2])
 out = {}
 with keymgr.KeyManager(uri, audit=False) as km:
-    ts = km.token
+    ts = token_of(km)
     listed = objects.list_secret_keys(ts)
     for label, prefix in ((META_MAC_LABEL, META_MAC_ID), (AUDIT_KEY_LABEL, AUDIT_KEY_ID)):
         ids = [key_id for found, key_id in listed if found == label]

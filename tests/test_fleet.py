@@ -28,6 +28,7 @@ RESULT = log
 """
 
 _HOST = r"""
+from tests._internals import keyring_of
 import json, os, random, time
 import keymgr
 from keymgr.audit import AuditLog
@@ -35,7 +36,7 @@ from keymgr.audit import AuditLog
 rng = random.Random(HOST)
 errors, sealed, rotations, suspensions = [], [], 0, 0
 with keymgr.KeyManager(URI, audit=AuditLog(os.path.join(DISK, "audit.log"))) as km:
-    km.keyring.refresh_interval = 0.2
+    km.refresh_interval = 0.2
     km.encrypt(b"warm-up", key="orders")
     wait_for_start()
     for i in range(ARGS["messages"]):
@@ -63,7 +64,7 @@ with keymgr.KeyManager(URI, audit=AuditLog(os.path.join(DISK, "audit.log"))) as 
     time.sleep(0.5)
     seen = {}
     for name in ("orders", "billing"):
-        km.keyring.reload()
+        keyring_of(km).reload()
         record = km.describe_key(name)
         seen[name] = [record.primary_version.key_id.hex(), sum(1 for v in record.versions if v.state == "active")]
     uses = sum(v.uses for v in km.describe_key("billing").versions)
@@ -196,13 +197,14 @@ with keymgr.KeyManager(URI, audit=AuditLog(os.path.join(DISK, "audit.log"))) as 
 """
 
 _READ_ALL = r"""
+from tests._internals import token_of
 import json
 import keymgr
 from keymgr.audit import verify_log
 ARGS = json.load(open(ARGS))
 with keymgr.KeyManager(URI, audit=False) as km:
     plain = [km.decrypt(bytes.fromhex(b)).decode() for b in ARGS["blobs"]]
-    logs = [verify_log(p, token=km.token).ok for p in ARGS["logs"]]
+    logs = [verify_log(p, token=token_of(km)).ok for p in ARGS["logs"]]
 RESULT = {"plain": plain, "logs": logs}
 """
 

@@ -48,6 +48,7 @@ from keymgr.custody.transcript import verify_transcript
 from keymgr.hsm import objects
 from keymgr.hsm.pins import Pin
 from keymgr.manager import KeyManager
+from tests._internals import keyring_of, token_of
 from tests.conftest import softhsm_token
 from tests.custody_helpers import approvals, guarded_key, hsm, party, registered, request, so_pin
 
@@ -155,12 +156,12 @@ def _entries(log: Path, op: str) -> list[dict[str, object]]:
 
 
 def _log_verifies(log: Path, km: KeyManager) -> None:
-    report = verify_log(log, token=km.token)
+    report = verify_log(log, token=token_of(km))
     assert report.ok, f"audit log broken at {report.broken}"
 
 
 def _facts_of(km: KeyManager, name: str) -> set[str]:
-    return {label for label, _ in objects.read_data_objects(km.token, application="keymgr") if f"/{name}/" in label}
+    return {label for label, _ in objects.read_data_objects(token_of(km), application="keymgr") if f"/{name}/" in label}
 
 
 # -- restore ------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ class Restore:
         name = f"ir-{uuid.uuid4().hex[:8]}"
         guarded_key(a, name)
         req = request(a, "backup", name, versions=None)
-        result = backup_keys(a.keyring, name, so_pin=Pin(so_pin()), request=req, approvals=approvals(a, req, 1, 2))
+        result = backup_keys(keyring_of(a), name, so_pin=Pin(so_pin()), request=req, approvals=approvals(a, req, 1, 2))
         path = where / f"{name}.backup"
         path.write_bytes(result.backup)
         return cls(name, path, BackupFile.parse(result.backup))
@@ -197,10 +198,10 @@ class Restore:
     def outcome(self, b: KeyManager, register_before: dict[str, object], transcript: Path, log: Path,
                 runs: int = 1) -> str:
         """Which whole state B is in for this backup; fails on anything in between."""
-        b.keyring.reload()
-        record = next((r for r in b.keyring.records() if r.name == self.name), None)
-        present = {key_id for _, key_id in objects.list_secret_keys(b.token)} & self.key_ids
-        register = CustodyRegister(b.keyring).load()
+        keyring_of(b).reload()
+        record = next((r for r in keyring_of(b).records() if r.name == self.name), None)
+        present = {key_id for _, key_id in objects.list_secret_keys(token_of(b))} & self.key_ids
+        register = CustodyRegister(keyring_of(b)).load()
         ok = [e for e in _entries(log, "restore") if e["key"] == self.name and e["outcome"] == "ok"]
         _log_verifies(log, b)
         if record is None:
@@ -248,7 +249,7 @@ def test_sigint_at_every_step_of_a_restore(tmp_path: Path) -> None:
     for index, at in enumerate(points):
         signame, signum = _signal_for(index)
         restore = Restore.make(a, tmp_path)
-        register_before = CustodyRegister(b.keyring).load().to_json()
+        register_before = CustodyRegister(keyring_of(b)).load().to_json()
         transcript, again = tmp_path / f"t-{index}.p7s", tmp_path / f"r-{index}.p7s"
         done = _interrupted(restore.args(transcript), tmp_path, log, at, signame)
         said_completed = _died_of(done, signum, f"restore interrupted after {at}")
@@ -288,15 +289,15 @@ def test_sigkill_before_and_after_the_restore_commit_a_rerun_clears_or_finishes(
         transcript = tmp_path / f"k-{left}.p7s"
         done = _interrupted(restore.args(transcript), tmp_path, log, at, "KILL")
         assert done.returncode == -signal.SIGKILL
-        b.keyring.reload()
-        recorded = any(r.name == restore.name for r in b.keyring.records())
-        present = {key_id for _, key_id in objects.list_secret_keys(b.token)} & restore.key_ids
+        keyring_of(b).reload()
+        recorded = any(r.name == restore.name for r in keyring_of(b).records())
+        present = {key_id for _, key_id in objects.list_secret_keys(token_of(b))} & restore.key_ids
         assert present == restore.key_ids and recorded == (left == "record") and not transcript.exists()
         rerun = _keymgr(restore.args(transcript), tmp_path, log)
         assert rerun.returncode == 0, rerun.stderr
         assert ("finished it" in rerun.stderr) == (left == "record")
         assert restore.outcome(b, {}, transcript, log, runs=1) == COMPLETED
-        ids = [key_id for _, key_id in objects.list_secret_keys(b.token) if key_id in restore.key_ids]
+        ids = [key_id for _, key_id in objects.list_secret_keys(token_of(b)) if key_id in restore.key_ids]
         assert sorted(ids) == sorted(restore.key_ids), "a restored version has two objects"
 
 
@@ -344,9 +345,9 @@ def test_sigint_at_every_step_of_a_rotation(tmp_path: Path) -> None:
         return name
 
     def outcome(a: KeyManager, name: str, transcript: Path, log: Path, facts_before: set[str]) -> str:
-        a.keyring.reload()
+        keyring_of(a).reload()
         record = a.describe_key(name)
-        labels = {label for label, _ in objects.list_secret_keys(a.token) if label.startswith(f"{name}/")}
+        labels = {label for label, _ in objects.list_secret_keys(token_of(a)) if label.startswith(f"{name}/")}
         ok = [e for e in _entries(log, "rotate") if e["key"] == name and e["outcome"] == "ok"]
         _log_verifies(log, a)
         if len(record.versions) == 1:
@@ -374,9 +375,10 @@ def test_sigint_at_every_step_of_a_destroy(tmp_path: Path) -> None:
         return name
 
     def outcome(a: KeyManager, name: str, transcript: Path, log: Path, facts_before: set[str]) -> str:
-        a.keyring.reload()
+        keyring_of(a).reload()
         v1 = a.describe_key(name).version(1)
-        exists = v1.key_id in {key_id for _, key_id in objects.list_secret_keys(a.token)}  # a find: no cached handle
+        present = {key_id for _, key_id in objects.list_secret_keys(token_of(a))}  # a find: no cached handle
+        exists = v1.key_id in present
         ok = [e for e in _entries(log, "destroy") if e["key"] == name and e["outcome"] == "ok"]
         _log_verifies(log, a)
         if v1.state != "destroyed":
@@ -407,7 +409,7 @@ def test_sigint_at_every_step_of_a_policy_change(tmp_path: Path) -> None:
         return name
 
     def outcome(a: KeyManager, name: str, transcript: Path, log: Path, facts_before: set[str]) -> str:
-        policy = CustodyRegister(a.keyring).load().policy_for(name)
+        policy = CustodyRegister(keyring_of(a)).load().policy_for(name)
         ok = [e for e in _entries(log, "policy") if e["key"] == name and e["outcome"] == "ok"]
         _log_verifies(log, a)
         if policy is None:

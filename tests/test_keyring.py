@@ -31,6 +31,7 @@ from keymgr.keyring import (
     KeyVersion,
 )
 from keymgr.templates import KEK_GCM, KEK_WRAP, MAC_KEY, ROLE_ATTRIBUTES
+from tests._internals import keyring_of, token_of
 from tests._keyring_helpers import WallClock, eventually, key_objects, legacy_record, same_record
 from tests.conftest import TokenUnderTest
 
@@ -45,7 +46,7 @@ def test_create_list_describe(km, key_name: str, profile: str) -> None:
     again = km.describe_key(key_name)
     assert again.primary_version.key_id == v1.key_id
     # a fresh manager (fresh cache) reads the same record from the token
-    km.keyring.reload()
+    keyring_of(km).reload()
     assert km.describe_key(key_name) == again
 
 
@@ -60,7 +61,7 @@ def test_key_check_value_matches_aes_of_zero_block(km, key_name: str) -> None:
 @pytest.mark.parametrize("profile,template", [("kw", KEK_WRAP), ("gcm", KEK_GCM)])
 def test_template_attributes_read_back_from_token(km, key_name: str, profile: str, template) -> None:
     record = km.create_key(key_name, profile=profile)
-    info = objects.key_attributes(km.token, record.primary_version.key_id)
+    info = objects.key_attributes(token_of(km), record.primary_version.key_id)
     attrs = info.attributes
     assert info.label == f"{key_name}/v1"
     assert attrs["SENSITIVE"] is True and attrs["ALWAYS_SENSITIVE"] is True
@@ -94,7 +95,7 @@ def test_create_key_exist_ok_gets_the_key_and_never_a_second_one(km, token, key_
         km.create_key(key_name, profile="gcm", exist_ok=True)
     other_name = key_name + "-race"
     with keymgr.KeyManager(token.uri()) as other:
-        other.keyring.refresh_interval = 3600.0
+        other.refresh_interval = 3600.0
         other.list_keys()  # its view predates the create below
         km.create_key(other_name)
         raced = other.create_key(other_name, exist_ok=True)
@@ -114,7 +115,7 @@ def test_unknown_key(km) -> None:
 def quiet(km) -> Iterator[object]:
     """``km`` without background refreshes: the test decides when it reads the token (a planted
     object must not be found by a refresh of this manager in between)."""
-    km.keyring.refresh_interval = 3600.0
+    km.refresh_interval = 3600.0
     yield km
 
 
@@ -147,7 +148,7 @@ def _read_afresh(token: TokenUnderTest) -> dict[str, KeyRecord]:
 
 
 def _one(km, name: str, prefix: str) -> tuple[str, bytes]:
-    [(label, value)] = [(label, value) for label, value in key_objects(km.token, name).items()
+    [(label, value)] = [(label, value) for label, value in key_objects(token_of(km), name).items()
                         if label.startswith(prefix)]
     return label, value
 
@@ -161,25 +162,25 @@ def test_an_edited_snapshot_or_fact_is_not_authentic(quiet, token: TokenUnderTes
     reads the edited object refuses it, and the edit reaches no record."""
     km = quiet
     km.create_key(key_name)
-    km.keyring.with_policy(key_name, KeyPolicy(max_messages=1000))
+    keyring_of(km).with_policy(key_name, KeyPolicy(max_messages=1000))
     before = km.describe_key(key_name)
     if target == "snapshot":
         label, value = _one(km, key_name, SNAPSHOT_PREFIX)
         edited = json.loads(value)
         [version] = [f for f in edited["snapshot"]["facts"] if f["k"] == "version"]
-        version["kid"] = km.keyring.new_key_id().hex()
+        version["kid"] = keyring_of(km).new_key_id().hex()
     else:
-        [(label, value)] = [(label, value) for label, value in key_objects(km.token, key_name).items()
+        [(label, value)] = [(label, value) for label, value in key_objects(token_of(km), key_name).items()
                             if label.startswith(FACT_PREFIX) and json.loads(value)["fact"]["k"] == "policy"]
         edited = json.loads(value)
         edited["fact"]["policy"]["max_messages"] = 10**9
     assert canonical(edited) != value
-    with _replaced(km.token, label, value, canonical(edited)):
+    with _replaced(token_of(km), label, value, canonical(edited)):
         with pytest.raises(keymgr.IntegrityError, match="not authentic"):
             _read_afresh(token)
         with contextlib.suppress(keymgr.IntegrityError):  # a reader that verified the original keeps it
-            km.keyring.reload()
-        assert km.keyring.current(key_name) == before
+            keyring_of(km).reload()
+        assert keyring_of(km).current(key_name) == before
     assert same_record(_read_afresh(token)[key_name], before)  # put back, it reads again
 
 
@@ -188,7 +189,7 @@ def _forged_fact(km, name: str, how: str) -> Iterator[tuple[str, bytes]]:
     """A fact making a key of the attacker's the primary of ``name``, MACed ``how``, planted on
     the token for the duration (with the attacker's MAC key, if it has one)."""
     fact_id = new_fact_id()
-    fact = {"k": "primary", "n": name, "id": fact_id, "at": utc_now(), "kid": km.keyring.new_key_id().hex(),
+    fact = {"k": "primary", "n": name, "id": fact_id, "at": utc_now(), "kid": keyring_of(km).new_key_id().hex(),
             "epoch": 99, "lc": 99}
     payload = canonical(fact)
     envelope: dict[str, object] = {"fact": fact}
@@ -197,15 +198,15 @@ def _forged_fact(km, name: str, how: str) -> Iterator[tuple[str, bytes]]:
             mac = bytes(32)
         elif how == "attacker-key":  # an HMAC key of the attacker's on the same token, named in the envelope
             key_id = b"attacker/" + os.urandom(8)
-            objects.generate_key(km.token, MAC_KEY, label="attacker-mac", key_id=key_id)
-            stack.callback(objects.destroy_key, km.token, key_id)
-            mac = objects.hmac_sha256(km.token, key_id, _FACT_DOMAIN + b"\x00" + payload)
+            objects.generate_key(token_of(km), MAC_KEY, label="attacker-mac", key_id=key_id)
+            stack.callback(objects.destroy_key, token_of(km), key_id)
+            mac = objects.hmac_sha256(token_of(km), key_id, _FACT_DOMAIN + b"\x00" + payload)
             envelope["key"] = key_id.hex()
         else:  # the keyring's own MAC key, for another kind of record (a snapshot's domain)
-            mac = km.keyring.authenticate(_SNAPSHOT_DOMAIN, payload)
+            mac = keyring_of(km).authenticate(_SNAPSHOT_DOMAIN, payload)
         envelope["mac"] = mac.hex()
         label, value = f"{FACT_PREFIX}{name}/{fact_id}", canonical(envelope)
-        stack.enter_context(_planted(km.token, label, value))
+        stack.enter_context(_planted(token_of(km), label, value))
         yield label, value
 
 
@@ -217,10 +218,10 @@ def test_a_forged_fact_is_refused_by_the_reader_that_finds_it(quiet, token: Toke
     before = km.create_key(key_name)
     with _forged_fact(km, key_name, how):
         with pytest.raises(keymgr.IntegrityError, match="not authentic"):
-            km.keyring.reload()
+            keyring_of(km).reload()
         with pytest.raises(keymgr.IntegrityError, match="not authentic"):
             _read_afresh(token)
-    km.keyring.reload()
+    keyring_of(km).reload()
     assert same_record(km.describe_key(key_name), before)
     assert same_record(_read_afresh(token)[key_name], before)
 
@@ -229,7 +230,7 @@ def test_a_forged_fact_found_by_the_background_refresh_fails_the_next_call(km, k
     """The refresh runs in a background thread; what it cannot verify fails the caller that
     comes next (closed), not only a log line."""
     km.create_key(key_name)
-    km.keyring.refresh_interval = 0.05
+    km.refresh_interval = 0.05
 
     def refused() -> bool:
         try:
@@ -247,14 +248,14 @@ def test_a_reader_that_met_a_forged_fact_stays_closed_and_loses_no_genuine_fact(
     km = quiet
     km.create_key(key_name)
     with keymgr.KeyManager(token.uri()) as other:
-        other.keyring.refresh_interval = 3600.0
+        other.refresh_interval = 3600.0
         other.describe_key(key_name)
         with _forged_fact(km, key_name, "no-mac"):
-            other.keyring.with_policy(key_name, KeyPolicy(max_messages=777))  # written after the forgery
+            keyring_of(other).with_policy(key_name, KeyPolicy(max_messages=777))  # written after the forgery
             for _ in range(2):  # closed for as long as the forged object is there, not just once
                 with pytest.raises(keymgr.IntegrityError, match="not authentic"):
-                    km.keyring.reload()
-        km.keyring.reload()
+                    keyring_of(km).reload()
+        keyring_of(km).reload()
         assert km.describe_key(key_name).policy.max_messages == 777
 
 
@@ -266,20 +267,20 @@ def test_an_object_whose_label_does_not_match_its_content_is_refused(quiet, key_
     under another label (another key's, to graft one key's versions onto another) is refused."""
     km = quiet
     record = km.create_key(key_name)
-    km.keyring.with_policy(key_name, KeyPolicy(rotate_after_days=30))
+    keyring_of(km).with_policy(key_name, KeyPolicy(rotate_after_days=30))
     if move == "record-to-another-generation":
-        label, value = legacy_record(km.keyring, replace(record, generation=3))
+        label, value = legacy_record(keyring_of(km), replace(record, generation=3))
         moved = label[:-1] + "4"
     else:
         prefix = SNAPSHOT_PREFIX if move.startswith("snapshot") else FACT_PREFIX
-        [(label, value)] = [(label, value) for label, value in key_objects(km.token, key_name).items()
+        [(label, value)] = [(label, value) for label, value in key_objects(token_of(km), key_name).items()
                             if label.startswith(prefix) and b'"policy"' in value]
         _, object_id = label.rsplit("/", 1)
         moved = (f"{prefix}{key_name}-evil/{object_id}" if move.endswith("another-key")
                  else f"{prefix}{key_name}/{new_fact_id()}")
-    with _planted(km.token, moved, value), pytest.raises(keymgr.IntegrityError, match="does not match its content"):
-        km.keyring.reload()
-    km.keyring.reload()
+    with _planted(token_of(km), moved, value), pytest.raises(keymgr.IntegrityError, match="does not match its content"):
+        keyring_of(km).reload()
+    keyring_of(km).reload()
     with pytest.raises(keymgr.KeyNotFoundError):
         km.describe_key(f"{key_name}-evil")
 
@@ -296,36 +297,37 @@ def test_changes_are_compacted_into_a_snapshot_that_every_reader_folds_the_same(
     old. Readers before, during and after fold the same key; another key whose name extends this
     one's is never touched."""
     km = quiet
-    km.keyring.compact_at = 4
+    keyring_of(km).compact_at = 4
     km.create_key(key_name)
     neighbour = km.create_key(f"{key_name}-other")
-    neighbours = key_objects(km.token, f"{key_name}-other")
+    neighbours = key_objects(token_of(km), f"{key_name}-other")
     for days in range(1, 6):
-        km.keyring.with_policy(key_name, KeyPolicy(rotate_after_days=days))
+        keyring_of(km).with_policy(key_name, KeyPolicy(rotate_after_days=days))
     record = km.describe_key(key_name)
     assert record.policy.rotate_after_days == 5
-    present = key_objects(km.token, key_name)
+    present = key_objects(token_of(km), key_name)
     covered = {label for value in present.values() for label in json.loads(value).get("snapshot", {}).get("covers", [])}
     assert covered, "nothing was compacted"
     assert covered <= set(present)  # within the grace period nothing covered is gone
     assert same_record(_read_afresh(token)[key_name], record)
 
-    with keymgr.KeyManager(token.uri(), _wall_clock=WallClock(km.keyring.stale_after + timedelta(minutes=1))) as late:
-        late.keyring.refresh_interval = 0.0
+    later = WallClock(keyring_of(km).stale_after + timedelta(minutes=1))
+    with keymgr.KeyManager(token.uri(), _wall_clock=later) as late:
+        late.refresh_interval = 0.0
         assert same_record(late.describe_key(key_name), record)
         # this host finds every snapshot on the shared token stale, and sweeps what they all cover:
         # each C_DestroyObject re-lists the token (STACK-FACTS 24), so allow for a long backlog
         started = time.monotonic()
-        eventually(lambda: (late.list_keys(), not covered & set(key_objects(km.token, key_name)))[1], timeout=30.0,
+        eventually(lambda: (late.list_keys(), not covered & set(key_objects(token_of(km), key_name)))[1], timeout=30.0,
                    what="a host that finds the snapshot stale_after old destroys what it covers")
         print(f"\nswept in {time.monotonic() - started:.1f} s")
         assert same_record(late.describe_key(key_name), record)
-    left = key_objects(km.token, key_name)
+    left = key_objects(token_of(km), key_name)
     assert left and not covered & set(left)
     assert same_record(_read_afresh(token)[key_name], record)
-    km.keyring.reload()
+    keyring_of(km).reload()
     assert km.describe_key(key_name) == record  # the writer never forgets a fact it has seen
-    assert key_objects(km.token, f"{key_name}-other") == neighbours
+    assert key_objects(token_of(km), f"{key_name}-other") == neighbours
     assert same_record(_read_afresh(token)[f"{key_name}-other"], neighbour)
 
 
@@ -352,14 +354,14 @@ def test_a_change_costs_the_same_token_calls_at_any_age_of_the_key(quiet, token:
     object (and, every compact_at changes, a snapshot replacing the others once their grace period
     is over: here at once), however many changes came before."""
     km = quiet
-    km.keyring.grace = 0.0
+    keyring_of(km).grace = 0.0
     km.create_key(key_name)
     costs, counts = [], []
     for days in range(1, 41):
-        costs.append(_calls_of(km, lambda d=days: km.keyring.with_policy(key_name, KeyPolicy(rotate_after_days=d)),
+        costs.append(_calls_of(km, lambda d=days: keyring_of(km).with_policy(key_name, KeyPolicy(rotate_after_days=d)),
                                monkeypatch))
-        counts.append(len(key_objects(km.token, key_name)))
-    assert max(counts) <= km.keyring.compact_at + 1, counts
+        counts.append(len(key_objects(token_of(km), key_name)))
+    assert max(counts) <= keyring_of(km).compact_at + 1, counts
     plain = min(costs[:5])
     assert costs[-5:].count(plain) >= 4 and max(costs[20:]) <= max(costs[:20]), costs
     assert km.describe_key(key_name).policy.rotate_after_days == 40
@@ -371,9 +373,9 @@ def test_a_burst_of_changes_within_the_grace_period_compacts_once_per_compact_at
     km.create_key(key_name)
     changes = 40
     for days in range(1, changes + 1):
-        km.keyring.with_policy(key_name, KeyPolicy(rotate_after_days=days))
-    snapshots = [label for label in key_objects(km.token, key_name) if label.startswith(SNAPSHOT_PREFIX)]
-    assert len(snapshots) <= 1 + changes // km.keyring.compact_at + 1, len(snapshots)
+        keyring_of(km).with_policy(key_name, KeyPolicy(rotate_after_days=days))
+    snapshots = [label for label in key_objects(token_of(km), key_name) if label.startswith(SNAPSHOT_PREFIX)]
+    assert len(snapshots) <= 1 + changes // keyring_of(km).compact_at + 1, len(snapshots)
 
 
 # -- records of keymgr before facts: read, used, and covered by the next snapshot ------------------
@@ -385,14 +387,14 @@ def _legacy_key(km, name: str, generation: int = 7, v1_state: str = "decrypt-onl
     now = utc_now()
     versions = []
     for number, state, uses in ((1, v1_state, 40), (2, "active", 100)):
-        key_id = km.keyring.new_key_id()
-        objects.generate_key(km.token, KEK_WRAP, label=f"{name}/v{number}", key_id=key_id)
-        kcv = objects.check_value(km.token, key_id)
+        key_id = keyring_of(km).new_key_id()
+        objects.generate_key(token_of(km), KEK_WRAP, label=f"{name}/v{number}", key_id=key_id)
+        kcv = objects.check_value(token_of(km), key_id)
         versions.append(KeyVersion(number, key_id, state, now, (("active", now),), kcv, uses))
     record = KeyRecord(name=name, profile="kw", primary=2, versions=tuple(versions),
                        policy=KeyPolicy(rotate_after_days=30, max_messages=1000), generation=generation, created=now)
-    label, value = legacy_record(km.keyring, record)
-    objects.write_data_object(km.token, application=APPLICATION, label=label, value=value)
+    label, value = legacy_record(keyring_of(km), record)
+    objects.write_data_object(token_of(km), application=APPLICATION, label=label, value=value)
     return record
 
 
@@ -406,7 +408,7 @@ def test_a_record_of_keymgr_before_facts_is_read_used_and_upgraded(quiet, token:
                                                                   key_name: str) -> None:
     km = quiet
     legacy = _legacy_key(km, key_name)
-    km.keyring.reload()
+    keyring_of(km).reload()
     assert _shape(km.describe_key(key_name)) == _shape(legacy)
     assert [v.uses for v in km.describe_key(key_name).versions] == [40, 100]
     blob = km.encrypt(b"after the upgrade", key=key_name)
@@ -418,9 +420,9 @@ def test_a_record_of_keymgr_before_facts_is_read_used_and_upgraded(quiet, token:
         assert other.decrypt(blob) == b"after the upgrade"
     rotated = km.rotate(key_name)
     assert rotated.primary == 3 and [v.state for v in rotated.versions] == ["decrypt-only", "decrypt-only", "active"]
-    km.keyring.compact_at, km.keyring.grace = 2, 0.0
-    km.keyring.with_policy(key_name, KeyPolicy(rotate_after_days=60, max_messages=1000))
-    left = key_objects(km.token, key_name)
+    keyring_of(km).compact_at, keyring_of(km).grace = 2, 0.0
+    keyring_of(km).with_policy(key_name, KeyPolicy(rotate_after_days=60, max_messages=1000))
+    left = key_objects(token_of(km), key_name)
     assert not any(label.startswith(LEGACY_PREFIX) for label in left), sorted(left)  # covered by a snapshot, gone
     record = km.describe_key(key_name)
     assert record.policy.rotate_after_days == 60
@@ -436,7 +438,7 @@ def test_an_edited_record_of_keymgr_before_facts_is_not_authentic(quiet, token: 
     label, value = _one(km, key_name, LEGACY_PREFIX)
     edited = json.loads(value)
     edited["record"]["primary"] = 1
-    with _replaced(km.token, label, value, canonical(edited)), pytest.raises(keymgr.IntegrityError,
+    with _replaced(token_of(km), label, value, canonical(edited)), pytest.raises(keymgr.IntegrityError,
                                                                              match="not authentic"):
         _read_afresh(token)
     assert _shape(_read_afresh(token)[key_name]) == _shape(legacy)
@@ -453,8 +455,8 @@ def test_of_two_generations_a_crash_left_the_newest_is_the_record(quiet, token: 
     newer = replace(older, generation=8, policy=KeyPolicy(rotate_after_days=30, max_messages=2000),
                     versions=(replace(v1, state="decrypt-only", history=(("active", v1.created),
                                                                          ("suspended", v1.created))), v2))
-    label, value = legacy_record(km.keyring, newer)
-    objects.write_data_object(km.token, application=APPLICATION, label=label, value=value)
+    label, value = legacy_record(keyring_of(km), newer)
+    objects.write_data_object(token_of(km), application=APPLICATION, label=label, value=value)
     assert _shape(_read_afresh(token)[key_name]) == _shape(newer)
 def test_second_token_does_not_see_first_tokens_keys(softhsm: TokenUnderTest, key_name: str) -> None:
     a = keymgr.KeyManager(softhsm.uri())

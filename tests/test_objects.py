@@ -18,6 +18,7 @@ import pytest
 import keymgr
 from keymgr import errors
 from keymgr.hsm import objects
+from tests._internals import token_of
 from tests.conftest import TokenUnderTest
 
 
@@ -40,19 +41,19 @@ def _raised(call: Callable[[], Any]) -> errors.KeymgrError:
 def test_wrapped_key_that_is_not_authentic(keys: tuple[keymgr.KeyManager, bytes, bytes]) -> None:
     km, kw, _ = keys
     garbage = os.urandom(40)
-    error = _raised(lambda: objects.unwrap_data_key(km.token, kw, garbage))
+    error = _raised(lambda: objects.unwrap_data_key(token_of(km), kw, garbage))
     assert isinstance(error, errors.IntegrityError) and "unwrap data key on token 'keymgr-A'" in str(error)
     assert garbage.hex() not in str(error)
-    short = _raised(lambda: objects.unwrap_data_key(km.token, kw, os.urandom(7)))
+    short = _raised(lambda: objects.unwrap_data_key(token_of(km), kw, os.urandom(7)))
     assert isinstance(short, errors.IntegrityError) and "CKR_WRAPPED_KEY_LEN_RANGE" in str(short)
 
 
 def test_tampered_gcm_ciphertext(keys: tuple[keymgr.KeyManager, bytes, bytes]) -> None:
     km, _, gcm = keys
     nonce = os.urandom(12)
-    sealed = bytearray(objects.gcm_encrypt(km.token, gcm, b"data key", nonce=nonce, aad=b"a"))
+    sealed = bytearray(objects.gcm_encrypt(token_of(km), gcm, b"data key", nonce=nonce, aad=b"a"))
     sealed[0] ^= 1
-    error = _raised(lambda: objects.gcm_decrypt(km.token, gcm, bytes(sealed), nonce=nonce, aad=b"a"))
+    error = _raised(lambda: objects.gcm_decrypt(token_of(km), gcm, bytes(sealed), nonce=nonce, aad=b"a"))
     assert isinstance(error, errors.IntegrityError)
 
 
@@ -65,32 +66,32 @@ def test_key_used_outside_its_role_is_a_policy_error(keys: tuple[keymgr.KeyManag
                                                      role: str) -> None:
     km, kw, gcm = keys
     calls: dict[str, Callable[[], Any]] = {
-        "wrap with the gcm key": lambda: objects.wrap_data_key(km.token, gcm, os.urandom(32)),
-        "unwrap with the gcm key": lambda: objects.unwrap_data_key(km.token, gcm, os.urandom(40)),
-        "gcm with the kw key": lambda: objects.gcm_encrypt(km.token, kw, b"x", nonce=os.urandom(12), aad=b""),
-        "hmac with the kw key": lambda: objects.hmac_sha256(km.token, kw, b"x"),
+        "wrap with the gcm key": lambda: objects.wrap_data_key(token_of(km), gcm, os.urandom(32)),
+        "unwrap with the gcm key": lambda: objects.unwrap_data_key(token_of(km), gcm, os.urandom(40)),
+        "gcm with the kw key": lambda: objects.gcm_encrypt(token_of(km), kw, b"x", nonce=os.urandom(12), aad=b""),
+        "hmac with the kw key": lambda: objects.hmac_sha256(token_of(km), kw, b"x"),
     }
     error = _raised(calls[misuse])
     assert isinstance(error, errors.PolicyError), repr(error)
     assert f"has no {role} role" in str(error) and "keymgr-A" in str(error)
     # the session is still good afterwards
-    assert objects.unwrap_data_key(km.token, kw, objects.wrap_data_key(km.token, kw, bytes(32))) == bytes(32)
+    assert objects.unwrap_data_key(token_of(km), kw, objects.wrap_data_key(token_of(km), kw, bytes(32))) == bytes(32)
 
 
 def test_gcm_nonce_of_the_wrong_size(keys: tuple[keymgr.KeyManager, bytes, bytes]) -> None:
     km, _, gcm = keys
     for size in (0, 8, 16):
-        error = _raised(lambda: objects.gcm_encrypt(km.token, gcm, b"x", nonce=os.urandom(size), aad=b""))
+        error = _raised(lambda: objects.gcm_encrypt(token_of(km), gcm, b"x", nonce=os.urandom(size), aad=b""))
         assert isinstance(error, errors.ConfigurationError) and f"not {size}" in str(error)
-        error = _raised(lambda: objects.gcm_decrypt(km.token, gcm, bytes(17), nonce=os.urandom(size), aad=b""))
+        error = _raised(lambda: objects.gcm_decrypt(token_of(km), gcm, bytes(17), nonce=os.urandom(size), aad=b""))
         assert isinstance(error, errors.ConfigurationError)
 
 
 def test_destroyed_key_is_not_found(keys: tuple[keymgr.KeyManager, bytes, bytes]) -> None:
     km, kw, _ = keys
-    wrapped = objects.wrap_data_key(km.token, kw, os.urandom(32))  # the handle is cached now
-    objects.destroy_key(km.token, kw)
-    error = _raised(lambda: objects.unwrap_data_key(km.token, kw, wrapped))
+    wrapped = objects.wrap_data_key(token_of(km), kw, os.urandom(32))  # the handle is cached now
+    objects.destroy_key(token_of(km), kw)
+    error = _raised(lambda: objects.unwrap_data_key(token_of(km), kw, wrapped))
     assert isinstance(error, errors.KeyNotFoundError) and kw.hex() in str(error)
 
 
@@ -116,7 +117,7 @@ def test_a_scan_skips_objects_another_process_destroys_meanwhile(softhsm: TokenU
     application = f"keymgr-vanish-{key_name}"
     stable = {f"stable-{i}" for i in range(10)}
     with keymgr.KeyManager(softhsm.uri()) as km:
-        ts = km.token
+        ts = token_of(km)
         try:
             for label in sorted(stable):
                 objects.write_data_object(ts, application=application, label=label, value=b"kept")

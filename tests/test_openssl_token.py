@@ -22,6 +22,7 @@ import keymgr
 from keymgr.envelope import parse_message, read_kek_recipient
 from keymgr.errors import IntegrityError
 from keymgr.hsm import objects
+from tests._internals import keyring_of, token_of
 from tests.conftest import softhsm_token
 
 OPENSSL = shutil.which("openssl")
@@ -40,10 +41,10 @@ def kcv(key: bytes) -> str:
 def known_kek(km: keymgr.KeyManager, name: str) -> tuple[bytes, bytes]:
     """(value, CKA_ID) of a kw-profile KEK imported with a value the test knows."""
     value = os.urandom(32)
-    record = km.keyring.create(name, profile="kw", _value=value)
+    record = keyring_of(km).create(name, profile="kw", _value=value)
     version = record.primary_version
     assert version.kcv == kcv(value)  # the token holds exactly this key
-    attributes = objects.key_attributes(km.token, version.key_id).attributes
+    attributes = objects.key_attributes(token_of(km), version.key_id).attributes
     assert attributes["UNWRAP"] and attributes["WRAP"] and not attributes["DECRYPT"] and attributes["SENSITIVE"]
     return value, version.key_id
 

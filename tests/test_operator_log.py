@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from tests.conftest import TokenUnderTest
-from tests.fleet import fleet_workspace, fresh_token
+from tests.fleet import REPO, fleet_workspace, fresh_token
 
 PIN = "pin-Q7zX4w9Kr2"
 PLAINTEXT_MARK = "plaintext-Zq7VwX3kP5"
@@ -36,6 +36,7 @@ import keymgr
 from keymgr.envelope.cache import CachePolicy
 from keymgr.hsm import objects
 from keymgr.keyring import APPLICATION, FACT_PREFIX, META_MAC_LABEL
+from tests._internals import keyring_of, token_of
 
 uri, audit_path, plaintext_mark = sys.argv[1:]
 plaintext = (plaintext_mark + " ").encode() * 16
@@ -49,30 +50,30 @@ for _ in range(3):                                    # the third message evicts
     km.encrypt(plaintext, key="orders", context={"tenant": "acme"})
     secrets["keys"] += [e.dek.reveal().hex() for e in km._encrypt_cache._entries.values()]
 
-other.keyring.compact_at, other.keyring.grace = 2, 0.0   # compact and sweep at once
+keyring_of(other).compact_at, keyring_of(other).grace = 2, 0.0   # compact and sweep at once
 other.list_keys()
 other.rotate("orders")
 newer = other.encrypt(plaintext, key="orders")
 assert km.decrypt(newer) == plaintext                 # an id km has not seen: read again (found there)
-km.token.reread()                                     # what a miss after that re-read does: re-initialise
+token_of(km).reread()                                     # what a miss after that re-read does: re-initialise
 
 other.rotate("orders")
-km.keyring.refresh_interval = 0.05                    # the background refresh picks up the rotation
+km.refresh_interval = 0.05                    # the background refresh picks up the rotation
 time.sleep(0.1)
 km.list_keys()
-km.keyring._refresher.join(10)
+keyring_of(km)._refresher.join(10)
 assert km.describe_key("orders").primary == 3, km.describe_key("orders").primary
 time.sleep(0.1)                                       # nothing written since: one register read
 km.list_keys()
-km.keyring._refresher.join(10)
+keyring_of(km)._refresher.join(10)
 
-km.token.run("close the session underneath", lambda s: s.close())   # as a token reset would
+token_of(km).run("close the session underneath", lambda s: s.close())   # as a token reset would
 assert km.describe_key("orders").primary == 3
-km.keyring.reload()
+keyring_of(km).reload()
 
 planted = os.urandom(32)                              # a KEK of a value known outside the token
 secrets["keys"].append(planted.hex())
-other.keyring.create("planted", _value=planted)
+keyring_of(other).create("planted", _value=planted)
 try:
     km.encrypt(plaintext, key="planted")
     events["planted_refused"] = False
@@ -80,18 +81,18 @@ except keymgr.PolicyError:
     events["planted_refused"] = True
 
 forged = FACT_PREFIX + "orders/" + "0" * 32           # a fact MACed by no key of the token
-objects.write_data_object(km.token, application=APPLICATION, label=forged,
+objects.write_data_object(token_of(km), application=APPLICATION, label=forged,
                           value=json.dumps({"fact": {"k": "state"}, "mac": "00" * 32}).encode())
 try:
-    km.keyring.reload()
+    keyring_of(km).reload()
     events["forged_refused"] = False
 except keymgr.IntegrityError:
     events["forged_refused"] = True
-objects.destroy_data_object(km.token, application=APPLICATION, label=forged)
+objects.destroy_data_object(token_of(km), application=APPLICATION, label=forged)
 
 mac_value = os.urandom(32)                            # a MAC key planted under the keyring's label
 secrets["keys"].append(mac_value.hex())
-km.token.run("plant a MAC key", lambda s: s.create_object({
+token_of(km).run("plant a MAC key", lambda s: s.create_object({
     Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET, Attribute.TOKEN: True,
     Attribute.PRIVATE: True, Attribute.LABEL: META_MAC_LABEL, Attribute.ID: b"\x00\x01",
     Attribute.VALUE: mac_value, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
@@ -99,7 +100,7 @@ km.token.run("plant a MAC key", lambda s: s.create_object({
 third = keymgr.KeyManager(uri, audit=False)
 third.create_key("third")                             # its keyring looks for its MAC key
 
-for _, value in objects.read_data_objects(km.token, application=APPLICATION):
+for _, value in objects.read_data_objects(token_of(km), application=APPLICATION):
     secrets["macs"].append(json.loads(value)["mac"])
 
 os.remove(audit_path)                                 # the log is gone: the audit fails closed
@@ -120,7 +121,7 @@ def _run_flow() -> dict[str, object]:
         token = fresh_token(ws, "oplog", user_pin=PIN)
         proc = subprocess.run([sys.executable, "-c", _FLOW, token.uri, str(ws / "audit.log"), PLAINTEXT_MARK],
                               capture_output=True, text=True, timeout=180,
-                              env={**os.environ, **token.env, "KEYMGR_ALLOW_PIN_VALUE": "1"})
+                              env={**os.environ, **token.env, "KEYMGR_ALLOW_PIN_VALUE": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -202,7 +203,7 @@ def test_a_cached_encrypt_and_decrypt_make_no_call_into_logging(softhsm: TokenUn
 
     with keymgr.KeyManager(softhsm.uri(), cache=True) as km:
         km.create_key(key_name)
-        km.keyring.refresh_interval = 3600.0  # no refresh due during the count
+        km.refresh_interval = 3600.0  # no refresh due during the count
         blob = km.encrypt(b"warm up", key=key_name)
         km.decrypt(blob)
         calls: list[str] = []

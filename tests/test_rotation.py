@@ -7,6 +7,7 @@ import pytest
 import keymgr
 from keymgr import rotation
 from keymgr.hsm import objects
+from tests._internals import keyring_of, token_of
 from tests._keyring_helpers import eventually
 
 
@@ -41,8 +42,8 @@ def test_rotate_records_history_and_distinct_objects(km, key_name: str) -> None:
     assert v2.version == 2 and v2.key_id != v1.key_id and v2.kcv and v2.kcv != v1.kcv
     old = record.version(1)
     assert [s for s, _ in old.history] == ["active", "decrypt-only"]
-    assert objects.key_attributes(km.token, v2.key_id).label == f"{key_name}/v2"
-    km.keyring.reload()
+    assert objects.key_attributes(token_of(km), v2.key_id).label == f"{key_name}/v2"
+    keyring_of(km).reload()
     assert km.describe_key(key_name) == record
 
 
@@ -99,8 +100,8 @@ def test_refused_transitions(km, key_name: str, start: str, target: str) -> None
         km.mark_compromised(key_name, 1)
     before = km.describe_key(key_name)
     with pytest.raises(keymgr.PolicyError):
-        rotation.transition(km.keyring, key_name, version, target)
-    km.keyring.reload()
+        rotation.transition(keyring_of(km), key_name, version, target)
+    keyring_of(km).reload()
     assert km.describe_key(key_name).version(1).state == before.version(1).state
 
 
@@ -109,11 +110,11 @@ def test_destroyed_only_through_destroy_and_resume_needs_suspended(km, key_name:
     km.create_key(key_name)
     km.rotate(key_name)
     with pytest.raises(keymgr.PolicyError, match="destroy"):
-        rotation.transition(km.keyring, key_name, 1, "destroyed")
+        rotation.transition(keyring_of(km), key_name, 1, "destroyed")
     with pytest.raises(keymgr.PolicyError, match="not suspended"):
         km.resume(key_name, 1)
     with pytest.raises(keymgr.ConfigurationError, match="unknown key state"):
-        rotation.transition(km.keyring, key_name, 1, "frozen")
+        rotation.transition(keyring_of(km), key_name, 1, "frozen")
 
 
 def test_pre_active_version_then_activate(km, key_name: str) -> None:
@@ -168,7 +169,7 @@ def test_cached_data_keys_obey_a_suspension_made_by_another_process(softhsm, key
             assert km.decrypt(blob) == b"cached"
         other.rotate(key_name)
         other.suspend(key_name, 1)
-        km.keyring.refresh_interval = 0.0  # re-read at every call rather than within its interval
+        km.refresh_interval = 0.0  # re-read at every call rather than within its interval
 
         def refused() -> bool:
             try:

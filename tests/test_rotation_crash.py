@@ -29,6 +29,7 @@ from keymgr import rotation
 from keymgr.hsm import objects
 from keymgr.keyring import KeyPolicy, version_template
 from tests._crash_token import crash_token
+from tests._internals import keyring_of, token_of
 from tests._keyring_helpers import WallClock, same_record
 from tests.conftest import TokenUnderTest
 
@@ -60,14 +61,14 @@ def _child(token: TokenUnderTest, name: str, out: Path, rounds: int) -> subproce
 
 def _check_keyring(km: keymgr.KeyManager, name: str) -> keymgr.KeyRecord:
     """Exactly one primary, it is the one active version, and every live version's object exists."""
-    km.keyring.reload()
+    keyring_of(km).reload()
     record = km.describe_key(name)
     active = [v.version for v in record.versions if v.state == "active"]
     assert active == [record.primary], f"active versions {active}, primary {record.primary}"
     numbers = [v.version for v in record.versions]
     assert numbers == list(range(1, len(numbers) + 1))
     for v in record.versions:
-        assert objects.key_exists(km.token, v.key_id), f"version {v.version} has no key object"
+        assert objects.key_exists(token_of(km), v.key_id), f"version {v.version} has no key object"
     return record
 
 
@@ -117,15 +118,15 @@ def test_rotate_killed_at_random_moments(key_name: str, tmp_path: Path) -> None:
             if child.stderr is not None:
                 child.stderr.close()
             record = _check_keyring(km, key_name)
-            orphans_seen += len(rotation.orphans(km.keyring, record))
+            orphans_seen += len(rotation.orphans(keyring_of(km), record))
         messages = _decrypts_everything(km, expected, out)
-        left = rotation.orphans(km.keyring, km.describe_key(key_name))
+        left = rotation.orphans(keyring_of(km), km.describe_key(key_name))
         record = km.rotate(key_name)  # another host could still be between generating a key and its fact
-        assert all(objects.key_exists(km.token, key_id) for _, key_id in left), "an orphan went before its grace"
-        clock.advance(km.keyring.orphan_grace + timedelta(minutes=1))
+        assert all(objects.key_exists(token_of(km), key_id) for _, key_id in left), "an orphan went before its grace"
+        clock.advance(keyring_of(km).orphan_grace + timedelta(minutes=1))
         record = km.rotate(key_name)  # cleans up what every kill left
-        assert rotation.orphans(km.keyring, record) == []
-        assert not any(objects.key_exists(km.token, key_id) for _, key_id in left)
+        assert rotation.orphans(keyring_of(km), record) == []
+        assert not any(objects.key_exists(token_of(km), key_id) for _, key_id in left)
         _check_keyring(km, key_name)
         _decrypts_everything(km, expected, out)
     print(f"\n{kills} kills, {len(record.versions)} versions, {messages} child messages, "
@@ -146,28 +147,28 @@ def test_an_orphan_left_by_a_crash_is_destroyed_once_its_pending_fact_is_old(tok
     with keymgr.KeyManager(token.uri(), _wall_clock=clock) as km:
         record = km.create_key(key_name)
         template = version_template(record.profile, record.policy)
-        orphan_id, stray_id = km.keyring.new_key_id(), km.keyring.new_key_id()
-        km.keyring.add(key_name, "pending", {"kid": orphan_id.hex(), "num": 2})  # what rotate writes first
-        objects.generate_key(km.token, template, label=f"{key_name}/v2", key_id=orphan_id)  # then the crash
-        objects.generate_key(km.token, template, label=f"{key_name}/v9", key_id=stray_id)  # no fact names it
+        orphan_id, stray_id = keyring_of(km).new_key_id(), keyring_of(km).new_key_id()
+        keyring_of(km).add(key_name, "pending", {"kid": orphan_id.hex(), "num": 2})  # what rotate writes first
+        objects.generate_key(token_of(km), template, label=f"{key_name}/v2", key_id=orphan_id)  # then the crash
+        objects.generate_key(token_of(km), template, label=f"{key_name}/v9", key_id=stray_id)  # no fact names it
         try:
-            assert sorted(rotation.orphans(km.keyring, km.describe_key(key_name))) == sorted(
+            assert sorted(rotation.orphans(keyring_of(km), km.describe_key(key_name))) == sorted(
                 [(f"{key_name}/v2", orphan_id), (f"{key_name}/v9", stray_id)])
             assert km.describe_key(key_name).primary == 1  # the old primary is still the one
             blob = km.encrypt(b"v1", key=key_name)
-            clock.advance(km.keyring.orphan_grace - timedelta(minutes=5))
+            clock.advance(keyring_of(km).orphan_grace - timedelta(minutes=5))
             record = km.rotate(key_name)
             assert record.primary == 2 and record.primary_version.key_id not in (orphan_id, stray_id)
-            assert objects.key_exists(km.token, orphan_id), "destroyed within its grace period"
+            assert objects.key_exists(token_of(km), orphan_id), "destroyed within its grace period"
             clock.advance(timedelta(minutes=10))
             record = km.rotate(key_name)
             assert record.primary == 3 and len(record.versions) == 3
-            assert not objects.key_exists(km.token, orphan_id)
-            assert objects.key_exists(km.token, stray_id)
-            assert rotation.orphans(km.keyring, record) == [(f"{key_name}/v9", stray_id)]
+            assert not objects.key_exists(token_of(km), orphan_id)
+            assert objects.key_exists(token_of(km), stray_id)
+            assert rotation.orphans(keyring_of(km), record) == [(f"{key_name}/v9", stray_id)]
             assert km.decrypt(blob) == b"v1"
         finally:
-            objects.destroy_key(km.token, stray_id)
+            objects.destroy_key(token_of(km), stray_id)
 
 
 @pytest.mark.slow
@@ -179,7 +180,7 @@ def test_two_processes_rotating_at_once_leave_one_primary(softhsm: TokenUnderTes
         children = [_child(softhsm, key_name, tmp_path, rounds) for _ in range(2)]
         reloads = 0
         while any(child.poll() is None for child in children):  # a reader racing the writers' deletions
-            km.keyring.reload()
+            keyring_of(km).reload()
             assert km.describe_key(key_name).primary >= 1
             reloads += 1
         assert reloads > 0
@@ -188,7 +189,7 @@ def test_two_processes_rotating_at_once_leave_one_primary(softhsm: TokenUnderTes
             assert child.returncode == 0, err
         record = _check_keyring(km, key_name)
         assert len(record.versions) == 1 + 2 * rounds
-        assert rotation.orphans(km.keyring, record) == []
+        assert rotation.orphans(keyring_of(km), record) == []
         assert _decrypts_everything(km, {}, tmp_path) == 2 * rounds
 
 
@@ -201,16 +202,16 @@ def test_changes_made_from_stale_views_at_once_all_land_and_every_reader_agrees(
     primary, changes the policy; then both change the policy at the same moment, each without
     seeing the other's: one of the two wins, the same one on every reader."""
     km.create_key(key_name)
-    km.keyring.refresh_interval = 3600.0  # each manager keeps the view it has until it reloads
+    km.refresh_interval = 3600.0  # each manager keeps the view it has until it reloads
     with keymgr.KeyManager(token.uri()) as other, keymgr.KeyManager(token.uri()) as third:
-        other.keyring.refresh_interval = 3600.0
+        other.refresh_interval = 3600.0
         assert other.describe_key(key_name).primary == 1
         km.rotate(key_name)
-        assert other.keyring.current(key_name).primary == 1  # stale: it has not seen the rotation
-        other.keyring.with_policy(key_name, KeyPolicy(rotate_after_days=90))
+        assert keyring_of(other).current(key_name).primary == 1  # stale: it has not seen the rotation
+        keyring_of(other).with_policy(key_name, KeyPolicy(rotate_after_days=90))
         records = []
         for manager in (km, other, third):
-            manager.keyring.reload()
+            keyring_of(manager).reload()
             records.append(manager.describe_key(key_name))
         assert all(same_record(r, records[0]) for r in records), records
         assert records[0].primary == 2 and records[0].policy.rotate_after_days == 90
@@ -221,7 +222,7 @@ def test_changes_made_from_stale_views_at_once_all_land_and_every_reader_agrees(
 
         def change(manager: keymgr.KeyManager) -> None:
             start.wait(timeout=10)
-            manager.keyring.with_policy(key_name, wanted[manager])
+            keyring_of(manager).with_policy(key_name, wanted[manager])
 
         threads = [threading.Thread(target=change, args=(m,)) for m in wanted]
         for thread in threads:
@@ -230,9 +231,9 @@ def test_changes_made_from_stale_views_at_once_all_land_and_every_reader_agrees(
             thread.join(timeout=30)
         records = []
         for manager in (km, other, third):
-            manager.keyring.reload()
+            keyring_of(manager).reload()
             records.append(manager.describe_key(key_name))
-        policies = [f for f in third.keyring.facts(key_name) if f.kind == "policy"]
+        policies = [f for f in keyring_of(third).facts(key_name) if f.kind == "policy"]
         assert len(policies) == 3, policies  # both racing changes landed, next to the first
         assert all(same_record(r, records[0]) for r in records), records
         assert records[0].policy in wanted.values()

@@ -12,6 +12,7 @@ import keymgr
 from keymgr import errors, rotation
 from keymgr.cli import cli
 from keymgr.hsm import objects
+from tests._internals import keyring_of, token_of
 from tests.conftest import softhsm_token
 from tests.custody_helpers import guarded_key, hsm, object_handles, party
 
@@ -41,7 +42,7 @@ def test_destroy_refuses_while_envelopes_need_the_version_then_shreds(km, key_na
     v1 = km.describe_key(key_name).version(1)
     with pytest.raises(keymgr.PolicyError, match=r"1 envelope\(s\) under the given paths still need"):
         km.destroy(key_name, 1, paths=[tmp_path / "data"], confirmed=True, immediately=True)
-    assert objects.key_exists(km.token, v1.key_id)
+    assert objects.key_exists(token_of(km), v1.key_id)
     with pytest.raises(keymgr.PolicyError, match="confirm it explicitly"):
         km.destroy(key_name, 1, immediately=True)
     # rewrapping old.cms would clear the way; here it is removed, as an operator might
@@ -50,7 +51,7 @@ def test_destroy_refuses_while_envelopes_need_the_version_then_shreds(km, key_na
     assert result.scan is not None and result.scan.envelopes == 1 and result.scan.needing == ()
     assert result.record.version(1).state == "destroyed"
     assert [s for s, _ in result.record.version(1).history][-1] == "destroyed"
-    assert not objects.key_exists(km.token, v1.key_id)
+    assert not objects.key_exists(token_of(km), v1.key_id)
     with pytest.raises(keymgr.PolicyError, match="destroyed"):
         km.decrypt(old)
     assert km.decrypt(new) == b"under v2"
@@ -128,18 +129,18 @@ def test_a_destroy_that_crashed_after_its_commit_is_finished_later(km, key_name:
     km.create_key(key_name)
     km.rotate(key_name)
     key_id = km.describe_key(key_name).version(1).key_id
-    record = rotation.transition(km.keyring, key_name, 1, "destroyed", _shredding=True)  # step one only
-    assert (f"{key_name}/v1", key_id) in rotation.orphans(km.keyring, record)
+    record = rotation.transition(keyring_of(km), key_name, 1, "destroyed", _shredding=True)  # step one only
+    assert (f"{key_name}/v1", key_id) in rotation.orphans(keyring_of(km), record)
     km.rotate(key_name)
-    assert objects.key_exists(km.token, key_id)
+    assert objects.key_exists(token_of(km), key_id)
     [check] = [c for c in km.verify_keys(key_name) if c.version == 1]
     assert "destroyed, but its key object is still on the token" in check.verdict
     with pytest.raises(errors.PolicyError, match="confirm"):
         km.destroy(key_name, 1, immediately=True)
-    assert objects.key_exists(km.token, key_id)
+    assert objects.key_exists(token_of(km), key_id)
     km.destroy(key_name, 1, immediately=True, confirmed=True)
-    assert not objects.key_exists(km.token, key_id)
-    assert rotation.orphans(km.keyring, km.describe_key(key_name)) == []
+    assert not objects.key_exists(token_of(km), key_id)
+    assert rotation.orphans(keyring_of(km), km.describe_key(key_name)) == []
 
 
 @pytest.mark.slow
@@ -167,11 +168,11 @@ def test_cli_destroy_needs_two_distinct_custodians(key_name: str, tmp_path: Path
     assert code == 5 and "valid distinct approvals: 1" in err
     code, _, err = run(*[a for a in base if a not in ("--request", str(req))], "--yes")
     assert code == 5 and "needs approvals" in err  # --yes is no substitute for the quorum
-    assert objects.key_exists(km.token, key_id)
+    assert objects.key_exists(token_of(km), key_id)
     unconfirmed = [a for a in base if a != "--yes"]  # a quorum approved, but no --paths checked and no terminal
     code, _, err = run(*unconfirmed, "--approval", str(files[1]), "--approval", str(files[3]))
     assert code == 5 and "nothing was checked" in err and "--yes" in err
-    assert objects.key_exists(km.token, key_id)  # and the request is not spent
+    assert objects.key_exists(token_of(km), key_id)  # and the request is not spent
     transcript = tmp_path / "destroy.p7s"
     code, out, err = run("--json", *base, "--approval", str(files[1]), "--approval", str(files[3]),
                          "--transcript", str(transcript))
@@ -179,7 +180,7 @@ def test_cli_destroy_needs_two_distinct_custodians(key_name: str, tmp_path: Path
     shown = json.loads(out)
     assert shown["versions"][0]["state"] == "destroyed"
     assert set(shown["destroyed"]["approvers"]) == {party(1).name, party(3).name}
-    assert not objects.key_exists(km.token, key_id)
+    assert not objects.key_exists(token_of(km), key_id)
     code, out, err = run(*token, "--json", "transcript", "verify", str(transcript))
     assert code == 0, err
     doc = json.loads(out)["transcript"]

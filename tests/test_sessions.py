@@ -14,6 +14,7 @@ import keymgr
 from keymgr.hsm import objects, open_token
 from keymgr.hsm.pins import Pin, PinRequest, PinSource, pin_source_from_uri
 from keymgr.hsm.sessions import tries_left_state
+from tests._internals import keyring_of, token_of
 from tests.conftest import SO_PIN, TokenUnderTest, softhsm_token
 
 
@@ -122,7 +123,7 @@ def test_pin_callback_is_asked_with_token_label(softhsm: TokenUnderTest) -> None
 def test_eight_threads_thousand_operations_each(softhsm: TokenUnderTest, key_name: str) -> None:
     km = keymgr.KeyManager(softhsm.uri())
     km.create_key(key_name, profile="gcm")
-    ts = km.token
+    ts = token_of(km)
     key_id = km.describe_key(key_name).primary_version.key_id
 
     def worker(n: int) -> int:
@@ -146,13 +147,13 @@ def test_child_after_fork_reinitialises_and_works(softhsm: TokenUnderTest, key_n
     km.create_key(key_name, profile="gcm")
     key_id = km.describe_key(key_name).primary_version.key_id
     nonce = os.urandom(12)
-    ct = objects.gcm_encrypt(km.token, key_id, b"before fork", nonce=nonce, aad=b"")
+    ct = objects.gcm_encrypt(token_of(km), key_id, b"before fork", nonce=nonce, aad=b"")
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         status = 1
         try:
-            out = objects.gcm_decrypt(km.token, key_id, ct, nonce=nonce, aad=b"")
+            out = objects.gcm_decrypt(token_of(km), key_id, ct, nonce=nonce, aad=b"")
             status = 0 if bytes(out) == b"before fork" else 2
         except BaseException:  # noqa: BLE001
             status = 3
@@ -164,16 +165,16 @@ def test_child_after_fork_reinitialises_and_works(softhsm: TokenUnderTest, key_n
     os.waitpid(pid, 0)
     assert result == b"\x00", f"child status {result!r}"
     # the parent's session is untouched by the child's re-initialisation
-    assert bytes(objects.gcm_decrypt(km.token, key_id, ct, nonce=nonce, aad=b"")) == b"before fork"
+    assert bytes(objects.gcm_decrypt(token_of(km), key_id, ct, nonce=nonce, aad=b"")) == b"before fork"
 
 
 def test_lost_session_is_reopened_and_relogged(softhsm: TokenUnderTest, key_name: str) -> None:
     km = keymgr.KeyManager(softhsm.uri())
     km.create_key(key_name, profile="gcm")
-    ts = km.token
+    ts = token_of(km)
     # close the session under keymgr's feet, as a token reset would
     ts.run("test", lambda s: s.close())
-    record = km.keyring
+    record = keyring_of(km)
     record.reload()  # needs a logged-in session again: must recover by itself
     assert km.describe_key(key_name).name == key_name
 

@@ -33,7 +33,7 @@ __all__ = ["main", "cli"]
 @click.pass_context
 def cli(ctx: click.Context, token: str | None, json_output: bool) -> None:
     """keymgr: encryption keys kept in hardware tokens."""
-    ctx.obj = CliState(token=token or None, json_output=json_output)
+    ctx.obj = CliState(token_uri=token or None, json_output=json_output)
 
 
 cli.add_command(init_command)

@@ -77,25 +77,35 @@ def exit_codes_help() -> str:
 class CliState:
     """Options given before the command: which token, and how to print."""
 
-    token: str | None = None
+    token_uri: str | None = None
     json_output: bool = False
     _manager: Any = field(default=None, repr=False)
 
     @property
     def local(self) -> bool:
         """Whether the token is the embedded local one: no ``--token``, or the URI ``keymgr init`` printed."""
-        if self.token is None:
+        if self.token_uri is None:
             return True
         from keymgr.local import LocalToken
 
-        return LocalToken.default().is_named_by(self.token)
+        return LocalToken.default().is_named_by(self.token_uri)
+
+    def module_path(self) -> str:
+        """The PKCS#11 module of ``--token``'s token (custodians' tokens are opened with it),
+        else the default module."""
+        if self.token_uri is None:
+            from keymgr.hsm.discovery import default_module_path
+
+            return default_module_path()
+        km = self.manager()
+        return str(km.token_info.module_path)
 
     def manager(self) -> Any:
         """The KeyManager for ``--token`` (or the local token), opened once."""
         if self._manager is None:
             from keymgr.manager import KeyManager
 
-            self._manager = KeyManager(self.token)
+            self._manager = KeyManager(self.token_uri)
         return self._manager
 
 

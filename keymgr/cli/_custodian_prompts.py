@@ -23,7 +23,9 @@ Ctrl-C or Ctrl-D at any prompt ends the ceremony with one line and status 130
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
@@ -36,6 +38,9 @@ from keymgr.hsm.discovery import list_tokens, module_for_uri
 from keymgr.hsm.pins import tries_left_note
 from keymgr.hsm.sessions import TokenSession, open_token
 from keymgr.hsm.uri import Pkcs11Uri
+
+if TYPE_CHECKING:
+    from keymgr.manager import TokenInfo
 
 __all__ = ["ask_custodians"]
 
@@ -55,7 +60,7 @@ def _say_again(message: str) -> None:
 
 
 def ask_custodians(candidates: Sequence[Custodian], threshold: int, module_path: str, what: str, *,
-                   target: TokenSession | None = None) -> list[CustodianToken]:
+                   target: TokenInfo | None = None) -> list[CustodianToken]:
     """Up to ``threshold`` custodians' tokens, asked in turn (name, token, PIN); an empty name stops
     early. ``target``: the HSM the ceremony works on, which is never a custodian's token."""
     by_name = {c.name: c for c in candidates}
@@ -91,7 +96,7 @@ def _ask_name(turn: int, threshold: int, by_name: dict[str, Custodian], taken: S
             return by_name[name]
 
 
-def _ask_token(custodian: Custodian, module_path: str, target: TokenSession | None,
+def _ask_token(custodian: Custodian, module_path: str, target: TokenInfo | None,
                taken: Sequence[CustodianToken]) -> CustodianToken:
     while True:
         answer = click.prompt(f"Token of custodian {custodian.name!r} (token label or pkcs11: URI)", err=True)
@@ -117,17 +122,22 @@ def _not_found(label: str, module_path: str) -> str | None:
     return f"no token labelled {label!r} is present (tokens: {labels})"
 
 
-def _check_token(ts: TokenSession, custodian: Custodian, target: TokenSession | None,
+def _check_token(ts: TokenSession, custodian: Custodian, target: TokenInfo | None,
                  taken: Sequence[CustodianToken]) -> None:
     """Before any PIN: not the target, not a token already in this ceremony, and (where the token
     shows public keys) one that holds this custodian's registered key."""
-    if ts is target:
+    if target is not None and _same_token(ts, target):
         raise errors.PolicyError(f"token {ts.label!r} is the target HSM, not a custodian's token")
     for other in taken:
         if other.ts is ts:
             raise errors.PolicyError(f"token {ts.label!r} was given for custodian {other.custodian.name!r} "
                                      "already; each custodian brings their own")
     check_shown_key(ts, custodian.name, custodian.fingerprint)
+
+
+def _same_token(ts: TokenSession, target: TokenInfo) -> bool:
+    """Whether ``ts`` is the token ``target`` describes: one serial in one module (by its real path)."""
+    return ts.serial == target.serial and os.path.realpath(ts.module.path) == os.path.realpath(target.module_path)
 
 
 def _log_in(custodian: Custodian, uri: str) -> CustodianToken:

@@ -43,7 +43,6 @@ def approve_command(state: CliState, request_path: str, name: str, uri: str | No
     gave you); your token is checked to hold your registered key before your PIN is asked."""
     from keymgr.audit import standalone_operation
     from keymgr.custody.approvals import Request, approve
-    from keymgr.hsm.discovery import default_module_path
 
     request = Request.parse(read_file(request_path, "request"))
     out = output or str(default_path(Path(request_path), f".{name}.approval"))
@@ -56,10 +55,10 @@ def approve_command(state: CliState, request_path: str, name: str, uri: str | No
         confirmation_input()  # only what is typed after the request was shown may approve it
     if not yes and not click.confirm(f"Approve it as custodian {name!r}?", default=False, err=True):
         raise errors.PolicyError("not approved")
-    module = default_module_path() if not state.token else state.manager().token.module.path
+    module = state.module_path()
     if uri is None:
         uri = click.prompt("Your token (token label or pkcs11: URI)", err=True)
-    with standalone_operation("approve", local=not state.token, key=request.key,
+    with standalone_operation("approve", local=not state.token_uri, key=request.key,
                               detail={"custodian": name, "request": request.digest,
                                       "operation": request.operation}):
         token_uri = custodian_uri(uri, module)
@@ -82,13 +81,11 @@ def _approver_fingerprint(state: CliState, request: Any, name: str) -> str | Non
             raise errors.PolicyError(f"custodian {name!r} is not one of those who approve this request "
                                      f"({', '.join(members)}); check --custodian")
         return str(members[name])
-    if not state.token:
+    if not state.token_uri:
         click.echo("  note: this request does not name the custodians' keys; your token is checked when the "
                    "approvals are used", err=True)
         return None
-    from keymgr.custody.custodians import CustodyRegister
-
-    return CustodyRegister(state.manager().keyring).load().custodian(name).fingerprint
+    return str(state.manager().custody.register().custodian(name).fingerprint)
 
 
 def _approver_token(uri: str, name: str, fingerprint: str | None, key_label: str | None) -> Any:

@@ -44,8 +44,8 @@ def _open_token(state: CliState) -> Any:
     would itself append to the log being read)."""
     from keymgr.hsm import open_token
 
-    if state.token is not None:
-        return open_token(state.token)
+    if state.token_uri is not None:
+        return open_token(state.token_uri)
     from keymgr.local import LocalToken
 
     local = LocalToken.default()

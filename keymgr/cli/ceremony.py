@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -27,7 +27,9 @@ from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian
 from keymgr.hsm.pins import PinRequest, pin_source_from_uri
-from keymgr.hsm.sessions import TokenSession
+
+if TYPE_CHECKING:
+    from keymgr.manager import TokenInfo
 
 __all__ = ["backup_command", "restore_command", "collect_custodians"]
 
@@ -76,7 +78,7 @@ def backup_command(state: CliState, name: str, versions: str | None, output: str
     request, approvals = read_request(request_path), read_approvals(approval_paths)
     _check_backup_approvals(km, name, _versions(versions), request, approvals)
     source = pin_source_from_uri(so_pin_source, None)
-    pin = source.read(PinRequest(km.token.label, "mark the backup transport key trusted", user="so"), pin_prompt())
+    pin = source.read(PinRequest(km.token_info.label, "mark the backup transport key trusted", user="so"), pin_prompt())
     if pin is None:
         raise errors.AuthenticationError("a backup needs the HSM's SO PIN")
     written: list[Path] = []
@@ -122,16 +124,14 @@ def _check_backup_approvals(km: Any, name: str, versions: list[int] | None, requ
                             approvals: Sequence[Approval]) -> None:
     """The approvals, checked before the SO types the SO PIN (the backup checks them again, and
     spends them): a missing or wrong approval must not cost the SO a PIN entry."""
-    from keymgr.custody.authorize import authorize
-
-    if authorize(km.keyring, "backup", key=name, params={"versions": versions}, request=request,
-                 approvals=approvals, consume=False) is None:
+    if not km.custody.check_approvals("backup", key=name, params={"versions": versions}, request=request,
+                                      approvals=approvals):
         raise errors.PolicyError(f"no quorum policy covers key {name!r}: register custodians and set a policy "
                                  "(keymgr custodian policy) before a backup")
 
 
 def collect_custodians(candidates: Sequence[Custodian], threshold: int, given: Sequence[str], module_path: str,
-                       what: str, *, target: TokenSession | None = None) -> list[CustodianToken]:
+                       what: str, *, target: TokenInfo | None = None) -> list[CustodianToken]:
     """Open M custodians' tokens: from ``--custodian NAME=URI`` options (any mistake is an error),
     or asked in turn at the terminal, where a slip re-asks (:mod:`keymgr.cli._custodian_prompts`).
     Tokens opened are closed on failure."""
@@ -175,13 +175,14 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
     backup = BackupFile.parse(read_file(backup_file, "backup file"))
     check_transcript_free(transcript_path)
     if target:
-        state.token = target
+        state.token_uri = target
     km = state.manager()
+    info = km.token_info
     if not state.json_output:
         click.echo(f"{backup.describe()}", err=True)
-        click.echo(f"Target: token {km.token.label!r} (serial {km.token.serial})", err=True)
+        click.echo(f"Target: token {info.label!r} (serial {info.serial})", err=True)
     tokens = collect_custodians([s.custodian for s in backup.shares], backup.quorum.threshold, custodians,
-                                km.token.module.path, "backup", target=km.token)
+                                info.module_path, "backup", target=info)
     try:
         result = km.restore(backup, tokens)
     finally:
@@ -192,12 +193,12 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
         transcript = write_transcript(transcript, result.transcript, done="the keys were restored")
     restored = [{"name": r.name, "versions": [v.version for v in r.versions]} for r in result.records]
     if state.json_output:
-        emit_json({"restored": restored, "token": km.token.label, "transcript": str(transcript)})
+        emit_json({"restored": restored, "token": info.label, "transcript": str(transcript)})
         return
     for name in result.finished:
         click.echo(f"key {name!r} was already restored from this backup by an earlier run (cut short?); "
                    "checked and finished it", err=True)
     for r in result.records:
         versions = ", ".join(str(v.version) for v in r.versions)
-        click.echo(f"restored key {r.name!r} versions {versions} into token {km.token.label!r}")
+        click.echo(f"restored key {r.name!r} versions {versions} into token {info.label!r}")
     click.echo(f"signed transcript: {transcript}")

@@ -64,17 +64,15 @@ def custodian_group() -> None:
 def custodian_add(state: CliState, name: str, uri: str, key_label: str | None) -> None:
     """Register custodian NAME by the key pair on their token (their PIN is asked)."""
     from keymgr.custody.custodian_token import enroll_custodian
-    from keymgr.custody.custodians import CustodyRegister
     from keymgr.hsm import open_token
 
     km = state.manager()
-    ts = open_token(custodian_uri(uri, km.token.module.path), pin_callback=pin_prompt(name))
+    ts = open_token(custodian_uri(uri, km.token_info.module_path), pin_callback=pin_prompt(name))
     try:
         custodian = enroll_custodian(name, ts, key_label=key_label)
     finally:
         ts.close()
-    with km.audited("custodian-add", detail={"custodian": name, "fingerprint": custodian.fingerprint[:64]}):
-        CustodyRegister(km.keyring).add(custodian)
+    km.custody.add_custodian(custodian)
     if state.json_output:
         emit_json(_custodian_json(custodian))
     else:
@@ -93,11 +91,7 @@ def _custodian_json(c: Any) -> dict[str, Any]:
 @pass_state
 def custodian_remove(state: CliState, name: str) -> None:
     """Remove custodian NAME (refused while a quorum policy names them)."""
-    from keymgr.custody.custodians import CustodyRegister
-
-    km = state.manager()
-    with km.audited("custodian-remove", detail={"custodian": name}):
-        CustodyRegister(km.keyring).remove(name)
+    state.manager().custody.remove_custodian(name)
     click.echo(f"removed custodian {name!r}")
 
 
@@ -105,9 +99,7 @@ def custodian_remove(state: CliState, name: str) -> None:
 @pass_state
 def custodian_list(state: CliState) -> None:
     """List registered custodians and quorum policies."""
-    from keymgr.custody.custodians import CustodyRegister
-
-    register = CustodyRegister(state.manager().keyring).load()
+    register = state.manager().custody.register()
     if state.json_output:
         emit_json({"custodians": [_custodian_json(c) for c in register.custodians],
                    "policies": {k: p.to_json() for k, p in register.policies.items()}})
@@ -141,24 +133,13 @@ def custodian_list(state: CliState) -> None:
 def custodian_policy(state: CliState, threshold: int, key: str | None, custodians: str | None,
                      request_path: str | None, approval_paths: tuple[str, ...], transcript_path: str | None) -> None:
     """Require THRESHOLD of the custodians (M of N) for a key or the keyring."""
-    from keymgr.custody.authorize import change_policy
-
     km = state.manager()
     check_transcript_free(transcript_path)
-    policy = _policy(km, threshold, custodians)
-    detail = {"threshold": policy.threshold, "custodians": ",".join(policy.custodians)[:200]}
-    with km.audited("policy", key=key, detail=detail):
-        register, transcript = change_policy(km.keyring, policy, key=key, request=read_request(request_path),
-                                             approvals=read_approvals(approval_paths))
+    policy = km.custody.quorum_policy(threshold, _names(custodians))
+    _, transcript = km.custody.set_policy(policy, key=key, request=read_request(request_path),
+                                          approvals=read_approvals(approval_paths))
     _write_transcript(transcript_path, transcript, f"the quorum policy was set to {policy.describe()}")
     click.echo(f"quorum for {'key ' + repr(key) if key else 'every key'}: {policy.describe()}")
-
-
-def _policy(km: Any, threshold: int, custodians: str | None) -> Any:
-    from keymgr.custody.custodians import CustodyRegister, QuorumPolicy
-
-    names = _names(custodians) or tuple(c.name for c in CustodyRegister(km.keyring).load().custodians)
-    return QuorumPolicy(threshold, names)
 
 
 # -- requests and approvals ---------------------------------------------------------------------
@@ -178,12 +159,9 @@ def _request_options(command: Any) -> Any:
 
 def _write_request(state: CliState, operation: str, key: str | None, params: dict[str, Any], output: str,
                    ttl_hours: int, requested_by: str) -> None:
-    from keymgr.custody.approvals import request_for
-
     checked_output(output, new=True)
-    km = state.manager()
-    request = request_for(km.keyring, operation, key=key, params=params, ttl=timedelta(hours=ttl_hours),
-                          requested_by=requested_by)
+    request = state.manager().custody.request(operation, key=key, params=params, ttl=timedelta(hours=ttl_hours),
+                                              requested_by=requested_by)
     write_output(output, request.to_bytes(), new=True)  # never over a request that has approvals
     if state.json_output:
         emit_json({"request": output, "digest": request.digest, "describe": request.describe()}, output=output)
@@ -226,7 +204,7 @@ def request_backup(state: CliState, name: str, versions: str | None, output: str
 def request_policy(state: CliState, threshold: int, key: str | None, custodians: str | None, output: str,
                    ttl_hours: int, requested_by: str) -> None:
     """Request a change of quorum policy."""
-    policy = _policy(state.manager(), threshold, custodians)
+    policy = state.manager().custody.quorum_policy(threshold, _names(custodians))
     _write_request(state, "set-policy", None, {"scope": key or "*", "policy": policy.to_json()}, output, ttl_hours,
                    requested_by)
 
@@ -243,13 +221,12 @@ def transcript_group() -> None:
 @pass_state
 def transcript_verify(state: CliState, path: str) -> None:
     """Verify every signature of a transcript and show what it records."""
-    from keymgr.custody.custodians import CustodyRegister
     from keymgr.custody.transcript import verify_transcript
 
     verified = verify_transcript(read_file(path, "transcript"))
     known: dict[str, str] = {}
-    if state.token:
-        known = {c.fingerprint: c.name for c in CustodyRegister(state.manager().keyring).load().custodians}
+    if state.token_uri:
+        known = {c.fingerprint: c.name for c in state.manager().custody.custodians()}
     signers: list[dict[str, Any]] = [{"subject": s, "fingerprint": f, "custodian": known.get(f)}
                                      for s, f in verified.signers]
     doc = verified.document
@@ -280,12 +257,9 @@ def quorum_group() -> None:
 @pass_state
 def quorum_encrypt(state: CliState, source: str, output: str, key: str, context: tuple[str, ...]) -> None:
     """Encrypt SOURCE for KEY and for the key's custodian quorum."""
-    from keymgr.custody.custodians import CustodyRegister
-    from keymgr.custody.threshold import threshold_recipient
-
     checked_output(output)
     km = state.manager()
-    recipient = threshold_recipient(CustodyRegister(km.keyring).load(), key=key)
+    recipient = km.custody.threshold_recipient(key)
     blob = km.encrypt(read_file(source, "input"), key=key, context=_context(context), also_to=[recipient])
     write_output(output, blob)
     report(output, f"wrote {output}: readable with key {key!r} or by {recipient.description}")
@@ -302,14 +276,13 @@ def quorum_decrypt(state: CliState, source: str, output: str, custodians: tuple[
     """Decrypt SOURCE through its threshold recipient, with M custodians' tokens."""
     from keymgr.custody.threshold import decrypt_with_quorum, read_threshold
     from keymgr.envelope import parse_message
-    from keymgr.hsm.discovery import default_module_path
 
     checked_output(output)  # before the custodians come: plaintext that cannot be written is not made
     blob = read_file(source, "message")
     infos = [i for i in (read_threshold(ri) for ri in parse_message(blob).recipient_infos) if i is not None]
     if not infos:
         raise errors.KeyNotFoundError("the message has no threshold recipient")
-    module = state.manager().token.module.path if state.token else default_module_path()
+    module = state.module_path()
     tokens = collect_custodians([s.custodian for s in infos[0].slots], infos[0].threshold, custodians, module,
                                 "message")
     try:

@@ -7,9 +7,8 @@ from typing import Any
 
 import click
 
-from keymgr import errors
+from keymgr import KeyRecord, errors
 from keymgr.cli._common import CliState, console, emit_json, pass_state
-from keymgr.keyring import KeyRecord
 from keymgr.templates import DEFAULT_PROFILE
 
 __all__ = ["key_group", "record_json"]
@@ -89,10 +88,9 @@ def create_command(state: CliState, name: str, profile: str, rotate_after_days: 
         return
     if transcript_path:
         from keymgr.cli._custody_common import write_change_transcript
-        from keymgr.custody.authorize import key_ceremony_transcript
 
-        write_change_transcript(transcript_path, lambda: key_ceremony_transcript(
-            state.manager().keyring, "create", record, profile=profile, backup=backup),
+        write_change_transcript(transcript_path, lambda: km.custody.key_transcript(
+            "create", record, profile=profile, backup=backup),
             f"key {name!r} was created")
     if state.json_output:
         emit_json(record_json(record))

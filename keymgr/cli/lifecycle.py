@@ -13,11 +13,10 @@ from typing import Any
 
 import click
 
-from keymgr import errors
+from keymgr import KeyRecord, errors
 from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, committing, console, emit_json, pass_state
 from keymgr.cli.keys import record_json
-from keymgr.keyring import KeyRecord
 
 __all__ = ["register_lifecycle_commands"]
 
@@ -51,10 +50,8 @@ def rotate_command(state: CliState, name: str, pre_active: bool, transcript_path
     record = km.rotate(name, activate=not pre_active)
     newest = max(v.version for v in record.versions)
     if transcript_path:
-        from keymgr.custody.authorize import key_ceremony_transcript
-
-        write_change_transcript(transcript_path, lambda: key_ceremony_transcript(km.keyring, "rotate", record,
-                                                                     versions=sorted({before, newest})),
+        write_change_transcript(transcript_path, lambda: km.custody.key_transcript("rotate", record,
+                                                                                 versions=sorted({before, newest})),
                     f"key {name!r} was rotated (version {newest} created)")
     if pre_active:
         line = f"key {name!r}: new {_version_line(record, newest)}; primary stays version {record.primary}"

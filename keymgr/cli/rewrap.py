@@ -110,22 +110,18 @@ def rewrap_command(state: CliState, paths: tuple[str, ...], jobs: int, threads: 
     Only the wrapped data keys change; payloads are never read. Files that are not
     keymgr envelopes are reported and left untouched. Each file is replaced atomically.
     """
-    from keymgr.bulk_rewrap import DEFAULT_THREADS, run
-
     if allow_compromised:
         from keymgr.manager import KeyManager
 
-        km = KeyManager(state.token, allow_compromised=True)
+        km = KeyManager(state.token_uri, allow_compromised=True)
     else:
         km = state.manager()
     show = progress if progress is not None else (sys.stderr.isatty() and not state.json_output)
     bar = _Bar("dry run" if dry_run else "rewrap") if show else None
     on_total: Callable[[int], Any] | None = bar.total if bar else None
     try:
-        with km.audited("rewrap-bulk", detail={"dry_run": dry_run}) as op:
-            summary = run(km.rewrapper(), paths, jobs=jobs, threads=threads or DEFAULT_THREADS, journal=journal,
-                          dry_run=dry_run, on_total=on_total, on_outcome=bar.advance if bar else None)
-            op.detail = {"dry_run": dry_run, **summary.counts}
+        summary = km.rewrap_files(paths, jobs=jobs, threads=threads, journal=journal, dry_run=dry_run,
+                                  on_total=on_total, on_outcome=bar.advance if bar else None)
     finally:
         if bar is not None:
             bar.stop()

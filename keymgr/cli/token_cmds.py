@@ -38,7 +38,7 @@ _OUT_HELP = ("Also write the recipient file: the certificate (or public key) as 
 def _open(state: CliState, token: str | None) -> Any:
     from keymgr.hsm import Pkcs11Uri, open_token
 
-    text = token or state.token
+    text = token or state.token_uri
     if not text:  # the local token, as for every other command
         from keymgr.local import LocalToken
 

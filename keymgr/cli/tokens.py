@@ -139,7 +139,7 @@ def tokens_command(state: CliState, modules: tuple[str, ...], no_probe: bool, lo
     from keymgr.hsm import list_tokens, load_module, open_token, registered_modules
     from keymgr.local import LocalToken
 
-    logged_in = [open_token(uri) for uri in ((state.token,) if state.token else ()) + logins]
+    logged_in = [open_token(uri) for uri in ((state.token_uri,) if state.token_uri else ()) + logins]
     paths = list(modules)
     if logged_in:
         paths[:0] = [ts.module.path for ts in logged_in]

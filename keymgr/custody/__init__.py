@@ -11,7 +11,9 @@
 - :mod:`~keymgr.custody.ceremony` and :mod:`~keymgr.custody.backup_file`: backup to M-of-N
   custodians and restore into another HSM;
 - :mod:`~keymgr.custody.threshold`: message recipients only M custodians together can open;
-- :mod:`~keymgr.custody.transcript`: signed ceremony transcripts (CMS SignedData).
+- :mod:`~keymgr.custody.transcript`: signed ceremony transcripts (CMS SignedData);
+- :mod:`~keymgr.custody.facade`: :class:`Custody`, all of the above as one KeyManager's token
+  offers it (``km.custody``): changes audited, the keyring never handed out.
 
 The runbook for people is docs/ceremonies.md.
 """
@@ -27,7 +29,7 @@ _EXPORTS = {
     "Approval": "approvals", "Request": "approvals", "approve": "approvals", "check_quorum": "approvals",
     "make_request": "approvals", "request_for": "approvals",
     "Authorization": "authorize", "authorize": "authorize", "change_policy": "authorize",
-    "BackupFile": "backup_file",
+    "BackupFile": "backup_file", "Custody": "facade",
     "BackupResult": "ceremony", "RestoreResult": "ceremony", "backup_keys": "ceremony",
     "open_custodian": "ceremony", "restore_keys": "ceremony",
     "Custodian": "custodians", "CustodianToken": "custodian_token", "CustodyRegister": "custodians",
@@ -52,6 +54,7 @@ __all__ = [
     "BackupResult",
     "Custodian",
     "CustodianToken",
+    "Custody",
     "CustodyRegister",
     "QuorumPolicy",
     "QuorumUnwrapper",

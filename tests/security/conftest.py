@@ -18,6 +18,7 @@ from keymgr.hsm import asym, objects
 from keymgr.hsm.known_keys import import_secret_key
 from keymgr.keyring import META_MAC_LABEL
 from keymgr.templates import TRANSPORT_IMPORT, TRANSPORT_KEY
+from tests._internals import token_of
 from tests.conftest import softhsm_token
 from tests.security._attacker import Target
 
@@ -43,11 +44,11 @@ def targets(manager: KeyManager) -> Iterator[dict[str, Target]]:
             made[purpose] = km.describe_key(name).primary_version.key_id
     # the keyring's own MAC key, made by the first create above: found by its label (its CKA_ID has a
     # random part); the lowest CKA_ID is the one every writer MACs with
-    mac_keys = objects.singleton_keys(km.token, META_MAC_LABEL)
+    mac_keys = objects.singleton_keys(token_of(km), META_MAC_LABEL)
     assert mac_keys, "the keyring made no metadata MAC key"
     made["mac"] = mac_keys[0]
     made["blind-index"] = km.blind_index(f"sec-index-{RUN}", bits=32).key_ids()[0]
-    ts = km.token
+    ts = token_of(km)
     session_ids = {"transport": os.urandom(16), "transport-import": os.urandom(16)}
     objects.generate_key(ts, TRANSPORT_KEY, label=f"sec-transport-{RUN}", key_id=session_ids["transport"])
     # the restoring side makes its transport key from the custodians' recovered value (keymgr.hsm.transport)

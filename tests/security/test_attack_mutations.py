@@ -27,6 +27,7 @@ from keymgr import KeyManager
 from keymgr import templates as templates_module
 from keymgr.keyring import KeyPolicy
 from keymgr.templates import PROFILES, KeyTemplate
+from tests._internals import keyring_of
 from tests.security._attacker import Target, aes_ecb
 from tests.security.test_attacks import assert_defeated, run_attack
 
@@ -86,7 +87,7 @@ def test_weakened_template_is_broken(manager: KeyManager, targets: dict[str, Tar
                         {**PROFILES, profile: replace(PROFILES[profile], template=weakened(profile, changes))})
     value = os.urandom(32)
     name = f"weak-{uuid.uuid4().hex[:10]}"
-    record = manager.keyring.create(name, profile=profile, policy=KeyPolicy(backup=backup), _value=value)
+    record = keyring_of(manager).create(name, profile=profile, policy=KeyPolicy(backup=backup), _value=value)
     purpose = {"kw": "kek-wrap", "gcm": "kek-gcm"}[profile] + ("+backup" if backup else "")
     target = Target(purpose, record.primary_version.key_id, lever_id=targets["kek-wrap"].key_id)
     result = run_attack(manager, attack, target)
@@ -99,7 +100,7 @@ def test_the_same_attacks_fail_on_the_real_templates(manager: KeyManager, target
     """The control: each mutation's attack, on a key made from the unmodified template with a known value."""
     for profile, backup in {(m[1], m[2]) for m in MUTATIONS}:
         value = os.urandom(32)
-        record = manager.keyring.create(f"ctl-{uuid.uuid4().hex[:10]}", profile=profile,
+        record = keyring_of(manager).create(f"ctl-{uuid.uuid4().hex[:10]}", profile=profile,
                                         policy=KeyPolicy(backup=backup), _value=value)
         purpose = {"kw": "kek-wrap", "gcm": "kek-gcm"}[profile] + ("+backup" if backup else "")
         target = Target(purpose, record.primary_version.key_id, lever_id=targets["kek-wrap"].key_id)

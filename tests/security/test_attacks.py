@@ -18,6 +18,7 @@ from pkcs11 import Attribute, ObjectClass
 
 from keymgr import KeyManager
 from keymgr.templates import KEYPAIR_PRIVATE, TEMPLATES
+from tests._internals import token_of
 from tests.security._attacker import ATTACKS, FLIPPABLE, Result, Target
 
 SECRET = ("kek-wrap", "kek-gcm", "kek-wrap+backup", "kek-gcm+backup", "mac", "blind-index", "transport",
@@ -40,7 +41,7 @@ CASES = [(attack, purpose) for attack, purposes in APPLIES.items() for purpose i
 
 
 def run_attack(km: KeyManager, attack: str, target: Target) -> Result:
-    return km.token.run(f"attack {attack}", lambda session: ATTACKS[attack](session, target))
+    return token_of(km).run(f"attack {attack}", lambda session: ATTACKS[attack](session, target))
 
 
 def assert_defeated(result: Result) -> None:
@@ -102,7 +103,7 @@ def test_keys_read_back_as_their_templates(manager: KeyManager, targets: dict[st
                                                           "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE")}
         return out
 
-    seen = manager.token.run("read attributes", read)
+    seen = token_of(manager).run("read attributes", read)
     for purpose, attrs in seen.items():
         assert attrs["SENSITIVE"] is True and attrs["MODIFIABLE"] is False and attrs["COPYABLE"] is False, purpose
         assert attrs["EXTRACTABLE"] is purpose.endswith("+backup"), purpose

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from keymgr import KeyManager, errors
 from keymgr.cli import cli
 from keymgr.keyring import SNAPSHOT_PREFIX, KeyPolicy, KeyRecord
+from tests._internals import keyring_of, token_of
 from tests._keyring_helpers import eventually, key_objects, same_record
 from tests.conftest import softhsm_token
 from tests.faults import FaultInjector, injected
@@ -62,7 +63,7 @@ def test_removed_device_in_a_background_refresh_is_no_callers_error(manager: Key
                                                                     faults: FaultInjector) -> None:
     """A re-read runs in a background thread while calls go on with the view they have: a removal
     there reaches no caller, and a later re-read still brings another process's change."""
-    manager.keyring.refresh_interval = 0  # every call starts a re-read
+    manager.refresh_interval = 0  # every call starts a re-read
     try:
         fault = faults.add("removed", "read data objects")
         blob = manager.encrypt(b"x", key=key, context=CTX)
@@ -74,7 +75,7 @@ def test_removed_device_in_a_background_refresh_is_no_callers_error(manager: Key
         eventually(lambda: manager.describe_key(key).primary == 2, what="the next re-read saw the rotation")
         assert manager.decrypt(blob, context=CTX) == b"x"
     finally:
-        manager.keyring.refresh_interval = 1.0
+        manager.refresh_interval = 1.0
 
 
 def test_closed_session_is_reopened_logged_in_and_retried(manager: KeyManager, key: str,
@@ -83,12 +84,12 @@ def test_closed_session_is_reopened_logged_in_and_retried(manager: KeyManager, k
     CKR_SESSION_HANDLE_INVALID, keymgr opens a new session, logs in again with the PIN that
     worked, and the one call succeeds, invisibly to the caller."""
     blob = manager.encrypt(b"secret", key=key, context=CTX)
-    before = manager.token._session  # noqa: SLF001
+    before = token_of(manager)._session  # noqa: SLF001
     fault = faults.add("session-closed", "unwrap data key")
     assert manager.decrypt(blob, context=CTX) == b"secret"
     assert fault.hits == ["unwrap data key"]
     assert faults.operations.count("unwrap data key") == 2  # on the dead handle, then on the new session
-    assert manager.token._session is not before  # noqa: SLF001
+    assert token_of(manager)._session is not before  # noqa: SLF001
     assert manager.list_keys()  # private objects are visible again: logged in
 
 
@@ -121,12 +122,12 @@ def _consistent(manager: KeyManager) -> dict[str, KeyRecord]:
     """Reload every record from the token (each MAC checked) and check each names live key objects."""
     from keymgr.hsm import objects
 
-    manager.keyring.reload()
+    keyring_of(manager).reload()
     records = {r.name: r for r in manager.list_keys()}
     for record in records.values():
         for version in record.versions:
             if version.state != "destroyed":
-                assert objects.key_exists(manager.token, version.key_id), (record.name, version.version)
+                assert objects.key_exists(token_of(manager), version.key_id), (record.name, version.version)
     return records
 
 
@@ -165,7 +166,7 @@ def test_fault_during_key_create_leaves_the_keyring_consistent(manager: KeyManag
 def _key_objects(manager: KeyManager, label: str) -> list[bytes]:
     from pkcs11 import Attribute, ObjectClass
 
-    return manager.token.run("list key objects (test)", lambda session: [
+    return token_of(manager).run("list key objects (test)", lambda session: [
         bytes(o[Attribute.ID]) for o in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
                                                              Attribute.LABEL: label})])
 
@@ -175,7 +176,7 @@ def _compacting(manager: KeyManager, on: bool = True) -> Iterator[None]:
     """Every change of a key also compacts it into a snapshot and destroys what the snapshot covers
     at once (compact_at 2, no grace period), so "destroy data object" is on a change's path; no
     background re-read meanwhile (it could take a fault meant for the change)."""
-    keyring = manager.keyring
+    keyring = keyring_of(manager)
     saved = keyring.compact_at, keyring.grace, keyring.refresh_interval
     if on:
         keyring.compact_at, keyring.grace, keyring.refresh_interval = 2, 0.0, 3600.0
@@ -205,19 +206,19 @@ def test_fault_during_a_keyring_change_leaves_it_whole_or_absent(manager: KeyMan
     with _compacting(manager):
         faults.add(kind, operation, after=after)
         if operation == "destroy data object":  # the clean-up after the change is best effort
-            manager.keyring.with_policy(key, KeyPolicy(max_messages=1000))
+            keyring_of(manager).with_policy(key, KeyPolicy(max_messages=1000))
         else:
             with pytest.raises(errors.TokenError):
-                manager.keyring.with_policy(key, KeyPolicy(max_messages=1000))
+                keyring_of(manager).with_policy(key, KeyPolicy(max_messages=1000))
         faults.clear()
         record = _consistent(manager)[key]
         assert (record.policy.max_messages == 1000) == (after or operation == "destroy data object")
         assert same_record(_read_afresh(key), record)
-        manager.keyring.with_policy(key, KeyPolicy(max_messages=2000))  # and the next change cleans up
+        keyring_of(manager).with_policy(key, KeyPolicy(max_messages=2000))  # and the next change cleans up
         record = _consistent(manager)[key]
         assert record.policy.max_messages == 2000
         assert same_record(_read_afresh(key), record)
-        left = list(key_objects(manager.token, key))
+        left = list(key_objects(token_of(manager), key))
         # what the failed clean-up left is gone; one snapshot and at most compact_at (2) newer facts stay
         assert sum(label.startswith(SNAPSHOT_PREFIX) for label in left) == 1 and len(left) <= 2, left
 

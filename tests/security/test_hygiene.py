@@ -40,6 +40,7 @@ from keymgr.custody import shamir
 from keymgr.envelope import parse_message, read_kek_recipient, read_stream_header
 from keymgr.hsm import Pkcs11Uri, open_token
 from keymgr.hsm.pins import Pin, pin_source_from_uri
+from tests._internals import keyring_of, token_of
 from tests.conftest import USER_PIN, softhsm_token
 from tests.faults import injected
 
@@ -161,7 +162,7 @@ def _drive(obs: Observed, work: Path) -> None:
     audit_path = work / "audit.log"
     audit = AuditLog(audit_path, logger="keymgr.audit.hygiene", aggregate=())
     km = KeyManager(_uri(PIN), audit=audit)
-    ts = km.token
+    ts = token_of(km)
     _with_manager(obs, work, km, audit)
     km.close()
     audit.close()
@@ -196,7 +197,7 @@ def _with_manager(obs: Observed, work: Path, km: KeyManager, audit: AuditLog) ->
     kek = os.urandom(32)
     obs.secret("known KEK", kek)
     name = f"hyg-{secrets.token_hex(4)}"
-    km.keyring.create(name, _value=kek)
+    keyring_of(km).create(name, _value=kek)
     km.create_key(f"{name}-gen")
     plain = b"PLAINTEXT-SENTINEL-" + secrets.token_hex(16).encode()
     obs.secret("plaintext", plain)
@@ -263,7 +264,7 @@ def _with_manager(obs: Observed, work: Path, km: KeyManager, audit: AuditLog) ->
     obs.fails("a share twice", errors.PolicyError, lambda: shamir.combine([shares[0], shares[0]], 2))
     # -- reprs of the public objects -------------------------------------------------------------
     record = km.describe_key(name)
-    obs.reprs.update({"KeyManager": repr(km), "TokenSession": repr(km.token), "KeyRecord": repr(record),
+    obs.reprs.update({"KeyManager": repr(km), "TokenSession": repr(token_of(km)), "KeyRecord": repr(record),
                       "ParsedMessage": repr(parse_message(blob)), "StreamHeader": repr(header),
                       "shares": repr(shares) + str(shares[0]), "AuditLog": repr(audit)})
     from keymgr.envelope import DataKey

@@ -23,13 +23,14 @@ from keymgr import errors, rotation
 from keymgr.hsm import objects
 from keymgr.keyfacts import Fact
 from keymgr.keyring import META_MAC_LABEL, version_template
+from tests._internals import keyring_of, token_of
 from tests.conftest import TokenUnderTest, requires, softhsm_token
 
 
 def _stale_manager(token: TokenUnderTest) -> keymgr.KeyManager:
     """A manager standing for another host: it keeps the view it has until told to reload."""
     other = keymgr.KeyManager(token.uri())
-    other.keyring.refresh_interval = 3600.0
+    other.refresh_interval = 3600.0
     other.list_keys()
     return other
 
@@ -43,12 +44,12 @@ def test_the_loser_of_two_racing_rotations_waits_like_any_old_primary(km, token:
     km.create_key(key_name)
     record = km.rotate(key_name)  # v2 at epoch 2: this host's rotation
     v2 = record.version(2)
-    epoch = max(f.body["epoch"] for f in km.keyring.facts(key_name) if f.body.get("epoch") is not None)
-    rival = km.keyring.new_key_id()  # the other host's rotation, claiming the same number and epoch
+    epoch = max(f.body["epoch"] for f in keyring_of(km).facts(key_name) if f.body.get("epoch") is not None)
+    rival = keyring_of(km).new_key_id()  # the other host's rotation, claiming the same number and epoch
     template = version_template(record.profile, record.policy)
-    objects.generate_key(km.token, template, label=f"{key_name}/v2", key_id=rival)
-    km.keyring.add(key_name, "version", {"kid": rival.hex(), "num": 2, "epoch": epoch, "restored": False,
-                                         "kcv": objects.check_value(km.token, rival), "prof": record.profile})
+    objects.generate_key(token_of(km), template, label=f"{key_name}/v2", key_id=rival)
+    keyring_of(km).add(key_name, "version", {"kid": rival.hex(), "num": 2, "epoch": epoch, "restored": False,
+                                         "kcv": objects.check_value(token_of(km), rival), "prof": record.profile})
     record = km.describe_key(key_name)
     loser = next(v for v in record.versions if v.key_id != record.primary_version.key_id and v.version > 1)
     assert loser.state == "decrypt-only" and {loser.key_id, record.primary_version.key_id} == {v2.key_id, rival}
@@ -56,7 +57,7 @@ def test_the_loser_of_two_racing_rotations_waits_like_any_old_primary(km, token:
         km.destroy(name=key_name, version=loser.version, confirmed=True)
     with pytest.raises(errors.PolicyError, match="stopped being the primary"):
         km.retire(key_name, below=record.primary)
-    assert objects.key_exists(km.token, loser.key_id)
+    assert objects.key_exists(token_of(km), loser.key_id)
     assert km.describe_key(key_name).min_decryption_version == 1
 
 
@@ -79,8 +80,8 @@ def test_a_create_racing_with_another_profile_loses_no_message(km, token: TokenU
             except errors.KeyExistsError as exc:
                 assert "another host created key" in str(exc) or "already exists" in str(exc)
                 second, late = None, None
-            other.keyring.reload()
-            km.keyring.reload()
+            keyring_of(other).reload()
+            keyring_of(km).reload()
             merged = km.describe_key(name)
             assert merged == other.describe_key(name)  # every host folds the same key
             assert merged.profile in ("gcm", "kw") and merged.profile_of(merged.primary_version) == merged.profile
@@ -111,11 +112,11 @@ def test_a_forged_policy_cannot_make_versions_extractable(km, token: TokenUnderT
     can MAC one) changes the other fields, never that one."""
     record = km.create_key(key_name, max_messages=100)
     forged = replace(record.policy, backup=True, max_messages=50)
-    km.keyring.add(key_name, "policy", {"policy": asdict(forged)})
+    keyring_of(km).add(key_name, "policy", {"policy": asdict(forged)})
     record = km.describe_key(key_name)
     assert record.policy.max_messages == 50 and record.policy.backup is False
     record = km.rotate(key_name)
-    attrs = objects.key_attributes(km.token, record.primary_version.key_id).attributes
+    attrs = objects.key_attributes(token_of(km), record.primary_version.key_id).attributes
     assert attrs["EXTRACTABLE"] is False and attrs["NEVER_EXTRACTABLE"] is True
 
 
@@ -130,7 +131,7 @@ def _plant_mac_key(km: keymgr.KeyManager, value: bytes, key_id: bytes) -> None:
             Attribute.VALUE: value, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
             Attribute.MODIFIABLE: False, Attribute.SIGN: True, Attribute.VERIFY: True})
 
-    km.token.run("plant a MAC key", plant)
+    token_of(km).run("plant a MAC key", plant)
 
 
 def test_a_planted_mac_key_of_known_value_is_never_used_and_is_reported(km, token: TokenUnderTest,
@@ -144,14 +145,14 @@ def test_a_planted_mac_key_of_known_value_is_never_used_and_is_reported(km, toke
     try:
         with keymgr.KeyManager(token.uri()) as fresh:
             fresh.rotate(key_name)  # writes facts, MACed by the writer's key
-            assert planted not in fresh.keyring._reader_macs  # noqa: SLF001 - the keys it trusts
-            assert fresh.keyring._writer_mac() != planted  # noqa: SLF001
+            assert planted not in keyring_of(fresh)._reader_macs  # noqa: SLF001 - the keys it trusts
+            assert keyring_of(fresh)._writer_mac() != planted  # noqa: SLF001
             problems, _ = fresh.verify_token_objects()
             assert any(planted.hex() in line and "CKA_LOCAL is False" in line for line in problems), problems
             forged = hmac.new(value, b"probe\x00x", hashlib.sha256).digest()  # what its planter can make
-            assert not fresh.keyring.verify_authentic(b"probe", b"x", forged)
+            assert not keyring_of(fresh).verify_authentic(b"probe", b"x", forged)
     finally:
-        objects.destroy_key(km.token, planted)
+        objects.destroy_key(token_of(km), planted)
 
 
 def test_a_key_object_no_fact_names_fails_key_verify(km, token: TokenUnderTest, key_name: str) -> None:
@@ -160,10 +161,10 @@ def test_a_key_object_no_fact_names_fails_key_verify(km, token: TokenUnderTest, 
     rotation in progress made (its pending fact written) is only a note."""
     record = km.create_key(key_name)
     template = version_template(record.profile, record.policy)
-    stray, in_progress = km.keyring.new_key_id(), km.keyring.new_key_id()
-    objects.generate_key(km.token, template, label=f"{key_name}/v2", key_id=stray)
-    km.keyring.add(key_name, "pending", {"kid": in_progress.hex(), "num": 3})
-    objects.generate_key(km.token, template, label=f"{key_name}/v3", key_id=in_progress)
+    stray, in_progress = keyring_of(km).new_key_id(), keyring_of(km).new_key_id()
+    objects.generate_key(token_of(km), template, label=f"{key_name}/v2", key_id=stray)
+    keyring_of(km).add(key_name, "pending", {"kid": in_progress.hex(), "num": 3})
+    objects.generate_key(token_of(km), template, label=f"{key_name}/v3", key_id=in_progress)
     try:
         problems, notes = km.verify_token_objects()
         assert any(stray.hex() in line and "named by no fact" in line for line in problems), problems
@@ -171,8 +172,8 @@ def test_a_key_object_no_fact_names_fails_key_verify(km, token: TokenUnderTest, 
         assert not any(in_progress.hex() in line for line in problems)
     finally:
         for key_id in (stray, in_progress):
-            objects.destroy_key(km.token, key_id)
-    assert rotation.orphans(km.keyring, km.describe_key(key_name)) == []
+            objects.destroy_key(token_of(km), key_id)
+    assert rotation.orphans(keyring_of(km), km.describe_key(key_name)) == []
 
 
 # -- second review ------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def test_a_key_object_no_fact_names_fails_key_verify(km, token: TokenUnderTest, 
 
 def _write_fact(km: keymgr.KeyManager, name: str, kind: str, body: dict, fact_id: str) -> None:
     """A fact with a chosen id (what another host, or a PIN holder, may write)."""
-    km.keyring._put(name, [Fact(kind, name, fact_id, km.keyring.now(), body)])  # noqa: SLF001
+    keyring_of(km)._put(name, [Fact(kind, name, fact_id, keyring_of(km).now(), body)])  # noqa: SLF001
 
 
 @pytest.mark.requires("aes-gcm")
@@ -191,16 +192,16 @@ def test_the_losing_profile_of_a_create_race_waits_even_with_the_higher_number(k
     primary before a destroy."""
     record = km.create_key(key_name, profile="gcm")
     rival = b"\xff" * 4 + os.urandom(12)  # sorts after A's version: B's becomes v2
-    objects.generate_key(km.token, version_template("kw", record.policy), label=f"{key_name}/v1", key_id=rival)
+    objects.generate_key(token_of(km), version_template("kw", record.policy), label=f"{key_name}/v1", key_id=rival)
     _write_fact(km, key_name, "key", {"profile": "kw", "policy": asdict(record.policy)}, "f" * 32)
     _write_fact(km, key_name, "version", {"kid": rival.hex(), "num": 1, "epoch": 1, "restored": False,
-                                          "kcv": objects.check_value(km.token, rival), "prof": "kw"}, "e" * 32)
+                                          "kcv": objects.check_value(token_of(km), rival), "prof": "kw"}, "e" * 32)
     record = km.describe_key(key_name)
     loser = next(v for v in record.versions if v.key_id == rival)
     assert record.profile == "gcm" and loser.version == 2 and record.primary == 1
     with pytest.raises(errors.PolicyError, match="stopped being the primary"):
         km.destroy(key_name, loser.version, confirmed=True)
-    assert objects.key_exists(km.token, rival)
+    assert objects.key_exists(token_of(km), rival)
 
 
 def test_a_second_key_fact_cannot_turn_backup_on(km, token: TokenUnderTest, key_name: str) -> None:
@@ -210,7 +211,7 @@ def test_a_second_key_fact_cannot_turn_backup_on(km, token: TokenUnderTest, key_
                 "0" * 32)
     assert km.describe_key(key_name).policy.backup is False
     new = km.rotate(key_name).primary_version
-    attrs = objects.key_attributes(km.token, new.key_id).attributes
+    attrs = objects.key_attributes(token_of(km), new.key_id).attributes
     assert attrs["EXTRACTABLE"] is False and attrs["NEVER_EXTRACTABLE"] is True
 
 
@@ -220,12 +221,12 @@ def test_a_forged_destroyed_fact_on_the_primary_is_not_finished_at_once(km, toke
     verify says so; finishing the destroy waits as long as any destroy would."""
     km.create_key(key_name)
     primary = km.rotate(key_name).primary_version
-    km.keyring.add(key_name, "state", {"kid": primary.key_id.hex(), "to": "destroyed"})
+    keyring_of(km).add(key_name, "state", {"kid": primary.key_id.hex(), "to": "destroyed"})
     [check] = [c for c in km.verify_keys(key_name) if c.version == primary.version]
     assert "still recoverable" in check.verdict and "forged" in check.verdict
     with pytest.raises(errors.PolicyError, match="was marked destroyed"):
         km.destroy(key_name, primary.version, confirmed=True)
-    assert objects.key_exists(km.token, primary.key_id)
+    assert objects.key_exists(token_of(km), primary.key_id)
 
 
 @pytest.mark.slow
@@ -250,8 +251,8 @@ def test_key_verify_finds_objects_of_a_key_whose_facts_are_all_gone(km, token: T
                                                                      key_name: str) -> None:
     """Deleting every fact of a key leaves its objects: they are named, with or without a NAME."""
     record = km.create_key(key_name)
-    orphan = km.keyring.new_key_id()
-    objects.generate_key(km.token, version_template(record.profile, record.policy), label=f"{key_name}-gone/v1",
+    orphan = keyring_of(km).new_key_id()
+    objects.generate_key(token_of(km), version_template(record.profile, record.policy), label=f"{key_name}-gone/v1",
                          key_id=orphan)
     try:
         for name in (None, f"{key_name}-gone"):
@@ -259,7 +260,7 @@ def test_key_verify_finds_objects_of_a_key_whose_facts_are_all_gone(km, token: T
             assert any(orphan.hex() in line and "no key" in line for line in problems), (name, problems)
         assert km.verify_token_objects(key_name) == ([], [])
     finally:
-        objects.destroy_key(km.token, orphan)
+        objects.destroy_key(token_of(km), orphan)
 
 
 # -- third review ---------------------------------------------------------------------------
@@ -272,11 +273,11 @@ def test_the_settle_wait_runs_from_the_latest_rotation_that_outranks_the_version
     requires(token, "aes-keygen", "hmac-sha256", "data-objects", "aes-gcm")
     record = km.create_key(key_name, profile="gcm")
     rival = b"\xff" * 4 + os.urandom(12)
-    objects.generate_key(km.token, version_template("kw", record.policy), label=f"{key_name}/v1", key_id=rival)
+    objects.generate_key(token_of(km), version_template("kw", record.policy), label=f"{key_name}/v1", key_id=rival)
     _write_fact(km, key_name, "key", {"profile": "kw", "policy": asdict(record.policy)}, "f" * 32)
     old = "2000-01-01T00:00:00Z"  # the race, long ago
-    km.keyring._put(key_name, [Fact("version", key_name, "e" * 32, old, {  # noqa: SLF001
-        "kid": rival.hex(), "num": 1, "epoch": 1, "restored": False, "kcv": objects.check_value(km.token, rival),
+    keyring_of(km)._put(key_name, [Fact("version", key_name, "e" * 32, old, {  # noqa: SLF001
+        "kid": rival.hex(), "num": 1, "epoch": 1, "restored": False, "kcv": objects.check_value(token_of(km), rival),
         "prof": "kw"})])
     km.rotate(key_name)  # v1 stops leading now
     with pytest.raises(errors.PolicyError, match="stopped being the primary"):
@@ -291,11 +292,11 @@ def test_a_destroyed_fact_with_an_unreadable_or_old_time_does_not_skip_the_wait(
     requires(token, "aes-keygen", "hmac-sha256", "data-objects")
     km.create_key(key_name)
     primary = km.rotate(key_name).primary_version
-    km.keyring._put(key_name, [Fact("state", key_name, "d" * 32, "not-a-time", {  # noqa: SLF001
+    keyring_of(km)._put(key_name, [Fact("state", key_name, "d" * 32, "not-a-time", {  # noqa: SLF001
         "kid": primary.key_id.hex(), "to": "destroyed", "lc": 99})])
     with pytest.raises(errors.PolicyError, match="was marked destroyed"):
         km.destroy(key_name, primary.version, confirmed=True)
-    assert objects.key_exists(km.token, primary.key_id)
+    assert objects.key_exists(token_of(km), primary.key_id)
 
 
 def test_a_key_planted_under_the_genuine_mac_keys_id_is_never_used(key_name: str) -> None:
@@ -306,9 +307,9 @@ def test_a_key_planted_under_the_genuine_mac_keys_id_is_never_used(key_name: str
     token = softhsm_token("mac-swap")
     with keymgr.KeyManager(token.uri()) as km:
         km.create_key(key_name)
-        mac_id = km.keyring._writer_mac()  # noqa: SLF001
+        mac_id = keyring_of(km)._writer_mac()  # noqa: SLF001
         try:
-            objects.hmac_sha256(km.token, mac_id, b"warm the handle cache")
+            objects.hmac_sha256(token_of(km), mac_id, b"warm the handle cache")
 
             def swap(session: object) -> None:
                 for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,  # type: ignore[attr-defined]
@@ -320,11 +321,11 @@ def test_a_key_planted_under_the_genuine_mac_keys_id_is_never_used(key_name: str
                     Attribute.VALUE: b"K" * 32, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
                     Attribute.MODIFIABLE: False, Attribute.SIGN: True, Attribute.VERIFY: True})
 
-            km.token.run("swap the MAC key", swap)
+            token_of(km).run("swap the MAC key", swap)
             with pytest.raises(errors.KeyNotFoundError):
-                objects.hmac_sha256(km.token, mac_id, b"a fact")
+                objects.hmac_sha256(token_of(km), mac_id, b"a fact")
         finally:
-            km.token.run("remove the planted key", lambda s: [o.destroy() for o in s.get_objects(  # type: ignore[attr-defined]
+            token_of(km).run("remove the planted key", lambda s: [o.destroy() for o in s.get_objects(  # type: ignore[attr-defined]
                 {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: mac_id, Attribute.LABEL: "innocuous"})])
 
 

@@ -27,6 +27,7 @@ from keymgr._canonical import canonical_json as canonical
 from keymgr.audit import AuditLog
 from keymgr.keyfacts import Fact, new_fact_id
 from keymgr.keyring import APPLICATION, FACT_PREFIX, META_MAC_LABEL
+from tests._internals import keyring_of, token_of
 from tests.conftest import TokenUnderTest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +59,7 @@ def _plant(km: keymgr.KeyManager, name: str, how: str) -> tuple[bytes, bytes]:
             key[Attribute.SENSITIVE] = True
             key[Attribute.EXTRACTABLE] = False
         kcv = bytes(key[Attribute.CHECK_VALUE]).hex()
-        facts = km.keyring.facts(name)
+        facts = keyring_of(km).facts(name)
         epoch = 1000 + max((f.body.get("epoch") or 0 for f in facts), default=0)
         fact = Fact("version", name, new_fact_id(), "2026-12-06T00:00:00Z",
                     {"kid": key_id.hex(), "num": len(record.versions) + 1, "kcv": kcv, "epoch": epoch,
@@ -75,7 +76,7 @@ def _plant(km: keymgr.KeyManager, name: str, how: str) -> tuple[bytes, bytes]:
             Attribute.VALUE: canonical({"fact": inner, "mac": bytes(mac).hex(), "key": mac_key[Attribute.ID].hex()})})
         return planted, kcv
 
-    planted, _ = km.token.run("plant a KEK", attack)
+    planted, _ = token_of(km).run("plant a KEK", attack)
     return key_id, planted
 
 
@@ -154,7 +155,7 @@ def test_a_kek_replaced_under_a_running_manager_never_encrypts(softhsm: TokenUnd
                 Attribute.VALUE: os.urandom(32), Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
                 Attribute.MODIFIABLE: False, **roles})
 
-        km.token.run("swap the KEK", swap)
+        token_of(km).run("swap the KEK", swap)
         outcomes = []
         for _ in range(5):
             try:

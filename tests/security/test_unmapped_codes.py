@@ -15,6 +15,7 @@ import pytest
 from pkcs11 import Attribute, Mechanism
 
 from keymgr import KeyManager, errors
+from tests._internals import token_of
 from tests.security._attacker import Target, find
 
 
@@ -26,7 +27,7 @@ def test_an_attribute_flip_is_a_policy_error_naming_ckr_action_prohibited(manage
         find(session, key_id)[Attribute.EXTRACTABLE] = True
 
     with pytest.raises(errors.PolicyError, match="CKR_ACTION_PROHIBITED") as caught:
-        manager.token.run("flip an attribute", flip)
+        token_of(manager).run("flip an attribute", flip)
     assert "refused by the key's attributes" in str(caught.value)
 
 
@@ -38,6 +39,6 @@ def test_a_kw_kek_asked_to_encrypt_is_a_policy_error_naming_ckr_key_function_not
         return bytes(find(session, key_id).encrypt(bytes(16), mechanism=Mechanism.AES_ECB))
 
     with pytest.raises(errors.PolicyError, match="CKR_KEY_FUNCTION_NOT_PERMITTED"):
-        manager.token.run("encrypt under a wrap key", encrypt)
+        token_of(manager).run("encrypt under a wrap key", encrypt)
     # the session is still good afterwards
-    assert manager.token.run("still here", lambda session: find(session, key_id)) is not None
+    assert token_of(manager).run("still here", lambda session: find(session, key_id)) is not None
