@@ -117,6 +117,8 @@ def test_garbage_files_are_one_line_errors(tmp_path: Path) -> None:
                  ("backup", "nokey", "-o", str(tmp_path / "o"), "--request", str(junk), "--so-pin-source", "env:X")):
         code, out, err = run("--token", a, *args, env={"X": "5678"})
         assert code == 7, (args, err)
+        # the one notice a token's first audited command prints (where its audit log is) aside
+        err = "".join(line for line in err.splitlines(keepends=True) if "audit log of token" not in line)
         assert err.startswith("keymgr: error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
@@ -332,13 +334,17 @@ def run_bytes(*args: str, env: dict[str, str] | None = None) -> tuple[int, bytes
     return result.exit_code, result.stdout_bytes, result.stderr
 
 
-def test_outputs_to_stdout_hold_only_the_data(people: list, tmp_path: Path, key_name: str) -> None:
+def test_outputs_to_stdout_hold_only_the_data(people: list, tmp_path: Path, key_name: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """``-o -`` puts the request, the approval, the backup and quorum-encrypted data on stdout
     and every report line on stderr: each reads back whole (a status line in a backup made it
     unrestorable after its approvals were spent)."""
     from keymgr.custody.approvals import Approval, Request
     from keymgr.custody.backup_file import BackupFile
 
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # where the backup's transcript goes (never the repository)
     a = softhsm_token("keymgr-A").uri()
     for name, uri, label in people:
         run("--token", a, "custodian", "add", name, "--token", uri, "--key-label", label)
@@ -362,6 +368,8 @@ def test_outputs_to_stdout_hold_only_the_data(people: list, tmp_path: Path, key_
                                 "--so-pin-source", "env:TEST_SO_PIN", *approvals, env={"TEST_SO_PIN": SO_PIN})
     assert code == 0 and "signed transcript:" in err, err
     assert [k.record.name for k in BackupFile.parse(data).keys] == [key_name]
+    # a backup on stdout gets its transcript under a name of its own, in the working directory
+    assert (Path.cwd() / f"backup-{key_name}.transcript.p7s").is_file()
 
     (tmp_path / "secret").write_bytes(b"pay 100 to alice")
     code, data, err = run_bytes("--token", a, "quorum", "encrypt", "--key", key_name, str(tmp_path / "secret"),
