@@ -422,6 +422,14 @@ class KeyManager:
             return backup_keys(self._keyring, name, so_pin=so_pin, request=request, approvals=approvals,
                                versions=versions, before_commit=before_commit)
 
+    def check_restorable(self, backup: BackupFile) -> tuple[str, ...]:
+        """Refuse (:class:`~keymgr.errors.PolicyError`) a backup that a key of this token clashes
+        with by name, before any custodian is asked for a PIN; the names whose every version this
+        token holds already (a :meth:`restore` checks and finishes those)."""
+        from keymgr.custody.ceremony import restored_earlier
+
+        return tuple(sorted(restored_earlier(backup, self._keyring)))
+
     def restore(self, backup: BackupFile, custodians: Sequence[CustodianToken]) -> RestoreResult:
         """Restore every key of ``backup`` into this token with M custodians' tokens, all or
         nothing (:func:`keymgr.custody.ceremony.restore_keys`, audited here)."""

@@ -399,3 +399,28 @@ def test_requests_and_approvals_never_replace_a_file_and_name_an_unknown_custodi
     code, _, err = run("approve", str(req), "--custodian", name, "--token", uri, "--key-label", label, "--yes",
                        "-o", str(req))
     assert code != 0 and "exists" in err and req.read_bytes() == before, err
+
+
+def test_a_restore_onto_a_key_of_the_same_name_is_refused_before_any_pin(tmp_path: Path, key_name: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target's own key named like the backup's is found before the custodians are asked for
+    anything (no terminal here: asking would fail differently), and nothing is restored; a second
+    backup of the same key, restored over the first, is finished, and said so truly."""
+    from tests.custody_helpers import backup_file, party
+
+    monkeypatch.chdir(tmp_path)
+    path = backup_file(tmp_path / "b.backup", key_name)
+    b = softhsm_token("keymgr-B").uri()
+    assert run("--token", b, "key", "create", key_name)[0] == 0
+    code, _, err = run("restore", str(path), "--token", b)
+    assert code == 5 and f"already has a key named {key_name!r}" in err, err
+    assert "custodian" not in err.lower() and "PIN" not in err
+    other = f"{key_name}-2"
+    first, second = backup_file(tmp_path / "1.backup", other), tmp_path / "2.backup"
+    custodians = [arg for n in (1, 3) for arg in ("--custodian", f"{party(n).name}={party(n).uri()}")]
+    assert run("restore", str(first), "--token", b, *custodians)[0] == 0
+    second.write_bytes(first.read_bytes())  # the same key's versions, as a later backup of it holds them
+    code, out, err = run("restore", str(second), "--token", b, *custodians, "--transcript", str(tmp_path / "t2"))
+    assert code == 0, err
+    assert f"key {other!r}: token 'keymgr-B' held every version of it already" in err
+    assert "from this backup by an earlier run" not in err

@@ -181,6 +181,7 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
     if not state.json_output:
         click.echo(f"{backup.describe()}", err=True)
         click.echo(f"Target: token {info.label!r} (serial {info.serial})", err=True)
+    km.check_restorable(backup)  # a clashing key is refused before any custodian types a PIN
     tokens = collect_custodians([s.custodian for s in backup.shares], backup.quorum.threshold, custodians,
                                 info.module_path, "backup", target=info)
     try:
@@ -196,8 +197,9 @@ def restore_command(state: CliState, backup_file: str, target: str | None, custo
         emit_json({"restored": restored, "token": info.label, "transcript": str(transcript)})
         return
     for name in result.finished:
-        click.echo(f"key {name!r} was already restored from this backup by an earlier run (cut short?); "
-                   "checked and finished it", err=True)
+        click.echo(f"key {name!r}: token {info.label!r} held every version of it already, restored earlier "
+                   "(from this backup by a run cut short, or from another backup of the same key); checked and "
+                   "finished it", err=True)
     for r in result.records:
         versions = ", ".join(str(v.version) for v in r.versions)
         click.echo(f"restored key {r.name!r} versions {versions} into token {info.label!r}")

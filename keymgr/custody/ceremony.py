@@ -243,7 +243,7 @@ def _restore(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToke
                                                                     "serial": backup.source_serial}})
     names = _participants(backup, tokens, recorder)
     distinct = list({t.custodian.name: t for t in tokens}.values())
-    earlier = _restored_earlier(backup, target)
+    earlier = restored_earlier(backup, target)
     todo = [key for key in backup.keys if key.record.name not in earlier]
     items = [ImportItem(v.key_id, key.record.label_of(v.version), profile_named(key.record.profile_of(v)).template,
                          w.wrapped)
@@ -269,8 +269,9 @@ def _restore(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToke
         if items:
             recorder.step("versions unwrapped into the token as non-extractable objects; transport key destroyed")
         if earlier:
-            recorder.step("keyring records found, written by an earlier restore of this backup (one cut short "
-                          "after its commit, or run before); checked and finished", keys=sorted(earlier))
+            recorder.step("keyring records found holding every version of these keys, restored earlier (from "
+                      "this backup, a run cut short after its commit, or another backup of the same key); "
+                      "checked and finished", keys=sorted(earlier))
         _check_proofs(backup, target, recorder)
         adoptable = CustodyRegister(target).adoptable(tuple(s.custodian for s in backup.shares))
         if todo:
@@ -306,10 +307,11 @@ def _participants(backup: BackupFile, tokens: Sequence[CustodianToken], recorder
     return names
 
 
-def _restored_earlier(backup: BackupFile, target: Keyring) -> set[str]:
-    """Names of the backup's keys that the target holds already *from this backup* (every version
-    restored, same CKA_ID and check value): a restore killed after its commit. Another key of the
-    same name is refused, as before."""
+def restored_earlier(backup: BackupFile, target: Keyring) -> set[str]:
+    """Names of the backup's keys whose every version the target holds already, restored (same
+    CKA_ID and check value): a restore of this backup killed after its commit, or one of another
+    backup of the same key. Another key of the same name is a :class:`PolicyError`, raised here so
+    that a caller can check before the custodians are asked for anything."""
     target.reload()
     held = {r.name: r for r in target.records()}
     earlier = set()
