@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from keymgr.fields.cipher import FieldCipher
     from keymgr.fields.index import BlindIndex, Normaliser
     from keymgr.fields.keys import KeyStore
+    from keymgr.fields.subkeys import SubkeyPolicy
     from keymgr.hsm.pins import Pin
     from keymgr.rewrap_file import FileOutcome
     from keymgr.shred import DestroyResult
@@ -159,6 +161,7 @@ class KeyManager:
                                        reserve=self._usage.reserve, on_unwrap=self._audit.on_unwrap)
         policy = CachePolicy() if cache is True else (cache or None)
         self._encrypt_cache = EncryptCache(policy, clock=_clock) if policy else None
+        self._indexes: weakref.WeakSet[BlindIndex] = weakref.WeakSet()  # their subkeys are zeroed on close
         self._decrypt_cache = DecryptCache(policy, clock=_clock) if policy else None
         self._private_keys: list[Any] = []  # keymgr.envelope.token_keys.TokenPrivateKey
         self._token_pairs: Any = None  # keymgr.envelope.token_keys.TokenKeyPairs, made on first need
@@ -181,6 +184,8 @@ class KeyManager:
         for cache in (self._encrypt_cache, self._decrypt_cache):
             if cache is not None:
                 cache.clear()
+        for index in list(self._indexes):
+            index.close()
         self._keyring_unchecked.close()
         self._ts = None
         self._audit.close()
@@ -664,11 +669,20 @@ class KeyManager:
                            audited=self._audited, policy=cache, on_unwrap=self._audit.on_unwrap)
 
     def blind_index(self, name: str, *, bits: int, normalise: Normaliser | None = None,
-                    transform: Normaliser | None = None, min_version: int = 1, cache: int = 10_000) -> BlindIndex:
-        """A blind index computed inside the token by an HMAC key made there for ``name`` (made on
-        first use; one per version). ``bits``: how much of the HMAC is kept (docs/fields.md,
-        "Choosing bits"). ``cache``: terms kept for repeated inputs (0: none). See :mod:`keymgr.fields.index`."""
+                    transform: Normaliser | None = None, min_version: int = 1, cache: int = 10_000,
+                    host_subkeys: bool = True, subkeys: SubkeyPolicy | None = None) -> BlindIndex:
+        """A blind index keyed by an HMAC key generated in the token for ``name`` (made on first
+        use; one per version), which never leaves it. ``bits``: how much of the HMAC is kept
+        (docs/fields.md, "Choosing bits"). ``host_subkeys`` (default): the token derives one subkey
+        per (version, context) and the host computes terms with it, kept within ``subkeys``'
+        limits (default 300 s, 1,000 subkeys); ``host_subkeys=False``: one token HMAC per term,
+        no index key material on the host, and different terms (switching modes is a rotation
+        and a re-encryption). ``cache``: terms kept for repeated inputs in token-only mode (0:
+        none). See :mod:`keymgr.fields.index`."""
         from keymgr.fields.index import BlindIndex
 
-        return BlindIndex(self._token, name=name, bits=bits, audited=self._audited, normalise=normalise,
-                          transform=transform, min_version=min_version, cache=cache)
+        index = BlindIndex(self._token, name=name, bits=bits, audited=self._audited, normalise=normalise,
+                           transform=transform, min_version=min_version, cache=cache, host_subkeys=host_subkeys,
+                           subkeys=subkeys)
+        self._indexes.add(index)
+        return index

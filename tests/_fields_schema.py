@@ -34,11 +34,13 @@ def plain_table(metadata: sa.MetaData, name: str = "customers_plain") -> sa.Tabl
 
 
 def codec(km: Any, engine: sa.Engine, table: sa.Table, *, key: str, index_prefix: str, email_bits: int = 32,
-          last4_bits: int = 8) -> tuple[EncryptedTable, SqlKeyStore]:
+          last4_bits: int = 8, host_subkeys: bool = True) -> tuple[EncryptedTable, SqlKeyStore]:
     store = SqlKeyStore(engine)
     store.create()
-    email = km.blind_index(f"{index_prefix}-email", bits=email_bits, normalise=chain(collapse_spaces, lowercase))
-    last4 = km.blind_index(f"{index_prefix}-card4", bits=last4_bits, transform=last_digits(4))
+    email = km.blind_index(f"{index_prefix}-email", bits=email_bits, normalise=chain(collapse_spaces, lowercase),
+                           host_subkeys=host_subkeys)
+    last4 = km.blind_index(f"{index_prefix}-card4", bits=last4_bits, transform=last_digits(4),
+                           host_subkeys=host_subkeys)
     return EncryptedTable(table, km.fields(key, store=store),
                           indexes={"email_bidx": (email, "email"), "card_last4_bidx": (last4, "card")}), store
 

@@ -59,12 +59,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return server.url(name)
 
 
-def _setup(km: Any, url: str, key: str, rows: int, seed: int = 7) -> tuple[sa.Engine, sa.Table, Any, Any, list]:
+def _setup(km: Any, url: str, key: str, rows: int, seed: int = 7,
+           host_subkeys: bool = True) -> tuple[sa.Engine, sa.Table, Any, Any, list]:
     engine = sa.create_engine(url)
     table = customers_table(sa.MetaData())
     table.metadata.create_all(engine)
     km.create_key(key)
-    enc, store = codec(km, engine, table, key=key, index_prefix=key)
+    enc, store = codec(km, engine, table, key=key, index_prefix=key, host_subkeys=host_subkeys)
     rng = random.Random(seed)
     people = [customer(rng, i) for i in range(rows)]
     if people:
@@ -166,6 +167,25 @@ def test_index_rotation_lookups_find_both_versions_until_reencrypted(km_a, key_n
     with engine.connect() as conn:
         versions = {t[0] for (t,) in conn.execute(sa.select(table.c.email_bidx))}
     assert versions == {2}
+
+
+@pytest.mark.slow
+def test_a_token_only_index_finds_its_rows_and_a_host_subkey_index_does_not(km_a, key_name, db_url) -> None:
+    """The two modes write different terms (docs/fields.md): each finds its own rows, through the
+    database index, and a token-only table re-encrypted after a rotation is found in host mode."""
+    engine, table, enc, _, people = _setup(km_a, db_url, key_name, 12, host_subkeys=False)
+    host_enc, _ = codec(km_a, engine, table, key=key_name, index_prefix=key_name)
+    email = people[5]["email"]
+    with engine.connect() as conn:
+        assert [r["id"] for r in enc.find(conn, "email_bidx", email)] == [people[5]["id"]]
+        assert people[5]["id"] not in [r["id"] for r in host_enc.find(conn, "email_bidx", email)]
+    from keymgr.fields.bulk import reencrypt_table
+
+    host_enc.indexes["email_bidx"][0].rotate()
+    host_enc.indexes["card_last4_bidx"][0].rotate()
+    assert reencrypt_table(engine, host_enc, batch=5).done == 12
+    with engine.connect() as conn:
+        assert [r["id"] for r in host_enc.find(conn, "email_bidx", email)] == [people[5]["id"]]
 
 
 def _job_done(url: str) -> int:

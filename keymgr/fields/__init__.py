@@ -4,6 +4,7 @@
 * :mod:`keymgr.fields.keys`: the data-key table (each data key wrapped once, rewrapped in place).
 * :mod:`keymgr.fields.cipher`: :class:`FieldCipher`, made by :meth:`keymgr.KeyManager.fields`.
 * :mod:`keymgr.fields.index`: :class:`BlindIndex`, made by :meth:`keymgr.KeyManager.blind_index`.
+* :mod:`keymgr.fields.subkeys`: the bounded cache of blind-index subkeys (:class:`SubkeyPolicy`).
 * :mod:`keymgr.fields.masking`: masked forms for display and restricted roles.
 * :mod:`keymgr.fields.sqlalchemy` and :mod:`keymgr.fields.bulk`: the database side (extra ``[db]``).
 """
@@ -21,7 +22,9 @@ from keymgr.fields.index import (
 )
 from keymgr.fields.keys import KeyStore, MemoryKeyStore, StoredKey
 from keymgr.fields.masking import mask, mask_card, mask_email, mask_phone
+from keymgr.fields.subkeys import SubkeyPolicy
 
-__all__ = ["OVERHEAD", "BlindIndex", "FieldCipher", "KeyStore", "MemoryKeyStore", "Place", "StoredKey", "chain",
+__all__ = ["OVERHEAD", "BlindIndex", "FieldCipher", "KeyStore", "MemoryKeyStore", "Place", "StoredKey", "SubkeyPolicy",
+           "chain",
            "collapse_spaces", "digits_only", "last_digits", "lowercase", "mask", "mask_card", "mask_email",
            "mask_phone", "unicode_fold"]

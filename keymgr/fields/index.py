@@ -1,14 +1,34 @@
-"""Blind indexes: searchable, truncated HMACs of field values, keyed inside the token.
+"""Blind indexes: searchable, truncated HMACs of field values, keyed by a key that stays in the token.
 
-``index.term("Alice@Example.com ")`` is ``version || HMAC-SHA256(K_v, domain || normalised)``
-truncated to ``bits``, where ``K_v`` is an HMAC key generated in the token for this index
-name and version (template :data:`keymgr.templates.INDEX_KEY`: sensitive, never extractable,
-sign/verify only, not copyable). The host never holds an index key: every term is one
-C_Sign (its cost against a host HMAC is measured in bench/fields.py). Stored in a column
-beside the ciphertext with an ordinary database index on it, a term finds the row by
-equality; truncation makes several distinct values share a term (false positives the
-caller drops after decrypting), which is what keeps the column from being a one-to-one
-map of the values (docs/fields.md, "Choosing bits").
+``K_v`` is an HMAC key generated in the token for one index name and version (template
+:data:`keymgr.templates.INDEX_KEY`: sensitive, never extractable, sign/verify only, not copyable);
+it never leaves the token. A term is ``version || trunc_bits(mac)``, computed one of two ways
+(docs/format.md, "Blind-index terms"):
+
+* **Host subkeys** (``host_subkeys=True``, the default), the design of AWS's Database Encryption
+  SDK for beacon keys: for each (version, context) the token derives once
+  ``subkey = HMAC-SHA256(K_v, 0x03-domain || LP(name) || LP(context))`` (one C_Sign, audited as an
+  ``index-subkey`` operation), and the host computes
+  ``mac = HMAC-SHA256(subkey, 0x04-domain || LP(name) || bits || LP(parts)...)``. Subkeys stay in a
+  bounded cache (:mod:`keymgr.fields.subkeys`: 300 s, 1,000 subkeys by default, the data-key
+  cache's limits), zeroed on eviction, on rotation and on :meth:`BlindIndex.close`. A term costs a
+  host HMAC (~1 µs) instead of a token call (~25 µs), which is what lets an indexed insert and a
+  lookup keep up with the database (bench/fields.py). The exposure is that of a cached data key:
+  whoever takes over the host reads the subkeys of the contexts it used, and can compute their
+  terms until the index is rotated; never ``K_v``, never another context's subkey.
+* **Token only** (``host_subkeys=False``): ``mac = HMAC-SHA256(K_v, 0x05-domain || LP(name) || bits
+  || LP(context) || LP(parts)...)``, one C_Sign per term, for operators who want no index key
+  material on the host at all. The two modes give **different terms** (a host HMAC under a subkey
+  cannot equal a token HMAC under ``K_v``): every writer of an index must use one mode, and
+  switching is a rotation and a re-encryption of the table (:mod:`keymgr.fields.bulk`).
+
+The domain bytes 0x01 and 0x02 were the one-C_Sign terms of the first fields release; nothing
+computes them any more, so a term of either mode never equals such an old term (but for a
+truncation collision, which a lookup drops as a false positive after decrypting). Stored in a
+column beside the ciphertext with an ordinary database index on it, a term finds the row by
+equality; truncation makes several distinct values share a term (false positives the caller
+drops after decrypting), which is what keeps the column from being a one-to-one map of the
+values (docs/fields.md, "Choosing bits").
 
 * **Normalisation** runs before the HMAC (``normalise=``; :func:`unicode_fold`, :func:`lowercase`,
   :func:`collapse_spaces`, :func:`digits_only`, :func:`chain`), so ``Alice@Example.com`` and
@@ -25,7 +45,8 @@ map of the values (docs/fields.md, "Choosing bits").
   After a re-encryption pass has rewritten every term (:mod:`keymgr.fields.bulk`), lookups
   may set ``min_version`` to stop querying the old one.
 
-**Term cache**: a partial index has few distinct inputs (10,000 last-four values), so terms
+**Term cache** (token-only mode; under host subkeys a term costs what a cache slot does): a
+partial index has few distinct inputs (10,000 last-four values), so terms
 are kept in a bounded LRU (``cache``, default 10,000 entries) keyed by a host HMAC of the
 normalised input under a random per-process key: the cache holds no plaintext, and grants
 nothing the process cannot already do (it is logged in to the token and may compute any
@@ -62,6 +83,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from keymgr import errors
+from keymgr.fields.subkeys import SubkeyCache, SubkeyPolicy
 from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
 from keymgr.templates import INDEX_KEY, ROLE_ATTRIBUTES
@@ -74,13 +96,20 @@ Normaliser = Callable[[str], str]
 Part = str | bytes
 INDEX_LABEL_PREFIX = "keymgr-index/"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_DOMAIN = b"keymgr-blind-index\x01"
-#: Terms bound to a context (table, column, tenant: :class:`keymgr.fields.sql.EncryptedTable`).
-_DOMAIN_BOUND = b"keymgr-blind-index\x02"
+# Domain bytes 0x01 (unbound) and 0x02 (bound to a context) were the terms of the first fields
+# release, one C_Sign each; they are never computed again, so no new term equals an old one.
+#: What the token signs to derive the subkey of one (index, version, context): docs/format.md.
+_SUBKEY_DOMAIN = b"keymgr-blind-index\x03"
+#: A term computed on the host under a subkey (``host_subkeys=True``, the default).
+_HOST_TERM_DOMAIN = b"keymgr-blind-index\x04"
+#: A term computed in the token, one C_Sign each (``host_subkeys=False``).
+_TOKEN_TERM_DOMAIN = b"keymgr-blind-index\x05"
 #: Characters that render as nothing: stripped by :func:`unicode_fold` (zero-width space, joiners,
 #: word joiner, byte-order mark, soft hyphen), so a pasted value finds the typed one.
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 _MAX_VERSION = 255
+_ASCII_NON_DIGITS = str.maketrans("", "", "".join(chr(c) for c in range(128) if not "0" <= chr(c) <= "9"))
+_LENGTH = struct.Struct(">I").pack
 #: Seconds between two re-reads of an index's versions from the token.
 REFRESH_INTERVAL = 30.0
 
@@ -105,6 +134,8 @@ def digits_only(value: str) -> str:
     """The decimal digits of ``value`` as ASCII: full-width ``１`` and Arabic-Indic ``١`` count as
     ``1``; superscripts, circled digits and other non-decimal "digits" are dropped (``str.isdigit``
     would keep ``²``, which is no digit of a card or phone number)."""
+    if value.isascii():  # the common case, 5x faster: in ASCII the decimal digits are 0-9 alone
+        return value.translate(_ASCII_NON_DIGITS)
     out = []
     for ch in value:
         digit = unicodedata.decimal(ch, None)
@@ -163,7 +194,7 @@ def index_key_failures(ts: TokenSession, key_id: bytes) -> list[str]:
 
 
 def _lp(raw: bytes) -> bytes:
-    return struct.pack(">I", len(raw)) + raw
+    return _LENGTH(len(raw)) + raw
 
 
 def _parts(value: object) -> list[str | bytes]:
@@ -190,7 +221,8 @@ class BlindIndex:
 
     def __init__(self, ts: TokenSession, *, name: str, bits: int, audited: Callable[..., AbstractContextManager[Any]],
                  normalise: Normaliser | None = None, transform: Normaliser | None = None,
-                 min_version: int = 1, cache: int = 10_000) -> None:
+                 min_version: int = 1, cache: int = 10_000, host_subkeys: bool = True,
+                 subkeys: SubkeyPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if not _NAME.match(name):
             raise errors.ConfigurationError(f"invalid blind index name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
         if not 1 <= bits <= 256:
@@ -208,8 +240,10 @@ class BlindIndex:
         self._keys: dict[int, list[bytes]] = {}
         self._verdicts: dict[bytes, bool] = {}
         self._refreshed = 0.0
-        self._prefix = _DOMAIN + _lp(name.encode()) + struct.pack(">H", bits)
-        self._cache_size = max(0, cache)
+        self._named = _lp(name.encode()) + struct.pack(">H", bits)
+        self.host_subkeys = bool(host_subkeys)
+        self._subkeys = SubkeyCache(subkeys, clock=clock)
+        self._cache_size = max(0, cache) if not self.host_subkeys else 0  # a host term costs what a slot does
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_key = os.urandom(32)
         self.refresh()
@@ -220,7 +254,26 @@ class BlindIndex:
                                             f"(newest: {self.version}); rotate it first")
 
     def __repr__(self) -> str:
-        return f"BlindIndex({self.name!r}, bits={self.bits}, versions={sorted(self._keys)})"
+        mode = "host subkeys" if self.host_subkeys else "token only"
+        return f"BlindIndex({self.name!r}, bits={self.bits}, versions={sorted(self._keys)}, {mode})"
+
+    @property
+    def held_subkeys(self) -> int:
+        """How many subkeys this index holds on the host now (0 in token-only mode)."""
+        return len(self._subkeys)
+
+    def close(self) -> None:
+        """Zero and drop the subkeys held on the host (:meth:`keymgr.KeyManager.close` calls it);
+        a later term derives them again."""
+        self._subkeys.clear()
+        with self._lock:
+            self._cache.clear()
+
+    def _forget_derived(self) -> None:
+        """A rotation: no subkey or term of the old state stays on the host."""
+        self._subkeys.clear()
+        with self._lock:
+            self._cache.clear()
 
     # -- keys ------------------------------------------------------------------
 
@@ -241,8 +294,7 @@ class BlindIndex:
             before = self.version
             self.refresh()
             if self.version != before:
-                with self._lock:
-                    self._cache.clear()
+                self._forget_derived()
 
     def _made_here(self, key_id: bytes) -> bool:
         """Whether the object under ``key_id`` is an index key the token generated (checked once)."""
@@ -290,7 +342,7 @@ class BlindIndex:
                                                            id_prefix=b"bidx"), new)
         with self._lock:
             self._keys[new] = ids
-            self._cache.clear()
+        self._forget_derived()
         return new
 
     # -- terms -----------------------------------------------------------------
@@ -311,20 +363,35 @@ class BlindIndex:
         return out
 
     def _message(self, value: Part | Sequence[Part], context: bytes = b"") -> bytes:
-        parts = b"".join(_lp(p if isinstance(p, bytes) else p.encode()) for p in self.normalised(value))
-        if not context:
-            return self._prefix + parts
-        return _DOMAIN_BOUND + self._prefix[len(_DOMAIN):] + _lp(context) + parts
+        """What the HMAC of a term covers: under a host subkey (already bound to the context)
+        ``domain || LP(name) || bits || parts``; in the token ``domain || LP(name) || bits ||
+        LP(context) || parts`` (docs/format.md, "Blind-index terms")."""
+        if isinstance(value, str):  # the common case, without the tuple of parts
+            parts = _lp(self._prepared(value).encode())
+        else:
+            parts = b"".join(_lp(p if isinstance(p, bytes) else p.encode()) for p in self.normalised(value))
+        if self.host_subkeys:
+            return _HOST_TERM_DOMAIN + self._named + parts
+        return _TOKEN_TERM_DOMAIN + self._named + _lp(context) + parts
 
     def _truncate(self, version: int, mac: bytes) -> bytes:
         whole, rest = divmod(self.bits, 8)
-        out = mac[:whole]
-        if rest:
-            out += bytes((mac[whole] & (0xFF << (8 - rest)) & 0xFF,))
-        return bytes((version,)) + out
+        if not rest:
+            return bytes((version,)) + mac[:whole]
+        return bytes((version,)) + mac[:whole] + bytes((mac[whole] & (0xFF << (8 - rest)) & 0xFF,))
 
     def _term(self, version: int, key_id: bytes, message: bytes) -> bytes:
         return self._truncate(version, objects.hmac_sha256(self._ts, key_id, message))
+
+    def _host_terms(self, version: int, key_id: bytes, context: bytes, messages: Sequence[bytes]) -> list[bytes]:
+        """Terms computed on the host under the subkey of (version, key, context)."""
+        def derive() -> bytearray:
+            with self._audited("index-subkey", key=self.name, version=version):
+                return bytearray(objects.hmac_sha256(self._ts, key_id, _SUBKEY_DOMAIN + _lp(self.name.encode())
+                                                     + _lp(context)))
+
+        macs = self._subkeys.macs((version, key_id, context), derive, messages)
+        return [self._truncate(version, mac) for mac in macs]
 
     def term(self, value: Part | Sequence[Part], *, context: bytes = b"") -> bytes:
         """The term to store for ``value`` (newest version). ``context`` binds the term to where
@@ -344,7 +411,10 @@ class BlindIndex:
         version = self.version
         key_id = self._keys[version][0]
         with self._audited("index", key=self.name, version=version):
-            return [None if m is None else self._cached_term(version, key_id, m) for m in messages]
+            if not self.host_subkeys:
+                return [None if m is None else self._cached_term(version, key_id, m) for m in messages]
+            computed = iter(self._host_terms(version, key_id, context, [m for m in messages if m is not None]))
+            return [None if m is None else next(computed) for m in messages]
 
     def _cached_term(self, version: int, key_id: bytes, message: bytes) -> bytes:
         if not self._cache_size:
@@ -368,7 +438,10 @@ class BlindIndex:
         self._fresh()
         message = self._message(value, context)
         with self._audited("index", key=self.name, version=self.version):
-            return [self._term(v, key_id, message) for v in self.versions for key_id in self._keys[v]]
+            if not self.host_subkeys:
+                return [self._term(v, key_id, message) for v in self.versions for key_id in self._keys[v]]
+            return [self._host_terms(v, key_id, context, [message])[0]
+                    for v in self.versions for key_id in self._keys[v]]
 
     def matches(self, term: bytes, value: Part | Sequence[Part], *, context: bytes = b"") -> bool:
         """Whether ``term`` is one of :meth:`terms` of ``value`` (constant-time comparison)."""

@@ -1,0 +1,104 @@
+"""Blind-index subkeys held on the host for a bounded time, after the data-key cache.
+
+A blind-index term computed by one ``C_Sign`` per value runs at the token's HMAC rate (~41k/s on
+SoftHSM), which bounds an indexed insert and adds a token call to every lookup. AWS's Database
+Encryption SDK derives a key per beacon from its root key and computes beacons on the host; keymgr
+does the same per (index version, context): the token derives the subkey once (one ``C_Sign`` under
+the index key, which never leaves the token), and the host computes terms with it
+(:mod:`keymgr.fields.index`). This module keeps those subkeys, with the limits of the data-key
+cache (:class:`keymgr.envelope.cache.CachePolicy`'s decrypt side: ``max_age`` 300 s, ``max_entries``
+1,000): a subkey older than ``max_age`` is derived again (and audited again), the oldest beyond
+``max_entries`` goes. Every subkey lives in a ``bytearray`` the cache owns and zeroes when it evicts,
+replaces or clears it; terms are computed under the cache's lock, so a subkey is never zeroed while
+a thread is using it. Beside it the cache keeps the subkey's keyed HMAC context (``hmac.new``,
+OpenSSL's), copied for each message: ``hmac.digest`` sets the key up anew on every call (2.5 µs
+here, against 1 µs for copy, update, digest). That context is freed, not zeroed by keymgr, when
+the subkey goes (OpenSSL clears digest contexts as it frees them), as a cached data key's
+AES-GCM context is (:class:`keymgr.envelope._aead.DataKey`). What a host compromise yields is the
+same class as a cached data key: the subkeys of the contexts this process used, until the index
+is rotated (docs/fields.md).
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from keymgr import errors
+from keymgr._memory import zero
+from keymgr._oplog import cache as log
+
+__all__ = ["SubkeyCache", "SubkeyPolicy"]
+
+
+@dataclass(frozen=True)
+class SubkeyPolicy:
+    """Limits on how long and how many blind-index subkeys stay on the host (the data-key
+    cache's decrypt-side defaults: 300 s, 1,000 entries)."""
+
+    max_age: float = 300.0
+    max_entries: int = 1_000
+
+    def __post_init__(self) -> None:
+        if not self.max_age > 0 or self.max_entries < 1:
+            raise errors.ConfigurationError("subkey cache limits must be positive")
+
+
+class SubkeyCache:
+    """Subkeys by slot (index version, key object, context), each computing HMACs on the host."""
+
+    def __init__(self, policy: SubkeyPolicy | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._policy = policy or SubkeyPolicy()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Hashable, tuple[bytearray, hmac.HMAC, float]] = OrderedDict()
+
+    def __repr__(self) -> str:  # never the subkeys, nor the slots (they hold the contexts)
+        return f"SubkeyCache({len(self._entries)} subkeys, max_age={self._policy.max_age:g})"
+
+    def macs(self, slot: Hashable, derive: Callable[[], bytearray], messages: Sequence[bytes]) -> list[bytes]:
+        """HMAC-SHA256 of each message under ``slot``'s subkey, derived by ``derive()`` (a token
+        call, audited by the caller) when none is cached or it is older than ``max_age``. The
+        cache owns the ``bytearray`` that ``derive`` returns and zeroes it when it goes."""
+        now = self._clock()
+        with self._lock:
+            found = self._entries.get(slot)
+            if found is not None and now - found[2] < self._policy.max_age:
+                self._entries.move_to_end(slot)
+                return _macs(found[1], messages)
+        subkey = derive()  # outside the lock: a token call
+        with self._lock:
+            self._evict(slot, "max_age reached or replaced")
+            keyed = hmac.new(subkey, digestmod="sha256")
+            self._entries[slot] = (subkey, keyed, now)
+            while len(self._entries) > self._policy.max_entries:
+                self._evict(next(iter(self._entries)), "max_entries reached")
+            return _macs(keyed, messages)
+
+    def _evict(self, slot: Hashable, why: str) -> None:
+        found = self._entries.pop(slot, None)
+        if found is not None:
+            zero(found[0])
+            log.debug("blind index: subkey evicted (%s)", why)  # no slot: it holds the context
+
+    def clear(self) -> None:
+        """Zero and drop every subkey (rotation, close)."""
+        with self._lock:
+            for slot in list(self._entries):
+                self._evict(slot, "cleared")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _macs(keyed: hmac.HMAC, messages: Sequence[bytes]) -> list[bytes]:
+    out = []
+    for message in messages:
+        mac = keyed.copy()
+        mac.update(message)
+        out.append(mac.digest())
+    return out
