@@ -32,7 +32,7 @@ the report (markdown tables) to stdout. Every ratio is measured within this run.
    whose keyring never does (1e9 s), on the same token; the two processes take
    turns as in 1.
 4. **The provenance check is paid once per version.** Calls of
-   ``keymgr.provenance.encrypt_refusal`` (counted by a wrapper in the child)
+   ``keymgr.keyring.provenance.encrypt_refusal`` (counted by a wrapper in the child)
    over 10,000 encrypts per manager. Expected: 1.
 
 The token of 2 to 4 is the one the build leaves, as it leaves it: objects that a
@@ -316,18 +316,18 @@ def refresh_child(uri: str, key: str, rounds: int, rotations: int) -> None:
 
 def provenance_child(uri: str, key: str, count: int) -> None:
     """Part 4: calls of encrypt_refusal over ``count`` encrypts per manager, counted in this process."""
-    import keymgr.provenance
+    import keymgr.keyring.provenance
     from bench import _cases
     from bench._cases import CONTEXT, MESSAGE
 
     calls = [0]
-    original = keymgr.provenance.encrypt_refusal
+    original = keymgr.keyring.provenance.encrypt_refusal
 
     def counting(*args: Any, **kwargs: Any) -> str | None:
         calls[0] += 1
         return original(*args, **kwargs)
 
-    keymgr.provenance.encrypt_refusal = counting
+    keymgr.keyring.provenance.encrypt_refusal = counting
     result: dict[str, Any] = {}
     for label, options in (("no cache", {}), ("cached", {"cache": True})):
         km = _cases.manager(uri, **options)

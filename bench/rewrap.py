@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keymgr  # noqa: E402
 from bench._cases import bare_cases  # noqa: E402
 from bench.envelope import make_token  # noqa: E402
-from keymgr import bulk_rewrap  # noqa: E402
 from keymgr._files import atomic_write  # noqa: E402
+from keymgr.rewrap import bulk as bulk_rewrap  # noqa: E402
 
 MESSAGE_SIZE = 1024
 #: (label, jobs, threads, journal)

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from keymgr.envelope import pubkey
 from keymgr.hsm import asym, open_token, probe
+from keymgr.recipients import pubkey
 
 
 def rate(fn: Callable[[], object], seconds: float = 1.5) -> float:

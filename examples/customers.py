@@ -26,7 +26,7 @@ import keymgr
 from keymgr.fields import chain, collapse_spaces, last_digits, mask_card, mask_email, unicode_fold
 from keymgr.fields.bulk import reencrypt_table, rewrap_keys
 from keymgr.fields.sql import BlindIndexTerm, EncryptedTable, EncryptedText, SqlKeyStore
-from keymgr.local import LocalToken
+from keymgr.hsm.local import LocalToken
 
 metadata = sa.MetaData()
 customers = sa.Table(

@@ -9,7 +9,7 @@ a record under it with an encryption context.
 from __future__ import annotations
 
 import keymgr
-from keymgr.local import LocalToken
+from keymgr.hsm.local import LocalToken
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ from keymgr.errors import *  # noqa: F403 - every error class: ``except keymgr.P
 
 if TYPE_CHECKING:
     from keymgr.custody.facade import Custody as Custody
-    from keymgr.keyring import KeyPolicy as KeyPolicy
-    from keymgr.keyring import KeyRecord as KeyRecord
-    from keymgr.keyring import KeyVersion as KeyVersion
+    from keymgr.keyring.store import KeyPolicy as KeyPolicy
+    from keymgr.keyring.store import KeyRecord as KeyRecord
+    from keymgr.keyring.store import KeyVersion as KeyVersion
     from keymgr.manager import KeyManager as KeyManager
     from keymgr.manager import TokenInfo as TokenInfo
 
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 #: Loaded on first use (PEP 562): ``import keymgr`` alone (the CLI's ``--help``, a program that
 #: only catches keymgr's errors) does not pay for python-pkcs11 and the token layer.
 _LAZY = {"KeyManager": "keymgr.manager", "TokenInfo": "keymgr.manager", "Custody": "keymgr.custody.facade",
-         "KeyPolicy": "keymgr.keyring", "KeyRecord": "keymgr.keyring", "KeyVersion": "keymgr.keyring"}
+         "KeyPolicy": "keymgr.keyring.store", "KeyRecord": "keymgr.keyring.store", "KeyVersion": "keymgr.keyring.store"}
 
 
 def __getattr__(name: str) -> Any:

@@ -117,7 +117,7 @@ def atomic_output(path: Path | str, *, mode: int = 0o644, tag: str = DEFAULT_TAG
     ``tag`` goes into the temporary file's name (``.NAME.TAG.XXXXXXXX.tmp``; it must start
     with ``keymgr`` to match :data:`TEMP_NAME`) so a later run can recognise what a crash
     left behind; ``before_replace`` runs after the data is durable and before the rename
-    (a write-ahead journal entry: keymgr.rewrap_journal). Write only to ``path`` itself:
+    (a write-ahead journal entry: keymgr.rewrap.journal). Write only to ``path`` itself:
     a symbolic link at ``path`` is replaced by the file (callers resolve links first).
     ``exclusive``: never replace anything at ``path``: the file is hard-linked there (atomic and
     refused when the name exists, whatever it is) and :class:`FileExistsError` passes through.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from keymgr import _signals, errors, rotation
+from keymgr import _signals, errors
 from keymgr._time import utc_now
 from keymgr.audit import AuditLog, Operation, RateLimit, resolve_audit
 from keymgr.audit._config import ENV_VAR, audit_is_off, default_token_log, record_audit_off
@@ -32,17 +32,17 @@ from keymgr.audit._guard import AuditGuard
 from keymgr.envelope import DataKey, decrypt_stream, encrypt_stream, open_message, seal_message
 from keymgr.envelope._attrs import checked_context
 from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
-from keymgr.envelope.kek import KekProtector, KeyRecipient, Recipient
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, objects, open_token, probe
-from keymgr.keyring import KeyPolicy, KeyRecord, Keyring
-from keymgr.provenance import VersionCheck, check_version, untrusted_keys
-from keymgr.rewrap import Rewrapper, RewrapResult
-from keymgr.templates import DEFAULT_PROFILE
-from keymgr.usage import UsageMeter
+from keymgr.hsm.templates import DEFAULT_PROFILE
+from keymgr.keyring.provenance import VersionCheck, check_version, untrusted_keys
+from keymgr.keyring.store import KeyPolicy, KeyRecord, Keyring
+from keymgr.lifecycle import rotation
+from keymgr.lifecycle.usage import UsageMeter
+from keymgr.recipients.kek import KekProtector, KeyRecipient, Recipient
+from keymgr.rewrap.message import Rewrapper, RewrapResult
 
 if TYPE_CHECKING:
-    from keymgr.bulk_rewrap import Summary
     from keymgr.custody.approvals import Approval, Request
     from keymgr.custody.backup_file import BackupFile
     from keymgr.custody.ceremony import BackupResult, RestoreResult
@@ -53,8 +53,9 @@ if TYPE_CHECKING:
     from keymgr.fields.keys import KeyStore
     from keymgr.fields.subkeys import SubkeyPolicy
     from keymgr.hsm.pins import Pin
-    from keymgr.rewrap_file import FileOutcome
-    from keymgr.shred import DestroyResult
+    from keymgr.lifecycle.shred import DestroyResult
+    from keymgr.rewrap.bulk import Summary
+    from keymgr.rewrap.file import FileOutcome
 
 #: The one message for every authentication failure of a ciphertext: no oracle.
 INTEGRITY_MESSAGE = "the data failed authentication: tampered, truncated, wrong key or wrong context"
@@ -90,7 +91,7 @@ def _names_local_token(token: str | Pkcs11Uri) -> bool:
     text = token if isinstance(token, str) else token.format()
     if "softhsm2-conf=" not in text:
         return False
-    from keymgr.local import LocalToken
+    from keymgr.hsm.local import LocalToken
 
     return LocalToken.default().is_named_by(text)
 
@@ -135,7 +136,7 @@ class KeyManager:
         """
         local_token = token is None or _names_local_token(token)
         if local_token:
-            from keymgr.local import LocalToken  # only for the embedded token: spares importers its imports
+            from keymgr.hsm.local import LocalToken  # only for the embedded token: spares importers its imports
 
             local = LocalToken.default()
             local.activate()
@@ -163,8 +164,8 @@ class KeyManager:
         self._encrypt_cache = EncryptCache(policy, clock=_clock) if policy else None
         self._indexes: weakref.WeakSet[BlindIndex] = weakref.WeakSet()  # their subkeys are zeroed on close
         self._decrypt_cache = DecryptCache(policy, clock=_clock) if policy else None
-        self._private_keys: list[Any] = []  # keymgr.envelope.token_keys.TokenPrivateKey
-        self._token_pairs: Any = None  # keymgr.envelope.token_keys.TokenKeyPairs, made on first need
+        self._private_keys: list[Any] = []  # keymgr.recipients.token_keys.TokenPrivateKey
+        self._token_pairs: Any = None  # keymgr.recipients.token_keys.TokenKeyPairs, made on first need
 
     def __repr__(self) -> str:
         state = "closed" if self._ts is None else repr(self._ts.label)
@@ -275,7 +276,7 @@ class KeyManager:
         name with another profile raises :class:`~keymgr.errors.KeyExistsError` either way.
         ``rotate_after_days`` (cryptoperiod) and ``max_messages`` (encryptions per version) end a
         version's use; with ``auto_rotate`` the next encryption rotates instead of failing
-        (:mod:`keymgr.usage`).
+        (:mod:`keymgr.lifecycle.usage`).
         """
         policy = KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages, backup=backup,
                            auto_rotate=auto_rotate)
@@ -319,7 +320,7 @@ class KeyManager:
         a rotation wrote a pending fact for (in progress, or crashed: swept a day after). With
         ``name``, only that key's objects (and no MAC keys)."""
         from keymgr.audit._token import AUDIT_KEY_LABEL
-        from keymgr.keyring import META_MAC_LABEL
+        from keymgr.keyring.store import META_MAC_LABEL
 
         failures = [] if name is not None else untrusted_keys(self._token, [META_MAC_LABEL, AUDIT_KEY_LABEL])
         notes: list[str] = []
@@ -346,7 +347,7 @@ class KeyManager:
 
     def verify_keys(self, name: str | None = None) -> list[VersionCheck]:
         """Check that every version of ``name`` (default: every key) is what the token made
-        (:mod:`keymgr.provenance`): generated inside it, never extractable, its profile's roles,
+        (:mod:`keymgr.keyring.provenance`): generated inside it, never extractable, its profile's roles,
         its recorded key check value; restored versions only that they are safe to decrypt with,
         destroyed ones that no object is left. Recorded in the audit log, failures included."""
         records = [self._keyring.get(name)] if name is not None else self._keyring.records()
@@ -356,7 +357,7 @@ class KeyManager:
             op.detail = {"versions": len(checks), "failed": failed}
         return checks
 
-    # -- lifecycle (keymgr.rotation: states, transitions, crash safety) ----------------
+    # -- lifecycle (keymgr.lifecycle.rotation: states, transitions, crash safety) ----------------
 
     def rotate(self, name: str, *, activate: bool = True) -> KeyRecord:
         """New version n+1 becomes the primary; the old primary keeps decrypting (decrypt-only).
@@ -388,7 +389,7 @@ class KeyManager:
 
     def retire(self, name: str, *, below: int, immediately: bool = False) -> KeyRecord:
         """Versions below ``below`` stop decrypting (Vault's min_decryption_version). Refused while
-        another host may still encrypt under one of them (less than :data:`keymgr.rotation.SETTLE`
+        another host may still encrypt under one of them (less than :data:`keymgr.lifecycle.rotation.SETTLE`
         after it stopped being the primary), unless ``immediately``."""
         with self._audited("retire", key=name, detail={"below": below, "immediately": immediately}):
             return rotation.retire(self._keyring, name, below, immediately=immediately)
@@ -399,10 +400,10 @@ class KeyManager:
         """Crypto-shred one version (never the primary): its token object is destroyed and data
         only it protects is gone. Refuses while envelopes under ``paths`` still need it (unless
         ``force``), while other hosts may still encrypt under it (it stopped being the primary
-        less than :data:`keymgr.shred.SETTLE` ago, unless ``immediately``), and needs the quorum's
+        less than :data:`keymgr.lifecycle.shred.SETTLE` ago, unless ``immediately``), and needs the quorum's
         approvals (``request``, ``approvals``) where a policy covers the key, else
-        ``confirmed=True``. See :mod:`keymgr.shred`."""
-        from keymgr import shred  # imports the custody layer: only for this rare operation
+        ``confirmed=True``. See :mod:`keymgr.lifecycle.shred`."""
+        from keymgr.lifecycle import shred  # imports the custody layer: only for this rare operation
 
         with _signals.commit_scope(), self._audited("destroy", key=name, version=version,
                                                     detail={"force": force, "immediately": immediately}) as op:
@@ -446,7 +447,7 @@ class KeyManager:
             op.key = result.records[0].name if len(result.records) == 1 else None
             return result
 
-    # -- rewrap (keymgr.rewrap: recipients only, payload untouched) --------------------
+    # -- rewrap (keymgr.rewrap.message: recipients only, payload untouched) --------------------
 
     def rewrapper(self) -> Rewrapper:
         """Rewrap messages and streams for this token's keys, with a report of what moved."""
@@ -457,9 +458,9 @@ class KeyManager:
                      on_total: Callable[[int], None] | None = None,
                      on_outcome: Callable[[FileOutcome], None] | None = None) -> Summary:
         """Rewrap every envelope under ``paths`` in place, recorded as one ``rewrap-bulk`` audit
-        entry with the counts (:func:`keymgr.bulk_rewrap.run`: ``jobs`` processes, ``threads``
+        entry with the counts (:func:`keymgr.rewrap.bulk.run`: ``jobs`` processes, ``threads``
         each, a ``journal`` to resume from; ``on_total`` / ``on_outcome`` for progress)."""
-        from keymgr.bulk_rewrap import DEFAULT_THREADS, run
+        from keymgr.rewrap.bulk import DEFAULT_THREADS, run
 
         with self._audited("rewrap-bulk", detail={"dry_run": dry_run}) as op:
             summary = run(self.rewrapper(), paths, jobs=jobs, threads=threads or DEFAULT_THREADS, journal=journal,
@@ -503,8 +504,8 @@ class KeyManager:
         side, for ``also_to``. ``token`` may be a key's URI (``object=`` / ``id=`` name the
         pair when ``label`` / ``key_id`` do not). ``certificate`` (PEM or DER) lets recipients
         that name it by issuer and serial number find it, as one on the token under the
-        pair's CKA_ID does. See :mod:`keymgr.envelope.token_keys`."""
-        from keymgr.envelope.token_keys import open_key_pair
+        pair's CKA_ID does. See :mod:`keymgr.recipients.token_keys`."""
+        from keymgr.recipients.token_keys import open_key_pair
 
         private = open_key_pair(self._token, label=label, key_id=key_id, token=token, certificate=certificate)
         self._private_keys.append(private)
@@ -523,7 +524,7 @@ class KeyManager:
             if dek is not None:
                 return dek  # type: ignore[no-any-return]
         if self._token_pairs is None:
-            from keymgr.envelope.token_keys import TokenKeyPairs
+            from keymgr.recipients.token_keys import TokenKeyPairs
 
             self._token_pairs = TokenKeyPairs(self._token)
         return self._token_pairs.unwrap(ri)  # type: ignore[no-any-return]

@@ -13,7 +13,7 @@ from typing import Any
 
 from keymgr.audit import Operation
 from keymgr.hsm import TokenSession
-from keymgr.keyring import Keyring
+from keymgr.keyring.store import Keyring
 from keymgr.manager import KeyManager
 
 __all__ = ["audited", "keyring_of", "token_of"]

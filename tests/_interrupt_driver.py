@@ -114,8 +114,8 @@ def serve() -> None:
     import keymgr.audit.verify  # noqa: F401
     import keymgr.cli  # noqa: F401
     import keymgr.custody.ceremony  # noqa: F401
+    import keymgr.lifecycle.shred  # noqa: F401
     import keymgr.manager  # noqa: F401
-    import keymgr.shred  # noqa: F401
     from keymgr.hsm.modules import loaded_modules
 
     assert not list(loaded_modules()), "a PKCS#11 module was loaded before the fork"

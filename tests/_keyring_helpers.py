@@ -1,4 +1,4 @@
-"""Helpers for tests of the keyring of write-once facts (keymgr.keyring, keymgr.keyfacts).
+"""Helpers for tests of the keyring of write-once facts (keymgr.keyring.store, keymgr.keyring.facts).
 
 * :class:`WallClock` is a keyring clock (``KeyManager(..., _wall_clock=...)``) that follows the
   real time plus an offset the test moves: facts written by other processes, with the real
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from keymgr._canonical import canonical_json as canonical
 from keymgr.hsm import objects
-from keymgr.keyring import (
+from keymgr.keyring.store import (
     APPLICATION,
     FACT_PREFIX,
     LEGACY_PREFIX,
@@ -31,7 +31,7 @@ __all__ = ["WallClock", "eventually", "key_objects", "legacy_record", "same_reco
 
 T = TypeVar("T")
 
-#: The MAC domain of keymgr's records before facts (keymgr.keyring before e7d05ab).
+#: The MAC domain of keymgr's records before facts (keymgr.keyring.store before e7d05ab).
 LEGACY_DOMAIN = b"keymgr keyring record v1"
 
 

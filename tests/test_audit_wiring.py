@@ -1,4 +1,4 @@
-"""Every lifecycle operation of KeyManager leaves its entry (keymgr.rotation, keymgr.shred, keymgr.rewrap)."""
+"""Every lifecycle operation of KeyManager leaves its entry (keymgr.lifecycle.rotation, keymgr.lifecycle.shred, keymgr.rewrap.message)."""
 
 from __future__ import annotations
 

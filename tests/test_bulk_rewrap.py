@@ -1,4 +1,4 @@
-"""keymgr.bulk_rewrap and ``keymgr rewrap``: trees of envelopes moved to the primary on SoftHSM.
+"""keymgr.rewrap.bulk and ``keymgr rewrap``: trees of envelopes moved to the primary on SoftHSM.
 
 Files are checked by what is on disk afterwards: which key id each envelope
 names, that it still decrypts to its plaintext, its mode, that non-envelopes
@@ -20,10 +20,10 @@ import pytest
 from click.testing import CliRunner
 
 import keymgr
-from keymgr import bulk_rewrap
 from keymgr.cli import cli
 from keymgr.envelope.inspect import inspect_file
-from keymgr.rewrap_journal import Entry, Journal, check_journal, file_digest, read_entries
+from keymgr.rewrap import bulk as bulk_rewrap
+from keymgr.rewrap.journal import Entry, Journal, check_journal, file_digest, read_entries
 from tests.conftest import TokenUnderTest
 
 CTX = {"app": "bulk"}
@@ -286,8 +286,8 @@ def test_symbolic_links(km: keymgr.KeyManager, key_name: str, tmp_path: Path) ->
 
 def test_file_changed_during_rewrap_and_hard_links_are_refused(km: keymgr.KeyManager, key_name: str,
                                                                tmp_path: Path) -> None:
-    from keymgr.rewrap import Rewrapper, RewrapResult
-    from keymgr.rewrap_file import FileRewrapper
+    from keymgr.rewrap.file import FileRewrapper
+    from keymgr.rewrap.message import Rewrapper, RewrapResult
 
     km.create_key(key_name)
     target, linked = tmp_path / "busy.cms", tmp_path / "linked.cms"

@@ -1,6 +1,6 @@
 """``keymgr rewrap`` over 1,000 envelopes, SIGKILLed at random moments, then resumed to completion.
 
-The promise (keymgr.bulk_rewrap, keymgr.rewrap_journal): a kill at any point loses
+The promise (keymgr.rewrap.bulk, keymgr.rewrap.journal): a kill at any point loses
 nothing. The run is a real ``python -m keymgr rewrap`` process group (the parent
 and, with ``--jobs 2``, its forked workers) killed with SIGKILL; most kills come
 when the journal has grown by a random number of lines since the run started
@@ -31,7 +31,7 @@ import pytest
 
 import keymgr
 from keymgr.envelope.inspect import inspect_file
-from keymgr.rewrap_journal import check_journal, read_entries
+from keymgr.rewrap.journal import check_journal, read_entries
 from tests._crash_token import crash_token
 from tests.conftest import TokenUnderTest
 

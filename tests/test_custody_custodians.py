@@ -8,7 +8,7 @@ import pkcs11
 import pytest
 from cryptography import x509
 
-from keymgr.custody._certs import spki_der
+from keymgr._certs import spki_der
 from keymgr.custody.custodian_token import enroll_custodian
 from keymgr.hsm import asym, open_token
 from tests.conftest import softhsm_token

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from keymgr.envelope import DataKey, encrypt_stream, other_recipient_info, pubkey, seal_message
+from keymgr.envelope import DataKey, encrypt_stream, other_recipient_info, seal_message
 from keymgr.envelope._attrs import OID_THRESHOLD_RECIPIENT
 from keymgr.envelope.inspect import SNIFF_BYTES, inspect_envelope, inspect_file, message_length, sniff
 from keymgr.errors import ConfigurationError, FormatError
+from keymgr.recipients import pubkey
 from tests._softkek import SoftKek
 
 CTX = {"tenant": "acme"}

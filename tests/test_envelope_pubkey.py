@@ -1,4 +1,4 @@
-"""Public-key recipients (keymgr.envelope.pubkey): encrypt from the public key alone, decrypt in the token.
+"""Public-key recipients (keymgr.recipients.pubkey): encrypt from the public key alone, decrypt in the token.
 
 RSA-OAEP on both tokens (SHA-256 on the TPM, SHA-1 where SoftHSM 2.6.1 can do only that),
 ECDH P-256 / P-384 on SoftHSM (the TPM has no C_DeriveKey), OpenSSL interop both ways.
@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 import keymgr
-from keymgr.envelope import DataKey, parse_message, pubkey, replace_recipients
+from keymgr.envelope import DataKey, parse_message, replace_recipients
 from keymgr.hsm import asym, open_token, probe
+from keymgr.recipients import pubkey
 from tests.conftest import TokenUnderTest, requires, softhsm_token
 
 #: the recipients' key pairs stay on the shared tokens, each label with a random part
@@ -225,7 +226,7 @@ def test_token_decrypts_what_openssl_encrypts(softhsm: TokenUnderTest, tmp_path:
 
 _ENCRYPT_OFFLINE = """
 import os, sys
-from keymgr.envelope import pubkey
+from keymgr.recipients import pubkey
 from keymgr.hsm.modules import loaded_modules
 pem = open(sys.argv[1], "rb").read()
 blob = pubkey.encrypt_to(b"sealed on a machine without the token", [pubkey.public_key_recipient(pem)],
@@ -260,7 +261,7 @@ def _kari_to(public: ec.EllipticCurvePublicKey, dek: bytes, kdf_oid: str, kdf_ha
     from asn1crypto import keys as asn1_keys
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-    from keymgr.envelope import _pk_algorithms
+    from keymgr.recipients import _pk_algorithms
 
     ephemeral = ec.generate_private_key(public.curve)
     kek = _pk_algorithms.derive_kek(ephemeral.exchange(ec.ECDH(), public), kdf_hash, None)
@@ -335,7 +336,7 @@ def test_keymanager_finds_the_token_key_pair_a_recipient_names(softhsm: TokenUnd
     """No add_private_key: the token's key pairs are listed on the first KeyTrans / KeyAgree
     recipient, and again (at most once a second) when a recipient names none of them, so a pair
     made later is found; by SKI, and by issuer and serial through the certificate on the token."""
-    from keymgr.envelope.token_keys import TokenKeyPairs, self_signed_certificate
+    from keymgr.recipients.token_keys import TokenKeyPairs, self_signed_certificate
 
     custodian = softhsm_token("custodian-1")
     ts = open_token(custodian.uri())

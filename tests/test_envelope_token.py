@@ -28,8 +28,8 @@ from keymgr.errors import (
 )
 from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
+from keymgr.hsm.templates import DEFAULT_PROFILE
 from keymgr.manager import INTEGRITY_MESSAGE
-from keymgr.templates import DEFAULT_PROFILE
 from tests.conftest import TokenUnderTest
 
 PROFILES = ("kw", "gcm")

@@ -47,7 +47,7 @@ def _files_holding(root: Path, secret: str) -> list[str]:
 
 def _so_login_works(home: Path, so_pin: str) -> bool:
     """Log in as SO to the local token, in a process of its own (SOFTHSM2_CONF is read once)."""
-    code = ("import sys, pkcs11\nfrom keymgr.local import _softhsm_module\n"
+    code = ("import sys, pkcs11\nfrom keymgr.hsm.local import _softhsm_module\n"
             "t = pkcs11.lib(_softhsm_module()).get_token(token_label='keymgr')\n"
             "try:\n    t.open(rw=True, so_pin=sys.argv[1]).close()\n"
             "except pkcs11.exceptions.PinIncorrect:\n    sys.exit(3)\n")
@@ -114,7 +114,7 @@ def test_a_pin_of_the_wrong_length_is_refused_before_anything_and_never_written(
     incorrect", with the typed SO PIN left in init.pending."""
     home = tmp_path / "home"
     so_pin = "typed-so-pin-7743"
-    code = ("import sys\nfrom keymgr.local import LocalToken\nfrom keymgr import errors\n"
+    code = ("import sys\nfrom keymgr.hsm.local import LocalToken\nfrom keymgr import errors\n"
             "try:\n    LocalToken.default().init('12', so_pin=sys.argv[1])\n"
             "except errors.ConfigurationError as exc:\n    print(exc)\n    sys.exit(2)\n")
     proc = subprocess.run([sys.executable, "-c", code, so_pin], env=_env(home), capture_output=True, text=True,

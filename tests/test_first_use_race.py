@@ -57,7 +57,7 @@ import keymgr
 from keymgr.audit import verify_log
 from keymgr.audit._token import AUDIT_KEY_ID, AUDIT_KEY_LABEL
 from keymgr.hsm import objects
-from keymgr.keyring import META_MAC_ID, META_MAC_LABEL
+from keymgr.keyring.store import META_MAC_ID, META_MAC_LABEL
 from tests._internals import token_of
 
 uri, args = sys.argv[1], json.loads(sys.argv[2])

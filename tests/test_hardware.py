@@ -28,8 +28,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from keymgr.envelope import pubkey
 from keymgr.hsm import Pkcs11Uri, TokenSession, asym, open_token, probe
+from keymgr.recipients import pubkey
 
 HW_URI = os.environ.get("KEYMGR_HW_TOKEN", "")
 pytestmark = [pytest.mark.hardware,

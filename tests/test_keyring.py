@@ -14,12 +14,12 @@ from datetime import timedelta
 import pytest
 
 import keymgr
-from keymgr import usage
 from keymgr._canonical import canonical_json as canonical
 from keymgr._time import utc_now
 from keymgr.hsm import objects
-from keymgr.keyfacts import new_fact_id
-from keymgr.keyring import (
+from keymgr.hsm.templates import KEK_GCM, KEK_WRAP, MAC_KEY, ROLE_ATTRIBUTES
+from keymgr.keyring.facts import new_fact_id
+from keymgr.keyring.store import (
     _FACT_DOMAIN,
     _SNAPSHOT_DOMAIN,
     APPLICATION,
@@ -30,7 +30,7 @@ from keymgr.keyring import (
     KeyRecord,
     KeyVersion,
 )
-from keymgr.templates import KEK_GCM, KEK_WRAP, MAC_KEY, ROLE_ATTRIBUTES
+from keymgr.lifecycle import usage
 from tests._internals import keyring_of, token_of
 from tests._keyring_helpers import WallClock, eventually, key_objects, legacy_record, same_record
 from tests.conftest import TokenUnderTest

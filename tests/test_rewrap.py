@@ -1,4 +1,4 @@
-"""KeyManager.rewrap / rewrap_stream (keymgr.rewrap): recipients move to the primary, nothing else changes.
+"""KeyManager.rewrap / rewrap_stream (keymgr.rewrap.message): recipients move to the primary, nothing else changes.
 
 Every data key is unwrapped and wrapped by SoftHSM itself; "untouched" is checked
 byte for byte on the parsed fields (encryptedContent, nonce, authAttrs, mac) and on
@@ -174,7 +174,8 @@ def test_public_key_and_threshold_like_recipients_stay(km: keymgr.KeyManager, ke
     """Recipients keymgr cannot wrap for (RSA-OAEP, ECDH, an OtherRecipientInfo) are carried over byte for byte."""
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-    from keymgr.envelope import OID_THRESHOLD_RECIPIENT, other_recipient_info, pubkey
+    from keymgr.envelope import OID_THRESHOLD_RECIPIENT, other_recipient_info
+    from keymgr.recipients import pubkey
 
     km.create_key(key_name)
     also = [pubkey.public_key_recipient(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()),

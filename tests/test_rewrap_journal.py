@@ -1,4 +1,4 @@
-"""keymgr.rewrap_journal: the format, torn lines, edits, the lock, and the consistency check (no token)."""
+"""keymgr.rewrap.journal: the format, torn lines, edits, the lock, and the consistency check (no token)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from keymgr.errors import ConfigurationError, FormatError
-from keymgr.rewrap_journal import HEADER, Entry, Journal, check_journal, file_digest, read_entries
+from keymgr.rewrap.journal import HEADER, Entry, Journal, check_journal, file_digest, read_entries
 
 
 def _sha(data: bytes) -> str:

@@ -1,12 +1,12 @@
-"""Rotation and version states on real tokens (keymgr.rotation)."""
+"""Rotation and version states on real tokens (keymgr.lifecycle.rotation)."""
 
 from __future__ import annotations
 
 import pytest
 
 import keymgr
-from keymgr import rotation
 from keymgr.hsm import objects
+from keymgr.lifecycle import rotation
 from tests._internals import keyring_of, token_of
 from tests._keyring_helpers import eventually
 

@@ -1,6 +1,6 @@
 """``rotate`` killed mid-way (SIGKILL at random moments), orphans, and concurrent changes by two processes.
 
-Rotation's promise (keymgr.rotation): a crash anywhere leaves the old primary or the new one,
+Rotation's promise (keymgr.lifecycle.rotation): a crash anywhere leaves the old primary or the new one,
 never none and never two, and every message written before still decrypts. The child process
 below rotates in a loop and, after each rotation, writes one message under the new primary
 (atomically, so only whole messages count); the parent kills it at random moments and checks
@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 import keymgr
-from keymgr import rotation
 from keymgr.hsm import objects
-from keymgr.keyring import KeyPolicy, version_template
+from keymgr.keyring.store import KeyPolicy, version_template
+from keymgr.lifecycle import rotation
 from tests._crash_token import crash_token
 from tests._internals import keyring_of, token_of
 from tests._keyring_helpers import WallClock, same_record

@@ -1,4 +1,4 @@
-"""Crypto-shredding (keymgr.shred): the remaining-data check, the quorum gate, the object gone from the token."""
+"""Crypto-shredding (keymgr.lifecycle.shred): the remaining-data check, the quorum gate, the object gone from the token."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 import keymgr
-from keymgr import errors, rotation
+from keymgr import errors
 from keymgr.cli import cli
 from keymgr.hsm import objects
+from keymgr.lifecycle import rotation
 from tests._internals import keyring_of, token_of
 from tests.conftest import softhsm_token
 from tests.custody_helpers import guarded_key, hsm, object_handles, party
@@ -210,10 +211,10 @@ def test_cli_destroy_reports_remaining_envelopes(softhsm, key_name: str, tmp_pat
 def test_a_version_just_superseded_is_not_destroyed_while_other_hosts_may_use_it(softhsm, key_name: str) -> None:
     """Other hosts see a rotation only at their next refresh and may encrypt under the old primary
     until then: destroying it at once would make what they wrote unreadable. Refused until
-    keymgr.shred.SETTLE has passed on the keyring's clock (or with immediately=True)."""
+    keymgr.lifecycle.shred.SETTLE has passed on the keyring's clock (or with immediately=True)."""
     from datetime import datetime, timedelta
 
-    from keymgr import shred
+    from keymgr.lifecycle import shred
 
     moment = [datetime(2026, 12, 6, 8, 0, 0)]
 

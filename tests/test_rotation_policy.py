@@ -1,4 +1,4 @@
-"""Cryptoperiods and use limits: max_messages, the GCM nonce bound, due, auto-rotation (keymgr.usage)."""
+"""Cryptoperiods and use limits: max_messages, the GCM nonce bound, due, auto-rotation (keymgr.lifecycle.usage)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 
 import keymgr
-from keymgr import rotation, usage
 from keymgr._time import parse_utc
-from keymgr.keyring import KeyPolicy, KeyRecord, KeyVersion
+from keymgr.keyring.store import KeyPolicy, KeyRecord, KeyVersion
+from keymgr.lifecycle import rotation, usage
 from tests._internals import keyring_of
 
 
@@ -186,7 +186,7 @@ def test_threads_never_exceed_the_limit(softhsm, key_name: str) -> None:
 @pytest.mark.slow
 def test_processes_share_the_limit_exactly(softhsm, key_name: str) -> None:
     """Two processes encrypting until refused: together they never pass max_messages, and lose
-    little of it. Uses are a grow-only count of reserved blocks (keymgr.usage): at the limit two
+    little of it. Uses are a grow-only count of reserved blocks (keymgr.lifecycle.usage): at the limit two
     racing processes may each keep back part of a block they reserved, so at most one block each
     goes unused; the recorded count never falls below the encryptions made."""
     import os

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from keymgr.cli import cli
-from keymgr.envelope import pubkey
 from keymgr.hsm import Pkcs11Uri, asym, open_token
+from keymgr.recipients import pubkey
 from tests.conftest import TokenUnderTest, softhsm_token
 
 REPO = Path(__file__).resolve().parents[1]

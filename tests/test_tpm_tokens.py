@@ -21,8 +21,8 @@ import pytest
 
 import keymgr
 from keymgr._files import atomic_output
-from keymgr.envelope import pubkey
 from keymgr.hsm import asym, open_token
+from keymgr.recipients import pubkey
 from tests.conftest import TokenUnderTest, tpm_state_dir
 from tests.tokens.tpm import lockout_counter, start_tpm, stop_tpm, unlock_tpm
 

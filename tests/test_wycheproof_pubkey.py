@@ -2,7 +2,7 @@
 
 The private keys are imported into SoftHSM as session objects (tests may use
 pkcs11 directly to play the key's owner), then :mod:`keymgr.hsm.asym` and the
-public-key parsing of :mod:`keymgr.envelope.pubkey` do what they do for a
+public-key parsing of :mod:`keymgr.recipients.pubkey` do what they do for a
 real message. OAEP vectors with a non-empty label must fail: keymgr always
 uses the empty label (RFC 4055 section 4.1 ``pSourceAlgorithm`` default).
 """
@@ -19,8 +19,8 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
 import keymgr
-from keymgr.envelope import pubkey
 from keymgr.hsm import TokenSession, asym, open_token
+from keymgr.recipients import pubkey
 from tests._vectors import wycheproof_cases
 from tests.conftest import TokenUnderTest, requires
 

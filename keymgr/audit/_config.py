@@ -40,7 +40,7 @@ def default_log_path(*, local: bool) -> Path | None:
     if configured is not None:
         return None if configured.strip().lower() in _OFF else Path(configured).expanduser()
     if local:
-        from keymgr.local import keymgr_home
+        from keymgr.hsm.local import keymgr_home
 
         return keymgr_home() / "audit.log"
     return None
@@ -74,7 +74,7 @@ def record_audit_off(ts: TokenSession, *, local: bool, why: str) -> None:
     """Leave one ``audit-off`` entry in the token's default log: turning auditing off is recorded."""
     path = token_log_path(ts.serial, ts.label) if not local else None
     if local:
-        from keymgr.local import keymgr_home
+        from keymgr.hsm.local import keymgr_home
 
         path = keymgr_home() / "audit.log"
     assert path is not None

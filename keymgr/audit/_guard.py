@@ -21,9 +21,9 @@ from keymgr import errors
 from keymgr.audit._log import AuditLog
 from keymgr.audit._operation import Operation, UnauditedOperation, current_operation, current_principal
 from keymgr.audit.limits import RateLimit, RateLimiter
-from keymgr.envelope.kek import KekProtector
 from keymgr.hsm.sessions import TokenSession
-from keymgr.keyring import KeyRecord, Keyring, KeyVersion
+from keymgr.keyring.store import KeyRecord, Keyring, KeyVersion
+from keymgr.recipients.kek import KekProtector
 
 __all__ = ["AuditGuard"]
 

@@ -1,7 +1,7 @@
 """The audit log's token side: its MAC key and its checkpoints.
 
 * The **audit key** is an HMAC-SHA256 key generated inside the token from
-  :data:`keymgr.templates.MAC_KEY` (sensitive, non-extractable, sign/verify only),
+  :data:`keymgr.hsm.templates.MAC_KEY` (sensitive, non-extractable, sign/verify only),
   under its own label and CKA_ID, apart from the keyring's metadata MAC key: the
   two keys authenticate different things and a MAC made for one is never valid
   for the other (besides their domain strings).
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from keymgr import errors
 from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
-from keymgr.templates import MAC_KEY
+from keymgr.hsm.templates import MAC_KEY
 
 __all__ = ["AuditKey", "AUDIT_KEY_ID", "AUDIT_KEY_LABEL", "REGISTER_PREFIX", "LOG_PREFIX", "LogRegistration"]
 

@@ -86,7 +86,7 @@ class CliState:
         """Whether the token is the embedded local one: no ``--token``, or the URI ``keymgr init`` printed."""
         if self.token_uri is None:
             return True
-        from keymgr.local import LocalToken
+        from keymgr.hsm.local import LocalToken
 
         return LocalToken.default().is_named_by(self.token_uri)
 

@@ -2,7 +2,7 @@
 
 ``encrypt --recipient FILE`` (repeatable) adds someone's key pair as a recipient: FILE is a
 PEM or DER public key or certificate, the annotated PEM or the JSON descriptor that
-``keymgr token keygen / pubkey`` write (:mod:`keymgr.envelope.recipient_files`). The OAEP
+``keymgr token keygen / pubkey`` write (:mod:`keymgr.recipients.recipient_files`). The OAEP
 hash of an RSA recipient is ``--oaep-hash``, else what FILE states, else SHA-256.
 
 ``decrypt`` needs nothing for a message to one of the token's key pairs (the manager finds
@@ -21,7 +21,7 @@ import click
 from keymgr import errors
 
 if TYPE_CHECKING:
-    from keymgr.envelope.kek import Recipient
+    from keymgr.recipients.kek import Recipient
 
 __all__ = ["OAEP_HASH_CHOICES", "load_recipients", "recipient_options", "use_key_pairs"]
 
@@ -30,7 +30,7 @@ OAEP_HASH_CHOICES = ("sha1", "sha224", "sha256", "sha384", "sha512")
 
 def load_recipients(paths: Sequence[str], oaep_hash: str | None) -> list[Recipient]:
     """One recipient per file, read before any output exists (a bad file fails the command early)."""
-    from keymgr.envelope.recipient_files import read_recipient_file
+    from keymgr.recipients.recipient_files import read_recipient_file
 
     recipients = []
     for path in paths:

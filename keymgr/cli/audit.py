@@ -46,7 +46,7 @@ def _open_token(state: CliState) -> Any:
 
     if state.token_uri is not None:
         return open_token(state.token_uri)
-    from keymgr.local import LocalToken
+    from keymgr.hsm.local import LocalToken
 
     local = LocalToken.default()
     local.activate()

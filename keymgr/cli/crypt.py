@@ -322,7 +322,7 @@ def encrypt_command(state: CliState, key: str | None, recipient_files: tuple[str
     km = None if key is None else state.manager()
     if km is not None:
         km.describe_key(key)  # an unknown key fails before any output file exists
-    from keymgr.envelope.pubkey import encrypt_stream_to, encrypt_to
+    from keymgr.recipients.pubkey import encrypt_stream_to, encrypt_to
 
     with _opened(input_path, progress=progress, label="encrypting") as src, \
             open_output(output, mode=0o644, follow_symlinks=follow_symlinks) as dst:

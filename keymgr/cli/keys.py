@@ -9,7 +9,7 @@ import click
 
 from keymgr import KeyRecord, errors
 from keymgr.cli._common import CliState, console, emit_json, pass_state
-from keymgr.templates import DEFAULT_PROFILE
+from keymgr.hsm.templates import DEFAULT_PROFILE
 
 __all__ = ["key_group", "record_json"]
 

@@ -1,7 +1,7 @@
 """``keymgr key rotate | activate | due | retire | suspend | resume | compromise | destroy``.
 
 Thin (STYLE.md 10): each command calls one :class:`~keymgr.KeyManager` method
-(:mod:`keymgr.rotation`, :mod:`keymgr.shred`) and prints the key's record
+(:mod:`keymgr.lifecycle.rotation`, :mod:`keymgr.lifecycle.shred`) and prints the key's record
 (``--json``) or one line.
 """
 
@@ -102,7 +102,7 @@ def retire_command(state: CliState, name: str, below: int, immediately: bool) ->
 @pass_state
 def due_command(state: CliState) -> None:
     """List keys whose primary version is past its cryptoperiod (rotate_after_days)."""
-    from keymgr.rotation import due
+    from keymgr.lifecycle.rotation import due
 
     late = due(state.manager().list_keys())
     if state.json_output:
@@ -180,7 +180,7 @@ def _confirm_unchecked_destroy(record: KeyRecord, version: int) -> bool:
     """A destroy with no --paths checked nothing: ask for the key's name at a terminal
     (a quorum's approvals say the custodians agreed, not that no data needs the version);
     refuse elsewhere unless --yes was given. True once confirmed."""
-    from keymgr.rotation import check_transition
+    from keymgr.lifecycle.rotation import check_transition
 
     target = record.version(version)
     if target.state == "destroyed":

@@ -1,6 +1,6 @@
 """``keymgr rewrap PATH...``: move every envelope under some paths to its key's primary.
 
-Thin (STYLE.md 10): :func:`keymgr.bulk_rewrap.run` does the work; this
+Thin (STYLE.md 10): :func:`keymgr.rewrap.bulk.run` does the work; this
 module draws the progress bar (stderr, on a terminal or with ``--progress``:
 files done, rate, ETA) and prints the summary, or ``--json``. Exit status: 0
 when nothing failed, 1 when any file failed (each named with its reason on
@@ -19,8 +19,8 @@ import click
 from keymgr.cli._common import CliState, console, emit_json, pass_state
 
 if TYPE_CHECKING:  # the engine (multiprocessing, the token layer) is imported when the command runs
-    from keymgr.bulk_rewrap import Summary
-    from keymgr.rewrap_file import FileOutcome
+    from keymgr.rewrap.bulk import Summary
+    from keymgr.rewrap.file import FileOutcome
 
 __all__ = ["rewrap_command"]
 

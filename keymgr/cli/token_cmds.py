@@ -12,7 +12,7 @@ certificate (a CA-issued one) beside a pair.
 What encrypting parties need is the recipient file: ``--out FILE`` writes the
 certificate (or public key) as PEM with a line stating the OAEP hash the token
 decrypts, and ``--json`` prints the recipient descriptor
-(:mod:`keymgr.envelope.recipient_files`); either is what ``keymgr encrypt
+(:mod:`keymgr.recipients.recipient_files`); either is what ``keymgr encrypt
 --recipient FILE`` takes, without a token or PIN.
 """
 
@@ -40,7 +40,7 @@ def _open(state: CliState, token: str | None) -> Any:
 
     text = token or state.token_uri
     if not text:  # the local token, as for every other command
-        from keymgr.local import LocalToken
+        from keymgr.hsm.local import LocalToken
 
         local = LocalToken.default()
         local.activate()
@@ -60,10 +60,10 @@ def _check_out(out: Path | None) -> None:
 def _report(state: CliState, uri: Any, ts: Any, ref: Any, out: Path | None) -> None:
     from cryptography import x509
 
-    from keymgr.envelope.identities import certificate_of
-    from keymgr.envelope.recipient_files import DESCRIPTOR_VERSION, annotated_pem
     from keymgr.hsm import asym, probe
     from keymgr.hsm.certificates import find_certificates
+    from keymgr.recipients.identities import certificate_of
+    from keymgr.recipients.recipient_files import DESCRIPTOR_VERSION, annotated_pem
 
     public = asym.public_key(ts, ref)
     pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -126,7 +126,7 @@ def keygen_command(state: CliState, token: str | None, kind: str, label: str, ke
     uri, ts = _open(state, token)
     ref = asym.generate_keypair(ts, kind, label=label, key_id=raw_id)
     if make_cert:
-        from keymgr.envelope.token_keys import self_signed_certificate
+        from keymgr.recipients.token_keys import self_signed_certificate
 
         self_signed_certificate(ts, ref)
     _report(state, uri, ts, ref, out)
@@ -151,7 +151,7 @@ def pubkey_command(state: CliState, key_uri: str, out: Path | None) -> None:
 def import_cert_command(state: CliState, key_uri: str, cert_file: Path) -> None:
     """Store CERT (PEM or DER, e.g. issued by your CA) beside the key pair KEY_URI names, so that
     messages naming it by issuer and serial number find the pair."""
-    from keymgr.envelope.token_keys import attach_certificate
+    from keymgr.recipients.token_keys import attach_certificate
 
     uri, ts = _open(state, key_uri)
     ref = _find(uri, ts)

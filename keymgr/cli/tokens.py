@@ -27,7 +27,7 @@ def init_command(state: CliState, prompt_pin: bool, keep_so_pin: bool) -> None:
     By default the user PIN is generated into a 0600 file the URI names, and the
     SO PIN is generated and shown once on standard error, not kept: write it down
     (it unlocks a locked user PIN and authorises backups)."""
-    from keymgr.local import LocalToken
+    from keymgr.hsm.local import LocalToken
 
     local = LocalToken.default()
     pin = so_pin = None
@@ -137,7 +137,7 @@ def tokens_command(state: CliState, modules: tuple[str, ...], no_probe: bool, lo
     each token is listed as lines instead; ``--wide`` keeps the table.
     """
     from keymgr.hsm import list_tokens, load_module, open_token, registered_modules
-    from keymgr.local import LocalToken
+    from keymgr.hsm.local import LocalToken
 
     logged_in = [open_token(uri) for uri in ((state.token_uri,) if state.token_uri else ()) + logins]
     paths = list(modules)

@@ -2,7 +2,7 @@
 
 A sealed share is a CMS ``AuthEnvelopedData`` message (RFC 5083, AES-256-GCM)
 whose one recipient is the custodian's public key, built by
-:mod:`keymgr.envelope.pubkey`: RSAES-OAEP ``KeyTransRecipientInfo`` for RSA
+:mod:`keymgr.recipients.pubkey`: RSAES-OAEP ``KeyTransRecipientInfo`` for RSA
 keys (SHA-256, or SHA-1 where the custodian's token can do nothing else:
 SoftHSM 2.6.1) and RFC 5753 ECDH ``KeyAgreeRecipientInfo`` for EC keys. The
 share's *context* (which backup or message, which custodian, which index) is
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from keymgr import errors
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian
-from keymgr.envelope.pubkey import TokenPrivateKey, decrypt_with, encrypt_to, public_key_recipient
+from keymgr.recipients.pubkey import TokenPrivateKey, decrypt_with, encrypt_to, public_key_recipient
 
 __all__ = ["seal_share", "open_share", "MAX_SEALED"]
 

@@ -57,8 +57,8 @@ from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian, CustodyRegister, QuorumPolicy, Register
 from keymgr.custody.request_shows import check_new_quorum, check_shows, facts, parse_shows, printable, shows_lines
 from keymgr.hsm.sessions import TokenSession
-from keymgr.keyfacts import KeyRecord
-from keymgr.keyring import Keyring, validate_name
+from keymgr.keyring.facts import KeyRecord
+from keymgr.keyring.store import Keyring, validate_name
 
 __all__ = ["Approval", "Request", "OPERATIONS", "approve", "check_quorum", "make_request",
            "request_for"]

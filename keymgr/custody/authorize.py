@@ -19,7 +19,7 @@ from keymgr import _signals, errors
 from keymgr.custody.approvals import Approval, Request, check_quorum
 from keymgr.custody.custodians import KEYRING_SCOPE, CustodyRegister, QuorumPolicy, Register
 from keymgr.custody.transcript import TranscriptRecorder, hsm_signer, sign_transcript
-from keymgr.keyring import KeyRecord, Keyring
+from keymgr.keyring.store import KeyRecord, Keyring
 
 __all__ = ["Authorization", "authorize", "authorize_destroy", "change_policy", "ceremony_transcript",
            "key_ceremony_transcript"]

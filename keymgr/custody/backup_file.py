@@ -50,7 +50,7 @@ from keymgr.custody._json import load_document
 from keymgr.custody._shares import SealedShare
 from keymgr.custody.custodians import Custodian, QuorumPolicy
 from keymgr.envelope._aead import hkdf_sha256
-from keymgr.keyring import KeyRecord, validate_name
+from keymgr.keyring.store import KeyRecord, validate_name
 
 __all__ = ["BackupFile", "BackupKey", "ShareSlot", "WrappedVersion", "FORMAT", "MAX_BACKUP"]
 

@@ -49,9 +49,9 @@ from keymgr.custody.custodians import CustodyRegister, QuorumPolicy
 from keymgr.custody.transcript import Signer, TranscriptRecorder, hsm_signer, sign_transcript
 from keymgr.hsm import objects, probe
 from keymgr.hsm.pins import Pin
+from keymgr.hsm.templates import PROFILES, Profile, profile_named
 from keymgr.hsm.transport import ImportItem, export_wrapped, import_unwrapped, key_ids_present
-from keymgr.keyring import KeyRecord, Keyring
-from keymgr.templates import PROFILES, Profile, profile_named
+from keymgr.keyring.store import KeyRecord, Keyring
 
 __all__ = ["BackupResult", "RestoreResult", "backup_keys", "restore_keys", "open_custodian"]
 

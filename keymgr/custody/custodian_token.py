@@ -17,8 +17,7 @@ import hashlib
 import os
 
 from keymgr import errors
-from keymgr._time import utc_now
-from keymgr.custody._certs import (
+from keymgr._certs import (
     PublicKey,
     certificate_public_key,
     kind_of,
@@ -26,12 +25,13 @@ from keymgr.custody._certs import (
     spki_der,
     verify_signature,
 )
+from keymgr._time import utc_now
 from keymgr.custody.custodians import Custodian
 from keymgr.hsm import asym, probe
 from keymgr.hsm.certificates import find_certificates
 from keymgr.hsm.pins import PinCallback
 from keymgr.hsm.sessions import TokenSession, open_token
-from keymgr.keyring import validate_name
+from keymgr.keyring.store import validate_name
 
 __all__ = ["CustodianToken", "enroll_custodian", "pick_keypair", "check_shown_key", "DEFAULT_KEY_LABEL"]
 

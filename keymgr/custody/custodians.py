@@ -26,8 +26,7 @@ from typing import Any
 
 from keymgr import errors
 from keymgr._canonical import canonical_json
-from keymgr._time import utc_now
-from keymgr.custody._certs import (
+from keymgr._certs import (
     PublicKey,
     certificate_public_key,
     kind_of,
@@ -35,8 +34,9 @@ from keymgr.custody._certs import (
     spki_der,
     verify_signature,
 )
+from keymgr._time import utc_now
 from keymgr.hsm import objects
-from keymgr.keyring import Keyring, validate_name
+from keymgr.keyring.store import Keyring, validate_name
 
 __all__ = ["Custodian", "CustodyRegister", "QuorumPolicy", "Register", "KEYRING_SCOPE", "MAX_CUSTODIANS"]
 

@@ -1,6 +1,6 @@
 """Custody as one KeyManager's token offers it: ``km.custody``, the safe face of this package.
 
-The functions of :mod:`keymgr.custody` take a :class:`~keymgr.keyring.Keyring`, which can also
+The functions of :mod:`keymgr.custody` take a :class:`~keymgr.keyring.store.Keyring`, which can also
 rewrite key states with no check and no audit entry; a KeyManager keeps its keyring private and
 hands out a :class:`Custody` instead. Every change here (custodian added or removed, quorum
 policy set) is recorded in the manager's audit log as its own methods are, by this module
@@ -21,7 +21,7 @@ from keymgr.custody.custodians import Custodian, CustodyRegister, QuorumPolicy, 
 if TYPE_CHECKING:
     from keymgr.audit import Operation
     from keymgr.custody.threshold import ThresholdRecipient
-    from keymgr.keyring import KeyRecord, Keyring
+    from keymgr.keyring.store import KeyRecord, Keyring
 
 __all__ = ["Custody"]
 

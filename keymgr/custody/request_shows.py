@@ -35,8 +35,8 @@ from typing import Any
 
 from keymgr import errors
 from keymgr.custody.custodians import QuorumPolicy, Register
-from keymgr.keyfacts import KeyRecord
-from keymgr.keyring import validate_name
+from keymgr.keyring.facts import KeyRecord
+from keymgr.keyring.store import validate_name
 
 __all__ = ["facts", "parse_shows", "check_shows", "check_new_quorum", "printable", "shows_lines"]
 

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from asn1crypto import cms, core
 
 from keymgr import errors
+from keymgr._certs import kind_of, load_spki
 from keymgr._memory import zero
 from keymgr.custody import shamir
-from keymgr.custody._certs import kind_of, load_spki
 from keymgr.custody._shares import SealedShare, deal, open_checked, quorum_shortfall, wipe_shares
 from keymgr.custody.custodian_token import CustodianToken
 from keymgr.custody.custodians import Custodian, QuorumPolicy, Register

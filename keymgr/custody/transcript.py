@@ -36,8 +36,7 @@ from asn1crypto import algos, cms, x509
 
 from keymgr import errors
 from keymgr._canonical import canonical_json
-from keymgr._time import utc_now
-from keymgr.custody._certs import (
+from keymgr._certs import (
     certificate_public_key,
     kind_of,
     self_signed_certificate,
@@ -45,6 +44,7 @@ from keymgr.custody._certs import (
     spki_der,
     verify_signature,
 )
+from keymgr._time import utc_now
 from keymgr.custody._json import load_document
 from keymgr.hsm import asym
 from keymgr.hsm.sessions import TokenSession

@@ -10,10 +10,10 @@ callables and the ``RecipientInfo`` values passed in here.
   a header and STREAM-sealed segments.
 - :mod:`keymgr.envelope.recipients`: ``KEKRecipientInfo`` and
   ``OtherRecipientInfo`` builders and readers.
-- :mod:`keymgr.envelope.pubkey`: RSA-OAEP and ECDH recipients for someone's
-  public key or certificate; :mod:`keymgr.envelope.token_keys` their decrypt
-  side, key pairs on a token; :mod:`keymgr.envelope.identities` how recipients
-  name a key pair; :mod:`keymgr.envelope.recipient_files` the files senders
+- :mod:`keymgr.recipients.pubkey`: RSA-OAEP and ECDH recipients for someone's
+  public key or certificate; :mod:`keymgr.recipients.token_keys` their decrypt
+  side, key pairs on a token; :mod:`keymgr.recipients.identities` how recipients
+  name a key pair; :mod:`keymgr.recipients.recipient_files` the files senders
   are given. These reach the token layer (``keymgr.hsm``) for decryption.
 
 Messages from other implementations may be BER: they are read through their

@@ -2,7 +2,7 @@
 
 A message's nonce and a ``gcm`` recipient's nonce are random 96-bit values
 (NIST SP 800-38D 8.2.2; at most 2^32 per key, which the cache limits and
-keymgr.usage enforce). ``os.urandom(12)`` is one ``getrandom`` system call:
+keymgr.lifecycle.usage enforce). ``os.urandom(12)`` is one ``getrandom`` system call:
 on this VM ~2.4 µs, 15 % of a cached message. So nonces are cut from 4 KiB
 read with one call. GCM needs nonces unique, not secret, so holding the next
 few hundred in memory reveals nothing; what must never happen is two

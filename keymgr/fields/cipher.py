@@ -31,7 +31,6 @@ from keymgr import errors
 from keymgr.envelope._aead import DataKey
 from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope.cache import CachePolicy
-from keymgr.envelope.kek import KekProtector
 from keymgr.envelope.recipients import read_kek_recipient
 from keymgr.fields._format import (
     FIELD_INTEGRITY,
@@ -46,8 +45,9 @@ from keymgr.fields._format import (
     unpack,
 )
 from keymgr.fields.keys import KeyStore, StoredKey
-from keymgr.keyring import KeyRecord, KeyVersion
-from keymgr.rewrap import Rewrapper
+from keymgr.keyring.store import KeyRecord, KeyVersion
+from keymgr.recipients.kek import KekProtector
+from keymgr.rewrap.message import Rewrapper
 
 __all__ = ["FieldCipher", "Place"]
 

@@ -1,7 +1,7 @@
 """Blind indexes: searchable, truncated HMACs of field values, keyed by a key that stays in the token.
 
 ``K_v`` is an HMAC key generated in the token for one index name and version (template
-:data:`keymgr.templates.INDEX_KEY`: sensitive, never extractable, sign/verify only, not copyable);
+:data:`keymgr.hsm.templates.INDEX_KEY`: sensitive, never extractable, sign/verify only, not copyable);
 it never leaves the token. A term is ``version || trunc_bits(mac)``, computed one of two ways
 (docs/format.md, "Blind-index terms"):
 
@@ -57,7 +57,7 @@ an index label (C_CreateObject), and every term computed with it could then be b
 offline. So a key object is used only if it shows what only the token sets (CKA_LOCAL,
 ALWAYS_SENSITIVE, NEVER_EXTRACTABLE) and what keymgr set and nobody can loosen (SENSITIVE,
 not EXTRACTABLE, MODIFIABLE or COPYABLE, a 32-byte generic secret, the sign/verify roles of
-:data:`~keymgr.templates.INDEX_KEY`, as :mod:`keymgr.provenance` checks KEK versions);
+:data:`~keymgr.hsm.templates.INDEX_KEY`, as :mod:`keymgr.keyring.provenance` checks KEK versions);
 objects that fail are ignored, and a rotation that finds only such an object refuses.
 
 Hosts sharing a token may each create the same version (no create-if-absent in PKCS#11):
@@ -86,7 +86,7 @@ from keymgr import errors
 from keymgr.fields.subkeys import SubkeyCache, SubkeyPolicy
 from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
-from keymgr.templates import INDEX_KEY, ROLE_ATTRIBUTES
+from keymgr.hsm.templates import INDEX_KEY, ROLE_ATTRIBUTES
 
 __all__ = ["BlindIndex", "Normaliser", "bits_range", "chain", "collapse_spaces", "digits_only", "last_digits",
            "index_context", "lowercase", "unicode_fold", "INDEX_LABEL_PREFIX"]

@@ -53,7 +53,7 @@ from keymgr import errors
 from keymgr.hsm._errors import missing_role
 from keymgr.hsm.pins import Pin
 from keymgr.hsm.sessions import TokenSession
-from keymgr.templates import KEYPAIR_PRIVATE, KEYPAIR_PUBLIC, ROLE_ATTRIBUTES
+from keymgr.hsm.templates import KEYPAIR_PRIVATE, KEYPAIR_PUBLIC, ROLE_ATTRIBUTES
 
 __all__ = [
     "KINDS",

@@ -5,7 +5,7 @@ beside it under the same CKA_ID (PKCS#11 v2.40 section 4.6); keymgr reads it
 when it registers a custodian, so the register holds the certificate the
 custodian's organisation issued rather than one keymgr made up, and when a
 message names its recipient by issuer and serial number
-(:mod:`keymgr.envelope.identities`). ``keymgr token keygen --cert`` stores a
+(:mod:`keymgr.recipients.identities`). ``keymgr token keygen --cert`` stores a
 self-signed one there, as a PIV card holds its slot's certificate.
 """
 

@@ -1,7 +1,7 @@
 """Hazmat for interop tests and published vectors only: secret keys whose value is known.
 
 Every key keymgr makes for real use is generated inside the token and never
-leaves it (:mod:`keymgr.templates`). Two jobs need the opposite, a key whose
+leaves it (:mod:`keymgr.hsm.templates`). Two jobs need the opposite, a key whose
 bytes a test already holds:
 
 * **interop**: `openssl cms -decrypt -secretkey HEX` can decrypt a keymgr
@@ -27,7 +27,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from keymgr.hsm.objects import _KEY_TYPES, WRAP_MECHANISMS, _template, checked_for_authenticity
 from keymgr.hsm.sessions import TokenSession
-from keymgr.templates import KeyTemplate
+from keymgr.hsm.templates import KeyTemplate
 
 __all__ = ["import_secret_key", "unwrap_with_session_key"]
 

@@ -2,7 +2,7 @@
 
 A lock file in this machine's TMPDIR protects nothing on another machine, so
 no correctness across hosts rests on these locks: shared token state is made
-of write-once facts (DESIGN.md, "Many hosts on one token"; keymgr.keyring),
+of write-once facts (DESIGN.md, "Many hosts on one token"; keymgr.keyring.store),
 and singleton keys tolerate the duplicates racing hosts make
 (:func:`keymgr.hsm.objects.ensure_singleton_key`). The locks only spare work
 between processes of one host: one first MAC key instead of one per process,

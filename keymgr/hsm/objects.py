@@ -1,7 +1,7 @@
 """Key and data objects in a token, and the few operations keymgr performs with them.
 
 Keys are addressed by CKA_ID (the identity a ciphertext records) and named by
-CKA_LABEL. Templates come from :mod:`keymgr.templates`; this module only turns
+CKA_LABEL. Templates come from :mod:`keymgr.hsm.templates`; this module only turns
 attribute names into ``CKA_*`` constants. Handles are cached per session so
 the hot path (one wrap or one GCM call per message) costs one token call.
 """
@@ -28,7 +28,7 @@ from keymgr.hsm._errors import missing_role
 from keymgr.hsm.finding import find_objects
 from keymgr.hsm.locks import token_lock
 from keymgr.hsm.sessions import TokenSession
-from keymgr.templates import EPHEMERAL_DATA_KEY, KeyTemplate
+from keymgr.hsm.templates import EPHEMERAL_DATA_KEY, KeyTemplate
 
 __all__ = [
     "ObjectInfo",
@@ -115,7 +115,7 @@ def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes,
 
 def cached_key_handle(ts: TokenSession, key_id: bytes) -> int | None:
     """The handle this session uses for ``key_id`` now, or None before its first use. No token
-    call: lets a caller tie a check of the object (keymgr.provenance) to this very object."""
+    call: lets a caller tie a check of the object (keymgr.keyring.provenance) to this very object."""
     cached = ts.cache.get(("key", key_id))
     return None if cached is None else int(cached.handle)  # type: ignore[attr-defined]
 
@@ -357,7 +357,7 @@ def hmac_sha256_verify(ts: TokenSession, key_id: bytes, data: bytes, mac: bytes)
 
 def write_data_object(ts: TokenSession, *, application: str, label: str, value: bytes) -> None:
     """Create a private CKO_DATA token object (values of data objects are read-only in SoftHSM,
-    so updates are new objects: see :mod:`keymgr.keyring`)."""
+    so updates are new objects: see :mod:`keymgr.keyring.store`)."""
     attrs = {Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True, Attribute.PRIVATE: True,
              Attribute.APPLICATION: application, Attribute.LABEL: label, Attribute.VALUE: bytes(value)}
     ts.run(f"write data object {label!r}", lambda session: session.create_object(attrs) and None)

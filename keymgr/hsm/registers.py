@@ -5,7 +5,7 @@ each log), so that cutting entries off the end of a log file is detected by a va
 the file's editor cannot reach without the token's PIN.
 
 Why the value lives in CKA_LABEL: SoftHSM makes the CKA_VALUE of a data object
-read-only once created (keymgr.keyring works around that with generations), but
+read-only once created (keymgr.keyring.store works around that with generations), but
 CKA_LABEL stays modifiable, and one C_SetAttributeValue rewrites it atomically as
 the token sees it. Measured on SoftHSM 2.6.1 (2 vCPU): updating a register costs
 ~2 ms, creating a token data object ~12 ms plus ~2 ms to destroy the old one; an

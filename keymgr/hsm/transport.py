@@ -45,7 +45,7 @@ from keymgr.hsm._errors import translate
 from keymgr.hsm.objects import WRAP_MECHANISMS
 from keymgr.hsm.pins import Pin
 from keymgr.hsm.sessions import TokenSession
-from keymgr.templates import TRANSPORT_EXPORT, TRANSPORT_IMPORT, KeyTemplate
+from keymgr.hsm.templates import TRANSPORT_EXPORT, TRANSPORT_IMPORT, KeyTemplate
 
 __all__ = ["ImportItem", "export_wrapped", "import_unwrapped", "key_ids_present"]
 

@@ -72,7 +72,7 @@ def _streams() -> list[bytes]:
 @cache
 def _signer(name: str) -> tuple[Any, bytes]:
     """An EC P-256 key and keymgr's self-signed certificate for it."""
-    from keymgr.custody._certs import self_signed_certificate
+    from keymgr._certs import self_signed_certificate
 
     key = ec.generate_private_key(ec.SECP256R1())
     cert = self_signed_certificate(key.public_key(), name, _ecdsa(key), now=_NOW)
@@ -84,7 +84,7 @@ def _ecdsa(key: Any) -> Callable[[bytes], bytes]:
 
 
 def _custodian(name: str) -> Any:
-    from keymgr.custody._certs import spki_der
+    from keymgr._certs import spki_der
     from keymgr.custody.custodians import Custodian
 
     key, cert = _signer(name)
@@ -95,7 +95,7 @@ def _custodian(name: str) -> Any:
 def _backups() -> list[bytes]:
     from keymgr.custody.backup_file import BackupFile, BackupKey, ShareSlot, WrappedVersion
     from keymgr.custody.custodians import QuorumPolicy
-    from keymgr.keyring import KeyRecord, KeyVersion
+    from keymgr.keyring.store import KeyRecord, KeyVersion
 
     version = KeyVersion(1, os.urandom(16), "active", "2026-11-05T12:00:00Z", (("active", "2026-11-05T12:00:00Z"),))
     record = KeyRecord(name="orders", profile="kw", primary=1, versions=(version,), created="2026-11-05T12:00:00Z")
@@ -108,7 +108,7 @@ def _backups() -> list[bytes]:
 
 
 def _requests() -> tuple[list[bytes], list[bytes]]:
-    from keymgr.custody._certs import spki_der
+    from keymgr._certs import spki_der
     from keymgr.custody.approvals import Approval, make_request
 
     token: Any = SimpleNamespace(label="keymgr-A", serial="0123456789")

@@ -300,7 +300,7 @@ def unwrap_weaker(session: pkcs11.Session, target: Target) -> Result:
 def wrong_purpose(session: pkcs11.Session, target: Target) -> Result:
     """Use the key for what its purpose forbids: encrypt/decrypt with a kw KEK, wrap/unwrap with a
     gcm KEK or the MAC key, sign with a KEK. The forbidden roles are the template's own."""
-    from keymgr.templates import TEMPLATES
+    from keymgr.hsm.templates import TEMPLATES
 
     result = Result("wrong purpose")
     key = find(session, target.key_id, target.object_class)
@@ -390,7 +390,7 @@ def untrusted_wrap(session: pkcs11.Session, target: Target) -> Result:
 
 def _base_roles(purpose: str) -> tuple[str, ...]:
     """Roles of the templates not in TEMPLATES by name (backup variants, key pairs)."""
-    from keymgr.templates import TEMPLATES
+    from keymgr.hsm.templates import TEMPLATES
 
     base = purpose.split("+")[0]
     if base in TEMPLATES:

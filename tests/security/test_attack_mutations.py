@@ -24,9 +24,9 @@ from dataclasses import replace
 import pytest
 
 from keymgr import KeyManager
-from keymgr import templates as templates_module
-from keymgr.keyring import KeyPolicy
-from keymgr.templates import PROFILES, KeyTemplate
+from keymgr.hsm import templates as templates_module
+from keymgr.hsm.templates import PROFILES, KeyTemplate
+from keymgr.keyring.store import KeyPolicy
 from tests._internals import keyring_of
 from tests.security._attacker import Target, aes_ecb
 from tests.security.test_attacks import assert_defeated, run_attack

@@ -17,7 +17,7 @@ import pytest
 from pkcs11 import Attribute, ObjectClass
 
 from keymgr import KeyManager
-from keymgr.templates import KEYPAIR_PRIVATE, TEMPLATES
+from keymgr.hsm.templates import KEYPAIR_PRIVATE, TEMPLATES
 from tests._internals import token_of
 from tests.security._attacker import ATTACKS, FLIPPABLE, Result, Target
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from keymgr import KeyManager, errors
 from keymgr.cli import cli
-from keymgr.keyring import SNAPSHOT_PREFIX, KeyPolicy, KeyRecord
+from keymgr.keyring.store import SNAPSHOT_PREFIX, KeyPolicy, KeyRecord
 from tests._internals import keyring_of, token_of
 from tests._keyring_helpers import eventually, key_objects, same_record
 from tests.conftest import softhsm_token

@@ -19,10 +19,11 @@ import pytest
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 import keymgr
-from keymgr import errors, rotation
+from keymgr import errors
 from keymgr.hsm import objects
-from keymgr.keyfacts import Fact
-from keymgr.keyring import META_MAC_LABEL, version_template
+from keymgr.keyring.facts import Fact
+from keymgr.keyring.store import META_MAC_LABEL, version_template
+from keymgr.lifecycle import rotation
 from tests._internals import keyring_of, token_of
 from tests.conftest import TokenUnderTest, requires, softhsm_token
 

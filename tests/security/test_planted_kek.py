@@ -25,8 +25,8 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 import keymgr
 from keymgr._canonical import canonical_json as canonical
 from keymgr.audit import AuditLog
-from keymgr.keyfacts import Fact, new_fact_id
-from keymgr.keyring import APPLICATION, FACT_PREFIX, META_MAC_LABEL
+from keymgr.keyring.facts import Fact, new_fact_id
+from keymgr.keyring.store import APPLICATION, FACT_PREFIX, META_MAC_LABEL
 from tests._internals import keyring_of, token_of
 from tests.conftest import TokenUnderTest
 

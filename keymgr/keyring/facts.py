@@ -5,7 +5,7 @@ no compare-and-swap, no unique constraint and no transaction (STACK-FACTS 16).
 So nothing shared is read, modified and written back (DESIGN.md, "Many hosts
 on one token"). Every change to a named key is a new, immutable *fact*, and
 every reader folds the set of facts it has seen into the same
-:class:`~keymgr.keyring.KeyRecord` with :func:`fold`, whatever order they
+:class:`~keymgr.keyring.store.KeyRecord` with :func:`fold`, whatever order they
 arrived in and whoever wrote them:
 
 ==========  ====================================================================
@@ -38,7 +38,7 @@ The merge rules, each chosen so that racing hosts agree without clocks:
   concurrent compactions never inflate the count, and it never falls below the truth.
 * Wall-clock times (``at``) are shown to people and never decide anything.
 
-A *snapshot* is just a set of facts (:mod:`keymgr.keyring` writes one per key
+A *snapshot* is just a set of facts (:mod:`keymgr.keyring.store` writes one per key
 to keep the token's object count small); folding is a union, so snapshots
 merge with each other and with loose facts exactly.
 """
@@ -82,7 +82,7 @@ class KeyVersion:
     created: str
     history: tuple[tuple[str, str], ...] = ()
     kcv: str | None = None
-    #: encryptions reserved under this version so far, by every host (keymgr.usage)
+    #: encryptions reserved under this version so far, by every host (keymgr.lifecycle.usage)
     uses: int = 0
     #: unwrapped from a backup, not generated in this token: decrypts, never encrypts
     restored: bool = False
@@ -119,7 +119,7 @@ class KeyRecord:
     #: how many facts this view was folded from (grows with every change; for display and tests)
     generation: int = 1
     created: str = ""
-    #: versions below this no longer decrypt (Vault's min_decryption_version; keymgr.rotation.retire)
+    #: versions below this no longer decrypt (Vault's min_decryption_version; keymgr.lifecycle.rotation.retire)
     min_decryption_version: int = 1
 
     def version(self, number: int) -> KeyVersion:

@@ -27,7 +27,7 @@ from asn1crypto import cms, x509
 from cryptography import x509 as cx509
 
 from keymgr import errors
-from keymgr.envelope._pk_algorithms import PublicKey, subject_key_identifier
+from keymgr.recipients._pk_algorithms import PublicKey, subject_key_identifier
 
 __all__ = ["KeyIdentity", "certificate_der", "certificate_of", "find_certificate", "issuer_and_serial"]
 

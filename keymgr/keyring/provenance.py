@@ -10,7 +10,7 @@ offline. What they cannot forge are the attributes only the token sets
 * ``CKA_LOCAL`` true: generated inside the token (false for an imported or unwrapped key);
 * ``CKA_ALWAYS_SENSITIVE`` true: never had a readable value;
 * ``CKA_NEVER_EXTRACTABLE`` true: could never be wrapped out. A backup-capable key
-  (:func:`keymgr.templates.backup_capable`) is extractable by design, so it must
+  (:func:`keymgr.hsm.templates.backup_capable`) is extractable by design, so it must
   instead be ``WRAP_WITH_TRUSTED`` (only a security officer's trusted key wraps it);
 
 and what keymgr set at generation and PKCS#11 does not let anyone loosen:
@@ -18,7 +18,7 @@ and what keymgr set at generation and PKCS#11 does not let anyone loosen:
 value, exactly the roles of the key's profile (a KEK with DERIVE or ECB
 encryption leaks: STACK-FACTS 10), and the key check value the facts recorded.
 
-A version that fails may not encrypt: :meth:`keymgr.keyring.Keyring.check_encrypts`
+A version that fails may not encrypt: :meth:`keymgr.keyring.store.Keyring.check_encrypts`
 raises a :class:`~keymgr.errors.PolicyError` naming the version and the attribute.
 Restored versions (unwrapped from a backup, so not LOCAL) decrypt but never
 encrypt. Decryption does not depend on provenance: a planted key only ever
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from keymgr import errors
 from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
-from keymgr.keyfacts import KeyRecord, KeyVersion
-from keymgr.templates import ROLE_ATTRIBUTES, profile_named
+from keymgr.hsm.templates import ROLE_ATTRIBUTES, profile_named
+from keymgr.keyring.facts import KeyRecord, KeyVersion
 
 __all__ = ["VersionCheck", "check_version", "encrypt_refusal", "untrusted_keys"]
 

@@ -4,7 +4,7 @@ Destruction cannot be undone, so :func:`destroy` is the most guarded
 operation keymgr has, in this order (nothing is spent before a refusal):
 
 1. policy: the primary is never destroyed (rotate first); the version's state must
-   allow it (:data:`keymgr.rotation.TRANSITIONS`: not from *active*);
+   allow it (:data:`keymgr.lifecycle.rotation.TRANSITIONS`: not from *active*);
 2. remaining data: with ``paths``, every envelope under them (files, directories
    recursively) that still names the version is counted (:mod:`keymgr.envelope.inspect`:
    recipients only, no token, no payload) and a non-zero count refuses unless ``force``;
@@ -16,7 +16,7 @@ Then, with SIGINT / SIGTERM held until the caller has recorded it (:mod:`keymgr.
 the record is written with the version *destroyed* (the commit: from here nothing decrypts
 under it, by policy), the object is destroyed and the request is consumed (a request works
 once). A crash between the first two leaves an object that the record calls destroyed:
-:func:`keymgr.rotation.orphans` lists it and the next rotate, or destroy called again, removes
+:func:`keymgr.lifecycle.rotation.orphans` lists it and the next rotate, or destroy called again, removes
 it; a crash before the request is consumed leaves a request that can only ask for this
 destroy again.
 """
@@ -29,12 +29,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from keymgr import _signals, errors, rotation
+from keymgr import _signals, errors
 from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.authorize import authorize_destroy, key_ceremony_transcript
 from keymgr.envelope.inspect import inspect_file
 from keymgr.hsm import objects
-from keymgr.keyring import KeyRecord, Keyring, KeyVersion
+from keymgr.keyring.store import KeyRecord, Keyring, KeyVersion
+from keymgr.lifecycle import rotation
 
 __all__ = ["DestroyResult", "EnvelopeCount", "count_envelopes_needing", "destroy"]
 
@@ -61,11 +62,11 @@ class DestroyResult:
 
 def _files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[str, bool]]:
     """(path, checkable) for every file under ``paths``, walked as ``keymgr rewrap`` walks them
-    (:func:`keymgr.bulk_rewrap.walk`). Not checkable, and so refusing the destroy: a directory
+    (:func:`keymgr.rewrap.bulk.walk`). Not checkable, and so refusing the destroy: a directory
     that cannot be listed, a symbolic link (not followed), anything but a regular file (a FIFO
     would block the read). Skipping them quietly could destroy a key that data still needs.
     Like ``keymgr rewrap``'s walk, it deletes temporary files a dead rewrap left behind."""
-    from keymgr.bulk_rewrap import Summary, walk
+    from keymgr.rewrap.bulk import Summary, walk
 
     given = [Path(path) for path in paths]
     for root in given:
@@ -107,7 +108,7 @@ def count_envelopes_needing(paths: Iterable[str | os.PathLike[str]], key_id: byt
 
 #: How long a version must have stopped being the primary (or, never activated, have existed)
 #: before it may be destroyed. Other hosts see a new primary only at their next keyring refresh
-#: (keymgr.keyring: 1 s by default); until then they may still encrypt under the old one, and a
+#: (keymgr.keyring.store: 1 s by default); until then they may still encrypt under the old one, and a
 #: destroy inside that window would make what they wrote unreadable. Measured on the writers'
 #: clocks, so it also absorbs clock skew; far longer than any refresh interval.
 SETTLE = rotation.SETTLE

@@ -9,7 +9,7 @@ message. So uses are *reserved in blocks*, and counted as a grow-only counter
 (DESIGN.md, "Counters that never undercount"): each process (a writer, with a
 random identity) writes a ``uses`` fact holding its own running total for the
 version, and the recorded count is the sum over writers of each one's highest
-total (:func:`keymgr.keyfacts.fold`). Nothing is read, modified and written back,
+total (:func:`keymgr.keyring.facts.fold`). Nothing is read, modified and written back,
 so two hosts reserving at once both count, snapshots merge exactly, and the
 recorded count never falls below the encryptions made. Reservations a process did
 not spend when it exits stay counted: the count overstates, never understates.
@@ -32,7 +32,7 @@ primary takes over; otherwise encryption fails with
 :class:`~keymgr.errors.PolicyError`. ``auto_rotate`` also rotates on the
 first use after the primary's cryptoperiod (``rotate_after_days``) ended.
 Only one process rotates: the others find the primary already changed
-(:func:`keymgr.rotation.rotate`'s ``if_primary``).
+(:func:`keymgr.lifecycle.rotation.rotate`'s ``if_primary``).
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ import weakref
 from collections.abc import Callable
 from datetime import datetime
 
-from keymgr import errors, rotation
+from keymgr import errors
 from keymgr._time import parse_utc
-from keymgr.keyring import KeyRecord, Keyring
-from keymgr.templates import profile_named
+from keymgr.hsm.templates import profile_named
+from keymgr.keyring.store import KeyRecord, Keyring
+from keymgr.lifecycle import rotation
 
 __all__ = ["FIRST_BLOCK", "MAX_BLOCK", "UsageMeter", "block_for", "limit_for"]
 
@@ -95,7 +96,7 @@ class UsageMeter:
     def __init__(self, keyring: Keyring,
                  rotate: Callable[[str, int, str], KeyRecord] | None = None) -> None:
         """``rotate(name, if_primary, why)`` makes an automatic rotation (the manager's records it in
-        the audit log, as every change of key state is); default: :func:`keymgr.rotation.rotate`."""
+        the audit log, as every change of key state is); default: :func:`keymgr.lifecycle.rotation.rotate`."""
         _meters.add(self)
         self._keyring = keyring
         self._rotate = rotate or (lambda name, primary, why: rotation.rotate(keyring, name, if_primary=primary))

@@ -17,7 +17,7 @@ What changes and what does not:
   they are; keymgr cannot wrap for them and must not drop them.
 - The data key comes out of the token only as far as every decrypt takes it
   (a ``DataKey`` in memory, wiped after the new wrap), and only through
-  :class:`~keymgr.envelope.kek.KekProtector`, so the old version's state is
+  :class:`~keymgr.recipients.kek.KekProtector`, so the old version's state is
   enforced: a retired, suspended or destroyed version cannot be rewrapped away
   from, exactly as it cannot decrypt.
 - The unwrapped key is checked against the key commitment before it is
@@ -42,11 +42,11 @@ from typing import BinaryIO, Literal
 from keymgr import errors
 from keymgr.envelope._aead import DataKey
 from keymgr.envelope.cms import parse_message, replace_recipients
-from keymgr.envelope.kek import KekProtector
 from keymgr.envelope.recipients import read_kek_recipient, recipient_kind
 from keymgr.envelope.stream import StreamHeader, read_stream_header, replace_stream_recipients
 from keymgr.hsm import probe
-from keymgr.keyring import KeyRecord, KeyVersion
+from keymgr.keyring.store import KeyRecord, KeyVersion
+from keymgr.recipients.kek import KekProtector
 
 __all__ = ["Move", "RewrapResult", "Rewrapper"]
 

@@ -19,13 +19,13 @@ Allowed transitions (anything else raises :class:`~keymgr.errors.PolicyError`)::
                                                               if it lost primary meanwhile)
     any but        compromised     mark_compromised(...)      decrypts only with allow_compromised
     destroyed
-    not primary,   destroyed       keymgr.shred.destroy       the token object is destroyed
+    not primary,   destroyed       keymgr.lifecycle.shred.destroy       the token object is destroyed
     not destroyed                                             (terminal)
 
 Retirement is not a state: ``retire(name, below=N)`` makes versions below N
 stop decrypting whatever their state (Vault transit's ``min_decryption_version``).
 
-Every change is a write-once fact (:mod:`keymgr.keyfacts`), so hosts sharing a
+Every change is a write-once fact (:mod:`keymgr.keyring.facts`), so hosts sharing a
 token never overwrite each other: two rotations that race both create a
 version, both stay decryptable, and every host picks the same primary (the
 higher epoch, then the higher version number). Destroyed and compromised
@@ -37,7 +37,7 @@ Crash safety of :func:`rotate` (docs/rotation.md): a *pending* fact names the
 new CKA_ID first, then the key object is generated, then the *version* fact is
 written (one new data object: the commit point). A crash before the commit
 leaves the old primary and an orphan object that the next rotation destroys once
-its pending fact is a day old (:meth:`keymgr.keyring.Keyring.sweep_orphans`;
+its pending fact is a day old (:meth:`keymgr.keyring.store.Keyring.sweep_orphans`;
 another host may still be between the two steps). Never none, never two.
 
 Rotations of one key on one host are serialised by an advisory lock file
@@ -57,7 +57,7 @@ from keymgr import _signals, errors
 from keymgr._time import parse_utc
 from keymgr.hsm import objects
 from keymgr.hsm.locks import token_lock
-from keymgr.keyring import KeyRecord, Keyring, KeyVersion, version_template
+from keymgr.keyring.store import KeyRecord, Keyring, KeyVersion, version_template
 
 __all__ = ["STATES", "TRANSITIONS", "ROTATION_ONLY", "RETRIES", "rotate", "activate", "transition", "suspend",
            "resume", "mark_compromised", "retire", "check_transition",
@@ -79,7 +79,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 ROTATION_ONLY = frozenset({("pre-active", "active"), ("active", "decrypt-only")})
 #: Longest random pause before an automatic rotation (seconds; see rotate's ``if_primary``).
 AUTO_ROTATE_JITTER = 0.05
-#: How often a use reservation is retried when the version filled up meanwhile (keymgr.usage).
+#: How often a use reservation is retried when the version filled up meanwhile (keymgr.lifecycle.usage).
 RETRIES = 5
 
 
@@ -203,7 +203,7 @@ def _record_state(keyring: Keyring, name: str, version: KeyVersion, event: str) 
 def transition(keyring: Keyring, name: str, version: int, state: str, *, _shredding: bool = False) -> KeyRecord:
     """Move ``version`` of ``name`` to ``state`` if the table in the module docstring allows it.
 
-    ``destroyed`` is reached only through :func:`keymgr.shred.destroy` (which gates it and
+    ``destroyed`` is reached only through :func:`keymgr.lifecycle.shred.destroy` (which gates it and
     destroys the object); ``_shredding`` is its private way in."""
     if state == "destroyed" and not _shredding:
         raise errors.PolicyError("destroying a key version goes through destroy (keymgr key destroy), "

@@ -7,7 +7,7 @@ not followed):
 - not a keymgr envelope, or an envelope none of whose recipients is a key of
   this token (another site's): reported as *skipped*, never opened for writing;
 - all of our recipients under the primary already: *current*, left as it is;
-- otherwise: the new envelope (:mod:`keymgr.rewrap`: recipients only) replaces
+- otherwise: the new envelope (:mod:`keymgr.rewrap.message`: recipients only) replaces
   the file atomically (temporary file in the same directory, fsync, rename,
   directory fsync: :func:`keymgr._files.atomic_output`), keeping its mode
   (and owner, when run as root): *rewrapped*;
@@ -21,7 +21,7 @@ named ``.NAME.keymgr-rewrap.PID.XXXXXXXX.tmp`` (where the filesystem has
 keymgr._files); the next run deletes those
 whose writer is gone (it holds an flock on its temporary file while it lives: a pid can be
 reused or belong to a dying process) and never takes them for input. With a journal
-(:mod:`keymgr.rewrap_journal`) the next run also knows which files were
+(:mod:`keymgr.rewrap.journal`) the next run also knows which files were
 finished and does not look at them again beyond a digest.
 
 Parallelism: PKCS#11 calls are serialised per module in a process
@@ -49,9 +49,9 @@ from typing import Any
 
 from keymgr import errors
 from keymgr._files import os_error_reason, temp_file_abandoned
-from keymgr.rewrap import Rewrapper
-from keymgr.rewrap_file import TEMP_NAME, TEMP_TAG, FileOutcome, FileRewrapper
-from keymgr.rewrap_journal import Journal
+from keymgr.rewrap.file import TEMP_NAME, TEMP_TAG, FileOutcome, FileRewrapper
+from keymgr.rewrap.journal import Journal
+from keymgr.rewrap.message import Rewrapper
 
 __all__ = ["DEFAULT_THREADS", "TEMP_TAG", "FileOutcome", "Summary", "run", "walk"]
 

@@ -9,7 +9,7 @@ other line is one :class:`Entry`::
     {"path": "/data/b.kms", "state": "current", "before": null, "after": null}
     {"path": "/data/c.txt", "state": "skipped", "reason": "not a keymgr envelope", ...}
 
-The protocol for a file that changes (keymgr.bulk_rewrap): the new envelope is
+The protocol for a file that changes (keymgr.rewrap.bulk): the new envelope is
 written to a temporary file and fsync'ed, then ``begin`` (digests of the old
 and the new bytes) is appended and the journal fsync'ed, then the temporary
 file is renamed over the old one and the directory fsync'ed, then ``done`` is

@@ -10,7 +10,7 @@ Two key-encryption profiles (chosen per key at creation, docs/format.md):
   the KEK (``id-aes256-GCM`` with its nonce in the parameters). One token
   call per message, no key objects; random 96-bit nonces, so each KEK version
   is good for at most 2^32 encryptions (NIST SP 800-38D 8.3), which
-  :mod:`keymgr.usage` enforces through the ``reserve`` hook (docs/performance.md,
+  :mod:`keymgr.lifecycle.usage` enforces through the ``reserve`` hook (docs/performance.md,
   "Default profile", says why ``kw`` is the default).
 
 Decrypting checks the key version's state first (suspended and compromised
@@ -32,8 +32,8 @@ from keymgr.envelope._aead import DataKey
 from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope.recipients import KekAlgorithm, kek_recipient_der, read_kek_recipient
 from keymgr.hsm import objects, probe
-from keymgr.keyring import KeyRecord, Keyring, KeyVersion
-from keymgr.templates import PROFILES, Profile, profile_named
+from keymgr.hsm.templates import PROFILES, Profile, profile_named
+from keymgr.keyring.store import KeyRecord, Keyring, KeyVersion
 
 __all__ = ["KekProtector", "KeyRecipient", "Recipient", "DECRYPTABLE_STATES"]
 
@@ -84,7 +84,7 @@ class KekProtector:
                  on_unwrap: Callable[[KeyRecord, KeyVersion], None] | None = None,
                  reserve: Callable[[KeyRecord], KeyRecord] | None = None) -> None:
         """``reserve`` counts each wrap under a primary and may hand back a newer record
-        (:meth:`keymgr.usage.UsageMeter.reserve`: max_messages, the GCM bound, auto-rotation)."""
+        (:meth:`keymgr.lifecycle.usage.UsageMeter.reserve`: max_messages, the GCM bound, auto-rotation)."""
         self._keyring = keyring
         self._reserve = reserve
         self._allow_compromised = allow_compromised
@@ -142,7 +142,7 @@ class KekProtector:
                        provenance: bool = True) -> None:
         """Refuse to encrypt under anything but an active version (the primary, by default):
         checked per wrap, and per message where a cached data key spares the wrap. And refuse a
-        version whose key object does not prove the token made it (:mod:`keymgr.provenance`),
+        version whose key object does not prove the token made it (:mod:`keymgr.keyring.provenance`),
         unless ``provenance`` is False: a cached data key was wrapped, and so checked, under
         that very version, and a message that reuses it never reaches the key object."""
         version = version or record.primary_version

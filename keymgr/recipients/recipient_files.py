@@ -18,7 +18,7 @@ Why the hash travels with the key: an RSA public key says nothing about the OAEP
 private half can be used with, and tokens differ (SoftHSM 2.6.1 decrypts SHA-1 only,
 STACK-FACTS 7). The hash is ``--oaep-hash`` when given, else what the file says, else
 SHA-256; a message the token cannot open then fails saying which hash it uses and which
-the token does (:class:`~keymgr.envelope.token_keys.TokenPrivateKey`).
+the token does (:class:`~keymgr.recipients.token_keys.TokenPrivateKey`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from keymgr import errors
-from keymgr.envelope._pk_algorithms import OAEP_HASHES, PublicKey, load_public_key
-from keymgr.envelope.identities import find_certificate
-from keymgr.envelope.kek import Recipient
+from keymgr.recipients._pk_algorithms import OAEP_HASHES, PublicKey, load_public_key
+from keymgr.recipients.identities import find_certificate
+from keymgr.recipients.kek import Recipient
 
 __all__ = ["DESCRIPTOR_VERSION", "RecipientFile", "annotated_pem", "read_recipient_file"]
 
@@ -52,7 +52,7 @@ class RecipientFile:
 
     def recipient(self, *, oaep_hash: str | None = None) -> Recipient:
         """The recipient: ``oaep_hash`` if given, else the file's, else SHA-256."""
-        from keymgr.envelope.pubkey import public_key_recipient
+        from keymgr.recipients.pubkey import public_key_recipient
 
         chosen = oaep_hash or self.oaep_hash or DEFAULT_OAEP_HASH
         return public_key_recipient(self.certificate or self.public_key, oaep_hash=chosen, name=self.name)

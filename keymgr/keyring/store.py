@@ -3,7 +3,7 @@
 The token is the source of truth for everything needed to decrypt (DESIGN.md,
 "Where state lives"), and one token may serve a fleet of hosts (DESIGN.md,
 "Many hosts on one token"). So the keyring is a set of write-once *facts*
-(:mod:`keymgr.keyfacts`), each a private CKO_DATA object (application
+(:mod:`keymgr.keyring.facts`), each a private CKO_DATA object (application
 ``keymgr``) authenticated by an HMAC-SHA256 computed inside the token by the
 metadata MAC key, and every reader folds the facts it has seen into the same
 records. Nothing shared is read, modified and written back, so two hosts
@@ -35,7 +35,7 @@ Objects on the token::
   after a re-initialise; an object no fact names is never touched.
 * **Trust.** Anyone with the user PIN can MAC a fact, so a fact cannot prove that
   a key is safe: before a version encrypts, its key object must show what only the
-  token sets (:mod:`keymgr.provenance`), checked once per version per process.
+  token sets (:mod:`keymgr.keyring.provenance`), checked once per version per process.
 
 Key versions are AES-256 objects labelled ``NAME/vN`` with a random 16-byte
 CKA_ID; ciphertexts name the CKA_ID, never the key name.
@@ -57,15 +57,16 @@ from dataclasses import asdict, replace
 from datetime import timedelta
 from typing import Any
 
-from keymgr import _signals, errors, provenance
+from keymgr import _signals, errors
 from keymgr._canonical import canonical_json
 from keymgr._oplog import keyring as log
 from keymgr._oplog import warn_once
 from keymgr._time import parse_utc, utc_now
 from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
-from keymgr.keyfacts import Fact, KeyPolicy, KeyRecord, KeyVersion, fold, new_fact_id
-from keymgr.templates import DEFAULT_PROFILE, MAC_KEY, KeyTemplate, backup_capable, profile_named
+from keymgr.hsm.templates import DEFAULT_PROFILE, MAC_KEY, KeyTemplate, backup_capable, profile_named
+from keymgr.keyring import provenance
+from keymgr.keyring.facts import Fact, KeyPolicy, KeyRecord, KeyVersion, fold, new_fact_id
 
 __all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "validate_name",
            "version_template"]
@@ -144,7 +145,7 @@ def _after_fork_in_child() -> None:
         keyring._reloading = threading.Lock()  # noqa: SLF001
         keyring._refresher = None  # noqa: SLF001
         # a use counter is one writer: a child that kept its parent's identity would write totals the
-        # merge (max per writer) folds into the parent's, and undercount (keymgr.usage)
+        # merge (max per writer) folds into the parent's, and undercount (keymgr.lifecycle.usage)
         keyring.writer = os.urandom(8).hex()
 
 
@@ -195,7 +196,7 @@ class Keyring:
         self.orphan_grace = timedelta(days=1)
         #: objects of one key beyond which a writer compacts them into a snapshot
         self.compact_at = 8
-        #: this process's identity as a use counter (keymgr.usage): its running totals are its own
+        #: this process's identity as a use counter (keymgr.lifecycle.usage): its running totals are its own
         self.writer = os.urandom(8).hex()
         _live_keyrings.add(self)
 
@@ -595,7 +596,7 @@ class Keyring:
         ``_value`` is for interop tests only: the key is imported with that known value
         instead of being generated (:mod:`keymgr.hsm.known_keys`), so that a test can hand
         the same KEK to ``openssl cms``. Such a key is not LOCAL: this Keyring object lets it
-        encrypt (its caller made it), every other one refuses it (:mod:`keymgr.provenance`).
+        encrypt (its caller made it), every other one refuses it (:mod:`keymgr.keyring.provenance`).
         """
         validate_name(name)
         policy = policy or KeyPolicy()
@@ -724,7 +725,7 @@ class Keyring:
 
     def check_encrypts(self, record: KeyRecord, version: KeyVersion) -> None:
         """Refuse (PolicyError) a version whose key object does not prove that the token made it
-        and that it can never leave (:func:`keymgr.provenance.encrypt_refusal`); checked once per
+        and that it can never leave (:func:`keymgr.keyring.provenance.encrypt_refusal`); checked once per
         version and key object per Keyring (each KeyManager has one)."""
         last = self._last_trusted
         if last[0] is version and self._ts.cache.get(("key", version.key_id)) is last[1]:

@@ -3,7 +3,7 @@
 Encrypting needs only the public key (a PEM, a DER ``SubjectPublicKeyInfo``
 or a certificate): no token, no PIN, so a server can encrypt to a custodian's
 USB key it has never seen. Decrypting uses the private key inside its token
-(:class:`~keymgr.envelope.token_keys.TokenPrivateKey`, re-exported here).
+(:class:`~keymgr.recipients.token_keys.TokenPrivateKey`, re-exported here).
 
 Two standard CMS recipient types (RFC 5652 section 6.2), chosen by key type:
 
@@ -21,12 +21,12 @@ Two standard CMS recipient types (RFC 5652 section 6.2), chosen by key type:
   The originator's point is checked to lie on the curve before the token
   sees it (invalid-curve attacks).
 
-How the recipient is named (:mod:`keymgr.envelope.identities`): a bare public key by
+How the recipient is named (:mod:`keymgr.recipients.identities`): a bare public key by
 its subject key identifier (RFC 5280 section 4.2.1.2, method 1; KeyTrans version 2,
 ``rKeyId``), a certificate by its issuer and serial number (KeyTrans version 0), as
 ``openssl cms -encrypt -recip`` and Bouncy Castle do, so that any CMS reader holding the
 certificate finds its entry. What keymgr reads of others' messages is in
-:mod:`keymgr.envelope._pk_algorithms`.
+:mod:`keymgr.recipients._pk_algorithms`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from keymgr import errors
 from keymgr.envelope._aead import DataKey
-from keymgr.envelope._pk_algorithms import (
+from keymgr.envelope.cms import open_message, seal_message
+from keymgr.envelope.stream import decrypt_stream, encrypt_stream
+from keymgr.recipients._pk_algorithms import (
     AES256_WRAP_ID,
     CURVES,
     OAEP_HASHES,
@@ -55,11 +57,9 @@ from keymgr.envelope._pk_algorithms import (
     parse_originator_key,
     subject_key_identifier,
 )
-from keymgr.envelope.cms import open_message, seal_message
-from keymgr.envelope.identities import find_certificate, issuer_and_serial
-from keymgr.envelope.kek import Recipient
-from keymgr.envelope.stream import decrypt_stream, encrypt_stream
-from keymgr.envelope.token_keys import TokenKeyPairs, TokenPrivateKey
+from keymgr.recipients.identities import find_certificate, issuer_and_serial
+from keymgr.recipients.kek import Recipient
+from keymgr.recipients.token_keys import TokenKeyPairs, TokenPrivateKey
 
 __all__ = [
     "OAEP_HASHES", "OID_ECDH_SHA256KDF", "OID_RSAES_OAEP", "EcdhRecipient", "PublicKey", "RsaOaepRecipient",

@@ -2,9 +2,9 @@
 
 :class:`TokenPrivateKey` is one key pair: it claims the ``KeyTransRecipientInfo`` and
 ``KeyAgreeRecipientInfo`` entries that name it (by subject key identifier, or by issuer and
-serial number through one of its certificates: :mod:`keymgr.envelope.identities`) and
+serial number through one of its certificates: :mod:`keymgr.recipients.identities`) and
 recovers their data key inside the token: RSA-OAEP decryption, or ECDH there and the X9.63
-KDF and AES key unwrap on the host (:mod:`keymgr.envelope._pk_algorithms` says which
+KDF and AES key unwrap on the host (:mod:`keymgr.recipients._pk_algorithms` says which
 algorithms, and why). :class:`TokenKeyPairs` is every usable key pair of one token, found by
 what a message names: what ``keymgr decrypt`` and :meth:`keymgr.KeyManager.decrypt` use when
 no key of the keyring is a recipient.
@@ -30,19 +30,19 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from keymgr import errors
 from keymgr._memory import zero
 from keymgr.envelope._aead import DataKey
-from keymgr.envelope._pk_algorithms import (
+from keymgr.envelope.recipients import recipient_kind
+from keymgr.hsm import Pkcs11Uri, TokenSession, asym, open_token, probe
+from keymgr.hsm.certificates import find_certificates, store_certificate
+from keymgr.recipients._pk_algorithms import (
     derive_kek,
     parse_originator_key,
     read_kari_algorithm,
     read_oaep_algorithm,
 )
-from keymgr.envelope.identities import KeyIdentity, certificate_der, certificate_of
-from keymgr.envelope.recipients import recipient_kind
-from keymgr.hsm import Pkcs11Uri, TokenSession, asym, open_token, probe
-from keymgr.hsm.certificates import find_certificates, store_certificate
+from keymgr.recipients.identities import KeyIdentity, certificate_der, certificate_of
 
 if TYPE_CHECKING:
-    from keymgr.envelope.kek import Recipient
+    from keymgr.recipients.kek import Recipient
 
 __all__ = ["TokenKeyPairs", "TokenPrivateKey", "attach_certificate", "open_key_pair", "self_signed_certificate"]
 
@@ -58,7 +58,7 @@ class TokenPrivateKey:
     """A key pair on a token as the decrypt side of RSA-OAEP or ECDH recipients.
 
     ``certificates`` (PEM or DER) add to those on the token under the key pair's CKA_ID; only
-    certificates for this key's public half count (:class:`~keymgr.envelope.identities.KeyIdentity`).
+    certificates for this key's public half count (:class:`~keymgr.recipients.identities.KeyIdentity`).
     """
 
     def __init__(self, ts: TokenSession, ref: asym.KeyPairRef, *, certificates: Sequence[bytes] = ()) -> None:
@@ -91,7 +91,7 @@ class TokenPrivateKey:
 
     def recipient(self) -> Recipient:
         """The encrypt side, with the OAEP hash this token can decrypt (SHA-256 if it can)."""
-        from keymgr.envelope.pubkey import EcdhRecipient, RsaOaepRecipient
+        from keymgr.recipients.pubkey import EcdhRecipient, RsaOaepRecipient
 
         if isinstance(self._public, rsa.RSAPublicKey):
             oaep_hash = probe(self._ts).oaep_hash()
@@ -206,10 +206,10 @@ def attach_certificate(ts: TokenSession, ref: asym.KeyPairRef, certificate: byte
 
 def self_signed_certificate(ts: TokenSession, ref: asym.KeyPairRef, *, common_name: str | None = None) -> bytes:
     """Make a self-signed certificate for the key pair, signed by the token (ECDSA or RSA-PSS:
-    :mod:`keymgr.custody._certs`), and store it beside the pair; returns its DER. It asserts
+    :mod:`keymgr._certs`), and store it beside the pair; returns its DER. It asserts
     nothing but possession of the key: what it gives is a name other CMS tools encrypt to
     (``openssl cms -encrypt -recip cert.pem`` names the recipient by issuer and serial)."""
-    from keymgr.custody._certs import self_signed_certificate as make
+    from keymgr._certs import self_signed_certificate as make
 
     der = make(asym.public_key(ts, ref), common_name or ref.label, lambda data: asym.sign(ts, ref, data))
     store_certificate(ts, ref.key_id, der, label=ref.label)

@@ -1,10 +1,10 @@
-"""Rewrap one file in place, crash-safely, with its journal entries (keymgr.bulk_rewrap runs many).
+"""Rewrap one file in place, crash-safely, with its journal entries (keymgr.rewrap.bulk runs many).
 
 The file is replaced only through :func:`keymgr._files.atomic_output`
 (temporary file ``.NAME.keymgr-rewrap.PID.XXXXXXXX.tmp`` in the same
 directory, fsync, rename, directory fsync), with the journal's write-ahead
 ``begin`` entry made durable between the fsync and the rename
-(:mod:`keymgr.rewrap_journal` says why that order). The mode is kept, and the
+(:mod:`keymgr.rewrap.journal` says why that order). The mode is kept, and the
 owner when run as root. Messages are rewritten in memory (size-checked
 first); streams are copied segment by segment after their new header and
 hashed on the way, never opened. A file that changed between being read and
@@ -25,8 +25,8 @@ from keymgr import errors
 from keymgr._files import atomic_output, os_error_reason
 from keymgr.envelope.inspect import DEFAULT_MAX_MESSAGE_BYTES, SNIFF_BYTES, inspect_envelope, message_length, sniff
 from keymgr.envelope.stream import read_stream_header
-from keymgr.rewrap import Rewrapper, RewrapResult
-from keymgr.rewrap_journal import Entry, Journal, file_digest
+from keymgr.rewrap.journal import Entry, Journal, file_digest
+from keymgr.rewrap.message import Rewrapper, RewrapResult
 
 __all__ = ["TEMP_NAME", "TEMP_TAG", "FileOutcome", "FileRewrapper", "Status"]
 
