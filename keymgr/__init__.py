@@ -1,7 +1,9 @@
 """keymgr: encryption keys kept in hardware, and safe envelope encryption on top.
 
 The safe API is :class:`KeyManager` and the error tree in :mod:`keymgr.errors`.
-:mod:`keymgr.hsm` is the PKCS#11 layer underneath (the hazmat).
+:mod:`keymgr.hsm` is the PKCS#11 layer underneath (the hazmat). The folders of
+``keymgr/`` are its layers, each importing only those below it (README.md,
+"Layout"; tests/test_layers.py keeps it so).
 """
 
 from typing import TYPE_CHECKING, Any

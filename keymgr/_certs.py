@@ -1,5 +1,8 @@
 """Signature algorithms and self-signed certificates for keys that live on tokens.
 
+A base helper (``cryptography`` only): custody signs with it, and
+:mod:`keymgr.recipients.token_keys` certifies token key pairs with it.
+
 A custodian's key signs approvals and transcripts; verification happens on
 the host with ``cryptography``. Two algorithm families, fixed per key kind:
 

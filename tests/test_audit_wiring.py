@@ -1,4 +1,7 @@
-"""Every lifecycle operation of KeyManager leaves its entry (keymgr.lifecycle.rotation, keymgr.lifecycle.shred, keymgr.rewrap.message)."""
+"""Every lifecycle operation of KeyManager leaves its entry.
+
+(keymgr.lifecycle.rotation, keymgr.lifecycle.shred, keymgr.rewrap.message.)
+"""
 
 from __future__ import annotations
 

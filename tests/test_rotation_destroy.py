@@ -1,4 +1,7 @@
-"""Crypto-shredding (keymgr.lifecycle.shred): the remaining-data check, the quorum gate, the object gone from the token."""
+"""Crypto-shredding (keymgr.lifecycle.shred).
+
+The remaining-data check, the quorum gate, the object gone from the token.
+"""
 
 from __future__ import annotations
 

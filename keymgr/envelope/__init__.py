@@ -1,8 +1,9 @@
 """Envelope formats: data encrypted under a data key, the data key wrapped for recipients.
 
-Token-independent: this package reads and writes bytes; wrapping a data key
-in a token is the token layer's work, reached through the ``unwrap``
-callables and the ``RecipientInfo`` values passed in here.
+Token-independent: this package reads and writes bytes and imports nothing of
+keymgr but the base helpers; wrapping a data key in a token is the work of
+:mod:`keymgr.recipients` (KEKs on the token, public-key recipients), reached
+through the ``unwrap`` callables and the ``RecipientInfo`` values passed in here.
 
 - :mod:`keymgr.envelope.cms`: one message in memory, a DER CMS
   ``AuthEnvelopedData`` (RFC 5083) with AES-256-GCM (RFC 5084).
@@ -10,11 +11,8 @@ callables and the ``RecipientInfo`` values passed in here.
   a header and STREAM-sealed segments.
 - :mod:`keymgr.envelope.recipients`: ``KEKRecipientInfo`` and
   ``OtherRecipientInfo`` builders and readers.
-- :mod:`keymgr.recipients.pubkey`: RSA-OAEP and ECDH recipients for someone's
-  public key or certificate; :mod:`keymgr.recipients.token_keys` their decrypt
-  side, key pairs on a token; :mod:`keymgr.recipients.identities` how recipients
-  name a key pair; :mod:`keymgr.recipients.recipient_files` the files senders
-  are given. These reach the token layer (``keymgr.hsm``) for decryption.
+- :mod:`keymgr.envelope.inspect`: what a message or stream says about itself.
+- :mod:`keymgr.envelope.cache`: data-key caching policies.
 
 Messages from other implementations may be BER: they are read through their
 DER re-encoding (:mod:`keymgr.envelope._ber`); keymgr writes DER only.

@@ -5,6 +5,10 @@ objects and capability probes. It is importable, and the rest of keymgr is
 built on it, but it makes no policy choices for you: use
 :class:`keymgr.KeyManager` unless you know why you need this layer.
 This is the only package of keymgr that imports ``pkcs11``.
+
+Also here because everything above builds on them: :mod:`keymgr.hsm.templates`
+(the attribute sets keymgr creates keys with, per profile) and
+:mod:`keymgr.hsm.local` (the local SoftHSM token ``keymgr`` sets up by itself).
 """
 
 from keymgr.hsm.capabilities import Capabilities, probe
