@@ -21,7 +21,7 @@ done
 packages=(softhsm2 opensc openssl)
 if [ "$want_dev" = 1 ]; then
   packages+=(swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtss2-tcti-swtpm0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus tmux)
-  # headless browser that renders the access review's HTML in tests/test_audit_report.py
+  # headless browser that renders the access review's HTML in tests/audit/test_audit_report.py
   packages+=(chromium)
   # tools we did not write, for the interop tests (tests/test_interop_*.py): a JDK to compile a small
   # Bouncy Castle program, and Bouncy Castle itself (bcpkix 1.72 needs bcutil too)

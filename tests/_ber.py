@@ -1,6 +1,6 @@
 """A BER re-encoder for tests: keymgr's DER messages in the forms other writers use (indefinite
 lengths, non-minimal lengths, strings in segments, as X.690 section 8 allows), so that the
-plaintext behind a BER input is known (tests/test_envelope_ber.py, the fuzz seeds)."""
+plaintext behind a BER input is known (tests/envelope/test_envelope_ber.py, the fuzz seeds)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Run the ``keymgr`` command with every token call of its main thread counted, and a signal sent
-to itself right after call number K: how tests/test_interrupt_ceremonies.py puts an interrupt at
+to itself right after call number K: how tests/custody/test_interrupt_ceremonies.py puts an interrupt at
 every step of a ceremony.
 
 ``python -m tests._interrupt_driver KEYMGR-ARGS...`` with, in the environment:

@@ -1,4 +1,4 @@
-"""A synthetic week of audit logs for tests/test_audit_report.py, written as genuine logs.
+"""A synthetic week of audit logs for tests/audit/test_audit_report.py, written as genuine logs.
 
 :class:`~keymgr.audit.Entry` lines with explicit times, chained exactly as
 :class:`~keymgr.audit.AuditLog` chains them (AuditLog stamps the wall clock and has no hook

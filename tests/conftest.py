@@ -39,7 +39,7 @@ from tests._leaks import KeyManagerWatch, Mark, SoftHsmWindow, TokenFiles, judge
 
 #: "crash" is for tests that SIGKILL processes in the middle of token calls: SoftHSM can be left with
 #: a half-written object there (a find over every object then fails), which must not reach other tests;
-#: "interrupt-A" / "interrupt-B" are tests/test_interrupt_ceremonies.py's own (it interrupts ~100 child
+#: "interrupt-A" / "interrupt-B" are tests/custody/test_interrupt_ceremonies.py's own (it interrupts ~100 child
 #: processes, each of which reads every fact of its token: the shared tokens' keys would make that slow)
 SOFTHSM_TOKENS = ("keymgr-A", "keymgr-B", "custodian-1", "custodian-2", "custodian-3", "lockout", "hygiene", "crash",
                   "interrupt-A", "interrupt-B", "mac-swap")

@@ -35,7 +35,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 import keymgr
 from keymgr.envelope.cache import CachePolicy
 from keymgr.hsm import objects
-from keymgr.keyring import APPLICATION, FACT_PREFIX, META_MAC_LABEL
+from keymgr.keyring.store import APPLICATION, FACT_PREFIX, META_MAC_LABEL
 from tests._internals import keyring_of, token_of
 
 uri, audit_path, plaintext_mark = sys.argv[1:]

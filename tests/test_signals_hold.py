@@ -2,7 +2,7 @@
 
 In-process (pytest's main thread, whose SIGINT handler is Python's own) and in a child for
 SIGTERM's default action. The ceremonies that use this are tested end to end in
-tests/test_interrupt_ceremonies.py.
+tests/custody/test_interrupt_ceremonies.py.
 """
 
 from __future__ import annotations

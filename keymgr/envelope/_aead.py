@@ -82,7 +82,7 @@ def key_commitment(key: bytes | bytearray) -> bytes:
     :func:`hkdf_sha256` for one block, with the HMACs (RFC 2104) written out over
     SHA-256 states whose zero-salt pads are hashed once: it runs for every fresh
     data key, and this form costs a third less than two ``hmac.digest`` calls
-    (the same bytes: tests/test_envelope_token.py checks it against :func:`hkdf_sha256`)."""
+    (the same bytes: tests/recipients/test_envelope_token.py checks it against :func:`hkdf_sha256`)."""
     inner = _EXTRACT_INNER.copy()
     inner.update(key)
     outer = _EXTRACT_OUTER.copy()

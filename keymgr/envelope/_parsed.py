@@ -6,7 +6,7 @@ per-message OCTET STRINGs cut out; ``SHAPES`` keeps one per message length,
 so that a service's stream of messages under one key and context (which
 differ only in those contents) is read by comparing bytes. The argument for
 why that gives exactly the full parse is in :class:`MessageShape`'s docstring;
-tests/test_envelope_fastpaths.py holds it to the full parse on every shape
+tests/envelope/test_envelope_fastpaths.py holds it to the full parse on every shape
 and on every single-byte edit.
 """
 

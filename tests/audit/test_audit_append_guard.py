@@ -22,7 +22,7 @@ from keymgr.audit import AuditLog, verify_log, verify_logs
 from tests._internals import token_of
 from tests.conftest import TokenUnderTest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _manager(token: TokenUnderTest, log: Path, **options: object) -> keymgr.KeyManager:

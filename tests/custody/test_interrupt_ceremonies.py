@@ -52,7 +52,7 @@ from tests._internals import keyring_of, token_of
 from tests.conftest import softhsm_token
 from tests.custody_helpers import approvals, guarded_key, hsm, party, registered, request, so_pin
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ALL = os.environ.get("KEYMGR_INTERRUPT_ALL") == "1"
 ROLLED_BACK, COMPLETED = "rolled back", "completed"
 #: the restores' target, and the token of the rotations and destroys (this test's own: tests/conftest.py)

@@ -26,7 +26,7 @@ from keymgr.cli.crypt import STREAM_MAGIC
 from keymgr.envelope import parse_message, read_stream_header
 from keymgr.envelope.stream import MAGIC
 from tests.conftest import TokenUnderTest
-from tests.test_envelope_token import algorithm_spans
+from tests.recipients.test_envelope_token import algorithm_spans
 
 EXIT_INTEGRITY, EXIT_FORMAT, EXIT_STORAGE, EXIT_NOT_FOUND, EXIT_USAGE = 4, 7, 8, 6, 2
 CTX = ("--context", "tenant=acme", "--context", "purpose=test")

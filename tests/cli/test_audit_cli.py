@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from keymgr.audit import AuditLog
 from keymgr.cli import cli
 from keymgr.hsm import TokenSession, open_token
+from tests.audit.test_audit_verify import CASES
 from tests.audit_helpers import ENTRIES, honest_log, write_lines
 from tests.conftest import TokenUnderTest
-from tests.test_audit_verify import CASES
 
 
 def _run(*args: str) -> tuple[int, str, str]:

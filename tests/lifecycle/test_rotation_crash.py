@@ -33,7 +33,7 @@ from tests._internals import keyring_of, token_of
 from tests._keyring_helpers import WallClock, same_record
 from tests.conftest import TokenUnderTest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KILLS = 24
 
 CHILD = r"""

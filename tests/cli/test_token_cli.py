@@ -19,7 +19,7 @@ from keymgr.hsm import Pkcs11Uri, asym, open_token
 from keymgr.recipients import pubkey
 from tests.conftest import TokenUnderTest, softhsm_token
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: the key pairs `keymgr token keygen` makes stay on the shared tokens, each label with a random part
 pytestmark = pytest.mark.leaves_objects("cust-")
 

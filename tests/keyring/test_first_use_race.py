@@ -31,7 +31,7 @@ import pytest
 
 from tests.conftest import _softhsm_module
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROCESSES = 5
 TRIALS = 3
 

@@ -194,7 +194,7 @@ def test_processes_share_the_limit_exactly(softhsm, key_name: str) -> None:
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     child = ("import sys, keymgr\n"
              "ok = 0\n"
              "with keymgr.KeyManager(sys.argv[1]) as km:\n"

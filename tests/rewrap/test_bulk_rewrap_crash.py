@@ -35,7 +35,7 @@ from keymgr.rewrap.journal import check_journal, read_entries
 from tests._crash_token import crash_token
 from tests.conftest import TokenUnderTest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENVELOPES = 1000
 STREAM_EVERY = 5  # 200 streams, 800 messages
 PLAIN_FILES = 10

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import keymgr
 from keymgr.custody import shamir
 
-KAT = json.loads((Path(__file__).parent / "vectors" / "shamir" / "kat.json").read_text())["cases"]
+KAT = json.loads((Path(__file__).parents[1] / "vectors" / "shamir" / "kat.json").read_text())["cases"]
 
 
 def _naive_mul(a: int, b: int) -> int:

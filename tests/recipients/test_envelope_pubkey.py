@@ -243,7 +243,7 @@ def test_tpm_key_recipient_from_a_process_with_no_token(tpm: TokenUnderTest, tpm
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TPM2", "TSS2", "DBUS", "SOFTHSM2", "KEYMGR_"))}
     env["KEYMGR_MODULE"] = str(tmp_path / "no-such-module.so")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     proc = subprocess.run([sys.executable, "-c", _ENCRYPT_OFFLINE, str(tmp_path / "key.pem"), str(tmp_path / "m")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

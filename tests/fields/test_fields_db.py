@@ -32,7 +32,7 @@ from tests._crash_token import crash_token  # noqa: E402
 from tests._fields_schema import ENCRYPTED, codec, customer, customers_table  # noqa: E402
 from tests._postgres import TempPostgres, missing_reason  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")

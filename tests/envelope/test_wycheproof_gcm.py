@@ -38,7 +38,7 @@ from keymgr.manager import INTEGRITY_MESSAGE
 from tests._internals import keyring_of
 from tests._vectors import load_wycheproof, wycheproof_cases
 from tests.conftest import softhsm_token
-from tests.test_envelope_cms import GcmParameters
+from tests.envelope.test_envelope_cms import GcmParameters
 
 CASES = wycheproof_cases("aes_gcm_test")
 OURS = [(g, t) for g, t in CASES if g["keySize"] == 256 and g["ivSize"] == 96 and g["tagSize"] == 128]

@@ -36,8 +36,8 @@ from keymgr._files import TEMP_NAME, atomic_output, remove_abandoned_temp_files
 from keymgr.cli import cli
 from keymgr.cli._common import EXIT_CODE_MEANINGS, EXIT_CODES
 from keymgr.envelope.stream import MAGIC
+from tests.cli.test_cli_crypt import EXIT_INTEGRITY, EXIT_USAGE, PREVIOUS, one_error_line
 from tests.conftest import TokenUnderTest, softhsm_token
-from tests.test_cli_crypt import EXIT_INTEGRITY, EXIT_USAGE, PREVIOUS, one_error_line
 
 MiB = 1 << 20
 BIG = 200 * MiB
@@ -633,7 +633,7 @@ def test_exit_codes_are_documented() -> None:
     listed = {int(line.split()[0]) for line in result.stdout.split("Exit codes:")[1].splitlines() if line.strip()}
     assert {code for _, code in EXIT_CODES} | {0, 2, 130, 141, 143} <= listed
     assert listed == {code for code, _ in EXIT_CODE_MEANINGS}
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "getting-started.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "getting-started.md").read_text()
     for code, _ in EXIT_CODE_MEANINGS:
         assert f"| {code} |" in docs, code
 
@@ -703,13 +703,13 @@ def test_the_console_script_sets_the_signal_handlers_before_the_cli(tmp_path: Pa
     the handlers before importing the CLI; a stale script (``from keymgr.cli import main``, from an
     older pyproject) imports it first, and an interrupt there is a traceback."""
     script = _console_script()
-    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     module, function = pyproject.split('\nkeymgr = "', 1)[1].split('"', 1)[0].split(":")
     assert f"from {module} import {function}" in script.read_text(), \
         f"{script} is stale (it does not run {module}:{function}): run scripts/setup.sh"
     (tmp_path / "sitecustomize.py").write_text(_IMPORT_PROBE)
     record = tmp_path / "probe"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parent.parent)]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[2])]),
            "KEYMGR_IMPORT_PROBE": str(record)}
     done = subprocess.run([str(script), "--version"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -724,7 +724,7 @@ def test_the_console_script_ends_an_early_interrupt_in_one_line(small: Path, tmp
     for _ in range(3):
         proc = subprocess.Popen([str(script), "--token", tok.uri(), "decrypt", str(small), "-o",
                                  str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
         assert proc.stderr is not None
         wait_for_handlers(proc.pid)
         proc.send_signal(signal.SIGINT)

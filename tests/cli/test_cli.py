@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from keymgr.cli import cli
 from tests.conftest import TokenUnderTest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> tuple[int, str, str]:

@@ -26,7 +26,7 @@ from keymgr.recipients import pubkey
 from tests.conftest import TokenUnderTest, tpm_state_dir
 from tests.tokens.tpm import lockout_counter, start_tpm, stop_tpm, unlock_tpm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Tries each PIN in a fresh process, one keymgr call per PIN, and prints what keymgr said.
 _TRY_PINS = """

@@ -385,7 +385,7 @@ def test_structural_guard_rails(kek: SoftKek, dek: bytes) -> None:
                         ("enveloped-data, not auth", "EnvelopedData")):
         with pytest.raises(UnsupportedAlgorithmError, match=shown):
             parse_message(bad[name])
-    # BER is read (its DER re-encoding is): tests/test_envelope_ber.py
+    # BER is read (its DER re-encoding is): tests/envelope/test_envelope_ber.py
     ber = b"\x30\x80" + good[2 + (good[1] & 0x7F if good[1] & 0x80 else 0):] + b"\x00\x00"
     assert open_message(ber, unwrap=kek.unwrap, context=None) == SECRET
 

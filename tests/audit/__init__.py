@@ -1,0 +1,1 @@
+"""Tests of keymgr/audit/ (shared fixtures: tests/conftest.py)."""

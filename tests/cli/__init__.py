@@ -1,0 +1,1 @@
+"""Tests of keymgr/cli/ (shared fixtures: tests/conftest.py)."""

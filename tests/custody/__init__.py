@@ -1,0 +1,1 @@
+"""Tests of keymgr/custody/ (shared fixtures: tests/conftest.py)."""

@@ -1,0 +1,1 @@
+"""Tests of keymgr/envelope/ (shared fixtures: tests/conftest.py)."""

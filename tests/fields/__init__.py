@@ -1,0 +1,1 @@
+"""Tests of keymgr/fields/ (shared fixtures: tests/conftest.py)."""

@@ -1,0 +1,1 @@
+"""Tests of keymgr/hsm/ (shared fixtures: tests/conftest.py)."""

@@ -1,0 +1,1 @@
+"""Tests of keymgr/keyring/ (shared fixtures: tests/conftest.py)."""

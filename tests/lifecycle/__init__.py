@@ -1,0 +1,1 @@
+"""Tests of keymgr/lifecycle/ (shared fixtures: tests/conftest.py)."""

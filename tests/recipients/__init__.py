@@ -1,0 +1,1 @@
+"""Tests of keymgr/recipients/ (shared fixtures: tests/conftest.py)."""

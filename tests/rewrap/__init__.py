@@ -1,0 +1,1 @@
+"""Tests of keymgr/rewrap/ (shared fixtures: tests/conftest.py)."""
