@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pkcs11 import Attribute, ObjectClass
 
 import keymgr
-from keymgr.hsm import asym, open_token, probe
+from keymgr.hsm import TokenSession, asym, open_token, probe
 from keymgr.hsm.pins import PinRequest
 from tests.conftest import TokenUnderTest, requires, softhsm_token
 
@@ -126,6 +126,14 @@ def _always_authenticate_pair(ts: object, label: str) -> asym.KeyPairRef:
     return asym.KeyPairRef(ts.label, key_id, label, "rsa-2048")  # type: ignore[attr-defined]
 
 
+def _asking_session(tok: TokenUnderTest, callback: object) -> TokenSession:
+    """A session of ``tok`` whose PINs come from ``callback``. open_token shares one session per
+    token in a process, with the PIN source of whoever opened it first (another test may have,
+    with a PIN in its URI): that one is closed first, so this test's callback is the one asked."""
+    open_token(tok.uri(pin=False), login=False).close()
+    return open_token(tok.uri(pin=False), pin_callback=callback)  # type: ignore[arg-type]
+
+
 def test_always_authenticate_asks_the_callback_each_use(softhsm: TokenUnderTest) -> None:
     tok = softhsm_token("custodian-3")
     asked: list[PinRequest] = []
@@ -134,7 +142,7 @@ def test_always_authenticate_asks_the_callback_each_use(softhsm: TokenUnderTest)
         asked.append(request)
         return tok.user_pin
 
-    ts = open_token(tok.uri(pin=False), pin_callback=callback)
+    ts = _asking_session(tok, callback)
     ref = _always_authenticate_pair(ts, _label("piv-9c"))
     public = asym.public_key(ts, ref)
     assert isinstance(public, rsa.RSAPublicKey)
@@ -155,7 +163,7 @@ def test_wrong_context_pin_is_reported_and_not_retried(softhsm: TokenUnderTest) 
         asked.append(request.reason)
         return next(answers)
 
-    ts = open_token(tok.uri(pin=False), pin_callback=callback)
+    ts = _asking_session(tok, callback)
     ref = _always_authenticate_pair(ts, _label("ctx"))
     public = asym.public_key(ts, ref)
     assert isinstance(public, rsa.RSAPublicKey)
