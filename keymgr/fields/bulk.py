@@ -34,8 +34,11 @@ The re-encryption protocol:
    each value are read from its bytes) until a sweep finds nothing stale: rows skipped for a
    conflict, and rows a writer that had not yet seen an index rotation (up to
    ``REFRESH_INTERVAL``) or still held an old data key wrote during the pass.
-4. Old data keys that no binary column of the table's schema still names are deleted; then
-   the job is marked finished. A kill before that repeats 3 and 4 on the next run.
+4. Old data keys that no binary column of any table in any schema of the database still
+   names are deleted (a schema that cannot be read keeps them all); then the job is marked
+   finished. Values in **another database** that share the data-key table are not seen:
+   re-encrypt such tables with ``drop_old_keys=False`` (``--keep-data-keys``). A kill before
+   that repeats 3 and 4 on the next run.
 
 Progress is reported through ``on_batch(done, total)`` (the CLI draws a bar from it).
 """
@@ -260,19 +263,38 @@ def _sweep(engine: Engine, walk: _Walk, size: int) -> tuple[int, int]:
         after = getattr(rows[-1], walk.codec.pk)
 
 
-def _used_refs(conn: Connection, codec: EncryptedTable, candidates: frozenset[bytes]) -> set[bytes]:
-    """Which of ``candidates`` a binary column of any table in the codec's schema still names
-    (a data key may serve several tables: one cipher, one store)."""
-    metadata = sa.MetaData()
-    metadata.reflect(conn, schema=codec.table.schema)
+#: Schemas of the database's own catalogue, never a place of field values.
+_SYSTEM_SCHEMAS = ("information_schema", "pg_catalog", "pg_toast")
+
+
+def _value_schemas(conn: Connection) -> list[str]:
+    """Every schema of the database that may hold field values (PostgreSQL: each user schema;
+    SQLite: ``main`` and every attached database)."""
+    names = sa.inspect(conn).get_schema_names()
+    return [n for n in names if n not in _SYSTEM_SCHEMAS and not n.startswith(("pg_temp", "pg_toast"))]
+
+
+def _used_refs(conn: Connection, candidates: frozenset[bytes]) -> set[bytes]:
+    """Which of ``candidates`` a binary column of any table in **any schema** of the database
+    still names. A data key may serve several tables (one cipher, one store): the same table in
+    ``tenant_a`` and ``tenant_b``, or two tables of one schema; checking the codec's schema
+    alone deleted keys another schema's rows still needed. A schema that cannot be read makes
+    the whole check fail (:class:`StorageError`): then nothing is deleted."""
     used: set[bytes] = set()
-    for table in metadata.tables.values():
-        for column in table.columns:
-            if not isinstance(column.type, sa.types._Binary):
-                continue
-            ref = sa.func.substr(column, 2, KEY_REF_SIZE)
-            query = sa.select(ref).where(sa.func.length(column) >= OVERHEAD).distinct()
-            used.update(bytes(r) for (r,) in conn.execute(query) if r is not None and bytes(r) in candidates)
+    for schema in _value_schemas(conn):
+        metadata = sa.MetaData()
+        try:
+            metadata.reflect(conn, schema=schema)
+        except sa.exc.SQLAlchemyError as exc:
+            raise errors.StorageError(f"schema {schema!r} could not be read ({type(exc).__name__}): old data keys "
+                                      "are kept, since values there may name them") from None
+        for table in metadata.tables.values():
+            for column in table.columns:
+                if not isinstance(column.type, sa.types._Binary):
+                    continue
+                ref = sa.func.substr(column, 2, KEY_REF_SIZE)
+                query = sa.select(ref).where(sa.func.length(column) >= OVERHEAD).distinct()
+                used.update(bytes(r) for (r,) in conn.execute(query) if r is not None and bytes(r) in candidates)
     return used
 
 
@@ -281,7 +303,7 @@ def _drop_old_keys(engine: Engine, walk: _Walk) -> int:
     if not walk.old_refs:
         return 0
     with engine.connect() as conn:
-        unused = walk.old_refs - _used_refs(conn, walk.codec, walk.old_refs)
+        unused = walk.old_refs - _used_refs(conn, walk.old_refs)
     count = store.delete(walk.codec.cipher.key, sorted(unused))
     if count:
         _log.info("%s: %d old data key(s) of %s deleted", walk.codec.name, count, walk.codec.cipher.key)

@@ -412,6 +412,37 @@ def test_schema_per_tenant_tables_are_different_places(km_a, key_name, postgres)
         assert enc_a.decode(conn.execute(sa.select(a)).one())["email"] == "alice@a"
 
 
+def test_reencrypting_one_schema_keeps_the_data_keys_another_schema_uses(km_a, key_name, postgres) -> None:
+    """tenant_a.acct and tenant_b.acct under one key and one data-key table: re-encrypting
+    tenant_a deletes only what no value in any schema names (it once deleted tenant_b's keys
+    too, and tenant_b's rows never decrypted again)."""
+    from keymgr.fields.bulk import reencrypt_table
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    engine = sa.create_engine(postgres.url(name))
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA tenant_a; CREATE SCHEMA tenant_b"))
+    km_a.create_key(key_name)
+    a, b = _accounts(sa.MetaData(), schema="tenant_a"), _accounts(sa.MetaData(), schema="tenant_b")
+    for t in (a, b):
+        t.metadata.create_all(engine)
+    enc_a, enc_b = _accounts_codec(km_a, engine, a, key_name), _accounts_codec(km_a, engine, b, key_name)
+    for enc, t in ((enc_a, a), (enc_b, b)):
+        with engine.begin() as conn:
+            conn.execute(t.insert(), enc.encode_rows([{"id": str(i), "email": f"u{i}@x"} for i in range(6)]))
+    km_a.rotate(key_name)
+    result = reencrypt_table(engine, _accounts_codec(km_a, engine, a, key_name))
+    assert result.keys_deleted == 1  # tenant_a's old data key, not tenant_b's
+    reader = _accounts_codec(km_a, engine, b, key_name)
+    with engine.connect() as conn:
+        assert sorted(reader.decode(r)["email"] for r in conn.execute(sa.select(b))) == sorted(
+            f"u{i}@x" for i in range(6))
+
+
 def test_tenants_sharing_a_table_get_unrelated_terms_and_lookups_skip_each_other(km_a, key_name, db_url,
                                                                                  caplog) -> None:
     engine = sa.create_engine(db_url)
