@@ -139,6 +139,10 @@ def _filter_text(where: sa.ColumnElement[bool] | None, dialect: sa.Dialect) -> s
         return f"{compiled} {sorted((k, repr(v)) for k, v in compiled.params.items())}"
 
 
+#: Longest job name the jobs table holds.
+_JOB_NAME_SIZE = 200
+
+
 def job_name(codec: EncryptedTable, where: sa.ColumnElement[bool] | None = None,
              dialect: sa.Dialect | None = None) -> str:
     """The pass's name: table, key version, index versions, and a digest of what else decides
@@ -149,7 +153,12 @@ def job_name(codec: EncryptedTable, where: sa.ColumnElement[bool] | None = None,
     scope = "\n".join([",".join(sorted(codec.encrypted)), ",".join(sorted(codec.indexes)),
                        repr(sorted(codec.extra.items())), _filter_text(where, dialect or sqlite.dialect())])
     digest = hashlib.sha256(scope.encode()).hexdigest()[:16]
-    return f"reencrypt {codec.name} {record.name}:v{record.primary} {digest} {indexes}"[:200]
+    name = f"reencrypt {codec.name} {record.name}:v{record.primary} {digest} {indexes}"
+    if len(name) <= _JOB_NAME_SIZE:
+        return name
+    # too long for the column: a readable start and a digest of the whole (cutting it off once
+    # dropped the index versions, and a pass after an index rotation believed itself finished)
+    return f"{name[:_JOB_NAME_SIZE - 42]} #{hashlib.sha256(name.encode()).hexdigest()[:40]}"
 
 
 @dataclass

@@ -681,3 +681,25 @@ def test_cli_reencrypts_one_tenant_at_a_time(km_a, softhsm, key_name, tmp_path) 
         for tenant, enc in codecs.items():
             rows = conn.execute(sa.select(table).where(table.c.tenant == tenant)).all()
             assert sorted(enc.decode(r)["email"] for r in rows) == ["0@x", "1@x", "2@x", "3@x"]
+
+
+def test_a_long_job_name_still_changes_with_every_index_version(km_a, key_name, tmp_path) -> None:
+    """Six indexes with ordinary long names push the index versions past the jobs table's 200
+    characters: the name must still change when the last index rotates (a cut name made the
+    pass after an index rotation look finished)."""
+    from keymgr.fields.bulk import job_name
+    from keymgr.fields.sql import BlindIndexTerm, EncryptedTable, EncryptedText, SqlKeyStore
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'long.db'}")
+    names = [f"email_lookup_{kind}_bidx" for kind in ("prefix", "suffix", "domain", "local", "exact", "folded")]
+    table = sa.Table("acct", sa.MetaData(), sa.Column("id", sa.String(64), primary_key=True),
+                     sa.Column("email", EncryptedText), *(sa.Column(n, BlindIndexTerm) for n in names))
+    km_a.create_key(key_name)
+    store = SqlKeyStore(engine)
+    indexes = {n: (km_a.blind_index(f"{key_name}-{n}", bits=16), "email") for n in names}
+    codec = EncryptedTable(table, km_a.fields(key_name, store=store), indexes=indexes)
+    before = job_name(codec)
+    indexes[names[-1]][0].rotate()
+    after = job_name(codec)
+    assert len(before) <= 200 and len(after) <= 200 and before != after
+    assert job_name(codec) == after  # and stable
