@@ -262,6 +262,11 @@ class BlindIndex:
         """How many subkeys this index holds on the host now (0 in token-only mode)."""
         return len(self._subkeys)
 
+    def expire(self) -> None:
+        """Zero and drop the subkeys older than ``max_age`` now (every use of the index does so
+        too): for a long-lived process that stops using an index for a while."""
+        self._subkeys.expire()
+
     def close(self) -> None:
         """Zero and drop the subkeys held on the host (:meth:`keymgr.KeyManager.close` calls it);
         a later term derives them again."""

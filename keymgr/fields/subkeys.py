@@ -7,8 +7,10 @@ does the same per (index version, context): the token derives the subkey once (o
 the index key, which never leaves the token), and the host computes terms with it
 (:mod:`keymgr.fields.index`). This module keeps those subkeys, with the limits of the data-key
 cache (:class:`keymgr.envelope.cache.CachePolicy`'s decrypt side: ``max_age`` 300 s, ``max_entries``
-1,000): a subkey older than ``max_age`` is derived again (and audited again), the oldest beyond
-``max_entries`` goes. Every subkey lives in a ``bytearray`` the cache owns and zeroes when it evicts,
+1,000): a subkey older than ``max_age`` is zeroed at the next use of the cache (any slot) and derived
+again (and audited again) when needed, the least recently used beyond ``max_entries`` goes, and
+a subkey derived while a rotation or close cleared the cache serves that one call and is zeroed.
+Every subkey lives in a ``bytearray`` the cache owns and zeroes when it evicts,
 replaces or clears it; terms are computed under the cache's lock, so a subkey is never zeroed while
 a thread is using it. Beside it the cache keeps the subkey's keyed HMAC context (``hmac.new``,
 OpenSSL's), copied for each message: ``hmac.digest`` sets the key up anew on every call (2.5 µs
@@ -56,6 +58,8 @@ class SubkeyCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, tuple[bytearray, hmac.HMAC, float]] = OrderedDict()
+        self._born: OrderedDict[Hashable, float] = OrderedDict()  # slots by derivation time, oldest first
+        self._cleared = 0  # counts clear()s: a subkey derived across one is used once, never kept
 
     def __repr__(self) -> str:  # never the subkeys, nor the slots (they hold the contexts)
         return f"SubkeyCache({len(self._entries)} subkeys, max_age={self._policy.max_age:g})"
@@ -66,20 +70,43 @@ class SubkeyCache:
         cache owns the ``bytearray`` that ``derive`` returns and zeroes it when it goes."""
         now = self._clock()
         with self._lock:
+            self._expire(now)
             found = self._entries.get(slot)
-            if found is not None and now - found[2] < self._policy.max_age:
+            if found is not None:
                 self._entries.move_to_end(slot)
                 return _macs(found[1], messages)
+            cleared = self._cleared
         subkey = derive()  # outside the lock: a token call
         with self._lock:
-            self._evict(slot, "max_age reached or replaced")
             keyed = hmac.new(subkey, digestmod="sha256")
+            if cleared != self._cleared:  # a rotation or close came meanwhile: nothing of before stays
+                try:
+                    return _macs(keyed, messages)
+                finally:
+                    zero(subkey)
+            self._evict(slot, "replaced")
             self._entries[slot] = (subkey, keyed, now)
+            self._born[slot] = now
             while len(self._entries) > self._policy.max_entries:
                 self._evict(next(iter(self._entries)), "max_entries reached")
             return _macs(keyed, messages)
 
+    def expire(self) -> None:
+        """Zero and drop every subkey older than ``max_age`` now (each use does this too)."""
+        with self._lock:
+            self._expire(self._clock())
+
+    def _expire(self, now: float) -> None:
+        """Subkeys past ``max_age`` go on the next use of *any* slot, not only of their own: one
+        context used once must not stay on the host for good."""
+        while self._born:
+            slot, born = next(iter(self._born.items()))
+            if now - born < self._policy.max_age:
+                return
+            self._evict(slot, "max_age reached")
+
     def _evict(self, slot: Hashable, why: str) -> None:
+        self._born.pop(slot, None)
         found = self._entries.pop(slot, None)
         if found is not None:
             zero(found[0])
@@ -88,6 +115,7 @@ class SubkeyCache:
     def clear(self) -> None:
         """Zero and drop every subkey (rotation, close)."""
         with self._lock:
+            self._cleared += 1
             for slot in list(self._entries):
                 self._evict(slot, "cleared")
 

@@ -157,6 +157,34 @@ def test_subkey_cache_derives_again_after_max_age_and_zeroes_the_old_subkey() ->
     assert old == bytearray(32) and new == bytearray(b"\x22" * 32)
 
 
+def test_a_subkey_used_once_goes_after_max_age_at_the_next_use_of_any_slot() -> None:
+    """max_age bounds how long *every* subkey stays, also one whose context is never used again."""
+    clock = _Clock()
+    cache = SubkeyCache(SubkeyPolicy(max_age=10, max_entries=5), clock=clock)
+    once, other, third = bytearray(b"\x11" * 32), bytearray(b"\x22" * 32), bytearray(b"\x33" * 32)
+    cache.macs("used once", lambda: once, [b"m"])
+    clock.now += 10
+    cache.macs("another", lambda: other, [b"m"])
+    assert once == bytearray(32) and len(cache) == 1
+    clock.now += 10
+    cache.expire()
+    assert other == bytearray(32) and len(cache) == 0
+    cache.macs("third", lambda: third, [b"m"])
+    assert len(cache) == 1 and third != bytearray(32)
+
+
+def test_a_subkey_derived_across_a_rotation_serves_its_call_and_is_not_kept() -> None:
+    cache = SubkeyCache(SubkeyPolicy(max_age=10, max_entries=5), clock=_Clock())
+    subkey = bytearray(b"\x44" * 32)
+
+    def derive_while_rotating() -> bytearray:
+        cache.clear()  # another thread rotates the index while the token derives
+        return subkey
+
+    assert cache.macs("s", derive_while_rotating, [b"m"]) == [hmac.digest(b"\x44" * 32, b"m", "sha256")]
+    assert len(cache) == 0 and subkey == bytearray(32)
+
+
 @pytest.mark.parametrize("policy", [(0, 10), (-1, 10), (10, 0)])
 def test_subkey_limits_must_be_positive(policy) -> None:
     with pytest.raises(errors.ConfigurationError):
