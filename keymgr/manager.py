@@ -35,6 +35,7 @@ from keymgr.envelope.cache import CachePolicy, DecryptCache, EncryptCache
 from keymgr.envelope.recipients import RecipientLike, load_recipient_info
 from keymgr.hsm import Capabilities, PinCallback, Pkcs11Uri, TokenSession, objects, open_token, probe
 from keymgr.hsm.templates import DEFAULT_PROFILE
+from keymgr.keyring.facts import check_policy
 from keymgr.keyring.provenance import VersionCheck, check_version, untrusted_keys
 from keymgr.keyring.store import KeyPolicy, KeyRecord, Keyring
 from keymgr.lifecycle import rotation
@@ -278,8 +279,8 @@ class KeyManager:
         version's use; with ``auto_rotate`` the next encryption rotates instead of failing
         (:mod:`keymgr.lifecycle.usage`).
         """
-        policy = KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages, backup=backup,
-                           auto_rotate=auto_rotate)
+        policy = check_policy(KeyPolicy(rotate_after_days=rotate_after_days, max_messages=max_messages,
+                                         backup=backup, auto_rotate=auto_rotate))
         if exist_ok and (existing := self._existing_key(name, profile, backup)) is not None:
             return existing
         try:

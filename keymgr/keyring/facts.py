@@ -180,6 +180,30 @@ _POLICY_FIELDS = {"rotate_after_days": (int, type(None)), "max_messages": (int, 
                   "auto_rotate": (bool,), "backup": (bool,)}
 
 
+#: Largest cryptoperiod a policy takes (a century; a larger one overflows date arithmetic).
+MAX_ROTATE_AFTER_DAYS = 36_500
+#: Largest per-version use limit a policy takes.
+MAX_MESSAGES_LIMIT = 2**62
+
+
+def check_policy(policy: KeyPolicy) -> KeyPolicy:
+    """``policy`` as a writer may store it, or a :class:`ConfigurationError` naming the field: the
+    exact types a reader accepts (a reader refuses a fact of any other shape, and with it the
+    whole keyring: a ``backup="no"`` once made every key of the token unusable), and sane
+    ranges (0 messages is not "unlimited": None is)."""
+    for name, kinds in _POLICY_FIELDS.items():
+        value = getattr(policy, name)
+        if type(value) not in kinds:
+            allowed = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise errors.ConfigurationError(f"policy {name} must be {allowed}, not {type(value).__name__}")
+    days, limit = policy.rotate_after_days, policy.max_messages
+    if days is not None and not 1 <= days <= MAX_ROTATE_AFTER_DAYS:
+        raise errors.ConfigurationError(f"rotate_after_days must be 1 to {MAX_ROTATE_AFTER_DAYS}, not {days}")
+    if limit is not None and not 1 <= limit <= MAX_MESSAGES_LIMIT:
+        raise errors.ConfigurationError(f"max_messages must be 1 to 2**62 (None: no limit), not {limit}")
+    return policy
+
+
 def _policy(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict) or set(data) - set(_POLICY_FIELDS):
         raise ValueError("policy")

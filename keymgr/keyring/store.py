@@ -66,7 +66,7 @@ from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
 from keymgr.hsm.templates import DEFAULT_PROFILE, MAC_KEY, KeyTemplate, backup_capable, profile_named
 from keymgr.keyring import provenance
-from keymgr.keyring.facts import Fact, KeyPolicy, KeyRecord, KeyVersion, fold, new_fact_id
+from keymgr.keyring.facts import Fact, KeyPolicy, KeyRecord, KeyVersion, check_policy, fold, new_fact_id
 
 __all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "validate_name",
            "version_template"]
@@ -599,7 +599,7 @@ class Keyring:
         encrypt (its caller made it), every other one refuses it (:mod:`keymgr.keyring.provenance`).
         """
         validate_name(name)
-        policy = policy or KeyPolicy()
+        policy = check_policy(policy or KeyPolicy())
         template = version_template(profile, policy)
         self.reload()
         if name in self._records:
@@ -749,6 +749,7 @@ class Keyring:
     def with_policy(self, name: str, policy: KeyPolicy) -> KeyRecord:
         """Change ``name``'s lifecycle policy (latest change wins on every host). ``backup`` is fixed
         at creation: EXTRACTABLE cannot be turned on for existing versions."""
+        check_policy(policy)
         record = self.get(name)
         if policy.backup != record.policy.backup:
             raise errors.PolicyError(f"key {name!r}: backup capability is fixed when the key is created")

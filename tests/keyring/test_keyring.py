@@ -464,3 +464,23 @@ def test_second_token_does_not_see_first_tokens_keys(softhsm: TokenUnderTest, ke
     a.create_key(key_name)
     with pytest.raises(keymgr.KeyNotFoundError):
         b.describe_key(key_name)
+
+
+@pytest.mark.parametrize("policy", [
+    {"rotate_after_days": "7"}, {"rotate_after_days": 1.5}, {"rotate_after_days": 0}, {"rotate_after_days": -3},
+    {"rotate_after_days": 10**30}, {"max_messages": True}, {"max_messages": 0}, {"max_messages": -1},
+    {"backup": "no"}, {"auto_rotate": "yes"},
+])
+def test_a_bad_policy_is_refused_before_anything_is_written(km, key_name: str, policy: dict[str, object]) -> None:
+    """A policy a reader would refuse (or misread: 0 messages is not "no limit") is a
+    ConfigurationError naming the field, at create and at a change; the token's other keys go
+    on working (a backup="no" policy once made every key of the token unusable)."""
+    km.create_key(f"{key_name}-ok")
+    with pytest.raises(keymgr.ConfigurationError, match=next(iter(policy))):
+        km.create_key(key_name, **policy)  # type: ignore[arg-type]
+    km.create_key(key_name)
+    with pytest.raises(keymgr.ConfigurationError, match=next(iter(policy))):
+        keyring_of(km).with_policy(key_name, KeyPolicy(**policy))  # type: ignore[arg-type]
+    keyring_of(km).reload()
+    assert km.decrypt(km.encrypt(b"x", key=f"{key_name}-ok")) == b"x"
+    assert km.describe_key(key_name).policy == KeyPolicy()
