@@ -108,6 +108,13 @@ class CliState:
             self._manager = KeyManager(self.token_uri)
         return self._manager
 
+    def close_manager(self) -> None:
+        """Close the KeyManager now (its aggregated audit counts are written now, not at exit);
+        a later :meth:`manager` opens a new one."""
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
 
 pass_state = click.make_pass_decorator(CliState, ensure=True)
 

@@ -80,7 +80,8 @@ def _codec(engine: Any, km: Any, *, table: str, schema: str | None, key: str, co
     if len(pk) != 1 or missing:
         fail(f"table {table!r}: " + (f"no column {', '.join(missing)}" if missing
                                      else "needs a one-column primary key"))
-    plain = [c for c in columns if not isinstance(reflected.c[c].type, sa.types._Binary)]
+    plain = [c for c in columns if not isinstance(reflected.c[c].type, sa.LargeBinary | sa.types.BINARY
+                                                  | sa.types.VARBINARY)]
     if plain:
         fail(f"table {table!r}: column {', '.join(plain)} is not a binary column, so it holds no encrypted values")
     pk_type = sa.Uuid() if _is_uuid_key(engine, reflected.c[pk[0]], pk_kind) else reflected.c[pk[0]].type
@@ -155,8 +156,7 @@ def rewrap_fields_command(state: CliState, url: str, table: str, schema: str | N
     except (ModuleNotFoundError, ImportError) as exc:
         fail(f"database driver missing: {exc.name or exc}")
     finally:
-        km.close()  # writes the aggregated audit counts now, not at interpreter exit
-        state._manager = None
+        state.close_manager()  # writes the aggregated audit counts now, not at interpreter exit
     _report(state, table, key, keys, rows)
 
 
