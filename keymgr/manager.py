@@ -164,6 +164,7 @@ class KeyManager:
         policy = CachePolicy() if cache is True else (cache or None)
         self._encrypt_cache = EncryptCache(policy, clock=_clock) if policy else None
         self._indexes: weakref.WeakSet[BlindIndex] = weakref.WeakSet()  # their subkeys are zeroed on close
+        self._field_ciphers: weakref.WeakSet[FieldCipher] = weakref.WeakSet()  # their data keys too
         self._decrypt_cache = DecryptCache(policy, clock=_clock) if policy else None
         self._private_keys: list[Any] = []  # keymgr.recipients.token_keys.TokenPrivateKey
         self._token_pairs: Any = None  # keymgr.recipients.token_keys.TokenKeyPairs, made on first need
@@ -188,6 +189,8 @@ class KeyManager:
                 cache.clear()
         for index in list(self._indexes):
             index.close()
+        for cipher in list(self._field_ciphers):
+            cipher.close()
         self._keyring_unchecked.close()
         self._ts = None
         self._audit.close()
@@ -254,7 +257,10 @@ class KeyManager:
                  detail: Mapping[str, Any] | None = None) -> Operation:
         """The one audit helper of every operation: ``with self._audited("rotate", key=name) as op:``
         records ok / refused (PolicyError) / failed with the error class when the block ends
-        (:class:`keymgr.audit.Operation`; encrypt / decrypt successes are aggregated)."""
+        (:class:`keymgr.audit.Operation`; encrypt / decrypt successes are aggregated). Refused once
+        the manager is closed: the field ciphers, indexes and rewrappers it handed out all record
+        through here, so none of them works on after :meth:`close` wiped their keys."""
+        self._token  # noqa: B018 - raises when closed
         return self._audit.operation(op, key=key, version=version, detail=detail)
 
     # -- keys -------------------------------------------------------------------
@@ -667,8 +673,10 @@ class KeyManager:
         by many values within ``cache``'s limits (default :class:`CachePolicy`'s); audited here."""
         from keymgr.fields.cipher import FieldCipher
 
-        return FieldCipher(key=key, store=store, protector=self._protector, rewrapper=self.rewrapper(),
-                           audited=self._audited, policy=cache, on_unwrap=self._audit.on_unwrap)
+        cipher = FieldCipher(key=key, store=store, protector=self._protector, rewrapper=self.rewrapper(),
+                             audited=self._audited, policy=cache, on_unwrap=self._audit.on_unwrap)
+        self._field_ciphers.add(cipher)
+        return cipher
 
     def blind_index(self, name: str, *, bits: int, normalise: Normaliser | None = None,
                     transform: Normaliser | None = None, min_version: int = 1, cache: int = 10_000,

@@ -478,3 +478,26 @@ def test_bits_range_keeps_two_values_a_term_at_a_power_of_two() -> None:
     assert bits_range(2 ** 16)[1] == 15
     assert bits_range(2 ** 16 + 1)[1] == 16
     assert bits_range(4) == (1, 1)
+
+
+def test_closing_the_manager_wipes_field_keys_and_subkeys_and_stops_their_use(softhsm, key_name) -> None:
+    """km.close() wipes what the field ciphers and indexes it handed out hold, and they refuse
+    to work on (a closed manager's cipher once went on encrypting, re-deriving subkeys)."""
+    import keymgr
+
+    km = keymgr.KeyManager(softhsm.uri())
+    km.create_key(key_name)
+    cipher = km.fields(key_name, store=MemoryKeyStore())
+    index = km.blind_index(f"{key_name}-ix", bits=16)
+    place = Place("t", "c", "r")
+    value = cipher.encrypt(CARD, place)
+    index.term("x", context=b"t")
+    current = cipher._current  # noqa: SLF001 - what close must wipe
+    assert current is not None and index.held_subkeys == 1
+    km.close()
+    assert repr(current.dek) == "DataKey(AES-256, wiped)" and index.held_subkeys == 0
+    for use in (lambda: cipher.encrypt(CARD, place), lambda: cipher.decrypt(value, place),
+                lambda: index.term("x", context=b"t")):
+        with pytest.raises(errors.ConfigurationError, match="closed"):
+            use()
+    assert index.held_subkeys == 0
