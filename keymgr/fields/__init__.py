@@ -6,7 +6,7 @@
 * :mod:`keymgr.fields.index`: :class:`BlindIndex`, made by :meth:`keymgr.KeyManager.blind_index`.
 * :mod:`keymgr.fields.subkeys`: the bounded cache of blind-index subkeys (:class:`SubkeyPolicy`).
 * :mod:`keymgr.fields.masking`: masked forms for display and restricted roles.
-* :mod:`keymgr.fields.sqlalchemy` and :mod:`keymgr.fields.bulk`: the database side (extra ``[db]``).
+* :mod:`keymgr.fields.sql` and :mod:`keymgr.fields.bulk`: the database side (extra ``[db]``).
 """
 
 from keymgr.fields._format import OVERHEAD, Place

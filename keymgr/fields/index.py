@@ -206,6 +206,14 @@ def _parts(value: object) -> list[str | bytes]:
     return list(value)
 
 
+def _checked_context(context: object) -> bytes:
+    """A term's context as bytes (what :func:`index_context` makes), or a ConfigurationError."""
+    if isinstance(context, bytes | bytearray | memoryview):
+        return bytes(context)
+    raise errors.ConfigurationError(f"a blind index context is bytes (index_context(...)), not "
+                                    f"{type(context).__name__}")
+
+
 def index_context(*parts: str) -> bytes:
     """The context a term is bound to, from its parts (table, column, then extra names and values):
     length-prefixed, so no two part lists give the same bytes."""
@@ -225,8 +233,10 @@ class BlindIndex:
                  subkeys: SubkeyPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if not _NAME.match(name):
             raise errors.ConfigurationError(f"invalid blind index name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-        if not 1 <= bits <= 256:
-            raise errors.ConfigurationError("a blind index keeps 1 to 256 bits of its HMAC")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 256:
+            raise errors.ConfigurationError("a blind index keeps 1 to 256 bits of its HMAC (an int)")
+        if subkeys is not None and not isinstance(subkeys, SubkeyPolicy):
+            raise errors.ConfigurationError(f"subkeys is a SubkeyPolicy, not {type(subkeys).__name__}")
         self._ts = ts
         self.name = name
         self.bits = bits
@@ -411,6 +421,7 @@ class BlindIndex:
     def term_many(self, values: Sequence[Part | Sequence[Part] | None], *, context: bytes = b"") -> list[bytes | None]:
         """:meth:`term` of each value (None for None), as one audited operation: what a bulk
         insert computes for a batch of rows."""
+        context = _checked_context(context)
         self._fresh()
         messages = [None if v is None else self._message(v, context) for v in values]
         version = self.version
@@ -440,6 +451,7 @@ class BlindIndex:
         hosts have made the same version); query ``column IN (...)`` with them."""
         if value is None:
             raise errors.ConfigurationError(f"blind index {self.name!r}: no lookup for None (query IS NULL)")
+        context = _checked_context(context)
         self._fresh()
         message = self._message(value, context)
         with self._audited("index", key=self.name, version=self.version):
@@ -450,10 +462,14 @@ class BlindIndex:
 
     def matches(self, term: bytes, value: Part | Sequence[Part], *, context: bytes = b"") -> bool:
         """Whether ``term`` is one of :meth:`terms` of ``value`` (constant-time comparison)."""
+        if not isinstance(term, bytes | bytearray):
+            raise errors.ConfigurationError(f"a blind index term is bytes, not {type(term).__name__}")
         return any(hmac.compare_digest(term, t) for t in self.terms(value, context=context))
 
     def term_version(self, term: bytes) -> int:
         """The index version a stored term was computed with (its first byte)."""
+        if not isinstance(term, bytes | bytearray):
+            raise errors.ConfigurationError(f"a blind index term is bytes, not {type(term).__name__}")
         if not term:
             raise errors.FormatError("an empty blind index term")
         return term[0]

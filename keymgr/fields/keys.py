@@ -7,7 +7,7 @@ HKDF commitment (:func:`keymgr.envelope._aead.key_commitment`), checked after ev
 The row holds nothing secret: the data key is only ever in it wrapped.
 
 Stores: :class:`MemoryKeyStore` (tests, short-lived data) and the database table of
-:mod:`keymgr.fields.sqlalchemy`. A store must make a row durable before :meth:`save` returns:
+:mod:`keymgr.fields.sql`. A store must make a row durable before :meth:`save` returns:
 a value naming a key_ref whose row was lost would be lost with it. A row no value names (the
 insert that used it rolled back) is harmless garbage.
 """

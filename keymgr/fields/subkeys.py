@@ -46,8 +46,12 @@ class SubkeyPolicy:
     max_entries: int = 1_000
 
     def __post_init__(self) -> None:
-        if not self.max_age > 0 or self.max_entries < 1:
-            raise errors.ConfigurationError("subkey cache limits must be positive")
+        numbers = (self.max_age, self.max_entries)
+        if any(isinstance(n, bool) for n in numbers) or not isinstance(self.max_entries, int) \
+                or not isinstance(self.max_age, int | float) or not 0 < self.max_age < float("inf") \
+                or self.max_entries < 1:
+            raise errors.ConfigurationError("subkey cache limits: max_age a finite number of seconds > 0, "
+                                            "max_entries an int >= 1")
 
 
 class SubkeyCache:
