@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from keymgr import errors
 from keymgr.custody.approvals import DEFAULT_TTL, Approval, Request, request_for
 from keymgr.custody.authorize import authorize, change_policy, key_ceremony_transcript
 from keymgr.custody.custodians import Custodian, CustodyRegister, QuorumPolicy, Register
@@ -24,6 +25,14 @@ if TYPE_CHECKING:
     from keymgr.keyring.store import KeyRecord, Keyring
 
 __all__ = ["Custody"]
+
+
+def _expect(value: object, kind: type, what: str) -> None:
+    """A ConfigurationError naming ``what`` when ``value`` is not a ``kind`` (True is no int here):
+    a caller's wrong argument ends in keymgr's own error, never an AttributeError from deep inside."""
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise errors.ConfigurationError(f"{what} must be {kind.__name__}, not {type(value).__name__}")
+
 
 #: ``audited(op, key=..., detail=...)``: the manager's one audit helper
 Audited = Callable[..., "Operation"]
@@ -55,6 +64,9 @@ class Custody:
     def quorum_policy(self, threshold: int, custodians: Sequence[str] | None = None) -> QuorumPolicy:
         """An M-of-N policy of ``threshold`` among ``custodians`` (default: every registered one),
         to pass to :meth:`set_policy` or to a request for it; nothing is written."""
+        _expect(threshold, int, "threshold")
+        if custodians is not None and (isinstance(custodians, str) or not all(isinstance(c, str) for c in custodians)):
+            raise errors.ConfigurationError("custodians is a list of custodian names")
         names = tuple(custodians) if custodians else tuple(c.name for c in self.custodians())
         return QuorumPolicy(threshold, names)
 
@@ -62,12 +74,14 @@ class Custody:
 
     def add_custodian(self, custodian: Custodian) -> Register:
         """Register ``custodian`` (from :func:`keymgr.custody.enroll_custodian`); audited."""
+        _expect(custodian, Custodian, "custodian (enroll_custodian makes one)")
         detail = {"custodian": custodian.name, "fingerprint": custodian.fingerprint[:64]}
         with self._audited("custodian-add", detail=detail):
             return CustodyRegister(self._keyring()).add(custodian)
 
     def remove_custodian(self, name: str) -> Register:
         """Remove custodian ``name`` (refused while a quorum policy names them); audited."""
+        _expect(name, str, "a custodian name")
         with self._audited("custodian-remove", detail={"custodian": name}):
             return CustodyRegister(self._keyring()).remove(name)
 
@@ -76,6 +90,10 @@ class Custody:
         """Set (``None``: remove) the quorum policy of ``key`` or of the whole keyring, approved
         under the policy in force (:func:`keymgr.custody.authorize.change_policy`); returns the
         register and the signed transcript (b"" when the token cannot sign); audited."""
+        if policy is not None:
+            _expect(policy, QuorumPolicy, "policy (quorum_policy makes one)")
+        if request is not None:
+            _expect(request, Request, "request")
         detail = None if policy is None else {"threshold": policy.threshold,
                                               "custodians": ",".join(policy.custodians)[:200]}
         with self._audited("policy", key=key, detail=detail):
@@ -87,6 +105,9 @@ class Custody:
                 ttl: timedelta = DEFAULT_TTL, requested_by: str = "") -> Request:
         """A new request for ``operation``, showing its approvers the quorum and the key versions
         (:func:`keymgr.custody.approvals.request_for`). Nothing is written to the token."""
+        _expect(operation, str, "operation")
+        _expect(params, Mapping, "params")
+        _expect(ttl, timedelta, "ttl")
         return request_for(self._keyring(), operation, key=key, params=params, ttl=ttl, requested_by=requested_by)
 
     def check_approvals(self, operation: str, *, key: str | None, params: Mapping[str, Any],
@@ -94,6 +115,7 @@ class Custody:
         """Whether a quorum policy covers ``operation``; if one does, its approvals are checked
         (a missing or bad one raises :class:`~keymgr.errors.PolicyError`) but not spent, so a
         caller can refuse before asking anyone for a PIN."""
+        _expect(params, Mapping, "params")
         return authorize(self._keyring(), operation, key=key, params=params, request=request, approvals=approvals,
                          consume=False) is not None
 
@@ -109,4 +131,7 @@ class Custody:
                        **details: Any) -> bytes:
         """The signed transcript of a change to one key (``create``, ``rotate``): its versions'
         ids and key check values, signed by the HSM (b"" when it cannot sign)."""
+        from keymgr.keyring.facts import KeyRecord as Record
+
+        _expect(record, Record, "record (km.describe_key gives one)")
         return key_ceremony_transcript(self._keyring(), ceremony, record, versions=versions, **details)

@@ -86,3 +86,17 @@ def test_refresh_interval_takes_seconds_only(bad: object) -> None:
         with pytest.raises(errors.ConfigurationError, match="refresh_interval"):
             km.refresh_interval = bad  # type: ignore[assignment]
         assert km.refresh_interval == 0.0
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.add_custodian("bob"), lambda c: c.set_policy("2of3"), lambda c: c.remove_custodian(3),
+    lambda c: c.key_transcript("create", "orders"), lambda c: c.request("backup", key=None, params=None),
+    lambda c: c.request("backup", key=None, params={}, ttl=5), lambda c: c.quorum_policy("2", ["a"]),
+    lambda c: c.quorum_policy(True, ["a"]), lambda c: c.quorum_policy(2, "ab"),
+], ids=["custodian", "policy", "name", "record", "params", "ttl", "threshold", "threshold-bool", "names-str"])
+def test_wrong_arguments_are_keymgrs_own_error(softhsm: object, call: object) -> None:
+    """A caller's wrong argument is a ConfigurationError naming it (they were AttributeErrors and
+    TypeErrors from deep inside), and nothing is audited as done."""
+    with KeyManager(softhsm.uri()) as km:  # type: ignore[attr-defined]
+        with pytest.raises(errors.ConfigurationError):
+            call(km.custody)  # type: ignore[operator]
