@@ -22,13 +22,13 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from keymgr import errors
-from keymgr.envelope._aead import DataKey
+from keymgr.envelope._aead import NONCE_SIZE, DataKey
 from keymgr.envelope._nonces import random_nonce
 from keymgr.envelope.cache import CachePolicy
 from keymgr.envelope.kek import KekProtector
@@ -40,6 +40,7 @@ from keymgr.fields._format import (
     check_extra,
     check_part,
     column_prefix,
+    header,
     key_ref_of,
     pack,
     row_suffix,
@@ -49,9 +50,20 @@ from keymgr.fields.keys import KeyStore, StoredKey
 from keymgr.keyring import KeyRecord, KeyVersion
 from keymgr.rewrap import Rewrapper
 
-__all__ = ["FieldCipher", "Place"]
+__all__ = ["BATCH_MIN_ROWS", "BATCH_VALUES", "FieldCipher", "Place"]
 
 Audited = Callable[..., AbstractContextManager[Any]]
+
+#: :meth:`FieldCipher.encrypt_rows` seals at most this many values per batch: one audited
+#: operation, one check of the key's state. It bounds how long a suspension or rotation waits
+#: for a batch under way (~50-100 ms of sealing here); the keyring itself sees another process's
+#: suspension within its ``refresh_interval`` (1 s).
+BATCH_VALUES = 16_384
+#: From this many rows on, :meth:`FieldCipher.encrypt_rows` seals in batches, each an audit
+#: entry of its own (~0.6 ms with its fsync and token MAC: ~2.4 µs a row here, about what a
+#: row's own aggregated operation and state check cost); fewer rows are sealed row by row.
+BATCH_MIN_ROWS = 256
+_BULK_NONCES = 32  # from this many nonces on, one os.urandom read for all of them
 
 
 @dataclass
@@ -61,6 +73,11 @@ class _Current:
     kek_id: bytes
     created: float
     uses: int = 0
+
+
+#: One row checked and ready to seal: its AAD suffix (row identity, extra context), and per column
+#: (name, AAD prefix, plaintext bytes or None). A tuple: a dataclass per row cost ~1 µs.
+_Row = tuple[bytes, list[tuple[str, bytes, bytes | None]]]
 
 
 @dataclass(frozen=True)
@@ -115,52 +132,118 @@ class FieldCipher:
     def encrypt(self, value: bytes | str, place: Place) -> bytes:
         """The field form of ``value`` (text is UTF-8) bound to ``place``."""
         with self._audited("encrypt", key=self._key):
-            current = self._data_key()
-            return self._seal(current, value, column_prefix(self._key, place.table, place.column),
-                              row_suffix(place.row, place.extra))
+            data = _plain(value)
+            ((current, _),) = self._data_keys(self._checked_record(), 1)
+            return self._seal(current, data, column_prefix(self._key, place.table, place.column),
+                              row_suffix(place.row, place.extra), random_nonce())
 
     def encrypt_row(self, values: Mapping[str, bytes | str | None], *, table: str, row: str,
                     extra: Mapping[str, str] | None = None) -> dict[str, bytes | None]:
         """Several columns of one row (``None`` stays ``None``): one audited operation, one
         check of the key's state, each value bound to its own column."""
-        check_part("row", row)
-        if extra:
-            check_extra(extra)
-        suffix = row_suffix(row, extra)
-        with self._audited("encrypt", key=self._key):
-            count = sum(value is not None for value in values.values())
-            if count > self._policy.max_messages:  # fewer values per data key than the row has: one key each
-                return {column: None if value is None else
-                        self._seal(self._data_key(), value, column_prefix(self._key, table, column), suffix)
-                        for column, value in values.items()}
-            current = self._data_key(count)
-            return {column: None if value is None else
-                    self._seal(current, value, column_prefix(self._key, table, column), suffix)
-                    for column, value in values.items()}
+        return self.encrypt_rows([(values, row)], table=table, extra=extra)[0]
 
-    def _seal(self, current: _Current, value: bytes | str, prefix: bytes, suffix: bytes) -> bytes:
-        if isinstance(value, str):
-            data = value.encode()
-        elif isinstance(value, (bytes, bytearray, memoryview)):
-            data = bytes(value)
-        else:  # bytes(5) would be five zero bytes: refuse rather than store something else
-            raise errors.ConfigurationError(f"a field value is str or bytes, not {type(value).__name__}")
-        nonce = random_nonce()
+    def encrypt_rows(self, rows: Sequence[tuple[Mapping[str, bytes | str | None], str]], *, table: str,
+                     extra: Mapping[str, str] | None = None) -> list[dict[str, bytes | None]]:
+        """:meth:`encrypt_row` for many ``(values, row)`` pairs (a bulk insert), all or nothing.
+
+        Every row and value is checked first (row identity, extra context, table and column
+        names, ``str`` or ``bytes``): a bad one raises before anything is sealed. Then, from
+        :data:`BATCH_MIN_ROWS` rows on, the rows are sealed in batches of at most
+        :data:`BATCH_VALUES` values (a row is never split): per batch one audited operation (an
+        entry of its own, detail ``rows`` and ``values``), one check of the key's state (a
+        suspension or rotation takes effect at the next batch), data keys reserved for exactly
+        the batch's values (the current one up to ``max_messages``, then a new one mid-batch),
+        and its nonces from one read of the OS CSPRNG. Fewer rows are sealed row by row, each
+        one aggregated operation with its own check, as :meth:`encrypt_row`: one entry written
+        per batch (~0.6 ms, an fsync and a token MAC) would cost them more than it saves. An
+        error in a later batch (a suspension) returns nothing of the earlier ones."""
+        prefixes: dict[str, bytes] = {}  # one AAD prefix per column, computed once per call
+        try:
+            if extra:
+                check_extra(extra)
+            prepared = [self._prepare(values, row, table, extra, prefixes) for values, row in rows]
+        except errors.KeymgrError:
+            with self._audited("encrypt", key=self._key):  # an entry of its own, "failed"; nothing sealed
+                raise
+        if len(prepared) < BATCH_MIN_ROWS:
+            out: list[dict[str, bytes | None]] = []
+            for one in prepared:
+                with self._audited("encrypt", key=self._key):
+                    out.extend(self._seal_batch([one]))
+            return out
+        sealed: list[dict[str, bytes | None]] = []
+        for batch, values in _batches(prepared):
+            with self._audited("encrypt", key=self._key, detail={"rows": len(batch), "values": values}):
+                sealed.extend(self._seal_batch(batch, values))
+        return sealed
+
+    def _prepare(self, values: Mapping[str, bytes | str | None], row: str, table: str,
+                 extra: Mapping[str, str] | None, prefixes: dict[str, bytes]) -> _Row:
+        """A row checked and made ready to seal: its AAD suffix and its values as bytes."""
+        check_part("row", row)
+        parts = []
+        for column, value in values.items():
+            prefix = prefixes.get(column)
+            if prefix is None:
+                prefix = prefixes[column] = column_prefix(self._key, table, column)
+            parts.append((column, prefix, None if value is None else _plain(value)))
+        return row_suffix(row, extra), parts
+
+    def _seal_batch(self, batch: Sequence[_Row], count: int | None = None) -> list[dict[str, bytes | None]]:
+        """Seal ``batch`` (``count`` values, counted here when not given) after one check of the
+        key's state, under data keys reserved for exactly those values: a loop per data key."""
+        out: list[dict[str, bytes | None]] = []
+        todo: list[tuple[dict[str, bytes | None], str, bytes, bytes, bytes]] = []
+        for suffix, parts in batch:
+            sealed: dict[str, bytes | None] = {}
+            out.append(sealed)
+            for column, prefix, data in parts:
+                sealed[column] = None  # in the row's column order; filled below
+                if data is not None:
+                    todo.append((sealed, column, prefix, data, suffix))
+        if count is None:
+            count = len(todo)
+        reserved = self._data_keys(self._checked_record(), count)
+        nonces = _nonces(count)
+        at = 0
+        for current, uses in reserved:
+            key_ref, head, seal = current.key_ref, header(current.key_ref), current.dek.seal
+            for (sealed, column, prefix, data, suffix), nonce in zip(todo[at:at + uses], nonces[at:at + uses],
+                                                                     strict=True):
+                sealed[column] = head + nonce + seal(nonce, data, prefix + key_ref + suffix)
+            at += uses
+        return out
+
+    @staticmethod
+    def _seal(current: _Current, data: bytes, prefix: bytes, suffix: bytes, nonce: bytes) -> bytes:
         return pack(current.key_ref, nonce, current.dek.seal(nonce, data, prefix + current.key_ref + suffix))
 
-    def _data_key(self, values: int = 1) -> _Current:
-        """The data key for the next ``values`` values (a new one when they would pass a limit)."""
+    def _checked_record(self) -> KeyRecord:
+        """The key's record, refused unless its primary encrypts now (a suspension stops a cached
+        data key at the next check: per value, row or batch)."""
         record = self._protector.keyring.get(self._key)
-        self._protector.check_encrypts(record, provenance=False)  # suspension stops a cached key at once
+        self._protector.check_encrypts(record, provenance=False)
+        return record
+
+    def _data_keys(self, record: KeyRecord, values: int) -> list[tuple[_Current, int]]:
+        """Data keys for the next ``values`` values, each with how many it seals: the current one
+        up to ``max_messages`` (and while it is younger than ``max_age`` and under the primary),
+        then new ones. Reserved under the lock, so concurrent batches never share a use."""
         now = self._clock()
         policy = self._policy
+        out: list[tuple[_Current, int]] = []
         with self._lock:
-            current = self._current
-            if (current is None or current.kek_id != record.primary_version.key_id
-                    or current.uses + values > policy.max_messages or now - current.created >= policy.max_age):
-                current = self._current = self._new_data_key(now)
-            current.uses += values
-            return current
+            while values > 0:
+                current = self._current
+                if (current is None or current.kek_id != record.primary_version.key_id
+                        or current.uses >= policy.max_messages or now - current.created >= policy.max_age):
+                    current = self._current = self._new_data_key(now)
+                take = min(values, policy.max_messages - current.uses)
+                current.uses += take
+                out.append((current, take))
+                values -= take
+        return out
 
     def _new_data_key(self, now: float) -> _Current:
         """A fresh data key, wrapped in the token and stored before any value names it. The old
@@ -327,6 +410,42 @@ class FieldCipher:
             if self._current is not None:
                 self._current.dek.wipe()
             self._current = None
+
+
+def _plain(value: object) -> bytes:
+    """A field value as the bytes to seal: text is UTF-8; anything but str or bytes is refused
+    (``bytes(5)`` would be five zero bytes) without showing it."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise errors.ConfigurationError(f"a field value is str or bytes, not {type(value).__name__}")
+
+
+def _nonces(count: int) -> list[bytes]:
+    """``count`` random 96-bit nonces. Many at once are cut from one ``os.urandom`` read made for
+    this batch alone: bytes no other call gets and no buffer kept (so nothing a fork could
+    share), the guarantee :func:`random_nonce` gives, at one system call per batch."""
+    if count < _BULK_NONCES:
+        return [random_nonce() for _ in range(count)]
+    pool = os.urandom(NONCE_SIZE * count)
+    return [pool[at:at + NONCE_SIZE] for at in range(0, len(pool), NONCE_SIZE)]
+
+
+def _batches(rows: Sequence[_Row]) -> Iterator[tuple[list[_Row], int]]:
+    """``rows`` cut into batches of at most :data:`BATCH_VALUES` values (a row never split; a
+    row with more values is a batch of its own), each with its count of values."""
+    batch: list[_Row] = []
+    values = 0
+    for row in rows:
+        count = sum(data is not None for _, _, data in row[1])
+        if batch and values + count > BATCH_VALUES:
+            yield batch, values
+            batch, values = [], 0
+        batch.append(row)
+        values += count
+    if batch:
+        yield batch, values
 
 
 def _text(plain: bytes) -> str:

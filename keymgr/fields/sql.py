@@ -238,8 +238,10 @@ class EncryptedTable:
         return self.encode_rows([row])[0]
 
     def encode_rows(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """:meth:`encode` for many rows: each index's terms for the batch as one audited operation,
-        each row's fields as one. Text columns take ``str``, bytes columns ``bytes`` (a value of
+        """:meth:`encode` for many rows, all or nothing: each index's terms for the batch as one
+        audited operation, the fields through :meth:`FieldCipher.encrypt_rows` (from 256 rows on,
+        one audited operation and one check of the key's state per batch of at most 16,384
+        values; fewer rows, one per row). Text columns take ``str``, bytes columns ``bytes`` (a value of
         the wrong kind would seal, then fail at every read)."""
         out = [dict(row) for row in rows]
         for row in out:
@@ -250,10 +252,10 @@ class EncryptedTable:
             terms = index.term_many([_index_input(row, source) for row in out], context=self._contexts[name])
             for row, term in zip(out, terms, strict=True):
                 row[name] = term
-        for row in out:
-            sealed = self.cipher.encrypt_row({c: row.get(c) for c in self.encrypted}, table=self.name,
-                                             row=self.row_text(row[self.pk]), extra=self.extra)
-            for column, value in sealed.items():
+        sealed = self.cipher.encrypt_rows([({c: row.get(c) for c in self.encrypted}, self.row_text(row[self.pk]))
+                                           for row in out], table=self.name, extra=self.extra)
+        for row, values in zip(out, sealed, strict=True):
+            for column, value in values.items():
                 row[column] = None if value is None else Sealed(value)
         return out
 
