@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -86,6 +86,15 @@ class EncryptedBytes(sa.types.TypeDecorator[bytes]):
                                    "(encode / encode_rows); refusing to write it in the clear")
         return bytes(value)
 
+    def bind_processor(self, dialect: sa.Dialect) -> Callable[[Any], Any] | None:
+        """:meth:`process_bind_param` alone where the driver takes ``bytes`` for ``bytea``/``BLOB``
+        as they are (:func:`native_bytes`), without ``LargeBinary``'s wrapping of each value in the
+        driver's ``Binary``: ~0.6 µs a value, five values a row in a bulk insert."""
+        if not native_bytes(dialect):
+            return super().bind_processor(dialect)
+        process_bind_param = self.process_bind_param
+        return lambda value: process_bind_param(value, dialect)
+
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> Sealed | None:
         if value is None:
             return None
@@ -106,6 +115,18 @@ class BlindIndexTerm(sa.types.TypeDecorator[bytes]):
 
     impl = sa.LargeBinary
     cache_ok = True
+
+    def bind_processor(self, dialect: sa.Dialect) -> Callable[[Any], Any] | None:
+        """Terms go to the driver as ``bytes`` where it takes them so (see :class:`EncryptedBytes`)."""
+        if not native_bytes(dialect):
+            return super().bind_processor(dialect)
+        return None
+
+
+def native_bytes(dialect: sa.Dialect) -> bool:
+    """Whether the driver binds ``bytes`` as ``bytea``/``BLOB`` itself (psycopg 3, sqlite3):
+    then SQLAlchemy's wrapping of each value in ``dbapi.Binary`` is only a cost."""
+    return dialect.driver in ("psycopg", "pysqlite")
 
 
 class SqlKeyStore:
