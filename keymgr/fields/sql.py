@@ -217,6 +217,7 @@ class EncryptedTable:
         self.skipped = 0
         self.encrypted = {c.name: bool(c.type.text) for c in table.columns if isinstance(c.type, EncryptedBytes)}
         self._text = frozenset(name for name, text in self.encrypted.items() if text)
+        self._columns = tuple(self.encrypted)
         self._statements: dict[tuple[str, bool], sa.Select[Any]] = {}
         self.indexes = dict(indexes or {})
         self._contexts: dict[str, bytes] = {}
@@ -260,7 +261,7 @@ class EncryptedTable:
 
     def encode_rows(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """:meth:`encode` for many rows, all or nothing: each index's terms for the batch as one
-        audited operation, the fields through :meth:`FieldCipher.encrypt_rows` (from 256 rows on,
+        audited operation, the fields through :meth:`FieldCipher.encrypt_columns` (from 256 rows on,
         one audited operation and one check of the key's state per batch of at most 16,384
         values; fewer rows, one per row). Text columns take ``str``, bytes columns ``bytes`` (a value of
         the wrong kind would seal, then fail at every read)."""
@@ -273,10 +274,12 @@ class EncryptedTable:
             terms = index.term_many([_index_input(row, source) for row in out], context=self._contexts[name])
             for row, term in zip(out, terms, strict=True):
                 row[name] = term
-        sealed = self.cipher.encrypt_rows([({c: row.get(c) for c in self.encrypted}, self.row_text(row[self.pk]))
-                                           for row in out], table=self.name, extra=self.extra)
-        for row, values in zip(out, sealed, strict=True):
-            for column, value in values.items():
+        columns = self._columns
+        sealed = iter(self.cipher.encrypt_columns(out, [self.row_text(row[self.pk]) for row in out],
+                                                  table=self.name, columns=columns, extra=self.extra))
+        for row in out:
+            for column in columns:
+                value = next(sealed)
                 row[column] = None if value is None else Sealed(value)
         return out
 
