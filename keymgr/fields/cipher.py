@@ -6,8 +6,11 @@ A data key is made on the host (``os.urandom``), wrapped once by the key's prima
 version in the token (the same ``KEKRecipientInfo`` a CMS message carries), and stored in
 the data-key table before the first value uses it (:mod:`keymgr.fields.keys`). It is used
 for at most ``max_messages`` values and ``max_age`` seconds (:class:`CachePolicy`, the
-envelope cache's limits and defaults: 10,000 values, 300 s), and is replaced at once when
-the key rotates or its primary stops encrypting.
+envelope cache's limits and defaults: 10,000 values, 300 s), and is replaced when the key
+rotates or its primary stops encrypting: at the next value (:meth:`FieldCipher.encrypt`), row
+(:meth:`FieldCipher.encrypt_row`) or batch (:meth:`FieldCipher.encrypt_rows` from
+:data:`BATCH_MIN_ROWS` rows: batches of at most :data:`BATCH_VALUES` values, one audited
+operation and one check of the key's state each; docs/fields.md, "Bulk inserts").
 
 Decrypting unwraps a data key once per ``max_age`` (a small cache keyed by ``key_ref``); a
 cached key still passes the version's state check and the audit's rate limits on every
