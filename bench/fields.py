@@ -18,11 +18,16 @@ binaries, tests/_postgres.py). What it measures and shows (issue 16):
 * rotation, then ``keymgr fields rewrap --reencrypt`` over the whole table in a child
   process, SIGKILLed twice and run again; afterwards the old version is retired and every
   row must decrypt, none missing.
+
+``--encode-only``: no PostgreSQL; µs a row of ``EncryptedTable.encode_rows`` alone (seal the
+three fields, compute the two terms) in calls of 5,000 rows, on a SQLite file database (its
+data-key table), ``--rounds`` times: the host's share of an insert, without the database's.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hmac
 import os
 import random
@@ -116,6 +121,28 @@ def killed_rewrap(uri: str, url: str, engine: sa.Engine, rows: int, token_file: 
     return log
 
 
+def encode_only(rows: int, rounds: int, uri: str, workdir: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{workdir / 'encode.db'}")
+    metadata = sa.MetaData()
+    table = customers_table(metadata)
+    metadata.create_all(engine)
+    rng = random.Random(16)
+    people = [customer(rng, i) for i in range(rows)]
+    with keymgr.KeyManager(uri) as km:
+        km.create_key("customers")
+        enc, _ = codec(km, engine, table, key="customers", index_prefix="customers", email_bits=15, last4_bits=12)
+        enc.encode_rows(people[:BATCH])  # the first data key and the two subkeys: once per process
+        times = []
+        for _ in range(rounds):
+            gc.collect()
+            start = time.perf_counter()
+            for i in range(0, rows, BATCH):
+                enc.encode_rows(people[i:i + BATCH])
+            times.append((time.perf_counter() - start) / rows * 1e6)
+    print(f"encode_rows, {rows:,} rows in calls of {BATCH:,} (3 fields, 2 blind indexes), µs a row over {rounds} "
+          f"rounds: min {min(times):.1f}, median {statistics.median(times):.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -126,12 +153,18 @@ def main() -> None:
                         help="e-mail index bits (docs/fields.md, 'Choosing bits')")
     parser.add_argument("--token-only-index", action="store_true",
                         help="blind indexes with host_subkeys=False: one token HMAC per term")
+    parser.add_argument("--encode-only", action="store_true",
+                        help="no database server: time EncryptedTable.encode_rows alone (SQLite data-key table)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of --encode-only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="keymgr-bench-fields-") as tmp:
         workdir = Path(tmp)
         os.environ["KEYMGR_HOME"] = str(workdir / "home")
         os.environ.setdefault("KEYMGR_AUDIT_LOG", str(workdir / "audit.log"))
         uri = args.token or make_token(workdir)
+        if args.encode_only:
+            encode_only(args.rows, args.rounds, uri, workdir)
+            return
         token_file = next((workdir / "tokens").glob("*/token.object"), None) if not args.token else None
         server = None if args.db else TempPostgres().start()
         try:

@@ -32,8 +32,8 @@ from types import MappingProxyType
 from keymgr.envelope._aead import NONCE_SIZE, TAG_SIZE
 from keymgr.errors import ConfigurationError, IntegrityError
 
-__all__ = ["FORMAT_VERSION", "KEY_REF_SIZE", "OVERHEAD", "Place", "column_prefix", "field_aad", "key_ref_of", "pack",
-           "row_suffix", "unpack"]
+__all__ = ["FORMAT_VERSION", "KEY_REF_SIZE", "OVERHEAD", "Place", "column_prefix", "field_aad", "header", "key_ref_of",
+           "pack", "row_suffix", "unpack"]
 
 FORMAT_VERSION = 1
 KEY_REF_SIZE = 8
@@ -107,9 +107,14 @@ def field_aad(key_ref: bytes, key: str, place: Place) -> bytes:
     return column_prefix(key, place.table, place.column) + key_ref + row_suffix(place.row, place.extra)
 
 
+def header(key_ref: bytes) -> bytes:
+    """What every value under one data key starts with: version || key_ref (the nonce follows)."""
+    return bytes((FORMAT_VERSION,)) + key_ref
+
+
 def pack(key_ref: bytes, nonce: bytes, sealed: bytes) -> bytes:
     """A value from its parts (``sealed`` is ciphertext || tag)."""
-    return bytes((FORMAT_VERSION,)) + key_ref + nonce + sealed
+    return header(key_ref) + nonce + sealed
 
 
 def unpack(value: bytes) -> tuple[bytes, bytes, bytes]:

@@ -311,6 +311,29 @@ def test_insert_many_in_batches(km_a, key_name, db_url) -> None:
     assert [r["card"] for r in found] == [people[777]["card"]]
 
 
+def test_a_suspension_between_two_insert_batches_stops_the_second(km_a, key_name, db_url) -> None:
+    """insert_many seals and commits batch by batch: a suspension made after the first batch is
+    committed refuses the second at its one check of the key's state (PolicyError), and none of
+    the second batch's rows is written; the first batch's rows all decrypt."""
+    engine, table, enc, _, _ = _setup(km_a, db_url, key_name, 0)
+    rng = random.Random(9)
+    people = [customer(rng, i) for i in range(600)]
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for i, person in enumerate(people):
+            if i == 300:  # asked for after the first batch's transaction committed
+                km_a.suspend(key_name, 1)
+            yield person
+
+    with pytest.raises(errors.PolicyError):
+        enc.insert_many(engine, rows(), batch=300)
+    km_a.resume(key_name, 1)  # a suspended version decrypts nothing either
+    with engine.connect() as conn:
+        stored = [enc.decode(r) for r in conn.execute(sa.select(table))]
+    assert sorted((r["id"], r["card"], r["email"]) for r in stored) == sorted(
+        (p["id"], p["card"], p["email"]) for p in people[:300])
+
+
 def test_a_role_granted_masked_columns_only_sees_masked_values(km_a, key_name, postgres) -> None:
     """docs/fields.md, "Masking": PostgreSQL column privileges give an agent the masked copies and
     nothing else (no ciphertext, no blind-index terms)."""

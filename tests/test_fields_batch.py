@@ -1,0 +1,158 @@
+"""FieldCipher.encrypt_rows, the batch path of a bulk insert, on a real SoftHSM token: places,
+exact data-key limits across a batch, the key's state checked per batch, one audit entry per
+batch with its counts, and all or nothing. (The database side: tests/test_fields_db.py,
+``test_a_suspension_between_two_insert_batches_stops_the_second``.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keymgr import errors
+from keymgr.envelope.cache import CachePolicy
+from keymgr.fields import MemoryKeyStore, Place
+from keymgr.fields._format import unpack
+from keymgr.fields.cipher import BATCH_MIN_ROWS, BATCH_VALUES, FieldCipher
+from tests._internals import audited
+
+COLUMNS = ("email", "card", "national_id")
+
+
+def _rows(n: int, *, skip_every: int = 0) -> list[tuple[dict[str, str | None], str]]:
+    """``n`` rows of three text columns; with ``skip_every``, national_id is None in every such row."""
+    return [({"email": f"user{i}@example.com", "card": f"6222 0000 0000 {i:04d}",
+              "national_id": None if skip_every and i % skip_every == 0 else f"ID-{i:08d}"}, f"row-{i}")
+            for i in range(n)]
+
+
+def _encrypt_entries(km: Any, key: str) -> list[dict[str, Any]]:
+    """The audit log's encrypt entries of ``key`` (counts flushed first)."""
+    log = km._audit.log
+    assert log is not None
+    log.flush()
+    entries = [json.loads(line) for line in Path(log.path).read_text().splitlines() if line.strip()]
+    return [e for e in entries if e.get("op") == "encrypt" and e.get("key") == key]
+
+
+def test_values_sealed_in_a_batch_open_only_in_their_own_place(km_a, key_name) -> None:
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    rows = _rows(BATCH_MIN_ROWS + 4)
+    sealed = cipher.encrypt_rows(rows, table="customers", extra={"tenant": "a"})
+    assert len(sealed) == len(rows) and all(list(s) == list(COLUMNS) for s in sealed)
+    assert len({unpack(v)[1] for s in sealed for v in s.values() if v is not None}) == 3 * len(rows)  # nonces
+    back = cipher.decrypt_rows(list(zip(sealed, [r for _, r in rows], strict=True)), table="customers",
+                               extra={"tenant": "a"}, text=set(COLUMNS))
+    assert back == [values for values, _ in rows]
+    value = sealed[7]["card"]
+    assert value is not None
+    for moved in (Place("customers", "card", "row-8", {"tenant": "a"}), Place("customers", "email", "row-7",
+                                                                              {"tenant": "a"}),
+                  Place("orders", "card", "row-7", {"tenant": "a"}), Place("customers", "card", "row-7",
+                                                                           {"tenant": "b"}),
+                  Place("customers", "card", "row-7")):
+        with pytest.raises(errors.IntegrityError) as caught:
+            cipher.decrypt(value, moved)
+        assert "6222" not in str(caught.value)
+    assert cipher.decrypt_text(value, Place("customers", "card", "row-7", {"tenant": "a"})) == rows[7][0]["card"]
+
+
+@pytest.mark.parametrize("before", [0, 100])
+def test_a_batch_crossing_max_messages_takes_a_new_data_key_mid_batch(km_a, key_name, before: int) -> None:
+    km_a.create_key(key_name)
+    store = MemoryKeyStore()
+    cipher = km_a.fields(key_name, store=store, cache=CachePolicy(max_messages=500))
+    first = [cipher.encrypt(f"v{i}", Place("t", "c", f"p{i}")) for i in range(before)]
+    rows = _rows(300)  # 900 values: the current key to exactly 500 uses, then a second one
+    sealed = cipher.encrypt_rows(rows, table="t")
+    refs = [unpack(v)[0] for v in first] + [unpack(v)[0] for s in sealed for v in s.values() if v is not None]
+    uses = {ref: refs.count(ref) for ref in refs}
+    assert len(store) == 2 == len(uses)
+    assert sorted(uses.values()) == sorted([500, before + 900 - 500])  # exact: no use of the first key wasted
+    assert refs[:500] == [refs[0]] * 500
+    opened = cipher.decrypt_rows(list(zip(sealed, [r for _, r in rows], strict=True)), table="t", text=set(COLUMNS))
+    assert opened == [values for values, _ in rows]
+    assert [cipher.decrypt_text(v, Place("t", "c", f"p{i}")) for i, v in enumerate(first)] == [
+        f"v{i}" for i in range(before)]
+
+
+def test_a_suspension_between_two_batches_stops_the_second_and_returns_nothing(km_a, key_name) -> None:
+    """One call, two batches (more than BATCH_VALUES values): the key is suspended as the second
+    batch's audited operation opens, so its one check of the key's state refuses it; the call
+    returns nothing, so nothing of either batch can be written."""
+    km_a.create_key(key_name)
+    store = MemoryKeyStore()
+    seen: list[dict[str, Any] | None] = []
+
+    def audited_then_suspend(op: str, **kwargs: Any) -> Any:
+        if op == "encrypt" and kwargs.get("detail"):
+            seen.append(kwargs["detail"])
+            if len(seen) == 2:
+                km_a.suspend(key_name, 1)  # between the first batch and the second's check
+        return audited(km_a, op, **kwargs)
+
+    cipher = FieldCipher(key=key_name, store=store, protector=km_a._protector, rewrapper=km_a.rewrapper(),
+                         audited=audited_then_suspend, on_unwrap=km_a._audit.on_unwrap)
+    rows = _rows(BATCH_VALUES // 3 + 10)
+    with pytest.raises(errors.PolicyError):
+        cipher.encrypt_rows(rows, table="t")
+    assert [d["rows"] for d in seen if d] == [BATCH_VALUES // 3, 10]  # a row is never split across batches
+    km_a.resume(key_name, 1)
+    assert cipher.encrypt_rows(rows[:2], table="t")[0]["email"] is not None
+
+
+def test_a_suspended_key_refuses_the_next_batch(km_a, key_name) -> None:
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    cipher.encrypt_rows(_rows(BATCH_MIN_ROWS), table="t")
+    km_a.suspend(key_name, 1)
+    for n in (1, BATCH_MIN_ROWS):  # the row-by-row path and the batch path
+        with pytest.raises(errors.PolicyError):
+            cipher.encrypt_rows(_rows(n), table="t")
+
+
+def test_one_audit_entry_per_batch_with_its_counts(km_a, key_name) -> None:
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    before = len(_encrypt_entries(km_a, key_name))
+    cipher.encrypt_rows(_rows(300, skip_every=3), table="t")  # 100 national ids are None: 800 values
+    entries = _encrypt_entries(km_a, key_name)[before:]
+    assert [(e["outcome"], e["detail"]) for e in entries] == [("ok", {"rows": 300, "values": 800})]
+    rows = BATCH_VALUES // 3 + 1  # two batches: 16,383 values, then 3
+    cipher.encrypt_rows(_rows(rows), table="t")
+    entries = _encrypt_entries(km_a, key_name)[before + 1:]
+    assert [e["detail"] for e in entries] == [{"rows": rows - 1, "values": 3 * (rows - 1)}, {"rows": 1, "values": 3}]
+    cipher.encrypt_rows(_rows(10), table="t")  # under BATCH_MIN_ROWS: one aggregated operation a row
+    (counted,) = _encrypt_entries(km_a, key_name)[before + 3:]
+    assert counted["detail"]["aggregated"] is True and counted["detail"]["count"] == 10
+
+
+@pytest.mark.parametrize("bad", ["kind", "row", "column"])
+@pytest.mark.parametrize("n", [3, BATCH_MIN_ROWS + 10])
+def test_a_bad_row_in_a_batch_seals_nothing(km_a, key_name, bad: str, n: int) -> None:
+    """Everything is checked before anything is sealed: no data key is made, nothing is returned,
+    and the error (one failed audit entry) names no value."""
+    km_a.create_key(key_name)
+    store = MemoryKeyStore()
+    cipher = km_a.fields(key_name, store=store, cache=CachePolicy(max_messages=3 * n))
+    rows: list[tuple[dict[str, Any], str]] = list(_rows(n))
+    k = n - 2
+    if bad == "kind":
+        rows[k] = ({**rows[k][0], "card": 6222000000001234}, rows[k][1])
+    elif bad == "row":
+        rows[k] = (rows[k][0], "")
+    else:
+        rows[k] = ({**rows[k][0], "": "x"}, rows[k][1])
+    before = len(_encrypt_entries(km_a, key_name))
+    with pytest.raises(errors.ConfigurationError) as caught:
+        cipher.encrypt_rows(rows, table="t")
+    assert "user" not in str(caught.value) and "6222" not in str(caught.value) and "ID-" not in str(caught.value)
+    assert len(store) == 0
+    assert [e["outcome"] for e in _encrypt_entries(km_a, key_name)[before:]] == ["failed"]
+    good = _rows(n)
+    sealed = cipher.encrypt_rows(good, table="t")  # the first data key still has all its 3n uses
+    assert len(store) == 1
+    assert cipher.decrypt_row(sealed[k], table="t", row=good[k][1], text=set(COLUMNS)) == good[k][0]
