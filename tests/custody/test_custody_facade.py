@@ -97,6 +97,5 @@ def test_refresh_interval_takes_seconds_only(bad: object) -> None:
 def test_wrong_arguments_are_keymgrs_own_error(softhsm: object, call: object) -> None:
     """A caller's wrong argument is a ConfigurationError naming it (they were AttributeErrors and
     TypeErrors from deep inside), and nothing is audited as done."""
-    with KeyManager(softhsm.uri()) as km:  # type: ignore[attr-defined]
-        with pytest.raises(errors.ConfigurationError):
-            call(km.custody)  # type: ignore[operator]
+    with KeyManager(softhsm.uri()) as km, pytest.raises(errors.ConfigurationError):  # type: ignore[attr-defined]
+        call(km.custody)  # type: ignore[operator]
