@@ -260,7 +260,8 @@ class KeyManager:
         (:class:`keymgr.audit.Operation`; encrypt / decrypt successes are aggregated). Refused once
         the manager is closed: the field ciphers, indexes and rewrappers it handed out all record
         through here, so none of them works on after :meth:`close` wiped their keys."""
-        self._token  # noqa: B018 - raises when closed
+        if self._ts is None:  # the _token property's check, inline: this runs once per message
+            raise errors.ConfigurationError("this KeyManager is closed")
         return self._audit.operation(op, key=key, version=version, detail=detail)
 
     # -- keys -------------------------------------------------------------------
@@ -539,7 +540,8 @@ class KeyManager:
     def _new_data_key(self, key: str, also_to: Sequence[Recipient]) -> tuple[DataKey, tuple[RecipientLike, ...]]:
         dek = DataKey(os.urandom(32))
         try:
-            recipients: list[RecipientLike] = [self._protector.wrap_der(self._keyring.get(key), dek)]
+            # inside an audited operation, which refused a closed manager: the unchecked keyring
+            recipients: list[RecipientLike] = [self._protector.wrap_der(self._keyring_unchecked.get(key), dek)]
             recipients += [r.wrap(dek) for r in also_to]
         except BaseException:
             dek.wipe()
@@ -555,7 +557,7 @@ class KeyManager:
                 return use(dek, recipients)
             finally:
                 dek.wipe()
-        record = self._keyring.get(key)
+        record = self._keyring_unchecked.get(key)  # inside an audited operation (open checked there)
         # a cached data key must not outlive a suspension; its wrap checked the key object already
         self._protector.check_encrypts(record, provenance=False)
         context_key = checked_context(context)[1]  # raises ConfigurationError for an unusable context

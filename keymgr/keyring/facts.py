@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from keymgr import errors
+from keymgr.hsm.templates import Profile, profile_named
 
 __all__ = ["Fact", "KeyPolicy", "KeyRecord", "KeyVersion", "KINDS", "STATE_EVENTS", "fold", "new_fact_id"]
 
@@ -137,6 +138,13 @@ class KeyRecord:
     def profile_of(self, version: KeyVersion) -> str:
         """The profile ``version``'s key object was made for."""
         return version.profile or self.profile
+
+    @functools.cached_property
+    def primary_profile(self) -> Profile:
+        """The profile of the primary version's key object (the key's, with no versions): how
+        messages are wrapped and what bounds a version's use; looked up once per record, as
+        every message asks."""
+        return profile_named(self.profile_of(self.primary_version) if self.versions else self.profile)
 
     def label_of(self, number: int) -> str:
         return f"{self.name}/v{number}"

@@ -45,7 +45,6 @@ from datetime import datetime
 
 from keymgr import errors
 from keymgr._time import parse_utc
-from keymgr.hsm.templates import profile_named
 from keymgr.keyring.store import KeyRecord, Keyring
 from keymgr.lifecycle import rotation
 
@@ -60,8 +59,7 @@ MAX_BLOCK = 1 << 20
 def limit_for(record: KeyRecord) -> int | None:
     """Encryptions one version of this key may make, or None when nothing limits them."""
     limits = [record.policy.max_messages] if record.policy.max_messages else []
-    profile = record.profile_of(record.primary_version) if record.versions else record.profile
-    bound = profile_named(profile).use_bound
+    bound = record.primary_profile.use_bound
     if bound is not None:
         limits.append(bound)
     return min(limits) if limits else None

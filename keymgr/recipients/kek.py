@@ -115,7 +115,7 @@ class KekProtector:
 
     def algorithm_for(self, record: KeyRecord) -> KekAlgorithm:
         """The key-encryption algorithm messages for ``record`` carry on this token."""
-        return self._wrap_mechanism()[1] if _profile(record, record.primary_version).wraps else "aes256_gcm"
+        return self._wrap_mechanism()[1] if record.primary_profile.wraps else "aes256_gcm"
 
     def wrap(self, record: KeyRecord, dek: DataKey, version: KeyVersion | None = None) -> cms.RecipientInfo:
         """A KEKRecipientInfo carrying ``dek`` under ``version`` (default: the primary)."""
@@ -130,7 +130,8 @@ class KekProtector:
             version = record.primary_version
         self.check_encrypts(record, version)
         ts = self._keyring.token
-        if _profile(record, version).wraps:
+        profile = record.primary_profile if version is record.primary_version else _profile(record, version)
+        if profile.wraps:
             mechanism, algorithm = self._wrap_mechanism()
             wrapped = objects.wrap_data_key(ts, version.key_id, dek.reveal(), mechanism)
             return kek_recipient_der(version.key_id, wrapped, algorithm)
