@@ -14,7 +14,7 @@ from pkcs11 import Attribute, ObjectClass
 
 import keymgr
 from keymgr.hsm import TokenSession, asym, open_token, probe
-from keymgr.hsm.pins import PinRequest
+from keymgr.hsm.pins import PinRequest, pin_source_from_uri
 from tests.conftest import TokenUnderTest, requires, softhsm_token
 
 #: the key pairs stay on the shared tokens, under labels unique to each test (``_label``)
@@ -126,15 +126,20 @@ def _always_authenticate_pair(ts: object, label: str) -> asym.KeyPairRef:
     return asym.KeyPairRef(ts.label, key_id, label, "rsa-2048")  # type: ignore[attr-defined]
 
 
-def _asking_session(tok: TokenUnderTest, callback: object) -> TokenSession:
-    """A session of ``tok`` whose PINs come from ``callback``. open_token shares one session per
-    token in a process, with the PIN source of whoever opened it first (another test may have,
-    with a PIN in its URI): that one is closed first, so this test's callback is the one asked."""
-    open_token(tok.uri(pin=False), login=False).close()
-    return open_token(tok.uri(pin=False), pin_callback=callback)  # type: ignore[arg-type]
+def _asking_session(tok: TokenUnderTest, callback: object, monkeypatch: pytest.MonkeyPatch) -> TokenSession:
+    """A session of ``tok`` whose context-specific PINs come from ``callback``. open_token shares
+    one session per token in a process, with the PIN source of whoever opened it first (another
+    test may have, with a PIN in its URI): for this test, that shared session asks ``callback``
+    (restored after; closing it instead would leave its other holders reopening sessions the
+    process no longer tracks)."""
+    ts = open_token(tok.uri(pin=False), pin_callback=callback)  # type: ignore[arg-type]
+    monkeypatch.setattr(ts, "_pin_source", pin_source_from_uri(None, None))
+    monkeypatch.setattr(ts, "_pin_callback", callback)
+    return ts
 
 
-def test_always_authenticate_asks_the_callback_each_use(softhsm: TokenUnderTest) -> None:
+def test_always_authenticate_asks_the_callback_each_use(softhsm: TokenUnderTest,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     tok = softhsm_token("custodian-3")
     asked: list[PinRequest] = []
 
@@ -142,7 +147,7 @@ def test_always_authenticate_asks_the_callback_each_use(softhsm: TokenUnderTest)
         asked.append(request)
         return tok.user_pin
 
-    ts = _asking_session(tok, callback)
+    ts = _asking_session(tok, callback, monkeypatch)
     ref = _always_authenticate_pair(ts, _label("piv-9c"))
     public = asym.public_key(ts, ref)
     assert isinstance(public, rsa.RSAPublicKey)
@@ -154,16 +159,17 @@ def test_always_authenticate_asks_the_callback_each_use(softhsm: TokenUnderTest)
     assert all(r.token_label == "custodian-3" for r in asked)
 
 
-def test_wrong_context_pin_is_reported_and_not_retried(softhsm: TokenUnderTest) -> None:
+def test_wrong_context_pin_is_reported_and_not_retried(softhsm: TokenUnderTest,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     tok = softhsm_token("custodian-2")
-    answers = iter([tok.user_pin, "0000", tok.user_pin])
+    context_answers = iter(["0000", tok.user_pin])  # a wrong PIN for the first use, then the right one
     asked: list[str] = []
 
     def callback(request: PinRequest) -> str:
         asked.append(request.reason)
-        return next(answers)
+        return next(context_answers) if request.reason == "context-specific" else tok.user_pin
 
-    ts = _asking_session(tok, callback)
+    ts = _asking_session(tok, callback, monkeypatch)
     ref = _always_authenticate_pair(ts, _label("ctx"))
     public = asym.public_key(ts, ref)
     assert isinstance(public, rsa.RSAPublicKey)
