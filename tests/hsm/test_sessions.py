@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,20 +104,29 @@ def test_pin_sources(tmp_path, monkeypatch) -> None:
         pin_source_from_uri("https://example.invalid/pin", None)
 
 
+_ASKED_AT_LOGIN = """
+import sys
+from pathlib import Path
+from keymgr.hsm import objects, open_token
+asked = []
+def callback(request):
+    asked.append((request.token_label, request.reason))
+    return sys.argv[2]
+ts = open_token(sys.argv[1], pin_callback=callback)
+assert len(objects.random_bytes(ts, 4)) == 4
+print(asked)
+"""
+
+
 def test_pin_callback_is_asked_with_token_label(softhsm: TokenUnderTest) -> None:
-    from keymgr.hsm import close_all
-
-    close_all()
-    asked: list[PinRequest] = []
-
-    def callback(request: PinRequest) -> str:
-        asked.append(request)
-        return softhsm.user_pin
-
-    ts = open_token(softhsm.uri(pin=False), pin_callback=callback)
-    assert [r.token_label for r in asked] == [softhsm.label]
-    assert asked[0].reason == "login"
-    assert len(objects.random_bytes(ts, 4)) == 4
+    """A process's first login asks the callback, naming the token. Run in a process of its own:
+    logging this one out (close_all) to see a first login again left every fixture holding a
+    session reopening sessions the process no longer tracked."""
+    done = subprocess.run([sys.executable, "-c", _ASKED_AT_LOGIN, softhsm.uri(pin=False), softhsm.user_pin],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **softhsm.env},
+                          cwd=str(Path(__file__).resolve().parents[2]))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == repr([(softhsm.label, "login")])
 
 
 @pytest.mark.slow
