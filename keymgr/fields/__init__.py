@@ -13,6 +13,7 @@ from keymgr.fields._format import OVERHEAD, Place
 from keymgr.fields.cipher import FieldCipher
 from keymgr.fields.index import (
     BlindIndex,
+    Term,
     chain,
     collapse_spaces,
     digits_only,
@@ -25,6 +26,6 @@ from keymgr.fields.masking import mask, mask_card, mask_email, mask_phone
 from keymgr.fields.subkeys import SubkeyPolicy
 
 __all__ = ["OVERHEAD", "BlindIndex", "FieldCipher", "KeyStore", "MemoryKeyStore", "Place", "StoredKey", "SubkeyPolicy",
-           "chain",
+           "Term", "chain",
            "collapse_spaces", "digits_only", "last_digits", "lowercase", "mask", "mask_card", "mask_email",
            "mask_phone", "unicode_fold"]

@@ -22,7 +22,10 @@ def plain(value: object) -> bytes:
     """A field value as the bytes to seal: text is UTF-8; anything but str or bytes is refused
     (``bytes(5)`` would be five zero bytes) without showing it."""
     if isinstance(value, str):
-        return value.encode()
+        try:
+            return value.encode()
+        except UnicodeEncodeError:  # a lone surrogate; the error would carry the whole text
+            raise errors.ConfigurationError("a text field value is not valid Unicode (a lone surrogate)") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise errors.ConfigurationError(f"a field value is str or bytes, not {type(value).__name__}")
@@ -61,12 +64,15 @@ class Batch:
             self.datas = [None if (value := row.get(column)) is None else plain(value)
                           for row in rows for column in shared]
         else:
-            self.names = [column for row in rows for column in row]
+            # names and values from one pass over items(): a mapping whose keys() order differs from
+            # its values() order must not put a value under another column's binding
+            pairs = [list(row.items()) for row in rows]
+            self.names = [column for items in pairs for column, _ in items]
             self.offsets = [0]
-            for row in rows:
-                self.offsets.append(self.offsets[-1] + len(row))
+            for items in pairs:
+                self.offsets.append(self.offsets[-1] + len(items))
             self.prefixes = [prefix(column) for column in self.names]
-            self.datas = [None if value is None else plain(value) for row in rows for value in row.values()]
+            self.datas = [None if value is None else plain(value) for items in pairs for _, value in items]
         self.sealed: list[bytes | None] = [None] * len(self.datas)
 
     def __len__(self) -> int:

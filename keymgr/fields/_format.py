@@ -72,8 +72,13 @@ class Place:
 
 def check_part(name: str, part: object) -> None:
     """A table, column or row identity: a non-empty string of at most 4096 UTF-8 bytes."""
-    if not isinstance(part, str) or not part or len(part) > _MAX_PART or len(part.encode()) > _MAX_PART:
-        raise ConfigurationError(f"a field's {name} must be a non-empty string of at most {_MAX_PART} bytes")
+    try:
+        size = len(part.encode()) if isinstance(part, str) else -1
+    except UnicodeEncodeError:  # a lone surrogate; the error would carry the whole text
+        size = -1
+    if not isinstance(part, str) or not part or len(part) > _MAX_PART or not 0 < size <= _MAX_PART:
+        raise ConfigurationError(f"a field's {name} must be a non-empty string of valid Unicode, at most "
+                                 f"{_MAX_PART} bytes")
 
 
 def check_extra(extra: Mapping[str, str]) -> None:

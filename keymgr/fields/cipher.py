@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Container, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -91,6 +92,23 @@ class _Opened:
     version: KeyVersion
 
 
+#: Every live FieldCipher of this process: a forked child forgets their current data keys.
+_live_ciphers: weakref.WeakSet[FieldCipher] = weakref.WeakSet()
+
+
+def _forget_current_keys_in_child() -> None:
+    """After fork: the child must not go on sealing under the parent's current data key, whose
+    use count both would then spend (a pre-forking server's N workers made up to N x
+    max_messages values under one key). The child takes a data key of its own on first use;
+    keys it only opens (decrypt) stay."""
+    for cipher in list(_live_ciphers):
+        cipher._current = None  # noqa: SLF001 - the class's own fork hook
+        cipher._lock = threading.RLock()  # noqa: SLF001 - a lock held by another thread at fork stays held
+
+
+os.register_at_fork(after_in_child=_forget_current_keys_in_child)
+
+
 class FieldCipher:
     """Seal and open field values for one named key and one data-key store."""
 
@@ -108,6 +126,7 @@ class FieldCipher:
         self._clock = clock
         self._lock = threading.RLock()  # a new data key is remembered while the lock is held
         self._current: _Current | None = None
+        _live_ciphers.add(self)
         self._opened: OrderedDict[bytes, _Opened] = OrderedDict()
         protector.keyring.get(key)  # fail now, not at the first insert, for a key that does not exist
 

@@ -88,7 +88,7 @@ from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
 from keymgr.hsm.templates import INDEX_KEY, ROLE_ATTRIBUTES
 
-__all__ = ["BlindIndex", "Normaliser", "bits_range", "chain", "collapse_spaces", "digits_only", "last_digits",
+__all__ = ["BlindIndex", "Normaliser", "Term", "bits_range", "chain", "collapse_spaces", "digits_only", "last_digits",
            "index_context", "lowercase", "unicode_fold", "INDEX_LABEL_PREFIX"]
 
 Normaliser = Callable[[str], str]
@@ -204,6 +204,17 @@ def _parts(value: object) -> list[str | bytes]:
         raise errors.ConfigurationError("a blind index takes a string or bytes, or a non-empty list or tuple of "
                                         "them (compound)")
     return list(value)
+
+
+class Term(bytes):
+    """A blind-index term as a :class:`BlindIndex` computed it (or a term column returned it):
+    what :class:`keymgr.fields.sql.BlindIndexTerm` columns take, so plaintext written to a term
+    column by mistake is refused, not stored in the clear."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Term({len(self)} bytes, version {self[0] if self else '?'})"
 
 
 def _checked_context(context: object) -> bytes:
@@ -428,9 +439,9 @@ class BlindIndex:
         key_id = self._keys[version][0]
         with self._audited("index", key=self.name, version=version):
             if not self.host_subkeys:
-                return [None if m is None else self._cached_term(version, key_id, m) for m in messages]
+                return [None if m is None else Term(self._cached_term(version, key_id, m)) for m in messages]
             computed = iter(self._host_terms(version, key_id, context, [m for m in messages if m is not None]))
-            return [None if m is None else next(computed) for m in messages]
+            return [None if m is None else Term(next(computed)) for m in messages]
 
     def _cached_term(self, version: int, key_id: bytes, message: bytes) -> bytes:
         if not self._cache_size:
@@ -456,8 +467,8 @@ class BlindIndex:
         message = self._message(value, context)
         with self._audited("index", key=self.name, version=self.version):
             if not self.host_subkeys:
-                return [self._term(v, key_id, message) for v in self.versions for key_id in self._keys[v]]
-            return [self._host_terms(v, key_id, context, [message])[0]
+                return [Term(self._term(v, key_id, message)) for v in self.versions for key_id in self._keys[v]]
+            return [Term(self._host_terms(v, key_id, context, [message])[0])
                     for v in self.versions for key_id in self._keys[v]]
 
     def matches(self, term: bytes, value: Part | Sequence[Part], *, context: bytes = b"") -> bool:

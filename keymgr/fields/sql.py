@@ -39,7 +39,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from keymgr import errors
 from keymgr.fields._format import FIELD_INTEGRITY, Place
 from keymgr.fields.cipher import FieldCipher
-from keymgr.fields.index import BlindIndex, Part, index_context
+from keymgr.fields.index import BlindIndex, Part, Term, index_context
 from keymgr.fields.keys import StoredKey
 
 __all__ = ["BlindIndexTerm", "EncryptedBytes", "EncryptedTable", "EncryptedText", "PlaintextRefused", "Sealed",
@@ -111,16 +111,34 @@ class EncryptedText(EncryptedBytes):
 
 
 class BlindIndexTerm(sa.types.TypeDecorator[bytes]):
-    """A blind-index term column (give it ``index=True``)."""
+    """A blind-index term column (give it ``index=True``). Takes only terms a :class:`BlindIndex`
+    computed (:class:`~keymgr.fields.index.Term`, as the codec and lookups pass them, or as the
+    column returned them): a plaintext written here by mistake is refused, never stored."""
 
     impl = sa.LargeBinary
     cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> bytes | None:
+        if value is None:
+            return None
+        if not isinstance(value, Term):
+            raise PlaintextRefused("a blind-index term column takes only terms a BlindIndex computed "
+                                   "(encode / encode_rows / index.term); refusing to write it in the clear")
+        return bytes(value)
 
     def bind_processor(self, dialect: sa.Dialect) -> Callable[[Any], Any] | None:
         """Terms go to the driver as ``bytes`` where it takes them so (see :class:`EncryptedBytes`)."""
         if not native_bytes(dialect):
             return super().bind_processor(dialect)
-        return None
+        process_bind_param = self.process_bind_param
+        return lambda value: process_bind_param(value, dialect)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Term | None:
+        if value is None:
+            return None
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise SealedValueMissing(FIELD_INTEGRITY)
+        return Term(value)
 
 
 def native_bytes(dialect: sa.Dialect) -> bool:

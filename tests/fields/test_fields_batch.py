@@ -156,3 +156,62 @@ def test_a_bad_row_in_a_batch_seals_nothing(km_a, key_name, bad: str, n: int) ->
     sealed = cipher.encrypt_rows(good, table="t")  # the first data key still has all its 3n uses
     assert len(store) == 1
     assert cipher.decrypt_row(sealed[k], table="t", row=good[k][1], text=set(COLUMNS)) == good[k][0]
+
+
+class _KeysOutOfOrder(dict):  # type: ignore[type-arg]
+    """A mapping whose keys() runs in another order than its values() (dict subclasses may)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(sorted(super().keys()))
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        return sorted(super().keys())
+
+
+def test_a_value_is_sealed_under_its_own_column_whatever_the_mapping(km_a, key_name) -> None:
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    row = _KeysOutOfOrder(email="alice@EMAIL", card="4111-CARD")
+    for sealed in (cipher.encrypt_row(row, table="t", row="r1"), cipher.encrypt_rows([(row, "r1")], table="t")[0]):
+        assert cipher.decrypt_text(sealed["email"], Place("t", "email", "r1")) == "alice@EMAIL"  # type: ignore[arg-type]
+        assert cipher.decrypt_text(sealed["card"], Place("t", "card", "r1")) == "4111-CARD"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("where", ["value", "row"])
+def test_a_lone_surrogate_is_a_configuration_error_that_carries_no_text(km_a, key_name, where: str) -> None:
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    rows = _rows(BATCH_MIN_ROWS + 2)
+    if where == "value":
+        rows[77][0]["email"] = "SECRET\ud800PLAIN"
+    else:
+        rows[77] = (rows[77][0], "SECRETROW\udc80")
+    with pytest.raises(errors.ConfigurationError) as caught:
+        cipher.encrypt_rows(rows, table="t")
+    assert "SECRET" not in repr(caught.value) and caught.value.__cause__ is None
+
+
+def test_a_forked_child_seals_under_a_data_key_of_its_own(km_a, key_name) -> None:
+    """The parent's current data key stays the parent's: a child that went on with it would spend
+    the same use count (N forked workers: N x max_messages values under one key)."""
+    import os
+
+    km_a.create_key(key_name)
+    store = MemoryKeyStore()
+    cipher = km_a.fields(key_name, store=store)
+    parent_ref = unpack(cipher.encrypt(b"before fork", Place("t", "c", "r0")))[0]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report which data key its first value names, and leave at once
+        try:
+            os.close(read)
+            ref = unpack(cipher.encrypt(b"in the child", Place("t", "c", "r1")))[0]
+            os.write(write, ref)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child_ref = pipe.read()
+    os.waitpid(pid, 0)
+    assert child_ref and child_ref != parent_ref
+    assert unpack(cipher.encrypt(b"after fork", Place("t", "c", "r2")))[0] == parent_ref

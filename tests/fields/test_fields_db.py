@@ -726,3 +726,23 @@ def test_a_long_job_name_still_changes_with_every_index_version(km_a, key_name, 
     after = job_name(codec)
     assert len(before) <= 200 and len(after) <= 200 and before != after
     assert job_name(codec) == after  # and stable
+
+
+def test_a_term_column_refuses_plaintext(km_a, key_name, db_url) -> None:
+    """A term column takes only terms a BlindIndex computed: str, bytes or int plaintext written
+    to it by mistake is PlaintextRefused (not wrapped with the parameters) and nothing is stored;
+    terms read back from it can be written again."""
+    from keymgr.fields.sql import PlaintextRefused
+
+    engine, table, enc, _, people = _setup(km_a, db_url, key_name, 2)
+    for plaintext in ("alice@example.com", b"bob@example.com", 12345):
+        with pytest.raises(PlaintextRefused) as caught, engine.begin() as conn:
+            conn.execute(table.update().where(table.c.id == people[0]["id"]).values(email_bidx=plaintext))
+        assert "example.com" not in str(caught.value)
+    with engine.begin() as conn:
+        term = conn.execute(sa.select(table.c.email_bidx).where(table.c.id == people[0]["id"])).scalar_one()
+        conn.execute(table.update().where(table.c.id == people[1]["id"]).values(email_bidx=term))
+    with engine.connect() as conn:
+        stored = [r[0] for r in conn.execute(sa.select(table.c.email_bidx))]
+    assert all(isinstance(t, bytes) and b"example.com" not in t for t in stored)
+    assert len(enc.find(engine.connect(), "email_bidx", people[0]["email"])) == 1
