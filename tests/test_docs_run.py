@@ -28,6 +28,10 @@ from pathlib import Path
 
 import pytest
 
+#: every test here is slow (every shell and Python block of the docs, run on a fresh HOME):
+#: `pytest -m "not slow"` skips the module, CI runs it
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_LANGUAGES = {"sh", "bash", "shell", "console"}

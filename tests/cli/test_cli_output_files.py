@@ -736,6 +736,7 @@ def test_the_console_script_ends_an_early_interrupt_in_one_line(small: Path, tmp
         assert shell.stdout.strip() in ("130", "0"), shell  # 0: done before the signal came
 
 
+@pytest.mark.slow
 def test_the_names_of_standard_output_write_to_it(softhsm: TokenUnderTest, key_name: str, tmp_path: Path) -> None:
     """``-o /dev/stdout`` (a link the kernel makes) is standard output, as ``-o -`` is: written
     where the shell's redirection points, appended there, never opened anew or truncated; an

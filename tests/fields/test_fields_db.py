@@ -20,6 +20,10 @@ from typing import Any
 
 import pytest
 
+#: every test here is slow (a PostgreSQL server and a database per test):
+#: `pytest -m "not slow"` skips the module, CI runs it
+pytestmark = pytest.mark.slow
+
 if os.environ.get("KEYMGR_REQUIRE_INTEROP") != "1":
     pytest.importorskip("sqlalchemy")
 import sqlalchemy as sa  # noqa: E402

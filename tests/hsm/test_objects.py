@@ -110,6 +110,7 @@ with token.open(user_pin=pin, rw=True) as session:
 """
 
 
+@pytest.mark.slow
 def test_a_scan_skips_objects_another_process_destroys_meanwhile(softhsm: TokenUnderTest, key_name: str) -> None:
     """Another host compacting destroys objects between our C_FindObjects and the reads that
     follow it: every scan still succeeds and still sees every object nobody destroyed (before,

@@ -28,6 +28,10 @@ from tests._keyring_helpers import eventually, key_objects, same_record
 from tests.conftest import softhsm_token
 from tests.faults import FaultInjector, injected
 
+#: every test here is slow (a fault injected at every step of create, rotate and keyring changes):
+#: `pytest -m "not slow"` skips the module, CI runs it
+pytestmark = pytest.mark.slow
+
 CTX = {"tenant": "acme"}
 
 

@@ -27,6 +27,10 @@ from keymgr.lifecycle import rotation
 from tests._internals import keyring_of, token_of
 from tests.conftest import TokenUnderTest, requires, softhsm_token
 
+#: every test here is slow (planted keys and forged facts, each against fresh managers):
+#: `pytest -m "not slow"` skips the module, CI runs it
+pytestmark = pytest.mark.slow
+
 
 def _stale_manager(token: TokenUnderTest) -> keymgr.KeyManager:
     """A manager standing for another host: it keeps the view it has until told to reload."""
