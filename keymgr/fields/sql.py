@@ -71,19 +71,21 @@ class Sealed(bytes):
         return f"Sealed({len(self)} bytes)"
 
 
-class EncryptedBytes(sa.types.TypeDecorator[bytes]):
-    """A column holding field-form values (``bytea`` / ``BLOB``); plaintext bytes."""
+class _MarkedBytes(sa.types.TypeDecorator[bytes]):
+    """A binary column that takes only values of one marker type (what keymgr computed: a
+    plaintext written by mistake is refused, not stored in the clear) and returns them as that
+    type, so a value read back can be written again."""
 
     impl = sa.LargeBinary
     cache_ok = True
-    text = False
+    marker: type[bytes] = bytes
+    refusal = ""
 
     def process_bind_param(self, value: Any, dialect: sa.Dialect) -> bytes | None:
         if value is None:
             return None
-        if not isinstance(value, Sealed):
-            raise PlaintextRefused("an encrypted column takes only values sealed by EncryptedTable "
-                                   "(encode / encode_rows); refusing to write it in the clear")
+        if not isinstance(value, self.marker):
+            raise PlaintextRefused(self.refusal)
         return bytes(value)
 
     def bind_processor(self, dialect: sa.Dialect) -> Callable[[Any], Any] | None:
@@ -95,12 +97,22 @@ class EncryptedBytes(sa.types.TypeDecorator[bytes]):
         process_bind_param = self.process_bind_param
         return lambda value: process_bind_param(value, dialect)
 
-    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Sealed | None:
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> bytes | None:
         if value is None:
             return None
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise SealedValueMissing(FIELD_INTEGRITY)
-        return Sealed(value)
+        return self.marker(value)
+
+
+class EncryptedBytes(_MarkedBytes):
+    """A column holding field-form values (``bytea`` / ``BLOB``); plaintext bytes."""
+
+    cache_ok = True
+    text = False
+    marker = Sealed
+    refusal = ("an encrypted column takes only values sealed by EncryptedTable (encode / encode_rows); "
+               "refusing to write it in the clear")
 
 
 class EncryptedText(EncryptedBytes):
@@ -110,35 +122,15 @@ class EncryptedText(EncryptedBytes):
     text = True
 
 
-class BlindIndexTerm(sa.types.TypeDecorator[bytes]):
+class BlindIndexTerm(_MarkedBytes):
     """A blind-index term column (give it ``index=True``). Takes only terms a :class:`BlindIndex`
     computed (:class:`~keymgr.fields.index.Term`, as the codec and lookups pass them, or as the
     column returned them): a plaintext written here by mistake is refused, never stored."""
 
-    impl = sa.LargeBinary
     cache_ok = True
-
-    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> bytes | None:
-        if value is None:
-            return None
-        if not isinstance(value, Term):
-            raise PlaintextRefused("a blind-index term column takes only terms a BlindIndex computed "
-                                   "(encode / encode_rows / index.term); refusing to write it in the clear")
-        return bytes(value)
-
-    def bind_processor(self, dialect: sa.Dialect) -> Callable[[Any], Any] | None:
-        """Terms go to the driver as ``bytes`` where it takes them so (see :class:`EncryptedBytes`)."""
-        if not native_bytes(dialect):
-            return super().bind_processor(dialect)
-        process_bind_param = self.process_bind_param
-        return lambda value: process_bind_param(value, dialect)
-
-    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Term | None:
-        if value is None:
-            return None
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise SealedValueMissing(FIELD_INTEGRITY)
-        return Term(value)
+    marker = Term
+    refusal = ("a blind-index term column takes only terms a BlindIndex computed (encode / encode_rows / "
+               "index.term); refusing to write it in the clear")
 
 
 def native_bytes(dialect: sa.Dialect) -> bool:

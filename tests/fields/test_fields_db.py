@@ -414,7 +414,9 @@ def test_string_keys_that_spell_one_uuid_are_different_rows(km_a, key_name, db_u
             enc.decode(rows[k])
 
 
-def test_schema_per_tenant_tables_are_different_places(km_a, key_name, postgres) -> None:
+def _two_tenant_schemas(km: Any, key: str, postgres: Any) -> tuple[sa.Engine, sa.Table, sa.Table, Any, Any]:
+    """A fresh database with schemas tenant_a and tenant_b, an ``acct`` table in each, and a codec
+    for each under key ``key`` (made here) sharing one data-key table."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -423,11 +425,15 @@ def test_schema_per_tenant_tables_are_different_places(km_a, key_name, postgres)
     engine = sa.create_engine(postgres.url(name))
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE SCHEMA tenant_a; CREATE SCHEMA tenant_b"))
-    km_a.create_key(key_name)
+    km.create_key(key)
     a, b = _accounts(sa.MetaData(), schema="tenant_a"), _accounts(sa.MetaData(), schema="tenant_b")
     for t in (a, b):
         t.metadata.create_all(engine)
-    enc_a, enc_b = _accounts_codec(km_a, engine, a, key_name), _accounts_codec(km_a, engine, b, key_name)
+    return engine, a, b, _accounts_codec(km, engine, a, key), _accounts_codec(km, engine, b, key)
+
+
+def test_schema_per_tenant_tables_are_different_places(km_a, key_name, postgres) -> None:
+    engine, a, b, enc_a, enc_b = _two_tenant_schemas(km_a, key_name, postgres)
     with engine.begin() as conn:
         conn.execute(a.insert(), enc_a.encode_rows([{"id": "5", "email": "alice@a"}]))
         conn.execute(b.insert(), enc_b.encode_rows([{"id": "5", "email": "bob@b"}]))
@@ -445,19 +451,7 @@ def test_reencrypting_one_schema_keeps_the_data_keys_another_schema_uses(km_a, k
     too, and tenant_b's rows never decrypted again)."""
     from keymgr.fields.bulk import reencrypt_table
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    engine = sa.create_engine(postgres.url(name))
-    with engine.begin() as conn:
-        conn.execute(sa.text("CREATE SCHEMA tenant_a; CREATE SCHEMA tenant_b"))
-    km_a.create_key(key_name)
-    a, b = _accounts(sa.MetaData(), schema="tenant_a"), _accounts(sa.MetaData(), schema="tenant_b")
-    for t in (a, b):
-        t.metadata.create_all(engine)
-    enc_a, enc_b = _accounts_codec(km_a, engine, a, key_name), _accounts_codec(km_a, engine, b, key_name)
+    engine, a, b, enc_a, enc_b = _two_tenant_schemas(km_a, key_name, postgres)
     for enc, t in ((enc_a, a), (enc_b, b)):
         with engine.begin() as conn:
             conn.execute(t.insert(), enc.encode_rows([{"id": str(i), "email": f"u{i}@x"} for i in range(6)]))
