@@ -13,6 +13,7 @@ import pytest
 from keymgr import errors
 from keymgr.fields import (
     OVERHEAD,
+    FieldCipher,
     MemoryKeyStore,
     Place,
     chain,
@@ -124,13 +125,19 @@ def test_a_spliced_data_key_row_fails_its_commitment(km_a, key_name) -> None:
         reader.decrypt(value, place)
 
 
-def test_rotation_and_rewrap_leave_values_untouched(km_a, key_name) -> None:
-    km_a.create_key(key_name)
+def _sealed_then_rotated(km, key: str) -> tuple[MemoryKeyStore, FieldCipher, Place, bytes]:
+    """Key ``key`` made, a card sealed under version 1, then the key rotated: (store, cipher, place, value)."""
+    km.create_key(key)
     store = MemoryKeyStore()
-    cipher = km_a.fields(key_name, store=store)
+    cipher = km.fields(key, store=store)
     place = Place("t", "c", "r")
-    old = cipher.encrypt(CARD, place)
-    km_a.rotate(key_name)
+    value = cipher.encrypt(CARD, place)
+    km.rotate(key)
+    return store, cipher, place, value
+
+
+def test_rotation_and_rewrap_leave_values_untouched(km_a, key_name) -> None:
+    store, cipher, place, old = _sealed_then_rotated(km_a, key_name)
     new = cipher.encrypt(CARD, place)
     assert unpack(new)[0] != unpack(old)[0]  # a new data key under the new primary at once
     assert len(store) == 2
@@ -147,12 +154,7 @@ def test_rotation_and_rewrap_leave_values_untouched(km_a, key_name) -> None:
 
 
 def test_retired_version_stops_decrypting_without_rewrap(km_a, key_name) -> None:
-    km_a.create_key(key_name)
-    store = MemoryKeyStore()
-    cipher = km_a.fields(key_name, store=store)
-    place = Place("t", "c", "r")
-    old = cipher.encrypt(CARD, place)
-    km_a.rotate(key_name)
+    store, cipher, place, old = _sealed_then_rotated(km_a, key_name)
     km_a.retire(key_name, below=2, immediately=True)
     with pytest.raises(errors.PolicyError):
         cipher.decrypt(old, place)  # also through the cached data key

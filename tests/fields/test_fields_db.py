@@ -380,6 +380,15 @@ def _accounts(metadata: sa.MetaData, pk: Any = sa.String(64), schema: str | None
                     schema=schema)
 
 
+def _accounts_in(url: str, km: Any, key: str) -> tuple[sa.Engine, sa.Table]:
+    """An engine on ``url`` with the ``acct`` table made, and key ``key`` created."""
+    engine = sa.create_engine(url)
+    table = _accounts(sa.MetaData())
+    table.metadata.create_all(engine)
+    km.create_key(key)
+    return engine, table
+
+
 def _accounts_codec(km: Any, engine: sa.Engine, table: sa.Table, key: str, bits: int = 32,
                     extra: dict[str, str] | None = None) -> Any:
     from keymgr.fields import lowercase
@@ -394,10 +403,7 @@ def _accounts_codec(km: Any, engine: sa.Engine, table: sa.Table, key: str, bits:
 
 
 def test_string_keys_that_spell_one_uuid_are_different_rows(km_a, key_name, db_url) -> None:
-    engine = sa.create_engine(db_url)
-    table = _accounts(sa.MetaData())
-    table.metadata.create_all(engine)
-    km_a.create_key(key_name)
+    engine, table = _accounts_in(db_url, km_a, key_name)
     enc = _accounts_codec(km_a, engine, table, key_name)
     keys = ["A" * 32, "a" * 8 + "-" + "a" * 4 + "-" + "a" * 4 + "-" + "a" * 4 + "-" + "a" * 12,
             "a-a-a-a-" + "a" * 28]
@@ -466,10 +472,7 @@ def test_reencrypting_one_schema_keeps_the_data_keys_another_schema_uses(km_a, k
 
 def test_tenants_sharing_a_table_get_unrelated_terms_and_lookups_skip_each_other(km_a, key_name, db_url,
                                                                                  caplog) -> None:
-    engine = sa.create_engine(db_url)
-    table = _accounts(sa.MetaData())
-    table.metadata.create_all(engine)
-    km_a.create_key(key_name)
+    engine, table = _accounts_in(db_url, km_a, key_name)
     acme = _accounts_codec(km_a, engine, table, key_name, bits=1, extra={"tenant": "acme"})
     globex = _accounts_codec(km_a, engine, table, key_name, bits=1, extra={"tenant": "globex"})
     rows = [{"id": f"a{i}", "tenant": "acme", "email": f"user{i}@x"} for i in range(32)]
@@ -491,10 +494,7 @@ def test_tenants_sharing_a_table_get_unrelated_terms_and_lookups_skip_each_other
 def test_reencrypt_of_one_tenant_with_a_filter(km_a, key_name, db_url) -> None:
     from keymgr.fields.bulk import reencrypt_table
 
-    engine = sa.create_engine(db_url)
-    table = _accounts(sa.MetaData())
-    table.metadata.create_all(engine)
-    km_a.create_key(key_name)
+    engine, table = _accounts_in(db_url, km_a, key_name)
     acme = _accounts_codec(km_a, engine, table, key_name, extra={"tenant": "acme"})
     globex = _accounts_codec(km_a, engine, table, key_name, extra={"tenant": "globex"})
     acme.insert_many(engine, [{"id": f"a{i}", "tenant": "acme", "email": f"{i}@x"} for i in range(5)])
@@ -615,10 +615,7 @@ def test_the_final_sweep_catches_a_stale_writers_old_index_version(km_a, key_nam
 
 
 def test_bytes_columns_are_indexed_as_bytes_and_kinds_are_checked(km_a, key_name, db_url) -> None:
-    engine = sa.create_engine(db_url)
-    table = _accounts(sa.MetaData())
-    table.metadata.create_all(engine)
-    km_a.create_key(key_name)
+    engine, table = _accounts_in(db_url, km_a, key_name)
     enc = _accounts_codec(km_a, engine, table, key_name)
     enc.insert_many(engine, [{"id": "1", "blob": b"\x00\xff"}])
     blob_index = enc.indexes["blob_bidx"][0]
