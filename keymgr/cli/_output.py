@@ -42,42 +42,13 @@ from keymgr._files import atomic_output, os_error_reason, remove_abandoned_temp_
 __all__ = ["check_directory", "checked_output", "open_output", "write_output"]
 
 
-class _StdoutSink(io.RawIOBase):
-    """Standard output, unbuffered, with write errors as keymgr errors. Unbuffered so that
-    nothing is left to flush (and fail again, on a second line) when the process exits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._stream = sys.stdout.buffer
-        try:
-            self._fd: int | None = self._stream.fileno()
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            self._fd = None  # click's test runner: an in-memory stream
-        if self._fd is not None:
-            self._stream.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        try:
-            if self._fd is None:
-                self._stream.write(view)
-                self._stream.flush()
-                return len(view)
-            return _write_all(self._fd, view)
-        except BrokenPipeError:
-            raise  # the reader went away: GuardedGroup exits quietly (141), as `cat` would
-        except OSError as exc:
-            raise errors.StorageError(f"cannot write to standard output: {os_error_reason(exc)}") from None
-
-
 class _DescriptorSink(io.RawIOBase):
-    """One of this process's open descriptors named by path (``-o /dev/stderr``), written as
-    standard output is; it stays open (the process owns it, keymgr only borrowed it)."""
+    """One of this process's open descriptors (standard output, or one named by path:
+    ``-o /dev/stderr``), unbuffered, with write errors as keymgr errors. Unbuffered so that
+    nothing is left to flush (and fail again, on a second line) when the process exits; the
+    descriptor stays open (the process owns it, keymgr only borrowed it)."""
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int | None, name: str) -> None:
         super().__init__()
         self._fd, self._name = fd, name
 
@@ -86,11 +57,36 @@ class _DescriptorSink(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         try:
-            return _write_all(self._fd, memoryview(data).cast("B"))
+            return self._write(memoryview(data).cast("B"))
         except BrokenPipeError:
-            raise
+            raise  # the reader went away: GuardedGroup exits quietly (141), as `cat` would
         except OSError as exc:
             raise errors.StorageError(f"cannot write {self._name}: {os_error_reason(exc)}") from None
+
+    def _write(self, view: memoryview) -> int:
+        assert self._fd is not None
+        return _write_all(self._fd, view)
+
+
+class _StdoutSink(_DescriptorSink):
+    """Standard output: its descriptor, or (click's test runner) the in-memory stream in its place."""
+
+    def __init__(self) -> None:
+        self._stream = sys.stdout.buffer
+        try:
+            fd: int | None = self._stream.fileno()
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            fd = None  # click's test runner: an in-memory stream
+        if fd is not None:
+            self._stream.flush()
+        super().__init__(fd, "to standard output")
+
+    def _write(self, view: memoryview) -> int:
+        if self._fd is not None:
+            return _write_all(self._fd, view)
+        self._stream.write(view)
+        self._stream.flush()
+        return len(view)
 
 
 #: How a path names one of this process's own descriptors: /dev/stdout, /dev/fd/3, /proc/self/fd/3.
