@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from keymgr import errors
 from keymgr.cli._common import CliState, console, emit_json, fail, pass_state
 
 __all__ = ["fields_group"]
@@ -91,11 +92,82 @@ def _codec(engine: Any, km: Any, *, table: str, schema: str | None, key: str, co
     return EncryptedTable(shaped, km.fields(key, store=store), extra=extra), store
 
 
+def _load_codec(spec: str, km: Any, engine: Any) -> Any:
+    """The application's own codec, from ``--codec MODULE:FACTORY``: ``FACTORY(km, engine)``
+    returns its EncryptedTable, with the blind indexes and normalisers that live in its code,
+    so a re-encryption recomputes every term as the application would. The current directory
+    is searched last (after keymgr's and the installed packages), so it cannot shadow them."""
+    import importlib
+    import os
+
+    from keymgr.fields.sql import EncryptedTable
+
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute.isidentifier():
+        fail(f"--codec takes MODULE:FACTORY (myapp.db:customers_codec), not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the application's module: any failure is one line, not a traceback
+        fail(f"--codec: cannot import {module_name!r}: {type(exc).__name__}: {_first_line(exc)}")
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        fail(f"--codec: {module_name!r} has no function {attribute!r}")
+    try:
+        codec = factory(km, engine)
+    except errors.KeymgrError:
+        raise  # keymgr's own: the CLI's usual one-line message
+    except Exception as exc:
+        fail(f"--codec: {spec}(km, engine) failed: {type(exc).__name__}: {_first_line(exc)}")
+    if not isinstance(codec, EncryptedTable):
+        fail(f"--codec: {spec} returned {type(codec).__name__}, not a keymgr.fields.sql.EncryptedTable")
+    return codec
+
+
+def _codec_of(engine: Any, km: Any, codec_spec: str | None, *, table: str | None, schema: str | None,
+              key: str | None, columns: tuple[str, ...], keys_table: str, extra: dict[str, str],
+              pk_kind: str) -> tuple[Any, Any]:
+    """The codec and data-key store: the application's (``--codec``), or one shaped from the
+    reflected table and the options."""
+    if codec_spec is None:
+        assert table is not None and key is not None  # the command checked
+        codec, store = _codec(engine, km, table=table, schema=schema, key=key, columns=columns,
+                              keys_table=keys_table, extra=extra, pk_kind=pk_kind)
+        return codec, store
+    given = {"--schema": schema is not None, "--column": bool(columns), "--extra": bool(extra),
+             "--pk": pk_kind != "auto", "--keys-table": keys_table != "keymgr_field_keys"}
+    return _given_codec(codec_spec, km, engine, table=table, key=key,
+                        conflicting=[option for option, on in given.items() if on])
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
+def _given_codec(spec: str, km: Any, engine: Any, *, table: str | None, key: str | None,
+                 conflicting: list[str]) -> tuple[Any, Any]:
+    """The codec of ``--codec`` and its table and key, after checking the options that would
+    contradict it (its table, key, columns and context come from the application's code)."""
+    if conflicting:
+        fail(f"--codec gives the table's columns and context; drop {', '.join(conflicting)}")
+    codec = _load_codec(spec, km, engine)
+    if table is not None and table not in (codec.table.name, codec.name):
+        fail(f"--codec {spec} encrypts table {codec.name!r}, not {table!r}")
+    if key is not None and key != codec.cipher.key:
+        fail(f"--codec {spec} encrypts under key {codec.cipher.key!r}, not {key!r}")
+    return codec, codec.cipher.store
+
+
 @fields_group.command("rewrap")
 @click.option("--db", "url", required=True, help="SQLAlchemy database URL (postgresql+psycopg://..., sqlite:///...).")
-@click.option("--table", required=True, help="The encrypted table.")
+@click.option("--codec", "codec_spec", default=None, metavar="MODULE:FACTORY",
+              help="The application's codec: FACTORY(km, engine) returns its EncryptedTable (columns, blind "
+                   "indexes, normalisers, context), so --reencrypt also recomputes every blind-index term "
+                   "with the newest index version. Runs that module's code. Instead of --table/--column/--extra.")
+@click.option("--table", default=None, help="The encrypted table (required without --codec).")
 @click.option("--schema", default=None, help="The table's schema (PostgreSQL; bound into its values).")
-@click.option("--key", required=True, help="The keymgr key its fields are encrypted under.")
+@click.option("--key", default=None, help="The keymgr key its fields are encrypted under (required without --codec).")
 @click.option("--column", "columns", multiple=True, help="An encrypted column (repeat); needed with --reencrypt.")
 @click.option("--reencrypt", is_flag=True,
               help="Also re-encrypt every row under fresh data keys (reads payloads; resumable, "
@@ -113,12 +185,14 @@ def _codec(engine: Any, km: Any, *, table: str, schema: str | None, key: str, co
 @click.option("--keys-table", default="keymgr_field_keys", show_default=True, help="The data-key table.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
 @pass_state
-def rewrap_fields_command(state: CliState, url: str, table: str, schema: str | None, key: str,
-                          columns: tuple[str, ...], reencrypt: bool, extras: tuple[str, ...], filters: tuple[str, ...],
-                          pk_kind: str, keep_data_keys: bool, batch: int, keys_table: str,
-                          progress: bool | None) -> None:
+def rewrap_fields_command(state: CliState, url: str, codec_spec: str | None, table: str | None,
+                          schema: str | None, key: str | None, columns: tuple[str, ...], reencrypt: bool,
+                          extras: tuple[str, ...], filters: tuple[str, ...], pk_kind: str, keep_data_keys: bool,
+                          batch: int, keys_table: str, progress: bool | None) -> None:
     """Rewrap a table's field data keys under KEY's primary (no value read); with --reencrypt,
-    re-encrypt its rows too. Safe to kill and run again: it continues where it stopped."""
+    re-encrypt its rows too. Safe to kill and run again: it continues where it stopped.
+    Without --codec, terms of blind indexes are carried over as they are (normalisers are the
+    application's code); with it, they are recomputed."""
     try:
         import sqlalchemy as sa
         from sqlalchemy.exc import SQLAlchemyError
@@ -126,17 +200,21 @@ def rewrap_fields_command(state: CliState, url: str, table: str, schema: str | N
         fail("keymgr fields needs SQLAlchemy: pip install 'keymgr[db]'")
     from keymgr.fields.bulk import reencrypt_table, rewrap_keys
 
-    if reencrypt and not columns:
+    if codec_spec is None and (table is None or key is None):
+        fail("give --table and --key, or --codec MODULE:FACTORY")
+    if codec_spec is None and reencrypt and not columns:
         fail("--reencrypt needs the encrypted columns (--column NAME, repeated)")
     extra, wanted = _pairs("--extra", extras), _pairs("--filter", filters)
     show = progress if progress is not None else (sys.stderr.isatty() and not state.json_output)
     km = state.manager()
     try:
         engine = sa.create_engine(url)
-        codec, store = _codec(engine, km, table=table, schema=schema, key=key, columns=columns,
-                              keys_table=keys_table, extra=extra, pk_kind=pk_kind)
+        codec, store = _codec_of(engine, km, codec_spec, table=table, schema=schema, key=key, columns=columns,
+                                 keys_table=keys_table, extra=extra, pk_kind=pk_kind)
+        table, key, schema = codec.name, codec.cipher.key, codec.table.schema
         if not store.count(key):
-            fail(f"{keys_table} holds no data-key rows of key {key!r}: is it the key {table!r} is encrypted under?")
+            fail(f"{store.table.name} holds no data-key rows of key {key!r}: "
+                 f"is it the key {table!r} is encrypted under?")
         bar = _Bar("data keys", show)
         try:
             keys = rewrap_keys(codec.cipher, store, on_batch=bar)

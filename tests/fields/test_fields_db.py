@@ -741,3 +741,39 @@ def test_a_term_column_refuses_plaintext(km_a, key_name, db_url) -> None:
         stored = [r[0] for r in conn.execute(sa.select(table.c.email_bidx))]
     assert all(isinstance(t, bytes) and b"example.com" not in t for t in stored)
     assert len(enc.find(engine.connect(), "email_bidx", people[0]["email"])) == 1
+
+
+def test_cli_codec_recomputes_terms_after_an_index_rotation(km_a, softhsm, key_name, tmp_path, monkeypatch) -> None:
+    """With --codec, the operator's re-encryption uses the application's codec (its normalisers),
+    so every term moves to the newest index version and a lookup of a differently cased e-mail
+    still finds its row; the options the codec already gives are refused beside it."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    engine, table, enc, _, people = _setup(km_a, url, key_name, 12)
+    enc.indexes["email_bidx"][0].rotate()
+    module = f"shop_codec_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(
+        "import sqlalchemy as sa\n"
+        "from tests._fields_schema import codec, customers_table\n"
+        "def customers(km, engine):\n"
+        f"    table = customers_table(sa.MetaData())\n"
+        f"    return codec(km, engine, table, key={key_name!r}, index_prefix={key_name!r})[0]\n"
+        "def broken(km, engine):\n"
+        "    raise RuntimeError('no such table')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    base = ("--token", softhsm.uri(), "fields", "rewrap", "--db", url)
+    for args, message in [(("--codec", f"{module}:customers", "--column", "email"), "drop --column"),
+                          (("--codec", f"{module}:customers", "--key", "other"), "not 'other'"),
+                          (("--codec", f"{module}:broken"), "RuntimeError: no such table"),
+                          (("--codec", f"{module}:absent"), "no function 'absent'"),
+                          (("--codec", "no_such_module_here:f"), "cannot import"),
+                          (("--codec", "nocolon"), "MODULE:FACTORY")]:
+        code, out, err = _invoke(*base, *args)
+        assert code != 0 and message in err and "Traceback" not in err, (args, err)
+    code, out, err = _invoke(*base, "--codec", f"{module}:customers", "--reencrypt")
+    assert code == 0, err
+    with engine.connect() as conn:
+        versions = {t[0] for (t,) in conn.execute(sa.select(table.c.email_bidx))}
+        assert versions == {2}  # every term recomputed under the new index version
+        shouted = people[5]["email"].upper()
+        assert [r["id"] for r in enc.find(conn, "email_bidx", shouted)] == [people[5]["id"]]
