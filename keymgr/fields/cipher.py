@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -303,24 +303,33 @@ class FieldCipher:
         with self._audited("decrypt", key=self._key):
             return [self._open_row(values, table, row, extra, text, keys) for values, row in rows]
 
-    def decrypt_rows_or_none(self, rows: Sequence[tuple[Mapping[str, bytes | None], str]], *, table: str,
-                             extra: Mapping[str, str] | None = None,
-                             text: Container[str] = ()) -> list[dict[str, Any] | None]:
-        """:meth:`decrypt_rows`, with None for a row that fails authentication instead of an error
-        for all: a lookup's candidates may belong to another context (another tenant's row in the
-        same term bucket), which is not this caller's row. Other errors (a retired version, a
-        rate limit) still raise."""
+    def open_candidates(self, rows: Sequence[tuple[Mapping[str, bytes | None], str]], *, probe: Collection[str],
+                        accept: Callable[[dict[str, Any]], bool], table: str,
+                        extra: Mapping[str, str] | None = None,
+                        text: Container[str] = ()) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+        """A lookup's candidates in one audited operation: each row's ``probe`` columns opened
+        first, and only the rows ``accept`` keeps opened whole, so a false positive costs one
+        decryption. Returns (index, opened row) of each accepted row and how many rows failed
+        authentication: another context's rows (another tenant's row in the same term bucket,
+        which is not this caller's row) or tampered ones, dropped rather than an error for all.
+        Other errors (a retired version, a rate limit) still raise."""
         if extra:
             check_extra(extra)
-        keys: dict[bytes, DataKey] = {}
-        out: list[dict[str, Any] | None] = []
+        keys: dict[bytes, DataKey] = {}  # checked once per call, for the probes and the rests alike
+        found: list[tuple[int, dict[str, Any]]] = []
+        dropped = 0
         with self._audited("decrypt", key=self._key):
-            for values, row in rows:
+            for i, (values, row) in enumerate(rows):
                 try:
-                    out.append(self._open_row(values, table, row, extra, text, keys))
+                    opened = self._open_row({c: v for c, v in values.items() if c in probe}, table, row, extra,
+                                            text, keys)
+                    if accept(opened):
+                        opened.update(self._open_row({c: v for c, v in values.items() if c not in probe}, table,
+                                                     row, extra, text, keys))
+                        found.append((i, opened))
                 except errors.IntegrityError:
-                    out.append(None)
-        return out
+                    dropped += 1
+        return found, dropped
 
     def _open_row(self, values: Mapping[str, bytes | None], table: str, row: str, extra: Mapping[str, str] | None,
                   text: Container[str], keys: dict[bytes, DataKey]) -> dict[str, Any]:

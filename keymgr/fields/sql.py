@@ -359,28 +359,21 @@ class EncryptedTable:
             result = conn.execute(self._lookup(index, False), {"term": terms[0]})
         else:
             result = conn.execute(self._lookup(index, True), {"terms": terms})
-        sources = [source] if isinstance(source, str) else list(source)
+        sources = frozenset([source] if isinstance(source, str) else source)
+        wanted = spec.normalised(value)  # once, not once per candidate
         candidates = [dict(row._mapping) for row in result]
-        # the indexed columns first, all candidates in one operation: a false positive costs one decryption
-        probes = self.cipher.decrypt_rows_or_none(
-            [({c: d.get(c) for c in sources}, self.row_text(d[self.pk])) for d in candidates],
+        opened, dropped = self.cipher.open_candidates(
+            [({c: d.get(c) for c in self.encrypted if c in d}, self.row_text(d[self.pk])) for d in candidates],
+            probe=sources, accept=lambda probe: self._same(spec, source, probe, wanted),
             table=self.name, extra=self.extra, text=self._text)
-        hits = [(d, p) for d, p in zip(candidates, probes, strict=True)
-                if p is not None and self._same(spec, source, p, value)]
-        rests = self.cipher.decrypt_rows_or_none(
-            [({c: d.get(c) for c in self.encrypted if c in d and c not in p}, self.row_text(d[self.pk]))
-             for d, p in hits], table=self.name, extra=self.extra, text=self._text)
-        dropped = sum(p is None for p in probes) + sum(r is None for r in rests)
         if dropped:
             self.skipped += dropped
             _log.warning("%s: %d lookup candidate(s) on %s failed authentication in this context and were "
                          "dropped (another context's rows, or tampered)", self.name, dropped, index)
         found = []
-        for (data, probe), rest in zip(hits, rests, strict=True):
-            if rest is not None:
-                data.update(probe)
-                data.update(rest)
-                found.append(data)
+        for i, plain in opened:
+            candidates[i].update(plain)
+            found.append(candidates[i])
         return found
 
     def _lookup(self, index: str, many: bool) -> sa.Select[Any]:
@@ -393,9 +386,10 @@ class EncryptedTable:
 
     @staticmethod
     def _same(spec: BlindIndex, source: str | Sequence[str], row: Mapping[str, Any],
-              value: Part | Sequence[Part]) -> bool:
+              wanted: tuple[str | bytes, ...]) -> bool:
+        """Whether a candidate's opened source is the value looked up (``wanted``, normalised)."""
         stored = _index_input(row, source)
-        return stored is not None and spec.normalised(stored) == spec.normalised(value)
+        return stored is not None and spec.normalised(stored) == wanted
 
 
 def _is_uuid(column: sa.Column[Any]) -> bool:

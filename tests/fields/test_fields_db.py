@@ -777,3 +777,21 @@ def test_cli_codec_recomputes_terms_after_an_index_rotation(km_a, softhsm, key_n
         assert versions == {2}  # every term recomputed under the new index version
         shouted = people[5]["email"].upper()
         assert [r["id"] for r in enc.find(conn, "email_bidx", shouted)] == [people[5]["id"]]
+
+
+def test_a_lookup_drops_a_match_whose_other_field_was_swapped_in(km_a, key_name, db_url, caplog) -> None:
+    """The looked-up e-mail opens, but the row's card was copied from another row: the row is
+    dropped and counted, never returned with a field that is not its own; its neighbour is
+    still found, and reading the row by its key is the integrity error."""
+    engine, table, enc, _, people = _setup(km_a, db_url, key_name, 8)
+    victim, donor = people[3], people[4]
+    with engine.begin() as conn:
+        card = conn.execute(sa.select(table.c.card).where(table.c.id == donor["id"])).scalar_one()
+        conn.execute(table.update().where(table.c.id == victim["id"]).values(card=Sealed(card)))
+    with engine.connect() as conn:
+        assert enc.find(conn, "email_bidx", victim["email"]) == []
+        assert enc.skipped == 1 and "failed authentication" in caplog.text
+        assert [r["card"] for r in enc.find(conn, "email_bidx", donor["email"])] == [donor["card"]]
+        row = conn.execute(sa.select(table).where(table.c.id == victim["id"])).one()
+    with pytest.raises(errors.IntegrityError):
+        enc.decode(row)
