@@ -57,7 +57,7 @@ from dataclasses import asdict, replace
 from datetime import timedelta
 from typing import Any
 
-from keymgr import _signals, errors
+from keymgr import errors, interrupts
 from keymgr._canonical import canonical_json
 from keymgr._oplog import keyring as log
 from keymgr._oplog import warn_once
@@ -652,7 +652,7 @@ class Keyring:
             self._put(name, [Fact("pending", name, fact_id, self.now(),
                                   {"lc": self.next_clock(name), "kid": key_id.hex(), "num": number})])
         except BaseException:  # an interrupt as the write returned: nothing was generated, take it back
-            with _signals.deferred_signals(), contextlib.suppress(errors.KeymgrError):
+            with interrupts.deferred_signals(), contextlib.suppress(errors.KeymgrError):
                 if label not in self._covered:
                     self.forget_object(label)
             raise
@@ -664,7 +664,7 @@ class Keyring:
         ``pending`` fact's object, which names nothing any more (a snapshot that took it in keeps
         it: inert). Signals are held meanwhile. Best effort: an object left behind is named by its
         pending fact and swept later (:meth:`sweep_orphans`)."""
-        with _signals.deferred_signals():
+        with interrupts.deferred_signals():
             try:
                 self.reload()
                 if key_id in self._by_id:
