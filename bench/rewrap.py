@@ -16,7 +16,7 @@ files are stale again) and then measures, interleaved:
   rewrap, temporary file, fsync, rename, directory fsync), with 1 or 4
   threads, 2 processes, and with the journal (one more fsync per file);
 * ``file protocol only``: the same files read and replaced with their own bytes
-  by :func:`keymgr._files.atomic_write` (temporary file, fsync, rename,
+  by :func:`keymgr.files.atomic_write` (temporary file, fsync, rename,
   directory fsync), no token, 1 and 4 threads: the disk's ceiling for any
   crash-safe bulk rewrap.
 
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keymgr  # noqa: E402
 from bench._cases import bare_cases  # noqa: E402
 from bench.envelope import make_token  # noqa: E402
-from keymgr._files import atomic_write  # noqa: E402
+from keymgr.files import atomic_write  # noqa: E402
 from keymgr.rewrap import bulk as bulk_rewrap  # noqa: E402
 
 MESSAGE_SIZE = 1024

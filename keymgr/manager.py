@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from keymgr import _signals, errors
+from keymgr import errors, interrupts
 from keymgr._time import utc_now
 from keymgr.audit import AuditLog, Operation, RateLimit, resolve_audit
 from keymgr.audit._config import ENV_VAR, audit_is_off, default_token_log, record_audit_off
@@ -370,7 +370,7 @@ class KeyManager:
     def rotate(self, name: str, *, activate: bool = True) -> KeyRecord:
         """New version n+1 becomes the primary; the old primary keeps decrypting (decrypt-only).
         ``activate=False`` makes it pre-active instead (:meth:`activate` later)."""
-        with _signals.commit_scope(), self._audited("rotate", key=name) as op:
+        with interrupts.commit_scope(), self._audited("rotate", key=name) as op:
             record = rotation.rotate(self._keyring, name, activate=activate)
             op.version = max(v.version for v in record.versions)
             return record
@@ -413,7 +413,7 @@ class KeyManager:
         ``confirmed=True``. See :mod:`keymgr.lifecycle.shred`."""
         from keymgr.lifecycle import shred  # imports the custody layer: only for this rare operation
 
-        with _signals.commit_scope(), self._audited("destroy", key=name, version=version,
+        with interrupts.commit_scope(), self._audited("destroy", key=name, version=version,
                                                     detail={"force": force, "immediately": immediately}) as op:
             result = shred.destroy(self._keyring, name, version, paths=paths, request=request, approvals=approvals,
                                    confirmed=confirmed, force=force, transcript=transcript, immediately=immediately)
@@ -432,7 +432,7 @@ class KeyManager:
         spends nothing."""
         from keymgr.custody.ceremony import backup_keys
 
-        with _signals.commit_scope(), self._audited("backup", key=name, detail={"approvals": len(approvals)}):
+        with interrupts.commit_scope(), self._audited("backup", key=name, detail={"approvals": len(approvals)}):
             return backup_keys(self._keyring, name, so_pin=so_pin, request=request, approvals=approvals,
                                versions=versions, before_commit=before_commit)
 
@@ -449,7 +449,7 @@ class KeyManager:
         nothing (:func:`keymgr.custody.ceremony.restore_keys`, audited here)."""
         from keymgr.custody.ceremony import restore_keys
 
-        with _signals.commit_scope(), self._audited("restore", detail={"custodians": len(custodians)}) as op:
+        with interrupts.commit_scope(), self._audited("restore", detail={"custodians": len(custodians)}) as op:
             result = restore_keys(backup, self._keyring, custodians)
             op.detail = {"custodians": len(custodians), "keys": [r.name for r in result.records][:32]}
             op.key = result.records[0].name if len(result.records) == 1 else None

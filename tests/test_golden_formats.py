@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 from keymgr.envelope import cms, stream
 from keymgr.envelope.recipients import kek_recipient_der, read_kek_recipient, recipient_kind
 from keymgr.hsm import open_token
-from keymgr.hsm.known_keys import unwrap_with_session_key
+from tests._known_keys import unwrap_with_session_key
 from tests._vectors import load_wycheproof
 from tests.conftest import TokenUnderTest
 

@@ -21,8 +21,9 @@ KEYMGR = Path(__file__).resolve().parent.parent / "keymgr"
 #: Bottom to top. Each layer is a tuple of peer units, each unit a tuple of top-level names
 #: under keymgr/ (a folder, or a module without ``.py``). Peers do not import one another.
 LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
-    # base: the error tree and private helpers every layer may use (no token, no format)
-    (("errors", "_canonical", "_certs", "_files", "_memory", "_oplog", "_signals", "_terminal", "_time"),),
+    # base: the error tree, the process plumbing the CLI shares (files, interrupts, terminal) and
+    # private helpers every layer may use (no token, no format)
+    (("errors", "_canonical", "_certs", "_memory", "_oplog", "_time", "files", "interrupts", "terminal"),),
     # the token (only hsm imports pkcs11) and the token-free envelope formats
     (("hsm",), ("envelope",)),
     # named keys and their versions, stored on the token

@@ -37,6 +37,7 @@ from keymgr.envelope.cache import CachePolicy
 from keymgr.hsm import objects
 from keymgr.keyring.store import APPLICATION, FACT_PREFIX, META_MAC_LABEL
 from tests._internals import keyring_of, token_of
+from tests._known_keys import imported_key
 
 uri, audit_path, plaintext_mark = sys.argv[1:]
 plaintext = (plaintext_mark + " ").encode() * 16
@@ -73,7 +74,7 @@ keyring_of(km).reload()
 
 planted = os.urandom(32)                              # a KEK of a value known outside the token
 secrets["keys"].append(planted.hex())
-keyring_of(other).create("planted", _value=planted)
+imported_key(other, "planted", planted)
 try:
     km.encrypt(plaintext, key="planted")
     events["planted_refused"] = False

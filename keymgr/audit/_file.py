@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keymgr import errors
-from keymgr._files import fsync_directory, os_error_reason
 from keymgr.audit._entry import GENESIS_PREV, MAX_LINE, Entry, line_digest, parse_line
+from keymgr.files import fsync_directory, os_error_reason
 
 __all__ = ["FileSink", "Tail", "FSYNC_POLICIES"]
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Protocol
 
-from keymgr import _signals, errors
+from keymgr import errors, interrupts
 
 __all__ = ["Operation", "UnauditedOperation", "acting_as", "current_operation", "current_principal"]
 
@@ -88,7 +88,7 @@ class Operation:
             self._log.ready()  # refuses while the log cannot be written (fail closed)
             if self.op in STATE_CHANGING:
                 try:
-                    with _signals.deferred_signals():  # an entry is written whole
+                    with interrupts.deferred_signals():  # an entry is written whole
                         self._log.record(self.op, key=self.key, version=self.version, outcome="intent",
                                          detail=self.detail)
                 except KeyboardInterrupt as exc:  # held while it was written: nothing was done
@@ -112,7 +112,7 @@ class Operation:
                 detail = {**(detail or {}), "why": _clip(str(exc))}
             try:
                 # a state change's entry is written whole (not on the per-message path: no syscalls there)
-                with _signals.deferred_signals() if self.op in STATE_CHANGING else contextlib.nullcontext():
+                with interrupts.deferred_signals() if self.op in STATE_CHANGING else contextlib.nullcontext():
                     self._log.record(self.op, key=self.key, version=self.version, outcome=outcome, error=exc,
                                      detail=detail)
             except errors.KeymgrError as failure:

@@ -5,7 +5,7 @@ The CLI is thin (STYLE.md 10): it parses, calls the library, prints. Every
 exit code chosen by category; anything unexpected is one line too (a traceback
 only with ``KEYMGR_DEBUG=1``), because a custodian at a terminal must never
 see a stack trace or, worse, a secret inside one. So is an interrupt: Ctrl-C
-(SIGINT) exits 130 and SIGTERM 143, at any moment (:mod:`keymgr._signals`),
+(SIGINT) exits 130 and SIGTERM 143, at any moment (:mod:`keymgr.interrupts`),
 after the cleanup the exception unwinds through; input that ends at a prompt
 (Ctrl-D) is a cancellation, one line and 130 too.
 """
@@ -22,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from keymgr import _signals, errors
+from keymgr import errors, interrupts
 
 __all__ = ["DoneButNotRecorded", "CliState", "GuardedGroup", "pass_state", "committing", "emit_json", "fail",
            "EXIT_CODES", "EXIT_CODE_MEANINGS", "console", "exit_codes_help", "report", "to_stderr", "warn_pin_value",
@@ -121,13 +121,13 @@ pass_state = click.make_pass_decorator(CliState, ensure=True)
 
 def committing(command: F) -> F:
     """For a command that makes a change with a commit (restore, backup, rotate, destroy, policy):
-    the command is a commit scope (:func:`keymgr._signals.commit_scope`), so that an interrupt
+    the command is a commit scope (:func:`keymgr.interrupts.commit_scope`), so that an interrupt
     arriving once the change's commit began waits until the command has written its files and
     printed its outcome, and then ends it (status 130 / 143, saying the change was completed)."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with _signals.commit_scope():
+        with interrupts.commit_scope():
             return command(*args, **kwargs)
 
     return run  # type: ignore[return-value]
@@ -178,14 +178,14 @@ def _input_ended() -> NoReturn:
     """End at a prompt whose input ended (Ctrl-D): a cancellation, reported as an interrupt is."""
     lead = "\n" if sys.stderr.isatty() else ""
     click.echo(f"{lead}keymgr: cancelled: input ended at a prompt", err=True)
-    sys.exit(_signals.INTERRUPTED)
+    sys.exit(interrupts.INTERRUPTED)
 
 
 def _interrupted_behind(exc: BaseException) -> None:
     """An error that an interrupt caused (or that came after one) ends the run as interrupted."""
-    interrupt = _signals.interrupt_behind(exc)
+    interrupt = interrupts.interrupt_behind(exc)
     if interrupt is not None:
-        _signals.report(interrupt)
+        interrupts.report(interrupt)
 
 
 #: Set to 1 to silence the pin-value warning (tests and CI that mean it).
@@ -230,7 +230,7 @@ class GuardedGroup(click.Group):
         try:
             return super().parse_args(ctx, args)
         except KeyboardInterrupt as exc:  # click would print "Aborted!" and exit 1
-            _signals.report(exc)
+            interrupts.report(exc)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -241,7 +241,7 @@ class GuardedGroup(click.Group):
                 fail(str(exc), exit_code_for(exc))
             except click.Abort as exc:
                 if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C at a click prompt
-                    _signals.report(exc.__context__)
+                    interrupts.report(exc.__context__)
                 if isinstance(exc.__context__, EOFError):  # Ctrl-D, or no more input, at a prompt
                     _input_ended()
                 raise
@@ -255,4 +255,4 @@ class GuardedGroup(click.Group):
                     raise
                 fail(f"internal error ({type(exc).__name__}); rerun with KEYMGR_DEBUG=1 for details")
         except KeyboardInterrupt as exc:  # also one raised while an error above was being reported
-            _signals.report(exc)
+            interrupts.report(exc)

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import click
 
 from keymgr import errors
-from keymgr._terminal import discard_typed_ahead
 from keymgr.cli._custody_common import custodian_uri, pin_prompt
 from keymgr.custody.custodian_token import CustodianToken, check_shown_key
 from keymgr.custody.custodians import Custodian
@@ -38,6 +37,7 @@ from keymgr.hsm.discovery import list_tokens, module_for_uri
 from keymgr.hsm.pins import tries_left_note
 from keymgr.hsm.sessions import TokenSession, open_token
 from keymgr.hsm.uri import Pkcs11Uri
+from keymgr.terminal import discard_typed_ahead
 
 if TYPE_CHECKING:
     from keymgr.manager import TokenInfo

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from keymgr import errors
-from keymgr._files import write_new
 from keymgr.custody.approvals import Approval, Request
+from keymgr.files import write_new
 from keymgr.hsm.pins import PinCallback, PinRequest, tries_left_note
 
 __all__ = ["custodian_uri", "parse_custodian_option", "pin_prompt", "read_approvals", "read_file", "read_request",

@@ -5,7 +5,7 @@ approve, request, quorum, token keygen, audit report, key ceremonies' transcript
 written through :func:`open_output` / :func:`write_output`, so the same promises hold everywhere:
 
 * a **regular file** (new, or replaced when the command may replace it) is written
-  atomically (:func:`keymgr._files.atomic_output`): nothing half-written on any failure;
+  atomically (:func:`keymgr.files.atomic_output`): nothing half-written on any failure;
 * a **character or block device, FIFO or socket** is written through (opened for writing,
   never truncated, never replaced): ``-o /dev/stdout`` or a tape drive stays what it is, and
   plaintext never lands in a regular file that took a device's place;
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from keymgr import errors
-from keymgr._files import atomic_output, os_error_reason, remove_abandoned_temp_files
+from keymgr.files import atomic_output, os_error_reason, remove_abandoned_temp_files
 
 __all__ = ["check_directory", "checked_output", "open_output", "write_output"]
 

@@ -17,10 +17,10 @@ from typing import Any
 import click
 
 from keymgr import errors
-from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, pass_state, report
 from keymgr.cli._custody_common import custodian_uri, default_path, pin_prompt, read_file
 from keymgr.cli._output import checked_output, write_output
+from keymgr.terminal import confirmation_input
 
 __all__ = ["approve_command"]
 

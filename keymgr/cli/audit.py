@@ -16,9 +16,9 @@ from typing import Any
 import click
 
 from keymgr import errors
-from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, console, emit_json, exit_code_for, pass_state
 from keymgr.cli._common import report as status
+from keymgr.terminal import confirmation_input
 
 __all__ = ["audit_group"]
 
@@ -30,7 +30,7 @@ def _log_path(state: CliState, log: str | None) -> Path:
 
     path = default_log_path(local=state.local)
     if path is None and not state.local and not os.environ.get("KEYMGR_AUDIT_LOG"):
-        from keymgr.audit._config import token_log_path
+        from keymgr.audit import token_log_path
 
         ts = _open_token(state)
         return token_log_path(ts.serial, ts.label)  # the token's default log on this host
@@ -154,42 +154,15 @@ def repair_command(state: CliState, log: str, yes: bool) -> None:
     """Acknowledge that LOG lost entries (cut, rolled back, deleted) and start it again: the old
     file is kept beside it as LOG.cut-TIME (it still fails verification: the loss stays visible),
     and the new log's first entry records the repair, who made it, and what was lost."""
-    import os
-    import socket
-    from datetime import UTC, datetime
+    from keymgr.audit import repair_log
 
-    from keymgr.audit import AuditLog, verify_log
-    from keymgr.audit._token import AuditKey
-
-    path = Path(log)
-    ts = _open_token(state)
-    key = AuditKey(ts)
-    host, real = (socket.gethostname() or "unknown")[:255], os.path.realpath(path)
-    report = verify_log(path, token=ts) if path.exists() and path.stat().st_size else None
-    lost = key.registered_chain(host, real)
-    lost_point = key.checkpoint(lost) if lost is not None else None
-    if (report is not None and report.ok) or (report is None and lost_point is None):
-        raise errors.PolicyError(f"audit log {path} verifies: there is nothing to repair")
-    if not yes:
+    def confirmed() -> bool:
         confirmation_input()
-    if not yes and not click.confirm(f"Start {path} again, keeping the old file beside it?", default=False):
-        raise errors.PolicyError("not confirmed; nothing was changed")
-    detail: dict[str, Any] = {}
-    if report is None and lost is not None and lost_point is not None:
-        detail = {"previous_chain": lost, "previous_last_seq": 0, "checkpoint_seq": lost_point[0],
-                  "log": "deleted or emptied"}
-    if report is not None:
-        moved = path.with_name(f"{path.name}.cut-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
-        if moved.exists():
-            raise errors.ConfigurationError(f"{moved} exists; try again in a second")
-        os.rename(path, moved)
-        detail = {"moved_to": moved.name, "previous_chain": report.chain or "", "previous_last_seq": report.last_seq,
-                  "checkpoint_seq": report.checkpoint[0] if report.checkpoint else 0}
-    key.forget_log(host, real)
-    with AuditLog(path, token=ts) as fresh:
-        fresh.record("audit-repair", detail=detail)
-    moved_to = detail.get("moved_to")
-    click.echo(f"{path}: started again" + (f"; the old log is {moved_to}" if moved_to else ""))
+        return click.confirm(f"Start {Path(log)} again, keeping the old file beside it?", default=False)
+
+    repair = repair_log(log, _open_token(state), confirm=None if yes else confirmed)
+    moved_to = repair.moved_to
+    click.echo(f"{repair.path}: started again" + (f"; the old log is {moved_to.name}" if moved_to else ""))
 
 
 def _entry_row(number: int, entry: Any) -> list[str]:

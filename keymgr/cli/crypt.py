@@ -18,7 +18,7 @@ the format, moves bytes, and keeps the promises a command line must keep:
 * **Nothing half-written, nothing left behind.** A regular file named by ``-o``
   is written to a temporary file beside it (an unnamed ``O_TMPFILE`` where the
   filesystem has one, so a killed run leaves no plaintext), fsync'ed and
-  renamed into place (:func:`keymgr._files.atomic_output`); on any failure
+  renamed into place (:func:`keymgr.files.atomic_output`); on any failure
   (tampered input, wrong context, full disk, Ctrl-C) the temporary file is
   removed and an existing OUT is left as it was, and every run first removes
   what a killed writer left in OUT's directory. Standard output (``-o -``)

@@ -14,9 +14,9 @@ from typing import Any
 import click
 
 from keymgr import KeyRecord, errors
-from keymgr._terminal import confirmation_input
 from keymgr.cli._common import CliState, committing, console, emit_json, pass_state
 from keymgr.cli.keys import record_json
+from keymgr.terminal import confirmation_input
 
 __all__ = ["register_lifecycle_commands"]
 

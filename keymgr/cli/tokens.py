@@ -63,7 +63,7 @@ def _new_pin(prompt: str, limits: tuple[int, int]) -> str:
     """A new PIN typed twice, asked again while its length is outside the token's ``limits``."""
     import sys
 
-    from keymgr._terminal import discard_typed_ahead
+    from keymgr.terminal import discard_typed_ahead
 
     low, high = limits
     while True:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from keymgr import _signals, errors
+from keymgr import errors, interrupts
 from keymgr.custody.approvals import Approval, Request, check_quorum
 from keymgr.custody.custodians import KEYRING_SCOPE, CustodyRegister, QuorumPolicy, Register
 from keymgr.custody.transcript import TranscriptRecorder, hsm_signer, sign_transcript
@@ -87,11 +87,11 @@ def change_policy(keyring: Keyring, policy: QuorumPolicy | None, *, key: str | N
                   request: Request | None = None, approvals: Sequence[Approval] = ()) -> tuple[Register, bytes]:
     """Set (or remove) a quorum policy, approved under the current one; returns the register and transcript.
 
-    The transcript is signed first; then, signals held (:mod:`keymgr._signals`), the approvals
+    The transcript is signed first; then, signals held (:mod:`keymgr.interrupts`), the approvals
     are spent and the register written (the commit): an interrupt before changes nothing."""
     scope = KEYRING_SCOPE if key is None else key
     params = {"scope": scope, "policy": None if policy is None else policy.to_json()}
-    with _signals.commit_scope():
+    with interrupts.commit_scope():
         auth = authorize(keyring, "set-policy", key=None, params=params, request=request, approvals=approvals,
                          consume=False)
         store = CustodyRegister(keyring)
@@ -103,7 +103,7 @@ def change_policy(keyring: Keyring, policy: QuorumPolicy | None, *, key: str | N
             auth.record(recorder)
         recorder.step("quorum policy set", scope=scope, policy=params["policy"])
         transcript = ceremony_transcript(keyring, recorder, "success")
-        _signals.hold_signals()
+        interrupts.hold_signals()
         spent = None if auth is None else (auth.request_digest, auth.expires)
         return store.set_policy(policy, key=key, spend=spent), transcript
 

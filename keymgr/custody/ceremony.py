@@ -24,7 +24,7 @@ keyring records are written, and the transport key is destroyed. Any failure
 (an interrupt included) before the records are written destroys every object
 the restore created: the target is left as it was. The records' write is the
 commit: from it on SIGINT / SIGTERM wait until the restore is recorded
-(:mod:`keymgr._signals`), and a rerun finishes a restore killed after it
+(:mod:`keymgr.interrupts`), and a rerun finishes a restore killed after it
 (docs/ceremonies.md, "Interrupted ceremonies"). Host copies of shares and of
 the transport key are wiped.
 """
@@ -36,7 +36,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from keymgr import _signals, errors
+from keymgr import errors, interrupts
 from keymgr._memory import zero
 from keymgr._time import utc_now
 from keymgr.custody import shamir
@@ -129,10 +129,10 @@ def backup_keys(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | 
 
     The one change a backup makes to the token is spending the request's approvals; that is its
     commit, done last, once the file and transcript are made, with signals held from there until
-    the outermost commit scope ends (:mod:`keymgr._signals`): an interrupt before it spends nothing.
+    the outermost commit scope ends (:mod:`keymgr.interrupts`): an interrupt before it spends nothing.
     ``before_commit`` gets the result before the approvals are spent (``keymgr backup`` writes the
     file and transcript there): if it raises, nothing is spent and the custodians need not meet again."""
-    with _signals.commit_scope():
+    with interrupts.commit_scope():
         return _backup(keyring, name, so_pin=so_pin, request=request, approvals=approvals, versions=versions,
                        quorum=quorum, before_commit=before_commit)
 
@@ -189,7 +189,7 @@ def _backup(keyring: Keyring, name: str, *, so_pin: Pin, request: Request | None
     result = BackupResult(backup.to_bytes(), transcript, backup.describe())
     if before_commit is not None:
         before_commit(result)  # the file is written before anything is spent
-    _signals.hold_signals()  # the commit: spend the approvals (after the SO step: a mistyped SO PIN spends none)
+    interrupts.hold_signals()  # the commit: spend the approvals (after the SO step: a mistyped SO PIN spends none)
     auth.consume(keyring)
     return result
 
@@ -228,11 +228,11 @@ def restore_keys(backup: BackupFile, target: Keyring, tokens: Sequence[Custodian
     Interrupts (docs/ceremonies.md, "Interrupted restores"): everything up to the commit (the
     keyring snapshot that makes a restored key visible, one object per key) is undone on any
     exception, a SIGINT or SIGTERM included; from the commit on, signals are held
-    (:func:`keymgr._signals.hold_signals`) until the outermost commit scope ends, so that the
+    (:func:`keymgr.interrupts.hold_signals`) until the outermost commit scope ends, so that the
     custodians' register, the caller's audit entry and transcript file are written whole. A key
     that an earlier run of this very backup committed (and was then killed) is not refused by
     name but finished: checked again, its custodians adopted, a transcript signed."""
-    with _signals.commit_scope():
+    with interrupts.commit_scope():
         return _restore(backup, target, tokens)
 
 
@@ -281,7 +281,7 @@ def _restore(backup: BackupFile, target: Keyring, tokens: Sequence[CustodianToke
         signers: list[Signer | None] = [hsm_signer(ts)]
         signers += [Signer(t.custodian.name, t.custodian.certificate_der, t.sign) for t in distinct]
         transcript = _sign(recorder, "success", signers)
-        _signals.hold_signals()  # the commit: from here on the restore is finished, not undone
+        interrupts.hold_signals()  # the commit: from here on the restore is finished, not undone
         records = {key.record.name: target.restore(key.record) for key in todo}
     except BaseException:
         if unwrapping:
@@ -354,7 +354,7 @@ def _discard_uncommitted(target: Keyring, todo: Sequence[BackupKey]) -> None:
     """The rollback: destroy every object this restore may have unwrapped, unless its key's commit
     was written after all (an error that lost the token's answer). Signals are held meanwhile; an
     object a failure here leaves behind is cleared by the next restore (:func:`_clear_leftovers`)."""
-    with _signals.deferred_signals():
+    with interrupts.deferred_signals():
         try:
             target.reload()
             committed = {r.name for r in target.records()}

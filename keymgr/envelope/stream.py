@@ -42,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -202,6 +202,19 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
     return prefix + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
 
 
+def _segments(src: BinaryIO, view: memoryview) -> Iterator[tuple[int, int, bool]]:
+    """(index, length, last) of each segment read into ``view`` from ``src``: the first one that
+    does not fill ``view`` (perhaps empty) is the last, so encrypting and decrypting agree on
+    which segment carries the last-segment nonce."""
+    index = 0
+    while True:
+        n = _read_full(src, view)
+        yield index, n, n < len(view)
+        if n < len(view):
+            return
+        index += 1
+
+
 def encrypt_stream(src: BinaryIO, dst: BinaryIO, *, dek: DataKey | bytes | bytearray,
                    recipient_infos: Sequence[RecipientLike], context: Mapping[str, str] | None,
                    segment_size: int = DEFAULT_SEGMENT_SIZE, _salt: bytes | None = None,
@@ -232,20 +245,16 @@ def encrypt_stream(src: BinaryIO, dst: BinaryIO, *, dek: DataKey | bytes | bytea
     plain = bytearray(segment_size)
     sealed = bytearray(segment_size + TAG_SIZE)
     plain_view, sealed_view = memoryview(plain), memoryview(sealed)
-    total = index = 0
+    total = 0
     try:
         _write_all(dst, memoryview(header))
-        while True:
-            n = _read_full(src, plain_view)
-            last = n < segment_size
+        for index, n, last in _segments(src, plain_view):
             if index >= MAX_SEGMENTS:
                 raise ConfigurationError("a stream holds at most 2^32 segments; use a larger segment_size")
             segment_key.seal_into(_nonce(prefix, index, last), plain_view[:n], aad, sealed_view[:n + TAG_SIZE])
             _write_all(dst, sealed_view[:n + TAG_SIZE])
             total += n
-            index += 1
-            if last:
-                return total
+        return total
     finally:
         zero(plain)
         segment_key.wipe()
@@ -275,11 +284,9 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, *, unwrap: Unwrap | None = None
     sealed = bytearray(size + TAG_SIZE)
     plain = bytearray(size)
     sealed_view, plain_view = memoryview(sealed), memoryview(plain)
-    total = index = 0
+    total = 0
     try:
-        while True:
-            n = _read_full(src, sealed_view)
-            last = n < len(sealed)
+        for index, n, last in _segments(src, sealed_view):
             if n < TAG_SIZE or index >= MAX_SEGMENTS:
                 raise IntegrityError(STREAM_FAILED)
             try:
@@ -288,9 +295,7 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, *, unwrap: Unwrap | None = None
                 raise IntegrityError(STREAM_FAILED) from None
             _write_all(dst, plain_view[:n - TAG_SIZE])
             total += n - TAG_SIZE
-            index += 1
-            if last:
-                return total
+        return total
     finally:
         zero(plain)
         segment_key.wipe()

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keymgr import errors
-from keymgr._files import atomic_write
+from keymgr.files import atomic_write
 from keymgr.hsm.pins import Pin
 
 __all__ = ["LocalToken", "InitResult", "keymgr_home", "LOCAL_TOKEN_LABEL", "PIN_ENV_VAR"]

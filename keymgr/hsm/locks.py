@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from keymgr import errors
-from keymgr._files import os_error_reason
+from keymgr.files import os_error_reason
 from keymgr.hsm.sessions import TokenSession
 
 __all__ = ["token_lock"]

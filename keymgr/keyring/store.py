@@ -57,7 +57,7 @@ from dataclasses import asdict, replace
 from datetime import timedelta
 from typing import Any
 
-from keymgr import _signals, errors
+from keymgr import errors, interrupts
 from keymgr._canonical import canonical_json
 from keymgr._oplog import keyring as log
 from keymgr._oplog import warn_once
@@ -174,7 +174,6 @@ class Keyring:
         self._writer_macs: list[bytes] | None = None
         self._reader_macs: list[bytes] = []
         self._trust: dict[tuple[bytes, int | None], str | None] = {}
-        self._imported: set[bytes] = set()  # versions made by create(_value=...) in this object (tests)
         self._last_trusted: tuple[object, object] = (None, None)  # (version, key object) that last passed
         self._refresher: threading.Thread | None = None
         self._refresh_error: errors.KeymgrError | None = None
@@ -589,15 +588,9 @@ class Keyring:
     def new_key_id(self) -> bytes:
         return os.urandom(16)
 
-    def create(self, name: str, *, profile: str = DEFAULT_PROFILE, policy: KeyPolicy | None = None,
-               _value: bytes | None = None) -> KeyRecord:
-        """Generate version 1 of a new named key inside the token.
-
-        ``_value`` is for interop tests only: the key is imported with that known value
-        instead of being generated (:mod:`keymgr.hsm.known_keys`), so that a test can hand
-        the same KEK to ``openssl cms``. Such a key is not LOCAL: this Keyring object lets it
-        encrypt (its caller made it), every other one refuses it (:mod:`keymgr.keyring.provenance`).
-        """
+    def create(self, name: str, *, profile: str = DEFAULT_PROFILE, policy: KeyPolicy | None = None) -> KeyRecord:
+        """Generate version 1 of a new named key inside the token (never from a value given:
+        a key keymgr did not generate never encrypts, :mod:`keymgr.keyring.provenance`)."""
         validate_name(name)
         policy = check_policy(policy or KeyPolicy())
         template = version_template(profile, policy)
@@ -607,20 +600,8 @@ class Keyring:
         key_id = self.new_key_id()
         pending = self.add_pending(name, key_id, 1)
         try:
-            if _value is None:
-                objects.generate_key(self._ts, template, label=f"{name}/v1", key_id=key_id)
-            else:
-                from keymgr.hsm.known_keys import import_secret_key
-
-                import_secret_key(self._ts, template, label=f"{name}/v1", key_id=key_id, value=_value)
-            now = self.now()
-            facts = [Fact("key", name, new_fact_id(), now, {"profile": profile, "policy": asdict(policy)}),
-                     Fact("version", name, new_fact_id(), now,
-                          {"kid": key_id.hex(), "num": 1, "kcv": objects.check_value(self._ts, key_id),
-                           "epoch": 1, "restored": False, "prof": profile})]
-            record = self._put(name, facts, covers=[])
-            if _value is not None:  # the caller imported it knowingly: this keyring lets it encrypt
-                self._imported.add(key_id)
+            objects.generate_key(self._ts, template, label=f"{name}/v1", key_id=key_id)
+            record = self._record_first_version(name, key_id, profile=profile, policy=policy)
         except BaseException:
             self.discard_unrecorded(name, key_id, pending=pending)
             raise
@@ -633,6 +614,16 @@ class Keyring:
                 f"another host created key {name!r} with profile {merged.profile!r} at the same moment; the "
                 f"version made here (profile {profile!r}) stays, decrypt-only, and the key is the other host's")
         return merged
+
+    def _record_first_version(self, name: str, key_id: bytes, *, profile: str, policy: KeyPolicy) -> KeyRecord | None:
+        """Write, as one object, the facts of a new key whose version 1 is the key object under
+        ``key_id`` (just generated): its profile and policy, and the version with its check value."""
+        now = self.now()
+        facts = [Fact("key", name, new_fact_id(), now, {"profile": profile, "policy": asdict(policy)}),
+                 Fact("version", name, new_fact_id(), now,
+                      {"kid": key_id.hex(), "num": 1, "kcv": objects.check_value(self._ts, key_id),
+                       "epoch": 1, "restored": False, "prof": profile})]
+        return self._put(name, facts, covers=[])
 
     def restore(self, record: KeyRecord) -> KeyRecord:
         """Write a restored key's record (versions unwrapped from a backup) as one snapshot: every
@@ -652,7 +643,7 @@ class Keyring:
             self._put(name, [Fact("pending", name, fact_id, self.now(),
                                   {"lc": self.next_clock(name), "kid": key_id.hex(), "num": number})])
         except BaseException:  # an interrupt as the write returned: nothing was generated, take it back
-            with _signals.deferred_signals(), contextlib.suppress(errors.KeymgrError):
+            with interrupts.deferred_signals(), contextlib.suppress(errors.KeymgrError):
                 if label not in self._covered:
                     self.forget_object(label)
             raise
@@ -664,7 +655,7 @@ class Keyring:
         ``pending`` fact's object, which names nothing any more (a snapshot that took it in keeps
         it: inert). Signals are held meanwhile. Best effort: an object left behind is named by its
         pending fact and swept later (:meth:`sweep_orphans`)."""
-        with _signals.deferred_signals():
+        with interrupts.deferred_signals():
             try:
                 self.reload()
                 if key_id in self._by_id:
@@ -730,8 +721,6 @@ class Keyring:
         last = self._last_trusted
         if last[0] is version and self._ts.cache.get(("key", version.key_id)) is last[1]:
             return  # the per-message path: this very version, through this very object, passed
-        if version.key_id in self._imported:
-            return
         slot = (version.key_id, objects.cached_key_handle(self._ts, version.key_id))
         try:
             refusal = self._trust[slot]

@@ -53,7 +53,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
-from keymgr import _signals, errors
+from keymgr import errors, interrupts
 from keymgr._time import parse_utc
 from keymgr.hsm import objects
 from keymgr.hsm.locks import token_lock
@@ -137,7 +137,7 @@ def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: in
         # automatic rotation fires on every host that saw the key due at the same moment: a random
         # pause before looking lets the first host's new version reach the others (fewer spare versions)
         time.sleep(random.uniform(0, AUTO_ROTATE_JITTER))
-    with _signals.commit_scope(), key_lock(keyring, name):
+    with interrupts.commit_scope(), key_lock(keyring, name):
         record = _latest(keyring, name)
         if if_primary is not None and record.primary != if_primary:
             return record
@@ -151,7 +151,7 @@ def rotate(keyring: Keyring, name: str, *, activate: bool = True, if_primary: in
             body = {"kid": key_id.hex(), "num": number, "kcv": objects.check_value(keyring.token, key_id),
                     "epoch": _next_epoch(keyring, name) if activate else None, "restored": False,
                     "prof": record.profile}
-            _signals.hold_signals()  # the commit: an interrupt from here on waits for the caller's record of it
+            interrupts.hold_signals()  # the commit: an interrupt from here on waits for the caller's record of it
             written = _written(keyring.add(name, "version", body), name)
         except BaseException:
             keyring.discard_unrecorded(name, key_id, pending=pending)

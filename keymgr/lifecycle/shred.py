@@ -12,7 +12,7 @@ operation keymgr has, in this order (nothing is spent before a refusal):
    approvals of exactly this request where a quorum policy covers the key (an approval
    presented twice counts once), otherwise the caller's explicit confirmation.
 
-Then, with SIGINT / SIGTERM held until the caller has recorded it (:mod:`keymgr._signals`),
+Then, with SIGINT / SIGTERM held until the caller has recorded it (:mod:`keymgr.interrupts`),
 the record is written with the version *destroyed* (the commit: from here nothing decrypts
 under it, by policy), the object is destroyed and the request is consumed (a request works
 once). A crash between the first two leaves an object that the record calls destroyed:
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from keymgr import _signals, errors
+from keymgr import errors, interrupts
 from keymgr.custody.approvals import Approval, Request
 from keymgr.custody.authorize import authorize_destroy, key_ceremony_transcript
 from keymgr.envelope.inspect import inspect_file
@@ -139,7 +139,7 @@ def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | 
             + (f" and {len(scan.unreadable)} file(s) could not be checked (unreadable, not a regular file, "
                "or a symbolic link, which is not followed)" if scan.unreadable else "")
             + ": rewrap them first (keymgr rewrap PATH) or pass --force to make them unreadable for good")
-    with _signals.commit_scope():
+    with interrupts.commit_scope():
         return _commit(keyring, record, target, scan, request=request, approvals=approvals, confirmed=confirmed,
                        force=force, transcript=transcript, finishing=finishing)
 
@@ -147,14 +147,14 @@ def destroy(keyring: Keyring, name: str, version: int, *, paths: Sequence[str | 
 def _commit(keyring: Keyring, record: KeyRecord, target: KeyVersion, scan: EnvelopeCount | None, *,
             request: Request | None, approvals: Sequence[Approval], confirmed: bool, force: bool,
             transcript: bool, finishing: bool) -> DestroyResult:
-    """Check the approvals, then (signals held: :mod:`keymgr._signals`) spend them, record the
+    """Check the approvals, then (signals held: :mod:`keymgr.interrupts`) spend them, record the
     version destroyed, destroy its object and sign the transcript: an interrupt before spends and
     destroys nothing, one after waits until the caller has recorded the destroy. ``finishing``:
     the facts already say destroyed (a destroy stopped after its commit, or a forged fact)."""
     name, version = record.name, target.version
     auth = authorize_destroy(keyring, name, [version], request=request, approvals=approvals, confirmed=confirmed,
                              consume=False)
-    _signals.hold_signals()
+    interrupts.hold_signals()
     if not finishing:
         record = rotation.transition(keyring, name, version, "destroyed", _shredding=True)
     objects.destroy_key(keyring.token, target.key_id)

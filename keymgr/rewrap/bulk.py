@@ -9,7 +9,7 @@ not followed):
 - all of our recipients under the primary already: *current*, left as it is;
 - otherwise: the new envelope (:mod:`keymgr.rewrap.message`: recipients only) replaces
   the file atomically (temporary file in the same directory, fsync, rename,
-  directory fsync: :func:`keymgr._files.atomic_output`), keeping its mode
+  directory fsync: :func:`keymgr.files.atomic_output`), keeping its mode
   (and owner, when run as root): *rewrapped*;
 - anything refused (a retired version, a tampered recipient, an unreadable
   file, a file changed while it was being rewrapped): *failed*, file untouched.
@@ -18,7 +18,7 @@ A kill at any moment leaves every file either old or new, never torn (the
 rename is the commit), plus at most one temporary file per worker thread,
 named ``.NAME.keymgr-rewrap.PID.XXXXXXXX.tmp`` (where the filesystem has
 ``O_TMPFILE``, only in the instant between naming it and the rename:
-keymgr._files); the next run deletes those
+keymgr.files); the next run deletes those
 whose writer is gone (it holds an flock on its temporary file while it lives: a pid can be
 reused or belong to a dying process) and never takes them for input. With a journal
 (:mod:`keymgr.rewrap.journal`) the next run also knows which files were
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keymgr import errors
-from keymgr._files import os_error_reason, temp_file_abandoned
+from keymgr.files import os_error_reason, temp_file_abandoned
 from keymgr.rewrap.file import TEMP_NAME, TEMP_TAG, FileOutcome, FileRewrapper
 from keymgr.rewrap.journal import Journal
 from keymgr.rewrap.message import Rewrapper
@@ -168,7 +168,7 @@ def _serve(worker: FileRewrapper, tasks: Any, results: Any, threads: int, parent
     worker at a time: SoftHSM 2.6.1 initialised by two forked children at once lost the token
     in one of them now and then (2-5 runs in 30 here; TokenRemovedError "reconnect")."""
     _die_with_parent()
-    # the parent reports an interrupt (keymgr._signals) and its end ends the workers: a worker
+    # the parent reports an interrupt (keymgr.interrupts) and its end ends the workers: a worker
     # raising KeyboardInterrupt too would print multiprocessing's traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -1,6 +1,6 @@
 """Rewrap one file in place, crash-safely, with its journal entries (keymgr.rewrap.bulk runs many).
 
-The file is replaced only through :func:`keymgr._files.atomic_output`
+The file is replaced only through :func:`keymgr.files.atomic_output`
 (temporary file ``.NAME.keymgr-rewrap.PID.XXXXXXXX.tmp`` in the same
 directory, fsync, rename, directory fsync), with the journal's write-ahead
 ``begin`` entry made durable between the fsync and the rename
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
 
 from keymgr import errors
-from keymgr._files import atomic_output, os_error_reason
 from keymgr.envelope.inspect import DEFAULT_MAX_MESSAGE_BYTES, SNIFF_BYTES, inspect_envelope, message_length, sniff
 from keymgr.envelope.stream import read_stream_header
+from keymgr.files import atomic_output, os_error_reason
 from keymgr.rewrap.journal import Entry, Journal, file_digest
 from keymgr.rewrap.message import Rewrapper, RewrapResult
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from keymgr import errors
-from keymgr._files import fsync_directory, os_error_reason
+from keymgr.files import fsync_directory, os_error_reason
 
 __all__ = ["HEADER", "Entry", "Journal", "State", "check_journal", "digest_of", "file_digest", "read_entries"]
 

@@ -232,3 +232,30 @@ def test_any_byte_changed_is_named_exactly_with_the_token(tmp_path: Path, ts: To
         assert not report.ok and report.broken.line == index + 1, (index, position, value, report.broken)
 
     check()
+
+
+def test_repair_log_starts_a_cut_log_again_on_the_record(tmp_path: Path, ts: TokenSession) -> None:
+    """keymgr.audit.repair_log (what ``keymgr audit repair`` calls): a log that verifies is refused
+    and left alone; a declined confirmation changes nothing; a cut log is kept beside the new one,
+    whose first entry, MACed, names the old chain and where it ended."""
+    from keymgr.audit import read_entries, repair_log
+
+    path = tmp_path / "a.log"
+    honest_log(path, ts, 4)
+    with pytest.raises(errors.PolicyError, match="nothing to repair"):
+        repair_log(path, ts, confirm=lambda: pytest.fail("asked about a log that verifies"))
+    old_chain, lines = verify_log(path).chain, path.read_bytes().splitlines()
+    write_lines(path, lines[:2])  # the tail the token checkpointed is cut off
+    before = path.read_bytes()
+    with pytest.raises(errors.PolicyError, match="not confirmed; nothing was changed"):
+        repair_log(path, ts, confirm=lambda: False)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.log"]
+    repair = repair_log(path, ts)
+    assert repair.path == path and repair.moved_to is not None and repair.moved_to.read_bytes() == before
+    assert not verify_log(repair.moved_to, token=ts).ok  # the loss stays visible
+    report = verify_log(path, token=ts)
+    assert report.ok and old_chain in report.acknowledged
+    ((_, first),) = list(read_entries(path))
+    assert first.op == "audit-repair" and first.mac is not None
+    assert first.detail == {"moved_to": repair.moved_to.name, "previous_chain": old_chain, "previous_last_seq": 2,
+                            "checkpoint_seq": 4}

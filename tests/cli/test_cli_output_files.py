@@ -32,10 +32,10 @@ from click.testing import CliRunner
 
 import keymgr
 from keymgr import errors
-from keymgr._files import TEMP_NAME, atomic_output, remove_abandoned_temp_files
 from keymgr.cli import cli
 from keymgr.cli._common import EXIT_CODE_MEANINGS, EXIT_CODES
 from keymgr.envelope.stream import MAGIC
+from keymgr.files import TEMP_NAME, atomic_output, remove_abandoned_temp_files
 from tests.cli.test_cli_crypt import EXIT_INTEGRITY, EXIT_USAGE, PREVIOUS, one_error_line
 from tests.conftest import TokenUnderTest, softhsm_token
 
@@ -577,8 +577,8 @@ def wait_for_child(pid: int) -> int:
 
 
 def wait_for_handlers(pid: int) -> None:
-    """Until keymgr's first line ran (keymgr._signals.install: SIGTERM is caught, which Python
-    alone never does). What comes before it is Python's own start-up (see keymgr._signals)."""
+    """Until keymgr's first line ran (keymgr.interrupts.install: SIGTERM is caught, which Python
+    alone never does). What comes before it is Python's own start-up (see keymgr.interrupts)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         status = Path(f"/proc/{pid}/status").read_text()

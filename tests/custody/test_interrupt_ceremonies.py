@@ -433,6 +433,6 @@ def test_sigint_at_every_step_of_a_policy_change(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_leaked_signal_state() -> None:
     """The parent never holds signals (only the children ran commits)."""
-    from keymgr import _signals
+    from keymgr import interrupts
 
-    assert not _signals.commit_begun()
+    assert not interrupts.commit_begun()

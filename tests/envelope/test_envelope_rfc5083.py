@@ -1,7 +1,8 @@
 """RFC 5083 section 2.1 / 2.2, checked from scratch on messages the token made.
 
-KeyManager seals a message under a KEK whose value the test knows (imported with
-``Keyring.create(..., _value=...)``, as the OpenSSL interop tests do). Then,
+KeyManager seals a message under a KEK whose value the test knows (generated in the
+token and wrapped out through the backup path: :func:`tests._known_keys.generated_known_key`,
+as the OpenSSL interop tests do). Then,
 without any keymgr code: asn1crypto locates the fields, ``cryptography``
 unwraps the data key (RFC 3394 for ``kw``, AES-GCM for ``gcm``), the test
 encodes the attribute set it expects with its own few lines of DER (X.690:
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 
 import keymgr
-from tests._internals import keyring_of
+from tests._known_keys import generated_known_key, imported_key
 from tests.conftest import TokenUnderTest
 
 #: From docs/format.md ("OIDs"), written out here rather than imported from keymgr.
@@ -94,8 +95,7 @@ def data_key(ri: cms.RecipientInfo, kek: bytes, profile: str) -> bytes:
                                      {"z": "last", "a": "first", "é": "ü", "long": "x" * 300}])
 def test_aad_is_the_der_attribute_set_under_the_set_of_tag(km: keymgr.KeyManager, key_name: str, profile: str,
                                                            context: dict[str, str]) -> None:
-    kek = os.urandom(32)
-    record = keyring_of(km).create(key_name, profile=profile, _value=kek)
+    kek, record = generated_known_key(km, key_name, profile=profile)
     plaintext = os.urandom(1000)
     blob = km.encrypt(plaintext, key=key_name, context=context)
 
@@ -128,7 +128,7 @@ def test_an_independently_built_message_is_read(km: keymgr.KeyManager, key_name:
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
     kek = os.urandom(32)
-    record = keyring_of(km).create(key_name, profile="kw", _value=kek)
+    record = imported_key(km, key_name, kek, profile="kw")  # decrypting needs no provenance
     dek, nonce, context = os.urandom(32), os.urandom(12), {"tenant": "acme"}
     attrs = expected_attrs(context, dek)
     sealed = AESGCM(dek).encrypt(nonce, b"built elsewhere", attrs)

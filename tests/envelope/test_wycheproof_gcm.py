@@ -35,7 +35,7 @@ import keymgr
 from keymgr.envelope._aead import DataKey
 from keymgr.errors import ConfigurationError, FormatError, IntegrityError
 from keymgr.manager import INTEGRITY_MESSAGE
-from tests._internals import keyring_of
+from tests._known_keys import imported_key
 from tests._vectors import load_wycheproof, wycheproof_cases
 from tests.conftest import softhsm_token
 from tests.envelope.test_envelope_cms import GcmParameters
@@ -112,7 +112,7 @@ def known_kek() -> Iterator[tuple[keymgr.KeyManager, bytes, bytes]]:
 
     with keymgr.KeyManager(softhsm_token().uri()) as km:
         value = os.urandom(32)
-        record = keyring_of(km).create(f"wycheproof-gcm-{uuid.uuid4().hex[:8]}", profile="kw", _value=value)
+        record = imported_key(km, f"wycheproof-gcm-{uuid.uuid4().hex[:8]}", value, profile="kw")
         yield km, value, record.primary_version.key_id
 
 

@@ -328,8 +328,8 @@ def test_a_planted_index_key_with_a_known_value_is_never_used(km_a, key_name) ->
     """A PIN holder imports an HMAC key they know under the next version's label: keymgr ignores
     it (keys under keymgr's singleton labels must prove the token made them), and a rotation
     generates a genuine key for that version beside it instead of computing attacker-known terms."""
-    from keymgr.hsm.known_keys import import_secret_key
     from keymgr.hsm.templates import INDEX_KEY
+    from tests._known_keys import import_secret_key
 
     index = km_a.blind_index(key_name, bits=64)
     before = index.term("alice@example.com")

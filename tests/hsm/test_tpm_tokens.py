@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import keymgr
-from keymgr._files import atomic_output
+from keymgr.files import atomic_output
 from keymgr.hsm import asym, open_token
 from keymgr.recipients import pubkey
 from tests.conftest import TokenUnderTest, tpm_state_dir

@@ -2,7 +2,7 @@
 
 Each case's wrapping key is imported into SoftHSM as a session object that may
 only unwrap, and the token itself unwraps the case's ciphertext
-(:func:`keymgr.hsm.known_keys.unwrap_with_session_key`): the path every ``kw``
+(:func:`tests._known_keys.unwrap_with_session_key`): the path every ``kw``
 message takes on decrypt. ``valid`` cases must give exactly the expected key
 bytes (of every length the files hold, 1 to 384 bytes: as AES keys where the
 length allows, else as GENERIC_SECRET), ``invalid`` ones must be refused as an
@@ -21,7 +21,7 @@ import pytest
 
 from keymgr.errors import IntegrityError
 from keymgr.hsm import TokenSession, open_token, probe
-from keymgr.hsm.known_keys import unwrap_with_session_key
+from tests._known_keys import unwrap_with_session_key
 from tests._vectors import load_wycheproof, wycheproof_cases
 from tests.conftest import softhsm_token
 

@@ -41,7 +41,7 @@ import os, sys
 import pytest
 
 import keymgr
-from keymgr._files import atomic_write
+from keymgr.files import atomic_write
 uri, name, out, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 with keymgr.KeyManager(uri) as km:
     print("ready", flush=True)

@@ -2,9 +2,10 @@
 C_WrapKey are read by ``openssl cms``, and messages ``openssl cms -encrypt`` writes are
 unwrapped by SoftHSM's C_UnwrapKey.
 
-For OpenSSL to use the KEK, the test must know its value: the key is imported into
-the token with a known CKA_VALUE (``Keyring.create(..., _value=...)``,
-:mod:`keymgr.hsm.known_keys`, tests only). Messages OpenSSL 3.0 reads are written
+For OpenSSL to use the KEK, the test must know its value: the key is generated in the
+token, backup-capable, and its value wrapped out under a trusted transport key the test
+chose (:func:`tests._known_keys.generated_known_key`: the backup path, so the key is one
+keymgr may encrypt under). Messages OpenSSL 3.0 reads are written
 with ``compat_openssl=True`` (it cannot parse authAttrs: STACK-FACTS 15).
 """
 
@@ -22,7 +23,8 @@ import keymgr
 from keymgr.envelope import parse_message, read_kek_recipient
 from keymgr.errors import IntegrityError
 from keymgr.hsm import objects
-from tests._internals import keyring_of, token_of
+from tests._internals import token_of
+from tests._known_keys import generated_known_key
 from tests.conftest import softhsm_token
 
 OPENSSL = shutil.which("openssl")
@@ -39,9 +41,8 @@ def kcv(key: bytes) -> str:
 
 
 def known_kek(km: keymgr.KeyManager, name: str) -> tuple[bytes, bytes]:
-    """(value, CKA_ID) of a kw-profile KEK imported with a value the test knows."""
-    value = os.urandom(32)
-    record = keyring_of(km).create(name, profile="kw", _value=value)
+    """(value, CKA_ID) of a kw-profile KEK generated in the token, whose value the test learnt."""
+    value, record = generated_known_key(km, name, profile="kw")
     version = record.primary_version
     assert version.kcv == kcv(value)  # the token holds exactly this key
     attributes = objects.key_attributes(token_of(km), version.key_id).attributes

@@ -15,10 +15,10 @@ import pytest
 
 from keymgr import KeyManager
 from keymgr.hsm import asym, objects
-from keymgr.hsm.known_keys import import_secret_key
 from keymgr.hsm.templates import TRANSPORT_IMPORT, TRANSPORT_KEY
 from keymgr.keyring.store import META_MAC_LABEL
 from tests._internals import token_of
+from tests._known_keys import import_secret_key
 from tests.conftest import softhsm_token
 from tests.security._attacker import Target
 

@@ -1,8 +1,8 @@
 """The attack suite is live: weaken one of keymgr's templates and the same attack code wins.
 
 Each case builds a weakened copy of a keymgr template (one defence removed),
-makes a key from it through keymgr's own keyring (with a known value, so the
-test can tell a real leak from noise: ``Keyring.create(..., _value=...)``),
+makes a key from it recorded by keymgr's own keyring (with a known value, so the
+test can tell a real leak from noise: :func:`tests._known_keys.imported_key`),
 runs the attack function of test_attacks.py on it, and asserts that
 
 * the suite's verdict (:func:`tests.security.test_attacks.assert_defeated`) now fails, and
@@ -27,7 +27,7 @@ from keymgr import KeyManager
 from keymgr.hsm import templates as templates_module
 from keymgr.hsm.templates import PROFILES, KeyTemplate
 from keymgr.keyring.store import KeyPolicy
-from tests._internals import keyring_of
+from tests._known_keys import imported_key
 from tests.security._attacker import Target, aes_ecb
 from tests.security.test_attacks import assert_defeated, run_attack
 
@@ -87,7 +87,7 @@ def test_weakened_template_is_broken(manager: KeyManager, targets: dict[str, Tar
                         {**PROFILES, profile: replace(PROFILES[profile], template=weakened(profile, changes))})
     value = os.urandom(32)
     name = f"weak-{uuid.uuid4().hex[:10]}"
-    record = keyring_of(manager).create(name, profile=profile, policy=KeyPolicy(backup=backup), _value=value)
+    record = imported_key(manager, name, value, profile=profile, policy=KeyPolicy(backup=backup))
     purpose = {"kw": "kek-wrap", "gcm": "kek-gcm"}[profile] + ("+backup" if backup else "")
     target = Target(purpose, record.primary_version.key_id, lever_id=targets["kek-wrap"].key_id)
     result = run_attack(manager, attack, target)
@@ -100,8 +100,8 @@ def test_the_same_attacks_fail_on_the_real_templates(manager: KeyManager, target
     """The control: each mutation's attack, on a key made from the unmodified template with a known value."""
     for profile, backup in {(m[1], m[2]) for m in MUTATIONS}:
         value = os.urandom(32)
-        record = keyring_of(manager).create(f"ctl-{uuid.uuid4().hex[:10]}", profile=profile,
-                                        policy=KeyPolicy(backup=backup), _value=value)
+        record = imported_key(manager, f"ctl-{uuid.uuid4().hex[:10]}", value, profile=profile,
+                              policy=KeyPolicy(backup=backup))
         purpose = {"kw": "kek-wrap", "gcm": "kek-gcm"}[profile] + ("+backup" if backup else "")
         target = Target(purpose, record.primary_version.key_id, lever_id=targets["kek-wrap"].key_id)
         for attack in {m[4] for m in MUTATIONS if (m[1], m[2]) == (profile, backup)}:

@@ -6,7 +6,8 @@ with every logger at DEBUG, an audit log with both a file and a ``logging``
 sink, and the CLI run through click's runner. Secrets are known to the test:
 
 * the PIN, and a wrong PIN that was tried;
-* a KEK imported with a known value (``Keyring.create(..., _value=...)``) and every
+* a KEK of known value (generated, wrapped out through the backup path:
+  :func:`tests._known_keys.generated_known_key`) and every
   data key of every message and stream made under it (unwrapped on the host);
 * the plaintexts (distinctive sentinels) and Shamir shares of a data key.
 
@@ -22,7 +23,6 @@ import base64
 import contextlib
 import io
 import logging
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,7 +40,8 @@ from keymgr.custody import shamir
 from keymgr.envelope import parse_message, read_kek_recipient, read_stream_header
 from keymgr.hsm import Pkcs11Uri, open_token
 from keymgr.hsm.pins import Pin, pin_source_from_uri
-from tests._internals import keyring_of, token_of
+from tests._internals import token_of
+from tests._known_keys import generated_known_key
 from tests.conftest import USER_PIN, softhsm_token
 from tests.faults import injected
 
@@ -194,10 +195,9 @@ def _before_login(obs: Observed, work: Path) -> None:
 
 def _with_manager(obs: Observed, work: Path, km: KeyManager, audit: AuditLog) -> None:
     """Every failure of data, keys and tokens, through the library and the CLI."""
-    kek = os.urandom(32)
-    obs.secret("known KEK", kek)
     name = f"hyg-{secrets.token_hex(4)}"
-    keyring_of(km).create(name, _value=kek)
+    kek, _ = generated_known_key(km, name)
+    obs.secret("known KEK", kek)
     km.create_key(f"{name}-gen")
     plain = b"PLAINTEXT-SENTINEL-" + secrets.token_hex(16).encode()
     obs.secret("plaintext", plain)

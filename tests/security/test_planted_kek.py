@@ -94,6 +94,20 @@ def _opens_with(blob: bytes, value: bytes) -> bool:
     return False
 
 
+def test_a_known_value_key_never_encrypts_even_for_the_keyring_that_recorded_it(softhsm: TokenUnderTest,
+                                                                                  key_name: str) -> None:
+    """No caller of keymgr, the tests included, can make a key of known value that encrypts: the
+    very manager whose keyring recorded the imported version refuses it (keymgr once exempted
+    such a keyring: a back door). Decrypting under it is tests/envelope/test_envelope_rfc5083.py's."""
+    from tests._known_keys import imported_key
+
+    with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
+        imported_key(km, key_name, os.urandom(32))
+        for _ in range(2):  # and not from a cache on the second try
+            with pytest.raises(keymgr.PolicyError, match=r"CKA_LOCAL is False \(not generated in this token\)"):
+                km.encrypt(b"under a known key", key=key_name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["imported", "generated-readable"])
 def test_a_planted_kek_never_encrypts(softhsm: TokenUnderTest, key_name: str, tmp_path: Path, how: str) -> None:

@@ -35,6 +35,11 @@ files), is Python's own business. Before Python sets its handler it ends the
 process silently; during ``site`` it prints Python's traceback.
 
 Nothing here runs on import: a library must not take over its host's signals.
+
+Public because a program built on keymgr (the ``keymgr`` command is one, using only the
+public API) must share the library's commit scopes: its own command is the outermost
+scope, and only it can say, once the change is recorded, that the interrupt came after
+a completed change.
 """
 
 from __future__ import annotations

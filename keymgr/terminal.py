@@ -18,6 +18,10 @@ and right before every safety confirmation (destroy's type-the-name, approve's
 [y/N], a log restart): a confirmation must answer the warning the operator just
 read, not be a pasted next line that was waiting before it was printed
 (:func:`confirmation_input`).
+
+Public because a program that asks its own questions around keymgr (the ``keymgr``
+command is one such program, and uses only keymgr's public API) needs the same
+discipline before a confirmation of its own.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ writer only on a filesystem without ``O_TMPFILE``, and only until the next run.
 
 The environment variable ``KEYMGR_NO_O_TMPFILE=1`` forces named temporary
 files (tests use it to check that path on filesystems that have ``O_TMPFILE``).
+
+Public because a program that writes what keymgr gives it (decrypted plaintext, a
+report, a custodian's request: the ``keymgr`` command, which uses only the public API,
+is one) needs the same guarantees and the same tagged temporary names, so that one
+run's sweep also removes what a killed writer of the other left behind.
 """
 
 from __future__ import annotations

@@ -1,35 +1,45 @@
-"""Hazmat for interop tests and published vectors only: secret keys whose value is known.
+"""Keys whose value a test knows: made by the tests, never by keymgr.
 
-Every key keymgr makes for real use is generated inside the token and never
-leaves it (:mod:`keymgr.hsm.templates`). Two jobs need the opposite, a key whose
-bytes a test already holds:
+Every key keymgr makes is generated inside the token and never leaves it in the clear
+(:mod:`keymgr.hsm.templates`), and a key it did not generate never encrypts
+(:mod:`keymgr.keyring.provenance`). Some tests need a key whose bytes they hold:
 
-* **interop**: `openssl cms -decrypt -secretkey HEX` can decrypt a keymgr
-  message only if the test knows the KEK's value, so the test imports that
-  value into the token as a KEK (:func:`import_secret_key`, reached through
-  ``Keyring.create(..., _value=...)``);
-* **vectors**: Wycheproof's AES-KW / KWP cases name their wrapping key, so
-  each one is imported as a short-lived session object and the token's own
-  C_UnwrapKey is run on the case (:func:`unwrap_with_session_key`).
-
-A key created from a known value is, by PKCS#11's own account, not
-``ALWAYS_SENSITIVE`` and not ``LOCAL``; it is no keymgr key. Nothing in keymgr
-outside the tests calls this module.
+* **a known key keymgr encrypts under** (``openssl cms -decrypt -secretkey HEX``, RFC 5083
+  checked from scratch, the hygiene sweep): :func:`generated_known_key` generates it the
+  ordinary way, backup-capable, and learns its value the one way keymgr lets such a key
+  out, wrapped under a trusted transport key (the SO step of a backup) whose value the
+  test chose. The key proves its provenance like any other: it may encrypt.
+* **a known key keymgr only decrypts with, or must refuse** (messages built elsewhere,
+  Wycheproof's AES-GCM cases, the attack suite's weakened templates, a planted KEK):
+  :func:`imported_key` imports the value (C_CreateObject with python-pkcs11, so the
+  object is not LOCAL and was not always sensitive) and records it as version 1 of a
+  key with the keyring's own fact writer. Encrypting under it is refused.
+* **vectors**: Wycheproof's AES-KW / KWP cases name their wrapping key, so each one is
+  imported as a short-lived session object and the token's own C_UnwrapKey is run on
+  the case (:func:`unwrap_with_session_key`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pkcs11
 import pkcs11.exceptions as p11x
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
+from keymgr import KeyManager, KeyPolicy, KeyRecord
 from keymgr.hsm.objects import _KEY_TYPES, WRAP_MECHANISMS, _template, checked_for_authenticity
+from keymgr.hsm.pins import Pin
 from keymgr.hsm.sessions import TokenSession
-from keymgr.hsm.templates import KeyTemplate
+from keymgr.hsm.templates import DEFAULT_PROFILE, KeyTemplate
+from keymgr.hsm.transport import export_wrapped
+from keymgr.keyring.store import version_template
+from tests._internals import keyring_of, token_of
+from tests.conftest import SO_PIN
 
-__all__ = ["import_secret_key", "unwrap_with_session_key"]
+__all__ = ["generated_known_key", "import_secret_key", "imported_key", "unwrap_with_session_key"]
 
 #: AES key lengths; an unwrapped key of any other length is made a GENERIC_SECRET.
 _AES_LENGTHS = frozenset({16, 24, 32})
@@ -39,10 +49,8 @@ _NOT_THIS_KEY_TYPE = (p11x.KeySizeRange, p11x.KeyTypeInconsistent, p11x.Template
 
 
 def import_secret_key(ts: TokenSession, template: KeyTemplate, *, label: str, key_id: bytes, value: bytes) -> None:
-    """Create a key object with the attributes of ``template`` and the known ``value`` (C_CreateObject).
-
-    Tests only (module docstring): the value has been outside the token.
-    """
+    """Create a key object with the attributes of ``template`` and the known ``value`` (C_CreateObject):
+    the value has been outside the token, so the object is neither LOCAL nor ALWAYS_SENSITIVE."""
     attrs = _template(template)
     attrs.update({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: _KEY_TYPES[template.key_type],
                    Attribute.LABEL: label, Attribute.ID: key_id, Attribute.VALUE: bytes(value)})
@@ -62,7 +70,6 @@ def unwrap_with_session_key(ts: TokenSession, kek: bytes, wrapped: bytes, mechan
     objects of any length, 1 to 384 bytes included; stricter tokens need the fallback.)
     A failed integrity check is an
     :class:`~keymgr.errors.IntegrityError` (:func:`keymgr.hsm.objects.checked_for_authenticity`).
-    Tests and vectors only (module docstring).
     """
     mech = Mechanism(WRAP_MECHANISMS[mechanism])
     if mechanism == "aes-kw":
@@ -99,3 +106,28 @@ def unwrap_with_session_key(ts: TokenSession, kek: bytes, wrapped: bytes, mechan
             key.destroy()
 
     return ts.run("unwrap with a session key", call)
+
+
+def imported_key(km: KeyManager, name: str, value: bytes, *, profile: str = DEFAULT_PROFILE,
+                 policy: KeyPolicy | None = None) -> KeyRecord:
+    """Key ``name`` on ``km``'s token whose version 1 is ``value``, imported with the template
+    keymgr would generate it from and recorded with the keyring's own facts. It decrypts; it
+    never encrypts (not LOCAL: :mod:`keymgr.keyring.provenance` refuses it)."""
+    keyring, policy = keyring_of(km), policy or KeyPolicy()
+    key_id = keyring.new_key_id()
+    import_secret_key(token_of(km), version_template(profile, policy), label=f"{name}/v1", key_id=key_id,
+                      value=value)
+    keyring._record_first_version(name, key_id, profile=profile, policy=policy)  # noqa: SLF001 - tests only
+    keyring.reload()
+    return keyring.get(name)
+
+
+def generated_known_key(km: KeyManager, name: str, *, profile: str = DEFAULT_PROFILE,
+                        so_pin: str = SO_PIN) -> tuple[bytes, KeyRecord]:
+    """(value, record) of key ``name``, generated in ``km``'s token as any backup-capable key is,
+    its value learnt through the backup path: wrapped out (AES-KW) under a trusted transport key
+    the test chose, which needs the SO PIN. It encrypts like any key keymgr made."""
+    record = km.create_key(name, profile=profile, backup=True)
+    transport = os.urandom(32)
+    (wrapped,) = export_wrapped(token_of(km), [record.primary_version.key_id], transport, so_pin=Pin(so_pin))
+    return aes_key_unwrap(transport, wrapped), record

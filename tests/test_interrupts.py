@@ -1,4 +1,4 @@
-"""keymgr._signals: signals held over a commit, and delivered once it is recorded.
+"""keymgr.interrupts: signals held over a commit, and delivered once it is recorded.
 
 In-process (pytest's main thread, whose SIGINT handler is Python's own) and in a child for
 SIGTERM's default action. The ceremonies that use this are tested end to end in
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from keymgr import _signals
+from keymgr import interrupts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def _interrupt_self(signum: int = signal.SIGINT) -> None:
 def test_deferred_signals_hold_an_interrupt_until_the_block_ends() -> None:
     reached = []
     with pytest.raises(KeyboardInterrupt) as caught:
-        with _signals.deferred_signals():
+        with interrupts.deferred_signals():
             _interrupt_self()
             reached.append("after the signal")
         reached.append("after the block")
@@ -41,36 +41,36 @@ def test_deferred_signals_hold_an_interrupt_until_the_block_ends() -> None:
 
 def test_a_commit_holds_signals_until_the_outermost_scope_ends() -> None:
     done = []
-    with pytest.raises(KeyboardInterrupt) as caught, _signals.commit_scope():  # the CLI command
-        with _signals.commit_scope():  # the library call
-            _signals.hold_signals()
+    with pytest.raises(KeyboardInterrupt) as caught, interrupts.commit_scope():  # the CLI command
+        with interrupts.commit_scope():  # the library call
+            interrupts.hold_signals()
             _interrupt_self()
             done.append("commit")
-        assert _signals.commit_begun()
+        assert interrupts.commit_begun()
         _interrupt_self()  # a second one is held too; the first is delivered
         done.append("recorded")
     assert done == ["commit", "recorded"] and caught.value.keymgr_completed  # type: ignore[attr-defined]
-    assert not _signals.commit_begun() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not interrupts.commit_begun() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_before_the_commit_an_interrupt_raises_at_once() -> None:
-    with pytest.raises(KeyboardInterrupt), _signals.commit_scope():
+    with pytest.raises(KeyboardInterrupt), interrupts.commit_scope():
         _interrupt_self()
         pytest.fail("the interrupt was held before any commit began")
-    with _signals.commit_scope():
+    with interrupts.commit_scope():
         pass  # a scope without a commit holds nothing and delivers nothing
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_holding_outside_a_scope_or_off_the_main_thread_does_nothing() -> None:
-    _signals.hold_signals()
-    assert not _signals.commit_begun()
+    interrupts.hold_signals()
+    assert not interrupts.commit_begun()
     seen: list[object] = []
 
     def worker() -> None:
-        with _signals.commit_scope(), _signals.deferred_signals():
-            _signals.hold_signals()
-            seen.append(_signals.commit_begun())
+        with interrupts.commit_scope(), interrupts.deferred_signals():
+            interrupts.hold_signals()
+            seen.append(interrupts.commit_begun())
 
     thread = threading.Thread(target=worker)
     thread.start()
@@ -80,10 +80,10 @@ def test_holding_outside_a_scope_or_off_the_main_thread_does_nothing() -> None:
 
 CHILD = """
 import os, signal, sys, time
-from keymgr import _signals
+from keymgr import interrupts
 signal.signal(signal.SIGINT, signal.SIG_IGN)   # as nohup or a background job leaves it
-with _signals.commit_scope():
-    _signals.hold_signals()
+with interrupts.commit_scope():
+    interrupts.hold_signals()
     os.kill(os.getpid(), signal.SIGINT)
     os.kill(os.getpid(), signal.SIGTERM)       # default action: held, then dies of it
     time.sleep(0.01)
