@@ -11,15 +11,15 @@ prompt), the terminal's typed-ahead input is discarded first
 reaches the shell.
 
 ``KEYMGR_LOG=debug`` (or ``info``, ``warning``) prints keymgr's operator log
-records on stderr (:mod:`keymgr._oplog`).
+records on stderr (:mod:`keymgr.oplog`).
 """
 
-from keymgr import _oplog, interrupts, terminal
+from keymgr import interrupts, oplog, terminal
 
 
 def main() -> None:
     interrupts.install()
-    _oplog.from_env()  # KEYMGR_LOG=debug: operator logging on stderr (docs/deployment.md)
+    oplog.from_env()  # KEYMGR_LOG=debug: operator logging on stderr (docs/deployment.md)
     try:
         try:
             from keymgr.cli import cli

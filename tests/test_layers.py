@@ -23,7 +23,7 @@ KEYMGR = Path(__file__).resolve().parent.parent / "keymgr"
 LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
     # base: the error tree, the process plumbing the CLI shares (files, interrupts, terminal) and
     # private helpers every layer may use (no token, no format)
-    (("errors", "_canonical", "_certs", "_memory", "_oplog", "_time", "files", "interrupts", "terminal"),),
+    (("errors", "_canonical", "_certs", "_memory", "_time", "files", "interrupts", "oplog", "terminal"),),
     # the token (only hsm imports pkcs11) and the token-free envelope formats
     (("hsm",), ("envelope",)),
     # named keys and their versions, stored on the token

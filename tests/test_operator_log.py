@@ -1,4 +1,4 @@
-"""Operator logging (keymgr._oplog): the events of a real flow reach the ``keymgr`` logger, and
+"""Operator logging (keymgr.oplog): the events of a real flow reach the ``keymgr`` logger, and
 no record holds a PIN, key bytes, plaintext or a MAC value.
 
 The flow runs in a fresh process on a token of its own (tests/fleet.py's ``fresh_token``), so

@@ -36,7 +36,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from keymgr import errors
-from keymgr._oplog import audit as oplog
 from keymgr._time import audit_time
 from keymgr.audit._aggregate import Aggregator, Group
 from keymgr.audit._entry import (
@@ -54,6 +53,7 @@ from keymgr.audit._file import FileSink, Tail
 from keymgr.audit._operation import Operation, current_principal
 from keymgr.audit._token import AuditKey
 from keymgr.hsm.sessions import TokenSession
+from keymgr.oplog import audit as oplog
 
 __all__ = ["AuditLog", "DEFAULT_AGGREGATE"]
 

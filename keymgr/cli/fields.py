@@ -97,8 +97,8 @@ def _load_codec(spec: str, km: Any, engine: Any) -> Any:
     returns its EncryptedTable, with the blind indexes and normalisers that live in its code,
     so a re-encryption recomputes every term as the application would. The current directory
     is searched last (after keymgr's and the installed packages), so it cannot shadow them."""
-    import importlib
     import os
+    import pkgutil
 
     from keymgr.fields.sql import EncryptedTable
 
@@ -108,10 +108,11 @@ def _load_codec(spec: str, km: Any, engine: Any) -> Any:
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        factory = pkgutil.resolve_name(spec)
+    except AttributeError:
+        fail(f"--codec: {module_name!r} has no function {attribute!r}")
     except Exception as exc:  # the application's module: any failure is one line, not a traceback
         fail(f"--codec: cannot import {module_name!r}: {type(exc).__name__}: {_first_line(exc)}")
-    factory = getattr(module, attribute, None)
     if not callable(factory):
         fail(f"--codec: {module_name!r} has no function {attribute!r}")
     try:

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from asn1crypto import cms
 
 from keymgr import errors
-from keymgr._oplog import cache as log
 from keymgr.envelope._aead import DataKey
+from keymgr.oplog import cache as log
 
 __all__ = ["CachePolicy", "EncryptCache", "DecryptCache"]
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from keymgr import errors
 from keymgr._memory import zero
-from keymgr._oplog import cache as log
+from keymgr.oplog import cache as log
 
 __all__ = ["SubkeyCache", "SubkeyPolicy"]
 

@@ -27,8 +27,8 @@ import pkcs11
 import pkcs11.exceptions as p11x
 
 from keymgr import errors
-from keymgr._oplog import hsm as log
 from keymgr.hsm._errors import code_name
+from keymgr.oplog import hsm as log
 
 __all__ = ["Module", "load_module", "resolve_module_name", "loaded_modules", "use_softhsm_config",
            "DEFAULT_MODULE_DIRS", "SOFTHSM_CONF_ATTR"]

@@ -22,13 +22,13 @@ from pkcs11.mechanisms import GCMParams
 
 from keymgr import errors
 from keymgr._memory import zero
-from keymgr._oplog import hsm as log
-from keymgr._oplog import warn_once
 from keymgr.hsm._errors import missing_role
 from keymgr.hsm.finding import find_objects
 from keymgr.hsm.locks import token_lock
 from keymgr.hsm.sessions import TokenSession
 from keymgr.hsm.templates import EPHEMERAL_DATA_KEY, KeyTemplate
+from keymgr.oplog import hsm as log
+from keymgr.oplog import warn_once
 
 __all__ = [
     "ObjectInfo",

@@ -24,7 +24,7 @@ Recovery:
 * after ``fork()`` the child re-initialises the module and reopens its session.
 
 Each of these is logged at DEBUG on the ``keymgr.hsm`` logger, a removed token and a refused
-login at WARNING (:mod:`keymgr._oplog`); never a PIN.
+login at WARNING (:mod:`keymgr.oplog`); never a PIN.
 
 A wrong PIN is never retried: the error carries the token's own tries-left
 state, and keymgr logs in by itself only with a PIN that worked before.
@@ -46,12 +46,12 @@ import pkcs11.exceptions as p11x
 from pkcs11.constants import TokenFlag
 
 from keymgr import errors
-from keymgr._oplog import hsm as log
 from keymgr.hsm._errors import SESSION_LOST, TOKEN_GONE, code_name, translate
 from keymgr.hsm.discovery import FoundToken, find_token, list_tokens
 from keymgr.hsm.modules import Module
 from keymgr.hsm.pins import Pin, PinCallback, PinRequest, PinSource, pin_source_from_uri, tries_left_note
 from keymgr.hsm.uri import Pkcs11Uri
+from keymgr.oplog import hsm as log
 
 __all__ = ["TokenSession", "open_token", "tries_left_state", "close_all"]
 

@@ -59,14 +59,14 @@ from typing import Any
 
 from keymgr import errors, interrupts
 from keymgr._canonical import canonical_json
-from keymgr._oplog import keyring as log
-from keymgr._oplog import warn_once
 from keymgr._time import parse_utc, utc_now
 from keymgr.hsm import objects, registers
 from keymgr.hsm.sessions import TokenSession
 from keymgr.hsm.templates import DEFAULT_PROFILE, MAC_KEY, KeyTemplate, backup_capable, profile_named
 from keymgr.keyring import provenance
 from keymgr.keyring.facts import Fact, KeyPolicy, KeyRecord, KeyVersion, check_policy, fold, new_fact_id
+from keymgr.oplog import keyring as log
+from keymgr.oplog import warn_once
 
 __all__ = ["KeyRecord", "KeyVersion", "KeyPolicy", "Keyring", "validate_name",
            "version_template"]

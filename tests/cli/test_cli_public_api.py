@@ -6,7 +6,7 @@ included), touch another object's private part (``km._keyring``, ``x._anything``
 and ``cls`` are its own), reach one by string (``getattr(km, "_keyring")``, ``vars(km)``,
 ``import_module``), or use the keyring-level twins of what KeyManager audits
 (:data:`UNAUDITED_TWINS`: ``CustodyRegister(keyring)`` and the like), or import a private
-module (``keymgr._oplog``, ``keymgr.audit._token``): the plumbing it shares with the library
+module (``keymgr.oplog``, ``keymgr.audit._token``): the plumbing it shares with the library
 is public (:mod:`keymgr.files`, :mod:`keymgr.interrupts`, :mod:`keymgr.terminal`,
 :func:`keymgr.audit.repair_log`).
 """
@@ -104,7 +104,8 @@ def _dynamic_reach(call: ast.Call, where: str) -> list[str]:
 
 
 def _cli_sources() -> list[Path]:
-    return sorted(CLI.rglob("*.py"))
+    """The CLI's modules and its entry point (``keymgr/__main__.py``, the ``keymgr`` command)."""
+    return sorted(CLI.rglob("*.py")) + [REPO / "keymgr" / "__main__.py"]
 
 
 def test_the_cli_uses_no_private_name_of_keymgr() -> None:
