@@ -67,7 +67,7 @@ class Counter(models.Model):
 MODELS = (Customer, Counter)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def alias(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A database alias with the models' tables and the data-key table; dropped at the end."""
     if request.param == "sqlite":
@@ -269,3 +269,50 @@ def test_deconstruct_keeps_the_registered_names() -> None:
     assert kwargs == {"source": "email", "index": "customers-email", "db_index": True}
     assert Customer._meta.get_field("email").deconstruct()[3]["cipher"] == "customers"
 
+
+
+def test_deferred_and_partial_saves(db: str) -> None:
+    c = Customer.objects.using(db).create(name="a", email=EMAIL)
+    deferred = Customer.objects.using(db).defer("email").get(pk=c.pk)
+    assert "email" not in deferred.__dict__ and deferred.email == EMAIL  # loaded and opened on access
+    only_name = Customer.objects.using(db).only("name").get(pk=c.pk)
+    only_name.name = "b"
+    only_name.save(using=db)  # saves the loaded fields only: the encrypted ones untouched
+    again = Customer.objects.using(db).get(pk=c.pk)
+    assert (again.name, again.email) == ("b", EMAIL)
+    again.email = "new@example.com"
+    again.save(using=db, update_fields=["email", "email_bidx"])
+    assert [x.pk for x in Customer.objects.using(db).find(email="new@example.com")] == [c.pk]
+
+
+def _sqlalchemy_url(alias: str) -> str:
+    db = settings.DATABASES[alias]
+    if alias == "pg":
+        return f"postgresql+psycopg://{db['USER']}@/{db['NAME']}?host={db['HOST']}"
+    return f"sqlite:///{db['NAME']}"
+
+
+def test_the_sqlalchemy_codec_and_the_django_fields_read_each_others_rows(db: str) -> None:
+    """Both bind a value to (table, column, primary key as text) and a term to (table, column)."""
+    sa = pytest.importorskip("sqlalchemy")
+    from keymgr.fields.django import _ciphers, _indexes
+    from keymgr.fields.sql import BlindIndexTerm, EncryptedBytes, EncryptedTable, EncryptedText
+
+    table = sa.Table("dj_customers", sa.MetaData(), sa.Column("id", sa.Uuid, primary_key=True),
+                     sa.Column("name", sa.String(50)), sa.Column("email", EncryptedText),
+                     sa.Column("photo", EncryptedBytes), sa.Column("email_bidx", BlindIndexTerm))
+    codec = EncryptedTable(table, _ciphers["customers"], indexes={"email_bidx": (_indexes["customers-email"], "email")})
+    from_django = Customer.objects.using(db).create(name="dj", email=EMAIL, photo=b"\x01")
+    engine = sa.create_engine(_sqlalchemy_url(db))
+    try:
+        with engine.connect() as conn:
+            found = codec.find(conn, "email_bidx", EMAIL.upper())
+        assert [(r["id"], r["email"], r["photo"]) for r in found] == [(from_django.pk, EMAIL, b"\x01")]
+        from_sqlalchemy = uuid.uuid4()
+        with engine.begin() as conn:
+            conn.execute(table.insert(), codec.encode_rows([{"id": from_sqlalchemy, "name": "sa",
+                                                             "email": "sa@example.com", "photo": None}]))
+    finally:
+        engine.dispose()
+    [row] = Customer.objects.using(db).find(email="SA@example.com")
+    assert (row.pk, row.name, row.email, row.photo) == (from_sqlalchemy, "sa", "sa@example.com", None)
