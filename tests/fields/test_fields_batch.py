@@ -130,6 +130,32 @@ def test_one_audit_entry_per_batch_with_its_counts(km_a, key_name) -> None:
     assert counted["detail"]["aggregated"] is True and counted["detail"]["count"] == 10
 
 
+def test_encrypt_entries_name_the_version_whose_primary_sealed(km_a, key_name) -> None:
+    """Every encrypt entry (one value, a row, a batch) names the version that wrapped its data keys,
+    a refusal the version refused, a decrypt the version that unwrapped (encrypts were null)."""
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    place = Place("t", "c", "r")
+    first = cipher.encrypt("one", place)
+    cipher.encrypt_rows(_rows(2), table="t")  # row by row: aggregated with the value above
+    cipher.encrypt_rows(_rows(BATCH_MIN_ROWS), table="t")  # one batch entry
+    km_a.rotate(key_name)
+    cipher.encrypt("two", place)
+    cipher.encrypt_rows(_rows(BATCH_MIN_ROWS), table="t")
+    assert cipher.decrypt_text(first, place) == "one"
+    km_a.suspend(key_name, 2)
+    with pytest.raises(errors.PolicyError):
+        cipher.encrypt("three", place)
+    entries = _encrypt_entries(km_a, key_name)
+    assert sorted((e["outcome"], e["version"], e["detail"].get("count", e["detail"].get("rows")))
+                  for e in entries) == [("ok", 1, 3), ("ok", 1, BATCH_MIN_ROWS), ("ok", 2, 1),
+                                        ("ok", 2, BATCH_MIN_ROWS), ("refused", 2, None)]
+    log = km_a._audit.log
+    decrypts = [e for e in map(json.loads, Path(log.path).read_text().splitlines())
+                if e.get("op") == "decrypt" and e.get("key") == key_name]
+    assert [(e["outcome"], e["version"]) for e in decrypts] == [("ok", 1)]
+
+
 @pytest.mark.parametrize("bad", ["kind", "row", "column"])
 @pytest.mark.parametrize("n", [3, BATCH_MIN_ROWS + 10])
 def test_a_bad_row_in_a_batch_seals_nothing(km_a, key_name, bad: str, n: int) -> None:
