@@ -189,7 +189,17 @@ class FieldCipher:
         """:meth:`encrypt_rows` of ``columns`` read from each of ``rows`` (absent: None), bound to
         ``row_ids``, flat: row ``i``'s column ``j`` at ``i * len(columns) + j``. What a codec calls
         with the rows it inserts, so no per-row dict is made for the cipher."""
-        batch = self._checked(lambda: Batch(self._key, table, rows, row_ids, extra, columns))
+        return self.seal(self.prepare_columns(rows, row_ids, table=table, columns=columns, extra=extra))
+
+    def prepare_columns(self, rows: Sequence[Mapping[str, object]], row_ids: Sequence[str], *, table: str,
+                        columns: Sequence[str], extra: Mapping[str, str] | None = None) -> Batch:
+        """The first half of :meth:`encrypt_columns`: every row checked (a bad one raises, one failed
+        ``encrypt`` entry) and laid out, nothing sealed, no token call. A codec checks its rows
+        with it before it spends any work on them (blind-index terms), then calls :meth:`seal`."""
+        return self._checked(lambda: Batch(self._key, table, rows, row_ids, extra, columns))
+
+    def seal(self, batch: Batch) -> list[bytes | None]:
+        """The second half of :meth:`encrypt_columns`: the values of ``batch`` sealed, flat."""
         self._seal_all(batch)
         return batch.sealed
 

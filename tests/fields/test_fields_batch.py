@@ -241,3 +241,39 @@ def test_a_forked_child_seals_under_a_data_key_of_its_own(km_a, key_name) -> Non
     os.waitpid(pid, 0)
     assert child_ref and child_ref != parent_ref
     assert unpack(cipher.encrypt(b"after fork", Place("t", "c", "r2")))[0] == parent_ref
+
+
+@pytest.mark.parametrize("bad", ["value", "row"])
+def test_encode_rows_refuses_a_bad_row_before_any_term_is_computed(km_a, key_name, bad: str) -> None:
+    """The codec checks every row (kinds, row identity, each value) before its blind indexes spend
+    anything on the batch: no subkey derived, no ``index`` entry; then the good rows go through."""
+    sa = pytest.importorskip("sqlalchemy")
+    from keymgr.fields.sql import BlindIndexTerm, EncryptedTable, EncryptedText
+
+    km_a.create_key(key_name)
+    table = sa.Table("acct", sa.MetaData(), sa.Column("id", sa.String(40), primary_key=True),
+                     sa.Column("email", EncryptedText), sa.Column("email_bidx", BlindIndexTerm))
+    store = MemoryKeyStore()
+    index = km_a.blind_index(f"{key_name}-email", bits=8)
+    codec = EncryptedTable(table, km_a.fields(key_name, store=store), indexes={"email_bidx": (index, "email")})
+    rows: list[dict[str, Any]] = [{"id": f"r{i}", "email": f"user{i}@example.com"} for i in range(5)]
+    if bad == "value":
+        rows[3]["email"] = "user3\ud800@example.com"  # str, so past the kind check; no valid UTF-8
+    else:
+        rows[3]["id"] = ""  # no row identity to bind to
+
+    def index_entries() -> list[dict[str, Any]]:
+        log = km_a._audit.log
+        log.flush()
+        return [e for e in map(json.loads, Path(log.path).read_text().splitlines())
+                if e.get("key") == index.name and e.get("op") in ("index", "index-subkey")]
+
+    before = len(index_entries())
+    with pytest.raises(errors.ConfigurationError):
+        codec.encode_rows(rows)
+    assert index_entries()[before:] == [] and index.held_subkeys == 0 and len(store) == 0
+    assert [e["outcome"] for e in _encrypt_entries(km_a, key_name)] == ["failed"]
+    del rows[3]
+    encoded = codec.encode_rows(rows)
+    assert index.held_subkeys == 1 and [e["op"] for e in index_entries()[before:]] == ["index-subkey", "index"]
+    assert codec.decode(encoded[2])["email"] == "user2@example.com"
