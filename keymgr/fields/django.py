@@ -121,6 +121,28 @@ def _refused(field: models.Field, what: str) -> errors.ConfigurationError:
         "(find by value through a BlindIndexField and .find())")
 
 
+#: The lookups a sealed or term column answers: IS NULL, and equality with values keymgr computed
+#: (``find()``'s terms); ``contains``, ``startswith``, ``gt``... would send plaintext as a query
+#: parameter (to be compared with ciphertext, and written to the database's logs).
+_LOOKUPS = frozenset({"exact", "in", "isnull"})
+
+
+class _GuardedLookups:
+    """Refuses every lookup but :data:`_LOOKUPS` by name, before any parameter is built."""
+
+    name: str
+    model: type[models.Model]
+
+    def get_lookup(self, lookup_name: str) -> Any:
+        if lookup_name not in _LOOKUPS:
+            raise errors.ConfigurationError(f"{self.model.__name__}.{self.name} is sealed: no {lookup_name!r} lookup "
+                                            "(only isnull; find() for equality through a BlindIndexField)")
+        return super().get_lookup(lookup_name)  # type: ignore[misc]
+
+    def get_transform(self, lookup_name: str) -> Any:
+        raise errors.ConfigurationError(f"{self.model.__name__}.{self.name} is sealed: no {lookup_name!r} transform")
+
+
 def _row(instance: models.Model) -> str:
     """The row identity a value is bound to: the primary key, normalised by its field (a UUID given
     as a string is bound in canonical form, as it will read back)."""
@@ -146,7 +168,7 @@ class _PlaintextAttribute(DeferredAttribute):  # type: ignore[misc]
         instance.__dict__[self.field.attname] = value
 
 
-class EncryptedField(models.Field):  # type: ignore[misc]
+class EncryptedField(_GuardedLookups, models.Field):  # type: ignore[misc]
     """A column of field-form values (``bytea`` / ``BLOB``) sealed by the registered cipher ``cipher``."""
 
     descriptor_class = _PlaintextAttribute
@@ -244,7 +266,7 @@ class EncryptedBinaryField(EncryptedField):
         return b"" if default == "" else default
 
 
-class BlindIndexField(models.Field):  # type: ignore[misc]
+class BlindIndexField(_GuardedLookups, models.Field):  # type: ignore[misc]
     """The blind-index term of another field's plaintext (``source``), computed in ``pre_save`` by
     the registered index ``index`` and bound to (``db_table``, this column), as
     :class:`keymgr.fields.sql.EncryptedTable` binds its terms. Nullable (a NULL source has no term),

@@ -211,7 +211,12 @@ def test_plaintext_is_refused_where_pre_save_is_bypassed(db: str) -> None:
     attempts = [lambda: Customer.objects.using(db).filter(email=EMAIL).count(),
                 lambda: Customer.objects.using(db).filter(pk=c.pk).update(email="x@example.com"),
                 lambda: Customer.objects.using(db).bulk_update([c], ["email"]),
-                lambda: Customer.objects.using(db).filter(email_bidx=b"\x01\x02").count()]
+                lambda: Customer.objects.using(db).filter(email_bidx=b"\x01\x02").count(),
+                lambda: Customer.objects.using(db).filter(email__icontains="alice").count(),
+                lambda: Customer.objects.using(db).filter(email__startswith="alice").count(),
+                lambda: Customer.objects.using(db).filter(email__gt="alice").count(),
+                lambda: Customer.objects.using(db).filter(email__lower="alice").count(),
+                lambda: Customer.objects.using(db).filter(email_bidx__contains=b"\x01").count()]
     for attempt in attempts:
         with pytest.raises(errors.ConfigurationError) as caught:
             attempt()
