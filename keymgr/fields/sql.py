@@ -271,7 +271,8 @@ class EncryptedTable:
 
     def encode_rows(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """:meth:`encode` for many rows, all or nothing: each index's terms for the batch as one
-        audited operation, the fields through :meth:`FieldCipher.encrypt_columns` (from 256 rows on,
+        audited operation, the fields through :meth:`FieldCipher.prepare_columns` and
+        :meth:`FieldCipher.seal`, the two halves of :meth:`FieldCipher.encrypt_columns` (from 256 rows on,
         one audited operation and one check of the key's state per batch of at most 16,384
         values; fewer rows, one per row). Text columns take ``str``, bytes columns ``bytes`` (a value of
         the wrong kind would seal, then fail at every read). Every row is checked before any term

@@ -273,6 +273,7 @@ def test_deconstruct_keeps_the_registered_names() -> None:
     assert path == "keymgr.fields.django.BlindIndexField"
     assert kwargs == {"source": "email", "index": "customers-email", "db_index": True}
     assert Customer._meta.get_field("email").deconstruct()[3]["cipher"] == "customers"
+    assert Customer.check() == [] and Counter.check() == []  # Django's system checks
 
 
 
