@@ -35,7 +35,7 @@ migrations as plain strings and the KeyManager can be opened after the models ar
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from django.db import connections, models
@@ -127,17 +127,37 @@ def _refused(field: models.Field, what: str) -> errors.ConfigurationError:
 _LOOKUPS = frozenset({"exact", "in", "isnull"})
 
 
-class _GuardedLookups:
-    """Refuses every lookup but :data:`_LOOKUPS` by name, before any parameter is built."""
+class _MarkedColumn(models.Field):  # type: ignore[misc]
+    """A binary column that takes only values of one marker type (what keymgr computed: a
+    plaintext is refused, never written or sent as a query parameter), reads back as ``read``,
+    and answers only the lookups of :data:`_LOOKUPS` (refused by name, before any parameter is
+    built)."""
 
-    name: str
-    model: type[models.Model]
+    marker: type[bytes] = bytes
+    read: Callable[[bytes], Any] = bytes
+    what = ""
+
+    def get_internal_type(self) -> str:
+        return "BinaryField"  # bytea, BLOB
+
+    def get_prep_value(self, value: Any) -> Any:
+        return value
+
+    def get_db_prep_value(self, value: Any, connection: Any, prepared: bool = False) -> bytes | None:
+        if value is None:
+            return None
+        if not isinstance(value, self.marker):
+            raise _refused(self, self.what)
+        return bytes(value)
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
+        return None if value is None else self.read(bytes(value))
 
     def get_lookup(self, lookup_name: str) -> Any:
         if lookup_name not in _LOOKUPS:
             raise errors.ConfigurationError(f"{self.model.__name__}.{self.name} is sealed: no {lookup_name!r} lookup "
                                             "(only isnull; find() for equality through a BlindIndexField)")
-        return super().get_lookup(lookup_name)  # type: ignore[misc]
+        return super().get_lookup(lookup_name)
 
     def get_transform(self, lookup_name: str) -> Any:
         raise errors.ConfigurationError(f"{self.model.__name__}.{self.name} is sealed: no {lookup_name!r} transform")
@@ -168,10 +188,13 @@ class _PlaintextAttribute(DeferredAttribute):  # type: ignore[misc]
         instance.__dict__[self.field.attname] = value
 
 
-class EncryptedField(_GuardedLookups, models.Field):  # type: ignore[misc]
+class EncryptedField(_MarkedColumn):
     """A column of field-form values (``bytea`` / ``BLOB``) sealed by the registered cipher ``cipher``."""
 
     descriptor_class = _PlaintextAttribute
+    marker = _Sealed
+    read = Stored
+    what = "encrypted"
     text = True
 
     def __init__(self, *args: Any, cipher: str, **kwargs: Any) -> None:
@@ -183,9 +206,6 @@ class EncryptedField(_GuardedLookups, models.Field):  # type: ignore[misc]
     def deconstruct(self) -> tuple[Any, ...]:
         name, path, args, kwargs = super().deconstruct()
         return name, path, args, {**kwargs, "cipher": self.cipher_name}
-
-    def get_internal_type(self) -> str:
-        return "BinaryField"
 
     def contribute_to_class(self, cls: type[models.Model], name: str, *args: Any, **kwargs: Any) -> None:
         super().contribute_to_class(cls, name, *args, **kwargs)
@@ -233,19 +253,6 @@ class EncryptedField(_GuardedLookups, models.Field):  # type: ignore[misc]
                                             f"EncryptedBinaryField: give it bytes, not {type(plain).__name__}")
         return _Sealed(self.cipher.encrypt(plain, self.place(row)))
 
-    def get_prep_value(self, value: Any) -> Any:
-        return value
-
-    def get_db_prep_value(self, value: Any, connection: Any, prepared: bool = False) -> bytes | None:
-        if value is None:
-            return None
-        if not isinstance(value, _Sealed):
-            raise _refused(self, "encrypted")
-        return bytes(value)
-
-    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Stored | None:
-        return None if value is None else Stored(bytes(value))
-
     def value_to_string(self, obj: models.Model) -> str:
         """Refused: serialising (``dumpdata``) would write the plaintext out."""
         raise errors.ConfigurationError(f"{type(obj).__name__}.{self.name} is encrypted: refusing to serialise it "
@@ -266,11 +273,15 @@ class EncryptedBinaryField(EncryptedField):
         return b"" if default == "" else default
 
 
-class BlindIndexField(_GuardedLookups, models.Field):  # type: ignore[misc]
+class BlindIndexField(_MarkedColumn):
     """The blind-index term of another field's plaintext (``source``), computed in ``pre_save`` by
     the registered index ``index`` and bound to (``db_table``, this column), as
     :class:`keymgr.fields.sql.EncryptedTable` binds its terms. Nullable (a NULL source has no term),
     indexed by the database, not editable."""
+
+    marker = Term
+    read = Term
+    what = "a blind-index term"
 
     def __init__(self, *args: Any, source: str, index: str, **kwargs: Any) -> None:
         if not isinstance(source, str) or not isinstance(index, str) or not source or not index:
@@ -285,9 +296,6 @@ class BlindIndexField(_GuardedLookups, models.Field):  # type: ignore[misc]
         kwargs.pop("null", None)
         kwargs.pop("editable", None)
         return name, path, args, {**kwargs, "source": self.source, "index": self.index_name}
-
-    def get_internal_type(self) -> str:
-        return "BinaryField"
 
     @property
     def index(self) -> BlindIndex:
@@ -319,18 +327,6 @@ class BlindIndexField(_GuardedLookups, models.Field):  # type: ignore[misc]
         model_instance.__dict__[self.attname] = term
         return term
 
-    def get_prep_value(self, value: Any) -> Any:
-        return value
-
-    def get_db_prep_value(self, value: Any, connection: Any, prepared: bool = False) -> bytes | None:
-        if value is None:
-            return None
-        if not isinstance(value, Term):
-            raise _refused(self, "a blind-index term")
-        return bytes(value)
-
-    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Term | None:
-        return None if value is None else Term(bytes(value))
 
 
 class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
