@@ -27,7 +27,8 @@ Saving a value that was never opened writes it back as it is; one copied to anot
 
 Nothing but a value :meth:`EncryptedField.pre_save` sealed (or a term :class:`BlindIndexField`
 computed) reaches an encrypted column: plaintext given to ``filter()``, ``update()`` or
-``bulk_update()`` (which bypass ``pre_save``) is a ConfigurationError, never a cleartext write.
+``bulk_update()`` (which bypass ``pre_save``) is a ConfigurationError, never a cleartext write,
+and so is any lookup but ``isnull`` (``icontains``, ``gt``...: plaintext sent as a parameter).
 Ciphers and indexes are registered by name (:func:`register`), so fields deconstruct into
 migrations as plain strings and the KeyManager can be opened after the models are imported.
 """
