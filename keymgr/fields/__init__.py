@@ -7,6 +7,7 @@
 * :mod:`keymgr.fields.subkeys`: the bounded cache of blind-index subkeys (:class:`SubkeyPolicy`).
 * :mod:`keymgr.fields.masking`: masked forms for display and restricted roles.
 * :mod:`keymgr.fields.sql` and :mod:`keymgr.fields.bulk`: the database side (extra ``[db]``).
+* :mod:`keymgr.fields.django`: Django model fields on the same form and terms (extra ``[django]``).
 """
 
 from keymgr.fields._format import OVERHEAD, Place

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keymgr import errors
 from keymgr.envelope._aead import NONCE_SIZE, DataKey
@@ -54,6 +54,9 @@ from keymgr.fields.keys import KeyStore, StoredKey
 from keymgr.keyring.store import KeyRecord, KeyVersion
 from keymgr.recipients.kek import KekProtector
 from keymgr.rewrap.message import Rewrapper
+
+if TYPE_CHECKING:
+    from keymgr.audit import Operation
 
 __all__ = ["BATCH_MIN_ROWS", "BATCH_VALUES", "FieldCipher", "Place"]
 
@@ -149,9 +152,9 @@ class FieldCipher:
 
     def encrypt(self, value: bytes | str, place: Place) -> bytes:
         """The field form of ``value`` (text is UTF-8) bound to ``place``."""
-        with self._audited("encrypt", key=self._key):
+        with self._audited("encrypt", key=self._key) as op:
             data = plain(value)
-            ((current, _),) = self._data_keys(self._checked_record(), 1)
+            ((current, _),) = self._data_keys(self._checked_record(op), 1)
             return self._seal(current, data, column_prefix(self._key, place.table, place.column),
                               row_suffix(place.row, place.extra), random_nonce())
 
@@ -186,7 +189,17 @@ class FieldCipher:
         """:meth:`encrypt_rows` of ``columns`` read from each of ``rows`` (absent: None), bound to
         ``row_ids``, flat: row ``i``'s column ``j`` at ``i * len(columns) + j``. What a codec calls
         with the rows it inserts, so no per-row dict is made for the cipher."""
-        batch = self._checked(lambda: Batch(self._key, table, rows, row_ids, extra, columns))
+        return self.seal(self.prepare_columns(rows, row_ids, table=table, columns=columns, extra=extra))
+
+    def prepare_columns(self, rows: Sequence[Mapping[str, object]], row_ids: Sequence[str], *, table: str,
+                        columns: Sequence[str], extra: Mapping[str, str] | None = None) -> Batch:
+        """The first half of :meth:`encrypt_columns`: every row checked (a bad one raises, one failed
+        ``encrypt`` entry) and laid out, nothing sealed, no token call. A codec checks its rows
+        with it before it spends any work on them (blind-index terms), then calls :meth:`seal`."""
+        return self._checked(lambda: Batch(self._key, table, rows, row_ids, extra, columns))
+
+    def seal(self, batch: Batch) -> list[bytes | None]:
+        """The second half of :meth:`encrypt_columns`: the values of ``batch`` sealed, flat."""
         self._seal_all(batch)
         return batch.sealed
 
@@ -201,17 +214,17 @@ class FieldCipher:
     def _seal_all(self, batch: Batch) -> None:
         if len(batch) < BATCH_MIN_ROWS:
             for r in range(len(batch)):
-                with self._audited("encrypt", key=self._key):
-                    self._seal_span(batch, r, r + 1, batch.values(r, r + 1))
+                with self._audited("encrypt", key=self._key) as op:
+                    self._seal_span(batch, r, r + 1, batch.values(r, r + 1), op)
             return
         for start, stop, values in batch.cuts(BATCH_VALUES):
-            with self._audited("encrypt", key=self._key, detail={"rows": stop - start, "values": values}):
-                self._seal_span(batch, start, stop, values)
+            with self._audited("encrypt", key=self._key, detail={"rows": stop - start, "values": values}) as op:
+                self._seal_span(batch, start, stop, values, op)
 
-    def _seal_span(self, batch: Batch, start: int, stop: int, count: int) -> None:
+    def _seal_span(self, batch: Batch, start: int, stop: int, count: int, op: Operation) -> None:
         """Seal rows ``start`` to ``stop`` (``count`` values) after one check of the key's state,
         under data keys reserved for exactly those values."""
-        segments = iter(self._data_keys(self._checked_record(), count))
+        segments = iter(self._data_keys(self._checked_record(op), count))
         if not count:
             return  # the state was checked all the same: a suspended key refuses a row of NULLs too
         nonces = _nonces(count)
@@ -238,10 +251,13 @@ class FieldCipher:
     def _seal(current: _Current, data: bytes, prefix: bytes, suffix: bytes, nonce: bytes) -> bytes:
         return pack(current.key_ref, nonce, current.dek.seal(nonce, data, prefix + current.key_ref + suffix))
 
-    def _checked_record(self) -> KeyRecord:
+    def _checked_record(self, op: Operation) -> KeyRecord:
         """The key's record, refused unless its primary encrypts now (a suspension stops a cached
-        data key at the next check: per value, row or batch)."""
+        data key at the next check: per value, row or batch). The audit entry names the primary:
+        every value of the operation is sealed under a data key it wrapped (:meth:`_data_keys`),
+        and a refusal names the version refused."""
         record = self._protector.keyring.get(self._key)
+        op.version = record.primary
         self._protector.check_encrypts(record, provenance=False)
         return record
 
@@ -257,18 +273,18 @@ class FieldCipher:
                 current = self._current
                 if (current is None or current.kek_id != record.primary_version.key_id
                         or current.uses >= policy.max_messages or now - current.created >= policy.max_age):
-                    current = self._current = self._new_data_key(now)
+                    current = self._current = self._new_data_key(now, record)
                 take = min(values, policy.max_messages - current.uses)
                 current.uses += take
                 out.append((current, take))
                 values -= take
         return out
 
-    def _new_data_key(self, now: float) -> _Current:
-        """A fresh data key, wrapped in the token and stored before any value names it. The old
+    def _new_data_key(self, now: float, record: KeyRecord) -> _Current:
+        """A fresh data key, wrapped in the token by ``record``'s primary (the version just checked,
+        which the operation's audit entry names) and stored before any value names it. The old
         one stays in the decrypt cache (values sealed under it still open) until it ages out."""
         dek = DataKey(os.urandom(32))
-        record = self._protector.keyring.get(self._key)
         der = self._protector.wrap_der(record, dek)  # reserves a use, checks the version object
         key_ref = os.urandom(KEY_REF_SIZE)
         self._store.save(StoredKey(key_ref, self._key, der, dek.commitment))

@@ -392,10 +392,14 @@ class BlindIndex:
         """What the HMAC of a term covers: under a host subkey (already bound to the context)
         ``domain || LP(name) || bits || parts``; in the token ``domain || LP(name) || bits ||
         LP(context) || parts`` (docs/format.md, "Blind-index terms")."""
-        if isinstance(value, str):  # the common case, without the tuple of parts
-            parts = _lp(self._prepared(value).encode())
-        else:
-            parts = b"".join(_lp(p if isinstance(p, bytes) else p.encode()) for p in self.normalised(value))
+        try:
+            if isinstance(value, str):  # the common case, without the tuple of parts
+                parts = _lp(self._prepared(value).encode())
+            else:
+                parts = b"".join(_lp(p if isinstance(p, bytes) else p.encode()) for p in self.normalised(value))
+        except UnicodeEncodeError:  # a lone surrogate; the error would carry the whole value
+            raise errors.ConfigurationError(f"blind index {self.name!r}: a value is not valid Unicode "
+                                            "(a lone surrogate)") from None
         if self.host_subkeys:
             return _HOST_TERM_DOMAIN + self._named + parts
         return _TOKEN_TERM_DOMAIN + self._named + _lp(context) + parts

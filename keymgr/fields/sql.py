@@ -271,22 +271,26 @@ class EncryptedTable:
 
     def encode_rows(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """:meth:`encode` for many rows, all or nothing: each index's terms for the batch as one
-        audited operation, the fields through :meth:`FieldCipher.encrypt_columns` (from 256 rows on,
+        audited operation, the fields through :meth:`FieldCipher.prepare_columns` and
+        :meth:`FieldCipher.seal`, the two halves of :meth:`FieldCipher.encrypt_columns` (from 256 rows on,
         one audited operation and one check of the key's state per batch of at most 16,384
         values; fewer rows, one per row). Text columns take ``str``, bytes columns ``bytes`` (a value of
-        the wrong kind would seal, then fail at every read)."""
+        the wrong kind would seal, then fail at every read). Every row is checked before any term
+        is computed: a bad row costs no HMAC, no subkey and no ``index`` entry (the cipher's check
+        records its one failed ``encrypt`` entry)."""
         out = [dict(row) for row in rows]
         for row in out:
             self._check_kinds(row)
             if row.get(self.pk) is None:
                 row[self.pk] = self._new_id()
+        columns = self._columns
+        batch = self.cipher.prepare_columns(out, [self.row_text(row[self.pk]) for row in out], table=self.name,
+                                            columns=columns, extra=self.extra)
         for name, (index, source) in self.indexes.items():
             terms = index.term_many([_index_input(row, source) for row in out], context=self._contexts[name])
             for row, term in zip(out, terms, strict=True):
                 row[name] = term
-        columns = self._columns
-        sealed = iter(self.cipher.encrypt_columns(out, [self.row_text(row[self.pk]) for row in out],
-                                                  table=self.name, columns=columns, extra=self.extra))
+        sealed = iter(self.cipher.seal(batch))
         for row in out:
             for column in columns:
                 value = next(sealed)

@@ -312,6 +312,17 @@ def test_values_other_than_text_or_bytes_are_refused(km_a, key_name, value) -> N
         cipher.encrypt(value, Place("t", "c", "r"))
 
 
+@pytest.mark.parametrize("host_subkeys", [True, False])
+def test_a_lone_surrogate_is_a_configuration_error_for_a_blind_index(km_a, key_name, host_subkeys: bool) -> None:
+    """Not a UnicodeEncodeError, whose text would carry the whole value."""
+    index = km_a.blind_index(f"{key_name}-i", bits=8, host_subkeys=host_subkeys)
+    for call in (lambda: index.term("secret\ud800"), lambda: index.terms("secret\ud800"),
+                 lambda: index.term_many(["ok", ("a", "secret\ud800")])):
+        with pytest.raises(errors.ConfigurationError) as caught:
+            call()
+        assert "secret" not in str(caught.value)
+
+
 def test_another_instances_rotation_is_seen_after_the_refresh_interval(km_a, key_name, monkeypatch) -> None:
     from keymgr.fields import index as index_module
 

@@ -130,6 +130,32 @@ def test_one_audit_entry_per_batch_with_its_counts(km_a, key_name) -> None:
     assert counted["detail"]["aggregated"] is True and counted["detail"]["count"] == 10
 
 
+def test_encrypt_entries_name_the_version_whose_primary_sealed(km_a, key_name) -> None:
+    """Every encrypt entry (one value, a row, a batch) names the version that wrapped its data keys,
+    a refusal the version refused, a decrypt the version that unwrapped (encrypts were null)."""
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    place = Place("t", "c", "r")
+    first = cipher.encrypt("one", place)
+    cipher.encrypt_rows(_rows(2), table="t")  # row by row: aggregated with the value above
+    cipher.encrypt_rows(_rows(BATCH_MIN_ROWS), table="t")  # one batch entry
+    km_a.rotate(key_name)
+    cipher.encrypt("two", place)
+    cipher.encrypt_rows(_rows(BATCH_MIN_ROWS), table="t")
+    assert cipher.decrypt_text(first, place) == "one"
+    km_a.suspend(key_name, 2)
+    with pytest.raises(errors.PolicyError):
+        cipher.encrypt("three", place)
+    entries = _encrypt_entries(km_a, key_name)
+    assert sorted((e["outcome"], e["version"], e["detail"].get("count", e["detail"].get("rows")))
+                  for e in entries) == [("ok", 1, 3), ("ok", 1, BATCH_MIN_ROWS), ("ok", 2, 1),
+                                        ("ok", 2, BATCH_MIN_ROWS), ("refused", 2, None)]
+    log = km_a._audit.log
+    decrypts = [e for e in map(json.loads, Path(log.path).read_text().splitlines())
+                if e.get("op") == "decrypt" and e.get("key") == key_name]
+    assert [(e["outcome"], e["version"]) for e in decrypts] == [("ok", 1)]
+
+
 @pytest.mark.parametrize("bad", ["kind", "row", "column"])
 @pytest.mark.parametrize("n", [3, BATCH_MIN_ROWS + 10])
 def test_a_bad_row_in_a_batch_seals_nothing(km_a, key_name, bad: str, n: int) -> None:
@@ -215,3 +241,39 @@ def test_a_forked_child_seals_under_a_data_key_of_its_own(km_a, key_name) -> Non
     os.waitpid(pid, 0)
     assert child_ref and child_ref != parent_ref
     assert unpack(cipher.encrypt(b"after fork", Place("t", "c", "r2")))[0] == parent_ref
+
+
+@pytest.mark.parametrize("bad", ["value", "row"])
+def test_encode_rows_refuses_a_bad_row_before_any_term_is_computed(km_a, key_name, bad: str) -> None:
+    """The codec checks every row (kinds, row identity, each value) before its blind indexes spend
+    anything on the batch: no subkey derived, no ``index`` entry; then the good rows go through."""
+    sa = pytest.importorskip("sqlalchemy")
+    from keymgr.fields.sql import BlindIndexTerm, EncryptedTable, EncryptedText
+
+    km_a.create_key(key_name)
+    table = sa.Table("acct", sa.MetaData(), sa.Column("id", sa.String(40), primary_key=True),
+                     sa.Column("email", EncryptedText), sa.Column("email_bidx", BlindIndexTerm))
+    store = MemoryKeyStore()
+    index = km_a.blind_index(f"{key_name}-email", bits=8)
+    codec = EncryptedTable(table, km_a.fields(key_name, store=store), indexes={"email_bidx": (index, "email")})
+    rows: list[dict[str, Any]] = [{"id": f"r{i}", "email": f"user{i}@example.com"} for i in range(5)]
+    if bad == "value":
+        rows[3]["email"] = "user3\ud800@example.com"  # str, so past the kind check; no valid UTF-8
+    else:
+        rows[3]["id"] = ""  # no row identity to bind to
+
+    def index_entries() -> list[dict[str, Any]]:
+        log = km_a._audit.log
+        log.flush()
+        return [e for e in map(json.loads, Path(log.path).read_text().splitlines())
+                if e.get("key") == index.name and e.get("op") in ("index", "index-subkey")]
+
+    before = len(index_entries())
+    with pytest.raises(errors.ConfigurationError):
+        codec.encode_rows(rows)
+    assert index_entries()[before:] == [] and index.held_subkeys == 0 and len(store) == 0
+    assert [e["outcome"] for e in _encrypt_entries(km_a, key_name)] == ["failed"]
+    del rows[3]
+    encoded = codec.encode_rows(rows)
+    assert index.held_subkeys == 1 and [e["op"] for e in index_entries()[before:]] == ["index-subkey", "index"]
+    assert codec.decode(encoded[2])["email"] == "user2@example.com"

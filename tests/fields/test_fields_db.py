@@ -34,20 +34,9 @@ from keymgr.fields._format import key_ref_of  # noqa: E402
 from keymgr.fields.sql import Sealed  # noqa: E402
 from tests._crash_token import crash_token  # noqa: E402
 from tests._fields_schema import ENCRYPTED, codec, customer, customers_table  # noqa: E402
-from tests._postgres import TempPostgres, missing_reason  # noqa: E402
+from tests._postgres import TempPostgres  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[TempPostgres]:
-    reason = missing_reason()
-    if reason is not None:
-        if os.environ.get("KEYMGR_REQUIRE_INTEROP") == "1":
-            pytest.fail(f"KEYMGR_REQUIRE_INTEROP=1 but {reason}")
-        pytest.skip(reason)
-    with TempPostgres(durable=False) as server:
-        yield server
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

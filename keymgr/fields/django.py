@@ -1,0 +1,433 @@
+"""Django model fields: values sealed to their row, blind-index columns, lookups (needs Django).
+
+::
+
+    class Customer(models.Model):
+        id = models.UUIDField(primary_key=True, default=uuid.uuid4)   # client-generated: known before the insert
+        email = EncryptedTextField(cipher="customers", null=True)
+        card = EncryptedTextField(cipher="customers")
+        email_bidx = BlindIndexField(source="email", index="customers-email")   # a database index on the term
+        objects = EncryptedManager()
+
+    store = DjangoKeyStore(); store.create()                      # the data-key table, beside the model's
+    register(ciphers={"customers": km.fields("customers", store=store)},
+             indexes={"customers-email": km.blind_index("customers-email", bits=15, normalise=unicode_fold)})
+    Customer.objects.create(email="alice@example.com", card="6222 0212 3456 1234")
+    Customer.objects.find(email="Alice@Example.com")             # every live index version; false positives dropped
+
+Django hands ``get_db_prep_value`` no row, so a value is sealed in :meth:`EncryptedField.pre_save`,
+which gets the instance (for ``save()`` and ``bulk_create()`` alike), bound to (``db_table``,
+column, primary key as text): the same place :class:`keymgr.fields.sql.EncryptedTable` binds,
+so either side reads the other's rows. The primary key must exist before the insert (a
+``UUIDField(default=uuid.uuid4)``); a missing one is a :class:`~keymgr.errors.ConfigurationError`.
+``from_db_value`` has no instance either: a value read from the database stays sealed in the
+instance, remembers the row it was read for, and opens on first attribute access (a descriptor).
+Saving a value that was never opened writes it back as it is; one copied to another primary key
+(``obj.pk = uuid4(); obj.save()``) is opened under its old row and sealed under the new one.
+
+Nothing but a value :meth:`EncryptedField.pre_save` sealed (or a term :class:`BlindIndexField`
+computed) reaches an encrypted column: plaintext given to ``filter()``, ``update()`` or
+``bulk_update()`` (which bypass ``pre_save``) is a ConfigurationError, never a cleartext write,
+and so is any lookup but ``isnull`` (``icontains``, ``gt``...: plaintext sent as a parameter).
+Ciphers and indexes are registered by name (:func:`register`), so fields deconstruct into
+migrations as plain strings and the KeyManager can be opened after the models are imported.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from django.db import connections, models
+from django.db.models.query_utils import DeferredAttribute
+from django.db.models.signals import post_init
+
+from keymgr import errors
+from keymgr.fields._format import Place
+from keymgr.fields.cipher import FieldCipher
+from keymgr.fields.index import BlindIndex, Term, index_context
+from keymgr.fields.keys import StoredKey
+
+__all__ = ["BlindIndexField", "DjangoKeyStore", "EncryptedBinaryField", "EncryptedField", "EncryptedManager",
+           "EncryptedQuerySet", "EncryptedTextField", "Stored", "register"]
+
+_lock = threading.Lock()
+_ciphers: dict[str, FieldCipher] = {}
+_indexes: dict[str, BlindIndex] = {}
+
+
+def register(*, ciphers: Mapping[str, FieldCipher] | None = None, indexes: Mapping[str, BlindIndex] | None = None
+             ) -> None:
+    """Name the :class:`FieldCipher` and :class:`BlindIndex` objects the fields use (``cipher="..."``,
+    ``index="..."``); a name registered again is replaced (a new KeyManager after a restart)."""
+    for name, cipher in (ciphers or {}).items():
+        if not isinstance(cipher, FieldCipher):
+            raise errors.ConfigurationError(f"cipher {name!r} is a FieldCipher (km.fields(...)), "
+                                            f"not {type(cipher).__name__}")
+    for name, index in (indexes or {}).items():
+        if not isinstance(index, BlindIndex):
+            raise errors.ConfigurationError(f"index {name!r} is a BlindIndex (km.blind_index(...)), "
+                                            f"not {type(index).__name__}")
+    with _lock:
+        _ciphers.update(ciphers or {})
+        _indexes.update(indexes or {})
+
+
+def _registered(kind: str, table: Mapping[str, Any], name: str) -> Any:
+    with _lock:
+        found = table.get(name)
+    if found is None:
+        raise errors.ConfigurationError(f"no {kind} registered as {name!r}: call "
+                                        f"keymgr.fields.django.register({kind}s={{{name!r}: ...}}) first")
+    return found
+
+
+class Stored:
+    """A value as read from an encrypted column: sealed, with the row it was read for (bound when
+    the instance is made), and its plaintext once opened. ``values()`` and ``values_list()``
+    return these, never plaintext."""
+
+    __slots__ = ("sealed", "row", "plain")
+
+    def __init__(self, sealed: bytes, row: str | None = None) -> None:
+        self.sealed = sealed
+        self.row = row
+        self.plain: str | bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"Stored({len(self.sealed)} bytes)"
+
+    def __getstate__(self) -> tuple[bytes, str | None]:  # a pickled instance (a cache) carries no plaintext
+        return self.sealed, self.row
+
+    def __setstate__(self, state: tuple[bytes, str | None]) -> None:
+        self.sealed, self.row = state
+        self.plain = None
+
+
+class _Sealed(bytes):
+    """What :meth:`EncryptedField.pre_save` returns: the only kind of value the column takes."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Sealed({len(self)} bytes)"
+
+
+def _refused(field: models.Field, what: str) -> errors.ConfigurationError:
+    return errors.ConfigurationError(
+        f"{field.model.__name__}.{field.name} is {what}: it takes only what save() / bulk_create() compute "
+        "(filter(), update() and bulk_update() bypass that); refusing to write or compare it in the clear "
+        "(find by value through a BlindIndexField and .find())")
+
+
+#: The lookups a sealed or term column answers: IS NULL, and equality with values keymgr computed
+#: (``find()``'s terms); ``contains``, ``startswith``, ``gt``... would send plaintext as a query
+#: parameter (to be compared with ciphertext, and written to the database's logs).
+_LOOKUPS = frozenset({"exact", "in", "isnull"})
+
+
+class _MarkedColumn(models.Field):  # type: ignore[misc]
+    """A binary column that takes only values of one marker type (what keymgr computed: a
+    plaintext is refused, never written or sent as a query parameter), reads back as ``read``,
+    and answers only the lookups of :data:`_LOOKUPS` (refused by name, before any parameter is
+    built)."""
+
+    marker: type[bytes] = bytes
+    read: Callable[[bytes], Any] = bytes
+    what = ""
+
+    def get_internal_type(self) -> str:
+        return "BinaryField"  # bytea, BLOB
+
+    def get_prep_value(self, value: Any) -> Any:
+        return value
+
+    def get_db_prep_value(self, value: Any, connection: Any, prepared: bool = False) -> bytes | None:
+        if value is None:
+            return None
+        if not isinstance(value, self.marker):
+            raise _refused(self, self.what)
+        return bytes(value)
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
+        return None if value is None else self.read(bytes(value))
+
+    def get_lookup(self, lookup_name: str) -> Any:
+        if lookup_name not in _LOOKUPS:
+            raise errors.ConfigurationError(f"{self.model.__name__}.{self.name} is sealed: no {lookup_name!r} lookup "
+                                            "(only isnull; find() for equality through a BlindIndexField)")
+        return super().get_lookup(lookup_name)
+
+    def get_transform(self, lookup_name: str) -> Any:
+        raise errors.ConfigurationError(f"{self.model.__name__}.{self.name} is sealed: no {lookup_name!r} transform")
+
+
+def _row(instance: models.Model) -> str:
+    """The row identity a value is bound to: the primary key, normalised by its field (a UUID given
+    as a string is bound in canonical form, as it will read back)."""
+    pk = instance.pk
+    if pk is None:
+        raise errors.ConfigurationError(
+            f"{type(instance).__name__} has no primary key yet: its encrypted fields are bound to it, so it must "
+            "exist before the insert (a client-generated key: UUIDField(primary_key=True, default=uuid.uuid4))")
+    return str(instance._meta.pk.to_python(pk))
+
+
+class _PlaintextAttribute(DeferredAttribute):  # type: ignore[misc]
+    """The model attribute of an encrypted field: a value read from the database is opened on first
+    access (``from_db_value`` has no instance to bind it to); assignments are kept as given."""
+
+    def __get__(self, instance: models.Model | None, cls: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = super().__get__(instance, cls)
+        return self.field.plaintext(instance, value) if isinstance(value, Stored) else value
+
+    def __set__(self, instance: models.Model, value: Any) -> None:
+        instance.__dict__[self.field.attname] = value
+
+
+class EncryptedField(_MarkedColumn):
+    """A column of field-form values (``bytea`` / ``BLOB``) sealed by the registered cipher ``cipher``."""
+
+    descriptor_class = _PlaintextAttribute
+    marker = _Sealed
+    read = Stored
+    what = "encrypted"
+    text = True
+
+    def __init__(self, *args: Any, cipher: str, **kwargs: Any) -> None:
+        if not isinstance(cipher, str) or not cipher:
+            raise errors.ConfigurationError("an encrypted field names its registered cipher: cipher='...'")
+        self.cipher_name = cipher
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self) -> tuple[Any, ...]:
+        name, path, args, kwargs = super().deconstruct()
+        return name, path, args, {**kwargs, "cipher": self.cipher_name}
+
+    def contribute_to_class(self, cls: type[models.Model], name: str, *args: Any, **kwargs: Any) -> None:
+        super().contribute_to_class(cls, name, *args, **kwargs)
+        post_init.connect(self._bind_loaded, sender=cls, weak=False)
+
+    def _bind_loaded(self, sender: type, instance: models.Model, **kwargs: Any) -> None:
+        """A value just read from the database is bound to the row it was read for, before the
+        application can change the primary key."""
+        value = instance.__dict__.get(self.attname)
+        if isinstance(value, Stored) and value.row is None and instance.pk is not None:
+            value.row = _row(instance)
+
+    @property
+    def cipher(self) -> FieldCipher:
+        return _registered("cipher", _ciphers, self.cipher_name)  # type: ignore[no-any-return]
+
+    def place(self, row: str) -> Place:
+        return Place(self.model._meta.db_table, self.column, row)
+
+    def plaintext(self, instance: models.Model, value: Any) -> Any:
+        """``value`` (an attribute's state) in the clear: a :class:`Stored` value is opened once."""
+        if not isinstance(value, Stored):
+            return value
+        if value.plain is None:
+            place = self.place(value.row or _row(instance))
+            value.plain = (self.cipher.decrypt_text(value.sealed, place) if self.text
+                           else self.cipher.decrypt(value.sealed, place))
+        return value.plain
+
+    def pre_save(self, model_instance: models.Model, add: bool) -> _Sealed | None:
+        """The value sealed to this row: a value read for this same row as it is (no token work),
+        anything else sealed now."""
+        value = model_instance.__dict__.get(self.attname)
+        if value is None:
+            return None
+        row = _row(model_instance)
+        if isinstance(value, Stored) and value.row == row:
+            return _Sealed(value.sealed)
+        plain = self.plaintext(model_instance, value)
+        if self.text and not isinstance(plain, str):
+            raise errors.ConfigurationError(f"{type(model_instance).__name__}.{self.name} is an EncryptedTextField: "
+                                            f"give it str, not {type(plain).__name__}")
+        if not self.text and not isinstance(plain, (bytes, bytearray, memoryview)):
+            raise errors.ConfigurationError(f"{type(model_instance).__name__}.{self.name} is an "
+                                            f"EncryptedBinaryField: give it bytes, not {type(plain).__name__}")
+        return _Sealed(self.cipher.encrypt(plain, self.place(row)))
+
+    def value_to_string(self, obj: models.Model) -> str:
+        """Refused: serialising (``dumpdata``) would write the plaintext out."""
+        raise errors.ConfigurationError(f"{type(obj).__name__}.{self.name} is encrypted: refusing to serialise it "
+                                        "(dumpdata would write the plaintext); exclude the model")
+
+
+class EncryptedTextField(EncryptedField):
+    """:class:`EncryptedField` whose plaintext is ``str`` (UTF-8 inside)."""
+
+
+class EncryptedBinaryField(EncryptedField):
+    """:class:`EncryptedField` whose plaintext is ``bytes``."""
+
+    text = False
+
+    def get_default(self) -> Any:
+        default = super().get_default()
+        return b"" if default == "" else default
+
+
+class BlindIndexField(_MarkedColumn):
+    """The blind-index term of another field's plaintext (``source``), computed in ``pre_save`` by
+    the registered index ``index`` and bound to (``db_table``, this column), as
+    :class:`keymgr.fields.sql.EncryptedTable` binds its terms. Nullable (a NULL source has no term),
+    indexed by the database, not editable."""
+
+    marker = Term
+    read = Term
+    what = "a blind-index term"
+
+    def __init__(self, *args: Any, source: str, index: str, **kwargs: Any) -> None:
+        if not isinstance(source, str) or not isinstance(index, str) or not source or not index:
+            raise errors.ConfigurationError("a blind-index field names its source field and its registered index")
+        self.source, self.index_name = source, index
+        kwargs.setdefault("db_index", True)
+        kwargs.update(null=True, editable=False)
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self) -> tuple[Any, ...]:
+        name, path, args, kwargs = super().deconstruct()
+        kwargs.pop("null", None)
+        kwargs.pop("editable", None)
+        return name, path, args, {**kwargs, "source": self.source, "index": self.index_name}
+
+    @property
+    def index(self) -> BlindIndex:
+        return _registered("index", _indexes, self.index_name)  # type: ignore[no-any-return]
+
+    @property
+    def context(self) -> bytes:
+        return index_context(self.model._meta.db_table, self.column)
+
+    def source_field(self) -> EncryptedField:
+        field = self.model._meta.get_field(self.source)
+        if not isinstance(field, EncryptedField):
+            raise errors.ConfigurationError(f"{self.model.__name__}.{self.name} indexes {self.source!r}, "
+                                            "which is not an encrypted field")
+        return field
+
+    def pre_save(self, model_instance: models.Model, add: bool) -> Term | None:
+        """The term of the source's plaintext: kept as read while the source is the value read
+        with it (no decryption, no HMAC), computed again once the source was assigned."""
+        source = self.source_field()
+        value = model_instance.__dict__.get(source.attname)
+        current = model_instance.__dict__.get(self.attname)
+        if value is None:
+            term = None
+        elif isinstance(value, Stored) and isinstance(current, Term):
+            term = current
+        else:
+            term = Term(self.index.term(source.plaintext(model_instance, value), context=self.context))
+        model_instance.__dict__[self.attname] = term
+        return term
+
+
+
+class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
+    """A QuerySet with :meth:`find`: lookups by blind index."""
+
+    def find(self, **match: Any) -> list[models.Model]:
+        """The rows whose ``field`` equals ``value`` (``find(email="...")``, the source field or the
+        index field's name): the database is asked for the terms of every live index version
+        (``IN``, so rows written before an index rotation are found), each candidate's source is
+        decrypted and the false positives of truncation dropped. A candidate that fails
+        authentication raises :class:`~keymgr.errors.IntegrityError` (a row tampered with)."""
+        if len(match) != 1:
+            raise errors.ConfigurationError("find() takes one field=value")
+        ((name, value),) = match.items()
+        field = self._index_field(name)
+        index = field.index
+        if value is None:
+            raise errors.ConfigurationError("find() needs a value (to find NULLs, filter(field__isnull=True))")
+        terms = index.terms(value, context=field.context)
+        source = field.source_field()
+        wanted = index.normalised(value)
+        found = []
+        for candidate in self.filter(**{f"{field.attname}__in": terms}):
+            plain = getattr(candidate, source.attname)
+            if plain is not None and index.normalised(plain if isinstance(plain, str) else bytes(plain)) == wanted:
+                found.append(candidate)
+        return found
+
+    def _index_field(self, name: str) -> BlindIndexField:
+        for field in self.model._meta.concrete_fields:
+            if isinstance(field, BlindIndexField) and name in (field.name, field.source):
+                return field
+        raise errors.ConfigurationError(f"{self.model.__name__} has no blind index on {name!r}")
+
+
+EncryptedManager = models.Manager.from_queryset(EncryptedQuerySet)
+
+
+class DjangoKeyStore:
+    """The data-key table (:mod:`keymgr.fields.keys`) through Django's database ``using``, with
+    the columns of :class:`keymgr.fields.sql.SqlKeyStore` (one table serves both).
+
+    Every call runs on a connection of its own, in autocommit: a new data key is durable before
+    the value naming it is written, whatever transaction (``atomic()``) the caller is in, and a
+    rollback of the caller's transaction cannot take the key row with it. On SQLite that
+    connection waits for the caller's open write transaction (as SqlKeyStore's does): in
+    ``atomic()`` blocks that write, save the first encrypted value before the block's first write,
+    or keep such blocks short of the ``timeout``."""
+
+    def __init__(self, using: str = "default", *, table: str = "keymgr_field_keys") -> None:
+        self.using, self.table = using, table
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[list[tuple[Any, ...]], int]:
+        """``sql`` (``{t}`` is the table) on a new connection: (rows fetched, rows affected)."""
+        conn = connections.create_connection(self.using)
+        if conn.vendor == "sqlite" and conn.is_in_memory_db():
+            raise errors.ConfigurationError("the data-key store needs a connection of its own: an in-memory SQLite "
+                                            "database is another database on every connection; use a file")
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql.format(t=conn.ops.quote_name(self.table)), params)
+                rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+                return rows, int(cursor.rowcount)
+        finally:
+            conn.close()
+
+    def create(self) -> None:
+        """CREATE TABLE (and its index on key_name) if it does not exist."""
+        conn = connections[self.using]
+        binary = conn.data_types["BinaryField"]  # bytea, BLOB
+        self._execute(f"CREATE TABLE IF NOT EXISTS {{t}} (key_ref {binary} PRIMARY KEY, key_name varchar(64) NOT NULL, "
+                      f"recipient {binary} NOT NULL, commitment {binary} NOT NULL)")
+        index = conn.ops.quote_name(f"ix_{self.table}_key_name")
+        self._execute(f"CREATE INDEX IF NOT EXISTS {index} ON {{t}} (key_name)")
+
+    def load(self, key_ref: bytes) -> StoredKey | None:
+        rows, _ = self._execute("SELECT key_ref, key_name, recipient, commitment FROM {t} WHERE key_ref = %s",
+                                (key_ref,))
+        return _stored(rows[0]) if rows else None
+
+    def save(self, stored: StoredKey) -> None:
+        self._execute("INSERT INTO {t} (key_ref, key_name, recipient, commitment) VALUES (%s, %s, %s, %s)",
+                      (stored.key_ref, stored.key, stored.recipient, stored.commitment))
+
+    def replace(self, stored: StoredKey) -> None:
+        self._execute("UPDATE {t} SET recipient = %s WHERE key_ref = %s", (stored.recipient, stored.key_ref))
+
+    def delete(self, key: str, key_refs: Iterable[bytes]) -> int:
+        return sum(self._execute("DELETE FROM {t} WHERE key_ref = %s AND key_name = %s", (ref, key))[1]
+                   for ref in key_refs)
+
+    def scan(self, key: str, *, after: bytes = b"", limit: int = 1000) -> list[StoredKey]:
+        rows, _ = self._execute("SELECT key_ref, key_name, recipient, commitment FROM {t} WHERE key_name = %s "
+                                "AND key_ref > %s ORDER BY key_ref LIMIT %s", (key, after, limit))
+        return [_stored(r) for r in rows]
+
+    def count(self, key: str) -> int:
+        rows, _ = self._execute("SELECT COUNT(*) FROM {t} WHERE key_name = %s", (key,))
+        return int(rows[0][0])
+
+
+def _stored(row: tuple[Any, ...]) -> StoredKey:
+    return StoredKey(bytes(row[0]), str(row[1]), bytes(row[2]), bytes(row[3]))
