@@ -2,7 +2,8 @@
 
 tests/golden/message.cms and tests/golden/stream.kmg were written once from the fixed
 inputs in tests/golden/inputs.json (a Wycheproof KEK and data key, fixed nonces, salt
-and prefix through keymgr's test-only hooks ``_nonce`` / ``_salt`` / ``_prefix``).
+and prefix: tests/_fixed_randomness.py replaces the modules' random source, since keymgr
+lets no caller choose them).
 Each test fails on any change to the bytes keymgr writes or to how it reads them, so a
 format change is a decision: when it is one, run
 ``KEYMGR_WRITE_GOLDEN=1 pytest tests/test_golden_formats.py``, bump the format version
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 from keymgr.envelope import cms, stream
 from keymgr.envelope.recipients import kek_recipient_der, read_kek_recipient, recipient_kind
 from keymgr.hsm import open_token
+from tests._fixed_randomness import fixed_message_nonce, fixed_stream_randomness
 from tests._known_keys import unwrap_with_session_key
 from tests._vectors import load_wycheproof
 from tests.conftest import TokenUnderTest
@@ -56,17 +58,18 @@ def _recipients() -> list[bytes]:
 
 def _message() -> bytes:
     _, dek, _ = _vector()
-    return cms.seal_message(INPUTS["plaintext"].encode(), dek=dek, recipient_infos=_recipients(),
-                            context=INPUTS["context"], _nonce=bytes.fromhex(INPUTS["message"]["nonce"]))
+    with fixed_message_nonce(bytes.fromhex(INPUTS["message"]["nonce"])):
+        return cms.seal_message(INPUTS["plaintext"].encode(), dek=dek, recipient_infos=_recipients(),
+                                context=INPUTS["context"])
 
 
 def _stream() -> bytes:
     _, dek, _ = _vector()
     fixed = INPUTS["stream"]
     out = io.BytesIO()
-    stream.encrypt_stream(io.BytesIO(INPUTS["plaintext"].encode()), out, dek=dek, recipient_infos=_recipients(),
-                          context=INPUTS["context"], segment_size=fixed["segment_size"],
-                          _salt=bytes.fromhex(fixed["salt"]), _prefix=bytes.fromhex(fixed["nonce_prefix"]))
+    with fixed_stream_randomness(bytes.fromhex(fixed["salt"]), bytes.fromhex(fixed["nonce_prefix"])):
+        stream.encrypt_stream(io.BytesIO(INPUTS["plaintext"].encode()), out, dek=dek, recipient_infos=_recipients(),
+                              context=INPUTS["context"], segment_size=fixed["segment_size"])
     return out.getvalue()
 
 

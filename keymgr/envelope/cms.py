@@ -100,14 +100,14 @@ _ECI_TAIL = _ALGORITHM[-3:]  # INTEGER 16, after the nonce
 
 
 def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipient_infos: Sequence[RecipientLike],
-                 context: Mapping[str, str] | None, compat_openssl: bool = False, _nonce: bytes | None = None) -> bytes:
+                 context: Mapping[str, str] | None, compat_openssl: bool = False) -> bytes:
     """Encrypt ``plaintext`` under ``dek`` into a DER ``ContentInfo``.
 
     Every message carries the key-commitment attribute and, when given, the
     context; ``compat_openssl=True`` writes no attributes at all (OpenSSL 3.0
     cannot parse them, STACK-FACTS 15), so it takes no context and has no
-    commitment: weaker, documented in docs/format.md. The nonce is random
-    (``_nonce`` is for tests only); with random 96-bit nonces one data key
+    commitment: weaker, documented in docs/format.md. The nonce is random, and
+    no caller can choose it; with random 96-bit nonces one data key
     may seal at most 2^32 messages (NIST SP 800-38D section 8.3).
     """
     ctx, items = checked_context(context)
@@ -115,9 +115,7 @@ def seal_message(plaintext: bytes, *, dek: DataKey | bytes | bytearray, recipien
         raise ConfigurationError("compat_openssl messages carry no attributes, so no encryption context")
     if len(plaintext) > _MAX_PLAINTEXT:
         raise ConfigurationError("a message holds at most 64 GiB; use the stream format")
-    nonce = random_nonce() if _nonce is None else bytes(_nonce)
-    if len(nonce) != NONCE_SIZE:
-        raise ConfigurationError(f"a nonce is {NONCE_SIZE} bytes")
+    nonce = random_nonce()
     recipients = encode_recipient_infos(recipient_infos)
     key = DataKey.coerce(dek)
     try:

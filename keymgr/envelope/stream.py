@@ -217,21 +217,18 @@ def _segments(src: BinaryIO, view: memoryview) -> Iterator[tuple[int, int, bool]
 
 def encrypt_stream(src: BinaryIO, dst: BinaryIO, *, dek: DataKey | bytes | bytearray,
                    recipient_infos: Sequence[RecipientLike], context: Mapping[str, str] | None,
-                   segment_size: int = DEFAULT_SEGMENT_SIZE, _salt: bytes | None = None,
-                   _prefix: bytes | None = None) -> int:
+                   segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
     """Encrypt all of ``src`` into ``dst``; returns the number of plaintext bytes.
 
     Memory: two buffers of about ``segment_size``, reused for every segment.
-    ``_salt`` / ``_prefix`` fix the randomness for tests.
+    The salt and the nonce prefix are random, and no caller can choose them
+    (a chosen prefix under a reused data key would repeat nonces).
     """
     ctx = normalize_context(context)
     if isinstance(segment_size, bool) or not isinstance(segment_size, int) or \
             not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
         raise ConfigurationError(f"segment_size must be {MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} bytes")
-    salt = os.urandom(SALT_SIZE) if _salt is None else bytes(_salt)
-    prefix = os.urandom(PREFIX_SIZE) if _prefix is None else bytes(_prefix)
-    if len(salt) != SALT_SIZE or len(prefix) != PREFIX_SIZE:
-        raise ConfigurationError("salt and nonce prefix have fixed sizes")
+    salt, prefix = os.urandom(SALT_SIZE), os.urandom(PREFIX_SIZE)
     key = DataKey.coerce(dek)
     try:
         attrs = build_auth_attrs(context=ctx, commitment=key.commitment, content_type=False)

@@ -34,6 +34,7 @@ from keymgr.errors import (
     KeyNotFoundError,
     UnsupportedAlgorithmError,
 )
+from tests._fixed_randomness import fixed_message_nonce
 from tests._softkek import SoftKek
 
 SECRET = b"SECRET-PLAINTEXT card 4111 1111 1111 1111"
@@ -145,9 +146,9 @@ def test_we_read_asn1crypto_messages(kek: SoftKek, dek: bytes) -> None:
 
 def test_context_is_canonical(kek: SoftKek, dek: bytes) -> None:
     ri = [kek.recipient(dek)]
-    nonce = os.urandom(12)
-    one = seal_message(SECRET, dek=dek, recipient_infos=ri, context={"a": "1", "b": "2", "é": "3"}, _nonce=nonce)
-    two = seal_message(SECRET, dek=dek, recipient_infos=ri, context={"é": "3", "b": "2", "a": "1"}, _nonce=nonce)
+    with fixed_message_nonce(os.urandom(12)):
+        one = seal_message(SECRET, dek=dek, recipient_infos=ri, context={"a": "1", "b": "2", "é": "3"})
+        two = seal_message(SECRET, dek=dek, recipient_infos=ri, context={"é": "3", "b": "2", "a": "1"})
     assert one == two
 
 

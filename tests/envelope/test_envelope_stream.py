@@ -22,6 +22,7 @@ from keymgr.envelope import (
 )
 from keymgr.envelope.stream import DEFAULT_SEGMENT_SIZE, MAGIC, TAG_SIZE
 from keymgr.errors import ConfigurationError, FormatError, IntegrityError, KeymgrError, KeyNotFoundError
+from tests._fixed_randomness import fixed_stream_randomness
 from tests._softkek import SoftKek
 
 SEG = 64
@@ -39,10 +40,10 @@ def dek() -> bytes:
 
 
 def encrypt(plaintext: bytes, kek: SoftKek, dek: bytes, *, context: dict[str, str] | None = CTX,
-            segment_size: int = SEG, **kwargs: bytes) -> bytes:
+            segment_size: int = SEG) -> bytes:
     out = io.BytesIO()
     n = encrypt_stream(io.BytesIO(plaintext), out, dek=dek, recipient_infos=[kek.recipient(dek)], context=context,
-                       segment_size=segment_size, **kwargs)  # type: ignore[arg-type]
+                       segment_size=segment_size)
     assert n == len(plaintext)
     return out.getvalue()
 
@@ -83,7 +84,8 @@ def test_default_segment_size_round_trip(kek: SoftKek, dek: bytes) -> None:
 
 def test_header_fields_and_position(kek: SoftKek, dek: bytes) -> None:
     salt, prefix = os.urandom(32), os.urandom(7)
-    blob = encrypt(b"x" * 100, kek, dek, _salt=salt, _prefix=prefix)
+    with fixed_stream_randomness(salt, prefix):
+        blob = encrypt(b"x" * 100, kek, dek)
     assert blob.startswith(MAGIC + b"\x01")
     src = io.BytesIO(blob)
     header = read_stream_header(src)
@@ -94,13 +96,13 @@ def test_header_fields_and_position(kek: SoftKek, dek: bytes) -> None:
     assert out.getvalue() == b"x" * 100
 
 
-def test_same_inputs_same_stream_only_with_fixed_randomness(kek: SoftKek, dek: bytes) -> None:
+def test_same_inputs_same_stream_only_with_fixed_stream_randomness(kek: SoftKek, dek: bytes) -> None:
     ri = [kek.recipient(dek)]
     outs = []
     for _ in range(2):
         out = io.BytesIO()
-        encrypt_stream(io.BytesIO(b"abc" * 50), out, dek=dek, recipient_infos=ri, context=CTX, segment_size=SEG,
-                       _salt=bytes(32), _prefix=bytes(7))
+        with fixed_stream_randomness(bytes(32), bytes(7)):
+            encrypt_stream(io.BytesIO(b"abc" * 50), out, dek=dek, recipient_infos=ri, context=CTX, segment_size=SEG)
         outs.append(out.getvalue())
     assert outs[0] == outs[1]
     assert encrypt(b"abc", kek, dek) != encrypt(b"abc", kek, dek)
@@ -218,7 +220,9 @@ def test_a_recipient_carrying_another_key_fails_the_commitment(kek: SoftKek, dek
 @pytest.mark.parametrize("field", ["segment_size", "salt", "prefix"])
 def test_header_parameter_edits(kek: SoftKek, dek: bytes, field: str) -> None:
     salt, prefix = bytes(range(32)), bytes(range(100, 107))
-    blob = encrypt(os.urandom(2 * SEG), kek, dek, _salt=salt, _prefix=prefix)
+    plaintext = os.urandom(2 * SEG)
+    with fixed_stream_randomness(salt, prefix):
+        blob = encrypt(plaintext, kek, dek)
     if field == "segment_size":
         edited = blob.replace(b"\x02\x01\x40", b"\x02\x01\x20", 1)  # INTEGER 64 -> 32
     else:
@@ -242,8 +246,6 @@ def test_configuration_errors(kek: SoftKek, dek: bytes) -> None:
     for size in (0, 15, 64 * 1024 * 1024 + 1, True, 1.5):
         with pytest.raises(ConfigurationError):
             encrypt(b"x", kek, dek, segment_size=size)  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError):
-        encrypt(b"x", kek, dek, _salt=b"short")
     with pytest.raises(ConfigurationError):
         encrypt_stream(io.BytesIO(b"x"), io.BytesIO(), dek=dek[:16], recipient_infos=[kek.recipient(dek)], context=None)
 
