@@ -10,7 +10,17 @@ the old chain, where it ended and where the token's checkpoint was: the verifier
 the new log, or of a fleet's logs, reports the old chain as acknowledged, not missing.
 
 A library function, not the CLI's own code, so that every program that repairs a log
-writes the same entry, and only after the same checks.
+writes the same entry, and only after the same checks:
+
+* the path is a regular file (or missing while the token remembers a chain there);
+* the file is an audit log: at least one line is an audit entry (an application's config
+  named by mistake is refused, not moved aside);
+* it is this token's log: at least one entry's MAC verifies with this token's audit key,
+  or the token registered a chain at this path (``--token`` of another token at 3 a.m. is
+  refused: nothing says that log lost anything);
+* the repair entry records why verification failed (the first broken line and the
+  verifier's reason), so an edited entry later removed with ``LOG.cut-TIME`` still reads
+  as what it was, not as a plain cut.
 """
 
 from __future__ import annotations
@@ -26,10 +36,10 @@ from typing import Any
 from keymgr import errors
 from keymgr.audit._log import AuditLog
 from keymgr.audit._token import AuditKey
-from keymgr.audit.verify import VerifyReport, verify_log
+from keymgr.audit.verify import VerifyReport, read_entries, verify_log
 from keymgr.hsm.sessions import TokenSession
 
-__all__ = ["Repair", "repair_log"]
+__all__ = ["Repair", "describe_damage", "repair_log"]
 
 
 @dataclass(frozen=True)
@@ -53,11 +63,9 @@ def repair_log(path: str | os.PathLike[str], token: TokenSession, *,
     path = Path(path)
     key = AuditKey(token)
     host, real = (socket.gethostname() or "unknown")[:255], os.path.realpath(path)
-    report = verify_log(path, token=token) if path.exists() and path.stat().st_size else None
     lost = key.registered_chain(host, real)
     lost_point = key.checkpoint(lost) if lost is not None else None
-    if (report is not None and report.ok) or (report is None and lost_point is None):
-        raise errors.PolicyError(f"audit log {path} verifies: there is nothing to repair")
+    report = _damaged_report(path, key, token, registered=lost is not None, remembered=lost_point is not None)
     if confirm is not None and not confirm():
         raise errors.PolicyError("not confirmed; nothing was changed")
     detail: dict[str, Any] = {}
@@ -67,19 +75,65 @@ def repair_log(path: str | os.PathLike[str], token: TokenSession, *,
                   "log": "deleted or emptied"}
     if report is not None:
         moved = _move_aside(path)
-        detail = {"moved_to": moved.name, **_previous_chain(report)}
+        assert report.broken is not None  # _damaged_report returns only logs that fail
+        detail = {"moved_to": moved.name, **_previous_chain(report), "broken_line": report.broken.line,
+                  "broken_reason": report.broken.reason[:300]}
     key.forget_log(host, real)
     with AuditLog(path, token=token) as fresh:
         fresh.record("audit-repair", detail=detail)
     return Repair(path, moved)
 
 
+def describe_damage(path: str | os.PathLike[str], token: TokenSession) -> str:
+    """Why the log at ``path`` needs a repair, in one line (what ``keymgr audit repair`` shows
+    before it asks); :func:`repair_log`'s refusal when it needs none or is no log of this token."""
+    path = Path(path)
+    key = AuditKey(token)
+    host, real = (socket.gethostname() or "unknown")[:255], os.path.realpath(path)
+    lost = key.registered_chain(host, real)
+    lost_point = key.checkpoint(lost) if lost is not None else None
+    report = _damaged_report(path, key, token, registered=lost is not None, remembered=lost_point is not None)
+    if report is None:
+        return f"{path} is missing or empty, but the token checkpointed its chain at seq {lost_point and lost_point[0]}"
+    assert report.broken is not None
+    return f"{path} does not verify: line {report.broken.line}: {report.broken.reason}"
+
+
+def _damaged_report(path: Path, key: AuditKey, token: TokenSession, *, registered: bool,
+                    remembered: bool) -> VerifyReport | None:
+    """The failing verification of the log at ``path`` (None: missing or empty, and the token
+    remembers a chain there), or a PolicyError saying why there is nothing to repair here."""
+    if os.path.lexists(path) and not path.is_file():
+        raise errors.PolicyError(f"{path} is not a regular file, so not an audit log: nothing to repair")
+    if not path.exists() or not path.stat().st_size:
+        if remembered:
+            return None
+        state = "does not exist" if not path.exists() else "is empty"
+        raise errors.PolicyError(f"{path} {state} and the token remembers no log there: nothing to repair")
+    report = verify_log(path, token=token)
+    if report.ok:
+        raise errors.PolicyError(f"audit log {path} verifies: there is nothing to repair")
+    entries = [entry for _, entry in read_entries(path)]
+    if not entries:
+        raise errors.PolicyError(f"{path} holds no audit entry: it is not an audit log, and it was not changed")
+    if not registered and not any(e.mac is not None and key.verify(e.mac_input(), e.mac) for e in entries):
+        raise errors.PolicyError(f"no entry of {path} verifies with the audit key of token {token.label!r}, and the "
+                                 "token keeps no log at this path: it is another token's log (give that --token); "
+                                 "it was not changed")
+    return report
+
+
 def _move_aside(path: Path) -> Path:
-    """Rename the damaged log to ``LOG.cut-TIME`` (never over an existing file)."""
+    """Rename the damaged log to ``LOG.cut-TIME``, never over an existing file: a hard link
+    made first fails if the name is taken (a rename would silently replace it)."""
     moved = path.with_name(f"{path.name}.cut-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
-    if moved.exists():
-        raise errors.ConfigurationError(f"{moved} exists; try again in a second")
-    os.rename(path, moved)
+    try:
+        os.link(path, moved, follow_symlinks=False)
+    except FileExistsError:
+        raise errors.ConfigurationError(f"{moved} exists; try again in a second") from None
+    except OSError as exc:
+        raise errors.ConfigurationError(f"cannot keep the damaged log as {moved.name}: {exc.strerror}") from None
+    os.unlink(path)
     return moved
 
 

@@ -154,13 +154,16 @@ def repair_command(state: CliState, log: str, yes: bool) -> None:
     """Acknowledge that LOG lost entries (cut, rolled back, deleted) and start it again: the old
     file is kept beside it as LOG.cut-TIME (it still fails verification: the loss stays visible),
     and the new log's first entry records the repair, who made it, and what was lost."""
-    from keymgr.audit import repair_log
+    from keymgr.audit import describe_damage, repair_log
+
+    token = _open_token(state)
 
     def confirmed() -> bool:
+        click.echo(describe_damage(log, token), err=True)  # what is wrong, before the question
         confirmation_input()
         return click.confirm(f"Start {Path(log)} again, keeping the old file beside it?", default=False)
 
-    repair = repair_log(log, _open_token(state), confirm=None if yes else confirmed)
+    repair = repair_log(log, token, confirm=None if yes else confirmed)
     moved_to = repair.moved_to
     click.echo(f"{repair.path}: started again" + (f"; the old log is {moved_to.name}" if moved_to else ""))
 

@@ -258,4 +258,6 @@ def test_repair_log_starts_a_cut_log_again_on_the_record(tmp_path: Path, ts: Tok
     ((_, first),) = list(read_entries(path))
     assert first.op == "audit-repair" and first.mac is not None
     assert first.detail == {"moved_to": repair.moved_to.name, "previous_chain": old_chain, "previous_last_seq": 2,
-                            "checkpoint_seq": 4}
+                            "checkpoint_seq": 4, "broken_line": 3,
+                            "broken_reason": "the log ends at seq 2 but the token's checkpoint is seq 4: entries 3..4 "
+                                             "were cut off (truncated)"}
