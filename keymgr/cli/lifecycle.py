@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from keymgr import KeyRecord, errors
+from keymgr import KeyManager, KeyRecord, errors
 from keymgr.cli._common import CliState, committing, console, emit_json, pass_state
 from keymgr.cli.keys import record_json
 from keymgr.terminal import confirmation_input
@@ -71,14 +71,14 @@ def activate_command(state: CliState, name: str, version: int) -> None:
     _report(state, record, f"key {name!r}: primary is now {_version_line(record, version)}")
 
 
-def _state_command(command: str, method: str, doc: str) -> click.Command:
+def _state_command(command: str, method: Callable[[KeyManager], Callable[[str, int], KeyRecord]],
+                   doc: str) -> click.Command:
     @click.command(command, help=doc)
     @click.argument("name")
     @click.option("--version", "version", type=click.IntRange(min=1), required=True)
     @pass_state
     def run(state: CliState, name: str, version: int) -> None:
-        change: Callable[[str, int], KeyRecord] = getattr(state.manager(), method)
-        record = change(name, version)
+        record = method(state.manager())(name, version)
         _report(state, record, f"key {name!r}: {_version_line(record, version)}")
 
     return run
@@ -209,9 +209,11 @@ def _confirm_unchecked_destroy(record: KeyRecord, version: int) -> bool:
 def register_lifecycle_commands(group: click.Group) -> None:
     """Add the lifecycle commands to the ``key`` group."""
     for command in (rotate_command, activate_command, retire_command, due_command, destroy_command,
-                    _state_command("suspend", "suspend", "Suspend VERSION of NAME: no encryption or decryption "
-                                   "until resumed."),
-                    _state_command("resume", "resume", "Return suspended VERSION of NAME to its previous state."),
-                    _state_command("compromise", "mark_compromised", "Mark VERSION of NAME compromised: it "
-                                   "decrypts only for recovery (allow_compromised).")):
+                    _state_command("suspend", lambda km: km.suspend,
+                                   "Suspend VERSION of NAME: no encryption or decryption until resumed."),
+                    _state_command("resume", lambda km: km.resume,
+                                   "Return suspended VERSION of NAME to its previous state."),
+                    _state_command("compromise", lambda km: km.mark_compromised,
+                                   "Mark VERSION of NAME compromised: it decrypts only for recovery "
+                                   "(allow_compromised).")):
         group.add_command(command)

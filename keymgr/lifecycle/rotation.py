@@ -200,14 +200,25 @@ def _record_state(keyring: Keyring, name: str, version: KeyVersion, event: str) 
     return _written(keyring.add(name, "state", body), name)
 
 
-def transition(keyring: Keyring, name: str, version: int, state: str, *, _shredding: bool = False) -> KeyRecord:
+def transition(keyring: Keyring, name: str, version: int, state: str) -> KeyRecord:
     """Move ``version`` of ``name`` to ``state`` if the table in the module docstring allows it.
 
     ``destroyed`` is reached only through :func:`keymgr.lifecycle.shred.destroy` (which gates it and
-    destroys the object); ``_shredding`` is its private way in."""
-    if state == "destroyed" and not _shredding:
+    destroys the object), by :func:`record_destroyed`."""
+    if state == "destroyed":
         raise errors.PolicyError("destroying a key version goes through destroy (keymgr key destroy), "
                                  "which checks approvals and remaining data")
+    return _transition(keyring, name, version, state)
+
+
+def record_destroyed(keyring: Keyring, name: str, version: int) -> KeyRecord:
+    """The ``destroyed`` fact, for :func:`keymgr.lifecycle.shred.destroy` only: it writes it once
+    its gates passed and before the object goes (a public caller gets the PolicyError of
+    :func:`transition`; this name is not exported by :mod:`keymgr.lifecycle`)."""
+    return _transition(keyring, name, version, "destroyed")
+
+
+def _transition(keyring: Keyring, name: str, version: int, state: str) -> KeyRecord:
     record = _latest(keyring, name)
     current = record.version(version)
     check_transition(record, current, state)

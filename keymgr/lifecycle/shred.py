@@ -156,7 +156,7 @@ def _commit(keyring: Keyring, record: KeyRecord, target: KeyVersion, scan: Envel
                              consume=False)
     interrupts.hold_signals()
     if not finishing:
-        record = rotation.transition(keyring, name, version, "destroyed", _shredding=True)
+        record = rotation.record_destroyed(keyring, name, version)
     objects.destroy_key(keyring.token, target.key_id)
     if auth is not None:  # after the destroy: a kill before it leaves a request that can only ask for it again
         auth.consume(keyring)

@@ -26,7 +26,8 @@ CLI = REPO / "keymgr" / "cli"
 #: names (a library caller below the manager may use them), never the CLI's: it goes through
 #: ``km`` / ``km.custody``, so nothing it does escapes the audit log.
 UNAUDITED_TWINS = frozenset({"Keyring", "CustodyRegister", "change_policy", "authorize", "backup_keys",
-                             "restore_keys", "request_for"})
+                             "restore_keys", "request_for", "transition", "record_destroyed", "destroy_key",
+                             "export_wrapped"})
 
 def _private(part: str) -> bool:
     return part.startswith("_") and not part.startswith("__")
@@ -53,7 +54,9 @@ def violations(source: str, where: str, package: str = "keymgr.cli") -> tuple[li
     package of the module ``source`` is (relative imports are resolved from it)."""
     found: list[str] = []
     modules: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    own = _own_attributes(tree)
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             module = _absolute(node.module, node.level, package)
             if module != "keymgr" and not module.startswith("keymgr."):
@@ -80,11 +83,33 @@ def violations(source: str, where: str, package: str = "keymgr.cli") -> tuple[li
             owner = node.value.id if isinstance(node.value, ast.Name) else None
             if node.attr in UNAUDITED_TWINS:
                 found.append(f"{where}:{node.lineno}: .{node.attr} (use km / km.custody)")
-            elif _private(node.attr) and owner not in ("self", "cls"):
+            elif _private(node.attr) and id(node) not in own:
                 found.append(f"{where}:{node.lineno}: .{node.attr}")  # another object's private part
+            elif node.attr in ("__dict__", "__getattribute__") or (node.attr == "modules" and owner == "sys"):
+                found.append(f"{where}:{node.lineno}: .{node.attr} (reaches names by string)")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute):
             found += _dynamic_reach(node, where)
     return found, modules
+
+
+def _own_attributes(tree: ast.Module) -> set[int]:
+    """The attribute nodes that are an object's own: ``self.x`` / ``cls.x`` inside a method of a
+    class, whose first parameter it is and which the method never rebinds (``self = km`` in a
+    function, or in a method, is not the object's own part)."""
+    own: set[int] = set()
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for method in cls.body:
+            if not isinstance(method, ast.FunctionDef | ast.AsyncFunctionDef) or not method.args.args:
+                continue
+            first = method.args.args[0].arg
+            if first not in ("self", "cls"):
+                continue
+            names = [n for n in ast.walk(method) if isinstance(n, ast.Name) and n.id == first]
+            if any(isinstance(n.ctx, ast.Store | ast.Del) for n in names):
+                continue
+            own |= {id(n) for n in ast.walk(method)
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == first}
+    return own
 
 
 def _dynamic_reach(call: ast.Call, where: str) -> list[str]:
@@ -94,8 +119,15 @@ def _dynamic_reach(call: ast.Call, where: str) -> list[str]:
     args = call.args
     literal = args[1].value if len(args) > 1 and isinstance(args[1], ast.Constant) else None
     first = args[0].value if args and isinstance(args[0], ast.Constant) else None
-    if name in ("getattr", "setattr", "hasattr") and isinstance(literal, str) and _private(literal):
-        return [f"{where}:{call.lineno}: {name}(..., {literal!r})"]
+    if name in ("getattr", "setattr", "hasattr") and len(args) > 1 and (
+            not isinstance(literal, str) or _private(literal)):
+        return [f"{where}:{call.lineno}: {name}(..., {literal!r}) (a private or computed name)"]
+    if name == "attrgetter" and any(not isinstance(a, ast.Constant) or not isinstance(a.value, str)
+                                    or any(_private(p) for p in a.value.split(".")) for a in args):
+        return [f"{where}:{call.lineno}: attrgetter(...) (a private or computed name)"]
+    if name == "resolve_name" and isinstance(first, str) and any(
+            _private(p) for p in first.replace(":", ".").split(".")):
+        return [f"{where}:{call.lineno}: resolve_name({first!r})"]
     if name == "vars":
         return [f"{where}:{call.lineno}: vars(...)"]
     if name in ("import_module", "__import__") and not (isinstance(first, str) and first.startswith("keymgr.cli")):
@@ -143,6 +175,20 @@ def test_the_cli_uses_no_private_name_of_keymgr() -> None:
     "import keymgr.audit._token",
     "from keymgr import _oplog",
     "from ..audit import _token",
+    # spellings an outside review got past the check (review 17)
+    "def f(state):\n    self = state.manager()\n    return self._keyring",
+    "def f(cls):\n    return cls._keyring",
+    "class C:\n    def m(self, km):\n        self = km\n        return self._keyring",
+    "import pkgutil\nA = pkgutil.resolve_name('keymgr.audit._token:AuditKey')",
+    "import sys\nA = sys.modules['keymgr.audit._token'].AuditKey",
+    "def f(km):\n    return km.__dict__['_keyring_unchecked']",
+    "def f(km):\n    return object.__getattribute__(km, '_keyring')",
+    "import operator\nf = operator.attrgetter('_keyring')",
+    "def f(km):\n    return getattr(km, '_' + 'keyring')",
+    "from keymgr.lifecycle.rotation import transition",
+    "from keymgr.lifecycle.rotation import record_destroyed",
+    "from keymgr.hsm.objects import destroy_key",
+    "from keymgr.hsm.transport import export_wrapped",
 ])
 def test_the_check_sees_each_kind_of_back_door(snippet: str) -> None:
     found, modules = violations(snippet, "snippet", "keymgr.cli")
@@ -154,6 +200,8 @@ def test_the_check_passes_public_names_and_the_clis_own() -> None:
                                 "from keymgr.cli._common import CliState\nfrom keymgr.files import atomic_output\n"
                                 "from keymgr.terminal import confirmation_input\n"
                                 "from keymgr.audit import repair_log, token_log_path\n"
-                                "def f(km, self):\n    return km.token_info.label, km.custody, self._manager",
+                                "def f(km):\n    return km.token_info.label, km.custody\n"
+                                "class State:\n    def m(self):\n        return self._manager\n"
+                                "    @classmethod\n    def c(cls):\n        return cls._made\n",
                                 "snippet")
     assert (found, modules) == ([], set())

@@ -133,7 +133,7 @@ def test_a_destroy_that_crashed_after_its_commit_is_finished_later(km, key_name:
     km.create_key(key_name)
     km.rotate(key_name)
     key_id = km.describe_key(key_name).version(1).key_id
-    record = rotation.transition(keyring_of(km), key_name, 1, "destroyed", _shredding=True)  # step one only
+    record = rotation.record_destroyed(keyring_of(km), key_name, 1)  # step one only
     assert (f"{key_name}/v1", key_id) in rotation.orphans(keyring_of(km), record)
     km.rotate(key_name)
     assert objects.key_exists(token_of(km), key_id)
