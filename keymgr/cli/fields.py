@@ -96,19 +96,21 @@ def _load_codec(spec: str, km: Any, engine: Any) -> Any:
     """The application's own codec, from ``--codec MODULE:FACTORY``: ``FACTORY(km, engine)``
     returns its EncryptedTable, with the blind indexes and normalisers that live in its code,
     so a re-encryption recomputes every term as the application would. The current directory
-    is searched last (after keymgr's and the installed packages), so it cannot shadow them."""
+    is searched last (after keymgr's and the installed packages), so under the ``keymgr``
+    command it cannot shadow them (``python -m keymgr`` is different: Python itself puts the
+    current directory first)."""
     import os
     import pkgutil
 
     from keymgr.fields.sql import EncryptedTable
 
-    module_name, colon, attribute = spec.partition(":")
-    if not colon or not module_name or not attribute.isidentifier():
-        fail(f"--codec takes MODULE:FACTORY (myapp.db:customers_codec), not {spec!r}")
+    module_name, _, attribute = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
         factory = pkgutil.resolve_name(spec)
+    except SystemExit as exc:  # the module called sys.exit(): its code is not keymgr's exit status
+        fail(f"--codec: importing {module_name!r} called sys.exit({exc.code!r})")
     except AttributeError:
         fail(f"--codec: {module_name!r} has no function {attribute!r}")
     except Exception as exc:  # the application's module: any failure is one line, not a traceback
@@ -119,6 +121,8 @@ def _load_codec(spec: str, km: Any, engine: Any) -> Any:
         codec = factory(km, engine)
     except errors.KeymgrError:
         raise  # keymgr's own: the CLI's usual one-line message
+    except SystemExit as exc:
+        fail(f"--codec: {spec}(km, engine) called sys.exit({exc.code!r})")
     except Exception as exc:
         fail(f"--codec: {spec}(km, engine) failed: {type(exc).__name__}: {_first_line(exc)}")
     if not isinstance(codec, EncryptedTable):
@@ -142,6 +146,17 @@ def _codec_of(engine: Any, km: Any, codec_spec: str | None, *, table: str | None
                         conflicting=[option for option, on in given.items() if on])
 
 
+def _check_codec_spec(ctx: click.Context, param: click.Parameter, spec: str | None) -> str | None:
+    """MODULE:FACTORY's shape, checked as click parses the arguments (a usage error, exit 2,
+    before any token is opened)."""
+    if spec is None:
+        return None
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not all(p.isidentifier() for p in module_name.split(".")) or not attribute.isidentifier():
+        raise click.BadParameter(f"takes MODULE:FACTORY (myapp.db:customers_codec), not {spec!r}")
+    return spec
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else ""
 
@@ -162,7 +177,7 @@ def _given_codec(spec: str, km: Any, engine: Any, *, table: str | None, key: str
 
 @fields_group.command("rewrap")
 @click.option("--db", "url", required=True, help="SQLAlchemy database URL (postgresql+psycopg://..., sqlite:///...).")
-@click.option("--codec", "codec_spec", default=None, metavar="MODULE:FACTORY",
+@click.option("--codec", "codec_spec", default=None, metavar="MODULE:FACTORY", callback=_check_codec_spec,
               help="The application's codec: FACTORY(km, engine) returns its EncryptedTable (columns, blind "
                    "indexes, normalisers, context), so --reencrypt also recomputes every blind-index term "
                    "with the newest index version. Runs that module's code. Instead of --table/--column/--extra.")
@@ -202,7 +217,7 @@ def rewrap_fields_command(state: CliState, url: str, codec_spec: str | None, tab
     from keymgr.fields.bulk import reencrypt_table, rewrap_keys
 
     if codec_spec is None and (table is None or key is None):
-        fail("give --table and --key, or --codec MODULE:FACTORY")
+        raise click.UsageError("give --table and --key, or --codec MODULE:FACTORY")
     if codec_spec is None and reencrypt and not columns:
         fail("--reencrypt needs the encrypted columns (--column NAME, repeated)")
     extra, wanted = _pairs("--extra", extras), _pairs("--filter", filters)

@@ -784,3 +784,20 @@ def test_a_lookup_drops_a_match_whose_other_field_was_swapped_in(km_a, key_name,
         row = conn.execute(sa.select(table).where(table.c.id == victim["id"])).one()
     with pytest.raises(errors.IntegrityError):
         enc.decode(row)
+
+
+def test_cli_codec_usage_errors_come_before_the_token_and_a_codec_exit_is_one_line(softhsm, tmp_path,
+                                                                                    monkeypatch) -> None:
+    """A malformed --codec is a usage error (exit 2) found while parsing, before any token is
+    opened (a missing token would otherwise hide it behind exit 6); a codec module that calls
+    sys.exit(3) is a one-line error, not keymgr's exit 3 ('PIN or login failed') in silence."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    for spec in ("nope", "a b:c", "mod:", ":f", "mod:f-g"):
+        code, out, err = _invoke("--token", "pkcs11:token=no-such-token-here", "fields", "rewrap", "--db", url,
+                                 "--codec", spec)
+        assert code == 2 and "--codec" in err and "Traceback" not in err, (spec, code, err)
+    module = f"exiting_codec_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _invoke("--token", softhsm.uri(), "fields", "rewrap", "--db", url, "--codec", f"{module}:make")
+    assert code == 1 and "called sys.exit(3)" in err and "Traceback" not in err, (code, err)
