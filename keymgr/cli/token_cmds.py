@@ -115,7 +115,10 @@ def token_group() -> None:
 @pass_state
 def keygen_command(state: CliState, token: str | None, kind: str, label: str, key_id: str | None, make_cert: bool,
                    out: Path | None) -> None:
-    """Generate a key pair on the token; print its public key (PEM), certificate and URI."""
+    """Generate a key pair on the token; print its public key (PEM), certificate and URI.
+    Recorded in the default audit log (op ``keygen``; no KeyManager here: the pair may be on
+    a custodian's or a smart card's token that holds no keyring)."""
+    from keymgr.audit import standalone_operation
     from keymgr.hsm import asym
 
     try:
@@ -124,11 +127,14 @@ def keygen_command(state: CliState, token: str | None, kind: str, label: str, ke
         raise errors.ConfigurationError("--id must be hex") from None
     _check_out(out)
     uri, ts = _open(state, token)
-    ref = asym.generate_keypair(ts, kind, label=label, key_id=raw_id)
-    if make_cert:
-        from keymgr.recipients.token_keys import self_signed_certificate
+    detail: dict[str, object] = {"type": kind, "label": label, "token": ts.label, "certificate": make_cert}
+    with standalone_operation("keygen", local=not (token or state.token_uri), detail=detail):
+        ref = asym.generate_keypair(ts, kind, label=label, key_id=raw_id)
+        detail["key_id"] = ref.key_id.hex()  # the entry is written as the block ends
+        if make_cert:
+            from keymgr.recipients.token_keys import self_signed_certificate
 
-        self_signed_certificate(ts, ref)
+            self_signed_certificate(ts, ref)
     _report(state, uri, ts, ref, out)
 
 

@@ -159,3 +159,22 @@ def test_a_token_file_left_short_by_a_killed_login_is_explained(tmp_path: Path) 
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("keymgr: error")]
     assert len(lines) == 1 and "no token matches" in lines[0] and "killed during its login" in lines[0], proc.stderr
+
+
+def test_keygen_is_recorded_in_the_audit_log(softhsm: TokenUnderTest, tmp_path: Path, monkeypatch) -> None:
+    """A key pair made on a token is a key operation: `keygen` in the default audit log, with its
+    type, label, token and CKA_ID; a refused keygen (the label exists) is recorded as refused."""
+    from keymgr.audit import read_entries
+
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYMGR_AUDIT_LOG", str(log))
+    tok = softhsm_token("custodian-1")
+    label = f"cust-{uuid.uuid4().hex[:8]}"
+    code, out, err = run("token", "keygen", "--token", tok.uri(), "--type", "ec-p256", "--label", label)
+    assert code == 0, err
+    code, _, err = run("token", "keygen", "--token", tok.uri(), "--type", "ec-p256", "--label", label)
+    assert code == 5
+    made, refused = [e for _, e in read_entries(log) if e.op == "keygen"]
+    assert made.outcome == "ok" and made.detail["label"] == label and made.detail["type"] == "ec-p256"
+    assert made.detail["token"] == "custodian-1" and len(str(made.detail["key_id"])) == 32
+    assert refused.outcome != "ok" and refused.detail["label"] == label
