@@ -471,9 +471,3 @@ def _text(plain: bytes) -> str:
         return plain.decode()
     except UnicodeDecodeError:
         raise errors.IntegrityError(FIELD_INTEGRITY) from None
-
-
-def place_of(table: str, column: str, row: object, extra: Mapping[str, str] | None = None) -> Place:
-    """A :class:`Place` with the row identity turned to text (a UUID's canonical form)."""
-    return Place(table, column, str(row), extra or {})
-

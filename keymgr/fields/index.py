@@ -481,10 +481,3 @@ class BlindIndex:
             raise errors.ConfigurationError(f"a blind index term is bytes, not {type(term).__name__}")
         return any(hmac.compare_digest(term, t) for t in self.terms(value, context=context))
 
-    def term_version(self, term: bytes) -> int:
-        """The index version a stored term was computed with (its first byte)."""
-        if not isinstance(term, bytes | bytearray):
-            raise errors.ConfigurationError(f"a blind index term is bytes, not {type(term).__name__}")
-        if not term:
-            raise errors.FormatError("an empty blind index term")
-        return term[0]
