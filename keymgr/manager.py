@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from keymgr import errors, interrupts
-from keymgr._time import utc_now
 from keymgr.audit import AuditLog, Operation, RateLimit, resolve_audit
 from keymgr.audit._config import ENV_VAR, audit_is_off, default_token_log, record_audit_off
 from keymgr.audit._guard import AuditGuard
@@ -117,8 +115,7 @@ class KeyManager:
     def __init__(self, token: str | Pkcs11Uri | None = None, *, pin_callback: PinCallback | None = None,
                  cache: CachePolicy | bool = False, allow_compromised: bool = False,
                  audit: AuditLog | str | os.PathLike[str] | bool | None = None,
-                 rate_limits: Mapping[str, RateLimit] | RateLimit | None = None,
-                 _clock: Callable[[], float] = time.monotonic, _wall_clock: Callable[[], str] = utc_now) -> None:
+                 rate_limits: Mapping[str, RateLimit] | RateLimit | None = None) -> None:
         """Open the token named by ``token`` (a ``pkcs11:`` URI), or the local token.
 
         The PIN comes from the URI's ``pin-source`` / ``pin-value`` or, failing
@@ -132,8 +129,6 @@ class KeyManager:
         ``False`` for nowhere; default: ``KEYMGR_AUDIT_LOG``, else ``$KEYMGR_HOME/audit.log``
         for the local token; docs/audit.md). ``rate_limits``: decryptions allowed per
         principal per interval, per key name or ``"*"`` (:class:`~keymgr.audit.RateLimit`).
-        ``_clock`` (tests only) is the caches' and rate limits' clock; ``_wall_clock``
-        (tests only) the keyring's, which dates versions and ends cryptoperiods.
         """
         local_token = token is None or _names_local_token(token)
         if local_token:
@@ -149,7 +144,7 @@ class KeyManager:
             uri = uri.with_(pin_source=Pkcs11Uri.parse(local.uri()).pin_source)
         self._uri = uri
         self._audit = AuditGuard(resolve_audit(audit, local=local_token), rate_limits,
-                                 owns_log=not isinstance(audit, AuditLog), suspend=self.suspend, clock=_clock)
+                                 owns_log=not isinstance(audit, AuditLog), suspend=self.suspend)
         with self._audit.opening(uri.token):
             self._ts: TokenSession | None = open_token(uri, pin_callback=pin_callback)
         self._audit.attach(self._ts)
@@ -157,15 +152,15 @@ class KeyManager:
             record_audit_off(self._ts, local=local_token, why="audit=False" if audit is False else ENV_VAR)
         elif self._audit.log is None and audit is None and not local_token:
             self._audit.adopt(default_token_log(self._ts))
-        self._keyring_unchecked = Keyring(self._ts, clock=_wall_clock)
+        self._keyring_unchecked = Keyring(self._ts)
         self._usage = UsageMeter(self._keyring_unchecked, rotate=self._auto_rotate)
         self._protector = KekProtector(self._keyring_unchecked, allow_compromised=allow_compromised,
                                        reserve=self._usage.reserve, on_unwrap=self._audit.on_unwrap)
         policy = CachePolicy() if cache is True else (cache or None)
-        self._encrypt_cache = EncryptCache(policy, clock=_clock) if policy else None
+        self._encrypt_cache = EncryptCache(policy) if policy else None
         self._indexes: weakref.WeakSet[BlindIndex] = weakref.WeakSet()  # their subkeys are zeroed on close
         self._field_ciphers: weakref.WeakSet[FieldCipher] = weakref.WeakSet()  # their data keys too
-        self._decrypt_cache = DecryptCache(policy, clock=_clock) if policy else None
+        self._decrypt_cache = DecryptCache(policy) if policy else None
         self._private_keys: list[Any] = []  # keymgr.recipients.token_keys.TokenPrivateKey
         self._token_pairs: Any = None  # keymgr.recipients.token_keys.TokenKeyPairs, made on first need
 

@@ -1,6 +1,6 @@
 """Helpers for tests of the keyring of write-once facts (keymgr.keyring.store, keymgr.keyring.facts).
 
-* :class:`WallClock` is a keyring clock (``KeyManager(..., _wall_clock=...)``) that follows the
+* :class:`WallClock` is a keyring clock (``tests._internals.clocked(km, wall_clock=...)``) that follows the
   real time plus an offset the test moves: facts written by other processes, with the real
   time, and the test's own stay comparable (orphan grace, snapshot staleness).
 * :func:`eventually` polls a condition with a deadline: another manager's change reaches a

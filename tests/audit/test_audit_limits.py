@@ -12,6 +12,7 @@ import keymgr
 from keymgr import errors
 from keymgr.audit import RateLimit, RateLimiter, acting_as, verify_log
 from keymgr.hsm import open_token
+from tests._internals import clocked
 from tests.conftest import TokenUnderTest
 
 
@@ -44,8 +45,8 @@ def _rows(path: Path) -> list[dict]:
 def test_limit_refuses_and_is_audited(tmp_path: Path, softhsm: TokenUnderTest, key_name: str) -> None:
     clock = Clock()
     path = tmp_path / "a.log"
-    with keymgr.KeyManager(softhsm.uri(), audit=path, rate_limits={key_name: RateLimit(3, per=60.0)},
-                           _clock=clock) as km:
+    with clocked(keymgr.KeyManager(softhsm.uri(), audit=path, rate_limits={key_name: RateLimit(3, per=60.0)}),
+                 clock=clock) as km:
         km.create_key(key_name)
         blob = km.encrypt(b"record", key=key_name)
         with acting_as("reporting"):
@@ -72,8 +73,8 @@ def test_limit_can_suspend_until_an_operator_resumes(tmp_path: Path, softhsm: To
                                                      key_name: str) -> None:
     clock = Clock()
     path = tmp_path / "a.log"
-    with keymgr.KeyManager(softhsm.uri(), audit=path, _clock=clock,
-                           rate_limits={"*": RateLimit(2, per=60.0, suspend=True)}) as km:
+    with clocked(keymgr.KeyManager(softhsm.uri(), audit=path,
+                                   rate_limits={"*": RateLimit(2, per=60.0, suspend=True)}), clock=clock) as km:
         km.create_key(key_name)
         blob = km.encrypt(b"record", key=key_name)
         km.decrypt(blob)
@@ -99,8 +100,8 @@ def test_limits_and_suspension_hold_for_cached_data_keys(tmp_path: Path, softhsm
                                                          key_name: str) -> None:
     """With the decrypt cache on, a repeated message needs no unwrap: the limit still counts it."""
     clock = Clock()
-    with keymgr.KeyManager(softhsm.uri(), audit=tmp_path / "a.log", cache=True, _clock=clock,
-                           rate_limits={key_name: RateLimit(3, per=60.0, suspend=True)}) as km:
+    with clocked(keymgr.KeyManager(softhsm.uri(), audit=tmp_path / "a.log", cache=True,
+                                   rate_limits={key_name: RateLimit(3, per=60.0, suspend=True)}), clock=clock) as km:
         km.create_key(key_name)
         blob = km.encrypt(b"record", key=key_name)
         for _ in range(3):

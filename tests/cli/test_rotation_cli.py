@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 import keymgr
 from keymgr.cli import cli
+from tests._internals import clocked
 from tests.conftest import TokenUnderTest
 
 
@@ -92,7 +93,7 @@ def test_pre_active_and_activate(key: tuple[list[str], str]) -> None:
 @pytest.mark.slow
 def test_due_lists_overdue_keys(softhsm: TokenUnderTest, key_name: str) -> None:
     stamps = iter(["2020-01-01T00:00:00Z"] * 10)
-    with keymgr.KeyManager(softhsm.uri(), _wall_clock=lambda: next(stamps)) as km:
+    with clocked(keymgr.KeyManager(softhsm.uri()), wall_clock=lambda: next(stamps)) as km:
         km.create_key(key_name, rotate_after_days=90)
     code, out, err = run("--token", softhsm.uri(), "--json", "key", "due")
     assert code == 0, err

@@ -31,7 +31,7 @@ from keymgr.keyring.store import (
     KeyVersion,
 )
 from keymgr.lifecycle import usage
-from tests._internals import keyring_of, token_of
+from tests._internals import clocked, keyring_of, token_of
 from tests._keyring_helpers import WallClock, eventually, key_objects, legacy_record, same_record
 from tests.conftest import TokenUnderTest
 
@@ -312,7 +312,7 @@ def test_changes_are_compacted_into_a_snapshot_that_every_reader_folds_the_same(
     assert same_record(_read_afresh(token)[key_name], record)
 
     later = WallClock(keyring_of(km).stale_after + timedelta(minutes=1))
-    with keymgr.KeyManager(token.uri(), _wall_clock=later) as late:
+    with clocked(keymgr.KeyManager(token.uri()), wall_clock=later) as late:
         late.refresh_interval = 0.0
         assert same_record(late.describe_key(key_name), record)
         # this host finds every snapshot on the shared token stale, and sweeps what they all cover:

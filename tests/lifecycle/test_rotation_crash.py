@@ -29,7 +29,7 @@ from keymgr.hsm import objects
 from keymgr.keyring.store import KeyPolicy, version_template
 from keymgr.lifecycle import rotation
 from tests._crash_token import crash_token
-from tests._internals import keyring_of, token_of
+from tests._internals import clocked, keyring_of, token_of
 from tests._keyring_helpers import WallClock, same_record
 from tests.conftest import TokenUnderTest
 
@@ -96,7 +96,7 @@ def test_rotate_killed_at_random_moments(key_name: str, tmp_path: Path) -> None:
     expected: dict[Path | int, bytes] = {}
     orphans_seen = kills = 0
     clock = WallClock()
-    with keymgr.KeyManager(softhsm.uri(), _wall_clock=clock) as km:
+    with clocked(keymgr.KeyManager(softhsm.uri()), wall_clock=clock) as km:
         km.create_key(key_name)
         while kills < KILLS:
             plain = b"parent %d" % kills
@@ -144,7 +144,7 @@ def test_an_orphan_left_by_a_crash_is_destroyed_once_its_pending_fact_is_old(tok
     between the two steps); after, the next rotation destroys it. An object that no fact names
     is never touched."""
     clock = WallClock()
-    with keymgr.KeyManager(token.uri(), _wall_clock=clock) as km:
+    with clocked(keymgr.KeyManager(token.uri()), wall_clock=clock) as km:
         record = km.create_key(key_name)
         template = version_template(record.profile, record.policy)
         orphan_id, stray_id = keyring_of(km).new_key_id(), keyring_of(km).new_key_id()

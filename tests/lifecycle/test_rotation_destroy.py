@@ -16,7 +16,7 @@ from keymgr import errors
 from keymgr.cli import cli
 from keymgr.hsm import objects
 from keymgr.lifecycle import rotation
-from tests._internals import keyring_of, token_of
+from tests._internals import clocked, keyring_of, token_of
 from tests.conftest import softhsm_token
 from tests.custody_helpers import guarded_key, hsm, object_handles, party
 
@@ -224,7 +224,7 @@ def test_a_version_just_superseded_is_not_destroyed_while_other_hosts_may_use_it
     def clock() -> str:
         return moment[0].strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    with keymgr.KeyManager(softhsm.uri(), audit=False, _wall_clock=clock) as km:
+    with clocked(keymgr.KeyManager(softhsm.uri(), audit=False), wall_clock=clock) as km:
         km.create_key(key_name)
         km.rotate(key_name, activate=False)  # v2 pre-active: never activated, may be activated any moment
         with pytest.raises(keymgr.PolicyError, match="version 2 was created at"):

@@ -10,7 +10,7 @@ import keymgr
 from keymgr._time import parse_utc
 from keymgr.keyring.store import KeyPolicy, KeyRecord, KeyVersion
 from keymgr.lifecycle import rotation, usage
-from tests._internals import keyring_of
+from tests._internals import clocked, keyring_of
 
 
 class Clock:
@@ -33,7 +33,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def timed_km(softhsm, clock: Clock):
-    with keymgr.KeyManager(softhsm.uri(), _wall_clock=clock) as manager:
+    with clocked(keymgr.KeyManager(softhsm.uri()), wall_clock=clock) as manager:
         yield manager
 
 

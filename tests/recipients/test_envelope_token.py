@@ -30,6 +30,7 @@ from keymgr.hsm import objects
 from keymgr.hsm.sessions import TokenSession
 from keymgr.hsm.templates import DEFAULT_PROFILE
 from keymgr.manager import INTEGRITY_MESSAGE
+from tests._internals import clocked
 from tests.conftest import TokenUnderTest
 
 PROFILES = ("kw", "gcm")
@@ -332,7 +333,7 @@ def wrapped_key(blob: bytes) -> bytes:
 def test_encrypt_cache_limits(softhsm: TokenUnderTest, key_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     policy = CachePolicy(max_age=60, max_messages=3, max_bytes=10_000, max_entries=10)
-    with keymgr.KeyManager(softhsm.uri(), cache=policy, _clock=clock) as km:
+    with clocked(keymgr.KeyManager(softhsm.uri(), cache=policy), clock=clock) as km:
         km.create_key(key_name)
         wraps = Spy(monkeypatch, "wrap_data_key")
         blobs = [km.encrypt(b"m%d" % i, key=key_name, context=CTX) for i in range(4)]
@@ -383,7 +384,7 @@ def test_encrypt_cache_wipes_evicted_keys(softhsm: TokenUnderTest, key_name: str
 def test_decrypt_cache_limits_and_wiping(softhsm: TokenUnderTest, key_name: str,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
-    with keymgr.KeyManager(softhsm.uri(), cache=CachePolicy(max_age=30, max_entries=2), _clock=clock) as km:
+    with clocked(keymgr.KeyManager(softhsm.uri(), cache=CachePolicy(max_age=30, max_entries=2)), clock=clock) as km:
         km.create_key(key_name, profile="gcm")
         blobs = [km.encrypt(b"m%d" % i, key=key_name, context={"n": str(i)}) for i in range(3)]
         unwraps = Spy(monkeypatch, "gcm_decrypt")
