@@ -128,3 +128,37 @@ def test_a_proxy_model_copy_under_a_new_primary_key_is_sealed_again(db: str) -> 
 def test_a_multi_table_child_of_a_model_with_encrypted_fields_saves_and_reads(tables: str) -> None:
     branch: Any = Branch.objects.using(tables).create(name="b", email=EMAIL, level=1)
     assert Branch.objects.using(tables).get(pk=branch.pk).email == EMAIL
+
+
+def test_an_instance_loaded_before_a_reencrypt_pass_and_saved_after_it_stays_readable(
+        db: str, km_a: Any, key_name: str) -> None:  # noqa: F811
+    """A request loads a customer, the operator runs ``keymgr fields rewrap --reencrypt`` (which
+    deletes the old data keys), the request then saves the customer: the row must still open."""
+    import sqlalchemy as sa
+
+    from keymgr.fields import chain, collapse_spaces, unicode_fold
+    from keymgr.fields.bulk import reencrypt_table, rewrap_keys
+    from keymgr.fields.django import DjangoKeyStore, register
+    from keymgr.fields.sql import BlindIndexTerm, EncryptedBytes, EncryptedTable, EncryptedText, SqlKeyStore
+    from tests.fields.test_django import _sqlalchemy_url
+
+    pk = Customer.objects.using(db).create(name="a", email=EMAIL).pk
+    request = Customer.objects.using(db).get(pk=pk)
+    km_a.rotate(key_name)
+    engine = sa.create_engine(_sqlalchemy_url(db))
+    try:
+        table = sa.Table("dj_customers", sa.MetaData(), sa.Column("id", sa.Uuid, primary_key=True),
+                         sa.Column("name", sa.String(50)), sa.Column("email", EncryptedText),
+                         sa.Column("photo", EncryptedBytes), sa.Column("email_bidx", BlindIndexTerm))
+        index = km_a.blind_index(f"{key_name}-email", bits=6, normalise=chain(collapse_spaces, unicode_fold))
+        codec = EncryptedTable(table, km_a.fields(key_name, store=SqlKeyStore(engine)),
+                               indexes={"email_bidx": (index, "email")})
+        rewrap_keys(codec.cipher, codec.cipher.store)
+        assert reencrypt_table(engine, codec, batch=10).keys_deleted >= 1
+    finally:
+        engine.dispose()
+    request.name = "renamed"
+    request.save()
+    # a restart: a new cipher, with none of the old process's cached data keys
+    register(ciphers={"customers": km_a.fields(key_name, store=DjangoKeyStore(db))})
+    assert Customer.objects.using(db).get(pk=pk).email == EMAIL
