@@ -76,7 +76,13 @@ def test_save_with_update_fields_of_the_source_updates_its_blind_index(db: str) 
     pk = Customer.objects.using(db).create(name="a", email=EMAIL).pk
     loaded = Customer.objects.using(db).get(pk=pk)
     loaded.email = "new." + EMAIL
-    loaded.save(update_fields=["email"])
+    # Corrected by the fix (H3b): Django gives a field no way to add its index column to a save's
+    # update_fields, so saving the changed source without its term is refused before anything is
+    # written (the row stays findable by the value it holds); saved with it, the term follows.
+    with pytest.raises(errors.ConfigurationError):
+        loaded.save(update_fields=["email"])
+    assert [c.pk for c in Customer.objects.using(db).find(email=EMAIL)] == [pk]
+    loaded.save(update_fields=["email", "email_bidx"])
     assert [c.pk for c in Customer.objects.using(db).find(email="new." + EMAIL)] == [pk]
 
 
