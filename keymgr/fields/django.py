@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from django.db import connections, models
+from django.db.models.constants import OnConflict
 from django.db.models.expressions import Col
 from django.db.models.query import ModelIterable
 from django.db.models.query_utils import DeferredAttribute
@@ -191,6 +192,14 @@ class _MarkedColumn(models.Field):  # type: ignore[misc]
                 return value
             raise _refused(self, self.what)
         return self.get_db_prep_value(value, connection, prepared=False)
+
+    def get_placeholder(self, value: Any, compiler: Any, connection: Any) -> str:
+        """Every INSERT and UPDATE of the column passes here, whichever manager or queryset made
+        it (a model's default ``Manager``, ``_base_manager``): an upsert is checked here too."""
+        query = compiler.query
+        if getattr(query, "on_conflict", None) == OnConflict.UPDATE:
+            _check_upsert(query.model, query.update_fields, query.unique_fields)
+        return "%s"
 
     def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
         if value is None:
@@ -469,18 +478,23 @@ def _watch_subclass(sender: type[models.Model], **kwargs: Any) -> None:
 class_prepared.connect(_watch_subclass, weak=False)
 
 
-def _check_upsert(model: type[models.Model], update_fields: Sequence[str] | None,
-                  unique_fields: Sequence[str] | None) -> None:
+def _check_upsert(model: type[models.Model], update_fields: Sequence[models.Field],
+                  unique_fields: Sequence[models.Field]) -> None:
     """An upsert that overwrites sealed or term columns must conflict on the primary key: the
     values were sealed to the primary key of the object given, so a conflict on another unique
-    column (a login) would write them into a row with another key, where they never open."""
-    names = {model._meta.pk.name, model._meta.pk.attname, "pk"}
-    sealed = [name for name in update_fields or () if isinstance(model._meta.get_field(name), _MarkedColumn)]
-    if sealed and (not unique_fields or not set(unique_fields) <= names):
+    column (a login) would write them into a row with another key, where they never open. (MySQL
+    takes no conflict target: any unique key may conflict, so it is refused there.)"""
+    sealed = [f.name for f in update_fields if isinstance(f, _MarkedColumn)]
+    if sealed and [f.column for f in unique_fields] != [model._meta.pk.column]:
         raise errors.ConfigurationError(
             f"{model.__name__}: bulk_create(update_conflicts=True) updates {', '.join(sealed)}, sealed to the primary "
             f"key of each object: it upserts only on the primary key (unique_fields=[{model._meta.pk.name!r}]), "
             "not on another unique column, whose existing row has another key")
+
+
+def _fields(model: type[models.Model], names: Sequence[str] | None) -> list[models.Field]:
+    meta = model._meta
+    return [meta.pk if name == "pk" else meta.get_field(name) for name in names or ()]
 
 
 class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
@@ -490,8 +504,8 @@ class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
     def bulk_create(self, objs: Iterable[models.Model], batch_size: int | None = None, ignore_conflicts: bool = False,
                     update_conflicts: bool = False, update_fields: Sequence[str] | None = None,
                     unique_fields: Sequence[str] | None = None) -> list[models.Model]:
-        if update_conflicts:
-            _check_upsert(self.model, update_fields, unique_fields)
+        if update_conflicts:  # before anything is sealed (the column checks every INSERT again)
+            _check_upsert(self.model, _fields(self.model, update_fields), _fields(self.model, unique_fields))
         return super().bulk_create(objs, batch_size=batch_size, ignore_conflicts=ignore_conflicts,  # type: ignore[no-any-return]
                                    update_conflicts=update_conflicts, update_fields=update_fields,
                                    unique_fields=unique_fields)

@@ -140,6 +140,12 @@ def test_an_upsert_on_the_primary_key_keeps_every_row_readable(tables: str) -> N
     with pytest.raises(errors.ConfigurationError, match="primary key"):
         Member.objects.using(tables).bulk_create([Member(login="alice", email="y@example.com")],
                                                  update_conflicts=True, update_fields=["email"])
+    with pytest.raises(errors.ConfigurationError, match="primary key"):  # a plain Manager: the column checks it
+        Member._base_manager.using(tables).bulk_create([Member(login="alice", email="z@example.com")],
+                                                       update_conflicts=True, unique_fields=["login"],
+                                                       update_fields=["email_bidx"])
+    assert Member.objects.using(tables).get(pk=first.pk).email == "new." + EMAIL
+    assert [m.pk for m in Member.objects.using(tables).find(email="new." + EMAIL)] == [first.pk]
 
 
 def test_a_multi_table_child_binds_to_its_parents_key(tables: str) -> None:  # noqa: F811
