@@ -17,18 +17,27 @@
 
 Django hands ``get_db_prep_value`` no row, so a value is sealed in :meth:`EncryptedField.pre_save`,
 which gets the instance (for ``save()`` and ``bulk_create()`` alike), bound to (``db_table``,
-column, primary key as text): the same place :class:`keymgr.fields.sql.EncryptedTable` binds,
-so either side reads the other's rows. The primary key must exist before the insert (a
+column, primary key as text; the key of the table that holds the column, for a multi-table
+child the parent's): the same place :class:`keymgr.fields.sql.EncryptedTable` binds, so either
+side reads the other's rows. The primary key must exist before the insert (a
 ``UUIDField(default=uuid.uuid4)``); a missing one is a :class:`~keymgr.errors.ConfigurationError`.
 ``from_db_value`` has no instance either: a value read from the database stays sealed in the
-instance, remembers the row it was read for, and opens on first attribute access (a descriptor).
-Saving a value that was never opened writes it back as it is; one copied to another primary key
-(``obj.pk = uuid4(); obj.save()``) is opened under its old row and sealed under the new one.
+instance, remembers the row it was read for (``post_init``, for proxies and subclasses too), and
+opens on first attribute access (a descriptor; a deferred value is loaded sealed). An UPDATE of
+that row leaves an unchanged value's column, and its blind index's, to what the database holds
+(``F(column)``: a re-encryption pass may have replaced the value read, and deleted its data key);
+an INSERT seals every value again, and one copied to another primary key is opened under its
+old row and sealed under the new one. A changed source saved without its blind-index column
+(``update_fields``, or the loaded fields Django saves after ``only()``) is refused: the term
+would go stale.
 
 Nothing but a value :meth:`EncryptedField.pre_save` sealed (or a term :class:`BlindIndexField`
 computed) reaches an encrypted column: plaintext given to ``filter()``, ``update()`` or
-``bulk_update()`` (which bypass ``pre_save``) is a ConfigurationError, never a cleartext write,
-and so is any lookup but ``isnull`` (``icontains``, ``gt``...: plaintext sent as a parameter).
+``bulk_update()`` (which bypass ``pre_save``), and any expression but ``F()`` of the column
+itself (``Value(...)``, ``Lower(...)``, another column), is a ConfigurationError, never a cleartext
+write or query parameter, and so is any lookup but ``exact``, ``in`` and ``isnull`` with keymgr's
+own values (``icontains``, ``gt``...). ``bulk_create(update_conflicts=True)`` upserts sealed
+columns only on the primary key, the row they were sealed to.
 Ciphers and indexes are registered by name (:func:`register`), so fields deconstruct into
 migrations as plain strings and the KeyManager can be opened after the models are imported.
 """

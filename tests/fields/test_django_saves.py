@@ -176,3 +176,14 @@ def test_find_after_values_is_a_configuration_error(db: str) -> None:  # noqa: F
     for rows in (Customer.objects.using(db).values("email"), Customer.objects.using(db).values_list("pk")):
         with pytest.raises(errors.ConfigurationError, match="values"):
             rows.find(email=EMAIL)
+
+
+def test_update_or_create_saves_the_blind_index_with_its_source(db: str) -> None:  # noqa: F811
+    """Django adds every field with a pre_save of its own to update_or_create()'s update_fields:
+    the term column is saved with the e-mail, the unchanged photo is left to the database."""
+    c = Customer.objects.using(db).create(name="a", email=EMAIL, photo=b"\x01")
+    photo = bytes(_raw(db, "photo", c.pk))
+    _, created = Customer.objects.using(db).update_or_create(name="a", defaults={"email": "new@example.com"})
+    assert not created
+    assert [x.pk for x in Customer.objects.using(db).find(email="new@example.com")] == [c.pk]
+    assert bytes(_raw(db, "photo", c.pk)) == photo
