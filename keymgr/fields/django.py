@@ -17,37 +17,50 @@
 
 Django hands ``get_db_prep_value`` no row, so a value is sealed in :meth:`EncryptedField.pre_save`,
 which gets the instance (for ``save()`` and ``bulk_create()`` alike), bound to (``db_table``,
-column, primary key as text): the same place :class:`keymgr.fields.sql.EncryptedTable` binds,
-so either side reads the other's rows. The primary key must exist before the insert (a
+column, primary key as text; the key of the table that holds the column, for a multi-table
+child the parent's): the same place :class:`keymgr.fields.sql.EncryptedTable` binds, so either
+side reads the other's rows. The primary key must exist before the insert (a
 ``UUIDField(default=uuid.uuid4)``); a missing one is a :class:`~keymgr.errors.ConfigurationError`.
 ``from_db_value`` has no instance either: a value read from the database stays sealed in the
-instance, remembers the row it was read for, and opens on first attribute access (a descriptor).
-Saving a value that was never opened writes it back as it is; one copied to another primary key
-(``obj.pk = uuid4(); obj.save()``) is opened under its old row and sealed under the new one.
+instance, remembers the row it was read for (``post_init``, for proxies and subclasses too), and
+opens on first attribute access (a descriptor; a deferred value is loaded sealed). An UPDATE of
+that row leaves an unchanged value's column, and its blind index's, to what the database holds
+(``F(column)``: a re-encryption pass may have replaced the value read, and deleted its data key);
+an INSERT seals every value again, and one copied to another primary key is opened under its
+old row and sealed under the new one. A changed source saved without its blind-index column
+(``update_fields``, or the loaded fields Django saves after ``only()``) is refused: the term
+would go stale.
 
 Nothing but a value :meth:`EncryptedField.pre_save` sealed (or a term :class:`BlindIndexField`
 computed) reaches an encrypted column: plaintext given to ``filter()``, ``update()`` or
-``bulk_update()`` (which bypass ``pre_save``) is a ConfigurationError, never a cleartext write,
-and so is any lookup but ``isnull`` (``icontains``, ``gt``...: plaintext sent as a parameter).
+``bulk_update()`` (which bypass ``pre_save``), and any expression but ``F()`` of the column
+itself (``Value(...)``, ``Lower(...)``, another column), is a ConfigurationError, never a cleartext
+write or query parameter, and so is any lookup but ``exact``, ``in`` and ``isnull`` with keymgr's
+own values (``icontains``, ``gt``...). ``bulk_create(update_conflicts=True)`` upserts sealed
+columns only on the primary key, the row they were sealed to.
 Ciphers and indexes are registered by name (:func:`register`), so fields deconstruct into
 migrations as plain strings and the KeyManager can be opened after the models are imported.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from django.db import connections, models
+from django.db import models
+from django.db.models.constants import OnConflict
+from django.db.models.expressions import Col
+from django.db.models.query import ModelIterable
 from django.db.models.query_utils import DeferredAttribute
-from django.db.models.signals import post_init
+from django.db.models.signals import class_prepared, post_init, pre_save
 
 from keymgr import errors
-from keymgr.fields._format import Place
+from keymgr.fields._django_store import DjangoKeyStore
+from keymgr.fields._format import FIELD_INTEGRITY, Place
 from keymgr.fields.cipher import FieldCipher
 from keymgr.fields.index import BlindIndex, Term, index_context
-from keymgr.fields.keys import StoredKey
 
 __all__ = ["BlindIndexField", "DjangoKeyStore", "EncryptedBinaryField", "EncryptedField", "EncryptedManager",
            "EncryptedQuerySet", "EncryptedTextField", "Stored", "register"]
@@ -118,8 +131,15 @@ class _Sealed(bytes):
 def _refused(field: models.Field, what: str) -> errors.ConfigurationError:
     return errors.ConfigurationError(
         f"{field.model.__name__}.{field.name} is {what}: it takes only what save() / bulk_create() compute "
-        "(filter(), update() and bulk_update() bypass that); refusing to write or compare it in the clear "
-        "(find by value through a BlindIndexField and .find())")
+        "(filter(), update() and bulk_update() bypass that, and so does an expression such as Value()); "
+        "refusing to write or compare it in the clear (find by value through a BlindIndexField and .find())")
+
+
+def _own_column(field: models.Field, value: Any) -> bool:
+    """``value`` (a resolved expression) is the column itself, ``F(field)``: what :meth:`pre_save`
+    returns to keep what the database holds. Any other expression (``Value``, ``Lower(...)``, another
+    column) could carry plaintext into the column or a query parameter."""
+    return isinstance(value, Col) and value.target is field
 
 
 #: The lookups a sealed or term column answers: IS NULL, and equality with values keymgr computed
@@ -128,11 +148,33 @@ def _refused(field: models.Field, what: str) -> errors.ConfigurationError:
 _LOOKUPS = frozenset({"exact", "in", "isnull"})
 
 
+class _ExpressionGuard:
+    """Mixed into the lookups of :data:`_LOOKUPS`: an expression on the right-hand side
+    (``filter(email=Value(...))``, ``email__in=[Value(...)]``, ``Lower(Value(...))``) is compiled
+    by Django with its own output field, never through the column's checks, so any but the column
+    itself is refused before a parameter is built."""
+
+    lhs: Any
+    rhs: Any
+
+    def get_prep_lookup(self) -> Any:
+        field = self.lhs.output_field
+        items = self.rhs if isinstance(self.rhs, list | tuple | set | frozenset) else (self.rhs,)
+        if any(hasattr(item, "resolve_expression") and not _own_column(field, item) for item in items):
+            raise _refused(field, field.what)
+        return super().get_prep_lookup()  # type: ignore[misc]
+
+
+@functools.cache
+def _guarded(lookup: type) -> type:
+    return type(f"Sealed{lookup.__name__}", (_ExpressionGuard, lookup), {})
+
+
 class _MarkedColumn(models.Field):  # type: ignore[misc]
     """A binary column that takes only values of one marker type (what keymgr computed: a
-    plaintext is refused, never written or sent as a query parameter), reads back as ``read``,
-    and answers only the lookups of :data:`_LOOKUPS` (refused by name, before any parameter is
-    built)."""
+    plaintext is refused, never written or sent as a query parameter) or ``F()`` of itself,
+    reads back as ``read``, and answers only the lookups of :data:`_LOOKUPS` (refused by name,
+    before any parameter is built)."""
 
     marker: type[bytes] = bytes
     read: Callable[[bytes], Any] = bytes
@@ -151,41 +193,82 @@ class _MarkedColumn(models.Field):  # type: ignore[misc]
             raise _refused(self, self.what)
         return bytes(value)
 
+    def get_db_prep_save(self, value: Any, connection: Any) -> Any:
+        """Django hands expressions (``update(email=Value(...))``, ``bulk_update``'s ``Case``)
+        to the SQL as they are: only the column itself (``pre_save``'s ``F()``) passes."""
+        if hasattr(value, "as_sql"):
+            if _own_column(self, value):
+                return value
+            raise _refused(self, self.what)
+        return self.get_db_prep_value(value, connection, prepared=False)
+
+    def get_placeholder(self, value: Any, compiler: Any, connection: Any) -> str:
+        """Every INSERT and UPDATE of the column passes here, whichever manager or queryset made
+        it (a model's default ``Manager``, ``_base_manager``): an upsert is checked here too."""
+        query = compiler.query
+        if getattr(query, "on_conflict", None) == OnConflict.UPDATE:
+            _check_upsert(query.model, query.update_fields, query.unique_fields)
+        return "%s"
+
     def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
-        return None if value is None else self.read(bytes(value))
+        if value is None:
+            return None
+        if not isinstance(value, bytes | bytearray | memoryview):  # SQLite: text or a number in a BLOB column
+            raise errors.IntegrityError(f"{self.model.__name__}.{self.name}: the database holds a "
+                                        f"{type(value).__name__} there, not bytes: {FIELD_INTEGRITY}")
+        return self.read(bytes(value))
 
     def get_lookup(self, lookup_name: str) -> Any:
         if lookup_name not in _LOOKUPS:
             raise errors.ConfigurationError(f"{self.model.__name__}.{self.name} is sealed: no {lookup_name!r} lookup "
                                             "(only isnull; find() for equality through a BlindIndexField)")
-        return super().get_lookup(lookup_name)
+        return _guarded(super().get_lookup(lookup_name))
 
     def get_transform(self, lookup_name: str) -> Any:
         raise errors.ConfigurationError(f"{self.model.__name__}.{self.name} is sealed: no {lookup_name!r} transform")
 
 
-def _row(instance: models.Model) -> str:
-    """The row identity a value is bound to: the primary key, normalised by its field (a UUID given
-    as a string is bound in canonical form, as it will read back)."""
-    pk = instance.pk
-    if pk is None:
+def _row_or_none(instance: models.Model, model: type[models.Model]) -> str | None:
+    """The row identity in ``model``'s table (the model that declares the field: a multi-table
+    child's parent, whose key exists before the child's link does), or None while it has none."""
+    pk_field = model._meta.pk
+    pk = getattr(instance, pk_field.attname, None)
+    return None if pk is None else str(pk_field.to_python(pk))
+
+
+def _row(instance: models.Model, model: type[models.Model]) -> str:
+    """The row identity a value is bound to: the primary key of the field's own table, normalised
+    by its field (a UUID given as a string is bound in canonical form, as it will read back)."""
+    row = _row_or_none(instance, model)
+    if row is None:
         raise errors.ConfigurationError(
             f"{type(instance).__name__} has no primary key yet: its encrypted fields are bound to it, so it must "
             "exist before the insert (a client-generated key: UUIDField(primary_key=True, default=uuid.uuid4))")
-    return str(instance._meta.pk.to_python(pk))
+    return row
 
 
 class _PlaintextAttribute(DeferredAttribute):  # type: ignore[misc]
     """The model attribute of an encrypted field: a value read from the database is opened on first
-    access (``from_db_value`` has no instance to bind it to); assignments are kept as given."""
+    access (``from_db_value`` has no instance to bind it to); assignments are kept as given. A
+    deferred value is loaded sealed, as the instance's other values were (Django's own deferred
+    load would copy the plaintext in, as if assigned: re-sealed at the next save)."""
 
     def __get__(self, instance: models.Model | None, cls: type | None = None) -> Any:
         if instance is None:
             return self
-        value = super().__get__(instance, cls)
+        if self.field.attname not in instance.__dict__:
+            self._load(instance)
+        value = instance.__dict__[self.field.attname]
         return self.field.plaintext(instance, value) if isinstance(value, Stored) else value
 
     def __set__(self, instance: models.Model, value: Any) -> None:
+        instance.__dict__[self.field.attname] = value
+
+    def _load(self, instance: models.Model) -> None:
+        manager = type(instance)._base_manager.db_manager(instance._state.db, hints={"instance": instance})
+        value = manager.filter(pk=instance.pk).values_list(self.field.attname, flat=True).get()
+        if isinstance(value, Stored):
+            value.row = _row(instance, self.field.model)
         instance.__dict__[self.field.attname] = value
 
 
@@ -210,14 +293,7 @@ class EncryptedField(_MarkedColumn):
 
     def contribute_to_class(self, cls: type[models.Model], name: str, *args: Any, **kwargs: Any) -> None:
         super().contribute_to_class(cls, name, *args, **kwargs)
-        post_init.connect(self._bind_loaded, sender=cls, weak=False)
-
-    def _bind_loaded(self, sender: type, instance: models.Model, **kwargs: Any) -> None:
-        """A value just read from the database is bound to the row it was read for, before the
-        application can change the primary key."""
-        value = instance.__dict__.get(self.attname)
-        if isinstance(value, Stored) and value.row is None and instance.pk is not None:
-            value.row = _row(instance)
+        _watch(cls)
 
     @property
     def cipher(self) -> FieldCipher:
@@ -226,38 +302,56 @@ class EncryptedField(_MarkedColumn):
     def place(self, row: str) -> Place:
         return Place(self.model._meta.db_table, self.column, row)
 
+    def kept(self, instance: models.Model) -> bool:
+        """The instance holds the value read from the database for this very row, unchanged (or
+        none, deferred): an UPDATE leaves the column to what the database holds."""
+        value = instance.__dict__.get(self.attname, _NOT_LOADED)
+        if value is _NOT_LOADED:
+            return True
+        return isinstance(value, Stored) and value.row is not None and value.row == _row_or_none(instance, self.model)
+
     def plaintext(self, instance: models.Model, value: Any) -> Any:
         """``value`` (an attribute's state) in the clear: a :class:`Stored` value is opened once."""
         if not isinstance(value, Stored):
             return value
         if value.plain is None:
-            place = self.place(value.row or _row(instance))
+            place = self.place(value.row or _row(instance, self.model))
             value.plain = (self.cipher.decrypt_text(value.sealed, place) if self.text
                            else self.cipher.decrypt(value.sealed, place))
         return value.plain
 
-    def pre_save(self, model_instance: models.Model, add: bool) -> _Sealed | None:
-        """The value sealed to this row: a value read for this same row as it is (no token work),
-        anything else sealed now."""
-        value = model_instance.__dict__.get(self.attname)
-        if value is None:
+    def to_seal(self, instance: models.Model) -> str | bytes | None:
+        """The plaintext a save seals (a deferred value loaded first), of the field's kind."""
+        plain = self.plaintext(instance, getattr(instance, self.attname))
+        if plain is None:
             return None
-        row = _row(model_instance)
-        if isinstance(value, Stored) and value.row == row:
-            return _Sealed(value.sealed)
-        plain = self.plaintext(model_instance, value)
         if self.text and not isinstance(plain, str):
-            raise errors.ConfigurationError(f"{type(model_instance).__name__}.{self.name} is an EncryptedTextField: "
+            raise errors.ConfigurationError(f"{type(instance).__name__}.{self.name} is an EncryptedTextField: "
                                             f"give it str, not {type(plain).__name__}")
-        if not self.text and not isinstance(plain, (bytes, bytearray, memoryview)):
-            raise errors.ConfigurationError(f"{type(model_instance).__name__}.{self.name} is an "
+        if not self.text and not isinstance(plain, bytes | bytearray | memoryview):
+            raise errors.ConfigurationError(f"{type(instance).__name__}.{self.name} is an "
                                             f"EncryptedBinaryField: give it bytes, not {type(plain).__name__}")
-        return _Sealed(self.cipher.encrypt(plain, self.place(row)))
+        return plain if isinstance(plain, str) else bytes(plain)
+
+    def pre_save(self, model_instance: models.Model, add: bool) -> _Sealed | models.F | None:
+        """An UPDATE of the row a value was read for leaves the column as it is, ``F(column)``:
+        the instance's copy may name a data key a re-encryption pass has since deleted (the
+        database holds the re-sealed value). An INSERT, a copy to another primary key or an
+        assigned value is sealed now, to this row."""
+        if not add and self.kept(model_instance):
+            return models.F(self.attname)
+        plain = self.to_seal(model_instance)
+        if plain is None:
+            return None
+        return _Sealed(self.cipher.encrypt(plain, self.place(_row(model_instance, self.model))))
 
     def value_to_string(self, obj: models.Model) -> str:
         """Refused: serialising (``dumpdata``) would write the plaintext out."""
         raise errors.ConfigurationError(f"{type(obj).__name__}.{self.name} is encrypted: refusing to serialise it "
                                         "(dumpdata would write the plaintext); exclude the model")
+
+
+_NOT_LOADED = object()
 
 
 class EncryptedTextField(EncryptedField):
@@ -298,6 +392,10 @@ class BlindIndexField(_MarkedColumn):
         kwargs.pop("editable", None)
         return name, path, args, {**kwargs, "source": self.source, "index": self.index_name}
 
+    def contribute_to_class(self, cls: type[models.Model], name: str, *args: Any, **kwargs: Any) -> None:
+        super().contribute_to_class(cls, name, *args, **kwargs)
+        _watch(cls)
+
     @property
     def index(self) -> BlindIndex:
         return _registered("index", _indexes, self.index_name)  # type: ignore[no-any-return]
@@ -313,25 +411,123 @@ class BlindIndexField(_MarkedColumn):
                                             "which is not an encrypted field")
         return field
 
-    def pre_save(self, model_instance: models.Model, add: bool) -> Term | None:
-        """The term of the source's plaintext: kept as read while the source is the value read
-        with it (no decryption, no HMAC), computed again once the source was assigned."""
+    def pre_save(self, model_instance: models.Model, add: bool) -> Term | models.F | None:
+        """The term of the source's plaintext. While the source is the value read for this row
+        (or deferred, never loaded) an UPDATE leaves the term column as the database holds it
+        (no decryption, no HMAC; a deferred source never NULLs it); otherwise the term is
+        computed again, with the newest index version."""
         source = self.source_field()
-        value = model_instance.__dict__.get(source.attname)
-        current = model_instance.__dict__.get(self.attname)
-        if value is None:
-            term = None
-        elif isinstance(value, Stored) and isinstance(current, Term):
-            term = current
-        else:
-            term = Term(self.index.term(source.plaintext(model_instance, value), context=self.context))
+        if not add and source.kept(model_instance):
+            return models.F(self.attname)
+        plain = source.to_seal(model_instance)
+        term = None if plain is None else Term(self.index.term(plain, context=self.context))
         model_instance.__dict__[self.attname] = term
         return term
 
 
+_MarkedFields = tuple[tuple[EncryptedField, ...], tuple[BlindIndexField, ...]]
+_marked: dict[type[models.Model], _MarkedFields] = {}
+
+
+def _marked_fields(model: type[models.Model]) -> _MarkedFields:
+    """A model's encrypted and blind-index fields (its parents' too), found once per model: the
+    receivers below run for every instance made and every save."""
+    found = _marked.get(model)
+    if found is None:
+        fields = model._meta.concrete_fields
+        found = _marked.setdefault(model, (tuple(f for f in fields if isinstance(f, EncryptedField)),
+                                           tuple(f for f in fields if isinstance(f, BlindIndexField))))
+    return found
+
+
+def _bind_loaded(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
+    """A value just read from the database is bound to the row it was read for, before the
+    application can change the primary key."""
+    for field in _marked_fields(sender)[0]:
+        value = instance.__dict__.get(field.attname)
+        if isinstance(value, Stored) and value.row is None:
+            value.row = _row_or_none(instance, field.model)
+
+
+def _check_index_saved(sender: type[models.Model], instance: models.Model, raw: bool = False,
+                       update_fields: frozenset[str] | None = None, **kwargs: Any) -> None:
+    """A save that writes a changed source without its blind index, or the index without its
+    changed source, would leave a stale term (the row not found by its value, or found by a value
+    it no longer holds). ``update_fields`` here is what Django will write, also when it saves only
+    the fields a ``defer()`` / ``only()`` load left loaded. Django gives a field no way to add a
+    column to that set, so the save is refused before anything is written."""
+    if raw or update_fields is None:
+        return
+    for index in _marked_fields(sender)[1]:
+        source = index.source_field()
+        if source.kept(instance):
+            continue
+        if bool({source.name, source.attname} & update_fields) != bool({index.name, index.attname} & update_fields):
+            raise errors.ConfigurationError(
+                f"{sender.__name__}.{source.name} changed: it is saved only with its blind index {index.name} "
+                f"(update_fields=[..., {source.name!r}, {index.name!r}]; after only()/defer(), load both)")
+
+
+def _watch(model: type[models.Model]) -> None:
+    """Connect the receivers of a model with sealed or term columns (and, through
+    :func:`_watch_subclass`, of its proxies and multi-table children: Django sends their
+    signals with the subclass as sender)."""
+    post_init.connect(_bind_loaded, sender=model, weak=False)
+    pre_save.connect(_check_index_saved, sender=model, weak=False)
+
+
+def _watch_subclass(sender: type[models.Model], **kwargs: Any) -> None:
+    for base in sender.__mro__[1:]:
+        meta = getattr(base, "_meta", None)
+        if meta is not None and any(isinstance(f, _MarkedColumn) for f in meta.local_fields):
+            _watch(sender)
+            return
+
+
+class_prepared.connect(_watch_subclass, weak=False)
+
+
+def _check_upsert(model: type[models.Model], update_fields: Sequence[models.Field],
+                  unique_fields: Sequence[models.Field]) -> None:
+    """An upsert that overwrites sealed or term columns must conflict on the primary key: the
+    values were sealed to the primary key of the object given, so a conflict on another unique
+    column (a login) would write them into a row with another key, where they never open. (MySQL
+    takes no conflict target: any unique key may conflict, so it is refused there.)"""
+    sealed = [f.name for f in update_fields if isinstance(f, _MarkedColumn)]
+    if sealed and [f.column for f in unique_fields] != [model._meta.pk.column]:
+        raise errors.ConfigurationError(
+            f"{model.__name__}: bulk_create(update_conflicts=True) updates {', '.join(sealed)}, sealed to the primary "
+            f"key of each object: it upserts only on the primary key (unique_fields=[{model._meta.pk.name!r}]), "
+            "not on another unique column, whose existing row has another key")
+
+
+def _fields(model: type[models.Model], names: Sequence[str] | None) -> list[models.Field]:
+    meta = model._meta
+    return [meta.pk if name == "pk" else meta.get_field(name) for name in names or ()]
+
 
 class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
-    """A QuerySet with :meth:`find`: lookups by blind index."""
+    """A QuerySet with :meth:`find` (lookups by blind index) and a :meth:`bulk_create` whose
+    upsert conflicts only on the primary key."""
+
+    def bulk_create(self, objs: Iterable[models.Model], batch_size: int | None = None, ignore_conflicts: bool = False,
+                    update_conflicts: bool = False, update_fields: Sequence[str] | None = None,
+                    unique_fields: Sequence[str] | None = None) -> list[models.Model]:
+        if update_conflicts:  # before anything is sealed (the column checks every INSERT again)
+            _check_upsert(self.model, _fields(self.model, update_fields), _fields(self.model, unique_fields))
+        return super().bulk_create(objs, batch_size=batch_size, ignore_conflicts=ignore_conflicts,  # type: ignore[no-any-return]
+                                   update_conflicts=update_conflicts, update_fields=update_fields,
+                                   unique_fields=unique_fields)
+
+    def bulk_update(self, objs: Iterable[models.Model], fields: Sequence[str], batch_size: int | None = None) -> int:
+        """Refused for sealed and term columns before any value is opened: Django writes each
+        object's attribute (the plaintext) through an expression, bypassing ``pre_save``. (The
+        column refuses it anyway; this says so before the work.)"""
+        for name in fields:
+            field = self.model._meta.get_field(name)
+            if isinstance(field, _MarkedColumn):
+                raise _refused(field, field.what)
+        return super().bulk_update(objs, fields, batch_size=batch_size)  # type: ignore[no-any-return]
 
     def find(self, **match: Any) -> list[models.Model]:
         """The rows whose ``field`` equals ``value`` (``find(email="...")``, the source field or the
@@ -341,6 +537,8 @@ class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
         authentication raises :class:`~keymgr.errors.IntegrityError` (a row tampered with)."""
         if len(match) != 1:
             raise errors.ConfigurationError("find() takes one field=value")
+        if not issubclass(self._iterable_class, ModelIterable):
+            raise errors.ConfigurationError("find() returns model instances: call it before values() / values_list()")
         ((name, value),) = match.items()
         field = self._index_field(name)
         index = field.index
@@ -364,70 +562,3 @@ class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
 
 
 EncryptedManager = models.Manager.from_queryset(EncryptedQuerySet)
-
-
-class DjangoKeyStore:
-    """The data-key table (:mod:`keymgr.fields.keys`) through Django's database ``using``, with
-    the columns of :class:`keymgr.fields.sql.SqlKeyStore` (one table serves both).
-
-    Every call runs on a connection of its own, in autocommit: a new data key is durable before
-    the value naming it is written, whatever transaction (``atomic()``) the caller is in, and a
-    rollback of the caller's transaction cannot take the key row with it. On SQLite that
-    connection waits for the caller's open write transaction (as SqlKeyStore's does): in
-    ``atomic()`` blocks that write, save the first encrypted value before the block's first write,
-    or keep such blocks short of the ``timeout``."""
-
-    def __init__(self, using: str = "default", *, table: str = "keymgr_field_keys") -> None:
-        self.using, self.table = using, table
-
-    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[list[tuple[Any, ...]], int]:
-        """``sql`` (``{t}`` is the table) on a new connection: (rows fetched, rows affected)."""
-        conn = connections.create_connection(self.using)
-        if conn.vendor == "sqlite" and conn.is_in_memory_db():
-            raise errors.ConfigurationError("the data-key store needs a connection of its own: an in-memory SQLite "
-                                            "database is another database on every connection; use a file")
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute(sql.format(t=conn.ops.quote_name(self.table)), params)
-                rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
-                return rows, int(cursor.rowcount)
-        finally:
-            conn.close()
-
-    def create(self) -> None:
-        """CREATE TABLE (and its index on key_name) if it does not exist."""
-        conn = connections[self.using]
-        binary = conn.data_types["BinaryField"]  # bytea, BLOB
-        self._execute(f"CREATE TABLE IF NOT EXISTS {{t}} (key_ref {binary} PRIMARY KEY, key_name varchar(64) NOT NULL, "
-                      f"recipient {binary} NOT NULL, commitment {binary} NOT NULL)")
-        index = conn.ops.quote_name(f"ix_{self.table}_key_name")
-        self._execute(f"CREATE INDEX IF NOT EXISTS {index} ON {{t}} (key_name)")
-
-    def load(self, key_ref: bytes) -> StoredKey | None:
-        rows, _ = self._execute("SELECT key_ref, key_name, recipient, commitment FROM {t} WHERE key_ref = %s",
-                                (key_ref,))
-        return _stored(rows[0]) if rows else None
-
-    def save(self, stored: StoredKey) -> None:
-        self._execute("INSERT INTO {t} (key_ref, key_name, recipient, commitment) VALUES (%s, %s, %s, %s)",
-                      (stored.key_ref, stored.key, stored.recipient, stored.commitment))
-
-    def replace(self, stored: StoredKey) -> None:
-        self._execute("UPDATE {t} SET recipient = %s WHERE key_ref = %s", (stored.recipient, stored.key_ref))
-
-    def delete(self, key: str, key_refs: Iterable[bytes]) -> int:
-        return sum(self._execute("DELETE FROM {t} WHERE key_ref = %s AND key_name = %s", (ref, key))[1]
-                   for ref in key_refs)
-
-    def scan(self, key: str, *, after: bytes = b"", limit: int = 1000) -> list[StoredKey]:
-        rows, _ = self._execute("SELECT key_ref, key_name, recipient, commitment FROM {t} WHERE key_name = %s "
-                                "AND key_ref > %s ORDER BY key_ref LIMIT %s", (key, after, limit))
-        return [_stored(r) for r in rows]
-
-    def count(self, key: str) -> int:
-        rows, _ = self._execute("SELECT COUNT(*) FROM {t} WHERE key_name = %s", (key,))
-        return int(rows[0][0])
-
-
-def _stored(row: tuple[Any, ...]) -> StoredKey:
-    return StoredKey(bytes(row[0]), str(row[1]), bytes(row[2]), bytes(row[3]))
