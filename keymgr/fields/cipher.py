@@ -45,7 +45,6 @@ from keymgr.fields._format import (
     check_part,
     column_prefix,
     header,
-    key_ref_of,
     pack,
     row_suffix,
     unpack,
@@ -412,12 +411,6 @@ class FieldCipher:
             self._opened.pop(key_ref, None)
 
     # -- rotation --------------------------------------------------------------
-
-    def is_current(self, value: bytes) -> bool:
-        """Whether ``value`` is under the data key this cipher seals with now (a re-encryption
-        pass skips those); no token call."""
-        current = self._current
-        return current is not None and key_ref_of(bytes(value)) == current.key_ref
 
     def rewrap(self, stored: StoredKey) -> StoredKey | None:
         """``stored`` with its data key under the key's current primary, or None when it is

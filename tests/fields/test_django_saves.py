@@ -19,7 +19,7 @@ from django.test.utils import CaptureQueriesContext
 from keymgr import errors
 from keymgr.fields.django import Stored, _indexes
 from tests.fields.test_django import EMAIL, Customer, _db_pk, _raw, alias, db  # noqa: F401 - fixtures
-from tests.fields.test_django_review16 import Branch, Member, tables  # noqa: F401 - fixture
+from tests.fields.test_django_attacks import Branch, Member, tables  # noqa: F401 - fixture
 
 
 def _set_raw(db_alias: str, column: str, value: bytes, pk: uuid.UUID) -> None:

@@ -1,4 +1,5 @@
-"""Review 16 (outside review of keymgr.fields.django): one failing test per finding.
+"""keymgr.fields.django under the findings of an outside review: one test per finding (each
+failed before its fix).
 
 Each test states what a Django developer does in ordinary code and what must hold: the row stays
 findable by its blind index, a value written stays readable, no plaintext reaches an encrypted
