@@ -61,11 +61,8 @@ def repair_log(path: str | os.PathLike[str], token: TokenSession, *,
     before anything changes; False is a PolicyError and nothing is changed.
     """
     path = Path(path)
-    key = AuditKey(token)
-    host, real = (socket.gethostname() or "unknown")[:255], os.path.realpath(path)
-    lost = key.registered_chain(host, real)
-    lost_point = key.checkpoint(lost) if lost is not None else None
-    report = _damaged_report(path, key, token, registered=lost is not None, remembered=lost_point is not None)
+    damage = _Damage.of(path, token)
+    key, lost, lost_point, report = damage.key, damage.lost, damage.lost_point, damage.report
     if confirm is not None and not confirm():
         raise errors.PolicyError("not confirmed; nothing was changed")
     detail: dict[str, Any] = {}
@@ -78,7 +75,7 @@ def repair_log(path: str | os.PathLike[str], token: TokenSession, *,
         assert report.broken is not None  # _damaged_report returns only logs that fail
         detail = {"moved_to": moved.name, **_previous_chain(report), "broken_line": report.broken.line,
                   "broken_reason": report.broken.reason[:300]}
-    key.forget_log(host, real)
+    key.forget_log(damage.host, damage.real)
     with AuditLog(path, token=token) as fresh:
         fresh.record("audit-repair", detail=detail)
     return Repair(path, moved)
@@ -88,15 +85,36 @@ def describe_damage(path: str | os.PathLike[str], token: TokenSession) -> str:
     """Why the log at ``path`` needs a repair, in one line (what ``keymgr audit repair`` shows
     before it asks); :func:`repair_log`'s refusal when it needs none or is no log of this token."""
     path = Path(path)
-    key = AuditKey(token)
-    host, real = (socket.gethostname() or "unknown")[:255], os.path.realpath(path)
-    lost = key.registered_chain(host, real)
-    lost_point = key.checkpoint(lost) if lost is not None else None
-    report = _damaged_report(path, key, token, registered=lost is not None, remembered=lost_point is not None)
+    damage = _Damage.of(path, token)
+    report = damage.report
     if report is None:
-        return f"{path} is missing or empty, but the token checkpointed its chain at seq {lost_point and lost_point[0]}"
+        seq = damage.lost_point[0] if damage.lost_point else 0
+        return f"{path} is missing or empty, but the token checkpointed its chain at seq {seq}"
     assert report.broken is not None
     return f"{path} does not verify: line {report.broken.line}: {report.broken.reason}"
+
+
+@dataclass(frozen=True)
+class _Damage:
+    """What is known of the log at a path before a repair: the token's audit key, the chain
+    the token registered there for this host (and its checkpoint), and the failing report
+    (None: the file is missing or empty and the token remembers a chain there)."""
+
+    key: AuditKey
+    host: str
+    real: str
+    lost: str | None
+    lost_point: tuple[int, str] | None
+    report: VerifyReport | None
+
+    @classmethod
+    def of(cls, path: Path, token: TokenSession) -> _Damage:
+        key = AuditKey(token)
+        host, real = (socket.gethostname() or "unknown")[:255], os.path.realpath(path)
+        lost = key.registered_chain(host, real)
+        lost_point = key.checkpoint(lost) if lost is not None else None
+        report = _damaged_report(path, key, token, registered=lost is not None, remembered=lost_point is not None)
+        return cls(key, host, real, lost, lost_point, report)
 
 
 def _damaged_report(path: Path, key: AuditKey, token: TokenSession, *, registered: bool,
