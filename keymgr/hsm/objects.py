@@ -100,7 +100,7 @@ def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes,
               proof: Mapping[Attribute, Any] | None = None) -> pkcs11.SecretKey:
     """The key object under ``key_id`` (cached per session). With ``proof``, only an object that
     also shows those attributes (the token matches them in C_FindObjects) is ever found."""
-    cached = ts.cache.get(("key", key_id))
+    cached = ts.cache.get(("key", key_id))  # key_cache_slot(key_id), inline: the per-message path
     if cached is not None:
         return cached  # type: ignore[return-value]
     template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id, **(proof or {})}
@@ -111,6 +111,12 @@ def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes,
         raise errors.PolicyError(f"{len(found)} key objects share id {key_id.hex()} on token {ts.label!r}")
     ts.cache[("key", key_id)] = found[0]
     return found[0]  # type: ignore[return-value]
+
+
+def key_cache_slot(key_id: bytes) -> tuple[str, bytes]:
+    """Where :func:`_find_key` keeps the object found for ``key_id`` in ``TokenSession.cache``:
+    a caller that checked that object can tell, by one dict read, whether it is still the one used."""
+    return ("key", key_id)
 
 
 def cached_key_handle(ts: TokenSession, key_id: bytes) -> int | None:

@@ -175,7 +175,10 @@ class Keyring:
         self._reader_macs: list[bytes] = []
         self._trust: dict[tuple[bytes, int | None], str | None] = {}
         self._imported: set[bytes] = set()  # versions made by create(_value=...) in this object (tests)
-        self._last_trusted: tuple[object, object] = (None, None)  # (version, key object) that last passed
+        #: (version, its key object, the object's key in the session's handle cache) that last passed
+        self._last_trusted: tuple[object, object, object] = (None, None, None)
+        #: the session's handle cache (one dict for the session's life: TokenSession.cache)
+        self._handles = ts.cache
         self._refresher: threading.Thread | None = None
         self._refresh_error: errors.KeymgrError | None = None
         self._closed = False
@@ -425,9 +428,16 @@ class Keyring:
             return sorted(self._records.values(), key=lambda r: r.name)
 
     def get(self, name: str) -> KeyRecord:
+        if (time.monotonic() - self._loaded_at <= self.refresh_interval and self._refresh_error is None
+                and type(name) is str):
+            # the per-message path (twice per message): _fresh's test inline, then one dict read
+            # (atomic: the lock guards writers); a name found was validated when it was stored
+            record = self._records.get(name)
+            if record is not None:
+                return record
         self._fresh()
-        if type(name) is str:  # the per-message path: a name found was validated when it was stored
-            record = self._records.get(name)  # one dict read, atomic: the lock guards writers
+        if type(name) is str:
+            record = self._records.get(name)
             if record is not None:
                 return record
         validate_name(name)
@@ -728,7 +738,7 @@ class Keyring:
         and that it can never leave (:func:`keymgr.keyring.provenance.encrypt_refusal`); checked once per
         version and key object per Keyring (each KeyManager has one)."""
         last = self._last_trusted
-        if last[0] is version and self._ts.cache.get(("key", version.key_id)) is last[1]:
+        if last[0] is version and self._handles.get(last[2]) is last[1]:
             return  # the per-message path: this very version, through this very object, passed
         if version.key_id in self._imported:
             return
@@ -744,7 +754,8 @@ class Keyring:
             self._trust[(version.key_id, objects.cached_key_handle(self._ts, version.key_id))] = refusal
         if refusal is not None:
             raise errors.PolicyError(refusal)
-        self._last_trusted = (version, self._ts.cache.get(("key", version.key_id)))
+        slot_key = objects.key_cache_slot(version.key_id)
+        self._last_trusted = (version, self._handles.get(slot_key), slot_key)
 
     def with_policy(self, name: str, policy: KeyPolicy) -> KeyRecord:
         """Change ``name``'s lifecycle policy (latest change wins on every host). ``backup`` is fixed
