@@ -428,16 +428,10 @@ class Keyring:
             return sorted(self._records.values(), key=lambda r: r.name)
 
     def get(self, name: str) -> KeyRecord:
-        if (time.monotonic() - self._loaded_at <= self.refresh_interval and self._refresh_error is None
-                and type(name) is str):
-            # the per-message path (twice per message): _fresh's test inline, then one dict read
-            # (atomic: the lock guards writers); a name found was validated when it was stored
-            record = self._records.get(name)
-            if record is not None:
-                return record
-        self._fresh()
-        if type(name) is str:
-            record = self._records.get(name)
+        if time.monotonic() - self._loaded_at > self.refresh_interval or self._refresh_error is not None:
+            self._fresh()  # its first test, inline: the per-message path (twice per message) makes no call
+        if type(name) is str:  # the per-message path: a name found was validated when it was stored
+            record = self._records.get(name)  # one dict read, atomic: the lock guards writers
             if record is not None:
                 return record
         validate_name(name)
@@ -450,13 +444,15 @@ class Keyring:
     def current(self, name: str) -> KeyRecord | None:
         """The record of ``name`` held now (re-read when due), or None: no lookup on the token.
         For callers that compare it by identity with a record they checked before."""
-        self._fresh()
+        if time.monotonic() - self._loaded_at > self.refresh_interval or self._refresh_error is not None:
+            self._fresh()  # its first test, inline: the per-message path (a cached decrypt) makes no call
         return self._records.get(name)
 
     def find_by_id(self, key_id: bytes) -> tuple[KeyRecord, KeyVersion]:
         """Which named key and version a CKA_ID belongs to (ciphertexts carry only the id). A miss
         reads the token again, then re-initialises and reads once more, before it fails."""
-        self._fresh()
+        if time.monotonic() - self._loaded_at > self.refresh_interval or self._refresh_error is not None:
+            self._fresh()  # its first test, inline: the per-message path makes no call
         where = self._by_id.get(key_id)  # one dict read, atomic: the lock guards writers
         if where is None:
             self._look_again(lambda: key_id in self._by_id)

@@ -222,7 +222,7 @@ class KekProtector:
         if self._on_unwrap is not None:  # before the state check: a refusal is attributed too (audit)
             self._on_unwrap(record, version)
         self.check_state(record, version)
-        ts = self._keyring.token
+        ts = self._ts
         profile = PROFILES.get(record.profile_of(version))
         if profile is None or recipient.algorithm not in profile.kek_algorithms:
             raise errors.IntegrityError("the data key is not authentic")
