@@ -65,6 +65,10 @@ WRAP_MECHANISMS: Mapping[str, int] = {
     "aes-kwp-3.0": 0x210B,
 }
 
+#: Each of those as python-pkcs11's enum, made once (an enum call per message costs ~0.3 µs).
+_WRAP_MECHANISM_ENUMS: Mapping[str, Mechanism] = MappingProxyType(
+    {name: Mechanism(code) for name, code in WRAP_MECHANISMS.items()})
+
 _KEY_TYPES = {"AES": KeyType.AES, "GENERIC_SECRET": KeyType.GENERIC_SECRET}
 T = TypeVar("T")
 
@@ -100,7 +104,7 @@ def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes,
               proof: Mapping[Attribute, Any] | None = None) -> pkcs11.SecretKey:
     """The key object under ``key_id`` (cached per session). With ``proof``, only an object that
     also shows those attributes (the token matches them in C_FindObjects) is ever found."""
-    cached = ts.cache.get(("key", key_id))
+    cached = ts.cache.get(("key", key_id))  # key_cache_slot(key_id), inline: the per-message path
     if cached is not None:
         return cached  # type: ignore[return-value]
     template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id, **(proof or {})}
@@ -111,6 +115,12 @@ def _find_key(session: pkcs11.Session, ts: TokenSession, key_id: bytes,
         raise errors.PolicyError(f"{len(found)} key objects share id {key_id.hex()} on token {ts.label!r}")
     ts.cache[("key", key_id)] = found[0]
     return found[0]  # type: ignore[return-value]
+
+
+def key_cache_slot(key_id: bytes) -> tuple[str, bytes]:
+    """Where :func:`_find_key` keeps the object found for ``key_id`` in ``TokenSession.cache``:
+    a caller that checked that object can tell, by one dict read, whether it is still the one used."""
+    return ("key", key_id)
 
 
 def cached_key_handle(ts: TokenSession, key_id: bytes) -> int | None:
@@ -260,7 +270,7 @@ def wrap_data_key(ts: TokenSession, kek_id: bytes, data_key: bytes, mechanism: s
     The data key must become a session object first (KW works only through
     C_WrapKey: STACK-FACTS.md 5); it is destroyed again before returning.
     """
-    mech = Mechanism(WRAP_MECHANISMS[mechanism])
+    mech = _WRAP_MECHANISM_ENUMS[mechanism]
     attrs = {**_EPHEMERAL_OBJECT, Attribute.VALUE: bytes(data_key)}
 
     def use(kek: Any) -> bytes:
@@ -297,7 +307,7 @@ def checked_for_authenticity(ts: TokenSession, operation: str, call: Callable[[]
 def unwrap_data_key(ts: TokenSession, kek_id: bytes, wrapped: bytes, mechanism: str = "aes-kw",
                     key_length: int = 32) -> bytearray:
     """Unwrap a data key with C_UnwrapKey into a session object, read it, destroy it."""
-    mech = Mechanism(WRAP_MECHANISMS[mechanism])
+    mech = _WRAP_MECHANISM_ENUMS[mechanism]
     attrs = dict(_EPHEMERAL_UNWRAP)
 
     def use(kek: Any) -> bytearray:

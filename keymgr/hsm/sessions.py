@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -125,7 +126,8 @@ class TokenSession:
 
     @property
     def cache(self) -> dict[object, object]:
-        """Per-session cache for object handles; emptied whenever the session is reopened."""
+        """Per-session cache for object handles; emptied whenever the session is reopened (one dict
+        for this TokenSession's life, never replaced: a caller may keep a reference to it)."""
         return self._cache
 
     # -- opening and logging in -------------------------------------------------
@@ -153,6 +155,10 @@ class TokenSession:
         """:meth:`_open_locked`, tried again a few times after a re-initialise when the token looks
         absent: processes logging in at the same moment (forked children of one parent, a fleet
         starting) rewrite SoftHSM's token file while others read it (STACK-FACTS 23)."""
+        session, module = self._session, self._found.module
+        if (session is not None and module.pid == os.getpid() and self._pid == module.pid
+                and self._generation == module.generation):
+            return session  # the per-call path: Module.ensure_current's and _open_locked's tests, inline
         for attempt in range(_REREAD_TRIES):
             try:
                 return self._open_locked()
@@ -335,7 +341,7 @@ class TokenSession:
 
         ``operation`` names the step for error messages ("wrap data key").
         """
-        with self.module.lock:
+        with self._found.module.lock:  # self.module, without the property call: once per token call
             for attempt in (1, 2):
                 try:
                     session = self._open_with_retries()

@@ -146,6 +146,17 @@ class KeyRecord:
         every message asks."""
         return profile_named(self.profile_of(self.primary_version) if self.versions else self.profile)
 
+    @functools.cached_property
+    def use_limit(self) -> int | None:
+        """Encryptions one version of this key may make: the policy's ``max_messages`` and the
+        primary profile's bound (the gcm profile's 2^32), whichever is lower; None when nothing
+        limits them (:mod:`keymgr.lifecycle.usage`). Once per record, as every message asks."""
+        limits = [self.policy.max_messages] if self.policy.max_messages else []
+        bound = self.primary_profile.use_bound
+        if bound is not None:
+            limits.append(bound)
+        return min(limits) if limits else None
+
     def label_of(self, number: int) -> str:
         return f"{self.name}/v{number}"
 

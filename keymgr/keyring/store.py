@@ -174,7 +174,10 @@ class Keyring:
         self._writer_macs: list[bytes] | None = None
         self._reader_macs: list[bytes] = []
         self._trust: dict[tuple[bytes, int | None], str | None] = {}
-        self._last_trusted: tuple[object, object] = (None, None)  # (version, key object) that last passed
+        #: (version, its key object, the object's key in the session's handle cache) that last passed
+        self._last_trusted: tuple[object, object, object] = (None, None, None)
+        #: the session's handle cache (one dict for the session's life: TokenSession.cache)
+        self._handles = ts.cache
         self._refresher: threading.Thread | None = None
         self._refresh_error: errors.KeymgrError | None = None
         self._closed = False
@@ -424,7 +427,8 @@ class Keyring:
             return sorted(self._records.values(), key=lambda r: r.name)
 
     def get(self, name: str) -> KeyRecord:
-        self._fresh()
+        if time.monotonic() - self._loaded_at > self.refresh_interval or self._refresh_error is not None:
+            self._fresh()  # its first test, inline: the per-message path (twice per message) makes no call
         if type(name) is str:  # the per-message path: a name found was validated when it was stored
             record = self._records.get(name)  # one dict read, atomic: the lock guards writers
             if record is not None:
@@ -439,13 +443,15 @@ class Keyring:
     def current(self, name: str) -> KeyRecord | None:
         """The record of ``name`` held now (re-read when due), or None: no lookup on the token.
         For callers that compare it by identity with a record they checked before."""
-        self._fresh()
+        if time.monotonic() - self._loaded_at > self.refresh_interval or self._refresh_error is not None:
+            self._fresh()  # its first test, inline: the per-message path (a cached decrypt) makes no call
         return self._records.get(name)
 
     def find_by_id(self, key_id: bytes) -> tuple[KeyRecord, KeyVersion]:
         """Which named key and version a CKA_ID belongs to (ciphertexts carry only the id). A miss
         reads the token again, then re-initialises and reads once more, before it fails."""
-        self._fresh()
+        if time.monotonic() - self._loaded_at > self.refresh_interval or self._refresh_error is not None:
+            self._fresh()  # its first test, inline: the per-message path makes no call
         where = self._by_id.get(key_id)  # one dict read, atomic: the lock guards writers
         if where is None:
             self._look_again(lambda: key_id in self._by_id)
@@ -719,7 +725,7 @@ class Keyring:
         and that it can never leave (:func:`keymgr.keyring.provenance.encrypt_refusal`); checked once per
         version and key object per Keyring (each KeyManager has one)."""
         last = self._last_trusted
-        if last[0] is version and self._ts.cache.get(("key", version.key_id)) is last[1]:
+        if last[0] is version and self._handles.get(last[2]) is last[1]:
             return  # the per-message path: this very version, through this very object, passed
         slot = (version.key_id, objects.cached_key_handle(self._ts, version.key_id))
         try:
@@ -733,7 +739,8 @@ class Keyring:
             self._trust[(version.key_id, objects.cached_key_handle(self._ts, version.key_id))] = refusal
         if refusal is not None:
             raise errors.PolicyError(refusal)
-        self._last_trusted = (version, self._ts.cache.get(("key", version.key_id)))
+        slot_key = objects.key_cache_slot(version.key_id)
+        self._last_trusted = (version, self._handles.get(slot_key), slot_key)
 
     def with_policy(self, name: str, policy: KeyPolicy) -> KeyRecord:
         """Change ``name``'s lifecycle policy (latest change wins on every host). ``backup`` is fixed

@@ -57,12 +57,9 @@ MAX_BLOCK = 1 << 20
 
 
 def limit_for(record: KeyRecord) -> int | None:
-    """Encryptions one version of this key may make, or None when nothing limits them."""
-    limits = [record.policy.max_messages] if record.policy.max_messages else []
-    bound = record.primary_profile.use_bound
-    if bound is not None:
-        limits.append(bound)
-    return min(limits) if limits else None
+    """Encryptions one version of this key may make, or None when nothing limits them
+    (:attr:`KeyRecord.use_limit`, computed once per record)."""
+    return record.use_limit
 
 
 def block_for(limit: int, previous: int = 0) -> int:
@@ -123,10 +120,11 @@ class UsageMeter:
         with (a newer one after an automatic rotation)."""
         if record.policy.auto_rotate:
             record = self._rotate_if_due(record)
-        limit = limit_for(record)
-        if limit is None or record.primary_version.state != "active":
+        limit = record.use_limit
+        version = record.primary_version
+        if limit is None or version.state != "active":
             return record  # nothing to count, or the wrap refuses anyway
-        if self._spend(record.primary_version.key_id):
+        if self._spend(version.key_id):
             return record
         with self._reserving:
             if self._spend(record.primary_version.key_id):  # another thread reserved meanwhile

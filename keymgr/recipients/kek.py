@@ -86,6 +86,7 @@ class KekProtector:
         """``reserve`` counts each wrap under a primary and may hand back a newer record
         (:meth:`keymgr.lifecycle.usage.UsageMeter.reserve`: max_messages, the GCM bound, auto-rotation)."""
         self._keyring = keyring
+        self._ts = keyring.token  # a keyring's token never changes: read once, not per message
         self._reserve = reserve
         self._allow_compromised = allow_compromised
         self._on_unwrap = on_unwrap
@@ -129,7 +130,7 @@ class KekProtector:
                 record = self._reserve(record)
             version = record.primary_version
         self.check_encrypts(record, version)
-        ts = self._keyring.token
+        ts = self._ts
         profile = record.primary_profile if version is record.primary_version else _profile(record, version)
         if profile.wraps:
             mechanism, algorithm = self._wrap_mechanism()
@@ -221,7 +222,7 @@ class KekProtector:
         if self._on_unwrap is not None:  # before the state check: a refusal is attributed too (audit)
             self._on_unwrap(record, version)
         self.check_state(record, version)
-        ts = self._keyring.token
+        ts = self._ts
         profile = PROFILES.get(record.profile_of(version))
         if profile is None or recipient.algorithm not in profile.kek_algorithms:
             raise errors.IntegrityError("the data key is not authentic")

@@ -484,3 +484,30 @@ def test_a_bad_policy_is_refused_before_anything_is_written(km, key_name: str, p
     keyring_of(km).reload()
     assert km.decrypt(km.encrypt(b"x", key=f"{key_name}-ok")) == b"x"
     assert km.describe_key(key_name).policy == KeyPolicy()
+
+
+@pytest.mark.parametrize("profile", ["kw", "gcm"])
+def test_the_provenance_check_runs_once_per_key_object_and_again_after_the_session_reopens(
+        softhsm: TokenUnderTest, key_name: str, profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-message path skips the attribute check only for the very version and key object
+    that passed it: once the session's handles are gone (the module re-initialised), the next
+    message checks the object found anew before it encrypts."""
+    from keymgr.keyring import provenance
+
+    checked: list[bytes] = []
+    original = provenance.encrypt_refusal
+
+    def counting(ts: object, record: KeyRecord, version: KeyVersion) -> str | None:
+        checked.append(version.key_id)
+        return original(ts, record, version)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(provenance, "encrypt_refusal", counting)
+    with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
+        key_id = km.create_key(key_name, profile=profile).primary_version.key_id
+        for _ in range(3):
+            km.encrypt(b"m", key=key_name)
+        assert checked == [key_id]
+        token_of(km).reread()  # new session, new handles: the object must prove itself again
+        for _ in range(3):
+            km.encrypt(b"m", key=key_name)
+        assert checked == [key_id, key_id]
