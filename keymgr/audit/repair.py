@@ -12,12 +12,15 @@ the new log, or of a fleet's logs, reports the old chain as acknowledged, not mi
 A library function, not the CLI's own code, so that every program that repairs a log
 writes the same entry, and only after the same checks:
 
-* the path is a regular file (or missing while the token remembers a chain there);
+* the path is a regular file, not a symbolic link (or missing while the token remembers a
+  chain there);
 * the file is an audit log: at least one line is an audit entry (an application's config
   named by mistake is refused, not moved aside);
 * it is this token's log: at least one entry's MAC verifies with this token's audit key,
   or the token registered a chain at this path (``--token`` of another token at 3 a.m. is
   refused: nothing says that log lost anything);
+* the file is the one checked when the confirmation returns (another operator's repair in
+  the meantime is not repaired again);
 * the repair entry records why verification failed (the first broken line and the
   verifier's reason), so an edited entry later removed with ``LOG.cut-TIME`` still reads
   as what it was, not as a plain cut.
@@ -63,8 +66,12 @@ def repair_log(path: str | os.PathLike[str], token: TokenSession, *,
     path = Path(path)
     damage = _Damage.of(path, token)
     key, lost, lost_point, report = damage.key, damage.lost, damage.lost_point, damage.report
-    if confirm is not None and not confirm():
-        raise errors.PolicyError("not confirmed; nothing was changed")
+    if confirm is not None:
+        if not confirm():
+            raise errors.PolicyError("not confirmed; nothing was changed")
+        if _identity(path) != damage.identity:  # another operator's repair, or a writer, meanwhile
+            raise errors.PolicyError(f"{path} changed while the confirmation was asked; nothing was changed: "
+                                     "run the repair again")
     detail: dict[str, Any] = {}
     moved: Path | None = None
     if report is None and lost is not None and lost_point is not None:
@@ -106,21 +113,37 @@ class _Damage:
     lost: str | None
     lost_point: tuple[int, str] | None
     report: VerifyReport | None
+    identity: tuple[int, int, int, int] | None  # the file as it was checked (None: missing)
 
     @classmethod
     def of(cls, path: Path, token: TokenSession) -> _Damage:
+        identity = _identity(path)
         key = AuditKey(token)
         host, real = (socket.gethostname() or "unknown")[:255], os.path.realpath(path)
         lost = key.registered_chain(host, real)
         lost_point = key.checkpoint(lost) if lost is not None else None
         report = _damaged_report(path, key, token, registered=lost is not None, remembered=lost_point is not None)
-        return cls(key, host, real, lost, lost_point, report)
+        return cls(key, host, real, lost, lost_point, report, identity)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime) of the file at ``path`` (never following a link), or None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise errors.ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _damaged_report(path: Path, key: AuditKey, token: TokenSession, *, registered: bool,
                     remembered: bool) -> VerifyReport | None:
     """The failing verification of the log at ``path`` (None: missing or empty, and the token
     remembers a chain there), or a PolicyError saying why there is nothing to repair here."""
+    if path.is_symlink():
+        raise errors.PolicyError(f"{path} is a symbolic link: repair the log it points to by its own path "
+                                 "(a repair never replaces a link); nothing was changed")
     if os.path.lexists(path) and not path.is_file():
         raise errors.PolicyError(f"{path} is not a regular file, so not an audit log: nothing to repair")
     if not path.exists() or not path.stat().st_size:
