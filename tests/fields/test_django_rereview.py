@@ -1,0 +1,96 @@
+"""Second outside review of keymgr.fields.django (after the first review's fixes): paths that
+still leave a blind-index term stale without an error. Each test fails while the gap is open."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if os.environ.get("KEYMGR_REQUIRE_INTEROP") != "1":
+    pytest.importorskip("django")
+import django  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+if not settings.configured:
+    settings.configure(DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ""}},
+                       INSTALLED_APPS=[], USE_TZ=True)
+    django.setup()
+
+from django.db import connections, models  # noqa: E402
+
+from keymgr import errors  # noqa: E402
+from keymgr.fields import unicode_fold  # noqa: E402
+from keymgr.fields.django import (  # noqa: E402
+    BlindIndexField,
+    DjangoKeyStore,
+    EncryptedManager,
+    EncryptedTextField,
+    register,
+)
+
+
+class Member(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    email = EncryptedTextField(cipher="rereview", null=True)
+    email_bidx = BlindIndexField(source="email", index="rereview-email")
+    objects = EncryptedManager()
+
+    class Meta:
+        app_label = "keymgr_rereview"
+        db_table = "rereview_members"
+
+
+@pytest.fixture
+def db(tmp_path: Path, km_a: Any, key_name: str) -> Iterator[str]:
+    """A fresh SQLite database with the model's table and the data-key table."""
+    settings.DATABASES["default"]["NAME"] = str(tmp_path / "rereview.db")
+    connections["default"].close()
+    with connections["default"].schema_editor() as editor:
+        editor.create_model(Member)
+    DjangoKeyStore("default").create()
+    km_a.create_key(key_name)
+    register(ciphers={"rereview": km_a.fields(key_name, store=DjangoKeyStore("default"))},
+             indexes={"rereview-email": km_a.blind_index(f"{key_name}-email", bits=15, normalise=unicode_fold)})
+    yield "default"
+    connections["default"].close()
+
+
+def _consistent(pk: uuid.UUID) -> bool:
+    """The row is found by the value it holds (its term matches its source)."""
+    row = Member.objects.get(pk=pk)
+    return row.email is None or [m.pk for m in Member.objects.find(email=row.email)] == [pk]
+
+
+@pytest.mark.parametrize("update_fields", [["email"], ["email_bidx"]])
+def test_upsert_on_the_primary_key_refuses_a_source_without_its_index(db: str, update_fields: list[str]) -> None:
+    """bulk_create(update_conflicts=True, unique_fields=["id"]) that overwrites the source but
+    not its term (or the term but not the source) leaves the row unfindable by its value: it
+    must be refused, as save(update_fields=[...]) is. Today it passes, and the index is stale."""
+    member = Member.objects.create(email="erin@example.org")
+    try:
+        Member.objects.bulk_create([Member(id=member.pk, email="eve@example.org")], update_conflicts=True,
+                                   unique_fields=["id"], update_fields=update_fields)
+    except errors.ConfigurationError:
+        return
+    assert _consistent(member.pk), f"upsert with update_fields={update_fields} left email_bidx stale"
+
+
+@pytest.mark.parametrize("change", [{"email": None}, {"email_bidx": None}])
+def test_queryset_update_to_null_keeps_source_and_index_together(db: str, change: dict[str, None]) -> None:
+    """QuerySet.update() bypasses pre_save: NULLing the source keeps the old value's term (the row
+    still answers the old value's term), NULLing the term hides the row from find(). Either
+    must be refused (or both columns written). Today both pass."""
+    member = Member.objects.create(email="dave@example.org")
+    try:
+        Member.objects.filter(pk=member.pk).update(**change)
+    except errors.ConfigurationError:
+        return
+    row = Member.objects.get(pk=member.pk)
+    assert (row.email is None) == (row.__dict__["email_bidx"] is None), \
+        f"update({change}) left email={row.email!r} with email_bidx={row.__dict__['email_bidx']!r}"
+    assert _consistent(member.pk)
