@@ -17,7 +17,9 @@ import django  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 if not settings.configured:
-    settings.configure(DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ""}},
+    settings.configure(DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ""},
+                                  "pg": {"ENGINE": "django.db.backends.postgresql", "NAME": "keymgr",
+                                         "USER": "keymgr", "HOST": ""}},
                        INSTALLED_APPS=[], USE_TZ=True)
     django.setup()
 
@@ -45,25 +47,35 @@ class Member(models.Model):
         db_table = "rereview_members"
 
 
-@pytest.fixture
-def db(tmp_path: Path, km_a: Any, key_name: str) -> Iterator[str]:
-    """A fresh SQLite database with the model's table and the data-key table."""
-    settings.DATABASES["default"]["NAME"] = str(tmp_path / "rereview.db")
-    connections["default"].close()
-    with connections["default"].schema_editor() as editor:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def db(request: pytest.FixtureRequest, tmp_path: Path, km_a: Any, key_name: str) -> Iterator[str]:
+    """A database (a fresh SQLite file, or the session's throwaway PostgreSQL) with the model's
+    table and the data-key table, routed as the default alias for the test."""
+    if request.param == "sqlite":
+        alias = "default"
+        settings.DATABASES[alias]["NAME"] = str(tmp_path / "rereview.db")
+    else:
+        alias = "pg"
+        settings.DATABASES[alias]["HOST"] = str(request.getfixturevalue("postgres").socket_dir)
+    connections[alias].close()
+    with connections[alias].schema_editor() as editor:
         editor.create_model(Member)
-    DjangoKeyStore("default").create()
+    store = DjangoKeyStore(alias)
+    store.create()  # IF NOT EXISTS
     km_a.create_key(key_name)
-    register(ciphers={"rereview": km_a.fields(key_name, store=DjangoKeyStore("default"))},
+    register(ciphers={"rereview": km_a.fields(key_name, store=store)},
              indexes={"rereview-email": km_a.blind_index(f"{key_name}-email", bits=15, normalise=unicode_fold)})
-    yield "default"
-    connections["default"].close()
+    yield alias
+    if request.param != "sqlite":
+        with connections[alias].schema_editor() as editor:
+            editor.delete_model(Member)
+    connections[alias].close()
 
 
-def _consistent(pk: uuid.UUID) -> bool:
+def _consistent(db: str, pk: uuid.UUID) -> bool:
     """The row is found by the value it holds (its term matches its source)."""
-    row = Member.objects.get(pk=pk)
-    return row.email is None or [m.pk for m in Member.objects.find(email=row.email)] == [pk]
+    row = Member.objects.using(db).get(pk=pk)
+    return row.email is None or [m.pk for m in Member.objects.using(db).find(email=row.email)] == [pk]
 
 
 @pytest.mark.parametrize("update_fields", [["email"], ["email_bidx"]])
@@ -71,13 +83,13 @@ def test_upsert_on_the_primary_key_refuses_a_source_without_its_index(db: str, u
     """bulk_create(update_conflicts=True, unique_fields=["id"]) that overwrites the source but
     not its term (or the term but not the source) leaves the row unfindable by its value: it
     must be refused, as save(update_fields=[...]) is. Today it passes, and the index is stale."""
-    member = Member.objects.create(email="erin@example.org")
+    member = Member.objects.using(db).create(email="erin@example.org")
     try:
-        Member.objects.bulk_create([Member(id=member.pk, email="eve@example.org")], update_conflicts=True,
+        Member.objects.using(db).bulk_create([Member(id=member.pk, email="eve@example.org")], update_conflicts=True,
                                    unique_fields=["id"], update_fields=update_fields)
     except errors.ConfigurationError:
         return
-    assert _consistent(member.pk), f"upsert with update_fields={update_fields} left email_bidx stale"
+    assert _consistent(db, member.pk), f"upsert with update_fields={update_fields} left email_bidx stale"
 
 
 @pytest.mark.parametrize("change", [{"email": None}, {"email_bidx": None}])
@@ -85,12 +97,12 @@ def test_queryset_update_to_null_keeps_source_and_index_together(db: str, change
     """QuerySet.update() bypasses pre_save: NULLing the source keeps the old value's term (the row
     still answers the old value's term), NULLing the term hides the row from find(). Either
     must be refused (or both columns written). Today both pass."""
-    member = Member.objects.create(email="dave@example.org")
+    member = Member.objects.using(db).create(email="dave@example.org")
     try:
-        Member.objects.filter(pk=member.pk).update(**change)
+        Member.objects.using(db).filter(pk=member.pk).update(**change)
     except errors.ConfigurationError:
         return
-    row = Member.objects.get(pk=member.pk)
+    row = Member.objects.using(db).get(pk=member.pk)
     assert (row.email is None) == (row.__dict__["email_bidx"] is None), \
         f"update({change}) left email={row.email!r} with email_bidx={row.__dict__['email_bidx']!r}"
-    assert _consistent(member.pk)
+    assert _consistent(db, member.pk)
