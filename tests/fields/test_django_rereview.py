@@ -36,6 +36,18 @@ from keymgr.fields.django import (  # noqa: E402
 )
 
 
+class Plain(models.Model):
+    """A client-given primary key without a default: Django saves an instance by UPDATE first."""
+
+    id = models.UUIDField(primary_key=True)
+    email = EncryptedTextField(cipher="rereview", null=True)
+    objects = EncryptedManager()
+
+    class Meta:
+        app_label = "keymgr_rereview"
+        db_table = "rereview_plain"
+
+
 class Member(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4)
     email = EncryptedTextField(cipher="rereview", null=True)
@@ -60,6 +72,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path, km_a: Any, key_name: str)
     connections[alias].close()
     with connections[alias].schema_editor() as editor:
         editor.create_model(Member)
+        editor.create_model(Plain)
     store = DjangoKeyStore(alias)
     store.create()  # IF NOT EXISTS
     km_a.create_key(key_name)
@@ -69,6 +82,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path, km_a: Any, key_name: str)
     if request.param != "sqlite":
         with connections[alias].schema_editor() as editor:
             editor.delete_model(Member)
+            editor.delete_model(Plain)
     connections[alias].close()
 
 
@@ -92,17 +106,36 @@ def test_upsert_on_the_primary_key_refuses_a_source_without_its_index(db: str, u
     assert _consistent(db, member.pk), f"upsert with update_fields={update_fields} left email_bidx stale"
 
 
-@pytest.mark.parametrize("change", [{"email": None}, {"email_bidx": None}])
-def test_queryset_update_to_null_keeps_source_and_index_together(db: str, change: dict[str, None]) -> None:
+@pytest.mark.parametrize("change", ["email=None", "email_bidx=None", "email_bidx=<another row's term>"])
+def test_queryset_update_keeps_source_and_index_together(db: str, change: str) -> None:
     """QuerySet.update() bypasses pre_save: NULLing the source keeps the old value's term (the row
-    still answers the old value's term), NULLing the term hides the row from find(). Either
-    must be refused (or both columns written). Today both pass."""
+    still answers the old value's term), NULLing the term or copying another row's term hides the
+    row from find(). Each must be refused (or both columns written). Today all pass."""
     member = Member.objects.using(db).create(email="dave@example.org")
+    other = Member.objects.using(db).create(email="bob@example.org")
+    values = {"email=None": {"email": None}, "email_bidx=None": {"email_bidx": None},
+              "email_bidx=<another row's term>": {"email_bidx": Member.objects.using(db).get(pk=other.pk)
+                                                  .__dict__["email_bidx"]}}[change]
     try:
-        Member.objects.using(db).filter(pk=member.pk).update(**change)
+        Member.objects.using(db).filter(pk=member.pk).update(**values)
     except errors.ConfigurationError:
         return
     row = Member.objects.using(db).get(pk=member.pk)
     assert (row.email is None) == (row.__dict__["email_bidx"] is None), \
         f"update({change}) left email={row.email!r} with email_bidx={row.__dict__['email_bidx']!r}"
-    assert _consistent(db, member.pk)
+    assert _consistent(db, member.pk), f"update({change}) left email_bidx stale"
+
+
+def test_a_value_from_values_is_not_bound_to_the_row_it_is_given_to(db: str) -> None:
+    """values() returns Stored values with no row; given to a new instance of another existing row
+    (the key has no default, so Django saves by UPDATE first), post_init binds it to that row, so
+    save() believes it unchanged and writes F(column): the assignment is silently dropped (and
+    the instance's attribute then fails to open). It must be sealed to its new row or refused."""
+    first = Plain.objects.using(db).create(id=uuid.uuid4(), email="first")
+    second = Plain.objects.using(db).create(id=uuid.uuid4(), email="second")
+    copied = Plain.objects.using(db).filter(pk=second.pk).values_list("email", flat=True).get()
+    try:
+        Plain(id=first.pk, email=copied).save(using=db)
+    except (errors.ConfigurationError, errors.IntegrityError):
+        return
+    assert Plain.objects.using(db).get(pk=first.pk).email == "second", "save() returned, but wrote nothing"
