@@ -24,6 +24,8 @@ if not settings.configured:
     django.setup()
 
 from django.db import connections, models  # noqa: E402
+from django.db.models import F, Value  # noqa: E402
+from django.db.models.lookups import Exact  # noqa: E402
 
 from keymgr import errors  # noqa: E402
 from keymgr.fields import unicode_fold  # noqa: E402
@@ -139,3 +141,20 @@ def test_a_value_from_values_is_not_bound_to_the_row_it_is_given_to(db: str) -> 
     except (errors.ConfigurationError, errors.IntegrityError):
         return
     assert Plain.objects.using(db).get(pk=first.pk).email == "second", "save() returned, but wrote nothing"
+
+
+@pytest.mark.parametrize("form", ["Exact(Value(plain), F(email))", "annotate(v=Value(plain)).filter(v=F(email))"])
+def test_plaintext_never_reaches_a_comparison_with_the_sealed_column(db: str, form: str) -> None:
+    """filter(email=Value(plain)) is refused; the same comparison with the sealed column on the
+    right-hand side is not: the plaintext goes to the database as a query parameter (its logs),
+    compared with ciphertext. It must be refused as the left-hand form is."""
+    Member.objects.using(db).create(email="alice@example.org")
+    plain = Value("alice@example.org")
+    queryset = (Member.objects.using(db).filter(Exact(plain, F("email"))) if form.startswith("Exact")
+                else Member.objects.using(db).annotate(v=plain).filter(v=F("email")))
+    try:
+        sql, params = queryset.query.sql_with_params()
+        list(queryset)
+    except errors.ConfigurationError:
+        return
+    assert "alice@example.org" not in params, f"{form} sent the plaintext as a query parameter: {params}"
