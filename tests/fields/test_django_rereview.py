@@ -158,3 +158,19 @@ def test_plaintext_never_reaches_a_comparison_with_the_sealed_column(db: str, fo
     except errors.ConfigurationError:
         return
     assert "alice@example.org" not in params, f"{form} sent the plaintext as a query parameter: {params}"
+
+
+def test_refresh_from_db_keeps_values_as_read(db: str) -> None:
+    """refresh_from_db() copies each field with getattr() from a fresh instance: the plaintext, as if
+    assigned. The next save() then seals every value again with the writer's cached data key
+    instead of leaving the column as the database holds it (F(column)), so an instance refreshed
+    before a re-encryption pass and saved after it writes values under a data key the pass deleted
+    (reproduced: reencrypt_table without a rotation, then a fresh cipher cannot open the row). An
+    unchanged, refreshed value must be written as F(column), like a loaded one."""
+    member = Member.objects.using(db).create(email="carol@example.org")
+    loaded = Member.objects.using(db).get(pk=member.pk)
+    loaded.refresh_from_db()
+    before = Member.objects.using(db).filter(pk=member.pk).values_list("email", flat=True).get().sealed
+    loaded.save(using=db)
+    after = Member.objects.using(db).filter(pk=member.pk).values_list("email", flat=True).get().sealed
+    assert after == before, "an unchanged value was sealed again after refresh_from_db()"
