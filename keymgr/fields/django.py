@@ -128,6 +128,24 @@ class _Sealed(bytes):
         return f"Sealed({len(self)} bytes)"
 
 
+class _SavedTerm(Term):
+    """What :meth:`BlindIndexField.pre_save` returns (the instance keeps a plain :class:`Term`):
+    the only term a write takes, so a term read from another row cannot be written to this one."""
+
+    __slots__ = ()
+
+
+class _SavedNull:
+    """What ``pre_save`` returns for NULL: a write of NULL that ``save()`` computed, told apart
+    from ``update(email=None)``, which would leave a source and its blind index out of step."""
+
+    def __repr__(self) -> str:
+        return "SavedNull"
+
+
+_NULL = _SavedNull()
+
+
 def _refused(field: models.Field, what: str) -> errors.ConfigurationError:
     return errors.ConfigurationError(
         f"{field.model.__name__}.{field.name} is {what}: it takes only what save() / bulk_create() compute "
@@ -177,6 +195,7 @@ class _MarkedColumn(models.Field):  # type: ignore[misc]
     before any parameter is built)."""
 
     marker: type[bytes] = bytes
+    saved: type[bytes] = bytes
     read: Callable[[bytes], Any] = bytes
     what = ""
 
@@ -194,13 +213,20 @@ class _MarkedColumn(models.Field):  # type: ignore[misc]
         return bytes(value)
 
     def get_db_prep_save(self, value: Any, connection: Any) -> Any:
-        """Django hands expressions (``update(email=Value(...))``, ``bulk_update``'s ``Case``)
-        to the SQL as they are: only the column itself (``pre_save``'s ``F()``) passes."""
+        """A write takes only what ``pre_save`` returned: a value it sealed (or a term it
+        computed), its NULL, or ``F()`` of the column itself. Anything else comes from
+        ``QuerySet.update()`` (or ``bulk_update``'s ``Case``), which bypasses ``pre_save``: a NULL,
+        a term read from another row or an expression (``Value(...)``) would leave a source and
+        its blind index out of step, or write plaintext. Values change through ``save()``."""
         if hasattr(value, "as_sql"):
             if _own_column(self, value):
                 return value
             raise _refused(self, self.what)
-        return self.get_db_prep_value(value, connection, prepared=False)
+        if value is _NULL:
+            return None
+        if not isinstance(value, self.saved):
+            raise _refused(self, self.what)
+        return bytes(value)
 
     def get_placeholder(self, value: Any, compiler: Any, connection: Any) -> str:
         """Every INSERT and UPDATE of the column passes here, whichever manager or queryset made
@@ -276,7 +302,7 @@ class EncryptedField(_MarkedColumn):
     """A column of field-form values (``bytea`` / ``BLOB``) sealed by the registered cipher ``cipher``."""
 
     descriptor_class = _PlaintextAttribute
-    marker = _Sealed
+    marker = saved = _Sealed
     read = Stored
     what = "encrypted"
     text = True
@@ -333,7 +359,7 @@ class EncryptedField(_MarkedColumn):
                                             f"EncryptedBinaryField: give it bytes, not {type(plain).__name__}")
         return plain if isinstance(plain, str) else bytes(plain)
 
-    def pre_save(self, model_instance: models.Model, add: bool) -> _Sealed | models.F | None:
+    def pre_save(self, model_instance: models.Model, add: bool) -> _Sealed | models.F | _SavedNull:
         """An UPDATE of the row a value was read for leaves the column as it is, ``F(column)``:
         the instance's copy may name a data key a re-encryption pass has since deleted (the
         database holds the re-sealed value). An INSERT, a copy to another primary key or an
@@ -342,7 +368,7 @@ class EncryptedField(_MarkedColumn):
             return models.F(self.attname)
         plain = self.to_seal(model_instance)
         if plain is None:
-            return None
+            return _NULL
         return _Sealed(self.cipher.encrypt(plain, self.place(_row(model_instance, self.model))))
 
     def value_to_string(self, obj: models.Model) -> str:
@@ -375,6 +401,7 @@ class BlindIndexField(_MarkedColumn):
     indexed by the database, not editable."""
 
     marker = Term
+    saved = _SavedTerm
     read = Term
     what = "a blind-index term"
 
@@ -411,7 +438,7 @@ class BlindIndexField(_MarkedColumn):
                                             "which is not an encrypted field")
         return field
 
-    def pre_save(self, model_instance: models.Model, add: bool) -> Term | models.F | None:
+    def pre_save(self, model_instance: models.Model, add: bool) -> _SavedTerm | models.F | _SavedNull:
         """The term of the source's plaintext. While the source is the value read for this row
         (or deferred, never loaded) an UPDATE leaves the term column as the database holds it
         (no decryption, no HMAC; a deferred source never NULLs it); otherwise the term is
@@ -420,9 +447,12 @@ class BlindIndexField(_MarkedColumn):
         if not add and source.kept(model_instance):
             return models.F(self.attname)
         plain = source.to_seal(model_instance)
-        term = None if plain is None else Term(self.index.term(plain, context=self.context))
-        model_instance.__dict__[self.attname] = term
-        return term
+        if plain is None:
+            model_instance.__dict__[self.attname] = None
+            return _NULL
+        term = self.index.term(plain, context=self.context)
+        model_instance.__dict__[self.attname] = Term(term)
+        return _SavedTerm(term)
 
 
 _MarkedFields = tuple[tuple[EncryptedField, ...], tuple[BlindIndexField, ...]]
@@ -492,13 +522,22 @@ def _check_upsert(model: type[models.Model], update_fields: Sequence[models.Fiel
     """An upsert that overwrites sealed or term columns must conflict on the primary key: the
     values were sealed to the primary key of the object given, so a conflict on another unique
     column (a login) would write them into a row with another key, where they never open. (MySQL
-    takes no conflict target: any unique key may conflict, so it is refused there.)"""
+    takes no conflict target: any unique key may conflict, so it is refused there.) And, as for a
+    save, a source is overwritten with its blind index or not at all: the existing row's term
+    would otherwise stay that of its old value (or a new term point at the old value)."""
     sealed = [f.name for f in update_fields if isinstance(f, _MarkedColumn)]
     if sealed and [f.column for f in unique_fields] != [model._meta.pk.column]:
         raise errors.ConfigurationError(
             f"{model.__name__}: bulk_create(update_conflicts=True) updates {', '.join(sealed)}, sealed to the primary "
             f"key of each object: it upserts only on the primary key (unique_fields=[{model._meta.pk.name!r}]), "
             "not on another unique column, whose existing row has another key")
+    columns = {f.column for f in update_fields}
+    for index in _marked_fields(model)[1]:
+        source = index.source_field()
+        if (source.column in columns) != (index.column in columns):
+            raise errors.ConfigurationError(
+                f"{model.__name__}: bulk_create(update_conflicts=True) would update {source.name} or its blind index "
+                f"{index.name} without the other, leaving a stale term: name both in update_fields, or neither")
 
 
 def _fields(model: type[models.Model], names: Sequence[str] | None) -> list[models.Field]:
