@@ -44,6 +44,7 @@ migrations as plain strings and the KeyManager can be opened after the models ar
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,6 +53,7 @@ from typing import Any
 from django.db import models
 from django.db.models.constants import OnConflict
 from django.db.models.expressions import Col
+from django.db.models.lookups import Lookup
 from django.db.models.query import ModelIterable
 from django.db.models.query_utils import DeferredAttribute
 from django.db.models.signals import class_prepared, post_init, pre_save
@@ -188,6 +190,52 @@ def _guarded(lookup: type) -> type:
     return type(f"Sealed{lookup.__name__}", (_ExpressionGuard, lookup), {})
 
 
+class _SealedCol(Col):  # type: ignore[misc]
+    """A sealed or term column in a query. Django picks a comparison's lookup by its left-hand
+    side, so ``Exact(Value(plain), F("email"))`` or ``annotate(v=Value(plain)).filter(v=F("email"))``
+    never reaches the column's lookups (:class:`_ExpressionGuard`): the first time the column
+    is compiled into a query, that query's comparisons are checked (:func:`_check_comparisons`)."""
+
+    def as_sql(self, compiler: Any, connection: Any) -> Any:
+        _check_comparisons(compiler)
+        return super().as_sql(compiler, connection)
+
+
+def _marked_in(expression: Any) -> models.Field | None:
+    """The sealed or term column ``expression`` compares (the column, or inside a function)."""
+    stack = [expression]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Col) and isinstance(node.target, _MarkedColumn):
+            return node.target
+        if hasattr(node, "get_source_expressions"):
+            stack.extend(node.get_source_expressions())
+    return None
+
+
+def _check_comparisons(compiler: Any) -> None:
+    """Refuse a comparison of two expressions (in the query's WHERE / HAVING or an annotation:
+    ``Case(When(...))``) that holds a sealed or term column on either side, unless it is one of
+    the column's own lookups (:class:`_ExpressionGuard` checked it) or compares the column with
+    itself: the other side may be plaintext (``Value(...)``), sent as a query parameter. A
+    comparison with a direct value goes through the column's ``get_db_prep_value`` (refused
+    unless keymgr computed it). Once per compiler."""
+    if getattr(compiler, "_keymgr_compared", False):
+        return
+    compiler._keymgr_compared = True
+    query = compiler.query
+    stack = [getattr(query, "where", None), *getattr(query, "annotations", {}).values()]
+    while stack:
+        node = stack.pop()
+        if node is None or not hasattr(node, "get_source_expressions"):
+            continue
+        if isinstance(node, Lookup) and not isinstance(node, _ExpressionGuard) and not node.rhs_is_direct_value():
+            field = _marked_in(node.rhs) or _marked_in(node.lhs)
+            if field is not None and not (_own_column(field, node.lhs) and _own_column(field, node.rhs)):
+                raise _refused(field, field.what)
+        stack.extend(node.get_source_expressions())
+
+
 class _MarkedColumn(models.Field):  # type: ignore[misc]
     """A binary column that takes only values of one marker type (what keymgr computed: a
     plaintext is refused, never written or sent as a query parameter) or ``F()`` of itself,
@@ -201,6 +249,18 @@ class _MarkedColumn(models.Field):  # type: ignore[misc]
 
     def get_internal_type(self) -> str:
         return "BinaryField"  # bytea, BLOB
+
+    def get_col(self, alias: str, output_field: models.Field | None = None) -> Col:
+        """The column in a query, as a :class:`_SealedCol` (which checks the query's comparisons)."""
+        if output_field is None or output_field is self:
+            if alias == self.model._meta.db_table:
+                return self.cached_col
+            output_field = self
+        return _SealedCol(alias, self, output_field)
+
+    @functools.cached_property
+    def cached_col(self) -> Col:
+        return _SealedCol(self.model._meta.db_table, self)
 
     def get_prep_value(self, value: Any) -> Any:
         return value
@@ -285,7 +345,9 @@ class _PlaintextAttribute(DeferredAttribute):  # type: ignore[misc]
         if self.field.attname not in instance.__dict__:
             self._load(instance)
         value = instance.__dict__[self.field.attname]
-        return self.field.plaintext(instance, value) if isinstance(value, Stored) else value
+        if not isinstance(value, Stored) or getattr(instance._state, _SEALED_COPY, False):
+            return value
+        return self.field.plaintext(instance, value)
 
     def __set__(self, instance: models.Model, value: Any) -> None:
         instance.__dict__[self.field.attname] = value
@@ -340,8 +402,12 @@ class EncryptedField(_MarkedColumn):
         """``value`` (an attribute's state) in the clear: a :class:`Stored` value is opened once."""
         if not isinstance(value, Stored):
             return value
+        if value.row is None:
+            raise errors.ConfigurationError(
+                f"{type(instance).__name__}.{self.name} holds a value from values() / values_list(), read for no "
+                "instance: it opens only as the row it was read from (get() that row), never as this one")
         if value.plain is None:
-            place = self.place(value.row or _row(instance, self.model))
+            place = self.place(value.row)
             value.plain = (self.cipher.decrypt_text(value.sealed, place) if self.text
                            else self.cipher.decrypt(value.sealed, place))
         return value.plain
@@ -470,9 +536,24 @@ def _marked_fields(model: type[models.Model]) -> _MarkedFields:
     return found
 
 
+#: Set while ``Model.from_db`` makes an instance of a row just read: only then does ``post_init``
+#: bind the instance's :class:`Stored` values to its primary key (a value from ``values()`` given
+#: to ``Model(...)`` was read for some other row, or none).
+_from_database: contextvars.ContextVar[bool] = contextvars.ContextVar("keymgr_django_from_database", default=False)
+
+#: The ``_state`` attribute of an instance made only to be copied by ``refresh_from_db()``: its
+#: encrypted attributes hand over their :class:`Stored` values, not plaintext.
+_SEALED_COPY = "keymgr_sealed_copy"
+
+
 def _bind_loaded(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
     """A value just read from the database is bound to the row it was read for, before the
-    application can change the primary key."""
+    application (or another ``post_init`` receiver) can change the primary key. Only the
+    instance ``from_db`` makes is bound: a :class:`Stored` given to ``Model(...)`` keeps its row
+    (``None`` from ``values()``), so it is never taken for this row's unchanged value."""
+    if not _from_database.get():
+        return
+    _from_database.set(False)  # this instance only, not one a later receiver makes
     for field in _marked_fields(sender)[0]:
         value = instance.__dict__.get(field.attname)
         if isinstance(value, Stored) and value.row is None:
@@ -498,10 +579,75 @@ def _check_index_saved(sender: type[models.Model], instance: models.Model, raw: 
                 f"(update_fields=[..., {source.name!r}, {index.name!r}]; after only()/defer(), load both)")
 
 
+class _SealedCopies(ModelIterable):  # type: ignore[misc]
+    """The instances ``refresh_from_db()`` reads, marked as copies whose encrypted attributes
+    hand over their :class:`Stored` values (after ``post_init``: receivers see them as usual)."""
+
+    def __iter__(self) -> Any:
+        for instance in super().__iter__():
+            setattr(instance._state, _SEALED_COPY, True)
+            yield instance
+
+
+def _refreshed_sealed(refresh: Callable[..., None]) -> Callable[..., None]:
+    """``Model.refresh_from_db`` that keeps encrypted values as read: Django copies each field with
+    ``getattr`` from a fresh instance, which would copy the plaintext in, as if assigned (opened
+    once per field, and sealed again at the next save instead of ``F(column)``: with a data key a
+    re-encryption pass may have deleted). The fresh instance hands over its :class:`Stored`
+    values, bound to this very row, unopened."""
+
+    @functools.wraps(refresh)
+    def refresh_from_db(self: models.Model, using: str | None = None, fields: Iterable[str] | None = None,
+                        from_queryset: models.QuerySet | None = None) -> None:
+        if from_queryset is None:
+            from_queryset = type(self)._base_manager.db_manager(using, hints={"instance": self}).all()
+        else:
+            from_queryset = from_queryset.all()
+        if issubclass(from_queryset._iterable_class, ModelIterable):
+            from_queryset._iterable_class = _sealed_copies(from_queryset._iterable_class)
+        refresh(self, using=using, fields=fields, from_queryset=from_queryset)
+
+    refresh_from_db._keymgr_sealed = True  # type: ignore[attr-defined]
+    return refresh_from_db
+
+
+@functools.cache
+def _sealed_copies(iterable: type[ModelIterable]) -> type[ModelIterable]:
+    return iterable if issubclass(iterable, _SealedCopies) else type(f"SealedCopies{iterable.__name__}",
+                                                                       (_SealedCopies, iterable), {})
+
+
+def _bound_from_db(from_db: Callable[..., models.Model]) -> Callable[..., models.Model]:
+    """``Model.from_db`` (every instance made of a row read: querysets, ``get``, ``raw``,
+    ``select_related``, prefetches) with :func:`_bind_loaded` told that this instance is one."""
+
+    @functools.wraps(from_db)
+    def bound(cls: type[models.Model], db: str, field_names: Any, values: Any) -> models.Model:
+        token = _from_database.set(True)
+        try:
+            return from_db(cls, db, field_names, values)
+        finally:
+            _from_database.reset(token)
+
+    bound._keymgr_sealed = True  # type: ignore[attr-defined]
+    return bound
+
+
+def _wrap_model_methods(model: type[models.Model]) -> None:
+    """Install :func:`_bound_from_db` and :func:`_refreshed_sealed` on the model that declares a
+    sealed column (its subclasses inherit them; an override that calls ``super()`` keeps them)."""
+    from_db = model.from_db.__func__
+    if not getattr(from_db, "_keymgr_sealed", False):
+        model.from_db = classmethod(_bound_from_db(from_db))
+    if not getattr(model.refresh_from_db, "_keymgr_sealed", False):
+        model.refresh_from_db = _refreshed_sealed(model.refresh_from_db)
+
+
 def _watch(model: type[models.Model]) -> None:
     """Connect the receivers of a model with sealed or term columns (and, through
     :func:`_watch_subclass`, of its proxies and multi-table children: Django sends their
     signals with the subclass as sender)."""
+    _wrap_model_methods(model)
     post_init.connect(_bind_loaded, sender=model, weak=False)
     pre_save.connect(_check_index_saved, sender=model, weak=False)
 
