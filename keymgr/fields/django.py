@@ -704,6 +704,21 @@ class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
                                    update_conflicts=update_conflicts, update_fields=update_fields,
                                    unique_fields=unique_fields)
 
+    def update_or_create(self, defaults: Mapping[str, Any] | None = None,
+                         create_defaults: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[models.Model, bool]:
+        """Django saves an update with ``update_fields`` = the defaults plus the model's *local*
+        fields that have a ``pre_save``: a multi-table child's parent's blind index is not among
+        them, so a changed source on the parent's table would be refused. The blind index of every
+        source in ``defaults`` is named too (its value is computed by ``pre_save`` from the source,
+        whatever the attribute held); the values a new row is created with are the defaults given."""
+        if defaults:
+            indexes = {index.name: None for index in _marked_fields(self.model)[1]
+                       if {index.source, index.source_field().attname} & set(defaults)}
+            if create_defaults is None:
+                create_defaults = defaults
+            defaults = {**indexes, **defaults}
+        return super().update_or_create(defaults, create_defaults, **kwargs)  # type: ignore[no-any-return]
+
     def bulk_update(self, objs: Iterable[models.Model], fields: Sequence[str], batch_size: int | None = None) -> int:
         """Refused for sealed and term columns before any value is opened: Django writes each
         object's attribute (the plaintext) through an expression, bypassing ``pre_save``. (The
