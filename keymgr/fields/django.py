@@ -28,13 +28,17 @@ that row leaves an unchanged value's column, and its blind index's, to what the 
 (``F(column)``: a re-encryption pass may have replaced the value read, and deleted its data key);
 an INSERT seals every value again, and one copied to another primary key is opened under its
 old row and sealed under the new one. A changed source saved without its blind-index column
-(``update_fields``, or the loaded fields Django saves after ``only()``) is refused: the term
-would go stale.
+(``update_fields``, or the loaded fields Django saves after ``only()``), or upserted without it,
+is refused: the term would go stale. Only an instance ``Model.from_db`` makes binds its values
+to its row (keymgr wraps the model's ``from_db``): a ``values()`` value, bound to no row, is
+refused when given to an instance; ``refresh_from_db()`` (wrapped too) keeps values as read.
 
-Nothing but a value :meth:`EncryptedField.pre_save` sealed (or a term :class:`BlindIndexField`
-computed) reaches an encrypted column: plaintext given to ``filter()``, ``update()`` or
-``bulk_update()`` (which bypass ``pre_save``), and any expression but ``F()`` of the column
-itself (``Value(...)``, ``Lower(...)``, another column), is a ConfigurationError, never a cleartext
+Nothing but what :meth:`EncryptedField.pre_save` returned (a sealed value, its NULL, a term
+:class:`BlindIndexField` computed) is written to a sealed or term column, besides ``F()`` of the
+column itself: ``QuerySet.update()`` and ``bulk_update()`` (which bypass ``pre_save``) of these
+columns are a ConfigurationError, NULL and another row's term included (values change through
+``save()``); plaintext given to ``filter()`` and any expression compared with the column, on
+either side (``Value(...)``, ``Lower(...)``, another column), is refused too, never a cleartext
 write or query parameter, and so is any lookup but ``exact``, ``in`` and ``isnull`` with keymgr's
 own values (``icontains``, ``gt``...). ``bulk_create(update_conflicts=True)`` upserts sealed
 columns only on the primary key, the row they were sealed to.
