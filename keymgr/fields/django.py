@@ -28,13 +28,17 @@ that row leaves an unchanged value's column, and its blind index's, to what the 
 (``F(column)``: a re-encryption pass may have replaced the value read, and deleted its data key);
 an INSERT seals every value again, and one copied to another primary key is opened under its
 old row and sealed under the new one. A changed source saved without its blind-index column
-(``update_fields``, or the loaded fields Django saves after ``only()``) is refused: the term
-would go stale.
+(``update_fields``, or the loaded fields Django saves after ``only()``), or upserted without it,
+is refused: the term would go stale. Only an instance ``Model.from_db`` makes binds its values
+to its row (keymgr wraps the model's ``from_db``): a ``values()`` value, bound to no row, is
+refused when given to an instance; ``refresh_from_db()`` (wrapped too) keeps values as read.
 
-Nothing but a value :meth:`EncryptedField.pre_save` sealed (or a term :class:`BlindIndexField`
-computed) reaches an encrypted column: plaintext given to ``filter()``, ``update()`` or
-``bulk_update()`` (which bypass ``pre_save``), and any expression but ``F()`` of the column
-itself (``Value(...)``, ``Lower(...)``, another column), is a ConfigurationError, never a cleartext
+Nothing but what :meth:`EncryptedField.pre_save` returned (a sealed value, its NULL, a term
+:class:`BlindIndexField` computed) is written to a sealed or term column, besides ``F()`` of the
+column itself: ``QuerySet.update()`` and ``bulk_update()`` (which bypass ``pre_save``) of these
+columns are a ConfigurationError, NULL and another row's term included (values change through
+``save()``); plaintext given to ``filter()`` and any expression compared with the column, on
+either side (``Value(...)``, ``Lower(...)``, another column), is refused too, never a cleartext
 write or query parameter, and so is any lookup but ``exact``, ``in`` and ``isnull`` with keymgr's
 own values (``icontains``, ``gt``...). ``bulk_create(update_conflicts=True)`` upserts sealed
 columns only on the primary key, the row they were sealed to.
@@ -44,6 +48,7 @@ migrations as plain strings and the KeyManager can be opened after the models ar
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,6 +57,7 @@ from typing import Any
 from django.db import models
 from django.db.models.constants import OnConflict
 from django.db.models.expressions import Col
+from django.db.models.lookups import Lookup
 from django.db.models.query import ModelIterable
 from django.db.models.query_utils import DeferredAttribute
 from django.db.models.signals import class_prepared, post_init, pre_save
@@ -128,6 +134,24 @@ class _Sealed(bytes):
         return f"Sealed({len(self)} bytes)"
 
 
+class _SavedTerm(Term):
+    """What :meth:`BlindIndexField.pre_save` returns (the instance keeps a plain :class:`Term`):
+    the only term a write takes, so a term read from another row cannot be written to this one."""
+
+    __slots__ = ()
+
+
+class _SavedNull:
+    """What ``pre_save`` returns for NULL: a write of NULL that ``save()`` computed, told apart
+    from ``update(email=None)``, which would leave a source and its blind index out of step."""
+
+    def __repr__(self) -> str:
+        return "SavedNull"
+
+
+_NULL = _SavedNull()
+
+
 def _refused(field: models.Field, what: str) -> errors.ConfigurationError:
     return errors.ConfigurationError(
         f"{field.model.__name__}.{field.name} is {what}: it takes only what save() / bulk_create() compute "
@@ -170,6 +194,52 @@ def _guarded(lookup: type) -> type:
     return type(f"Sealed{lookup.__name__}", (_ExpressionGuard, lookup), {})
 
 
+class _SealedCol(Col):  # type: ignore[misc]
+    """A sealed or term column in a query. Django picks a comparison's lookup by its left-hand
+    side, so ``Exact(Value(plain), F("email"))`` or ``annotate(v=Value(plain)).filter(v=F("email"))``
+    never reaches the column's lookups (:class:`_ExpressionGuard`): the first time the column
+    is compiled into a query, that query's comparisons are checked (:func:`_check_comparisons`)."""
+
+    def as_sql(self, compiler: Any, connection: Any) -> Any:
+        _check_comparisons(compiler)
+        return super().as_sql(compiler, connection)
+
+
+def _marked_in(expression: Any) -> models.Field | None:
+    """The sealed or term column ``expression`` compares (the column, or inside a function)."""
+    stack = [expression]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Col) and isinstance(node.target, _MarkedColumn):
+            return node.target
+        if hasattr(node, "get_source_expressions"):
+            stack.extend(node.get_source_expressions())
+    return None
+
+
+def _check_comparisons(compiler: Any) -> None:
+    """Refuse a comparison of two expressions (in the query's WHERE / HAVING or an annotation:
+    ``Case(When(...))``) that holds a sealed or term column on either side, unless it is one of
+    the column's own lookups (:class:`_ExpressionGuard` checked it) or compares the column with
+    itself: the other side may be plaintext (``Value(...)``), sent as a query parameter. A
+    comparison with a direct value goes through the column's ``get_db_prep_value`` (refused
+    unless keymgr computed it). Once per compiler."""
+    if getattr(compiler, "_keymgr_compared", False):
+        return
+    compiler._keymgr_compared = True
+    query = compiler.query
+    stack = [getattr(query, "where", None), *getattr(query, "annotations", {}).values()]
+    while stack:
+        node = stack.pop()
+        if node is None or not hasattr(node, "get_source_expressions"):
+            continue
+        if isinstance(node, Lookup) and not isinstance(node, _ExpressionGuard) and not node.rhs_is_direct_value():
+            field = _marked_in(node.rhs) or _marked_in(node.lhs)
+            if field is not None and not (_own_column(field, node.lhs) and _own_column(field, node.rhs)):
+                raise _refused(field, field.what)
+        stack.extend(node.get_source_expressions())
+
+
 class _MarkedColumn(models.Field):  # type: ignore[misc]
     """A binary column that takes only values of one marker type (what keymgr computed: a
     plaintext is refused, never written or sent as a query parameter) or ``F()`` of itself,
@@ -177,11 +247,24 @@ class _MarkedColumn(models.Field):  # type: ignore[misc]
     before any parameter is built)."""
 
     marker: type[bytes] = bytes
+    saved: type[bytes] = bytes
     read: Callable[[bytes], Any] = bytes
     what = ""
 
     def get_internal_type(self) -> str:
         return "BinaryField"  # bytea, BLOB
+
+    def get_col(self, alias: str, output_field: models.Field | None = None) -> Col:
+        """The column in a query, as a :class:`_SealedCol` (which checks the query's comparisons)."""
+        if output_field is None or output_field is self:
+            if alias == self.model._meta.db_table:
+                return self.cached_col
+            output_field = self
+        return _SealedCol(alias, self, output_field)
+
+    @functools.cached_property
+    def cached_col(self) -> Col:
+        return _SealedCol(self.model._meta.db_table, self)
 
     def get_prep_value(self, value: Any) -> Any:
         return value
@@ -194,13 +277,20 @@ class _MarkedColumn(models.Field):  # type: ignore[misc]
         return bytes(value)
 
     def get_db_prep_save(self, value: Any, connection: Any) -> Any:
-        """Django hands expressions (``update(email=Value(...))``, ``bulk_update``'s ``Case``)
-        to the SQL as they are: only the column itself (``pre_save``'s ``F()``) passes."""
+        """A write takes only what ``pre_save`` returned: a value it sealed (or a term it
+        computed), its NULL, or ``F()`` of the column itself. Anything else comes from
+        ``QuerySet.update()`` (or ``bulk_update``'s ``Case``), which bypasses ``pre_save``: a NULL,
+        a term read from another row or an expression (``Value(...)``) would leave a source and
+        its blind index out of step, or write plaintext. Values change through ``save()``."""
         if hasattr(value, "as_sql"):
             if _own_column(self, value):
                 return value
             raise _refused(self, self.what)
-        return self.get_db_prep_value(value, connection, prepared=False)
+        if value is _NULL:
+            return None
+        if not isinstance(value, self.saved):
+            raise _refused(self, self.what)
+        return bytes(value)
 
     def get_placeholder(self, value: Any, compiler: Any, connection: Any) -> str:
         """Every INSERT and UPDATE of the column passes here, whichever manager or queryset made
@@ -259,7 +349,9 @@ class _PlaintextAttribute(DeferredAttribute):  # type: ignore[misc]
         if self.field.attname not in instance.__dict__:
             self._load(instance)
         value = instance.__dict__[self.field.attname]
-        return self.field.plaintext(instance, value) if isinstance(value, Stored) else value
+        if not isinstance(value, Stored) or getattr(instance._state, _SEALED_COPY, False):
+            return value
+        return self.field.plaintext(instance, value)
 
     def __set__(self, instance: models.Model, value: Any) -> None:
         instance.__dict__[self.field.attname] = value
@@ -276,7 +368,7 @@ class EncryptedField(_MarkedColumn):
     """A column of field-form values (``bytea`` / ``BLOB``) sealed by the registered cipher ``cipher``."""
 
     descriptor_class = _PlaintextAttribute
-    marker = _Sealed
+    marker = saved = _Sealed
     read = Stored
     what = "encrypted"
     text = True
@@ -314,8 +406,12 @@ class EncryptedField(_MarkedColumn):
         """``value`` (an attribute's state) in the clear: a :class:`Stored` value is opened once."""
         if not isinstance(value, Stored):
             return value
+        if value.row is None:
+            raise errors.ConfigurationError(
+                f"{type(instance).__name__}.{self.name} holds a value from values() / values_list(), read for no "
+                "instance: it opens only as the row it was read from (get() that row), never as this one")
         if value.plain is None:
-            place = self.place(value.row or _row(instance, self.model))
+            place = self.place(value.row)
             value.plain = (self.cipher.decrypt_text(value.sealed, place) if self.text
                            else self.cipher.decrypt(value.sealed, place))
         return value.plain
@@ -333,7 +429,7 @@ class EncryptedField(_MarkedColumn):
                                             f"EncryptedBinaryField: give it bytes, not {type(plain).__name__}")
         return plain if isinstance(plain, str) else bytes(plain)
 
-    def pre_save(self, model_instance: models.Model, add: bool) -> _Sealed | models.F | None:
+    def pre_save(self, model_instance: models.Model, add: bool) -> _Sealed | models.F | _SavedNull:
         """An UPDATE of the row a value was read for leaves the column as it is, ``F(column)``:
         the instance's copy may name a data key a re-encryption pass has since deleted (the
         database holds the re-sealed value). An INSERT, a copy to another primary key or an
@@ -342,7 +438,7 @@ class EncryptedField(_MarkedColumn):
             return models.F(self.attname)
         plain = self.to_seal(model_instance)
         if plain is None:
-            return None
+            return _NULL
         return _Sealed(self.cipher.encrypt(plain, self.place(_row(model_instance, self.model))))
 
     def value_to_string(self, obj: models.Model) -> str:
@@ -375,6 +471,7 @@ class BlindIndexField(_MarkedColumn):
     indexed by the database, not editable."""
 
     marker = Term
+    saved = _SavedTerm
     read = Term
     what = "a blind-index term"
 
@@ -411,7 +508,7 @@ class BlindIndexField(_MarkedColumn):
                                             "which is not an encrypted field")
         return field
 
-    def pre_save(self, model_instance: models.Model, add: bool) -> Term | models.F | None:
+    def pre_save(self, model_instance: models.Model, add: bool) -> _SavedTerm | models.F | _SavedNull:
         """The term of the source's plaintext. While the source is the value read for this row
         (or deferred, never loaded) an UPDATE leaves the term column as the database holds it
         (no decryption, no HMAC; a deferred source never NULLs it); otherwise the term is
@@ -420,9 +517,12 @@ class BlindIndexField(_MarkedColumn):
         if not add and source.kept(model_instance):
             return models.F(self.attname)
         plain = source.to_seal(model_instance)
-        term = None if plain is None else Term(self.index.term(plain, context=self.context))
-        model_instance.__dict__[self.attname] = term
-        return term
+        if plain is None:
+            model_instance.__dict__[self.attname] = None
+            return _NULL
+        term = self.index.term(plain, context=self.context)
+        model_instance.__dict__[self.attname] = Term(term)
+        return _SavedTerm(term)
 
 
 _MarkedFields = tuple[tuple[EncryptedField, ...], tuple[BlindIndexField, ...]]
@@ -440,9 +540,24 @@ def _marked_fields(model: type[models.Model]) -> _MarkedFields:
     return found
 
 
+#: Set while ``Model.from_db`` makes an instance of a row just read: only then does ``post_init``
+#: bind the instance's :class:`Stored` values to its primary key (a value from ``values()`` given
+#: to ``Model(...)`` was read for some other row, or none).
+_from_database: contextvars.ContextVar[bool] = contextvars.ContextVar("keymgr_django_from_database", default=False)
+
+#: The ``_state`` attribute of an instance made only to be copied by ``refresh_from_db()``: its
+#: encrypted attributes hand over their :class:`Stored` values, not plaintext.
+_SEALED_COPY = "keymgr_sealed_copy"
+
+
 def _bind_loaded(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
     """A value just read from the database is bound to the row it was read for, before the
-    application can change the primary key."""
+    application (or another ``post_init`` receiver) can change the primary key. Only the
+    instance ``from_db`` makes is bound: a :class:`Stored` given to ``Model(...)`` keeps its row
+    (``None`` from ``values()``), so it is never taken for this row's unchanged value."""
+    if not _from_database.get():
+        return
+    _from_database.set(False)  # this instance only, not one a later receiver makes
     for field in _marked_fields(sender)[0]:
         value = instance.__dict__.get(field.attname)
         if isinstance(value, Stored) and value.row is None:
@@ -468,10 +583,75 @@ def _check_index_saved(sender: type[models.Model], instance: models.Model, raw: 
                 f"(update_fields=[..., {source.name!r}, {index.name!r}]; after only()/defer(), load both)")
 
 
+class _SealedCopies(ModelIterable):  # type: ignore[misc]
+    """The instances ``refresh_from_db()`` reads, marked as copies whose encrypted attributes
+    hand over their :class:`Stored` values (after ``post_init``: receivers see them as usual)."""
+
+    def __iter__(self) -> Any:
+        for instance in super().__iter__():
+            setattr(instance._state, _SEALED_COPY, True)
+            yield instance
+
+
+def _refreshed_sealed(refresh: Callable[..., None]) -> Callable[..., None]:
+    """``Model.refresh_from_db`` that keeps encrypted values as read: Django copies each field with
+    ``getattr`` from a fresh instance, which would copy the plaintext in, as if assigned (opened
+    once per field, and sealed again at the next save instead of ``F(column)``: with a data key a
+    re-encryption pass may have deleted). The fresh instance hands over its :class:`Stored`
+    values, bound to this very row, unopened."""
+
+    @functools.wraps(refresh)
+    def refresh_from_db(self: models.Model, using: str | None = None, fields: Iterable[str] | None = None,
+                        from_queryset: models.QuerySet | None = None) -> None:
+        if from_queryset is None:
+            from_queryset = type(self)._base_manager.db_manager(using, hints={"instance": self}).all()
+        else:
+            from_queryset = from_queryset.all()
+        if issubclass(from_queryset._iterable_class, ModelIterable):
+            from_queryset._iterable_class = _sealed_copies(from_queryset._iterable_class)
+        refresh(self, using=using, fields=fields, from_queryset=from_queryset)
+
+    refresh_from_db._keymgr_sealed = True  # type: ignore[attr-defined]
+    return refresh_from_db
+
+
+@functools.cache
+def _sealed_copies(iterable: type[ModelIterable]) -> type[ModelIterable]:
+    return iterable if issubclass(iterable, _SealedCopies) else type(f"SealedCopies{iterable.__name__}",
+                                                                       (_SealedCopies, iterable), {})
+
+
+def _bound_from_db(from_db: Callable[..., models.Model]) -> Callable[..., models.Model]:
+    """``Model.from_db`` (every instance made of a row read: querysets, ``get``, ``raw``,
+    ``select_related``, prefetches) with :func:`_bind_loaded` told that this instance is one."""
+
+    @functools.wraps(from_db)
+    def bound(cls: type[models.Model], db: str, field_names: Any, values: Any) -> models.Model:
+        token = _from_database.set(True)
+        try:
+            return from_db(cls, db, field_names, values)
+        finally:
+            _from_database.reset(token)
+
+    bound._keymgr_sealed = True  # type: ignore[attr-defined]
+    return bound
+
+
+def _wrap_model_methods(model: type[models.Model]) -> None:
+    """Install :func:`_bound_from_db` and :func:`_refreshed_sealed` on the model that declares a
+    sealed column (its subclasses inherit them; an override that calls ``super()`` keeps them)."""
+    from_db = model.from_db.__func__
+    if not getattr(from_db, "_keymgr_sealed", False):
+        model.from_db = classmethod(_bound_from_db(from_db))
+    if not getattr(model.refresh_from_db, "_keymgr_sealed", False):
+        model.refresh_from_db = _refreshed_sealed(model.refresh_from_db)
+
+
 def _watch(model: type[models.Model]) -> None:
     """Connect the receivers of a model with sealed or term columns (and, through
     :func:`_watch_subclass`, of its proxies and multi-table children: Django sends their
     signals with the subclass as sender)."""
+    _wrap_model_methods(model)
     post_init.connect(_bind_loaded, sender=model, weak=False)
     pre_save.connect(_check_index_saved, sender=model, weak=False)
 
@@ -492,13 +672,22 @@ def _check_upsert(model: type[models.Model], update_fields: Sequence[models.Fiel
     """An upsert that overwrites sealed or term columns must conflict on the primary key: the
     values were sealed to the primary key of the object given, so a conflict on another unique
     column (a login) would write them into a row with another key, where they never open. (MySQL
-    takes no conflict target: any unique key may conflict, so it is refused there.)"""
+    takes no conflict target: any unique key may conflict, so it is refused there.) And, as for a
+    save, a source is overwritten with its blind index or not at all: the existing row's term
+    would otherwise stay that of its old value (or a new term point at the old value)."""
     sealed = [f.name for f in update_fields if isinstance(f, _MarkedColumn)]
     if sealed and [f.column for f in unique_fields] != [model._meta.pk.column]:
         raise errors.ConfigurationError(
             f"{model.__name__}: bulk_create(update_conflicts=True) updates {', '.join(sealed)}, sealed to the primary "
             f"key of each object: it upserts only on the primary key (unique_fields=[{model._meta.pk.name!r}]), "
             "not on another unique column, whose existing row has another key")
+    columns = {f.column for f in update_fields}
+    for index in _marked_fields(model)[1]:
+        source = index.source_field()
+        if (source.column in columns) != (index.column in columns):
+            raise errors.ConfigurationError(
+                f"{model.__name__}: bulk_create(update_conflicts=True) would update {source.name} or its blind index "
+                f"{index.name} without the other, leaving a stale term: name both in update_fields, or neither")
 
 
 def _fields(model: type[models.Model], names: Sequence[str] | None) -> list[models.Field]:
@@ -518,6 +707,21 @@ class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
         return super().bulk_create(objs, batch_size=batch_size, ignore_conflicts=ignore_conflicts,  # type: ignore[no-any-return]
                                    update_conflicts=update_conflicts, update_fields=update_fields,
                                    unique_fields=unique_fields)
+
+    def update_or_create(self, defaults: Mapping[str, Any] | None = None,
+                         create_defaults: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[models.Model, bool]:
+        """Django saves an update with ``update_fields`` = the defaults plus the model's *local*
+        fields that have a ``pre_save``: a multi-table child's parent's blind index is not among
+        them, so a changed source on the parent's table would be refused. The blind index of every
+        source in ``defaults`` is named too (its value is computed by ``pre_save`` from the source,
+        whatever the attribute held); the values a new row is created with are the defaults given."""
+        if defaults:
+            indexes = {index.name: None for index in _marked_fields(self.model)[1]
+                       if {index.source, index.source_field().attname} & set(defaults)}
+            if create_defaults is None:
+                create_defaults = defaults
+            defaults = {**indexes, **defaults}
+        return super().update_or_create(defaults, create_defaults, **kwargs)  # type: ignore[no-any-return]
 
     def bulk_update(self, objs: Iterable[models.Model], fields: Sequence[str], batch_size: int | None = None) -> int:
         """Refused for sealed and term columns before any value is opened: Django writes each
