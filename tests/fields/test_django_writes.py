@@ -1,5 +1,5 @@
 """keymgr.fields.django: the second outside review's fixes, beyond the reviewer's own tests
-(tests/fields/test_django_rereview.py).
+(tests/fields/test_django_attacks2.py).
 
 A write takes only what ``pre_save`` returned (so ``QuerySet.update()`` of a sealed or term
 column is refused, NULL included); an upsert writes a source with its blind index or neither
