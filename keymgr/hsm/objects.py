@@ -43,6 +43,7 @@ __all__ = [
     "unwrap_data_key",
     "checked_for_authenticity",
     "gcm_encrypt",
+    "kek_proof",
     "gcm_decrypt",
     "hmac_sha256",
     "hmac_sha256_verify",
@@ -264,7 +265,8 @@ _EPHEMERAL_UNWRAP: Mapping[Attribute, Any] = MappingProxyType(
     {a: v for a, v in _template(EPHEMERAL_DATA_KEY).items() if a is not Attribute.TOKEN})
 
 
-def wrap_data_key(ts: TokenSession, kek_id: bytes, data_key: bytes, mechanism: str = "aes-kw") -> bytes:
+def wrap_data_key(ts: TokenSession, kek_id: bytes, data_key: bytes, mechanism: str = "aes-kw", *,
+                  proof: Mapping[Attribute, Any] | None = None) -> bytes:
     """Wrap a host data key under a token KEK with C_WrapKey (RFC 3394 / 5649).
 
     The data key must become a session object first (KW works only through
@@ -280,7 +282,7 @@ def wrap_data_key(ts: TokenSession, kek_id: bytes, data_key: bytes, mechanism: s
         finally:
             temp.destroy()
 
-    return _with_key(ts, kek_id, "wrap data key", use, refind=False)  # type: ignore[no-any-return]
+    return _with_key(ts, kek_id, "wrap data key", use, refind=False, proof=proof)  # type: ignore[no-any-return]
 
 
 def checked_for_authenticity(ts: TokenSession, operation: str, call: Callable[[], T]) -> T:
@@ -325,7 +327,8 @@ def unwrap_data_key(ts: TokenSession, kek_id: bytes, wrapped: bytes, mechanism: 
     return _with_key(ts, kek_id, "unwrap data key", use)  # type: ignore[no-any-return]
 
 
-def gcm_encrypt(ts: TokenSession, key_id: bytes, plaintext: bytes, *, nonce: bytes, aad: bytes) -> bytes:
+def gcm_encrypt(ts: TokenSession, key_id: bytes, plaintext: bytes, *, nonce: bytes, aad: bytes,
+                proof: Mapping[Attribute, Any] | None = None) -> bytes:
     """AES-GCM inside the token: one C_Encrypt; returns ciphertext || 16-byte tag.
 
     The caller owns nonce uniqueness (SoftHSM uses the nonce it is given: STACK-FACTS.md 6).
@@ -333,7 +336,24 @@ def gcm_encrypt(ts: TokenSession, key_id: bytes, plaintext: bytes, *, nonce: byt
     params = _gcm_params(nonce, aad)
     return _with_key(ts, key_id, "encrypt data key",  # type: ignore[no-any-return]
                      lambda key: bytes(key.encrypt(bytes(plaintext), mechanism=Mechanism.AES_GCM,
-                                                   mechanism_param=params)), refind=False)
+                                                   mechanism_param=params)), refind=False, proof=proof)
+
+
+def kek_proof(*, backup_capable: bool) -> Mapping[Attribute, Any]:
+    """What a KEK that encrypts must show in the very find that picks its object (C_FindObjects
+    matches these: STACK-FACTS): when a session is reopened inside a token call, the object is
+    found anew after keymgr.keyring.provenance checked the old one, and an object planted under
+    the same CKA_ID must not be the one found. The full check (KCV, roles, AES-256) stays
+    keymgr.keyring.provenance's; this is its part the token can test in the find."""
+    return _BACKUP_KEK_PROOF if backup_capable else _KEK_PROOF
+
+
+_KEK_PROOF = MappingProxyType({Attribute.LOCAL: True, Attribute.ALWAYS_SENSITIVE: True,
+                               Attribute.NEVER_EXTRACTABLE: True, Attribute.SENSITIVE: True,
+                               Attribute.EXTRACTABLE: False, Attribute.MODIFIABLE: False})
+_BACKUP_KEK_PROOF = MappingProxyType({Attribute.LOCAL: True, Attribute.ALWAYS_SENSITIVE: True,
+                                      Attribute.WRAP_WITH_TRUSTED: True, Attribute.SENSITIVE: True,
+                                      Attribute.MODIFIABLE: False})
 
 
 def gcm_decrypt(ts: TokenSession, key_id: bytes, ciphertext: bytes, *, nonce: bytes, aad: bytes) -> bytearray:

@@ -132,12 +132,13 @@ class KekProtector:
         self.check_encrypts(record, version)
         ts = self._ts
         profile = record.primary_profile if version is record.primary_version else _profile(record, version)
+        proof = objects.kek_proof(backup_capable=record.policy.backup)  # a session reopened mid-call
         if profile.wraps:
             mechanism, algorithm = self._wrap_mechanism()
-            wrapped = objects.wrap_data_key(ts, version.key_id, dek.reveal(), mechanism)
+            wrapped = objects.wrap_data_key(ts, version.key_id, dek.reveal(), mechanism, proof=proof)
             return kek_recipient_der(version.key_id, wrapped, algorithm)
         nonce = random_nonce()
-        sealed = objects.gcm_encrypt(ts, version.key_id, dek.reveal(), nonce=nonce, aad=b"")
+        sealed = objects.gcm_encrypt(ts, version.key_id, dek.reveal(), nonce=nonce, aad=b"", proof=proof)
         return kek_recipient_der(version.key_id, sealed, "aes256_gcm", gcm_nonce=nonce)
 
     def check_encrypts(self, record: KeyRecord, version: KeyVersion | None = None, *,

@@ -179,3 +179,46 @@ def test_a_kek_replaced_under_a_running_manager_never_encrypts(softhsm: TokenUnd
                 outcomes.append(type(exc).__name__ + (": CKA_LOCAL" if "CKA_LOCAL" in str(exc) else ""))
     assert "encrypted" not in outcomes, outcomes
     assert outcomes[-1] == "PolicyError: CKA_LOCAL", outcomes
+
+
+@pytest.mark.parametrize("profile", ["kw", "gcm"])
+def test_a_kek_swapped_while_the_session_reopens_mid_call_never_encrypts(softhsm: TokenUnderTest, key_name: str,
+                                                                        profile: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provenance check passed for the object this session holds; then, inside the token call
+    that encrypts, the session is reopened (its handle cache starts empty) and the object under
+    that CKA_ID is found anew. A PIN holder who swapped the object in between must not get the
+    message: the find itself asks for the attributes only a generated key shows, so the planted
+    object is never the one found."""
+    from keymgr.hsm import objects
+
+    with keymgr.KeyManager(softhsm.uri(), audit=False) as km:
+        record = km.create_key(key_name, profile=profile)
+        km.encrypt(b"checked and trusted", key=key_name)
+        key_id = record.primary_version.key_id
+        ts = token_of(km)
+        roles = ({Attribute.WRAP: True, Attribute.UNWRAP: True} if profile == "kw"
+                 else {Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
+        planted = os.urandom(32)
+
+        def swap(session: object) -> None:
+            for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,  # type: ignore[attr-defined]
+                                                 Attribute.ID: key_id})):
+                obj.destroy()
+            session.create_object({  # type: ignore[attr-defined]
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.TOKEN: True,
+                Attribute.PRIVATE: True, Attribute.LABEL: f"{key_name}/v1", Attribute.ID: key_id,
+                Attribute.VALUE: planted, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                Attribute.MODIFIABLE: False, **roles})
+
+        real_with_key = objects._with_key
+
+        def reopened_mid_call(ts_: object, kid: bytes, operation: str, use: object, **kw: object) -> object:
+            if kid == key_id and operation in ("wrap data key", "encrypt data key"):
+                ts.cache.clear()  # what a session reopened inside TokenSession.run starts with
+                ts.run("swap the KEK", swap)
+            return real_with_key(ts_, kid, operation, use, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(objects, "_with_key", reopened_mid_call)
+        with pytest.raises(keymgr.KeyNotFoundError):
+            km.encrypt(b"after the swap", key=key_name)
