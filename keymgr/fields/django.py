@@ -54,7 +54,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from django.core.exceptions import FieldError
+from asgiref.sync import sync_to_async
+from django.core.exceptions import FieldError, SynchronousOnlyOperation
 from django.db import models
 from django.db.models import Count
 from django.db.models.constants import OnConflict
@@ -73,7 +74,7 @@ from keymgr.fields.cipher import FieldCipher
 from keymgr.fields.index import BlindIndex, Term, index_context
 
 __all__ = ["BlindIndexField", "DjangoKeyStore", "EncryptedBinaryField", "EncryptedField", "EncryptedManager",
-           "EncryptedQuerySet", "EncryptedTextField", "Stored", "register"]
+           "EncryptedQuerySet", "EncryptedTextField", "Stored", "aopen", "register"]
 
 _lock = threading.Lock()
 _ciphers: dict[str, FieldCipher] = {}
@@ -430,7 +431,12 @@ class _PlaintextAttribute(DeferredAttribute):  # type: ignore[misc]
 
     def _load(self, instance: models.Model) -> None:
         manager = type(instance)._base_manager.db_manager(instance._state.db, hints={"instance": instance})
-        value = manager.filter(pk=instance.pk).values_list(self.field.attname, flat=True).get()
+        try:
+            value = manager.filter(pk=instance.pk).values_list(self.field.attname, flat=True).get()
+        except SynchronousOnlyOperation:
+            raise errors.ConfigurationError(
+                f"{type(instance).__name__}.{self.field.name} is deferred: in async code load it with "
+                "await keymgr.fields.django.aopen(instance) (or do not defer it)") from None
         if isinstance(value, Stored):
             value.row, value.db = _row(instance, self.field.model), instance._state.db
         instance.__dict__[self.field.attname] = value
@@ -475,7 +481,7 @@ class EncryptedField(_MarkedColumn):
         using = _saving(instance)[0]
         value = instance.__dict__.get(self.attname, _NOT_LOADED)
         if value is _NOT_LOADED:
-            return using == instance._state.db
+            return bool(using == instance._state.db)
         return (isinstance(value, Stored) and value.row is not None and value.db == using
                 and value.row == _row_or_none(instance, self.model))
 
@@ -534,9 +540,24 @@ class EncryptedTextField(EncryptedField):
 
 
 class EncryptedBinaryField(EncryptedField):
-    """:class:`EncryptedField` whose plaintext is ``bytes``."""
+    """:class:`EncryptedField` whose plaintext is ``bytes``. Not editable unless asked
+    (``editable=True``), as Django's ``BinaryField``: a form has no widget for bytes (a
+    ``ModelForm`` of ``fields="__all__"``, the admin's default, would render it as text and send
+    back ``"b'...'"``, refused at every save)."""
 
     text = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("editable", False)
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self) -> tuple[Any, ...]:
+        name, path, args, kwargs = super().deconstruct()
+        if self.editable:
+            kwargs["editable"] = True
+        else:
+            kwargs.pop("editable", None)
+        return name, path, args, kwargs
 
     def get_default(self) -> Any:
         default = super().get_default()
@@ -869,3 +890,17 @@ class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
 
 
 EncryptedManager = models.Manager.from_queryset(EncryptedQuerySet)
+
+
+async def aopen(instance: models.Model) -> None:
+    """Open every encrypted value of ``instance`` off the event loop (``sync_to_async``): its data
+    keys are loaded from the key store and unwrapped, and a deferred value is loaded (one query
+    each), in Django's thread for synchronous code; the attributes then read without I/O. Without
+    it, an attribute read in async code works too, but a data key not cached yet is loaded and
+    unwrapped while the event loop waits, and a deferred value is refused."""
+    await sync_to_async(_open_all, thread_sensitive=True)(instance)
+
+
+def _open_all(instance: models.Model) -> None:
+    for field in _marked_fields(type(instance))[0]:
+        getattr(instance, field.attname)
