@@ -23,15 +23,18 @@ side reads the other's rows. The primary key must exist before the insert (a
 ``UUIDField(default=uuid.uuid4)``); a missing one is a :class:`~keymgr.errors.ConfigurationError`.
 ``from_db_value`` has no instance either: a value read from the database stays sealed in the
 instance, remembers the row it was read for (``post_init``, for proxies and subclasses too), and
-opens on first attribute access (a descriptor; a deferred value is loaded sealed). An UPDATE of
-that row leaves an unchanged value's column, and its blind index's, to what the database holds
+opens on first attribute access (a descriptor; a deferred value is loaded sealed;
+:func:`aopen` opens them off an event loop). An UPDATE of that row, to the database alias it was
+read from, leaves an unchanged value's column, and its blind index's, to what the database holds
 (``F(column)``: a re-encryption pass may have replaced the value read, and deleted its data key);
-an INSERT seals every value again, and one copied to another primary key is opened under its
-old row and sealed under the new one. A changed source saved without its blind-index column
-(``update_fields``, or the loaded fields Django saves after ``only()``), or upserted without it,
-is refused: the term would go stale. Only an instance ``Model.from_db`` makes binds its values
-to its row (keymgr wraps the model's ``from_db``): a ``values()`` value, bound to no row, is
-refused when given to an instance; ``refresh_from_db()`` (wrapped too) keeps values as read.
+an INSERT, or a save to another alias (a copy between databases, a read replica), seals every
+value again, and one copied to another primary key is opened under its old row and sealed under
+the new one. A changed source saved without its blind-index column (``update_fields``, or the
+loaded fields Django saves after ``only()``), or upserted without it, is refused, checked in the
+fields' own ``pre_save`` after every ``pre_save`` receiver: the term would go stale. Only an
+instance ``Model.from_db`` makes binds its values to its row and alias (keymgr wraps the model's
+``from_db``): a ``values()`` value, bound to no row, is refused when given to an instance;
+``refresh_from_db()`` (wrapped too) keeps values as read.
 
 Nothing but what :meth:`EncryptedField.pre_save` returned (a sealed value, its NULL, a term
 :class:`BlindIndexField` computed) is written to a sealed or term column, besides ``F()`` of the
@@ -40,7 +43,9 @@ columns are a ConfigurationError, NULL and another row's term included (values c
 ``save()``); plaintext given to ``filter()`` and any expression compared with the column, on
 either side (``Value(...)``, ``Lower(...)``, another column), is refused too, never a cleartext
 write or query parameter, and so is any lookup but ``exact``, ``in`` and ``isnull`` with keymgr's
-own values (``icontains``, ``gt``...). ``bulk_create(update_conflicts=True)`` upserts sealed
+own values (``icontains``, ``gt``...), any function of the column in a query (``Cast``,
+``Substr``: their output field's lookups take plaintext; ``Count`` passes) and a subquery that
+selects the column as its value. ``bulk_create(update_conflicts=True)`` upserts sealed
 columns only on the primary key, the row they were sealed to.
 Ciphers and indexes are registered by name (:func:`register`), so fields deconstruct into
 migrations as plain strings and the KeyManager can be opened after the models are imported.
