@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("django")
 
+from asgiref.sync import sync_to_async
 from django import forms
 from django.db import connections, models
 from django.db.models import Case, Count, ExpressionWrapper, F, OuterRef, Subquery, TextField, Value, When
@@ -28,8 +31,7 @@ from django.test.utils import CaptureQueriesContext
 from keymgr import errors
 from keymgr.fields.django import DjangoKeyStore, EncryptedBinaryField, aopen, register
 from tests.fields.test_django_review3 import CIPHER, MAIN, OTHER, R3Customer
-from tests.fields.test_django_review3 import customers as customers  # noqa: F401  (fixtures)
-from tests.fields.test_django_review3 import databases as databases  # noqa: F401
+from tests.fields.test_django_review3 import customers as customers  # noqa: F401  (its fixture)
 
 
 class R3Order(models.Model):
@@ -41,10 +43,39 @@ class R3Order(models.Model):
 
 
 @pytest.fixture(scope="module")
-def orders(databases: None) -> Iterator[None]:  # noqa: F811
-    with connections[MAIN].schema_editor() as editor:
-        editor.create_model(R3Order)
+def databases() -> Iterator[None]:
+    """The reviewer's two aliases on SQLite files of this module's own, with both tables. The
+    cached connections are dropped before and after: Django keeps one per alias, which would
+    still point at another module's files (the reviewer's module sets up the same aliases)."""
+    directory = Path(tempfile.mkdtemp(prefix="keymgr-review3-fixes-"))
+    for alias in (MAIN, OTHER):
+        _forget(alias)
+        conf = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(directory / f"{alias}.sqlite3")}
+        connections.settings[alias] = connections.configure_settings({"default": conf, alias: conf})[alias]
+        with connections[alias].schema_editor() as editor:
+            editor.create_model(R3Customer)
+            editor.create_model(R3Order)
     yield
+    for alias in (MAIN, OTHER):
+        _forget(alias)
+
+
+def _forget(alias: str) -> None:
+    """Drop ``alias``'s cached connection in this thread and in the one Django's async queries
+    (``aget``) run in, which keeps its own."""
+    _forget_here(alias)
+    asyncio.run(sync_to_async(_forget_here, thread_sensitive=True)(alias))
+
+
+def _forget_here(alias: str) -> None:
+    if hasattr(connections._connections, alias):
+        connections[alias].close()
+        del connections[alias]
+
+
+@pytest.fixture
+def orders(databases: None) -> None:
+    """R3Order's table (made with the databases)."""
 
 
 # --- values read from one alias, saved to another -------------------------------------------
