@@ -197,6 +197,9 @@ def test_what_stays_allowed(customers: Any, orders: None) -> None:  # noqa: F811
     pk = customers.create(email=SECRET, card="1").pk
     rows = customers.filter(pk__in=[pk, customers.create(email=None, card="2").pk])
     assert rows.aggregate(n=Count("email"))["n"] == 1
+    assert (rows.distinct().count(), rows.order_by("pk")[:1].count()) == (2, 1)  # Django's count subqueries
+    with pytest.raises(errors.ConfigurationError, match="subquery"):  # one sealed column: refused
+        rows.values("email").distinct().count()
     flags = rows.annotate(has=Case(When(email__isnull=True, then=Value(0)), default=Value(1))).order_by("has")
     assert [c.has for c in flags] == [0, 1]
     same = customers.annotate(e=Case(When(email__isnull=False, then=F("email")))).get(pk=pk)
