@@ -4,7 +4,9 @@ connections, with the columns of :class:`keymgr.fields.sql.SqlKeyStore`."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from django.db import connections
@@ -28,7 +30,21 @@ class DjangoKeyStore:
         self.using, self.table = using, table
 
     def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[list[tuple[Any, ...]], int]:
-        """``sql`` (``{t}`` is the table) on a new connection: (rows fetched, rows affected)."""
+        """``sql`` (``{t}`` is the table) on a new connection: (rows fetched, rows affected).
+
+        Called from an event loop's thread (an encrypted attribute read in async code whose data
+        key is not cached yet), Django refuses any query there (SynchronousOnlyOperation): the
+        connection, private to this call, is then opened, used and closed in a worker thread while
+        the caller waits. The loop is blocked for that query, as it is for the decryption itself;
+        ``await keymgr.fields.django.aopen(instance)`` does both off the loop."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._execute_here(sql, params)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="keymgr-key-store") as worker:
+            return worker.submit(self._execute_here, sql, params).result()
+
+    def _execute_here(self, sql: str, params: tuple[Any, ...]) -> tuple[list[tuple[Any, ...]], int]:
         conn = connections.create_connection(self.using)
         if conn.vendor == "sqlite" and conn.is_in_memory_db():
             raise errors.ConfigurationError("the data-key store needs a connection of its own: an in-memory SQLite "

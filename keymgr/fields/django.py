@@ -23,15 +23,18 @@ side reads the other's rows. The primary key must exist before the insert (a
 ``UUIDField(default=uuid.uuid4)``); a missing one is a :class:`~keymgr.errors.ConfigurationError`.
 ``from_db_value`` has no instance either: a value read from the database stays sealed in the
 instance, remembers the row it was read for (``post_init``, for proxies and subclasses too), and
-opens on first attribute access (a descriptor; a deferred value is loaded sealed). An UPDATE of
-that row leaves an unchanged value's column, and its blind index's, to what the database holds
+opens on first attribute access (a descriptor; a deferred value is loaded sealed;
+:func:`aopen` opens them off an event loop). An UPDATE of that row, to the database alias it was
+read from, leaves an unchanged value's column, and its blind index's, to what the database holds
 (``F(column)``: a re-encryption pass may have replaced the value read, and deleted its data key);
-an INSERT seals every value again, and one copied to another primary key is opened under its
-old row and sealed under the new one. A changed source saved without its blind-index column
-(``update_fields``, or the loaded fields Django saves after ``only()``), or upserted without it,
-is refused: the term would go stale. Only an instance ``Model.from_db`` makes binds its values
-to its row (keymgr wraps the model's ``from_db``): a ``values()`` value, bound to no row, is
-refused when given to an instance; ``refresh_from_db()`` (wrapped too) keeps values as read.
+an INSERT, or a save to another alias (a copy between databases, a read replica), seals every
+value again, and one copied to another primary key is opened under its old row and sealed under
+the new one. A changed source saved without its blind-index column (``update_fields``, or the
+loaded fields Django saves after ``only()``), or upserted without it, is refused, checked in the
+fields' own ``pre_save`` after every ``pre_save`` receiver: the term would go stale. Only an
+instance ``Model.from_db`` makes binds its values to its row and alias (keymgr wraps the model's
+``from_db``): a ``values()`` value, bound to no row, is refused when given to an instance;
+``refresh_from_db()`` (wrapped too) keeps values as read.
 
 Nothing but what :meth:`EncryptedField.pre_save` returned (a sealed value, its NULL, a term
 :class:`BlindIndexField` computed) is written to a sealed or term column, besides ``F()`` of the
@@ -40,7 +43,9 @@ columns are a ConfigurationError, NULL and another row's term included (values c
 ``save()``); plaintext given to ``filter()`` and any expression compared with the column, on
 either side (``Value(...)``, ``Lower(...)``, another column), is refused too, never a cleartext
 write or query parameter, and so is any lookup but ``exact``, ``in`` and ``isnull`` with keymgr's
-own values (``icontains``, ``gt``...). ``bulk_create(update_conflicts=True)`` upserts sealed
+own values (``icontains``, ``gt``...), any function of the column in a query (``Cast``,
+``Substr``: their output field's lookups take plaintext; ``Count`` passes) and a subquery that
+selects the column as its value. ``bulk_create(update_conflicts=True)`` upserts sealed
 columns only on the primary key, the row they were sealed to.
 Ciphers and indexes are registered by name (:func:`register`), so fields deconstruct into
 migrations as plain strings and the KeyManager can be opened after the models are imported.
@@ -54,13 +59,18 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from asgiref.sync import sync_to_async
+from django.core.exceptions import FieldError, SynchronousOnlyOperation
 from django.db import models
+from django.db.models import Count
 from django.db.models.constants import OnConflict
 from django.db.models.expressions import Col
 from django.db.models.lookups import Lookup
 from django.db.models.query import ModelIterable
 from django.db.models.query_utils import DeferredAttribute
 from django.db.models.signals import class_prepared, post_init, pre_save
+from django.db.models.sql import Query
+from django.db.models.sql.where import WhereNode
 
 from keymgr import errors
 from keymgr.fields._django_store import DjangoKeyStore
@@ -69,7 +79,7 @@ from keymgr.fields.cipher import FieldCipher
 from keymgr.fields.index import BlindIndex, Term, index_context
 
 __all__ = ["BlindIndexField", "DjangoKeyStore", "EncryptedBinaryField", "EncryptedField", "EncryptedManager",
-           "EncryptedQuerySet", "EncryptedTextField", "Stored", "register"]
+           "EncryptedQuerySet", "EncryptedTextField", "Stored", "aopen", "register"]
 
 _lock = threading.Lock()
 _ciphers: dict[str, FieldCipher] = {}
@@ -107,21 +117,23 @@ class Stored:
     the instance is made), and its plaintext once opened. ``values()`` and ``values_list()``
     return these, never plaintext."""
 
-    __slots__ = ("sealed", "row", "plain")
+    __slots__ = ("sealed", "row", "db", "plain")
 
-    def __init__(self, sealed: bytes, row: str | None = None) -> None:
+    def __init__(self, sealed: bytes, row: str | None = None, db: str | None = None) -> None:
         self.sealed = sealed
         self.row = row
+        self.db = db  # the database alias it was read from: unchanged only when written back there
         self.plain: str | bytes | None = None
 
     def __repr__(self) -> str:
         return f"Stored({len(self.sealed)} bytes)"
 
-    def __getstate__(self) -> tuple[bytes, str | None]:  # a pickled instance (a cache) carries no plaintext
-        return self.sealed, self.row
+    def __getstate__(self) -> tuple[bytes, str | None, str | None]:  # a pickled instance carries no plaintext
+        return self.sealed, self.row, self.db
 
-    def __setstate__(self, state: tuple[bytes, str | None]) -> None:
-        self.sealed, self.row = state
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.sealed, self.row = state[0], state[1]
+        self.db = state[2] if len(state) > 2 else None  # pickled before the alias was kept: re-sealed at a save
         self.plain = None
 
 
@@ -205,29 +217,94 @@ class _SealedCol(Col):  # type: ignore[misc]
         return super().as_sql(compiler, connection)
 
 
+def _selected(query: Query) -> list[Any]:
+    """What ``query``, used as a subquery, yields: its selected columns and annotations (none for
+    a query of the model's default columns, which cannot stand for one value)."""
+    if query.default_cols:
+        return []
+    return [*query.select, *query.annotation_select.values()]
+
+
+def _sources(node: Any) -> list[Any]:
+    if isinstance(node, Query):
+        return _selected(node)
+    return list(node.get_source_expressions()) if hasattr(node, "get_source_expressions") else []
+
+
 def _marked_in(expression: Any) -> models.Field | None:
-    """The sealed or term column ``expression`` compares (the column, or inside a function)."""
+    """The sealed or term column ``expression`` compares (the column, inside a function, or the
+    value a subquery selects)."""
     stack = [expression]
     while stack:
         node = stack.pop()
         if isinstance(node, Col) and isinstance(node.target, _MarkedColumn):
             return node.target
-        if hasattr(node, "get_source_expressions"):
-            stack.extend(node.get_source_expressions())
+        stack.extend(_sources(node))
     return None
 
 
+def _marked_value(node: Any) -> models.Field | None:
+    """The sealed or term column whose value ``node`` yields, itself or passed through (a
+    ``Case``, a ``Ref`` to an annotation, a function's argument, a subquery's one column); a
+    condition (a lookup, a WHERE) yields a boolean, checked as a comparison of its own."""
+    if isinstance(node, Col):
+        return node.target if isinstance(node.target, _MarkedColumn) else None
+    if isinstance(node, Lookup | WhereNode):
+        return None
+    sources = _sources(node)
+    if isinstance(node, Query) and len(sources) != 1:
+        return None
+    for source in sources:
+        field = _marked_value(source)
+        if field is not None:
+            return field
+    return None
+
+
+def _output_field(node: Any) -> Any:
+    try:
+        return node._output_field_or_none
+    except (AttributeError, FieldError):  # sources of mixed types: not a sealed column's value
+        return None
+
+
+def _check_function(node: Any) -> None:
+    """Refuse a function (``Cast``, ``Substr``, ``ExpressionWrapper``, arithmetic, ``Max``...) of
+    a sealed or term column, whatever it is used for: its output field is another field's (a
+    text field), whose lookups send their value, a plaintext, as a query parameter. No function
+    of these opaque bytes means anything; ``Count`` (no value) and an expression that stays the
+    column's value (``Case``/``When``, ``Coalesce`` of the column: the column's own lookups) pass."""
+    if isinstance(node, Col | Lookup | WhereNode | Query | Count):
+        return
+    if isinstance(_output_field(node), _MarkedColumn):
+        return
+    for source in _sources(node):
+        field = _marked_value(source)
+        if field is not None:
+            raise errors.ConfigurationError(
+                f"{field.model.__name__}.{field.name} is {field.what}: refusing {type(node).__name__}() of it "
+                "(its result would be compared or written in the clear; no function of sealed bytes means anything)")
+
+
 def _check_comparisons(compiler: Any) -> None:
-    """Refuse a comparison of two expressions (in the query's WHERE / HAVING or an annotation:
-    ``Case(When(...))``) that holds a sealed or term column on either side, unless it is one of
-    the column's own lookups (:class:`_ExpressionGuard` checked it) or compares the column with
-    itself: the other side may be plaintext (``Value(...)``), sent as a query parameter. A
-    comparison with a direct value goes through the column's ``get_db_prep_value`` (refused
-    unless keymgr computed it). Once per compiler."""
+    """Refuse, in the query's WHERE / HAVING and annotations: a comparison of two expressions
+    (``Exact(Value(p), F(email))``, ``Case(When(...))``) that holds a sealed or term column on
+    either side, unless it is one of the column's own lookups (:class:`_ExpressionGuard` checked
+    it) or compares the column with itself; any function of such a column
+    (:func:`_check_function`); and, for a query compiled as a subquery, selecting such a column as
+    its one value (whatever compares it is another query's, never checked by the column). The
+    other side may be plaintext (``Value(...)``), sent as a query parameter. A comparison with a
+    direct value goes through the column's ``get_db_prep_value`` (refused unless keymgr computed
+    it). Once per compiler."""
     if getattr(compiler, "_keymgr_compared", False):
         return
     compiler._keymgr_compared = True
     query = compiler.query
+    selected = _selected(query) if getattr(query, "subquery", False) else []
+    if len(selected) == 1:
+        field = _marked_value(selected[0])
+        if field is not None:
+            raise _refused(field, f"{field.what}, selected by a subquery")
     stack = [getattr(query, "where", None), *getattr(query, "annotations", {}).values()]
     while stack:
         node = stack.pop()
@@ -237,6 +314,7 @@ def _check_comparisons(compiler: Any) -> None:
             field = _marked_in(node.rhs) or _marked_in(node.lhs)
             if field is not None and not (_own_column(field, node.lhs) and _own_column(field, node.rhs)):
                 raise _refused(field, field.what)
+        _check_function(node)
         stack.extend(node.get_source_expressions())
 
 
@@ -358,9 +436,14 @@ class _PlaintextAttribute(DeferredAttribute):  # type: ignore[misc]
 
     def _load(self, instance: models.Model) -> None:
         manager = type(instance)._base_manager.db_manager(instance._state.db, hints={"instance": instance})
-        value = manager.filter(pk=instance.pk).values_list(self.field.attname, flat=True).get()
+        try:
+            value = manager.filter(pk=instance.pk).values_list(self.field.attname, flat=True).get()
+        except SynchronousOnlyOperation:
+            raise errors.ConfigurationError(
+                f"{type(instance).__name__}.{self.field.name} is deferred: in async code load it with "
+                "await keymgr.fields.django.aopen(instance) (or do not defer it)") from None
         if isinstance(value, Stored):
-            value.row = _row(instance, self.field.model)
+            value.row, value.db = _row(instance, self.field.model), instance._state.db
         instance.__dict__[self.field.attname] = value
 
 
@@ -395,12 +478,17 @@ class EncryptedField(_MarkedColumn):
         return Place(self.model._meta.db_table, self.column, row)
 
     def kept(self, instance: models.Model) -> bool:
-        """The instance holds the value read from the database for this very row, unchanged (or
-        none, deferred): an UPDATE leaves the column to what the database holds."""
+        """The instance holds the value read for this very row from the very database the save
+        writes to, unchanged (or none, deferred, and saved to the database it was loaded from): an
+        UPDATE leaves the column to what the database holds. A value read from another alias (a
+        copy between databases, a read replica) is sealed again: ``F(column)`` would keep the
+        target's own value."""
+        using = _saving(instance)[0]
         value = instance.__dict__.get(self.attname, _NOT_LOADED)
         if value is _NOT_LOADED:
-            return True
-        return isinstance(value, Stored) and value.row is not None and value.row == _row_or_none(instance, self.model)
+            return bool(using == instance._state.db)
+        return (isinstance(value, Stored) and value.row is not None and value.db == using
+                and value.row == _row_or_none(instance, self.model))
 
     def plaintext(self, instance: models.Model, value: Any) -> Any:
         """``value`` (an attribute's state) in the clear: a :class:`Stored` value is opened once."""
@@ -436,6 +524,8 @@ class EncryptedField(_MarkedColumn):
         assigned value is sealed now, to this row."""
         if not add and self.kept(model_instance):
             return models.F(self.attname)
+        if not add:
+            _check_written_with_index(self, model_instance)
         plain = self.to_seal(model_instance)
         if plain is None:
             return _NULL
@@ -455,9 +545,24 @@ class EncryptedTextField(EncryptedField):
 
 
 class EncryptedBinaryField(EncryptedField):
-    """:class:`EncryptedField` whose plaintext is ``bytes``."""
+    """:class:`EncryptedField` whose plaintext is ``bytes``. Not editable unless asked
+    (``editable=True``), as Django's ``BinaryField``: a form has no widget for bytes (a
+    ``ModelForm`` of ``fields="__all__"``, the admin's default, would render it as text and send
+    back ``"b'...'"``, refused at every save)."""
 
     text = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("editable", False)
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self) -> tuple[Any, ...]:
+        name, path, args, kwargs = super().deconstruct()
+        if self.editable:
+            kwargs["editable"] = True
+        else:
+            kwargs.pop("editable", None)
+        return name, path, args, kwargs
 
     def get_default(self) -> Any:
         default = super().get_default()
@@ -516,6 +621,9 @@ class BlindIndexField(_MarkedColumn):
         source = self.source_field()
         if not add and source.kept(model_instance):
             return models.F(self.attname)
+        update_fields = _saving(model_instance)[1]
+        if not add and update_fields is not None and not {source.name, source.attname} & update_fields:
+            raise _stale_term(type(model_instance), source, self)
         plain = source.to_seal(model_instance)
         if plain is None:
             model_instance.__dict__[self.attname] = None
@@ -540,10 +648,15 @@ def _marked_fields(model: type[models.Model]) -> _MarkedFields:
     return found
 
 
-#: Set while ``Model.from_db`` makes an instance of a row just read: only then does ``post_init``
-#: bind the instance's :class:`Stored` values to its primary key (a value from ``values()`` given
-#: to ``Model(...)`` was read for some other row, or none).
-_from_database: contextvars.ContextVar[bool] = contextvars.ContextVar("keymgr_django_from_database", default=False)
+#: The database alias ``Model.from_db`` reads from, set while it makes an instance of a row just
+#: read: only then does ``post_init`` bind the instance's :class:`Stored` values to its primary key
+#: and alias (a value from ``values()`` given to ``Model(...)`` was read for some other row, or none).
+_from_database: contextvars.ContextVar[str | None] = contextvars.ContextVar("keymgr_django_from_database",
+                                                                         default=None)
+
+#: The ``_state`` attribute that holds the save in progress, (alias written, ``update_fields``),
+#: set by :func:`_note_save` (a ``pre_save`` receiver) for the fields' own ``pre_save``.
+_SAVING = "keymgr_saving"
 
 #: The ``_state`` attribute of an instance made only to be copied by ``refresh_from_db()``: its
 #: encrypted attributes hand over their :class:`Stored` values, not plaintext.
@@ -555,32 +668,48 @@ def _bind_loaded(sender: type[models.Model], instance: models.Model, **kwargs: A
     application (or another ``post_init`` receiver) can change the primary key. Only the
     instance ``from_db`` makes is bound: a :class:`Stored` given to ``Model(...)`` keeps its row
     (``None`` from ``values()``), so it is never taken for this row's unchanged value."""
-    if not _from_database.get():
+    db = _from_database.get()
+    if db is None:
         return
-    _from_database.set(False)  # this instance only, not one a later receiver makes
+    _from_database.set(None)  # this instance only, not one a later receiver makes
     for field in _marked_fields(sender)[0]:
         value = instance.__dict__.get(field.attname)
         if isinstance(value, Stored) and value.row is None:
-            value.row = _row_or_none(instance, field.model)
+            value.row, value.db = _row_or_none(instance, field.model), db
 
 
-def _check_index_saved(sender: type[models.Model], instance: models.Model, raw: bool = False,
-                       update_fields: frozenset[str] | None = None, **kwargs: Any) -> None:
-    """A save that writes a changed source without its blind index, or the index without its
-    changed source, would leave a stale term (the row not found by its value, or found by a value
-    it no longer holds). ``update_fields`` here is what Django will write, also when it saves only
-    the fields a ``defer()`` / ``only()`` load left loaded. Django gives a field no way to add a
-    column to that set, so the save is refused before anything is written."""
-    if raw or update_fields is None:
+def _note_save(sender: type[models.Model], instance: models.Model, using: str | None = None,
+               update_fields: frozenset[str] | None = None, **kwargs: Any) -> None:
+    """Note the save in progress for the fields' ``pre_save`` (which Django gives no alias and no
+    ``update_fields``): the alias written (a value is unchanged only if read from it) and the
+    fields written (``update_fields``, also the loaded fields Django saves after ``only()``).
+    Nothing is checked here: a ``pre_save`` receiver connected later may still change a value."""
+    setattr(instance._state, _SAVING, (using, update_fields))
+
+
+def _saving(instance: models.Model) -> tuple[str | None, frozenset[str] | None]:
+    """(alias, update_fields) of the save in progress; outside one, the instance's own alias."""
+    saving: tuple[str | None, frozenset[str] | None] | None = getattr(instance._state, _SAVING, None)
+    return saving if saving is not None else (instance._state.db, None)
+
+
+def _stale_term(model: type[models.Model], source: EncryptedField, index: BlindIndexField) -> errors.ConfigurationError:
+    return errors.ConfigurationError(
+        f"{model.__name__}.{source.name} changed: it is saved only with its blind index {index.name} "
+        f"(update_fields=[..., {source.name!r}, {index.name!r}]; after only()/defer(), load both)")
+
+
+def _check_written_with_index(source: EncryptedField, instance: models.Model) -> None:
+    """A changed source written without its blind index would leave a stale term (the row found
+    neither by its new value nor by its old one). Checked in the source's own ``pre_save``, when
+    the value is final (after every ``pre_save`` receiver), before anything is written; Django
+    gives a field no way to add a column to ``update_fields``, so the save is refused."""
+    update_fields = _saving(instance)[1]
+    if update_fields is None:
         return
-    for index in _marked_fields(sender)[1]:
-        source = index.source_field()
-        if source.kept(instance):
-            continue
-        if bool({source.name, source.attname} & update_fields) != bool({index.name, index.attname} & update_fields):
-            raise errors.ConfigurationError(
-                f"{sender.__name__}.{source.name} changed: it is saved only with its blind index {index.name} "
-                f"(update_fields=[..., {source.name!r}, {index.name!r}]; after only()/defer(), load both)")
+    for index in _marked_fields(type(instance))[1]:
+        if index.source_field() is source and not {index.name, index.attname} & update_fields:
+            raise _stale_term(type(instance), source, index)
 
 
 class _SealedCopies(ModelIterable):  # type: ignore[misc]
@@ -627,7 +756,7 @@ def _bound_from_db(from_db: Callable[..., models.Model]) -> Callable[..., models
 
     @functools.wraps(from_db)
     def bound(cls: type[models.Model], db: str, field_names: Any, values: Any) -> models.Model:
-        token = _from_database.set(True)
+        token = _from_database.set(db)
         try:
             return from_db(cls, db, field_names, values)
         finally:
@@ -653,7 +782,7 @@ def _watch(model: type[models.Model]) -> None:
     signals with the subclass as sender)."""
     _wrap_model_methods(model)
     post_init.connect(_bind_loaded, sender=model, weak=False)
-    pre_save.connect(_check_index_saved, sender=model, weak=False)
+    pre_save.connect(_note_save, sender=model, weak=False)
 
 
 def _watch_subclass(sender: type[models.Model], **kwargs: Any) -> None:
@@ -766,3 +895,17 @@ class EncryptedQuerySet(models.QuerySet):  # type: ignore[misc]
 
 
 EncryptedManager = models.Manager.from_queryset(EncryptedQuerySet)
+
+
+async def aopen(instance: models.Model) -> None:
+    """Open every encrypted value of ``instance`` off the event loop (``sync_to_async``): its data
+    keys are loaded from the key store and unwrapped, and a deferred value is loaded (one query
+    each), in Django's thread for synchronous code; the attributes then read without I/O. Without
+    it, an attribute read in async code works too, but a data key not cached yet is loaded and
+    unwrapped while the event loop waits, and a deferred value is refused."""
+    await sync_to_async(_open_all, thread_sensitive=True)(instance)
+
+
+def _open_all(instance: models.Model) -> None:
+    for field in _marked_fields(type(instance))[0]:
+        getattr(instance, field.attname)

@@ -322,3 +322,47 @@ def test_the_sqlalchemy_codec_and_the_django_fields_read_each_others_rows(db: st
         engine.dispose()
     [row] = Customer.objects.using(db).find(email="SA@example.com")
     assert (row.pk, row.name, row.email, row.photo) == (from_sqlalchemy, "sa", "sa@example.com", None)
+
+
+def _functions_of_the_column(db: str, secret: str) -> list[Any]:
+    from django.db.models import OuterRef, Subquery, TextField, Value
+    from django.db.models.functions import Cast, Substr
+    from django.db.models.lookups import Exact
+
+    rows = Customer.objects.using(db)
+    column = Subquery(Customer.objects.filter(pk=OuterRef("pk")).values("email")[:1])
+    return [lambda: rows.annotate(e=Cast("email", TextField())).filter(e=secret),
+            lambda: rows.annotate(e=Substr("email", 1, 40)).filter(e__icontains=secret),
+            lambda: rows.values("name").filter(Exact(Value(secret), column))]
+
+
+def test_functions_and_subqueries_of_the_column_are_refused(db: str) -> None:
+    """The third review's Cast / Substr / Subquery, on each database: refused when compiled, the
+    plaintext in no query."""
+    from django.test.utils import CaptureQueriesContext
+
+    Customer.objects.using(db).create(email=EMAIL)
+    for query in _functions_of_the_column(db, EMAIL):
+        with CaptureQueriesContext(connections[db]) as captured, pytest.raises(errors.ConfigurationError):
+            list(query())
+        assert not any(EMAIL in q["sql"] for q in captured.captured_queries)
+
+
+def test_a_receiver_changing_the_source_is_checked_after_it(db: str) -> None:
+    """A pre_save receiver connected after the model (the application's) that changes the source
+    during save(update_fields=["email"]) is refused; with the index named, the term follows."""
+    from django.db.models.signals import pre_save
+
+    def rename(sender: Any, instance: Any, **kwargs: Any) -> None:
+        instance.email = "renamed@example.com"
+
+    pk = Customer.objects.using(db).create(email=EMAIL).pk
+    pre_save.connect(rename, sender=Customer)
+    try:
+        with pytest.raises(errors.ConfigurationError, match="blind index"):
+            Customer.objects.using(db).get(pk=pk).save(update_fields=["email"])
+        assert Customer.objects.using(db).get(pk=pk).email == EMAIL
+        Customer.objects.using(db).get(pk=pk).save(update_fields=["email", "email_bidx"])
+    finally:
+        pre_save.disconnect(rename, sender=Customer)
+    assert [c.pk for c in Customer.objects.using(db).find(email="renamed@example.com")] == [pk]
