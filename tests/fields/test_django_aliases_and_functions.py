@@ -1,5 +1,5 @@
 """Tests for the fixes of the third outside review beyond the reviewer's own
-(tests/fields/test_django_review3.py, whose model, aliases and fixtures these reuse): values read
+(tests/fields/test_django_attacks3.py, whose model, aliases and fixtures these reuse): values read
 from one alias and saved to another (deferred, pickled, saved back), the source/index check after
 every ``pre_save`` receiver, functions and subqueries of a sealed column (across a join, with the
 outer query selecting no sealed column) and what stays allowed, :func:`aopen` in async code, and
@@ -30,8 +30,8 @@ from django.test.utils import CaptureQueriesContext
 
 from keymgr import errors
 from keymgr.fields.django import DjangoKeyStore, EncryptedBinaryField, aopen, register
-from tests.fields.test_django_review3 import CIPHER, MAIN, OTHER, R3Customer
-from tests.fields.test_django_review3 import customers as customers  # noqa: F401  (its fixture)
+from tests.fields.test_django_attacks3 import CIPHER, MAIN, OTHER, R3Customer
+from tests.fields.test_django_attacks3 import customers as customers  # noqa: F401  (its fixture)
 
 
 class R3Order(models.Model):
