@@ -33,6 +33,11 @@ from keymgr.fields.django import DjangoKeyStore, EncryptedBinaryField, aopen, re
 from tests.fields.test_django_attacks3 import CIPHER, MAIN, OTHER, R3Customer
 from tests.fields.test_django_attacks3 import customers as customers  # noqa: F401  (its fixture)
 
+#: the Django integration's tests (a Django project set up per module, real SQLite and
+#: PostgreSQL) run in CI; `pytest -m "not slow"` leaves them out (with them it took 143 s
+#: instead of 105 s: they also slow the tests after them)
+pytestmark = pytest.mark.slow
+
 
 class R3Order(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4)

@@ -21,6 +21,11 @@ from keymgr import errors  # noqa: E402
 from keymgr.fields.django import BlindIndexField, EncryptedManager, EncryptedTextField  # noqa: E402
 from tests.fields.test_django import EMAIL, Customer, _db_pk, _raw, alias, db  # noqa: F401 - fixtures
 
+#: the Django integration's tests (a Django project set up per module, real SQLite and
+#: PostgreSQL) run in CI; `pytest -m "not slow"` leaves them out (with them it took 143 s
+#: instead of 105 s: they also slow the tests after them)
+pytestmark = pytest.mark.slow
+
 
 class Member(models.Model):
     """A model with a unique column besides its primary key (a login): the upsert's conflict target."""

@@ -21,6 +21,11 @@ from keymgr.fields.django import Stored, _indexes
 from tests.fields.test_django import EMAIL, Customer, _db_pk, _raw, alias, db  # noqa: F401 - fixtures
 from tests.fields.test_django_attacks import Branch, Member, tables  # noqa: F401 - fixture
 
+#: the Django integration's tests (a Django project set up per module, real SQLite and
+#: PostgreSQL) run in CI; `pytest -m "not slow"` leaves them out (with them it took 143 s
+#: instead of 105 s: they also slow the tests after them)
+pytestmark = pytest.mark.slow
+
 
 def _set_raw(db_alias: str, column: str, value: bytes, pk: uuid.UUID) -> None:
     with connections[db_alias].cursor() as cursor:

@@ -26,6 +26,11 @@ from keymgr.fields.django import Stored
 from tests.fields.test_django import EMAIL, Customer, _raw, alias, db  # noqa: F401 - fixtures
 from tests.fields.test_django_attacks import Branch, Member, tables  # noqa: F401 - fixture
 
+#: the Django integration's tests (a Django project set up per module, real SQLite and
+#: PostgreSQL) run in CI; `pytest -m "not slow"` leaves them out (with them it took 143 s
+#: instead of 105 s: they also slow the tests after them)
+pytestmark = pytest.mark.slow
+
 
 def _columns(db_alias: str, pk: uuid.UUID) -> tuple[bytes | None, bytes | None]:
     email, term = _raw(db_alias, "email", pk), _raw(db_alias, "email_bidx", pk)
