@@ -4,31 +4,21 @@ lookups, bulk_create, plaintext refused on the paths that bypass pre_save."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-if os.environ.get("KEYMGR_REQUIRE_INTEROP") != "1":
-    pytest.importorskip("django")
-import django  # noqa: E402
-from django.conf import settings  # noqa: E402
+from tests.fields import _django_project  # noqa: F401 - skips without Django; configures it
 
-if not settings.configured:
-    # names filled in by the db fixture, before the first connection is made
-    settings.configure(DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ""},
-                                  "pg": {"ENGINE": "django.db.backends.postgresql", "NAME": "keymgr",
-                                         "USER": "keymgr", "HOST": ""}},
-                       INSTALLED_APPS=[], USE_TZ=True)
-    django.setup()
+# isort: split
+from django.conf import settings
+from django.db import connections, models, transaction
 
-from django.db import connections, models, transaction  # noqa: E402
-
-from keymgr import errors  # noqa: E402
-from keymgr.fields import OVERHEAD, chain, collapse_spaces, unicode_fold  # noqa: E402
-from keymgr.fields.django import (  # noqa: E402
+from keymgr import errors
+from keymgr.fields import OVERHEAD, chain, collapse_spaces, unicode_fold
+from keymgr.fields.django import (
     BlindIndexField,
     DjangoKeyStore,
     EncryptedBinaryField,

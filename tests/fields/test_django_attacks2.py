@@ -3,7 +3,6 @@ still leave a blind-index term stale without an error. Each test fails while the
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,25 +10,17 @@ from typing import Any
 
 import pytest
 
-if os.environ.get("KEYMGR_REQUIRE_INTEROP") != "1":
-    pytest.importorskip("django")
-import django  # noqa: E402
-from django.conf import settings  # noqa: E402
+from tests.fields import _django_project  # noqa: F401 - skips without Django; configures it
 
-if not settings.configured:
-    settings.configure(DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ""},
-                                  "pg": {"ENGINE": "django.db.backends.postgresql", "NAME": "keymgr",
-                                         "USER": "keymgr", "HOST": ""}},
-                       INSTALLED_APPS=[], USE_TZ=True)
-    django.setup()
+# isort: split
+from django.conf import settings
+from django.db import connections, models
+from django.db.models import F, Value
+from django.db.models.lookups import Exact
 
-from django.db import connections, models  # noqa: E402
-from django.db.models import F, Value  # noqa: E402
-from django.db.models.lookups import Exact  # noqa: E402
-
-from keymgr import errors  # noqa: E402
-from keymgr.fields import unicode_fold  # noqa: E402
-from keymgr.fields.django import (  # noqa: E402
+from keymgr import errors
+from keymgr.fields import unicode_fold
+from keymgr.fields.django import (
     BlindIndexField,
     DjangoKeyStore,
     EncryptedManager,

@@ -1,7 +1,7 @@
 """A third outside review of the Django fields (keymgr/fields/django.py): one test per finding,
 each failing on main at 35c7180 (reproductions: SQLite files here; PostgreSQL by hand, same
-results). Django is configured here if no other module did; the tests use database aliases of
-their own (two SQLite files), added to whatever configuration is in place."""
+results). Django is configured by tests/fields/_django_project.py; the tests use database aliases
+of their own (two SQLite files), added to whatever configuration is in place."""
 
 from __future__ import annotations
 
@@ -14,17 +14,9 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("django")
+from tests.fields import _django_project  # noqa: F401 - skips without Django; configures it
 
-import django
-from django.conf import settings
-
-if not settings.configured:
-    settings.configure(DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3",
-                                              "NAME": str(Path(tempfile.mkdtemp()) / "default.sqlite3")}},
-                       INSTALLED_APPS=[], USE_TZ=True)
-    django.setup()
-
+# isort: split
 from django import forms
 from django.db import connections, models
 from django.db.models import OuterRef, Subquery, TextField, Value
