@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asn1crypto import cms
@@ -147,6 +148,23 @@ def test_a_planted_kek_never_encrypts(softhsm: TokenUnderTest, key_name: str, tm
     assert planted_id.hex() in proc.stdout and "FAILED" in proc.stdout and attribute in proc.stdout
 
 
+def _swapper(key_id: bytes, label: str, profile: str, *, extractable: bool) -> Any:
+    """A token call that destroys the object(s) under ``key_id`` and creates in their place an
+    AES key of a value the PIN holder chose (not LOCAL), with the roles of ``profile``."""
+    roles = ({Attribute.WRAP: True, Attribute.UNWRAP: True} if profile == "kw"
+             else {Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
+
+    def swap(session: Any) -> None:
+        for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id})):
+            obj.destroy()
+        session.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.TOKEN: True,
+            Attribute.PRIVATE: True, Attribute.LABEL: label, Attribute.ID: key_id, Attribute.VALUE: os.urandom(32),
+            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: extractable, Attribute.MODIFIABLE: False, **roles})
+
+    return swap
+
+
 @pytest.mark.parametrize("profile", ["kw", "gcm"])
 def test_a_kek_replaced_under_a_running_manager_never_encrypts(softhsm: TokenUnderTest, key_name: str,
                                                                profile: str) -> None:
@@ -156,20 +174,7 @@ def test_a_kek_replaced_under_a_running_manager_never_encrypts(softhsm: TokenUnd
         record = km.create_key(key_name, profile=profile)
         km.encrypt(b"checked and trusted", key=key_name)
         key_id = record.primary_version.key_id
-        roles = ({Attribute.WRAP: True, Attribute.UNWRAP: True} if profile == "kw"
-                 else {Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
-
-        def swap(session: object) -> None:
-            for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,  # type: ignore[attr-defined]
-                                                 Attribute.ID: key_id})):
-                obj.destroy()
-            session.create_object({  # type: ignore[attr-defined]
-                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.TOKEN: True,
-                Attribute.PRIVATE: True, Attribute.LABEL: f"{key_name}/v1", Attribute.ID: key_id,
-                Attribute.VALUE: os.urandom(32), Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                Attribute.MODIFIABLE: False, **roles})
-
-        token_of(km).run("swap the KEK", swap)
+        token_of(km).run("swap the KEK", _swapper(key_id, f"{key_name}/v1", profile, extractable=False))
         outcomes = []
         for _ in range(5):
             try:
@@ -197,19 +202,7 @@ def test_a_kek_swapped_while_the_session_reopens_mid_call_never_encrypts(softhsm
         km.encrypt(b"checked and trusted", key=key_name)
         key_id = record.primary_version.key_id
         ts = token_of(km)
-        roles = ({Attribute.WRAP: True, Attribute.UNWRAP: True} if profile == "kw"
-                 else {Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
-        planted = os.urandom(32)
-
-        def swap(session: object) -> None:
-            for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,  # type: ignore[attr-defined]
-                                                 Attribute.ID: key_id})):
-                obj.destroy()
-            session.create_object({  # type: ignore[attr-defined]
-                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.TOKEN: True,
-                Attribute.PRIVATE: True, Attribute.LABEL: f"{key_name}/v1", Attribute.ID: key_id,
-                Attribute.VALUE: planted, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
-                Attribute.MODIFIABLE: False, **roles})
+        swap = _swapper(key_id, f"{key_name}/v1", profile, extractable=True)
 
         real_with_key = objects._with_key
 
