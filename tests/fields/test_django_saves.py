@@ -110,12 +110,7 @@ def test_no_expression_but_the_column_itself_reaches_a_sealed_column(db: str) ->
                 lambda: rows.filter(pk=c.pk).update(email=F("name")),  # another column's plaintext
                 lambda: rows.filter(pk=c.pk).update(email_bidx=Value(EMAIL.encode())),
                 lambda: rows.filter(pk=c.pk).update(email=Lower(Value(EMAIL)))]
-    with CaptureQueriesContext(connections[db]) as queries:
-        for attempt in attempts:
-            with pytest.raises(errors.ConfigurationError) as caught:
-                attempt()
-            assert EMAIL not in str(caught.value)
-    assert len(queries) == 0, [q["sql"] for q in queries]
+    refused_before_any_query(db, attempts)
     assert (bytes(_raw(db, "email", c.pk)), bytes(_raw(db, "email_bidx", c.pk))) == before
     assert rows.filter(pk=c.pk).update(email=F("email"), email_bidx=F("email_bidx")) == 1  # the column itself
     assert (bytes(_raw(db, "email", c.pk)), bytes(_raw(db, "email_bidx", c.pk))) == before
@@ -192,3 +187,14 @@ def test_update_or_create_saves_the_blind_index_with_its_source(db: str) -> None
     assert not created
     assert [x.pk for x in Customer.objects.using(db).find(email="new@example.com")] == [c.pk]
     assert bytes(_raw(db, "photo", c.pk)) == photo
+
+
+def refused_before_any_query(alias_name: str, attempts: list[Any]) -> None:
+    """Each attempt is keymgr's ConfigurationError, carrying no plaintext, and none of them sent
+    a single statement to the database."""
+    with CaptureQueriesContext(connections[alias_name]) as queries:
+        for attempt in attempts:
+            with pytest.raises(errors.ConfigurationError) as caught:
+                attempt()
+            assert EMAIL not in str(caught.value)
+    assert len(queries) == 0, [q["sql"] for q in queries]
