@@ -20,7 +20,7 @@ from keymgr.audit._entry import Actor, Entry, parse_line
 from keymgr.audit._log import AuditLog
 from keymgr.audit._operation import Operation, acting_as, current_operation, current_principal
 from keymgr.audit.limits import RateLimit, RateLimiter
-from keymgr.audit.repair import Repair, describe_damage, repair_log
+from keymgr.audit.repair import Repair, repair_log
 from keymgr.audit.verify import (
     Break,
     FleetReport,
@@ -49,7 +49,6 @@ __all__ = [
     "default_log_path",
     "parse_line",
     "parse_time",
-    "describe_damage",
     "read_entries",
     "repair_log",
     "resolve_audit",

@@ -42,7 +42,7 @@ from keymgr.audit._token import AuditKey
 from keymgr.audit.verify import VerifyReport, read_entries, verify_log
 from keymgr.hsm.sessions import TokenSession
 
-__all__ = ["Repair", "describe_damage", "repair_log"]
+__all__ = ["Repair", "repair_log"]
 
 
 @dataclass(frozen=True)
@@ -55,19 +55,20 @@ class Repair:
 
 
 def repair_log(path: str | os.PathLike[str], token: TokenSession, *,
-               confirm: Callable[[], bool] | None = None) -> Repair:
+               confirm: Callable[[str], bool] | None = None) -> Repair:
     """Acknowledge that the log at ``path`` lost entries and start it again (module docstring).
 
     ``token`` holds the log's audit key and checkpoints. A log that verifies, or a missing
     one the token never checkpointed, has nothing to repair: :class:`~keymgr.errors.PolicyError`,
     and nothing is changed. ``confirm`` is asked once the repair is known to be needed and
-    before anything changes; False is a PolicyError and nothing is changed.
+    before anything changes, with why it is needed in one line (what ``keymgr audit repair``
+    shows before its question); False is a PolicyError and nothing is changed.
     """
     path = Path(path)
     damage = _Damage.of(path, token)
     key, lost, lost_point, report = damage.key, damage.lost, damage.lost_point, damage.report
     if confirm is not None:
-        if not confirm():
+        if not confirm(damage.describe(path)):
             raise errors.PolicyError("not confirmed; nothing was changed")
         if _identity(path) != damage.identity:  # another operator's repair, or a writer, meanwhile
             raise errors.PolicyError(f"{path} changed while the confirmation was asked; nothing was changed: "
@@ -86,19 +87,6 @@ def repair_log(path: str | os.PathLike[str], token: TokenSession, *,
     with AuditLog(path, token=token) as fresh:
         fresh.record("audit-repair", detail=detail)
     return Repair(path, moved)
-
-
-def describe_damage(path: str | os.PathLike[str], token: TokenSession) -> str:
-    """Why the log at ``path`` needs a repair, in one line (what ``keymgr audit repair`` shows
-    before it asks); :func:`repair_log`'s refusal when it needs none or is no log of this token."""
-    path = Path(path)
-    damage = _Damage.of(path, token)
-    report = damage.report
-    if report is None:
-        seq = damage.lost_point[0] if damage.lost_point else 0
-        return f"{path} is missing or empty, but the token checkpointed its chain at seq {seq}"
-    assert report.broken is not None
-    return f"{path} does not verify: line {report.broken.line}: {report.broken.reason}"
 
 
 @dataclass(frozen=True)
@@ -124,6 +112,14 @@ class _Damage:
         lost_point = key.checkpoint(lost) if lost is not None else None
         report = _damaged_report(path, key, token, registered=lost is not None, remembered=lost_point is not None)
         return cls(key, host, real, lost, lost_point, report, identity)
+
+    def describe(self, path: Path) -> str:
+        """Why the log at ``path`` needs a repair, in one line."""
+        if self.report is None:
+            seq = self.lost_point[0] if self.lost_point else 0
+            return f"{path} is missing or empty, but the token checkpointed its chain at seq {seq}"
+        assert self.report.broken is not None  # _damaged_report returns only logs that fail
+        return f"{path} does not verify: line {self.report.broken.line}: {self.report.broken.reason}"
 
 
 def _identity(path: Path) -> tuple[int, int, int, int] | None:

@@ -154,12 +154,12 @@ def repair_command(state: CliState, log: str, yes: bool) -> None:
     """Acknowledge that LOG lost entries (cut, rolled back, deleted) and start it again: the old
     file is kept beside it as LOG.cut-TIME (it still fails verification: the loss stays visible),
     and the new log's first entry records the repair, who made it, and what was lost."""
-    from keymgr.audit import describe_damage, repair_log
+    from keymgr.audit import repair_log
 
     token = _open_token(state)
 
-    def confirmed() -> bool:
-        click.echo(describe_damage(log, token), err=True)  # what is wrong, before the question
+    def confirmed(damage: str) -> bool:
+        click.echo(damage, err=True)  # what is wrong, before the question
         confirmation_input()
         return click.confirm(f"Start {Path(log)} again, keeping the old file beside it?", default=False)
 

@@ -148,7 +148,7 @@ def test_repair_rechecks_the_file_after_confirmation(tmp_path: Path, ts: Any) ->
     log = tmp_path / "audit.log"
     _damaged_log(log, ts)
 
-    def other_operator_repairs_first() -> bool:
+    def other_operator_repairs_first(damage: str) -> bool:
         repair_log(log, ts)
         time.sleep(1.1)  # an operator reads the question: LOG.cut-TIME names differ by the second
         return True
@@ -160,3 +160,17 @@ def test_repair_rechecks_the_file_after_confirmation(tmp_path: Path, ts: Any) ->
     kept = sorted(p for p in tmp_path.iterdir() if p.name.startswith("audit.log.cut-"))
     verifying = [p.name for p in kept if verify_log(p, token=ts).ok]
     assert not verifying, f"a log that verified was moved aside as damaged: {verifying}"
+
+
+def test_cli_repair_shows_why_before_it_asks(softhsm: TokenUnderTest, tmp_path: Path, ts: Any) -> None:
+    """The reason the repair is needed (the verifier's, for the line it broke at) is printed
+    before the question; answering no changes nothing."""
+    log = tmp_path / "audit.log"
+    _damaged_log(log, ts)
+    before = log.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KEYMGR_AUDIT_LOG": str(tmp_path / "cli.log")}
+    run = subprocess.run([sys.executable, "-m", "keymgr", "--token", softhsm.uri(), "audit", "repair", str(log)],
+                         input="n\n", capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert run.returncode != 0 and "nothing was changed" in run.stderr, run.stderr
+    assert f"{log} does not verify: line 3:" in run.stderr and "cut off" in run.stderr, run.stderr
+    assert log.read_bytes() == before and not list(tmp_path.glob("audit.log.cut-*"))

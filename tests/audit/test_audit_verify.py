@@ -243,12 +243,12 @@ def test_repair_log_starts_a_cut_log_again_on_the_record(tmp_path: Path, ts: Tok
     path = tmp_path / "a.log"
     honest_log(path, ts, 4)
     with pytest.raises(errors.PolicyError, match="nothing to repair"):
-        repair_log(path, ts, confirm=lambda: pytest.fail("asked about a log that verifies"))
+        repair_log(path, ts, confirm=lambda damage: pytest.fail("asked about a log that verifies"))
     old_chain, lines = verify_log(path).chain, path.read_bytes().splitlines()
     write_lines(path, lines[:2])  # the tail the token checkpointed is cut off
     before = path.read_bytes()
     with pytest.raises(errors.PolicyError, match="not confirmed; nothing was changed"):
-        repair_log(path, ts, confirm=lambda: False)
+        repair_log(path, ts, confirm=lambda damage: False)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.log"]
     repair = repair_log(path, ts)
     assert repair.path == path and repair.moved_to is not None and repair.moved_to.read_bytes() == before
