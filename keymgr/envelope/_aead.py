@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
@@ -201,6 +202,13 @@ class DataKey:
             _check_nonce(nonce)
             aead = self._cipher()
         return aead.encrypt(nonce, plaintext, aad)
+
+    def encryptor(self) -> Callable[[bytes, bytes, bytes], bytes]:
+        """:meth:`seal` without its per-call checks, for a caller that makes every nonce itself
+        (12 random bytes: a batch of field values, one call per value): AES-256-GCM's own
+        ``encrypt(nonce, plaintext, aad)`` under this key. Refuses a wiped key now; hold it for
+        one batch only (a :meth:`wipe` afterwards does not stop it)."""
+        return self._cipher().encrypt
 
     def open(self, nonce: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:
         """Plaintext of ``ciphertext || tag``; :class:`IntegrityError` if it does not verify."""

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from keymgr import errors
-from keymgr.fields._format import check_extra, check_part, column_prefix, row_suffix
+from keymgr.fields._format import MAX_PART, check_extra, check_part, column_prefix, row_suffix
 
 __all__ = ["Batch", "plain"]
+
+_SURROGATE = "a text field value is not valid Unicode (a lone surrogate)"
 
 
 def plain(value: object) -> bytes:
@@ -25,7 +27,7 @@ def plain(value: object) -> bytes:
         try:
             return value.encode()
         except UnicodeEncodeError:  # a lone surrogate; the error would carry the whole text
-            raise errors.ConfigurationError("a text field value is not valid Unicode (a lone surrogate)") from None
+            raise errors.ConfigurationError(_SURROGATE) from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise errors.ConfigurationError(f"a field value is str or bytes, not {type(value).__name__}")
@@ -61,8 +63,12 @@ class Batch:
             self.names: list[str] = list(shared) * len(rows)
             self.offsets = list(range(0, width * len(rows) + 1, width))
             self.prefixes = [prefix(column) for column in shared] * len(rows)
-            self.datas = [None if (value := row.get(column)) is None else plain(value)
-                          for row in rows for column in shared]
+            try:  # text encoded inline (the common case): plain() per value is a call a value
+                self.datas = [None if (value := row.get(column)) is None
+                              else value.encode() if value.__class__ is str else plain(value)
+                              for row in rows for column in shared]
+            except UnicodeEncodeError:  # a lone surrogate; the error would carry the whole text
+                raise errors.ConfigurationError(_SURROGATE) from None
         else:
             # names and values from one pass over items(): a mapping whose keys() order differs from
             # its values() order must not put a value under another column's binding
@@ -89,6 +95,11 @@ class Batch:
     def cuts(self, most: int) -> Iterator[tuple[int, int, int]]:
         """``(start, stop, values)`` spans of rows with at most ``most`` values each (a row is never
         split; a row with more is a span of its own)."""
+        total = self.values()
+        if total <= most:  # the common case, one span: without counting row by row
+            if len(self):
+                yield 0, len(self), total
+            return
         start, count = 0, 0
         for r in range(len(self)):
             here = self.values(r, r + 1)
@@ -107,5 +118,7 @@ class Batch:
 
 
 def _checked_row(row_id: str) -> str:
+    if row_id.__class__ is str and 0 < len(row_id) <= MAX_PART and row_id.isascii():
+        return row_id  # ASCII: as many UTF-8 bytes as characters, no lone surrogate (a UUID's text)
     check_part("row", row_id)
     return row_id

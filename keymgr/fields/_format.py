@@ -41,7 +41,7 @@ _HEADER = 1 + KEY_REF_SIZE + NONCE_SIZE
 #: Bytes a value adds to its plaintext: version, key reference, nonce, tag.
 OVERHEAD = _HEADER + TAG_SIZE
 _AAD_LABEL = b"keymgr-field\x01"
-_MAX_PART = 4096
+MAX_PART = 4096
 #: The one message of every failed field decryption (no oracle: format, key, place alike).
 FIELD_INTEGRITY = "the field failed authentication: tampered, truncated, wrong key or moved to another place"
 
@@ -76,9 +76,9 @@ def check_part(name: str, part: object) -> None:
         size = len(part.encode()) if isinstance(part, str) else -1
     except UnicodeEncodeError:  # a lone surrogate; the error would carry the whole text
         size = -1
-    if not isinstance(part, str) or not part or len(part) > _MAX_PART or not 0 < size <= _MAX_PART:
+    if not isinstance(part, str) or not part or len(part) > MAX_PART or not 0 < size <= MAX_PART:
         raise ConfigurationError(f"a field's {name} must be a non-empty string of valid Unicode, at most "
-                                 f"{_MAX_PART} bytes")
+                                 f"{MAX_PART} bytes")
 
 
 def check_extra(extra: Mapping[str, str]) -> None:

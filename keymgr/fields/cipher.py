@@ -230,7 +230,7 @@ class FieldCipher:
         datas, prefixes, suffixes, offsets, sealed = (batch.datas, batch.prefixes, batch.suffixes, batch.offsets,
                                                       batch.sealed)
         current, left = next(segments)
-        key_ref, head, seal = current.key_ref, header(current.key_ref), current.dek.seal
+        key_ref, head, seal = current.key_ref, header(current.key_ref), current.dek.encryptor()
         n = 0
         for r in range(start, stop):
             suffix = suffixes[r]
@@ -240,7 +240,7 @@ class FieldCipher:
                     continue
                 if not left:
                     current, left = next(segments)
-                    key_ref, head, seal = current.key_ref, header(current.key_ref), current.dek.seal
+                    key_ref, head, seal = current.key_ref, header(current.key_ref), current.dek.encryptor()
                 left -= 1
                 nonce = nonces[n]
                 n += 1

@@ -80,7 +80,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 from keymgr import errors
 from keymgr.fields.subkeys import SubkeyCache, SubkeyPolicy
@@ -112,6 +112,10 @@ _ASCII_NON_DIGITS = str.maketrans("", "", "".join(chr(c) for c in range(128) if 
 _LENGTH = struct.Struct(">I").pack
 #: Seconds between two re-reads of an index's versions from the token.
 REFRESH_INTERVAL = 30.0
+
+
+def _unchanged(value: str) -> str:
+    return value
 
 
 def lowercase(value: str) -> str:
@@ -252,8 +256,12 @@ class BlindIndex:
         self.name = name
         self.bits = bits
         self._audited = audited
-        self._normalise = normalise or (lambda value: value)
-        self._transform = transform or (lambda value: value)
+        self._normalise = normalise or _unchanged
+        self._transform = transform or _unchanged
+        whole, rest = divmod(bits, 8)
+        self._whole = whole
+        #: The last kept byte of a MAC, masked to its leading ``rest`` bits, by its value.
+        self._masked = tuple(bytes((b & (0xFF << (8 - rest)) & 0xFF,)) for b in range(256)) if rest else ()
         if isinstance(min_version, bool) or not isinstance(min_version, int) or min_version < 1:
             raise errors.ConfigurationError("min_version is a version number, at least 1")
         self._min_version = min_version
@@ -405,23 +413,33 @@ class BlindIndex:
         return _TOKEN_TERM_DOMAIN + self._named + _lp(context) + parts
 
     def _truncate(self, version: int, mac: bytes) -> bytes:
-        whole, rest = divmod(self.bits, 8)
-        if not rest:
-            return bytes((version,)) + mac[:whole]
-        return bytes((version,)) + mac[:whole] + bytes((mac[whole] & (0xFF << (8 - rest)) & 0xFF,))
+        return self._cut(version, [mac], bytes)[0]
+
+    def _cut(self, version: int, macs: Sequence[bytes], marker: type[bytes]) -> list[bytes]:
+        """Terms from whole MACs, as ``marker`` (:class:`Term`, or ``bytes``): the version byte,
+        then the MAC's first ``bits`` bits (the last byte masked by a table lookup: a bulk insert
+        cuts two terms a row)."""
+        head, whole, masked = bytes((version,)), self._whole, self._masked
+        if marker is bytes:
+            if not masked:
+                return [head + mac[:whole] for mac in macs]
+            return [head + mac[:whole] + masked[mac[whole]] for mac in macs]
+        if not masked:
+            return [marker(head + mac[:whole]) for mac in macs]
+        return [marker(head + mac[:whole] + masked[mac[whole]]) for mac in macs]
 
     def _term(self, version: int, key_id: bytes, message: bytes) -> bytes:
         return self._truncate(version, objects.hmac_sha256(self._ts, key_id, message))
 
-    def _host_terms(self, version: int, key_id: bytes, context: bytes, messages: Sequence[bytes]) -> list[bytes]:
+    def _host_terms(self, version: int, key_id: bytes, context: bytes, messages: Sequence[bytes],
+                    marker: type[bytes] = Term) -> list[bytes]:
         """Terms computed on the host under the subkey of (version, key, context)."""
         def derive() -> bytearray:
             with self._audited("index-subkey", key=self.name, version=version):
                 return bytearray(objects.hmac_sha256(self._ts, key_id, _SUBKEY_DOMAIN + _lp(self.name.encode())
                                                      + _lp(context)))
 
-        macs = self._subkeys.macs((version, key_id, context), derive, messages)
-        return [self._truncate(version, mac) for mac in macs]
+        return self._cut(version, self._subkeys.macs((version, key_id, context), derive, messages), marker)
 
     def term(self, value: Part | Sequence[Part], *, context: bytes = b"") -> bytes:
         """The term to store for ``value`` (newest version). ``context`` binds the term to where
@@ -433,19 +451,48 @@ class BlindIndex:
             raise errors.ConfigurationError(f"blind index {self.name!r}: no term")
         return term
 
-    def term_many(self, values: Sequence[Part | Sequence[Part] | None], *, context: bytes = b"") -> list[bytes | None]:
+    def term_many(self, values: Sequence[Part | Sequence[Part] | None], *, context: bytes = b"",
+                  marked: bool = True) -> list[bytes | None]:
         """:meth:`term` of each value (None for None), as one audited operation: what a bulk
-        insert computes for a batch of rows."""
+        insert computes for a batch of rows. ``marked=False``: plain ``bytes``, not :class:`Term`
+        (which a :class:`~keymgr.fields.sql.BlindIndexTerm` column refuses): what
+        :meth:`~keymgr.fields.sql.EncryptedTable.insert_many` writes, through a copy of the table
+        whose term columns take only what the codec computed itself."""
         context = _checked_context(context)
         self._fresh()
-        messages = [None if v is None else self._message(v, context) for v in values]
+        messages = self._messages(values, context)
         version = self.version
         key_id = self._keys[version][0]
         with self._audited("index", key=self.name, version=version):
+            marker = Term if marked else bytes
             if not self.host_subkeys:
-                return [None if m is None else Term(self._cached_term(version, key_id, m)) for m in messages]
-            computed = iter(self._host_terms(version, key_id, context, [m for m in messages if m is not None]))
-            return [None if m is None else Term(next(computed)) for m in messages]
+                return [None if m is None else marker(self._cached_term(version, key_id, m)) for m in messages]
+            if None not in messages:
+                return list(self._host_terms(version, key_id, context, cast(list[bytes], messages), marker))
+            computed = iter(self._host_terms(version, key_id, context, [m for m in messages if m is not None],
+                                             marker))
+            return [None if m is None else next(computed) for m in messages]
+
+    def _messages(self, values: Sequence[Part | Sequence[Part] | None], context: bytes) -> list[bytes | None]:
+        """:meth:`_message` of each value (None for None), the common case (one text part)
+        written out: a bulk insert makes two a row."""
+        start = (_HOST_TERM_DOMAIN + self._named if self.host_subkeys
+                 else _TOKEN_TERM_DOMAIN + self._named + _lp(context))
+        normalise, transform = self._normalise, self._transform
+        out: list[bytes | None] = []
+        try:
+            for value in values:
+                if value.__class__ is str:
+                    part = normalise(value) if transform is _unchanged else normalise(transform(value))
+                    if part.__class__ is str:
+                        raw = part.encode()
+                        out.append(start + _LENGTH(len(raw)) + raw)
+                        continue
+                out.append(None if value is None else self._message(value, context))
+        except UnicodeEncodeError:  # a lone surrogate; the error would carry the whole value
+            raise errors.ConfigurationError(f"blind index {self.name!r}: a value is not valid Unicode "
+                                            "(a lone surrogate)") from None
+        return out
 
     def _cached_term(self, version: int, key_id: bytes, message: bytes) -> bytes:
         if not self._cache_size:
@@ -472,7 +519,7 @@ class BlindIndex:
         with self._audited("index", key=self.name, version=self.version):
             if not self.host_subkeys:
                 return [Term(self._term(v, key_id, message)) for v in self.versions for key_id in self._keys[v]]
-            return [Term(self._host_terms(v, key_id, context, [message])[0])
+            return [self._host_terms(v, key_id, context, [message])[0]
                     for v in self.versions for key_id in self._keys[v]]
 
     def matches(self, term: bytes, value: Part | Sequence[Part], *, context: bytes = b"") -> bool:

@@ -12,18 +12,21 @@ again (and audited again) when needed, the least recently used beyond ``max_entr
 a subkey derived while a rotation or close cleared the cache serves that one call and is zeroed.
 Every subkey lives in a ``bytearray`` the cache owns and zeroes when it evicts,
 replaces or clears it; terms are computed under the cache's lock, so a subkey is never zeroed while
-a thread is using it. Beside it the cache keeps the subkey's keyed HMAC context (``hmac.new``,
-OpenSSL's), copied for each message: ``hmac.digest`` sets the key up anew on every call (2.5 µs
-here, against 1 µs for copy, update, digest). That context is freed, not zeroed by keymgr, when
-the subkey goes (OpenSSL clears digest contexts as it frees them), as a cached data key's
-AES-GCM context is (:class:`keymgr.envelope._aead.DataKey`). What a host compromise yields is the
+a thread is using it. Beside it the cache keeps the subkey's HMAC-SHA256 (RFC 2104) as two
+SHA-256 states already keyed (``hashlib``, OpenSSL's: the inner one fed ``key XOR ipad``, the
+outer one ``key XOR opad``), copied for each message. ``hmac.digest`` sets the key up anew on
+every call (1.3 µs a term here), and copying ``hmac.new``'s context makes a Python object per
+message (0.8 µs, and a garbage-collector allocation), against 0.5 µs for the two state copies.
+Those states are freed, not zeroed by keymgr, when the subkey goes (OpenSSL clears digest
+contexts as it frees them), as a cached data key's AES-GCM context is
+(:class:`keymgr.envelope._aead.DataKey`). What a host compromise yields is the
 same class as a cached data key: the subkeys of the contexts this process used, until the index
 is rotated (docs/fields.md).
 """
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -61,7 +64,7 @@ class SubkeyCache:
         self._policy = policy or SubkeyPolicy()
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Hashable, tuple[bytearray, hmac.HMAC, float]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[bytearray, HostHmac, float]] = OrderedDict()
         self._born: OrderedDict[Hashable, float] = OrderedDict()  # slots by derivation time, oldest first
         self._cleared = 0  # counts clear()s: a subkey derived across one is used once, never kept
 
@@ -78,14 +81,14 @@ class SubkeyCache:
             found = self._entries.get(slot)
             if found is not None:
                 self._entries.move_to_end(slot)
-                return _macs(found[1], messages)
+                return found[1].macs(messages)
             cleared = self._cleared
         subkey = derive()  # outside the lock: a token call
         with self._lock:
-            keyed = hmac.new(subkey, digestmod="sha256")
+            keyed = HostHmac(subkey)
             if cleared != self._cleared:  # a rotation or close came meanwhile: nothing of before stays
                 try:
-                    return _macs(keyed, messages)
+                    return keyed.macs(messages)
                 finally:
                     zero(subkey)
             self._evict(slot, "replaced")
@@ -93,7 +96,7 @@ class SubkeyCache:
             self._born[slot] = now
             while len(self._entries) > self._policy.max_entries:
                 self._evict(next(iter(self._entries)), "max_entries reached")
-            return _macs(keyed, messages)
+            return keyed.macs(messages)
 
     def expire(self) -> None:
         """Zero and drop every subkey older than ``max_age`` now (each use does this too)."""
@@ -127,10 +130,41 @@ class SubkeyCache:
         return len(self._entries)
 
 
-def _macs(keyed: hmac.HMAC, messages: Sequence[bytes]) -> list[bytes]:
-    out = []
-    for message in messages:
-        mac = keyed.copy()
-        mac.update(message)
-        out.append(mac.digest())
-    return out
+class HostHmac:
+    """HMAC-SHA256 under one key (RFC 2104), as two SHA-256 states already keyed: each message
+    costs two state copies and no key setup, and makes no object the garbage collector tracks.
+    The key is read once; the padded copies made from it are zeroed here."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes | bytearray) -> None:
+        if len(key) > _SHA256_BLOCK:
+            raise errors.ConfigurationError("an HMAC subkey is at most one SHA-256 block")
+        block = bytearray(_SHA256_BLOCK)
+        block[:len(key)] = key
+        inner = bytearray(b ^ 0x36 for b in block)
+        outer = bytearray(b ^ 0x5C for b in block)
+        try:
+            self._inner = hashlib.sha256(inner)
+            self._outer = hashlib.sha256(outer)
+        finally:
+            for buffer in (block, inner, outer):
+                zero(buffer)
+
+    def __repr__(self) -> str:  # never the key
+        return "HostHmac(sha256)"
+
+    def macs(self, messages: Sequence[bytes]) -> list[bytes]:
+        """The 32-byte HMAC of each message."""
+        inner_copy, outer_copy = self._inner.copy, self._outer.copy
+        out = []
+        for message in messages:
+            inner = inner_copy()
+            inner.update(message)
+            outer = outer_copy()
+            outer.update(inner.digest())
+            out.append(outer.digest())
+        return out
+
+
+_SHA256_BLOCK = 64

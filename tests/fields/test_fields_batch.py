@@ -277,3 +277,24 @@ def test_encode_rows_refuses_a_bad_row_before_any_term_is_computed(km_a, key_nam
     encoded = codec.encode_rows(rows)
     assert index.held_subkeys == 1 and [e["op"] for e in index_entries()[before:]] == ["index-subkey", "index"]
     assert codec.decode(encoded[2])["email"] == "user2@example.com"
+
+
+@pytest.mark.parametrize("most", [1, 2, 5, 7, 1000])
+@pytest.mark.parametrize("columns", [COLUMNS, None], ids=["columns", "own-keys"])
+def test_batch_cuts_cover_every_row_once_within_the_limit(most: int, columns: tuple[str, ...] | None) -> None:
+    """Spans of whole rows, in order, each with at most ``most`` values (a row with more alone),
+    counts exact, None not counted: whether the batch fits in one span or not."""
+    from keymgr.fields._batch import Batch
+
+    rows = [{"a": "x" * i, "b": None if i % 3 else "y", "c": None if i % 4 == 1 else "z"} for i in range(23)]
+    if columns is not None:
+        rows = [{"email": r["a"], "card": r["b"], "national_id": r["c"]} for r in rows]
+    batch = Batch("k", "t", rows, [f"row-{i}" for i in range(len(rows))], columns=columns)
+    per_row = [sum(v is not None for v in r.values()) for r in rows]
+    spans = list(batch.cuts(most))
+    assert [r for start, stop, _ in spans for r in range(start, stop)] == list(range(len(rows)))
+    for start, stop, count in spans:
+        assert count == sum(per_row[start:stop])
+        assert count <= most or stop - start == 1
+    assert len(spans) == 1 if sum(per_row) <= most else len(spans) > 1
+    assert list(Batch("k", "t", [], [], columns=columns).cuts(most)) == []

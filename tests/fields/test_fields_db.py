@@ -801,3 +801,38 @@ def test_cli_codec_usage_errors_come_before_the_token_and_a_codec_exit_is_one_li
     monkeypatch.chdir(tmp_path)
     code, out, err = _invoke("--token", softhsm.uri(), "fields", "rewrap", "--db", url, "--codec", f"{module}:make")
     assert code == 1 and "called sys.exit(3)" in err and "Traceback" not in err, (code, err)
+
+
+def test_insert_many_writes_only_what_it_computed_and_keeps_every_other_check(km_a, key_name, db_url) -> None:
+    """insert_many writes its encrypted and term columns without the per-value marker check (a
+    copy of the table): a caller's plaintext given in those columns is replaced by what the codec
+    computed, never written; a term column the codec does not fill still refuses plaintext and
+    the batch writes nothing; a column default of the declared table still applies."""
+    from keymgr.fields.sql import BlindIndexTerm, EncryptedTable, PlaintextRefused
+
+    engine = sa.create_engine(db_url)
+    table = customers_table(sa.MetaData())
+    table.append_column(sa.Column("phone_bidx", BlindIndexTerm))  # not one of the codec's indexes
+    table.append_column(sa.Column("source", sa.String(20), default="import"))
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    enc, _ = codec(km_a, engine, table, key=key_name, index_prefix=key_name)
+    rng = random.Random(3)
+    people = [dict(customer(rng, i), email_bidx="alice@example.com", card_last4_bidx=b"1234") for i in range(300)]
+    enc.insert_many(engine, people, batch=100)
+    with engine.connect() as conn:
+        stored = {r.id: r for r in conn.execute(sa.select(table))}
+    index = enc.indexes["email_bidx"][0]
+    for p in people:
+        row = stored[p["id"]]
+        assert bytes(row.email_bidx) == index.term(p["email"], context=enc.index_context("email_bidx"))
+        assert b"example.com" not in bytes(row.email) and bytes(row.card_last4_bidx) != b"1234"
+        assert row.source == "import" and row.phone_bidx is None
+    assert enc.find(engine.connect(), "email_bidx", people[5]["email"])[0]["card"] == people[5]["card"]
+    late = [dict(customer(rng, 1000 + i), phone_bidx="+44 20 7946 0000") for i in range(3)]
+    with pytest.raises(PlaintextRefused) as refused:
+        enc.insert_many(engine, late)
+    assert "7946" not in str(refused.value)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one() == 300
+    assert isinstance(EncryptedTable(table, enc.cipher).encode(people[0])["email"], Sealed)  # encode_rows: marked

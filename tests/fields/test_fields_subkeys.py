@@ -226,3 +226,48 @@ def test_close_zeroes_the_subkeys(softhsm, key_name) -> None:
         index.term("x")
         assert index.held_subkeys == 1
     assert index.held_subkeys == 0
+
+
+@pytest.mark.parametrize("key_size", [0, 1, 31, 32, 63, 64])
+def test_host_hmac_is_hmac_sha256_for_every_key_and_message_length(key_size: int) -> None:
+    """The host HMAC (two keyed SHA-256 states copied per message) against the standard library's
+    HMAC, for keys up to one block and messages across the block boundaries."""
+    import os
+
+    from keymgr.fields.subkeys import HostHmac
+
+    key = bytearray(os.urandom(key_size))
+    messages = [os.urandom(size) for size in (0, 1, 55, 56, 63, 64, 65, 119, 128, 1000)]
+    assert HostHmac(key).macs(messages) == [hmac.digest(bytes(key), m, "sha256") for m in messages]
+    assert repr(HostHmac(key)) == "HostHmac(sha256)"
+
+
+def test_host_hmac_matches_rfc_4231_and_refuses_a_key_longer_than_a_block() -> None:
+    from keymgr.fields.subkeys import HostHmac
+
+    # RFC 4231, test case 2
+    assert HostHmac(b"Jefe").macs([b"what do ya want for nothing?"]) == [bytes.fromhex(
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")]
+    with pytest.raises(errors.ConfigurationError):
+        HostHmac(bytes(65))
+
+
+@pytest.mark.parametrize("host_subkeys", [True, False], ids=["host", "token"])
+@pytest.mark.parametrize("bits", [1, 7, 8, 12, 15, 16, 255, 256])
+def test_unmarked_terms_are_the_same_bytes_as_terms(km_a, key_name, bits: int, host_subkeys: bool) -> None:
+    """``term_many(marked=False)`` (what insert_many writes) gives the bytes of ``term_many``'s
+    Terms, as plain bytes, None for None, for every truncation."""
+    from keymgr.fields.index import Term
+
+    index = km_a.blind_index(key_name, bits=bits, normalise=lowercase, host_subkeys=host_subkeys)
+    values = ["Alice@Example.com", None, "bob@example.com", "ALICE@example.com"]
+    context = index_context("t", "c")
+    marked = index.term_many(values, context=context)
+    plain = index.term_many(values, context=context, marked=False)
+    assert plain == marked and marked[0] == marked[3] and marked[1] is None
+    assert all(type(t) is Term for t in marked if t is not None)
+    assert all(type(t) is bytes for t in plain if t is not None)
+    (key_id,) = index.key_ids()
+    expected = (_expected_host_term if host_subkeys else _expected_token_term)(
+        km_a, key_id, key_name, bits, context, "alice@example.com")
+    assert plain[0] == expected and len(expected) == 1 + (bits + 7) // 8
