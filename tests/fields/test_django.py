@@ -143,7 +143,7 @@ def test_bulk_create_and_find_by_blind_index(db: str) -> None:
 
 def test_find_queries_every_index_version_after_a_rotation(db: str) -> None:
     old = Customer.objects.using(db).create(email="old@example.com")
-    from keymgr.fields.django import _indexes
+    from keymgr.fields.django._registry import _indexes
 
     index = _indexes["customers-email"]
     index.rotate()
@@ -296,7 +296,7 @@ def _sqlalchemy_url(alias: str) -> str:
 def test_the_sqlalchemy_codec_and_the_django_fields_read_each_others_rows(db: str) -> None:
     """Both bind a value to (table, column, primary key as text) and a term to (table, column)."""
     sa = pytest.importorskip("sqlalchemy")
-    from keymgr.fields.django import _ciphers, _indexes
+    from keymgr.fields.django._registry import _ciphers, _indexes
     from keymgr.fields.sql import BlindIndexTerm, EncryptedBytes, EncryptedTable, EncryptedText
 
     table = sa.Table("dj_customers", sa.MetaData(), sa.Column("id", sa.Uuid, primary_key=True),

@@ -1,4 +1,4 @@
-"""A third outside review of the Django fields (keymgr/fields/django.py): one test per finding,
+"""A third outside review of the Django fields (keymgr/fields/django/): one test per finding,
 each failing on main at 35c7180 (reproductions: SQLite files here; PostgreSQL by hand, same
 results). Django is configured by tests/fields/_django_project.py; the tests use database aliases
 of their own (two SQLite files), added to whatever configuration is in place."""

@@ -17,7 +17,8 @@ from django.db.models.functions import Lower
 from django.test.utils import CaptureQueriesContext
 
 from keymgr import errors
-from keymgr.fields.django import Stored, _indexes
+from keymgr.fields.django import Stored
+from keymgr.fields.django._registry import _indexes
 from tests.fields.test_django import EMAIL, Customer, _db_pk, _raw, alias, db  # noqa: F401 - fixtures
 from tests.fields.test_django_attacks import Branch, Member, tables  # noqa: F401 - fixture
 
