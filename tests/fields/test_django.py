@@ -271,6 +271,27 @@ def test_deconstruct_keeps_the_registered_names() -> None:
     assert Customer.check() == [] and Counter.check() == []  # Django's system checks
 
 
+def test_public_names_keep_the_path_migrations_and_pickles_record() -> None:
+    """keymgr.fields.django is a package (one module per concept); a migration written when it was
+    one module names ``keymgr.fields.django.EncryptedTextField``, a pickled instance's values
+    ``keymgr.fields.django.Stored``: both paths must still be the ones recorded and resolve."""
+    import pickle
+    import pickletools
+
+    import keymgr.fields.django as package
+
+    ours = [name for name in package.__all__ if name != "EncryptedManager"]  # made by Django's from_queryset
+    assert {name: getattr(package, name).__module__ for name in ours} == dict.fromkeys(ours, "keymgr.fields.django")
+    for field in (EncryptedTextField(cipher="c"), EncryptedBinaryField(cipher="c"),
+                  BlindIndexField(source="email", index="i")):
+        assert field.deconstruct()[1] == f"keymgr.fields.django.{type(field).__name__}"
+    dumped = pickle.dumps(Stored(b"sealed", "row", "default"))
+    names = [arg for op, arg, _ in pickletools.genops(dumped) if op.name in ("SHORT_BINUNICODE", "GLOBAL")]
+    assert names[:2] == ["keymgr.fields.django", "Stored"]
+    copy = pickle.loads(dumped)
+    assert type(copy) is Stored and (copy.sealed, copy.row, copy.db) == (b"sealed", "row", "default")
+
+
 
 def test_deferred_and_partial_saves(db: str) -> None:
     c = Customer.objects.using(db).create(name="a", email=EMAIL)
