@@ -242,6 +242,10 @@ class EncryptedTable:
         self.uuid_key = _is_uuid(table.c[self.pk])
         #: Lookup candidates dropped because they failed authentication (see :meth:`find`).
         self.skipped = 0
+        renamed = [c.name for c in table.columns if isinstance(c.type, _MarkedBytes) and c.key != c.name]
+        if renamed:  # rows, statements and places name these columns by name: one spelling only
+            raise errors.ConfigurationError(f"{table.name}: encrypted and blind-index columns need key == name "
+                                            f"({', '.join(renamed)} has another key)")
         self.encrypted = {c.name: bool(c.type.text) for c in table.columns if isinstance(c.type, EncryptedBytes)}
         self._text = frozenset(name for name, text in self.encrypted.items() if text)
         self._text_columns = tuple(name for name, text in self.encrypted.items() if text)

@@ -836,3 +836,17 @@ def test_insert_many_writes_only_what_it_computed_and_keeps_every_other_check(km
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one() == 300
     assert isinstance(EncryptedTable(table, enc.cipher).encode(people[0])["email"], Sealed)  # encode_rows: marked
+
+
+def test_an_encrypted_or_term_column_with_another_key_is_refused_at_once(km_a, key_name, tmp_path) -> None:
+    """Rows and statements name a column by its key, places by its name: a column whose key is not
+    its name is refused when the codec is made (not a KeyError, nor a column left unsealed)."""
+    from keymgr.fields.sql import BlindIndexTerm, EncryptedTable, EncryptedText, SqlKeyStore
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=SqlKeyStore(engine))
+    for column in (sa.Column("email", EncryptedText, key="mail"), sa.Column("email_bidx", BlindIndexTerm, key="b")):
+        table = sa.Table("t", sa.MetaData(), sa.Column("id", sa.Uuid, primary_key=True), column)
+        with pytest.raises(errors.ConfigurationError, match="key == name"):
+            EncryptedTable(table, cipher)
