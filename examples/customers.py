@@ -54,7 +54,7 @@ def fake_customers(count: int) -> list[dict[str, object]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", default="sqlite:///customers.db", help="SQLAlchemy URL (default: %(default)s)")
     args = parser.parse_args()
     LocalToken.default().init()

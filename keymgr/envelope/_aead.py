@@ -206,9 +206,15 @@ class DataKey:
     def encryptor(self) -> Callable[[bytes, bytes, bytes], bytes]:
         """:meth:`seal` without its per-call checks, for a caller that makes every nonce itself
         (12 random bytes: a batch of field values, one call per value): AES-256-GCM's own
-        ``encrypt(nonce, plaintext, aad)`` under this key. Refuses a wiped key now; hold it for
-        one batch only (a :meth:`wipe` afterwards does not stop it)."""
+        ``encrypt(nonce, plaintext, aad)`` under this key. Refuses a wiped key now; a :meth:`wipe`
+        afterwards does not stop it, so hold it for one batch only and check :attr:`wiped` once
+        the batch is sealed (a close meanwhile refuses the batch, as :meth:`seal` would have)."""
         return self._cipher().encrypt
+
+    @property
+    def wiped(self) -> bool:
+        """Whether :meth:`wipe` has run."""
+        return self._aead is None
 
     def open(self, nonce: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:
         """Plaintext of ``ciphertext || tag``; :class:`IntegrityError` if it does not verify."""

@@ -231,6 +231,7 @@ class FieldCipher:
                                                       batch.sealed)
         current, left = next(segments)
         key_ref, head, seal = current.key_ref, header(current.key_ref), current.dek.encryptor()
+        used = [current]
         n = 0
         for r in range(start, stop):
             suffix = suffixes[r]
@@ -241,10 +242,13 @@ class FieldCipher:
                 if not left:
                     current, left = next(segments)
                     key_ref, head, seal = current.key_ref, header(current.key_ref), current.dek.encryptor()
+                    used.append(current)
                 left -= 1
                 nonce = nonces[n]
                 n += 1
                 sealed[at] = head + nonce + seal(nonce, data, prefixes[at] + key_ref + suffix)
+        if any(segment.dek.wiped for segment in used):  # closed meanwhile: the batch is refused, as a
+            raise errors.ConfigurationError("this data key was wiped")  # per-value check would have
 
     @staticmethod
     def _seal(current: _Current, data: bytes, prefix: bytes, suffix: bytes, nonce: bytes) -> bytes:

@@ -77,6 +77,7 @@ import struct
 import threading
 import time
 import unicodedata
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -239,6 +240,19 @@ def _label(name: str, version: int) -> str:
     return f"{INDEX_LABEL_PREFIX}{name}/v{version}"
 
 
+_live_indexes: weakref.WeakSet[BlindIndex] = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    """After fork, a lock another thread of the parent held stays held in the child: replace it
+    (the subkeys have their own hook, :mod:`keymgr.fields.subkeys`)."""
+    for index in list(_live_indexes):
+        index._lock = threading.Lock()  # noqa: SLF001 - the class's own fork hook
+
+
+os.register_at_fork(after_in_child=_new_locks_in_child)
+
+
 class BlindIndex:
     """One named blind index on one token (made by :meth:`keymgr.KeyManager.blind_index`)."""
 
@@ -266,6 +280,7 @@ class BlindIndex:
             raise errors.ConfigurationError("min_version is a version number, at least 1")
         self._min_version = min_version
         self._lock = threading.Lock()
+        _live_indexes.add(self)
         self._keys: dict[int, list[bytes]] = {}
         self._verdicts: dict[bytes, bool] = {}
         self._refreshed = 0.0

@@ -30,6 +30,7 @@ import itertools
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import sqlalchemy as sa
@@ -246,7 +247,10 @@ class EncryptedTable:
         if renamed:  # rows, statements and places name these columns by name: one spelling only
             raise errors.ConfigurationError(f"{table.name}: encrypted and blind-index columns need key == name "
                                             f"({', '.join(renamed)} has another key)")
-        self.encrypted = {c.name: bool(c.type.text) for c in table.columns if isinstance(c.type, EncryptedBytes)}
+        #: Encrypted column → whether it holds text. Read-only, as :attr:`indexes`: what the codec
+        #: fills is fixed when it is made (:meth:`insert_many` writes those columns unchecked).
+        self.encrypted: Mapping[str, bool] = MappingProxyType(
+            {c.name: bool(c.type.text) for c in table.columns if isinstance(c.type, EncryptedBytes)})
         self._text = frozenset(name for name, text in self.encrypted.items() if text)
         self._text_columns = tuple(name for name, text in self.encrypted.items() if text)
         self._bytes_columns = tuple(name for name, text in self.encrypted.items() if not text)
@@ -254,7 +258,7 @@ class EncryptedTable:
         self._written_table: sa.Table | None = None
         self._columns = tuple(self.encrypted)
         self._statements: dict[tuple[str, bool], sa.Select[Any]] = {}
-        self.indexes = dict(indexes or {})
+        self.indexes: Mapping[str, IndexSpec] = MappingProxyType(dict(indexes or {}))
         self._contexts: dict[str, bytes] = {}
         extras = [part for name in sorted(self.extra) for part in (name, self.extra[name])]
         for name, (_, source) in self.indexes.items():
@@ -390,6 +394,7 @@ class EncryptedTable:
         a large heap come six times as often, 4 µs a row of a 15 µs encode (bench/fields.py)."""
         if self._written_table is None:
             copy = self.table.to_metadata(sa.MetaData())
+            copy.implicit_returning = self.table.implicit_returning  # to_metadata does not copy it
             for name in self._written:
                 copy.c[name].type = _CodecBytes()
             self._written_table = copy

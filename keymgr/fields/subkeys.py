@@ -27,8 +27,10 @@ is rotated (docs/fields.md).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -67,6 +69,7 @@ class SubkeyCache:
         self._entries: OrderedDict[Hashable, tuple[bytearray, HostHmac, float]] = OrderedDict()
         self._born: OrderedDict[Hashable, float] = OrderedDict()  # slots by derivation time, oldest first
         self._cleared = 0  # counts clear()s: a subkey derived across one is used once, never kept
+        _live_caches.add(self)
 
     def __repr__(self) -> str:  # never the subkeys, nor the slots (they hold the contexts)
         return f"SubkeyCache({len(self._entries)} subkeys, max_age={self._policy.max_age:g})"
@@ -128,6 +131,27 @@ class SubkeyCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _after_fork(self) -> None:
+        """In a forked child: another thread of the parent may have held the lock (terms are
+        computed under it) and be gone, and the entries may be half-changed: a new lock, and
+        no subkey kept (the child derives its own, audited, as it needs them)."""
+        self._lock = threading.Lock()
+        for subkey, _, _ in self._entries.values():
+            zero(subkey)
+        self._entries = OrderedDict()
+        self._born = OrderedDict()
+
+
+_live_caches: weakref.WeakSet[SubkeyCache] = weakref.WeakSet()
+
+
+def _reset_in_child() -> None:
+    for cache in list(_live_caches):
+        cache._after_fork()  # noqa: SLF001 - the class's own fork hook
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
 
 
 class HostHmac:

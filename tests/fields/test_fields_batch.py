@@ -298,3 +298,68 @@ def test_batch_cuts_cover_every_row_once_within_the_limit(most: int, columns: tu
         assert count <= most or stop - start == 1
     assert len(spans) == 1 if sum(per_row) <= most else len(spans) > 1
     assert list(Batch("k", "t", [], [], columns=columns).cuts(most)) == []
+
+
+def test_a_close_while_a_batch_is_sealing_refuses_the_batch(km_a, key_name, monkeypatch) -> None:
+    """The batch path seals with AES-GCM's own encrypt, taken once per span: a close() (another
+    thread's KeyManager.close) after its second value must still refuse the batch, as a check
+    per value did, so that nothing sealed under a wiped key is returned (and written)."""
+    from keymgr.envelope._aead import DataKey
+
+    km_a.create_key(key_name)
+    cipher = km_a.fields(key_name, store=MemoryKeyStore())
+    cipher.encrypt(b"warm", Place("t", "c", "r"))  # the data key exists before the batch
+    real = DataKey.encryptor
+    sealed = []
+
+    def encryptor(self: DataKey) -> Any:
+        encrypt = real(self)
+
+        def counted(nonce: bytes, data: bytes, aad: bytes) -> bytes:
+            sealed.append(1)
+            if len(sealed) == 2:
+                cipher.close()
+            return encrypt(nonce, data, aad)
+        return counted
+
+    monkeypatch.setattr(DataKey, "encryptor", encryptor)
+    with pytest.raises(errors.ConfigurationError, match="wiped"):
+        cipher.encrypt_rows(_rows(BATCH_MIN_ROWS), table="t")
+    assert len(sealed) == 3 * BATCH_MIN_ROWS  # the span ran to its end; its result was refused
+
+
+def test_a_fork_while_a_thread_computes_terms_leaves_the_child_working(km_a, key_name) -> None:
+    """Terms are computed under the subkey cache's lock: a child forked while another thread
+    held it must not inherit it held (it would hang for good on its first term)."""
+    import os
+    import signal
+    import threading
+
+    index = km_a.blind_index(key_name, bits=16)
+    expected = index.term("child@example.com")
+    values = [f"user{i}@example.com" for i in range(50_000)]
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: [index.term_many(values) for _ in iter(stop.is_set, True)],
+                              daemon=True)
+    worker.start()
+    try:
+        statuses = []
+        for _ in range(3):
+            stop.wait(0.1)
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: its term, or SIGALRM's default action if it hangs
+                try:
+                    os.close(read)
+                    signal.alarm(10)
+                    os.write(write, index.term("child@example.com"))
+                finally:
+                    os._exit(0)
+            os.close(write)
+            with os.fdopen(read, "rb") as pipe:
+                got = pipe.read()
+            statuses.append((os.waitpid(pid, 0)[1], got))
+    finally:
+        stop.set()
+        worker.join()
+    assert statuses == [(0, expected)] * 3

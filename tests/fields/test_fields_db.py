@@ -850,3 +850,23 @@ def test_an_encrypted_or_term_column_with_another_key_is_refused_at_once(km_a, k
         table = sa.Table("t", sa.MetaData(), sa.Column("id", sa.Uuid, primary_key=True), column)
         with pytest.raises(errors.ConfigurationError, match="key == name"):
             EncryptedTable(table, cipher)
+
+
+def test_what_the_codec_fills_is_fixed_when_it_is_made(km_a, key_name, tmp_path) -> None:
+    """insert_many writes the codec's columns without the per-value check: the set of columns it
+    fills cannot change afterwards (taking an index out of ``indexes`` would leave its column
+    unchecked and unfilled, so a caller's plaintext there would be written); the copy keeps the
+    table's ``implicit_returning``."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'fixed.db'}")
+    table = customers_table(sa.MetaData())
+    table.implicit_returning = False
+    km_a.create_key(key_name)
+    enc, _ = codec(km_a, engine, table, key=key_name, index_prefix=key_name)
+    with pytest.raises(AttributeError):
+        enc.indexes.pop("email_bidx")  # type: ignore[attr-defined]
+    with pytest.raises(TypeError):
+        enc.encrypted["email"] = True  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del enc.indexes["email_bidx"]  # type: ignore[attr-defined]
+    assert set(enc.indexes) == {"email_bidx", "card_last4_bidx"} and set(enc.encrypted) == set(ENCRYPTED)
+    assert enc._writer().implicit_returning is False  # noqa: SLF001
