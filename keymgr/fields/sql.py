@@ -247,18 +247,17 @@ class EncryptedTable:
         if renamed:  # rows, statements and places name these columns by name: one spelling only
             raise errors.ConfigurationError(f"{table.name}: encrypted and blind-index columns need key == name "
                                             f"({', '.join(renamed)} has another key)")
-        #: Encrypted column → whether it holds text. Read-only, as :attr:`indexes`: what the codec
-        #: fills is fixed when it is made (:meth:`insert_many` writes those columns unchecked).
-        self.encrypted: Mapping[str, bool] = MappingProxyType(
+        self._encrypted: Mapping[str, bool] = MappingProxyType(
             {c.name: bool(c.type.text) for c in table.columns if isinstance(c.type, EncryptedBytes)})
         self._text = frozenset(name for name, text in self.encrypted.items() if text)
         self._text_columns = tuple(name for name, text in self.encrypted.items() if text)
         self._bytes_columns = tuple(name for name, text in self.encrypted.items() if not text)
         self._written: tuple[str, ...] = ()  # the columns _encode fills in every row
-        self._written_table: sa.Table | None = None
         self._columns = tuple(self.encrypted)
         self._statements: dict[tuple[str, bool], sa.Select[Any]] = {}
-        self.indexes: Mapping[str, IndexSpec] = MappingProxyType(dict(indexes or {}))
+        self._indexes: Mapping[str, IndexSpec] = MappingProxyType(
+            {name: (index, source if isinstance(source, str) else tuple(source))
+             for name, (index, source) in (indexes or {}).items()})
         self._contexts: dict[str, bytes] = {}
         extras = [part for name in sorted(self.extra) for part in (name, self.extra[name])]
         for name, (_, source) in self.indexes.items():
@@ -268,7 +267,18 @@ class EncryptedTable:
             if not set(sources) <= set(self.encrypted):
                 raise errors.ConfigurationError(f"blind index {name!r} reads a column that is not encrypted")
             self._contexts[name] = index_context(self.name, name, *extras)
-        self._written = self._columns + tuple(self.indexes)
+        self._written = self._columns + tuple(self._indexes)
+
+    @property
+    def encrypted(self) -> Mapping[str, bool]:
+        """Encrypted column → whether it holds text (read-only: fixed when the codec is made)."""
+        return self._encrypted
+
+    @property
+    def indexes(self) -> Mapping[str, IndexSpec]:
+        """Blind-index column → (index, source column or columns) (read-only: fixed when the
+        codec is made, as :meth:`insert_many` writes exactly these columns unchecked)."""
+        return self._indexes
 
     def place(self, column: str, row_id: object) -> Place:
         return Place(self.name, column, self.row_text(row_id), self.extra)
@@ -330,7 +340,7 @@ class EncryptedTable:
             row_ids.append(str(key) if key.__class__ is uuid.UUID else self.row_text(key))
         columns = self._columns
         batch = self.cipher.prepare_columns(out, row_ids, table=self.name, columns=columns, extra=self.extra)
-        for name, (index, source) in self.indexes.items():
+        for name, (index, source) in self._indexes.items():  # exactly the columns of _written
             inputs: list[Part | list[Part] | None]
             if isinstance(source, str):
                 inputs = [value if (value := row.get(source)).__class__ is str else _part(value) for row in out]
@@ -391,14 +401,14 @@ class EncryptedTable:
         hands them; here no value of those columns comes from the caller. And their marker
         objects (:class:`Sealed`, :class:`~keymgr.fields.index.Term`) are ones the garbage
         collector tracks: five a row, alive for a whole batch, they made its full collections of
-        a large heap come six times as often, 4 µs a row of a 15 µs encode (bench/fields.py)."""
-        if self._written_table is None:
-            copy = self.table.to_metadata(sa.MetaData())
-            copy.implicit_returning = self.table.implicit_returning  # to_metadata does not copy it
-            for name in self._written:
-                copy.c[name].type = _CodecBytes()
-            self._written_table = copy
-        return self._written_table
+        a large heap come six times as often, 4 µs a row of a 15 µs encode (bench/fields.py).
+        Made for each :meth:`insert_many` call from the table as it is then (a column appended
+        or retyped since keeps its own check)."""
+        copy = self.table.to_metadata(sa.MetaData())  # each call: the table as declared now
+        copy.implicit_returning = self.table.implicit_returning  # to_metadata does not copy it
+        for name in self._written:
+            copy.c[name].type = _CodecBytes()
+        return copy
 
     def decode(self, row: Any) -> dict[str, Any]:
         """A fetched row (``Row`` or mapping) with its encrypted columns opened."""

@@ -868,5 +868,40 @@ def test_what_the_codec_fills_is_fixed_when_it_is_made(km_a, key_name, tmp_path)
         enc.encrypted["email"] = True  # type: ignore[index]
     with pytest.raises(TypeError):
         del enc.indexes["email_bidx"]  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        enc.indexes = {}  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        enc.encrypted = {}  # type: ignore[misc]
     assert set(enc.indexes) == {"email_bidx", "card_last4_bidx"} and set(enc.encrypted) == set(ENCRYPTED)
     assert enc._writer().implicit_returning is False  # noqa: SLF001
+
+
+def test_insert_many_writes_the_table_as_it_is_declared_at_each_call(km_a, key_name, tmp_path) -> None:
+    """insert_many's unchecked copy is made from the table at each call: a column declared
+    encrypted after an earlier insert_many still refuses plaintext, a column appended since is
+    written; a compound index's source list changed by its caller afterwards changes nothing."""
+    from keymgr.fields.sql import EncryptedTable, EncryptedText, PlaintextRefused
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'declared.db'}")
+    table = customers_table(sa.MetaData())
+    table.append_column(sa.Column("notes", sa.String(50)))
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    enc, _ = codec(km_a, engine, table, key=key_name, index_prefix=key_name)
+    rng = random.Random(9)
+    enc.insert_many(engine, [customer(rng, 0)])
+    table.append_column(sa.Column("notes", EncryptedText), replace_existing=True)  # declared encrypted now
+    with pytest.raises(PlaintextRefused):
+        enc.insert_many(engine, [dict(customer(rng, 1), notes="ssn 123-45-6789")])
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE customers ADD COLUMN extra VARCHAR(50)"))
+    table.append_column(sa.Column("extra", sa.String(50)))  # appended after the first insert_many
+    later = dict(customer(rng, 2), extra="kept")
+    enc.insert_many(engine, [later])
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.extra).where(table.c.id == later["id"])).scalar_one() == "kept"
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one() == 2
+    sources = ["email", "card"]
+    compound = EncryptedTable(table, enc.cipher, indexes={"email_bidx": (enc.indexes["email_bidx"][0], sources)})
+    sources[:] = ["name"]  # a plain column: refused at construction, and not followed afterwards
+    assert compound.indexes["email_bidx"][1] == ("email", "card")
