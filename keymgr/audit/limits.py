@@ -13,8 +13,10 @@ limit per process; the suspension, kept in the token's keyring, applies to all.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -52,6 +54,11 @@ class RateLimiter:
         self._clock = clock
         self._lock = threading.Lock()
         self._windows: dict[tuple[str, str], list[float]] = {}
+        _live.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock (another thread of the parent may have held it)."""
+        self._lock = threading.Lock()
 
     def limit_for(self, key: str) -> RateLimit | None:
         return self._limits.get(key) or self._limits.get(ANY_KEY)
@@ -70,3 +77,14 @@ class RateLimiter:
                 self._windows[(key, principal)] = window = [now, 0]
             window[1] += 1
             return limit if window[1] > limit.max_ops else None
+
+
+_live: weakref.WeakSet[RateLimiter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for limiter in list(_live):
+        limiter._after_fork()  # noqa: SLF001 - the class's own fork hook
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

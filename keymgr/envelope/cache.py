@@ -28,8 +28,10 @@ is what makes a suspended or rotated key stop being used within minutes.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -87,6 +89,7 @@ class EncryptCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _EncryptEntry] = OrderedDict()
+        _live.add(self)
 
     def acquire(self, partition: Hashable, size: int, make: Callable[[], tuple[DataKey, Recipients]]) -> _EncryptEntry:
         """The cached entry (data key, recipients) for ``partition``, counting one message of
@@ -144,6 +147,16 @@ class EncryptCache:
             for partition in list(self._entries):
                 self._evict(partition, "cleared")
 
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock (another thread of the parent may have held it), and no
+        data key of the parent's: both processes would seal under it, each counting its own
+        ``max_messages`` (N forked workers, N times the limit under one key). The child makes
+        its own; the parent's are wiped in the child's memory (no thread of the child uses them)."""
+        self._lock = threading.Lock()
+        for entry in self._entries.values():
+            entry.dek.wipe()
+        self._entries = OrderedDict()
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -156,6 +169,7 @@ class DecryptCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[bytes, tuple[DataKey, float, Hashable]] = OrderedDict()
+        _live.add(self)
 
     def get(self, wrapped: bytes) -> DataKey | None:
         now = self._clock()
@@ -194,3 +208,19 @@ class DecryptCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock (another thread of the parent may have held it); the
+        unwrapped keys stay (opening under them spends no use)."""
+        self._lock = threading.Lock()
+
+
+_live: weakref.WeakSet[EncryptCache | DecryptCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_live):
+        cache._after_fork()  # noqa: SLF001 - the classes' own fork hook
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

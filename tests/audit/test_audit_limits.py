@@ -116,3 +116,22 @@ def test_limits_and_suspension_hold_for_cached_data_keys(tmp_path: Path, softhsm
     decrypts = [r for r in _rows(tmp_path / "a.log") if r["op"] == "decrypt"]
     assert sum(r["detail"].get("count", 1) for r in decrypts if r["outcome"] == "ok") == 4
     assert all(r["key"] == key_name for r in decrypts)
+
+
+def test_a_forked_child_counts_with_a_lock_of_its_own() -> None:
+    """A rate limiter's lock held by another thread of the parent at fork stays held in the child
+    unless replaced: the child's first decryption would hang for good."""
+    import os
+    import signal
+
+    from keymgr.audit.limits import RateLimit, RateLimiter
+
+    limiter = RateLimiter(RateLimit(max_ops=5, per=60))
+    limiter.hit("k", "alice")
+    limiter._lock.acquire()  # noqa: SLF001 - as another thread could hold it at the fork
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)  # a hang ends in SIGALRM instead
+        os._exit(0 if limiter.hit("k", "alice") is None else 3)
+    limiter._lock.release()  # noqa: SLF001
+    assert os.waitpid(pid, 0)[1] == 0

@@ -360,6 +360,40 @@ def test_encrypt_cache_limits(softhsm: TokenUnderTest, key_name: str, monkeypatc
             km.decrypt(blobs[0], context={"tenant": "other"})
 
 
+def test_a_forked_child_encrypts_under_a_data_key_of_its_own(softhsm: TokenUnderTest, key_name: str) -> None:
+    """The parent's cached data key stays the parent's: a child that went on with it would spend
+    the same max_messages again (N forked workers, N times the limit under one key). The child's
+    lock is its own too, and the parent's cache is untouched."""
+    import os
+    import signal
+
+    km = keymgr.KeyManager(softhsm.uri(), cache=CachePolicy(max_messages=100))
+    km.create_key(key_name)
+    parent = wrapped_key(km.encrypt(b"before fork", key=key_name, context=CTX))
+    cache = km._encrypt_cache
+    assert cache is not None
+    cache._lock.acquire()  # as another thread of the parent could hold it at the fork
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the wrapped key of its first message, and whether it opens
+        try:
+            os.close(read_fd)
+            signal.alarm(10)  # a lock inherited held would hang the child: SIGALRM ends it instead
+            blob = km.encrypt(b"in the child", key=key_name, context=CTX)
+            ok = km.decrypt(blob, context=CTX) == b"in the child"
+            os.write(write_fd, (b"1" if ok else b"0") + wrapped_key(blob))
+        finally:
+            os._exit(0)
+    cache._lock.release()
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        got = pipe.read()
+    os.waitpid(pid, 0)
+    assert got[:1] == b"1" and got[1:] and got[1:] != parent
+    assert wrapped_key(km.encrypt(b"after fork", key=key_name, context=CTX)) == parent
+    km.close()
+
+
 def test_encrypt_cache_wipes_evicted_keys(softhsm: TokenUnderTest, key_name: str) -> None:
     policy = CachePolicy(max_messages=2, max_entries=2)
     km = keymgr.KeyManager(softhsm.uri(), cache=policy)
