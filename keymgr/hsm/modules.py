@@ -108,39 +108,15 @@ _modules: dict[str, Module] = {}
 _registry_lock = threading.Lock()
 
 
-def _before_fork() -> None:
-    """No thread is inside a module while the process forks: every module lock (each token call
-    holds its module's) is taken first, in one order. A fork in the middle of another thread's
-    token call copied the module's own locks held (SoftHSM's C_Initialize in the child then hung
-    on OpenSSL's random-generator lock, seen by an outside review: 2 in ~100 forks beside a
-    thread refreshing the keyring). A fork now waits for the token call under way."""
-    global _held_for_fork
-    _held_for_fork = [(module, module.lock) for module in (_modules[path] for path in sorted(_modules))]
-    for _, lock in _held_for_fork:
-        lock.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    global _held_for_fork
-    held, _held_for_fork = _held_for_fork, []
-    for _, lock in reversed(held):
-        lock.release()
-
-
-#: The modules and locks :func:`_before_fork` took (a module loaded meanwhile is not among them).
-_held_for_fork: list[tuple[Module, threading.RLock]] = []
-
-
 def _after_fork_in_child() -> None:
-    # Locks copied from the parent are held (by _before_fork, or by threads that do not exist here).
-    global _registry_lock, _held_for_fork
+    # Locks copied from the parent may be held by threads that do not exist here.
+    global _registry_lock
     _registry_lock = threading.Lock()
-    _held_for_fork = []
     for module in _modules.values():
         module.lock = threading.RLock()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def resolve_module_name(name: str) -> str:

@@ -905,3 +905,27 @@ def test_insert_many_writes_the_table_as_it_is_declared_at_each_call(km_a, key_n
     compound = EncryptedTable(table, enc.cipher, indexes={"email_bidx": (enc.indexes["email_bidx"][0], sources)})
     sources[:] = ["name"]  # a plain column: refused at construction, and not followed afterwards
     assert compound.indexes["email_bidx"][1] == ("email", "card")
+
+
+def test_insert_many_reuses_its_table_copy_while_the_table_is_unchanged(km_a, key_name, tmp_path) -> None:
+    """One copy while the table's columns and types stay the same objects (a new copy per call
+    would be a new entry in the engine's compiled cache per call); a new one once a column is
+    replaced or retyped."""
+    from keymgr.fields.sql import EncryptedText
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'reuse.db'}")
+    table = customers_table(sa.MetaData())
+    table.append_column(sa.Column("notes", sa.String(50)))
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    enc, _ = codec(km_a, engine, table, key=key_name, index_prefix=key_name)
+    rng = random.Random(4)
+    enc.insert_many(engine, [customer(rng, 0)])
+    cached = len(engine._compiled_cache)  # noqa: SLF001 - SQLAlchemy's statement cache
+    for i in range(1, 6):
+        enc.insert_many(engine, [customer(rng, i)])
+    assert len(engine._compiled_cache) == cached  # noqa: SLF001
+    first = enc._writer()  # noqa: SLF001
+    assert enc._writer() is first  # noqa: SLF001
+    table.c.notes.type = EncryptedText()  # retyped in place
+    assert enc._writer() is not first and isinstance(enc._writer().c.notes.type, EncryptedText)  # noqa: SLF001

@@ -178,44 +178,6 @@ def test_child_after_fork_reinitialises_and_works(softhsm: TokenUnderTest, key_n
     assert bytes(objects.gcm_decrypt(token_of(km), key_id, ct, nonce=nonce, aad=b"")) == b"before fork"
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="fork semantics tested on Linux")
-def test_a_fork_waits_for_a_token_call_under_way_in_another_thread(softhsm: TokenUnderTest) -> None:
-    """No thread is inside a module when the process forks (its own locks, OpenSSL's in
-    SoftHSM, would stay held in the child): the fork waits for the module lock, which every token
-    call holds. Ordering, not timing: the child starts after the other thread has released it."""
-    import threading
-    import time
-
-    km = keymgr.KeyManager(softhsm.uri())
-    module = token_of(km).module
-    inside, released = threading.Event(), []
-
-    def token_call() -> None:
-        with module.lock:  # what TokenSession.run holds around each call
-            inside.set()
-            time.sleep(0.3)
-            released.append(time.monotonic())
-
-    other = threading.Thread(target=token_call)
-    other.start()
-    inside.wait()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: when it started
-        try:
-            os.write(write_fd, repr(time.monotonic()).encode())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        child_started = float(pipe.read())
-    os.waitpid(pid, 0)
-    other.join()
-    assert released and child_started >= released[0]
-    assert module.lock.acquire(blocking=False)  # the parent's lock is free again after the fork
-    module.lock.release()
-
-
 def test_lost_session_is_reopened_and_relogged(softhsm: TokenUnderTest, key_name: str) -> None:
     km = keymgr.KeyManager(softhsm.uri())
     km.create_key(key_name, profile="gcm")
