@@ -324,21 +324,17 @@ class EncryptedTable:
     def _encode(self, rows: Iterable[Mapping[str, Any]], *, marked: bool) -> list[dict[str, Any]]:
         """:meth:`encode_rows`; ``marked=False``: sealed values and terms as plain ``bytes``, for
         :meth:`insert_many`, which writes them through :meth:`_writer`."""
-        out = [dict(row) for row in rows]
-        pk, text_columns, bytes_columns = self.pk, self._text_columns, self._bytes_columns
-        row_ids = []
-        for row in out:  # the checks of _check_kinds and row_text, written out: a bulk insert's rows
-            for column in text_columns:
-                value = row.get(column)
-                if value is not None and value.__class__ is not str and not isinstance(value, str):
-                    self._check_kinds(row)
-            for column in bytes_columns:
-                if not isinstance(row.get(column), (bytes, bytearray, memoryview, type(None))):
-                    self._check_kinds(row)
-            key = row.get(pk)
-            if key is None:
-                key = row[pk] = self._new_id()
-            row_ids.append(str(key) if key.__class__ is uuid.UUID else self.row_text(key))
+        refused = f"{self.name}: each row maps column names (str) to values"
+        try:
+            out = [dict(row) for row in rows]
+        except (TypeError, ValueError):  # a row that is no mapping
+            raise errors.ConfigurationError(refused) from None
+        try:
+            row_ids = self._row_ids(out)
+        except TypeError:  # a row keyed by Column objects (their == builds SQL, which has no truth value)
+            if all(type(name) is str for row in out for name in row):
+                raise
+            raise errors.ConfigurationError(refused) from None
         columns = self._columns
         batch = self.cipher.prepare_columns(out, row_ids, table=self.name, columns=columns, extra=self.extra)
         for name, (index, source) in self._indexes.items():  # exactly the columns of _written
@@ -360,6 +356,27 @@ class EncryptedTable:
                 for row, value in zip(out, sealed[at::width], strict=True):
                     row[column] = value
         return out
+
+    def _row_ids(self, out: list[dict[str, Any]]) -> list[str]:
+        """Every row's kinds checked (:meth:`_check_kinds`, written out: a bulk insert's rows) and
+        its identity as bound (a UUID key made for a row without one)."""
+        pk, text_columns, bytes_columns = self.pk, self._text_columns, self._bytes_columns
+        row_ids = []
+        for row in out:
+            for column in text_columns:
+                value = row.get(column)
+                if value is not None and value.__class__ is not str and not isinstance(value, str):
+                    self._check_kinds(row)
+            for column in bytes_columns:
+                if not isinstance(row.get(column), (bytes, bytearray, memoryview, type(None))):
+                    self._check_kinds(row)
+            key = row.get(pk)
+            if key is None:
+                if not all(type(name) is str for name in row):  # keyed by Column objects, say
+                    raise TypeError("a row key that is not a column name")
+                key = row[pk] = self._new_id()
+            row_ids.append(str(key) if key.__class__ is uuid.UUID else self.row_text(key))
+        return row_ids
 
     def _check_kinds(self, row: Mapping[str, Any]) -> None:
         for column, text in self.encrypted.items():

@@ -929,3 +929,21 @@ def test_insert_many_reuses_its_table_copy_while_the_table_is_unchanged(km_a, ke
     assert enc._writer() is first  # noqa: SLF001
     table.c.notes.type = EncryptedText()  # retyped in place
     assert enc._writer() is not first and isinstance(enc._writer().c.notes.type, EncryptedText)  # noqa: SLF001
+
+
+def test_rows_that_are_not_mappings_of_names_are_a_configuration_error(km_a, key_name, tmp_path) -> None:
+    """A row keyed by Column objects (SQLAlchemy's own TypeError from deep inside, before) or a
+    row that is no mapping: a keymgr ConfigurationError without the values, nothing written."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'rows.db'}")
+    table = customers_table(sa.MetaData())
+    table.metadata.create_all(engine)
+    km_a.create_key(key_name)
+    enc, _ = codec(km_a, engine, table, key=key_name, index_prefix=key_name)
+    person = customer(random.Random(1), 0)
+    for bad in ([{table.c[name]: value for name, value in person.items()}], ["alice@example.com"], [42]):
+        for write in (enc.encode_rows, lambda rows: enc.insert_many(engine, rows)):
+            with pytest.raises(errors.ConfigurationError, match="maps column names") as refused:
+                write(bad)
+            assert "example.com" not in str(refused.value) and person["card"] not in str(refused.value)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one() == 0
