@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import multiprocessing.util
 import os
 import pwd
 import secrets
@@ -481,5 +482,19 @@ def _forget_in_child() -> None:
         log._after_fork()
 
 
+class _ChildExit:
+    """multiprocessing's children end with ``os._exit``, which runs no ``atexit`` handler: their
+    aggregated counts (up to ``aggregate_interval`` of operations) were lost. Such a child clears
+    its finalizer registry after the fork, then runs the callbacks registered here: one adds
+    :func:`_flush_all_at_exit` as a finalizer, which the child runs as it ends (normally, or by
+    an exception; not when it is killed)."""
+
+    @staticmethod
+    def register(_: object) -> None:
+        multiprocessing.util.Finalize(None, _flush_all_at_exit, exitpriority=10)
+
+
+_CHILD_EXIT = _ChildExit()  # kept: multiprocessing holds it weakly
 atexit.register(_flush_all_at_exit)
 os.register_at_fork(after_in_child=_forget_in_child)
+multiprocessing.util.register_after_fork(_CHILD_EXIT, _ChildExit.register)

@@ -253,7 +253,6 @@ class EncryptedTable:
         self._text_columns = tuple(name for name, text in self.encrypted.items() if text)
         self._bytes_columns = tuple(name for name, text in self.encrypted.items() if not text)
         self._written: tuple[str, ...] = ()  # the columns _encode fills in every row
-        self._writer_copy: tuple[list[object], sa.Table] | None = None
         self._columns = tuple(self.encrypted)
         self._statements: dict[tuple[str, bool], sa.Select[Any]] = {}
         self._indexes: Mapping[str, IndexSpec] = MappingProxyType(
@@ -407,7 +406,7 @@ class EncryptedTable:
         while chunk := list(itertools.islice(source, batch)):
             params = self._encode(chunk, marked=False)  # sealed before the transaction opens
             with engine.begin() as conn:
-                conn.execute(writer, params)
+                conn.execution_options(compiled_cache=None).execute(writer, params)
             ids.extend(p[self.pk] for p in params)
         return ids
 
@@ -420,20 +419,17 @@ class EncryptedTable:
         objects (:class:`Sealed`, :class:`~keymgr.fields.index.Term`) are ones the garbage
         collector tracks: five a row, alive for a whole batch, they made its full collections of
         a large heap come six times as often, 4 µs a row of a 15 µs encode (bench/fields.py).
-        Made again whenever the table's columns or their types are not the objects they were
-        (a column appended, replaced or retyped since keeps its own check), else reused: a new
-        copy per call would be a new entry in the engine's compiled-statement cache per call."""
-        # the column and type objects themselves (held, so no id is reused), compared by identity
-        declared: list[object] = [item for column in self.table.columns for item in (column, column.type)]
-        cached = self._writer_copy
-        if cached is not None and len(cached[0]) == len(declared) \
-                and all(a is b for a, b in zip(cached[0], declared, strict=True)):
-            return cached[1]  # the same statement: SQLAlchemy's compiled cache hits
-        copy = self.table.to_metadata(sa.MetaData())
+        Made for each :meth:`insert_many` call from the table as declared then (a column
+        appended, replaced or retyped since, a type changed in place, a new default: as
+        declared), and executed without the engine's compiled-statement cache (a copy per call
+        would be an entry per call there; compiling costs ~0.5 ms a call)."""
+        copy = self.table.to_metadata(sa.MetaData())  # each call: the table as declared now
         copy.implicit_returning = self.table.implicit_returning  # to_metadata does not copy it
         for name in self._written:
+            if name not in copy.c or copy.c[name].name != name:
+                raise errors.ConfigurationError(f"{self.name}.{name}: the column the codec fills was removed or "
+                                                "replaced by one whose key is not its name")
             copy.c[name].type = _CodecBytes()
-        self._writer_copy = (declared, copy)
         return copy
 
     def decode(self, row: Any) -> dict[str, Any]:

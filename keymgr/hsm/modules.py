@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,18 +106,73 @@ class Module:
 
 
 _modules: dict[str, Module] = {}
-_registry_lock = threading.Lock()
+_registry_lock = threading.RLock()  # reentrant: a fork from a signal handler may come while it is held
+
+#: Longest a fork waits for other threads' token calls and module loads to finish; then it forks
+#: anyway (as before this wait existed) and says so on the ``keymgr.hsm`` logger.
+FORK_WAIT = 5.0
+#: One fork at a time (a fork from a signal handler nests in its thread's own fork: reentrant).
+_fork_gate = threading.RLock()
+
+
+class _ForkState(threading.local):
+    def __init__(self) -> None:
+        self.taken: list[list[Any]] = []  # the locks each fork under way in this thread took
+        self.late = False  # a fork that did not get every lock within FORK_WAIT
+
+
+_fork_state = _ForkState()
+
+
+def _before_fork() -> None:
+    """No other thread inside a module, nor loading one, while the process is copied: a child
+    forked in the middle of another thread's token call inherits the module's own locks (and
+    OpenSSL's, inside SoftHSM) held, and can hang for good re-initialising it (an outside review:
+    2 in ~100 forks beside a thread refreshing the keyring; 31 of 70 beside a module load). So a
+    fork takes the fork gate, the registry lock and every module lock first, each with what is
+    left of :data:`FORK_WAIT`: a token call that takes longer (a PIN prompt answered under the
+    module lock, a hung token) delays the fork by that much, never deadlocks it. The locks taken
+    are kept per fork, in the forking thread, so concurrent and nested forks release exactly
+    their own (a shared list lost a lock for good: the third review)."""
+    taken: list[Any] = []
+    _fork_state.taken.append(taken)
+    deadline = time.monotonic() + FORK_WAIT
+
+    def take(lock: Any) -> bool:
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            _fork_state.late = True
+            return False
+        taken.append(lock)
+        return True
+
+    if take(_fork_gate) and take(_registry_lock):  # the modules listed once no load is under way
+        for path in sorted(_modules):
+            if not take(_modules[path].lock):
+                return
+
+
+def _after_fork_in_parent() -> None:
+    if not _fork_state.taken:
+        return
+    for lock in reversed(_fork_state.taken.pop()):
+        lock.release()
+    if _fork_state.late and not _fork_state.taken:
+        _fork_state.late = False
+        log.warning("fork: another thread's token call or module load did not finish within %.0f s; forked "
+                    "without waiting for it (the child may hang re-initialising the module)", FORK_WAIT)
 
 
 def _after_fork_in_child() -> None:
-    # Locks copied from the parent may be held by threads that do not exist here.
-    global _registry_lock
-    _registry_lock = threading.Lock()
+    # Locks copied from the parent are held: by this fork, or by threads that do not exist here.
+    global _registry_lock, _fork_gate, _fork_state
+    _registry_lock = threading.RLock()
+    _fork_gate = threading.RLock()
+    _fork_state = _ForkState()
     for module in _modules.values():
         module.lock = threading.RLock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def resolve_module_name(name: str) -> str:

@@ -211,3 +211,30 @@ def test_bad_arguments_are_configuration_errors(tmp_path: Path) -> None:
         log.record("create", key="bad name with spaces", detail={"Bad-Key": object()})
     (row,) = _rows(tmp_path / "x.log")
     assert row["key"] is None and row["detail"] == {"invalid_detail": True}
+
+
+def test_a_multiprocessing_child_writes_its_aggregated_counts_as_it_ends(softhsm: TokenUnderTest, key_name: str,
+                                                                        tmp_path: Path) -> None:
+    """Encryptions are counted and written once per aggregate_interval (60 s): a fork child that
+    ended before then lost its counts (os._exit runs no atexit handler). multiprocessing runs its
+    children's finalizers, so the log gets them, MACed by the token."""
+    import multiprocessing
+
+    import keymgr
+
+    log = tmp_path / "audit.log"
+    with keymgr.KeyManager(softhsm.uri(), audit=str(log)) as km:
+        km.create_key(key_name)
+        def in_child() -> None:  # the parent's manager, as a fork pool's worker uses it
+            blobs = [km.encrypt(b"in the child", key=key_name) for _ in range(3)]
+            km.decrypt(blobs[0])
+
+        child = multiprocessing.get_context("fork").Process(target=in_child)
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        mine = [r for r in _rows(log) if r["actor"]["pid"] == child.pid]
+    counts = {r["op"]: r["detail"]["count"] for r in mine if (r.get("detail") or {}).get("aggregated")}
+    assert counts == {"encrypt": 3, "decrypt": 1}
+    assert all(r["mac"] for r in mine)
+    assert verify_log(log, token=open_token(softhsm.uri())).ok

@@ -907,15 +907,15 @@ def test_insert_many_writes_the_table_as_it_is_declared_at_each_call(km_a, key_n
     assert compound.indexes["email_bidx"][1] == ("email", "card")
 
 
-def test_insert_many_reuses_its_table_copy_while_the_table_is_unchanged(km_a, key_name, tmp_path) -> None:
-    """One copy while the table's columns and types stay the same objects (a new copy per call
-    would be a new entry in the engine's compiled cache per call); a new one once a column is
-    replaced or retyped."""
+def test_insert_many_follows_the_table_and_leaves_the_statement_cache_alone(km_a, key_name, tmp_path) -> None:
+    """The unchecked copy is the table as declared at each call: a type changed in place and a
+    new default are followed, a codec column replaced by one with another key is a keymgr error;
+    and the copies never fill the engine's compiled-statement cache (one entry per call)."""
     from keymgr.fields.sql import EncryptedText
 
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'reuse.db'}")
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'follow.db'}")
     table = customers_table(sa.MetaData())
-    table.append_column(sa.Column("notes", sa.String(50)))
+    table.append_column(sa.Column("source", sa.String(20), default="v1"))
     table.metadata.create_all(engine)
     km_a.create_key(key_name)
     enc, _ = codec(km_a, engine, table, key=key_name, index_prefix=key_name)
@@ -925,10 +925,14 @@ def test_insert_many_reuses_its_table_copy_while_the_table_is_unchanged(km_a, ke
     for i in range(1, 6):
         enc.insert_many(engine, [customer(rng, i)])
     assert len(engine._compiled_cache) == cached  # noqa: SLF001
-    first = enc._writer()  # noqa: SLF001
-    assert enc._writer() is first  # noqa: SLF001
-    table.c.notes.type = EncryptedText()  # retyped in place
-    assert enc._writer() is not first and isinstance(enc._writer().c.notes.type, EncryptedText)  # noqa: SLF001
+    table.c.source.default.arg = "v2"  # type: ignore[union-attr]  # changed in place
+    later = customer(rng, 6)
+    enc.insert_many(engine, [later])
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.source).where(table.c.id == later["id"])).scalar_one() == "v2"
+    table.append_column(sa.Column("email", EncryptedText, key="mail"), replace_existing=True)
+    with pytest.raises(errors.ConfigurationError, match="removed or replaced"):
+        enc.insert_many(engine, [customer(rng, 7)])
 
 
 def test_rows_that_are_not_mappings_of_names_are_a_configuration_error(km_a, key_name, tmp_path) -> None:

@@ -178,6 +178,145 @@ def test_child_after_fork_reinitialises_and_works(softhsm: TokenUnderTest, key_n
     assert bytes(objects.gcm_decrypt(token_of(km), key_id, ct, nonce=nonce, aad=b"")) == b"before fork"
 
 
+def _fork_child_start() -> float:
+    """Fork a child that reports when it started running, then leaves at once; that time."""
+    import time
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_fd, repr(time.monotonic()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        started = float(pipe.read())
+    os.waitpid(pid, 0)
+    return started
+
+
+def _hold_module_lock(module: object, seconds: float) -> tuple[object, object, list[float]]:
+    """A thread in a 'token call' (the module lock held) for ``seconds``: (thread, entered, released at)."""
+    import threading
+    import time
+
+    entered, released = threading.Event(), []
+
+    def token_call() -> None:
+        with module.lock:  # type: ignore[attr-defined]  # what TokenSession.run holds around each call
+            entered.set()
+            time.sleep(seconds)
+            released.append(time.monotonic())
+
+    thread = threading.Thread(target=token_call)
+    thread.start()
+    entered.wait()
+    return thread, entered, released
+
+
+def _assert_module_free(module: object) -> None:
+    """Another thread can take the module lock (no fork kept it)."""
+    import threading
+
+    got = []
+
+    def take_and_give_back() -> None:
+        taken = module.lock.acquire(timeout=5)  # type: ignore[attr-defined]
+        got.append(taken)
+        if taken:
+            module.lock.release()  # type: ignore[attr-defined]
+
+    probe = threading.Thread(target=take_and_give_back)
+    probe.start()
+    probe.join(10)
+    assert got == [True]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork semantics tested on Linux")
+def test_a_fork_waits_for_a_token_call_under_way_in_another_thread(softhsm: TokenUnderTest) -> None:
+    """No thread is inside a module when the process forks (its own locks, and OpenSSL's inside
+    SoftHSM, would stay held in the child, which could hang re-initialising it): the fork waits
+    for the module lock every token call holds. Ordering, not timing: the child starts after the
+    other thread released it."""
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        module = token_of(km).module
+        thread, _, released = _hold_module_lock(module, 0.3)
+        child_started = _fork_child_start()
+        thread.join()  # type: ignore[attr-defined]
+        assert released and child_started >= released[0]
+        _assert_module_free(module)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork semantics tested on Linux")
+def test_concurrent_forks_each_release_what_they_took(softhsm: TokenUnderTest) -> None:
+    """Two threads forking at once while a token call is under way: both forks finish and no
+    module lock stays held (a shared record of the locks taken lost one for good)."""
+    import threading
+
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        module = token_of(km).module
+        for _ in range(5):
+            holder, _, _ = _hold_module_lock(module, 0.1)
+            forkers = [threading.Thread(target=_fork_child_start) for _ in range(2)]
+            for forker in forkers:
+                forker.start()
+            for thread in (*forkers, holder):
+                thread.join(20)  # type: ignore[attr-defined]
+                assert not thread.is_alive()  # type: ignore[attr-defined]
+            _assert_module_free(module)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork semantics tested on Linux")
+def test_a_fork_waits_at_most_fork_wait_then_forks(softhsm: TokenUnderTest, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A token call longer than FORK_WAIT (a PIN prompt answered under the lock, a hung token)
+    delays a fork by FORK_WAIT, never for good: the child starts before the call ends, the
+    parent says so, and the lock is the caller's again afterwards."""
+    import logging
+
+    from keymgr.hsm import modules
+
+    monkeypatch.setattr(modules, "FORK_WAIT", 0.2)
+    with keymgr.KeyManager(softhsm.uri()) as km:
+        module = token_of(km).module
+        thread, _, released = _hold_module_lock(module, 2.0)
+        with caplog.at_level(logging.WARNING, logger="keymgr.hsm"):
+            child_started = _fork_child_start()
+        assert not released  # forked while the call still ran
+        thread.join()  # type: ignore[attr-defined]
+        assert released and child_started < released[0]
+        assert any("did not finish within" in r.getMessage() for r in caplog.records)
+        _assert_module_free(module)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork semantics tested on Linux")
+def test_a_fork_from_a_signal_handler_during_a_fork_releases_its_own_locks(softhsm: TokenUnderTest) -> None:
+    """A prefork server's signal handler forks while the main thread's own fork waits for a token
+    call: both forks finish and every lock is released (the nested fork took and released its
+    own; a shared record lost the outer fork's)."""
+    import signal
+    import threading
+
+    forked_in_handler = []
+
+    def handler(signum: int, frame: object) -> None:
+        forked_in_handler.append(_fork_child_start())
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with keymgr.KeyManager(softhsm.uri()) as km:
+            module = token_of(km).module
+            holder, _, _ = _hold_module_lock(module, 0.6)
+            threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGUSR1)).start()
+            _fork_child_start()  # waits for the holder; the signal arrives meanwhile
+            holder.join(20)  # type: ignore[attr-defined]
+            assert forked_in_handler and not holder.is_alive()  # type: ignore[attr-defined]
+            _assert_module_free(module)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_lost_session_is_reopened_and_relogged(softhsm: TokenUnderTest, key_name: str) -> None:
     km = keymgr.KeyManager(softhsm.uri())
     km.create_key(key_name, profile="gcm")
