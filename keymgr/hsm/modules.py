@@ -16,6 +16,7 @@ Three measured facts shape this module (``shared/STACK-FACTS.md``):
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -119,6 +120,7 @@ class _ForkState(threading.local):
     def __init__(self) -> None:
         self.taken: list[list[Any]] = []  # the locks each fork under way in this thread took
         self.late = False  # a fork that did not get every lock within FORK_WAIT
+        self.interrupted: BaseException | None = None  # what interrupted a fork's wait (Ctrl-C)
 
 
 _fork_state = _ForkState()
@@ -133,17 +135,30 @@ def _before_fork() -> None:
     left of :data:`FORK_WAIT`: a token call that takes longer (a PIN prompt answered under the
     module lock, a hung token) delays the fork by that much, never deadlocks it. The locks taken
     are kept per fork, in the forking thread, so concurrent and nested forks release exactly
-    their own (a shared list lost a lock for good: the third review)."""
+    their own (a shared list lost a lock for good: the third review). A Ctrl-C while the fork
+    waits stops the waiting (CPython would swallow it in a fork hook): the fork goes ahead as if
+    late, and the interrupt is raised again once the fork is done."""
     taken: list[Any] = []
+    nested = bool(_fork_state.taken)  # a fork from a signal handler that came while this thread's fork waited
     _fork_state.taken.append(taken)
-    deadline = time.monotonic() + FORK_WAIT
+    # nested: no wait. The outer fork's other hooks (those registered after this one run before it)
+    # may already hold their locks, some not reentrant (concurrent.futures'): the nested fork's own
+    # run of them would wait for good on the outer fork, which waits for it
+    deadline = time.monotonic() + (0.0 if nested else FORK_WAIT)
 
     def take(lock: Any) -> bool:
-        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            _fork_state.late = True
+        held_before = lock._is_owned()  # noqa: SLF001 - RLock's own test, as threading.Condition uses it
+        try:
+            if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                _fork_state.late = True
+                return False
+            taken.append(lock)
+            return True
+        except BaseException as exc:  # an interrupt in the wait (not taken) or just after it (maybe not recorded)
+            _fork_state.interrupted = exc
+            if not held_before and lock._is_owned() and (not taken or taken[-1] is not lock):  # noqa: SLF001
+                taken.append(lock)
             return False
-        taken.append(lock)
-        return True
 
     if take(_fork_gate) and take(_registry_lock):  # the modules listed once no load is under way
         for path in sorted(_modules):
@@ -152,14 +167,38 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_parent() -> None:
-    if not _fork_state.taken:
+    state = _fork_state
+    if not state.taken:
         return
-    for lock in reversed(_fork_state.taken.pop()):
+    for lock in reversed(state.taken.pop()):
         lock.release()
-    if _fork_state.late and not _fork_state.taken:
-        _fork_state.late = False
-        log.warning("fork: another thread's token call or module load did not finish within %.0f s; forked "
-                    "without waiting for it (the child may hang re-initialising the module)", FORK_WAIT)
+    if state.taken:  # a fork nested in this thread's own (a signal handler's): the outer one reports
+        return
+    late, interrupted = state.late, state.interrupted
+    state.late, state.interrupted = False, None
+    if late or interrupted is not None:
+        log.warning("fork: %s; forked without waiting for another thread's token call or module load (the child "
+                    "may hang re-initialising the module)",
+                    "interrupted" if interrupted is not None else f"still running after {FORK_WAIT:.0f} s")
+    if interrupted is not None:
+        _raise_after_hooks(interrupted)
+
+
+def _raise_after_hooks(exc: BaseException) -> None:
+    """Raise ``exc``'s type in the main thread once the fork hooks are done: CPython swallows an
+    exception raised in a fork hook, so a Ctrl-C (or keymgr's SIGTERM) that came while a fork
+    waited would be lost, and a program that ignores a second signal could not be stopped.
+    Raised asynchronously (``PyThreadState_SetAsyncExc``), as the signal's own handler did (not
+    by sending the signal again, which that handler may now ignore), from a timer 50 ms later:
+    raised at once, it would land in this hook or a later one (another library's lock release)
+    and be swallowed there too. The interrupt so arrives 50 ms late, as if it had been sent then."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals raise in the main thread only: nothing of theirs to give back here
+    main = ctypes.c_ulong(threading.get_ident())
+    raise_it = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    timer = threading.Timer(0.05, lambda: raise_it(main, ctypes.py_object(type(exc))))
+    timer.daemon = True
+    timer.start()
 
 
 def _after_fork_in_child() -> None:
